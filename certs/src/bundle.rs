@@ -1,0 +1,63 @@
+//! The trust bundle: one or more mesh roots, so a CA can rotate without an outage.
+
+use std::path::Path;
+
+use rustls_pki_types::{CertificateDer, TrustAnchor};
+
+use crate::{pem, CertError};
+
+/// A set of trusted mesh roots.
+#[derive(Debug, Clone)]
+pub struct TrustBundle {
+    roots: Vec<CertificateDer<'static>>,
+    anchors: Vec<TrustAnchor<'static>>,
+}
+
+impl TrustBundle {
+    /// Builds a bundle from DER roots; at least one is needed.
+    pub fn new(roots: Vec<CertificateDer<'static>>) -> Result<Self, CertError> {
+        if roots.is_empty() {
+            return Err(CertError::EmptyBundle);
+        }
+        let anchors = roots
+            .iter()
+            .map(|r| {
+                webpki::anchor_from_trusted_cert(r)
+                    .map(|a| a.to_owned())
+                    .map_err(|e| CertError::BadRoot(format!("{e:?}")))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(TrustBundle { roots, anchors })
+    }
+
+    /// Parses every certificate of a PEM text as a root.
+    pub fn from_pem(text: &str) -> Result<Self, CertError> {
+        Self::new(pem::certs(text)?)
+    }
+
+    /// Reads a PEM bundle file.
+    pub fn load(path: &Path) -> Result<Self, CertError> {
+        Self::from_pem(&pem::read(path)?).map_err(|e| e.in_file(path))
+    }
+
+    /// The roots, DER.
+    pub fn roots(&self) -> &[CertificateDer<'static>] {
+        &self.roots
+    }
+
+    pub(crate) fn anchors(&self) -> &[TrustAnchor<'static>] {
+        &self.anchors
+    }
+
+    /// The bundle as PEM.
+    pub fn to_pem(&self) -> String {
+        self.roots.iter().map(|r| pem::encode_cert(r)).collect()
+    }
+
+    /// Adds the roots of another bundle (for a CA rotation).
+    pub fn merge(mut self, other: &TrustBundle) -> Self {
+        self.roots.extend(other.roots.iter().cloned());
+        self.anchors.extend(other.anchors.iter().cloned());
+        self
+    }
+}

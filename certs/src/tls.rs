@@ -1,0 +1,79 @@
+//! rustls configurations for sidecar-to-sidecar mTLS: TLS 1.3 only, client certificates
+//! mandatory, SPIFFE verifiers on both sides, no session resumption (every connection proves
+//! its identity afresh), and no plaintext fallback.
+
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::CertificateDer;
+use rustls::client::ResolvesClientCert;
+use rustls::server::{NoServerSessionStorage, ResolvesServerCert};
+use rustls::{ClientConfig, ServerConfig};
+
+use crate::spiffe::{SpiffeId, TrustDomain};
+use crate::svid::{self, SvidError};
+use crate::verify::{SpiffeClientVerifier, SpiffeServerVerifier};
+pub use crate::verify::ExpectedServer;
+use crate::{CertError, CertResolver, TrustBundle};
+
+/// The crypto provider used throughout the mesh (ring).
+pub fn provider() -> CryptoProvider {
+    rustls::crypto::ring::default_provider()
+}
+
+/// A server configuration presenting the resolver's leaf and requiring a client certificate
+/// from the resolver's trust domain.
+pub fn server_config(
+    resolver: Arc<CertResolver>,
+    bundle: Arc<TrustBundle>,
+) -> Result<ServerConfig, CertError> {
+    let trust_domain = resolver.current().id().trust_domain();
+    server_config_with(resolver, trust_domain, bundle)
+}
+
+/// [`server_config`] with any certificate resolver and an explicit trust domain.
+pub fn server_config_with(
+    resolver: Arc<dyn ResolvesServerCert>,
+    trust_domain: TrustDomain,
+    bundle: Arc<TrustBundle>,
+) -> Result<ServerConfig, CertError> {
+    let verifier = Arc::new(SpiffeClientVerifier::new(bundle, trust_domain));
+    let mut config = ServerConfig::builder_with_provider(Arc::new(provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(resolver);
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(config)
+}
+
+/// A client configuration presenting the resolver's leaf and accepting only `expected`.
+pub fn client_config(
+    resolver: Arc<CertResolver>,
+    bundle: Arc<TrustBundle>,
+    expected: ExpectedServer,
+) -> Result<ClientConfig, CertError> {
+    client_config_with(resolver, bundle, expected)
+}
+
+/// [`client_config`] with any certificate resolver.
+pub fn client_config_with(
+    resolver: Arc<dyn ResolvesClientCert>,
+    bundle: Arc<TrustBundle>,
+    expected: ExpectedServer,
+) -> Result<ClientConfig, CertError> {
+    let verifier = Arc::new(SpiffeServerVerifier::new(bundle, expected));
+    let mut config = ClientConfig::builder_with_provider(Arc::new(provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_cert_resolver(resolver);
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(config)
+}
+
+/// The SPIFFE id of a peer whose certificate chain a verifier above has already accepted.
+pub fn peer_id(certs: Option<&[CertificateDer<'_>]>) -> Result<SpiffeId, SvidError> {
+    let leaf = certs.and_then(|c| c.first()).ok_or(SvidError::NoUriSan)?;
+    svid::leaf_id(leaf)
+}

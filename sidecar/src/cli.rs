@@ -1,0 +1,52 @@
+//! The command line: one binary, one subcommand per job.
+
+use clap::{Parser, Subcommand};
+
+use crate::{ca_cmd, ctl, demo};
+
+/// Halyard: a service mesh on QUIC and HTTP/3.
+#[derive(Debug, Parser)]
+#[command(name = "halyard", version, about)]
+pub struct Cli {
+    /// Log filter (tracing env-filter syntax); `HALYARD_LOG` is read when absent.
+    #[arg(long, global = true)]
+    pub log: Option<String>,
+    /// The job to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Manage the mesh CA: create it, issue workload identities.
+    Ca(ca_cmd::CaArgs),
+    /// Read and write registry objects (services, routes, policies, ...).
+    Ctl(ctl::CtlArgs),
+    /// Run the whole mesh on this machine and walk through what it does.
+    Demo(demo::DemoArgs),
+}
+
+/// Sets up logging to stderr.
+pub fn init_tracing(cli: &Cli) {
+    let filter = cli
+        .log
+        .clone()
+        .or_else(|| std::env::var("HALYARD_LOG").ok())
+        .unwrap_or_else(|| "info".to_owned());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Runs the chosen subcommand.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Ca(args) => ca_cmd::run(args),
+        Command::Ctl(args) => ctl::run(args),
+        Command::Demo(args) => demo::run(args),
+    }
+}
