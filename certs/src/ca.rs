@@ -58,9 +58,10 @@ impl MeshCa {
         let now = OffsetDateTime::now_utc();
         let mut params = CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("Halyard mesh CA {trust_domain}"));
+        params.distinguished_name.push(
+            DnType::CommonName,
+            format!("Halyard mesh CA {trust_domain}"),
+        );
         params
             .distinguished_name
             .push(DnType::OrganizationName, "Halyard");
@@ -105,7 +106,8 @@ impl MeshCa {
         let key = KeyPair::from_pem(key_pem)?;
         let (_, parsed) =
             X509Certificate::from_der(&cert).map_err(|e| CertError::Pem(e.to_string()))?;
-        if parsed.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice() {
+        if parsed.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()
+        {
             return Err(CertError::KeyMismatch);
         }
         let trust_domain = ca_trust_domain(&parsed)?;

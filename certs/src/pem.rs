@@ -48,7 +48,10 @@ pub fn write_atomic(path: &Path, contents: &str, mode: u32) -> Result<(), CertEr
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let result = write_mode(&tmp, contents, mode).and_then(|()| std::fs::rename(&tmp, path));
     if result.is_err() {

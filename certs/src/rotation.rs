@@ -30,7 +30,12 @@ impl Default for RenewalPolicy {
 impl RenewalPolicy {
     /// The moment to renew a leaf valid from `not_before` to `not_after`, given a uniform
     /// `sample` in [0, 1). Never before `not_before`, never after `not_after`.
-    pub fn renew_at(&self, not_before: SystemTime, not_after: SystemTime, sample: f64) -> SystemTime {
+    pub fn renew_at(
+        &self,
+        not_before: SystemTime,
+        not_after: SystemTime,
+        sample: f64,
+    ) -> SystemTime {
         let lifetime = not_after
             .duration_since(not_before)
             .unwrap_or(Duration::ZERO)
@@ -41,7 +46,13 @@ impl RenewalPolicy {
     }
 
     /// How long to wait from `now` before renewing (zero when it is already time).
-    pub fn wait(&self, now: SystemTime, not_before: SystemTime, not_after: SystemTime, sample: f64) -> Duration {
+    pub fn wait(
+        &self,
+        now: SystemTime,
+        not_before: SystemTime,
+        not_after: SystemTime,
+        sample: f64,
+    ) -> Duration {
         self.renew_at(not_before, not_after, sample)
             .duration_since(now)
             .unwrap_or(Duration::ZERO)
@@ -50,7 +61,13 @@ impl RenewalPolicy {
     /// Delay before retry number `attempt` (0-based) after a failed renewal: exponential with
     /// full jitter, capped, and never past the leaf's expiry minus a small margin while any time
     /// is left. The old leaf stays in use meanwhile.
-    pub fn retry_delay(&self, attempt: u32, sample: f64, now: SystemTime, not_after: SystemTime) -> Duration {
+    pub fn retry_delay(
+        &self,
+        attempt: u32,
+        sample: f64,
+        now: SystemTime,
+        not_after: SystemTime,
+    ) -> Duration {
         let exp = self
             .retry_base
             .saturating_mul(1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX))
@@ -99,7 +116,10 @@ mod tests {
         assert_eq!(p.retry_delay(3, 0.0, t(0), far), Duration::from_secs(4));
         assert_eq!(p.retry_delay(40, 1.0, t(0), far), Duration::from_secs(300));
         // 100 s left: never wait more than half of it.
-        assert_eq!(p.retry_delay(40, 1.0, t(0), t(100)), Duration::from_secs(50));
+        assert_eq!(
+            p.retry_delay(40, 1.0, t(0), t(100)),
+            Duration::from_secs(50)
+        );
         // Already expired: retry quickly.
         assert_eq!(p.retry_delay(40, 1.0, t(10), t(5)), Duration::from_secs(1));
     }

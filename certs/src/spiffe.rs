@@ -31,7 +31,9 @@ pub enum SpiffeIdError {
     #[error("trust domain is {0} bytes, the limit is 255")]
     TrustDomainTooLong(usize),
     /// The trust domain has a character outside `[a-z0-9.-_]`.
-    #[error("trust domain has {0:?}: only lowercase letters, digits, '.', '-' and '_' are allowed")]
+    #[error(
+        "trust domain has {0:?}: only lowercase letters, digits, '.', '-' and '_' are allowed"
+    )]
     TrustDomainChar(char),
     /// The authority carries a port (`:`).
     #[error("SPIFFE id must not carry a port")]

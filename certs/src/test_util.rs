@@ -1,21 +1,19 @@
 //! Helpers for tests across the workspace (feature `test-util`): a CA with identities in one
 //! call, and leaves with any property, good or bad, for negative tests.
+// Test helpers: a setup failure should stop the test at once, so panicking is the right answer.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use rcgen::{
-    CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
-};
+use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType};
 use rustls::client::ResolvesClientCert;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::SignatureScheme;
 use time::OffsetDateTime;
 
-use crate::{
-    pem, tls, CertResolver, MeshCa, SpiffeId, TrustBundle, TrustDomain, WorkloadIdentity,
-};
+use crate::{pem, tls, CertResolver, MeshCa, SpiffeId, TrustBundle, TrustDomain, WorkloadIdentity};
 
 /// A CA and its bundle, for tests.
 pub struct TestPki {

@@ -4,16 +4,16 @@
 
 use std::sync::Arc;
 
+use rustls::client::ResolvesClientCert;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::CertificateDer;
-use rustls::client::ResolvesClientCert;
 use rustls::server::{NoServerSessionStorage, ResolvesServerCert};
 use rustls::{ClientConfig, ServerConfig};
 
 use crate::spiffe::{SpiffeId, TrustDomain};
 use crate::svid::{self, SvidError};
-use crate::verify::{SpiffeClientVerifier, SpiffeServerVerifier};
 pub use crate::verify::ExpectedServer;
+use crate::verify::{SpiffeClientVerifier, SpiffeServerVerifier};
 use crate::{CertError, CertResolver, TrustBundle};
 
 /// The crypto provider used throughout the mesh (ring).

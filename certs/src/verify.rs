@@ -8,7 +8,9 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
+};
 
 use crate::spiffe::{SpiffeId, TrustDomain};
 use crate::svid::{self, SvidError};
@@ -61,9 +63,7 @@ fn webpki_error(e: webpki::Error) -> rustls::Error {
         W::CertNotValidYet { .. } => CertificateError::NotValidYet,
         W::UnknownIssuer => CertificateError::UnknownIssuer,
         W::InvalidSignatureForPublicKey => CertificateError::BadSignature,
-        W::RequiredEkuNotFoundContext(_) => {
-            CertificateError::InvalidPurpose
-        }
+        W::RequiredEkuNotFoundContext(_) => CertificateError::InvalidPurpose,
         e => return other(WebPkiError(format!("{e:?}"))),
     };
     rustls::Error::InvalidCertificate(ce)
@@ -135,7 +135,14 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let usage = webpki::KeyUsage::client_auth();
-        let id = verify_chain(&self.bundle, &self.algs, end_entity, intermediates, now, usage)?;
+        let id = verify_chain(
+            &self.bundle,
+            &self.algs,
+            end_entity,
+            intermediates,
+            now,
+            usage,
+        )?;
         if id.trust_domain_str() != self.trust_domain.as_str() {
             return Err(other(PeerError::TrustDomain {
                 id,
@@ -215,7 +222,14 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let usage = webpki::KeyUsage::server_auth();
-        let id = verify_chain(&self.bundle, &self.algs, end_entity, intermediates, now, usage)?;
+        let id = verify_chain(
+            &self.bundle,
+            &self.algs,
+            end_entity,
+            intermediates,
+            now,
+            usage,
+        )?;
         self.check_expected(id).map_err(other)?;
         Ok(ServerCertVerified::assertion())
     }

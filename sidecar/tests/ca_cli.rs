@@ -1,0 +1,185 @@
+//! `halyard ca` driven as a user would: the binary, real files, and openssl to read the result.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn halyard(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_halyard"))
+        .args(args)
+        .output()
+        .expect("run halyard")
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn init_and_issue_write_a_strict_svid() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = tmp.path().join("ca");
+    let out = tmp.path().join("reviews");
+    let init = halyard(&[
+        "ca",
+        "init",
+        "--dir",
+        path(&ca),
+        "--trust-domain",
+        "prod.example",
+    ]);
+    assert!(init.status.success(), "{}", stderr(&init));
+    assert_eq!(mode(&ca.join("ca.key")), 0o600);
+
+    let id = "spiffe://prod.example/ns/shop/sa/reviews";
+    let issue = halyard(&[
+        "ca",
+        "issue",
+        "--dir",
+        path(&ca),
+        "--id",
+        id,
+        "--out",
+        path(&out),
+        "--ttl",
+        "2h",
+    ]);
+    assert!(issue.status.success(), "{}", stderr(&issue));
+    assert_eq!(mode(&out.join("key.pem")), 0o600);
+    assert!(out.join("bundle.pem").exists());
+
+    let text = Command::new("openssl")
+        .args([
+            "x509",
+            "-noout",
+            "-text",
+            "-in",
+            path(&out.join("cert.pem")),
+        ])
+        .output()
+        .unwrap();
+    assert!(text.status.success());
+    let text = String::from_utf8(text.stdout).unwrap();
+    assert_eq!(text.matches("URI:").count(), 1, "{text}");
+    assert!(text.contains(&format!("URI:{id}")), "{text}");
+    assert!(text.contains("CA:FALSE"), "{text}");
+    assert!(
+        text.contains("TLS Web Server Authentication, TLS Web Client Authentication"),
+        "{text}"
+    );
+    assert!(text.contains("X509v3 Key Usage: critical"), "{text}");
+
+    let verify = Command::new("openssl")
+        .args([
+            "verify",
+            "-CAfile",
+            path(&out.join("bundle.pem")),
+            path(&out.join("cert.pem")),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+}
+
+#[test]
+fn init_refuses_to_replace_a_ca_without_force() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = path(tmp.path());
+    assert!(
+        halyard(&["ca", "init", "--dir", dir, "--trust-domain", "a.test"])
+            .status
+            .success()
+    );
+    let before = std::fs::read(tmp.path().join("ca.crt")).unwrap();
+    let again = halyard(&["ca", "init", "--dir", dir, "--trust-domain", "a.test"]);
+    assert!(!again.status.success());
+    assert!(stderr(&again).contains("--force"), "{}", stderr(&again));
+    assert_eq!(std::fs::read(tmp.path().join("ca.crt")).unwrap(), before);
+    let forced = halyard(&[
+        "ca",
+        "init",
+        "--dir",
+        dir,
+        "--trust-domain",
+        "a.test",
+        "--force",
+    ]);
+    assert!(forced.status.success());
+    assert_ne!(std::fs::read(tmp.path().join("ca.crt")).unwrap(), before);
+}
+
+#[test]
+fn bad_input_names_the_problem_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = tmp.path().join("ca");
+    assert!(halyard(&[
+        "ca",
+        "init",
+        "--dir",
+        path(&ca),
+        "--trust-domain",
+        "mesh.local"
+    ])
+    .status
+    .success());
+    let out = tmp.path().join("out");
+    let good = "spiffe://mesh.local/ns/default/sa/x";
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--id", "spiffe://mesh.local/ns/default/sa/x?q=1"],
+            "query",
+        ),
+        (&["--id", "spiffe://Mesh.local/ns/a/sa/b"], "trust domain"),
+        (&["--id", "spiffe://mesh.local"], "empty path"),
+        (
+            &["--id", "spiffe://other.domain/ns/a/sa/b"],
+            "outside the CA's trust domain",
+        ),
+        (&["--id", good, "--ttl", "forever"], "--ttl"),
+        (&["--id", good, "--ttl", "0s"], "--ttl"),
+        (&["--id", good, "--ttl", "100000h"], "lifetime"),
+    ];
+    for (extra, want) in cases {
+        let mut args = vec!["ca", "issue", "--dir", path(&ca), "--out", path(&out)];
+        args.extend_from_slice(extra);
+        let res = halyard(&args);
+        let err = stderr(&res);
+        assert!(!res.status.success(), "{extra:?} succeeded");
+        assert!(err.contains(want), "{extra:?}: {err}");
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "{extra:?}: not one line: {err}"
+        );
+        assert!(!out.exists(), "{extra:?} wrote {}", out.display());
+    }
+    let missing = halyard(&[
+        "ca",
+        "issue",
+        "--dir",
+        path(&tmp.path().join("none")),
+        "--id",
+        good,
+        "--out",
+        path(&out),
+    ]);
+    assert!(
+        stderr(&missing).contains("halyard ca init"),
+        "{}",
+        stderr(&missing)
+    );
+    assert!(!out.exists());
+}
