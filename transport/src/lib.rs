@@ -1,1 +1,58 @@
-//! placeholder
+//! The wire between Halyard sidecars: mutually authenticated QUIC (SPIFFE mTLS, ALPN `h3`),
+//! HTTP/3 CONNECT tunnels for TCP flows (RFC 9114 §4.4), ordinary HTTP/3 requests for L7, a
+//! connection pool, and (feature `test-util`) a lossy-link simulator.
+//!
+//! # Shapes the sidecar builds on
+//!
+//! ```text
+//! TransportConfig::default() / TransportConfig::try_from(RawTransportConfig)  (serde both ways)
+//! MeshEndpoint::new(Arc<CertResolver>, Arc<TrustBundle>, TransportConfig, SocketAddr)
+//!     -> Result<MeshEndpoint, EndpointError>
+//!   .local_addr() .rebind(std::net::UdpSocket) .close() .wait_idle().await
+//! bind_udp(SocketAddr, &TransportConfig) -> Result<std::net::UdpSocket, EndpointError>
+//!
+//! // inbound
+//! serve(MeshEndpoint, Arc<impl Handler>).await          // until the endpoint closes
+//! trait Handler { async fn tunnel(&self, TunnelRequest); async fn http(&self, HttpRequest) /* default 405 */ }
+//! TunnelRequest: .peer() -> &Peer{id: SpiffeId, addr} .target() -> &Target .headers()
+//!   .accept().await -> Result<ServerTunnel, TunnelError>   // 200; ServerTunnel: AsyncRead + AsyncWrite
+//!   .reject(StatusCode).await                             // 403 / 404 / 502 / 503 / 504
+//! HttpRequest { peer, request: http::Request<()>, stream: ServerRequestStream }
+//!
+//! // outbound
+//! Pool::new(MeshEndpoint)
+//!   .open_tcp(SocketAddr, &SpiffeId, &Target, HeaderMap).await -> Result<Tunnel, TunnelError>
+//!   .send_request(SocketAddr, &SpiffeId, http::Request<()>).await -> Result<PooledRequest, TunnelError>
+//!   .stats() -> Vec<PeerStats>   .connections(addr, &id)   .close()
+//! Tunnel: AsyncRead + AsyncWrite, writable at once; .status().await -> Result<StatusCode, TunnelError>; .abort()
+//! TunnelError: .before_any_byte() -> bool, .status() -> Option<StatusCode>, .into_io()
+//! ```
+//!
+//! Half-close: `shutdown()` on either tunnel side finishes its direction of the stream; the
+//! other direction stays open. `abort()` resets the stream (a TCP reset).
+#![forbid(unsafe_code)]
+
+mod config;
+mod endpoint;
+mod error;
+mod pool;
+mod reset;
+mod server;
+#[cfg(any(test, feature = "test-util"))]
+pub mod sim;
+mod target;
+mod tunnel;
+
+pub use config::{ConfigError, RawTransportConfig, TransportConfig};
+pub use endpoint::{bind_udp, peer_identity, MeshEndpoint, ALPN_H3};
+pub use error::{EndpointError, TunnelError};
+pub use pool::{
+    backoff_delay, ClientRequestStream, ConnectionStats, PeerKey, PeerStats, Pool, PooledRequest,
+};
+pub use reset::ResetBudget;
+pub use server::{serve, Handler, HttpRequest, Peer, ServerRequestStream, TunnelRequest};
+pub use target::{Target, TargetError};
+pub use tunnel::{ServerTunnel, Tunnel};
+
+/// The libraries whose types appear in this API, re-exported so users match versions.
+pub use {h3, h3_quinn, http, quinn};

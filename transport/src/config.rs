@@ -1,0 +1,320 @@
+//! Transport settings: a plain, serde-friendly [`RawTransportConfig`] as read from a file, and
+//! the validated [`TransportConfig`] that the rest of the crate accepts. A `TransportConfig`
+//! cannot hold an invalid combination (parse, don't validate).
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+/// Largest value a QUIC variable-length integer carries (RFC 9000 §16).
+const VARINT_MAX: u64 = (1 << 62) - 1;
+
+/// A rejected transport setting: names the field and says what would be valid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A numeric setting is outside its valid range.
+    #[error("transport.{field} = {value} is out of range; use {min}..={max}")]
+    OutOfRange {
+        /// The field.
+        field: &'static str,
+        /// The value given.
+        value: u64,
+        /// Smallest valid value.
+        min: u64,
+        /// Largest valid value.
+        max: u64,
+    },
+    /// Two settings contradict each other.
+    #[error("transport.{field}: {reason}")]
+    Inconsistent {
+        /// The field to change.
+        field: &'static str,
+        /// Why the combination is refused.
+        reason: &'static str,
+    },
+}
+
+/// Transport settings as written in a config file. Durations are in milliseconds, sizes in
+/// bytes. Convert with `TransportConfig::try_from`; every field has a default.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawTransportConfig {
+    /// Flow-control window of one stream: how far a sender may run ahead of the reader.
+    pub stream_receive_window: u64,
+    /// Flow-control window of a whole connection. This is the ceiling of receive-buffer memory
+    /// per peer connection, whatever the number of streams.
+    pub receive_window: u64,
+    /// Bytes a connection may have in flight or buffered unsent, over all its streams.
+    pub send_window: u64,
+    /// Concurrent bidirectional streams (tunnels plus HTTP requests) a peer may open.
+    pub max_concurrent_bidi_streams: u64,
+    /// Close a connection after this long without any packet.
+    pub idle_timeout_ms: u64,
+    /// Send a keep-alive ping this often; must be below `idle_timeout_ms`. 0 turns it off.
+    pub keep_alive_interval_ms: u64,
+    /// Give up on a QUIC handshake after this long.
+    pub connect_timeout_ms: u64,
+    /// SO_RCVBUF of the UDP socket.
+    pub udp_recv_buffer: u64,
+    /// SO_SNDBUF of the UDP socket.
+    pub udp_send_buffer: u64,
+    /// QUIC connections kept per peer (more than one spreads work over cores).
+    pub connections_per_peer: u64,
+    /// First reconnect delay after a failed connect; doubled on each further failure.
+    pub backoff_initial_ms: u64,
+    /// Longest reconnect delay.
+    pub backoff_max_ms: u64,
+    /// Largest decoded header section accepted (SETTINGS_MAX_FIELD_SECTION_SIZE, RFC 9114 §4.2.2).
+    pub max_field_section_size: u64,
+}
+
+impl Default for RawTransportConfig {
+    fn default() -> Self {
+        RawTransportConfig {
+            stream_receive_window: 2 * MIB,
+            receive_window: 16 * MIB,
+            send_window: 16 * MIB,
+            max_concurrent_bidi_streams: 1024,
+            idle_timeout_ms: 30_000,
+            keep_alive_interval_ms: 10_000,
+            connect_timeout_ms: 5_000,
+            udp_recv_buffer: 4 * MIB,
+            udp_send_buffer: 4 * MIB,
+            connections_per_peer: 1,
+            backoff_initial_ms: 100,
+            backoff_max_ms: 5_000,
+            max_field_section_size: 16 * KIB,
+        }
+    }
+}
+
+/// Validated transport settings. Build with `TransportConfig::default()` or
+/// `TransportConfig::try_from(RawTransportConfig)`; serializes back to the raw form.
+///
+/// Defaults, sized for a proxy on a small machine:
+///
+/// | setting | default | why |
+/// |---|---|---|
+/// | stream receive window | 2 MiB | ~160 Mbit/s per stream at 100 ms RTT, far more on a LAN |
+/// | connection receive window | 16 MiB | **memory ceiling per peer connection** for receive buffers, whatever the stream count (1024 × 2 MiB would be 2 GiB) |
+/// | send window | 16 MiB | matches the receive window |
+/// | concurrent bidi streams | 1024 | one per tunnelled flow or request; quinn's default of 100 would queue flows |
+/// | idle timeout / keep-alive | 30 s / 10 s | pooled connections stay up while idle peers still get detected |
+/// | connect timeout | 5 s | |
+/// | UDP socket buffers | 4 MiB each | bursts are not dropped by the kernel before quinn reads them |
+/// | connections per peer | 1 | one connection carries all flows to a peer |
+/// | reconnect backoff | 100 ms doubling to 5 s, jittered | |
+/// | max field section size | 16 KiB | bounds decoded header memory per request |
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "RawTransportConfig", into = "RawTransportConfig")]
+pub struct TransportConfig {
+    raw: RawTransportConfig,
+}
+
+fn range(field: &'static str, value: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(value)
+    } else {
+        Err(ConfigError::OutOfRange {
+            field,
+            value,
+            min,
+            max,
+        })
+    }
+}
+
+impl TryFrom<RawTransportConfig> for TransportConfig {
+    type Error = ConfigError;
+
+    fn try_from(raw: RawTransportConfig) -> Result<Self, ConfigError> {
+        range(
+            "stream_receive_window",
+            raw.stream_receive_window,
+            16 * KIB,
+            VARINT_MAX,
+        )?;
+        range(
+            "receive_window",
+            raw.receive_window,
+            raw.stream_receive_window,
+            VARINT_MAX,
+        )?;
+        range("send_window", raw.send_window, 16 * KIB, VARINT_MAX)?;
+        range(
+            "max_concurrent_bidi_streams",
+            raw.max_concurrent_bidi_streams,
+            1,
+            1 << 20,
+        )?;
+        // quinn caps the idle timeout at 2^62 ms; a day is plenty.
+        range("idle_timeout_ms", raw.idle_timeout_ms, 100, 86_400_000)?;
+        range(
+            "keep_alive_interval_ms",
+            raw.keep_alive_interval_ms,
+            0,
+            raw.idle_timeout_ms - 1,
+        )?;
+        range("connect_timeout_ms", raw.connect_timeout_ms, 10, 600_000)?;
+        range("udp_recv_buffer", raw.udp_recv_buffer, 64 * KIB, 256 * MIB)?;
+        range("udp_send_buffer", raw.udp_send_buffer, 64 * KIB, 256 * MIB)?;
+        range("connections_per_peer", raw.connections_per_peer, 1, 64)?;
+        range("backoff_initial_ms", raw.backoff_initial_ms, 1, 600_000)?;
+        range(
+            "backoff_max_ms",
+            raw.backoff_max_ms,
+            raw.backoff_initial_ms,
+            3_600_000,
+        )?;
+        range(
+            "max_field_section_size",
+            raw.max_field_section_size,
+            KIB,
+            MIB,
+        )?;
+        Ok(TransportConfig { raw })
+    }
+}
+
+impl From<TransportConfig> for RawTransportConfig {
+    fn from(config: TransportConfig) -> Self {
+        config.raw
+    }
+}
+
+#[allow(clippy::cast_possible_truncation)]
+impl TransportConfig {
+    /// The settings in their raw form (for `/config_dump` or to derive a variant).
+    pub fn raw(&self) -> &RawTransportConfig {
+        &self.raw
+    }
+
+    /// Per-stream receive window in bytes.
+    pub fn stream_receive_window(&self) -> u64 {
+        self.raw.stream_receive_window
+    }
+
+    /// Per-connection receive window in bytes: the receive-buffer memory ceiling per peer.
+    pub fn receive_window(&self) -> u64 {
+        self.raw.receive_window
+    }
+
+    /// Per-connection send window in bytes.
+    pub fn send_window(&self) -> u64 {
+        self.raw.send_window
+    }
+
+    /// Concurrent bidirectional streams allowed per connection.
+    pub fn max_concurrent_bidi_streams(&self) -> u64 {
+        self.raw.max_concurrent_bidi_streams
+    }
+
+    /// Idle timeout.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.raw.idle_timeout_ms)
+    }
+
+    /// Keep-alive interval, if any.
+    pub fn keep_alive_interval(&self) -> Option<Duration> {
+        match self.raw.keep_alive_interval_ms {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    /// Handshake deadline.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.raw.connect_timeout_ms)
+    }
+
+    /// UDP receive buffer size in bytes.
+    pub fn udp_recv_buffer(&self) -> usize {
+        self.raw.udp_recv_buffer as usize
+    }
+
+    /// UDP send buffer size in bytes.
+    pub fn udp_send_buffer(&self) -> usize {
+        self.raw.udp_send_buffer as usize
+    }
+
+    /// Connections kept per peer.
+    pub fn connections_per_peer(&self) -> usize {
+        self.raw.connections_per_peer as usize
+    }
+
+    /// First reconnect delay.
+    pub fn backoff_initial(&self) -> Duration {
+        Duration::from_millis(self.raw.backoff_initial_ms)
+    }
+
+    /// Longest reconnect delay.
+    pub fn backoff_max(&self) -> Duration {
+        Duration::from_millis(self.raw.backoff_max_ms)
+    }
+
+    /// Largest accepted decoded header section, in bytes.
+    pub fn max_field_section_size(&self) -> u64 {
+        self.raw.max_field_section_size
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_round_trip_through_serde() {
+        let config = TransportConfig::default();
+        assert_eq!(
+            TransportConfig::try_from(config.raw().clone()).unwrap(),
+            config
+        );
+        let json = serde_json::to_string(&config).unwrap();
+        let back: TransportConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, config);
+        assert_eq!(config.max_concurrent_bidi_streams(), 1024);
+        assert!(config.keep_alive_interval().unwrap() < config.idle_timeout());
+    }
+
+    #[test]
+    fn keep_alive_must_be_below_idle_timeout() {
+        let raw = RawTransportConfig {
+            idle_timeout_ms: 1000,
+            keep_alive_interval_ms: 1000,
+            ..Default::default()
+        };
+        let err = TransportConfig::try_from(raw).unwrap_err();
+        assert!(matches!(
+            err,
+            ConfigError::OutOfRange {
+                field: "keep_alive_interval_ms",
+                max: 999,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn connection_window_must_cover_a_stream_window() {
+        let raw = RawTransportConfig {
+            stream_receive_window: 4 * MIB,
+            receive_window: MIB,
+            ..Default::default()
+        };
+        let err = TransportConfig::try_from(raw).unwrap_err();
+        assert!(err.to_string().contains("receive_window"), "{err}");
+    }
+
+    #[test]
+    fn deserializing_rejects_bad_values_and_unknown_keys() {
+        let bad = r#"{"connections_per_peer": 0}"#;
+        assert!(serde_json::from_str::<TransportConfig>(bad).is_err());
+        let unknown = r#"{"windw": 5}"#;
+        assert!(serde_json::from_str::<TransportConfig>(unknown).is_err());
+        let partial: TransportConfig =
+            serde_json::from_str(r#"{"connections_per_peer": 2}"#).unwrap();
+        assert_eq!(partial.connections_per_peer(), 2);
+    }
+}

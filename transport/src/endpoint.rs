@@ -1,0 +1,203 @@
+//! The QUIC endpoint of a sidecar: one UDP socket that accepts connections from other sidecars
+//! (client certificate required) and opens connections to them, both sides verified with the
+//! SPIFFE verifiers of `halyard-certs`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use halyard_certs::{CertResolver, ExpectedServer, SpiffeId, TrustBundle};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{IdleTimeout, VarInt};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::config::TransportConfig;
+use crate::error::{EndpointError, TunnelError};
+
+/// ALPN of HTTP/3 (RFC 9114 §3.1).
+pub const ALPN_H3: &[u8] = b"h3";
+/// Name put in the handshake; the verifiers check SPIFFE ids, not DNS names, and SNI is off.
+const SERVER_NAME: &str = "halyard.mesh";
+/// Unidirectional streams a peer may open: HTTP/3 needs control and two QPACK streams
+/// (RFC 9114 §6.2); a little headroom for grease.
+const MAX_UNI_STREAMS: u32 = 16;
+
+/// A sidecar's QUIC endpoint. Cheap to clone; all clones share the socket.
+#[derive(Clone, Debug)]
+pub struct MeshEndpoint {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    quic: quinn::Endpoint,
+    resolver: Arc<CertResolver>,
+    bundle: Arc<TrustBundle>,
+    config: TransportConfig,
+    transport: Arc<quinn::TransportConfig>,
+}
+
+/// Binds a UDP socket with the configured kernel buffers, ready to hand to quinn (also for
+/// [`MeshEndpoint::rebind`]). The buffers are set before quinn owns the socket, as its
+/// README advises; the kernel may clamp them to `net.core.{r,w}mem_max`.
+pub fn bind_udp(
+    addr: SocketAddr,
+    config: &TransportConfig,
+) -> Result<std::net::UdpSocket, EndpointError> {
+    let fail = |source| EndpointError::Socket { addr, source };
+    let socket =
+        Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(fail)?;
+    if let Err(e) = socket.set_recv_buffer_size(config.udp_recv_buffer()) {
+        tracing::warn!(%addr, error = %e, "could not set SO_RCVBUF");
+    }
+    if let Err(e) = socket.set_send_buffer_size(config.udp_send_buffer()) {
+        tracing::warn!(%addr, error = %e, "could not set SO_SNDBUF");
+    }
+    socket.bind(&addr.into()).map_err(fail)?;
+    socket.set_nonblocking(true).map_err(fail)?;
+    Ok(socket.into())
+}
+
+/// quinn transport settings derived from ours.
+fn quinn_transport(config: &TransportConfig) -> quinn::TransportConfig {
+    let var = |v: u64| VarInt::from_u64(v).unwrap_or(VarInt::MAX);
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(var(config.max_concurrent_bidi_streams()))
+        .max_concurrent_uni_streams(MAX_UNI_STREAMS.into())
+        .stream_receive_window(var(config.stream_receive_window()))
+        .receive_window(var(config.receive_window()))
+        .send_window(config.send_window())
+        .keep_alive_interval(config.keep_alive_interval())
+        // Many small streams: fairness would cut every write into small frames.
+        .send_fairness(false);
+    // TransportConfig bounds the idle timeout to a day, far inside quinn's limit.
+    t.max_idle_timeout(IdleTimeout::try_from(config.idle_timeout()).ok());
+    t
+}
+
+impl MeshEndpoint {
+    /// Binds `bind` and serves the identity of `resolver` (hot-rotated by it), trusting `bundle`.
+    /// Must be called inside a tokio runtime.
+    pub fn new(
+        resolver: Arc<CertResolver>,
+        bundle: Arc<TrustBundle>,
+        config: TransportConfig,
+        bind: SocketAddr,
+    ) -> Result<Self, EndpointError> {
+        let transport = Arc::new(quinn_transport(&config));
+        let server = server_config(&resolver, &bundle, transport.clone())?;
+        let socket = bind_udp(bind, &config)?;
+        let runtime = Arc::new(quinn::TokioRuntime);
+        let quic = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            runtime,
+        )
+        .map_err(|source| EndpointError::Socket { addr: bind, source })?;
+        Ok(MeshEndpoint {
+            inner: Arc::new(Inner {
+                quic,
+                resolver,
+                bundle,
+                config,
+                transport,
+            }),
+        })
+    }
+
+    /// The bound address (the real port when bound to port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.quic.local_addr()
+    }
+
+    /// Moves every connection of this endpoint to `socket` (QUIC connection migration,
+    /// RFC 9000 §9): open streams continue; peers validate the new path.
+    pub fn rebind(&self, socket: std::net::UdpSocket) -> std::io::Result<()> {
+        self.inner.quic.rebind(socket)
+    }
+
+    /// Closes every connection at once (H3_NO_ERROR) and stops accepting.
+    pub fn close(&self) {
+        // RFC 9114 §8.1: H3_NO_ERROR (0x100) for a deliberate close.
+        self.inner
+            .quic
+            .close(VarInt::from_u32(0x100), b"endpoint closed");
+    }
+
+    /// Waits until every connection has been closed and its packets flushed.
+    pub async fn wait_idle(&self) {
+        self.inner.quic.wait_idle().await;
+    }
+
+    /// The transport settings.
+    pub fn config(&self) -> &TransportConfig {
+        &self.inner.config
+    }
+
+    /// The underlying quinn endpoint (for tests and metrics).
+    pub fn quinn(&self) -> &quinn::Endpoint {
+        &self.inner.quic
+    }
+
+    /// Opens a QUIC connection to `peer`, accepting only a server whose certificate names
+    /// `expected`.
+    pub async fn connect(
+        &self,
+        peer: SocketAddr,
+        expected: &SpiffeId,
+    ) -> Result<quinn::Connection, TunnelError> {
+        let fail = |reason: String| TunnelError::Connect { peer, reason };
+        let client = self
+            .client_config(expected)
+            .map_err(|e| fail(e.to_string()))?;
+        let connecting = self
+            .inner
+            .quic
+            .connect_with(client, peer, SERVER_NAME)
+            .map_err(|e| fail(e.to_string()))?;
+        let after = self.inner.config.connect_timeout();
+        match tokio::time::timeout(after, connecting).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => Err(fail(e.to_string())),
+            Err(_) => Err(TunnelError::ConnectTimeout { peer, after }),
+        }
+    }
+
+    fn client_config(&self, expected: &SpiffeId) -> Result<quinn::ClientConfig, EndpointError> {
+        let mut tls = halyard_certs::client_config(
+            self.inner.resolver.clone(),
+            self.inner.bundle.clone(),
+            ExpectedServer::Id(expected.clone()),
+        )?;
+        tls.alpn_protocols = vec![ALPN_H3.to_vec()];
+        tls.enable_sni = false;
+        let crypto =
+            QuicClientConfig::try_from(tls).map_err(|e| EndpointError::Crypto(e.to_string()))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+        client.transport_config(self.inner.transport.clone());
+        Ok(client)
+    }
+}
+
+fn server_config(
+    resolver: &Arc<CertResolver>,
+    bundle: &Arc<TrustBundle>,
+    transport: Arc<quinn::TransportConfig>,
+) -> Result<quinn::ServerConfig, EndpointError> {
+    let mut tls = halyard_certs::server_config(resolver.clone(), bundle.clone())?;
+    tls.alpn_protocols = vec![ALPN_H3.to_vec()];
+    let crypto =
+        QuicServerConfig::try_from(tls).map_err(|e| EndpointError::Crypto(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(transport);
+    Ok(server)
+}
+
+/// The SPIFFE id in the certificate the peer proved during the handshake.
+pub fn peer_identity(conn: &quinn::Connection) -> Option<SpiffeId> {
+    let any = conn.peer_identity()?;
+    let certs = any
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    halyard_certs::peer_id(Some(&certs)).ok()
+}

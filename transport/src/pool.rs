@@ -1,0 +1,398 @@
+//! The outbound side: a pool of QUIC connections keyed by (peer address, expected SPIFFE id),
+//! carrying CONNECT tunnels and HTTP/3 requests.
+//!
+//! - Connections are opened on demand; concurrent callers during a connect share the attempt.
+//! - Up to `connections_per_peer` connections per peer; a new stream goes to the least loaded.
+//!   When every connection is at the peer's stream limit and no more may be opened, the caller
+//!   waits for a stream slot (quinn's `open_bi` waits for MAX_STREAMS) instead of failing.
+//! - Closed connections (idle timeout, peer restart) are dropped and replaced on next use; a
+//!   request that races with a closing connection is retried once on a fresh one.
+//! - A failed connect puts the peer in jittered exponential backoff; callers then get
+//!   [`TunnelError::Backoff`] at once and can choose another endpoint.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use halyard_certs::SpiffeId;
+use http::{HeaderMap, Method};
+
+use crate::endpoint::MeshEndpoint;
+use crate::error::TunnelError;
+use crate::target::Target;
+use crate::tunnel::{StreamGuard, Tunnel};
+
+/// The client half of an HTTP/3 request stream, for L7.
+pub type ClientRequestStream = h3::client::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
+
+type SendRequest = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
+
+/// Identifies a peer in the pool.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PeerKey {
+    /// The peer's QUIC address.
+    pub addr: SocketAddr,
+    /// The identity the peer must prove.
+    pub id: SpiffeId,
+}
+
+/// A pooled HTTP/3 connection.
+#[derive(Clone)]
+struct Pooled {
+    quic: quinn::Connection,
+    send: SendRequest,
+    open: Arc<AtomicUsize>,
+}
+
+impl Pooled {
+    fn open_streams(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+}
+
+/// Reconnect state of a peer, guarded by the async lock callers queue on while connecting.
+#[derive(Debug, Default)]
+struct Backoff {
+    failures: u32,
+    retry_at: Option<Instant>,
+    last: String,
+}
+
+#[derive(Default)]
+struct Peer {
+    conns: Mutex<Vec<Pooled>>,
+    connecting: tokio::sync::Mutex<Backoff>,
+}
+
+/// Statistics of one pooled connection, from quinn.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConnectionStats {
+    /// Smoothed round-trip time.
+    pub rtt: Duration,
+    /// Congestion window in bytes.
+    pub cwnd: u64,
+    /// Packets declared lost since the connection opened.
+    pub lost_packets: u64,
+    /// Packets sent since the connection opened.
+    pub sent_packets: u64,
+    /// Congestion events since the connection opened.
+    pub congestion_events: u64,
+    /// Tunnels and requests open on it now.
+    pub open_streams: usize,
+}
+
+/// Statistics of one peer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerStats {
+    /// The peer.
+    pub peer: PeerKey,
+    /// Its open connections.
+    pub connections: Vec<ConnectionStats>,
+}
+
+/// A pool of connections to peer sidecars. Cheap to clone.
+#[derive(Clone)]
+pub struct Pool {
+    endpoint: MeshEndpoint,
+    peers: Arc<Mutex<HashMap<PeerKey, Arc<Peer>>>>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A jittered exponential backoff: `initial × 2^(failures-1)` capped at `max`, then scaled
+/// into `[½, 1]` by `jitter ∈ [0, 1)` so that peers do not retry in lockstep.
+pub fn backoff_delay(failures: u32, initial: Duration, max: Duration, jitter: f64) -> Duration {
+    let exp = failures.saturating_sub(1).min(30);
+    let base = initial.saturating_mul(1 << exp).min(max);
+    base.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
+}
+
+/// Picks the connection for a new stream: the least loaded, unless all are at `limit` and
+/// another may be opened (`None`: open one).
+fn choose(conns: &[Pooled], limit: usize, max_conns: usize) -> Option<Pooled> {
+    let best = conns.iter().min_by_key(|c| c.open_streams())?;
+    if best.open_streams() < limit || conns.len() >= max_conns {
+        Some(best.clone())
+    } else {
+        None
+    }
+}
+
+/// A pooled HTTP/3 request stream; derefs to the h3 stream. Keep it alive while the request
+/// is in use: it counts toward the connection's load.
+pub struct PooledRequest {
+    stream: ClientRequestStream,
+    _guard: StreamGuard,
+}
+
+impl std::ops::Deref for PooledRequest {
+    type Target = ClientRequestStream;
+    fn deref(&self) -> &ClientRequestStream {
+        &self.stream
+    }
+}
+
+impl std::ops::DerefMut for PooledRequest {
+    fn deref_mut(&mut self) -> &mut ClientRequestStream {
+        &mut self.stream
+    }
+}
+
+impl Pool {
+    /// A pool opening its connections from `endpoint`.
+    pub fn new(endpoint: MeshEndpoint) -> Self {
+        Pool {
+            endpoint,
+            peers: Arc::default(),
+        }
+    }
+
+    /// The endpoint connections are opened from.
+    pub fn endpoint(&self) -> &MeshEndpoint {
+        &self.endpoint
+    }
+
+    fn peer(&self, key: &PeerKey) -> Arc<Peer> {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.entry(key.clone()).or_default().clone()
+    }
+
+    /// Opens a tunnel to `target` through the peer at `addr`, which must prove `expected`.
+    /// Returns once the CONNECT headers are handed to QUIC: write the first bytes at once;
+    /// the response is awaited on the first read or by [`Tunnel::status`].
+    pub async fn open_tcp(
+        &self,
+        addr: SocketAddr,
+        expected: &SpiffeId,
+        target: &Target,
+        headers: HeaderMap,
+    ) -> Result<Tunnel, TunnelError> {
+        let uri = http::Uri::try_from(target.to_string())
+            .map_err(|e| TunnelError::Protocol(format!("target {target}: {e}")))?;
+        let mut request = http::Request::new(());
+        *request.method_mut() = Method::CONNECT;
+        *request.uri_mut() = uri;
+        *request.headers_mut() = headers;
+        let (stream, guard) = self.send(addr, expected, request).await?;
+        let (send, recv) = stream.split();
+        Ok(Tunnel::new(send, recv, Some(guard)))
+    }
+
+    /// Sends an HTTP/3 request's headers to the peer at `addr`, which must prove `expected`.
+    /// Then send the body and trailers, `finish()`, and `recv_response()` before `recv_data()`.
+    pub async fn send_request(
+        &self,
+        addr: SocketAddr,
+        expected: &SpiffeId,
+        request: http::Request<()>,
+    ) -> Result<PooledRequest, TunnelError> {
+        let (stream, guard) = self.send(addr, expected, request).await?;
+        Ok(PooledRequest {
+            stream,
+            _guard: guard,
+        })
+    }
+
+    async fn send(
+        &self,
+        addr: SocketAddr,
+        expected: &SpiffeId,
+        request: http::Request<()>,
+    ) -> Result<(ClientRequestStream, StreamGuard), TunnelError> {
+        let key = PeerKey {
+            addr,
+            id: expected.clone(),
+        };
+        let mut last = TunnelError::Closed;
+        // One retry: the connection may close (idle timeout) between choosing and using it.
+        for _ in 0..2 {
+            let conn = self.connection(&key).await?;
+            let guard = StreamGuard::new(&conn.open);
+            match conn
+                .send
+                .clone()
+                .send_request(clone_request(&request))
+                .await
+            {
+                Ok(stream) => return Ok((stream, guard)),
+                Err(e) => {
+                    last = TunnelError::from_h3(&e, false);
+                    if !last.connection_gone() && conn.quic.close_reason().is_none() {
+                        return Err(last);
+                    }
+                    self.forget(&key, &conn.quic);
+                }
+            }
+        }
+        Err(last)
+    }
+
+    fn forget(&self, key: &PeerKey, quic: &quinn::Connection) {
+        let peer = self.peer(key);
+        let mut conns = peer.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns.retain(|c| c.quic.stable_id() != quic.stable_id());
+    }
+
+    /// A live connection to the peer, opened if needed.
+    async fn connection(&self, key: &PeerKey) -> Result<Pooled, TunnelError> {
+        let peer = self.peer(key);
+        if let Some(conn) = self.pick(&peer) {
+            return Ok(conn);
+        }
+        let mut backoff = peer.connecting.lock().await;
+        // Another caller may have connected while this one queued: share its connection.
+        if let Some(conn) = self.pick(&peer) {
+            return Ok(conn);
+        }
+        let now = Instant::now();
+        if let Some(at) = backoff.retry_at.filter(|at| *at > now) {
+            return Err(TunnelError::Backoff {
+                peer: key.addr,
+                remaining: at - now,
+                last: backoff.last.clone(),
+            });
+        }
+        match self.open(key).await {
+            Ok(conn) => {
+                *backoff = Backoff::default();
+                let mut conns = peer.conns.lock().unwrap_or_else(|p| p.into_inner());
+                conns.push(conn.clone());
+                Ok(conn)
+            }
+            Err(e) => {
+                backoff.failures = backoff.failures.saturating_add(1);
+                let config = self.endpoint.config();
+                let delay = backoff_delay(
+                    backoff.failures,
+                    config.backoff_initial(),
+                    config.backoff_max(),
+                    rand::random(),
+                );
+                backoff.retry_at = Some(Instant::now() + delay);
+                backoff.last = e.to_string();
+                Err(e)
+            }
+        }
+    }
+
+    /// Drops closed connections and chooses one for a new stream, if one fits.
+    fn pick(&self, peer: &Peer) -> Option<Pooled> {
+        let config = self.endpoint.config();
+        let limit = usize::try_from(config.max_concurrent_bidi_streams()).unwrap_or(usize::MAX);
+        let mut conns = peer.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns.retain(|c| c.quic.close_reason().is_none());
+        choose(&conns, limit, config.connections_per_peer())
+    }
+
+    /// Opens a QUIC connection and starts HTTP/3 on it.
+    async fn open(&self, key: &PeerKey) -> Result<Pooled, TunnelError> {
+        let quic = self.endpoint.connect(key.addr, &key.id).await?;
+        let built = h3::client::builder()
+            .max_field_section_size(self.endpoint.config().max_field_section_size())
+            .send_grease(false)
+            .build::<_, _, Bytes>(h3_quinn::Connection::new(quic.clone()))
+            .await;
+        let (mut driver, send) = built.map_err(|e| TunnelError::Connect {
+            peer: key.addr,
+            reason: format!("http/3 setup: {e}"),
+        })?;
+        let peer = key.addr;
+        // The driver serves the control and QPACK streams; it ends when the connection closes,
+        // so the connection owns it.
+        tokio::spawn(async move {
+            let e = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+            tracing::debug!(%peer, reason = %e, "connection closed");
+        });
+        Ok(Pooled {
+            quic,
+            send,
+            open: Arc::default(),
+        })
+    }
+
+    /// The open QUIC connections to a peer (for metrics and tests).
+    pub fn connections(&self, addr: SocketAddr, expected: &SpiffeId) -> Vec<quinn::Connection> {
+        let peer = self.peer(&PeerKey {
+            addr,
+            id: expected.clone(),
+        });
+        let conns = peer.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns.iter().map(|c| c.quic.clone()).collect()
+    }
+
+    /// RTT, loss, congestion window and open streams of every pooled connection.
+    pub fn stats(&self) -> Vec<PeerStats> {
+        let peers: Vec<(PeerKey, Arc<Peer>)> = {
+            let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+            peers.iter().map(|(k, p)| (k.clone(), p.clone())).collect()
+        };
+        peers
+            .into_iter()
+            .map(|(key, peer)| {
+                let conns = peer.conns.lock().unwrap_or_else(|p| p.into_inner());
+                PeerStats {
+                    peer: key,
+                    connections: conns.iter().map(stats_of).collect(),
+                }
+            })
+            .collect()
+    }
+
+    /// Closes every pooled connection (H3_NO_ERROR) and forgets all peers.
+    pub fn close(&self) {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        for peer in peers.values() {
+            let conns = peer.conns.lock().unwrap_or_else(|p| p.into_inner());
+            for conn in conns.iter() {
+                conn.quic
+                    .close(quinn::VarInt::from_u32(0x100), b"pool closed");
+            }
+        }
+        peers.clear();
+    }
+}
+
+fn stats_of(conn: &Pooled) -> ConnectionStats {
+    let s = conn.quic.stats();
+    ConnectionStats {
+        rtt: conn.quic.rtt(),
+        cwnd: s.path.cwnd,
+        lost_packets: s.path.lost_packets,
+        sent_packets: s.path.sent_packets,
+        congestion_events: s.path.congestion_events,
+        open_streams: conn.open_streams(),
+    }
+}
+
+fn clone_request(request: &http::Request<()>) -> http::Request<()> {
+    let mut copy = http::Request::new(());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.headers_mut() = request.headers().clone();
+    *copy.version_mut() = request.version();
+    copy
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_caps_and_jitters() {
+        let (i, m) = (Duration::from_millis(100), Duration::from_secs(5));
+        assert_eq!(backoff_delay(1, i, m, 0.999_999).as_millis(), 99);
+        assert_eq!(backoff_delay(1, i, m, 0.0), Duration::from_millis(50));
+        assert_eq!(backoff_delay(3, i, m, 0.0), Duration::from_millis(200));
+        assert_eq!(backoff_delay(30, i, m, 0.0), Duration::from_millis(2500));
+        assert!(backoff_delay(u32::MAX, i, m, 1.0) <= m);
+    }
+}

@@ -1,0 +1,264 @@
+//! The inbound side: accept QUIC connections from other sidecars, run HTTP/3 on them, and hand
+//! each request to a [`Handler`] together with the peer's verified SPIFFE id.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use halyard_certs::SpiffeId;
+use http::{HeaderMap, Method, StatusCode};
+use tokio::task::JoinSet;
+
+use crate::endpoint::{peer_identity, MeshEndpoint};
+use crate::error::TunnelError;
+use crate::reset::ResetBudget;
+use crate::target::Target;
+use crate::tunnel::ServerTunnel;
+
+/// The server half of an HTTP/3 request stream, for L7 handlers.
+pub type ServerRequestStream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
+
+/// Receives the requests of verified peers. `tunnel` gets each CONNECT whose target parsed;
+/// `http` gets every other request and answers 405 unless overridden (a tunnel-only service).
+pub trait Handler: Send + Sync + 'static {
+    /// A CONNECT request: call [`TunnelRequest::accept`] to answer 200 and pipe bytes, or
+    /// [`TunnelRequest::reject`] with a status (DESIGN §2: 403, 404, 502, 503, 504).
+    fn tunnel(&self, request: TunnelRequest) -> impl Future<Output = ()> + Send;
+
+    /// Any other request (L7). The default answers 405 Method Not Allowed.
+    fn http(&self, request: HttpRequest) -> impl Future<Output = ()> + Send {
+        async move {
+            request.respond(StatusCode::METHOD_NOT_ALLOWED).await;
+        }
+    }
+}
+
+/// Who sent a request: the verified id and the address it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// The SPIFFE id proven by the peer's certificate.
+    pub id: SpiffeId,
+    /// The peer's UDP address.
+    pub addr: SocketAddr,
+}
+
+/// A CONNECT request from a verified peer (RFC 9114 §4.4).
+pub struct TunnelRequest {
+    peer: Peer,
+    target: Target,
+    headers: HeaderMap,
+    stream: ServerRequestStream,
+}
+
+impl std::fmt::Debug for TunnelRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelRequest")
+            .field("peer", &self.peer)
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TunnelRequest {
+    /// The verified peer.
+    pub fn peer(&self) -> &Peer {
+        &self.peer
+    }
+
+    /// The requested `<service>:<port>`.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// The request headers (no pseudo-headers).
+    pub fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+
+    /// Answers 200 and returns the byte stream.
+    pub async fn accept(self) -> Result<ServerTunnel, TunnelError> {
+        self.accept_with(HeaderMap::new()).await
+    }
+
+    /// Answers 200 with `headers` and returns the byte stream.
+    pub async fn accept_with(mut self, headers: HeaderMap) -> Result<ServerTunnel, TunnelError> {
+        let mut response = http::Response::new(());
+        *response.headers_mut() = headers;
+        self.stream
+            .send_response(response)
+            .await
+            .map_err(|e| TunnelError::from_h3(&e, false))?;
+        let (send, recv) = self.stream.split();
+        Ok(ServerTunnel::new(send, recv))
+    }
+
+    /// Refuses the tunnel with `status` and ends the stream.
+    pub async fn reject(self, status: StatusCode) {
+        respond(self.stream, status).await;
+    }
+}
+
+/// A non-CONNECT request from a verified peer, with the stream to read its body from and to
+/// send the response, body and trailers on.
+pub struct HttpRequest {
+    /// The verified peer.
+    pub peer: Peer,
+    /// Method, URI and headers.
+    pub request: http::Request<()>,
+    /// The request stream.
+    pub stream: ServerRequestStream,
+}
+
+impl std::fmt::Debug for HttpRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpRequest")
+            .field("peer", &self.peer)
+            .field("request", &self.request)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HttpRequest {
+    /// Answers with an empty body and `status`.
+    pub async fn respond(self, status: StatusCode) {
+        respond(self.stream, status).await;
+    }
+}
+
+async fn respond(mut stream: ServerRequestStream, status: StatusCode) {
+    let mut response = http::Response::new(());
+    *response.status_mut() = status;
+    if let Err(e) = stream.send_response(response).await {
+        tracing::debug!(error = %e, "could not send response");
+        return;
+    }
+    if let Err(e) = stream.finish().await {
+        tracing::debug!(error = %e, "could not finish response");
+    }
+}
+
+/// Accepts connections on `endpoint` and serves requests with `handler` until the endpoint is
+/// closed. Every connection and request task is owned here and ends with it.
+pub async fn serve<H: Handler>(endpoint: MeshEndpoint, handler: Arc<H>) {
+    let mut connections = JoinSet::new();
+    while let Some(incoming) = endpoint.quinn().accept().await {
+        connections.spawn(serve_connection(
+            incoming,
+            endpoint.clone(),
+            handler.clone(),
+        ));
+        while connections.try_join_next().is_some() {}
+    }
+    connections.shutdown().await;
+}
+
+async fn serve_connection<H: Handler>(
+    incoming: quinn::Incoming,
+    endpoint: MeshEndpoint,
+    handler: Arc<H>,
+) {
+    let remote = incoming.remote_address();
+    let conn = match tokio::time::timeout(endpoint.config().connect_timeout(), incoming).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => return tracing::debug!(%remote, error = %e, "handshake failed"),
+        Err(_) => return tracing::debug!(%remote, "handshake timed out"),
+    };
+    // The verifier has accepted the chain; no request is read before this point, so no
+    // decision is made on unauthenticated data.
+    let Some(id) = peer_identity(&conn) else {
+        // RFC 9114 §8.1: H3_INTERNAL_ERROR (0x102).
+        conn.close(quinn::VarInt::from_u32(0x102), b"peer identity unavailable");
+        return;
+    };
+    let peer = Peer { id, addr: remote };
+    let h3 = h3::server::builder()
+        .max_field_section_size(endpoint.config().max_field_section_size())
+        .send_grease(false)
+        .build::<_, Bytes>(h3_quinn::Connection::new(conn.clone()))
+        .await;
+    match h3 {
+        Ok(h3) => accept_requests(h3, conn, peer, handler).await,
+        Err(e) => tracing::debug!(%remote, error = %e, "http/3 setup failed"),
+    }
+}
+
+type H3Server = h3::server::Connection<h3_quinn::Connection, Bytes>;
+
+async fn accept_requests<H: Handler>(
+    mut h3: H3Server,
+    conn: quinn::Connection,
+    peer: Peer,
+    handler: Arc<H>,
+) {
+    let mut requests = JoinSet::new();
+    let mut budget = ResetBudget::default();
+    loop {
+        let resolver = match h3.accept().await {
+            Ok(Some(resolver)) => resolver,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::debug!(peer = %peer.id, error = %e, "connection ended");
+                break;
+            }
+        };
+        requests.spawn(handle_request(resolver, peer.clone(), handler.clone()));
+        while let Some(done) = requests.try_join_next() {
+            if matches!(done, Ok(false)) && !budget.allow(Instant::now()) {
+                // Rapid-reset defence (CVE-2023-44487 class): too many requests abandoned
+                // before their headers completed. RFC 9114 §8.1: H3_EXCESSIVE_LOAD (0x107).
+                tracing::warn!(peer = %peer.id, "too many aborted requests; closing connection");
+                conn.close(quinn::VarInt::from_u32(0x107), b"too many aborted requests");
+                break;
+            }
+        }
+    }
+    requests.shutdown().await;
+}
+
+/// Reads the request headers and dispatches; false when the peer abandoned the request first.
+async fn handle_request<H: Handler>(
+    resolver: h3::server::RequestResolver<h3_quinn::Connection, Bytes>,
+    peer: Peer,
+    handler: Arc<H>,
+) -> bool {
+    let (request, stream) = match resolver.resolve_request().await {
+        Ok(parts) => parts,
+        Err(e) => {
+            // h3 has already answered 431 to an oversized header section (RFC 9114 §4.2.2).
+            tracing::debug!(peer = %peer.id, error = %e, "request not resolved");
+            return false;
+        }
+    };
+    if request.method() != Method::CONNECT {
+        handler
+            .http(HttpRequest {
+                peer,
+                request,
+                stream,
+            })
+            .await;
+        return true;
+    }
+    match Target::from_uri(request.uri()) {
+        Ok(target) => {
+            let (parts, ()) = request.into_parts();
+            let req = TunnelRequest {
+                peer,
+                target,
+                headers: parts.headers,
+                stream,
+            };
+            handler.tunnel(req).await;
+        }
+        Err(e) => {
+            //= https://www.rfc-editor.org/rfc/rfc9114#section-4.4
+            //# A CONNECT request MUST be constructed as follows: [...] The
+            //# :authority pseudo-header field contains the host and port to connect to
+            tracing::debug!(peer = %peer.id, error = %e, "bad CONNECT target");
+            respond(stream, StatusCode::BAD_REQUEST).await;
+        }
+    }
+    true
+}

@@ -1,0 +1,189 @@
+//! Tunnels over one mutually authenticated QUIC connection: data integrity, half-close,
+//! statuses, concurrency, L7 requests, idle replacement.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::*;
+use halyard_transport::{Target, TunnelError};
+use http::{HeaderMap, StatusCode};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn echo_tunnel_round_trip() {
+    let mesh = Mesh::new().await;
+    let mut tunnel = mesh.open("echo").await;
+    tunnel.write_all(b"ping").await.unwrap();
+    assert_eq!(tunnel.status().await.unwrap(), StatusCode::OK);
+    let mut buf = [0u8; 4];
+    tunnel.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
+}
+
+#[tokio::test]
+async fn half_close_client_finishes_and_still_reads_the_whole_reply() {
+    let mesh = Mesh::new().await;
+    let mut tunnel = mesh.open("echo").await;
+    let data = pattern(7, 3 * 1024 * 1024 + 17);
+    // The echo server only writes while it reads, so all of it comes back after our FIN.
+    tunnel.write_all(&data).await.unwrap();
+    tunnel.shutdown().await.unwrap();
+    let mut reply = Vec::new();
+    tunnel.read_to_end(&mut reply).await.unwrap();
+    assert_eq!(reply.len(), data.len());
+    assert!(reply == data, "echoed bytes differ");
+    // Writing after our own FIN is refused locally.
+    let err = tunnel.write_all(b"late").await.unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe);
+}
+
+#[tokio::test]
+async fn error_statuses_reach_the_client_typed() {
+    let mesh = Mesh::new().await;
+    for (service, want) in [
+        ("denied", StatusCode::FORBIDDEN),
+        ("nosuch", StatusCode::NOT_FOUND),
+    ] {
+        let mut tunnel = mesh.open(service).await;
+        let err = tunnel.status().await.unwrap_err();
+        assert_eq!(err.status(), Some(want));
+        assert!(err.before_any_byte());
+        // A read reports the same refusal as an io::Error wrapping the TunnelError.
+        let io = tunnel.read(&mut [0u8; 8]).await.unwrap_err();
+        assert_eq!(io.kind(), std::io::ErrorKind::ConnectionRefused);
+        let inner = io.get_ref().unwrap().downcast_ref::<TunnelError>().unwrap();
+        assert_eq!(inner.status(), Some(want));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_gib_through_one_tunnel_hash_matches() {
+    const TOTAL: usize = 1 << 30;
+    let mesh = Mesh::new().await;
+    let mut tunnel = mesh.open("sink").await;
+    let chunk = pattern(42, 1 << 20);
+    let mut sent = Sha256::new();
+    let started = Instant::now();
+    for _ in 0..TOTAL / chunk.len() {
+        tunnel.write_all(&chunk).await.unwrap();
+        sent.update(&chunk);
+    }
+    tunnel.shutdown().await.unwrap();
+    let mut received = Vec::new();
+    tunnel.read_to_end(&mut received).await.unwrap();
+    let elapsed = started.elapsed();
+    assert_eq!(received.as_slice(), sent.finalize().as_slice());
+    eprintln!(
+        "1 GiB in {elapsed:?} ({:.0} MiB/s)",
+        1024.0 / elapsed.as_secs_f64()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_concurrent_tunnels_share_one_connection() {
+    let mesh = std::sync::Arc::new(Mesh::new().await);
+    let mut flows = tokio::task::JoinSet::new();
+    for i in 0..1000u64 {
+        let mesh = mesh.clone();
+        flows.spawn(async move {
+            let data = pattern(i, 2048 + i as usize);
+            let reply = exchange(mesh.open("echo").await, &data).await.unwrap();
+            assert!(reply == data, "flow {i} corrupted");
+            i
+        });
+    }
+    let mut done = 0;
+    while let Some(r) = flows.join_next().await {
+        r.unwrap();
+        done += 1;
+    }
+    assert_eq!(done, 1000);
+    assert_eq!(mesh.handler.tunnels.load(Ordering::SeqCst), 1000);
+    assert_eq!(mesh.pool.connections(mesh.addr(), &mesh.server_id).len(), 1);
+}
+
+#[tokio::test]
+async fn l7_request_carries_body_and_trailers() {
+    let mesh = Mesh::new().await;
+    let request = http::Request::builder()
+        .method("POST")
+        .uri("https://reviews:9000/echo")
+        .body(())
+        .unwrap();
+    let mut stream = mesh
+        .pool
+        .send_request(mesh.addr(), &mesh.server_id, request)
+        .await
+        .unwrap();
+    stream
+        .send_data(bytes::Bytes::from_static(b"hello body"))
+        .await
+        .unwrap();
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", "0".parse().unwrap());
+    stream.send_trailers(trailers).await.unwrap();
+    stream.finish().await.unwrap();
+    let response = stream.recv_response().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.headers()["x-peer"],
+        mesh.pki.id("productpage").as_str()
+    );
+    let mut body = Vec::new();
+    while let Some(mut chunk) = stream.recv_data().await.unwrap() {
+        use bytes::Buf;
+        body.extend_from_slice(&chunk.copy_to_bytes(chunk.remaining()));
+    }
+    assert_eq!(body, b"hello body");
+    let trailers = stream.recv_trailers().await.unwrap().unwrap();
+    assert_eq!(trailers["grpc-status"], "0");
+}
+
+#[tokio::test]
+async fn idle_timed_out_connection_is_replaced_without_caller_error() {
+    let idle = config(|c| {
+        c.idle_timeout_ms = 300;
+        c.keep_alive_interval_ms = 0;
+    });
+    let mesh = Mesh::with_configs(idle.clone(), idle).await;
+    let reply = exchange(mesh.open("echo").await, b"first").await.unwrap();
+    assert_eq!(reply, b"first");
+    let conns = mesh.pool.connections(mesh.addr(), &mesh.server_id);
+    assert_eq!(conns.len(), 1);
+    let reason = conns[0].closed().await;
+    assert!(
+        matches!(reason, quinn::ConnectionError::TimedOut),
+        "{reason:?}"
+    );
+    let reply = exchange(mesh.open("echo").await, b"second").await.unwrap();
+    assert_eq!(reply, b"second");
+    let now = mesh.pool.connections(mesh.addr(), &mesh.server_id);
+    assert_eq!(now.len(), 1);
+    assert_ne!(now[0].stable_id(), conns[0].stable_id());
+}
+
+#[tokio::test]
+async fn stats_report_rtt_and_open_streams() {
+    let mesh = Mesh::new().await;
+    let mut tunnel = mesh.open("echo").await;
+    tunnel.write_all(b"x").await.unwrap();
+    tunnel.status().await.unwrap();
+    let stats = mesh.pool.stats();
+    assert_eq!(stats.len(), 1);
+    assert_eq!(stats[0].peer.id, mesh.server_id);
+    let conn = &stats[0].connections[0];
+    assert_eq!(conn.open_streams, 1);
+    assert!(conn.cwnd > 0 && conn.sent_packets > 0);
+    assert!(conn.rtt < Duration::from_secs(1));
+    drop(tunnel);
+    assert_eq!(mesh.pool.stats()[0].connections[0].open_streams, 0);
+}
+
+#[tokio::test]
+async fn bad_target_is_refused_locally() {
+    assert!(Target::new("", 1).is_err());
+    assert!("svc:0".parse::<Target>().is_err());
+}
