@@ -30,6 +30,10 @@ pub struct TestHandler {
     pub open: AtomicUsize,
     pub max_open: AtomicUsize,
     pub release: Notify,
+    /// Tunnels of `hold` open now, observable without polling.
+    pub held: tokio::sync::watch::Sender<usize>,
+    /// Set to true to let every `hold` tunnel answer and finish.
+    pub released: tokio::sync::watch::Sender<bool>,
     pub http_requests: AtomicUsize,
 }
 
@@ -64,10 +68,12 @@ impl TestHandler {
     async fn hold(&self, req: TunnelRequest) {
         let open = self.open.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_open.fetch_max(open, Ordering::SeqCst);
-        let notified = self.release.notified();
+        let mut released = self.released.subscribe();
         let accepted = req.accept().await;
-        notified.await;
+        self.held.send_modify(|n| *n += 1);
+        let _ = released.wait_for(|r| *r).await;
         self.open.fetch_sub(1, Ordering::SeqCst);
+        self.held.send_modify(|n| *n -= 1);
         if let Ok(mut t) = accepted {
             let _ = t.write_all(b"released").await;
             let _ = t.shutdown().await;

@@ -1,0 +1,179 @@
+//! Bad input from a peer ends in an error status or a stream/connection close: no panic, and
+//! no unbounded growth (stream counts stay at the configured limit).
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use common::*;
+use halyard_transport::{Pool, Target, TunnelError};
+use http::{HeaderMap, Method, StatusCode};
+
+fn request(method: Method, uri: &str) -> http::Request<()> {
+    http::Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(())
+        .unwrap()
+}
+
+async fn status_of(mesh: &Mesh, req: http::Request<()>) -> Result<StatusCode, TunnelError> {
+    let mut stream = mesh
+        .pool
+        .send_request(mesh.addr(), &mesh.server_id, req)
+        .await?;
+    stream
+        .finish()
+        .await
+        .map_err(|e| TunnelError::Protocol(e.to_string()))?;
+    let response = stream
+        .recv_response()
+        .await
+        .map_err(|e| TunnelError::Protocol(e.to_string()))?;
+    Ok(response.status())
+}
+
+async fn still_serves(mesh: &Mesh) {
+    let reply = exchange(mesh.open("echo").await, b"still fine")
+        .await
+        .unwrap();
+    assert_eq!(reply, b"still fine");
+}
+
+#[tokio::test]
+async fn malformed_connect_authority_gets_400() {
+    let mesh = Mesh::new().await;
+    for uri in ["reviews", "https://Bad_Host:9000/", "https://reviews:0/"] {
+        let status = status_of(&mesh, request(Method::CONNECT, uri))
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}");
+    }
+    assert_eq!(mesh.handler.tunnels.load(Ordering::SeqCst), 0);
+    still_serves(&mesh).await;
+}
+
+#[tokio::test]
+async fn other_method_where_a_tunnel_is_expected_gets_405() {
+    let mesh = Mesh::new().await;
+    for method in [Method::GET, Method::POST, Method::DELETE] {
+        let status = status_of(&mesh, request(method.clone(), "https://reviews:9000/"))
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{method}");
+    }
+    assert_eq!(mesh.handler.tunnels.load(Ordering::SeqCst), 0);
+    still_serves(&mesh).await;
+}
+
+#[tokio::test]
+async fn header_section_over_the_limit_is_refused() {
+    let mesh = Mesh::new().await;
+    let mut headers = HeaderMap::new();
+    // 40 KiB decoded, over the 16 KiB SETTINGS_MAX_FIELD_SECTION_SIZE.
+    for i in 0..40 {
+        headers.insert(
+            http::HeaderName::from_bytes(format!("x-pad-{i}").as_bytes()).unwrap(),
+            "a".repeat(1000).parse().unwrap(),
+        );
+    }
+    let target = Target::new("echo", 9000).unwrap();
+    let outcome = async {
+        let mut t = mesh
+            .pool
+            .open_tcp(mesh.addr(), &mesh.server_id, &target, headers.clone())
+            .await?;
+        t.status().await
+    }
+    .await;
+    // Before the server's SETTINGS arrive the client sends it and the server answers 431
+    // (RFC 9114 §4.2.2); once they have arrived the client refuses to send it at all.
+    match outcome {
+        Err(TunnelError::Status { status }) => {
+            assert_eq!(status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+        }
+        Err(TunnelError::HeaderTooBig { size, max }) => assert!(size > max && max == 16 * 1024),
+        other => panic!("oversized header accepted: {other:?}"),
+    }
+    // Also over a raw request on the now warm connection, and the server still works.
+    let mut req = request(Method::CONNECT, "echo:9000");
+    *req.headers_mut() = headers;
+    let err = status_of(&mesh, req).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TunnelError::HeaderTooBig { .. } | TunnelError::Protocol(_)
+        ),
+        "{err:?}"
+    );
+    assert_eq!(mesh.handler.tunnels.load(Ordering::SeqCst), 0);
+    still_serves(&mesh).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_streams_than_allowed_wait_for_a_slot() {
+    const LIMIT: usize = 8;
+    let server = config(|c| c.max_concurrent_bidi_streams = LIMIT as u64);
+    let mesh = Arc::new(Mesh::with_configs(server, config(|_| {})).await);
+    let mut flows = tokio::task::JoinSet::new();
+    for _ in 0..3 * LIMIT {
+        let mesh = mesh.clone();
+        flows.spawn(async move { exchange(mesh.open("hold").await, b"").await.unwrap() });
+    }
+    // The peer cannot open more than LIMIT streams: exactly LIMIT are held open at once.
+    let mut held = mesh.handler.held.subscribe();
+    held.wait_for(|n| *n == LIMIT).await.unwrap();
+    assert_eq!(mesh.handler.tunnels.load(Ordering::SeqCst), LIMIT);
+    mesh.handler.released.send_replace(true);
+    while let Some(reply) = flows.join_next().await {
+        assert_eq!(reply.unwrap(), b"released");
+    }
+    assert_eq!(mesh.handler.tunnels.load(Ordering::SeqCst), 3 * LIMIT);
+    assert_eq!(mesh.handler.max_open.load(Ordering::SeqCst), LIMIT);
+    assert_eq!(mesh.pool.connections(mesh.addr(), &mesh.server_id).len(), 1);
+}
+
+#[tokio::test]
+async fn burst_of_stream_resets_closes_that_connection_only() {
+    let mesh = Mesh::new().await;
+    let attacker = Pool::new(mesh.pool.endpoint().clone());
+    // Warm the connection so that the burst hits an established one.
+    let warm = attacker
+        .open_tcp(
+            mesh.addr(),
+            &mesh.server_id,
+            &Target::new("echo", 9000).unwrap(),
+            HeaderMap::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(exchange(warm, b"w").await.unwrap(), b"w");
+    let conn = attacker.connections(mesh.addr(), &mesh.server_id).remove(0);
+    for _ in 0..2000 {
+        let req = request(Method::CONNECT, "echo:9000");
+        match attacker
+            .send_request(mesh.addr(), &mesh.server_id, req)
+            .await
+        {
+            Ok(mut stream) => {
+                // RFC 9114 §4.1.1 cancellation, in a tight loop.
+                stream.stop_stream(h3::error::Code::H3_REQUEST_CANCELLED);
+                stream.stop_sending(h3::error::Code::H3_REQUEST_CANCELLED);
+            }
+            Err(_) => break,
+        }
+        if conn.close_reason().is_some() {
+            break;
+        }
+    }
+    let reason = conn.closed().await;
+    let quinn::ConnectionError::ApplicationClosed(close) = &reason else {
+        panic!("{reason:?}")
+    };
+    // H3_EXCESSIVE_LOAD (RFC 9114 §8.1).
+    assert_eq!(u64::from(close.error_code), 0x107, "{close:?}");
+    // Other connections to the same server are unaffected.
+    still_serves(&mesh).await;
+    assert!(mesh.server.quinn().open_connections() <= 2);
+}

@@ -1,0 +1,108 @@
+//! Pool behaviour: shared connects, backoff, extra connections at the stream limit.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use common::*;
+use halyard_transport::{MeshEndpoint, Pool, Target, TransportConfig, TunnelError};
+use http::HeaderMap;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_callers_share_one_connect() {
+    let mesh = Arc::new(Mesh::new().await);
+    let mut flows = tokio::task::JoinSet::new();
+    for i in 0..50u64 {
+        let mesh = mesh.clone();
+        flows.spawn(async move {
+            let data = pattern(i, 100);
+            assert_eq!(
+                exchange(mesh.open("echo").await, &data).await.unwrap(),
+                data
+            );
+        });
+    }
+    while let Some(r) = flows.join_next().await {
+        r.unwrap();
+    }
+    assert_eq!(mesh.pool.connections(mesh.addr(), &mesh.server_id).len(), 1);
+    assert_eq!(mesh.server.quinn().open_connections(), 1);
+}
+
+#[tokio::test]
+async fn failed_connect_backs_off_and_is_safe_to_retry_elsewhere() {
+    let pki = halyard_certs::test_util::TestPki::new("mesh.local");
+    let cfg = config(|c| {
+        c.connect_timeout_ms = 200;
+        c.backoff_initial_ms = 60_000;
+        c.backoff_max_ms = 60_000;
+    });
+    let ep = MeshEndpoint::new(
+        pki.resolver("a"),
+        pki.bundle.clone(),
+        cfg,
+        LOOPBACK.parse().unwrap(),
+    )
+    .unwrap();
+    let pool = Pool::new(ep);
+    // A bound socket that never answers: the handshake times out.
+    let silent = std::net::UdpSocket::bind(LOOPBACK).unwrap();
+    let addr = silent.local_addr().unwrap();
+    let target = Target::new("echo", 9000).unwrap();
+    let first = pool
+        .open_tcp(addr, &pki.id("b"), &target, HeaderMap::new())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(first, TunnelError::ConnectTimeout { .. }),
+        "{first:?}"
+    );
+    let second = pool
+        .open_tcp(addr, &pki.id("b"), &target, HeaderMap::new())
+        .await
+        .unwrap_err();
+    let TunnelError::Backoff {
+        remaining, last, ..
+    } = &second
+    else {
+        panic!("{second:?}")
+    };
+    assert!(
+        remaining.as_secs() >= 20 && remaining.as_secs() <= 60,
+        "{remaining:?}"
+    );
+    assert!(last.contains("timed out"), "{last}");
+    assert!(first.before_any_byte() && second.before_any_byte());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_connection_opens_when_the_first_is_full() {
+    let limits = config(|c| {
+        c.max_concurrent_bidi_streams = 4;
+        c.connections_per_peer = 2;
+    });
+    let mesh = Arc::new(Mesh::with_configs(limits.clone(), limits).await);
+    let mut flows = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let tunnel = mesh.open("hold").await;
+        flows.spawn(exchange(tunnel, b""));
+    }
+    let mut held = mesh.handler.held.subscribe();
+    held.wait_for(|n| *n == 8).await.unwrap();
+    assert_eq!(mesh.pool.connections(mesh.addr(), &mesh.server_id).len(), 2);
+    mesh.handler.released.send_replace(true);
+    while let Some(r) = flows.join_next().await {
+        assert_eq!(r.unwrap().unwrap(), b"released");
+    }
+    assert_eq!(mesh.handler.tunnels.load(Ordering::SeqCst), 8);
+}
+
+#[tokio::test]
+async fn config_defaults_are_sized_for_a_proxy() {
+    let c = TransportConfig::default();
+    assert!(c.max_concurrent_bidi_streams() >= 1000);
+    assert!(c.keep_alive_interval().unwrap() < c.idle_timeout());
+    assert!(c.udp_recv_buffer() >= 1 << 20);
+    assert_eq!(c.connections_per_peer(), 1);
+}
