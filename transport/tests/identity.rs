@@ -1,6 +1,8 @@
 //! Mutual authentication: only peers with a certificate from the mesh CA, and on the client
 //! side only the expected SPIFFE id, get a connection.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::sync::atomic::Ordering;

@@ -1,5 +1,7 @@
 //! Pool behaviour: shared connects, backoff, extra connections at the stream limit.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::sync::atomic::Ordering;

@@ -1,6 +1,8 @@
 //! Tunnels over one mutually authenticated QUIC connection: data integrity, half-close,
 //! statuses, concurrency, L7 requests, idle replacement.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::sync::atomic::Ordering;
