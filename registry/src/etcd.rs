@@ -1,0 +1,438 @@
+//! The etcd backend: list, then watch from the next revision, with quarantine per key.
+//!
+//! - The snapshot is loaded with Get(prefix), then a Watch starts at its revision + 1.
+//! - A watch canceled for compaction re-lists (Get again, watch from the new revision + 1); it
+//!   never retries the compacted start revision.
+//! - An event at or below the last applied revision is dropped, so revisions only move forward.
+//! - A broken stream (etcd restarted, network gone) is re-created from the last applied
+//!   revision + 1 after a jittered backoff; HTTP/2 keepalives detect a dead peer, and every
+//!   request carries `hasleader` so a member without quorum cancels rather than hangs.
+//! - Endpoints live on a lease kept alive every TTL/3; when the lease is lost the endpoint is
+//!   registered again on a new lease.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions, WatchOptions};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::error::RegistryError;
+use crate::key::mesh_prefix;
+use crate::model::{Endpoint, Object, Status};
+use crate::registry::{
+    spawn_sink, Backoff, BoxFuture, Options, Registration, Registry, Shared, StatusWriter,
+};
+use crate::snapshot::Snapshot;
+use crate::store::Store;
+
+/// A connection to etcd with the timeouts Halyard uses.
+#[derive(Clone)]
+pub(crate) struct Etcd {
+    pub client: Client,
+    pub endpoints: String,
+    pub timeout: Duration,
+}
+
+impl Etcd {
+    /// Creates the client. Connections are made lazily; the first request finds out whether
+    /// etcd is there, bounded by `timeout`.
+    pub async fn connect(endpoints: &[String], timeout: Duration) -> Result<Self, RegistryError> {
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(timeout)
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
+            .with_require_leader(true);
+        let joined = endpoints.join(",");
+        let client = tokio::time::timeout(timeout, Client::connect(endpoints, Some(opts)))
+            .await
+            .map_err(|_| unreachable(&joined, format!("no answer within {timeout:?}")))?
+            .map_err(|e| unreachable(&joined, e.to_string()))?;
+        Ok(Etcd {
+            client,
+            endpoints: joined,
+            timeout,
+        })
+    }
+
+    /// Runs one request with the timeout; a transport failure or timeout is `Unreachable`.
+    pub async fn call<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, RegistryError> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Err(_) => Err(unreachable(
+                &self.endpoints,
+                format!("no answer within {:?}", self.timeout),
+            )),
+            Ok(Err(etcd_client::Error::TransportError(e))) => {
+                Err(unreachable(&self.endpoints, e.to_string()))
+            }
+            Ok(Err(etcd_client::Error::GRpcStatus(s))) if s.code() as i32 == GRPC_UNAVAILABLE => {
+                Err(unreachable(&self.endpoints, s.message().to_owned()))
+            }
+            Ok(r) => r.map_err(RegistryError::Etcd),
+        }
+    }
+}
+
+/// gRPC status code UNAVAILABLE: the server is not there (or has no leader).
+const GRPC_UNAVAILABLE: i32 = 14;
+
+fn unreachable(endpoints: &str, reason: String) -> RegistryError {
+    RegistryError::Unreachable {
+        endpoints: endpoints.to_owned(),
+        reason,
+    }
+}
+
+/// The etcd-backed registry.
+pub(crate) struct EtcdRegistry {
+    shared: Arc<Shared>,
+    etcd: Etcd,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl EtcdRegistry {
+    pub async fn open(endpoints: Vec<String>, opts: Options) -> Result<Self, RegistryError> {
+        let etcd = Etcd::connect(&endpoints, opts.timeout).await?;
+        let prefix = mesh_prefix(&opts.mesh);
+        let mut store = Store::new(&opts.mesh);
+        let (shared, _) = Shared::new(opts);
+        let listed = list(&etcd, &prefix, &shared, &mut store).await;
+        if let Err(e) = &listed {
+            tracing::warn!(error = %e, "registry unreachable at start; serving the last known snapshot");
+            shared.contact_lost();
+        }
+        let writer = status_writer(etcd.clone(), shared.opts.mesh.clone());
+        let tasks = vec![
+            tokio::spawn(follow(
+                etcd.clone(),
+                prefix,
+                shared.clone(),
+                store,
+                listed.is_err(),
+            )),
+            spawn_sink(shared.clone(), writer),
+        ];
+        Ok(EtcdRegistry {
+            shared,
+            etcd,
+            tasks,
+        })
+    }
+}
+
+impl Drop for EtcdRegistry {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn status_writer(etcd: Etcd, mesh: String) -> StatusWriter {
+    Arc::new(move |st: Status| {
+        let etcd = etcd.clone();
+        let mesh = mesh.clone();
+        Box::pin(async move { put_status(&etcd, &mesh, st).await })
+    })
+}
+
+async fn put_status(etcd: &Etcd, mesh: &str, st: Status) -> Result<(), RegistryError> {
+    let obj = Object::Status(st);
+    let mut kv = etcd.client.kv_client();
+    etcd.call(kv.put(obj.key().full(mesh), obj.to_json(), None))
+        .await?;
+    Ok(())
+}
+
+impl Registry for EtcdRegistry {
+    fn snapshot(&self) -> Arc<Snapshot> {
+        self.shared.tx.borrow().clone()
+    }
+
+    fn watch(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.shared.tx.subscribe()
+    }
+
+    fn register(&self, endpoint: Endpoint) -> BoxFuture<'_, Result<Registration, RegistryError>> {
+        Box::pin(self.register_endpoint(endpoint))
+    }
+
+    fn deregister(&self, registration: Registration) -> BoxFuture<'_, Result<(), RegistryError>> {
+        Box::pin(self.deregister_endpoint(registration))
+    }
+
+    fn write_status(&self, status: Status) -> BoxFuture<'_, Result<(), RegistryError>> {
+        Box::pin(put_status(&self.etcd, &self.shared.opts.mesh, status))
+    }
+
+    fn staleness(&self) -> Duration {
+        self.shared.staleness()
+    }
+
+    fn rejected_total(&self) -> u64 {
+        self.shared.rejected_total()
+    }
+}
+
+impl EtcdRegistry {
+    /// Starts the keepalive task and waits (up to the timeout) for the first registration. If
+    /// etcd does not answer in time the handle is still returned and the task keeps trying.
+    async fn register_endpoint(&self, endpoint: Endpoint) -> Result<Registration, RegistryError> {
+        let obj = Object::Endpoint(endpoint);
+        let key = obj.key().full(&self.shared.opts.mesh);
+        let lease = Arc::new(AtomicI64::new(0));
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let holder = LeaseHolder {
+            etcd: self.etcd.clone(),
+            key: key.clone(),
+            value: obj.to_json(),
+            ttl: self.shared.opts.lease_ttl,
+            lease: lease.clone(),
+        };
+        let task = tokio::spawn(holder.run(ready_tx));
+        if tokio::time::timeout(self.etcd.timeout, ready_rx)
+            .await
+            .is_err()
+        {
+            tracing::warn!(%key, "etcd did not answer; the endpoint will be registered when it does");
+        }
+        Ok(Registration {
+            key,
+            lease: Some(lease),
+            task: Some(task),
+            file: None,
+        })
+    }
+
+    async fn deregister_endpoint(&self, mut reg: Registration) -> Result<(), RegistryError> {
+        if let Some(t) = reg.task.take() {
+            t.abort();
+        }
+        if let Some(id) = reg.lease_id() {
+            let mut lc = self.etcd.client.lease_client();
+            let _ = self.etcd.call(lc.revoke(id)).await;
+        }
+        let mut kv = self.etcd.client.kv_client();
+        self.etcd.call(kv.delete(reg.key.clone(), None)).await?;
+        Ok(())
+    }
+}
+
+/// Keeps one endpoint key alive on a lease.
+struct LeaseHolder {
+    etcd: Etcd,
+    key: String,
+    value: String,
+    ttl: Duration,
+    lease: Arc<AtomicI64>,
+}
+
+impl LeaseHolder {
+    async fn run(self, ready: oneshot::Sender<()>) {
+        let mut ready = Some(ready);
+        let mut backoff = Backoff::new(Duration::from_millis(100), self.ttl / 3);
+        loop {
+            let err = self.hold(&mut ready, &mut backoff).await;
+            tracing::warn!(key = %self.key, error = %err, "endpoint lease lost; registering again");
+            tokio::time::sleep(backoff.delay()).await;
+        }
+    }
+
+    /// Grants a lease, puts the key on it, and keeps it alive until something fails.
+    async fn hold(
+        &self,
+        ready: &mut Option<oneshot::Sender<()>>,
+        backoff: &mut Backoff,
+    ) -> RegistryError {
+        let ttl = i64::try_from(self.ttl.as_secs().max(1)).unwrap_or(10);
+        let mut lc = self.etcd.client.lease_client();
+        let lease = match self.etcd.call(lc.grant(ttl, None)).await {
+            Ok(r) => r.id(),
+            Err(e) => return e,
+        };
+        self.lease.store(lease, Ordering::Relaxed);
+        let mut kv = self.etcd.client.kv_client();
+        let put = kv.put(
+            self.key.clone(),
+            self.value.clone(),
+            Some(PutOptions::new().with_lease(lease)),
+        );
+        if let Err(e) = self.etcd.call(put).await {
+            return e;
+        }
+        if let Some(r) = ready.take() {
+            let _ = r.send(());
+        }
+        backoff.reset();
+        let (mut keeper, mut stream) = match self.etcd.call(lc.keep_alive(lease)).await {
+            Ok(pair) => pair,
+            Err(e) => return e,
+        };
+        let mut tick = tokio::time::interval(self.ttl / 3);
+        loop {
+            tick.tick().await;
+            if let Err(e) = self.etcd.call(keeper.keep_alive()).await {
+                return e;
+            }
+            match self.etcd.call(stream.message()).await {
+                Ok(Some(r)) if r.ttl() > 0 => {}
+                Ok(Some(_)) => return RegistryError::LeaseLost(lease),
+                Ok(None) => {
+                    return unreachable(&self.etcd.endpoints, "keepalive stream closed".into())
+                }
+                Err(e) => return e,
+            }
+        }
+    }
+}
+
+/// Lists the prefix and replaces the store's content; refuses a listing older than what was
+/// already applied.
+async fn list(
+    etcd: &Etcd,
+    prefix: &str,
+    shared: &Shared,
+    store: &mut Store,
+) -> Result<(), RegistryError> {
+    let mut kv = etcd.client.kv_client();
+    let resp = etcd
+        .call(kv.get(prefix, Some(GetOptions::new().with_prefix())))
+        .await?;
+    let rev = resp.header().map_or(0, |h| h.revision());
+    if rev < store.revision {
+        return Err(RegistryError::Behind {
+            seen: rev,
+            applied: store.revision,
+        });
+    }
+    let entries: Vec<_> = resp
+        .kvs()
+        .iter()
+        .filter_map(|kv| {
+            let full = String::from_utf8_lossy(kv.key()).into_owned();
+            let rel = full.strip_prefix(prefix)?.to_owned();
+            Some((rel, full, kv.value().to_vec()))
+        })
+        .collect();
+    let newly = store.relist(entries, rev);
+    shared.note_rejected(newly);
+    shared.contact_ok();
+    shared.publish(store);
+    Ok(())
+}
+
+/// Why a watch ended.
+enum End {
+    /// The start revision was compacted: re-list.
+    Compacted(i64),
+    /// The stream failed: back off and resume from the last applied revision + 1.
+    Failed(RegistryError),
+}
+
+async fn follow(
+    etcd: Etcd,
+    prefix: String,
+    shared: Arc<Shared>,
+    mut store: Store,
+    mut need_list: bool,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        if need_list {
+            if let Err(e) = list(&etcd, &prefix, &shared, &mut store).await {
+                shared.contact_lost();
+                tracing::warn!(error = %e, "registry list failed; retrying");
+                tokio::time::sleep(backoff.delay()).await;
+                continue;
+            }
+            need_list = false;
+        }
+        match watch_from(&etcd, &prefix, &shared, &mut store, &mut backoff).await {
+            End::Compacted(rev) => {
+                tracing::info!(
+                    compacted = rev,
+                    applied = store.revision,
+                    "registry watch compacted; re-listing"
+                );
+                need_list = true;
+            }
+            End::Failed(e) => {
+                shared.contact_lost();
+                tracing::warn!(error = %e, applied = store.revision, "registry watch broken; resuming");
+                tokio::time::sleep(backoff.delay()).await;
+            }
+        }
+    }
+}
+
+async fn watch_from(
+    etcd: &Etcd,
+    prefix: &str,
+    shared: &Shared,
+    store: &mut Store,
+    backoff: &mut Backoff,
+) -> End {
+    let opts = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(store.revision + 1)
+        .with_progress_notify();
+    let mut wc = etcd.client.watch_client();
+    let mut stream = match etcd.call(wc.watch(prefix, Some(opts))).await {
+        Ok(s) => s,
+        Err(e) => return End::Failed(e),
+    };
+    loop {
+        let resp = match stream.message().await {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                return End::Failed(unreachable(&etcd.endpoints, "watch stream closed".into()))
+            }
+            Err(e) => return End::Failed(RegistryError::Etcd(e)),
+        };
+        if resp.compact_revision() != 0 {
+            return End::Compacted(resp.compact_revision());
+        }
+        if resp.canceled() {
+            let reason = format!("watch canceled: {}", resp.cancel_reason());
+            return End::Failed(unreachable(&etcd.endpoints, reason));
+        }
+        shared.contact_ok();
+        backoff.reset();
+        apply_events(prefix, shared, store, resp.events());
+    }
+}
+
+/// Applies one watch response. Events at or below the last applied revision are dropped; all
+/// events of one response are published as one snapshot.
+fn apply_events(prefix: &str, shared: &Shared, store: &mut Store, events: &[etcd_client::Event]) {
+    let floor = store.revision;
+    let mut top = floor;
+    let mut changed = false;
+    for kv in events.iter().filter_map(|e| e.kv()) {
+        let rev = kv.mod_revision();
+        if rev <= floor {
+            continue;
+        }
+        top = top.max(rev);
+        let full = String::from_utf8_lossy(kv.key()).into_owned();
+        let Some(rel) = full.strip_prefix(prefix) else {
+            continue;
+        };
+        // A delete event's kv has version 0; a put's is at least 1. (Reading the event type
+        // through the client would panic on an unknown type.)
+        let applied = if kv.version() == 0 {
+            store.delete(rel)
+        } else {
+            store.put(rel, &full, kv.value())
+        };
+        changed |= applied.changed;
+        shared.note_rejected(applied.rejected);
+    }
+    store.revision = top;
+    if changed {
+        shared.publish(store);
+    }
+}

@@ -1,0 +1,746 @@
+//! Registry objects (DESIGN.md §8), parsed rather than validated.
+//!
+//! A value of any type here is known good: names are DNS-1123 labels, ports are 1-65535 and unique
+//! per service, regexes are compiled, durations are positive, retry attempts are at most
+//! [`MAX_RETRY_ATTEMPTS`], percentages are 0-100, identities are SPIFFE ids (or a trailing `*`
+//! glob). The only way in is [`Object::from_value`] and its wrappers, which name the field path
+//! of the first problem. Every type serializes back to the camelCase wire shape of §8.
+
+mod check;
+mod raw;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, SystemTime};
+
+use halyard_certs::{SpiffeId, TrustDomain};
+use serde::{Serialize, Serializer};
+
+pub use check::Percent;
+pub use validate::{parse_documents, MAX_RETRY_ATTEMPTS, MAX_WEIGHT};
+
+use crate::error::ValidationError;
+use crate::key::Key;
+
+/// Labels of an endpoint, and label selectors (subsets): key to value.
+pub type Labels = BTreeMap<String, String>;
+
+/// A DNS-1123 label: service names, port names, namespaces, mesh names.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct Name(String);
+
+impl Name {
+    /// Parses a DNS-1123 label.
+    pub fn new(s: &str) -> Result<Self, ValidationError> {
+        check::dns_label("", s)?;
+        Ok(Name(s.to_owned()))
+    }
+
+    pub(crate) fn at(path: &str, s: &str) -> Result<Self, ValidationError> {
+        check::dns_label(path, s)?;
+        Ok(Name(s.to_owned()))
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Checks a mesh name: a DNS-1123 label.
+pub(crate) fn check_mesh(mesh: &str) -> Result<(), crate::error::RegistryError> {
+    check::dns_label("", mesh).map_err(|_| crate::error::RegistryError::BadMesh(mesh.to_owned()))
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::borrow::Borrow<str> for Name {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The kind of a registry object, as written in its `kind` field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// `Service`, key `services/<name>`.
+    Service,
+    /// `Route`, key `routes/<service>`.
+    Route,
+    /// `Policy`, key `policies/<service>`.
+    Policy,
+    /// `MeshConfig`, key `meshconfig`.
+    MeshConfig,
+    /// `Endpoint`, key `endpoints/<service>/<id>`.
+    Endpoint,
+    /// `Status`, key `status/<sidecar-id>`.
+    Status,
+}
+
+impl Kind {
+    /// Every kind.
+    pub const ALL: [Kind; 6] = [
+        Kind::Service,
+        Kind::Route,
+        Kind::Policy,
+        Kind::MeshConfig,
+        Kind::Endpoint,
+        Kind::Status,
+    ];
+
+    /// The name written in `kind`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Service => "Service",
+            Kind::Route => "Route",
+            Kind::Policy => "Policy",
+            Kind::MeshConfig => "MeshConfig",
+            Kind::Endpoint => "Endpoint",
+            Kind::Status => "Status",
+        }
+    }
+
+    /// The key directory of this kind (`services`, ..., `meshconfig`).
+    pub fn plural(self) -> &'static str {
+        match self {
+            Kind::Service => "services",
+            Kind::Route => "routes",
+            Kind::Policy => "policies",
+            Kind::MeshConfig => "meshconfig",
+            Kind::Endpoint => "endpoints",
+            Kind::Status => "status",
+        }
+    }
+
+    /// Parses a kind as written in objects (`Service`) or on the command line
+    /// (`services`, `service`, `svc`), case-insensitively.
+    pub fn parse(s: &str) -> Option<Kind> {
+        let s = s.to_ascii_lowercase();
+        Kind::ALL.into_iter().find(|k| {
+            let name = k.as_str().to_ascii_lowercase();
+            s == name || s == k.plural() || (s == "svc" && *k == Kind::Service)
+        })
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The protocol of a service port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Opaque TCP, carried as HTTP/3 CONNECT.
+    Tcp,
+    /// HTTP/1.1 or h2, routed per request.
+    Http,
+    /// gRPC over h2, routed per request.
+    Grpc,
+}
+
+/// A service: its name, optional virtual IP and ports.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Service {
+    /// The service name.
+    pub name: Name,
+    /// The virtual IP transparent capture maps to this service.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vip: Option<IpAddr>,
+    /// The ports, unique by number and by name.
+    pub ports: Vec<ServicePort>,
+}
+
+/// One port of a service.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    /// The port name, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<Name>,
+    /// The service port, 1-65535.
+    pub port: u16,
+    /// The protocol.
+    pub protocol: Protocol,
+    /// The port the app listens on; defaults to `port`.
+    pub target_port: u16,
+}
+
+impl Service {
+    /// The port with this number.
+    pub fn port(&self, port: u16) -> Option<&ServicePort> {
+        self.ports.iter().find(|p| p.port == port)
+    }
+}
+
+/// Traffic rules for one service: the first matching rule wins.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Route {
+    /// The service the route applies to.
+    pub service: Name,
+    /// Ordered rules; at least one.
+    pub rules: Vec<RouteRule>,
+}
+
+/// One route rule: a match and what to do with matching requests.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteRule {
+    /// What the rule matches; `None` matches everything.
+    #[serde(rename = "match", skip_serializing_if = "Option::is_none")]
+    pub matches: Option<RouteMatch>,
+    /// Weighted backends; at least one, weights summing to more than 0.
+    pub backends: Vec<Backend>,
+    /// Overall request timeout.
+    #[serde(
+        serialize_with = "ser_opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub timeout: Option<Duration>,
+    /// Retry policy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retries: Option<Retries>,
+    /// Injected faults.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Fault>,
+    /// Traffic mirroring.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<Mirror>,
+    /// Request headers to add and remove.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_headers: Option<HeaderMods>,
+}
+
+/// The match part of a route rule; all present conditions must hold.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteMatch {
+    /// Path condition.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathMatch>,
+    /// HTTP method, uppercase.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// Header conditions by lowercase header name.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, HeaderMatch>,
+    /// The calling service.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_service: Option<Name>,
+}
+
+/// A compiled regular expression that must match the whole input.
+#[derive(Debug, Clone)]
+pub struct Pattern {
+    source: String,
+    regex: regex::Regex,
+}
+
+impl Pattern {
+    fn compile(path: &str, source: &str) -> Result<Self, ValidationError> {
+        let regex = regex::Regex::new(&format!("^(?:{source})$"))
+            .map_err(|e| ValidationError::at(path, format!("bad regex: {e}")))?;
+        Ok(Pattern {
+            source: source.to_owned(),
+            regex,
+        })
+    }
+
+    /// Whether the whole of `s` matches.
+    pub fn is_match(&self, s: &str) -> bool {
+        self.regex.is_match(s)
+    }
+
+    /// The regex as written.
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+}
+
+impl Serialize for Pattern {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.source)
+    }
+}
+
+/// A path condition.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PathMatch {
+    /// The path equals this.
+    Exact(String),
+    /// The path starts with this.
+    Prefix(String),
+    /// The whole path matches this regex.
+    Regex(Pattern),
+}
+
+impl PathMatch {
+    /// Whether `path` satisfies the condition.
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            PathMatch::Exact(p) => path == p,
+            PathMatch::Prefix(p) => path.starts_with(p.as_str()),
+            PathMatch::Regex(r) => r.is_match(path),
+        }
+    }
+}
+
+/// A header condition.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeaderMatch {
+    /// The value equals this.
+    Exact(String),
+    /// The whole value matches this regex.
+    Regex(Pattern),
+    /// The header is present (`true`) or absent (`false`).
+    Present(bool),
+}
+
+impl HeaderMatch {
+    /// Whether a header with `value` (`None`: absent) satisfies the condition.
+    pub fn matches(&self, value: Option<&str>) -> bool {
+        match (self, value) {
+            (HeaderMatch::Present(want), v) => *want == v.is_some(),
+            (HeaderMatch::Exact(e), Some(v)) => e == v,
+            (HeaderMatch::Regex(r), Some(v)) => r.is_match(v),
+            (_, None) => false,
+        }
+    }
+}
+
+/// A weighted backend: the endpoints whose labels include `subset`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Backend {
+    /// Label selector; empty selects every endpoint of the service.
+    pub subset: Labels,
+    /// Relative weight, 0 to [`MAX_WEIGHT`].
+    pub weight: u32,
+}
+
+/// Whether `labels` include every pair of `subset`.
+pub fn subset_matches(subset: &Labels, labels: &Labels) -> bool {
+    subset.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// Retry policy of a route rule.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Retries {
+    /// Retries after the first try, at most [`MAX_RETRY_ATTEMPTS`].
+    pub attempts: u32,
+    /// Timeout of each try.
+    #[serde(
+        serialize_with = "ser_opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub per_try_timeout: Option<Duration>,
+    /// Conditions that trigger a retry.
+    pub on: Vec<RetryOn>,
+}
+
+/// A condition that triggers a retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum RetryOn {
+    /// Any 5xx response.
+    #[serde(rename = "5xx")]
+    FiveXx,
+    /// 502, 503 or 504.
+    #[serde(rename = "gateway-error")]
+    GatewayError,
+    /// The stream or connection was reset.
+    #[serde(rename = "reset")]
+    Reset,
+    /// The connection could not be made.
+    #[serde(rename = "connect-failure")]
+    ConnectFailure,
+    /// The peer refused the stream before processing it.
+    #[serde(rename = "refused-stream")]
+    RefusedStream,
+    /// 409 Conflict.
+    #[serde(rename = "retriable-4xx")]
+    Retriable4xx,
+    /// gRPC UNAVAILABLE.
+    #[serde(rename = "unavailable")]
+    Unavailable,
+    /// gRPC CANCELLED.
+    #[serde(rename = "cancelled")]
+    Cancelled,
+    /// gRPC DEADLINE_EXCEEDED.
+    #[serde(rename = "deadline-exceeded")]
+    DeadlineExceeded,
+    /// gRPC RESOURCE_EXHAUSTED.
+    #[serde(rename = "resource-exhausted")]
+    ResourceExhausted,
+}
+
+impl RetryOn {
+    const ALL: [RetryOn; 10] = [
+        RetryOn::FiveXx,
+        RetryOn::GatewayError,
+        RetryOn::Reset,
+        RetryOn::ConnectFailure,
+        RetryOn::RefusedStream,
+        RetryOn::Retriable4xx,
+        RetryOn::Unavailable,
+        RetryOn::Cancelled,
+        RetryOn::DeadlineExceeded,
+        RetryOn::ResourceExhausted,
+    ];
+
+    /// The condition as written.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetryOn::FiveXx => "5xx",
+            RetryOn::GatewayError => "gateway-error",
+            RetryOn::Reset => "reset",
+            RetryOn::ConnectFailure => "connect-failure",
+            RetryOn::RefusedStream => "refused-stream",
+            RetryOn::Retriable4xx => "retriable-4xx",
+            RetryOn::Unavailable => "unavailable",
+            RetryOn::Cancelled => "cancelled",
+            RetryOn::DeadlineExceeded => "deadline-exceeded",
+            RetryOn::ResourceExhausted => "resource-exhausted",
+        }
+    }
+
+    fn parse(s: &str) -> Option<RetryOn> {
+        RetryOn::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+/// Injected faults.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Fault {
+    /// Delay a share of requests.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delay: Option<Delay>,
+    /// Fail a share of requests.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub abort: Option<Abort>,
+}
+
+/// Delay `percent` of requests by `duration`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Delay {
+    /// Share of requests delayed.
+    pub percent: Percent,
+    /// How long.
+    #[serde(serialize_with = "ser_duration")]
+    pub duration: Duration,
+}
+
+/// Answer `percent` of requests with `status`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Abort {
+    /// Share of requests aborted.
+    pub percent: Percent,
+    /// The HTTP status returned, 200-599.
+    pub status: u16,
+}
+
+/// Send a copy of `percent` of requests to `subset`, ignoring the answers.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Mirror {
+    /// Label selector of the mirror endpoints.
+    pub subset: Labels,
+    /// Share of requests mirrored.
+    pub percent: Percent,
+}
+
+/// Request header changes, applied before forwarding.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct HeaderMods {
+    /// Headers to set (replacing any existing value), by lowercase name.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub add: BTreeMap<String, String>,
+    /// Lowercase names of headers to remove.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+}
+
+/// Access policy of one service.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Policy {
+    /// The service protected.
+    pub service: Name,
+    /// Rules: deny rules are evaluated first, then allow rules.
+    pub rules: Vec<PolicyRule>,
+}
+
+/// Allow or deny.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Admit matching requests.
+    Allow,
+    /// Refuse matching requests.
+    Deny,
+}
+
+/// One policy rule; an absent `from` or `to` matches everything.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PolicyRule {
+    /// What to do with matching requests.
+    pub action: Action,
+    /// Who is calling.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<Source>,
+    /// What is called.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to: Option<Destination>,
+}
+
+/// The caller side of a policy rule; each non-empty list must match.
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+pub struct Source {
+    /// Calling services.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<Name>,
+    /// Calling identities (exact or trailing-`*` globs).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub identities: Vec<IdentityPattern>,
+    /// Calling namespaces.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<Name>,
+}
+
+/// The called side of a policy rule; each non-empty list must match.
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+pub struct Destination {
+    /// Service ports.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
+    /// HTTP methods (HTTP ports only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    /// HTTP paths, exact or trailing-`*` prefixes (HTTP ports only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<PathPattern>,
+}
+
+/// A SPIFFE id or a prefix of one written with a trailing `*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentityPattern {
+    /// Exactly this id.
+    Exact(SpiffeId),
+    /// Any id starting with this text (the pattern without its `*`).
+    Prefix(String),
+}
+
+impl IdentityPattern {
+    /// Whether `id` matches.
+    pub fn matches(&self, id: &SpiffeId) -> bool {
+        match self {
+            IdentityPattern::Exact(e) => e == id,
+            IdentityPattern::Prefix(p) => id.as_str().starts_with(p.as_str()),
+        }
+    }
+}
+
+impl Serialize for IdentityPattern {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            IdentityPattern::Exact(id) => s.serialize_str(id.as_str()),
+            IdentityPattern::Prefix(p) => s.serialize_str(&format!("{p}*")),
+        }
+    }
+}
+
+/// A path or a path prefix written with a trailing `*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathPattern {
+    /// Exactly this path.
+    Exact(String),
+    /// Any path starting with this (the pattern without its `*`).
+    Prefix(String),
+}
+
+impl PathPattern {
+    /// Whether `path` matches.
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            PathPattern::Exact(p) => p == path,
+            PathPattern::Prefix(p) => path.starts_with(p.as_str()),
+        }
+    }
+}
+
+impl Serialize for PathPattern {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            PathPattern::Exact(p) => s.serialize_str(p),
+            PathPattern::Prefix(p) => s.serialize_str(&format!("{p}*")),
+        }
+    }
+}
+
+/// Mesh-wide settings, key `meshconfig`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshConfig {
+    /// What services without a policy do.
+    pub default_policy: Action,
+    /// The trust domain of the mesh's identities.
+    #[serde(serialize_with = "ser_display")]
+    pub trust_domain: TrustDomain,
+}
+
+/// A sidecar serving one service, written by that sidecar on a lease.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    /// Unique id of the endpoint within its service.
+    pub id: String,
+    /// The service served.
+    pub service: Name,
+    /// The sidecar's QUIC address.
+    pub address: SocketAddr,
+    /// The identity its certificate must carry.
+    #[serde(serialize_with = "ser_display")]
+    pub identity: SpiffeId,
+    /// Labels (`version`, ...).
+    pub labels: Labels,
+    /// Cluster name.
+    pub cluster: String,
+    /// Zone name.
+    pub zone: String,
+    /// Load-balancing weight, 0 to [`MAX_WEIGHT`]; default 1.
+    pub weight: u32,
+}
+
+/// What one sidecar applied, written to `status/<sidecar-id>`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    /// The sidecar id.
+    pub sidecar: String,
+    /// The registry revision applied.
+    pub revision: i64,
+    /// When it was applied.
+    #[serde(serialize_with = "ser_time")]
+    pub applied_at: SystemTime,
+    /// Keys quarantined, with the reason.
+    pub rejected: Vec<Rejection>,
+}
+
+/// A quarantined key and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Rejection {
+    /// The full key (or file).
+    pub key: String,
+    /// The validation error.
+    pub error: String,
+}
+
+/// Any registry object.
+#[derive(Debug, Clone)]
+pub enum Object {
+    /// A service.
+    Service(Service),
+    /// A route.
+    Route(Route),
+    /// A policy.
+    Policy(Policy),
+    /// The mesh config.
+    MeshConfig(MeshConfig),
+    /// An endpoint.
+    Endpoint(Endpoint),
+    /// A sidecar status.
+    Status(Status),
+}
+
+impl Object {
+    /// The kind.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Object::Service(_) => Kind::Service,
+            Object::Route(_) => Kind::Route,
+            Object::Policy(_) => Kind::Policy,
+            Object::MeshConfig(_) => Kind::MeshConfig,
+            Object::Endpoint(_) => Kind::Endpoint,
+            Object::Status(_) => Kind::Status,
+        }
+    }
+
+    /// The key this object lives at, relative to the mesh prefix.
+    pub fn key(&self) -> Key {
+        match self {
+            Object::Service(s) => Key::Service(s.name.to_string()),
+            Object::Route(r) => Key::Route(r.service.to_string()),
+            Object::Policy(p) => Key::Policy(p.service.to_string()),
+            Object::MeshConfig(_) => Key::MeshConfig,
+            Object::Endpoint(e) => Key::Endpoint(e.service.to_string(), e.id.clone()),
+            Object::Status(s) => Key::Status(s.sidecar.clone()),
+        }
+    }
+
+    /// The object as a JSON value with its `kind` field first.
+    pub fn to_value(&self) -> serde_json::Value {
+        let body = match self {
+            Object::Service(o) => serde_json::to_value(o),
+            Object::Route(o) => serde_json::to_value(o),
+            Object::Policy(o) => serde_json::to_value(o),
+            Object::MeshConfig(o) => serde_json::to_value(o),
+            Object::Endpoint(o) => serde_json::to_value(o),
+            Object::Status(o) => serde_json::to_value(o),
+        };
+        let mut out = serde_json::Map::new();
+        out.insert("kind".into(), self.kind().as_str().into());
+        if let Ok(serde_json::Value::Object(fields)) = body {
+            out.extend(fields);
+        }
+        serde_json::Value::Object(out)
+    }
+
+    /// The object as compact JSON, the form stored in etcd and in files.
+    pub fn to_json(&self) -> String {
+        self.to_value().to_string()
+    }
+
+    /// Parses and validates one object from a JSON value. `kind` may be absent when `expected`
+    /// says what it must be; when both are present they must agree.
+    pub fn from_value(
+        value: serde_json::Value,
+        expected: Option<Kind>,
+    ) -> Result<Object, ValidationError> {
+        validate::object(value, expected)
+    }
+
+    /// Parses and validates the value stored at `key`: JSON, the kind the key implies, and a
+    /// name matching the key. Errors carry `origin` (the full key, or the file).
+    pub fn from_stored(key: &Key, origin: &str, bytes: &[u8]) -> Result<Object, ValidationError> {
+        validate::stored(key, bytes).map_err(|e| e.with_origin(origin))
+    }
+}
+
+fn ser_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*d).to_string().replace(' ', ""))
+}
+
+fn ser_opt_duration<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => ser_duration(d, s),
+        None => s.serialize_none(),
+    }
+}
+
+fn ser_display<T: fmt::Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+fn ser_time<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_millis(*t))
+}

@@ -1,0 +1,217 @@
+//! The wire shape of registry objects, as read from YAML or JSON before validation.
+//!
+//! Every struct refuses unknown fields; [`super`] turns these into validated types.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct Service {
+    pub name: String,
+    #[serde(default)]
+    pub vip: Option<String>,
+    pub ports: Vec<ServicePort>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct ServicePort {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub port: u16,
+    pub protocol: String,
+    #[serde(default)]
+    pub target_port: Option<u16>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct Route {
+    pub service: String,
+    pub rules: Vec<RouteRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RouteRule {
+    #[serde(default, rename = "match")]
+    pub matches: Option<Match>,
+    pub backends: Vec<Backend>,
+    #[serde(default)]
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub retries: Option<Retries>,
+    #[serde(default)]
+    pub fault: Option<Fault>,
+    #[serde(default)]
+    pub mirror: Option<Mirror>,
+    #[serde(default)]
+    pub request_headers: Option<HeaderMods>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct Match {
+    #[serde(default)]
+    pub path: Option<StringMatch>,
+    #[serde(default)]
+    pub method: Option<String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, StringMatch>,
+    #[serde(default)]
+    pub source_service: Option<String>,
+}
+
+/// `{exact|prefix|regex: "..."}` for paths, `{exact|regex: "..."}` or `{present: bool}` for headers.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct StringMatch {
+    #[serde(default)]
+    pub exact: Option<String>,
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub regex: Option<String>,
+    #[serde(default)]
+    pub present: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct Backend {
+    #[serde(default)]
+    pub subset: BTreeMap<String, String>,
+    pub weight: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct Retries {
+    pub attempts: u32,
+    #[serde(default)]
+    pub per_try_timeout: Option<String>,
+    #[serde(default)]
+    pub on: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct Fault {
+    #[serde(default)]
+    pub delay: Option<Delay>,
+    #[serde(default)]
+    pub abort: Option<Abort>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct Delay {
+    pub percent: f64,
+    pub duration: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct Abort {
+    pub percent: f64,
+    pub status: u16,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct Mirror {
+    #[serde(default)]
+    pub subset: BTreeMap<String, String>,
+    pub percent: f64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct HeaderMods {
+    #[serde(default)]
+    pub add: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct Policy {
+    pub service: String,
+    pub rules: Vec<PolicyRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct PolicyRule {
+    pub action: String,
+    #[serde(default)]
+    pub from: Option<From>,
+    #[serde(default)]
+    pub to: Option<To>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct From {
+    #[serde(default)]
+    pub services: Vec<String>,
+    #[serde(default)]
+    pub identities: Vec<String>,
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct To {
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub paths: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct MeshConfig {
+    pub default_policy: String,
+    pub trust_domain: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct Endpoint {
+    pub id: String,
+    pub service: String,
+    pub address: String,
+    pub identity: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub cluster: String,
+    #[serde(default)]
+    pub zone: String,
+    #[serde(default)]
+    pub weight: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct Status {
+    pub sidecar: String,
+    pub revision: i64,
+    pub applied_at: String,
+    #[serde(default)]
+    pub rejected: Vec<Rejected>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct Rejected {
+    pub key: String,
+    pub error: String,
+}

@@ -1,0 +1,150 @@
+//! An immutable view of the registry at one revision, with the lookups the data plane needs.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use crate::model::{Action, Endpoint, MeshConfig, Object, Policy, Route, Service};
+
+/// Where a snapshot came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Built from the live registry.
+    Live,
+    /// Loaded from the state dir because the registry was unreachable at start; `saved_at` is
+    /// when the snapshot was last in contact with the registry.
+    Persisted {
+        /// When it was written to disk.
+        saved_at: SystemTime,
+    },
+    /// Nothing known yet: the registry is unreachable and no snapshot was persisted.
+    Empty,
+}
+
+/// The registry at one revision. Shared as `Arc<Snapshot>`; never changes once built.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The registry revision (etcd revision, or a counter for the directory backend).
+    pub revision: i64,
+    /// Services by name.
+    pub services: BTreeMap<String, Arc<Service>>,
+    /// Routes by service name.
+    pub routes: BTreeMap<String, Arc<Route>>,
+    /// Policies by service name.
+    pub policies: BTreeMap<String, Arc<Policy>>,
+    /// Endpoints by service name, then endpoint id.
+    pub endpoints: BTreeMap<String, BTreeMap<String, Arc<Endpoint>>>,
+    /// The mesh config, if one is stored.
+    pub meshconfig: Option<Arc<MeshConfig>>,
+    /// Quarantined keys (full key) and why; the last good value of each stays in force.
+    pub rejected: BTreeMap<String, String>,
+    /// Where this snapshot came from.
+    pub origin: Origin,
+    vips: HashMap<IpAddr, String>,
+}
+
+impl Snapshot {
+    /// An empty snapshot at revision 0.
+    pub fn empty(origin: Origin) -> Self {
+        Snapshot {
+            revision: 0,
+            services: BTreeMap::new(),
+            routes: BTreeMap::new(),
+            policies: BTreeMap::new(),
+            endpoints: BTreeMap::new(),
+            meshconfig: None,
+            rejected: BTreeMap::new(),
+            origin,
+            vips: HashMap::new(),
+        }
+    }
+
+    /// Builds the lookup indexes; call after filling the maps.
+    pub(crate) fn index(mut self) -> Self {
+        self.vips = self
+            .services
+            .values()
+            .filter_map(|s| s.vip.map(|v| (v, s.name.to_string())))
+            .collect();
+        self
+    }
+
+    /// The service called `name`.
+    pub fn service(&self, name: &str) -> Option<&Arc<Service>> {
+        self.services.get(name)
+    }
+
+    /// The service whose virtual IP is `vip`.
+    pub fn service_by_vip(&self, vip: IpAddr) -> Option<&Arc<Service>> {
+        self.vips.get(&vip).and_then(|n| self.services.get(n))
+    }
+
+    /// The services that declare `port`.
+    pub fn services_by_port(&self, port: u16) -> impl Iterator<Item = &Arc<Service>> + '_ {
+        self.services
+            .values()
+            .filter(move |s| s.port(port).is_some())
+    }
+
+    /// The endpoints of `service`, ordered by id.
+    pub fn endpoints_of(&self, service: &str) -> impl Iterator<Item = &Arc<Endpoint>> + '_ {
+        self.endpoints
+            .get(service)
+            .into_iter()
+            .flat_map(|m| m.values())
+    }
+
+    /// The route of `service`.
+    pub fn route(&self, service: &str) -> Option<&Arc<Route>> {
+        self.routes.get(service)
+    }
+
+    /// The policy of `service`.
+    pub fn policy(&self, service: &str) -> Option<&Arc<Policy>> {
+        self.policies.get(service)
+    }
+
+    /// What services without a policy do: the mesh config's `defaultPolicy`, else allow.
+    pub fn default_policy(&self) -> Action {
+        self.meshconfig
+            .as_ref()
+            .map_or(Action::Allow, |m| m.default_policy)
+    }
+
+    /// Whether this snapshot came from disk or from nowhere rather than the live registry.
+    pub fn is_stale_start(&self) -> bool {
+        self.origin != Origin::Live
+    }
+
+    /// Every object in the snapshot.
+    pub fn objects(&self) -> Vec<Object> {
+        let mut out: Vec<Object> = Vec::new();
+        out.extend(
+            self.services
+                .values()
+                .map(|o| Object::Service((**o).clone())),
+        );
+        out.extend(self.routes.values().map(|o| Object::Route((**o).clone())));
+        out.extend(
+            self.policies
+                .values()
+                .map(|o| Object::Policy((**o).clone())),
+        );
+        out.extend(
+            self.meshconfig
+                .iter()
+                .map(|o| Object::MeshConfig((**o).clone())),
+        );
+        let eps = self.endpoints.values().flat_map(|m| m.values());
+        out.extend(eps.map(|o| Object::Endpoint((**o).clone())));
+        out
+    }
+
+    /// The same objects, ignoring revision and origin: used to compare two snapshots' content.
+    pub fn content(&self) -> String {
+        let mut lines: Vec<String> = self.objects().iter().map(Object::to_json).collect();
+        lines.sort();
+        lines.join("\n")
+    }
+}

@@ -1,0 +1,196 @@
+//! Test harness: a real etcd per test (feature `test-util`).
+//!
+//! [`EtcdServer::start`] runs the `etcd` binary from PATH with its own temp data dir and random
+//! free client and peer ports on 127.0.0.1, waits until `/health` answers, and kills it on drop.
+//! [`EtcdServer::stop`] and [`EtcdServer::restart`] keep the ports and the data.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long etcd may take to become healthy.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A running etcd, killed on drop. Panics (it is test code) when etcd cannot be started.
+pub struct EtcdServer {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    client_port: u16,
+    peer_port: u16,
+}
+
+fn free_port() -> u16 {
+    match TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()) {
+        Ok(a) => a.port(),
+        Err(e) => panic!("cannot pick a free port: {e}"),
+    }
+}
+
+impl EtcdServer {
+    /// Starts etcd on fresh ports, retrying on a port conflict.
+    pub fn start() -> EtcdServer {
+        let dir = match tempfile::tempdir() {
+            Ok(d) => d,
+            Err(e) => panic!("cannot create a temp dir: {e}"),
+        };
+        let mut server = EtcdServer {
+            child: None,
+            dir,
+            client_port: 0,
+            peer_port: 0,
+        };
+        for _ in 0..5 {
+            server.client_port = free_port();
+            server.peer_port = free_port();
+            if server.spawn() {
+                return server;
+            }
+            let _ = std::fs::remove_dir_all(server.data_dir());
+        }
+        panic!("etcd did not start; see {}", server.log_file().display());
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn log_file(&self) -> PathBuf {
+        self.dir.path().join("etcd.log")
+    }
+
+    /// Spawns etcd and waits for health; false if it exited or never became healthy.
+    fn spawn(&mut self) -> bool {
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_file());
+        let Ok(log) = log else { return false };
+        let Ok(log2) = log.try_clone() else {
+            return false;
+        };
+        let child = Command::new("etcd")
+            .args(["--name", "t", "--data-dir"])
+            .arg(self.data_dir())
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("t={peer}")])
+            .args(["--logger", "zap", "--log-level", "warn"])
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn();
+        let Ok(child) = child else { return false };
+        self.child = Some(child);
+        if self.wait_healthy() {
+            return true;
+        }
+        self.stop();
+        false
+    }
+
+    fn wait_healthy(&mut self) -> bool {
+        let deadline = Instant::now() + START_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return false;
+                }
+            }
+            if self.healthy() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    fn healthy(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.client_port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        if s.write_all(b"GET /health HTTP/1.0\r\nHost: x\r\n\r\n")
+            .is_err()
+        {
+            return false;
+        }
+        let mut body = String::new();
+        let _ = s.read_to_string(&mut body);
+        body.contains("\"health\":\"true\"")
+    }
+
+    /// `host:port` of the client URL.
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    /// The registry URL, `etcd://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("etcd://{}", self.endpoint())
+    }
+
+    /// Kills etcd (SIGKILL) and waits for it to exit. The data dir stays.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts etcd again on the same ports with the same data.
+    pub fn restart(&mut self) {
+        self.stop();
+        for _ in 0..50 {
+            if self.spawn() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("etcd did not restart; see {}", self.log_file().display());
+    }
+
+    /// Runs `etcdctl` (API v3) against this server.
+    pub fn etcdctl(&self, args: &[&str]) -> Output {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoint()))
+            .args(args)
+            .output();
+        match out {
+            Ok(o) => o,
+            Err(e) => panic!("cannot run etcdctl: {e}"),
+        }
+    }
+
+    /// Runs `etcdctl` and returns its stdout, panicking if it fails.
+    pub fn etcdctl_ok(&self, args: &[&str]) -> String {
+        let out = self.etcdctl(args);
+        if !out.status.success() {
+            panic!(
+                "etcdctl {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,188 @@
+//! Validation: a table of bad objects, each with the exact field path its error must name.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use halyard_registry::model::{parse_documents, Action, HeaderMatch, PathMatch, Protocol};
+use halyard_registry::{Key, Kind, Object};
+
+const GOOD: &str = r#"
+kind: Service
+name: reviews
+vip: 240.240.0.10
+ports:
+  - { name: http, port: 9080, protocol: http, targetPort: 9080 }
+---
+kind: Route
+service: reviews
+rules:
+  - match:
+      path: { prefix: /api }
+      method: GET
+      headers: { x-user: { exact: tester } }
+      sourceService: productpage
+    backends:
+      - { subset: { version: v2 }, weight: 100 }
+    timeout: 2s
+    retries: { attempts: 3, perTryTimeout: 500ms, on: [5xx, reset, connect-failure] }
+    fault: { delay: { percent: 10, duration: 100ms }, abort: { percent: 5, status: 503 } }
+    mirror: { subset: { version: v3 }, percent: 10 }
+    requestHeaders: { add: { x-mesh: halyard }, remove: [x-debug] }
+  - backends:
+      - { subset: { version: v1 }, weight: 90 }
+      - { subset: { version: v3 }, weight: 10 }
+---
+kind: Policy
+service: ratings
+rules:
+  - action: deny
+    from: { services: [productpage], identities: ["spiffe://mesh.local/ns/default/sa/*"], namespaces: [default] }
+    to: { ports: [9080], methods: [POST], paths: ["/admin", "/admin/*"] }
+---
+kind: MeshConfig
+defaultPolicy: allow
+trustDomain: mesh.local
+"#;
+
+#[test]
+fn design_example_parses_and_round_trips() {
+    let objs = parse_documents("good.yaml", GOOD).unwrap();
+    assert_eq!(objs.len(), 4);
+    let Object::Service(svc) = &objs[0] else {
+        panic!()
+    };
+    assert_eq!(svc.ports[0].protocol, Protocol::Http);
+    let Object::Route(route) = &objs[1] else {
+        panic!()
+    };
+    let m = route.rules[0].matches.as_ref().unwrap();
+    assert!(matches!(m.path, Some(PathMatch::Prefix(ref p)) if p == "/api"));
+    assert!(matches!(m.headers["x-user"], HeaderMatch::Exact(ref v) if v == "tester"));
+    assert_eq!(
+        route.rules[0].timeout,
+        Some(std::time::Duration::from_secs(2))
+    );
+    let Object::Policy(pol) = &objs[2] else {
+        panic!()
+    };
+    assert_eq!(pol.rules[0].action, Action::Deny);
+    // Serializing and parsing again gives the same JSON.
+    for o in &objs {
+        let again = Object::from_stored(&o.key(), "k", o.to_json().as_bytes()).unwrap();
+        assert_eq!(again.to_json(), o.to_json());
+    }
+    assert_eq!(objs[3].key(), Key::MeshConfig);
+}
+
+fn err_of(yaml: &str) -> (String, String) {
+    let errs = parse_documents("f.yaml", yaml).unwrap_err();
+    (errs[0].path.clone(), errs[0].to_string())
+}
+
+#[test]
+fn bad_objects_name_the_field_path() {
+    let route = |rule: &str| {
+        format!("kind: Route\nservice: reviews\nrules:\n  - backends: [{{weight: 1}}]\n{rule}")
+    };
+    let cases: Vec<(String, &str, &str)> = vec![
+        ("kind: Service\nname: Reviews\nports: [{port: 80, protocol: tcp}]".into(), "name", "DNS-1123"),
+        ("kind: Service\nname: r\nports: [{port: 0, protocol: tcp}]".into(), "ports[0].port", "port 0"),
+        ("kind: Service\nname: r\nports: [{port: 70000, protocol: tcp}]".into(), "ports[0].port", "u16"),
+        ("kind: Service\nname: r\nports: [{port: 80, protocol: tcp}, {port: 80, protocol: http}]".into(), "ports[1].port", "twice"),
+        ("kind: Service\nname: r\nports: [{port: 80, protocol: udp}]".into(), "ports[0].protocol", "tcp, http or grpc"),
+        ("kind: Service\nname: r\nvip: 1.2.3\nports: [{port: 80, protocol: tcp}]".into(), "vip", "IP"),
+        ("kind: Service\nname: r\nports: [{port: 80, protocol: tcp, colour: red}]".into(), "ports[0].colour", "unknown field"),
+        ("kind: Service\nname: r\nports: []".into(), "ports", "at least one"),
+        (route("  - backends: [{weight: -1}]"), "rules[1].backends[0].weight", "invalid value"),
+        (route("  - backends: [{weight: 0}, {weight: 0}]"), "rules[1].backends[1].weight", "sum to 0"),
+        (route("  - backends: []"), "rules[1].backends", "at least one"),
+        (route("  - backends: [{weight: 1, subset: {'-v': x}}]"), "rules[1].backends[0].subset.-v", "label key"),
+        (route("  - match: {path: {regex: '(['}}\n    backends: [{weight: 1}]"), "rules[1].match.path.regex", "bad regex"),
+        (route("  - match: {path: {exact: /a, prefix: /b}}\n    backends: [{weight: 1}]"), "rules[1].match.path", "exactly one"),
+        (route("  - match: {path: {prefix: api}}\n    backends: [{weight: 1}]"), "rules[1].match.path.prefix", "start with '/'"),
+        (route("  - match: {method: get}\n    backends: [{weight: 1}]"), "rules[1].match.method", "HTTP method"),
+        (route("  - match: {headers: {X-User: {exact: a}}}\n    backends: [{weight: 1}]"), "rules[1].match.headers.X-User", "header name"),
+        (route("  - match: {headers: {x-user: {regex: '*'}}}\n    backends: [{weight: 1}]"), "rules[1].match.headers.x-user.regex", "bad regex"),
+        (route("  - match: {sourceService: A_B}\n    backends: [{weight: 1}]"), "rules[1].match.sourceService", "DNS-1123"),
+        (route("  - backends: [{weight: 1}]\n    timeout: 0s"), "rules[1].timeout", "positive"),
+        (route("  - backends: [{weight: 1}]\n    timeout: soon"), "rules[1].timeout", "not a duration"),
+        (route("  - backends: [{weight: 1}]\n    retries: {attempts: 11}"), "rules[1].retries.attempts", "at most 10"),
+        (route("  - backends: [{weight: 1}]\n    retries: {attempts: 2, perTryTimeout: 1x}"), "rules[1].retries.perTryTimeout", "not a duration"),
+        (route("  - backends: [{weight: 1}]\n    retries: {attempts: 2, on: [5xx, sometimes]}"), "rules[1].retries.on[1]", "retry condition"),
+        (route("  - backends: [{weight: 1}]\n    fault: {delay: {percent: 101, duration: 1s}}"), "rules[1].fault.delay.percent", "percentage"),
+        (route("  - backends: [{weight: 1}]\n    fault: {abort: {percent: 5, status: 99}}"), "rules[1].fault.abort.status", "HTTP status"),
+        (route("  - backends: [{weight: 1}]\n    mirror: {percent: -3}"), "rules[1].mirror.percent", "percentage"),
+        (route("  - backends: [{weight: 1}]\n    requestHeaders: {add: {x-a: \"a\\nb\"}}"), "rules[1].requestHeaders.add.x-a", "control"),
+        (route("  - backends: [{weight: 1}]\n    requestHeaders: {remove: [ok, 'Bad Header']}"), "rules[1].requestHeaders.remove[1]", "header name"),
+        (route("  - backends: [{weight: 1}]\n    retry: {attempts: 1}"), "rules[1].retry", "unknown field"),
+        ("kind: Route\nservice: r\nrules: []".into(), "rules", "at least one"),
+        ("kind: Policy\nservice: r\nrules: [{action: permit}]".into(), "rules[0].action", "allow or deny"),
+        ("kind: Policy\nservice: r\nrules: [{action: deny}, {action: allow, from: {identities: ['spiffe://mesh.local/ns/a/sa/b', 'spiffe://Mesh/x']}}]".into(), "rules[1].from.identities[1]", "SPIFFE"),
+        ("kind: Policy\nservice: r\nrules: [{action: deny, from: {identities: ['spiffe://mesh.local/*/sa/*']}}]".into(), "rules[0].from.identities[0]", "only allowed at the end"),
+        ("kind: Policy\nservice: r\nrules: [{action: deny, from: {services: [ok, Not_OK]}}]".into(), "rules[0].from.services[1]", "DNS-1123"),
+        ("kind: Policy\nservice: r\nrules: [{action: deny, from: {namespaces: ['']}}]".into(), "rules[0].from.namespaces[0]", "DNS-1123"),
+        ("kind: Policy\nservice: r\nrules: [{action: deny, to: {ports: [80, 0]}}]".into(), "rules[0].to.ports[1]", "port 0"),
+        ("kind: Policy\nservice: r\nrules: [{action: deny, to: {paths: ['/a/*/b*']}}]".into(), "rules[0].to.paths[0]", "only allowed at the end"),
+        ("kind: Policy\nservice: r\nrules: [{action: deny, to: {methods: [post]}}]".into(), "rules[0].to.methods[0]", "HTTP method"),
+        ("kind: MeshConfig\ndefaultPolicy: maybe\ntrustDomain: mesh.local".into(), "defaultPolicy", "allow or deny"),
+        ("kind: MeshConfig\ndefaultPolicy: deny\ntrustDomain: Mesh.Local".into(), "trustDomain", "trust domain"),
+        ("kind: Endpoint\nid: e1\nservice: r\naddress: 127.0.0.1\nidentity: spiffe://td/x".into(), "address", "ip:port"),
+        ("kind: Endpoint\nid: e1\nservice: r\naddress: 127.0.0.1:1\nidentity: http://td/x".into(), "identity", "SPIFFE"),
+        ("kind: Endpoint\nid: e/1\nservice: r\naddress: 127.0.0.1:1\nidentity: spiffe://td/x".into(), "id", "valid id"),
+        ("kind: Gadget\nname: x".into(), "kind", "unknown kind"),
+        ("name: x".into(), "kind", "missing kind"),
+    ];
+    for (yaml, path, reason) in &cases {
+        let (got_path, msg) = err_of(yaml);
+        assert_eq!(&got_path, path, "{yaml}\n=> {msg}");
+        assert!(msg.contains(reason), "{yaml}\n=> {msg} (wanted {reason:?})");
+        assert!(msg.starts_with("f.yaml"), "{msg}");
+        assert!(msg.contains(&format!(": {path}: ")), "{msg}");
+    }
+}
+
+#[test]
+fn errors_name_document_and_every_bad_object() {
+    let text = "kind: Service\nname: a\nports: [{port: 1, protocol: tcp}]\n---\nkind: Route\nservice: a\nrules:\n  - backends: [{weight: 1}]\n  - backends: [{weight: 0}]\n---\nkind: Policy\nservice: a\nrules: [{action: nope}]\n";
+    let errs = parse_documents("bundle.yaml", text).unwrap_err();
+    assert_eq!(errs.len(), 2);
+    assert_eq!(
+        errs[0].to_string(),
+        "bundle.yaml: document 2 (Route a): rules[1].backends[0].weight: backend weights sum to 0: at least one weight must be positive"
+    );
+    assert!(errs[1]
+        .to_string()
+        .starts_with("bundle.yaml: document 3 (Policy a): rules[0].action:"));
+}
+
+#[test]
+fn stored_values_are_checked_against_their_key() {
+    let key = Key::Policy("ratings".into());
+    let e = Object::from_stored(
+        &key,
+        "/halyard/m/policies/ratings",
+        br#"{"service":"other","rules":[]}"#,
+    )
+    .unwrap_err();
+    assert_eq!(e.path, "service");
+    assert!(
+        e.to_string()
+            .starts_with("/halyard/m/policies/ratings: service: "),
+        "{e}"
+    );
+    let e = Object::from_stored(
+        &key,
+        "k",
+        br#"{"kind":"Service","name":"ratings","ports":[]}"#,
+    )
+    .unwrap_err();
+    assert_eq!(e.path, "kind");
+    let e = Object::from_stored(&key, "k", b"{oops").unwrap_err();
+    assert!(e.reason.contains("not valid JSON"));
+    assert!(Object::from_stored(&key, "k", br#"{"service":"ratings","rules":[]}"#).is_ok());
+    assert_eq!(Kind::parse("policies"), Some(Kind::Policy));
+}
+
+#[test]
+fn json_files_and_arrays_parse() {
+    let text = r#"[{"kind":"MeshConfig","defaultPolicy":"deny","trustDomain":"td"},{"kind":"Service","name":"a","ports":[{"port":1,"protocol":"grpc"}]}]"#;
+    assert_eq!(parse_documents("x.json", text).unwrap().len(), 2);
+}
