@@ -1,0 +1,429 @@
+//! The etcd backend against a real etcd (one per test, started by the test-util harness).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use halyard_registry::model::{parse_documents, Endpoint};
+use halyard_registry::test_util::EtcdServer;
+use halyard_registry::{open_with, Object, Options, Origin, Registry, Snapshot};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn opts() -> Options {
+    let mut o = Options::new("default");
+    o.lease_ttl = Duration::from_secs(2);
+    o
+}
+
+async fn open(url: &str, opts: Options) -> Arc<dyn Registry> {
+    open_with(url, opts).await.unwrap()
+}
+
+/// Waits for a snapshot satisfying `cond`, returning it.
+async fn until(
+    rx: &mut watch::Receiver<Arc<Snapshot>>,
+    what: &str,
+    cond: impl Fn(&Snapshot) -> bool,
+) -> Arc<Snapshot> {
+    let res = tokio::time::timeout(WAIT, rx.wait_for(|s| cond(s)))
+        .await
+        .map(|r| r.map(|s| s.clone()));
+    match res {
+        Ok(Ok(s)) => s,
+        _ => panic!(
+            "timed out waiting for {what}; last snapshot: {:?}",
+            rx.borrow().content()
+        ),
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds.
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn service(name: &str, port: u16) -> String {
+    format!(
+        r#"{{"kind":"Service","name":"{name}","ports":[{{"name":"http","port":{port},"protocol":"http"}}]}}"#
+    )
+}
+
+fn put(etcd: &EtcdServer, key: &str, value: &str) {
+    etcd.etcdctl_ok(&["put", &format!("/halyard/default/{key}"), value]);
+}
+
+fn endpoint(id: &str) -> Endpoint {
+    let text = format!(
+        "kind: Endpoint\nid: {id}\nservice: reviews\naddress: 127.0.0.1:15443\nidentity: spiffe://mesh.local/ns/default/sa/reviews\nlabels: {{version: v1}}"
+    );
+    match parse_documents("ep", &text).unwrap().remove(0) {
+        Object::Endpoint(e) => e,
+        _ => unreachable!(),
+    }
+}
+
+/// The content a fresh registry lists now: Get(prefix) at the current revision.
+async fn fresh_listing(url: &str) -> Arc<Snapshot> {
+    let reg = open(url, opts()).await;
+    let snap = reg.snapshot();
+    assert_eq!(snap.origin, Origin::Live);
+    snap
+}
+
+#[tokio::test]
+async fn watch_sees_every_change_in_order_and_nothing_twice() {
+    let etcd = EtcdServer::start();
+    let reg = open(&etcd.url(), opts()).await;
+    let mut rx = reg.watch();
+    // One change at a time: each is seen, with a strictly higher revision.
+    let mut last_rev = reg.snapshot().revision;
+    for port in 1..=10u16 {
+        put(&etcd, "services/seq", &service("seq", port));
+        let s = until(&mut rx, "the next port", |s| {
+            s.service("seq")
+                .is_some_and(|svc| svc.ports[0].port == port)
+        })
+        .await;
+        assert!(
+            s.revision > last_rev,
+            "revision went from {last_rev} to {}",
+            s.revision
+        );
+        last_rev = s.revision;
+    }
+    // A burst: every snapshot seen moves forward, ports never go back, the last one wins.
+    let writer = {
+        let ep = etcd.endpoint();
+        std::thread::spawn(move || {
+            let mut client = std::process::Command::new("sh");
+            let script: String = (11..=60)
+                .map(|p| format!("etcdctl --endpoints={ep} put /halyard/default/services/seq '{}' >/dev/null\n", service("seq", p)))
+                .collect();
+            client
+                .env("ETCDCTL_API", "3")
+                .args(["-c", &script])
+                .status()
+                .unwrap()
+        })
+    };
+    let mut seen_port = 10;
+    loop {
+        tokio::time::timeout(WAIT, rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        let s = rx.borrow_and_update().clone();
+        let port = s.service("seq").unwrap().ports[0].port;
+        assert!(s.revision > last_rev, "revision repeated or went back");
+        assert!(
+            port > seen_port,
+            "port went from {seen_port} to {port}: a change was applied twice or out of order"
+        );
+        last_rev = s.revision;
+        seen_port = port;
+        if port == 60 {
+            break;
+        }
+    }
+    assert!(writer.join().unwrap().success());
+    // Deletes are seen too, and the result equals a fresh Get(prefix).
+    etcd.etcdctl_ok(&["del", "/halyard/default/services/seq"]);
+    let s = until(&mut rx, "the delete", |s| s.service("seq").is_none()).await;
+    let fresh = fresh_listing(&etcd.url()).await;
+    assert_eq!(s.content(), fresh.content());
+    assert_eq!(s.revision, fresh.revision);
+}
+
+/// A TCP proxy that can cut every connection and refuse new ones.
+struct Proxy {
+    port: u16,
+    blocked: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(upstream: String) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (blocked, rx) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut conns = JoinSet::new();
+            let mut rx = rx;
+            loop {
+                tokio::select! {
+                    Ok((down, _)) = listener.accept() => {
+                        if *rx.borrow() { continue; }
+                        let up = upstream.clone();
+                        conns.spawn(async move {
+                            if let Ok(mut up) = TcpStream::connect(up).await {
+                                let mut down = down;
+                                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                            }
+                        });
+                    }
+                    Ok(()) = rx.changed() => if *rx.borrow() { conns.abort_all(); },
+                }
+            }
+        });
+        Proxy {
+            port,
+            blocked,
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("etcd://127.0.0.1:{}", self.port)
+    }
+
+    fn set_blocked(&self, b: bool) {
+        self.blocked.send_replace(b);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn compaction_while_disconnected_relists_and_converges() {
+    let etcd = EtcdServer::start();
+    let proxy = Proxy::start(etcd.endpoint()).await;
+    put(&etcd, "services/keep", &service("keep", 80));
+    put(&etcd, "services/gone", &service("gone", 81));
+    let reg = open(&proxy.url(), opts()).await;
+    let mut rx = reg.watch();
+    until(&mut rx, "the first listing", |s| s.services.len() == 2).await;
+    proxy.set_blocked(true);
+    eventually("the watcher to notice", || reg.staleness() > Duration::ZERO).await;
+    // While it is away: change, delete, add, and compact everything it has not seen.
+    put(&etcd, "services/keep", &service("keep", 90));
+    etcd.etcdctl_ok(&["del", "/halyard/default/services/gone"]);
+    for i in 0..5 {
+        put(
+            &etcd,
+            &format!("services/new{i}"),
+            &service(&format!("new{i}"), 100 + i),
+        );
+    }
+    let rev = fresh_listing(&etcd.url()).await.revision;
+    etcd.etcdctl_ok(&["compact", &rev.to_string()]);
+    proxy.set_blocked(false);
+    let s = until(&mut rx, "convergence after compaction", |s| {
+        s.revision >= rev
+    })
+    .await;
+    let fresh = fresh_listing(&etcd.url()).await;
+    assert_eq!(s.revision, fresh.revision);
+    assert_eq!(s.content(), fresh.content());
+    assert!(
+        s.service("gone").is_none(),
+        "a delete lost to compaction must still be seen"
+    );
+    assert_eq!(s.service("keep").unwrap().ports[0].port, 90);
+    assert_eq!(reg.staleness(), Duration::ZERO);
+}
+
+#[tokio::test]
+async fn etcd_killed_and_restarted_watcher_resumes_and_converges() {
+    let mut etcd = EtcdServer::start();
+    put(&etcd, "services/a", &service("a", 80));
+    let reg = open(&etcd.url(), opts()).await;
+    let mut rx = reg.watch();
+    until(&mut rx, "a", |s| s.service("a").is_some()).await;
+    etcd.stop();
+    eventually("staleness to show", || reg.staleness() > Duration::ZERO).await;
+    assert!(
+        reg.snapshot().service("a").is_some(),
+        "the last snapshot keeps serving"
+    );
+    etcd.restart();
+    put(&etcd, "services/b", &service("b", 81));
+    etcd.etcdctl_ok(&["del", "/halyard/default/services/a"]);
+    let s = until(&mut rx, "b and not a", |s| {
+        s.service("b").is_some() && s.service("a").is_none()
+    })
+    .await;
+    let fresh = fresh_listing(&etcd.url()).await;
+    assert_eq!(s.content(), fresh.content());
+    assert_eq!(s.revision, fresh.revision);
+    eventually("staleness back to zero", || {
+        reg.staleness() == Duration::ZERO
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn endpoint_of_a_dead_process_disappears_within_ttl_plus_one_second() {
+    let etcd = EtcdServer::start();
+    let observer = open(&etcd.url(), opts()).await;
+    let mut rx = observer.watch();
+    // The "process": its own runtime on its own thread, holding the lease.
+    let url = etcd.url();
+    let (dead_tx, dead_rx) = std::sync::mpsc::channel::<()>();
+    let (up_tx, up_rx) = tokio::sync::oneshot::channel();
+    let proc = std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (reg, handle) = rt.block_on(async {
+            let reg = open(&url, opts()).await;
+            let handle = reg.register(endpoint("ep-1")).await.unwrap();
+            (reg, handle)
+        });
+        up_tx.send(()).unwrap();
+        dead_rx.recv().unwrap();
+        // Dies without deregistering: keepalives stop and connections drop with the runtime.
+        std::mem::forget(handle);
+        std::mem::forget(reg);
+        rt.shutdown_background();
+    });
+    up_rx.await.unwrap();
+    until(&mut rx, "the endpoint", |s| {
+        s.endpoints_of("reviews").count() == 1
+    })
+    .await;
+    let died = Instant::now();
+    dead_tx.send(()).unwrap();
+    proc.join().unwrap();
+    until(&mut rx, "the endpoint to expire", |s| {
+        s.endpoints_of("reviews").count() == 0
+    })
+    .await;
+    let took = died.elapsed();
+    assert!(
+        took <= Duration::from_secs(3),
+        "endpoint took {took:?} to disappear (TTL 2 s)"
+    );
+    eprintln!("endpoint disappeared {took:?} after its process died");
+}
+
+#[tokio::test]
+async fn lost_lease_is_registered_again_and_deregister_removes() {
+    let etcd = EtcdServer::start();
+    let reg = open(&etcd.url(), opts()).await;
+    let mut rx = reg.watch();
+    let handle = reg.register(endpoint("ep-2")).await.unwrap();
+    let first = until(&mut rx, "the endpoint", |s| {
+        s.endpoints_of("reviews").count() == 1
+    })
+    .await;
+    let lease = handle.lease_id().unwrap();
+    etcd.etcdctl_ok(&["lease", "revoke", &format!("{lease:x}")]);
+    until(&mut rx, "the endpoint to be re-registered", |s| {
+        s.revision > first.revision + 1 && s.endpoints_of("reviews").count() == 1
+    })
+    .await;
+    eventually("a new lease", || {
+        handle.lease_id().is_some_and(|l| l != lease)
+    })
+    .await;
+    reg.deregister(handle).await.unwrap();
+    until(&mut rx, "the endpoint to go", |s| {
+        s.endpoints_of("reviews").count() == 0
+    })
+    .await;
+}
+
+const GOOD_POLICY: &str = r#"{"kind":"Policy","service":"ratings","rules":[{"action":"deny","from":{"services":["evil"]}}]}"#;
+
+#[tokio::test]
+async fn invalid_values_are_quarantined_and_reported() {
+    let etcd = EtcdServer::start();
+    let mut o = opts();
+    o.sidecar_id = Some("sidecar-1".into());
+    let reg = open(&etcd.url(), o).await;
+    let mut rx = reg.watch();
+    put(&etcd, "policies/ratings", GOOD_POLICY);
+    until(&mut rx, "the good policy", |s| {
+        s.policy("ratings").is_some()
+    })
+    .await;
+    let key = "/halyard/default/policies/ratings";
+    let cases = [
+        ("{\"kind\": \"Policy\", \"service\": ", "not valid JSON"),
+        (
+            r#"{"kind":"Policy","service":"ratings","rules":[{"action":"permit"}]}"#,
+            "rules[0].action",
+        ),
+    ];
+    for (i, (bad, reason)) in cases.iter().enumerate() {
+        put(&etcd, "policies/ratings", bad);
+        // Another key written afterwards still flows.
+        let other = format!("other{i}");
+        put(&etcd, &format!("services/{other}"), &service(&other, 80));
+        let s = until(&mut rx, "the other key", |s| s.service(&other).is_some()).await;
+        let kept = s.policy("ratings").expect("last good value kept");
+        assert_eq!(
+            kept.rules[0].from.as_ref().unwrap().services[0].as_str(),
+            "evil"
+        );
+        let why = s.rejected.get(key).expect("key quarantined");
+        assert!(why.contains(reason) && why.starts_with(key), "{why}");
+        assert_eq!(reg.rejected_total(), i as u64 + 1);
+        // The status key names the key and the reason.
+        let mut status = String::new();
+        eventually("the status key", || {
+            status = etcd.etcdctl_ok(&[
+                "get",
+                "--print-value-only",
+                "/halyard/default/status/sidecar-1",
+            ]);
+            status.contains(&reason.replace('"', "\\\""))
+        })
+        .await;
+        let v: serde_json::Value = serde_json::from_str(status.trim()).unwrap();
+        assert_eq!(v["rejected"][0]["key"], key);
+        assert!(v["rejected"][0]["error"].as_str().unwrap().contains(reason));
+        assert!(v["revision"].as_i64().unwrap() >= s.revision);
+    }
+    // A good value lifts the quarantine.
+    put(&etcd, "policies/ratings", GOOD_POLICY);
+    until(&mut rx, "the quarantine to lift", |s| s.rejected.is_empty()).await;
+}
+
+#[tokio::test]
+async fn persisted_snapshot_serves_while_etcd_is_down() {
+    let mut etcd = EtcdServer::start();
+    let state = tempfile::tempdir().unwrap();
+    let mut o = opts();
+    o.state_dir = Some(state.path().to_owned());
+    put(&etcd, "services/a", &service("a", 80));
+    put(&etcd, "policies/ratings", GOOD_POLICY);
+    {
+        let reg = open(&etcd.url(), o.clone()).await;
+        assert_eq!(reg.snapshot().services.len(), 1);
+        let file = state.path().join("registry-default.json");
+        eventually("the snapshot on disk", || {
+            std::fs::read_to_string(&file)
+                .is_ok_and(|t| t.contains("ratings") && t.contains("\"a\""))
+        })
+        .await;
+    }
+    etcd.stop();
+    let t0 = Instant::now();
+    let reg = open(&etcd.url(), o.clone()).await;
+    let opened = t0.elapsed();
+    assert!(opened < Duration::from_secs(5), "open took {opened:?}");
+    let s = reg.snapshot();
+    assert!(
+        matches!(s.origin, Origin::Persisted { .. }),
+        "{:?}",
+        s.origin
+    );
+    assert!(s.service("a").is_some() && s.policy("ratings").is_some());
+    assert!(reg.staleness() > Duration::ZERO);
+    // When etcd comes back, the live registry takes over.
+    etcd.restart();
+    let mut rx = reg.watch();
+    let s = until(&mut rx, "the live snapshot", |s| s.origin == Origin::Live).await;
+    assert!(s.service("a").is_some());
+}
