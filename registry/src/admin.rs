@@ -280,3 +280,52 @@ fn dir_apply(root: &std::path::Path, objects: &[Object]) -> Result<(), RegistryE
     }
     Ok(())
 }
+
+/// Output formats of `halyard ctl get`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// YAML documents separated by `---`.
+    Yaml,
+    /// JSON: one object, or an array of objects.
+    Json,
+}
+
+/// Renders objects as YAML documents or JSON. `single` renders one JSON object, not an array.
+pub fn render(objects: &[Object], format: Format, single: bool) -> String {
+    let values: Vec<serde_json::Value> = objects.iter().map(Object::to_value).collect();
+    match format {
+        Format::Json if single && values.len() == 1 => pretty_json(&values[0]),
+        Format::Json => pretty_json(&serde_json::Value::Array(values)),
+        Format::Yaml => values
+            .iter()
+            .map(|v| serde_yaml::to_string(v).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("---\n"),
+    }
+}
+
+fn pretty_json(v: &serde_json::Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_default() + "\n"
+}
+
+/// Renders sidecar statuses as a table, with one indented line per rejected key.
+pub fn render_status_table(statuses: &[crate::model::Status]) -> String {
+    let mut out = format!(
+        "{:<32} {:>10}  {:<24}  {}\n",
+        "SIDECAR", "REVISION", "APPLIED AT", "REJECTED"
+    );
+    for s in statuses {
+        let at = humantime::format_rfc3339_seconds(s.applied_at).to_string();
+        out.push_str(&format!(
+            "{:<32} {:>10}  {:<24}  {}\n",
+            s.sidecar,
+            s.revision,
+            at,
+            s.rejected.len()
+        ));
+        for r in &s.rejected {
+            out.push_str(&format!("    {}: {}\n", r.key, r.error));
+        }
+    }
+    out
+}

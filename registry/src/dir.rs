@@ -56,15 +56,15 @@ impl DirRegistry {
             notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
                 let _ = ev_tx.send(());
             })
-            .map_err(|source| RegistryError::Notify {
+            .map_err(|error| RegistryError::Notify {
                 path: root.display().to_string(),
-                source,
+                error,
             })?;
         watcher
             .watch(&root, notify::RecursiveMode::Recursive)
-            .map_err(|source| RegistryError::Notify {
+            .map_err(|error| RegistryError::Notify {
                 path: root.display().to_string(),
-                source,
+                error,
             })?;
         let write_root = root.clone();
         let writer: StatusWriter = Arc::new(move |st: Status| {

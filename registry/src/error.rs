@@ -84,7 +84,7 @@ pub enum RegistryError {
     },
     /// An etcd request failed.
     #[error("etcd request failed: {0}")]
-    Etcd(#[from] etcd_client::Error),
+    Etcd(etcd_client::Error),
     /// An etcd request took longer than allowed.
     #[error(
         "etcd request timed out after {0:?} (is the cluster healthy and does it have a leader?)"
@@ -105,20 +105,20 @@ pub enum RegistryError {
     #[error("the registry changed while writing {0}; nothing was written, try again")]
     Conflict(String),
     /// A file or directory operation failed.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file or directory.
         path: String,
         /// The underlying error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The file watcher failed.
-    #[error("watching {path} failed: {source}")]
+    #[error("watching {path} failed: {error}")]
     Notify {
         /// The directory watched.
         path: String,
         /// The underlying error.
-        source: notify::Error,
+        error: notify::Error,
     },
     /// A stored value could not be encoded or decoded.
     #[error("{0}: {1}")]
@@ -133,10 +133,10 @@ pub enum RegistryError {
 
 impl RegistryError {
     /// An I/O error about `path`.
-    pub fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
+    pub fn io(path: impl AsRef<std::path::Path>, error: std::io::Error) -> Self {
         RegistryError::Io {
             path: path.as_ref().display().to_string(),
-            source,
+            error,
         }
     }
 }

@@ -1,0 +1,223 @@
+//! `halyard ctl` end to end: the real binary against a real etcd and a directory registry.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use halyard_registry::test_util::EtcdServer;
+
+const GOOD: &str = r#"
+kind: Service
+name: reviews
+vip: 240.240.0.10
+ports:
+  - { name: http, port: 9080, protocol: http, targetPort: 9080 }
+---
+kind: Route
+service: reviews
+rules:
+  - match: { path: { prefix: /api }, method: GET }
+    backends: [ { subset: { version: v2 }, weight: 100 } ]
+    timeout: 2s
+  - backends: [ { subset: { version: v1 }, weight: 90 }, { subset: { version: v3 }, weight: 10 } ]
+---
+kind: Policy
+service: reviews
+rules:
+  - action: deny
+    from: { identities: ["spiffe://mesh.local/ns/default/sa/*"] }
+    to: { paths: ["/admin/*"] }
+---
+kind: MeshConfig
+defaultPolicy: deny
+trustDomain: mesh.local
+"#;
+
+fn ctl(registry: Option<&str>, args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_halyard"));
+    cmd.arg("ctl");
+    if let Some(r) = registry {
+        cmd.args(["--registry", r]);
+    }
+    cmd.args(args).output().unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn err(out: &Output) -> String {
+    assert!(
+        !out.status.success(),
+        "unexpected success: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn file(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn apply_get_delete_status_against_etcd() {
+    let etcd = EtcdServer::start();
+    let url = etcd.url();
+    let dir = tempfile::tempdir().unwrap();
+    let f = file(dir.path(), "mesh.yaml", GOOD);
+    let out = ok(&ctl(Some(&url), &["apply", "-f", &f]));
+    assert!(out.contains("Service services/reviews configured"), "{out}");
+    // Stored as JSON under the DESIGN.md layout, with camelCase fields.
+    let raw = etcd.etcdctl_ok(&[
+        "get",
+        "--print-value-only",
+        "/halyard/default/services/reviews",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(raw.trim()).unwrap();
+    assert_eq!(v["ports"][0]["targetPort"], 9080);
+    assert_eq!(v["kind"], "Service");
+    let json = ok(&ctl(
+        Some(&url),
+        &["get", "routes", "reviews", "-o", "json"],
+    ));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["rules"][0]["timeout"], "2s");
+    assert_eq!(v["rules"][1]["backends"][1]["weight"], 10);
+    let yaml = ok(&ctl(Some(&url), &["get", "meshconfig"]));
+    assert!(yaml.contains("defaultPolicy: deny"), "{yaml}");
+    // Applying the same file again is fine (compare-and-swap on the current revisions).
+    ok(&ctl(Some(&url), &["apply", "-f", &f]));
+    // Status: a sidecar's status key, and a bad value written behind ctl's back.
+    etcd.etcdctl_ok(&["put", "/halyard/default/status/sc-1", r#"{"sidecar":"sc-1","revision":7,"appliedAt":"2026-01-01T00:00:00Z","rejected":[{"key":"/halyard/default/policies/x","error":"rules[0].action: unknown action"}]}"#]);
+    let table = ok(&ctl(Some(&url), &["status"]));
+    assert!(
+        table.contains("sc-1") && table.contains("/halyard/default/policies/x: rules[0].action"),
+        "{table}"
+    );
+    etcd.etcdctl_ok(&["put", "/halyard/default/policies/broken", "{nope"]);
+    let out = ctl(Some(&url), &["get", "policies"]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(ok(&out).contains("service: reviews"));
+    assert!(
+        stderr.contains("/halyard/default/policies/broken: not valid JSON"),
+        "{stderr}"
+    );
+    ok(&ctl(Some(&url), &["delete", "routes", "reviews"]));
+    let e = err(&ctl(Some(&url), &["get", "routes", "reviews"]));
+    assert!(e.contains("Route reviews not found"), "{e}");
+    let e = err(&ctl(Some(&url), &["delete", "routes", "reviews"]));
+    assert!(e.contains("not found"), "{e}");
+}
+
+#[test]
+fn apply_with_one_bad_object_writes_nothing() {
+    let etcd = EtcdServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let bad = GOOD.replace("weight: 10 }", "weight: -10 }");
+    let f = file(dir.path(), "bad.yaml", &bad);
+    let e = err(&ctl(Some(&etcd.url()), &["apply", "-f", &f]));
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(
+        e.contains("bad.yaml: document 2 (Route reviews): rules[1].backends[1].weight: "),
+        "{e}"
+    );
+    let all = etcd.etcdctl_ok(&["get", "--prefix", "--keys-only", "/halyard/"]);
+    assert_eq!(all.trim(), "", "something was written: {all}");
+}
+
+#[test]
+fn validate_names_file_document_and_field_path_without_a_registry() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = file(dir.path(), "ok.yaml", GOOD);
+    assert!(ok(&ctl(None, &["validate", "-f", &f])).contains("4 objects valid"));
+    let cases = [
+        (
+            "retries: { attempts: 11 }",
+            "rules[0].retries.attempts",
+            "at most 10",
+        ),
+        (
+            "retries: { attempts: 1, perTryTimeout: 5 }",
+            "rules[0].retries.perTryTimeout",
+            "expected a string",
+        ),
+        (
+            "fault: { abort: { percent: 150, status: 503 } }",
+            "rules[0].fault.abort.percent",
+            "percentage",
+        ),
+        (
+            "mirror: { subset: { version: v3 }, percent: 10, extra: 1 }",
+            "rules[0].mirror.extra",
+            "unknown field",
+        ),
+    ];
+    for (extra, path, reason) in cases {
+        let text = GOOD.replace(
+            "    timeout: 2s\n",
+            &format!("    timeout: 2s\n    {extra}\n"),
+        );
+        let f = file(dir.path(), "bad.yaml", &text);
+        let e = err(&ctl(None, &["validate", "-f", &f]));
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(
+            e.contains(&format!("bad.yaml: document 2 (Route reviews): {path}: ")),
+            "{e}"
+        );
+        assert!(e.contains(reason), "{e}");
+    }
+    let e = err(&ctl(None, &["validate", "-f", "/nonexistent.yaml"]));
+    assert!(e.contains("/nonexistent.yaml"), "{e}");
+}
+
+#[test]
+fn unreachable_registry_is_a_quick_clear_error() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let t0 = Instant::now();
+    let e = err(&ctl(
+        Some(&format!("etcd://127.0.0.1:{port}")),
+        &["get", "services"],
+    ));
+    assert!(
+        t0.elapsed() < Duration::from_secs(6),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert!(e.contains("unreachable"), "{e}");
+    let e = err(&ctl(Some("consul://x"), &["get", "services"]));
+    assert!(e.contains("bad registry url"), "{e}");
+}
+
+#[test]
+fn directory_registry_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("reg/default")).unwrap();
+    let url = format!("file://{}", dir.path().join("reg").display());
+    let f = file(dir.path(), "mesh.yaml", GOOD);
+    ok(&ctl(Some(&url), &["apply", "-f", &f]));
+    assert!(dir
+        .path()
+        .join("reg/default/services/reviews.json")
+        .is_file());
+    assert!(dir.path().join("reg/default/meshconfig.json").is_file());
+    let out = ok(&ctl(Some(&url), &["get", "services", "-o", "json"]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["name"], "reviews");
+    ok(&ctl(Some(&url), &["delete", "policies", "reviews"]));
+    assert!(!dir
+        .path()
+        .join("reg/default/policies/reviews.json")
+        .exists());
+}
