@@ -296,9 +296,9 @@ pub fn render(objects: &[Object], format: Format, single: bool) -> String {
     match format {
         Format::Json if single && values.len() == 1 => pretty_json(&values[0]),
         Format::Json => pretty_json(&serde_json::Value::Array(values)),
-        Format::Yaml => values
+        Format::Yaml => objects
             .iter()
-            .map(|v| serde_yaml::to_string(v).unwrap_or_default())
+            .map(Object::to_yaml)
             .collect::<Vec<_>>()
             .join("---\n"),
     }

@@ -44,10 +44,10 @@ impl DirRegistry {
         let root = dir.join(&opts.mesh);
         std::fs::create_dir_all(&root).map_err(|e| RegistryError::io(&root, e))?;
         let mesh = opts.mesh.clone();
-        let (shared, _) = Shared::new(opts);
+        let (shared, persisted) = Shared::new(opts);
         let mut scanner = Scanner {
             root: root.clone(),
-            store: Store::new(&mesh),
+            store: persisted.unwrap_or_else(|| Store::new(&mesh)),
             raw: BTreeMap::new(),
         };
         scanner.rescan(&shared);
@@ -183,6 +183,9 @@ impl Scanner {
             return;
         }
         shared.contact_ok();
+        if shared.tx.borrow().origin != crate::snapshot::Origin::Live {
+            return self.first_scan(shared, now);
+        }
         let mut changed = false;
         let mut touched = false;
         for (rel, bytes) in &now {
@@ -202,10 +205,25 @@ impl Scanner {
         if touched {
             self.store.revision += 1;
         }
-        let first = shared.tx.borrow().origin != crate::snapshot::Origin::Live;
-        if changed || first {
+        if changed {
             shared.publish(&self.store);
         }
+    }
+
+    /// Replaces whatever was persisted with the directory's content, keeping the last good
+    /// value of keys whose file is invalid.
+    fn first_scan(&mut self, shared: &Shared, now: BTreeMap<String, Vec<u8>>) {
+        let entries: Vec<_> = now
+            .iter()
+            .map(|(rel, bytes)| {
+                let origin = self.root.join(format!("{rel}.json")).display().to_string();
+                (rel.clone(), origin, bytes.clone())
+            })
+            .collect();
+        let rev = self.store.revision + 1;
+        shared.note_rejected(self.store.relist(entries, rev));
+        self.raw = now;
+        shared.publish(&self.store);
     }
 }
 

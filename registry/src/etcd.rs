@@ -97,8 +97,13 @@ impl EtcdRegistry {
     pub async fn open(endpoints: Vec<String>, opts: Options) -> Result<Self, RegistryError> {
         let etcd = Etcd::connect(&endpoints, opts.timeout).await?;
         let prefix = mesh_prefix(&opts.mesh);
-        let mut store = Store::new(&opts.mesh);
-        let (shared, _) = Shared::new(opts);
+        let mesh = opts.mesh.clone();
+        let (shared, persisted) = Shared::new(opts);
+        // Seed with the persisted objects so that a key found invalid at the first listing keeps
+        // its last good value across a restart; the revision starts over (it may be another
+        // cluster's).
+        let mut store = persisted.unwrap_or_else(|| Store::new(&mesh));
+        store.revision = 0;
         let listed = list(&etcd, &prefix, &shared, &mut store).await;
         if let Err(e) = &listed {
             tracing::warn!(error = %e, "registry unreachable at start; serving the last known snapshot");
@@ -189,7 +194,8 @@ impl EtcdRegistry {
             etcd: self.etcd.clone(),
             key: key.clone(),
             value: obj.to_json(),
-            ttl: self.shared.opts.lease_ttl,
+            // etcd's smallest lease is about 2 s; whole seconds, at least 2.
+            ttl: Duration::from_secs(self.shared.opts.lease_ttl.as_secs().max(2)),
             lease: lease.clone(),
         };
         let task = tokio::spawn(holder.run(ready_tx));
@@ -247,7 +253,7 @@ impl LeaseHolder {
         ready: &mut Option<oneshot::Sender<()>>,
         backoff: &mut Backoff,
     ) -> RegistryError {
-        let ttl = i64::try_from(self.ttl.as_secs().max(1)).unwrap_or(10);
+        let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(10);
         let mut lc = self.etcd.client.lease_client();
         let lease = match self.etcd.call(lc.grant(ttl, None)).await {
             Ok(r) => r.id(),

@@ -427,3 +427,30 @@ async fn persisted_snapshot_serves_while_etcd_is_down() {
     let s = until(&mut rx, "the live snapshot", |s| s.origin == Origin::Live).await;
     assert!(s.service("a").is_some());
 }
+
+#[tokio::test]
+async fn last_good_value_survives_a_restart_while_the_key_is_bad() {
+    let etcd = EtcdServer::start();
+    let state = tempfile::tempdir().unwrap();
+    let mut o = opts();
+    o.state_dir = Some(state.path().to_owned());
+    put(&etcd, "policies/ratings", GOOD_POLICY);
+    {
+        let reg = open(&etcd.url(), o.clone()).await;
+        assert!(reg.snapshot().policy("ratings").is_some());
+        let file = state.path().join("registry-default.json");
+        eventually("the snapshot on disk", || {
+            std::fs::read_to_string(&file).is_ok_and(|t| t.contains("ratings"))
+        })
+        .await;
+    }
+    put(&etcd, "policies/ratings", "{broken");
+    let reg = open(&etcd.url(), o).await;
+    let s = reg.snapshot();
+    assert_eq!(s.origin, Origin::Live);
+    assert!(
+        s.policy("ratings").is_some(),
+        "last good value from disk kept"
+    );
+    assert!(s.rejected.contains_key("/halyard/default/policies/ratings"));
+}

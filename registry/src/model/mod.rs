@@ -705,6 +705,19 @@ impl Object {
         serde_json::Value::Object(out)
     }
 
+    /// The object as YAML, `kind` first and the fields in their documented order.
+    pub fn to_yaml(&self) -> String {
+        let body = match self {
+            Object::Service(o) => serde_yaml::to_string(o),
+            Object::Route(o) => serde_yaml::to_string(o),
+            Object::Policy(o) => serde_yaml::to_string(o),
+            Object::MeshConfig(o) => serde_yaml::to_string(o),
+            Object::Endpoint(o) => serde_yaml::to_string(o),
+            Object::Status(o) => serde_yaml::to_string(o),
+        };
+        format!("kind: {}\n{}", self.kind(), body.unwrap_or_default())
+    }
+
     /// The object as compact JSON, the form stored in etcd and in files.
     pub fn to_json(&self) -> String {
         self.to_value().to_string()
