@@ -3,7 +3,11 @@
 //! `AsyncWrite`, so a sidecar can `copy_bidirectional` them with a `TcpStream`.
 //!
 //! - `poll_shutdown` finishes the stream (the QUIC FIN: a TCP half-close); reading continues.
-//! - [`Tunnel::abort`] resets the stream in both directions (a TCP reset).
+//! - [`Tunnel::abort`] resets the stream in both directions (a TCP reset); so does dropping a
+//!   tunnel whose sending side was not shut down, so a crashed flow never looks complete.
+//! - [`Tunnel::splice`] pipes a local stream both ways with one copy fewer per direction
+//!   than `copy_bidirectional`; [`Tunnel::write_bytes`] and [`Tunnel::read_chunk`] are the
+//!   zero-copy calls it is built on.
 //! - A write is accepted as soon as the previous one is handed to QUIC; `poll_flush` waits for
 //!   the pending one.
 
@@ -13,11 +17,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, Bytes};
-use futures::future::BoxFuture;
+use bytes::{Buf, Bytes, BytesMut};
+use futures::future::{BoxFuture, FutureExt};
 use h3::error::{Code, StreamError};
 use http::StatusCode;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::error::TunnelError;
 
@@ -42,7 +46,6 @@ pub(crate) trait SendHalf: Send + Sized + 'static {
 /// The receiving half of an h3 request stream, client or server.
 pub(crate) trait RecvHalf: Send + 'static {
     fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, StreamError>>;
-    fn stop(&mut self, code: Code);
 }
 
 macro_rules! halves {
@@ -74,9 +77,6 @@ macro_rules! halves {
                 self.poll_recv_data(cx)
                     .map_ok(|b| b.map(|mut b| b.copy_to_bytes(b.remaining())))
             }
-            fn stop(&mut self, code: Code) {
-                self.stop_sending(code);
-            }
         }
     };
 }
@@ -102,7 +102,7 @@ impl Drop for StreamGuard {
 }
 
 /// The write side: at most one send in flight inside h3.
-struct Writer<S> {
+struct Writer<S: SendHalf> {
     half: Option<S>,
     pending: Option<(Op<S>, bool)>,
     finished: bool,
@@ -175,6 +175,23 @@ impl<S: SendHalf> Writer<S> {
         Poll::Ready(Ok(n))
     }
 
+    /// Hands `data` to h3 without copying it (the caller owns the buffer already).
+    fn poll_write_bytes(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &mut Option<Bytes>,
+        established: bool,
+    ) -> Poll<io::Result<()>> {
+        ready!(self.poll_pending(cx, established))?;
+        if self.finished {
+            return Poll::Ready(Err(TunnelError::Closed.into_io()));
+        }
+        match data.take() {
+            Some(d) if !d.is_empty() => self.start(cx, |h| h.send(d), false, established),
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+
     fn poll_shutdown(&mut self, cx: &mut Context<'_>, established: bool) -> Poll<io::Result<()>> {
         ready!(self.poll_pending(cx, established))?;
         if self.finished {
@@ -184,13 +201,46 @@ impl<S: SendHalf> Writer<S> {
         self.poll_pending(cx, established)
     }
 
+    /// Resets the stream. A send still in flight owns the half: it gets a short grace to hand
+    /// it back (dropping it instead would finish the stream, a clean EOF, not a reset).
     fn abort(&mut self, code: Code) {
-        self.pending = None;
+        if self.finished && self.pending.is_none() {
+            return;
+        }
+        if let Some((mut op, _)) = self.pending.take() {
+            match (&mut op).now_or_never() {
+                Some((half, _)) => self.half = Some(half),
+                None => reset_later(op, code),
+            }
+        }
         if let Some(h) = self.half.as_mut() {
             h.reset(code);
         }
         self.finished = true;
         self.error.get_or_insert(TunnelError::Closed);
+    }
+}
+
+/// How long an abort waits for a blocked send before giving up on the reset.
+const ABORT_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn reset_later<S: SendHalf>(op: Op<S>, code: Code) {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            if let Ok((mut half, _)) = tokio::time::timeout(ABORT_GRACE, op).await {
+                half.reset(code);
+            }
+        });
+    }
+}
+
+impl<S: SendHalf> Drop for Writer<S> {
+    fn drop(&mut self) {
+        // A tunnel dropped before its FIN was sent ended abnormally: tell the peer with a reset
+        // (RFC 9114 §4.1.1) rather than let quinn finish the stream as if all was sent.
+        if !self.finished {
+            self.abort(Code::H3_REQUEST_CANCELLED);
+        }
     }
 }
 
@@ -202,12 +252,8 @@ struct Reader<R> {
 }
 
 impl<R: RecvHalf> Reader<R> {
-    fn poll_read(
-        &mut self,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-        established: bool,
-    ) -> Poll<io::Result<()>> {
+    /// Makes `chunk` non-empty unless the peer has finished.
+    fn poll_fill(&mut self, cx: &mut Context<'_>, established: bool) -> Poll<io::Result<()>> {
         while self.chunk.is_empty() && !self.eof {
             match ready!(self.half.poll_chunk(cx)) {
                 Ok(Some(chunk)) => self.chunk = chunk,
@@ -215,10 +261,94 @@ impl<R: RecvHalf> Reader<R> {
                 Err(e) => return Poll::Ready(Err(TunnelError::from_h3(&e, established).into_io())),
             }
         }
+        Poll::Ready(Ok(()))
+    }
+
+    /// The next received chunk as h3 delivered it (no copy); `None` at the peer's FIN.
+    fn poll_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        established: bool,
+    ) -> Poll<io::Result<Option<Bytes>>> {
+        ready!(self.poll_fill(cx, established))?;
+        if self.chunk.is_empty() {
+            return Poll::Ready(Ok(None));
+        }
+        Poll::Ready(Ok(Some(std::mem::take(&mut self.chunk))))
+    }
+
+    fn poll_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+        established: bool,
+    ) -> Poll<io::Result<()>> {
+        ready!(self.poll_fill(cx, established))?;
         let n = self.chunk.len().min(buf.remaining());
         buf.put_slice(&self.chunk[..n]);
         self.chunk.advance(n);
         Poll::Ready(Ok(()))
+    }
+}
+
+/// Bytes read from a local stream per send in [`Tunnel::splice`].
+const SPLICE_BUF: usize = 64 * 1024;
+
+/// Local stream → tunnel: each read lands in a buffer that is then handed to h3 as is.
+async fn pump_up<S: SendHalf, R: AsyncRead + Unpin>(
+    writer: &mut Writer<S>,
+    mut from: R,
+) -> io::Result<u64> {
+    let mut buf = BytesMut::new();
+    let mut total = 0u64;
+    loop {
+        // Reclaims the previous allocation once h3 has released the last chunk.
+        buf.reserve(SPLICE_BUF);
+        let n = from.read_buf(&mut buf).await?;
+        if n == 0 {
+            std::future::poll_fn(|cx| writer.poll_shutdown(cx, false)).await?;
+            return Ok(total);
+        }
+        total += n as u64;
+        let mut data = Some(buf.split().freeze());
+        std::future::poll_fn(|cx| writer.poll_write_bytes(cx, &mut data, false)).await?;
+    }
+}
+
+/// Tunnel → local stream: each received chunk is written out without an intermediate copy.
+async fn pump_down<R: RecvHalf, W: AsyncWrite + Unpin>(
+    reader: &mut Reader<R>,
+    mut to: W,
+) -> io::Result<u64> {
+    let mut total = 0u64;
+    loop {
+        match std::future::poll_fn(|cx| reader.poll_chunk(cx, true)).await? {
+            Some(chunk) => {
+                to.write_all(&chunk).await?;
+                total += chunk.len() as u64;
+            }
+            None => {
+                to.shutdown().await?;
+                return Ok(total);
+            }
+        }
+    }
+}
+
+/// Re-labels an error of the sending direction once the tunnel is known to be established.
+fn relabel(e: io::Error, established: bool) -> io::Error {
+    let inner = e
+        .get_ref()
+        .and_then(|i| i.downcast_ref::<TunnelError>())
+        .cloned();
+    match inner {
+        Some(TunnelError::Reset { code, .. }) => TunnelError::Reset { code, established }.into_io(),
+        Some(TunnelError::ConnectionLost { reason, .. }) => TunnelError::ConnectionLost {
+            reason,
+            established,
+        }
+        .into_io(),
+        _ => e,
     }
 }
 
@@ -229,6 +359,36 @@ enum Response {
     Waiting(ResponseOp),
     Open(Reader<ClientRecv>),
     Failed(TunnelError),
+}
+
+/// Drives a client's CONNECT response; Ready(Ok) once the tunnel is established.
+fn poll_response(
+    response: &mut Response,
+    status: &mut Option<StatusCode>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<StatusCode, TunnelError>> {
+    if let Response::Waiting(op) = response {
+        let (recv, result) = ready!(op.as_mut().poll(cx));
+        *response = match result {
+            Ok(resp) if resp.status().is_success() => {
+                *status = Some(resp.status());
+                Response::Open(Reader {
+                    half: recv,
+                    chunk: Bytes::new(),
+                    eof: false,
+                })
+            }
+            Ok(resp) => Response::Failed(TunnelError::Status {
+                status: resp.status(),
+            }),
+            Err(e) => Response::Failed(TunnelError::from_h3(&e, false)),
+        };
+    }
+    match (&*response, *status) {
+        (Response::Failed(e), _) => Poll::Ready(Err(e.clone())),
+        (_, Some(status)) => Poll::Ready(Ok(status)),
+        _ => Poll::Ready(Err(TunnelError::Closed)),
+    }
 }
 
 /// The client side of a CONNECT tunnel. Writable at once: the first bytes follow the request
@@ -272,28 +432,7 @@ impl Tunnel {
 
     /// Drives the response; Ready(Ok) once the tunnel is established.
     fn poll_status(&mut self, cx: &mut Context<'_>) -> Poll<Result<StatusCode, TunnelError>> {
-        if let Response::Waiting(op) = &mut self.response {
-            let (recv, result) = ready!(op.as_mut().poll(cx));
-            self.response = match result {
-                Ok(resp) if resp.status().is_success() => {
-                    self.status = Some(resp.status());
-                    Response::Open(Reader {
-                        half: recv,
-                        chunk: Bytes::new(),
-                        eof: false,
-                    })
-                }
-                Ok(resp) => Response::Failed(TunnelError::Status {
-                    status: resp.status(),
-                }),
-                Err(e) => Response::Failed(TunnelError::from_h3(&e, false)),
-            };
-        }
-        match (&self.response, self.status) {
-            (Response::Failed(e), _) => Poll::Ready(Err(e.clone())),
-            (_, Some(status)) => Poll::Ready(Ok(status)),
-            _ => Poll::Ready(Err(TunnelError::Closed)),
-        }
+        poll_response(&mut self.response, &mut self.status, cx)
     }
 
     /// Waits for the peer's answer to the CONNECT: the 2xx status, or why the tunnel failed.
@@ -301,13 +440,58 @@ impl Tunnel {
         std::future::poll_fn(|cx| self.poll_status(cx)).await
     }
 
+    /// Sends `data` without copying it (AsyncWrite copies each slice once more).
+    pub async fn write_bytes(&mut self, data: Bytes) -> io::Result<()> {
+        let established = self.established();
+        let mut data = Some(data);
+        std::future::poll_fn(|cx| self.writer.poll_write_bytes(cx, &mut data, established)).await
+    }
+
+    /// The next received chunk without copying it; `None` once the peer finished. Waits for
+    /// the response first.
+    pub async fn read_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        self.status().await.map_err(TunnelError::into_io)?;
+        match &mut self.response {
+            Response::Open(reader) => std::future::poll_fn(|cx| reader.poll_chunk(cx, true)).await,
+            _ => Err(TunnelError::Closed.into_io()),
+        }
+    }
+
+    /// Pipes a local stream (`from` its read half, `to` its write half) through the tunnel both
+    /// ways until both directions have finished, with one copy fewer per direction than
+    /// `copy_bidirectional`. The first bytes go out before the response arrives. EOF on either
+    /// side is passed on as a half-close; on error the tunnel is aborted. Returns the bytes
+    /// sent and received.
+    pub async fn splice<R, W>(&mut self, from: R, to: W) -> io::Result<(u64, u64)>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let (writer, response, status) = (&mut self.writer, &mut self.response, &mut self.status);
+        let down = async {
+            std::future::poll_fn(|cx| poll_response(response, status, cx))
+                .await
+                .map_err(TunnelError::into_io)?;
+            match response {
+                Response::Open(reader) => pump_down(reader, to).await,
+                _ => Err(TunnelError::Closed.into_io()),
+            }
+        };
+        let result = tokio::try_join!(pump_up(writer, from), down);
+        if result.is_err() {
+            self.abort();
+        }
+        let established = self.established();
+        result.map_err(|e| relabel(e, established))
+    }
+
     /// Resets the stream both ways (RFC 9114 §4.1.1: abort with H3_REQUEST_CANCELLED), the
     /// equivalent of a TCP reset.
     pub fn abort(&mut self) {
         self.writer.abort(Code::H3_REQUEST_CANCELLED);
-        if let Response::Open(r) = &mut self.response {
-            r.half.stop(Code::H3_REQUEST_CANCELLED);
-        }
+        // Dropping the receive half makes quinn send STOP_SENDING. h3-quinn 0.0.10 panics on
+        // an explicit stop_sending while a read is in flight, which h3 may have started.
+        self.response = Response::Failed(TunnelError::Closed);
     }
 }
 
@@ -350,7 +534,8 @@ impl AsyncWrite for Tunnel {
 /// The server side of an accepted CONNECT tunnel (the 200 has been sent).
 pub struct ServerTunnel {
     writer: Writer<ServerSend>,
-    reader: Reader<ServerRecv>,
+    /// `None` after an abort.
+    reader: Option<Reader<ServerRecv>>,
 }
 
 impl std::fmt::Debug for ServerTunnel {
@@ -363,19 +548,52 @@ impl ServerTunnel {
     pub(crate) fn new(send: ServerSend, recv: ServerRecv) -> Self {
         ServerTunnel {
             writer: Writer::new(send),
-            reader: Reader {
+            reader: Some(Reader {
                 half: recv,
                 chunk: Bytes::new(),
                 eof: false,
-            },
+            }),
         }
+    }
+
+    /// Sends `data` without copying it.
+    pub async fn write_bytes(&mut self, data: Bytes) -> io::Result<()> {
+        let mut data = Some(data);
+        std::future::poll_fn(|cx| self.writer.poll_write_bytes(cx, &mut data, true)).await
+    }
+
+    /// The next received chunk without copying it; `None` once the peer finished.
+    pub async fn read_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        let reader = self
+            .reader
+            .as_mut()
+            .ok_or_else(|| TunnelError::Closed.into_io())?;
+        std::future::poll_fn(|cx| reader.poll_chunk(cx, true)).await
+    }
+
+    /// Pipes a local stream through the tunnel both ways, as [`Tunnel::splice`] does.
+    pub async fn splice<R, W>(&mut self, from: R, to: W) -> io::Result<(u64, u64)>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let reader = self
+            .reader
+            .as_mut()
+            .ok_or_else(|| TunnelError::Closed.into_io())?;
+        let result = tokio::try_join!(pump_up(&mut self.writer, from), pump_down(reader, to));
+        if result.is_err() {
+            self.abort();
+        }
+        result.map_err(|e| relabel(e, true))
     }
 
     /// Resets the stream both ways, the equivalent of a TCP reset (e.g. the local app reset
     /// its connection).
     pub fn abort(&mut self) {
         self.writer.abort(Code::H3_REQUEST_CANCELLED);
-        self.reader.half.stop(Code::H3_REQUEST_CANCELLED);
+        // See Tunnel::abort: dropping the receive half stops it safely.
+        self.reader = None;
     }
 }
 
@@ -385,7 +603,10 @@ impl AsyncRead for ServerTunnel {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        self.get_mut().reader.poll_read(cx, buf, true)
+        match self.get_mut().reader.as_mut() {
+            Some(reader) => reader.poll_read(cx, buf, true),
+            None => Poll::Ready(Err(TunnelError::Closed.into_io())),
+        }
     }
 }
 

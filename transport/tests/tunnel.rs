@@ -189,3 +189,90 @@ async fn bad_target_is_refused_locally() {
     assert!(Target::new("", 1).is_err());
     assert!("svc:0".parse::<Target>().is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn splice_pipes_tcp_to_tcp_with_half_close() {
+    let mesh = Mesh::new().await;
+    mesh.handler.backend.set(tcp_echo_app().await).unwrap();
+    // The client app connects to a local listener; the "client sidecar" splices it.
+    let listener = tokio::net::TcpListener::bind(LOOPBACK).await.unwrap();
+    let local = listener.local_addr().unwrap();
+    let app = tokio::spawn(async move {
+        let mut s = tokio::net::TcpStream::connect(local).await.unwrap();
+        let data = pattern(11, 5 << 20);
+        s.write_all(&data).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        s.read_to_end(&mut reply).await.unwrap();
+        assert!(reply == data, "spliced bytes differ");
+        reply.len()
+    });
+    let (mut inbound, _) = listener.accept().await.unwrap();
+    let mut tunnel = mesh.open("splice").await;
+    let (r, w) = inbound.split();
+    let (up, down) = tunnel.splice(r, w).await.unwrap();
+    assert_eq!((up, down), (5 << 20, 5 << 20));
+    assert_eq!(app.await.unwrap(), 5 << 20);
+}
+
+#[tokio::test]
+async fn zero_copy_calls_round_trip_and_abort_resets_the_peer() {
+    let mesh = Mesh::new().await;
+    let mut tunnel = mesh.open("echo").await;
+    tunnel
+        .write_bytes(bytes::Bytes::from_static(b"chunked"))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while got.len() < 7 {
+        got.extend_from_slice(&tunnel.read_chunk().await.unwrap().unwrap());
+    }
+    assert_eq!(got, b"chunked");
+    tunnel.abort();
+    let err = tunnel
+        .write_bytes(bytes::Bytes::from_static(b"x"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe);
+}
+
+#[tokio::test]
+async fn splice_to_a_refused_target_reports_the_status() {
+    let mesh = Mesh::new().await;
+    let (mut a, b) = tokio::io::duplex(1024);
+    a.write_all(b"early bytes").await.unwrap();
+    let mut tunnel = mesh.open("denied").await;
+    let (r, w) = tokio::io::split(b);
+    let err = tunnel.splice(r, w).await.unwrap_err();
+    let inner = err
+        .get_ref()
+        .unwrap()
+        .downcast_ref::<TunnelError>()
+        .unwrap();
+    assert_eq!(inner.status(), Some(StatusCode::FORBIDDEN));
+    assert!(inner.before_any_byte());
+}
+
+#[tokio::test]
+async fn finish_is_an_eof_but_abort_and_drop_are_resets_at_the_peer() {
+    let mesh = Mesh::new().await;
+    let mut seen = mesh.handler.observed.subscribe();
+    type End = fn(&mut halyard_transport::Tunnel);
+    let cases: [(&str, End); 2] = [("abort", |t| t.abort()), ("drop", |_| {})];
+    let mut tunnel = mesh.open("observe").await;
+    tunnel.write_all(b"0123456789").await.unwrap();
+    tunnel.shutdown().await.unwrap();
+    tunnel.status().await.unwrap();
+    let got = seen.wait_for(|o| o.is_some()).await.unwrap().clone();
+    assert_eq!(got.as_deref(), Some("eof 10"));
+    for (name, end) in cases {
+        mesh.handler.observed.send_replace(None);
+        let mut tunnel = mesh.open("observe").await;
+        tunnel.write_all(b"0123456789").await.unwrap();
+        tunnel.status().await.unwrap();
+        end(&mut tunnel);
+        drop(tunnel);
+        let got = seen.wait_for(|o| o.is_some()).await.unwrap().clone();
+        assert_eq!(got.as_deref(), Some("error ConnectionReset"), "{name}");
+    }
+}

@@ -35,6 +35,10 @@ pub struct TestHandler {
     /// Set to true to let every `hold` tunnel answer and finish.
     pub released: tokio::sync::watch::Sender<bool>,
     pub http_requests: AtomicUsize,
+    /// A TCP app the `splice` service forwards to, as a sidecar does.
+    pub backend: std::sync::OnceLock<SocketAddr>,
+    /// How the last `observe` tunnel ended: `eof <bytes>` or `error <io kind>`.
+    pub observed: tokio::sync::watch::Sender<Option<String>>,
 }
 
 impl TestHandler {
@@ -65,6 +69,33 @@ impl TestHandler {
         let _ = tunnel.shutdown().await;
     }
 
+    async fn splice(&self, req: TunnelRequest) {
+        let Some(addr) = self.backend.get() else {
+            return req.reject(StatusCode::SERVICE_UNAVAILABLE).await;
+        };
+        let Ok(mut app) = tokio::net::TcpStream::connect(addr).await else {
+            return req.reject(StatusCode::BAD_GATEWAY).await;
+        };
+        let Ok(mut tunnel) = req.accept().await else {
+            return;
+        };
+        let (r, w) = app.split();
+        let _ = tunnel.splice(r, w).await;
+    }
+
+    async fn observe(&self, req: TunnelRequest) {
+        let Ok(mut tunnel) = req.accept().await else {
+            return;
+        };
+        let mut all = Vec::new();
+        let outcome = match tunnel.read_to_end(&mut all).await {
+            Ok(n) => format!("eof {n}"),
+            Err(e) => format!("error {:?}", e.kind()),
+        };
+        let _ = tunnel.shutdown().await;
+        self.observed.send_replace(Some(outcome));
+    }
+
     async fn hold(&self, req: TunnelRequest) {
         let open = self.open.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_open.fetch_max(open, Ordering::SeqCst);
@@ -89,6 +120,8 @@ impl Handler for TestHandler {
             "sink" => self.sink(req).await,
             "hold" => self.hold(req).await,
             "denied" => req.reject(StatusCode::FORBIDDEN).await,
+            "splice" => self.splice(req).await,
+            "observe" => self.observe(req).await,
             _ => req.reject(StatusCode::NOT_FOUND).await,
         }
     }
@@ -215,4 +248,21 @@ pub async fn exchange(tunnel: Tunnel, data: &[u8]) -> std::io::Result<Vec<u8>> {
     wr?;
     rr?;
     Ok(reply)
+}
+
+/// A TCP echo app on 127.0.0.1:0 (echoes until FIN, then finishes).
+pub async fn tcp_echo_app() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind(LOOPBACK).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+                    let _ = w.shutdown().await;
+                }
+            });
+        }
+    });
+    addr
 }
