@@ -292,20 +292,23 @@ pub enum Format {
 
 /// Renders objects as YAML documents or JSON. `single` renders one JSON object, not an array.
 pub fn render(objects: &[Object], format: Format, single: bool) -> String {
-    let values: Vec<serde_json::Value> = objects.iter().map(Object::to_value).collect();
     match format {
-        Format::Json if single && values.len() == 1 => pretty_json(&values[0]),
-        Format::Json => pretty_json(&serde_json::Value::Array(values)),
+        Format::Json if single && objects.len() == 1 => objects[0].to_json_pretty() + "\n",
+        Format::Json => {
+            let items: Vec<String> = objects.iter().map(Object::to_json_pretty).collect();
+            let indented: Vec<String> = items.iter().map(|i| i.replace('\n', "\n  ")).collect();
+            if indented.is_empty() {
+                "[]\n".to_owned()
+            } else {
+                format!("[\n  {}\n]\n", indented.join(",\n  "))
+            }
+        }
         Format::Yaml => objects
             .iter()
             .map(Object::to_yaml)
             .collect::<Vec<_>>()
             .join("---\n"),
     }
-}
-
-fn pretty_json(v: &serde_json::Value) -> String {
-    serde_json::to_string_pretty(v).unwrap_or_default() + "\n"
 }
 
 /// Renders sidecar statuses as a table, with one indented line per rejected key.

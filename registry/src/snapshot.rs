@@ -112,9 +112,17 @@ impl Snapshot {
             .map_or(Action::Allow, |m| m.default_policy)
     }
 
-    /// Whether this snapshot came from disk or from nowhere rather than the live registry.
-    pub fn is_stale_start(&self) -> bool {
-        self.origin != Origin::Live
+    /// Whether this snapshot came from disk (or from nowhere) rather than the live registry.
+    pub fn loaded_from_disk(&self) -> bool {
+        matches!(self.origin, Origin::Persisted { .. })
+    }
+
+    /// For a snapshot loaded from disk, when it was last in contact with the registry.
+    pub fn stale_since(&self) -> Option<SystemTime> {
+        match self.origin {
+            Origin::Persisted { saved_at } => Some(saved_at),
+            _ => None,
+        }
     }
 
     /// Every object in the snapshot.

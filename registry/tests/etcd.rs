@@ -415,7 +415,7 @@ async fn persisted_snapshot_serves_while_etcd_is_down() {
     assert!(opened < Duration::from_secs(5), "open took {opened:?}");
     let s = reg.snapshot();
     assert!(
-        matches!(s.origin, Origin::Persisted { .. }),
+        s.loaded_from_disk() && s.stale_since().is_some(),
         "{:?}",
         s.origin
     );

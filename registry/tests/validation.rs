@@ -70,6 +70,16 @@ fn design_example_parses_and_round_trips() {
         assert_eq!(again.to_json(), o.to_json());
     }
     assert_eq!(objs[3].key(), Key::MeshConfig);
+    // So does the YAML ctl prints.
+    let yaml: Vec<String> = objs.iter().map(Object::to_yaml).collect();
+    let again = parse_documents("again.yaml", &yaml.join("---\n")).unwrap();
+    let json = |v: &[Object]| v.iter().map(Object::to_json).collect::<Vec<_>>();
+    assert_eq!(json(&again), json(&objs));
+    assert!(
+        yaml[1].starts_with("kind: Route\nservice: reviews\n"),
+        "{}",
+        yaml[1]
+    );
 }
 
 fn err_of(yaml: &str) -> (String, String) {

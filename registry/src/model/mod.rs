@@ -275,8 +275,7 @@ impl Serialize for Pattern {
 }
 
 /// A path condition.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone)]
 pub enum PathMatch {
     /// The path equals this.
     Exact(String),
@@ -298,8 +297,7 @@ impl PathMatch {
 }
 
 /// A header condition.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone)]
 pub enum HeaderMatch {
     /// The value equals this.
     Exact(String),
@@ -317,6 +315,38 @@ impl HeaderMatch {
             (HeaderMatch::Exact(e), Some(v)) => e == v,
             (HeaderMatch::Regex(r), Some(v)) => r.is_match(v),
             (_, None) => false,
+        }
+    }
+}
+
+/// Serializes `{name: value}`: YAML would otherwise write enum variants as tags.
+fn one_entry<S: Serializer, V: Serialize + ?Sized>(
+    s: S,
+    name: &str,
+    value: &V,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut m = s.serialize_map(Some(1))?;
+    m.serialize_entry(name, value)?;
+    m.end()
+}
+
+impl Serialize for PathMatch {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            PathMatch::Exact(p) => one_entry(s, "exact", p),
+            PathMatch::Prefix(p) => one_entry(s, "prefix", p),
+            PathMatch::Regex(r) => one_entry(s, "regex", r),
+        }
+    }
+}
+
+impl Serialize for HeaderMatch {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            HeaderMatch::Exact(v) => one_entry(s, "exact", v),
+            HeaderMatch::Regex(r) => one_entry(s, "regex", r),
+            HeaderMatch::Present(p) => one_entry(s, "present", p),
         }
     }
 }
@@ -687,40 +717,37 @@ impl Object {
         }
     }
 
-    /// The object as a JSON value with its `kind` field first.
-    pub fn to_value(&self) -> serde_json::Value {
-        let body = match self {
-            Object::Service(o) => serde_json::to_value(o),
-            Object::Route(o) => serde_json::to_value(o),
-            Object::Policy(o) => serde_json::to_value(o),
-            Object::MeshConfig(o) => serde_json::to_value(o),
-            Object::Endpoint(o) => serde_json::to_value(o),
-            Object::Status(o) => serde_json::to_value(o),
-        };
-        let mut out = serde_json::Map::new();
-        out.insert("kind".into(), self.kind().as_str().into());
-        if let Ok(serde_json::Value::Object(fields)) = body {
-            out.extend(fields);
+    /// Serializes the object with its `kind` field first and the fields in documented order.
+    fn tagged<R>(&self, f: impl FnOnce(&dyn erased::Tagged) -> R) -> R {
+        let kind = self.kind().as_str();
+        match self {
+            Object::Service(o) => f(&Tagged { kind, inner: o }),
+            Object::Route(o) => f(&Tagged { kind, inner: o }),
+            Object::Policy(o) => f(&Tagged { kind, inner: o }),
+            Object::MeshConfig(o) => f(&Tagged { kind, inner: o }),
+            Object::Endpoint(o) => f(&Tagged { kind, inner: o }),
+            Object::Status(o) => f(&Tagged { kind, inner: o }),
         }
-        serde_json::Value::Object(out)
+    }
+
+    /// The object as a JSON value, with its `kind` field.
+    pub fn to_value(&self) -> serde_json::Value {
+        self.tagged(|t| t.json_value())
     }
 
     /// The object as YAML, `kind` first and the fields in their documented order.
     pub fn to_yaml(&self) -> String {
-        let body = match self {
-            Object::Service(o) => serde_yaml::to_string(o),
-            Object::Route(o) => serde_yaml::to_string(o),
-            Object::Policy(o) => serde_yaml::to_string(o),
-            Object::MeshConfig(o) => serde_yaml::to_string(o),
-            Object::Endpoint(o) => serde_yaml::to_string(o),
-            Object::Status(o) => serde_yaml::to_string(o),
-        };
-        format!("kind: {}\n{}", self.kind(), body.unwrap_or_default())
+        self.tagged(|t| t.yaml())
     }
 
     /// The object as compact JSON, the form stored in etcd and in files.
     pub fn to_json(&self) -> String {
-        self.to_value().to_string()
+        self.tagged(|t| t.json(false))
+    }
+
+    /// The object as indented JSON, `kind` first.
+    pub fn to_json_pretty(&self) -> String {
+        self.tagged(|t| t.json(true))
     }
 
     /// Parses and validates one object from a JSON value. `kind` may be absent when `expected`
@@ -736,6 +763,42 @@ impl Object {
     /// name matching the key. Errors carry `origin` (the full key, or the file).
     pub fn from_stored(key: &Key, origin: &str, bytes: &[u8]) -> Result<Object, ValidationError> {
         validate::stored(key, bytes).map_err(|e| e.with_origin(origin))
+    }
+}
+
+/// An object with its `kind` in front.
+#[derive(Serialize)]
+struct Tagged<'a, T: Serialize> {
+    kind: &'static str,
+    #[serde(flatten)]
+    inner: &'a T,
+}
+
+mod erased {
+    /// [`super::Tagged`] without its type parameter.
+    pub(super) trait Tagged {
+        fn json_value(&self) -> serde_json::Value;
+        fn json(&self, pretty: bool) -> String;
+        fn yaml(&self) -> String;
+    }
+}
+
+impl<T: Serialize> erased::Tagged for Tagged<'_, T> {
+    fn json_value(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+
+    fn json(&self, pretty: bool) -> String {
+        let r = if pretty {
+            serde_json::to_string_pretty(self)
+        } else {
+            serde_json::to_string(self)
+        };
+        r.unwrap_or_default()
+    }
+
+    fn yaml(&self) -> String {
+        serde_yaml::to_string(self).unwrap_or_default()
     }
 }
 
