@@ -25,6 +25,18 @@ pub enum Command {
     Ctl(ctl::CtlArgs),
     /// Run the whole mesh on this machine and walk through what it does.
     Demo(demo::DemoArgs),
+    /// Run the data plane for one service from a config file.
+    Sidecar(SidecarArgs),
+    /// Install or remove transparent-capture iptables rules in this network namespace.
+    Iptables(crate::iptables::IptablesArgs),
+}
+
+/// Arguments of `halyard sidecar`.
+#[derive(Debug, clap::Args)]
+pub struct SidecarArgs {
+    /// The sidecar config file (TOML).
+    #[arg(long)]
+    pub config: std::path::PathBuf,
 }
 
 /// Sets up logging to stderr.
@@ -48,5 +60,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ca(args) => ca_cmd::run(args),
         Command::Ctl(args) => ctl::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Sidecar(args) => run_sidecar(&args),
+        Command::Iptables(args) => crate::iptables::cli(args),
     }
+}
+
+fn run_sidecar(args: &SidecarArgs) -> anyhow::Result<()> {
+    // One thread: on small machines cross-thread wake-ups cost more than they give (see
+    // ARCHITECTURE.md, Transport).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(crate::run::run(&args.config))
 }

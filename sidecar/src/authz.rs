@@ -1,0 +1,301 @@
+//! Access policy evaluation: a pure function of a policy, the verified peer and the request.
+//!
+//! Order (DESIGN §4): deny rules first; then, if the service has any allow rule, a request that
+//! matches none is denied; a policy with only deny rules admits the rest; a service without a
+//! policy gets the mesh default. A condition the sidecar cannot evaluate (an HTTP method or path
+//! on a plain TCP flow) fails closed: it makes a deny rule match and an allow rule miss.
+
+use halyard_certs::SpiffeId;
+use halyard_registry::model::{Action, Destination, Policy, PolicyRule, Source};
+
+/// The verified caller.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer<'a> {
+    /// The SPIFFE id from the peer's certificate.
+    pub id: &'a SpiffeId,
+    /// The services the peer serves (from the registry, or its service account).
+    pub services: &'a [&'a str],
+}
+
+/// What is being called.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Target<'a> {
+    /// The service port.
+    pub port: u16,
+    /// HTTP method; `None` for an L4 flow.
+    pub method: Option<&'a str>,
+    /// Normalized HTTP path; `None` for an L4 flow.
+    pub path: Option<&'a str>,
+}
+
+/// The outcome of an evaluation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Admitted.
+    Allow,
+    /// Refused, with the reason (for logs and the denial metric).
+    Deny(DenyReason),
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenyReason {
+    /// Deny rule number `.0` matched.
+    DenyRule(usize),
+    /// The service has allow rules and none matched.
+    NoAllowMatch,
+    /// No policy for the service and the mesh default is deny.
+    MeshDefault,
+}
+
+impl DenyReason {
+    /// A short label for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DenyReason::DenyRule(_) => "deny_rule",
+            DenyReason::NoAllowMatch => "no_allow_match",
+            DenyReason::MeshDefault => "mesh_default",
+        }
+    }
+}
+
+/// Evaluates `policy` (or the mesh `default` where there is none) for `peer` calling `target`.
+pub fn evaluate(
+    policy: Option<&Policy>,
+    default: Action,
+    peer: Peer<'_>,
+    target: Target<'_>,
+) -> Decision {
+    let Some(policy) = policy else {
+        return match default {
+            Action::Allow => Decision::Allow,
+            Action::Deny => Decision::Deny(DenyReason::MeshDefault),
+        };
+    };
+    let rules = policy.rules.iter().enumerate();
+    let denies = rules.clone().filter(|(_, r)| r.action == Action::Deny);
+    if let Some((i, _)) = denies.clone().find(|(_, r)| rule_matches(r, peer, target)) {
+        return Decision::Deny(DenyReason::DenyRule(i));
+    }
+    let mut allows = rules.filter(|(_, r)| r.action == Action::Allow).peekable();
+    if allows.peek().is_none() {
+        return Decision::Allow;
+    }
+    if allows.any(|(_, r)| rule_matches(r, peer, target)) {
+        Decision::Allow
+    } else {
+        Decision::Deny(DenyReason::NoAllowMatch)
+    }
+}
+
+/// Whether a rule applies; unevaluable conditions resolve towards refusal.
+fn rule_matches(rule: &PolicyRule, peer: Peer<'_>, target: Target<'_>) -> bool {
+    let unevaluable = rule.action == Action::Deny;
+    rule.from.as_ref().is_none_or(|f| source_matches(f, peer))
+        && rule
+            .to
+            .as_ref()
+            .is_none_or(|t| destination_matches(t, target, unevaluable))
+}
+
+fn source_matches(from: &Source, peer: Peer<'_>) -> bool {
+    let services_ok = from.services.is_empty()
+        || from
+            .services
+            .iter()
+            .any(|s| peer.services.contains(&s.as_str()));
+    let ids_ok = from.identities.is_empty() || from.identities.iter().any(|p| p.matches(peer.id));
+    let ns_ok = from.namespaces.is_empty()
+        || peer
+            .id
+            .namespace()
+            .is_some_and(|ns| from.namespaces.iter().any(|n| n.as_str() == ns));
+    services_ok && ids_ok && ns_ok
+}
+
+fn destination_matches(to: &Destination, target: Target<'_>, unevaluable: bool) -> bool {
+    let ports_ok = to.ports.is_empty() || to.ports.contains(&target.port);
+    let methods_ok = to.methods.is_empty()
+        || match target.method {
+            Some(m) => to.methods.iter().any(|x| x.eq_ignore_ascii_case(m)),
+            None => unevaluable,
+        };
+    let paths_ok = to.paths.is_empty()
+        || match target.path {
+            Some(p) => to.paths.iter().any(|x| x.matches(p)),
+            None => unevaluable,
+        };
+    ports_ok && methods_ok && paths_ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use halyard_registry::model::{IdentityPattern, Name, PathPattern};
+
+    fn id(s: &str) -> SpiffeId {
+        SpiffeId::parse(s).unwrap()
+    }
+
+    fn rule(action: Action, from: Option<Source>, to: Option<Destination>) -> PolicyRule {
+        PolicyRule { action, from, to }
+    }
+
+    fn from_services(s: &[&str]) -> Option<Source> {
+        Some(Source {
+            services: s.iter().map(|n| Name::new(n).unwrap()).collect(),
+            ..Source::default()
+        })
+    }
+
+    fn policy(rules: Vec<PolicyRule>) -> Policy {
+        Policy {
+            service: Name::new("ratings").unwrap(),
+            rules,
+        }
+    }
+
+    const PP: &str = "spiffe://mesh.local/ns/default/sa/productpage";
+
+    fn peer<'a>(id: &'a SpiffeId, services: &'a [&'a str]) -> Peer<'a> {
+        Peer { id, services }
+    }
+
+    #[test]
+    fn no_policy_uses_the_mesh_default() {
+        let pp = id(PP);
+        let p = peer(&pp, &["productpage"]);
+        let t = Target {
+            port: 9080,
+            ..Target::default()
+        };
+        assert_eq!(evaluate(None, Action::Allow, p, t), Decision::Allow);
+        assert_eq!(
+            evaluate(None, Action::Deny, p, t),
+            Decision::Deny(DenyReason::MeshDefault)
+        );
+    }
+
+    #[test]
+    fn deny_first_then_allow_list_then_default_allow_for_deny_only() {
+        let pp = id(PP);
+        let rev = id("spiffe://mesh.local/ns/default/sa/reviews");
+        let t = Target {
+            port: 9080,
+            ..Target::default()
+        };
+        let deny_pp = policy(vec![
+            rule(
+                Action::Allow,
+                from_services(&["productpage", "reviews"]),
+                None,
+            ),
+            rule(Action::Deny, from_services(&["productpage"]), None),
+        ]);
+        let got = evaluate(
+            Some(&deny_pp),
+            Action::Allow,
+            peer(&pp, &["productpage"]),
+            t,
+        );
+        assert_eq!(got, Decision::Deny(DenyReason::DenyRule(1)));
+        assert_eq!(
+            evaluate(Some(&deny_pp), Action::Deny, peer(&rev, &["reviews"]), t),
+            Decision::Allow
+        );
+        let other = id("spiffe://mesh.local/ns/other/sa/x");
+        let got = evaluate(Some(&deny_pp), Action::Allow, peer(&other, &["x"]), t);
+        assert_eq!(got, Decision::Deny(DenyReason::NoAllowMatch));
+        let deny_only = policy(vec![rule(
+            Action::Deny,
+            from_services(&["productpage"]),
+            None,
+        )]);
+        assert_eq!(
+            evaluate(Some(&deny_only), Action::Deny, peer(&other, &["x"]), t),
+            Decision::Allow
+        );
+    }
+
+    #[test]
+    fn identities_namespaces_and_ports() {
+        let pp = id(PP);
+        let glob = Source {
+            identities: vec![IdentityPattern::Prefix(
+                "spiffe://mesh.local/ns/default/sa/".into(),
+            )],
+            namespaces: vec![Name::new("default").unwrap()],
+            ..Source::default()
+        };
+        let to = Destination {
+            ports: vec![9080],
+            ..Destination::default()
+        };
+        let p = policy(vec![rule(Action::Allow, Some(glob), Some(to))]);
+        let t = |port| Target {
+            port,
+            ..Target::default()
+        };
+        assert_eq!(
+            evaluate(Some(&p), Action::Deny, peer(&pp, &[]), t(9080)),
+            Decision::Allow
+        );
+        assert_eq!(
+            evaluate(Some(&p), Action::Deny, peer(&pp, &[]), t(9081)),
+            Decision::Deny(DenyReason::NoAllowMatch)
+        );
+        let other = id("spiffe://mesh.local/ns/prod/sa/productpage");
+        assert!(matches!(
+            evaluate(Some(&p), Action::Allow, peer(&other, &[]), t(9080)),
+            Decision::Deny(_)
+        ));
+    }
+
+    #[test]
+    fn http_conditions_on_a_tcp_flow_fail_closed() {
+        let pp = id(PP);
+        let admin = Destination {
+            paths: vec![PathPattern::Exact("/admin".into())],
+            ..Destination::default()
+        };
+        let get = Destination {
+            methods: vec!["GET".into()],
+            ..Destination::default()
+        };
+        let l4 = Target {
+            port: 9080,
+            ..Target::default()
+        };
+        let deny = policy(vec![rule(Action::Deny, None, Some(admin.clone()))]);
+        assert!(matches!(
+            evaluate(Some(&deny), Action::Allow, peer(&pp, &[]), l4),
+            Decision::Deny(_)
+        ));
+        let allow = policy(vec![rule(Action::Allow, None, Some(get))]);
+        assert!(matches!(
+            evaluate(Some(&allow), Action::Allow, peer(&pp, &[]), l4),
+            Decision::Deny(_)
+        ));
+        let http = Target {
+            port: 9080,
+            method: Some("get"),
+            path: Some("/admin"),
+        };
+        assert_eq!(
+            evaluate(Some(&allow), Action::Deny, peer(&pp, &[]), http),
+            Decision::Allow
+        );
+        assert!(matches!(
+            evaluate(Some(&deny), Action::Allow, peer(&pp, &[]), http),
+            Decision::Deny(_)
+        ));
+        let public = Target {
+            path: Some("/public"),
+            ..http
+        };
+        assert_eq!(
+            evaluate(Some(&deny), Action::Allow, peer(&pp, &[]), public),
+            Decision::Allow
+        );
+    }
+}

@@ -1,0 +1,293 @@
+//! Choosing where a new flow goes: the route rule, the weighted backend (label subset), then an
+//! endpoint inside it. Pure functions over registry data and per-endpoint load figures; the
+//! randomness comes in as arguments so tests are exact.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use halyard_registry::model::{subset_matches, Backend, Endpoint, Labels, Route, RouteRule};
+
+/// The first rule of `route` that an L4 flow from `source` matches. Conditions on HTTP request
+/// content cannot hold for a TCP flow, so rules with them are skipped.
+pub fn l4_rule<'r>(route: &'r Route, source: &str) -> Option<&'r RouteRule> {
+    route
+        .rules
+        .iter()
+        .find(|rule| l4_rule_matches(rule, source))
+}
+
+/// Whether an L4 flow from `source` matches `rule`.
+pub fn l4_rule_matches(rule: &RouteRule, source: &str) -> bool {
+    match &rule.matches {
+        None => true,
+        Some(m) => {
+            m.path.is_none()
+                && m.method.is_none()
+                && m.headers.is_empty()
+                && m.source_service
+                    .as_ref()
+                    .is_none_or(|s| s.as_str() == source)
+        }
+    }
+}
+
+/// Smooth weighted round-robin (as in nginx): over any window of `sum(weights)` picks, each
+/// backend is chosen exactly in proportion to its weight, and picks are spread evenly.
+#[derive(Debug, Default, Clone)]
+pub struct WeightedPicker {
+    current: Vec<i64>,
+}
+
+impl WeightedPicker {
+    /// The index of the next backend, or `None` when every weight is zero.
+    pub fn pick(&mut self, weights: &[u32]) -> Option<usize> {
+        if self.current.len() != weights.len() {
+            self.current = vec![0; weights.len()];
+        }
+        let total: i64 = weights.iter().map(|&w| i64::from(w)).sum();
+        if total == 0 {
+            return None;
+        }
+        for (c, &w) in self.current.iter_mut().zip(weights) {
+            *c += i64::from(w);
+        }
+        let (best, _) = self
+            .current
+            .iter()
+            .enumerate()
+            .max_by_key(|&(i, &c)| (c, std::cmp::Reverse(i)))?;
+        self.current[best] -= total;
+        Some(best)
+    }
+}
+
+/// Per-rule pickers, keyed by (service, rule index), reset when the rule's backends change.
+#[derive(Debug, Default)]
+pub struct BackendPickers {
+    pickers: HashMap<(String, usize), (Vec<Backend>, WeightedPicker)>,
+}
+
+impl BackendPickers {
+    /// The next backend of `rule` (number `index` of `service`'s route).
+    pub fn pick<'r>(
+        &mut self,
+        service: &str,
+        index: usize,
+        rule: &'r RouteRule,
+    ) -> Option<&'r Backend> {
+        let entry = self
+            .pickers
+            .entry((service.to_owned(), index))
+            .or_insert_with(|| (rule.backends.clone(), WeightedPicker::default()));
+        if entry.0 != rule.backends {
+            *entry = (rule.backends.clone(), WeightedPicker::default());
+        }
+        let weights: Vec<u32> = rule.backends.iter().map(|b| b.weight).collect();
+        entry.1.pick(&weights).map(|i| &rule.backends[i])
+    }
+}
+
+/// What the balancer knows of one endpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct Load {
+    /// Flows in flight to it from this sidecar.
+    pub outstanding: u32,
+    /// Smoothed round-trip time to it, if measured.
+    pub rtt: Option<Duration>,
+    /// False while ejected by outlier detection.
+    pub healthy: bool,
+}
+
+impl Default for Load {
+    fn default() -> Self {
+        Load {
+            outstanding: 0,
+            rtt: None,
+            healthy: true,
+        }
+    }
+}
+
+/// Where this sidecar runs, for locality preference.
+#[derive(Debug, Clone, Default)]
+pub struct Locality {
+    /// Cluster name.
+    pub cluster: String,
+    /// Zone name.
+    pub zone: String,
+}
+
+/// RTT assumed for an endpoint not yet measured: low, so new endpoints get tried.
+const UNKNOWN_RTT: Duration = Duration::from_micros(500);
+
+/// Chooses an endpoint for a flow to `subset` of a service.
+///
+/// Candidates are the healthy endpoints of the subset; when none is healthy the flow fails over
+/// to the healthy endpoints of the whole service. Among candidates the closest locality tier
+/// wins (same cluster and zone, then same cluster, then any), and inside it power of two choices
+/// on `(outstanding + 1) × RTT / weight` decides. `samples` are two uniform random numbers.
+pub fn choose<'e>(
+    endpoints: &[&'e Endpoint],
+    subset: &Labels,
+    load: &dyn Fn(&Endpoint) -> Load,
+    here: &Locality,
+    samples: (u64, u64),
+) -> Option<&'e Endpoint> {
+    let healthy = |e: &&&Endpoint| e.weight > 0 && load(e).healthy;
+    let in_subset: Vec<&Endpoint> = endpoints
+        .iter()
+        .filter(|e| subset_matches(subset, &e.labels))
+        .filter(healthy)
+        .copied()
+        .collect();
+    let pool = if in_subset.is_empty() {
+        endpoints.iter().filter(healthy).copied().collect()
+    } else {
+        in_subset
+    };
+    let tier = closest_tier(&pool, here);
+    p2c(&tier, load, samples)
+}
+
+fn closest_tier<'e>(pool: &[&'e Endpoint], here: &Locality) -> Vec<&'e Endpoint> {
+    let same_zone = |e: &&&Endpoint| e.cluster == here.cluster && e.zone == here.zone;
+    let same_cluster = |e: &&&Endpoint| e.cluster == here.cluster;
+    for tier in [
+        pool.iter().filter(same_zone).copied().collect::<Vec<_>>(),
+        pool.iter().filter(same_cluster).copied().collect(),
+    ] {
+        if !tier.is_empty() {
+            return tier;
+        }
+    }
+    pool.to_vec()
+}
+
+fn p2c<'e>(
+    tier: &[&'e Endpoint],
+    load: &dyn Fn(&Endpoint) -> Load,
+    samples: (u64, u64),
+) -> Option<&'e Endpoint> {
+    let n = tier.len() as u64;
+    match n {
+        0 => None,
+        1 => Some(tier[0]),
+        _ => {
+            let a = (samples.0 % n) as usize;
+            // Second choice from the others, so the two are distinct.
+            let b = ((a as u64 + 1 + samples.1 % (n - 1)) % n) as usize;
+            let cost = |e: &Endpoint| {
+                let l = load(e);
+                let rtt = l.rtt.unwrap_or(UNKNOWN_RTT).as_nanos() as f64;
+                (f64::from(l.outstanding) + 1.0) * rtt / f64::from(e.weight.max(1))
+            };
+            Some(if cost(tier[b]) < cost(tier[a]) {
+                tier[b]
+            } else {
+                tier[a]
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use halyard_registry::model::Name;
+
+    fn ep(id: &str, version: &str, cluster: &str, zone: &str) -> Endpoint {
+        Endpoint {
+            id: id.into(),
+            service: Name::new("reviews").unwrap(),
+            address: "127.0.0.1:1".parse().unwrap(),
+            identity: "spiffe://mesh.local/ns/default/sa/reviews".parse().unwrap(),
+            labels: [("version".to_owned(), version.to_owned())].into(),
+            cluster: cluster.into(),
+            zone: zone.into(),
+            weight: 1,
+        }
+    }
+
+    fn labels(version: &str) -> Labels {
+        [("version".to_owned(), version.to_owned())].into()
+    }
+
+    #[test]
+    fn smooth_weighted_round_robin_is_exact_and_spread() {
+        let mut p = WeightedPicker::default();
+        let picks: Vec<usize> = (0..10).map(|_| p.pick(&[80, 20]).unwrap()).collect();
+        assert_eq!(picks.iter().filter(|&&i| i == 0).count(), 8);
+        // Spread: the light backend is not picked twice in a row.
+        assert!(picks.windows(2).all(|w| !(w[0] == 1 && w[1] == 1)));
+        let mut counts = [0; 3];
+        for _ in 0..2000 {
+            counts[p.pick(&[5, 0, 3]).unwrap()] += 1;
+        }
+        assert_eq!(counts, [1250, 0, 750]);
+        assert_eq!(WeightedPicker::default().pick(&[0, 0]), None);
+    }
+
+    #[test]
+    fn subset_without_healthy_endpoint_fails_over_to_the_service() {
+        let (a, b) = (ep("a", "v1", "c", "z"), ep("b", "v2", "c", "z"));
+        let all = [&a, &b];
+        let here = Locality {
+            cluster: "c".into(),
+            zone: "z".into(),
+        };
+        let healthy = |_: &Endpoint| Load::default();
+        let got = choose(&all, &labels("v2"), &healthy, &here, (0, 0)).unwrap();
+        assert_eq!(got.id, "b");
+        let b_ejected = |e: &Endpoint| Load {
+            healthy: e.id != "b",
+            ..Load::default()
+        };
+        let got = choose(&all, &labels("v2"), &b_ejected, &here, (0, 0)).unwrap();
+        assert_eq!(got.id, "a");
+        let none = |_: &Endpoint| Load {
+            healthy: false,
+            ..Load::default()
+        };
+        assert!(choose(&all, &labels("v2"), &none, &here, (0, 0)).is_none());
+    }
+
+    #[test]
+    fn locality_then_least_loaded_of_two() {
+        let near = ep("near", "v1", "c", "z");
+        let far = ep("far", "v1", "other", "z");
+        let here = Locality {
+            cluster: "c".into(),
+            zone: "z".into(),
+        };
+        let any = Labels::new();
+        for s in 0..10 {
+            let got = choose(
+                &[&far, &near],
+                &any,
+                &|_| Load::default(),
+                &here,
+                (s, s + 3),
+            );
+            assert_eq!(got.unwrap().id, "near");
+        }
+        let (busy, idle) = (ep("busy", "v1", "c", "z"), ep("idle", "v1", "c", "z"));
+        let load = |e: &Endpoint| Load {
+            outstanding: if e.id == "busy" { 10 } else { 0 },
+            ..Load::default()
+        };
+        for s in 0..10 {
+            let got = choose(&[&busy, &idle], &any, &load, &here, (s, s * 7));
+            assert_eq!(got.unwrap().id, "idle");
+        }
+        let slow = |e: &Endpoint| Load {
+            rtt: Some(Duration::from_millis(if e.id == "busy" { 50 } else { 1 })),
+            ..Load::default()
+        };
+        assert_eq!(
+            choose(&[&busy, &idle], &any, &slow, &here, (0, 0))
+                .unwrap()
+                .id,
+            "idle"
+        );
+    }
+}

@@ -1,0 +1,493 @@
+//! The sidecar's configuration file (TOML, DESIGN §8), checked in full before anything binds.
+//!
+//! Loading goes TOML → `toml::Value` → typed structs through `serde_path_to_error`, so a bad value
+//! is reported with its field path (`inbound.listen: invalid socket address syntax`); then the
+//! rules serde cannot express (names, URLs, ranges) are checked with the same kind of message.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use halyard_registry::model::Name;
+use halyard_transport::{RawTransportConfig, TransportConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::outlier::OutlierConfig;
+
+/// A configuration problem, naming the file and the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not TOML.
+    #[error("{path}: not valid TOML: {message}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+    /// A field has a bad value.
+    #[error("{path}: field `{field}`: {message}")]
+    Field {
+        /// The file.
+        path: PathBuf,
+        /// Dotted field path.
+        field: String,
+        /// What is wrong and what would be valid.
+        message: String,
+    },
+}
+
+/// The whole sidecar configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SidecarConfig {
+    /// Mesh name: the registry key prefix is `/halyard/<mesh>/`.
+    #[serde(default = "default_mesh")]
+    pub mesh: String,
+    /// `etcd://host:port[,host:port...]` or `file:///path`.
+    pub registry: String,
+    /// Where the last good registry snapshot is kept (static stability).
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
+    /// This sidecar's id in the registry (endpoint and status keys); default `<service>-<advertise>`.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Workload certificate files.
+    pub identity: IdentityConfig,
+    /// The service this sidecar fronts.
+    pub service: ServiceConfig,
+    /// Inbound QUIC.
+    #[serde(default)]
+    pub inbound: InboundConfig,
+    /// Outbound capture.
+    #[serde(default)]
+    pub outbound: OutboundConfig,
+    /// Admin server.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// QUIC transport tuning.
+    #[serde(default)]
+    pub transport: RawTransportConfig,
+    /// Passive outlier detection.
+    #[serde(default)]
+    pub outlier: OutlierConfig,
+    /// Timeouts, retries, drain.
+    #[serde(default)]
+    pub failure: FailureConfig,
+}
+
+/// `[identity]`: PEM files, relative to the config file's folder unless absolute.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PKCS#8 private key.
+    pub key: PathBuf,
+    /// Trust bundle: one or more roots.
+    pub bundle: PathBuf,
+    /// How often the files are checked for a renewed leaf.
+    #[serde(default = "default_reload", with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+/// `[service]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Service name (DNS-1123 label).
+    pub name: String,
+    /// Namespace (DNS-1123 label).
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// Version; becomes the label `version`.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// More labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Cluster name, for locality-aware balancing.
+    #[serde(default = "default_cluster")]
+    pub cluster: String,
+    /// Zone name, for locality-aware balancing.
+    #[serde(default)]
+    pub zone: String,
+    /// Load-balancing weight of this endpoint.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+/// `[inbound]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundConfig {
+    /// UDP address for QUIC from other sidecars.
+    #[serde(default = "default_inbound")]
+    pub listen: SocketAddr,
+    /// Address registered as this endpoint; default: `listen` (its bound port when 0).
+    #[serde(default)]
+    pub advertise: Option<SocketAddr>,
+    /// Host the app listens on, at each Service port's targetPort.
+    #[serde(default = "default_app_host")]
+    pub app_host: IpAddr,
+}
+
+/// `[outbound]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboundConfig {
+    /// Explicit capture: a local TCP listener per entry.
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Transparent capture (iptables REDIRECT target).
+    #[serde(default)]
+    pub transparent: Option<TransparentConfig>,
+}
+
+/// `[[outbound.upstreams]]`: local port → service port.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Destination service.
+    pub service: String,
+    /// Destination service port.
+    pub port: u16,
+    /// Local TCP listener.
+    pub listen: SocketAddr,
+}
+
+/// `[outbound.transparent]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransparentConfig {
+    /// The REDIRECT target listener.
+    #[serde(default = "default_capture")]
+    pub listen: SocketAddr,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Admin HTTP listener: /metrics, /healthz, /readyz, /config_dump.
+    #[serde(default = "default_admin")]
+    pub listen: SocketAddr,
+}
+
+/// `[failure]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailureConfig {
+    /// How long a new flow waits for the peer's answer before trying another endpoint.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Further endpoints tried when a flow fails before any byte flowed back.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// How long open flows may run on after SIGTERM before they are closed.
+    #[serde(default = "default_drain", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Close established inbound flows when policy turns to deny (default: they continue).
+    #[serde(default)]
+    pub close_flows_on_deny: bool,
+}
+
+fn default_mesh() -> String {
+    "default".into()
+}
+fn default_namespace() -> String {
+    "default".into()
+}
+fn default_cluster() -> String {
+    "local".into()
+}
+fn default_weight() -> u32 {
+    1
+}
+fn default_reload() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_inbound() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 15443))
+}
+fn default_app_host() -> IpAddr {
+    IpAddr::from([127, 0, 0, 1])
+}
+fn default_capture() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 15001))
+}
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 15000))
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_retries() -> u32 {
+    2
+}
+fn default_drain() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Default for InboundConfig {
+    fn default() -> Self {
+        InboundConfig {
+            listen: default_inbound(),
+            advertise: None,
+            app_host: default_app_host(),
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: default_admin(),
+        }
+    }
+}
+
+impl Default for FailureConfig {
+    fn default() -> Self {
+        FailureConfig {
+            connect_timeout: default_connect_timeout(),
+            retries: default_retries(),
+            drain_timeout: default_drain(),
+            close_flows_on_deny: false,
+        }
+    }
+}
+
+/// A configuration that passed every check, with paths resolved and the transport settings
+/// validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file as written (paths resolved), served at `/config_dump`.
+    pub file: SidecarConfig,
+    /// Validated QUIC settings.
+    pub transport: TransportConfig,
+    /// The service name.
+    pub service: Name,
+    /// Upstream service names, in `file.outbound.upstreams` order.
+    pub upstream_services: Vec<Name>,
+}
+
+impl Config {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Checks configuration text; `path` names it in errors and anchors relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let field = |field: String, message: String| ConfigError::Field {
+            path: path.to_owned(),
+            field,
+            message,
+        };
+        let value: toml::Value = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_owned(),
+            message: e.message().to_owned(),
+        })?;
+        let mut file: SidecarConfig = serde_path_to_error::deserialize(value).map_err(|e| {
+            let at = e.path().to_string();
+            field(at, e.into_inner().to_string())
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [
+            &mut file.identity.cert,
+            &mut file.identity.key,
+            &mut file.identity.bundle,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        check(file, &field)
+    }
+}
+
+type FieldErr<'a> = &'a dyn Fn(String, String) -> ConfigError;
+
+fn name(value: &str, at: &str, field: FieldErr<'_>) -> Result<Name, ConfigError> {
+    Name::new(value).map_err(|e| field(at.into(), e.to_string()))
+}
+
+fn check(file: SidecarConfig, field: FieldErr<'_>) -> Result<Config, ConfigError> {
+    name(&file.mesh, "mesh", field)?;
+    check_registry_url(&file.registry).map_err(|m| field("registry".into(), m))?;
+    let service = name(&file.service.name, "service.name", field)?;
+    name(&file.service.namespace, "service.namespace", field)?;
+    if let Some(id) = &file.id {
+        name(id, "id", field)?;
+    }
+    let mut upstream_services = Vec::new();
+    for (i, up) in file.outbound.upstreams.iter().enumerate() {
+        upstream_services.push(name(
+            &up.service,
+            &format!("outbound.upstreams[{i}].service"),
+            field,
+        )?);
+        if up.port == 0 {
+            return Err(field(
+                format!("outbound.upstreams[{i}].port"),
+                "must be 1-65535".into(),
+            ));
+        }
+    }
+    check_listeners(&file, field)?;
+    let transport = TransportConfig::try_from(file.transport.clone())
+        .map_err(|e| field("transport".into(), e.to_string()))?;
+    if file.failure.connect_timeout.is_zero() {
+        return Err(field(
+            "failure.connect_timeout".into(),
+            "must be positive".into(),
+        ));
+    }
+    if file.failure.retries > 10 {
+        return Err(field("failure.retries".into(), "at most 10".into()));
+    }
+    Ok(Config {
+        file,
+        transport,
+        service,
+        upstream_services,
+    })
+}
+
+/// No two TCP listeners on the same address (port 0 excepted: each gets its own port).
+fn check_listeners(file: &SidecarConfig, field: FieldErr<'_>) -> Result<(), ConfigError> {
+    let mut seen: BTreeMap<SocketAddr, String> = BTreeMap::new();
+    let mut tcp = vec![("admin.listen".to_owned(), file.admin.listen)];
+    for (i, up) in file.outbound.upstreams.iter().enumerate() {
+        tcp.push((format!("outbound.upstreams[{i}].listen"), up.listen));
+    }
+    if let Some(t) = &file.outbound.transparent {
+        tcp.push(("outbound.transparent.listen".into(), t.listen));
+    }
+    for (at, addr) in tcp {
+        if addr.port() == 0 {
+            continue;
+        }
+        if let Some(other) = seen.insert(addr, at.clone()) {
+            return Err(field(at, format!("{addr} is already used by {other}")));
+        }
+    }
+    Ok(())
+}
+
+/// `etcd://host:port[,host:port...]` or `file:///absolute/path`.
+pub fn check_registry_url(url: &str) -> Result<(), String> {
+    if let Some(hosts) = url.strip_prefix("etcd://") {
+        for h in hosts.split(',') {
+            let ok = h.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+            if !ok {
+                return Err(format!("{h:?} in {url:?} is not host:port"));
+            }
+        }
+        Ok(())
+    } else if let Some(dir) = url.strip_prefix("file://") {
+        if dir.starts_with('/') {
+            Ok(())
+        } else {
+            Err(format!(
+                "{url:?}: a directory registry needs an absolute path: file:///path"
+            ))
+        }
+    } else {
+        Err(format!(
+            "{url:?}: expected etcd://host:port[,host:port...] or file:///path"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+registry = "file:///var/lib/halyard/registry"
+[identity]
+cert = "cert.pem"
+key = "key.pem"
+bundle = "bundle.pem"
+[service]
+name = "reviews"
+version = "v2"
+[inbound]
+listen = "127.0.0.1:0"
+[[outbound.upstreams]]
+service = "ratings"
+port = 9080
+listen = "127.0.0.1:19080"
+"#;
+
+    #[test]
+    fn good_config_resolves_paths_and_defaults() {
+        let c = Config::parse(GOOD, Path::new("/etc/halyard/sidecar.toml")).unwrap();
+        assert_eq!(c.file.mesh, "default");
+        assert_eq!(c.file.identity.cert, Path::new("/etc/halyard/cert.pem"));
+        assert_eq!(c.file.admin.listen, "127.0.0.1:15000".parse().unwrap());
+        assert_eq!(c.upstream_services[0].as_str(), "ratings");
+        assert_eq!(c.file.failure.connect_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let cases = [
+            (GOOD.replace("127.0.0.1:0", "nowhere"), "inbound.listen"),
+            (
+                GOOD.replace("name = \"reviews\"", "name = \"Reviews!\""),
+                "service.name",
+            ),
+            (GOOD.replace("file:///var", "file://var"), "registry"),
+            (
+                GOOD.replace("port = 9080", "port = 70000"),
+                "outbound.upstreams[0].port",
+            ),
+            (
+                GOOD.replace("port = 9080", "port = 0"),
+                "outbound.upstreams[0].port",
+            ),
+            (
+                GOOD.replace("version = \"v2\"", "versoin = \"v2\""),
+                "service",
+            ),
+            (
+                format!("{GOOD}\n[admin]\nlisten = \"127.0.0.1:19080\"\n"),
+                "outbound.upstreams[0].listen",
+            ),
+            (
+                format!("{GOOD}\n[failure]\nconnect_timeout = \"soon\"\n"),
+                "failure.connect_timeout",
+            ),
+            (
+                format!("{GOOD}\n[transport]\nmax_concurrent_bidi_streams = 0\n"),
+                "transport",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = Config::parse(&text, Path::new("s.toml")).unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.starts_with("s.toml: field `"), "{msg}");
+            assert!(msg.contains(&format!("`{want}`")), "want {want}: {msg}");
+        }
+        let syntax = Config::parse("registry = ", Path::new("s.toml")).unwrap_err();
+        assert!(syntax.to_string().contains("not valid TOML"));
+    }
+}

@@ -1,0 +1,217 @@
+//! Inbound: tunnels from verified peers are checked against the service's ports and access
+//! policy, then piped to the local app.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use halyard_transport::{Handler, ServerTunnel, TunnelRequest};
+use http::StatusCode;
+use tokio::net::TcpStream;
+
+use crate::authz::{self, Decision, Peer, Target};
+use crate::metrics::{Direction, Edge};
+use crate::outbound::Flags;
+use crate::proxy::Shared;
+
+/// The inbound tunnel handler.
+pub struct Inbound {
+    /// Shared state.
+    pub shared: Arc<Shared>,
+}
+
+/// The outcome of admitting a tunnel: where to forward, or the status to refuse with.
+struct Admitted {
+    app: SocketAddr,
+    peer: halyard_certs::SpiffeId,
+    source: String,
+    port: u16,
+}
+
+impl Inbound {
+    fn admit(&self, req: &TunnelRequest) -> Result<Admitted, (StatusCode, String, Flags)> {
+        let shared = &self.shared;
+        let snap = shared.current();
+        let target = req.target();
+        let peer = &req.peer().id;
+        let services = shared.peer_services(&snap, peer);
+        let source = services
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "unknown".into());
+        let not_found = |why: String| (StatusCode::NOT_FOUND, why, Flags::NoRoute);
+        if target.service() != shared.service {
+            return Err(not_found(format!(
+                "this sidecar serves {}, not {}",
+                shared.service,
+                target.service()
+            )));
+        }
+        let svc = snap.service(target.service()).ok_or_else(|| {
+            not_found(format!(
+                "service {} is not in the registry",
+                target.service()
+            ))
+        })?;
+        let port = svc.port(target.port()).ok_or_else(|| {
+            not_found(format!(
+                "service {} has no port {}",
+                svc.name,
+                target.port()
+            ))
+        })?;
+        let names: Vec<&str> = services.iter().map(String::as_str).collect();
+        let decision = authz::evaluate(
+            snap.policy(target.service()).map(|p| p.as_ref()),
+            snap.default_policy(),
+            Peer {
+                id: peer,
+                services: &names,
+            },
+            Target {
+                port: target.port(),
+                ..Target::default()
+            },
+        );
+        if let Decision::Deny(reason) = decision {
+            shared
+                .metrics
+                .denial(&source, &shared.service, reason.as_str());
+            return Err((
+                StatusCode::FORBIDDEN,
+                format!("denied by policy ({})", reason.as_str()),
+                Flags::Denied,
+            ));
+        }
+        let app = SocketAddr::new(shared.config.file.inbound.app_host, port.target_port);
+        Ok(Admitted {
+            app,
+            peer: peer.clone(),
+            source,
+            port: target.port(),
+        })
+    }
+
+    fn record(&self, source: &str, flags: Flags, sent: u64, received: u64, started: Instant) {
+        let version = self
+            .shared
+            .config
+            .file
+            .service
+            .version
+            .as_deref()
+            .unwrap_or("unknown");
+        let edge = Edge {
+            direction: Direction::Inbound,
+            source,
+            destination: &self.shared.service,
+            version,
+        };
+        let secs = started.elapsed().as_secs_f64();
+        self.shared
+            .metrics
+            .tcp_flow(edge, flags.as_str(), sent, received, secs);
+    }
+}
+
+impl Handler for Inbound {
+    async fn tunnel(&self, req: TunnelRequest) {
+        // Tracked so drain waits for inbound flows as well.
+        self.shared.flows.track_future(self.serve(req)).await
+    }
+}
+
+impl Inbound {
+    async fn serve(&self, req: TunnelRequest) {
+        let started = Instant::now();
+        let admitted = match self.admit(&req) {
+            Ok(a) => a,
+            Err((status, why, flags)) => {
+                tracing::info!(peer = %req.peer().id, target = %req.target(), %status, reason = %why, "tunnel refused");
+                let source = self
+                    .shared
+                    .peer_services(&self.shared.current(), &req.peer().id);
+                let source = source.first().map_or("unknown", String::as_str).to_owned();
+                req.reject(status).await;
+                self.record(&source, flags, 0, 0, started);
+                return;
+            }
+        };
+        let timeout = self.shared.config.file.failure.connect_timeout;
+        let app = match tokio::time::timeout(timeout, TcpStream::connect(admitted.app)).await {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => {
+                tracing::info!(app = %admitted.app, error = %e, "local app refused");
+                req.reject(StatusCode::BAD_GATEWAY).await;
+                return self.record(&admitted.source, Flags::UpstreamFailure, 0, 0, started);
+            }
+            Err(_) => {
+                req.reject(StatusCode::GATEWAY_TIMEOUT).await;
+                return self.record(&admitted.source, Flags::UpstreamFailure, 0, 0, started);
+            }
+        };
+        let _ = app.set_nodelay(true);
+        let _active = self.shared.metrics.active(Direction::Inbound);
+        let Ok(tunnel) = req.accept().await else {
+            return self.record(&admitted.source, Flags::Reset, 0, 0, started);
+        };
+        let (flags, sent, received) = self.pipe(app, tunnel, &admitted).await;
+        tracing::debug!(source = %admitted.source, flags = flags.as_str(), sent, received, "inbound flow ended");
+        // From the source's view: what it sent is what the app received here.
+        self.record(&admitted.source, flags, received, sent, started);
+    }
+
+    /// Pipes until both sides finish; closes early on the drain deadline or, when configured,
+    /// when policy turns to deny for this peer.
+    async fn pipe(
+        &self,
+        mut app: TcpStream,
+        mut tunnel: ServerTunnel,
+        admitted: &Admitted,
+    ) -> (Flags, u64, u64) {
+        let shared = &self.shared;
+        let mut snap_rx = shared.snapshot.clone();
+        let close_on_deny = shared.config.file.failure.close_flows_on_deny;
+        {
+            let copy = tokio::io::copy_bidirectional(&mut app, &mut tunnel);
+            tokio::pin!(copy);
+            loop {
+                tokio::select! {
+                    r = &mut copy => return match r {
+                        Ok((to_peer, to_app)) => (Flags::Ok, to_peer, to_app),
+                        Err(_) => (Flags::Reset, 0, 0),
+                    },
+                    _ = shared.hard_stop.cancelled() => break,
+                    changed = snap_rx.changed(), if close_on_deny => {
+                        if changed.is_err() || !self.still_allowed(admitted) {
+                            tracing::info!(source = %admitted.source, "closing flow: policy now denies it");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        tunnel.abort();
+        crate::outbound::reset_on_close(&app);
+        (Flags::Reset, 0, 0)
+    }
+
+    fn still_allowed(&self, admitted: &Admitted) -> bool {
+        let snap = self.shared.current();
+        let services = self.shared.peer_services(&snap, &admitted.peer);
+        let names: Vec<&str> = services.iter().map(String::as_str).collect();
+        let decision = authz::evaluate(
+            snap.policy(&self.shared.service).map(|p| p.as_ref()),
+            snap.default_policy(),
+            Peer {
+                id: &admitted.peer,
+                services: &names,
+            },
+            Target {
+                port: admitted.port,
+                ..Target::default()
+            },
+        );
+        decision == Decision::Allow
+    }
+}

@@ -1,0 +1,288 @@
+//! Prometheus metrics of one sidecar. Label values come only from the registry and the config
+//! (service names, versions, fixed flag words), so cardinality stays bounded whatever peers send.
+//! Flows are recorded when they end, off the byte-copying path.
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// Inbound or outbound, from this sidecar's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Flows this sidecar accepted from peers.
+    Inbound,
+    /// Flows this sidecar's app opened.
+    Outbound,
+}
+
+impl Direction {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+/// The labels of one edge.
+#[derive(Debug, Clone, Copy)]
+pub struct Edge<'a> {
+    /// inbound / outbound.
+    pub direction: Direction,
+    /// Calling service.
+    pub source: &'a str,
+    /// Called service.
+    pub destination: &'a str,
+    /// Version label of the endpoint that served.
+    pub version: &'a str,
+}
+
+/// Every metric family of the sidecar.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    tcp_connections: IntCounterVec,
+    tcp_bytes: IntCounterVec,
+    tcp_duration: HistogramVec,
+    policy_denials: IntCounterVec,
+    outlier_ejections: IntCounterVec,
+    retries: IntCounterVec,
+    /// `halyard_registry_revision`.
+    pub registry_revision: IntGauge,
+    /// `halyard_registry_stale_seconds`.
+    pub registry_stale: Gauge,
+    /// `halyard_registry_rejected_keys`.
+    pub registry_rejected: IntGauge,
+    /// `halyard_cert_expiry_seconds`.
+    pub cert_expiry: Gauge,
+    /// `halyard_quic_rtt_seconds` by peer.
+    pub quic_rtt: GaugeVec,
+    /// `halyard_quic_lost_packets_total` by peer (read from QUIC's own counters).
+    pub quic_lost: GaugeVec,
+    /// `halyard_quic_congestion_window_bytes` by peer.
+    pub quic_cwnd: GaugeVec,
+    /// `halyard_quic_connections`.
+    pub quic_connections: IntGauge,
+    /// `halyard_active_flows` by direction.
+    pub active_flows: prometheus::IntGaugeVec,
+    /// Flows recorded so far, for anyone who needs to wait for a flow's figures.
+    finished: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+const EDGE: &[&str] = &[
+    "direction",
+    "source_service",
+    "destination_service",
+    "destination_version",
+];
+
+fn counter(
+    reg: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    reg.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn gauge_vec(
+    reg: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<GaugeVec> {
+    let g = GaugeVec::new(Opts::new(name, help), labels)?;
+    reg.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+fn gauge(reg: &Registry, name: &str, help: &str) -> prometheus::Result<Gauge> {
+    let g = Gauge::new(name, help)?;
+    reg.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+fn int_gauge(reg: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
+    let g = IntGauge::new(name, help)?;
+    reg.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// Registers every family in a fresh registry.
+    pub fn new() -> prometheus::Result<Self> {
+        let r = Registry::new();
+        let conn_labels = [EDGE, &["response_flags"]].concat();
+        let byte_labels = [EDGE, &["stream"]].concat();
+        let tcp_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "halyard_tcp_connection_duration_seconds",
+                "TCP flow duration",
+            )
+            .buckets(prometheus::exponential_buckets(0.001, 4.0, 10)?),
+            EDGE,
+        )?;
+        r.register(Box::new(tcp_duration.clone()))?;
+        Ok(Metrics {
+            tcp_connections: counter(
+                &r,
+                "halyard_tcp_connections_total",
+                "TCP flows ended",
+                &conn_labels,
+            )?,
+            tcp_bytes: counter(
+                &r,
+                "halyard_tcp_bytes_total",
+                "TCP bytes, by stream sent/received from the source's view",
+                &byte_labels,
+            )?,
+            tcp_duration,
+            policy_denials: counter(
+                &r,
+                "halyard_policy_denials_total",
+                "Flows and requests refused by policy",
+                &["source_service", "destination_service", "reason"],
+            )?,
+            outlier_ejections: counter(
+                &r,
+                "halyard_outlier_ejections_total",
+                "Endpoints ejected by outlier detection",
+                &["destination_service"],
+            )?,
+            retries: counter(
+                &r,
+                "halyard_retries_total",
+                "Attempts on another endpoint after a failure",
+                &["destination_service"],
+            )?,
+            registry_revision: int_gauge(
+                &r,
+                "halyard_registry_revision",
+                "Registry revision applied",
+            )?,
+            registry_stale: gauge(
+                &r,
+                "halyard_registry_stale_seconds",
+                "Seconds since the registry was last heard from",
+            )?,
+            registry_rejected: int_gauge(
+                &r,
+                "halyard_registry_rejected_keys",
+                "Registry keys quarantined",
+            )?,
+            cert_expiry: gauge(
+                &r,
+                "halyard_cert_expiry_seconds",
+                "Seconds until the workload certificate expires",
+            )?,
+            quic_rtt: gauge_vec(
+                &r,
+                "halyard_quic_rtt_seconds",
+                "Smoothed QUIC RTT per peer",
+                &["peer"],
+            )?,
+            quic_lost: gauge_vec(
+                &r,
+                "halyard_quic_lost_packets_total",
+                "QUIC packets lost per peer",
+                &["peer"],
+            )?,
+            quic_cwnd: gauge_vec(
+                &r,
+                "halyard_quic_congestion_window_bytes",
+                "QUIC congestion window per peer",
+                &["peer"],
+            )?,
+            quic_connections: int_gauge(&r, "halyard_quic_connections", "Pooled QUIC connections")?,
+            active_flows: {
+                let g = prometheus::IntGaugeVec::new(
+                    Opts::new("halyard_active_flows", "Flows open now"),
+                    &["direction"],
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
+            registry: r,
+            finished: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
+        })
+    }
+
+    /// Records a finished TCP flow.
+    pub fn tcp_flow(&self, edge: Edge<'_>, flags: &str, sent: u64, received: u64, secs: f64) {
+        let e = [
+            edge.direction.as_str(),
+            edge.source,
+            edge.destination,
+            edge.version,
+        ];
+        self.tcp_connections
+            .with_label_values(&[e[0], e[1], e[2], e[3], flags])
+            .inc();
+        self.tcp_bytes
+            .with_label_values(&[e[0], e[1], e[2], e[3], "sent"])
+            .inc_by(sent);
+        self.tcp_bytes
+            .with_label_values(&[e[0], e[1], e[2], e[3], "received"])
+            .inc_by(received);
+        self.tcp_duration.with_label_values(&e).observe(secs);
+        self.finished.send_modify(|n| *n += 1);
+    }
+
+    /// Sees the number of flows recorded so far (TCP flows and L7 requests).
+    pub fn finished(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.finished.subscribe()
+    }
+
+    /// Counts a flow as open until the guard drops.
+    pub fn active(&self, direction: Direction) -> ActiveFlow {
+        let gauge = self.active_flows.with_label_values(&[direction.as_str()]);
+        gauge.inc();
+        ActiveFlow(gauge)
+    }
+
+    /// Counts a policy denial.
+    pub fn denial(&self, source: &str, destination: &str, reason: &str) {
+        self.policy_denials
+            .with_label_values(&[source, destination, reason])
+            .inc();
+    }
+
+    /// Counts an outlier ejection.
+    pub fn ejection(&self, destination: &str) {
+        self.outlier_ejections
+            .with_label_values(&[destination])
+            .inc();
+    }
+
+    /// Counts a retry.
+    pub fn retry(&self, destination: &str) {
+        self.retries.with_label_values(&[destination]).inc();
+    }
+
+    /// The Prometheus text exposition of every family.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail on I/O; a family error would only drop that family.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+/// An open flow in `halyard_active_flows`; decrements on drop.
+pub struct ActiveFlow(prometheus::IntGauge);
+
+impl Drop for ActiveFlow {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

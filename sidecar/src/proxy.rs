@@ -1,0 +1,241 @@
+//! State shared by the sidecar's listeners: the registry snapshot in force, the connection pool,
+//! load-balancing and outlier state, metrics, and the drain signal.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use halyard_certs::SpiffeId;
+use halyard_registry::model::{Endpoint, Labels};
+use halyard_registry::Snapshot;
+use halyard_transport::Pool;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::balance::{self, BackendPickers, Load, Locality};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::outlier::{Failure, Outliers};
+
+/// Everything the data plane's tasks share.
+pub struct Shared {
+    /// The checked configuration.
+    pub config: Arc<Config>,
+    /// This sidecar's service name.
+    pub service: String,
+    /// The registry snapshot in force; a new value applies to new flows at once.
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    /// Pooled QUIC connections to peer sidecars.
+    pub pool: Pool,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Where this sidecar runs.
+    pub locality: Locality,
+    /// Every flow task, so drain can wait for them.
+    pub flows: TaskTracker,
+    /// Cancelled when the drain deadline passes: open flows close.
+    pub hard_stop: CancellationToken,
+    lb: Mutex<LbState>,
+}
+
+#[derive(Default)]
+struct LbState {
+    pickers: BackendPickers,
+    outliers: HashMap<String, Outliers>,
+    outstanding: HashMap<(String, String), u32>,
+    rtt: HashMap<SocketAddr, Duration>,
+}
+
+/// Why no endpoint could be chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PickError {
+    /// The service has no endpoint left to try.
+    NoEndpoint,
+    /// Every endpoint is ejected or has weight 0.
+    NoHealthy,
+}
+
+/// An endpoint chosen for one attempt; counts as outstanding until dropped.
+pub struct Picked {
+    /// The endpoint.
+    pub endpoint: Arc<Endpoint>,
+    shared: Arc<Shared>,
+}
+
+impl Drop for Picked {
+    fn drop(&mut self) {
+        let key = (self.endpoint.service.to_string(), self.endpoint.id.clone());
+        let mut lb = self.shared.lb();
+        if let Some(n) = lb.outstanding.get_mut(&key) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+impl Picked {
+    /// The endpoint's `version` label, for metrics.
+    pub fn version(&self) -> &str {
+        self.endpoint
+            .labels
+            .get("version")
+            .map_or("unknown", String::as_str)
+    }
+}
+
+impl Shared {
+    /// Builds the shared state.
+    pub fn new(
+        config: Arc<Config>,
+        snapshot: watch::Receiver<Arc<Snapshot>>,
+        pool: Pool,
+        metrics: Metrics,
+    ) -> Arc<Self> {
+        let locality = Locality {
+            cluster: config.file.service.cluster.clone(),
+            zone: config.file.service.zone.clone(),
+        };
+        Arc::new(Shared {
+            service: config.service.to_string(),
+            config,
+            snapshot,
+            pool,
+            metrics,
+            locality,
+            flows: TaskTracker::new(),
+            hard_stop: CancellationToken::new(),
+            lb: Mutex::new(LbState::default()),
+        })
+    }
+
+    fn lb(&self) -> MutexGuard<'_, LbState> {
+        // The state is counters and caches: after a panic elsewhere it is still usable.
+        self.lb.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The snapshot in force now.
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    /// Chooses an endpoint of `service` for a new flow from this sidecar, skipping `tried`.
+    pub fn pick(self: &Arc<Self>, service: &str, tried: &[String]) -> Result<Picked, PickError> {
+        let snap = self.current();
+        let candidates: Vec<&Endpoint> = snap
+            .endpoints_of(service)
+            .filter(|e| !tried.contains(&e.id))
+            .map(|e| e.as_ref())
+            .collect();
+        if candidates.is_empty() {
+            return Err(PickError::NoEndpoint);
+        }
+        let now = Instant::now();
+        let mut lb = self.lb();
+        let subset = self.subset_for(&snap, service, &mut lb);
+        let load = |e: &Endpoint| Load {
+            outstanding: lb
+                .outstanding
+                .get(&(service.to_owned(), e.id.clone()))
+                .copied()
+                .unwrap_or(0),
+            rtt: lb.rtt.get(&e.address).copied(),
+            healthy: !lb
+                .outliers
+                .get(service)
+                .is_some_and(|o| o.is_ejected(&e.id, now)),
+        };
+        let samples = (rand::random::<u64>(), rand::random::<u64>());
+        let chosen = balance::choose(&candidates, &subset, &load, &self.locality, samples)
+            .ok_or(PickError::NoHealthy)?;
+        let endpoint = snap
+            .endpoints_of(service)
+            .find(|e| e.id == chosen.id)
+            .cloned()
+            .ok_or(PickError::NoEndpoint)?;
+        *lb.outstanding
+            .entry((service.to_owned(), endpoint.id.clone()))
+            .or_default() += 1;
+        drop(lb);
+        Ok(Picked {
+            endpoint,
+            shared: self.clone(),
+        })
+    }
+
+    fn subset_for(&self, snap: &Snapshot, service: &str, lb: &mut LbState) -> Labels {
+        let Some(route) = snap.route(service) else {
+            return Labels::new();
+        };
+        let Some((index, rule)) = route
+            .rules
+            .iter()
+            .enumerate()
+            .find(|(_, r)| balance::l4_rule_matches(r, &self.service))
+        else {
+            return Labels::new();
+        };
+        lb.pickers
+            .pick(service, index, rule)
+            .map(|b| b.subset.clone())
+            .unwrap_or_default()
+    }
+
+    /// Records the outcome of an attempt for outlier detection.
+    pub fn outcome(&self, picked: &Picked, failure: Option<Failure>) {
+        let service = picked.endpoint.service.as_str();
+        let total = self.current().endpoints_of(service).count();
+        let mut lb = self.lb();
+        let outliers = lb.outliers.entry(service.to_owned()).or_default();
+        match failure {
+            None => outliers.success(&picked.endpoint.id),
+            Some(kind) => {
+                let cfg = &self.config.file.outlier;
+                if outliers.failure(cfg, &picked.endpoint.id, kind, total, Instant::now()) {
+                    tracing::warn!(service, endpoint = %picked.endpoint.id, "endpoint ejected");
+                    self.metrics.ejection(service);
+                }
+            }
+        }
+    }
+
+    /// Updates the RTT the balancer uses and the per-peer QUIC metrics from the pool.
+    pub fn refresh_peer_stats(&self) {
+        let stats = self.pool.stats();
+        let mut connections = 0i64;
+        let mut lb = self.lb();
+        for peer in &stats {
+            let Some(best) = peer.connections.iter().min_by_key(|c| c.rtt) else {
+                continue;
+            };
+            connections += peer.connections.len() as i64;
+            lb.rtt.insert(peer.peer.addr, best.rtt);
+            let label = peer.peer.addr.to_string();
+            let m = &self.metrics;
+            m.quic_rtt
+                .with_label_values(&[&label])
+                .set(best.rtt.as_secs_f64());
+            let lost: u64 = peer.connections.iter().map(|c| c.lost_packets).sum();
+            m.quic_lost.with_label_values(&[&label]).set(lost as f64);
+            m.quic_cwnd
+                .with_label_values(&[&label])
+                .set(best.cwnd as f64);
+        }
+        self.metrics.quic_connections.set(connections);
+    }
+
+    /// The services a verified peer serves: those whose registered endpoints carry its id, or
+    /// else its service account (the CA attests it).
+    pub fn peer_services(&self, snap: &Snapshot, id: &SpiffeId) -> Vec<String> {
+        let mut services: Vec<String> = snap
+            .endpoints
+            .iter()
+            .filter(|(_, eps)| eps.values().any(|e| &e.identity == id))
+            .map(|(s, _)| s.clone())
+            .collect();
+        if services.is_empty() {
+            services.extend(id.service_account().map(str::to_owned));
+        }
+        services
+    }
+}

@@ -1,0 +1,371 @@
+//! The sidecar's lifecycle: check the config, load the identity, bind every listener, open the
+//! registry, register, serve, and on SIGTERM drain: deregister, stop accepting, let open flows
+//! finish up to the deadline, then close them and exit 0.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use halyard_certs::{CertResolver, TrustBundle, WorkloadIdentity};
+use halyard_registry::model::{Endpoint, Name};
+use halyard_registry::{Options, Registration, Registry};
+use halyard_transport::{MeshEndpoint, Pool};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, Admin, Readiness};
+use crate::config::Config;
+use crate::inbound::Inbound;
+use crate::metrics::Metrics;
+use crate::outbound::{self, Destination};
+use crate::proxy::Shared;
+
+/// How long finished flows' last bytes get to be acknowledged before connections close.
+const CLOSE_LINGER: Duration = Duration::from_millis(200);
+
+/// Listeners bound before anything is served, so a bind conflict fails the start cleanly.
+struct Bound {
+    endpoint: MeshEndpoint,
+    upstreams: Vec<(TcpListener, Destination)>,
+    transparent: Option<TcpListener>,
+    admin: TcpListener,
+}
+
+async fn bind_tcp(addr: std::net::SocketAddr, field: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("{field} = {addr}: cannot listen"))
+}
+
+async fn bind_all(
+    config: &Config,
+    resolver: Arc<CertResolver>,
+    bundle: Arc<TrustBundle>,
+) -> anyhow::Result<Bound> {
+    let file = &config.file;
+    let endpoint = MeshEndpoint::new(
+        resolver,
+        bundle,
+        config.transport.clone(),
+        file.inbound.listen,
+    )
+    .with_context(|| format!("inbound.listen = {}: cannot listen", file.inbound.listen))?;
+    let mut upstreams = Vec::new();
+    for (i, up) in file.outbound.upstreams.iter().enumerate() {
+        let l = bind_tcp(up.listen, &format!("outbound.upstreams[{i}].listen")).await?;
+        upstreams.push((
+            l,
+            Destination {
+                service: up.service.clone(),
+                port: up.port,
+            },
+        ));
+    }
+    let transparent = match &file.outbound.transparent {
+        Some(t) => Some(bind_tcp(t.listen, "outbound.transparent.listen").await?),
+        None => None,
+    };
+    let admin = bind_tcp(file.admin.listen, "admin.listen").await?;
+    Ok(Bound {
+        endpoint,
+        upstreams,
+        transparent,
+        admin,
+    })
+}
+
+/// The sidecar's id: configured, else `<service>-<advertised port>`.
+fn sidecar_id(config: &Config, advertise: std::net::SocketAddr) -> String {
+    config
+        .file
+        .id
+        .clone()
+        .unwrap_or_else(|| format!("{}-{}", config.service, advertise.port()))
+}
+
+fn endpoint_record(
+    config: &Config,
+    id: &str,
+    advertise: std::net::SocketAddr,
+    identity: &WorkloadIdentity,
+) -> anyhow::Result<Endpoint> {
+    let svc = &config.file.service;
+    let mut labels = svc.labels.clone();
+    if let Some(v) = &svc.version {
+        labels.insert("version".into(), v.clone());
+    }
+    Ok(Endpoint {
+        id: id.to_owned(),
+        service: Name::new(&svc.name)?,
+        address: advertise,
+        identity: identity.id().clone(),
+        labels,
+        cluster: svc.cluster.clone(),
+        zone: svc.zone.clone(),
+        weight: svc.weight,
+    })
+}
+
+/// Runs a sidecar from a config file until SIGTERM or SIGINT.
+pub async fn run(config_path: &Path) -> anyhow::Result<()> {
+    let config = Arc::new(Config::load(config_path)?);
+    let stop = CancellationToken::new();
+    let signal = stop.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        signal.cancel();
+    });
+    run_until(config, stop, None).await
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        }
+        // Without signal handlers the sidecar can only be killed; keep serving.
+        _ => std::future::pending().await,
+    }
+}
+
+/// Addresses a started sidecar bound, reported to tests and the demo.
+#[derive(Debug, Clone)]
+pub struct Started {
+    /// Inbound QUIC.
+    pub inbound: std::net::SocketAddr,
+    /// Explicit upstream listeners, in config order.
+    pub upstreams: Vec<std::net::SocketAddr>,
+    /// Transparent capture listener.
+    pub transparent: Option<std::net::SocketAddr>,
+    /// Admin listener.
+    pub admin: std::net::SocketAddr,
+    /// The sidecar's id in the registry.
+    pub id: String,
+    /// The registry snapshots the sidecar applies.
+    pub snapshot: tokio::sync::watch::Receiver<Arc<halyard_registry::Snapshot>>,
+    /// The sidecar's metrics.
+    pub metrics: Metrics,
+}
+
+/// Runs a sidecar until `stop` is cancelled, then drains. `started` receives the bound
+/// addresses once everything listens.
+pub async fn run_until(
+    config: Arc<Config>,
+    stop: CancellationToken,
+    started: Option<tokio::sync::oneshot::Sender<Started>>,
+) -> anyhow::Result<()> {
+    let readiness = Arc::new(Readiness::default());
+    let waiting_snapshot = readiness.block("registry snapshot");
+    let file = &config.file;
+    let identity = WorkloadIdentity::load(&file.identity.cert, &file.identity.key)
+        .context("identity.cert / identity.key")?;
+    let bundle = Arc::new(TrustBundle::load(&file.identity.bundle).context("identity.bundle")?);
+    let resolver = CertResolver::new(identity.clone());
+    let bound = bind_all(&config, resolver.clone(), bundle).await?;
+    let inbound_addr = bound.endpoint.local_addr()?;
+    let advertise = file.inbound.advertise.unwrap_or(inbound_addr);
+    let id = sidecar_id(&config, advertise);
+
+    let mut opts = Options::new(&file.mesh);
+    opts.state_dir = file.state_dir.clone();
+    opts.sidecar_id = Some(id.clone());
+    let registry = halyard_registry::open_with(&file.registry, opts)
+        .await
+        .with_context(|| format!("registry = {:?}", file.registry))?;
+    let metrics = Metrics::new().context("metrics")?;
+    let shared = Shared::new(
+        config.clone(),
+        registry.watch(),
+        Pool::new(bound.endpoint.clone()),
+        metrics,
+    );
+    let admin = Arc::new(Admin {
+        shared: shared.clone(),
+        readiness: readiness.clone(),
+    });
+
+    let listeners = CancellationToken::new();
+    let tasks = tokio_util::task::TaskTracker::new();
+    let info = Started {
+        inbound: inbound_addr,
+        upstreams: bound
+            .upstreams
+            .iter()
+            .filter_map(|(l, _)| l.local_addr().ok())
+            .collect(),
+        transparent: bound.transparent.as_ref().and_then(|l| l.local_addr().ok()),
+        admin: bound.admin.local_addr()?,
+        id: id.clone(),
+        snapshot: shared.snapshot.clone(),
+        metrics: shared.metrics.clone(),
+    };
+    spawn_listeners(&tasks, &shared, bound, admin, &listeners);
+    tasks.spawn(watch_snapshot(
+        shared.clone(),
+        waiting_snapshot,
+        listeners.clone(),
+    ));
+    tasks.spawn(refresh(
+        shared.clone(),
+        registry.clone(),
+        resolver.clone(),
+        listeners.clone(),
+    ));
+    tasks.spawn(reload_identity(config.clone(), resolver, listeners.clone()));
+
+    let record = endpoint_record(&config, &id, advertise, &identity)?;
+    let registration = registry
+        .register(record)
+        .await
+        .context("registering this endpoint")?;
+    tracing::info!(sidecar = %id, inbound = %inbound_addr, %advertise, "sidecar serving");
+    if let Some(tx) = started {
+        let _ = tx.send(info);
+    }
+    stop.cancelled().await;
+    drain(&shared, registry, registration, &listeners).await;
+    tasks.close();
+    tasks.wait().await;
+    Ok(())
+}
+
+fn spawn_listeners(
+    tasks: &tokio_util::task::TaskTracker,
+    shared: &Arc<Shared>,
+    bound: Bound,
+    admin: Arc<Admin>,
+    stop: &CancellationToken,
+) {
+    let inbound = Arc::new(Inbound {
+        shared: shared.clone(),
+    });
+    let endpoint = bound.endpoint.clone();
+    tasks.spawn(halyard_transport::serve(endpoint, inbound));
+    for (listener, dest) in bound.upstreams {
+        tasks.spawn(outbound::serve_upstream(
+            shared.clone(),
+            listener,
+            dest,
+            stop.clone(),
+        ));
+    }
+    if let Some(l) = bound.transparent {
+        tasks.spawn(outbound::serve_transparent(shared.clone(), l, stop.clone()));
+    }
+    tasks.spawn(admin::serve(admin, bound.admin, stop.clone()));
+}
+
+/// Clears the snapshot readiness step once a live or persisted snapshot is in force.
+async fn watch_snapshot(shared: Arc<Shared>, guard: admin::ReadyGuard, stop: CancellationToken) {
+    let mut rx = shared.snapshot.clone();
+    loop {
+        if !matches!(
+            rx.borrow_and_update().origin,
+            halyard_registry::Origin::Empty
+        ) {
+            drop(guard);
+            return;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = rx.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// Once a second: registry and certificate gauges, per-peer QUIC figures.
+async fn refresh(
+    shared: Arc<Shared>,
+    registry: Arc<dyn Registry>,
+    resolver: Arc<CertResolver>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let snap = shared.current();
+        let m = &shared.metrics;
+        m.registry_revision.set(snap.revision);
+        m.registry_rejected.set(snap.rejected.len() as i64);
+        m.registry_stale.set(registry.staleness().as_secs_f64());
+        m.cert_expiry
+            .set(resolver.current().seconds_to_expiry(SystemTime::now()));
+        shared.refresh_peer_stats();
+    }
+}
+
+/// Watches the certificate files; a renewed leaf is swapped in for new handshakes. A bad or
+/// half-written file keeps the current leaf and is retried on the next change.
+async fn reload_identity(
+    config: Arc<Config>,
+    resolver: Arc<CertResolver>,
+    stop: CancellationToken,
+) {
+    let files = &config.file.identity;
+    let stamp = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut last = (stamp(&files.cert), stamp(&files.key));
+    let mut tick = tokio::time::interval(files.reload_interval);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = (stamp(&files.cert), stamp(&files.key));
+        if now == last {
+            continue;
+        }
+        match WorkloadIdentity::load(&files.cert, &files.key).and_then(|i| resolver.swap(i)) {
+            Ok(()) => {
+                tracing::info!(cert = %files.cert.display(), "workload certificate reloaded");
+                last = now;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "renewed certificate not loaded; keeping the current one")
+            }
+        }
+    }
+}
+
+async fn drain(
+    shared: &Arc<Shared>,
+    registry: Arc<dyn Registry>,
+    registration: Registration,
+    listeners: &CancellationToken,
+) {
+    tracing::info!("draining: deregistering and refusing new flows");
+    if let Err(e) = registry.deregister(registration).await {
+        tracing::warn!(error = %e, "deregistration failed; the lease will expire instead");
+    }
+    listeners.cancel();
+    // New QUIC connections are refused; peers' open connections may still bring flows until
+    // they see the deregistration, and those are served.
+    shared.pool.endpoint().quinn().set_server_config(None);
+    shared.flows.close();
+    let deadline = shared.config.file.failure.drain_timeout;
+    if tokio::time::timeout(deadline, shared.flows.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = shared.flows.len(),
+            "drain deadline passed; closing open flows"
+        );
+        shared.hard_stop.cancel();
+        shared.flows.wait().await;
+    }
+    // CONNECTION_CLOSE makes QUIC drop stream data not yet acknowledged, and quinn has no "all
+    // acknowledged" event: give the last bytes of finished flows time to be acked (a peer may
+    // delay its ACK by up to 25 ms) before closing.
+    tokio::time::sleep(CLOSE_LINGER).await;
+    tracing::debug!("open flows done; closing connections");
+    shared.pool.close();
+    shared.pool.endpoint().close();
+}

@@ -1,0 +1,255 @@
+//! The L4 data plane end to end: echo apps behind real sidecars on loopback, QUIC between them,
+//! a directory registry written as an operator would.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+
+use common::{call, metric, tagged_echo, Mesh, Spec};
+
+fn service_yaml(name: &str, port: u16, target: u16) -> String {
+    format!("kind: Service\nname: {name}\nports:\n  - {{ name: tcp, port: {port}, protocol: tcp, targetPort: {target} }}\n")
+}
+
+fn ip(last: u8) -> IpAddr {
+    IpAddr::from([127, 0, 0, last])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_flow_through_explicit_upstreams_and_are_counted() {
+    let mesh = Mesh::with_dir().await;
+    let app = tagged_echo("127.0.0.1:0".parse().unwrap(), "ratings").await;
+    mesh.apply(&service_yaml("ratings", 9080, app.addr.port()))
+        .await;
+    let ratings = mesh.start(&Spec::new("ratings", "v1")).await;
+    let pp = mesh
+        .start(&Spec::new("productpage", "v1").upstream("ratings", 9080))
+        .await;
+    pp.wait_endpoints("ratings", 1).await;
+
+    let big: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    let out = call(pp.upstream(0), &big).await.unwrap();
+    assert_eq!(&out[..8], b"ratings:");
+    assert!(out[8..] == big[..], "payload changed in flight");
+    assert_eq!(
+        call(pp.upstream(0), b"small").await.unwrap(),
+        b"ratings:small"
+    );
+
+    pp.wait_flows(2).await;
+    ratings.wait_flows(2).await;
+    let out_m = pp.started.metrics.render();
+    let edge = [
+        ("direction", "outbound"),
+        ("destination_service", "ratings"),
+        ("destination_version", "v1"),
+    ];
+    let ok = [&edge[..], &[("response_flags", "-")]].concat();
+    assert_eq!(metric(&out_m, "halyard_tcp_connections_total", &ok), 2.0);
+    let sent = [&edge[..], &[("stream", "sent")]].concat();
+    assert_eq!(
+        metric(&out_m, "halyard_tcp_bytes_total", &sent),
+        (big.len() + 5) as f64
+    );
+    let in_m = ratings.started.metrics.render();
+    let inbound = [
+        ("direction", "inbound"),
+        ("source_service", "productpage"),
+        ("response_flags", "-"),
+    ];
+    assert_eq!(
+        metric(&in_m, "halyard_tcp_connections_total", &inbound),
+        2.0
+    );
+    pp.shutdown().await.unwrap();
+    ratings.shutdown().await.unwrap();
+}
+
+fn route_yaml(v1: u32, v2: u32) -> String {
+    format!(
+        "kind: Route\nservice: reviews\nrules:\n  - backends:\n      - {{ subset: {{ version: v1 }}, weight: {v1} }}\n      - {{ subset: {{ version: v2 }}, weight: {v2} }}\n"
+    )
+}
+
+async fn split(addr: SocketAddr, n: usize) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for i in 0..n {
+        let out = call(addr, format!("{i}").as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("connection {i} failed: {e}"));
+        let text = String::from_utf8(out).unwrap();
+        let tag = text.split(':').next().unwrap().to_owned();
+        assert!(
+            tag == "v1" || tag == "v2",
+            "connection {i} answered {text:?}"
+        );
+        *counts.entry(tag).or_default() += 1;
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weights_split_flows_and_a_change_applies_without_failures() {
+    let mesh = Mesh::with_dir().await;
+    let a1 = tagged_echo(SocketAddr::new(ip(2), 0), "v1").await;
+    let _a2 = tagged_echo(SocketAddr::new(ip(3), a1.addr.port()), "v2").await;
+    mesh.apply(&format!(
+        "{}---\n{}",
+        service_yaml("reviews", 9080, a1.addr.port()),
+        route_yaml(80, 20)
+    ))
+    .await;
+    let v1 = mesh
+        .start(&Spec::new("reviews", "v1").app_host(ip(2)))
+        .await;
+    let v2 = mesh
+        .start(&Spec::new("reviews", "v2").app_host(ip(3)))
+        .await;
+    let pp = mesh
+        .start(&Spec::new("productpage", "v1").upstream("reviews", 9080))
+        .await;
+    pp.wait_endpoints("reviews", 2).await;
+    pp.wait_snapshot("the route", |s| s.route("reviews").is_some())
+        .await;
+
+    let counts = split(pp.upstream(0), 2000).await;
+    let share = counts["v1"] as f64 / 2000.0;
+    assert!(
+        (share - 0.8).abs() <= 0.05,
+        "v1 got {share:.3} of 2000 flows: {counts:?}"
+    );
+
+    // Flows keep running while the weights change; none may fail.
+    let addr = pp.upstream(0);
+    let load = tokio::spawn(async move { split(addr, 300).await });
+    mesh.apply(&route_yaml(10, 90)).await;
+    pp.wait_snapshot("the new weights", |s| {
+        s.route("reviews")
+            .is_some_and(|r| r.rules[0].backends[0].weight == 10)
+    })
+    .await;
+    load.await.unwrap();
+    let after = split(pp.upstream(0), 500).await;
+    let share = after.get("v2").copied().unwrap_or(0) as f64 / 500.0;
+    assert!(
+        (share - 0.9).abs() <= 0.05,
+        "v2 got {share:.3} after the change: {after:?}"
+    );
+    for s in [pp, v1, v2] {
+        s.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_policy_closes_the_flow_counts_it_and_restoring_restores() {
+    let mesh = Mesh::with_dir().await;
+    let app = tagged_echo("127.0.0.1:0".parse().unwrap(), "ratings").await;
+    mesh.apply(&service_yaml("ratings", 9080, app.addr.port()))
+        .await;
+    let ratings = mesh.start(&Spec::new("ratings", "v1")).await;
+    let pp = mesh
+        .start(&Spec::new("productpage", "v1").upstream("ratings", 9080))
+        .await;
+    pp.wait_endpoints("ratings", 1).await;
+    assert_eq!(call(pp.upstream(0), b"hi").await.unwrap(), b"ratings:hi");
+
+    let deny = "kind: Policy\nservice: ratings\nrules:\n  - action: deny\n    from: { services: [productpage] }\n";
+    mesh.apply(deny).await;
+    ratings
+        .wait_snapshot("the policy", |s| s.policy("ratings").is_some())
+        .await;
+    let refused = call(pp.upstream(0), b"hi").await;
+    assert!(
+        refused.as_ref().map_or(true, |b| b.is_empty()),
+        "denied flow answered: {refused:?}"
+    );
+    let denials = [
+        ("source_service", "productpage"),
+        ("destination_service", "ratings"),
+    ];
+    assert_eq!(
+        metric(
+            &ratings.started.metrics.render(),
+            "halyard_policy_denials_total",
+            &denials
+        ),
+        1.0
+    );
+    let flags = [
+        ("destination_service", "ratings"),
+        ("response_flags", "DENY"),
+    ];
+    assert_eq!(
+        metric(
+            &pp.started.metrics.render(),
+            "halyard_tcp_connections_total",
+            &flags
+        ),
+        1.0
+    );
+
+    let allow = "kind: Policy\nservice: ratings\nrules:\n  - action: allow\n    from: { services: [productpage] }\n";
+    mesh.apply(allow).await;
+    ratings
+        .wait_snapshot("the restored policy", |s| {
+            s.policy("ratings")
+                .is_some_and(|p| p.rules[0].action == halyard_registry::model::Action::Allow)
+        })
+        .await;
+    assert_eq!(
+        call(pp.upstream(0), b"again").await.unwrap(),
+        b"ratings:again"
+    );
+    pp.shutdown().await.unwrap();
+    ratings.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_lets_open_flows_finish_and_new_flows_go_elsewhere() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mesh = Mesh::with_dir().await;
+    let mut a1 = tagged_echo(SocketAddr::new(ip(4), 0), "v1").await;
+    let _a2 = tagged_echo(SocketAddr::new(ip(5), a1.addr.port()), "v2").await;
+    mesh.apply(&format!(
+        "{}---\n{}",
+        service_yaml("reviews", 9080, a1.addr.port()),
+        route_yaml(100, 0)
+    ))
+    .await;
+    let v1 = mesh
+        .start(&Spec::new("reviews", "v1").app_host(ip(4)))
+        .await;
+    let v2 = mesh
+        .start(&Spec::new("reviews", "v2").app_host(ip(5)))
+        .await;
+    let pp = mesh
+        .start(&Spec::new("productpage", "v1").upstream("reviews", 9080))
+        .await;
+    pp.wait_endpoints("reviews", 2).await;
+    pp.wait_snapshot("the route", |s| s.route("reviews").is_some())
+        .await;
+
+    // A flow in flight to v1: half of the request sent.
+    let mut open = tokio::net::TcpStream::connect(pp.upstream(0))
+        .await
+        .unwrap();
+    open.write_all(b"first half, ").await.unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(5), a1.accepted.recv())
+        .await
+        .expect("the flow reached the v1 app");
+
+    v1.stop.cancel();
+    pp.wait_endpoints("reviews", 1).await;
+    assert_eq!(call(pp.upstream(0), b"new").await.unwrap(), b"v2:new");
+
+    open.write_all(b"second half").await.unwrap();
+    open.shutdown().await.unwrap();
+    let mut reply = Vec::new();
+    open.read_to_end(&mut reply).await.unwrap();
+    assert_eq!(reply, b"v1:first half, second half");
+    v1.task.await.unwrap().unwrap();
+    pp.shutdown().await.unwrap();
+    v2.shutdown().await.unwrap();
+}
