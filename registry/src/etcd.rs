@@ -374,6 +374,12 @@ async fn follow(
     }
 }
 
+/// How often an idle watch asks etcd for a progress report; a stream silent for
+/// [`STALL_AFTER`] is treated as broken (etcd has had bugs where a watch starves silently).
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// Silence after which a watch stream is abandoned and re-created.
+const STALL_AFTER: Duration = Duration::from_secs(15);
+
 async fn watch_from(
     etcd: &Etcd,
     prefix: &str,
@@ -386,18 +392,33 @@ async fn watch_from(
         .with_start_revision(store.revision + 1)
         .with_progress_notify();
     let mut wc = etcd.client.watch_client();
-    let mut stream = match etcd.call(wc.watch(prefix, Some(opts))).await {
-        Ok(s) => s,
+    let (mut requests, mut responses) = match etcd.call(wc.watch(prefix, Some(opts))).await {
+        Ok(s) => s.split(),
         Err(e) => return End::Failed(e),
     };
+    let mut tick = tokio::time::interval(PROGRESS_EVERY);
+    let mut last_heard = tokio::time::Instant::now();
     loop {
-        let resp = match stream.message().await {
+        let msg = tokio::select! {
+            m = responses.message() => m,
+            _ = tick.tick() => {
+                if last_heard.elapsed() > STALL_AFTER {
+                    return End::Failed(unreachable(&etcd.endpoints, "watch stalled: no progress".into()));
+                }
+                if let Err(e) = requests.request_progress().await {
+                    return End::Failed(RegistryError::Etcd(e));
+                }
+                continue;
+            }
+        };
+        let resp = match msg {
             Ok(Some(r)) => r,
             Ok(None) => {
                 return End::Failed(unreachable(&etcd.endpoints, "watch stream closed".into()))
             }
             Err(e) => return End::Failed(RegistryError::Etcd(e)),
         };
+        last_heard = tokio::time::Instant::now();
         if resp.compact_revision() != 0 {
             return End::Compacted(resp.compact_revision());
         }
@@ -407,32 +428,56 @@ async fn watch_from(
         }
         shared.contact_ok();
         backoff.reset();
-        apply_events(prefix, shared, store, resp.events());
+        let changes = resp
+            .events()
+            .iter()
+            .filter_map(|e| e.kv())
+            .map(|kv| Change {
+                key: kv.key(),
+                value: kv.value(),
+                mod_revision: kv.mod_revision(),
+                version: kv.version(),
+            });
+        apply_changes(prefix, shared, store, changes);
     }
 }
 
-/// Applies one watch response. Events at or below the last applied revision are dropped; all
-/// events of one response are published as one snapshot.
-fn apply_events(prefix: &str, shared: &Shared, store: &mut Store, events: &[etcd_client::Event]) {
+/// One key change from a watch event.
+struct Change<'a> {
+    key: &'a [u8],
+    value: &'a [u8],
+    mod_revision: i64,
+    /// 0 for a delete, at least 1 for a put.
+    version: i64,
+}
+
+/// Applies one watch response. Changes at or below the last applied revision are dropped; all
+/// changes of one response are published as one snapshot. (Every event of one transaction has
+/// the same revision, so the floor is the revision before the response, not the last event.)
+fn apply_changes<'a>(
+    prefix: &str,
+    shared: &Shared,
+    store: &mut Store,
+    changes: impl IntoIterator<Item = Change<'a>>,
+) {
     let floor = store.revision;
     let mut top = floor;
     let mut changed = false;
-    for kv in events.iter().filter_map(|e| e.kv()) {
-        let rev = kv.mod_revision();
-        if rev <= floor {
+    for c in changes {
+        if c.mod_revision <= floor {
             continue;
         }
-        top = top.max(rev);
-        let full = String::from_utf8_lossy(kv.key()).into_owned();
+        top = top.max(c.mod_revision);
+        let full = String::from_utf8_lossy(c.key).into_owned();
         let Some(rel) = full.strip_prefix(prefix) else {
             continue;
         };
         // A delete event's kv has version 0; a put's is at least 1. (Reading the event type
         // through the client would panic on an unknown type.)
-        let applied = if kv.version() == 0 {
+        let applied = if c.version == 0 {
             store.delete(rel)
         } else {
-            store.put(rel, &full, kv.value())
+            store.put(rel, &full, c.value)
         };
         changed |= applied.changed;
         shared.note_rejected(applied.rejected);
@@ -440,5 +485,75 @@ fn apply_events(prefix: &str, shared: &Shared, store: &mut Store, events: &[etcd
     store.revision = top;
     if changed {
         shared.publish(store);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(port: u16) -> Vec<u8> {
+        format!(r#"{{"name":"a","ports":[{{"port":{port},"protocol":"tcp"}}]}}"#).into_bytes()
+    }
+
+    fn change<'a>(key: &'a str, value: &'a [u8], rev: i64, version: i64) -> Change<'a> {
+        Change {
+            key: key.as_bytes(),
+            value,
+            mod_revision: rev,
+            version,
+        }
+    }
+
+    #[test]
+    fn revisions_only_move_forward() {
+        let (shared, _) = Shared::new(Options::new("m"));
+        let mut store = Store::new("m");
+        let (v1, v2, v3) = (svc(1), svc(2), svc(3));
+        let p = "/halyard/m/";
+        apply_changes(
+            p,
+            &shared,
+            &mut store,
+            [change("/halyard/m/services/a", &v1, 5, 1)],
+        );
+        assert_eq!(shared.tx.borrow().service("a").unwrap().ports[0].port, 1);
+        // A replayed or older event is dropped, even mixed with newer ones.
+        apply_changes(
+            p,
+            &shared,
+            &mut store,
+            [
+                change("/halyard/m/services/a", &v3, 5, 2),
+                change("/halyard/m/services/a", &v2, 4, 1),
+            ],
+        );
+        assert_eq!(store.revision, 5);
+        assert_eq!(shared.tx.borrow().service("a").unwrap().ports[0].port, 1);
+        // Two events of one transaction share a revision: both apply.
+        apply_changes(
+            p,
+            &shared,
+            &mut store,
+            [
+                change("/halyard/m/services/a", &v2, 6, 2),
+                change("/halyard/m/services/b", b"{}", 6, 1),
+            ],
+        );
+        let snap = shared.tx.borrow().clone();
+        assert_eq!(
+            (snap.revision, snap.service("a").unwrap().ports[0].port),
+            (6, 2)
+        );
+        assert!(snap.rejected.contains_key("/halyard/m/services/b"));
+        // A delete (version 0).
+        apply_changes(
+            p,
+            &shared,
+            &mut store,
+            [change("/halyard/m/services/a", b"", 7, 0)],
+        );
+        assert!(shared.tx.borrow().service("a").is_none());
+        assert_eq!(shared.rejected_total(), 1);
     }
 }
