@@ -305,7 +305,10 @@ async fn list(
 ) -> Result<(), RegistryError> {
     let mut kv = etcd.client.kv_client();
     let resp = etcd
-        .call(kv.get(prefix, Some(GetOptions::new().with_prefix())))
+        .call(kv.get(
+            prefix,
+            Some(GetOptions::new().with_range(watch_end(prefix))),
+        ))
         .await?;
     let rev = resp.header().map_or(0, |h| h.revision());
     if rev < store.revision {
@@ -328,6 +331,13 @@ async fn list(
     shared.contact_ok();
     shared.publish(store);
     Ok(())
+}
+
+/// The end of the range sidecars list and watch: `<prefix>status/`. Status keys sort after
+/// every other kind (`endpoints`, `meshconfig`, `policies`, `routes`, `services`), so excluding
+/// them keeps N sidecars' status writes from fanning out to N watchers each.
+fn watch_end(prefix: &str) -> String {
+    format!("{prefix}status/")
 }
 
 /// Why a watch ended.
@@ -388,7 +398,7 @@ async fn watch_from(
     backoff: &mut Backoff,
 ) -> End {
     let opts = WatchOptions::new()
-        .with_prefix()
+        .with_range(watch_end(prefix))
         .with_start_revision(store.revision + 1)
         .with_progress_notify();
     let mut wc = etcd.client.watch_client();

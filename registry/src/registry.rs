@@ -273,12 +273,16 @@ pub(crate) fn spawn_sink(shared: Arc<Shared>, write: StatusWriter) -> JoinHandle
             let snap = rx.borrow_and_update().clone();
             if snap.origin == Origin::Live {
                 persist(&shared, &snap).await;
-                while !status(&shared, &snap, &write).await {
+                if !status(&shared, &snap, &write).await {
+                    // Retry in a second, or sooner with a newer snapshot.
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        r = rx.changed() => if r.is_err() { return } else { break },
+                        r = rx.changed() => if r.is_err() { return },
                     }
+                    continue;
                 }
+                // Coalesce: every sidecar writes its status, so at most one write per interval.
+                tokio::time::sleep(STATUS_INTERVAL).await;
             }
             if rx.changed().await.is_err() {
                 return;
@@ -286,6 +290,9 @@ pub(crate) fn spawn_sink(shared: Arc<Shared>, write: StatusWriter) -> JoinHandle
         }
     })
 }
+
+/// Shortest time between two status writes of one sidecar.
+const STATUS_INTERVAL: Duration = Duration::from_millis(500);
 
 async fn persist(shared: &Shared, snap: &Arc<Snapshot>) {
     let Some(dir) = shared.opts.state_dir.clone() else {
