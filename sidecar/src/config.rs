@@ -58,6 +58,9 @@ pub struct SidecarConfig {
     /// Where the last good registry snapshot is kept (static stability).
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
+    /// TTL of this endpoint's registry lease (etcd): a dead sidecar disappears after it.
+    #[serde(default = "default_lease_ttl", with = "humantime_serde")]
+    pub lease_ttl: Duration,
     /// This sidecar's id in the registry (endpoint and status keys); default `<service>-<advertise>`.
     #[serde(default)]
     pub id: Option<String>,
@@ -204,6 +207,9 @@ pub struct FailureConfig {
 fn default_mesh() -> String {
     "default".into()
 }
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(10)
+}
 fn default_namespace() -> String {
     "default".into()
 }
@@ -304,7 +310,7 @@ impl Config {
         })?;
         let mut file: SidecarConfig = serde_path_to_error::deserialize(value).map_err(|e| {
             let at = e.path().to_string();
-            field(at, e.into_inner().to_string())
+            field(at, one_line(&e.into_inner().to_string()))
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [
@@ -318,6 +324,16 @@ impl Config {
         }
         check(file, &field)
     }
+}
+
+/// Error text from serde on one line.
+fn one_line(text: &str) -> String {
+    let parts: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    parts.join(" ")
 }
 
 type FieldErr<'a> = &'a dyn Fn(String, String) -> ConfigError;
@@ -355,6 +371,12 @@ fn check(file: SidecarConfig, field: FieldErr<'_>) -> Result<Config, ConfigError
         return Err(field(
             "failure.connect_timeout".into(),
             "must be positive".into(),
+        ));
+    }
+    if file.lease_ttl < Duration::from_secs(2) || file.lease_ttl > Duration::from_secs(300) {
+        return Err(field(
+            "lease_ttl".into(),
+            "must be between 2s and 300s".into(),
         ));
     }
     if file.failure.retries > 10 {

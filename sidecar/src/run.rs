@@ -150,6 +150,10 @@ pub struct Started {
     pub snapshot: tokio::sync::watch::Receiver<Arc<halyard_registry::Snapshot>>,
     /// The sidecar's metrics.
     pub metrics: Metrics,
+    /// The workload identity in use; it changes when the certificate files are renewed.
+    pub identity: Arc<CertResolver>,
+    /// Counts certificate reloads.
+    pub reloads: tokio::sync::watch::Receiver<u64>,
 }
 
 /// Runs a sidecar until `stop` is cancelled, then drains. `started` receives the bound
@@ -174,6 +178,7 @@ pub async fn run_until(
     let mut opts = Options::new(&file.mesh);
     opts.state_dir = file.state_dir.clone();
     opts.sidecar_id = Some(id.clone());
+    opts.lease_ttl = file.lease_ttl;
     let registry = halyard_registry::open_with(&file.registry, opts)
         .await
         .with_context(|| format!("registry = {:?}", file.registry))?;
@@ -189,6 +194,7 @@ pub async fn run_until(
         readiness: readiness.clone(),
     });
 
+    let (reloads_tx, reloads_rx) = tokio::sync::watch::channel(0u64);
     let listeners = CancellationToken::new();
     let tasks = tokio_util::task::TaskTracker::new();
     let info = Started {
@@ -203,6 +209,8 @@ pub async fn run_until(
         id: id.clone(),
         snapshot: shared.snapshot.clone(),
         metrics: shared.metrics.clone(),
+        identity: resolver.clone(),
+        reloads: reloads_rx,
     };
     spawn_listeners(&tasks, &shared, bound, admin, &listeners);
     tasks.spawn(watch_snapshot(
@@ -216,7 +224,12 @@ pub async fn run_until(
         resolver.clone(),
         listeners.clone(),
     ));
-    tasks.spawn(reload_identity(config.clone(), resolver, listeners.clone()));
+    tasks.spawn(reload_identity(
+        config.clone(),
+        resolver,
+        reloads_tx,
+        listeners.clone(),
+    ));
 
     let record = endpoint_record(&config, &id, advertise, &identity)?;
     let registration = registry
@@ -307,6 +320,7 @@ async fn refresh(
 async fn reload_identity(
     config: Arc<Config>,
     resolver: Arc<CertResolver>,
+    reloads: tokio::sync::watch::Sender<u64>,
     stop: CancellationToken,
 ) {
     let files = &config.file.identity;
@@ -326,6 +340,7 @@ async fn reload_identity(
             Ok(()) => {
                 tracing::info!(cert = %files.cert.display(), "workload certificate reloaded");
                 last = now;
+                reloads.send_modify(|n| *n += 1);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "renewed certificate not loaded; keeping the current one")

@@ -253,3 +253,61 @@ async fn drain_lets_open_flows_finish_and_new_flows_go_elsewhere() {
     pp.shutdown().await.unwrap();
     v2.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewed_certificate_files_are_used_without_restart_or_dropped_flows() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mesh = Mesh::with_dir().await;
+    let app = tagged_echo("127.0.0.1:0".parse().unwrap(), "ratings").await;
+    mesh.apply(&service_yaml("ratings", 9080, app.addr.port()))
+        .await;
+    let ratings = mesh.start(&Spec::new("ratings", "v1")).await;
+    let pp = mesh
+        .start(&Spec::new("productpage", "v1").upstream("ratings", 9080))
+        .await;
+    pp.wait_endpoints("ratings", 1).await;
+    let mut open = tokio::net::TcpStream::connect(pp.upstream(0))
+        .await
+        .unwrap();
+    open.write_all(b"before ").await.unwrap();
+    let old_serial = ratings.started.identity.current().serial().to_vec();
+
+    // A renewal writes new files next to the old ones, as `halyard ca issue` does.
+    let files = &ratings.config.file.identity;
+    let id = ratings.started.identity.current().id().clone();
+    let leaf = mesh
+        .ca
+        .issue(&id, std::time::Duration::from_secs(7200))
+        .unwrap();
+    halyard_certs::ca::write_identity(files.cert.parent().unwrap(), &leaf, mesh.ca.cert_pem())
+        .unwrap();
+    let mut reloads = ratings.started.reloads.clone();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        reloads.wait_for(|&n| n >= 1),
+    )
+    .await
+    .expect("certificate reloaded")
+    .unwrap();
+    let current = ratings.started.identity.current();
+    assert_ne!(current.serial(), old_serial.as_slice());
+    assert!(current.seconds_to_expiry(std::time::SystemTime::now()) > 3700.0);
+
+    // The open flow carries on; a new peer handshakes against the new leaf.
+    open.write_all(b"after").await.unwrap();
+    open.shutdown().await.unwrap();
+    let mut reply = Vec::new();
+    open.read_to_end(&mut reply).await.unwrap();
+    assert_eq!(reply, b"ratings:before after");
+    let pp2 = mesh
+        .start(&Spec::new("details", "v1").upstream("ratings", 9080))
+        .await;
+    pp2.wait_endpoints("ratings", 1).await;
+    assert_eq!(
+        call(pp2.upstream(0), b"new peer").await.unwrap(),
+        b"ratings:new peer"
+    );
+    for s in [pp, pp2, ratings] {
+        s.shutdown().await.unwrap();
+    }
+}

@@ -36,6 +36,8 @@ pub struct Spec {
     pub transparent: bool,
     /// Extra TOML appended to the config.
     pub extra: String,
+    /// Top-level TOML put before the first table.
+    pub prefix: String,
 }
 
 impl Spec {
@@ -58,6 +60,7 @@ impl Spec {
 
 /// An in-process sidecar.
 pub struct Sidecar {
+    pub config: Arc<Config>,
     pub started: Started,
     pub stop: CancellationToken,
     pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -141,7 +144,8 @@ impl Mesh {
 
     pub fn config_text(&self, spec: &Spec) -> String {
         let id = self.identity(&spec.service);
-        let mut t = format!(
+        let mut t = spec.prefix.clone();
+        t += &format!(
             "registry = {:?}\nstate_dir = {:?}\n[identity]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\nreload_interval = \"200ms\"\n\
              [service]\nname = {:?}\nversion = {:?}\n[inbound]\nlisten = \"127.0.0.1:0\"\napp_host = \"{}\"\n\
              [admin]\nlisten = \"127.0.0.1:0\"\n",
@@ -181,12 +185,13 @@ impl Mesh {
         let config = Arc::new(Config::load(&path).unwrap());
         let stop = CancellationToken::new();
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(run_until(config, stop.clone(), Some(tx)));
+        let task = tokio::spawn(run_until(config.clone(), stop.clone(), Some(tx)));
         let started = match rx.await {
             Ok(s) => s,
             Err(_) => panic!("sidecar failed to start: {:?}", task.await),
         };
         Sidecar {
+            config,
             started,
             stop,
             task,
