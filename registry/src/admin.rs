@@ -68,10 +68,10 @@ impl Admin {
             RegistryUrl::Dir(dir) => {
                 let root = dir.join(&mesh);
                 if !root.is_dir() {
-                    return Err(RegistryError::io(
-                        &root,
-                        std::io::ErrorKind::NotFound.into(),
-                    ));
+                    return Err(RegistryError::NotFound(format!(
+                        "registry directory {}",
+                        root.display()
+                    )));
                 }
                 Ok(Admin::Dir { root, mesh })
             }

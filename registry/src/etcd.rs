@@ -71,6 +71,12 @@ impl Etcd {
             Ok(Err(etcd_client::Error::GRpcStatus(s))) if s.code() as i32 == GRPC_UNAVAILABLE => {
                 Err(unreachable(&self.endpoints, s.message().to_owned()))
             }
+            Ok(Err(etcd_client::Error::GRpcStatus(s))) if s.code() as i32 == GRPC_UNIMPLEMENTED => {
+                Err(unreachable(
+                    &self.endpoints,
+                    format!("{} (is this an etcd v3 endpoint?)", s.message()),
+                ))
+            }
             Ok(r) => r.map_err(RegistryError::Etcd),
         }
     }
@@ -78,6 +84,8 @@ impl Etcd {
 
 /// gRPC status code UNAVAILABLE: the server is not there (or has no leader).
 const GRPC_UNAVAILABLE: i32 = 14;
+/// gRPC status code UNIMPLEMENTED: something answered, but not etcd's API.
+const GRPC_UNIMPLEMENTED: i32 = 12;
 
 fn unreachable(endpoints: &str, reason: String) -> RegistryError {
     RegistryError::Unreachable {
