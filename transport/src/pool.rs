@@ -116,15 +116,12 @@ pub fn backoff_delay(failures: u32, initial: Duration, max: Duration, jitter: f6
     base.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
 }
 
-/// Picks the connection for a new stream: the least loaded, unless all are at `limit` and
-/// another may be opened (`None`: open one).
-fn choose(conns: &[Pooled], limit: usize, max_conns: usize) -> Option<Pooled> {
-    let best = conns.iter().min_by_key(|c| c.open_streams())?;
-    if best.open_streams() < limit || conns.len() >= max_conns {
-        Some(best.clone())
-    } else {
-        None
-    }
+/// Picks the connection for a new stream from the open-stream counts of the live ones: the
+/// least loaded, unless all are at `limit` and another may be opened (`None`: open one; the
+/// caller then waits for a slot if it may not).
+pub fn choose_connection(loads: &[usize], limit: usize, max_conns: usize) -> Option<usize> {
+    let (best, load) = loads.iter().enumerate().min_by_key(|(_, l)| **l)?;
+    (*load < limit || loads.len() >= max_conns).then_some(best)
 }
 
 /// A pooled HTTP/3 request stream; derefs to the h3 stream. Keep it alive while the request
@@ -290,7 +287,9 @@ impl Pool {
         let limit = usize::try_from(config.max_concurrent_bidi_streams()).unwrap_or(usize::MAX);
         let mut conns = peer.conns.lock().unwrap_or_else(|p| p.into_inner());
         conns.retain(|c| c.quic.close_reason().is_none());
-        choose(&conns, limit, config.connections_per_peer())
+        let loads: Vec<usize> = conns.iter().map(Pooled::open_streams).collect();
+        let best = choose_connection(&loads, limit, config.connections_per_peer())?;
+        conns.get(best).cloned()
     }
 
     /// Opens a QUIC connection and starts HTTP/3 on it.
@@ -385,6 +384,16 @@ fn clone_request(request: &http::Request<()>) -> http::Request<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_streams_go_to_the_least_loaded_connection_until_all_are_full() {
+        assert_eq!(choose_connection(&[], 4, 2), None);
+        assert_eq!(choose_connection(&[3, 1], 4, 2), Some(1));
+        // Full, but another connection may be opened.
+        assert_eq!(choose_connection(&[4], 4, 2), None);
+        // Full and at the connection cap: queue on the least loaded.
+        assert_eq!(choose_connection(&[4, 4], 4, 2), Some(0));
+    }
 
     #[test]
     fn backoff_doubles_caps_and_jitters() {

@@ -5,9 +5,10 @@
 //! - `poll_shutdown` finishes the stream (the QUIC FIN: a TCP half-close); reading continues.
 //! - [`Tunnel::abort`] resets the stream in both directions (a TCP reset); so does dropping a
 //!   tunnel whose sending side was not shut down, so a crashed flow never looks complete.
-//! - [`Tunnel::splice`] pipes a local stream both ways with one copy fewer per direction
-//!   than `copy_bidirectional`; [`Tunnel::write_bytes`] and [`Tunnel::read_chunk`] are the
-//!   zero-copy calls it is built on.
+//! - [`Tunnel::splice`] pipes a local stream both ways: one copy fewer than
+//!   `copy_bidirectional` toward the tunnel (reads land in a buffer handed to h3 as is, see
+//!   [`Tunnel::write_bytes`]), and received packets gathered into one write toward the stream.
+//!   [`Tunnel::read_chunk`] gives received chunks without a copy.
 //! - A write is accepted as soon as the previous one is handed to QUIC; `poll_flush` waits for
 //!   the pending one.
 
@@ -249,11 +250,27 @@ struct Reader<R> {
     half: R,
     chunk: Bytes,
     eof: bool,
+    /// An error met while gathering more chunks, reported after the bytes before it.
+    error: Option<TunnelError>,
+}
+
+impl<R> Reader<R> {
+    fn new(half: R) -> Self {
+        Reader {
+            half,
+            chunk: Bytes::new(),
+            eof: false,
+            error: None,
+        }
+    }
 }
 
 impl<R: RecvHalf> Reader<R> {
     /// Makes `chunk` non-empty unless the peer has finished.
     fn poll_fill(&mut self, cx: &mut Context<'_>, established: bool) -> Poll<io::Result<()>> {
+        if let Some(e) = self.error.take() {
+            return Poll::Ready(Err(e.into_io()));
+        }
         while self.chunk.is_empty() && !self.eof {
             match ready!(self.half.poll_chunk(cx)) {
                 Ok(Some(chunk)) => self.chunk = chunk,
@@ -277,6 +294,9 @@ impl<R: RecvHalf> Reader<R> {
         Poll::Ready(Ok(Some(std::mem::take(&mut self.chunk))))
     }
 
+    /// Fills `buf` with every chunk already received, waiting only for the first: QUIC
+    /// delivers packet-sized chunks, and one read per packet would mean one write per packet
+    /// downstream.
     fn poll_read(
         &mut self,
         cx: &mut Context<'_>,
@@ -284,15 +304,28 @@ impl<R: RecvHalf> Reader<R> {
         established: bool,
     ) -> Poll<io::Result<()>> {
         ready!(self.poll_fill(cx, established))?;
-        let n = self.chunk.len().min(buf.remaining());
-        buf.put_slice(&self.chunk[..n]);
-        self.chunk.advance(n);
-        Poll::Ready(Ok(()))
+        loop {
+            let n = self.chunk.len().min(buf.remaining());
+            buf.put_slice(&self.chunk[..n]);
+            self.chunk.advance(n);
+            if buf.remaining() == 0 || self.eof || !self.chunk.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            match self.half.poll_chunk(cx) {
+                Poll::Ready(Ok(Some(chunk))) => self.chunk = chunk,
+                Poll::Ready(Ok(None)) => self.eof = true,
+                Poll::Ready(Err(e)) => self.error = Some(TunnelError::from_h3(&e, established)),
+                Poll::Pending => {}
+            }
+            if self.chunk.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+        }
     }
 }
 
 /// Bytes read from a local stream per send in [`Tunnel::splice`].
-const SPLICE_BUF: usize = 64 * 1024;
+const SPLICE_BUF: usize = 256 * 1024;
 
 /// Local stream → tunnel: each read lands in a buffer that is then handed to h3 as is.
 async fn pump_up<S: SendHalf, R: AsyncRead + Unpin>(
@@ -315,23 +348,23 @@ async fn pump_up<S: SendHalf, R: AsyncRead + Unpin>(
     }
 }
 
-/// Tunnel → local stream: each received chunk is written out without an intermediate copy.
+/// Tunnel → local stream: every chunk already received is gathered into one write.
 async fn pump_down<R: RecvHalf, W: AsyncWrite + Unpin>(
     reader: &mut Reader<R>,
     mut to: W,
 ) -> io::Result<u64> {
+    let mut buf = vec![0u8; SPLICE_BUF];
     let mut total = 0u64;
     loop {
-        match std::future::poll_fn(|cx| reader.poll_chunk(cx, true)).await? {
-            Some(chunk) => {
-                to.write_all(&chunk).await?;
-                total += chunk.len() as u64;
-            }
-            None => {
-                to.shutdown().await?;
-                return Ok(total);
-            }
+        let mut read = ReadBuf::new(&mut buf);
+        std::future::poll_fn(|cx| reader.poll_read(cx, &mut read, true)).await?;
+        let n = read.filled().len();
+        if n == 0 {
+            to.shutdown().await?;
+            return Ok(total);
         }
+        to.write_all(&buf[..n]).await?;
+        total += n as u64;
     }
 }
 
@@ -355,6 +388,8 @@ fn relabel(e: io::Error, established: bool) -> io::Error {
 type ResponseOp = BoxFuture<'static, (ClientRecv, Result<http::Response<()>, StreamError>)>;
 
 /// Where the client is in reading the CONNECT response.
+// `Open` is the steady state; boxing it would cost an indirection on every read.
+#[allow(clippy::large_enum_variant)]
 enum Response {
     Waiting(ResponseOp),
     Open(Reader<ClientRecv>),
@@ -372,11 +407,7 @@ fn poll_response(
         *response = match result {
             Ok(resp) if resp.status().is_success() => {
                 *status = Some(resp.status());
-                Response::Open(Reader {
-                    half: recv,
-                    chunk: Bytes::new(),
-                    eof: false,
-                })
+                Response::Open(Reader::new(recv))
             }
             Ok(resp) => Response::Failed(TunnelError::Status {
                 status: resp.status(),
@@ -458,8 +489,8 @@ impl Tunnel {
     }
 
     /// Pipes a local stream (`from` its read half, `to` its write half) through the tunnel both
-    /// ways until both directions have finished, with one copy fewer per direction than
-    /// `copy_bidirectional`. The first bytes go out before the response arrives. EOF on either
+    /// ways until both directions have finished (see the module notes on copies).
+    /// The first bytes go out before the response arrives. EOF on either
     /// side is passed on as a half-close; on error the tunnel is aborted. Returns the bytes
     /// sent and received.
     pub async fn splice<R, W>(&mut self, from: R, to: W) -> io::Result<(u64, u64)>
@@ -548,11 +579,7 @@ impl ServerTunnel {
     pub(crate) fn new(send: ServerSend, recv: ServerRecv) -> Self {
         ServerTunnel {
             writer: Writer::new(send),
-            reader: Some(Reader {
-                half: recv,
-                chunk: Bytes::new(),
-                eof: false,
-            }),
+            reader: Some(Reader::new(recv)),
         }
     }
 
