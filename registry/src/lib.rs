@@ -23,6 +23,15 @@
 //! - [`admin::Admin`]: list, apply (all or nothing, compare-and-swap) and delete, for `ctl`.
 //! - Feature `test-util`: [`test_util::EtcdServer`], a real etcd per test.
 //!
+//! # Layout
+//!
+//! etcd: `/halyard/<mesh>/{services/<name>, routes/<service>, policies/<service>,
+//! endpoints/<service>/<id>, meshconfig, status/<sidecar-id>}`, JSON values (see [`key`]).
+//! Directory (`file://DIR`): the same keys as files, `DIR/<mesh>/<key>.json`, e.g.
+//! `DIR/default/services/reviews.json` and `DIR/default/meshconfig.json`; written atomically
+//! (temp file + rename), watched with inotify plus a rescan every 2 s. The persisted snapshot is
+//! `<state_dir>/registry-<mesh>.json`.
+//!
 //! # Quarantine
 //!
 //! A stored value that is not JSON or fails validation is not applied: the last good value of
