@@ -109,7 +109,10 @@ impl Handler for BenchHandler {
                     let (r, w) = app.split();
                     tunnel.splice(r, w).await.map(|_| ())
                 }
-                Err(_) => Ok(tunnel.abort()),
+                Err(_) => {
+                    tunnel.abort();
+                    Ok(())
+                }
             },
             _ => {
                 let (r, w) = tokio::io::split(tunnel);
