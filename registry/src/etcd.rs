@@ -437,12 +437,8 @@ async fn watch_from(
             Err(e) => return End::Failed(RegistryError::Etcd(e)),
         };
         last_heard = tokio::time::Instant::now();
-        if resp.compact_revision() != 0 {
-            return End::Compacted(resp.compact_revision());
-        }
-        if resp.canceled() {
-            let reason = format!("watch canceled: {}", resp.cancel_reason());
-            return End::Failed(unreachable(&etcd.endpoints, reason));
+        if let Some(end) = handle(&etcd.endpoints, &resp) {
+            return end;
         }
         shared.contact_ok();
         backoff.reset();
@@ -458,6 +454,18 @@ async fn watch_from(
             });
         apply_changes(prefix, shared, store, changes);
     }
+}
+
+/// Whether a watch response ends the watch: compaction (re-list) or cancellation.
+fn handle(endpoints: &str, resp: &etcd_client::WatchResponse) -> Option<End> {
+    if resp.compact_revision() != 0 {
+        return Some(End::Compacted(resp.compact_revision()));
+    }
+    if resp.canceled() {
+        let reason = format!("watch canceled: {}", resp.cancel_reason());
+        return Some(End::Failed(unreachable(endpoints, reason)));
+    }
+    None
 }
 
 /// One key change from a watch event.
