@@ -29,6 +29,8 @@ pub enum Command {
     Sidecar(SidecarArgs),
     /// Install or remove transparent-capture iptables rules in this network namespace.
     Iptables(crate::iptables::IptablesArgs),
+    /// Run one of the demo's sample services (bookinfo-like HTTP/1.1 JSON server).
+    SampleApp(crate::sample_app::SampleAppArgs),
 }
 
 /// Arguments of `halyard sidecar`.
@@ -62,6 +64,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args),
         Command::Sidecar(args) => run_sidecar(&args),
         Command::Iptables(args) => crate::iptables::cli(args),
+        Command::SampleApp(args) => crate::sample_app::run(args),
     }
 }
 

@@ -16,3 +16,4 @@ pub mod outbound;
 pub mod outlier;
 pub mod proxy;
 pub mod run;
+pub mod sample_app;
