@@ -131,6 +131,8 @@ fn bad_objects_name_the_field_path() {
         ("kind: Policy\nservice: r\nrules: [{action: deny, from: {namespaces: ['']}}]".into(), "rules[0].from.namespaces[0]", "DNS-1123"),
         ("kind: Policy\nservice: r\nrules: [{action: deny, to: {ports: [80, 0]}}]".into(), "rules[0].to.ports[1]", "port 0"),
         ("kind: Policy\nservice: r\nrules: [{action: deny, to: {paths: ['/a/*/b*']}}]".into(), "rules[0].to.paths[0]", "only allowed at the end"),
+        ("kind: Policy\nservice: r\nrules: [{action: deny, to: {headers: ['X-Token']}}]".into(), "rules[0].to.headers[0]", "not a header name"),
+        (route("  - backends: [{weight: 1}]\n    retries: {attempts: 2, methods: [post]}"), "rules[1].retries.methods[0]", "not an HTTP method"),
         ("kind: Policy\nservice: r\nrules: [{action: deny, to: {methods: [post]}}]".into(), "rules[0].to.methods[0]", "HTTP method"),
         ("kind: MeshConfig\ndefaultPolicy: maybe\ntrustDomain: mesh.local".into(), "defaultPolicy", "allow or deny"),
         ("kind: MeshConfig\ndefaultPolicy: deny\ntrustDomain: Mesh.Local".into(), "trustDomain", "trust domain"),

@@ -26,6 +26,8 @@ pub struct Target<'a> {
     pub method: Option<&'a str>,
     /// Normalized HTTP path; `None` for an L4 flow.
     pub path: Option<&'a str>,
+    /// HTTP request headers; `None` for an L4 flow.
+    pub headers: Option<&'a http::HeaderMap>,
 }
 
 /// The outcome of an evaluation.
@@ -125,7 +127,12 @@ fn destination_matches(to: &Destination, target: Target<'_>, unevaluable: bool) 
             Some(p) => to.paths.iter().any(|x| x.matches(p)),
             None => unevaluable,
         };
-    ports_ok && methods_ok && paths_ok
+    let headers_ok = to.headers.is_empty()
+        || match target.headers {
+            Some(h) => to.headers.iter().all(|n| h.contains_key(n.as_str())),
+            None => unevaluable,
+        };
+    ports_ok && methods_ok && paths_ok && headers_ok
 }
 
 #[cfg(test)]
@@ -280,6 +287,7 @@ mod tests {
             port: 9080,
             method: Some("get"),
             path: Some("/admin"),
+            headers: None,
         };
         assert_eq!(
             evaluate(Some(&allow), Action::Deny, peer(&pp, &[]), http),
@@ -297,5 +305,36 @@ mod tests {
             evaluate(Some(&deny), Action::Allow, peer(&pp, &[]), public),
             Decision::Allow
         );
+    }
+
+    #[test]
+    fn header_presence_is_checked_on_http_and_fails_closed_on_tcp() {
+        let pp = id(PP);
+        let to = Destination {
+            headers: vec!["x-admin-token".into()],
+            ..Destination::default()
+        };
+        let p = policy(vec![rule(Action::Allow, None, Some(to))]);
+        let mut with = http::HeaderMap::new();
+        with.insert("x-admin-token", http::HeaderValue::from_static("1"));
+        let without = http::HeaderMap::new();
+        let t = |h| Target {
+            port: 9080,
+            method: Some("GET"),
+            path: Some("/"),
+            headers: h,
+        };
+        assert_eq!(
+            evaluate(Some(&p), Action::Deny, peer(&pp, &[]), t(Some(&with))),
+            Decision::Allow
+        );
+        assert!(matches!(
+            evaluate(Some(&p), Action::Deny, peer(&pp, &[]), t(Some(&without))),
+            Decision::Deny(_)
+        ));
+        assert!(matches!(
+            evaluate(Some(&p), Action::Deny, peer(&pp, &[]), t(None)),
+            Decision::Deny(_)
+        ));
     }
 }

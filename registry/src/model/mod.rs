@@ -379,6 +379,10 @@ pub struct Retries {
     pub per_try_timeout: Option<Duration>,
     /// Conditions that trigger a retry.
     pub on: Vec<RetryOn>,
+    /// Methods retried besides the idempotent ones (GET, HEAD, OPTIONS, PUT, DELETE, TRACE),
+    /// e.g. `[POST]` for a service whose POSTs are safe to repeat.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
 }
 
 /// A condition that triggers a retry.
@@ -559,6 +563,9 @@ pub struct Destination {
     /// HTTP paths, exact or trailing-`*` prefixes (HTTP ports only).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<PathPattern>,
+    /// Request headers that must be present (HTTP ports only), lowercase names.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<String>,
 }
 
 /// A SPIFFE id or a prefix of one written with a trailing `*`.

@@ -94,6 +94,8 @@ pub(crate) struct Retries {
     pub per_try_timeout: Option<String>,
     #[serde(default)]
     pub on: Vec<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -173,6 +175,8 @@ pub(crate) struct To {
     pub methods: Vec<String>,
     #[serde(default)]
     pub paths: Vec<String>,
+    #[serde(default)]
+    pub headers: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]

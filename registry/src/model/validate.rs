@@ -435,7 +435,14 @@ fn retries(path: &str, raw: raw::Retries) -> Result<Retries, ValidationError> {
         })?;
         on.push(parsed);
     }
+    let methods = raw
+        .methods
+        .iter()
+        .enumerate()
+        .map(|(i, m)| check::method(&index(&field(path, "methods"), i), m))
+        .collect::<Result<_, _>>()?;
     Ok(Retries {
+        methods,
         attempts: raw.attempts,
         per_try_timeout,
         on,
@@ -593,10 +600,17 @@ fn destination(path: &str, raw: raw::To) -> Result<Destination, ValidationError>
         .enumerate()
         .map(|(i, p)| path_pattern(&index(&field(path, "paths"), i), p))
         .collect::<Result<_, _>>()?;
+    let headers = raw
+        .headers
+        .iter()
+        .enumerate()
+        .map(|(i, h)| check::header_name(&index(&field(path, "headers"), i), h))
+        .collect::<Result<_, _>>()?;
     Ok(Destination {
         ports,
         methods,
         paths,
+        headers,
     })
 }
 
