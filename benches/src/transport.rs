@@ -411,7 +411,10 @@ async fn measure_rtts(c: &Client, paths: &mut [Path]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Median throughput, leaving out the first run: it warms the connection (congestion window,
+/// path MTU discovery from 1200 bytes) and the allocator.
 fn mib_s(times: &mut [Duration]) -> f64 {
+    let times = &mut times[1..];
     times.sort();
     (BULK as f64 / (1 << 20) as f64) / times[times.len() / 2].as_secs_f64()
 }
@@ -426,7 +429,7 @@ fn path(name: &'static str, times: &mut [Duration]) -> Path {
 
 async fn measure_tunnel(c: &Client) -> anyhow::Result<Path> {
     let mut times = Vec::new();
-    for _ in 0..RUNS {
+    for _ in 0..=RUNS {
         times.push(bulk_slices(c.tunnel("sink").await?).await?);
     }
     Ok(path("h3_tunnel", &mut times))
@@ -435,7 +438,7 @@ async fn measure_tunnel(c: &Client) -> anyhow::Result<Path> {
 async fn measure_tunnel_bytes(c: &Client) -> anyhow::Result<Path> {
     let data = Bytes::from(vec![0x5au8; CHUNK]);
     let mut times = Vec::new();
-    for _ in 0..RUNS {
+    for _ in 0..=RUNS {
         let mut tunnel = c.tunnel("sink").await?;
         let start = Instant::now();
         for _ in 0..BULK / CHUNK {
@@ -455,7 +458,7 @@ async fn measure_tunnel_bytes(c: &Client) -> anyhow::Result<Path> {
 
 async fn measure_quic(c: &Client) -> anyhow::Result<(Path, Path)> {
     let (mut chunks, mut slices) = (Vec::new(), Vec::new());
-    for _ in 0..RUNS {
+    for _ in 0..=RUNS {
         let (s, r) = c.quic(b's').await?;
         chunks.push(bulk_chunks(s, r).await?);
         let (s, r) = c.quic(b's').await?;
@@ -469,12 +472,12 @@ async fn measure_quic(c: &Client) -> anyhow::Result<(Path, Path)> {
 
 async fn measure_tcp(c: &Client) -> anyhow::Result<(Path, Path)> {
     let mut times = Vec::new();
-    for _ in 0..RUNS {
+    for _ in 0..=RUNS {
         times.push(bulk_slices(c.tcp(b's').await?).await?);
     }
     let direct = path("direct_tcp", &mut times);
     let mut times = Vec::new();
-    for _ in 0..RUNS {
+    for _ in 0..=RUNS {
         times.push(bulk_slices(c.tcp_to(b's', true).await?).await?);
     }
     Ok((direct, path("tcp_via_two_sidecars", &mut times)))
@@ -579,7 +582,7 @@ fn ratios(r: &LayoutResult) -> String {
 
 fn markdown(results: &[LayoutResult]) -> String {
     let mut md = format!(
-        "# Transport bench\n\nOne process, loopback, mTLS (ring), {} MiB per bulk run (median of {RUNS}), \
+        "# Transport bench\n\nOne process, loopback, mTLS (ring), {} MiB per bulk run (median of {RUNS} after one warm-up run), \
          {RTT_ITERS} round trips per size and path, interleaved over {RTT_ROUNDS} rounds (each after \
          {RTT_WARMUP} warm-up). Raw quinn round trips are in the write_chunk row. \
          `tcp_via_two_sidecars` is app TCP → client sidecar (splice) → tunnel → server sidecar (splice) → app TCP.\n",
@@ -616,7 +619,15 @@ pub fn main() -> anyhow::Result<()> {
         eprintln!("transport bench: {} ...", layout.name());
         results.push(run_layout(layout)?);
     }
-    let md = markdown(&results);
+    let mut md = markdown(&results);
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    md.push_str(&format!(
+        "\nLoad average at the end (1, 5, 15 min; other work on the machine skews every row): {}\n",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    ));
     println!("{md}");
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
     std::fs::create_dir_all(&dir)?;

@@ -108,6 +108,9 @@ struct Writer<S: SendHalf> {
     pending: Option<(Op<S>, bool)>,
     finished: bool,
     error: Option<TunnelError>,
+    /// Where written slices are copied; reused once h3 has released the previous chunk, so a
+    /// steady stream of writes allocates nothing.
+    staging: BytesMut,
 }
 
 impl<S: SendHalf> Writer<S> {
@@ -117,6 +120,7 @@ impl<S: SendHalf> Writer<S> {
             pending: None,
             finished: false,
             error: None,
+            staging: BytesMut::new(),
         }
     }
 
@@ -171,7 +175,9 @@ impl<S: SendHalf> Writer<S> {
             return Poll::Ready(Ok(0));
         }
         let n = buf.len().min(MAX_WRITE);
-        let data = Bytes::copy_from_slice(&buf[..n]);
+        self.staging.reserve(n);
+        self.staging.extend_from_slice(&buf[..n]);
+        let data = self.staging.split().freeze();
         ready!(self.start(cx, |h| h.send(data), false, established))?;
         Poll::Ready(Ok(n))
     }
