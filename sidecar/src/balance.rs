@@ -134,17 +134,23 @@ pub fn choose<'e>(
     samples: (u64, u64),
 ) -> Option<&'e Endpoint> {
     let healthy = |e: &&&Endpoint| e.weight > 0 && load(e).healthy;
-    let in_subset: Vec<&Endpoint> = endpoints
-        .iter()
-        .filter(|e| subset_matches(subset, &e.labels))
-        .filter(healthy)
-        .copied()
-        .collect();
-    let pool = if in_subset.is_empty() {
-        endpoints.iter().filter(healthy).copied().collect()
-    } else {
-        in_subset
+    let in_subset = |e: &&&Endpoint| subset_matches(subset, &e.labels);
+    let pick = |f: &dyn Fn(&&&Endpoint) -> bool| -> Vec<&'e Endpoint> {
+        endpoints.iter().filter(|e| f(e)).copied().collect()
     };
+    // Healthy endpoints of the subset; else healthy ones of the whole service; else (panic
+    // mode, as Envoy's panic threshold) every endpoint of the subset or service regardless of
+    // health: ejection must never take a service down by itself.
+    let mut pool = pick(&|e| in_subset(e) && healthy(e));
+    if pool.is_empty() {
+        pool = pick(&healthy);
+    }
+    if pool.is_empty() {
+        pool = pick(&|e| in_subset(e) && e.weight > 0);
+    }
+    if pool.is_empty() {
+        pool = pick(&|e| e.weight > 0);
+    }
     let tier = closest_tier(&pool, here);
     p2c(&tier, load, samples)
 }
@@ -244,11 +250,13 @@ mod tests {
         };
         let got = choose(&all, &labels("v2"), &b_ejected, &here, (0, 0)).unwrap();
         assert_eq!(got.id, "a");
+        // Nothing healthy at all: panic mode uses the subset anyway.
         let none = |_: &Endpoint| Load {
             healthy: false,
             ..Load::default()
         };
-        assert!(choose(&all, &labels("v2"), &none, &here, (0, 0)).is_none());
+        let got = choose(&all, &labels("v2"), &none, &here, (0, 0)).unwrap();
+        assert_eq!(got.id, "b");
     }
 
     #[test]

@@ -119,6 +119,14 @@ impl Handler for Inbound {
         // Tracked so drain waits for inbound flows as well.
         self.shared.flows.track_future(self.serve(req)).await
     }
+
+    async fn http(&self, req: halyard_transport::HttpRequest) {
+        let shared = self.shared.clone();
+        shared
+            .flows
+            .track_future(crate::http::inbound::serve(&self.shared, req))
+            .await
+    }
 }
 
 impl Inbound {

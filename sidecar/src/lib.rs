@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod ctl;
 pub mod demo;
+pub mod http;
 pub mod inbound;
 pub mod iptables;
 pub mod metrics;

@@ -49,6 +49,8 @@ pub struct Metrics {
     policy_denials: IntCounterVec,
     outlier_ejections: IntCounterVec,
     retries: IntCounterVec,
+    requests: IntCounterVec,
+    request_duration: HistogramVec,
     /// `halyard_registry_revision`.
     pub registry_revision: IntGauge,
     /// `halyard_registry_stale_seconds`.
@@ -133,6 +135,16 @@ impl Metrics {
             EDGE,
         )?;
         r.register(Box::new(tcp_duration.clone()))?;
+        let code_labels = [EDGE, &["response_code"]].concat();
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "halyard_request_duration_seconds",
+                "HTTP request duration, to the response head",
+            )
+            .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16)?),
+            &code_labels,
+        )?;
+        r.register(Box::new(request_duration.clone()))?;
         Ok(Metrics {
             tcp_connections: counter(
                 &r,
@@ -147,6 +159,8 @@ impl Metrics {
                 &byte_labels,
             )?,
             tcp_duration,
+            requests: counter(&r, "halyard_requests_total", "HTTP requests", &code_labels)?,
+            request_duration,
             policy_denials: counter(
                 &r,
                 "halyard_policy_denials_total",
@@ -235,6 +249,21 @@ impl Metrics {
             .with_label_values(&[e[0], e[1], e[2], e[3], "received"])
             .inc_by(received);
         self.tcp_duration.with_label_values(&e).observe(secs);
+        self.finished.send_modify(|n| *n += 1);
+    }
+
+    /// Records a finished HTTP request (its response head).
+    pub fn request(&self, edge: Edge<'_>, code: u16, secs: f64) {
+        let code = code.to_string();
+        let l = [
+            edge.direction.as_str(),
+            edge.source,
+            edge.destination,
+            edge.version,
+            &code,
+        ];
+        self.requests.with_label_values(&l).inc();
+        self.request_duration.with_label_values(&l).observe(secs);
         self.finished.send_modify(|n| *n += 1);
     }
 

@@ -88,6 +88,9 @@ pub async fn serve_upstream(
 /// Carries one app connection to `dest`.
 pub async fn flow(shared: Arc<Shared>, mut app: TcpStream, dest: Destination) {
     let _ = app.set_nodelay(true);
+    if is_http(&shared, &dest) {
+        return crate::http::outbound::serve(shared, app, dest).await;
+    }
     let _active = shared.metrics.active(Direction::Outbound);
     let started = Instant::now();
     let first = first_bytes(&app);
@@ -117,6 +120,16 @@ pub async fn flow(shared: Arc<Shared>, mut app: TcpStream, dest: Destination) {
         received,
         started.elapsed().as_secs_f64(),
     );
+}
+
+/// Whether the destination port speaks HTTP (routed per request) rather than opaque TCP.
+fn is_http(shared: &Shared, dest: &Destination) -> bool {
+    use halyard_registry::model::Protocol;
+    shared
+        .current()
+        .service(&dest.service)
+        .and_then(|s| s.port(dest.port).map(|p| p.protocol != Protocol::Tcp))
+        .unwrap_or(false)
 }
 
 /// Whatever the app already sent, without waiting (server-speaks-first protocols send nothing).

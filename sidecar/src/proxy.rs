@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use halyard_certs::SpiffeId;
-use halyard_registry::model::{Endpoint, Labels};
+use halyard_registry::model::{Endpoint, Labels, RouteRule};
 use halyard_registry::Snapshot;
 use halyard_transport::Pool;
 use tokio::sync::watch;
@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::balance::{self, BackendPickers, Load, Locality};
 use crate::config::Config;
+use crate::http::budget::{BudgetConfig, RetryBudget};
 use crate::metrics::Metrics;
 use crate::outlier::{Failure, Outliers};
 
@@ -38,6 +39,27 @@ pub struct Shared {
     /// Cancelled when the drain deadline passes: open flows close.
     pub hard_stop: CancellationToken,
     lb: Mutex<LbState>,
+    budgets: Mutex<HashMap<String, RetryBudget>>,
+    /// Pooled HTTP/1.1 connections to the local app.
+    pub app_h1: AppClient,
+    /// Pooled h2 (prior knowledge) connections to the local app, for gRPC.
+    pub app_h2: AppClient,
+}
+
+/// A pooled client to the local app.
+pub type AppClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    crate::http::body::ChannelBody,
+>;
+
+fn app_client(h2: bool) -> AppClient {
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(h2)
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(connector)
 }
 
 #[derive(Default)]
@@ -106,6 +128,9 @@ impl Shared {
             flows: TaskTracker::new(),
             hard_stop: CancellationToken::new(),
             lb: Mutex::new(LbState::default()),
+            budgets: Mutex::new(HashMap::new()),
+            app_h1: app_client(false),
+            app_h2: app_client(true),
         })
     }
 
@@ -114,14 +139,61 @@ impl Shared {
         self.lb.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn budgets(&self) -> MutexGuard<'_, HashMap<String, RetryBudget>> {
+        self.budgets.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts a first attempt to `service` in its retry budget.
+    pub fn budget_request(&self, service: &str) {
+        let cfg = BudgetConfig::default();
+        self.budgets()
+            .entry(service.to_owned())
+            .or_default()
+            .request(&cfg, Instant::now());
+    }
+
+    /// Takes a retry to `service` from its budget; false when spent.
+    pub fn budget_retry(&self, service: &str) -> bool {
+        let cfg = BudgetConfig::default();
+        self.budgets()
+            .entry(service.to_owned())
+            .or_default()
+            .try_retry(&cfg, Instant::now())
+    }
+
     /// The snapshot in force now.
     pub fn current(&self) -> Arc<Snapshot> {
         self.snapshot.borrow().clone()
     }
 
-    /// Chooses an endpoint of `service` for a new flow from this sidecar, skipping `tried`.
+    /// Chooses an endpoint of `service` for a new L4 flow from this sidecar, skipping `tried`.
     pub fn pick(self: &Arc<Self>, service: &str, tried: &[String]) -> Result<Picked, PickError> {
         let snap = self.current();
+        let subset = {
+            let mut lb = self.lb();
+            self.subset_for(&snap, service, &mut lb)
+        };
+        self.pick_in(&snap, service, &subset, tried)
+    }
+
+    /// The next backend subset of rule number `index` of `service`'s route.
+    pub fn backend(&self, service: &str, index: usize, rule: &RouteRule) -> Labels {
+        self.lb()
+            .pickers
+            .pick(service, index, rule)
+            .map(|b| b.subset.clone())
+            .unwrap_or_default()
+    }
+
+    /// Chooses an endpoint of `subset` of `service` (failing over to the whole service when
+    /// the subset has no healthy endpoint), skipping `tried`.
+    pub fn pick_in(
+        self: &Arc<Self>,
+        snap: &Snapshot,
+        service: &str,
+        subset: &Labels,
+        tried: &[String],
+    ) -> Result<Picked, PickError> {
         let candidates: Vec<&Endpoint> = snap
             .endpoints_of(service)
             .filter(|e| !tried.contains(&e.id))
@@ -132,7 +204,6 @@ impl Shared {
         }
         let now = Instant::now();
         let mut lb = self.lb();
-        let subset = self.subset_for(&snap, service, &mut lb);
         let load = |e: &Endpoint| Load {
             outstanding: lb
                 .outstanding
@@ -146,7 +217,7 @@ impl Shared {
                 .is_some_and(|o| o.is_ejected(&e.id, now)),
         };
         let samples = (rand::random::<u64>(), rand::random::<u64>());
-        let chosen = balance::choose(&candidates, &subset, &load, &self.locality, samples)
+        let chosen = balance::choose(&candidates, subset, &load, &self.locality, samples)
             .ok_or(PickError::NoHealthy)?;
         let endpoint = snap
             .endpoints_of(service)

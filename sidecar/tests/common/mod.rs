@@ -273,3 +273,127 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// How a test HTTP app answers.
+#[derive(Clone, Default)]
+pub struct AppBehavior {
+    /// Answer 503 to every n-th request (1 = always), counting from the first.
+    pub fail_every: Option<u64>,
+    /// Wait this long before answering.
+    pub delay: Option<Duration>,
+    /// Answer with this many bytes of body instead of the usual text (streamed in 64 KiB chunks).
+    pub stream_bytes: Option<u64>,
+}
+
+/// A test HTTP/1.1 app: answers `<tag> <method> <path>` and counts the requests it saw; the
+/// headers of the last request are kept.
+pub struct HttpApp {
+    pub addr: SocketAddr,
+    pub hits: Arc<std::sync::atomic::AtomicU64>,
+    pub last_headers: Arc<std::sync::Mutex<http::HeaderMap>>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+pub async fn http_app(addr: SocketAddr, tag: &str, behavior: AppBehavior) -> HttpApp {
+    use http_body_util::{BodyExt, Full, StreamBody};
+    use std::sync::atomic::Ordering;
+    type Body = http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>;
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let local = listener.local_addr().unwrap();
+    let hits = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let last_headers = Arc::new(std::sync::Mutex::new(http::HeaderMap::new()));
+    let (h, lh, tag) = (hits.clone(), last_headers.clone(), tag.to_owned());
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (h, lh, tag, behavior) = (h.clone(), lh.clone(), tag.clone(), behavior.clone());
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let (h, lh, tag, behavior) =
+                        (h.clone(), lh.clone(), tag.clone(), behavior.clone());
+                    async move {
+                        let n = h.fetch_add(1, Ordering::SeqCst) + 1;
+                        *lh.lock().unwrap() = req.headers().clone();
+                        let line = format!("{tag} {} {}", req.method(), req.uri().path());
+                        let _ = req.into_body().collect().await;
+                        if let Some(d) = behavior.delay {
+                            tokio::time::sleep(d).await;
+                        }
+                        let mut resp = if behavior.fail_every.is_some_and(|k| n % k == 0) {
+                            let mut r = http::Response::new(
+                                Full::new(bytes::Bytes::from(format!("{line} failed"))).boxed(),
+                            );
+                            *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                            r
+                        } else if let Some(total) = behavior.stream_bytes {
+                            let chunk = bytes::Bytes::from(vec![b'x'; 64 * 1024]);
+                            let count = total.div_ceil(64 * 1024);
+                            let frames = futures::stream::iter(
+                                (0..count)
+                                    .map(move |_| Ok(hyper::body::Frame::data(chunk.clone()))),
+                            );
+                            http::Response::new(BodyExt::boxed(StreamBody::new(frames)))
+                        } else {
+                            http::Response::new(Full::new(bytes::Bytes::from(line)).boxed())
+                        };
+                        resp.headers_mut()
+                            .insert("x-app", http::HeaderValue::from_str(&tag).unwrap());
+                        Ok::<_, std::convert::Infallible>(resp as http::Response<Body>)
+                    }
+                });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    HttpApp {
+        addr: local,
+        hits,
+        last_headers,
+        _task: task,
+    }
+}
+
+/// A pooled HTTP/1.1 client for tests.
+pub fn http_client() -> hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Full<bytes::Bytes>,
+> {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(hyper_util::client::legacy::connect::HttpConnector::new())
+}
+
+/// Sends a request through `upstream` and returns status, the body as text, and the headers.
+pub async fn http_call(
+    client: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<bytes::Bytes>,
+    >,
+    upstream: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String, http::HeaderMap) {
+    use http_body_util::BodyExt;
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{upstream}{path}"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = client
+        .request(
+            req.body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned(), headers)
+}

@@ -1,0 +1,529 @@
+//! L7 end to end: real HTTP servers behind real sidecars, HTTP/3 between the sidecars, Route and
+//! Policy objects written to the registry.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use common::{http_app, http_call, http_client, metric, AppBehavior, Mesh, Sidecar, Spec};
+
+fn ip(last: u8) -> IpAddr {
+    IpAddr::from([127, 0, 1, last])
+}
+
+fn http_service(name: &str, target: u16) -> String {
+    format!("kind: Service\nname: {name}\nports:\n  - {{ name: http, port: 9080, protocol: http, targetPort: {target} }}\n")
+}
+
+/// Starts one sidecar per (version, app ip) for `reviews`, and a caller sidecar `productpage`.
+async fn reviews(mesh: &Mesh, versions: &[(&str, IpAddr)]) -> (Vec<Sidecar>, Sidecar) {
+    let mut servers = Vec::new();
+    for (v, ip) in versions {
+        servers.push(mesh.start(&Spec::new("reviews", v).app_host(*ip)).await);
+    }
+    let pp = mesh
+        .start(&Spec::new("productpage", "v1").upstream("reviews", 9080))
+        .await;
+    pp.wait_endpoints("reviews", versions.len()).await;
+    (servers, pp)
+}
+
+fn tag(body: &str) -> String {
+    body.split(' ').next().unwrap_or("").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_match_routes_one_user_and_weights_split_the_rest() {
+    let mesh = Mesh::with_dir().await;
+    let a1 = http_app(SocketAddr::new(ip(1), 0), "v1", AppBehavior::default()).await;
+    let port = a1.addr.port();
+    let _a2 = http_app(SocketAddr::new(ip(2), port), "v2", AppBehavior::default()).await;
+    let _a3 = http_app(SocketAddr::new(ip(3), port), "v3", AppBehavior::default()).await;
+    let route = "kind: Route\nservice: reviews\nrules:\n  - match: { headers: { x-user: { exact: tester } } }\n    backends: [{ subset: { version: v2 }, weight: 100 }]\n  - backends:\n      - { subset: { version: v1 }, weight: 90 }\n      - { subset: { version: v3 }, weight: 10 }\n";
+    mesh.apply(&format!("{}---\n{route}", http_service("reviews", port)))
+        .await;
+    let (_servers, pp) = reviews(&mesh, &[("v1", ip(1)), ("v2", ip(2)), ("v3", ip(3))]).await;
+    pp.wait_snapshot("the route", |s| s.route("reviews").is_some())
+        .await;
+    let client = http_client();
+    let up = pp.upstream(0);
+
+    for _ in 0..20 {
+        let (status, body, _) =
+            http_call(&client, up, "GET", "/reviews/1", &[("x-user", "tester")]).await;
+        assert_eq!((status, tag(&body)), (200, "v2".into()), "{body}");
+    }
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for _ in 0..2000 {
+        let (status, body, _) =
+            http_call(&client, up, "GET", "/reviews/1", &[("x-user", "someone")]).await;
+        assert_eq!(status, 200, "{body}");
+        *counts.entry(tag(&body)).or_default() += 1;
+    }
+    let v1 = counts.get("v1").copied().unwrap_or(0) as f64 / 2000.0;
+    assert!((v1 - 0.9).abs() <= 0.05, "v1 share {v1}: {counts:?}");
+    assert_eq!(counts.get("v2"), None, "{counts:?}");
+    pp.wait_flows(2020).await;
+    let m = pp.started.metrics.render();
+    let v2 = [
+        ("direction", "outbound"),
+        ("destination_version", "v2"),
+        ("response_code", "200"),
+    ];
+    assert_eq!(metric(&m, "halyard_requests_total", &v2), 20.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_save_gets_not_posts_and_the_budget_caps_them() {
+    let mesh = Mesh::with_dir().await;
+    let flaky = AppBehavior {
+        fail_every: Some(3),
+        ..AppBehavior::default()
+    };
+    let app = http_app(SocketAddr::new(ip(11), 0), "v1", flaky).await;
+    let route = "kind: Route\nservice: reviews\nrules:\n  - backends: [{ weight: 1 }]\n    retries: { attempts: 2, on: [5xx] }\n";
+    mesh.apply(&format!(
+        "{}---\n{route}",
+        http_service("reviews", app.addr.port())
+    ))
+    .await;
+    let (_servers, pp) = reviews(&mesh, &[("v1", ip(11))]).await;
+    pp.wait_snapshot("the route", |s| s.route("reviews").is_some())
+        .await;
+    let client = http_client();
+    let up = pp.upstream(0);
+    for i in 0..60 {
+        let (status, body, _) = http_call(&client, up, "GET", "/r", &[]).await;
+        assert_eq!(status, 200, "GET {i}: {body}");
+    }
+    let mut post_failures = 0;
+    for _ in 0..60 {
+        if http_call(&client, up, "POST", "/r", &[]).await.0 == 503 {
+            post_failures += 1;
+        }
+    }
+    assert!(
+        (15..=25).contains(&post_failures),
+        "{post_failures} of 60 POSTs failed: POSTs must not be retried"
+    );
+    let m = pp.started.metrics.render();
+    let retries = metric(
+        &m,
+        "halyard_retries_total",
+        &[("destination_service", "reviews")],
+    );
+    assert!(
+        (15.0..=40.0).contains(&retries),
+        "{retries} retries for 60 GETs with 1 in 3 failing"
+    );
+
+    // Every request fails: the budget keeps retries to a share of requests.
+    let broken = http_app(
+        SocketAddr::new(ip(12), 0),
+        "v9",
+        AppBehavior {
+            fail_every: Some(1),
+            ..AppBehavior::default()
+        },
+    )
+    .await;
+    mesh.apply(&http_service("ratings", broken.addr.port()))
+        .await;
+    let route = "kind: Route\nservice: ratings\nrules:\n  - backends: [{ weight: 1 }]\n    retries: { attempts: 3, on: [5xx] }\n";
+    mesh.apply(route).await;
+    let rt = mesh
+        .start(&Spec::new("ratings", "v9").app_host(ip(12)))
+        .await;
+    let caller = mesh
+        .start(&Spec::new("details", "v1").upstream("ratings", 9080))
+        .await;
+    caller.wait_endpoints("ratings", 1).await;
+    caller
+        .wait_snapshot("the route", |s| s.route("ratings").is_some())
+        .await;
+    for _ in 0..600 {
+        let (status, ..) = http_call(&client, caller.upstream(0), "GET", "/x", &[]).await;
+        assert_eq!(status, 503);
+    }
+    // 3 retries each would be 2,400 hits; the budget allows 20% of 600 plus a floor of 100.
+    let hits = broken.hits.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        hits <= 600 + 120 + 100,
+        "{hits} upstream hits for 600 requests: the retry budget leaked"
+    );
+    assert!(
+        hits >= 600 + 100,
+        "{hits} upstream hits: retries did not happen"
+    );
+    drop(rt);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_timeout_gives_504_and_abort_fault_hits_its_share() {
+    let mesh = Mesh::with_dir().await;
+    let slow = AppBehavior {
+        delay: Some(Duration::from_millis(400)),
+        ..AppBehavior::default()
+    };
+    let app = http_app(SocketAddr::new(ip(21), 0), "v1", slow).await;
+    let route = "kind: Route\nservice: reviews\nrules:\n  - match: { path: { prefix: /slow } }\n    backends: [{ weight: 1 }]\n    timeout: 100ms\n  - match: { path: { prefix: /faulty } }\n    backends: [{ weight: 1 }]\n    fault: { abort: { percent: 20, status: 418 } }\n  - backends: [{ weight: 1 }]\n";
+    mesh.apply(&format!(
+        "{}---\n{route}",
+        http_service("reviews", app.addr.port())
+    ))
+    .await;
+    let (_servers, pp) = reviews(&mesh, &[("v1", ip(21))]).await;
+    pp.wait_snapshot("the route", |s| s.route("reviews").is_some())
+        .await;
+    let client = http_client();
+    let (status, body, _) = http_call(&client, pp.upstream(0), "GET", "/slow/x", &[]).await;
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(
+        http_call(&client, pp.upstream(0), "GET", "/other", &[])
+            .await
+            .0,
+        200
+    );
+    let _ = app;
+    let fast = http_app(SocketAddr::new(ip(22), 0), "v1", AppBehavior::default()).await;
+    mesh.apply(&http_service("ratings", fast.addr.port())).await;
+    mesh.apply(&route.replace("service: reviews", "service: ratings"))
+        .await;
+    let _rt = mesh
+        .start(&Spec::new("ratings", "v1").app_host(ip(22)))
+        .await;
+    let caller = mesh
+        .start(&Spec::new("details", "v1").upstream("ratings", 9080))
+        .await;
+    caller.wait_endpoints("ratings", 1).await;
+    caller
+        .wait_snapshot("the route", |s| s.route("ratings").is_some())
+        .await;
+    let mut aborted = 0;
+    for _ in 0..1000 {
+        match http_call(&client, caller.upstream(0), "GET", "/faulty", &[])
+            .await
+            .0
+        {
+            418 => aborted += 1,
+            200 => {}
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert!(
+        (150..=250).contains(&aborted),
+        "{aborted} of 1000 aborted, want 20% ± 5%"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_gets_its_share_and_the_caller_sees_only_the_primary() {
+    let mesh = Mesh::with_dir().await;
+    let a1 = http_app(SocketAddr::new(ip(31), 0), "v1", AppBehavior::default()).await;
+    let a3 = http_app(
+        SocketAddr::new(ip(33), a1.addr.port()),
+        "v3",
+        AppBehavior::default(),
+    )
+    .await;
+    let route = "kind: Route\nservice: reviews\nrules:\n  - backends: [{ subset: { version: v1 }, weight: 100 }]\n    mirror: { subset: { version: v3 }, percent: 50 }\n";
+    mesh.apply(&format!(
+        "{}---\n{route}",
+        http_service("reviews", a1.addr.port())
+    ))
+    .await;
+    let (servers, pp) = reviews(&mesh, &[("v1", ip(31)), ("v3", ip(33))]).await;
+    pp.wait_snapshot("the route", |s| s.route("reviews").is_some())
+        .await;
+    let client = http_client();
+    for _ in 0..400 {
+        let (status, body, _) = http_call(&client, pp.upstream(0), "GET", "/m", &[]).await;
+        assert_eq!((status, tag(&body)), (200, "v1".into()));
+    }
+    // Mirrored requests are fire and forget: wait until v3's sidecar has recorded them.
+    let v3_sidecar = &servers[1];
+    let mirrored = a3.hits.load(std::sync::atomic::Ordering::SeqCst);
+    v3_sidecar.wait_flows(mirrored).await;
+    assert_eq!(a1.hits.load(std::sync::atomic::Ordering::SeqCst), 400);
+    assert!(
+        (140..=260).contains(&mirrored),
+        "mirror got {mirrored} of 400 at 50%"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_policy_holds_against_path_tricks_and_identity_headers_are_not_trusted() {
+    let mesh = Mesh::with_dir().await;
+    let app = http_app(SocketAddr::new(ip(41), 0), "v1", AppBehavior::default()).await;
+    let policy = "kind: Policy\nservice: reviews\nrules:\n  - action: deny\n    to: { paths: [/admin, /admin/*] }\n";
+    mesh.apply(&format!(
+        "{}---\n{policy}",
+        http_service("reviews", app.addr.port())
+    ))
+    .await;
+    let (servers, pp) = reviews(&mesh, &[("v1", ip(41))]).await;
+    servers[0]
+        .wait_snapshot("the policy", |s| s.policy("reviews").is_some())
+        .await;
+    let client = http_client();
+    let up = pp.upstream(0);
+    for path in [
+        "/admin",
+        "//admin",
+        "/%61dmin",
+        "/public/../admin",
+        "/admin/x",
+        "/./admin",
+        "/%2561dmin/../admin",
+    ] {
+        let (status, body, _) = http_call(&client, up, "GET", path, &[]).await;
+        assert_eq!(status, 403, "{path}: {body}");
+    }
+    let (status, body, _) = http_call(&client, up, "GET", "/a%2Fdmin", &[]).await;
+    assert_eq!(status, 400, "escaped slash: {body}");
+    assert_eq!(app.hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let denied = metric(
+        &servers[0].started.metrics.render(),
+        "halyard_policy_denials_total",
+        &[("destination_service", "reviews")],
+    );
+    assert_eq!(denied, 7.0);
+
+    let claim = [
+        (
+            "x-halyard-peer-identity",
+            "spiffe://mesh.local/ns/default/sa/admin",
+        ),
+        (
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ),
+    ];
+    let (status, body, _) = http_call(&client, up, "GET", "/public", &claim).await;
+    assert_eq!(status, 200, "{body}");
+    let seen = app.last_headers.lock().unwrap().clone();
+    assert_eq!(
+        seen["x-halyard-peer-identity"],
+        "spiffe://mesh.local/ns/default/sa/productpage"
+    );
+    let tp = seen["traceparent"].to_str().unwrap();
+    assert!(
+        tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "trace not continued: {tp}"
+    );
+    assert!(!tp.contains("00f067aa0ba902b7"), "no new span id: {tp}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smuggling_attempts_are_refused_with_400_before_forwarding() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mesh = Mesh::with_dir().await;
+    let app = http_app(SocketAddr::new(ip(51), 0), "v1", AppBehavior::default()).await;
+    mesh.apply(&http_service("reviews", app.addr.port())).await;
+    let (_servers, pp) = reviews(&mesh, &[("v1", ip(51))]).await;
+    let attempts = [
+        "POST / HTTP/1.1\r\nHost: r\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: r\r\nX-Folded: a\r\n b\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: gzip\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: r\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+    ];
+    for raw in attempts {
+        let mut tcp = tokio::net::TcpStream::connect(pp.upstream(0))
+            .await
+            .unwrap();
+        tcp.write_all(raw.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        let head = String::from_utf8_lossy(&buf[..n]);
+        assert!(head.starts_with("HTTP/1.1 400"), "{raw:?} got {head:?}");
+    }
+    assert_eq!(
+        app.hits.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a smuggling attempt reached the app"
+    );
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100_mib_response_streams_with_bounded_memory() {
+    use http_body_util::BodyExt;
+    let mesh = Mesh::with_dir().await;
+    let total: u64 = 100 * 1024 * 1024;
+    let big = AppBehavior {
+        stream_bytes: Some(total),
+        ..AppBehavior::default()
+    };
+    let app = http_app(SocketAddr::new(ip(61), 0), "v1", big).await;
+    mesh.apply(&http_service("reviews", app.addr.port())).await;
+    let (_servers, pp) = reviews(&mesh, &[("v1", ip(61))]).await;
+    let client = http_client();
+    let req = http::Request::get(format!("http://{}/big", pp.upstream(0)))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let before = rss_kib();
+    let mut body = client.request(req).await.unwrap().into_body();
+    let (mut got, mut peak) = (0u64, before);
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            got += data.len() as u64;
+            if got % (8 * 1024 * 1024) < data.len() as u64 {
+                peak = peak.max(rss_kib());
+            }
+        }
+    }
+    assert_eq!(got, total);
+    let grew = peak.saturating_sub(before);
+    // Three sidecar hops' buffers and QUIC windows, not the body: well under 100 MiB.
+    assert!(
+        grew < 48 * 1024,
+        "RSS grew by {grew} KiB while streaming 100 MiB"
+    );
+}
+
+/// gRPC framing (length-prefixed messages, status in trailers), spoken with hyper's h2 directly.
+mod grpc {
+    use std::convert::Infallible;
+    use std::net::SocketAddr;
+
+    use bytes::{BufMut, Bytes, BytesMut};
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+
+    pub fn frame(msg: &[u8]) -> Bytes {
+        let mut b = BytesMut::with_capacity(5 + msg.len());
+        b.put_u8(0);
+        b.put_u32(msg.len() as u32);
+        b.put_slice(msg);
+        b.freeze()
+    }
+
+    pub fn messages(mut data: &[u8]) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        while data.len() >= 5 {
+            let len = u32::from_be_bytes([data[1], data[2], data[3], data[4]]) as usize;
+            out.push(data[5..5 + len].to_vec());
+            data = &data[5 + len..];
+        }
+        out
+    }
+
+    fn trailers(status: u32, message: &str) -> http::HeaderMap {
+        let mut t = http::HeaderMap::new();
+        t.insert("grpc-status", status.to_string().parse().unwrap());
+        t.insert("grpc-message", message.parse().unwrap());
+        t
+    }
+
+    /// Unary `/demo.Echo/Unary` echoes; `/demo.Echo/Stream` sends five messages; anything else
+    /// ends with status 12 (UNIMPLEMENTED) in the trailers.
+    pub async fn server(addr: SocketAddr) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let local = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let path = req.uri().path().to_owned();
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let input = messages(&body).concat();
+                        let mut frames: Vec<Result<Frame<Bytes>, Infallible>> = Vec::new();
+                        let status = match path.as_str() {
+                            "/demo.Echo/Unary" => {
+                                frames.push(Ok(Frame::data(frame(&input))));
+                                trailers(0, "ok")
+                            }
+                            "/demo.Echo/Stream" => {
+                                for i in 0..5 {
+                                    frames.push(Ok(Frame::data(frame(
+                                        format!("{}-{i}", String::from_utf8_lossy(&input))
+                                            .as_bytes(),
+                                    ))));
+                                }
+                                trailers(0, "streamed")
+                            }
+                            _ => trailers(12, "no such method"),
+                        };
+                        frames.push(Ok(Frame::trailers(status)));
+                        let mut resp =
+                            http::Response::new(StreamBody::new(futures::stream::iter(frames)));
+                        resp.headers_mut()
+                            .insert("content-type", "application/grpc".parse().unwrap());
+                        Ok::<_, Infallible>(resp)
+                    },
+                );
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+                });
+            }
+        });
+        local
+    }
+
+    /// Calls `method` with one message; returns the messages and the trailers.
+    pub async fn call(
+        upstream: SocketAddr,
+        method: &str,
+        msg: &[u8],
+    ) -> (Vec<Vec<u8>>, http::HeaderMap) {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .http2_only(true)
+                .build(hyper_util::client::legacy::connect::HttpConnector::new());
+        let req = http::Request::post(format!("http://{upstream}{method}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(http_body_util::Full::new(frame(msg)))
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let collected = resp.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned().unwrap_or_default();
+        (messages(&collected.to_bytes()), trailers)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_unary_and_server_streaming_keep_their_trailers() {
+    let mesh = Mesh::with_dir().await;
+    let app = grpc::server(SocketAddr::new(ip(71), 0)).await;
+    mesh.apply(&format!(
+        "kind: Service\nname: reviews\nports:\n  - {{ name: grpc, port: 9080, protocol: grpc, targetPort: {} }}\n",
+        app.port()
+    ))
+    .await;
+    let (_servers, pp) = reviews(&mesh, &[("v1", ip(71))]).await;
+    let (msgs, trailers) = grpc::call(pp.upstream(0), "/demo.Echo/Unary", b"hello").await;
+    assert_eq!(msgs, vec![b"hello".to_vec()]);
+    assert_eq!(trailers["grpc-status"], "0");
+    let (msgs, trailers) = grpc::call(pp.upstream(0), "/demo.Echo/Stream", b"s").await;
+    let want: Vec<Vec<u8>> = (0..5).map(|i| format!("s-{i}").into_bytes()).collect();
+    assert_eq!(msgs, want);
+    assert_eq!(trailers["grpc-message"], "streamed");
+    let (msgs, trailers) = grpc::call(pp.upstream(0), "/demo.Echo/Nope", b"x").await;
+    assert!(msgs.is_empty());
+    assert_eq!(trailers["grpc-status"], "12");
+}
