@@ -344,6 +344,25 @@ async fn smuggling_attempts_are_refused_with_400_before_forwarding() {
         let head = String::from_utf8_lossy(&buf[..n]);
         assert!(head.starts_with("HTTP/1.1 400"), "{raw:?} got {head:?}");
     }
+    // A header section over the limit gets 431.
+    let mut tcp = tokio::net::TcpStream::connect(pp.upstream(0))
+        .await
+        .unwrap();
+    let huge = format!(
+        "GET / HTTP/1.1\r\nHost: r\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(100 * 1024)
+    );
+    let _ = tcp.write_all(huge.as_bytes()).await;
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(
+        head.starts_with("HTTP/1.1 431"),
+        "oversized header section got {head:?}"
+    );
     assert_eq!(
         app.hits.load(std::sync::atomic::Ordering::SeqCst),
         0,

@@ -71,9 +71,13 @@ impl<T> FramingGuard<T> {
                 State::Refused => data.len(),
                 State::Head(acc) => {
                     let (used, done) = take_until(acc, data, b"\r\n\r\n", MAX_HEAD);
-                    if done || acc.len() >= MAX_HEAD {
+                    if done {
                         let head = std::mem::take(acc);
                         self.state = self.judge(head);
+                    } else if acc.len() >= MAX_HEAD {
+                        // Too long to judge: hyper refuses it with 431 and closes.
+                        self.out.append(acc);
+                        self.state = State::Pass;
                     }
                     used
                 }
