@@ -181,7 +181,8 @@ impl Inbound {
         let mut snap_rx = shared.snapshot.clone();
         let close_on_deny = shared.config.file.failure.close_flows_on_deny;
         {
-            let copy = tokio::io::copy_bidirectional(&mut app, &mut tunnel);
+            let (read, write) = app.split();
+            let copy = tunnel.splice(read, write);
             tokio::pin!(copy);
             loop {
                 tokio::select! {

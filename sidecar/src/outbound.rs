@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use halyard_transport::{Target, Tunnel, TunnelError};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -93,7 +93,7 @@ pub async fn flow(shared: Arc<Shared>, mut app: TcpStream, dest: Destination) {
     }
     let _active = shared.metrics.active(Direction::Outbound);
     let started = Instant::now();
-    let first = first_bytes(&app);
+    let first = first_bytes(&app).freeze();
     let (flags, version, sent, received) = match connect(&shared, &dest, &first).await {
         Ok((picked, mut tunnel)) => {
             let version = picked.version().to_owned();
@@ -144,7 +144,7 @@ fn first_bytes(app: &TcpStream) -> BytesMut {
 async fn connect(
     shared: &Arc<Shared>,
     dest: &Destination,
-    first: &[u8],
+    first: &Bytes,
 ) -> Result<(Picked, Tunnel), Flags> {
     let retries = shared.config.file.failure.retries;
     let mut tried = Vec::new();
@@ -183,9 +183,8 @@ async fn attempt_once(
     shared: &Shared,
     picked: &Picked,
     dest: &Destination,
-    first: &[u8],
+    first: &Bytes,
 ) -> Result<Tunnel, TunnelError> {
-    use tokio::io::AsyncWriteExt;
     let target =
         Target::new(&dest.service, dest.port).map_err(|e| TunnelError::Protocol(e.to_string()))?;
     let ep = &picked.endpoint;
@@ -197,7 +196,7 @@ async fn attempt_once(
             .await?;
         if !first.is_empty() {
             tunnel
-                .write_all(first)
+                .write_bytes(first.clone())
                 .await
                 .map_err(|e| TunnelError::Protocol(e.to_string()))?;
         }
@@ -234,7 +233,7 @@ fn failure_kind(e: &TunnelError) -> Failure {
 /// Copies both ways until both sides finished, or the drain deadline passes.
 async fn pipe(shared: &Shared, app: &mut TcpStream, tunnel: &mut Tunnel) -> (Flags, u64, u64) {
     tokio::select! {
-        r = tokio::io::copy_bidirectional(app, tunnel) => match r {
+        r = splice(app, tunnel) => match r {
             Ok((up, down)) => (Flags::Ok, up, down),
             Err(_) => {
                 tunnel.abort();
@@ -247,6 +246,12 @@ async fn pipe(shared: &Shared, app: &mut TcpStream, tunnel: &mut Tunnel) -> (Fla
             (Flags::Reset, 0, 0)
         }
     }
+}
+
+/// Pipes both ways without copying received data (see the transport's notes on copies).
+async fn splice(app: &mut TcpStream, tunnel: &mut Tunnel) -> std::io::Result<(u64, u64)> {
+    let (read, write) = app.split();
+    tunnel.splice(read, write).await
 }
 
 /// Closes an app connection with a TCP reset, as a refused connection would.
