@@ -66,13 +66,16 @@ impl Admin {
                 })
             }
             RegistryUrl::Dir(dir) => {
-                let root = dir.join(&mesh);
-                if !root.is_dir() {
+                // The registry folder must exist (a typo should not create a new registry);
+                // the mesh folder inside it is made on first use.
+                if !dir.is_dir() {
                     return Err(RegistryError::NotFound(format!(
                         "registry directory {}",
-                        root.display()
+                        dir.display()
                     )));
                 }
+                let root = dir.join(&mesh);
+                std::fs::create_dir_all(&root).map_err(|e| RegistryError::io(&root, e))?;
                 Ok(Admin::Dir { root, mesh })
             }
         }
