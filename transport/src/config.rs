@@ -130,52 +130,61 @@ impl TryFrom<RawTransportConfig> for TransportConfig {
     type Error = ConfigError;
 
     fn try_from(raw: RawTransportConfig) -> Result<Self, ConfigError> {
-        range(
-            "stream_receive_window",
-            raw.stream_receive_window,
-            16 * KIB,
-            VARINT_MAX,
-        )?;
-        range(
-            "receive_window",
-            raw.receive_window,
-            raw.stream_receive_window,
-            VARINT_MAX,
-        )?;
-        range("send_window", raw.send_window, 16 * KIB, VARINT_MAX)?;
+        check_sizes(&raw)?;
+        check_times(&raw)?;
         range(
             "max_concurrent_bidi_streams",
             raw.max_concurrent_bidi_streams,
             1,
             1 << 20,
         )?;
-        // quinn caps the idle timeout at 2^62 ms; a day is plenty.
-        range("idle_timeout_ms", raw.idle_timeout_ms, 100, 86_400_000)?;
-        range(
-            "keep_alive_interval_ms",
-            raw.keep_alive_interval_ms,
-            0,
-            raw.idle_timeout_ms - 1,
-        )?;
-        range("connect_timeout_ms", raw.connect_timeout_ms, 10, 600_000)?;
-        range("udp_recv_buffer", raw.udp_recv_buffer, 64 * KIB, 256 * MIB)?;
-        range("udp_send_buffer", raw.udp_send_buffer, 64 * KIB, 256 * MIB)?;
         range("connections_per_peer", raw.connections_per_peer, 1, 64)?;
-        range("backoff_initial_ms", raw.backoff_initial_ms, 1, 600_000)?;
-        range(
-            "backoff_max_ms",
-            raw.backoff_max_ms,
-            raw.backoff_initial_ms,
-            3_600_000,
-        )?;
-        range(
-            "max_field_section_size",
-            raw.max_field_section_size,
-            KIB,
-            MIB,
-        )?;
         Ok(TransportConfig { raw })
     }
+}
+
+/// Windows, buffers and header limits (bytes).
+fn check_sizes(raw: &RawTransportConfig) -> Result<(), ConfigError> {
+    let window = |field, value, min| range(field, value, min, VARINT_MAX);
+    window("stream_receive_window", raw.stream_receive_window, 16 * KIB)?;
+    // The connection window must admit at least one full stream window.
+    window(
+        "receive_window",
+        raw.receive_window,
+        raw.stream_receive_window,
+    )?;
+    window("send_window", raw.send_window, 16 * KIB)?;
+    range("udp_recv_buffer", raw.udp_recv_buffer, 64 * KIB, 256 * MIB)?;
+    range("udp_send_buffer", raw.udp_send_buffer, 64 * KIB, 256 * MIB)?;
+    range(
+        "max_field_section_size",
+        raw.max_field_section_size,
+        KIB,
+        MIB,
+    )?;
+    Ok(())
+}
+
+/// Timeouts, intervals and backoff (milliseconds).
+fn check_times(raw: &RawTransportConfig) -> Result<(), ConfigError> {
+    // quinn caps the idle timeout at 2^62 ms; a day is plenty.
+    range("idle_timeout_ms", raw.idle_timeout_ms, 100, 86_400_000)?;
+    // A keep-alive at or past the idle timeout would let idle pooled connections die.
+    range(
+        "keep_alive_interval_ms",
+        raw.keep_alive_interval_ms,
+        0,
+        raw.idle_timeout_ms - 1,
+    )?;
+    range("connect_timeout_ms", raw.connect_timeout_ms, 10, 600_000)?;
+    range("backoff_initial_ms", raw.backoff_initial_ms, 1, 600_000)?;
+    range(
+        "backoff_max_ms",
+        raw.backoff_max_ms,
+        raw.backoff_initial_ms,
+        3_600_000,
+    )?;
+    Ok(())
 }
 
 impl From<TransportConfig> for RawTransportConfig {

@@ -98,6 +98,16 @@ struct Direction {
     blackhole: AtomicBool,
 }
 
+impl Direction {
+    fn new(profile: LinkProfile) -> Arc<Self> {
+        Arc::new(Direction {
+            profile,
+            counters: LinkCounters::default(),
+            blackhole: AtomicBool::new(false),
+        })
+    }
+}
+
 /// A running relay; stops when dropped.
 #[derive(Debug)]
 pub struct LinkSim {
@@ -173,16 +183,7 @@ impl LinkSim {
         let front = udp(loopback).await?;
         let back = udp(loopback).await?;
         let client = Arc::new(Mutex::new(None));
-        let forward = Arc::new(Direction {
-            profile: forward,
-            counters: LinkCounters::default(),
-            blackhole: AtomicBool::new(false),
-        });
-        let backward = Arc::new(Direction {
-            profile: backward,
-            counters: LinkCounters::default(),
-            blackhole: AtomicBool::new(false),
-        });
+        let (forward, backward) = (Direction::new(forward), Direction::new(backward));
         let start = Instant::now();
         let mut tasks = Vec::new();
         tasks.extend(relay(
