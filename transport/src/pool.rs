@@ -2,9 +2,10 @@
 //! carrying CONNECT tunnels and HTTP/3 requests.
 //!
 //! - Connections are opened on demand; concurrent callers during a connect share the attempt.
-//! - Up to `connections_per_peer` connections per peer; a new stream goes to the least loaded.
-//!   When every connection is at the peer's stream limit and no more may be opened, the caller
-//!   waits for a stream slot (quinn's `open_bi` waits for MAX_STREAMS) instead of failing.
+//! - Up to `connections_per_peer` connections per peer (default 1); with more allowed, flows
+//!   are spread over them, then a new stream goes to the least loaded. When every connection
+//!   is at the peer's stream limit and no more may be opened, the caller waits for a stream
+//!   slot (quinn's `open_bi` waits for MAX_STREAMS credit) instead of failing.
 //! - Closed connections (idle timeout, peer restart) are dropped and replaced on next use; a
 //!   request that races with a closing connection is retried once on a fresh one.
 //! - A failed connect puts the peer in jittered exponential backoff; callers then get
@@ -116,12 +117,19 @@ pub fn backoff_delay(failures: u32, initial: Duration, max: Duration, jitter: f6
     base.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
 }
 
-/// Picks the connection for a new stream from the open-stream counts of the live ones: the
-/// least loaded, unless all are at `limit` and another may be opened (`None`: open one; the
-/// caller then waits for a slot if it may not).
+/// Picks the connection for a new stream from the open-stream counts of the live ones
+/// (`None`: open another). With room for more connections (`max_conns` > 1, for multi-core
+/// throughput), a busy connection is a reason to open one; at the cap, the least loaded is
+/// chosen even when full, and the caller waits there for a stream slot.
 pub fn choose_connection(loads: &[usize], limit: usize, max_conns: usize) -> Option<usize> {
     let (best, load) = loads.iter().enumerate().min_by_key(|(_, l)| **l)?;
-    (*load < limit || loads.len() >= max_conns).then_some(best)
+    let room = loads.len() < max_conns;
+    let busy = if max_conns > 1 {
+        *load > 0
+    } else {
+        *load >= limit
+    };
+    (!(room && busy)).then_some(best)
 }
 
 /// A pooled HTTP/3 request stream; derefs to the h3 stream. Keep it alive while the request
@@ -346,6 +354,19 @@ impl Pool {
             .collect()
     }
 
+    /// Forgets the peers `keep` rejects (say, endpoints gone from the registry) and closes
+    /// their connections; open tunnels on them end.
+    pub fn retain_peers(&self, keep: impl Fn(&PeerKey) -> bool) {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.retain(|key, peer| {
+            let kept = keep(key);
+            if !kept {
+                close_all(peer);
+            }
+            kept
+        });
+    }
+
     /// Closes every pooled connection (H3_NO_ERROR) and forgets all peers.
     pub fn close(&self) {
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
@@ -357,6 +378,15 @@ impl Pool {
             }
         }
         peers.clear();
+    }
+}
+
+fn close_all(peer: &Peer) {
+    let mut conns = peer.conns.lock().unwrap_or_else(|p| p.into_inner());
+    for conn in conns.drain(..) {
+        // RFC 9114 §8.1: H3_NO_ERROR (0x100) for a deliberate close.
+        conn.quic
+            .close(quinn::VarInt::from_u32(0x100), b"pool closed");
     }
 }
 
@@ -386,12 +416,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn new_streams_go_to_the_least_loaded_connection_until_all_are_full() {
-        assert_eq!(choose_connection(&[], 4, 2), None);
+    fn connection_choice_shares_spreads_then_queues() {
+        assert_eq!(choose_connection(&[], 4, 1), None);
+        // One connection per peer: share it, even when full (then wait for a slot).
+        assert_eq!(choose_connection(&[3], 4, 1), Some(0));
+        assert_eq!(choose_connection(&[4], 4, 1), Some(0));
+        // Several allowed: spread flows over them before sharing.
+        assert_eq!(choose_connection(&[0], 4, 2), Some(0));
+        assert_eq!(choose_connection(&[1], 4, 2), None);
         assert_eq!(choose_connection(&[3, 1], 4, 2), Some(1));
-        // Full, but another connection may be opened.
-        assert_eq!(choose_connection(&[4], 4, 2), None);
-        // Full and at the connection cap: queue on the least loaded.
         assert_eq!(choose_connection(&[4, 4], 4, 2), Some(0));
     }
 

@@ -1,4 +1,4 @@
-//! Pool behaviour: shared connects, backoff, extra connections at the stream limit.
+//! Pool behaviour: shared connects, backoff, several connections per peer, forgetting peers.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -10,6 +10,7 @@ use std::sync::Arc;
 use common::*;
 use halyard_transport::{MeshEndpoint, Pool, Target, TransportConfig, TunnelError};
 use http::HeaderMap;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_callers_share_one_connect() {
@@ -79,7 +80,7 @@ async fn failed_connect_backs_off_and_is_safe_to_retry_elsewhere() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_connection_opens_when_the_first_is_full() {
+async fn two_connections_carry_twice_the_stream_limit_at_once() {
     let limits = config(|c| {
         c.max_concurrent_bidi_streams = 4;
         c.connections_per_peer = 2;
@@ -98,6 +99,31 @@ async fn a_second_connection_opens_when_the_first_is_full() {
         assert_eq!(r.unwrap().unwrap(), b"released");
     }
     assert_eq!(mesh.handler.tunnels.load(Ordering::SeqCst), 8);
+}
+
+#[tokio::test]
+async fn flows_spread_over_several_connections_and_retain_peers_closes_them() {
+    let two = config(|c| c.connections_per_peer = 2);
+    let mesh = Mesh::with_configs(TransportConfig::default(), two).await;
+    let mut first = mesh.open("echo").await;
+    first.write_all(b"1").await.unwrap();
+    first.status().await.unwrap();
+    let mut second = mesh.open("echo").await;
+    second.write_all(b"2").await.unwrap();
+    second.status().await.unwrap();
+    let conns = mesh.pool.connections(mesh.addr(), &mesh.server_id);
+    assert_eq!(conns.len(), 2);
+    mesh.pool.retain_peers(|_| false);
+    for conn in conns {
+        let reason = conn.closed().await;
+        assert!(
+            matches!(reason, quinn::ConnectionError::LocallyClosed),
+            "{reason:?}"
+        );
+    }
+    assert!(mesh.pool.stats().is_empty());
+    let err = first.read(&mut [0u8; 4]).await.unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionAborted);
 }
 
 #[tokio::test]
