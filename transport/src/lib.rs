@@ -23,13 +23,21 @@
 //! Pool::new(MeshEndpoint)
 //!   .open_tcp(SocketAddr, &SpiffeId, &Target, HeaderMap).await -> Result<Tunnel, TunnelError>
 //!   .send_request(SocketAddr, &SpiffeId, http::Request<()>).await -> Result<PooledRequest, TunnelError>
-//!   .stats() -> Vec<PeerStats>   .connections(addr, &id)   .close()
-//! Tunnel: AsyncRead + AsyncWrite, writable at once; .status().await -> Result<StatusCode, TunnelError>; .abort()
+//!   .stats() -> Vec<PeerStats>   .connections(addr, &id)   .retain_peers(|&PeerKey| bool)   .close()
+//! Tunnel / ServerTunnel: AsyncRead + AsyncWrite (Tunnel writable at once);
+//!   .splice(read_half, write_half).await -> io::Result<(sent, received)>   // the L4 proxy loop
+//!   .write_bytes(Bytes).await  .read_chunk().await -> io::Result<Option<Bytes>>  .abort()
+//!   Tunnel::status().await -> Result<StatusCode, TunnelError>
 //! TunnelError: .before_any_byte() -> bool, .status() -> Option<StatusCode>, .into_io()
 //! ```
 //!
 //! Half-close: `shutdown()` on either tunnel side finishes its direction of the stream; the
-//! other direction stays open. `abort()` resets the stream (a TCP reset).
+//! other direction stays open. `abort()` resets the stream (a TCP reset), and so does dropping a
+//! tunnel whose sending side was not shut down. Errors reaching an `io::Error` wrap the
+//! [`TunnelError`] (`err.get_ref()` then `downcast_ref::<TunnelError>()`).
+//!
+//! Pure decisions, unit-tested without sockets: [`choose_connection`], [`backoff_delay`],
+//! [`ResetBudget`], [`Target`] parsing, [`TransportConfig`] validation.
 #![forbid(unsafe_code)]
 
 mod config;
@@ -47,7 +55,8 @@ pub use config::{ConfigError, RawTransportConfig, TransportConfig};
 pub use endpoint::{bind_udp, peer_identity, MeshEndpoint, ALPN_H3};
 pub use error::{EndpointError, TunnelError};
 pub use pool::{
-    backoff_delay, ClientRequestStream, ConnectionStats, PeerKey, PeerStats, Pool, PooledRequest,
+    backoff_delay, choose_connection, ClientRequestStream, ConnectionStats, PeerKey, PeerStats,
+    Pool, PooledRequest,
 };
 pub use reset::ResetBudget;
 pub use server::{serve, Handler, HttpRequest, Peer, ServerRequestStream, TunnelRequest};
