@@ -1,5 +1,6 @@
 //! Halyard benchmarks. `halyard-benches transport` runs the transport bench and writes
 //! `benches/results/transport.{md,json}`.
+#![forbid(unsafe_code)]
 
 mod transport;
 

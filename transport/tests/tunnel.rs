@@ -276,3 +276,40 @@ async fn finish_is_an_eof_but_abort_and_drop_are_resets_at_the_peer() {
         assert_eq!(got.as_deref(), Some("error ConnectionReset"), "{name}");
     }
 }
+
+#[tokio::test]
+async fn serve_ends_when_the_endpoint_closes_and_open_tunnels_see_it() {
+    let mesh = Mesh::new().await;
+    let mut tunnel = mesh.open("echo").await;
+    tunnel.write_all(b"x").await.unwrap();
+    tunnel.status().await.unwrap();
+    mesh.server.close();
+    let serve_task = mesh.serve_task;
+    serve_task.await.unwrap();
+    let err = tunnel.read_to_end(&mut Vec::new()).await.unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionAborted);
+    let inner = err
+        .get_ref()
+        .unwrap()
+        .downcast_ref::<TunnelError>()
+        .unwrap();
+    assert!(!inner.before_any_byte(), "{inner:?}");
+}
+
+#[tokio::test]
+async fn binding_a_taken_address_is_a_socket_error() {
+    let taken = std::net::UdpSocket::bind(LOOPBACK).unwrap();
+    let addr = taken.local_addr().unwrap();
+    let pki = halyard_certs::test_util::TestPki::new("mesh.local");
+    let err = halyard_transport::MeshEndpoint::new(
+        pki.resolver("a"),
+        pki.bundle.clone(),
+        halyard_transport::TransportConfig::default(),
+        addr,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, halyard_transport::EndpointError::Socket { addr: a, .. } if a == addr),
+        "{err:?}"
+    );
+}
