@@ -14,7 +14,7 @@ use crate::sample_app;
 
 /// Retries on every reviews rule: a dead or slow endpoint costs a retry, not a failed page.
 const RETRIES: &str =
-    "retries: { attempts: 2, perTryTimeout: 1s, on: [connect-failure, reset, 5xx] }";
+    "retries: { attempts: 2, perTryTimeout: 300ms, on: [connect-failure, reset, 5xx] }";
 
 /// Loss of the lossy-link step.
 const LOSS: f64 = 0.05;
@@ -199,11 +199,16 @@ impl Story {
     async fn kill(&mut self) -> anyhow::Result<()> {
         heading(
             "(e) a reviews instance dies: kill -9 reviews-v1-b (app and sidecar)",
-            "Its endpoint is still registered; a request that picks it times out on connect,\n\
-             is retried on another endpoint, and the dead one is ejected.",
+            "Its endpoint is still registered; a request that picks it gets no answer, is\n\
+             retried on another endpoint after perTryTimeout (300ms), and the dead one is ejected.",
         );
         self.mesh.kill("reviews-v1-b")?;
-        let w = self.measure().await?;
+        // Long enough for the dead endpoint to be picked, retried and ejected in quick mode too.
+        let step = self.pace.step;
+        self.pace.step = step.max(Duration::from_secs(4));
+        let w = self.measure().await;
+        self.pace.step = step;
+        let w = w?;
         let effect = format!(
             "{} failed pages; {} retries, {} ejections",
             w.load.failed, w.retries, w.ejections
