@@ -1,20 +1,22 @@
-//! The admin server: `/metrics`, `/healthz`, `/readyz`, `/config_dump`. It runs on its own
-//! listener and never touches the data plane's hot path: it reads the metrics registry and the
-//! snapshot in force.
+//! The admin server: `/metrics`, `/healthz`, `/readyz`, `/config_dump`, `/logging`. It runs on
+//! its own listener and never touches the data plane's hot path: it reads the metrics registry
+//! and the snapshot in force.
 
 use std::collections::BTreeSet;
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::Metrics;
 use crate::proxy::Shared;
+use crate::telemetry::logging;
 
 /// What still blocks readiness. Each startup step holds a [`ReadyGuard`]; dropping it clears
 /// the step, so `/readyz` can say exactly what is missing.
@@ -55,36 +57,45 @@ impl Readiness {
     }
 }
 
-/// What the admin server reads.
+/// What the admin server reads. The server starts before the data plane exists, so `/healthz`
+/// and `/readyz` answer during startup; the data-plane state is attached once built.
 pub struct Admin {
-    /// Data-plane state (metrics, snapshot, config).
-    pub shared: Arc<Shared>,
-    /// Readiness.
-    pub readiness: Arc<Readiness>,
+    metrics: Metrics,
+    readiness: Arc<Readiness>,
+    shared: OnceLock<Arc<Shared>>,
 }
+
+type Reply = Response<Full<Bytes>>;
+
+/// Largest `/logging` request body read.
+const MAX_FILTER: usize = 4096;
 
 /// Serves admin requests until `stop`.
 pub async fn serve(admin: Arc<Admin>, listener: TcpListener, stop: CancellationToken) {
+    let conns = tokio_util::task::TaskTracker::new();
     loop {
         let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => break,
             a = listener.accept() => a,
         };
         let Ok((tcp, _)) = accepted else { continue };
         let admin = admin.clone();
-        tokio::spawn(async move {
+        conns.spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let admin = admin.clone();
-                async move { Ok::<_, Infallible>(admin.handle(req)) }
+                async move { Ok::<_, Infallible>(admin.handle(req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tcp), svc)
                 .await;
         });
     }
+    conns.close();
+    // Scrapes in progress get a moment; idle keep-alive connections are not waited for.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), conns.wait()).await;
 }
 
-fn text(status: StatusCode, body: String, content_type: &str) -> Response<Full<Bytes>> {
+fn text(status: StatusCode, body: String, content_type: &str) -> Reply {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
     if let Ok(v) = http::HeaderValue::from_str(content_type) {
@@ -93,48 +104,78 @@ fn text(status: StatusCode, body: String, content_type: &str) -> Response<Full<B
     resp
 }
 
+fn plain(status: StatusCode, body: impl Into<String>) -> Reply {
+    text(status, body.into(), "text/plain")
+}
+
 impl Admin {
-    fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        if req.method() != Method::GET {
-            return text(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "GET only\n".into(),
-                "text/plain",
-            );
+    /// An admin server reading `metrics` and `readiness`; see [`Admin::attach`].
+    pub fn new(metrics: Metrics, readiness: Arc<Readiness>) -> Self {
+        Admin {
+            metrics,
+            readiness,
+            shared: OnceLock::new(),
         }
-        match req.uri().path() {
-            "/metrics" => text(
+    }
+
+    /// Attaches the data plane once it exists (`/config_dump` needs it).
+    pub fn attach(&self, shared: Arc<Shared>) {
+        let _ = self.shared.set(shared);
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Reply {
+        let path = req.uri().path().to_owned();
+        match (req.method(), path.as_str()) {
+            (&Method::GET, "/metrics") => text(
                 StatusCode::OK,
-                self.shared.metrics.render(),
+                self.metrics.render(),
                 "text/plain; version=0.0.4",
             ),
-            "/healthz" => text(StatusCode::OK, "ok\n".into(), "text/plain"),
-            "/readyz" => self.readyz(),
-            "/config_dump" => text(StatusCode::OK, self.config_dump(), "application/json"),
-            _ => text(
+            (&Method::GET, "/healthz") => plain(StatusCode::OK, "ok\n"),
+            (&Method::GET, "/readyz") => self.readyz(),
+            (&Method::GET, "/config_dump") => self.config_dump(),
+            (&Method::GET, "/logging") => logging_get(),
+            (&Method::POST | &Method::PUT, "/logging") => logging_set(req).await,
+            (_, "/metrics" | "/healthz" | "/readyz" | "/config_dump") => {
+                plain(StatusCode::METHOD_NOT_ALLOWED, "GET only\n")
+            }
+            (_, "/logging") => plain(StatusCode::METHOD_NOT_ALLOWED, "GET, POST or PUT\n"),
+            _ => plain(
                 StatusCode::NOT_FOUND,
-                "not found: try /metrics /healthz /readyz /config_dump\n".into(),
-                "text/plain",
+                "not found: try /metrics /healthz /readyz /config_dump /logging\n",
             ),
         }
     }
 
-    fn readyz(&self) -> Response<Full<Bytes>> {
+    fn readyz(&self) -> Reply {
         let pending = self.readiness.pending();
         if pending.is_empty() {
-            text(StatusCode::OK, "ready\n".into(), "text/plain")
+            plain(StatusCode::OK, "ready\n")
         } else {
             let body = format!("not ready: waiting for {}\n", pending.join(", "));
-            text(StatusCode::SERVICE_UNAVAILABLE, body, "text/plain")
+            plain(StatusCode::SERVICE_UNAVAILABLE, body)
         }
     }
 
-    fn config_dump(&self) -> String {
-        let snap = self.shared.current();
+    fn config_dump(&self) -> Reply {
+        let Some(shared) = self.shared.get() else {
+            return plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "starting: no data plane yet\n",
+            );
+        };
+        let snap = shared.current();
+        let quarantined: Vec<_> = snap
+            .rejected
+            .iter()
+            .map(|(key, reason)| serde_json::json!({ "key": key, "reason": reason }))
+            .collect();
         let dump = serde_json::json!({
-            "config": &self.shared.config.file,
+            "config": &shared.config.file,
             "registry": {
                 "revision": snap.revision,
+                "origin": origin(snap.origin),
+                "quarantined": quarantined,
                 "services": &snap.services,
                 "routes": &snap.routes,
                 "policies": &snap.policies,
@@ -143,6 +184,50 @@ impl Admin {
                 "rejected": &snap.rejected,
             },
         });
-        serde_json::to_string_pretty(&dump).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+        let body = serde_json::to_string_pretty(&dump)
+            .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+        text(StatusCode::OK, body, "application/json")
+    }
+}
+
+fn origin(o: halyard_registry::Origin) -> &'static str {
+    match o {
+        halyard_registry::Origin::Live => "live",
+        halyard_registry::Origin::Persisted { .. } => "persisted",
+        halyard_registry::Origin::Empty => "empty",
+    }
+}
+
+fn logging_get() -> Reply {
+    match logging::current() {
+        Some(f) => plain(StatusCode::OK, format!("{f}\n")),
+        None => plain(
+            StatusCode::NOT_IMPLEMENTED,
+            format!("{}\n", logging::LogError::NotReloadable),
+        ),
+    }
+}
+
+/// Sets the filter from the request body (`info,halyard_sidecar=debug`) or a `?filter=` query.
+async fn logging_set(req: Request<Incoming>) -> Reply {
+    let query = req.uri().query().and_then(|q| {
+        q.split('&')
+            .find_map(|kv| kv.strip_prefix("filter="))
+            .map(|v| {
+                v.replace("%2C", ",")
+                    .replace("%3D", "=")
+                    .replace("%3d", "=")
+            })
+    });
+    let body = http_body_util::Limited::new(req.into_body(), MAX_FILTER);
+    let filter = match (query, body.collect().await) {
+        (Some(q), _) => q,
+        (None, Ok(b)) => String::from_utf8_lossy(&b.to_bytes()).into_owned(),
+        (None, Err(e)) => return plain(StatusCode::BAD_REQUEST, format!("body: {e}\n")),
+    };
+    match logging::set(&filter) {
+        Ok(f) => plain(StatusCode::OK, format!("{f}\n")),
+        Err(e @ logging::LogError::Invalid(..)) => plain(StatusCode::BAD_REQUEST, format!("{e}\n")),
+        Err(e) => plain(StatusCode::NOT_IMPLEMENTED, format!("{e}\n")),
     }
 }

@@ -41,19 +41,14 @@ pub struct SidecarArgs {
     pub config: std::path::PathBuf,
 }
 
-/// Sets up logging to stderr.
+/// Sets up logging to stderr, with a filter the admin server's `/logging` can change.
 pub fn init_tracing(cli: &Cli) {
     let filter = cli
         .log
         .clone()
         .or_else(|| std::env::var("HALYARD_LOG").ok())
         .unwrap_or_else(|| "info".to_owned());
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    crate::telemetry::logging::init(&filter, std::io::stderr);
 }
 
 /// Runs the chosen subcommand.

@@ -86,6 +86,60 @@ pub struct SidecarConfig {
     /// Timeouts, retries, drain.
     #[serde(default)]
     pub failure: FailureConfig,
+    /// Metrics refresh.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+    /// One JSON line per flow or request.
+    #[serde(default)]
+    pub access_log: AccessLogConfig,
+    /// Span export over OTLP.
+    #[serde(default)]
+    pub tracing: TracingConfig,
+}
+
+/// `[telemetry]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// How often gauges (registry, certificate, per-peer QUIC and pool figures) are refreshed.
+    #[serde(default = "default_refresh", with = "humantime_serde")]
+    pub refresh_interval: Duration,
+}
+
+/// `[access_log]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogConfig {
+    /// Write access log lines at all.
+    #[serde(default)]
+    pub enabled: bool,
+    /// `-` for stdout, else a file appended to (relative to the config file's folder).
+    #[serde(default = "default_access_path")]
+    pub path: PathBuf,
+    /// Lines queued for the writer; when full, further lines are dropped and counted.
+    #[serde(default = "default_queue")]
+    pub buffer: usize,
+}
+
+/// `[tracing]`: spans of proxied requests, exported over OTLP/HTTP (protobuf).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingConfig {
+    /// The collector's OTLP/HTTP traces URL (`http://host:4318/v1/traces`); none: no export.
+    #[serde(default)]
+    pub collector: Option<String>,
+    /// Spans queued for export; when full, further spans are dropped and counted.
+    #[serde(default = "default_queue")]
+    pub queue: usize,
+    /// Spans per export request at most.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// A partial batch is sent after this long.
+    #[serde(default = "default_flush", with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// An export request that takes longer fails; its spans are dropped and counted.
+    #[serde(default = "default_export_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
 }
 
 /// `[identity]`: PEM files, relative to the config file's folder unless absolute.
@@ -204,6 +258,24 @@ pub struct FailureConfig {
     pub close_flows_on_deny: bool,
 }
 
+fn default_refresh() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_access_path() -> PathBuf {
+    PathBuf::from("-")
+}
+fn default_queue() -> usize {
+    4096
+}
+fn default_batch() -> usize {
+    512
+}
+fn default_flush() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_export_timeout() -> Duration {
+    Duration::from_secs(2)
+}
 fn default_mesh() -> String {
     "default".into()
 }
@@ -273,6 +345,36 @@ impl Default for FailureConfig {
     }
 }
 
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            refresh_interval: default_refresh(),
+        }
+    }
+}
+
+impl Default for AccessLogConfig {
+    fn default() -> Self {
+        AccessLogConfig {
+            enabled: false,
+            path: default_access_path(),
+            buffer: default_queue(),
+        }
+    }
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        TracingConfig {
+            collector: None,
+            queue: default_queue(),
+            batch_size: default_batch(),
+            flush_interval: default_flush(),
+            timeout: default_export_timeout(),
+        }
+    }
+}
+
 /// A configuration that passed every check, with paths resolved and the transport settings
 /// validated.
 #[derive(Debug, Clone)]
@@ -321,6 +423,10 @@ impl Config {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
+        }
+        let log = &mut file.access_log.path;
+        if log.is_relative() && log.as_os_str() != "-" {
+            *log = base.join(&*log);
         }
         check(file, &field)
     }
@@ -382,12 +488,51 @@ fn check(file: SidecarConfig, field: FieldErr<'_>) -> Result<Config, ConfigError
     if file.failure.retries > 10 {
         return Err(field("failure.retries".into(), "at most 10".into()));
     }
+    check_telemetry(&file, field)?;
     Ok(Config {
         file,
         transport,
         service,
         upstream_services,
     })
+}
+
+fn check_telemetry(file: &SidecarConfig, field: FieldErr<'_>) -> Result<(), ConfigError> {
+    let positive = [
+        (
+            "telemetry.refresh_interval",
+            file.telemetry.refresh_interval,
+        ),
+        ("tracing.flush_interval", file.tracing.flush_interval),
+        ("tracing.timeout", file.tracing.timeout),
+    ];
+    for (at, d) in positive {
+        if d.is_zero() {
+            return Err(field(at.into(), "must be positive".into()));
+        }
+    }
+    let sizes = [
+        ("access_log.buffer", file.access_log.buffer),
+        ("tracing.queue", file.tracing.queue),
+        ("tracing.batch_size", file.tracing.batch_size),
+    ];
+    for (at, n) in sizes {
+        if !(1..=1_000_000).contains(&n) {
+            return Err(field(at.into(), "must be 1-1000000".into()));
+        }
+    }
+    if let Some(url) = &file.tracing.collector {
+        let ok = url
+            .parse::<http::Uri>()
+            .is_ok_and(|u| u.scheme_str() == Some("http") && u.authority().is_some());
+        if !ok {
+            return Err(field(
+                "tracing.collector".into(),
+                format!("{url:?}: expected an http:// URL such as http://127.0.0.1:4318/v1/traces"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// No two TCP listeners on the same address (port 0 excepted: each gets its own port).
@@ -501,6 +646,18 @@ listen = "127.0.0.1:19080"
             (
                 format!("{GOOD}\n[transport]\nmax_concurrent_bidi_streams = 0\n"),
                 "transport",
+            ),
+            (
+                format!("{GOOD}\n[tracing]\ncollector = \"https://x:4318\"\n"),
+                "tracing.collector",
+            ),
+            (
+                format!("{GOOD}\n[access_log]\nbuffer = 0\n"),
+                "access_log.buffer",
+            ),
+            (
+                format!("{GOOD}\n[access_log]\nenabeld = true\n"),
+                "access_log",
             ),
         ];
         for (text, want) in cases {

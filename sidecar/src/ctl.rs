@@ -61,6 +61,8 @@ pub enum CtlCommand {
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
     },
+    /// A live table of the mesh's edges (rps, success, p50/p99, bytes/s) from sidecars' /metrics.
+    Top(crate::top::TopArgs),
     /// Every sidecar's applied revision and rejected keys.
     Status {
         /// Output format: a table, or the status objects.
@@ -84,6 +86,7 @@ async fn dispatch(args: CtlArgs) -> anyhow::Result<()> {
         CtlCommand::Get { kind, name, output } => get(&args, kind, name.as_deref(), output).await,
         CtlCommand::Delete { kind, name } => delete(&args, kind, name).await,
         CtlCommand::Status { output } => status(&args, output).await,
+        CtlCommand::Top(top) => crate::top::run(top).await,
     }
 }
 

@@ -13,6 +13,7 @@ use crate::authz::{self, Decision, Peer, Target};
 use crate::metrics::{Direction, Edge};
 use crate::outbound::Flags;
 use crate::proxy::Shared;
+use crate::telemetry::{Outcome, Record};
 
 /// The inbound tunnel handler.
 pub struct Inbound {
@@ -26,6 +27,15 @@ struct Admitted {
     peer: halyard_certs::SpiffeId,
     source: String,
     port: u16,
+}
+
+/// The caller's service and SPIFFE id, and the local app address, for metrics and the log.
+type Who<'a> = (&'a str, &'a halyard_certs::SpiffeId, Option<SocketAddr>);
+
+impl Admitted {
+    fn who(&self) -> Who<'_> {
+        (&self.source, &self.peer, Some(self.app))
+    }
 }
 
 impl Inbound {
@@ -92,7 +102,8 @@ impl Inbound {
         })
     }
 
-    fn record(&self, source: &str, flags: Flags, sent: u64, received: u64, started: Instant) {
+    fn record(&self, who: Who<'_>, flags: Flags, sent: u64, received: u64, started: Instant) {
+        let source = who.0;
         let version = self
             .shared
             .config
@@ -111,6 +122,19 @@ impl Inbound {
         self.shared
             .metrics
             .tcp_flow(edge, flags.as_str(), sent, received, secs);
+        let rec = Record::new(
+            Direction::Inbound,
+            (source, &self.shared.service, version),
+            Outcome::Flags(flags.as_str()),
+            started,
+        );
+        self.shared.metrics.sinks().record(Record {
+            peer_id: Some(who.1.as_str()),
+            endpoint: who.2.map(|a| a.to_string()),
+            sent: Some(sent),
+            received: Some(received),
+            ..rec
+        });
     }
 }
 
@@ -140,8 +164,9 @@ impl Inbound {
                     .shared
                     .peer_services(&self.shared.current(), &req.peer().id);
                 let source = source.first().map_or("unknown", String::as_str).to_owned();
+                let peer = req.peer().id.clone();
                 req.reject(status).await;
-                self.record(&source, flags, 0, 0, started);
+                self.record((&source, &peer, None), flags, 0, 0, started);
                 return;
             }
         };
@@ -151,22 +176,22 @@ impl Inbound {
             Ok(Err(e)) => {
                 tracing::info!(app = %admitted.app, error = %e, "local app refused");
                 req.reject(StatusCode::BAD_GATEWAY).await;
-                return self.record(&admitted.source, Flags::UpstreamFailure, 0, 0, started);
+                return self.record(admitted.who(), Flags::UpstreamFailure, 0, 0, started);
             }
             Err(_) => {
                 req.reject(StatusCode::GATEWAY_TIMEOUT).await;
-                return self.record(&admitted.source, Flags::UpstreamFailure, 0, 0, started);
+                return self.record(admitted.who(), Flags::UpstreamFailure, 0, 0, started);
             }
         };
         let _ = app.set_nodelay(true);
         let _active = self.shared.metrics.active(Direction::Inbound);
         let Ok(tunnel) = req.accept().await else {
-            return self.record(&admitted.source, Flags::Reset, 0, 0, started);
+            return self.record(admitted.who(), Flags::Reset, 0, 0, started);
         };
         let (flags, sent, received) = self.pipe(app, tunnel, &admitted).await;
         tracing::debug!(source = %admitted.source, flags = flags.as_str(), sent, received, "inbound flow ended");
         // From the source's view: what it sent is what the app received here.
-        self.record(&admitted.source, flags, received, sent, started);
+        self.record(admitted.who(), flags, received, sent, started);
     }
 
     /// Pipes until both sides finish; closes early on the drain deadline or, when configured,

@@ -18,3 +18,5 @@ pub mod outlier;
 pub mod proxy;
 pub mod run;
 pub mod sample_app;
+pub mod telemetry;
+pub mod top;

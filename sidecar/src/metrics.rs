@@ -3,9 +3,11 @@
 //! Flows are recorded when they end, off the byte-copying path.
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+use crate::telemetry::Sinks;
 
 /// Inbound or outbound, from this sidecar's point of view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +71,18 @@ pub struct Metrics {
     pub quic_connections: IntGauge,
     /// `halyard_active_flows` by direction.
     pub active_flows: prometheus::IntGaugeVec,
+    /// `halyard_quic_open_streams` by peer: tunnels and requests open on its connections.
+    pub quic_open_streams: IntGaugeVec,
+    /// `halyard_pool_connections` by peer: pooled QUIC connections to it.
+    pub pool_connections: IntGaugeVec,
+    /// `halyard_access_log_dropped_total`: lines dropped because the writer fell behind.
+    pub access_log_dropped: IntCounter,
+    /// `halyard_trace_spans_dropped_total`: spans dropped (queue full, or the collector failed).
+    pub spans_dropped: IntCounter,
+    /// `halyard_trace_spans_exported_total`: spans the collector accepted.
+    pub spans_exported: IntCounter,
+    /// Where finished flows and requests go besides the metrics: access log, trace export.
+    sinks: Sinks,
     /// Flows recorded so far, for anyone who needs to wait for a flow's figures.
     finished: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
 }
@@ -106,6 +120,23 @@ fn gauge(reg: &Registry, name: &str, help: &str) -> prometheus::Result<Gauge> {
     let g = Gauge::new(name, help)?;
     reg.register(Box::new(g.clone()))?;
     Ok(g)
+}
+
+fn int_gauge_vec(
+    reg: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntGaugeVec> {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+    reg.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+fn int_counter(reg: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+    let c = IntCounter::new(name, help)?;
+    reg.register(Box::new(c.clone()))?;
+    Ok(c)
 }
 
 fn int_gauge(reg: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
@@ -226,6 +257,34 @@ impl Metrics {
                 r.register(Box::new(g.clone()))?;
                 g
             },
+            quic_open_streams: int_gauge_vec(
+                &r,
+                "halyard_quic_open_streams",
+                "Tunnels and requests open per peer",
+                &["peer"],
+            )?,
+            pool_connections: int_gauge_vec(
+                &r,
+                "halyard_pool_connections",
+                "Pooled QUIC connections per peer",
+                &["peer"],
+            )?,
+            access_log_dropped: int_counter(
+                &r,
+                "halyard_access_log_dropped_total",
+                "Access log lines dropped because the writer fell behind",
+            )?,
+            spans_dropped: int_counter(
+                &r,
+                "halyard_trace_spans_dropped_total",
+                "Trace spans dropped: export queue full or collector failed",
+            )?,
+            spans_exported: int_counter(
+                &r,
+                "halyard_trace_spans_exported_total",
+                "Trace spans accepted by the collector",
+            )?,
+            sinks: Sinks::default(),
             registry: r,
             finished: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
         })
@@ -296,6 +355,34 @@ impl Metrics {
     /// Counts a retry.
     pub fn retry(&self, destination: &str) {
         self.retries.with_label_values(&[destination]).inc();
+    }
+
+    /// Attaches the access log and trace export (off until this is called).
+    pub fn with_sinks(mut self, sinks: Sinks) -> Self {
+        self.sinks = sinks;
+        self
+    }
+
+    /// The access log and trace export of finished flows and requests.
+    pub fn sinks(&self) -> &Sinks {
+        &self.sinks
+    }
+
+    /// Per-peer open streams and pooled connections from the pool's statistics. Peers that left
+    /// the pool leave the families too.
+    pub fn pool_stats(&self, stats: &[halyard_transport::PeerStats]) {
+        self.quic_open_streams.reset();
+        self.pool_connections.reset();
+        for peer in stats {
+            let label = peer.peer.addr.to_string();
+            let streams: usize = peer.connections.iter().map(|c| c.open_streams).sum();
+            self.quic_open_streams
+                .with_label_values(&[&label])
+                .set(streams as i64);
+            self.pool_connections
+                .with_label_values(&[&label])
+                .set(peer.connections.len() as i64);
+        }
     }
 
     /// The Prometheus text exposition of every family.

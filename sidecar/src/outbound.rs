@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::{Direction, Edge};
 use crate::outlier::Failure;
 use crate::proxy::{PickError, Picked, Shared};
+use crate::telemetry::{Outcome, Record};
 
 /// How many bytes the app may have sent before the tunnel opens that are carried with it.
 const FIRST_BYTES: usize = 16 * 1024;
@@ -94,16 +95,23 @@ pub async fn flow(shared: Arc<Shared>, mut app: TcpStream, dest: Destination) {
     let _active = shared.metrics.active(Direction::Outbound);
     let started = Instant::now();
     let first = first_bytes(&app).freeze();
-    let (flags, version, sent, received) = match connect(&shared, &dest, &first).await {
+    let (flags, version, sent, received, endpoint) = match connect(&shared, &dest, &first).await {
         Ok((picked, mut tunnel)) => {
             let version = picked.version().to_owned();
+            let endpoint = picked.endpoint.address.to_string();
             let (flags, up, down) = pipe(&shared, &mut app, &mut tunnel).await;
             shared.outcome(&picked, None);
-            (flags, version, up + first.len() as u64, down)
+            (
+                flags,
+                version,
+                up + first.len() as u64,
+                down,
+                Some(endpoint),
+            )
         }
         Err(flags) => {
             reset(app);
-            (flags, "unknown".to_owned(), 0, 0)
+            (flags, "unknown".to_owned(), 0, 0, None)
         }
     };
     tracing::debug!(destination = %dest.service, flags = flags.as_str(), sent, received, "outbound flow ended");
@@ -120,6 +128,18 @@ pub async fn flow(shared: Arc<Shared>, mut app: TcpStream, dest: Destination) {
         received,
         started.elapsed().as_secs_f64(),
     );
+    let rec = Record::new(
+        Direction::Outbound,
+        (&shared.service, &dest.service, &version),
+        Outcome::Flags(flags.as_str()),
+        started,
+    );
+    shared.metrics.sinks().record(Record {
+        endpoint,
+        sent: Some(sent),
+        received: Some(received),
+        ..rec
+    });
 }
 
 /// Whether the destination port speaks HTTP (routed per request) rather than opaque TCP.

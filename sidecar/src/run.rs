@@ -20,6 +20,7 @@ use crate::inbound::Inbound;
 use crate::metrics::Metrics;
 use crate::outbound::{self, Destination};
 use crate::proxy::Shared;
+use crate::telemetry::Sinks;
 
 /// How long finished flows' last bytes get to be acknowledged before connections close.
 const CLOSE_LINGER: Duration = Duration::from_millis(200);
@@ -29,7 +30,6 @@ struct Bound {
     endpoint: MeshEndpoint,
     upstreams: Vec<(TcpListener, Destination)>,
     transparent: Option<TcpListener>,
-    admin: TcpListener,
 }
 
 async fn bind_tcp(addr: std::net::SocketAddr, field: &str) -> anyhow::Result<TcpListener> {
@@ -66,12 +66,10 @@ async fn bind_all(
         Some(t) => Some(bind_tcp(t.listen, "outbound.transparent.listen").await?),
         None => None,
     };
-    let admin = bind_tcp(file.admin.listen, "admin.listen").await?;
     Ok(Bound {
         endpoint,
         upstreams,
         transparent,
-        admin,
     })
 }
 
@@ -164,12 +162,32 @@ pub async fn run_until(
     started: Option<tokio::sync::oneshot::Sender<Started>>,
 ) -> anyhow::Result<()> {
     let readiness = Arc::new(Readiness::default());
+    let waiting_identity = readiness.block("identity");
+    let waiting_listeners = readiness.block("listeners");
     let waiting_snapshot = readiness.block("registry snapshot");
     let file = &config.file;
+    let listeners = CancellationToken::new();
+    let sinks_stop = CancellationToken::new();
+    // On an early error return, the admin server and the sinks end with this function.
+    let _stop_guards = (
+        listeners.clone().drop_guard(),
+        sinks_stop.clone().drop_guard(),
+    );
+    let tasks = tokio_util::task::TaskTracker::new();
+    let metrics = Metrics::new().context("metrics")?;
+    let admin_listener = bind_tcp(file.admin.listen, "admin.listen").await?;
+    let admin_addr = admin_listener.local_addr()?;
+    let admin = Arc::new(Admin::new(metrics.clone(), readiness.clone()));
+    tasks.spawn(admin::serve(
+        admin.clone(),
+        admin_listener,
+        listeners.clone(),
+    ));
     let identity = WorkloadIdentity::load(&file.identity.cert, &file.identity.key)
         .context("identity.cert / identity.key")?;
     let bundle = Arc::new(TrustBundle::load(&file.identity.bundle).context("identity.bundle")?);
     let resolver = CertResolver::new(identity.clone());
+    drop(waiting_identity);
     let bound = bind_all(&config, resolver.clone(), bundle).await?;
     let inbound_addr = bound.endpoint.local_addr()?;
     let advertise = file.inbound.advertise.unwrap_or(inbound_addr);
@@ -182,21 +200,16 @@ pub async fn run_until(
     let registry = halyard_registry::open_with(&file.registry, opts)
         .await
         .with_context(|| format!("registry = {:?}", file.registry))?;
-    let metrics = Metrics::new().context("metrics")?;
+    let sinks = Sinks::start(file, identity.id().as_str(), &metrics, &tasks, &sinks_stop);
     let shared = Shared::new(
         config.clone(),
         registry.watch(),
         Pool::new(bound.endpoint.clone()),
-        metrics,
+        metrics.with_sinks(sinks),
     );
-    let admin = Arc::new(Admin {
-        shared: shared.clone(),
-        readiness: readiness.clone(),
-    });
+    admin.attach(shared.clone());
 
     let (reloads_tx, reloads_rx) = tokio::sync::watch::channel(0u64);
-    let listeners = CancellationToken::new();
-    let tasks = tokio_util::task::TaskTracker::new();
     let info = Started {
         inbound: inbound_addr,
         upstreams: bound
@@ -205,14 +218,15 @@ pub async fn run_until(
             .filter_map(|(l, _)| l.local_addr().ok())
             .collect(),
         transparent: bound.transparent.as_ref().and_then(|l| l.local_addr().ok()),
-        admin: bound.admin.local_addr()?,
+        admin: admin_addr,
         id: id.clone(),
         snapshot: shared.snapshot.clone(),
         metrics: shared.metrics.clone(),
         identity: resolver.clone(),
         reloads: reloads_rx,
     };
-    spawn_listeners(&tasks, &shared, bound, admin, &listeners);
+    spawn_listeners(&tasks, &shared, bound, &listeners);
+    drop(waiting_listeners);
     tasks.spawn(watch_snapshot(
         shared.clone(),
         waiting_snapshot,
@@ -242,6 +256,7 @@ pub async fn run_until(
     }
     stop.cancelled().await;
     drain(&shared, registry, registration, &listeners).await;
+    sinks_stop.cancel();
     tasks.close();
     tasks.wait().await;
     Ok(())
@@ -251,7 +266,6 @@ fn spawn_listeners(
     tasks: &tokio_util::task::TaskTracker,
     shared: &Arc<Shared>,
     bound: Bound,
-    admin: Arc<Admin>,
     stop: &CancellationToken,
 ) {
     let inbound = Arc::new(Inbound {
@@ -270,7 +284,6 @@ fn spawn_listeners(
     if let Some(l) = bound.transparent {
         tasks.spawn(outbound::serve_transparent(shared.clone(), l, stop.clone()));
     }
-    tasks.spawn(admin::serve(admin, bound.admin, stop.clone()));
 }
 
 /// Clears the snapshot readiness step once a live or persisted snapshot is in force.
@@ -298,12 +311,13 @@ async fn refresh(
     resolver: Arc<CertResolver>,
     stop: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(shared.config.file.telemetry.refresh_interval);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
+        shared.metrics.pool_stats(&shared.pool.stats());
         let snap = shared.current();
         let m = &shared.metrics;
         m.registry_revision.set(snap.revision);

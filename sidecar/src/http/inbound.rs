@@ -21,6 +21,7 @@ use super::trace::TraceContext;
 use crate::authz::{self, Decision, Peer};
 use crate::metrics::{Direction, Edge};
 use crate::proxy::Shared;
+use crate::telemetry::Seen;
 
 type SendHalf = halyard_transport::h3::server::RequestStream<
     halyard_transport::h3_quinn::SendStream<Bytes>,
@@ -44,6 +45,7 @@ pub async fn serve(shared: &Arc<Shared>, req: HttpRequest) {
         request,
         stream,
     } = req;
+    let mut seen = Seen::request(&request);
     let snap = shared.current();
     let services = shared.peer_services(&snap, &peer.id);
     let source = services
@@ -56,7 +58,10 @@ pub async fn serve(shared: &Arc<Shared>, req: HttpRequest) {
             reply(stream, status, &why).await;
             status.as_u16()
         }
-        Ok(admitted) => forward(shared, &peer.id, request, stream, admitted).await,
+        Ok(admitted) => {
+            seen.served(admitted.app);
+            forward(shared, &peer.id, request, stream, admitted, &mut seen.after).await
+        }
     };
     let version = shared
         .config
@@ -74,6 +79,15 @@ pub async fn serve(shared: &Arc<Shared>, req: HttpRequest) {
     shared
         .metrics
         .request(edge, code, started.elapsed().as_secs_f64());
+    let edge = (source.as_str(), shared.service.as_str(), version);
+    let sinks = shared.metrics.sinks();
+    seen.finish(
+        sinks,
+        Direction::Inbound,
+        edge,
+        Some(peer.id.as_str()),
+        (code, None),
+    );
 }
 
 fn admit(
@@ -166,6 +180,7 @@ async fn forward(
     req: http::Request<()>,
     stream: ServerRequestStream,
     admitted: Admitted,
+    span: &mut Option<TraceContext>,
 ) -> u16 {
     let (mut parts, ()) = req.into_parts();
     let authority = parts
@@ -186,10 +201,8 @@ async fn forward(
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
         .and_then(TraceContext::parse);
-    if let Some(v) = trace
-        .map(|t| t.child())
-        .and_then(|t| HeaderValue::from_str(&t.to_string()).ok())
-    {
+    *span = trace.map(|t| t.child());
+    if let Some(v) = span.and_then(|t| HeaderValue::from_str(&t.to_string()).ok()) {
         parts.headers.insert("traceparent", v);
     }
     let scheme = "http";

@@ -24,6 +24,7 @@ use crate::metrics::{Direction, Edge};
 use crate::outbound::Destination;
 use crate::outlier::Failure;
 use crate::proxy::{Picked, Shared};
+use crate::telemetry::{content_length, trace_context, Seen};
 
 /// Largest request body kept in memory so it can be sent again (retries, mirroring).
 const REPLAY_LIMIT: u64 = 1024 * 1024;
@@ -59,6 +60,7 @@ struct Call<'a> {
     parts: Parts,
     target: String,
     rule: Option<(usize, &'a RouteRule)>,
+    seen: &'a Seen,
 }
 
 async fn handle(
@@ -67,10 +69,12 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Response<ChannelBody> {
     let started = Instant::now();
+    let mut seen = Seen::request(&req);
     let snap = shared.current();
     let (resp, version) = match prepare(&shared, req) {
         Err(resp) => (resp, "unknown".to_owned()),
         Ok((parts, body, target)) => {
+            seen.after = trace_context(&parts.headers);
             let route = snap.route(&dest.service);
             let view = RequestView {
                 path: target.split('?').next().unwrap_or("/"),
@@ -79,12 +83,14 @@ async fn handle(
                 source: &shared.service,
             };
             let rule = route.and_then(|r| select(r, view));
+            seen.route = rule.map(|(i, _)| i);
             let call = Call {
                 shared: &shared,
                 dest: &dest,
                 parts,
                 target,
                 rule,
+                seen: &seen,
             };
             call.run(body).await
         }
@@ -100,6 +106,13 @@ async fn handle(
         resp.status().as_u16(),
         started.elapsed().as_secs_f64(),
     );
+    let edge = (
+        shared.service.as_str(),
+        dest.service.as_str(),
+        version.as_str(),
+    );
+    let end = (resp.status().as_u16(), content_length(resp.headers()));
+    seen.finish(shared.metrics.sinks(), Direction::Outbound, edge, None, end);
     resp
 }
 
@@ -247,6 +260,7 @@ impl Call<'_> {
                 }
             };
             tried.push(picked.endpoint.id.clone());
+            self.seen.served(picked.endpoint.address);
             let version = picked.version().to_owned();
             let outcome = self.once(&picked, &mut payload, retries).await;
             let condition = match outcome {

@@ -1,0 +1,313 @@
+//! Where finished flows and requests go besides the metrics: the access log (one JSON line each)
+//! and trace export (one span per proxied request, OTLP/HTTP). Both are fed through bounded
+//! channels with `try_send`: the data path never waits for a writer or a collector, and what
+//! does not fit is dropped and counted.
+
+pub mod access_log;
+pub mod logging;
+pub mod otlp;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use http::HeaderMap;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::SidecarConfig;
+use crate::http::trace::TraceContext;
+use crate::metrics::{Direction, Metrics};
+use access_log::AccessEntry;
+use otlp::SpanData;
+
+/// How a flow or request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome<'a> {
+    /// L7: the response status sent to the caller.
+    Status(u16),
+    /// L4: the `response_flags` word (`-` when completed).
+    Flags(&'a str),
+}
+
+/// The trace position of a proxied request: the span this sidecar records and its parent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Trace {
+    /// 16-byte trace id.
+    pub trace_id: [u8; 16],
+    /// This sidecar's span.
+    pub span_id: [u8; 8],
+    /// The span that called it, if the caller was traced.
+    pub parent: Option<[u8; 8]>,
+}
+
+impl Trace {
+    /// The span a sidecar records for a hop: `before` is the trace context the request came
+    /// with (if any), `after` the one it forwards (a child of `before`, or a new trace).
+    pub fn of_hop(before: Option<TraceContext>, after: Option<TraceContext>) -> Option<Trace> {
+        let after = after?;
+        Some(Trace {
+            trace_id: after.trace_id,
+            span_id: after.span_id,
+            parent: before
+                .filter(|b| b.trace_id == after.trace_id)
+                .map(|b| b.span_id),
+        })
+    }
+}
+
+/// The `traceparent` of a header map, if valid.
+pub fn trace_context(headers: &HeaderMap) -> Option<TraceContext> {
+    headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceContext::parse)
+}
+
+/// What is known about a flow or request when it ends. Label-like fields come from the registry
+/// and the config; `peer_id` is a verified SPIFFE id.
+#[derive(Debug, Clone)]
+pub struct Record<'a> {
+    /// inbound / outbound.
+    pub direction: Direction,
+    /// The caller's SPIFFE id (inbound); `None` means this sidecar's own id (outbound).
+    pub peer_id: Option<&'a str>,
+    /// Calling service.
+    pub source: &'a str,
+    /// Called service.
+    pub destination: &'a str,
+    /// Version of the endpoint that served.
+    pub version: &'a str,
+    /// Index of the route rule that matched.
+    pub route: Option<usize>,
+    /// The endpoint (outbound) or local app address (inbound) that served.
+    pub endpoint: Option<String>,
+    /// Status or flags.
+    pub outcome: Outcome<'a>,
+    /// Bytes from the source towards the destination, when known.
+    pub sent: Option<u64>,
+    /// Bytes from the destination back to the source, when known.
+    pub received: Option<u64>,
+    /// When the flow or request began.
+    pub started: Instant,
+    /// L7: the request method (span name).
+    pub method: Option<&'a str>,
+    /// L7: the span of this hop.
+    pub trace: Option<Trace>,
+}
+
+impl<'a> Record<'a> {
+    /// A record with the edge, outcome and start; the rest unknown.
+    pub fn new(
+        direction: Direction,
+        edge: (&'a str, &'a str, &'a str),
+        outcome: Outcome<'a>,
+        started: Instant,
+    ) -> Self {
+        Record {
+            direction,
+            peer_id: None,
+            source: edge.0,
+            destination: edge.1,
+            version: edge.2,
+            route: None,
+            endpoint: None,
+            outcome,
+            sent: None,
+            received: None,
+            started,
+            method: None,
+            trace: None,
+        }
+    }
+}
+
+/// What an L7 hook gathers about one request while it is proxied.
+#[derive(Debug)]
+pub struct Seen {
+    /// When the request arrived.
+    pub started: Instant,
+    /// Its method.
+    pub method: http::Method,
+    /// The trace context it came with.
+    pub before: Option<TraceContext>,
+    /// The trace context sent on (this hop's span).
+    pub after: Option<TraceContext>,
+    /// The route rule that matched.
+    pub route: Option<usize>,
+    /// The request's declared body length.
+    pub sent: Option<u64>,
+    /// The endpoint (outbound) or app (inbound) that served; attempts set it.
+    pub endpoint: Mutex<Option<SocketAddr>>,
+}
+
+/// A declared `content-length`.
+pub fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+impl Seen {
+    /// Starts watching a request.
+    pub fn request<B>(req: &http::Request<B>) -> Self {
+        Seen {
+            started: Instant::now(),
+            method: req.method().clone(),
+            before: trace_context(req.headers()),
+            after: None,
+            route: None,
+            sent: content_length(req.headers()),
+            endpoint: Mutex::new(None),
+        }
+    }
+
+    /// Notes the endpoint an attempt went to.
+    pub fn served(&self, addr: SocketAddr) {
+        *self.endpoint.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr);
+    }
+
+    /// Hands the finished request to `sinks`: `edge` is (source, destination, version), `end`
+    /// the status sent and the response's declared length.
+    pub fn finish(
+        &self,
+        sinks: &Sinks,
+        direction: Direction,
+        edge: (&str, &str, &str),
+        peer_id: Option<&str>,
+        end: (u16, Option<u64>),
+    ) {
+        if !sinks.enabled() {
+            return;
+        }
+        let endpoint = *self.endpoint.lock().unwrap_or_else(|p| p.into_inner());
+        let rec = Record::new(direction, edge, Outcome::Status(end.0), self.started);
+        sinks.record(Record {
+            peer_id,
+            route: self.route,
+            endpoint: endpoint.map(|a| a.to_string()),
+            sent: self.sent,
+            received: end.1,
+            method: Some(self.method.as_str()),
+            trace: Trace::of_hop(self.before, self.after),
+            ..rec
+        });
+    }
+}
+
+/// The access log and span export of one sidecar. Cheap to clone; off when default.
+#[derive(Clone, Default)]
+pub struct Sinks {
+    inner: Option<Arc<Inner>>,
+}
+
+struct Inner {
+    own_id: String,
+    access: Option<mpsc::Sender<AccessEntry>>,
+    spans: Option<mpsc::Sender<SpanData>>,
+    metrics: Metrics,
+}
+
+impl std::fmt::Debug for Sinks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sinks").finish_non_exhaustive()
+    }
+}
+
+impl Sinks {
+    /// Starts the access log writer and the span exporter that `config` asks for, as tasks on
+    /// `tasks` that end when `stop` is cancelled (after writing what they hold).
+    pub fn start(
+        config: &SidecarConfig,
+        own_id: &str,
+        metrics: &Metrics,
+        tasks: &TaskTracker,
+        stop: &CancellationToken,
+    ) -> Sinks {
+        let access = config.access_log.enabled.then(|| {
+            let (tx, rx) = mpsc::channel(config.access_log.buffer);
+            let path = config.access_log.path.clone();
+            tasks.spawn(access_log::write(path, rx, stop.clone()));
+            tx
+        });
+        let spans = config.tracing.collector.as_ref().map(|url| {
+            let (tx, rx) = mpsc::channel(config.tracing.queue);
+            let exporter = otlp::Exporter::new(url, &config.tracing, &config.service, metrics);
+            tasks.spawn(exporter.run(rx, stop.clone()));
+            tx
+        });
+        if access.is_none() && spans.is_none() {
+            return Sinks::default();
+        }
+        Sinks {
+            inner: Some(Arc::new(Inner {
+                own_id: own_id.to_owned(),
+                access,
+                spans,
+                metrics: metrics.clone(),
+            })),
+        }
+    }
+
+    /// Whether anything is written at all.
+    pub fn enabled(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    /// Hands a finished flow or request to the access log and, when it has a span, to the
+    /// exporter. Never waits: a full queue drops the entry and counts it.
+    pub fn record(&self, rec: Record<'_>) {
+        let Some(inner) = &self.inner else { return };
+        let elapsed = rec.started.elapsed();
+        if let Some(tx) = &inner.access {
+            let entry = AccessEntry::new(&rec, &inner.own_id, elapsed);
+            if tx.try_send(entry).is_err() {
+                inner.metrics.access_log_dropped.inc();
+            }
+        }
+        if let (Some(tx), Some(trace)) = (&inner.spans, rec.trace) {
+            let span = SpanData::new(&rec, trace, end_minus(elapsed));
+            if tx.try_send(span).is_err() {
+                inner.metrics.spans_dropped.inc();
+            }
+        }
+    }
+}
+
+/// The wall-clock time `elapsed` ago.
+fn end_minus(elapsed: Duration) -> SystemTime {
+    SystemTime::now()
+        .checked_sub(elapsed)
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+/// Lowercase hex of some bytes.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_span_keeps_the_trace_and_links_the_caller() {
+        let before = TraceContext::start();
+        let after = before.child();
+        let t = Trace::of_hop(Some(before), Some(after)).unwrap();
+        assert_eq!(t.trace_id, before.trace_id);
+        assert_eq!(t.span_id, after.span_id);
+        assert_eq!(t.parent, Some(before.span_id));
+        let fresh = TraceContext::start();
+        assert_eq!(
+            Trace::of_hop(Some(before), Some(fresh)).unwrap().parent,
+            None
+        );
+        assert_eq!(Trace::of_hop(None, Some(fresh)).unwrap().parent, None);
+        assert!(Trace::of_hop(Some(before), None).is_none());
+    }
+}
