@@ -13,6 +13,7 @@
 //!
 //! // inbound
 //! serve(MeshEndpoint, Arc<impl Handler>).await          // until the endpoint closes
+//! serve_until(MeshEndpoint, Arc<impl Handler>, drain_signal).await  // then GOAWAY, wait for in-flight
 //! trait Handler { async fn tunnel(&self, TunnelRequest); async fn http(&self, HttpRequest) /* default 405 */ }
 //! TunnelRequest: .peer() -> &Peer{id: SpiffeId, addr} .target() -> &Target .headers()
 //!   .accept().await -> Result<ServerTunnel, TunnelError>   // 200; ServerTunnel: AsyncRead + AsyncWrite
@@ -59,7 +60,9 @@ pub use pool::{
     Pool, PooledRequest,
 };
 pub use reset::ResetBudget;
-pub use server::{serve, Handler, HttpRequest, Peer, ServerRequestStream, TunnelRequest};
+pub use server::{
+    serve, serve_until, Handler, HttpRequest, Peer, ServerRequestStream, TunnelRequest,
+};
 pub use target::{Target, TargetError};
 pub use tunnel::{ServerTunnel, Tunnel};
 

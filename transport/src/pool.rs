@@ -221,7 +221,7 @@ impl Pool {
         // One retry: the connection may close (idle timeout) between choosing and using it.
         for _ in 0..2 {
             let conn = self.connection(&key).await?;
-            let guard = StreamGuard::new(&conn.open);
+            let guard = StreamGuard::new(&conn.open, conn.send.clone());
             match conn
                 .send
                 .clone()

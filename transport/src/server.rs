@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use halyard_certs::SpiffeId;
@@ -142,14 +142,47 @@ async fn respond(mut stream: ServerRequestStream, status: StatusCode) {
 /// Accepts connections on `endpoint` and serves requests with `handler` until the endpoint is
 /// closed. Every connection and request task is owned here and ends with it.
 pub async fn serve<H: Handler>(endpoint: MeshEndpoint, handler: Arc<H>) {
+    serve_until(endpoint, handler, std::future::pending()).await;
+}
+
+/// [`serve`], with a graceful drain once `drain` completes: new connections are refused, every
+/// connection gets a GOAWAY (RFC 9114 §5.2) so peers send new requests elsewhere, and this
+/// returns when the requests in flight have ended (each connection is then closed with
+/// H3_NO_ERROR). Bound it with a deadline, then [`MeshEndpoint::close`] forces the rest.
+pub async fn serve_until<H, F>(endpoint: MeshEndpoint, handler: Arc<H>, drain: F)
+where
+    H: Handler,
+    F: Future<Output = ()>,
+{
+    let (draining, watch) = tokio::sync::watch::channel(false);
     let mut connections = JoinSet::new();
-    while let Some(incoming) = endpoint.quinn().accept().await {
-        connections.spawn(serve_connection(
-            incoming,
-            endpoint.clone(),
-            handler.clone(),
-        ));
+    tokio::pin!(drain);
+    let drained = loop {
+        tokio::select! {
+            incoming = endpoint.quinn().accept() => match incoming {
+                Some(incoming) => {
+                    let task = serve_connection(incoming, endpoint.clone(), handler.clone(), watch.clone());
+                    connections.spawn(task);
+                }
+                None => break false,
+            },
+            () = &mut drain => break true,
+        }
         while connections.try_join_next().is_some() {}
+    };
+    if !drained {
+        return connections.shutdown().await;
+    }
+    draining.send_replace(true);
+    loop {
+        tokio::select! {
+            incoming = endpoint.quinn().accept() => match incoming {
+                // CONNECTION_REFUSED at once, so the peer tries elsewhere without a timeout.
+                Some(incoming) => incoming.refuse(),
+                None => break,
+            },
+            done = connections.join_next() => if done.is_none() { return },
+        }
     }
     connections.shutdown().await;
 }
@@ -158,6 +191,7 @@ async fn serve_connection<H: Handler>(
     incoming: quinn::Incoming,
     endpoint: MeshEndpoint,
     handler: Arc<H>,
+    draining: tokio::sync::watch::Receiver<bool>,
 ) {
     let remote = incoming.remote_address();
     let conn = match tokio::time::timeout(endpoint.config().connect_timeout(), incoming).await {
@@ -172,49 +206,116 @@ async fn serve_connection<H: Handler>(
         conn.close(quinn::VarInt::from_u32(0x102), b"peer identity unavailable");
         return;
     };
-    let peer = Peer { id, addr: remote };
     let h3 = h3::server::builder()
         .max_field_section_size(endpoint.config().max_field_section_size())
         .send_grease(false)
         .build::<_, Bytes>(h3_quinn::Connection::new(conn.clone()))
         .await;
-    match h3 {
-        Ok(h3) => accept_requests(h3, conn, peer, handler).await,
-        Err(e) => tracing::debug!(%remote, error = %e, "http/3 setup failed"),
+    let mut h3 = match h3 {
+        Ok(h3) => h3,
+        Err(e) => return tracing::debug!(%remote, error = %e, "http/3 setup failed"),
+    };
+    let mut requests = Requests::new(conn, Peer { id, addr: remote }, handler);
+    if requests.run(&mut h3, draining).await {
+        requests.drain(&mut h3).await;
     }
 }
 
 type H3Server = h3::server::Connection<h3_quinn::Connection, Bytes>;
 
-async fn accept_requests<H: Handler>(
-    mut h3: H3Server,
+/// Bounds of the wait between a drained connection's last request and its close.
+const DRAIN_LINGER_MIN: Duration = Duration::from_millis(50);
+const DRAIN_LINGER_MAX: Duration = Duration::from_secs(1);
+
+/// The requests of one connection and the tasks serving them.
+struct Requests<H> {
     conn: quinn::Connection,
     peer: Peer,
     handler: Arc<H>,
-) {
-    let mut requests = JoinSet::new();
-    let mut budget = ResetBudget::default();
-    loop {
-        let resolver = match h3.accept().await {
-            Ok(Some(resolver)) => resolver,
-            Ok(None) => break,
-            Err(e) => {
-                tracing::debug!(peer = %peer.id, error = %e, "connection ended");
-                break;
+    tasks: JoinSet<bool>,
+    budget: ResetBudget,
+}
+
+impl<H: Handler> Requests<H> {
+    fn new(conn: quinn::Connection, peer: Peer, handler: Arc<H>) -> Self {
+        Requests {
+            conn,
+            peer,
+            handler,
+            tasks: JoinSet::new(),
+            budget: ResetBudget::default(),
+        }
+    }
+
+    /// Serves requests until the connection ends (false) or a drain begins (true).
+    async fn run(
+        &mut self,
+        h3: &mut H3Server,
+        mut draining: tokio::sync::watch::Receiver<bool>,
+    ) -> bool {
+        loop {
+            let accepted = tokio::select! {
+                accepted = h3.accept() => accepted,
+                _ = draining.wait_for(|d| *d) => return true,
+            };
+            match accepted {
+                Ok(Some(resolver)) => self.spawn(resolver),
+                Ok(None) => return false,
+                Err(e) => {
+                    tracing::debug!(peer = %self.peer.id, error = %e, "connection ended");
+                    return false;
+                }
             }
-        };
-        requests.spawn(handle_request(resolver, peer.clone(), handler.clone()));
-        while let Some(done) = requests.try_join_next() {
-            if matches!(done, Ok(false)) && !budget.allow(Instant::now()) {
-                // Rapid-reset defence (CVE-2023-44487 class): too many requests abandoned
-                // before their headers completed. RFC 9114 §8.1: H3_EXCESSIVE_LOAD (0x107).
-                tracing::warn!(peer = %peer.id, "too many aborted requests; closing connection");
-                conn.close(quinn::VarInt::from_u32(0x107), b"too many aborted requests");
-                break;
+            if !self.reap() {
+                return false;
             }
         }
     }
-    requests.shutdown().await;
+
+    fn spawn(&mut self, resolver: h3::server::RequestResolver<h3_quinn::Connection, Bytes>) {
+        let task = handle_request(resolver, self.peer.clone(), self.handler.clone());
+        self.tasks.spawn(task);
+    }
+
+    /// Collects finished requests; false once the connection was closed for abuse.
+    fn reap(&mut self) -> bool {
+        while let Some(done) = self.tasks.try_join_next() {
+            if matches!(done, Ok(false)) && !self.budget.allow(Instant::now()) {
+                // Rapid-reset defence (CVE-2023-44487 class): too many requests abandoned
+                // before their headers completed. RFC 9114 §8.1: H3_EXCESSIVE_LOAD (0x107).
+                tracing::warn!(peer = %self.peer.id, "too many aborted requests; closing connection");
+                self.conn
+                    .close(quinn::VarInt::from_u32(0x107), b"too many aborted requests");
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Sends GOAWAY, serves what is still in flight, then closes with H3_NO_ERROR.
+    async fn drain(&mut self, h3: &mut H3Server) {
+        //= https://www.rfc-editor.org/rfc/rfc9114#section-5.2
+        //# An endpoint can use the GOAWAY frame to initiate a graceful shutdown.
+        if let Err(e) = h3.shutdown(1).await {
+            tracing::debug!(peer = %self.peer.id, error = %e, "goaway not sent");
+        }
+        while !self.tasks.is_empty() {
+            tokio::select! {
+                accepted = h3.accept() => match accepted {
+                    // Requests below the GOAWAY id that were already on their way.
+                    Ok(Some(resolver)) => self.spawn(resolver),
+                    _ => break,
+                },
+                _ = self.tasks.join_next() => {}
+            }
+        }
+        while self.tasks.join_next().await.is_some() {}
+        // Closing discards data not yet acknowledged (the last bytes and FIN of those flows):
+        // linger a few round trips unless the peer closes first.
+        let linger = (self.conn.rtt() * 3 + DRAIN_LINGER_MIN).min(DRAIN_LINGER_MAX);
+        let _ = tokio::time::timeout(linger, self.conn.closed()).await;
+        self.conn.close(quinn::VarInt::from_u32(0x100), b"drained");
+    }
 }
 
 /// Reads the request headers and dispatches; false when the peer abandoned the request first.

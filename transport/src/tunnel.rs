@@ -85,20 +85,31 @@ macro_rules! halves {
 halves!(ClientSend, ClientRecv);
 halves!(ServerSend, ServerRecv);
 
-/// Counts the open streams of a pooled connection; decrements when dropped.
-#[derive(Debug)]
-pub(crate) struct StreamGuard(Arc<AtomicUsize>);
+/// Held by every pooled stream: counts the connection's open streams, and keeps a handle of
+/// the h3 connection, because h3 closes a connection when its last `SendRequest` is dropped.
+/// So a connection the pool has let go of (the peer is draining) lives until its last stream
+/// ends.
+pub(crate) struct StreamGuard {
+    counter: Arc<AtomicUsize>,
+    _conn: h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
+}
 
 impl StreamGuard {
-    pub(crate) fn new(counter: &Arc<AtomicUsize>) -> Self {
+    pub(crate) fn new(
+        counter: &Arc<AtomicUsize>,
+        conn: h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
+    ) -> Self {
         counter.fetch_add(1, Ordering::Relaxed);
-        StreamGuard(counter.clone())
+        StreamGuard {
+            counter: counter.clone(),
+            _conn: conn,
+        }
     }
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.counter.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -313,3 +313,71 @@ async fn binding_a_taken_address_is_a_socket_error() {
         "{err:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_sends_goaway_finishes_flows_in_flight_and_refuses_new_ones() {
+    let pki = halyard_certs::test_util::TestPki::new("mesh.local");
+    let config = halyard_transport::TransportConfig::default;
+    let server = halyard_transport::MeshEndpoint::new(
+        pki.resolver("reviews"),
+        pki.bundle.clone(),
+        config(),
+        LOOPBACK.parse().unwrap(),
+    )
+    .unwrap();
+    let handler = std::sync::Arc::new(TestHandler::default());
+    let (start_drain, drain) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(halyard_transport::serve_until(
+        server.clone(),
+        handler.clone(),
+        async {
+            let _ = drain.await;
+        },
+    ));
+    let client = halyard_transport::MeshEndpoint::new(
+        pki.resolver("productpage"),
+        pki.bundle.clone(),
+        config(),
+        LOOPBACK.parse().unwrap(),
+    )
+    .unwrap();
+    let pool = halyard_transport::Pool::new(client);
+    let (addr, id) = (server.local_addr().unwrap(), pki.id("reviews"));
+    let target = Target::new("echo", 9000).unwrap();
+    let mut in_flight = pool
+        .open_tcp(addr, &id, &target, HeaderMap::new())
+        .await
+        .unwrap();
+    in_flight.write_all(b"before").await.unwrap();
+    let mut buf = [0u8; 6];
+    in_flight.read_exact(&mut buf).await.unwrap();
+
+    start_drain.send(()).unwrap();
+    let conn = pool.connections(addr, &id).remove(0);
+    // New flows are refused before any byte flows, so the caller may go elsewhere.
+    let refused = async {
+        loop {
+            match pool.open_tcp(addr, &id, &target, HeaderMap::new()).await {
+                Ok(mut t) => match t.status().await {
+                    Ok(_) => continue, // sent before the GOAWAY arrived
+                    Err(e) => break e,
+                },
+                Err(e) => break e,
+            }
+        }
+    }
+    .await;
+    assert!(refused.before_any_byte(), "{refused:?}");
+    // The flow in flight keeps working on its connection until it ends.
+    in_flight.write_all(b" after").await.unwrap();
+    in_flight.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    in_flight.read_to_end(&mut rest).await.unwrap();
+    assert_eq!(rest, b" after");
+    serving.await.unwrap();
+    let reason = conn.closed().await;
+    let quinn::ConnectionError::ApplicationClosed(close) = &reason else {
+        panic!("{reason:?}")
+    };
+    assert_eq!(u64::from(close.error_code), 0x100);
+}
