@@ -140,4 +140,24 @@ mod tests {
         let long = format!("{}:1", "a".repeat(300));
         assert!(long.parse::<Target>().is_err());
     }
+
+    #[test]
+    fn random_authorities_never_panic_and_round_trip_when_accepted() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9114);
+        let alphabet = b"abcz09.-_:@[]%/?#Z \xff";
+        for _ in 0..50_000 {
+            let len = rng.random_range(0..24);
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| alphabet[rng.random_range(0..alphabet.len())])
+                .collect();
+            let text = String::from_utf8_lossy(&bytes);
+            if let Ok(target) = text.parse::<Target>() {
+                assert_eq!(target.to_string().parse::<Target>().unwrap(), target);
+            }
+            if let Ok(uri) = text.parse::<http::Uri>() {
+                let _ = Target::from_uri(&uri);
+            }
+        }
+    }
 }
