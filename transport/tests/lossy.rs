@@ -143,3 +143,33 @@ async fn client_rebind_mid_transfer_keeps_the_connection() {
     assert_eq!(now[0].stable_id(), conn.stable_id());
     assert!(conn.close_reason().is_none());
 }
+
+#[tokio::test]
+async fn first_bytes_ride_with_the_connect_headers_on_a_warm_connection() {
+    // 50 ms each way: a reply within one round trip (100 ms) plus slack proves the data did not
+    // wait for the CONNECT response; waiting would cost a second round trip (200 ms).
+    let mesh = Mesh::new().await;
+    let one_way = LinkProfile {
+        delay: Duration::from_millis(50),
+        ..LinkProfile::clean()
+    };
+    let sim = LinkSim::start(mesh.addr(), one_way.clone(), one_way, 5)
+        .await
+        .unwrap();
+    let warm = exchange(mesh.open_via(sim.addr(), "echo").await, b"warm")
+        .await
+        .unwrap();
+    assert_eq!(warm, b"warm");
+    let started = tokio::time::Instant::now();
+    let mut tunnel = mesh.open_via(sim.addr(), "echo").await;
+    tunnel.write_all(b"hello").await.unwrap();
+    let mut reply = [0u8; 5];
+    tunnel.read_exact(&mut reply).await.unwrap();
+    let elapsed = started.elapsed();
+    assert_eq!(&reply, b"hello");
+    assert!(elapsed >= Duration::from_millis(100), "{elapsed:?}");
+    assert!(
+        elapsed < Duration::from_millis(170),
+        "took {elapsed:?}: an extra round trip?"
+    );
+}
