@@ -31,7 +31,8 @@ pub struct MeshEndpoint {
 struct Inner {
     quic: quinn::Endpoint,
     resolver: Arc<CertResolver>,
-    bundle: Arc<TrustBundle>,
+    /// Replaced as a whole on CA rotation; read once per handshake.
+    bundle: std::sync::RwLock<Arc<TrustBundle>>,
     config: TransportConfig,
     transport: Arc<quinn::TransportConfig>,
 }
@@ -98,7 +99,7 @@ impl MeshEndpoint {
             inner: Arc::new(Inner {
                 quic,
                 resolver,
-                bundle,
+                bundle: std::sync::RwLock::new(bundle),
                 config,
                 transport,
             }),
@@ -127,6 +128,24 @@ impl MeshEndpoint {
     /// Waits until every connection has been closed and its packets flushed.
     pub async fn wait_idle(&self) {
         self.inner.quic.wait_idle().await;
+    }
+
+    fn bundle(&self) -> Arc<TrustBundle> {
+        self.inner
+            .bundle
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Trusts `bundle` from now on (CA rotation: pass old and new roots together, then the new
+    /// alone once every leaf is reissued). New handshakes on both sides use it; established
+    /// connections keep the trust they were verified with.
+    pub fn set_trust_bundle(&self, bundle: Arc<TrustBundle>) -> Result<(), EndpointError> {
+        let server = server_config(&self.inner.resolver, &bundle, self.inner.transport.clone())?;
+        *self.inner.bundle.write().unwrap_or_else(|p| p.into_inner()) = bundle;
+        self.inner.quic.set_server_config(Some(server));
+        Ok(())
     }
 
     /// The transport settings.
@@ -166,7 +185,7 @@ impl MeshEndpoint {
     fn client_config(&self, expected: &SpiffeId) -> Result<quinn::ClientConfig, EndpointError> {
         let mut tls = halyard_certs::client_config(
             self.inner.resolver.clone(),
-            self.inner.bundle.clone(),
+            self.bundle(),
             ExpectedServer::Id(expected.clone()),
         )?;
         tls.alpn_protocols = vec![ALPN_H3.to_vec()];

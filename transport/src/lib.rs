@@ -8,7 +8,7 @@
 //! TransportConfig::default() / TransportConfig::try_from(RawTransportConfig)  (serde both ways)
 //! MeshEndpoint::new(Arc<CertResolver>, Arc<TrustBundle>, TransportConfig, SocketAddr)
 //!     -> Result<MeshEndpoint, EndpointError>
-//!   .local_addr() .rebind(std::net::UdpSocket) .close() .wait_idle().await
+//!   .local_addr() .rebind(std::net::UdpSocket) .set_trust_bundle(Arc<TrustBundle>) .close() .wait_idle().await
 //! bind_udp(SocketAddr, &TransportConfig) -> Result<std::net::UdpSocket, EndpointError>
 //!
 //! // inbound

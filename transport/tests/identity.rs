@@ -144,3 +144,38 @@ async fn client_without_certificate_is_refused_by_server() {
     assert_eq!(mesh.handler.tunnels.load(Ordering::SeqCst), 0);
     assert_eq!(mesh.handler.http_requests.load(Ordering::SeqCst), 0);
 }
+
+#[tokio::test]
+async fn a_new_trust_bundle_admits_a_rotated_ca_on_new_handshakes() {
+    let mesh = Mesh::new().await;
+    let next = TestPki::new("mesh.local");
+    let both = Arc::new((*mesh.pki.bundle).clone().merge(&next.bundle));
+    // A client with a leaf from the next CA, trusting both.
+    let pool = pool_for(&next, "productpage", both.clone());
+    let before = async {
+        let mut t = pool
+            .open_tcp(mesh.addr(), &mesh.server_id, &target(), HeaderMap::new())
+            .await?;
+        t.status().await
+    }
+    .await;
+    assert!(
+        before.is_err(),
+        "the server trusted an unknown CA: {before:?}"
+    );
+    mesh.server.set_trust_bundle(both).unwrap();
+    let after = pool
+        .open_tcp(mesh.addr(), &mesh.server_id, &target(), HeaderMap::new())
+        .await;
+    // The failed attempt put the peer in backoff; a fresh pool on the same endpoint retries.
+    let after = match after {
+        Err(TunnelError::Backoff { .. }) => {
+            Pool::new(pool.endpoint().clone())
+                .open_tcp(mesh.addr(), &mesh.server_id, &target(), HeaderMap::new())
+                .await
+        }
+        other => other,
+    };
+    let reply = exchange(after.unwrap(), b"rotated").await.unwrap();
+    assert_eq!(reply, b"rotated");
+}
