@@ -130,7 +130,7 @@ impl Inbound {
         );
         self.shared.metrics.sinks().record(Record {
             peer_id: Some(who.1.as_str()),
-            endpoint: who.2.map(|a| a.to_string()),
+            endpoint: who.2,
             sent: Some(sent),
             received: Some(received),
             ..rec

@@ -98,7 +98,7 @@ pub async fn flow(shared: Arc<Shared>, mut app: TcpStream, dest: Destination) {
     let (flags, version, sent, received, endpoint) = match connect(&shared, &dest, &first).await {
         Ok((picked, mut tunnel)) => {
             let version = picked.version().to_owned();
-            let endpoint = picked.endpoint.address.to_string();
+            let endpoint = picked.endpoint.address;
             let (flags, up, down) = pipe(&shared, &mut app, &mut tunnel).await;
             shared.outcome(&picked, None);
             (
@@ -134,8 +134,14 @@ pub async fn flow(shared: Arc<Shared>, mut app: TcpStream, dest: Destination) {
         Outcome::Flags(flags.as_str()),
         started,
     );
-    shared.metrics.sinks().record(Record {
+    let sinks = shared.metrics.sinks();
+    let route = sinks
+        .enabled()
+        .then(|| crate::telemetry::l4_route(&shared.current(), &shared.service, &dest.service))
+        .flatten();
+    sinks.record(Record {
         endpoint,
+        route,
         sent: Some(sent),
         received: Some(received),
         ..rec

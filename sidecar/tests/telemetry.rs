@@ -385,6 +385,9 @@ async fn access_log_has_one_json_line_per_request_and_flow() {
     let path = dir.path().join("pp.log");
     let extra = format!("[access_log]\nenabled = true\npath = {path:?}\nbuffer = 64\n");
     let e = edges_with(11, "", &extra).await;
+    e._mesh.apply("kind: Route\nservice: reviews\nrules:\n  - match: { path: { prefix: /never } }\n    backends: [{ weight: 1 }]\n  - backends: [{ weight: 1 }]\n---\nkind: Route\nservice: ratings\nrules:\n  - backends: [{ weight: 1 }]\n").await;
+    e.pp.wait_snapshot("the routes", |s| s.routes.len() == 2)
+        .await;
     let client = http_client();
     let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let (status, ..) = http_call(
@@ -434,6 +437,8 @@ async fn access_log_has_one_json_line_per_request_and_flow() {
     assert_eq!(traced["destination_version"], "v1");
     assert_eq!(traced["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
     assert_eq!(traced["endpoint"], e.reviews.started.inbound.to_string());
+    assert_eq!(traced["route"], "1", "the second rule matched");
+    assert!(traced["duration_ms"].as_f64().unwrap() > 0.0);
     let flows: Vec<_> = entries.iter().filter(|e| e["protocol"] == "tcp").collect();
     assert_eq!(flows.len(), 9);
     let ok: Vec<_> = flows.iter().filter(|e| e["flags"] == "-").collect();
@@ -445,6 +450,7 @@ async fn access_log_has_one_json_line_per_request_and_flow() {
         );
         assert_eq!(f["endpoint"], e.ratings.started.inbound.to_string());
         assert_eq!(f["trace_id"], "-");
+        assert_eq!(f["route"], "0");
     }
     assert_eq!(flows.iter().filter(|e| e["flags"] == "DENY").count(), 2);
     assert_eq!(flows.iter().filter(|e| e["flags"] == "UF").count(), 3);
@@ -592,7 +598,19 @@ async fn collector_down_costs_spans_not_requests() {
     let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let collector = gone.local_addr().unwrap();
     drop(gone);
-    let e = edges(31, &tracing_extra(collector)).await;
+    spans_dropped_requests_served(31, collector).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_collector_costs_spans_not_requests() {
+    // Connections complete in the backlog, but no request is ever answered.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    spans_dropped_requests_served(35, silent.local_addr().unwrap()).await;
+    drop(silent);
+}
+
+async fn spans_dropped_requests_served(first_ip: u8, collector: SocketAddr) {
+    let e = edges(first_ip, &tracing_extra(collector)).await;
     let client = http_client();
     let started = Instant::now();
     for _ in 0..50 {
@@ -672,4 +690,53 @@ async fn ctl_top_once_prints_each_edge_with_its_request_count() {
     let ratings = row("productpage", "ratings");
     assert_eq!(ratings[col("PROTO")], "tcp");
     assert_eq!(ratings[col("TOTAL")], "3", "{text}");
+}
+
+/// Every metric the Grafana dashboard queries is one the sidecar exports.
+#[test]
+fn grafana_dashboard_is_valid_json_and_queries_exported_metrics() {
+    use halyard_sidecar::metrics::{Direction, Edge, Metrics};
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/grafana/halyard.json"
+    );
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let m = Metrics::new().unwrap();
+    let edge = Edge {
+        direction: Direction::Outbound,
+        source: "a",
+        destination: "b",
+        version: "v1",
+    };
+    m.tcp_flow(edge, "-", 1, 1, 0.1);
+    m.request(edge, 200, 0.1);
+    m.denial("a", "b", "x");
+    m.ejection("b");
+    m.retry("b");
+    let _active = m.active(Direction::Outbound);
+    for g in [&m.quic_rtt, &m.quic_lost, &m.quic_cwnd] {
+        g.with_label_values(&["p"]).set(1.0);
+    }
+    for g in [&m.quic_open_streams, &m.pool_connections] {
+        g.with_label_values(&["p"]).set(1);
+    }
+    let exported = m.render();
+    let mut queried = 0;
+    for panel in dash["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap();
+            for name in expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("halyard_"))
+            {
+                assert!(
+                    exported.contains(&format!("\n{name}")),
+                    "{name} is not exported"
+                );
+                queried += 1;
+            }
+        }
+    }
+    assert!(queried >= 20, "{queried} metric references");
 }

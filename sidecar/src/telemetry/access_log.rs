@@ -62,7 +62,9 @@ impl AccessEntry {
             destination_service: rec.destination.to_owned(),
             destination_version: rec.version.to_owned(),
             route: rec.route.map_or_else(|| "-".to_owned(), |i| i.to_string()),
-            endpoint: rec.endpoint.clone().unwrap_or_else(|| "-".to_owned()),
+            endpoint: rec
+                .endpoint
+                .map_or_else(|| "-".to_owned(), |a| a.to_string()),
             status,
             flags,
             bytes_sent: rec.sent,

@@ -82,7 +82,7 @@ pub struct Record<'a> {
     /// Index of the route rule that matched.
     pub route: Option<usize>,
     /// The endpoint (outbound) or local app address (inbound) that served.
-    pub endpoint: Option<String>,
+    pub endpoint: Option<SocketAddr>,
     /// Status or flags.
     pub outcome: Outcome<'a>,
     /// Bytes from the source towards the destination, when known.
@@ -189,7 +189,7 @@ impl Seen {
         sinks.record(Record {
             peer_id,
             route: self.route,
-            endpoint: endpoint.map(|a| a.to_string()),
+            endpoint,
             sent: self.sent,
             received: end.1,
             method: Some(self.method.as_str()),
@@ -283,6 +283,19 @@ fn end_minus(elapsed: Duration) -> SystemTime {
     SystemTime::now()
         .checked_sub(elapsed)
         .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+/// The index of the route rule an L4 flow from `source` to `destination` follows (the first
+/// rule whose source matches), as the balancer chose it.
+pub fn l4_route(
+    snap: &halyard_registry::Snapshot,
+    source: &str,
+    destination: &str,
+) -> Option<usize> {
+    snap.route(destination)?
+        .rules
+        .iter()
+        .position(|r| crate::balance::l4_rule_matches(r, source))
 }
 
 /// Lowercase hex of some bytes.
