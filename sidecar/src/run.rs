@@ -255,6 +255,7 @@ pub async fn run_until(
         let _ = tx.send(info);
     }
     stop.cancelled().await;
+    let _draining = readiness.block("drain (shutting down)");
     drain(&shared, registry, registration, &listeners).await;
     sinks_stop.cancel();
     tasks.close();

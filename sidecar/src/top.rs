@@ -415,7 +415,15 @@ pub async fn run(args: &TopArgs) -> anyhow::Result<()> {
     let mut at = Instant::now();
     loop {
         tokio::time::sleep(args.interval).await;
-        let after = scrape_all(&client, &args.admin).await?;
+        let after = match scrape_all(&client, &args.admin).await {
+            Ok(t) => t,
+            // Live, a sidecar restarting is no reason to quit: show why and try again.
+            Err(e) if !args.once => {
+                println!("\x1b[2J\x1b[Hno sidecar answered: {e:#}");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let now = Instant::now();
         let table = render(&rows(&before, &after, (now - at).as_secs_f64()));
         if args.once {

@@ -665,6 +665,7 @@ async fn ctl_top_once_prints_each_edge_with_its_request_count() {
     .await
     .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
     assert!(
         out.status.success(),
         "{text} {}",

@@ -40,6 +40,8 @@ pub struct Trace {
     pub span_id: [u8; 8],
     /// The span that called it, if the caller was traced.
     pub parent: Option<[u8; 8]>,
+    /// The W3C sampled flag: only sampled spans are exported.
+    pub sampled: bool,
 }
 
 impl Trace {
@@ -53,6 +55,7 @@ impl Trace {
             parent: before
                 .filter(|b| b.trace_id == after.trace_id)
                 .map(|b| b.span_id),
+            sampled: after.flags & 1 == 1,
         })
     }
 }
@@ -269,7 +272,7 @@ impl Sinks {
                 inner.metrics.access_log_dropped.inc();
             }
         }
-        if let (Some(tx), Some(trace)) = (&inner.spans, rec.trace) {
+        if let (Some(tx), Some(trace)) = (&inner.spans, rec.trace.filter(|t| t.sampled)) {
             let span = SpanData::new(&rec, trace, end_minus(elapsed));
             if tx.try_send(span).is_err() {
                 inner.metrics.spans_dropped.inc();
@@ -315,6 +318,13 @@ mod tests {
         assert_eq!(t.trace_id, before.trace_id);
         assert_eq!(t.span_id, after.span_id);
         assert_eq!(t.parent, Some(before.span_id));
+        assert!(t.sampled);
+        let unsampled = TraceContext { flags: 0, ..after };
+        assert!(
+            !Trace::of_hop(Some(before), Some(unsampled))
+                .unwrap()
+                .sampled
+        );
         let fresh = TraceContext::start();
         assert_eq!(
             Trace::of_hop(Some(before), Some(fresh)).unwrap().parent,
