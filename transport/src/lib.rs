@@ -18,7 +18,9 @@
 //! TunnelRequest: .peer() -> &Peer{id: SpiffeId, addr} .target() -> &Target .headers()
 //!   .accept().await -> Result<ServerTunnel, TunnelError>   // 200; ServerTunnel: AsyncRead + AsyncWrite
 //!   .reject(StatusCode).await                             // 403 / 404 / 502 / 503 / 504
-//! HttpRequest { peer, request: http::Request<()>, stream: ServerRequestStream }
+//! HttpRequest: .peer() .request() -> &http::Request<()> .respond(StatusCode).await
+//!   .into_parts() -> (Peer, http::Request<()>, ServerRequestStream)   // stream body, respond, trailers
+//! (a TunnelRequest or HttpRequest dropped unanswered is reset with H3_REQUEST_REJECTED)
 //!
 //! // outbound
 //! Pool::new(MeshEndpoint)

@@ -49,7 +49,24 @@ pub struct TunnelRequest {
     peer: Peer,
     target: Target,
     headers: HeaderMap,
-    stream: ServerRequestStream,
+    /// `None` once answered; see the `Drop` impl.
+    stream: Option<ServerRequestStream>,
+}
+
+/// Resets an unanswered request with H3_REQUEST_REJECTED (RFC 9114 §8.1: not processed, safe
+/// to retry). Left alone, the dropped stream would end without response headers, which the h3
+/// client treats as a connection error (H3_FRAME_UNEXPECTED) for every flow on the connection:
+/// a handler that forgets to answer, or panics, must not take down its neighbours.
+fn reject_unanswered(stream: Option<ServerRequestStream>) {
+    if let Some(mut stream) = stream {
+        stream.stop_stream(h3::error::Code::H3_REQUEST_REJECTED);
+    }
+}
+
+impl Drop for TunnelRequest {
+    fn drop(&mut self) {
+        reject_unanswered(self.stream.take());
+    }
 }
 
 impl std::fmt::Debug for TunnelRequest {
@@ -84,31 +101,39 @@ impl TunnelRequest {
 
     /// Answers 200 with `headers` and returns the byte stream.
     pub async fn accept_with(mut self, headers: HeaderMap) -> Result<ServerTunnel, TunnelError> {
+        let mut stream = self.stream.take().ok_or(TunnelError::Closed)?;
         let mut response = http::Response::new(());
         *response.headers_mut() = headers;
-        self.stream
+        stream
             .send_response(response)
             .await
             .map_err(|e| TunnelError::from_h3(&e, false))?;
-        let (send, recv) = self.stream.split();
+        let (send, recv) = stream.split();
         Ok(ServerTunnel::new(send, recv))
     }
 
     /// Refuses the tunnel with `status` and ends the stream.
-    pub async fn reject(self, status: StatusCode) {
-        respond(self.stream, status).await;
+    pub async fn reject(mut self, status: StatusCode) {
+        if let Some(stream) = self.stream.take() {
+            respond(stream, status).await;
+        }
     }
 }
 
 /// A non-CONNECT request from a verified peer, with the stream to read its body from and to
-/// send the response, body and trailers on.
+/// send the response, body and trailers on ([`HttpRequest::into_parts`]). Dropped unanswered,
+/// it is reset with H3_REQUEST_REJECTED (see [`TunnelRequest`]); once the stream is taken, the
+/// handler must send a response before dropping it, or the client's h3 closes the connection.
 pub struct HttpRequest {
-    /// The verified peer.
-    pub peer: Peer,
-    /// Method, URI and headers.
-    pub request: http::Request<()>,
-    /// The request stream.
-    pub stream: ServerRequestStream,
+    peer: Peer,
+    request: http::Request<()>,
+    stream: Option<ServerRequestStream>,
+}
+
+impl Drop for HttpRequest {
+    fn drop(&mut self) {
+        reject_unanswered(self.stream.take());
+    }
 }
 
 impl std::fmt::Debug for HttpRequest {
@@ -121,9 +146,32 @@ impl std::fmt::Debug for HttpRequest {
 }
 
 impl HttpRequest {
+    /// The verified peer.
+    pub fn peer(&self) -> &Peer {
+        &self.peer
+    }
+
+    /// Method, URI and headers.
+    pub fn request(&self) -> &http::Request<()> {
+        &self.request
+    }
+
+    /// Takes the request apart to stream the body and answer.
+    pub fn into_parts(mut self) -> (Peer, http::Request<()>, ServerRequestStream) {
+        let request = std::mem::take(&mut self.request);
+        let peer = self.peer.clone();
+        match self.stream.take() {
+            Some(stream) => (peer, request, stream),
+            // Only `into_parts` and `respond` take the stream, and both consume `self`.
+            None => unreachable!("HttpRequest stream taken twice"),
+        }
+    }
+
     /// Answers with an empty body and `status`.
-    pub async fn respond(self, status: StatusCode) {
-        respond(self.stream, status).await;
+    pub async fn respond(mut self, status: StatusCode) {
+        if let Some(stream) = self.stream.take() {
+            respond(stream, status).await;
+        }
     }
 }
 
@@ -337,7 +385,7 @@ async fn handle_request<H: Handler>(
             .http(HttpRequest {
                 peer,
                 request,
-                stream,
+                stream: Some(stream),
             })
             .await;
         return true;
@@ -349,7 +397,7 @@ async fn handle_request<H: Handler>(
                 peer,
                 target,
                 headers: parts.headers,
-                stream,
+                stream: Some(stream),
             };
             handler.tunnel(req).await;
         }

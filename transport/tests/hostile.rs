@@ -11,6 +11,7 @@ use std::sync::Arc;
 use common::*;
 use halyard_transport::{Pool, Target, TunnelError};
 use http::{HeaderMap, Method, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn request(method: Method, uri: &str) -> http::Request<()> {
     http::Request::builder()
@@ -178,4 +179,36 @@ async fn burst_of_stream_resets_closes_that_connection_only() {
     // Other connections to the same server are unaffected.
     still_serves(&mesh).await;
     assert!(mesh.server.quinn().open_connections() <= 2);
+}
+
+#[tokio::test]
+async fn a_handler_that_forgets_or_panics_fails_only_its_own_request() {
+    let mesh = Mesh::new().await;
+    let mut alive = mesh.open("echo").await;
+    alive.write_all(b"a").await.unwrap();
+    for service in ["forget", "panic"] {
+        let mut t = mesh.open(service).await;
+        let err = t.status().await.unwrap_err();
+        // H3_REQUEST_REJECTED: not processed, safe to retry elsewhere.
+        assert_eq!(
+            err,
+            TunnelError::Reset {
+                code: 0x10b,
+                established: false
+            },
+            "{service}"
+        );
+        assert!(err.before_any_byte());
+    }
+    let status = status_of(&mesh, request(Method::GET, "https://reviews:9000/forget")).await;
+    assert!(
+        matches!(status, Err(TunnelError::Protocol(_))),
+        "{status:?}"
+    );
+    // The connection and its other flows are untouched.
+    alive.shutdown().await.unwrap();
+    let mut reply = Vec::new();
+    alive.read_to_end(&mut reply).await.unwrap();
+    assert_eq!(reply, b"a");
+    assert_eq!(mesh.pool.connections(mesh.addr(), &mesh.server_id).len(), 1);
 }

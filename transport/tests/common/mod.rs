@@ -122,18 +122,20 @@ impl Handler for TestHandler {
             "denied" => req.reject(StatusCode::FORBIDDEN).await,
             "splice" => self.splice(req).await,
             "observe" => self.observe(req).await,
+            "forget" => drop(req),
+            "panic" => panic!("handler bug"),
             _ => req.reject(StatusCode::NOT_FOUND).await,
         }
     }
 
     async fn http(&self, req: HttpRequest) {
         self.http_requests.fetch_add(1, Ordering::SeqCst);
-        if req.request.uri().path() != "/echo" {
-            return req.respond(StatusCode::METHOD_NOT_ALLOWED).await;
+        match req.request().uri().path() {
+            "/echo" => {}
+            "/forget" => return drop(req),
+            _ => return req.respond(StatusCode::METHOD_NOT_ALLOWED).await,
         }
-        let HttpRequest {
-            peer, mut stream, ..
-        } = req;
+        let (peer, _, mut stream) = req.into_parts();
         let mut body = Vec::new();
         while let Ok(Some(mut chunk)) = stream.recv_data().await {
             use bytes::Buf;
