@@ -18,9 +18,9 @@
 //! TunnelRequest: .peer() -> &Peer{id: SpiffeId, addr} .target() -> &Target .headers()
 //!   .accept().await -> Result<ServerTunnel, TunnelError>   // 200; ServerTunnel: AsyncRead + AsyncWrite
 //!   .reject(StatusCode).await                             // 403 / 404 / 502 / 503 / 504
-//! HttpRequest: .peer() .request() -> &http::Request<()> .respond(StatusCode).await
-//!   .into_parts() -> (Peer, http::Request<()>, ServerRequestStream)   // stream body, respond, trailers
-//! (a TunnelRequest or HttpRequest dropped unanswered is reset with H3_REQUEST_REJECTED)
+//! HttpRequest { peer, request: http::Request<()>, stream: ServerRequestStream }  .respond(StatusCode).await
+//! (a TunnelRequest dropped unanswered is reset with H3_REQUEST_REJECTED; an HttpRequest's
+//!  stream must get a response before it is dropped)
 //!
 //! // outbound
 //! Pool::new(MeshEndpoint)

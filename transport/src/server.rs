@@ -121,19 +121,16 @@ impl TunnelRequest {
 }
 
 /// A non-CONNECT request from a verified peer, with the stream to read its body from and to
-/// send the response, body and trailers on ([`HttpRequest::into_parts`]). Dropped unanswered,
-/// it is reset with H3_REQUEST_REJECTED (see [`TunnelRequest`]); once the stream is taken, the
-/// handler must send a response before dropping it, or the client's h3 closes the connection.
+/// send the response, body and trailers on. The handler must send a response before dropping
+/// the stream: a stream that ends without response headers is a connection error for the h3
+/// client (H3_FRAME_UNEXPECTED), which would end every flow on the connection.
 pub struct HttpRequest {
-    peer: Peer,
-    request: http::Request<()>,
-    stream: Option<ServerRequestStream>,
-}
-
-impl Drop for HttpRequest {
-    fn drop(&mut self) {
-        reject_unanswered(self.stream.take());
-    }
+    /// The verified peer.
+    pub peer: Peer,
+    /// Method, URI and headers.
+    pub request: http::Request<()>,
+    /// The request stream.
+    pub stream: ServerRequestStream,
 }
 
 impl std::fmt::Debug for HttpRequest {
@@ -146,32 +143,9 @@ impl std::fmt::Debug for HttpRequest {
 }
 
 impl HttpRequest {
-    /// The verified peer.
-    pub fn peer(&self) -> &Peer {
-        &self.peer
-    }
-
-    /// Method, URI and headers.
-    pub fn request(&self) -> &http::Request<()> {
-        &self.request
-    }
-
-    /// Takes the request apart to stream the body and answer.
-    pub fn into_parts(mut self) -> (Peer, http::Request<()>, ServerRequestStream) {
-        let request = std::mem::take(&mut self.request);
-        let peer = self.peer.clone();
-        match self.stream.take() {
-            Some(stream) => (peer, request, stream),
-            // Only `into_parts` and `respond` take the stream, and both consume `self`.
-            None => unreachable!("HttpRequest stream taken twice"),
-        }
-    }
-
     /// Answers with an empty body and `status`.
-    pub async fn respond(mut self, status: StatusCode) {
-        if let Some(stream) = self.stream.take() {
-            respond(stream, status).await;
-        }
+    pub async fn respond(self, status: StatusCode) {
+        respond(self.stream, status).await;
     }
 }
 
@@ -385,7 +359,7 @@ async fn handle_request<H: Handler>(
             .http(HttpRequest {
                 peer,
                 request,
-                stream: Some(stream),
+                stream,
             })
             .await;
         return true;
