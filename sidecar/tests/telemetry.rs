@@ -29,6 +29,17 @@ async fn get(client: &Client, admin: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
+async fn try_get(client: &Client, admin: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use http_body_util::BodyExt;
+    let req = http::Request::get(format!("http://{admin}{path}"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = client.request(req).await.ok()?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    Some((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
 /// Polls `path` on the admin port until `f` accepts the answer.
 async fn wait_admin(
     client: &Client,
@@ -39,7 +50,8 @@ async fn wait_admin(
 ) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let (status, body) = get(client, admin, path).await;
+        // A process may not listen yet: a refused connection is one more try.
+        let (status, body) = try_get(client, admin, path).await.unwrap_or_default();
         if f(status, &body) {
             return body;
         }
@@ -740,4 +752,87 @@ fn grafana_dashboard_is_valid_json_and_queries_exported_metrics() {
         }
     }
     assert!(queried >= 20, "{queried} metric references");
+}
+
+/// The `halyard sidecar` process: its log filter changes through `/logging`, its access log goes
+/// to stdout (logs stay on stderr), and SIGTERM flushes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_process_serves_logging_and_writes_the_access_log_to_stdout() {
+    use std::io::BufRead;
+    let mesh = Mesh::with_dir().await;
+    let echo = tagged_echo(SocketAddr::new(ip(51), 0), "r").await;
+    mesh.apply(&format!(
+        "kind: Service\nname: ratings\nports:\n  - {{ name: tcp, port: 9090, protocol: tcp, targetPort: {} }}\n",
+        echo.addr.port()
+    ))
+    .await;
+    let spare = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin = spare.local_addr().unwrap();
+    drop(spare);
+    let mut spec = Spec::new("ratings", "v1").app_host(ip(51));
+    spec.extra = "[access_log]\nenabled = true\n".into();
+    let text = mesh.config_text(&spec).replace(
+        "[admin]\nlisten = \"127.0.0.1:0\"",
+        &format!("[admin]\nlisten = \"{admin}\""),
+    );
+    let path = mesh.dir.path().join("ratings-process.toml");
+    std::fs::write(&path, text).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_halyard"))
+        .args(["sidecar", "--config", path.to_str().unwrap()])
+        .env("HALYARD_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = http_client();
+    wait_admin(&client, admin, "/readyz", "process ready", |s, _| s == 200).await;
+    assert_eq!(
+        get(&client, admin, "/logging").await,
+        (200, "warn\n".into())
+    );
+    let (status, body, _) = http_call(&client, admin, "PUT", "/logging?filter=info", &[]).await;
+    assert_eq!((status, body.as_str()), (200, "info\n"));
+
+    let pp = mesh
+        .start(&Spec::new("productpage", "v1").upstream("ratings", 9090))
+        .await;
+    pp.wait_endpoints("ratings", 1).await;
+    for _ in 0..3 {
+        assert_eq!(call(pp.upstream(0), b"hi").await.unwrap(), b"r:hi");
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (status, lines) = tokio::task::spawn_blocking(move || {
+        let lines: Vec<String> = std::io::BufReader::new(stdout)
+            .lines()
+            .map(Result::unwrap)
+            .collect();
+        (child.wait().unwrap(), lines)
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    for l in &lines {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert_eq!(v["direction"], "inbound");
+        assert_eq!(
+            v["source_id"],
+            "spiffe://mesh.local/ns/default/sa/productpage"
+        );
+        assert_eq!(v["flags"], "-");
+        assert_eq!(
+            (v["bytes_sent"].as_u64(), v["bytes_received"].as_u64()),
+            (Some(2), Some(4))
+        );
+        assert_eq!(
+            v["endpoint"],
+            SocketAddr::new(ip(51), echo.addr.port()).to_string()
+        );
+    }
+    pp.shutdown().await.unwrap();
 }
