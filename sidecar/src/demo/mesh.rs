@@ -2,9 +2,9 @@
 //! app and a sidecar as separate processes on loopback, on ports picked at runtime.
 //!
 //! Layout (bookinfo): `ingress` (a sidecar without app, where the load generator enters) →
-//! productpage → details, reviews; reviews v2 and v3 → ratings. reviews v1 runs twice, so one
-//! instance can be killed while its version keeps serving. Every reviews sidecar is reached
-//! through a [`Link`] (its advertised address), which the lossy-link step degrades.
+//! productpage → details, reviews (v1, v2, v3); reviews v2 and v3 → ratings. Every reviews
+//! sidecar is reached through a [`Link`] (its advertised address), which the lossy-link step
+//! degrades.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -35,8 +35,7 @@ const LAYOUT: &[Spec] = &[
     ("ingress", "ingress", "v1", &["productpage"]),
     ("productpage", "productpage", "v1", &["details", "reviews"]),
     ("details", "details", "v1", &[]),
-    ("reviews-v1-a", "reviews", "v1", &[]),
-    ("reviews-v1-b", "reviews", "v1", &[]),
+    ("reviews-v1", "reviews", "v1", &[]),
     ("reviews-v2", "reviews", "v2", &["ratings"]),
     ("reviews-v3", "reviews", "v3", &["ratings"]),
     ("ratings", "ratings", "v1", &[]),

@@ -140,6 +140,10 @@ async fn run_mesh(
         r = s.run() => r,
         _ = stop.cancelled() => Err(anyhow::anyhow!("interrupted")),
     };
+    if outcome.is_err() {
+        // A terminal's Ctrl-C reaches the children too; their exit may be seen first.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let outcome = match outcome {
         Err(_) if stop.is_cancelled() => Err(anyhow::anyhow!("interrupted")),
         o => o,

@@ -205,7 +205,8 @@ pub fn edge(before: &Scrape, after: &Scrape, source: &str, dest: &str) -> EdgeSt
         grouped(s, source, dest, fam.histogram, "le")
     });
     EdgeStats {
-        total: outcomes.values().sum(),
+        // `+ 0.0`: an empty f64 sum is -0.0, printed as such.
+        total: outcomes.values().sum::<f64>() + 0.0,
         ok: outcomes
             .iter()
             .filter(|(o, _)| ok_outcome(o))

@@ -131,7 +131,7 @@ impl Story {
     async fn baseline(&mut self) -> anyhow::Result<()> {
         heading(
             "(a) baseline: every reviews request to v1",
-            "ingress → productpage → details + reviews (v1 ×2, v2, v3) → ratings; each hop is\n\
+            "ingress → productpage → details + reviews (v1, v2, v3) → ratings; each hop is\n\
              mutually authenticated QUIC between sidecars (SPIFFE ids checked on both sides).",
         );
         let w = self.measure().await?;
@@ -198,11 +198,12 @@ impl Story {
 
     async fn kill(&mut self) -> anyhow::Result<()> {
         heading(
-            "(e) a reviews instance dies: kill -9 reviews-v1-b (app and sidecar)",
-            "Its endpoint is still registered; a request that picks it gets no answer, is\n\
-             retried on another endpoint after perTryTimeout (300ms), and the dead one is ejected.",
+            "(e) a reviews instance dies: kill -9 reviews-v2 (app and sidecar)",
+            "Its endpoint is still registered (on etcd, until its lease expires). Requests the\n\
+             route sends to v2 get no answer, are retried on another endpoint after perTryTimeout\n\
+             (300ms), and the dead endpoint is ejected: v2's share moves to v1 and v3.",
         );
-        self.mesh.kill("reviews-v1-b")?;
+        self.mesh.kill("reviews-v2")?;
         // Long enough for the dead endpoint to be picked, retried and ejected in quick mode too.
         let step = self.pace.step;
         self.pace.step = step.max(Duration::from_secs(4));
@@ -210,8 +211,11 @@ impl Story {
         self.pace.step = step;
         let w = w?;
         let effect = format!(
-            "{} failed pages; {} retries, {} ejections",
-            w.load.failed, w.retries, w.ejections
+            "{} failed pages; {} retries, {} ejections; v2 answered {}",
+            w.load.failed,
+            w.retries,
+            w.ejections,
+            pct(w.load.share("v2"))
         );
         self.record("e", "(e) instance killed", w, effect);
         Ok(())
