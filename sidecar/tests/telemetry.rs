@@ -450,6 +450,7 @@ async fn access_log_has_one_json_line_per_request_and_flow() {
     assert_eq!(traced["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
     assert_eq!(traced["endpoint"], e.reviews.started.inbound.to_string());
     assert_eq!(traced["route"], "1", "the second rule matched");
+    assert_eq!(traced["bytes_received"], "v1 GET /ok".len(), "{traced}");
     assert!(traced["duration_ms"].as_f64().unwrap() > 0.0);
     let flows: Vec<_> = entries.iter().filter(|e| e["protocol"] == "tcp").collect();
     assert_eq!(flows.len(), 9);

@@ -60,7 +60,7 @@ pub async fn serve(shared: &Arc<Shared>, req: HttpRequest) {
         }
         Ok(admitted) => {
             seen.served(admitted.app);
-            forward(shared, &peer.id, request, stream, admitted, &mut seen.after).await
+            forward(shared, &peer.id, request, stream, admitted, &mut seen).await
         }
     };
     let version = shared
@@ -86,7 +86,7 @@ pub async fn serve(shared: &Arc<Shared>, req: HttpRequest) {
         Direction::Inbound,
         edge,
         Some(peer.id.as_str()),
-        (code, None),
+        (code, seen.received),
     );
 }
 
@@ -180,7 +180,7 @@ async fn forward(
     req: http::Request<()>,
     stream: ServerRequestStream,
     admitted: Admitted,
-    span: &mut Option<TraceContext>,
+    seen: &mut Seen,
 ) -> u16 {
     let (mut parts, ()) = req.into_parts();
     let authority = parts
@@ -201,8 +201,11 @@ async fn forward(
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
         .and_then(TraceContext::parse);
-    *span = trace.map(|t| t.child());
-    if let Some(v) = span.and_then(|t| HeaderValue::from_str(&t.to_string()).ok()) {
+    seen.after = trace.map(|t| t.child());
+    if let Some(v) = seen
+        .after
+        .and_then(|t| HeaderValue::from_str(&t.to_string()).ok())
+    {
         parts.headers.insert("traceparent", v);
     }
     let scheme = "http";
@@ -225,7 +228,10 @@ async fn forward(
         &shared.app_h1
     };
     match client.request(http::Request::from_parts(parts, body)).await {
-        Ok(resp) => respond(send, resp).await,
+        Ok(resp) => {
+            seen.received = crate::telemetry::content_length(resp.headers());
+            respond(send, resp).await
+        }
         Err(e) => {
             tracing::info!(app = %admitted.app, error = %e, "local app request failed");
             // DESIGN §2: 502 when the local app refused or reset.

@@ -141,6 +141,8 @@ pub struct Seen {
     pub route: Option<usize>,
     /// The request's declared body length.
     pub sent: Option<u64>,
+    /// The response's declared body length (inbound: the app's answer).
+    pub received: Option<u64>,
     /// The endpoint (outbound) or app (inbound) that served; attempts set it.
     pub endpoint: Mutex<Option<SocketAddr>>,
 }
@@ -165,6 +167,7 @@ impl Seen {
             after: None,
             route: None,
             sent: content_length(req.headers()),
+            received: None,
             endpoint: Mutex::new(None),
         }
     }
