@@ -14,8 +14,9 @@ use super::{hex, Outcome, Record};
 /// One access log line. Field names are part of the documented format (README).
 #[derive(Debug, Clone, Serialize)]
 pub struct AccessEntry {
-    /// When the flow or request ended, RFC 3339 UTC.
-    pub time: String,
+    /// When the flow or request ended; written RFC 3339 UTC (by the writer, off the data path).
+    #[serde(serialize_with = "rfc3339")]
+    pub time: SystemTime,
     /// `inbound` or `outbound`.
     pub direction: &'static str,
     /// `tcp` (a flow) or `http` (a request).
@@ -54,7 +55,7 @@ impl AccessEntry {
             Outcome::Flags(f) => ("tcp", None, Some(f.to_owned())),
         };
         AccessEntry {
-            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            time: SystemTime::now(),
             direction: rec.direction.as_str(),
             protocol,
             source_id: rec.peer_id.unwrap_or(own_id).to_owned(),
@@ -75,6 +76,10 @@ impl AccessEntry {
                 .map_or_else(|| "-".to_owned(), |t| hex(&t.trace_id)),
         }
     }
+}
+
+fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_millis(*t))
 }
 
 type Sink = BufWriter<Box<dyn AsyncWrite + Send + Unpin>>;
