@@ -259,6 +259,13 @@ pub async fn run_until(
     drain(&shared, registry, registration, &listeners).await;
     sinks_stop.cancel();
     tasks.close();
+    if tokio::time::timeout(Duration::from_secs(2), tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("tasks still running after the drain; closing the endpoint");
+    }
+    shared.pool.endpoint().close();
     tasks.wait().await;
     Ok(())
 }
@@ -273,7 +280,10 @@ fn spawn_listeners(
         shared: shared.clone(),
     });
     let endpoint = bound.endpoint.clone();
-    tasks.spawn(halyard_transport::serve(endpoint, inbound));
+    // Cancelling `stop` starts the transport's graceful drain: new connections refused, a
+    // GOAWAY on each, in-flight requests finished, then each connection closed cleanly.
+    let drain = stop.clone().cancelled_owned();
+    tasks.spawn(halyard_transport::serve_until(endpoint, inbound, drain));
     for (listener, dest) in bound.upstreams {
         tasks.spawn(outbound::serve_upstream(
             shared.clone(),
@@ -374,10 +384,9 @@ async fn drain(
     if let Err(e) = registry.deregister(registration).await {
         tracing::warn!(error = %e, "deregistration failed; the lease will expire instead");
     }
+    // Stops the TCP listeners and starts the QUIC drain (refuse new connections, GOAWAY):
+    // peers send new flows elsewhere; what they already opened is served.
     listeners.cancel();
-    // New QUIC connections are refused; peers' open connections may still bring flows until
-    // they see the deregistration, and those are served.
-    shared.pool.endpoint().quinn().set_server_config(None);
     shared.flows.close();
     let deadline = shared.config.file.failure.drain_timeout;
     if tokio::time::timeout(deadline, shared.flows.wait())
@@ -392,10 +401,10 @@ async fn drain(
         shared.flows.wait().await;
     }
     // CONNECTION_CLOSE makes QUIC drop stream data not yet acknowledged, and quinn has no "all
-    // acknowledged" event: give the last bytes of finished flows time to be acked (a peer may
-    // delay its ACK by up to 25 ms) before closing.
+    // acknowledged" event: give the last bytes of finished outbound flows time to be acked (a
+    // peer may delay its ACK by up to 25 ms) before the pool closes its connections. Inbound
+    // connections linger inside the transport's drain.
     tokio::time::sleep(CLOSE_LINGER).await;
     tracing::debug!("open flows done; closing connections");
     shared.pool.close();
-    shared.pool.endpoint().close();
 }
