@@ -307,6 +307,32 @@ mod tests {
         assert_eq!(describe(&body).unwrap().1, "v2");
     }
 
+    #[tokio::test]
+    async fn fail_rate_and_latency_apply() {
+        let args = |fail_rate, latency| SampleAppArgs {
+            service: "details".into(),
+            version: "v1".into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            calls: vec![],
+            fail_rate,
+            latency,
+        };
+        let failing = start(args(1.0, Duration::ZERO)).await;
+        let url: Uri = format!("http://{failing}/").parse().unwrap();
+        let (status, _) = get(&url, &HeaderMap::new(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        let slow = start(args(0.0, Duration::from_millis(100))).await;
+        let url: Uri = format!("http://{slow}/").parse().unwrap();
+        let t = std::time::Instant::now();
+        let (status, _) = get(&url, &HeaderMap::new(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert!(t.elapsed() >= Duration::from_millis(100));
+    }
+
     async fn start(args: SampleAppArgs) -> SocketAddr {
         let l = TcpListener::bind(args.listen).await.unwrap();
         let addr = l.local_addr().unwrap();
