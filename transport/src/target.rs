@@ -143,7 +143,7 @@ mod tests {
 
     #[test]
     fn random_authorities_never_panic_and_round_trip_when_accepted() {
-        use rand::{Rng, SeedableRng};
+        use rand::{RngExt, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(9114);
         let alphabet = b"abcz09.-_:@[]%/?#Z \xff";
         for _ in 0..50_000 {
