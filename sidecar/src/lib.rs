@@ -15,6 +15,7 @@ pub mod iptables;
 pub mod metrics;
 pub mod outbound;
 pub mod outlier;
+pub mod promtext;
 pub mod proxy;
 pub mod run;
 pub mod sample_app;

@@ -1,4 +1,4 @@
-//! Edge figures from the sidecars' `/metrics`: a small Prometheus text parser and the window
+//! Edge figures from the sidecars' `/metrics` (parsed by [`crate::promtext`]): the window
 //! arithmetic (counter deltas, histogram quantiles), all pure.
 //!
 //! An edge `source → destination` is read from the outbound side of every sidecar of `source`:
@@ -8,19 +8,7 @@
 
 use std::collections::BTreeMap;
 
-/// Labels of one sample.
-pub type Labels = BTreeMap<String, String>;
-
-/// One sample line.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sample {
-    /// Metric name (with `_bucket`, `_sum`, `_count` suffixes as written).
-    pub name: String,
-    /// Its labels.
-    pub labels: Labels,
-    /// Its value.
-    pub value: f64,
-}
+pub use crate::promtext::{parse, Sample};
 
 /// Every sidecar's samples at one moment, keyed by sidecar name, with the service it fronts.
 #[derive(Debug, Clone, Default)]
@@ -82,49 +70,6 @@ impl EdgeStats {
     }
 }
 
-/// Parses Prometheus text exposition; lines that do not parse are skipped.
-pub fn parse(text: &str) -> Vec<Sample> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(parse_line)
-        .collect()
-}
-
-fn parse_line(line: &str) -> Option<Sample> {
-    let (head, value) = line.rsplit_once(' ')?;
-    let value: f64 = value.trim().parse().ok()?;
-    let (name, labels) = match head.split_once('{') {
-        Some((name, rest)) => (name, parse_labels(rest.strip_suffix('}')?)?),
-        None => (head, Labels::new()),
-    };
-    Some(Sample {
-        name: name.to_owned(),
-        labels,
-        value,
-    })
-}
-
-/// `a="x",b="y"` (values may hold escaped quotes and commas).
-fn parse_labels(mut s: &str) -> Option<Labels> {
-    let mut out = Labels::new();
-    while !s.is_empty() {
-        let (key, rest) = s.split_once("=\"")?;
-        let mut value = String::new();
-        let mut chars = rest.char_indices();
-        let end = loop {
-            let (i, c) = chars.next()?;
-            match c {
-                '\\' => value.push(chars.next()?.1),
-                '"' => break i,
-                c => value.push(c),
-            }
-        };
-        out.insert(key.trim_start_matches(',').to_owned(), value);
-        s = rest[end + 1..].trim_start_matches(',');
-    }
-    Some(out)
-}
-
 /// Sum of `name` over the outbound samples of `source`'s sidecars toward `dest`, grouped by
 /// `by` (or one group `""`).
 fn grouped(scrape: &Scrape, source: &str, dest: &str, name: &str, by: &str) -> Labels2 {
@@ -134,10 +79,9 @@ fn grouped(scrape: &Scrape, source: &str, dest: &str, name: &str, by: &str) -> L
             continue;
         }
         for s in samples.iter().filter(|s| s.name == name) {
-            let l = &s.labels;
-            let outbound = l.get("direction").map(String::as_str) == Some("outbound");
-            if outbound && l.get("destination_service").map(String::as_str) == Some(dest) {
-                let key = l.get(by).cloned().unwrap_or_default();
+            let outbound = s.label("direction") == Some("outbound");
+            if outbound && s.label("destination_service") == Some(dest) {
+                let key = s.label(by).unwrap_or_default().to_owned();
                 *out.entry(key).or_insert(0.0) += s.value;
             }
         }
@@ -262,11 +206,7 @@ pub fn counter(scrape: &Scrape, service: &str, name: &str, filter: &[(&str, &str
         .filter(|(svc, _)| svc == service)
         .flat_map(|(_, samples)| samples.iter())
         .filter(|s| s.name == name)
-        .filter(|s| {
-            filter
-                .iter()
-                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
-        })
+        .filter(|s| filter.iter().all(|(k, v)| s.label(k) == Some(*v)))
         .map(|s| s.value)
         .sum()
 }
@@ -317,16 +257,6 @@ halyard_request_duration_seconds_bucket{destination_service="reviews",destinatio
         s.sidecars
             .insert("pp".into(), ("productpage".into(), parse(text)));
         s
-    }
-
-    #[test]
-    fn parses_labels_with_escapes() {
-        let s = parse("m{a=\"x\\\"y,z\",b=\"2\"} 3.5\nbad line\n# c\nn 1");
-        assert_eq!(s.len(), 2);
-        assert_eq!(s[0].labels["a"], "x\"y,z");
-        assert_eq!(s[0].labels["b"], "2");
-        assert_eq!(s[0].value, 3.5);
-        assert_eq!(s[1].name, "n");
     }
 
     #[test]
