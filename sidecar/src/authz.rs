@@ -30,6 +30,16 @@ pub struct Target<'a> {
     pub headers: Option<&'a http::HeaderMap>,
 }
 
+impl Target<'_> {
+    /// An L4 flow to service port `port`.
+    pub fn port(port: u16) -> Self {
+        Target {
+            port,
+            ..Target::default()
+        }
+    }
+}
+
 /// The outcome of an evaluation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {

@@ -51,6 +51,29 @@ pub fn init_tracing(cli: &Cli) {
     crate::telemetry::logging::init(&filter, std::io::stderr);
 }
 
+/// Cancels `stop` on the first SIGTERM or SIGINT, from a task that lives as long as the runtime.
+pub(crate) fn cancel_on_signal(stop: &tokio_util::sync::CancellationToken) {
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        stop.cancel();
+    });
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        }
+        // Without signal handlers the process can only be killed; keep running.
+        _ => std::future::pending().await,
+    }
+}
+
 /// Runs the chosen subcommand.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {

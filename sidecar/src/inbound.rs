@@ -9,7 +9,7 @@ use halyard_transport::{Handler, ServerTunnel, TunnelRequest};
 use http::StatusCode;
 use tokio::net::TcpStream;
 
-use crate::authz::{self, Decision, Peer, Target};
+use crate::authz::{Decision, Target};
 use crate::metrics::{Direction, Edge};
 use crate::outbound::Flags;
 use crate::proxy::Shared;
@@ -49,40 +49,10 @@ impl Inbound {
             .first()
             .cloned()
             .unwrap_or_else(|| "unknown".into());
-        let not_found = |why: String| (StatusCode::NOT_FOUND, why, Flags::NoRoute);
-        if target.service() != shared.service {
-            return Err(not_found(format!(
-                "this sidecar serves {}, not {}",
-                shared.service,
-                target.service()
-            )));
-        }
-        let svc = snap.service(target.service()).ok_or_else(|| {
-            not_found(format!(
-                "service {} is not in the registry",
-                target.service()
-            ))
-        })?;
-        let port = svc.port(target.port()).ok_or_else(|| {
-            not_found(format!(
-                "service {} has no port {}",
-                svc.name,
-                target.port()
-            ))
-        })?;
-        let names: Vec<&str> = services.iter().map(String::as_str).collect();
-        let decision = authz::evaluate(
-            snap.policy(target.service()).map(|p| p.as_ref()),
-            snap.default_policy(),
-            Peer {
-                id: peer,
-                services: &names,
-            },
-            Target {
-                port: target.port(),
-                ..Target::default()
-            },
-        );
+        let port = shared
+            .local_port(&snap, target)
+            .map_err(|why| (StatusCode::NOT_FOUND, why, Flags::NoRoute))?;
+        let decision = shared.authorize(&snap, peer, &services, Target::port(target.port()));
         if let Decision::Deny(reason) = decision {
             shared
                 .metrics
@@ -233,19 +203,9 @@ impl Inbound {
     fn still_allowed(&self, admitted: &Admitted) -> bool {
         let snap = self.shared.current();
         let services = self.shared.peer_services(&snap, &admitted.peer);
-        let names: Vec<&str> = services.iter().map(String::as_str).collect();
-        let decision = authz::evaluate(
-            snap.policy(&self.shared.service).map(|p| p.as_ref()),
-            snap.default_policy(),
-            Peer {
-                id: &admitted.peer,
-                services: &names,
-            },
-            Target {
-                port: admitted.port,
-                ..Target::default()
-            },
-        );
-        decision == Decision::Allow
+        let target = Target::port(admitted.port);
+        self.shared
+            .authorize(&snap, &admitted.peer, &services, target)
+            == Decision::Allow
     }
 }

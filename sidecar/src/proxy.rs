@@ -7,13 +7,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use halyard_certs::SpiffeId;
-use halyard_registry::model::{Endpoint, Labels, RouteRule};
+use halyard_registry::model::{Endpoint, Labels, RouteRule, ServicePort};
 use halyard_registry::Snapshot;
-use halyard_transport::Pool;
+use halyard_transport::{Pool, Target};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::authz::{self, Decision, Peer};
 use crate::balance::{self, BackendPickers, Load, Locality};
 use crate::config::Config;
 use crate::http::budget::{BudgetConfig, RetryBudget};
@@ -293,6 +294,49 @@ impl Shared {
                 .set(best.cwnd as f64);
         }
         self.metrics.quic_connections.set(connections);
+    }
+
+    /// The port of this sidecar's service that a peer's tunnel or request for `target` goes to,
+    /// or why it is not served here (a 404, DESIGN §2): another service, a service the registry
+    /// does not know, or a port the service does not have.
+    pub fn local_port<'s>(
+        &self,
+        snap: &'s Snapshot,
+        target: &Target,
+    ) -> Result<&'s ServicePort, String> {
+        if target.service() != self.service {
+            return Err(format!(
+                "this sidecar serves {}, not {}",
+                self.service,
+                target.service()
+            ));
+        }
+        let svc = snap
+            .service(target.service())
+            .ok_or_else(|| format!("service {} is not in the registry", target.service()))?;
+        svc.port(target.port())
+            .ok_or_else(|| format!("service {} has no port {}", svc.name, target.port()))
+    }
+
+    /// The access policy's decision on `peer` (serving `services`) calling this sidecar's
+    /// service at `target`.
+    pub fn authorize(
+        &self,
+        snap: &Snapshot,
+        peer: &SpiffeId,
+        services: &[String],
+        target: authz::Target<'_>,
+    ) -> Decision {
+        let names: Vec<&str> = services.iter().map(String::as_str).collect();
+        authz::evaluate(
+            snap.policy(&self.service).map(|p| p.as_ref()),
+            snap.default_policy(),
+            Peer {
+                id: peer,
+                services: &names,
+            },
+            target,
+        )
     }
 
     /// The services a verified peer serves: those whose registered endpoints carry its id, or

@@ -109,26 +109,8 @@ fn endpoint_record(
 pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let config = Arc::new(Config::load(config_path)?);
     let stop = CancellationToken::new();
-    let signal = stop.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        signal.cancel();
-    });
+    crate::cli::cancel_on_signal(&stop);
     run_until(config, stop, None).await
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-        }
-        // Without signal handlers the sidecar can only be killed; keep serving.
-        _ => std::future::pending().await,
-    }
 }
 
 /// Addresses a started sidecar bound, reported to tests and the demo.

@@ -92,28 +92,11 @@ pub fn run(args: SampleAppArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("--listen {}: cannot listen", args.listen))?;
         let stop = CancellationToken::new();
-        let signal = stop.clone();
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            signal.cancel();
-        });
+        crate::cli::cancel_on_signal(&stop);
         tracing::info!(service = %args.service, version = %args.version, listen = %args.listen, "sample app serving");
         serve(Arc::new(args), listener, stop).await;
         Ok(())
     })
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-        }
-        _ => std::future::pending().await,
-    }
 }
 
 /// Serves HTTP/1.1 on `listener` until `stop`.

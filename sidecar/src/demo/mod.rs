@@ -99,7 +99,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         protocol: args.protocol.clone(),
     };
     let stop = CancellationToken::new();
-    tokio::spawn(on_signal(stop.clone()));
+    crate::cli::cancel_on_signal(&stop);
     println!("== Halyard demo: the sample application on a mesh of sidecars, on this machine");
     println!(
         "   work dir {} (CA, identities, configs, logs)",
@@ -178,15 +178,4 @@ async fn keep_running(s: &Story, stop: &CancellationToken) {
         s.mesh.admin.mesh()
     );
     stop.cancelled().await;
-}
-
-async fn on_signal(stop: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    if let (Ok(mut int), Ok(mut term)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
-        stop.cancel();
-    }
 }

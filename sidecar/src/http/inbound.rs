@@ -18,7 +18,7 @@ use super::body::{to_bytes, BodyError, BodySender, ChannelBody};
 use super::headers::{strip_hop_by_hop, strip_identity_claims, PEER_IDENTITY};
 use super::normalize::normalize;
 use super::trace::TraceContext;
-use crate::authz::{self, Decision, Peer};
+use crate::authz::{self, Decision};
 use crate::metrics::{Direction, Edge};
 use crate::proxy::Shared;
 use crate::telemetry::Seen;
@@ -100,53 +100,25 @@ fn admit(
     let target = Target::from_uri(req.uri())
         .map_err(|e| (StatusCode::BAD_REQUEST, format!("bad authority: {e}")))?;
     let not_found = |why: String| (StatusCode::NOT_FOUND, why);
-    if target.service() != shared.service {
-        return Err(not_found(format!(
-            "this sidecar serves {}, not {}",
-            shared.service,
-            target.service()
-        )));
-    }
-    let svc = snap.service(target.service()).ok_or_else(|| {
-        not_found(format!(
-            "service {} is not in the registry",
-            target.service()
-        ))
-    })?;
-    let port = svc.port(target.port()).ok_or_else(|| {
-        not_found(format!(
-            "service {} has no port {}",
-            svc.name,
-            target.port()
-        ))
-    })?;
+    let port = shared.local_port(&snap, &target).map_err(not_found)?;
     if port.protocol == Protocol::Tcp {
         return Err(not_found(format!(
             "port {} of {} is tcp, not http",
             target.port(),
-            svc.name
+            target.service()
         )));
     }
     let raw = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let norm =
         normalize(raw).map_err(|e| (StatusCode::BAD_REQUEST, format!("refused path: {e}")))?;
-    let names: Vec<&str> = services.iter().map(String::as_str).collect();
-    let decision = authz::evaluate(
-        snap.policy(target.service()).map(|p| p.as_ref()),
-        snap.default_policy(),
-        Peer {
-            id: peer,
-            services: &names,
-        },
-        authz::Target {
-            port: target.port(),
-            method: Some(req.method().as_str()),
-            path: Some(&norm.path),
-            headers: Some(req.headers()),
-        },
-    );
-    if let Decision::Deny(reason) = decision {
-        let source = names.first().copied().unwrap_or("unknown");
+    let on = authz::Target {
+        port: target.port(),
+        method: Some(req.method().as_str()),
+        path: Some(&norm.path),
+        headers: Some(req.headers()),
+    };
+    if let Decision::Deny(reason) = shared.authorize(&snap, peer, services, on) {
+        let source = services.first().map_or("unknown", String::as_str);
         shared
             .metrics
             .denial(source, &shared.service, reason.as_str());
@@ -162,15 +134,11 @@ fn admit(
     })
 }
 
-async fn reply(mut stream: ServerRequestStream, status: StatusCode, why: &str) {
-    let mut resp = Response::new(());
-    *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert("x-halyard-local-reply", HeaderValue::from_static("1"));
-    if stream.send_response(resp).await.is_ok() {
-        let _ = stream.send_data(Bytes::from(format!("{why}\n"))).await;
-        let _ = stream.finish().await;
-    }
+async fn reply(stream: ServerRequestStream, status: StatusCode, why: &str) {
+    // The receive half lives until the answer is out: dropping it first would stop the
+    // caller's request body, and the caller could fail before it reads the answer.
+    let (send, _recv) = stream.split();
+    reply_half(send, status, why).await;
 }
 
 /// Sends the request to the app and its response back; returns the status sent.
