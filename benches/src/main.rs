@@ -1,15 +1,53 @@
-//! Halyard benchmarks. `halyard-benches transport` runs the transport bench and writes
-//! `benches/results/transport.{md,json}`.
-#![forbid(unsafe_code)]
+//! Halyard benchmarks: `halyard-benches SCENARIO` writes `benches/results/SCENARIO.{md,json}`.
+//! Scenarios: transport, bulk, latency, newflows, scale, all. The h2-tunnel baseline's two
+//! processes are this binary too (`h2-tunnel-server`, `h2-tunnel-client`).
 
+mod bulk;
+mod h2tunnel;
+mod lab;
+mod latency;
+mod netns;
+mod newflows;
+mod setup;
+mod stats;
 mod transport;
 
+const SCENARIOS: &str = "transport, bulk, latency, newflows, all";
+
+type Scenario = fn() -> anyhow::Result<()>;
+
 fn main() -> anyhow::Result<()> {
-    let which = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "transport".to_owned());
-    match which.as_str() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let which = args.first().map_or("all", String::as_str);
+    let rest = args.get(1..).unwrap_or_default();
+    match which {
+        "h2-tunnel-server" => h2tunnel::server_main(rest),
+        "h2-tunnel-client" => h2tunnel::client_main(rest),
         "transport" => transport::main(),
-        other => anyhow::bail!("unknown bench {other:?}; available: transport"),
+        "bulk" => bulk::main(),
+        "latency" => latency::main(),
+        "newflows" => newflows::main(),
+        "all" => all(),
+        other => anyhow::bail!("unknown scenario {other:?}; available: {SCENARIOS}"),
     }
+}
+
+fn all() -> anyhow::Result<()> {
+    let start = std::time::Instant::now();
+    let steps: [(&str, Scenario); 4] = [
+        ("transport", transport::main),
+        ("bulk", bulk::main),
+        ("latency", latency::main),
+        ("newflows", newflows::main),
+    ];
+    let mut failed = Vec::new();
+    for (name, f) in steps {
+        eprintln!("== {name} ({:.0} s so far)", start.elapsed().as_secs_f64());
+        if let Err(e) = f() {
+            eprintln!("bench {name} failed: {e:#}");
+            failed.push(name);
+        }
+    }
+    anyhow::ensure!(failed.is_empty(), "failed: {failed:?}");
+    Ok(())
 }

@@ -1,0 +1,239 @@
+//! Scenario 1, bulk: 1 and 8 flows for a fixed time, Gbit/s delivered to the server app and
+//! CPU-seconds per GB of the two proxy processes; then 1-byte and 100-byte ping-pong over one
+//! connection (p50/p99 round trip), with /dev/cpu_dma_latency held at 0.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::lab::{Lab, Route, Target};
+use crate::netns::{block_in, DmaLatency};
+use crate::stats::{cpu_of, Machine, Percentiles};
+
+const BULK_TIME: Duration = Duration::from_secs(3);
+const BULK_RUNS: usize = 3;
+const PING_WARMUP: usize = 300;
+const PING_ITERS: usize = 5000;
+
+#[derive(Debug, Serialize)]
+struct Bulk {
+    route: Route,
+    flows: usize,
+    gbit_s: f64,
+    proxy_cpu_s_per_gb: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Ping {
+    route: Route,
+    bytes: usize,
+    rtt: Percentiles,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    machine: Machine,
+    dma_latency_held: bool,
+    bulk_seconds: f64,
+    bulk_runs: usize,
+    bulk: Vec<Bulk>,
+    ping_iters: usize,
+    ping: Vec<Ping>,
+}
+
+pub fn main() -> anyhow::Result<()> {
+    crate::setup::check_root()?;
+    let lab = Lab::up("hb1", 1)?;
+    let mut bulk = Vec::new();
+    for flows in [1, 8] {
+        for route in Route::L4 {
+            bulk.push(run_bulk(&lab, route, flows)?);
+        }
+    }
+    let dma = DmaLatency::hold();
+    let mut ping = Vec::new();
+    for bytes in [1, 100] {
+        for route in Route::L4 {
+            let rtt = run_ping(&lab, route, bytes)?;
+            ping.push(Ping { route, bytes, rtt });
+        }
+    }
+    let report = Report {
+        machine: Machine::probe(),
+        dma_latency_held: dma.held(),
+        bulk_seconds: BULK_TIME.as_secs_f64(),
+        bulk_runs: BULK_RUNS,
+        bulk,
+        ping_iters: PING_ITERS,
+        ping,
+    };
+    drop(dma);
+    crate::stats::write_report("bulk", &markdown(&report), &report)
+}
+
+fn run_bulk(lab: &Lab, route: Route, flows: usize) -> anyhow::Result<Bulk> {
+    let addr = lab.addr(route, Target::Sink);
+    let pids = lab.pids(route);
+    let mut runs = Vec::new();
+    for _ in 0..BULK_RUNS {
+        let cpu0 = cpu_of(&pids);
+        let (bytes, secs) = block_in(&lab.pair.a.name, move || bulk_flows(addr, flows))?;
+        let cpu = cpu_of(&pids) - cpu0;
+        runs.push((bytes as f64 * 8.0 / secs / 1e9, cpu / (bytes as f64 / 1e9)));
+    }
+    runs.sort_by(|x, y| x.0.total_cmp(&y.0));
+    let (gbit_s, proxy_cpu_s_per_gb) = runs[runs.len() / 2];
+    eprintln!(
+        "bulk {} x{flows}: {gbit_s:.2} Gbit/s, {proxy_cpu_s_per_gb:.2} CPU-s/GB",
+        route.name()
+    );
+    Ok(Bulk {
+        route,
+        flows,
+        gbit_s,
+        proxy_cpu_s_per_gb,
+    })
+}
+
+/// `flows` connections each writing for BULK_TIME; bytes the sink counted and seconds taken.
+async fn bulk_flows(addr: SocketAddr, flows: usize) -> anyhow::Result<(u64, f64)> {
+    let start = Instant::now();
+    let deadline = start + BULK_TIME;
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..flows {
+        set.spawn(one_bulk(addr, deadline));
+    }
+    let mut total = 0;
+    while let Some(r) = set.join_next().await {
+        total += r??;
+    }
+    Ok((total, start.elapsed().as_secs_f64()))
+}
+
+async fn one_bulk(addr: SocketAddr, deadline: Instant) -> anyhow::Result<u64> {
+    let mut s = TcpStream::connect(addr).await?;
+    let buf = vec![0x5au8; 256 << 10];
+    while Instant::now() < deadline {
+        s.write_all(&buf).await?;
+    }
+    s.shutdown().await?;
+    Ok(s.read_u64().await?)
+}
+
+fn run_ping(lab: &Lab, route: Route, bytes: usize) -> anyhow::Result<Percentiles> {
+    let addr = lab.addr(route, Target::Echo);
+    let samples = block_in(&lab.pair.a.name, move || ping(addr, bytes))?;
+    let p = Percentiles::of(samples);
+    eprintln!(
+        "ping {} {bytes} B: p50 {:.1} µs p99 {:.1} µs",
+        route.name(),
+        p.p50_us,
+        p.p99_us
+    );
+    Ok(p)
+}
+
+async fn ping(addr: SocketAddr, bytes: usize) -> anyhow::Result<Vec<u64>> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let out = vec![7u8; bytes];
+    let mut back = vec![0u8; bytes];
+    let mut samples = Vec::with_capacity(PING_ITERS);
+    for i in 0..PING_WARMUP + PING_ITERS {
+        let t = Instant::now();
+        s.write_all(&out).await?;
+        s.read_exact(&mut back).await?;
+        if i >= PING_WARMUP {
+            samples.push(t.elapsed().as_nanos() as u64);
+        }
+    }
+    Ok(samples)
+}
+
+fn ratio(x: f64, base: f64) -> String {
+    if base > 0.0 && x > 0.0 {
+        format!("{:.2}×", x / base)
+    } else {
+        "–".into()
+    }
+}
+
+fn markdown(r: &Report) -> String {
+    let mut md = String::from("# Scenario 1: bulk throughput and ping-pong\n\n");
+    md += &r.machine.markdown();
+    md += &format!(
+        "\nTopology: client app + proxy in namespace a, server app + proxy in namespace b, one veth pair (MTU 1500). \
+         Bulk: each flow writes 256 KiB buffers for {} s; Gbit/s is what the server app received, the median of {} runs. \
+         CPU-s/GB: utime+stime of both proxy processes (/proc/PID/stat) per GB delivered.\n\n",
+        r.bulk_seconds, r.bulk_runs
+    );
+    md += "| flows | path | Gbit/s | vs direct | vs stunnel | vs h2-tunnel | proxy CPU-s/GB | vs stunnel | vs h2-tunnel |\n|---|---|---|---|---|---|---|---|---|\n";
+    for b in &r.bulk {
+        let base = |route| {
+            r.bulk
+                .iter()
+                .find(|x| x.route == route && x.flows == b.flows)
+        };
+        let (d, s, h) = (
+            base(Route::Direct),
+            base(Route::Stunnel),
+            base(Route::H2Tunnel),
+        );
+        let g = |x: Option<&Bulk>| ratio(b.gbit_s, x.map_or(0.0, |x| x.gbit_s));
+        let c = |x: Option<&Bulk>| {
+            ratio(
+                if b.route == Route::Direct {
+                    0.0
+                } else {
+                    b.proxy_cpu_s_per_gb
+                },
+                x.map_or(0.0, |x| x.proxy_cpu_s_per_gb),
+            )
+        };
+        let direct = b.route == Route::Direct;
+        let cpu = if direct {
+            "–".into()
+        } else {
+            format!("{:.2}", b.proxy_cpu_s_per_gb)
+        };
+        md += &format!(
+            "| {} | {} | {:.2} | {} | {} | {} | {} | {} | {} |\n",
+            b.flows,
+            b.route.name(),
+            b.gbit_s,
+            g(d),
+            g(s),
+            g(h),
+            cpu,
+            c(s),
+            c(h)
+        );
+    }
+    md += &format!(
+        "\nPing-pong: one connection, {} round trips after {PING_WARMUP} warm-up, TCP_NODELAY; /dev/cpu_dma_latency held at 0: {}.\n\n",
+        r.ping_iters, r.dma_latency_held
+    );
+    md += "| bytes | path | p50 µs | p99 µs | p50 vs direct | p50 vs stunnel | p50 vs h2-tunnel |\n|---|---|---|---|---|---|---|\n";
+    for p in &r.ping {
+        let base = |route| {
+            r.ping
+                .iter()
+                .find(|x| x.route == route && x.bytes == p.bytes)
+                .map_or(0.0, |x| x.rtt.p50_us)
+        };
+        md += &format!(
+            "| {} | {} | {:.1} | {:.1} | {} | {} | {} |\n",
+            p.bytes,
+            p.route.name(),
+            p.rtt.p50_us,
+            p.rtt.p99_us,
+            ratio(p.rtt.p50_us, base(Route::Direct)),
+            ratio(p.rtt.p50_us, base(Route::Stunnel)),
+            ratio(p.rtt.p50_us, base(Route::H2Tunnel))
+        );
+    }
+    md
+}

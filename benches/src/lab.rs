@@ -1,0 +1,535 @@
+//! The two-namespace lab of scenarios 1, 2 and 4: the client app and its proxy in namespace `a`,
+//! the server apps and their proxy in namespace `b`, joined by a veth pair (MTU 1500) as across
+//! two hosts. Every path runs at once, on its own ports:
+//!
+//! - direct: the app connects to `b:9000+t`;
+//! - stunnel: two stunnel4 processes, TLS 1.3 mTLS, the mesh's certificates;
+//! - h2-tunnel: two `halyard-benches h2-tunnel-*` processes (HTTP/2 CONNECT, one TCP connection);
+//! - Halyard: two `halyard sidecar` processes on a directory registry, L4 (protocol tcp) and L7
+//!   (protocol http) ports of the same Service.
+//!
+//! Server apps (namespace `b`, all addresses): 9000 sink (reads to EOF), 9001 echo, 9002 a small
+//! HTTP/1.1 server (keep-alive, 100-byte body).
+
+use std::io::{Read as _, Write as _};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::netns::{in_ns, spawn_rt, wait_for, Pair, Proc};
+
+/// What a flow talks to on the server side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    Sink = 0,
+    Echo = 1,
+    Http = 2,
+}
+
+/// One way from the client app to a server app.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Route {
+    Direct,
+    Stunnel,
+    H2Tunnel,
+    HalyardL4,
+    HalyardL7,
+}
+
+impl Route {
+    pub fn name(self) -> &'static str {
+        match self {
+            Route::Direct => "direct",
+            Route::Stunnel => "stunnel",
+            Route::H2Tunnel => "h2-tunnel",
+            Route::HalyardL4 => "halyard-l4",
+            Route::HalyardL7 => "halyard-l7",
+        }
+    }
+
+    /// The L4 paths (every target); L7 serves only HTTP.
+    pub const L4: [Route; 4] = [
+        Route::Direct,
+        Route::Stunnel,
+        Route::H2Tunnel,
+        Route::HalyardL4,
+    ];
+}
+
+/// HTTP response the server app sends: 100-byte body.
+pub const HTTP_RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ncontent-type: text/plain\r\n\r\n0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789";
+
+pub struct Lab {
+    pub pair: Pair,
+    pub dir: tempfile::TempDir,
+    pub halyard: PathBuf,
+    procs: Vec<(Route, Proc)>,
+    stop: CancellationToken,
+    _apps: std::thread::JoinHandle<()>,
+}
+
+impl Lab {
+    /// Namespaces, certificates, registry, server apps and every proxy, ready to serve.
+    pub fn up(prefix: &str, net: u8) -> anyhow::Result<Lab> {
+        let halyard = halyard_bin()?;
+        crate::setup::check_stunnel()?;
+        let pair = Pair::veth(prefix, net)?;
+        let dir = tempfile::tempdir()?;
+        issue_identities(&halyard, dir.path())?;
+        let stop = CancellationToken::new();
+        let apps = start_apps(&pair.b.name, stop.clone());
+        let mut lab = Lab {
+            pair,
+            dir,
+            halyard,
+            procs: Vec::new(),
+            stop,
+            _apps: apps,
+        };
+        lab.start_halyard()?;
+        lab.start_stunnel()?;
+        lab.start_h2()?;
+        lab.wait_ready()?;
+        Ok(lab)
+    }
+
+    /// Where the client app (in namespace `a`) connects for `route` to reach `target`.
+    pub fn addr(&self, route: Route, target: Target) -> SocketAddr {
+        let t = target as u16;
+        let local = |base: u16| SocketAddr::from(([127, 0, 0, 1], base + t));
+        match route {
+            Route::Direct => SocketAddr::new(self.b_ip(), 9000 + t),
+            Route::Stunnel => local(19100),
+            Route::H2Tunnel => local(19200),
+            Route::HalyardL4 => local(19300),
+            Route::HalyardL7 => SocketAddr::from(([127, 0, 0, 1], 19303)),
+        }
+    }
+
+    fn b_ip(&self) -> std::net::IpAddr {
+        self.pair
+            .b_ip
+            .parse()
+            .unwrap_or(std::net::IpAddr::from([10, 77, 0, 2]))
+    }
+
+    /// Pids of the two proxy processes of `route` (none for direct).
+    pub fn pids(&self, route: Route) -> Vec<u32> {
+        let route = if route == Route::HalyardL7 {
+            Route::HalyardL4
+        } else {
+            route
+        };
+        self.procs
+            .iter()
+            .filter(|(r, _)| *r == route)
+            .map(|(_, p)| p.pid())
+            .collect()
+    }
+
+    fn id_dir(&self, who: &str) -> PathBuf {
+        self.dir.path().join("id").join(who)
+    }
+
+    fn log(&self, name: &str) -> anyhow::Result<Stdio> {
+        Ok(std::fs::File::create(self.dir.path().join(format!("{name}.log")))?.into())
+    }
+
+    fn spawn(
+        &mut self,
+        route: Route,
+        ns_b: bool,
+        name: &str,
+        program: &Path,
+        args: &[String],
+    ) -> anyhow::Result<()> {
+        let ns = if ns_b { &self.pair.b } else { &self.pair.a };
+        let mut cmd = ns.command(program);
+        cmd.args(args)
+            .env("HALYARD_LOG", "warn")
+            .stdout(self.log(name)?)
+            .stderr(self.log(&format!("{name}.err"))?);
+        self.procs.push((route, Proc::spawn(name, cmd)?));
+        Ok(())
+    }
+
+    fn start_halyard(&mut self) -> anyhow::Result<()> {
+        let reg = self.dir.path().join("registry");
+        std::fs::create_dir_all(reg.join("default"))?;
+        apply(&self.halyard, &reg, REGISTRY_OBJECTS)?;
+        for (who, ns_b) in [("client", false), ("server", true)] {
+            let path = self.dir.path().join(format!("{who}.toml"));
+            std::fs::write(&path, self.sidecar_config(who, ns_b))?;
+            let halyard = self.halyard.clone();
+            let args = [
+                "sidecar".into(),
+                "--config".into(),
+                path.display().to_string(),
+            ];
+            self.spawn(
+                Route::HalyardL4,
+                ns_b,
+                &format!("sidecar-{who}"),
+                &halyard,
+                &args,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Restarts the client-side proxy of `route` (sidecar or h2-tunnel client) without sending
+    /// a flow through it, so its next flow finds no peer connection (a cold start).
+    pub fn restart_cold(&mut self, route: Route) -> anyhow::Result<()> {
+        let name = match route {
+            Route::HalyardL4 | Route::HalyardL7 => "sidecar-client",
+            Route::H2Tunnel => "h2-client",
+            Route::Direct | Route::Stunnel => return Ok(()),
+        };
+        let i = self
+            .procs
+            .iter()
+            .position(|(_, p)| p.name == name)
+            .context("no such process")?;
+        drop(self.procs.remove(i));
+        if route == Route::H2Tunnel {
+            self.spawn_h2_client()?;
+            // A probe would open the peer connection: give the listener time to bind instead.
+            std::thread::sleep(Duration::from_millis(200));
+        } else {
+            let path = self.dir.path().join("client.toml");
+            let args = [
+                "sidecar".into(),
+                "--config".into(),
+                path.display().to_string(),
+            ];
+            let halyard = self.halyard.clone();
+            self.spawn(Route::HalyardL4, false, name, &halyard, &args)?;
+            let ns = self.pair.a.name.clone();
+            wait_for("sidecar /readyz", Duration::from_secs(20), || {
+                http_get(&ns, "127.0.0.1:15000", "/readyz").is_ok_and(|r| r.contains(" 200 "))
+            })?;
+        }
+        for (_, p) in &mut self.procs {
+            p.check_alive()?;
+        }
+        Ok(())
+    }
+
+    fn sidecar_config(&self, who: &str, ns_b: bool) -> String {
+        let id = self.id_dir(who);
+        let ip = if ns_b {
+            &self.pair.b_ip
+        } else {
+            &self.pair.a_ip
+        };
+        let mut t = format!(
+            "mesh = \"default\"\nregistry = \"file://{reg}\"\nstate_dir = \"{state}\"\nid = \"{who}\"\n\
+             [identity]\ncert = \"{id}/cert.pem\"\nkey = \"{id}/key.pem\"\nbundle = \"{id}/bundle.pem\"\n\
+             [service]\nname = \"{who}\"\nversion = \"v1\"\n\
+             [inbound]\nlisten = \"{ip}:15443\"\napp_host = \"127.0.0.1\"\n",
+            reg = self.dir.path().join("registry").display(),
+            state = self.dir.path().join(format!("state-{who}")).display(),
+            id = id.display(),
+        );
+        if !ns_b {
+            for (port, listen) in [(9000, 19300), (9001, 19301), (9002, 19302), (9003, 19303)] {
+                t += &format!(
+                    "[[outbound.upstreams]]\nservice = \"server\"\nport = {port}\nlisten = \"127.0.0.1:{listen}\"\n"
+                );
+            }
+        }
+        t += "[admin]\nlisten = \"127.0.0.1:15000\"\n[failure]\nconnect_timeout = \"2s\"\ndrain_timeout = \"1s\"\n";
+        t += "[transport]\nmax_concurrent_bidi_streams = 20000\n";
+        t
+    }
+
+    fn start_stunnel(&mut self) -> anyhow::Result<()> {
+        for (who, ns_b) in [("client", false), ("server", true)] {
+            let path = self.dir.path().join(format!("stunnel-{who}.conf"));
+            std::fs::write(&path, self.stunnel_config(who, ns_b))?;
+            let bin = PathBuf::from(crate::setup::stunnel_bin());
+            self.spawn(
+                Route::Stunnel,
+                ns_b,
+                &format!("stunnel-{who}"),
+                &bin,
+                &[path.display().to_string()],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn stunnel_config(&self, who: &str, ns_b: bool) -> String {
+        let id = self.id_dir(who);
+        let mut t = format!(
+            "foreground = yes\npid =\ndebug = 3\nsyslog = no\nsocket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n\
+             cert = {id}/cert.pem\nkey = {id}/key.pem\nCAfile = {id}/bundle.pem\nverifyChain = yes\n\
+             sslVersionMin = TLSv1.3\n",
+            id = id.display()
+        );
+        for t_ in 0..3u16 {
+            t += &format!("[s{t_}]\n");
+            if ns_b {
+                t += &format!(
+                    "accept = {}:{}\nconnect = 127.0.0.1:{}\n",
+                    self.pair.b_ip,
+                    19400 + t_,
+                    9000 + t_
+                );
+            } else {
+                t += &format!(
+                    "client = yes\naccept = 127.0.0.1:{}\nconnect = {}:{}\n",
+                    19100 + t_,
+                    self.pair.b_ip,
+                    19400 + t_
+                );
+            }
+        }
+        t
+    }
+
+    fn start_h2(&mut self) -> anyhow::Result<()> {
+        let exe = std::env::current_exe()?;
+        let args = [
+            "h2-tunnel-server".into(),
+            format!("{}:19500", self.pair.b_ip),
+            self.id_dir("server").display().to_string(),
+        ];
+        self.spawn(Route::H2Tunnel, true, "h2-server", &exe, &args)?;
+        self.spawn_h2_client()
+    }
+
+    fn spawn_h2_client(&mut self) -> anyhow::Result<()> {
+        let exe = std::env::current_exe()?;
+        let mut args = vec![
+            "h2-tunnel-client".into(),
+            format!("{}:19500", self.pair.b_ip),
+            self.id_dir("client").display().to_string(),
+        ];
+        for t in 0..3u16 {
+            args.push(format!("127.0.0.1:{}=127.0.0.1:{}", 19200 + t, 9000 + t));
+        }
+        self.spawn(Route::H2Tunnel, false, "h2-client", &exe, &args)
+    }
+
+    /// Waits until every proxy accepts connections and both sidecars are ready and know the
+    /// server's endpoint.
+    pub fn wait_ready(&mut self) -> anyhow::Result<()> {
+        for (_, p) in &mut self.procs {
+            p.check_alive()?;
+        }
+        let a = self.pair.a.name.clone();
+        let b = self.pair.b.name.clone();
+        for ns in [&a, &b] {
+            let ns2 = ns.clone();
+            wait_for("sidecar /readyz", Duration::from_secs(20), || {
+                http_get(&ns2, "127.0.0.1:15000", "/readyz").is_ok_and(|r| r.contains(" 200 "))
+            })?;
+        }
+        for route in [Route::Stunnel, Route::H2Tunnel, Route::HalyardL4] {
+            let addr = self.addr(route, Target::Echo);
+            wait_for(route.name(), Duration::from_secs(20), || {
+                echo_once(&a, addr).is_ok()
+            })
+            .with_context(|| {
+                format!(
+                    "{route:?} never echoed; logs in {}",
+                    self.dir.path().display()
+                )
+            })?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.procs.clear();
+    }
+}
+
+const REGISTRY_OBJECTS: &str = "kind: MeshConfig\ndefaultPolicy: allow\ntrustDomain: mesh.local\n---\n\
+kind: Service\nname: server\nports:\n  - { name: sink, port: 9000, protocol: tcp, targetPort: 9000 }\n  \
+- { name: echo, port: 9001, protocol: tcp, targetPort: 9001 }\n  - { name: http4, port: 9002, protocol: tcp, targetPort: 9002 }\n  \
+- { name: http7, port: 9003, protocol: http, targetPort: 9002 }\n---\n\
+kind: Service\nname: client\nports:\n  - { name: tcp, port: 9999, protocol: tcp, targetPort: 9999 }\n";
+
+/// `halyard ctl --registry file://REG apply -f -` with `objects`.
+pub fn apply(halyard: &Path, reg: &Path, objects: &str) -> anyhow::Result<()> {
+    let mut child = Command::new(halyard)
+        .args([
+            "ctl",
+            "--registry",
+            &format!("file://{}", reg.display()),
+            "apply",
+            "-f",
+            "-",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(objects.as_bytes())?;
+    let status = child.wait()?;
+    anyhow::ensure!(status.success(), "halyard ctl apply failed: {status}");
+    Ok(())
+}
+
+/// The release `halyard` binary next to this one (`cargo build --release --bin halyard`).
+pub fn halyard_bin() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.with_file_name("halyard");
+    if !path.exists() {
+        bail!(
+            "{} missing: run `cargo build --release --bin halyard` first",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A CA and identities `client` and `server` under DIR/id/, issued by `halyard ca`.
+pub fn issue_identities(halyard: &Path, dir: &Path) -> anyhow::Result<()> {
+    let ca = dir.join("ca");
+    let run = |args: &[&str]| -> anyhow::Result<()> {
+        let out = Command::new(halyard).args(args).output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "halyard {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    let ca_s = ca.display().to_string();
+    run(&[
+        "ca",
+        "init",
+        "--dir",
+        &ca_s,
+        "--trust-domain",
+        "mesh.local",
+        "--force",
+    ])?;
+    for who in ["client", "server"] {
+        let out = dir.join("id").join(who).display().to_string();
+        let id = format!("spiffe://mesh.local/ns/default/sa/{who}");
+        run(&["ca", "issue", "--dir", &ca_s, "--id", &id, "--out", &out])?;
+    }
+    Ok(())
+}
+
+fn start_apps(ns: &str, stop: CancellationToken) -> std::thread::JoinHandle<()> {
+    spawn_rt(ns, move || async move {
+        let serve = async {
+            let sink = TcpListener::bind("0.0.0.0:9000").await?;
+            let echo = TcpListener::bind("0.0.0.0:9001").await?;
+            let http = TcpListener::bind("0.0.0.0:9002").await?;
+            tokio::try_join!(
+                accept(sink, sink_conn),
+                accept(echo, echo_conn),
+                accept(http, http_conn)
+            )?;
+            anyhow::Ok(())
+        };
+        tokio::select! {
+            r = serve => if let Err(e) = r { eprintln!("bench: server apps: {e:#}") },
+            () = stop.cancelled() => {}
+        }
+    })
+}
+
+async fn accept<F, Fut>(l: TcpListener, f: F) -> anyhow::Result<()>
+where
+    F: Fn(TcpStream) -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<()>> + Send + 'static,
+{
+    loop {
+        let (s, _) = l.accept().await?;
+        let _ = s.set_nodelay(true);
+        tokio::spawn(f(s));
+    }
+}
+
+async fn sink_conn(mut s: TcpStream) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 256 << 10];
+    let mut total = 0u64;
+    loop {
+        let n = s.read(&mut buf).await?;
+        if n == 0 {
+            // The byte count goes back, so the sender knows what arrived.
+            return s.write_all(&total.to_be_bytes()).await;
+        }
+        total += n as u64;
+    }
+}
+
+async fn echo_conn(mut s: TcpStream) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = s.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        s.write_all(&buf[..n]).await?;
+    }
+}
+
+/// Answers every request (read up to the blank line; requests carry no body) with HTTP_RESPONSE.
+async fn http_conn(mut s: TcpStream) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    loop {
+        while let Some(end) = find(&buf, b"\r\n\r\n") {
+            buf.drain(..end + 4);
+            s.write_all(HTTP_RESPONSE).await?;
+        }
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// One blocking echo round trip from namespace `ns`.
+fn echo_once(ns: &str, addr: SocketAddr) -> anyhow::Result<()> {
+    in_ns(ns, move || {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(b"x")?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b)?;
+        Ok(())
+    })
+}
+
+/// A blocking HTTP/1.0 GET from namespace `ns`; the whole response.
+pub fn http_get(ns: &str, addr: &str, path: &str) -> anyhow::Result<String> {
+    let addr: SocketAddr = addr.parse()?;
+    let req = format!("GET {path} HTTP/1.0\r\n\r\n");
+    in_ns(ns, move || {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(req.as_bytes())?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })
+}

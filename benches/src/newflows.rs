@@ -1,0 +1,166 @@
+//! Scenario 4, new flows: time to first byte of a new flow (connect, send 1 byte, receive its
+//! echo) on a warm peer connection (the proxies already talk) and a cold one (the client-side
+//! proxy restarted just before, so the flow waits for a new QUIC or TLS handshake), one at a time
+//! and 32 at once. stunnel does a TLS handshake per flow, so it has no warm case: its two rows
+//! differ only in noise. /dev/cpu_dma_latency held at 0.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::lab::{Lab, Route, Target};
+use crate::netns::{block_in, DmaLatency};
+use crate::stats::{Machine, Percentiles};
+
+const WARM_SEQ: usize = 200;
+const COLD_SEQ: usize = 12;
+const PARALLEL: usize = 32;
+const WARM_ROUNDS: usize = 10;
+const COLD_ROUNDS: usize = 4;
+
+#[derive(Debug, Serialize)]
+struct Row {
+    route: Route,
+    peer: &'static str,
+    parallel: usize,
+    ttfb: Percentiles,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    machine: Machine,
+    dma_latency_held: bool,
+    rows: Vec<Row>,
+}
+
+pub fn main() -> anyhow::Result<()> {
+    crate::setup::check_root()?;
+    let mut lab = Lab::up("hb4", 4)?;
+    let dma = DmaLatency::hold();
+    let mut rows = Vec::new();
+    for route in Route::L4 {
+        for parallel in [1, PARALLEL] {
+            rows.push(measure(&mut lab, route, "warm", parallel)?);
+            rows.push(measure(&mut lab, route, "cold", parallel)?);
+        }
+    }
+    let report = Report {
+        machine: Machine::probe(),
+        dma_latency_held: dma.held(),
+        rows,
+    };
+    drop(dma);
+    crate::stats::write_report("newflows", &markdown(&report), &report)
+}
+
+fn measure(
+    lab: &mut Lab,
+    route: Route,
+    peer: &'static str,
+    parallel: usize,
+) -> anyhow::Result<Row> {
+    let cold = peer == "cold";
+    let rounds = match (cold, parallel) {
+        (false, 1) => WARM_SEQ,
+        (true, 1) => COLD_SEQ,
+        (false, _) => WARM_ROUNDS,
+        (true, _) => COLD_ROUNDS,
+    };
+    let addr = lab.addr(route, Target::Echo);
+    let mut samples = Vec::new();
+    for _ in 0..rounds {
+        if cold {
+            restart(lab, route)?;
+        } else {
+            block_in(&lab.pair.a.name, move || batch(addr, 1))?;
+        }
+        samples.extend(block_in(&lab.pair.a.name, move || batch(addr, parallel))?);
+    }
+    let ttfb = Percentiles::of(samples);
+    eprintln!(
+        "newflows {} {peer} x{parallel}: p50 {:.0} µs p99 {:.0} µs",
+        route.name(),
+        ttfb.p50_us,
+        ttfb.p99_us
+    );
+    Ok(Row {
+        route,
+        peer,
+        parallel,
+        ttfb,
+    })
+}
+
+fn restart(lab: &mut Lab, route: Route) -> anyhow::Result<()> {
+    lab.restart_cold(route)?;
+    std::thread::sleep(Duration::from_millis(50));
+    Ok(())
+}
+
+/// `n` new flows at once; each one's time to first byte in ns.
+async fn batch(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<u64>> {
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        set.spawn(ttfb(addr));
+    }
+    let mut out = Vec::with_capacity(n);
+    while let Some(r) = set.join_next().await {
+        out.push(r??);
+    }
+    Ok(out)
+}
+
+async fn ttfb(addr: SocketAddr) -> anyhow::Result<u64> {
+    let start = Instant::now();
+    let mut s = TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    s.write_all(b"x").await?;
+    let mut b = [0u8; 1];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut b)).await??;
+    Ok(start.elapsed().as_nanos() as u64)
+}
+
+fn markdown(r: &Report) -> String {
+    let mut md = String::from("# Scenario 4: time to first byte of a new flow\n\n");
+    md += &r.machine.markdown();
+    md += &format!(
+        "\nA new TCP connection from the client app, 1 byte sent, its echo received: time from connect() to that byte. \
+         Warm: the proxies already hold a peer connection. Cold: the client-side proxy (sidecar or h2-tunnel client) \
+         was restarted just before and waited ready, so the flow includes the QUIC / TLS handshake with the peer. \
+         Sequential: {WARM_SEQ} warm / {COLD_SEQ} cold flows one at a time; parallel: {PARALLEL} flows at once, \
+         {WARM_ROUNDS} warm / {COLD_ROUNDS} cold rounds. stunnel does a TLS handshake per flow either way. \
+         /dev/cpu_dma_latency held at 0: {}.\n\n",
+        r.dma_latency_held
+    );
+    md += "| path | peer | flows at once | p50 µs | p99 µs | p50 vs direct | p50 vs stunnel | p50 vs h2-tunnel |\n|---|---|---|---|---|---|---|---|\n";
+    for row in &r.rows {
+        let base = |route| {
+            r.rows
+                .iter()
+                .find(|x| x.route == route && x.peer == row.peer && x.parallel == row.parallel)
+                .map_or(0.0, |x| x.ttfb.p50_us)
+        };
+        let ratio = |b: f64| {
+            if b > 0.0 {
+                format!("{:.2}×", row.ttfb.p50_us / b)
+            } else {
+                "–".into()
+            }
+        };
+        md += &format!(
+            "| {} | {} | {} | {:.0} | {:.0} | {} | {} | {} |\n",
+            row.route.name(),
+            row.peer,
+            row.parallel,
+            row.ttfb.p50_us,
+            row.ttfb.p99_us,
+            ratio(base(Route::Direct)),
+            ratio(base(Route::Stunnel)),
+            ratio(base(Route::H2Tunnel))
+        );
+    }
+    md
+}
