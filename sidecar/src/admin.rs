@@ -73,12 +73,7 @@ const MAX_FILTER: usize = 4096;
 /// Serves admin requests until `stop`.
 pub async fn serve(admin: Arc<Admin>, listener: TcpListener, stop: CancellationToken) {
     let conns = tokio_util::task::TaskTracker::new();
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => break,
-            a = listener.accept() => a,
-        };
-        let Ok((tcp, _)) = accepted else { continue };
+    while let Some((tcp, _)) = crate::proxy::accept(&listener, &stop, "admin").await {
         let admin = admin.clone();
         conns.spawn(async move {
             let svc = hyper::service::service_fn(move |req| {

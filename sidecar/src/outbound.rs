@@ -68,21 +68,12 @@ pub async fn serve_upstream(
     dest: Destination,
     stop: CancellationToken,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        match accepted {
-            Ok((tcp, _)) => {
-                let shared2 = shared.clone();
-                let dest = dest.clone();
-                shared
-                    .flows
-                    .spawn(async move { flow(shared2, tcp, dest).await });
-            }
-            Err(e) => tracing::warn!(error = %e, "outbound accept failed"),
-        }
+    while let Some((tcp, _)) = crate::proxy::accept(&listener, &stop, "outbound").await {
+        let shared2 = shared.clone();
+        let dest = dest.clone();
+        shared
+            .flows
+            .spawn(async move { flow(shared2, tcp, dest).await });
     }
 }
 
@@ -268,7 +259,9 @@ async fn pipe(shared: &Shared, app: &mut TcpStream, tunnel: &mut Tunnel) -> (Fla
             }
         },
         _ = shared.hard_stop.cancelled() => {
+            // Both ends see a reset: a flow cut by the drain deadline must not look complete.
             tunnel.abort();
+            reset_on_close(app);
             (Flags::Reset, 0, 0)
         }
     }
@@ -299,12 +292,7 @@ pub async fn serve_transparent(
     stop: CancellationToken,
 ) {
     let own = listener.local_addr().ok();
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let Ok((tcp, peer)) = accepted else { continue };
+    while let Some((tcp, peer)) = crate::proxy::accept(&listener, &stop, "transparent").await {
         match original_destination(&tcp).and_then(|d| resolve(&shared, d, own)) {
             Ok(dest) => {
                 let s = shared.clone();

@@ -21,6 +21,35 @@ use crate::http::budget::{BudgetConfig, RetryBudget};
 use crate::metrics::Metrics;
 use crate::outlier::{Failure, Outliers};
 
+/// How long an accept loop pauses after an accept error.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The next connection on `listener`, or `None` once `stop` is cancelled. An accept error (out
+/// of file descriptors, say, which repeats until some close) is logged and retried after a
+/// pause instead of spun on.
+pub async fn accept(
+    listener: &tokio::net::TcpListener,
+    stop: &CancellationToken,
+    what: &str,
+) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return None,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok(a) => return Some(a),
+            Err(e) => {
+                tracing::warn!(listener = what, error = %e, "accept failed; retrying shortly");
+                tokio::select! {
+                    _ = stop.cancelled() => return None,
+                    _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                }
+            }
+        }
+    }
+}
+
 /// Everything the data plane's tasks share.
 pub struct Shared {
     /// The checked configuration.
@@ -37,6 +66,9 @@ pub struct Shared {
     pub locality: Locality,
     /// Every flow task, so drain can wait for them.
     pub flows: TaskTracker,
+    /// Cancelled when the drain starts: app HTTP connections finish the request in flight and
+    /// close instead of waiting for the next one.
+    pub draining: CancellationToken,
     /// Cancelled when the drain deadline passes: open flows close.
     pub hard_stop: CancellationToken,
     lb: Mutex<LbState>,
@@ -53,10 +85,10 @@ pub type AppClient = hyper_util::client::legacy::Client<
     crate::http::body::ChannelBody,
 >;
 
-fn app_client(h2: bool) -> AppClient {
+fn app_client(h2: bool, connect_timeout: Duration) -> AppClient {
     let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
     connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    connector.set_connect_timeout(Some(connect_timeout));
     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .http2_only(h2)
         .pool_idle_timeout(Duration::from_secs(30))
@@ -115,6 +147,7 @@ impl Shared {
         pool: Pool,
         metrics: Metrics,
     ) -> Arc<Self> {
+        let connect_timeout = config.file.failure.connect_timeout;
         let locality = Locality {
             cluster: config.file.service.cluster.clone(),
             zone: config.file.service.zone.clone(),
@@ -127,12 +160,23 @@ impl Shared {
             metrics,
             locality,
             flows: TaskTracker::new(),
+            draining: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
             lb: Mutex::new(LbState::default()),
             budgets: Mutex::new(HashMap::new()),
-            app_h1: app_client(false),
-            app_h2: app_client(true),
+            app_h1: app_client(false, connect_timeout),
+            app_h2: app_client(true, connect_timeout),
         })
+    }
+
+    /// Runs `work` unless the drain deadline passes first (`None`): every task on `flows` that
+    /// waits on a peer or the app goes through here or watches `hard_stop` itself, so the drain
+    /// ends.
+    pub async fn until_hard_stop<F: std::future::Future>(&self, work: F) -> Option<F::Output> {
+        tokio::select! {
+            out = work => Some(out),
+            _ = self.hard_stop.cancelled() => None,
+        }
     }
 
     fn lb(&self) -> MutexGuard<'_, LbState> {

@@ -369,6 +369,7 @@ async fn drain(
     // Stops the TCP listeners and starts the QUIC drain (refuse new connections, GOAWAY):
     // peers send new flows elsewhere; what they already opened is served.
     listeners.cancel();
+    shared.draining.cancel();
     shared.flows.close();
     let deadline = shared.config.file.failure.drain_timeout;
     if tokio::time::timeout(deadline, shared.flows.wait())

@@ -102,12 +102,7 @@ pub fn run(args: SampleAppArgs) -> anyhow::Result<()> {
 /// Serves HTTP/1.1 on `listener` until `stop`.
 pub async fn serve(app: Arc<SampleAppArgs>, listener: TcpListener, stop: CancellationToken) {
     let tasks = tokio_util::task::TaskTracker::new();
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => break,
-            a = listener.accept() => a,
-        };
-        let Ok((tcp, _)) = accepted else { continue };
+    while let Some((tcp, _)) = crate::proxy::accept(&listener, &stop, "sample-app").await {
         let _ = tcp.set_nodelay(true);
         let app = app.clone();
         tasks.spawn(async move {

@@ -546,3 +546,57 @@ async fn grpc_unary_and_server_streaming_keep_their_trailers() {
     assert!(msgs.is_empty());
     assert_eq!(trailers["grpc-status"], "12");
 }
+
+/// Drain ends even when an app holds things open: a request stuck at the destination app is
+/// cut at the drain deadline (the caller gets an answer, not a hang), and an idle keep-alive
+/// connection from the calling app closes when the drain starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_ends_with_a_request_stuck_at_the_app_and_idle_app_connections() {
+    use std::sync::atomic::Ordering;
+    let mesh = Mesh::with_dir().await;
+    let stuck = AppBehavior {
+        delay: Some(Duration::from_secs(60)),
+        ..AppBehavior::default()
+    };
+    let app = http_app(SocketAddr::new(ip(81), 0), "v1", stuck).await;
+    mesh.apply(&http_service("reviews", app.addr.port())).await;
+    let (mut servers, pp) = reviews(&mesh, &[("v1", ip(81))]).await;
+    let client = http_client();
+    let (c, up) = (client.clone(), pp.upstream(0));
+    let call = tokio::spawn(async move { http_call(&c, up, "GET", "/stuck", &[]).await.0 });
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while app.hits.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the request never reached the app");
+
+    // drain_timeout is 5 s: the stuck request is cut then, long before the app would answer.
+    let server = servers.remove(0);
+    let t = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(15), server.shutdown())
+        .await
+        .expect("the destination sidecar never finished draining")
+        .unwrap();
+    assert!(t.elapsed() < Duration::from_secs(15));
+    let status = tokio::time::timeout(Duration::from_secs(5), call)
+        .await
+        .expect("the caller got no answer")
+        .unwrap();
+    assert_eq!(status, 502, "a request cut by the drain is a gateway error");
+
+    // The client keeps its connection to the upstream open and idle: the drain closes it at
+    // once instead of waiting for the deadline, and then for ever.
+    let t = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(15), pp.shutdown())
+        .await
+        .expect("the calling sidecar never finished draining")
+        .unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "idle app connection held the drain for {:?}",
+        t.elapsed()
+    );
+    drop(client);
+}

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use halyard_registry::model::Protocol;
-use halyard_transport::{HttpRequest, ServerRequestStream, Target};
+use halyard_transport::{HttpRequest, Target};
 use http::header::HeaderValue;
 use http::{Response, StatusCode};
 use http_body_util::BodyExt;
@@ -52,17 +52,31 @@ pub async fn serve(shared: &Arc<Shared>, req: HttpRequest) {
         .first()
         .cloned()
         .unwrap_or_else(|| "unknown".into());
+    // From here on every path answers: `Responder` resets a stream left without a response.
+    let (send, recv) = stream.split();
+    let mut out = Responder::new(send);
     let code = match admit(shared, &peer.id, &services, &request) {
         Err((status, why)) => {
             tracing::info!(peer = %peer.id, uri = %request.uri(), %status, reason = %why, "request refused");
-            reply(stream, status, &why).await;
+            // `recv` lives until the answer is out: dropping it first would stop the caller's
+            // request body, and the caller could fail before it reads the answer.
+            out.local(status, &why).await;
+            drop(recv);
             status.as_u16()
         }
         Ok(admitted) => {
             seen.served(admitted.app);
-            forward(shared, &peer.id, request, stream, admitted, &mut seen).await
+            let work = forward(
+                shared, &peer.id, request, recv, &mut out, admitted, &mut seen,
+            );
+            match shared.until_hard_stop(work).await {
+                Some(code) => code,
+                // The drain deadline passed: a response under way is reset when `out` drops.
+                None => out.status.unwrap_or(503),
+            }
         }
     };
+    drop(out);
     let version = shared
         .config
         .file
@@ -134,11 +148,82 @@ fn admit(
     })
 }
 
-async fn reply(stream: ServerRequestStream, status: StatusCode, why: &str) {
-    // The receive half lives until the answer is out: dropping it first would stop the
-    // caller's request body, and the caller could fail before it reads the answer.
-    let (send, _recv) = stream.split();
-    reply_half(send, status, why).await;
+/// The response side of a request stream. The transport leaves answering an `HttpRequest` to
+/// the handler, and a stream that ends without a response is a connection error for the h3
+/// client: every request on that connection would fail. quinn finishes a dropped send stream,
+/// so whatever path `serve` takes (an early return, an error, a panic, the drain deadline), a
+/// response not sent in full is reset instead (RFC 9114 §4.1.1: H3_REQUEST_CANCELLED, the
+/// request may have been partly processed), and a cut body never looks complete.
+struct Responder {
+    send: SendHalf,
+    /// The status sent, once the head is out.
+    status: Option<u16>,
+    /// Whether the stream was finished (or found broken): nothing to reset.
+    done: bool,
+}
+
+impl Responder {
+    fn new(send: SendHalf) -> Self {
+        Responder {
+            send,
+            status: None,
+            done: false,
+        }
+    }
+
+    /// Sends the response head; `false` when the stream is gone.
+    async fn head(&mut self, resp: Response<()>) -> bool {
+        let status = resp.status().as_u16();
+        let sent = self.send.send_response(resp).await.is_ok();
+        if sent {
+            self.status = Some(status);
+        }
+        self.done = !sent;
+        sent
+    }
+
+    /// Sends a body frame (data or trailers); `false` when the stream is gone.
+    async fn frame(&mut self, frame: Frame<Bytes>) -> bool {
+        let sent = match frame.into_data() {
+            Ok(data) => self.send.send_data(data).await,
+            Err(frame) => match frame.into_trailers() {
+                Ok(t) => self.send.send_trailers(t).await,
+                Err(_) => Ok(()),
+            },
+        };
+        self.done = sent.is_err();
+        sent.is_ok()
+    }
+
+    /// Ends the response.
+    async fn finish(&mut self) {
+        let _ = self.send.finish().await;
+        self.done = true;
+    }
+
+    /// A response made by this sidecar: `status`, `x-halyard-local-reply` and `why`.
+    async fn local(&mut self, status: StatusCode, why: &str) {
+        let mut resp = Response::new(());
+        *resp.status_mut() = status;
+        resp.headers_mut()
+            .insert("x-halyard-local-reply", HeaderValue::from_static("1"));
+        if self.head(resp).await
+            && self
+                .frame(Frame::data(Bytes::from(format!("{why}\n"))))
+                .await
+        {
+            self.finish().await;
+        }
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        if !self.done {
+            self.send
+                .stop_stream(halyard_transport::h3::error::Code::H3_REQUEST_CANCELLED);
+        }
+    }
 }
 
 /// Sends the request to the app and its response back; returns the status sent.
@@ -146,7 +231,8 @@ async fn forward(
     shared: &Arc<Shared>,
     peer: &halyard_certs::SpiffeId,
     req: http::Request<()>,
-    stream: ServerRequestStream,
+    recv: RecvHalf,
+    out: &mut Responder,
     admitted: Admitted,
     seen: &mut Seen,
 ) -> u16 {
@@ -178,7 +264,8 @@ async fn forward(
     }
     let scheme = "http";
     let Ok(uri) = format!("{scheme}://{}{}", admitted.app, admitted.target).parse() else {
-        reply(stream, StatusCode::BAD_REQUEST, "bad request target").await;
+        out.local(StatusCode::BAD_REQUEST, "bad request target")
+            .await;
         return 400;
     };
     parts.uri = uri;
@@ -187,9 +274,18 @@ async fn forward(
     } else {
         http::Version::HTTP_11
     };
-    let (send, recv) = stream.split();
     let (tx, body) = ChannelBody::channel();
-    shared.flows.spawn(pump_request(recv, tx));
+    let pumping = shared.clone();
+    shared.flows.spawn(async move {
+        // Ends once the app no longer reads the body, even while the caller is silent.
+        let pump = async {
+            tokio::select! {
+                _ = pump_request(recv, &tx) => {}
+                _ = tx.closed() => {}
+            }
+        };
+        pumping.until_hard_stop(pump).await;
+    });
     let client = if admitted.grpc {
         &shared.app_h2
     } else {
@@ -198,69 +294,75 @@ async fn forward(
     match client.request(http::Request::from_parts(parts, body)).await {
         Ok(resp) => {
             seen.received = crate::telemetry::content_length(resp.headers());
-            respond(send, resp).await
+            respond(out, resp).await
         }
         Err(e) => {
             tracing::info!(app = %admitted.app, error = %e, "local app request failed");
-            // DESIGN §2: 502 when the local app refused or reset.
-            let why = if e.is_connect() {
-                "local app refused the connection"
-            } else {
-                "local app reset the request"
-            };
-            reply_half(send, StatusCode::BAD_GATEWAY, why).await;
-            502
+            let (status, why) = app_failure(&e);
+            out.local(status, why).await;
+            status.as_u16()
         }
     }
 }
 
-async fn reply_half(mut send: SendHalf, status: StatusCode, why: &str) {
-    let mut resp = Response::new(());
-    *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert("x-halyard-local-reply", HeaderValue::from_static("1"));
-    if send.send_response(resp).await.is_ok() {
-        let _ = send.send_data(Bytes::from(format!("{why}\n"))).await;
-        let _ = send.finish().await;
+/// DESIGN §2: 504 when the local app did not accept the connection in time, 502 when it
+/// refused or reset.
+fn app_failure(e: &hyper_util::client::legacy::Error) -> (StatusCode, &'static str) {
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        let timed_out = err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
+        if timed_out && e.is_connect() {
+            return (
+                StatusCode::GATEWAY_TIMEOUT,
+                "local app did not accept the connection in time",
+            );
+        }
+        source = err.source();
+    }
+    if e.is_connect() {
+        (StatusCode::BAD_GATEWAY, "local app refused the connection")
+    } else {
+        (StatusCode::BAD_GATEWAY, "local app reset the request")
     }
 }
 
 /// Streams the app's response (head, body, trailers) to the peer.
-async fn respond(mut send: SendHalf, resp: Response<hyper::body::Incoming>) -> u16 {
+async fn respond(out: &mut Responder, resp: Response<hyper::body::Incoming>) -> u16 {
     let (mut parts, mut body) = resp.into_parts();
+    if parts.status.is_informational() {
+        // hyper hands over a 101 (or another 1xx) as the final response; HTTP/3 has no
+        // upgrade (RFC 9114 §4.5) and a 1xx is never final.
+        out.local(
+            StatusCode::BAD_GATEWAY,
+            "local app answered with a 1xx status",
+        )
+        .await;
+        return 502;
+    }
     let status = parts.status.as_u16();
     strip_hop_by_hop(&mut parts.headers);
     parts.version = http::Version::HTTP_3;
-    if send
-        .send_response(Response::from_parts(parts, ()))
-        .await
-        .is_err()
-    {
+    if !out.head(Response::from_parts(parts, ())).await {
         return status;
     }
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else {
-            // The app broke off mid-body: reset so the caller does not take it as complete.
-            send.stop_stream(halyard_transport::h3::error::Code::H3_INTERNAL_ERROR);
+            // The app broke off mid-body: `out` resets the stream when it drops, so the caller
+            // does not take the body as complete.
             return status;
         };
-        let sent = match frame.into_data() {
-            Ok(data) => send.send_data(data).await,
-            Err(frame) => match frame.into_trailers() {
-                Ok(t) => send.send_trailers(t).await,
-                Err(_) => Ok(()),
-            },
-        };
-        if sent.is_err() {
+        if !out.frame(frame).await {
             return status;
         }
     }
-    let _ = send.finish().await;
+    out.finish().await;
     status
 }
 
 /// Moves the request body from h3 to the app.
-async fn pump_request(mut recv: RecvHalf, tx: BodySender) {
+async fn pump_request(mut recv: RecvHalf, tx: &BodySender) {
     loop {
         match recv.recv_data().await {
             Ok(Some(buf)) => {

@@ -29,8 +29,14 @@ use crate::telemetry::{content_length, trace_context, Seen};
 /// Largest request body kept in memory so it can be sent again (retries, mirroring).
 const REPLAY_LIMIT: u64 = 1024 * 1024;
 
-/// Serves one app connection (HTTP/1.1, or h2 with prior knowledge) until it closes.
+/// How long a mirrored request may take when its rule sets no timeout.
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves one app connection (HTTP/1.1, or h2 with prior knowledge) until it closes. When the
+/// drain starts, the request in flight finishes and the connection closes (an idle keep-alive
+/// connection at once, h2 with GOAWAY); at the drain deadline it is dropped.
 pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, dest: Destination) {
+    let drain = shared.clone();
     let svc = hyper::service::service_fn(move |req| {
         let (shared, dest) = (shared.clone(), dest.clone());
         async move { Ok::<_, Infallible>(handle(shared, dest, req).await) }
@@ -39,7 +45,16 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, dest: Destination) {
     builder.http1().max_buf_size(64 * 1024);
     builder.http2().max_header_list_size(64 * 1024);
     let io = TokioIo::new(super::guard::FramingGuard::new(tcp));
-    if let Err(e) = builder.serve_connection(io, svc).await {
+    let conn = builder.serve_connection(io, svc);
+    tokio::pin!(conn);
+    let ended = tokio::select! {
+        r = conn.as_mut() => Some(r),
+        _ = drain.draining.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            drain.until_hard_stop(conn.as_mut()).await
+        }
+    };
+    if let Some(Err(e)) = ended {
         tracing::debug!(error = %e, "app connection ended");
     }
 }
@@ -358,7 +373,17 @@ impl Call<'_> {
         // The app speaks HTTP/1.1 or h2; the peer's HTTP/3 version must not leak into hyper.
         parts.version = self.parts.version;
         let (tx, body) = ChannelBody::channel();
-        self.shared.flows.spawn(pump_response(stream, tx));
+        let shared = self.shared.clone();
+        self.shared.flows.spawn(async move {
+            // Ends as soon as the app no longer wants the body, even while the peer is silent.
+            let pump = async {
+                tokio::select! {
+                    _ = pump_response(stream, &tx) => {}
+                    _ = tx.closed() => {}
+                }
+            };
+            shared.until_hard_stop(pump).await;
+        });
         Response::from_parts(parts, body)
     }
 
@@ -366,6 +391,10 @@ impl Call<'_> {
         if !m.percent.hits(rand::random::<f64>()) {
             return;
         }
+        let timeout = self
+            .rule
+            .and_then(|(_, r)| r.timeout)
+            .unwrap_or(MIRROR_TIMEOUT);
         let shared = self.shared.clone();
         let (service, port) = (self.dest.service.clone(), self.dest.port);
         let uri = format!("https://{service}:{port}{}", self.target);
@@ -374,7 +403,7 @@ impl Call<'_> {
             self.parts.headers.clone(),
             m.subset.clone(),
         );
-        shared.clone().flows.spawn(async move {
+        let send = async move {
             let snap = shared.current();
             let Ok(picked) = shared.pick_in(&snap, &service, &subset, &[]) else {
                 return;
@@ -399,6 +428,13 @@ impl Call<'_> {
                 // The mirror's answer is read and thrown away.
                 while let Ok(Some(_)) = stream.recv_data().await {}
             }
+        };
+        // Bounded: a mirror that never answers must not pile up tasks or hold up the drain.
+        let shared = self.shared.clone();
+        self.shared.flows.spawn(async move {
+            let _ = shared
+                .until_hard_stop(tokio::time::timeout(timeout, send))
+                .await;
         });
     }
 }
@@ -529,7 +565,7 @@ async fn send_payload(
 }
 
 /// Moves the response body and trailers from h3 to the app, a few frames at a time.
-async fn pump_response(mut stream: PooledRequest, tx: BodySender) {
+async fn pump_response(mut stream: PooledRequest, tx: &BodySender) {
     use super::body::BodyError;
     use hyper::body::Frame;
     loop {
