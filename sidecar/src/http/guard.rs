@@ -95,9 +95,10 @@ impl<T> FramingGuard<T> {
                     if done || line.len() >= 1024 {
                         let line = std::mem::take(line);
                         self.out.extend_from_slice(&line);
+                        // The data then its CRLF; a size too large to add 2 to is hyper's to refuse.
                         self.state = match chunk_size(&line) {
                             Some(0) => State::Trailers(Vec::new()),
-                            Some(n) => State::ChunkData(n + 2),
+                            Some(n) => n.checked_add(2).map_or(State::Pass, State::ChunkData),
                             None => State::Pass,
                         };
                     }
@@ -230,17 +231,22 @@ impl<T: AsyncRead + Unpin> AsyncRead for FramingGuard<T> {
                 }
                 return Poll::Ready(Ok(()));
             }
-            if matches!(this.state, State::Refused) {
+            match this.state {
                 // After a refused section nothing more reaches hyper: it answers 400 and closes.
-                return Poll::Ready(Ok(()));
+                State::Refused => return Poll::Ready(Ok(())),
+                // Nothing left to check (h2, an upgrade): read straight into hyper's buffer.
+                State::Pass => return Pin::new(&mut this.inner).poll_read(cx, buf),
+                _ => {}
             }
             let mut tmp = [0u8; 16 * 1024];
             let mut rb = ReadBuf::new(&mut tmp);
             match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
-                Poll::Ready(Ok(())) if rb.filled().is_empty() => return Poll::Ready(Ok(())),
                 Poll::Ready(Ok(())) => {
-                    let filled = rb.filled().to_vec();
-                    this.feed(&filled);
+                    let n = rb.filled().len();
+                    if n == 0 {
+                        return Poll::Ready(Ok(()));
+                    }
+                    this.feed(&tmp[..n]);
                 }
                 other => return other,
             }
@@ -287,6 +293,12 @@ GET /d HTTP/1.1\r\nHost: x\r\n\r\n";
         assert_eq!(run(clean), clean.to_vec());
         let h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00";
         assert_eq!(run(h2), h2.to_vec());
+    }
+
+    #[test]
+    fn a_chunk_size_at_the_limit_of_u64_is_left_to_hyper() {
+        let input = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nabc";
+        assert_eq!(run(input), input.to_vec());
     }
 
     #[test]
