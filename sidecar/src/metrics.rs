@@ -385,6 +385,31 @@ impl Metrics {
         }
     }
 
+    /// Per-peer QUIC figures from the pool's statistics: the best connection's RTT and
+    /// congestion window, packets lost over all connections. A peer without a connection leaves
+    /// the families, so endpoints that come and go do not pile up as label values.
+    pub fn quic_peers(&self, stats: &[halyard_transport::PeerStats]) {
+        let mut live = std::collections::HashSet::new();
+        for peer in stats {
+            let Some(best) = peer.connections.iter().min_by_key(|c| c.rtt) else {
+                continue;
+            };
+            let label = peer.peer.addr.to_string();
+            self.quic_rtt
+                .with_label_values(&[&label])
+                .set(best.rtt.as_secs_f64());
+            let lost: u64 = peer.connections.iter().map(|c| c.lost_packets).sum();
+            self.quic_lost.with_label_values(&[&label]).set(lost as f64);
+            self.quic_cwnd
+                .with_label_values(&[&label])
+                .set(best.cwnd as f64);
+            live.insert(label);
+        }
+        for family in [&self.quic_rtt, &self.quic_lost, &self.quic_cwnd] {
+            remove_peers_but(family, &live);
+        }
+    }
+
     /// The Prometheus text exposition of every family.
     pub fn render(&self) -> String {
         let mut out = Vec::new();
@@ -394,11 +419,69 @@ impl Metrics {
     }
 }
 
+/// Removes the samples of `family` whose `peer` is not in `keep` (rather than a reset and
+/// rewrite, so a scrape never sees a live peer missing).
+fn remove_peers_but(family: &GaugeVec, keep: &std::collections::HashSet<String>) {
+    use prometheus::core::Collector;
+    let stale: Vec<String> = family
+        .collect()
+        .iter()
+        .flat_map(|f| f.get_metric())
+        .flat_map(|m| m.get_label())
+        .filter(|l| l.name() == "peer" && !keep.contains(l.value()))
+        .map(|l| l.value().to_owned())
+        .collect();
+    for peer in stale {
+        let _ = family.remove_label_values(&[&peer]);
+    }
+}
+
 /// An open flow in `halyard_active_flows`; decrements on drop.
 pub struct ActiveFlow(prometheus::IntGauge);
 
 impl Drop for ActiveFlow {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use halyard_transport::{ConnectionStats, PeerKey, PeerStats};
+
+    use super::*;
+
+    fn peer(port: u16, connections: usize) -> PeerStats {
+        let conn = ConnectionStats {
+            rtt: Duration::from_millis(2),
+            cwnd: 12_000,
+            lost_packets: 1,
+            sent_packets: 10,
+            congestion_events: 0,
+            open_streams: 0,
+        };
+        PeerStats {
+            peer: PeerKey {
+                addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+                id: halyard_certs::SpiffeId::parse("spiffe://mesh.local/ns/default/sa/reviews")
+                    .unwrap(),
+            },
+            connections: vec![conn; connections],
+        }
+    }
+
+    #[test]
+    fn peers_without_a_connection_leave_the_quic_families() {
+        let m = Metrics::new().unwrap();
+        m.quic_peers(&[peer(1, 1), peer(2, 2)]);
+        let text = m.render();
+        assert!(text.contains("halyard_quic_rtt_seconds{peer=\"127.0.0.1:2\"} 0.002"));
+        assert!(text.contains("halyard_quic_lost_packets_total{peer=\"127.0.0.1:2\"} 2"));
+        m.quic_peers(&[peer(1, 1), peer(2, 0)]);
+        let text = m.render();
+        assert!(text.contains("halyard_quic_congestion_window_bytes{peer=\"127.0.0.1:1\"}"));
+        assert!(!text.contains("127.0.0.1:2"), "{text}");
     }
 }

@@ -1,7 +1,7 @@
 //! State shared by the sidecar's listeners: the registry snapshot in force, the connection pool,
 //! load-balancing and outlier state, metrics, and the drain signal.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use halyard_certs::SpiffeId;
 use halyard_registry::model::{Endpoint, Labels, RouteRule, ServicePort};
 use halyard_registry::Snapshot;
-use halyard_transport::{Pool, Target};
+use halyard_transport::{PeerKey, PeerStats, Pool, Target};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -125,6 +125,10 @@ impl Drop for Picked {
         let mut lb = self.shared.lb();
         if let Some(n) = lb.outstanding.get_mut(&key) {
             *n = n.saturating_sub(1);
+            // Only endpoints with attempts in flight keep an entry: ids come and go.
+            if *n == 0 {
+                lb.outstanding.remove(&key);
+            }
         }
     }
 }
@@ -315,28 +319,46 @@ impl Shared {
         }
     }
 
-    /// Updates the RTT the balancer uses and the per-peer QUIC metrics from the pool.
-    pub fn refresh_peer_stats(&self) {
-        let stats = self.pool.stats();
+    /// Updates the RTT the balancer uses and the per-peer QUIC metrics from the pool's
+    /// statistics, then forgets what belongs to peers that left the registry: their RTT and
+    /// outlier state, and their pooled connections once no stream is open on them (a peer that
+    /// deregistered to drain still finishes what it serves).
+    pub fn refresh_peer_stats(&self, stats: &[PeerStats]) {
+        let snap = self.current();
+        let registered: HashSet<(SocketAddr, &SpiffeId)> = snap
+            .endpoints
+            .values()
+            .flat_map(|eps| eps.values())
+            .map(|e| (e.address, &e.identity))
+            .collect();
         let mut connections = 0i64;
         let mut lb = self.lb();
-        for peer in &stats {
-            let Some(best) = peer.connections.iter().min_by_key(|c| c.rtt) else {
-                continue;
-            };
+        for peer in stats {
+            if let Some(best) = peer.connections.iter().min_by_key(|c| c.rtt) {
+                lb.rtt.insert(peer.peer.addr, best.rtt);
+            }
             connections += peer.connections.len() as i64;
-            lb.rtt.insert(peer.peer.addr, best.rtt);
-            let label = peer.peer.addr.to_string();
-            let m = &self.metrics;
-            m.quic_rtt
-                .with_label_values(&[&label])
-                .set(best.rtt.as_secs_f64());
-            let lost: u64 = peer.connections.iter().map(|c| c.lost_packets).sum();
-            m.quic_lost.with_label_values(&[&label]).set(lost as f64);
-            m.quic_cwnd
-                .with_label_values(&[&label])
-                .set(best.cwnd as f64);
         }
+        let pooled: HashSet<SocketAddr> = stats.iter().map(|p| p.peer.addr).collect();
+        lb.rtt
+            .retain(|a, _| pooled.contains(a) || registered.iter().any(|(r, _)| r == a));
+        lb.outliers.retain(|service, o| {
+            o.retain(|id| {
+                snap.endpoints
+                    .get(service)
+                    .is_some_and(|e| e.contains_key(id))
+            });
+            snap.endpoints.contains_key(service)
+        });
+        drop(lb);
+        let busy: HashSet<&PeerKey> = stats
+            .iter()
+            .filter(|p| p.connections.iter().any(|c| c.open_streams > 0))
+            .map(|p| &p.peer)
+            .collect();
+        self.pool
+            .retain_peers(|k| busy.contains(k) || registered.contains(&(k.addr, &k.id)));
+        self.metrics.quic_peers(stats);
         self.metrics.quic_connections.set(connections);
     }
 

@@ -310,7 +310,8 @@ async fn refresh(
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        shared.metrics.pool_stats(&shared.pool.stats());
+        let stats = shared.pool.stats();
+        shared.metrics.pool_stats(&stats);
         let snap = shared.current();
         let m = &shared.metrics;
         m.registry_revision.set(snap.revision);
@@ -318,7 +319,7 @@ async fn refresh(
         m.registry_stale.set(registry.staleness().as_secs_f64());
         m.cert_expiry
             .set(resolver.current().seconds_to_expiry(SystemTime::now()));
-        shared.refresh_peer_stats();
+        shared.refresh_peer_stats(&stats);
     }
 }
 
