@@ -498,7 +498,9 @@ fn check(file: SidecarConfig, field: FieldErr<'_>) -> Result<Config, ConfigError
 }
 
 fn check_telemetry(file: &SidecarConfig, field: FieldErr<'_>) -> Result<(), ConfigError> {
+    // Each drives a tokio interval or a timeout; a zero period would panic the task.
     let positive = [
+        ("identity.reload_interval", file.identity.reload_interval),
         (
             "telemetry.refresh_interval",
             file.telemetry.refresh_interval,
@@ -654,6 +656,10 @@ listen = "127.0.0.1:19080"
             (
                 format!("{GOOD}\n[access_log]\nbuffer = 0\n"),
                 "access_log.buffer",
+            ),
+            (
+                GOOD.replace("bundle.pem\"", "bundle.pem\"\nreload_interval = \"0s\""),
+                "identity.reload_interval",
             ),
             (
                 format!("{GOOD}\n[access_log]\nenabeld = true\n"),

@@ -31,6 +31,9 @@ impl Default for OutlierConfig {
     }
 }
 
+/// The longest ejection whatever the config says (a year): far beyond any useful one.
+const MAX_EJECTION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// How bad a failure was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
@@ -99,7 +102,9 @@ impl Outliers {
         let interval = cfg
             .base_ejection
             .saturating_mul(factor)
-            .min(cfg.max_ejection);
+            .min(cfg.max_ejection)
+            // `max_ejection` comes from the config: an absurd one must not overflow `Instant`.
+            .min(MAX_EJECTION);
         state.ejected_until = Some(now + interval);
         state.times_ejected = state.times_ejected.saturating_add(1);
         state.consecutive = 0;
@@ -150,6 +155,19 @@ mod tests {
         assert!(!o.failure(&cfg, "a", Failure::Error, 4, t));
         assert!(o.failure(&cfg, "a", Failure::Error, 4, t));
         assert!(o.is_ejected("a", t));
+    }
+
+    #[test]
+    fn an_absurd_configured_ejection_does_not_overflow_the_clock() {
+        let cfg = OutlierConfig {
+            base_ejection: Duration::MAX,
+            max_ejection: Duration::MAX,
+            ..OutlierConfig::default()
+        };
+        let mut o = Outliers::default();
+        let t = Instant::now();
+        assert!(o.failure(&cfg, "a", Failure::Connect, 1, t));
+        assert!(o.is_ejected("a", t + Duration::from_secs(3600)));
     }
 
     #[test]
