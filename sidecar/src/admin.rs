@@ -3,14 +3,12 @@
 //! and the snapshot in force.
 
 use std::collections::BTreeSet;
-use std::convert::Infallible;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -72,22 +70,17 @@ const MAX_FILTER: usize = 4096;
 
 /// Serves admin requests until `stop`.
 pub async fn serve(admin: Arc<Admin>, listener: TcpListener, stop: CancellationToken) {
-    let conns = tokio_util::task::TaskTracker::new();
-    while let Some((tcp, _)) = crate::proxy::accept(&listener, &stop, "admin").await {
-        let admin = admin.clone();
-        conns.spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let admin = admin.clone();
-                async move { Ok::<_, Infallible>(admin.handle(req).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
-        });
-    }
-    conns.close();
-    // Scrapes in progress get a moment; idle keep-alive connections are not waited for.
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), conns.wait()).await;
+    // Scrapes in progress get a moment; idle keep-alive connections close at once.
+    let grace = std::time::Duration::from_secs(1);
+    crate::net::serve_http1(
+        listener,
+        stop,
+        "admin",
+        grace,
+        admin,
+        |admin, req| async move { admin.handle(req).await },
+    )
+    .await;
 }
 
 fn text(status: StatusCode, body: String, content_type: &str) -> Reply {

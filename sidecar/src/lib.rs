@@ -13,6 +13,7 @@ pub mod http;
 pub mod inbound;
 pub mod iptables;
 pub mod metrics;
+pub mod net;
 pub mod outbound;
 pub mod outlier;
 pub mod promtext;

@@ -68,7 +68,7 @@ pub async fn serve_upstream(
     dest: Destination,
     stop: CancellationToken,
 ) {
-    while let Some((tcp, _)) = crate::proxy::accept(&listener, &stop, "outbound").await {
+    while let Some((tcp, _)) = crate::net::accept(&listener, &stop, "outbound").await {
         let shared2 = shared.clone();
         let dest = dest.clone();
         shared
@@ -292,7 +292,7 @@ pub async fn serve_transparent(
     stop: CancellationToken,
 ) {
     let own = listener.local_addr().ok();
-    while let Some((tcp, peer)) = crate::proxy::accept(&listener, &stop, "transparent").await {
+    while let Some((tcp, peer)) = crate::net::accept(&listener, &stop, "transparent").await {
         match original_destination(&tcp).and_then(|d| resolve(&shared, d, own)) {
             Ok(dest) => {
                 let s = shared.clone();

@@ -21,35 +21,6 @@ use crate::http::budget::{BudgetConfig, RetryBudget};
 use crate::metrics::Metrics;
 use crate::outlier::{Failure, Outliers};
 
-/// How long an accept loop pauses after an accept error.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-
-/// The next connection on `listener`, or `None` once `stop` is cancelled. An accept error (out
-/// of file descriptors, say, which repeats until some close) is logged and retried after a
-/// pause instead of spun on.
-pub async fn accept(
-    listener: &tokio::net::TcpListener,
-    stop: &CancellationToken,
-    what: &str,
-) -> Option<(tokio::net::TcpStream, SocketAddr)> {
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => return None,
-            a = listener.accept() => a,
-        };
-        match accepted {
-            Ok(a) => return Some(a),
-            Err(e) => {
-                tracing::warn!(listener = what, error = %e, "accept failed; retrying shortly");
-                tokio::select! {
-                    _ = stop.cancelled() => return None,
-                    _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
-                }
-            }
-        }
-    }
-}
-
 /// Everything the data plane's tasks share.
 pub struct Shared {
     /// The checked configuration.

@@ -8,7 +8,6 @@
 //! passed on. A dependency that fails leaves the page degraded (`"error"` in its place), not
 //! failed, as bookinfo's productpage does when reviews or ratings are away.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -101,22 +100,16 @@ pub fn run(args: SampleAppArgs) -> anyhow::Result<()> {
 
 /// Serves HTTP/1.1 on `listener` until `stop`.
 pub async fn serve(app: Arc<SampleAppArgs>, listener: TcpListener, stop: CancellationToken) {
-    let tasks = tokio_util::task::TaskTracker::new();
-    while let Some((tcp, _)) = crate::proxy::accept(&listener, &stop, "sample-app").await {
-        let _ = tcp.set_nodelay(true);
-        let app = app.clone();
-        tasks.spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let app = app.clone();
-                async move { Ok::<_, Infallible>(handle(&app, req).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
-        });
-    }
-    tasks.close();
-    let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
+    let grace = Duration::from_secs(2);
+    crate::net::serve_http1(
+        listener,
+        stop,
+        "sample-app",
+        grace,
+        app,
+        |app, req| async move { handle(&app, req).await },
+    )
+    .await;
 }
 
 async fn handle(app: &SampleAppArgs, req: Request<Incoming>) -> Response<Full<Bytes>> {
