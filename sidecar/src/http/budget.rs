@@ -4,7 +4,6 @@
 //! service grows by at most the ratio (plus the floor), not by the number of attempts. Pure
 //! state; `now` is an argument.
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 /// Budget settings.
@@ -28,37 +27,56 @@ impl Default for BudgetConfig {
     }
 }
 
-/// Requests and retries in the window, for one destination service.
+/// Slots the window is divided into: the window slides by a tenth of itself.
+const SLOTS: usize = 10;
+
+/// Requests and retries in the window, for one destination service: counts per slot of a
+/// tenth of the window, so the state is a few words whatever the request rate (one entry per
+/// request would hold rate × window timestamps).
 #[derive(Debug, Default)]
 pub struct RetryBudget {
-    requests: VecDeque<Instant>,
-    retries: VecDeque<Instant>,
+    /// (requests, retries) per slot; slot `n % SLOTS` holds slot number `n`.
+    slots: [(u64, u64); SLOTS],
+    /// When slot number 0 began (the first call).
+    epoch: Option<Instant>,
+    /// The newest slot number written.
+    current: u64,
 }
 
 impl RetryBudget {
-    fn expire(&mut self, cfg: &BudgetConfig, now: Instant) {
-        let cutoff = now.checked_sub(cfg.window);
-        for q in [&mut self.requests, &mut self.retries] {
-            while q.front().is_some_and(|&t| cutoff.is_some_and(|c| t < c)) {
-                q.pop_front();
+    /// The slot for `now`, with slots that fell out of the window cleared.
+    fn slot(&mut self, cfg: &BudgetConfig, now: Instant) -> &mut (u64, u64) {
+        let epoch = *self.epoch.get_or_insert(now);
+        let width = (cfg.window / SLOTS as u32).max(Duration::from_nanos(1));
+        let n = u64::try_from(now.saturating_duration_since(epoch).as_nanos() / width.as_nanos())
+            .unwrap_or(u64::MAX);
+        if n > self.current {
+            let stale = (n - self.current).min(SLOTS as u64);
+            for k in 1..=stale {
+                self.slots[((self.current + k) % SLOTS as u64) as usize] = (0, 0);
             }
+            self.current = n;
         }
+        &mut self.slots[(self.current % SLOTS as u64) as usize]
     }
 
     /// Counts a first attempt.
     pub fn request(&mut self, cfg: &BudgetConfig, now: Instant) {
-        self.expire(cfg, now);
-        self.requests.push_back(now);
+        self.slot(cfg, now).0 += 1;
     }
 
     /// Takes one retry from the budget; false when it is spent.
     pub fn try_retry(&mut self, cfg: &BudgetConfig, now: Instant) -> bool {
-        self.expire(cfg, now);
-        let allowed = (self.requests.len() as f64 * cfg.ratio) as usize + cfg.min_retries as usize;
-        if self.retries.len() >= allowed {
+        self.slot(cfg, now);
+        let (requests, retries) = self
+            .slots
+            .iter()
+            .fold((0u64, 0u64), |(q, r), s| (q + s.0, r + s.1));
+        let allowed = (requests as f64 * cfg.ratio) as u64 + u64::from(cfg.min_retries);
+        if retries >= allowed {
             return false;
         }
-        self.retries.push_back(now);
+        self.slot(cfg, now).1 += 1;
         true
     }
 }
@@ -80,5 +98,39 @@ mod tests {
         // The window slides: an hour later the old requests no longer count.
         let later = t + Duration::from_secs(3600);
         assert_eq!((0..200).filter(|_| b.try_retry(&cfg, later)).count(), 100);
+    }
+
+    #[test]
+    fn the_window_slides_by_slots() {
+        let cfg = BudgetConfig {
+            min_retries: 0,
+            ..BudgetConfig::default()
+        };
+        let mut b = RetryBudget::default();
+        let t = Instant::now();
+        for _ in 0..10 {
+            b.request(&cfg, t);
+        }
+        let later = |s| t + Duration::from_secs(s);
+        for _ in 0..10 {
+            b.request(&cfg, later(5));
+        }
+        // 20 requests in the window: 4 retries.
+        assert_eq!((0..10).filter(|_| b.try_retry(&cfg, later(9))).count(), 4);
+        // At 10.5 s the first 10 requests have left the window: 10 allow 2, and 4 were taken.
+        assert!(!b.try_retry(&cfg, t + Duration::from_millis(10_500)));
+        // At 15.5 s the second 10 have left too: nothing is allowed without a floor.
+        for _ in 0..5 {
+            b.request(&cfg, t + Duration::from_millis(15_500));
+        }
+        assert_eq!(
+            (0..10)
+                .filter(|_| b.try_retry(&cfg, t + Duration::from_millis(15_600)))
+                .count(),
+            0,
+            "5 requests allow 1 retry, but the 4 taken at 9 s are still in the window"
+        );
+        // At 20 s the retries at 9 s are gone; the 5 requests at 15.5 s allow 1.
+        assert_eq!((0..10).filter(|_| b.try_retry(&cfg, later(20))).count(), 1);
     }
 }
