@@ -365,15 +365,13 @@ kind: Service\nname: client\nports:\n  - { name: tcp, port: 9999, protocol: tcp,
 
 /// `halyard ctl --registry file://REG apply -f -` with `objects`.
 pub fn apply(halyard: &Path, reg: &Path, objects: &str) -> anyhow::Result<()> {
+    apply_url(halyard, &format!("file://{}", reg.display()), objects)
+}
+
+/// `halyard ctl --registry URL apply -f -` with `objects`.
+pub fn apply_url(halyard: &Path, url: &str, objects: &str) -> anyhow::Result<()> {
     let mut child = Command::new(halyard)
-        .args([
-            "ctl",
-            "--registry",
-            &format!("file://{}", reg.display()),
-            "apply",
-            "-f",
-            "-",
-        ])
+        .args(["ctl", "--registry", url, "apply", "-f", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()?;
@@ -457,9 +455,17 @@ where
     Fut: std::future::Future<Output = std::io::Result<()>> + Send + 'static,
 {
     loop {
-        let (s, _) = l.accept().await?;
-        let _ = s.set_nodelay(true);
-        tokio::spawn(f(s));
+        match l.accept().await {
+            Ok((s, _)) => {
+                let _ = s.set_nodelay(true);
+                tokio::spawn(f(s));
+            }
+            // Out of file descriptors, say: the app keeps serving the connections it has.
+            Err(e) => {
+                eprintln!("bench: server app accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
     }
 }
 
@@ -477,7 +483,8 @@ async fn sink_conn(mut s: TcpStream) -> std::io::Result<()> {
 }
 
 async fn echo_conn(mut s: TcpStream) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 64 << 10];
+    // Small: the scale scenario holds 10,000 of these.
+    let mut buf = vec![0u8; 8 << 10];
     loop {
         let n = s.read(&mut buf).await?;
         if n == 0 {
@@ -523,13 +530,16 @@ fn echo_once(ns: &str, addr: SocketAddr) -> anyhow::Result<()> {
 /// A blocking HTTP/1.0 GET from namespace `ns`; the whole response.
 pub fn http_get(ns: &str, addr: &str, path: &str) -> anyhow::Result<String> {
     let addr: SocketAddr = addr.parse()?;
-    let req = format!("GET {path} HTTP/1.0\r\n\r\n");
-    in_ns(ns, move || {
-        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        s.write_all(req.as_bytes())?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out)
-    })
+    let path = path.to_owned();
+    in_ns(ns, move || http_get_local(addr, &path))
+}
+
+/// A blocking HTTP/1.0 GET from this thread's namespace; the whole response.
+pub fn http_get_local(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
 }

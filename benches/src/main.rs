@@ -8,11 +8,12 @@ mod lab;
 mod latency;
 mod netns;
 mod newflows;
+mod scale;
 mod setup;
 mod stats;
 mod transport;
 
-const SCENARIOS: &str = "transport, bulk, latency, newflows, all";
+const SCENARIOS: &str = "transport, bulk, latency, newflows, scale, all";
 
 type Scenario = fn() -> anyhow::Result<()>;
 
@@ -23,10 +24,12 @@ fn main() -> anyhow::Result<()> {
     match which {
         "h2-tunnel-server" => h2tunnel::server_main(rest),
         "h2-tunnel-client" => h2tunnel::client_main(rest),
+        "hold-flows" => scale::hold_main(rest),
         "transport" => transport::main(),
         "bulk" => bulk::main(),
         "latency" => latency::main(),
         "newflows" => newflows::main(),
+        "scale" => scale::main(),
         "all" => all(),
         other => anyhow::bail!("unknown scenario {other:?}; available: {SCENARIOS}"),
     }
@@ -34,11 +37,12 @@ fn main() -> anyhow::Result<()> {
 
 fn all() -> anyhow::Result<()> {
     let start = std::time::Instant::now();
-    let steps: [(&str, Scenario); 4] = [
+    let steps: [(&str, Scenario); 5] = [
         ("transport", transport::main),
         ("bulk", bulk::main),
         ("latency", latency::main),
         ("newflows", newflows::main),
+        ("scale", scale::main),
     ];
     let mut failed = Vec::new();
     for (name, f) in steps {

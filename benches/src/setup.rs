@@ -4,6 +4,7 @@
 use std::process::Command;
 
 use anyhow::bail;
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
 
 /// The stunnel binary name (Debian ships `stunnel4`, with `stunnel` as an alternative).
 pub fn stunnel_bin() -> &'static str {
@@ -49,4 +50,17 @@ pub fn check_root() -> anyhow::Result<()> {
         bail!("the bench creates network namespaces: run it as root");
     }
     Ok(())
+}
+
+/// Raises RLIMIT_NOFILE (soft and, as root, hard) (children inherit it); returns the new soft limit.
+pub fn raise_nofile() -> anyhow::Result<u64> {
+    // Root may raise the hard limit too (up to fs.nr_open); 10,000 flows need ~4 fds each
+    // across the bench's client and server apps.
+    let want = 1 << 20;
+    if setrlimit(Resource::RLIMIT_NOFILE, want, want).is_ok() {
+        return Ok(want);
+    }
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    Ok(hard)
 }
