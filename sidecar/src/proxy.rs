@@ -74,6 +74,11 @@ struct LbState {
     rtt: HashMap<SocketAddr, Duration>,
 }
 
+/// The `source_service` label of a caller serving `services` (see [`Shared::peer_services`]).
+pub fn source_label(services: &[String]) -> &str {
+    services.first().map_or("unknown", String::as_str)
+}
+
 /// Why no endpoint could be chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PickError {
@@ -374,6 +379,16 @@ impl Shared {
             },
             target,
         )
+    }
+
+    /// This sidecar's `version` label value, for inbound metrics and logs.
+    pub fn version(&self) -> &str {
+        self.config
+            .file
+            .service
+            .version
+            .as_deref()
+            .unwrap_or("unknown")
     }
 
     /// The services a verified peer serves: those whose registered endpoints carry its id, or
