@@ -315,9 +315,10 @@ impl Shared {
             }
             connections += peer.connections.len() as i64;
         }
-        let pooled: HashSet<SocketAddr> = stats.iter().map(|p| p.peer.addr).collect();
-        lb.rtt
-            .retain(|a, _| pooled.contains(a) || registered.iter().any(|(r, _)| r == a));
+        let known: HashSet<SocketAddr> = (stats.iter().map(|p| p.peer.addr))
+            .chain(registered.iter().map(|(a, _)| *a))
+            .collect();
+        lb.rtt.retain(|a, _| known.contains(a));
         lb.outliers.retain(|service, o| {
             o.retain(|id| {
                 snap.endpoints
