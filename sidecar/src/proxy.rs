@@ -333,10 +333,31 @@ impl Shared {
         }
     }
 
+    /// Forgets the balancing state of what left the registry: outlier state of endpoints,
+    /// backend pickers of route rules, retry budgets of services. Registry churn must not
+    /// accumulate.
+    pub fn forget_departed(&self) {
+        let snap = self.current();
+        let mut lb = self.lb();
+        lb.outliers.retain(|service, o| {
+            o.retain(|id| {
+                snap.endpoints
+                    .get(service)
+                    .is_some_and(|e| e.contains_key(id))
+            });
+            snap.endpoints.contains_key(service)
+        });
+        lb.pickers
+            .retain(|service, index| snap.route(service).is_some_and(|r| index < r.rules.len()));
+        drop(lb);
+        self.budgets()
+            .retain(|service, _| snap.services.contains_key(service));
+    }
+
     /// Updates the RTT the balancer uses and the per-peer QUIC metrics from the pool's
-    /// statistics, then forgets what belongs to peers that left the registry: their RTT and
-    /// outlier state, and their pooled connections once no stream is open on them (a peer that
-    /// deregistered to drain still finishes what it serves).
+    /// statistics, then forgets what belongs to peers that left the registry: their RTT, and
+    /// their pooled connections once no stream is open on them (a peer that deregistered to
+    /// drain still finishes what it serves).
     pub fn refresh_peer_stats(&self, stats: &[PeerStats]) {
         let snap = self.current();
         let registered: HashSet<(SocketAddr, &SpiffeId)> = snap
@@ -357,14 +378,6 @@ impl Shared {
             .chain(registered.iter().map(|(a, _)| *a))
             .collect();
         lb.rtt.retain(|a, _| known.contains(a));
-        lb.outliers.retain(|service, o| {
-            o.retain(|id| {
-                snap.endpoints
-                    .get(service)
-                    .is_some_and(|e| e.contains_key(id))
-            });
-            snap.endpoints.contains_key(service)
-        });
         drop(lb);
         let busy: HashSet<&PeerKey> = stats
             .iter()
