@@ -82,9 +82,7 @@ impl<T> FramingGuard<T> {
                     used
                 }
                 State::Body(n) => {
-                    let take = (*n).min(data.len() as u64) as usize;
-                    self.out.extend_from_slice(&data[..take]);
-                    *n -= take as u64;
+                    let take = pass(&mut self.out, n, data);
                     if *n == 0 {
                         self.state = State::Head(Vec::new());
                     }
@@ -105,9 +103,7 @@ impl<T> FramingGuard<T> {
                     used
                 }
                 State::ChunkData(n) => {
-                    let take = (*n).min(data.len() as u64) as usize;
-                    self.out.extend_from_slice(&data[..take]);
-                    *n -= take as u64;
+                    let take = pass(&mut self.out, n, data);
                     if *n == 0 {
                         self.state = State::ChunkSize(Vec::new());
                     }
@@ -149,6 +145,14 @@ impl<T> FramingGuard<T> {
             }
         }
     }
+}
+
+/// Passes up to `n` bytes of `data` to `out` and counts them off `n`; returns how many.
+fn pass(out: &mut Vec<u8>, n: &mut u64, data: &[u8]) -> usize {
+    let take = usize::try_from(*n).map_or(data.len(), |n| n.min(data.len()));
+    out.extend_from_slice(&data[..take]);
+    *n -= take as u64;
+    take
 }
 
 /// Appends `data` to `acc` up to and including `end` (or `limit`); returns bytes used and
