@@ -368,6 +368,37 @@ async fn smuggling_attempts_are_refused_with_400_before_forwarding() {
         0,
         "a smuggling attempt reached the app"
     );
+
+    // An Upgrade request is answered as HTTP/1.1 and does not turn the checks off: the
+    // ambiguous request behind it on the same connection is still refused.
+    let mut tcp = tokio::net::TcpStream::connect(pp.upstream(0))
+        .await
+        .unwrap();
+    let pipelined = "GET /up HTTP/1.1\r\nHost: r\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n\
+        POST / HTTP/1.1\r\nHost: r\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+    tcp.write_all(pipelined.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut got)).await;
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 200"), "{got:?}");
+    assert!(got.contains("HTTP/1.1 400"), "{got:?}");
+    assert_eq!(app.hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    // CONNECT is no HTTP request to route: 405, nothing reaches the peer.
+    let mut tcp = tokio::net::TcpStream::connect(pp.upstream(0))
+        .await
+        .unwrap();
+    tcp.write_all(b"CONNECT reviews:9080 HTTP/1.1\r\nHost: reviews:9080\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 405"), "CONNECT got {head:?}");
+    assert_eq!(app.hits.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
 
 fn rss_kib() -> u64 {
