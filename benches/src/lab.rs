@@ -79,9 +79,14 @@ pub struct Lab {
 impl Lab {
     /// Namespaces, certificates, registry, server apps and every proxy, ready to serve.
     pub fn up(prefix: &str, net: u8) -> anyhow::Result<Lab> {
+        crate::setup::check_stunnel()?;
+        Lab::up_on(Pair::veth(prefix, net)?)
+    }
+
+    /// [`Lab::up`] on namespaces the caller has already joined.
+    pub fn up_on(pair: Pair) -> anyhow::Result<Lab> {
         let halyard = halyard_bin()?;
         crate::setup::check_stunnel()?;
-        let pair = Pair::veth(prefix, net)?;
         let dir = tempfile::tempdir()?;
         issue_identities(&halyard, dir.path())?;
         let stop = CancellationToken::new();

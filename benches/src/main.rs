@@ -1,11 +1,13 @@
 //! Halyard benchmarks: `halyard-benches SCENARIO` writes `benches/results/SCENARIO.{md,json}`.
-//! Scenarios: transport, bulk, latency, newflows, scale, all. The h2-tunnel baseline's two
+//! Scenarios: transport, bulk, latency, lossy, newflows, scale, all. The h2-tunnel baseline's two
 //! processes are this binary too (`h2-tunnel-server`, `h2-tunnel-client`).
 
 mod bulk;
 mod h2tunnel;
 mod lab;
 mod latency;
+mod linkemu;
+mod lossy;
 mod netns;
 mod newflows;
 mod scale;
@@ -13,7 +15,7 @@ mod setup;
 mod stats;
 mod transport;
 
-const SCENARIOS: &str = "transport, bulk, latency, newflows, scale, all";
+const SCENARIOS: &str = "transport, bulk, latency, lossy, newflows, scale, all";
 
 type Scenario = fn() -> anyhow::Result<()>;
 
@@ -28,6 +30,7 @@ fn main() -> anyhow::Result<()> {
         "transport" => transport::main(),
         "bulk" => bulk::main(),
         "latency" => latency::main(),
+        "lossy" => lossy::main(),
         "newflows" => newflows::main(),
         "scale" => scale::main(),
         "all" => all(),
@@ -37,10 +40,11 @@ fn main() -> anyhow::Result<()> {
 
 fn all() -> anyhow::Result<()> {
     let start = std::time::Instant::now();
-    let steps: [(&str, Scenario); 5] = [
+    let steps: [(&str, Scenario); 6] = [
         ("transport", transport::main),
         ("bulk", bulk::main),
         ("latency", latency::main),
+        ("lossy", lossy::main),
         ("newflows", newflows::main),
         ("scale", scale::main),
     ];

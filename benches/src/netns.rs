@@ -96,6 +96,19 @@ impl Pair {
     }
 }
 
+impl Pair {
+    /// Two namespaces with addresses 10.77.<net>.1 and .2 planned but no link: the caller joins
+    /// them (the link emulator's TUN devices).
+    pub fn bare(prefix: &str, net: u8) -> anyhow::Result<Pair> {
+        Ok(Pair {
+            a: Netns::create(&format!("{prefix}-a"))?,
+            b: Netns::create(&format!("{prefix}-b"))?,
+            a_ip: format!("10.77.{net}.1"),
+            b_ip: format!("10.77.{net}.2"),
+        })
+    }
+}
+
 /// Runs `f` on a new thread that has entered namespace `ns`; returns its result.
 pub fn in_ns<T: Send + 'static>(
     ns: &str,

@@ -320,7 +320,6 @@ async fn refresh(
         m.cert_expiry
             .set(resolver.current().seconds_to_expiry(SystemTime::now()));
         shared.refresh_peer_stats(&stats);
-        shared.forget_departed();
     }
 }
 

@@ -1,0 +1,196 @@
+//! A user-space link emulator over TUN devices: each of two namespaces gets a TUN device
+//! (created with the `tun` crate from a thread inside the namespace, so the device and its
+//! address live there), and this process relays IP packets between them, TCP and UDP alike:
+//! one-way delay, a rate limit with a drop-tail queue, random loss and reordering (an extra
+//! delay for a few packets), all decided by a seeded RNG. The kernel here has no netem.
+
+use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use rand::rngs::StdRng;
+use rand::{RngExt as _, SeedableRng as _};
+
+use crate::netns::in_ns;
+
+/// Link properties, one direction.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LinkParams {
+    pub one_way_delay_ms: f64,
+    pub rate_mbit_s: f64,
+    pub queue_bytes: usize,
+    /// Extra delay of a reordered packet.
+    pub reorder_extra_ms: f64,
+}
+
+/// Loss and reorder probabilities in parts per million, changeable while the link runs.
+#[derive(Default)]
+pub struct Knobs {
+    pub loss_ppm: AtomicU32,
+    pub reorder_ppm: AtomicU32,
+}
+
+pub struct LinkEmu {
+    pub knobs: Arc<Knobs>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    wake: Vec<(String, String)>,
+}
+
+type Dev = Arc<tun::Device>;
+
+impl LinkEmu {
+    /// TUN devices `name` in namespaces `a` (address `a_ip`) and `b` (`b_ip`), /24, MTU 1500.
+    pub fn start(
+        name: &str,
+        (a, a_ip): (&str, &str),
+        (b, b_ip): (&str, &str),
+        params: &LinkParams,
+        seed: u64,
+    ) -> anyhow::Result<LinkEmu> {
+        let da = open_tun(a, name, a_ip)?;
+        let db = open_tun(b, name, b_ip)?;
+        let knobs = Arc::new(Knobs::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for (i, (src, dst)) in [(da.clone(), db.clone()), (db, da)].into_iter().enumerate() {
+            let (tx, rx) = mpsc::channel();
+            let (k, s, p) = (knobs.clone(), stop.clone(), params.clone());
+            let rng = StdRng::seed_from_u64(seed + i as u64);
+            threads.push(std::thread::spawn(move || {
+                ingress(&src, &p, &k, &s, rng, &tx)
+            }));
+            let s = stop.clone();
+            threads.push(std::thread::spawn(move || egress(&dst, &rx, &s)));
+        }
+        let wake = vec![
+            (a.to_owned(), b_ip.to_owned()),
+            (b.to_owned(), a_ip.to_owned()),
+        ];
+        Ok(LinkEmu {
+            knobs,
+            stop,
+            threads,
+            wake,
+        })
+    }
+
+    pub fn set(&self, loss_ppm: u32, reorder_ppm: u32) {
+        self.knobs.loss_ppm.store(loss_ppm, Ordering::Relaxed);
+        self.knobs.reorder_ppm.store(reorder_ppm, Ordering::Relaxed);
+    }
+}
+
+impl Drop for LinkEmu {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // A blocked TUN read returns only when a packet comes: send one each way.
+        for (ns, peer) in &self.wake {
+            let peer = format!("{peer}:9");
+            let _ = in_ns(ns, move || {
+                let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+                s.send_to(b"stop", &peer)?;
+                Ok(())
+            });
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn open_tun(ns: &str, name: &str, ip: &str) -> anyhow::Result<Dev> {
+    let (name, ip) = (name.to_owned(), ip.parse::<std::net::Ipv4Addr>()?);
+    in_ns(ns, move || {
+        let mut config = tun::Configuration::default();
+        config
+            .tun_name(&name)
+            .address(ip)
+            .netmask((255, 255, 255, 0))
+            .mtu(1500)
+            .up();
+        let dev = tun::create(&config).with_context(|| format!("creating TUN {name}"))?;
+        Ok(Arc::new(dev))
+    })
+}
+
+/// A packet due at a time; the heap pops the earliest first.
+struct Due(Instant, u64, Vec<u8>);
+
+impl PartialEq for Due {
+    fn eq(&self, o: &Self) -> bool {
+        (self.0, self.1) == (o.0, o.1)
+    }
+}
+impl Eq for Due {}
+impl PartialOrd for Due {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Due {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (o.0, o.1).cmp(&(self.0, self.1))
+    }
+}
+
+/// Reads packets from `src`, decides their fate, sends survivors with their due time.
+fn ingress(
+    src: &Dev,
+    p: &LinkParams,
+    k: &Knobs,
+    stop: &AtomicBool,
+    mut rng: StdRng,
+    tx: &mpsc::Sender<Due>,
+) {
+    let delay = Duration::from_secs_f64(p.one_way_delay_ms / 1000.0);
+    let extra = Duration::from_secs_f64(p.reorder_extra_ms / 1000.0);
+    let ns_per_byte = 8000.0 / p.rate_mbit_s;
+    let mut free_at = Instant::now();
+    let mut buf = vec![0u8; 65536];
+    let mut seq = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(n) = src.recv(&mut buf) else { return };
+        let now = Instant::now();
+        free_at = free_at.max(now);
+        let queued = free_at.duration_since(now).as_nanos() as f64 / ns_per_byte;
+        if queued > p.queue_bytes as f64
+            || rng.random_range(0..1_000_000) < k.loss_ppm.load(Ordering::Relaxed)
+        {
+            continue;
+        }
+        free_at += Duration::from_nanos((n as f64 * ns_per_byte) as u64);
+        let mut due = free_at + delay;
+        if rng.random_range(0..1_000_000) < k.reorder_ppm.load(Ordering::Relaxed) {
+            due += extra;
+        }
+        seq += 1;
+        if tx.send(Due(due, seq, buf[..n].to_vec())).is_err() {
+            return;
+        }
+    }
+}
+
+/// Writes packets to `dst` when due.
+fn egress(dst: &Dev, rx: &mpsc::Receiver<Due>, stop: &AtomicBool) {
+    let mut heap = BinaryHeap::new();
+    while !stop.load(Ordering::Relaxed) {
+        let wait = heap.peek().map_or(Duration::from_millis(100), |d: &Due| {
+            d.0.saturating_duration_since(Instant::now())
+        });
+        match rx.recv_timeout(wait) {
+            Ok(d) => heap.push(d),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+        let now = Instant::now();
+        while heap.peek().is_some_and(|d| d.0 <= now) {
+            if let Some(d) = heap.pop() {
+                let _ = dst.send(&d.2);
+            }
+        }
+    }
+}
