@@ -85,6 +85,12 @@ impl BackendPickers {
         let weights: Vec<u32> = rule.backends.iter().map(|b| b.weight).collect();
         entry.1.pick(&weights).map(|i| &rule.backends[i])
     }
+
+    /// Forgets the pickers of rules `keep` rejects (routes or rules gone from the registry).
+    pub fn retain(&mut self, keep: impl Fn(&str, usize) -> bool) {
+        self.pickers
+            .retain(|(service, index), _| keep(service, *index));
+    }
 }
 
 /// What the balancer knows of one endpoint.

@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use crate::authz::{Decision, Target};
 use crate::metrics::{Direction, Edge};
 use crate::outbound::Flags;
-use crate::proxy::Shared;
+use crate::proxy::{source_label, Shared};
 use crate::telemetry::{Outcome, Record};
 
 /// The inbound tunnel handler.
@@ -45,10 +45,7 @@ impl Inbound {
         let target = req.target();
         let peer = &req.peer().id;
         let services = shared.peer_services(&snap, peer);
-        let source = services
-            .first()
-            .cloned()
-            .unwrap_or_else(|| "unknown".into());
+        let source = source_label(&services).to_owned();
         let port = shared
             .local_port(&snap, target)
             .map_err(|why| (StatusCode::NOT_FOUND, why, Flags::NoRoute))?;
@@ -74,14 +71,7 @@ impl Inbound {
 
     fn record(&self, who: Who<'_>, flags: Flags, sent: u64, received: u64, started: Instant) {
         let source = who.0;
-        let version = self
-            .shared
-            .config
-            .file
-            .service
-            .version
-            .as_deref()
-            .unwrap_or("unknown");
+        let version = self.shared.version();
         let edge = Edge {
             direction: Direction::Inbound,
             source,
@@ -130,10 +120,8 @@ impl Inbound {
             Ok(a) => a,
             Err((status, why, flags)) => {
                 tracing::info!(peer = %req.peer().id, target = %req.target(), %status, reason = %why, "tunnel refused");
-                let source = self
-                    .shared
-                    .peer_services(&self.shared.current(), &req.peer().id);
-                let source = source.first().map_or("unknown", String::as_str).to_owned();
+                let services = (self.shared).peer_services(&self.shared.current(), &req.peer().id);
+                let source = source_label(&services).to_owned();
                 let peer = req.peer().id.clone();
                 req.reject(status).await;
                 self.record((&source, &peer, None), flags, 0, 0, started);

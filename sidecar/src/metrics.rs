@@ -94,15 +94,22 @@ const EDGE: &[&str] = &[
     "destination_version",
 ];
 
+/// Registers `metric` in `reg` and returns it.
+fn registered<C>(reg: &Registry, metric: C) -> prometheus::Result<C>
+where
+    C: prometheus::core::Collector + Clone + 'static,
+{
+    reg.register(Box::new(metric.clone()))?;
+    Ok(metric)
+}
+
 fn counter(
     reg: &Registry,
     name: &str,
     help: &str,
     labels: &[&str],
 ) -> prometheus::Result<IntCounterVec> {
-    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-    reg.register(Box::new(c.clone()))?;
-    Ok(c)
+    registered(reg, IntCounterVec::new(Opts::new(name, help), labels)?)
 }
 
 fn gauge_vec(
@@ -111,15 +118,11 @@ fn gauge_vec(
     help: &str,
     labels: &[&str],
 ) -> prometheus::Result<GaugeVec> {
-    let g = GaugeVec::new(Opts::new(name, help), labels)?;
-    reg.register(Box::new(g.clone()))?;
-    Ok(g)
+    registered(reg, GaugeVec::new(Opts::new(name, help), labels)?)
 }
 
 fn gauge(reg: &Registry, name: &str, help: &str) -> prometheus::Result<Gauge> {
-    let g = Gauge::new(name, help)?;
-    reg.register(Box::new(g.clone()))?;
-    Ok(g)
+    registered(reg, Gauge::new(name, help)?)
 }
 
 fn int_gauge_vec(
@@ -128,21 +131,15 @@ fn int_gauge_vec(
     help: &str,
     labels: &[&str],
 ) -> prometheus::Result<IntGaugeVec> {
-    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
-    reg.register(Box::new(g.clone()))?;
-    Ok(g)
+    registered(reg, IntGaugeVec::new(Opts::new(name, help), labels)?)
 }
 
 fn int_counter(reg: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
-    let c = IntCounter::new(name, help)?;
-    reg.register(Box::new(c.clone()))?;
-    Ok(c)
+    registered(reg, IntCounter::new(name, help)?)
 }
 
 fn int_gauge(reg: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
-    let g = IntGauge::new(name, help)?;
-    reg.register(Box::new(g.clone()))?;
-    Ok(g)
+    registered(reg, IntGauge::new(name, help)?)
 }
 
 impl std::fmt::Debug for Metrics {
@@ -157,25 +154,29 @@ impl Metrics {
         let r = Registry::new();
         let conn_labels = [EDGE, &["response_flags"]].concat();
         let byte_labels = [EDGE, &["stream"]].concat();
-        let tcp_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "halyard_tcp_connection_duration_seconds",
-                "TCP flow duration",
-            )
-            .buckets(prometheus::exponential_buckets(0.001, 4.0, 10)?),
-            EDGE,
+        let tcp_duration = registered(
+            &r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "halyard_tcp_connection_duration_seconds",
+                    "TCP flow duration",
+                )
+                .buckets(prometheus::exponential_buckets(0.001, 4.0, 10)?),
+                EDGE,
+            )?,
         )?;
-        r.register(Box::new(tcp_duration.clone()))?;
         let code_labels = [EDGE, &["response_code"]].concat();
-        let request_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "halyard_request_duration_seconds",
-                "HTTP request duration, to the response head",
-            )
-            .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16)?),
-            &code_labels,
+        let request_duration = registered(
+            &r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "halyard_request_duration_seconds",
+                    "HTTP request duration, to the response head",
+                )
+                .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16)?),
+                &code_labels,
+            )?,
         )?;
-        r.register(Box::new(request_duration.clone()))?;
         Ok(Metrics {
             tcp_connections: counter(
                 &r,
@@ -249,14 +250,12 @@ impl Metrics {
                 &["peer"],
             )?,
             quic_connections: int_gauge(&r, "halyard_quic_connections", "Pooled QUIC connections")?,
-            active_flows: {
-                let g = prometheus::IntGaugeVec::new(
-                    Opts::new("halyard_active_flows", "Flows open now"),
-                    &["direction"],
-                )?;
-                r.register(Box::new(g.clone()))?;
-                g
-            },
+            active_flows: int_gauge_vec(
+                &r,
+                "halyard_active_flows",
+                "Flows open now",
+                &["direction"],
+            )?,
             quic_open_streams: int_gauge_vec(
                 &r,
                 "halyard_quic_open_streams",

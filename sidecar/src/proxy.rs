@@ -44,6 +44,7 @@ pub struct Shared {
     pub hard_stop: CancellationToken,
     lb: Mutex<LbState>,
     budgets: Mutex<HashMap<String, RetryBudget>>,
+    peer_index: Mutex<PeerIndex>,
     /// Pooled HTTP/1.1 connections to the local app.
     pub app_h1: AppClient,
     /// Pooled h2 (prior knowledge) connections to the local app, for gRPC.
@@ -70,8 +71,44 @@ fn app_client(h2: bool, connect_timeout: Duration) -> AppClient {
 struct LbState {
     pickers: BackendPickers,
     outliers: HashMap<String, Outliers>,
-    outstanding: HashMap<(String, String), u32>,
+    /// Attempts in flight by service, then endpoint id (looked up by `&str`: no allocation per
+    /// candidate on the pick path).
+    outstanding: HashMap<String, HashMap<String, u32>>,
     rtt: HashMap<SocketAddr, Duration>,
+}
+
+/// The `source_service` label of a caller serving `services` (see [`Shared::peer_services`]).
+pub fn source_label(services: &[String]) -> &str {
+    services.first().map_or("unknown", String::as_str)
+}
+
+/// The services each registered identity serves, in service-name order, for one snapshot
+/// (kept alive so that its address cannot be reused by another).
+#[derive(Default)]
+struct PeerIndex {
+    snapshot: Option<Arc<Snapshot>>,
+    services: HashMap<SpiffeId, Arc<[String]>>,
+}
+
+impl PeerIndex {
+    fn of(snap: &Arc<Snapshot>) -> Self {
+        let mut by_id: HashMap<&SpiffeId, Vec<String>> = HashMap::new();
+        for (service, eps) in &snap.endpoints {
+            for e in eps.values() {
+                let services = by_id.entry(&e.identity).or_default();
+                if services.last() != Some(service) {
+                    services.push(service.clone());
+                }
+            }
+        }
+        PeerIndex {
+            snapshot: Some(snap.clone()),
+            services: by_id
+                .into_iter()
+                .map(|(id, s)| (id.clone(), s.into()))
+                .collect(),
+        }
+    }
 }
 
 /// Why no endpoint could be chosen.
@@ -92,14 +129,20 @@ pub struct Picked {
 
 impl Drop for Picked {
     fn drop(&mut self) {
-        let key = (self.endpoint.service.to_string(), self.endpoint.id.clone());
+        let service = self.endpoint.service.as_str();
         let mut lb = self.shared.lb();
-        if let Some(n) = lb.outstanding.get_mut(&key) {
+        let Some(by_id) = lb.outstanding.get_mut(service) else {
+            return;
+        };
+        if let Some(n) = by_id.get_mut(&self.endpoint.id) {
             *n = n.saturating_sub(1);
             // Only endpoints with attempts in flight keep an entry: ids come and go.
             if *n == 0 {
-                lb.outstanding.remove(&key);
+                by_id.remove(&self.endpoint.id);
             }
+        }
+        if by_id.is_empty() {
+            lb.outstanding.remove(service);
         }
     }
 }
@@ -139,6 +182,7 @@ impl Shared {
             hard_stop: CancellationToken::new(),
             lb: Mutex::new(LbState::default()),
             budgets: Mutex::new(HashMap::new()),
+            peer_index: Mutex::new(PeerIndex::default()),
             app_h1: app_client(false, connect_timeout),
             app_h2: app_client(true, connect_timeout),
         })
@@ -224,12 +268,9 @@ impl Shared {
         }
         let now = Instant::now();
         let mut lb = self.lb();
+        let in_flight = lb.outstanding.get(service);
         let load = |e: &Endpoint| Load {
-            outstanding: lb
-                .outstanding
-                .get(&(service.to_owned(), e.id.clone()))
-                .copied()
-                .unwrap_or(0),
+            outstanding: in_flight.and_then(|m| m.get(&e.id)).copied().unwrap_or(0),
             rtt: lb.rtt.get(&e.address).copied(),
             healthy: !lb
                 .outliers
@@ -245,7 +286,9 @@ impl Shared {
             .cloned()
             .ok_or(PickError::NoEndpoint)?;
         *lb.outstanding
-            .entry((service.to_owned(), endpoint.id.clone()))
+            .entry(service.to_owned())
+            .or_default()
+            .entry(endpoint.id.clone())
             .or_default() += 1;
         drop(lb);
         Ok(Picked {
@@ -290,10 +333,31 @@ impl Shared {
         }
     }
 
+    /// Forgets the balancing state of what left the registry: outlier state of endpoints,
+    /// backend pickers of route rules, retry budgets of services. Registry churn must not
+    /// accumulate.
+    pub fn forget_departed(&self) {
+        let snap = self.current();
+        let mut lb = self.lb();
+        lb.outliers.retain(|service, o| {
+            o.retain(|id| {
+                snap.endpoints
+                    .get(service)
+                    .is_some_and(|e| e.contains_key(id))
+            });
+            snap.endpoints.contains_key(service)
+        });
+        lb.pickers
+            .retain(|service, index| snap.route(service).is_some_and(|r| index < r.rules.len()));
+        drop(lb);
+        self.budgets()
+            .retain(|service, _| snap.services.contains_key(service));
+    }
+
     /// Updates the RTT the balancer uses and the per-peer QUIC metrics from the pool's
-    /// statistics, then forgets what belongs to peers that left the registry: their RTT and
-    /// outlier state, and their pooled connections once no stream is open on them (a peer that
-    /// deregistered to drain still finishes what it serves).
+    /// statistics, then forgets what belongs to peers that left the registry: their RTT, and
+    /// their pooled connections once no stream is open on them (a peer that deregistered to
+    /// drain still finishes what it serves).
     pub fn refresh_peer_stats(&self, stats: &[PeerStats]) {
         let snap = self.current();
         let registered: HashSet<(SocketAddr, &SpiffeId)> = snap
@@ -310,17 +374,10 @@ impl Shared {
             }
             connections += peer.connections.len() as i64;
         }
-        let pooled: HashSet<SocketAddr> = stats.iter().map(|p| p.peer.addr).collect();
-        lb.rtt
-            .retain(|a, _| pooled.contains(a) || registered.iter().any(|(r, _)| r == a));
-        lb.outliers.retain(|service, o| {
-            o.retain(|id| {
-                snap.endpoints
-                    .get(service)
-                    .is_some_and(|e| e.contains_key(id))
-            });
-            snap.endpoints.contains_key(service)
-        });
+        let known: HashSet<SocketAddr> = (stats.iter().map(|p| p.peer.addr))
+            .chain(registered.iter().map(|(a, _)| *a))
+            .collect();
+        lb.rtt.retain(|a, _| known.contains(a));
         drop(lb);
         let busy: HashSet<&PeerKey> = stats
             .iter()
@@ -376,18 +433,35 @@ impl Shared {
         )
     }
 
+    /// This sidecar's `version` label value, for inbound metrics and logs.
+    pub fn version(&self) -> &str {
+        self.config
+            .file
+            .service
+            .version
+            .as_deref()
+            .unwrap_or("unknown")
+    }
+
     /// The services a verified peer serves: those whose registered endpoints carry its id, or
-    /// else its service account (the CA attests it).
-    pub fn peer_services(&self, snap: &Snapshot, id: &SpiffeId) -> Vec<String> {
-        let mut services: Vec<String> = snap
-            .endpoints
-            .iter()
-            .filter(|(_, eps)| eps.values().any(|e| &e.identity == id))
-            .map(|(s, _)| s.clone())
-            .collect();
-        if services.is_empty() {
-            services.extend(id.service_account().map(str::to_owned));
+    /// else its service account (the CA attests it). Looked up in an index of the snapshot
+    /// (rebuilt when the snapshot changes) rather than a scan of every endpoint per flow.
+    pub fn peer_services(&self, snap: &Arc<Snapshot>, id: &SpiffeId) -> Arc<[String]> {
+        let mut index = self.peer_index.lock().unwrap_or_else(|p| p.into_inner());
+        if !index
+            .snapshot
+            .as_ref()
+            .is_some_and(|s| Arc::ptr_eq(s, snap))
+        {
+            *index = PeerIndex::of(snap);
         }
-        services
+        match index.services.get(id) {
+            Some(services) => services.clone(),
+            None => id
+                .service_account()
+                .map(str::to_owned)
+                .into_iter()
+                .collect(),
+        }
     }
 }

@@ -320,6 +320,7 @@ async fn refresh(
         m.cert_expiry
             .set(resolver.current().seconds_to_expiry(SystemTime::now()));
         shared.refresh_peer_stats(&stats);
+        shared.forget_departed();
     }
 }
 

@@ -33,7 +33,7 @@ enum State {
     ChunkData(u64),
     /// Trailer lines after the last chunk, until an empty line.
     Trailers(Vec<u8>),
-    /// No more checking: h2, an upgrade, or framing the guard cannot follow.
+    /// No more checking: h2, or framing the guard cannot follow (hyper refuses it).
     Pass,
     /// A section was refused: nothing after it reaches hyper.
     Refused,
@@ -82,9 +82,7 @@ impl<T> FramingGuard<T> {
                     used
                 }
                 State::Body(n) => {
-                    let take = (*n).min(data.len() as u64) as usize;
-                    self.out.extend_from_slice(&data[..take]);
-                    *n -= take as u64;
+                    let take = pass(&mut self.out, n, data);
                     if *n == 0 {
                         self.state = State::Head(Vec::new());
                     }
@@ -105,9 +103,7 @@ impl<T> FramingGuard<T> {
                     used
                 }
                 State::ChunkData(n) => {
-                    let take = (*n).min(data.len() as u64) as usize;
-                    self.out.extend_from_slice(&data[..take]);
-                    *n -= take as u64;
+                    let take = pass(&mut self.out, n, data);
                     if *n == 0 {
                         self.state = State::ChunkSize(Vec::new());
                     }
@@ -151,6 +147,14 @@ impl<T> FramingGuard<T> {
     }
 }
 
+/// Passes up to `n` bytes of `data` to `out` and counts them off `n`; returns how many.
+fn pass(out: &mut Vec<u8>, n: &mut u64, data: &[u8]) -> usize {
+    let take = usize::try_from(*n).map_or(data.len(), |n| n.min(data.len()));
+    out.extend_from_slice(&data[..take]);
+    *n -= take as u64;
+    take
+}
+
 /// Appends `data` to `acc` up to and including `end` (or `limit`); returns bytes used and
 /// whether `end` was reached.
 fn take_until(acc: &mut Vec<u8>, data: &[u8], end: &[u8], limit: usize) -> (usize, bool) {
@@ -191,9 +195,10 @@ fn inspect(head: &[u8]) -> Verdict {
             lengths.push(h.value);
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             codings.push(h.value);
-        } else if h.name.eq_ignore_ascii_case("upgrade") {
-            return Verdict::Next(State::Pass);
         }
+        // `Upgrade` does not stop the checks: the sidecar removes it (hop-by-hop) and never
+        // answers 101 on an L7 port, so the connection stays HTTP/1.1 and the next request on
+        // it must be judged like the first.
     }
     match (lengths.as_slice(), codings.as_slice()) {
         ([], []) => Verdict::Next(State::Head(Vec::new())),
@@ -293,6 +298,20 @@ GET /d HTTP/1.1\r\nHost: x\r\n\r\n";
         assert_eq!(run(clean), clean.to_vec());
         let h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00";
         assert_eq!(run(h2), h2.to_vec());
+    }
+
+    #[test]
+    fn an_upgrade_request_does_not_turn_the_checks_off() {
+        let mut input =
+            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"
+                .to_vec();
+        let want = input.clone();
+        input.extend_from_slice(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+        );
+        let mut want = want;
+        want.extend_from_slice(REFUSED);
+        assert_eq!(run(&input), want);
     }
 
     #[test]

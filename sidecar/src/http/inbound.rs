@@ -20,7 +20,7 @@ use super::normalize::normalize;
 use super::trace::TraceContext;
 use crate::authz::{self, Decision};
 use crate::metrics::{Direction, Edge};
-use crate::proxy::Shared;
+use crate::proxy::{source_label, Shared};
 use crate::telemetry::Seen;
 
 type SendHalf = halyard_transport::h3::server::RequestStream<
@@ -48,10 +48,7 @@ pub async fn serve(shared: &Arc<Shared>, req: HttpRequest) {
     let mut seen = Seen::request(&request);
     let snap = shared.current();
     let services = shared.peer_services(&snap, &peer.id);
-    let source = services
-        .first()
-        .cloned()
-        .unwrap_or_else(|| "unknown".into());
+    let source = source_label(&services).to_owned();
     // From here on every path answers: `Responder` resets a stream left without a response.
     let (send, recv) = stream.split();
     let mut out = Responder::new(send);
@@ -77,13 +74,7 @@ pub async fn serve(shared: &Arc<Shared>, req: HttpRequest) {
         }
     };
     drop(out);
-    let version = shared
-        .config
-        .file
-        .service
-        .version
-        .as_deref()
-        .unwrap_or("unknown");
+    let version = shared.version();
     let edge = Edge {
         direction: Direction::Inbound,
         source: &source,
@@ -132,7 +123,7 @@ fn admit(
         headers: Some(req.headers()),
     };
     if let Decision::Deny(reason) = shared.authorize(&snap, peer, services, on) {
-        let source = services.first().map_or("unknown", String::as_str);
+        let source = source_label(services);
         shared
             .metrics
             .denial(source, &shared.service, reason.as_str());

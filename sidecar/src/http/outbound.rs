@@ -138,6 +138,14 @@ fn prepare(
     req: Request<Incoming>,
 ) -> Result<(Parts, Incoming, String), Response<ChannelBody>> {
     let (mut parts, body) = req.into_parts();
+    if parts.method == Method::CONNECT {
+        // Sent on, it would reach the peer as a tunnel (RFC 9114 §4.4), not as a request, and
+        // a 2xx would make hyper hand the app's connection to an upgrade nobody serves.
+        return Err(local(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is not proxied on an HTTP port; use a tcp port",
+        ));
+    }
     if let Err(e) = check_framing(&parts.headers) {
         return Err(local(StatusCode::BAD_REQUEST, &format!("refused: {e}")));
     }
@@ -279,6 +287,18 @@ impl Call<'_> {
             let version = picked.version().to_owned();
             let outcome = self.once(&picked, &mut payload, retries).await;
             let condition = match outcome {
+                Ok((resp, _)) if resp.status().is_informational() => {
+                    // HTTP/3 has no upgrade (RFC 9114 §4.5) and a 1xx is never final: handing it
+                    // to hyper would switch the app's connection to a protocol nobody speaks.
+                    self.shared.outcome(&picked, Some(Failure::Error));
+                    return (
+                        local(
+                            StatusCode::BAD_GATEWAY,
+                            "upstream answered with a 1xx status",
+                        ),
+                        version,
+                    );
+                }
                 Ok((resp, stream)) => match retry_condition_for_status(resp.status()) {
                     Some(cond) if self.may_retry(retries, cond, attempt, max, &payload) => {
                         self.shared.outcome(&picked, Some(Failure::Error));
