@@ -311,3 +311,42 @@ async fn renewed_certificate_files_are_used_without_restart_or_dropped_flows() {
         s.shutdown().await.unwrap();
     }
 }
+
+/// An endpoint that leaves the registry leaves the caller too: its pooled connection is closed
+/// and forgotten, and the per-peer gauges drop its address, so endpoint churn does not pile up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_departed_endpoint_is_forgotten_by_the_pool_and_the_peer_gauges() {
+    let mesh = Mesh::with_dir().await;
+    let app = tagged_echo(SocketAddr::new(ip(1), 0), "ratings").await;
+    mesh.apply(&service_yaml("ratings", 9080, app.addr.port()))
+        .await;
+    let ratings = mesh.start(&Spec::new("ratings", "v1")).await;
+    let pp = mesh
+        .start(&Spec::new("productpage", "v1").upstream("ratings", 9080))
+        .await;
+    pp.wait_endpoints("ratings", 1).await;
+    assert_eq!(call(pp.upstream(0), b"hi").await.unwrap(), b"ratings:hi");
+    let peer = ratings.started.inbound.to_string();
+    let gauges = |m: &str| {
+        m.lines()
+            .filter(|l| !l.starts_with('#') && l.contains(&format!("peer=\"{peer}\"")))
+            .count()
+    };
+    let metrics = pp.started.metrics.clone();
+    let until = |want_present: bool| {
+        let metrics = metrics.clone();
+        async move {
+            for _ in 0..100 {
+                if (gauges(&metrics.render()) > 0) == want_present {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            panic!("peer gauges never became present = {want_present}");
+        }
+    };
+    until(true).await;
+    ratings.shutdown().await.unwrap();
+    pp.wait_endpoints("ratings", 0).await;
+    until(false).await;
+}
