@@ -44,5 +44,7 @@ test: lint
 	$(CARGO) test --workspace --all-features
 	$(CARGO) bench --workspace --no-run
 
+## bench: every scenario of benches/ (root: network namespaces), reports in benches/results/.
 bench: deps
+	$(CARGO) build --release --bin halyard
 	$(CARGO) run --release -p halyard-benches -- all

@@ -1,5 +1,5 @@
 //! Halyard benchmarks: `halyard-benches SCENARIO` writes `benches/results/SCENARIO.{md,json}`.
-//! Scenarios: transport, bulk, latency, lossy, newflows, scale, all. The h2-tunnel baseline's two
+//! Scenarios: transport, bulk, latency, lossy, newflows, scale, micro, all. The h2-tunnel baseline's two
 //! processes are this binary too (`h2-tunnel-server`, `h2-tunnel-client`).
 
 mod bulk;
@@ -8,6 +8,7 @@ mod lab;
 mod latency;
 mod linkemu;
 mod lossy;
+mod micro;
 mod netns;
 mod newflows;
 mod scale;
@@ -15,7 +16,7 @@ mod setup;
 mod stats;
 mod transport;
 
-const SCENARIOS: &str = "transport, bulk, latency, lossy, newflows, scale, all";
+const SCENARIOS: &str = "transport, bulk, latency, lossy, newflows, scale, micro, all";
 
 type Scenario = fn() -> anyhow::Result<()>;
 
@@ -31,6 +32,7 @@ fn main() -> anyhow::Result<()> {
         "bulk" => bulk::main(),
         "latency" => latency::main(),
         "lossy" => lossy::main(),
+        "micro" => micro::main(),
         "newflows" => newflows::main(),
         "scale" => scale::main(),
         "all" => all(),
@@ -40,13 +42,14 @@ fn main() -> anyhow::Result<()> {
 
 fn all() -> anyhow::Result<()> {
     let start = std::time::Instant::now();
-    let steps: [(&str, Scenario); 6] = [
+    let steps: [(&str, Scenario); 7] = [
         ("transport", transport::main),
         ("bulk", bulk::main),
         ("latency", latency::main),
         ("lossy", lossy::main),
         ("newflows", newflows::main),
         ("scale", scale::main),
+        ("micro", micro::main),
     ];
     let mut failed = Vec::new();
     for (name, f) in steps {

@@ -1,0 +1,169 @@
+//! Scenario 6, micro: the sidecar's pure decisions at 10,000 endpoints, with criterion.
+//! `cargo bench -p halyard-benches --bench micro`.
+//!
+//! - route selection: the Route rule's backend subset (smooth weighted round-robin) and then the
+//!   endpoint (subset filter, locality tier, power of two choices) among 10,000 endpoints;
+//! - policy evaluation: a Policy of 100 rules (deny rules for other callers, allow rules on
+//!   paths) for an HTTP request that only the last allow rule admits;
+//! - snapshot apply: a directory registry of 10,000 endpoint files opened and turned into a
+//!   snapshot (read, validate, index), as a sidecar does on start and on every relist.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // benchmark setup: fixed, known-good input
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use halyard_certs::SpiffeId;
+use halyard_registry::model::{parse_documents, Action, Endpoint, Object, Policy, Route};
+use halyard_sidecar::authz::{evaluate, Peer, Target};
+use halyard_sidecar::balance::{choose, l4_rule, BackendPickers, Load, Locality};
+
+const ENDPOINTS: usize = 10_000;
+
+fn endpoint_yaml(i: usize) -> String {
+    format!(
+        "kind: Endpoint\nid: big-{i}\nservice: big\naddress: \"10.{}.{}.{}:15443\"\n\
+         identity: spiffe://mesh.local/ns/default/sa/big\nlabels: {{ version: v{} }}\ncluster: local\nzone: z{}\nweight: 1\n",
+        i / 65536 % 256,
+        i / 256 % 256,
+        i % 256,
+        i % 3 + 1,
+        i % 4
+    )
+}
+
+fn objects(yaml: &str) -> Vec<Object> {
+    parse_documents("bench", yaml).expect("bench objects parse")
+}
+
+fn endpoints() -> Vec<Endpoint> {
+    let yaml: Vec<String> = (0..ENDPOINTS).map(endpoint_yaml).collect();
+    objects(&yaml.join("---\n"))
+        .into_iter()
+        .filter_map(|o| match o {
+            Object::Endpoint(e) => Some(e),
+            _ => None,
+        })
+        .collect()
+}
+
+fn route() -> Route {
+    let yaml = "kind: Route\nservice: big\nrules:\n  - backends:\n      - { subset: { version: v1 }, weight: 50 }\n      \
+                - { subset: { version: v2 }, weight: 30 }\n      - { subset: { version: v3 }, weight: 20 }\n";
+    match objects(yaml).pop() {
+        Some(Object::Route(r)) => r,
+        other => panic!("not a route: {other:?}"),
+    }
+}
+
+fn route_selection(c: &mut Criterion) {
+    let eps = endpoints();
+    let refs: Vec<&Endpoint> = eps.iter().collect();
+    let route = route();
+    let here = Locality {
+        cluster: "local".into(),
+        zone: "z1".into(),
+    };
+    let load = |_: &Endpoint| Load {
+        outstanding: 1,
+        rtt: Some(Duration::from_micros(300)),
+        healthy: true,
+    };
+    let mut pickers = BackendPickers::default();
+    let mut n = 0u64;
+    c.bench_function("route_selection_10k_endpoints", |b| {
+        b.iter(|| {
+            n = n
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let rule = l4_rule(&route, "client").expect("rule");
+            let backend = pickers.pick("big", 0, rule).expect("backend");
+            black_box(choose(
+                &refs,
+                &backend.subset,
+                &load,
+                &here,
+                (n >> 33, n >> 17),
+            ))
+        });
+    });
+}
+
+fn policy() -> Policy {
+    let mut yaml = String::from("kind: Policy\nservice: big\nrules:\n");
+    for i in 0..50 {
+        yaml += &format!("  - action: deny\n    from: {{ identities: [\"spiffe://mesh.local/ns/other{i}/sa/*\"] }}\n");
+    }
+    for i in 0..50 {
+        yaml += &format!(
+            "  - action: allow\n    from: {{ services: [caller{i}] }}\n    to: {{ ports: [9080], methods: [GET], paths: [\"/api/v{i}/*\"] }}\n"
+        );
+    }
+    match objects(&yaml).pop() {
+        Some(Object::Policy(p)) => p,
+        other => panic!("not a policy: {other:?}"),
+    }
+}
+
+fn policy_evaluation(c: &mut Criterion) {
+    let policy = policy();
+    let id = SpiffeId::parse("spiffe://mesh.local/ns/default/sa/caller49").expect("id");
+    let services = ["caller49"];
+    let headers = http::HeaderMap::new();
+    let target = Target {
+        port: 9080,
+        method: Some("GET"),
+        path: Some("/api/v49/items"),
+        headers: Some(&headers),
+    };
+    c.bench_function("policy_evaluation_100_rules", |b| {
+        b.iter(|| {
+            let peer = Peer {
+                id: &id,
+                services: &services,
+            };
+            black_box(evaluate(
+                Some(&policy),
+                Action::Deny,
+                peer,
+                black_box(target),
+            ))
+        });
+    });
+}
+
+fn snapshot_apply(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let eps = dir.path().join("default/endpoints/big");
+    std::fs::create_dir_all(&eps).expect("registry dir");
+    for i in 0..ENDPOINTS {
+        let json = serde_json::json!({
+            "id": format!("big-{i}"), "service": "big",
+            "address": format!("10.{}.{}.{}:15443", i / 65536 % 256, i / 256 % 256, i % 256),
+            "identity": "spiffe://mesh.local/ns/default/sa/big",
+            "labels": { "version": "v1" }, "cluster": "local", "zone": "z1", "weight": 1,
+        });
+        std::fs::write(eps.join(format!("big-{i}.json")), json.to_string()).expect("endpoint file");
+    }
+    let url = format!("file://{}", dir.path().display());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut group = c.benchmark_group("snapshot_apply");
+    group.sample_size(10);
+    group.bench_function("dir_registry_10k_endpoints", |b| {
+        b.iter(|| {
+            let reg = rt
+                .block_on(halyard_registry::open(&url, "default", None, None))
+                .expect("open");
+            let n = reg.snapshot().endpoints_of("big").count();
+            assert_eq!(n, ENDPOINTS);
+            black_box(n)
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(micro, route_selection, policy_evaluation, snapshot_apply);
+criterion_main!(micro);
