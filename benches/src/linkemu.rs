@@ -37,7 +37,8 @@ pub struct LinkEmu {
     pub knobs: Arc<Knobs>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
-    wake: Vec<(String, String)>,
+    /// Each namespace (held open, so it outlives `ip netns del`) and the peer address to wake.
+    wake: Vec<(std::fs::File, String)>,
 }
 
 type Dev = Arc<tun::Device>;
@@ -53,6 +54,8 @@ impl LinkEmu {
     ) -> anyhow::Result<LinkEmu> {
         let da = open_tun(a, name, a_ip)?;
         let db = open_tun(b, name, b_ip)?;
+        let open = |ns: &str| std::fs::File::open(format!("/var/run/netns/{ns}"));
+        let wake = vec![(open(a)?, b_ip.to_owned()), (open(b)?, a_ip.to_owned())];
         let knobs = Arc::new(Knobs::default());
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
@@ -66,10 +69,6 @@ impl LinkEmu {
             let s = stop.clone();
             threads.push(std::thread::spawn(move || egress(&dst, &rx, &s)));
         }
-        let wake = vec![
-            (a.to_owned(), b_ip.to_owned()),
-            (b.to_owned(), a_ip.to_owned()),
-        ];
         Ok(LinkEmu {
             knobs,
             stop,
@@ -87,15 +86,18 @@ impl LinkEmu {
 impl Drop for LinkEmu {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        // A blocked TUN read returns only when a packet comes: send one each way.
-        for (ns, peer) in &self.wake {
-            let peer = format!("{peer}:9");
-            let _ = in_ns(ns, move || {
-                let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
-                s.send_to(b"stop", &peer)?;
-                Ok(())
-            });
-        }
+        // A blocked TUN read returns only when a packet comes: send one each way, from inside
+        // each namespace (entered through the handle kept open, the name may be gone).
+        std::thread::scope(|scope| {
+            for (ns, peer) in &self.wake {
+                scope.spawn(move || {
+                    if nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).is_ok() {
+                        let s = std::net::UdpSocket::bind("0.0.0.0:0");
+                        let _ = s.and_then(|s| s.send_to(b"stop", format!("{peer}:9")));
+                    }
+                });
+            }
+        });
         for t in self.threads.drain(..) {
             let _ = t.join();
         }

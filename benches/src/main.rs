@@ -36,6 +36,7 @@ fn main() -> anyhow::Result<()> {
         "newflows" => newflows::main(),
         "scale" => scale::main(),
         "all" => all(),
+        "readme" => readme(),
         other => anyhow::bail!("unknown scenario {other:?}; available: {SCENARIOS}"),
     }
 }
@@ -59,6 +60,37 @@ fn all() -> anyhow::Result<()> {
             failed.push(name);
         }
     }
+    readme()?;
     anyhow::ensure!(failed.is_empty(), "failed: {failed:?}");
+    Ok(())
+}
+
+/// Copies every scenario's markdown report into benches/README.md, between its markers.
+fn readme() -> anyhow::Result<()> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let path = dir.join("README.md");
+    let text = std::fs::read_to_string(&path)?;
+    let (begin, end) = ("<!-- results:begin -->\n", "<!-- results:end -->");
+    let (Some(b), Some(e)) = (text.find(begin), text.find(end)) else {
+        anyhow::bail!("{}: results markers missing", path.display());
+    };
+    let mut results = String::new();
+    for name in [
+        "bulk",
+        "latency",
+        "lossy",
+        "newflows",
+        "scale",
+        "micro",
+        "transport",
+    ] {
+        let md = std::fs::read_to_string(dir.join("results").join(format!("{name}.md")))
+            .unwrap_or_else(|_| format!("# {name}: no report\n"));
+        // One level down: the scenario titles become subsections of "Latest results".
+        results += &md.replacen("# ", "### ", 1);
+        results += "\n";
+    }
+    let out = format!("{}{begin}{results}{}", &text[..b], &text[e..]);
+    std::fs::write(&path, out)?;
     Ok(())
 }
