@@ -86,8 +86,14 @@ fn readme() -> anyhow::Result<()> {
     ] {
         let md = std::fs::read_to_string(dir.join("results").join(format!("{name}.md")))
             .unwrap_or_else(|_| format!("# {name}: no report\n"));
-        // One level down: the scenario titles become subsections of "Latest results".
-        results += &md.replacen("# ", "### ", 1);
+        // Two levels down: the reports' headings become subsections of "Latest results".
+        for line in md.lines() {
+            if line.starts_with('#') {
+                results += "##";
+            }
+            results += line;
+            results += "\n";
+        }
         results += "\n";
     }
     let out = format!("{}{begin}{results}{}", &text[..b], &text[e..]);
