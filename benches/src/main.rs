@@ -1,6 +1,7 @@
 //! Halyard benchmarks: `halyard-benches SCENARIO` writes `benches/results/SCENARIO.{md,json}`.
 //! Scenarios: transport, bulk, latency, lossy, newflows, scale, micro, all. The h2-tunnel baseline's two
 //! processes are this binary too (`h2-tunnel-server`, `h2-tunnel-client`).
+#![forbid(unsafe_code)]
 
 mod bulk;
 mod h2tunnel;
