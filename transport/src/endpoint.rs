@@ -68,8 +68,10 @@ fn quinn_transport(config: &TransportConfig) -> quinn::TransportConfig {
         .receive_window(var(config.receive_window()))
         .send_window(config.send_window())
         .keep_alive_interval(config.keep_alive_interval())
-        // Many small streams: fairness would cut every write into small frames.
-        .send_fairness(false);
+        // Round-robin between streams: with fairness off, a bulk flow that always has data queued
+        // starves every request stream on the same connection once it is congestion-limited
+        // (measured: 50 request flows timed out behind one bulk flow on a 100 Mbit/s link).
+        .send_fairness(true);
     // TransportConfig bounds the idle timeout to a day, far inside quinn's limit.
     t.max_idle_timeout(IdleTimeout::try_from(config.idle_timeout()).ok());
     t
