@@ -595,13 +595,10 @@ async fn drain_ends_with_a_request_stuck_at_the_app_and_idle_app_connections() {
     let client = http_client();
     let (c, up) = (client.clone(), pp.upstream(0));
     let call = tokio::spawn(async move { http_call(&c, up, "GET", "/stuck", &[]).await.0 });
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while app.hits.load(Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the request never reached the app");
+    tokio::time::timeout(Duration::from_secs(5), app.seen.notified())
+        .await
+        .expect("the request never reached the app");
+    assert_eq!(app.hits.load(Ordering::SeqCst), 1);
 
     // drain_timeout is 5 s: the stuck request is cut then, long before the app would answer.
     let server = servers.remove(0);

@@ -290,6 +290,8 @@ pub struct AppBehavior {
 pub struct HttpApp {
     pub addr: SocketAddr,
     pub hits: Arc<std::sync::atomic::AtomicU64>,
+    /// Notified on every request (a permit is kept, so a later wait still sees an earlier hit).
+    pub seen: Arc<tokio::sync::Notify>,
     pub last_headers: Arc<std::sync::Mutex<http::HeaderMap>>,
     _task: tokio::task::JoinHandle<()>,
 }
@@ -302,7 +304,9 @@ pub async fn http_app(addr: SocketAddr, tag: &str, behavior: AppBehavior) -> Htt
     let local = listener.local_addr().unwrap();
     let hits = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let last_headers = Arc::new(std::sync::Mutex::new(http::HeaderMap::new()));
-    let (h, lh, tag) = (hits.clone(), last_headers.clone(), tag.to_owned());
+    let seen = Arc::new(tokio::sync::Notify::new());
+    let h = (hits.clone(), seen.clone());
+    let (lh, tag) = (last_headers.clone(), tag.to_owned());
     let task = tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
@@ -314,7 +318,8 @@ pub async fn http_app(addr: SocketAddr, tag: &str, behavior: AppBehavior) -> Htt
                     let (h, lh, tag, behavior) =
                         (h.clone(), lh.clone(), tag.clone(), behavior.clone());
                     async move {
-                        let n = h.fetch_add(1, Ordering::SeqCst) + 1;
+                        let n = h.0.fetch_add(1, Ordering::SeqCst) + 1;
+                        h.1.notify_one();
                         *lh.lock().unwrap() = req.headers().clone();
                         let line = format!("{tag} {} {}", req.method(), req.uri().path());
                         let _ = req.into_body().collect().await;
@@ -353,6 +358,7 @@ pub async fn http_app(addr: SocketAddr, tag: &str, behavior: AppBehavior) -> Htt
     HttpApp {
         addr: local,
         hits,
+        seen,
         last_headers,
         _task: task,
     }
