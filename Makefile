@@ -1,36 +1,37 @@
 # Halyard: the two commands a newcomer needs are `make demo` and `make test`.
 SHELL := /bin/bash
 CARGO ?= cargo
-APT_PACKAGES := protobuf-compiler etcd-server etcd-client iptables openssl iproute2 stunnel4
+# Every Debian package the build, the demo, the tests and the benches need, on a clean Debian 12
+# (bookworm) that has only a Rust toolchain (rustup) and make. `.ci/deps` checks each one by what
+# is really used from it (protoc finding the well-known .proto includes, cc linking a program...).
+#   gcc libc6-dev            the linker and C compiler for rustc and for ring's build script
+#   ca-certificates          cargo's downloads from crates.io over TLS
+#   protobuf-compiler        protoc, for etcd-client's generated code
+#   libprotobuf-dev          google/protobuf/*.proto, which etcd's .proto files import
+#   etcd-server etcd-client  the real etcd the tests start, and etcdctl
+#   iptables iproute2        transparent capture, network namespaces (tests, lab, benches)
+#   openssl                  certificate checks in the CLI tests
+#   stunnel4                 the mTLS-over-TCP baseline of the benches
+#   curl                     deploy/lab/lab.sh, and its test
+APT_PACKAGES := gcc libc6-dev ca-certificates protobuf-compiler libprotobuf-dev etcd-server \
+	etcd-client iptables iproute2 openssl stunnel4 curl
+# Extra arguments for `halyard demo`, e.g. `make demo DEMO_ARGS=--quick`.
+DEMO_ARGS ?=
 
-.PHONY: all build demo test lint bench deps fmt
+.PHONY: all build demo test lint bench deps fmt fresh-check
 
 all: build
 
 build:
 	$(CARGO) build --release --bin halyard
 
-## deps: install what the build and the tests need from Debian packages (root), or say how.
+## deps: install the Debian packages above that are missing (root), or print the command.
 deps:
-	@missing=(); \
-	command -v protoc >/dev/null || missing+=(protobuf-compiler); \
-	command -v etcd >/dev/null || missing+=(etcd-server); \
-	command -v etcdctl >/dev/null || missing+=(etcd-client); \
-	command -v iptables >/dev/null || missing+=(iptables); \
-	command -v openssl >/dev/null || missing+=(openssl); \
-	command -v ip >/dev/null || missing+=(iproute2); \
-	command -v stunnel4 >/dev/null || command -v stunnel >/dev/null || missing+=(stunnel4); \
-	if [ $${#missing[@]} -eq 0 ]; then echo "deps: all present"; exit 0; fi; \
-	if [ "$$(id -u)" -eq 0 ]; then \
-	  echo "deps: installing $${missing[*]}"; \
-	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$${missing[@]}"; \
-	else \
-	  echo "deps: missing $${missing[*]}; run: sudo apt-get install -y $${missing[*]}"; exit 1; \
-	fi
+	@bash .ci/deps $(APT_PACKAGES)
 
 ## demo: the main job, on the embedded directory registry (no etcd needed).
 demo: deps
-	$(CARGO) run --release --bin halyard -- demo
+	$(CARGO) run --release --bin halyard -- demo $(DEMO_ARGS)
 
 fmt:
 	$(CARGO) fmt --all
@@ -48,3 +49,7 @@ test: lint
 bench: deps
 	$(CARGO) build --release --bin halyard
 	$(CARGO) run --release -p halyard-benches -- all
+
+## fresh-check: `make demo` (quick) and `make test` in a clean Debian 12 root (root; CI runs it).
+fresh-check:
+	bash .ci/fresh-check
