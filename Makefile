@@ -37,6 +37,7 @@ fmt:
 	$(CARGO) fmt --all
 
 lint: deps
+	bash .ci/pure-core
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 

@@ -15,8 +15,8 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion};
 use halyard_certs::SpiffeId;
 use halyard_registry::model::{parse_documents, Action, Endpoint, Object, Policy, Route};
-use halyard_sidecar::authz::{evaluate, Peer, Target};
-use halyard_sidecar::balance::{choose, l4_rule, BackendPickers, Load, Locality};
+use halyard_sidecar::decide::pick::{choose, l4_rule, BackendPickers, Load, Locality};
+use halyard_sidecar::decide::policy::{evaluate, Peer, Target};
 
 const ENDPOINTS: usize = 10_000;
 

@@ -12,19 +12,19 @@ use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
-use crate::proxy::Shared;
+use crate::state::Shared;
 use crate::telemetry::logging;
+use crate::telemetry::metrics::Metrics;
 
 /// What still blocks readiness. Each startup step holds a [`ReadyGuard`]; dropping it clears
 /// the step, so `/readyz` can say exactly what is missing.
 #[derive(Debug, Default)]
-pub struct Readiness {
+pub(crate) struct Readiness {
     blockers: Mutex<BTreeSet<&'static str>>,
 }
 
 /// Clears its step from [`Readiness`] when dropped.
-pub struct ReadyGuard {
+pub(crate) struct ReadyGuard {
     readiness: Arc<Readiness>,
     step: &'static str,
 }
@@ -41,7 +41,7 @@ impl Readiness {
     }
 
     /// Registers a step that blocks readiness until the guard drops.
-    pub fn block(self: &Arc<Self>, step: &'static str) -> ReadyGuard {
+    pub(crate) fn block(self: &Arc<Self>, step: &'static str) -> ReadyGuard {
         self.set().insert(step);
         ReadyGuard {
             readiness: self.clone(),
@@ -50,14 +50,14 @@ impl Readiness {
     }
 
     /// The steps still pending.
-    pub fn pending(&self) -> Vec<&'static str> {
+    pub(crate) fn pending(&self) -> Vec<&'static str> {
         self.set().iter().copied().collect()
     }
 }
 
 /// What the admin server reads. The server starts before the data plane exists, so `/healthz`
 /// and `/readyz` answer during startup; the data-plane state is attached once built.
-pub struct Admin {
+pub(crate) struct Admin {
     metrics: Metrics,
     readiness: Arc<Readiness>,
     shared: OnceLock<Arc<Shared>>,
@@ -69,7 +69,7 @@ type Reply = Response<Full<Bytes>>;
 const MAX_FILTER: usize = 4096;
 
 /// Serves admin requests until `stop`.
-pub async fn serve(admin: Arc<Admin>, listener: TcpListener, stop: CancellationToken) {
+pub(crate) async fn serve(admin: Arc<Admin>, listener: TcpListener, stop: CancellationToken) {
     // Scrapes in progress get a moment; idle keep-alive connections close at once.
     let grace = std::time::Duration::from_secs(1);
     crate::net::serve_http1(
@@ -98,7 +98,7 @@ fn plain(status: StatusCode, body: impl Into<String>) -> Reply {
 
 impl Admin {
     /// An admin server reading `metrics` and `readiness`; see [`Admin::attach`].
-    pub fn new(metrics: Metrics, readiness: Arc<Readiness>) -> Self {
+    pub(crate) fn new(metrics: Metrics, readiness: Arc<Readiness>) -> Self {
         Admin {
             metrics,
             readiness,
@@ -107,7 +107,7 @@ impl Admin {
     }
 
     /// Attaches the data plane once it exists (`/config_dump` needs it).
-    pub fn attach(&self, shared: Arc<Shared>) {
+    pub(crate) fn attach(&self, shared: Arc<Shared>) {
         let _ = self.shared.set(shared);
     }
 

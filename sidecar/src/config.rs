@@ -13,7 +13,8 @@ use halyard_registry::model::Name;
 use halyard_transport::{RawTransportConfig, TransportConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::outlier::OutlierConfig;
+use crate::decide::budget::BudgetConfig;
+use crate::decide::outlier::OutlierConfig;
 
 /// A configuration problem, naming the file and the field.
 #[derive(Debug, thiserror::Error)]
@@ -256,6 +257,9 @@ pub struct FailureConfig {
     /// Close established inbound flows when policy turns to deny (default: they continue).
     #[serde(default)]
     pub close_flows_on_deny: bool,
+    /// The retry budget per destination service, for L4 and L7 retries alike.
+    #[serde(default)]
+    pub retry_budget: BudgetConfig,
 }
 
 fn default_refresh() -> Duration {
@@ -341,6 +345,7 @@ impl Default for FailureConfig {
             retries: default_retries(),
             drain_timeout: default_drain(),
             close_flows_on_deny: false,
+            retry_budget: BudgetConfig::default(),
         }
     }
 }
@@ -485,9 +490,7 @@ fn check(file: SidecarConfig, field: FieldErr<'_>) -> Result<Config, ConfigError
             "must be between 2s and 300s".into(),
         ));
     }
-    if file.failure.retries > 10 {
-        return Err(field("failure.retries".into(), "at most 10".into()));
-    }
+    check_failure(&file.failure, field)?;
     check_telemetry(&file, field)?;
     Ok(Config {
         file,
@@ -495,6 +498,26 @@ fn check(file: SidecarConfig, field: FieldErr<'_>) -> Result<Config, ConfigError
         service,
         upstream_services,
     })
+}
+
+fn check_failure(failure: &FailureConfig, field: FieldErr<'_>) -> Result<(), ConfigError> {
+    if failure.retries > 10 {
+        return Err(field("failure.retries".into(), "at most 10".into()));
+    }
+    let budget = &failure.retry_budget;
+    if budget.percent > 100 {
+        let at = "failure.retry_budget.percent";
+        return Err(field(at.into(), "must be 0-100".into()));
+    }
+    if budget.min_per_second > 10_000 {
+        let at = "failure.retry_budget.min_per_second";
+        return Err(field(at.into(), "must be 0-10000".into()));
+    }
+    if !(Duration::from_secs(1)..=Duration::from_secs(300)).contains(&budget.window) {
+        let at = "failure.retry_budget.window";
+        return Err(field(at.into(), "must be between 1s and 300s".into()));
+    }
+    Ok(())
 }
 
 fn check_telemetry(file: &SidecarConfig, field: FieldErr<'_>) -> Result<(), ConfigError> {

@@ -1,24 +1,48 @@
-//! The Halyard data plane and the library behind the `halyard` binary.
+//! The Halyard data plane: one sidecar, from its config file to the drain.
+//!
+//! The path of a flow through the modules (ARCHITECTURE.md draws it):
+//!
+//! - [`run`] checks the config, loads the identity, binds every listener, follows the registry
+//!   and serves until SIGTERM, then drains.
+//! - `l4` carries opaque TCP: `l4::capture` accepts the app's connections (explicit upstream
+//!   ports, or transparent iptables capture), `l4::outbound` opens one HTTP/3 CONNECT tunnel per
+//!   flow, `l4::inbound` admits peers' tunnels and pipes them to the local app.
+//! - `l7` terminates the app's HTTP/1.1 or h2 and carries each request as HTTP/3: `l7::outbound`
+//!   routes and retries per request, `l7::inbound` admits and forwards to the app.
+//! - [`decide`] is every decision on that path as pure functions (no clock, no randomness, no
+//!   I/O): route rule and backend, endpoint pick, capture resolution, inbound admission, access
+//!   policy, outlier ejection, the retry budget and the one retry/failure policy of L4 and L7.
+//! - `state` holds what the tasks share (snapshot in force, pool, balancing state) and calls
+//!   into `decide` with `now` and random samples.
+//! - `telemetry` turns each finished flow or request into metrics, an access-log line and a span.
+//!
+//! Public API: [`run`] (start a sidecar), [`config`] (its checked configuration), [`decide`] (the
+//! pure decision core), [`signal`] (shutdown on SIGTERM/SIGINT), [`serve_http1`] (the small HTTP/1.1
+//! server of the admin port, for tools), [`logging`] (the reloadable log filter) and [`otlp`] (the
+//! span export's wire messages). `test_util` (feature `test-util`) starts meshes in tests.
 #![forbid(unsafe_code)]
 
-pub mod admin;
-pub mod authz;
-pub mod balance;
-pub mod ca_cmd;
-pub mod cli;
+mod admin;
 pub mod config;
-pub mod ctl;
-pub mod demo;
-pub mod http;
-pub mod inbound;
-pub mod iptables;
-pub mod metrics;
-pub mod net;
-pub mod outbound;
-pub mod outlier;
-pub mod promtext;
-pub mod proxy;
+pub mod decide;
+mod l4;
+mod l7;
+mod net;
 pub mod run;
-pub mod sample_app;
-pub mod telemetry;
-pub mod top;
+pub mod signal;
+mod state;
+mod telemetry;
+#[cfg(feature = "test-util")]
+pub mod test_util;
+
+pub use net::serve_http1;
+pub use telemetry::logging;
+
+/// The OTLP/HTTP protobuf messages spans are exported as (opentelemetry-proto
+/// `collector/trace/v1`), for receivers and tests that decode them.
+pub mod otlp {
+    pub use crate::telemetry::otlp::{
+        AnyValue, ExportTraceServiceRequest, InstrumentationScope, KeyValue, Resource,
+        ResourceSpans, ScopeSpans, Span, Status, Value,
+    };
+}

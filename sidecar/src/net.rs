@@ -19,7 +19,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// The next connection on `listener`, or `None` once `stop` is cancelled. An accept error (out
 /// of file descriptors, say, which repeats until some close) is logged and retried after a
 /// pause instead of spun on.
-pub async fn accept(
+pub(crate) async fn accept(
     listener: &TcpListener,
     stop: &CancellationToken,
     what: &str,

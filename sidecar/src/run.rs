@@ -16,10 +16,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Admin, Readiness};
 use crate::config::Config;
-use crate::inbound::Inbound;
-use crate::metrics::Metrics;
-use crate::outbound::{self, Destination};
-use crate::proxy::Shared;
+use crate::l4::inbound::Inbound;
+use crate::l4::outbound::Destination;
+use crate::state::Shared;
+use crate::telemetry::metrics::Metrics;
 use crate::telemetry::Sinks;
 
 /// How long finished flows' last bytes get to be acknowledged before connections close.
@@ -109,7 +109,7 @@ fn endpoint_record(
 pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let config = Arc::new(Config::load(config_path)?);
     let stop = CancellationToken::new();
-    crate::cli::cancel_on_signal(&stop);
+    crate::signal::cancel_on_signal(&stop);
     run_until(config, stop, None).await
 }
 
@@ -128,12 +128,23 @@ pub struct Started {
     pub id: String,
     /// The registry snapshots the sidecar applies.
     pub snapshot: tokio::sync::watch::Receiver<Arc<halyard_registry::Snapshot>>,
-    /// The sidecar's metrics.
-    pub metrics: Metrics,
+    metrics: Metrics,
     /// The workload identity in use; it changes when the certificate files are renewed.
     pub identity: Arc<CertResolver>,
     /// Counts certificate reloads.
     pub reloads: tokio::sync::watch::Receiver<u64>,
+}
+
+impl Started {
+    /// The sidecar's metrics in Prometheus text format, as `/metrics` serves them.
+    pub fn render_metrics(&self) -> String {
+        self.metrics.render()
+    }
+
+    /// How many flows and requests have finished (and been recorded) so far; changes with each.
+    pub fn finished_flows(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.metrics.finished()
+    }
 }
 
 /// Runs a sidecar until `stop` is cancelled, then drains. `started` receives the bound
@@ -267,7 +278,7 @@ fn spawn_listeners(
     let drain = stop.clone().cancelled_owned();
     tasks.spawn(halyard_transport::serve_until(endpoint, inbound, drain));
     for (listener, dest) in bound.upstreams {
-        tasks.spawn(outbound::serve_upstream(
+        tasks.spawn(crate::l4::capture::serve_upstream(
             shared.clone(),
             listener,
             dest,
@@ -275,7 +286,11 @@ fn spawn_listeners(
         ));
     }
     if let Some(l) = bound.transparent {
-        tasks.spawn(outbound::serve_transparent(shared.clone(), l, stop.clone()));
+        tasks.spawn(crate::l4::capture::serve_transparent(
+            shared.clone(),
+            l,
+            stop.clone(),
+        ));
     }
 }
 

@@ -2,19 +2,13 @@
 //! a directory registry written as an operator would.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
-use common::{call, metric, tagged_echo, Mesh, Spec};
+use halyard_sidecar::test_util::{call, loopback_ip, metric, tagged_echo, Mesh, Spec};
 
 fn service_yaml(name: &str, port: u16, target: u16) -> String {
     format!("kind: Service\nname: {name}\nports:\n  - {{ name: tcp, port: {port}, protocol: tcp, targetPort: {target} }}\n")
-}
-
-fn ip(last: u8) -> IpAddr {
-    IpAddr::from([127, 0, 0, last])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -40,7 +34,7 @@ async fn bytes_flow_through_explicit_upstreams_and_are_counted() {
 
     pp.wait_flows(2).await;
     ratings.wait_flows(2).await;
-    let out_m = pp.started.metrics.render();
+    let out_m = pp.started.render_metrics();
     let edge = [
         ("direction", "outbound"),
         ("destination_service", "ratings"),
@@ -53,7 +47,7 @@ async fn bytes_flow_through_explicit_upstreams_and_are_counted() {
         metric(&out_m, "halyard_tcp_bytes_total", &sent),
         (big.len() + 5) as f64
     );
-    let in_m = ratings.started.metrics.render();
+    let in_m = ratings.started.render_metrics();
     let inbound = [
         ("direction", "inbound"),
         ("source_service", "productpage"),
@@ -92,21 +86,19 @@ async fn split(addr: SocketAddr, n: usize) -> HashMap<String, usize> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weights_split_flows_and_a_change_applies_without_failures() {
+    let ip2 = loopback_ip();
+    let ip3 = loopback_ip();
     let mesh = Mesh::with_dir().await;
-    let a1 = tagged_echo(SocketAddr::new(ip(2), 0), "v1").await;
-    let _a2 = tagged_echo(SocketAddr::new(ip(3), a1.addr.port()), "v2").await;
+    let a1 = tagged_echo(SocketAddr::new(ip2, 0), "v1").await;
+    let _a2 = tagged_echo(SocketAddr::new(ip3, a1.addr.port()), "v2").await;
     mesh.apply(&format!(
         "{}---\n{}",
         service_yaml("reviews", 9080, a1.addr.port()),
         route_yaml(80, 20)
     ))
     .await;
-    let v1 = mesh
-        .start(&Spec::new("reviews", "v1").app_host(ip(2)))
-        .await;
-    let v2 = mesh
-        .start(&Spec::new("reviews", "v2").app_host(ip(3)))
-        .await;
+    let v1 = mesh.start(&Spec::new("reviews", "v1").app_host(ip2)).await;
+    let v2 = mesh.start(&Spec::new("reviews", "v2").app_host(ip3)).await;
     let pp = mesh
         .start(&Spec::new("productpage", "v1").upstream("reviews", 9080))
         .await;
@@ -171,7 +163,7 @@ async fn deny_policy_closes_the_flow_counts_it_and_restoring_restores() {
     ];
     assert_eq!(
         metric(
-            &ratings.started.metrics.render(),
+            &ratings.started.render_metrics(),
             "halyard_policy_denials_total",
             &denials
         ),
@@ -183,7 +175,7 @@ async fn deny_policy_closes_the_flow_counts_it_and_restoring_restores() {
     ];
     assert_eq!(
         metric(
-            &pp.started.metrics.render(),
+            &pp.started.render_metrics(),
             "halyard_tcp_connections_total",
             &flags
         ),
@@ -208,22 +200,20 @@ async fn deny_policy_closes_the_flow_counts_it_and_restoring_restores() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_lets_open_flows_finish_and_new_flows_go_elsewhere() {
+    let ip4 = loopback_ip();
+    let ip5 = loopback_ip();
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mesh = Mesh::with_dir().await;
-    let mut a1 = tagged_echo(SocketAddr::new(ip(4), 0), "v1").await;
-    let _a2 = tagged_echo(SocketAddr::new(ip(5), a1.addr.port()), "v2").await;
+    let mut a1 = tagged_echo(SocketAddr::new(ip4, 0), "v1").await;
+    let _a2 = tagged_echo(SocketAddr::new(ip5, a1.addr.port()), "v2").await;
     mesh.apply(&format!(
         "{}---\n{}",
         service_yaml("reviews", 9080, a1.addr.port()),
         route_yaml(100, 0)
     ))
     .await;
-    let v1 = mesh
-        .start(&Spec::new("reviews", "v1").app_host(ip(4)))
-        .await;
-    let v2 = mesh
-        .start(&Spec::new("reviews", "v2").app_host(ip(5)))
-        .await;
+    let v1 = mesh.start(&Spec::new("reviews", "v1").app_host(ip4)).await;
+    let v2 = mesh.start(&Spec::new("reviews", "v2").app_host(ip5)).await;
     let pp = mesh
         .start(&Spec::new("productpage", "v1").upstream("reviews", 9080))
         .await;
@@ -316,11 +306,12 @@ async fn renewed_certificate_files_are_used_without_restart_or_dropped_flows() {
 /// and forgotten, and the per-peer gauges drop its address, so endpoint churn does not pile up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_departed_endpoint_is_forgotten_by_the_pool_and_the_peer_gauges() {
+    let ip1 = loopback_ip();
     let mesh = Mesh::with_dir().await;
-    let app = tagged_echo(SocketAddr::new(ip(1), 0), "ratings").await;
+    let app = tagged_echo(SocketAddr::new(ip1, 0), "ratings").await;
     mesh.apply(&service_yaml("ratings", 9080, app.addr.port()))
         .await;
-    let ratings = mesh.start(&Spec::new("ratings", "v1")).await;
+    let ratings = mesh.start(&Spec::new("ratings", "v1").app_host(ip1)).await;
     let pp = mesh
         .start(&Spec::new("productpage", "v1").upstream("ratings", 9080))
         .await;
@@ -332,12 +323,11 @@ async fn a_departed_endpoint_is_forgotten_by_the_pool_and_the_peer_gauges() {
             .filter(|l| !l.starts_with('#') && l.contains(&format!("peer=\"{peer}\"")))
             .count()
     };
-    let metrics = pp.started.metrics.clone();
     let until = |want_present: bool| {
-        let metrics = metrics.clone();
+        let started = &pp.started;
         async move {
             for _ in 0..100 {
-                if (gauges(&metrics.render()) > 0) == want_present {
+                if (gauges(&started.render_metrics()) > 0) == want_present {
                     return;
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;

@@ -2,17 +2,13 @@
 //! Policy objects written to the registry.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use common::{http_app, http_call, http_client, metric, AppBehavior, Mesh, Sidecar, Spec};
-
-fn ip(last: u8) -> IpAddr {
-    IpAddr::from([127, 0, 1, last])
-}
+use halyard_sidecar::test_util::{
+    http_app, http_call, http_client, loopback_ip, metric, AppBehavior, Mesh, Sidecar, Spec,
+};
 
 fn http_service(name: &str, target: u16) -> String {
     format!("kind: Service\nname: {name}\nports:\n  - {{ name: http, port: 9080, protocol: http, targetPort: {target} }}\n")
@@ -37,15 +33,18 @@ fn tag(body: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_match_routes_one_user_and_weights_split_the_rest() {
+    let ip1 = loopback_ip();
+    let ip2 = loopback_ip();
+    let ip3 = loopback_ip();
     let mesh = Mesh::with_dir().await;
-    let a1 = http_app(SocketAddr::new(ip(1), 0), "v1", AppBehavior::default()).await;
+    let a1 = http_app(SocketAddr::new(ip1, 0), "v1", AppBehavior::default()).await;
     let port = a1.addr.port();
-    let _a2 = http_app(SocketAddr::new(ip(2), port), "v2", AppBehavior::default()).await;
-    let _a3 = http_app(SocketAddr::new(ip(3), port), "v3", AppBehavior::default()).await;
+    let _a2 = http_app(SocketAddr::new(ip2, port), "v2", AppBehavior::default()).await;
+    let _a3 = http_app(SocketAddr::new(ip3, port), "v3", AppBehavior::default()).await;
     let route = "kind: Route\nservice: reviews\nrules:\n  - match: { headers: { x-user: { exact: tester } } }\n    backends: [{ subset: { version: v2 }, weight: 100 }]\n  - backends:\n      - { subset: { version: v1 }, weight: 90 }\n      - { subset: { version: v3 }, weight: 10 }\n";
     mesh.apply(&format!("{}---\n{route}", http_service("reviews", port)))
         .await;
-    let (_servers, pp) = reviews(&mesh, &[("v1", ip(1)), ("v2", ip(2)), ("v3", ip(3))]).await;
+    let (_servers, pp) = reviews(&mesh, &[("v1", ip1), ("v2", ip2), ("v3", ip3)]).await;
     pp.wait_snapshot("the route", |s| s.route("reviews").is_some())
         .await;
     let client = http_client();
@@ -67,7 +66,7 @@ async fn header_match_routes_one_user_and_weights_split_the_rest() {
     assert!((v1 - 0.9).abs() <= 0.05, "v1 share {v1}: {counts:?}");
     assert_eq!(counts.get("v2"), None, "{counts:?}");
     pp.wait_flows(2020).await;
-    let m = pp.started.metrics.render();
+    let m = pp.started.render_metrics();
     let v2 = [
         ("direction", "outbound"),
         ("destination_version", "v2"),
@@ -78,19 +77,21 @@ async fn header_match_routes_one_user_and_weights_split_the_rest() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_save_gets_not_posts_and_the_budget_caps_them() {
+    let ip11 = loopback_ip();
+    let ip12 = loopback_ip();
     let mesh = Mesh::with_dir().await;
     let flaky = AppBehavior {
         fail_every: Some(3),
         ..AppBehavior::default()
     };
-    let app = http_app(SocketAddr::new(ip(11), 0), "v1", flaky).await;
+    let app = http_app(SocketAddr::new(ip11, 0), "v1", flaky).await;
     let route = "kind: Route\nservice: reviews\nrules:\n  - backends: [{ weight: 1 }]\n    retries: { attempts: 2, on: [5xx] }\n";
     mesh.apply(&format!(
         "{}---\n{route}",
         http_service("reviews", app.addr.port())
     ))
     .await;
-    let (_servers, pp) = reviews(&mesh, &[("v1", ip(11))]).await;
+    let (_servers, pp) = reviews(&mesh, &[("v1", ip11)]).await;
     pp.wait_snapshot("the route", |s| s.route("reviews").is_some())
         .await;
     let client = http_client();
@@ -109,7 +110,7 @@ async fn retries_save_gets_not_posts_and_the_budget_caps_them() {
         (15..=25).contains(&post_failures),
         "{post_failures} of 60 POSTs failed: POSTs must not be retried"
     );
-    let m = pp.started.metrics.render();
+    let m = pp.started.render_metrics();
     let retries = metric(
         &m,
         "halyard_retries_total",
@@ -122,7 +123,7 @@ async fn retries_save_gets_not_posts_and_the_budget_caps_them() {
 
     // Every request fails: the budget keeps retries to a share of requests.
     let broken = http_app(
-        SocketAddr::new(ip(12), 0),
+        SocketAddr::new(ip12, 0),
         "v9",
         AppBehavior {
             fail_every: Some(1),
@@ -134,9 +135,7 @@ async fn retries_save_gets_not_posts_and_the_budget_caps_them() {
         .await;
     let route = "kind: Route\nservice: ratings\nrules:\n  - backends: [{ weight: 1 }]\n    retries: { attempts: 3, on: [5xx] }\n";
     mesh.apply(route).await;
-    let rt = mesh
-        .start(&Spec::new("ratings", "v9").app_host(ip(12)))
-        .await;
+    let rt = mesh.start(&Spec::new("ratings", "v9").app_host(ip12)).await;
     let caller = mesh
         .start(&Spec::new("details", "v1").upstream("ratings", 9080))
         .await;
@@ -163,19 +162,21 @@ async fn retries_save_gets_not_posts_and_the_budget_caps_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_timeout_gives_504_and_abort_fault_hits_its_share() {
+    let ip21 = loopback_ip();
+    let ip22 = loopback_ip();
     let mesh = Mesh::with_dir().await;
     let slow = AppBehavior {
         delay: Some(Duration::from_millis(400)),
         ..AppBehavior::default()
     };
-    let app = http_app(SocketAddr::new(ip(21), 0), "v1", slow).await;
+    let app = http_app(SocketAddr::new(ip21, 0), "v1", slow).await;
     let route = "kind: Route\nservice: reviews\nrules:\n  - match: { path: { prefix: /slow } }\n    backends: [{ weight: 1 }]\n    timeout: 100ms\n  - match: { path: { prefix: /faulty } }\n    backends: [{ weight: 1 }]\n    fault: { abort: { percent: 20, status: 418 } }\n  - backends: [{ weight: 1 }]\n";
     mesh.apply(&format!(
         "{}---\n{route}",
         http_service("reviews", app.addr.port())
     ))
     .await;
-    let (_servers, pp) = reviews(&mesh, &[("v1", ip(21))]).await;
+    let (_servers, pp) = reviews(&mesh, &[("v1", ip21)]).await;
     pp.wait_snapshot("the route", |s| s.route("reviews").is_some())
         .await;
     let client = http_client();
@@ -188,13 +189,11 @@ async fn route_timeout_gives_504_and_abort_fault_hits_its_share() {
         200
     );
     let _ = app;
-    let fast = http_app(SocketAddr::new(ip(22), 0), "v1", AppBehavior::default()).await;
+    let fast = http_app(SocketAddr::new(ip22, 0), "v1", AppBehavior::default()).await;
     mesh.apply(&http_service("ratings", fast.addr.port())).await;
     mesh.apply(&route.replace("service: reviews", "service: ratings"))
         .await;
-    let _rt = mesh
-        .start(&Spec::new("ratings", "v1").app_host(ip(22)))
-        .await;
+    let _rt = mesh.start(&Spec::new("ratings", "v1").app_host(ip22)).await;
     let caller = mesh
         .start(&Spec::new("details", "v1").upstream("ratings", 9080))
         .await;
@@ -221,10 +220,12 @@ async fn route_timeout_gives_504_and_abort_fault_hits_its_share() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirror_gets_its_share_and_the_caller_sees_only_the_primary() {
+    let ip31 = loopback_ip();
+    let ip33 = loopback_ip();
     let mesh = Mesh::with_dir().await;
-    let a1 = http_app(SocketAddr::new(ip(31), 0), "v1", AppBehavior::default()).await;
+    let a1 = http_app(SocketAddr::new(ip31, 0), "v1", AppBehavior::default()).await;
     let a3 = http_app(
-        SocketAddr::new(ip(33), a1.addr.port()),
+        SocketAddr::new(ip33, a1.addr.port()),
         "v3",
         AppBehavior::default(),
     )
@@ -235,7 +236,7 @@ async fn mirror_gets_its_share_and_the_caller_sees_only_the_primary() {
         http_service("reviews", a1.addr.port())
     ))
     .await;
-    let (servers, pp) = reviews(&mesh, &[("v1", ip(31)), ("v3", ip(33))]).await;
+    let (servers, pp) = reviews(&mesh, &[("v1", ip31), ("v3", ip33)]).await;
     pp.wait_snapshot("the route", |s| s.route("reviews").is_some())
         .await;
     let client = http_client();
@@ -256,15 +257,16 @@ async fn mirror_gets_its_share_and_the_caller_sees_only_the_primary() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_policy_holds_against_path_tricks_and_identity_headers_are_not_trusted() {
+    let ip41 = loopback_ip();
     let mesh = Mesh::with_dir().await;
-    let app = http_app(SocketAddr::new(ip(41), 0), "v1", AppBehavior::default()).await;
+    let app = http_app(SocketAddr::new(ip41, 0), "v1", AppBehavior::default()).await;
     let policy = "kind: Policy\nservice: reviews\nrules:\n  - action: deny\n    to: { paths: [/admin, /admin/*] }\n";
     mesh.apply(&format!(
         "{}---\n{policy}",
         http_service("reviews", app.addr.port())
     ))
     .await;
-    let (servers, pp) = reviews(&mesh, &[("v1", ip(41))]).await;
+    let (servers, pp) = reviews(&mesh, &[("v1", ip41)]).await;
     servers[0]
         .wait_snapshot("the policy", |s| s.policy("reviews").is_some())
         .await;
@@ -286,7 +288,7 @@ async fn admin_policy_holds_against_path_tricks_and_identity_headers_are_not_tru
     assert_eq!(status, 400, "escaped slash: {body}");
     assert_eq!(app.hits.load(std::sync::atomic::Ordering::SeqCst), 0);
     let denied = metric(
-        &servers[0].started.metrics.render(),
+        &servers[0].started.render_metrics(),
         "halyard_policy_denials_total",
         &[("destination_service", "reviews")],
     );
@@ -319,11 +321,12 @@ async fn admin_policy_holds_against_path_tricks_and_identity_headers_are_not_tru
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smuggling_attempts_are_refused_with_400_before_forwarding() {
+    let ip51 = loopback_ip();
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mesh = Mesh::with_dir().await;
-    let app = http_app(SocketAddr::new(ip(51), 0), "v1", AppBehavior::default()).await;
+    let app = http_app(SocketAddr::new(ip51, 0), "v1", AppBehavior::default()).await;
     mesh.apply(&http_service("reviews", app.addr.port())).await;
-    let (_servers, pp) = reviews(&mesh, &[("v1", ip(51))]).await;
+    let (_servers, pp) = reviews(&mesh, &[("v1", ip51)]).await;
     let attempts = [
         "POST / HTTP/1.1\r\nHost: r\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         "POST / HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
@@ -413,6 +416,7 @@ fn rss_kib() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_100_mib_response_streams_with_bounded_memory() {
+    let ip61 = loopback_ip();
     use http_body_util::BodyExt;
     let mesh = Mesh::with_dir().await;
     let total: u64 = 100 * 1024 * 1024;
@@ -420,9 +424,9 @@ async fn a_100_mib_response_streams_with_bounded_memory() {
         stream_bytes: Some(total),
         ..AppBehavior::default()
     };
-    let app = http_app(SocketAddr::new(ip(61), 0), "v1", big).await;
+    let app = http_app(SocketAddr::new(ip61, 0), "v1", big).await;
     mesh.apply(&http_service("reviews", app.addr.port())).await;
-    let (_servers, pp) = reviews(&mesh, &[("v1", ip(61))]).await;
+    let (_servers, pp) = reviews(&mesh, &[("v1", ip61)]).await;
     let client = http_client();
     let req = http::Request::get(format!("http://{}/big", pp.upstream(0)))
         .body(http_body_util::Full::new(bytes::Bytes::new()))
@@ -558,14 +562,15 @@ mod grpc {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_unary_and_server_streaming_keep_their_trailers() {
+    let ip71 = loopback_ip();
     let mesh = Mesh::with_dir().await;
-    let app = grpc::server(SocketAddr::new(ip(71), 0)).await;
+    let app = grpc::server(SocketAddr::new(ip71, 0)).await;
     mesh.apply(&format!(
         "kind: Service\nname: reviews\nports:\n  - {{ name: grpc, port: 9080, protocol: grpc, targetPort: {} }}\n",
         app.port()
     ))
     .await;
-    let (_servers, pp) = reviews(&mesh, &[("v1", ip(71))]).await;
+    let (_servers, pp) = reviews(&mesh, &[("v1", ip71)]).await;
     let (msgs, trailers) = grpc::call(pp.upstream(0), "/demo.Echo/Unary", b"hello").await;
     assert_eq!(msgs, vec![b"hello".to_vec()]);
     assert_eq!(trailers["grpc-status"], "0");
@@ -583,15 +588,16 @@ async fn grpc_unary_and_server_streaming_keep_their_trailers() {
 /// connection from the calling app closes when the drain starts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_ends_with_a_request_stuck_at_the_app_and_idle_app_connections() {
+    let ip81 = loopback_ip();
     use std::sync::atomic::Ordering;
     let mesh = Mesh::with_dir().await;
     let stuck = AppBehavior {
         delay: Some(Duration::from_secs(60)),
         ..AppBehavior::default()
     };
-    let app = http_app(SocketAddr::new(ip(81), 0), "v1", stuck).await;
+    let app = http_app(SocketAddr::new(ip81, 0), "v1", stuck).await;
     mesh.apply(&http_service("reviews", app.addr.port())).await;
-    let (mut servers, pp) = reviews(&mesh, &[("v1", ip(81))]).await;
+    let (mut servers, pp) = reviews(&mesh, &[("v1", ip81)]).await;
     let client = http_client();
     let (c, up) = (client.clone(), pp.upstream(0));
     let call = tokio::spawn(async move { http_call(&c, up, "GET", "/stuck", &[]).await.0 });

@@ -13,43 +13,43 @@ use super::{hex, Outcome, Record};
 
 /// One access log line. Field names are part of the documented format (README).
 #[derive(Debug, Clone, Serialize)]
-pub struct AccessEntry {
+pub(crate) struct AccessEntry {
     /// When the flow or request ended; written RFC 3339 UTC (by the writer, off the data path).
     #[serde(serialize_with = "rfc3339")]
-    pub time: SystemTime,
+    pub(crate) time: SystemTime,
     /// `inbound` or `outbound`.
-    pub direction: &'static str,
+    pub(crate) direction: &'static str,
     /// `tcp` (a flow) or `http` (a request).
-    pub protocol: &'static str,
+    pub(crate) protocol: &'static str,
     /// The caller's SPIFFE id.
-    pub source_id: String,
+    pub(crate) source_id: String,
     /// The calling service.
-    pub source_service: String,
+    pub(crate) source_service: String,
     /// The called service.
-    pub destination_service: String,
+    pub(crate) destination_service: String,
     /// The version of the endpoint that served.
-    pub destination_version: String,
+    pub(crate) destination_version: String,
     /// Index of the route rule that matched, or `-`.
-    pub route: String,
+    pub(crate) route: String,
     /// The endpoint address (outbound) or local app address (inbound), or `-`.
-    pub endpoint: String,
+    pub(crate) endpoint: String,
     /// L7: the status sent to the caller.
-    pub status: Option<u16>,
+    pub(crate) status: Option<u16>,
     /// L4: the response flags (`-` when completed).
-    pub flags: Option<String>,
+    pub(crate) flags: Option<String>,
     /// Bytes from the source towards the destination, when known.
-    pub bytes_sent: Option<u64>,
+    pub(crate) bytes_sent: Option<u64>,
     /// Bytes from the destination back to the source, when known.
-    pub bytes_received: Option<u64>,
+    pub(crate) bytes_received: Option<u64>,
     /// Milliseconds from accept (L4) or request (L7) to the end (L4) or response head (L7).
-    pub duration_ms: f64,
+    pub(crate) duration_ms: f64,
     /// The W3C trace id, or `-`.
-    pub trace_id: String,
+    pub(crate) trace_id: String,
 }
 
 impl AccessEntry {
     /// The entry for a record; `own_id` is this sidecar's SPIFFE id.
-    pub fn new(rec: &Record<'_>, own_id: &str, elapsed: Duration) -> Self {
+    pub(crate) fn new(rec: &Record<'_>, own_id: &str, elapsed: Duration) -> Self {
         let (protocol, status, flags) = match rec.outcome {
             Outcome::Status(s) => ("http", Some(s), None),
             Outcome::Flags(f) => ("tcp", None, Some(f.to_owned())),
@@ -100,7 +100,11 @@ async fn open(path: &PathBuf) -> std::io::Result<Sink> {
 
 /// Writes entries as they come until `stop`, then writes what is queued and returns. Lines are
 /// flushed whenever the queue runs empty.
-pub async fn write(path: PathBuf, mut rx: mpsc::Receiver<AccessEntry>, stop: CancellationToken) {
+pub(crate) async fn write(
+    path: PathBuf,
+    mut rx: mpsc::Receiver<AccessEntry>,
+    stop: CancellationToken,
+) {
     let mut out = match open(&path).await {
         Ok(o) => o,
         Err(e) => {

@@ -3,9 +3,10 @@
 //! channels with `try_send`: the data path never waits for a writer or a collector, and what
 //! does not fit is dropped and counted.
 
-pub mod access_log;
+pub(crate) mod access_log;
 pub mod logging;
-pub mod otlp;
+pub(crate) mod metrics;
+pub(crate) mod otlp;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -17,14 +18,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::SidecarConfig;
-use crate::http::trace::TraceContext;
-use crate::metrics::{Direction, Metrics};
+use crate::l7::trace::TraceContext;
+use crate::telemetry::metrics::{Direction, Metrics};
 use access_log::AccessEntry;
 use otlp::SpanData;
 
 /// How a flow or request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome<'a> {
+pub(crate) enum Outcome<'a> {
     /// L7: the response status sent to the caller.
     Status(u16),
     /// L4: the `response_flags` word (`-` when completed).
@@ -33,21 +34,24 @@ pub enum Outcome<'a> {
 
 /// The trace position of a proxied request: the span this sidecar records and its parent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Trace {
+pub(crate) struct Trace {
     /// 16-byte trace id.
-    pub trace_id: [u8; 16],
+    pub(crate) trace_id: [u8; 16],
     /// This sidecar's span.
-    pub span_id: [u8; 8],
+    pub(crate) span_id: [u8; 8],
     /// The span that called it, if the caller was traced.
-    pub parent: Option<[u8; 8]>,
+    pub(crate) parent: Option<[u8; 8]>,
     /// The W3C sampled flag: only sampled spans are exported.
-    pub sampled: bool,
+    pub(crate) sampled: bool,
 }
 
 impl Trace {
     /// The span a sidecar records for a hop: `before` is the trace context the request came
     /// with (if any), `after` the one it forwards (a child of `before`, or a new trace).
-    pub fn of_hop(before: Option<TraceContext>, after: Option<TraceContext>) -> Option<Trace> {
+    pub(crate) fn of_hop(
+        before: Option<TraceContext>,
+        after: Option<TraceContext>,
+    ) -> Option<Trace> {
         let after = after?;
         Some(Trace {
             trace_id: after.trace_id,
@@ -61,7 +65,7 @@ impl Trace {
 }
 
 /// The `traceparent` of a header map, if valid.
-pub fn trace_context(headers: &HeaderMap) -> Option<TraceContext> {
+pub(crate) fn trace_context(headers: &HeaderMap) -> Option<TraceContext> {
     headers
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
@@ -71,38 +75,38 @@ pub fn trace_context(headers: &HeaderMap) -> Option<TraceContext> {
 /// What is known about a flow or request when it ends. Label-like fields come from the registry
 /// and the config; `peer_id` is a verified SPIFFE id.
 #[derive(Debug, Clone)]
-pub struct Record<'a> {
+pub(crate) struct Record<'a> {
     /// inbound / outbound.
-    pub direction: Direction,
+    pub(crate) direction: Direction,
     /// The caller's SPIFFE id (inbound); `None` means this sidecar's own id (outbound).
-    pub peer_id: Option<&'a str>,
+    pub(crate) peer_id: Option<&'a str>,
     /// Calling service.
-    pub source: &'a str,
+    pub(crate) source: &'a str,
     /// Called service.
-    pub destination: &'a str,
+    pub(crate) destination: &'a str,
     /// Version of the endpoint that served.
-    pub version: &'a str,
+    pub(crate) version: &'a str,
     /// Index of the route rule that matched.
-    pub route: Option<usize>,
+    pub(crate) route: Option<usize>,
     /// The endpoint (outbound) or local app address (inbound) that served.
-    pub endpoint: Option<SocketAddr>,
+    pub(crate) endpoint: Option<SocketAddr>,
     /// Status or flags.
-    pub outcome: Outcome<'a>,
+    pub(crate) outcome: Outcome<'a>,
     /// Bytes from the source towards the destination, when known.
-    pub sent: Option<u64>,
+    pub(crate) sent: Option<u64>,
     /// Bytes from the destination back to the source, when known.
-    pub received: Option<u64>,
+    pub(crate) received: Option<u64>,
     /// When the flow or request began.
-    pub started: Instant,
+    pub(crate) started: Instant,
     /// L7: the request method (span name).
-    pub method: Option<&'a str>,
+    pub(crate) method: Option<&'a str>,
     /// L7: the span of this hop.
-    pub trace: Option<Trace>,
+    pub(crate) trace: Option<Trace>,
 }
 
 impl<'a> Record<'a> {
     /// A record with the edge, outcome and start; the rest unknown.
-    pub fn new(
+    pub(crate) fn new(
         direction: Direction,
         edge: (&'a str, &'a str, &'a str),
         outcome: Outcome<'a>,
@@ -128,27 +132,27 @@ impl<'a> Record<'a> {
 
 /// What an L7 hook gathers about one request while it is proxied.
 #[derive(Debug)]
-pub struct Seen {
+pub(crate) struct Seen {
     /// When the request arrived.
-    pub started: Instant,
+    pub(crate) started: Instant,
     /// Its method.
-    pub method: http::Method,
+    pub(crate) method: http::Method,
     /// The trace context it came with.
-    pub before: Option<TraceContext>,
+    pub(crate) before: Option<TraceContext>,
     /// The trace context sent on (this hop's span).
-    pub after: Option<TraceContext>,
+    pub(crate) after: Option<TraceContext>,
     /// The route rule that matched.
-    pub route: Option<usize>,
+    pub(crate) route: Option<usize>,
     /// The request's declared body length.
-    pub sent: Option<u64>,
+    pub(crate) sent: Option<u64>,
     /// The response's declared body length (inbound: the app's answer).
-    pub received: Option<u64>,
+    pub(crate) received: Option<u64>,
     /// The endpoint (outbound) or app (inbound) that served; attempts set it.
-    pub endpoint: Mutex<Option<SocketAddr>>,
+    pub(crate) endpoint: Mutex<Option<SocketAddr>>,
 }
 
 /// A declared `content-length`.
-pub fn content_length(headers: &HeaderMap) -> Option<u64> {
+pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(http::header::CONTENT_LENGTH)?
         .to_str()
@@ -159,7 +163,7 @@ pub fn content_length(headers: &HeaderMap) -> Option<u64> {
 
 impl Seen {
     /// Starts watching a request.
-    pub fn request<B>(req: &http::Request<B>) -> Self {
+    pub(crate) fn request<B>(req: &http::Request<B>) -> Self {
         Seen {
             started: Instant::now(),
             method: req.method().clone(),
@@ -173,13 +177,13 @@ impl Seen {
     }
 
     /// Notes the endpoint an attempt went to.
-    pub fn served(&self, addr: SocketAddr) {
+    pub(crate) fn served(&self, addr: SocketAddr) {
         *self.endpoint.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr);
     }
 
     /// Hands the finished request to `sinks`: `edge` is (source, destination, version), `end`
     /// the status sent and the response's declared length.
-    pub fn finish(
+    pub(crate) fn finish(
         &self,
         sinks: &Sinks,
         direction: Direction,
@@ -207,7 +211,7 @@ impl Seen {
 
 /// The access log and span export of one sidecar. Cheap to clone; off when default.
 #[derive(Clone, Default)]
-pub struct Sinks {
+pub(crate) struct Sinks {
     inner: Option<Arc<Inner>>,
 }
 
@@ -227,7 +231,7 @@ impl std::fmt::Debug for Sinks {
 impl Sinks {
     /// Starts the access log writer and the span exporter that `config` asks for, as tasks on
     /// `tasks` that end when `stop` is cancelled (after writing what they hold).
-    pub fn start(
+    pub(crate) fn start(
         config: &SidecarConfig,
         own_id: &str,
         metrics: &Metrics,
@@ -260,13 +264,13 @@ impl Sinks {
     }
 
     /// Whether anything is written at all.
-    pub fn enabled(&self) -> bool {
+    pub(crate) fn enabled(&self) -> bool {
         self.inner.is_some()
     }
 
     /// Hands a finished flow or request to the access log and, when it has a span, to the
     /// exporter. Never waits: a full queue drops the entry and counts it.
-    pub fn record(&self, rec: Record<'_>) {
+    pub(crate) fn record(&self, rec: Record<'_>) {
         let Some(inner) = &self.inner else { return };
         let elapsed = rec.started.elapsed();
         if let Some(tx) = &inner.access {
@@ -293,7 +297,7 @@ fn end_minus(elapsed: Duration) -> SystemTime {
 
 /// The index of the route rule an L4 flow from `source` to `destination` follows (the first
 /// rule whose source matches), as the balancer chose it.
-pub fn l4_route(
+pub(crate) fn l4_route(
     snap: &halyard_registry::Snapshot,
     source: &str,
     destination: &str,
@@ -301,11 +305,11 @@ pub fn l4_route(
     snap.route(destination)?
         .rules
         .iter()
-        .position(|r| crate::balance::l4_rule_matches(r, source))
+        .position(|r| crate::decide::pick::l4_rule_matches(r, source))
 }
 
 /// Lowercase hex of some bytes.
-pub fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

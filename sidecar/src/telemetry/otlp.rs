@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Outcome, Record, Trace};
 use crate::config::{ServiceConfig, TracingConfig};
-use crate::metrics::{Direction, Metrics};
+use crate::telemetry::metrics::{Direction, Metrics};
 
 /// `opentelemetry.proto.collector.trace.v1.ExportTraceServiceRequest`.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -140,12 +140,12 @@ pub enum Value {
 }
 
 /// OTLP `SpanKind` server.
-pub const KIND_SERVER: i32 = 2;
+pub(crate) const KIND_SERVER: i32 = 2;
 /// OTLP `SpanKind` client.
-pub const KIND_CLIENT: i32 = 3;
+pub(crate) const KIND_CLIENT: i32 = 3;
 
 /// A string attribute.
-pub fn attr(key: &str, value: &str) -> KeyValue {
+pub(crate) fn attr(key: &str, value: &str) -> KeyValue {
     KeyValue {
         key: key.to_owned(),
         value: Some(AnyValue {
@@ -164,7 +164,7 @@ fn int_attr(key: &str, value: i64) -> KeyValue {
 }
 
 /// A finished span waiting for export.
-pub type SpanData = Span;
+pub(crate) type SpanData = Span;
 
 fn nanos(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
@@ -173,7 +173,7 @@ fn nanos(t: SystemTime) -> u64 {
 
 impl Span {
     /// The span of one proxied request that started at `start`.
-    pub fn new(rec: &Record<'_>, trace: Trace, start: SystemTime) -> Self {
+    pub(crate) fn new(rec: &Record<'_>, trace: Trace, start: SystemTime) -> Self {
         let end = start + rec.started.elapsed();
         let code = match rec.outcome {
             Outcome::Status(s) => i64::from(s),
@@ -207,7 +207,7 @@ impl Span {
 }
 
 /// Batches spans and POSTs them to the collector.
-pub struct Exporter {
+pub(crate) struct Exporter {
     url: http::Uri,
     resource: Resource,
     batch: usize,
@@ -219,7 +219,12 @@ pub struct Exporter {
 
 impl Exporter {
     /// An exporter for `url` (checked by the config) with `service` as its resource.
-    pub fn new(url: &str, cfg: &TracingConfig, service: &ServiceConfig, metrics: &Metrics) -> Self {
+    pub(crate) fn new(
+        url: &str,
+        cfg: &TracingConfig,
+        service: &ServiceConfig,
+        metrics: &Metrics,
+    ) -> Self {
         let mut resource = vec![
             attr("service.name", &service.name),
             attr("service.namespace", &service.namespace),
@@ -243,7 +248,7 @@ impl Exporter {
     }
 
     /// Exports until `stop`, then sends what is queued once more and returns.
-    pub async fn run(self, mut rx: mpsc::Receiver<SpanData>, stop: CancellationToken) {
+    pub(crate) async fn run(self, mut rx: mpsc::Receiver<SpanData>, stop: CancellationToken) {
         let mut failing = false;
         loop {
             let (batch, open) = self.collect(&mut rx, &stop).await;

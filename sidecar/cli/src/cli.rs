@@ -1,0 +1,73 @@
+//! The command line: one binary, one subcommand per job.
+
+use clap::{Parser, Subcommand};
+
+use crate::{ca, ctl, demo};
+
+/// Halyard: a service mesh on QUIC and HTTP/3.
+#[derive(Debug, Parser)]
+#[command(name = "halyard", version, about)]
+pub(crate) struct Cli {
+    /// Log filter (tracing env-filter syntax); `HALYARD_LOG` is read when absent.
+    #[arg(long, global = true)]
+    pub(crate) log: Option<String>,
+    /// The job to run.
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Manage the mesh CA: create it, issue workload identities.
+    Ca(ca::CaArgs),
+    /// Read and write registry objects (services, routes, policies, ...).
+    Ctl(ctl::CtlArgs),
+    /// Run the whole mesh on this machine and walk through what it does.
+    Demo(demo::DemoArgs),
+    /// Run the data plane for one service from a config file.
+    Sidecar(SidecarArgs),
+    /// Install or remove transparent-capture iptables rules in this network namespace.
+    Iptables(crate::iptables::IptablesArgs),
+    /// Run one of the demo's sample services (bookinfo-like HTTP/1.1 JSON server).
+    SampleApp(crate::sample_app::SampleAppArgs),
+}
+
+/// Arguments of `halyard sidecar`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct SidecarArgs {
+    /// The sidecar config file (TOML).
+    #[arg(long)]
+    pub(crate) config: std::path::PathBuf,
+}
+
+/// Sets up logging to stderr, with a filter the admin server's `/logging` can change.
+pub(crate) fn init_tracing(cli: &Cli) {
+    let filter = cli
+        .log
+        .clone()
+        .or_else(|| std::env::var("HALYARD_LOG").ok())
+        .unwrap_or_else(|| "info".to_owned());
+    halyard_sidecar::logging::init(&filter, std::io::stderr);
+}
+
+/// Runs the chosen subcommand.
+pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Ca(args) => ca::run(args),
+        Command::Ctl(args) => ctl::run(args),
+        Command::Demo(args) => demo::run(args),
+        Command::Sidecar(args) => run_sidecar(&args),
+        Command::Iptables(args) => crate::iptables::cli(args),
+        Command::SampleApp(args) => crate::sample_app::run(args),
+    }
+}
+
+fn run_sidecar(args: &SidecarArgs) -> anyhow::Result<()> {
+    // One thread: on small machines cross-thread wake-ups cost more than they give (see
+    // ARCHITECTURE.md, Transport).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(halyard_sidecar::run::run(&args.config))
+}

@@ -1,0 +1,206 @@
+//! Sidecars as the processes operators run (`halyard sidecar --config FILE`) against a real
+//! etcd: killed with SIGKILL, drained with SIGTERM, started with a bad config.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use halyard_registry::test_util::EtcdServer;
+use halyard_sidecar::test_util::{call, loopback_ip, metric, tagged_echo, Mesh, Spec};
+
+fn spawn_sidecar(config: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_halyard"))
+        .args(["sidecar", "--config", config.to_str().unwrap()])
+        .env("HALYARD_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+/// A mesh on etcd with two `reviews` instances as processes (tags a and b) and an in-process
+/// `productpage` calling reviews.
+struct Setup {
+    _etcd: EtcdServer,
+    mesh: Mesh,
+    a: Child,
+    b: Child,
+    pp: halyard_sidecar::test_util::Sidecar,
+    _apps: (
+        halyard_sidecar::test_util::Echo,
+        halyard_sidecar::test_util::Echo,
+    ),
+}
+
+async fn setup() -> Setup {
+    let (host_a, host_b) = (loopback_ip(), loopback_ip());
+    let etcd = tokio::task::spawn_blocking(EtcdServer::start)
+        .await
+        .unwrap();
+    halyard_sidecar::test_util::init_logs();
+    let mesh = Mesh::with_url(tempfile::tempdir().unwrap(), etcd.url()).await;
+    let app_a = tagged_echo(SocketAddr::new(host_a, 0), "a").await;
+    let port = app_a.addr.port();
+    let app_b = tagged_echo(SocketAddr::new(host_b, port), "b").await;
+    mesh.apply(&format!(
+        "kind: Service\nname: reviews\nports:\n  - {{ name: tcp, port: 9080, protocol: tcp, targetPort: {port} }}\n"
+    ))
+    .await;
+    let extra = "lease_ttl = \"3s\"\n";
+    let mut spec_a = Spec::new("reviews", "v1").app_host(host_a);
+    let mut spec_b = Spec::new("reviews", "v1").app_host(host_b);
+    // lease_ttl is a top-level key: put it before the first table.
+    spec_a.prefix = extra.into();
+    spec_b.prefix = extra.into();
+    let a = spawn_sidecar(&mesh.write_config(&spec_a));
+    let b = spawn_sidecar(&mesh.write_config(&spec_b));
+    let pp = mesh
+        .start(&Spec::new("productpage", "v1").upstream("reviews", 9080))
+        .await;
+    pp.wait_endpoints("reviews", 2).await;
+    Setup {
+        _etcd: etcd,
+        mesh,
+        a,
+        b,
+        pp,
+        _apps: (app_a, app_b),
+    }
+}
+
+async fn tags(addr: SocketAddr, n: usize) -> (usize, usize, usize) {
+    let (mut a, mut b, mut failed) = (0, 0, 0);
+    for i in 0..n {
+        match call(addr, format!("{i}").as_bytes()).await {
+            Ok(out) if out.starts_with(b"a:") => a += 1,
+            Ok(out) if out.starts_with(b"b:") => b += 1,
+            _ => failed += 1,
+        }
+    }
+    (a, b, failed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_endpoint_costs_at_most_one_attempt_and_leaves_the_registry() {
+    let mut s = setup().await;
+    let (a, b, failed) = tags(s.pp.upstream(0), 40).await;
+    assert_eq!(failed, 0);
+    assert!(
+        a > 0 && b > 0,
+        "both instances serve before the kill: a={a} b={b}"
+    );
+
+    s.b.kill().unwrap(); // SIGKILL: no deregistration, no goodbye.
+    s.b.wait().unwrap();
+    let killed = Instant::now();
+    let (_, b_after, failed) = tags(s.pp.upstream(0), 100).await;
+    assert_eq!(failed, 0, "the app saw failed connections after the kill");
+    assert_eq!(b_after, 0);
+    let m = s.pp.started.render_metrics();
+    let retries = metric(
+        &m,
+        "halyard_retries_total",
+        &[("destination_service", "reviews")],
+    );
+    assert!(
+        retries <= 1.0,
+        "{retries} retries: more than one failed attempt"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "halyard_outlier_ejections_total",
+            &[("destination_service", "reviews")]
+        ),
+        retries
+    );
+
+    // The lease (3 s) runs out and the endpoint leaves the registry.
+    s.pp.wait_endpoints("reviews", 1).await;
+    let gone = killed.elapsed();
+    assert!(
+        gone <= Duration::from_secs(4),
+        "endpoint left after {gone:?}, lease TTL is 3 s"
+    );
+    s.a.kill().unwrap();
+    s.a.wait().unwrap();
+    s.pp.shutdown().await.unwrap();
+    drop(s.mesh);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_deregisters_and_exits_zero() {
+    let mut s = setup().await;
+    assert_eq!(tags(s.pp.upstream(0), 10).await.2, 0);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(s.b.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    // Deregistration is immediate, not a lease expiry.
+    s.pp.wait_endpoints("reviews", 1).await;
+    let status = tokio::task::spawn_blocking(move || s.b.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "drained sidecar exit status {status:?}"
+    );
+    let (a, b, failed) = tags(s.pp.upstream(0), 20).await;
+    assert_eq!((a, b, failed), (20, 0, 0));
+    s.a.kill().unwrap();
+    s.a.wait().unwrap();
+    s.pp.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_config_names_the_field_and_binds_nothing() {
+    let mesh = Mesh::with_dir().await;
+    let spare = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin = spare.local_addr().unwrap();
+    drop(spare);
+    let spec = Spec::new("reviews", "v1").upstream("ratings", 9080);
+    let text = mesh
+        .config_text(&spec)
+        .replace(
+            "[admin]\nlisten = \"127.0.0.1:0\"",
+            &format!("[admin]\nlisten = \"{admin}\""),
+        )
+        .replace("port = 9080", "port = 99999");
+    let path = mesh.dir.path().join("bad.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_halyard"))
+        .args(["sidecar", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("bad.toml") && err.contains("outbound.upstreams[0].port"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    // An unknown key is named too, on one line.
+    std::fs::write(
+        &path,
+        mesh.config_text(&spec)
+            .replace("[failure]\n", "[failure]\nretrys = 3\n"),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_halyard"))
+        .args(["sidecar", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("failure.retrys") && err.contains("unknown field"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    // Nothing was bound: the admin address is still free.
+    std::net::TcpListener::bind(admin).expect("admin address left free");
+}

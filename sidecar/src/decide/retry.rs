@@ -1,0 +1,421 @@
+//! The one retry and failure policy of L4 flows and L7 requests: what a failed attempt means
+//! (for the caller, the endpoint's outlier record and the telemetry), and whether the next step
+//! is another attempt, the answer in hand, or giving up.
+//!
+//! What a failure means, decided once here:
+//!
+//! | attempt error      | retried on        | endpoint charged      | L7 status | L4 flag |
+//! |--------------------|-------------------|-----------------------|-----------|---------|
+//! | connect failure    | `connect-failure` | ejected at once       | 503       | `UF`    |
+//! | connection lost    | `reset`           | one strike            | 502       | `UF`    |
+//! | stream reset       | `reset`           | one strike            | 502       | `UF`    |
+//! | per-try timeout    | `reset`           | one strike            | 504       | `UF`    |
+//! | refused 403        | never             | no (policy said no)   | 403       | `DENY`  |
+//! | refused 404        | `refused-stream`  | one strike            | 404       | `NR`    |
+//! | refused 503        | `gateway-error`   | one strike            | 503       | `UH`    |
+//! | refused other 5xx  | `gateway-error`   | one strike            | that      | `UF`    |
+//! | refused other      | never             | no                    | that      | `UF`    |
+//! | too large headers  | never             | no (the request's)    | 431       | `UF`    |
+//! | protocol error     | `reset`           | one strike            | 502       | `UF`    |
+//! | local failure      | never             | never                 | 400       | `UF`    |
+//!
+//! A lost connection means the QUIC connection under the attempt closed or timed out: the peer
+//! may have died, but it may as well have been idle-closed or briefly unreachable while its other
+//! streams were fine, and the pool opens a new connection for the next attempt. So it counts as
+//! one strike towards ejection, like a reset, not as a failed connect (which ejects at once:
+//! nothing could reach the endpoint at all). A peer that refuses with 404 disagrees with this
+//! sidecar's registry snapshot about what it serves (one of the two is stale): another endpoint
+//! may serve the request. Local failures (the caller's request could not be sent: a target that
+//! forms no URI, an app body that broke) are never charged to an endpoint and never retried.
+//!
+//! Retries: at most `max_retries` further attempts, only while the request can be sent again
+//! (nothing reached the app yet on L4; an idempotent or opted-in method with a kept body on L7),
+//! only for a condition in `on` (an empty `on` means `connect-failure`, `refused-stream` and
+//! `reset`), and only while the retry budget allows — which is asked last, so the budget is
+//! spent only when a retry really happens. A retry goes to an endpoint not tried yet while there
+//! is one; after that only where `revisit` allows (L7 yes, L4 no). Pure: the budget and `now`
+//! are arguments.
+
+use std::time::Instant;
+
+use halyard_registry::model::RetryOn;
+use halyard_transport::TunnelError;
+use http::StatusCode;
+
+use super::budget::{BudgetConfig, RetryBudget};
+use super::outlier::Failure;
+
+/// Why one attempt (one endpoint, one stream) failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptError {
+    /// The endpoint could not be reached: connect refused or timed out, or the peer is in
+    /// reconnect backoff after such a failure.
+    ConnectFailure,
+    /// The QUIC connection under the attempt closed or timed out.
+    ConnectionLost,
+    /// The peer reset the stream.
+    Reset,
+    /// No answer within the per-try timeout.
+    Timeout,
+    /// The peer sidecar answered with a non-2xx status instead of serving the stream.
+    Refused(StatusCode),
+    /// The peer does not take a header section this large.
+    HeaderTooBig,
+    /// The peer broke the HTTP/3 protocol, or the stream was closed under the attempt.
+    Protocol,
+    /// The caller's request could not be sent (a target that forms no URI, an app body that
+    /// broke): this side's failure, never the endpoint's.
+    Local,
+}
+
+/// A failed attempt: what went wrong and whether any byte may have reached the app behind the
+/// endpoint (only then is a retry unsafe whatever the method).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Failed {
+    /// What went wrong.
+    pub error: AttemptError,
+    /// True when nothing of the flow or request can have reached the target application.
+    pub before_any_byte: bool,
+}
+
+/// The L4 `response_flags` word of a flow that ended with an error (Envoy's vocabulary).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flag {
+    /// Upstream failure: no endpoint could be reached or served the flow.
+    UpstreamFailure,
+    /// No healthy upstream.
+    NoHealthy,
+    /// Refused by the destination's access policy.
+    Denied,
+    /// No route: the destination serves no such service or port.
+    NoRoute,
+}
+
+impl Flag {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Flag::UpstreamFailure => "UF",
+            Flag::NoHealthy => "UH",
+            Flag::Denied => "DENY",
+            Flag::NoRoute => "NR",
+        }
+    }
+}
+
+impl Failed {
+    /// Classifies a transport error (RFC 9114 §4.4 CONNECT answers, §8 stream errors).
+    pub fn of(e: &TunnelError) -> Failed {
+        let error = match e {
+            TunnelError::Connect { .. }
+            | TunnelError::ConnectTimeout { .. }
+            | TunnelError::Backoff { .. } => AttemptError::ConnectFailure,
+            TunnelError::ConnectionLost { .. } => AttemptError::ConnectionLost,
+            TunnelError::Reset { .. } => AttemptError::Reset,
+            TunnelError::Status { status } => AttemptError::Refused(*status),
+            TunnelError::HeaderTooBig { .. } => AttemptError::HeaderTooBig,
+            TunnelError::Closed | TunnelError::Protocol(_) => AttemptError::Protocol,
+        };
+        Failed {
+            error,
+            before_any_byte: e.before_any_byte(),
+        }
+    }
+
+    /// A failure of this sidecar's own making, before anything was sent.
+    pub fn local() -> Failed {
+        Failed {
+            error: AttemptError::Local,
+            before_any_byte: true,
+        }
+    }
+}
+
+impl AttemptError {
+    /// The retry condition (`Route.rules[].retries.on`) this failure falls under, if any.
+    pub fn condition(self) -> Option<RetryOn> {
+        match self {
+            AttemptError::ConnectFailure => Some(RetryOn::ConnectFailure),
+            AttemptError::ConnectionLost
+            | AttemptError::Reset
+            | AttemptError::Timeout
+            | AttemptError::Protocol => Some(RetryOn::Reset),
+            AttemptError::Refused(s) if s == StatusCode::NOT_FOUND => Some(RetryOn::RefusedStream),
+            AttemptError::Refused(s) if s.is_server_error() => Some(RetryOn::GatewayError),
+            AttemptError::Refused(_) | AttemptError::HeaderTooBig | AttemptError::Local => None,
+        }
+    }
+
+    /// What the endpoint's outlier record is charged with, if anything.
+    pub fn charge(self) -> Option<Failure> {
+        match self {
+            AttemptError::ConnectFailure => Some(Failure::Connect),
+            AttemptError::ConnectionLost
+            | AttemptError::Reset
+            | AttemptError::Timeout
+            | AttemptError::Protocol => Some(Failure::Error),
+            AttemptError::Refused(s) if s == StatusCode::NOT_FOUND || s.is_server_error() => {
+                Some(Failure::Error)
+            }
+            AttemptError::Refused(_) | AttemptError::HeaderTooBig | AttemptError::Local => None,
+        }
+    }
+
+    /// The status an L7 caller gets when this is the last attempt.
+    pub fn status(self) -> StatusCode {
+        match self {
+            AttemptError::ConnectFailure => StatusCode::SERVICE_UNAVAILABLE,
+            AttemptError::ConnectionLost | AttemptError::Reset | AttemptError::Protocol => {
+                StatusCode::BAD_GATEWAY
+            }
+            AttemptError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            AttemptError::Refused(s) => s,
+            AttemptError::HeaderTooBig => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            AttemptError::Local => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The L4 flag of a flow that ends with this failure.
+    pub fn flag(self) -> Flag {
+        match self {
+            AttemptError::Refused(StatusCode::FORBIDDEN) => Flag::Denied,
+            AttemptError::Refused(StatusCode::NOT_FOUND) => Flag::NoRoute,
+            AttemptError::Refused(StatusCode::SERVICE_UNAVAILABLE) => Flag::NoHealthy,
+            _ => Flag::UpstreamFailure,
+        }
+    }
+}
+
+/// The retry condition an upstream's own answer falls under (L7): 502-504 `gateway-error`,
+/// other 5xx `5xx`, 409 `retriable-4xx`.
+pub fn status_condition(status: StatusCode) -> Option<RetryOn> {
+    match status.as_u16() {
+        502..=504 => Some(RetryOn::GatewayError),
+        500..=599 => Some(RetryOn::FiveXx),
+        409 => Some(RetryOn::Retriable4xx),
+        _ => None,
+    }
+}
+
+/// What an upstream's answer costs its endpoint: a 5xx is one strike, anything else a success.
+pub fn answer_charge(status: StatusCode) -> Option<Failure> {
+    status.is_server_error().then_some(Failure::Error)
+}
+
+/// The retry settings of one flow or request.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy<'a> {
+    /// Further attempts allowed after the first.
+    pub max_retries: u32,
+    /// Conditions that allow a retry; empty: `connect-failure`, `refused-stream`, `reset`.
+    pub on: &'a [RetryOn],
+    /// Whether the request may be sent again at all: L4, the first bytes are kept; L7, an
+    /// idempotent or opted-in method whose body is kept in memory.
+    pub replayable: bool,
+    /// Whether a retry may go back to an endpoint this flow or request already tried, once every
+    /// endpoint has been tried. L4: no — its attempts fail on the endpoint taking the connection
+    /// (unreachable, its app refusing), which an immediate repeat rarely changes. L7: yes — a 5xx
+    /// or reset is often one request's bad luck, and a service with one endpoint must still be
+    /// able to retry (Envoy's `previous_hosts` predicate likewise prefers, but does not require,
+    /// another host).
+    pub revisit: bool,
+}
+
+/// What to do after an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Try another endpoint (the budget has paid for it).
+    Retry,
+    /// Hand the upstream's answer to the caller.
+    Answer,
+    /// Give up: the caller gets this failure's status or flag.
+    Fail,
+}
+
+/// How an attempt ended, for [`next`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The upstream answered (L7), possibly with an error status.
+    Answered(StatusCode),
+    /// The attempt failed.
+    Failed(Failed),
+}
+
+impl RetryPolicy<'_> {
+    fn covers(&self, cond: RetryOn) -> bool {
+        if self.on.is_empty() {
+            return matches!(
+                cond,
+                RetryOn::ConnectFailure | RetryOn::RefusedStream | RetryOn::Reset
+            );
+        }
+        self.on.contains(&cond)
+            || (cond == RetryOn::GatewayError && self.on.contains(&RetryOn::FiveXx))
+    }
+}
+
+/// The step after attempt number `retries_done + 1` ended with `outcome`. When every other
+/// condition allows a retry, one is taken from `budget` (at `now`); a refused budget fails (or
+/// answers) instead.
+pub fn next(
+    policy: &RetryPolicy<'_>,
+    retries_done: u32,
+    outcome: Outcome,
+    budget: &mut RetryBudget,
+    cfg: &BudgetConfig,
+    now: Instant,
+) -> Step {
+    let (cond, safe, give_up) = match outcome {
+        Outcome::Answered(s) => (status_condition(s), true, Step::Answer),
+        Outcome::Failed(f) => (f.error.condition(), f.before_any_byte, Step::Fail),
+    };
+    let allowed = retries_done < policy.max_retries
+        && policy.replayable
+        && safe
+        && cond.is_some_and(|c| policy.covers(c));
+    if allowed && budget.try_retry(cfg, now) {
+        Step::Retry
+    } else {
+        give_up
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn failed(error: AttemptError) -> Outcome {
+        Outcome::Failed(Failed {
+            error,
+            before_any_byte: true,
+        })
+    }
+
+    fn step(policy: &RetryPolicy<'_>, done: u32, outcome: Outcome) -> Step {
+        let mut budget = RetryBudget::default();
+        next(
+            policy,
+            done,
+            outcome,
+            &mut budget,
+            &BudgetConfig::default(),
+            Instant::now(),
+        )
+    }
+
+    const ANY: RetryPolicy<'static> = RetryPolicy {
+        max_retries: 2,
+        on: &[],
+        replayable: true,
+        revisit: true,
+    };
+
+    #[test]
+    fn a_connect_failure_is_retried_and_ejects() {
+        assert_eq!(
+            step(&ANY, 0, failed(AttemptError::ConnectFailure)),
+            Step::Retry
+        );
+        assert_eq!(
+            AttemptError::ConnectFailure.charge(),
+            Some(Failure::Connect)
+        );
+    }
+
+    #[test]
+    fn a_lost_connection_is_one_strike_and_retried_as_a_reset() {
+        assert_eq!(AttemptError::ConnectionLost.charge(), Some(Failure::Error));
+        assert_eq!(
+            AttemptError::ConnectionLost.condition(),
+            Some(RetryOn::Reset)
+        );
+        assert_eq!(
+            step(&ANY, 0, failed(AttemptError::ConnectionLost)),
+            Step::Retry
+        );
+    }
+
+    #[test]
+    fn a_policy_refusal_is_final_and_charges_nobody() {
+        let denied = AttemptError::Refused(StatusCode::FORBIDDEN);
+        assert_eq!(step(&ANY, 0, failed(denied)), Step::Fail);
+        assert_eq!(denied.charge(), None);
+        assert_eq!(denied.flag(), Flag::Denied);
+    }
+
+    #[test]
+    fn a_local_failure_is_never_charged_or_retried() {
+        assert_eq!(AttemptError::Local.charge(), None);
+        assert_eq!(step(&ANY, 0, Outcome::Failed(Failed::local())), Step::Fail);
+    }
+
+    #[test]
+    fn nothing_is_retried_once_bytes_may_have_reached_the_app() {
+        let after = Outcome::Failed(Failed {
+            error: AttemptError::Reset,
+            before_any_byte: false,
+        });
+        assert_eq!(step(&ANY, 0, after), Step::Fail);
+    }
+
+    #[test]
+    fn retries_stop_at_the_maximum() {
+        assert_eq!(step(&ANY, 2, failed(AttemptError::Reset)), Step::Fail);
+    }
+
+    #[test]
+    fn a_request_that_cannot_be_replayed_is_not_retried() {
+        let once = RetryPolicy {
+            replayable: false,
+            ..ANY
+        };
+        assert_eq!(
+            step(&once, 0, failed(AttemptError::ConnectFailure)),
+            Step::Fail
+        );
+    }
+
+    #[test]
+    fn an_answer_is_retried_only_for_a_listed_condition() {
+        let on_5xx = RetryPolicy {
+            on: &[RetryOn::FiveXx],
+            ..ANY
+        };
+        assert_eq!(
+            step(&on_5xx, 0, Outcome::Answered(StatusCode::BAD_GATEWAY)),
+            Step::Retry
+        );
+        assert_eq!(
+            step(&on_5xx, 0, Outcome::Answered(StatusCode::OK)),
+            Step::Answer
+        );
+        assert_eq!(
+            step(&ANY, 0, Outcome::Answered(StatusCode::BAD_GATEWAY)),
+            Step::Answer
+        );
+    }
+
+    #[test]
+    fn a_refused_budget_is_not_spent_by_attempts_that_would_not_retry() {
+        let cfg = BudgetConfig {
+            percent: 0,
+            min_per_second: 1,
+            window: Duration::from_secs(1),
+        };
+        let mut budget = RetryBudget::default();
+        let now = Instant::now();
+        // Not retryable: the budget's single retry stays.
+        let denied = failed(AttemptError::Refused(StatusCode::FORBIDDEN));
+        assert_eq!(next(&ANY, 0, denied, &mut budget, &cfg, now), Step::Fail);
+        assert_eq!(
+            next(&ANY, 0, failed(AttemptError::Reset), &mut budget, &cfg, now),
+            Step::Retry
+        );
+        assert_eq!(
+            next(&ANY, 0, failed(AttemptError::Reset), &mut budget, &cfg, now),
+            Step::Fail
+        );
+    }
+}

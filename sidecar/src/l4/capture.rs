@@ -1,0 +1,75 @@
+//! Outbound capture: the app's TCP connections arrive on an explicit upstream listener (bound
+//! to one destination service port) or, through iptables REDIRECT, on the transparent listener,
+//! where SO_ORIGINAL_DST tells where the app meant to go and `decide::capture` maps that to a
+//! service. Each accepted connection becomes one flow task on `Shared::flows`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::decide::capture::{resolve, Destination};
+use crate::l4::outbound::{flow, reset, Flags};
+use crate::state::Shared;
+use crate::telemetry::metrics::{Direction, Edge};
+
+/// Accepts app connections on an explicit upstream listener until `stop`.
+pub(crate) async fn serve_upstream(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    dest: Destination,
+    stop: CancellationToken,
+) {
+    while let Some((tcp, _)) = crate::net::accept(&listener, &stop, "outbound").await {
+        let shared2 = shared.clone();
+        let dest = dest.clone();
+        shared
+            .flows
+            .spawn(async move { flow(shared2, tcp, dest).await });
+    }
+}
+
+/// Accepts transparently captured connections, reading the original destination.
+pub(crate) async fn serve_transparent(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    stop: CancellationToken,
+) {
+    let own = listener.local_addr().ok();
+    while let Some((tcp, peer)) = crate::net::accept(&listener, &stop, "transparent").await {
+        let resolved = original_destination(&tcp)
+            .and_then(|d| resolve(&shared.current(), d, own).map_err(|e| e.to_string()));
+        match resolved {
+            Ok(dest) => {
+                let s = shared.clone();
+                shared.flows.spawn(async move { flow(s, tcp, dest).await });
+            }
+            Err(why) => {
+                tracing::warn!(%peer, reason = %why, "captured connection refused");
+                let edge = Edge {
+                    direction: Direction::Outbound,
+                    source: &shared.service,
+                    destination: "unknown",
+                    version: "unknown",
+                };
+                shared
+                    .metrics
+                    .tcp_flow(edge, Flags::NoRoute.as_str(), 0, 0, 0.0);
+                reset(tcp);
+            }
+        }
+    }
+}
+
+/// SO_ORIGINAL_DST of a REDIRECTed connection.
+fn original_destination(tcp: &TcpStream) -> Result<SocketAddr, String> {
+    let sock = socket2::SockRef::from(tcp);
+    let addr = match tcp.local_addr() {
+        Ok(SocketAddr::V6(_)) => sock.original_dst_v6(),
+        _ => sock.original_dst_v4(),
+    };
+    addr.map_err(|e| format!("no original destination: {e}"))?
+        .as_socket()
+        .ok_or_else(|| "original destination is not an IP address".to_owned())
+}

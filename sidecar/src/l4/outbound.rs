@@ -1,0 +1,271 @@
+//! Outbound capture: app TCP connections become HTTP/3 CONNECT tunnels to a chosen endpoint.
+//!
+//! A flow may be retried on another endpoint while nothing has come back to the app yet: the
+//! bytes the app sent first are kept and replayed. Once the peer answered 200, the flow is
+//! committed to that endpoint.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use halyard_registry::model::RetryOn;
+use halyard_transport::{Target, Tunnel, TunnelError};
+use tokio::net::TcpStream;
+
+use crate::decide::retry::{self, AttemptError, Failed, Flag, RetryPolicy, Step};
+use crate::state::{Picked, Shared};
+use crate::telemetry::metrics::{Direction, Edge};
+use crate::telemetry::{Outcome, Record};
+
+/// How many bytes the app may have sent before the tunnel opens that are carried with it.
+const FIRST_BYTES: usize = 16 * 1024;
+
+pub(crate) use crate::decide::capture::Destination;
+
+/// How a flow ended, as the `response_flags` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flags {
+    /// Completed.
+    Ok,
+    /// No endpoint could be reached (after retries).
+    UpstreamFailure,
+    /// No endpoint, or none healthy.
+    NoHealthy,
+    /// The destination refused by policy.
+    Denied,
+    /// The destination is not a known service.
+    NoRoute,
+    /// Reset after the tunnel was up.
+    Reset,
+}
+
+impl Flags {
+    /// Label value.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Flags::Ok => "-",
+            Flags::UpstreamFailure => "UF",
+            Flags::NoHealthy => "UH",
+            Flags::Denied => "DENY",
+            Flags::NoRoute => "NR",
+            Flags::Reset => "RESET",
+        }
+    }
+}
+
+/// Carries one app connection to `dest`.
+pub(crate) async fn flow(shared: Arc<Shared>, mut app: TcpStream, dest: Destination) {
+    let _ = app.set_nodelay(true);
+    if is_http(&shared, &dest) {
+        return crate::l7::outbound::serve(shared, app, dest).await;
+    }
+    let _active = shared.metrics.active(Direction::Outbound);
+    let started = Instant::now();
+    let first = first_bytes(&app).freeze();
+    let (flags, version, sent, received, endpoint) = match connect(&shared, &dest, &first).await {
+        Ok((picked, mut tunnel)) => {
+            let version = picked.version().to_owned();
+            let endpoint = picked.endpoint.address;
+            let (flags, up, down) = pipe(&shared, &mut app, &mut tunnel).await;
+            shared.outcome(&picked, None);
+            (
+                flags,
+                version,
+                up + first.len() as u64,
+                down,
+                Some(endpoint),
+            )
+        }
+        Err(flags) => {
+            reset(app);
+            (flags, "unknown".to_owned(), 0, 0, None)
+        }
+    };
+    tracing::debug!(destination = %dest.service, flags = flags.as_str(), sent, received, "outbound flow ended");
+    let edge = Edge {
+        direction: Direction::Outbound,
+        source: &shared.service,
+        destination: &dest.service,
+        version: &version,
+    };
+    shared.metrics.tcp_flow(
+        edge,
+        flags.as_str(),
+        sent,
+        received,
+        started.elapsed().as_secs_f64(),
+    );
+    let rec = Record::new(
+        Direction::Outbound,
+        (&shared.service, &dest.service, &version),
+        Outcome::Flags(flags.as_str()),
+        started,
+    );
+    let sinks = shared.metrics.sinks();
+    let route = sinks
+        .enabled()
+        .then(|| crate::telemetry::l4_route(&shared.current(), &shared.service, &dest.service))
+        .flatten();
+    sinks.record(Record {
+        endpoint,
+        route,
+        sent: Some(sent),
+        received: Some(received),
+        ..rec
+    });
+}
+
+/// Whether the destination port speaks HTTP (routed per request) rather than opaque TCP.
+fn is_http(shared: &Shared, dest: &Destination) -> bool {
+    use halyard_registry::model::Protocol;
+    shared
+        .current()
+        .service(&dest.service)
+        .and_then(|s| s.port(dest.port).map(|p| p.protocol != Protocol::Tcp))
+        .unwrap_or(false)
+}
+
+/// Whatever the app already sent, without waiting (server-speaks-first protocols send nothing).
+fn first_bytes(app: &TcpStream) -> BytesMut {
+    let mut buf = BytesMut::with_capacity(FIRST_BYTES);
+    let _ = app.try_read_buf(&mut buf);
+    buf
+}
+
+/// Opens a tunnel, trying further endpoints as the retry policy allows: every failure before
+/// any byte came back, up to `failure.retries` more attempts, within the retry budget.
+async fn connect(
+    shared: &Arc<Shared>,
+    dest: &Destination,
+    first: &Bytes,
+) -> Result<(Picked, Tunnel), Flags> {
+    let policy = RetryPolicy {
+        max_retries: shared.config.file.failure.retries,
+        on: &L4_RETRY_ON,
+        replayable: true,
+        revisit: false,
+    };
+    shared.budget_request(&dest.service);
+    let mut tried = Vec::new();
+    let mut last = Flags::NoHealthy;
+    for retries_done in 0.. {
+        // After a failure, no endpoint left to try ends the flow with that failure.
+        let picked = shared.pick(&dest.service, &tried).map_err(|_| last)?;
+        tried.push(picked.endpoint.id.clone());
+        let failed = match attempt_once(shared, &picked, dest, first).await {
+            Ok(tunnel) => return Ok((picked, tunnel)),
+            Err(failed) => failed,
+        };
+        let endpoint = &picked.endpoint.id;
+        tracing::debug!(service = %dest.service, endpoint, error = ?failed.error, "tunnel attempt failed");
+        if failed.error != AttemptError::Local {
+            shared.outcome(&picked, failed.error.charge());
+        }
+        last = failed.error.flag().into();
+        let outcome = retry::Outcome::Failed(failed);
+        if shared.next_step(&dest.service, &policy, retries_done, outcome) != Step::Retry {
+            return Err(last);
+        }
+        shared.metrics.retry(&dest.service);
+    }
+    Err(Flags::UpstreamFailure)
+}
+
+/// What L4 flows are retried on: every failure before any byte came back but a refusal.
+const L4_RETRY_ON: [RetryOn; 4] = [
+    RetryOn::ConnectFailure,
+    RetryOn::RefusedStream,
+    RetryOn::Reset,
+    RetryOn::GatewayError,
+];
+
+async fn attempt_once(
+    shared: &Shared,
+    picked: &Picked,
+    dest: &Destination,
+    first: &Bytes,
+) -> Result<Tunnel, Failed> {
+    let Ok(target) = Target::new(&dest.service, dest.port) else {
+        return Err(Failed::local());
+    };
+    let ep = &picked.endpoint;
+    let timeout = shared.config.file.failure.connect_timeout;
+    let open = async {
+        let mut tunnel = shared
+            .pool
+            .open_tcp(ep.address, &ep.identity, &target, http::HeaderMap::new())
+            .await?;
+        if !first.is_empty() {
+            tunnel
+                .write_bytes(first.clone())
+                .await
+                .map_err(tunnel_error)?;
+        }
+        tunnel.status().await?;
+        Ok::<_, TunnelError>(tunnel)
+    };
+    match tokio::time::timeout(timeout, open).await {
+        Ok(result) => result.map_err(|e| Failed::of(&e)),
+        Err(_) => Err(Failed::of(&TunnelError::ConnectTimeout {
+            peer: ep.address,
+            after: timeout,
+        })),
+    }
+}
+
+/// The transport error inside an I/O error from a tunnel (see `TunnelError::into_io`).
+fn tunnel_error(e: std::io::Error) -> TunnelError {
+    let why = e.to_string();
+    e.into_inner()
+        .and_then(|inner| inner.downcast::<TunnelError>().ok())
+        .map_or(TunnelError::Protocol(why), |t| *t)
+}
+
+impl From<Flag> for Flags {
+    fn from(f: Flag) -> Flags {
+        match f {
+            Flag::UpstreamFailure => Flags::UpstreamFailure,
+            Flag::NoHealthy => Flags::NoHealthy,
+            Flag::Denied => Flags::Denied,
+            Flag::NoRoute => Flags::NoRoute,
+        }
+    }
+}
+
+/// Copies both ways until both sides finished, or the drain deadline passes.
+async fn pipe(shared: &Shared, app: &mut TcpStream, tunnel: &mut Tunnel) -> (Flags, u64, u64) {
+    tokio::select! {
+        r = splice(app, tunnel) => match r {
+            Ok((up, down)) => (Flags::Ok, up, down),
+            Err(_) => {
+                tunnel.abort();
+                reset_on_close(app);
+                (Flags::Reset, 0, 0)
+            }
+        },
+        _ = shared.hard_stop.cancelled() => {
+            // Both ends see a reset: a flow cut by the drain deadline must not look complete.
+            tunnel.abort();
+            reset_on_close(app);
+            (Flags::Reset, 0, 0)
+        }
+    }
+}
+
+/// Pipes both ways without copying received data (see the transport's notes on copies).
+async fn splice(app: &mut TcpStream, tunnel: &mut Tunnel) -> std::io::Result<(u64, u64)> {
+    let (read, write) = app.split();
+    tunnel.splice(read, write).await
+}
+
+/// Closes an app connection with a TCP reset, as a refused connection would.
+pub(crate) fn reset(app: TcpStream) {
+    reset_on_close(&app);
+    drop(app);
+}
+
+/// Makes the coming close of `tcp` a reset (SO_LINGER 0; on a non-blocking socket this never
+/// blocks).
+pub(crate) fn reset_on_close(tcp: &TcpStream) {
+    let _ = socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO));
+}

@@ -1,0 +1,359 @@
+//! L7 inbound: HTTP/3 requests from verified peers are checked against the service's ports and
+//! request-level policy, then sent to the local app over HTTP/1.1 or h2 (gRPC), streaming both
+//! bodies and the trailers.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use halyard_registry::model::Protocol;
+use halyard_transport::{HttpRequest, Target};
+use http::header::HeaderValue;
+use http::{Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Frame;
+
+use super::body::{to_bytes, BodyError, BodySender, ChannelBody};
+use super::headers::{strip_hop_by_hop, strip_identity_claims, PEER_IDENTITY};
+use super::normalize::normalize;
+use super::trace::TraceContext;
+use crate::decide::admit::Stream;
+use crate::decide::policy;
+use crate::state::{source_label, Shared};
+use crate::telemetry::metrics::{Direction, Edge};
+use crate::telemetry::Seen;
+
+type SendHalf = halyard_transport::h3::server::RequestStream<
+    halyard_transport::h3_quinn::SendStream<Bytes>,
+    Bytes,
+>;
+type RecvHalf =
+    halyard_transport::h3::server::RequestStream<halyard_transport::h3_quinn::RecvStream, Bytes>;
+
+/// Where an admitted request goes.
+struct Admitted {
+    app: SocketAddr,
+    grpc: bool,
+    target: String,
+}
+
+/// Serves one HTTP/3 request from a peer sidecar.
+pub(crate) async fn serve(shared: &Arc<Shared>, req: HttpRequest) {
+    let started = Instant::now();
+    let HttpRequest {
+        peer,
+        request,
+        stream,
+    } = req;
+    let mut seen = Seen::request(&request);
+    let snap = shared.current();
+    let services = shared.peer_services(&snap, &peer.id);
+    let source = source_label(&services).to_owned();
+    // From here on every path answers: `Responder` resets a stream left without a response.
+    let (send, recv) = stream.split();
+    let mut out = Responder::new(send);
+    let code = match admit(shared, &peer.id, &services, &request) {
+        Err((status, why)) => {
+            tracing::info!(peer = %peer.id, uri = %request.uri(), %status, reason = %why, "request refused");
+            // `recv` lives until the answer is out: dropping it first would stop the caller's
+            // request body, and the caller could fail before it reads the answer.
+            out.local(status, &why).await;
+            drop(recv);
+            status.as_u16()
+        }
+        Ok(admitted) => {
+            seen.served(admitted.app);
+            let work = forward(
+                shared, &peer.id, request, recv, &mut out, admitted, &mut seen,
+            );
+            match shared.until_hard_stop(work).await {
+                Some(code) => code,
+                // The drain deadline passed: a response under way is reset when `out` drops.
+                None => out.status.unwrap_or(503),
+            }
+        }
+    };
+    drop(out);
+    let version = shared.version();
+    let edge = Edge {
+        direction: Direction::Inbound,
+        source: &source,
+        destination: &shared.service,
+        version,
+    };
+    shared
+        .metrics
+        .request(edge, code, started.elapsed().as_secs_f64());
+    let edge = (source.as_str(), shared.service.as_str(), version);
+    let sinks = shared.metrics.sinks();
+    seen.finish(
+        sinks,
+        Direction::Inbound,
+        edge,
+        Some(peer.id.as_str()),
+        (code, seen.received),
+    );
+}
+
+fn admit(
+    shared: &Shared,
+    peer: &halyard_certs::SpiffeId,
+    services: &[String],
+    req: &http::Request<()>,
+) -> Result<Admitted, (StatusCode, String)> {
+    let snap = shared.current();
+    let target = Target::from_uri(req.uri())
+        .map_err(|e| (StatusCode::BAD_REQUEST, format!("bad authority: {e}")))?;
+    let raw = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let norm =
+        normalize(raw).map_err(|e| (StatusCode::BAD_REQUEST, format!("refused path: {e}")))?;
+    let on = policy::Target {
+        port: target.port(),
+        method: Some(req.method().as_str()),
+        path: Some(&norm.path),
+        headers: Some(req.headers()),
+    };
+    let port = shared
+        .admit(&snap, &target, Stream::Request, peer, services, on)
+        .map_err(|refusal| (refusal.status(), refusal.to_string()))?;
+    Ok(Admitted {
+        app: SocketAddr::new(shared.config.file.inbound.app_host, port.target_port),
+        grpc: port.protocol == Protocol::Grpc,
+        target: norm.target(),
+    })
+}
+
+/// The response side of a request stream. The transport leaves answering an `HttpRequest` to
+/// the handler, and a stream that ends without a response is a connection error for the h3
+/// client: every request on that connection would fail. quinn finishes a dropped send stream,
+/// so whatever path `serve` takes (an early return, an error, a panic, the drain deadline), a
+/// response not sent in full is reset instead (RFC 9114 §4.1.1: H3_REQUEST_CANCELLED, the
+/// request may have been partly processed), and a cut body never looks complete.
+struct Responder {
+    send: SendHalf,
+    /// The status sent, once the head is out.
+    status: Option<u16>,
+    /// Whether the stream was finished (or found broken): nothing to reset.
+    done: bool,
+}
+
+impl Responder {
+    fn new(send: SendHalf) -> Self {
+        Responder {
+            send,
+            status: None,
+            done: false,
+        }
+    }
+
+    /// Sends the response head; `false` when the stream is gone.
+    async fn head(&mut self, resp: Response<()>) -> bool {
+        let status = resp.status().as_u16();
+        let sent = self.send.send_response(resp).await.is_ok();
+        if sent {
+            self.status = Some(status);
+        }
+        self.done = !sent;
+        sent
+    }
+
+    /// Sends a body frame (data or trailers); `false` when the stream is gone.
+    async fn frame(&mut self, frame: Frame<Bytes>) -> bool {
+        let sent = match frame.into_data() {
+            Ok(data) => self.send.send_data(data).await,
+            Err(frame) => match frame.into_trailers() {
+                Ok(t) => self.send.send_trailers(t).await,
+                Err(_) => Ok(()),
+            },
+        };
+        self.done = sent.is_err();
+        sent.is_ok()
+    }
+
+    /// Ends the response.
+    async fn finish(&mut self) {
+        let _ = self.send.finish().await;
+        self.done = true;
+    }
+
+    /// A response made by this sidecar: `status`, `x-halyard-local-reply` and `why`.
+    async fn local(&mut self, status: StatusCode, why: &str) {
+        let mut resp = Response::new(());
+        *resp.status_mut() = status;
+        resp.headers_mut()
+            .insert("x-halyard-local-reply", HeaderValue::from_static("1"));
+        if self.head(resp).await
+            && self
+                .frame(Frame::data(Bytes::from(format!("{why}\n"))))
+                .await
+        {
+            self.finish().await;
+        }
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        if !self.done {
+            self.send
+                .stop_stream(halyard_transport::h3::error::Code::H3_REQUEST_CANCELLED);
+        }
+    }
+}
+
+/// Sends the request to the app and its response back; returns the status sent.
+async fn forward(
+    shared: &Arc<Shared>,
+    peer: &halyard_certs::SpiffeId,
+    req: http::Request<()>,
+    recv: RecvHalf,
+    out: &mut Responder,
+    admitted: Admitted,
+    seen: &mut Seen,
+) -> u16 {
+    let (mut parts, ()) = req.into_parts();
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    strip_hop_by_hop(&mut parts.headers);
+    strip_identity_claims(&mut parts.headers);
+    if let Ok(v) = HeaderValue::from_str(peer.as_str()) {
+        parts.headers.insert(PEER_IDENTITY, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&authority) {
+        parts.headers.insert(http::header::HOST, v);
+    }
+    let trace = parts
+        .headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceContext::parse);
+    seen.after = trace.map(|t| t.child());
+    if let Some(v) = seen
+        .after
+        .and_then(|t| HeaderValue::from_str(&t.to_string()).ok())
+    {
+        parts.headers.insert("traceparent", v);
+    }
+    let scheme = "http";
+    let Ok(uri) = format!("{scheme}://{}{}", admitted.app, admitted.target).parse() else {
+        out.local(StatusCode::BAD_REQUEST, "bad request target")
+            .await;
+        return 400;
+    };
+    parts.uri = uri;
+    parts.version = if admitted.grpc {
+        http::Version::HTTP_2
+    } else {
+        http::Version::HTTP_11
+    };
+    let (tx, body) = ChannelBody::channel();
+    let pumping = shared.clone();
+    shared.flows.spawn(async move {
+        // Ends once the app no longer reads the body, even while the caller is silent.
+        let pump = async {
+            tokio::select! {
+                _ = pump_request(recv, &tx) => {}
+                _ = tx.closed() => {}
+            }
+        };
+        pumping.until_hard_stop(pump).await;
+    });
+    let client = if admitted.grpc {
+        &shared.app_h2
+    } else {
+        &shared.app_h1
+    };
+    match client.request(http::Request::from_parts(parts, body)).await {
+        Ok(resp) => {
+            seen.received = crate::telemetry::content_length(resp.headers());
+            respond(out, resp).await
+        }
+        Err(e) => {
+            tracing::info!(app = %admitted.app, error = %e, "local app request failed");
+            let (status, why) = app_failure(&e);
+            out.local(status, why).await;
+            status.as_u16()
+        }
+    }
+}
+
+/// DESIGN §2: 504 when the local app did not accept the connection in time, 502 when it
+/// refused or reset.
+fn app_failure(e: &hyper_util::client::legacy::Error) -> (StatusCode, &'static str) {
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        let timed_out = err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
+        if timed_out && e.is_connect() {
+            return (
+                StatusCode::GATEWAY_TIMEOUT,
+                "local app did not accept the connection in time",
+            );
+        }
+        source = err.source();
+    }
+    if e.is_connect() {
+        (StatusCode::BAD_GATEWAY, "local app refused the connection")
+    } else {
+        (StatusCode::BAD_GATEWAY, "local app reset the request")
+    }
+}
+
+/// Streams the app's response (head, body, trailers) to the peer.
+async fn respond(out: &mut Responder, resp: Response<hyper::body::Incoming>) -> u16 {
+    let (mut parts, mut body) = resp.into_parts();
+    if parts.status.is_informational() {
+        // hyper hands over a 101 (or another 1xx) as the final response; HTTP/3 has no
+        // upgrade (RFC 9114 §4.5) and a 1xx is never final.
+        out.local(
+            StatusCode::BAD_GATEWAY,
+            "local app answered with a 1xx status",
+        )
+        .await;
+        return 502;
+    }
+    let status = parts.status.as_u16();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.version = http::Version::HTTP_3;
+    if !out.head(Response::from_parts(parts, ())).await {
+        return status;
+    }
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            // The app broke off mid-body: `out` resets the stream when it drops, so the caller
+            // does not take the body as complete.
+            return status;
+        };
+        if !out.frame(frame).await {
+            return status;
+        }
+    }
+    out.finish().await;
+    status
+}
+
+/// Moves the request body from h3 to the app.
+async fn pump_request(mut recv: RecvHalf, tx: &BodySender) {
+    loop {
+        match recv.recv_data().await {
+            Ok(Some(buf)) => {
+                if tx.send(Ok(Frame::data(to_bytes(buf)))).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                let _ = tx.send(Err(BodyError(e.to_string()))).await;
+                return;
+            }
+        }
+    }
+    if let Ok(Some(t)) = recv.recv_trailers().await {
+        let _ = tx.send(Ok(Frame::trailers(t))).await;
+    }
+}

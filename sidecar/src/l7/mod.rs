@@ -1,0 +1,15 @@
+//! L7: HTTP/1.1, h2 and gRPC between apps, carried as HTTP/3 between sidecars, routed and
+//! checked per request.
+//!
+//! `outbound` serves the app's connection (behind the `guard` on HTTP/1 framing), normalizes
+//! the path once (`normalize`), cleans headers (`headers`), continues the trace (`trace`) and
+//! sends each request to the endpoint `decide` picks; `inbound` admits a peer's request and
+//! forwards it to the app; `body` streams bodies through bounded channels.
+
+pub(crate) mod body;
+pub(crate) mod guard;
+pub(crate) mod headers;
+pub(crate) mod inbound;
+pub(crate) mod normalize;
+pub(crate) mod outbound;
+pub(crate) mod trace;

@@ -1,0 +1,135 @@
+//! W3C trace context (`traceparent`): continue the caller's trace or start one, with a new span
+//! id for the hop this sidecar adds.
+
+use std::fmt;
+
+/// A parsed or new trace context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TraceContext {
+    /// 16-byte trace id.
+    pub(crate) trace_id: [u8; 16],
+    /// 8-byte id of the span this context points at (the parent of the next span).
+    pub(crate) span_id: [u8; 8],
+    /// Trace flags (bit 0: sampled).
+    pub(crate) flags: u8,
+}
+
+fn hex_bytes<const N: usize>(s: &str) -> Option<[u8; N]> {
+    if s.len() != N * 2 || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&s[i * 2..i * 2 + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+impl TraceContext {
+    /// Parses a `traceparent` value (version 00; unknown later versions are read by their
+    /// first four fields, as the spec asks). All-zero ids are invalid.
+    pub(crate) fn parse(value: &str) -> Option<Self> {
+        let mut parts = value.trim().split('-');
+        let version = parts.next()?;
+        let (trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?);
+        if version.len() != 2 || version == "ff" || (version == "00" && parts.next().is_some()) {
+            return None;
+        }
+        let trace_id = hex_bytes::<16>(trace)?;
+        let span_id = hex_bytes::<8>(span)?;
+        let [flags] = hex_bytes::<1>(flags)?;
+        if trace_id == [0; 16] || span_id == [0; 8] {
+            return None;
+        }
+        Some(TraceContext {
+            trace_id,
+            span_id,
+            flags,
+        })
+    }
+
+    /// A new sampled trace.
+    pub(crate) fn start() -> Self {
+        TraceContext {
+            trace_id: nonzero(),
+            span_id: nonzero(),
+            flags: 1,
+        }
+    }
+
+    /// The context for a child span of this one (same trace, new span id).
+    pub(crate) fn child(&self) -> Self {
+        TraceContext {
+            span_id: nonzero(),
+            ..*self
+        }
+    }
+
+    /// The trace id as 32 hex digits.
+    pub(crate) fn trace_hex(&self) -> String {
+        hex(&self.trace_id)
+    }
+
+    /// The span id as 16 hex digits.
+    pub(crate) fn span_hex(&self) -> String {
+        hex(&self.span_id)
+    }
+}
+
+fn nonzero<const N: usize>() -> [u8; N] {
+    loop {
+        let mut b = [0u8; N];
+        for x in b.iter_mut() {
+            *x = rand::random();
+        }
+        if b != [0; N] {
+            return b;
+        }
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl fmt::Display for TraceContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "00-{}-{}-{:02x}",
+            self.trace_hex(),
+            self.span_hex(),
+            self.flags
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_continues_and_refuses() {
+        let v = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let t = TraceContext::parse(v).unwrap();
+        assert_eq!(t.to_string(), v);
+        let c = t.child();
+        assert_eq!(c.trace_id, t.trace_id);
+        assert_ne!(c.span_id, t.span_id);
+        for bad in [
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "garbage",
+        ] {
+            assert!(TraceContext::parse(bad).is_none(), "{bad}");
+        }
+        assert!(TraceContext::parse(
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-future"
+        )
+        .is_some());
+        assert_eq!(TraceContext::start().flags, 1);
+    }
+}

@@ -1,0 +1,469 @@
+//! State shared by the sidecar's listeners: the registry snapshot in force, the connection pool,
+//! load-balancing and outlier state, metrics, and the drain signal.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use halyard_certs::SpiffeId;
+use halyard_registry::model::{Endpoint, Labels, RouteRule, ServicePort};
+use halyard_registry::Snapshot;
+use halyard_transport::{PeerKey, PeerStats, Pool, Target};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::decide::admit::{self, Refusal};
+use crate::decide::budget::RetryBudget;
+use crate::decide::outlier::{Failure, Outliers};
+use crate::decide::pick::{self, BackendPickers, Load, Locality};
+use crate::decide::policy::{self, Peer};
+use crate::decide::retry::{self, RetryPolicy, Step};
+use crate::telemetry::metrics::Metrics;
+
+/// Everything the data plane's tasks share.
+pub(crate) struct Shared {
+    /// The checked configuration.
+    pub(crate) config: Arc<Config>,
+    /// This sidecar's service name.
+    pub(crate) service: String,
+    /// The registry snapshot in force; a new value applies to new flows at once.
+    pub(crate) snapshot: watch::Receiver<Arc<Snapshot>>,
+    /// Pooled QUIC connections to peer sidecars.
+    pub(crate) pool: Pool,
+    /// Metrics.
+    pub(crate) metrics: Metrics,
+    /// Where this sidecar runs.
+    pub(crate) locality: Locality,
+    /// Every flow task, so drain can wait for them.
+    pub(crate) flows: TaskTracker,
+    /// Cancelled when the drain starts: app HTTP connections finish the request in flight and
+    /// close instead of waiting for the next one.
+    pub(crate) draining: CancellationToken,
+    /// Cancelled when the drain deadline passes: open flows close.
+    pub(crate) hard_stop: CancellationToken,
+    lb: Mutex<LbState>,
+    budgets: Mutex<HashMap<String, RetryBudget>>,
+    peer_index: Mutex<PeerIndex>,
+    /// Pooled HTTP/1.1 connections to the local app.
+    pub(crate) app_h1: AppClient,
+    /// Pooled h2 (prior knowledge) connections to the local app, for gRPC.
+    pub(crate) app_h2: AppClient,
+}
+
+/// A pooled client to the local app.
+pub(crate) type AppClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    crate::l7::body::ChannelBody,
+>;
+
+fn app_client(h2: bool, connect_timeout: Duration) -> AppClient {
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect_timeout));
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(h2)
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(connector)
+}
+
+#[derive(Default)]
+struct LbState {
+    pickers: BackendPickers,
+    outliers: HashMap<String, Outliers>,
+    /// Attempts in flight by service, then endpoint id (looked up by `&str`: no allocation per
+    /// candidate on the pick path).
+    outstanding: HashMap<String, HashMap<String, u32>>,
+    rtt: HashMap<SocketAddr, Duration>,
+}
+
+/// The `source_service` label of a caller serving `services` (see [`Shared::peer_services`]).
+pub(crate) fn source_label(services: &[String]) -> &str {
+    services.first().map_or("unknown", String::as_str)
+}
+
+/// The services each registered identity serves, in service-name order, for one snapshot
+/// (kept alive so that its address cannot be reused by another).
+#[derive(Default)]
+struct PeerIndex {
+    snapshot: Option<Arc<Snapshot>>,
+    services: HashMap<SpiffeId, Arc<[String]>>,
+}
+
+impl PeerIndex {
+    fn of(snap: &Arc<Snapshot>) -> Self {
+        let mut by_id: HashMap<&SpiffeId, Vec<String>> = HashMap::new();
+        for (service, eps) in &snap.endpoints {
+            for e in eps.values() {
+                let services = by_id.entry(&e.identity).or_default();
+                if services.last() != Some(service) {
+                    services.push(service.clone());
+                }
+            }
+        }
+        PeerIndex {
+            snapshot: Some(snap.clone()),
+            services: by_id
+                .into_iter()
+                .map(|(id, s)| (id.clone(), s.into()))
+                .collect(),
+        }
+    }
+}
+
+/// Why no endpoint could be chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PickError {
+    /// The service has no endpoint left to try.
+    NoEndpoint,
+    /// Every endpoint is ejected or has weight 0.
+    NoHealthy,
+}
+
+/// An endpoint chosen for one attempt; counts as outstanding until dropped.
+pub(crate) struct Picked {
+    /// The endpoint.
+    pub(crate) endpoint: Arc<Endpoint>,
+    shared: Arc<Shared>,
+}
+
+impl Drop for Picked {
+    fn drop(&mut self) {
+        let service = self.endpoint.service.as_str();
+        let mut lb = self.shared.lb();
+        let Some(by_id) = lb.outstanding.get_mut(service) else {
+            return;
+        };
+        if let Some(n) = by_id.get_mut(&self.endpoint.id) {
+            *n = n.saturating_sub(1);
+            // Only endpoints with attempts in flight keep an entry: ids come and go.
+            if *n == 0 {
+                by_id.remove(&self.endpoint.id);
+            }
+        }
+        if by_id.is_empty() {
+            lb.outstanding.remove(service);
+        }
+    }
+}
+
+impl Picked {
+    /// The endpoint's `version` label, for metrics.
+    pub(crate) fn version(&self) -> &str {
+        self.endpoint
+            .labels
+            .get("version")
+            .map_or("unknown", String::as_str)
+    }
+}
+
+impl Shared {
+    /// Builds the shared state.
+    pub(crate) fn new(
+        config: Arc<Config>,
+        snapshot: watch::Receiver<Arc<Snapshot>>,
+        pool: Pool,
+        metrics: Metrics,
+    ) -> Arc<Self> {
+        let connect_timeout = config.file.failure.connect_timeout;
+        let locality = Locality {
+            cluster: config.file.service.cluster.clone(),
+            zone: config.file.service.zone.clone(),
+        };
+        Arc::new(Shared {
+            service: config.service.to_string(),
+            config,
+            snapshot,
+            pool,
+            metrics,
+            locality,
+            flows: TaskTracker::new(),
+            draining: CancellationToken::new(),
+            hard_stop: CancellationToken::new(),
+            lb: Mutex::new(LbState::default()),
+            budgets: Mutex::new(HashMap::new()),
+            peer_index: Mutex::new(PeerIndex::default()),
+            app_h1: app_client(false, connect_timeout),
+            app_h2: app_client(true, connect_timeout),
+        })
+    }
+
+    /// Runs `work` unless the drain deadline passes first (`None`): every task on `flows` that
+    /// waits on a peer or the app goes through here or watches `hard_stop` itself, so the drain
+    /// ends.
+    pub(crate) async fn until_hard_stop<F: std::future::Future>(
+        &self,
+        work: F,
+    ) -> Option<F::Output> {
+        tokio::select! {
+            out = work => Some(out),
+            _ = self.hard_stop.cancelled() => None,
+        }
+    }
+
+    fn lb(&self) -> MutexGuard<'_, LbState> {
+        // The state is counters and caches: after a panic elsewhere it is still usable.
+        self.lb.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn budgets(&self) -> MutexGuard<'_, HashMap<String, RetryBudget>> {
+        self.budgets.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts a first attempt to `service` in its retry budget.
+    pub(crate) fn budget_request(&self, service: &str) {
+        let cfg = &self.config.file.failure.retry_budget;
+        self.budgets()
+            .entry(service.to_owned())
+            .or_default()
+            .request(cfg, Instant::now());
+    }
+
+    /// The step after an attempt to `service` (see [`retry::next`]); a retry it allows is paid
+    /// from the service's budget.
+    pub(crate) fn next_step(
+        &self,
+        service: &str,
+        policy: &RetryPolicy<'_>,
+        retries_done: u32,
+        outcome: retry::Outcome,
+    ) -> Step {
+        let cfg = &self.config.file.failure.retry_budget;
+        let mut budgets = self.budgets();
+        let budget = budgets.entry(service.to_owned()).or_default();
+        retry::next(policy, retries_done, outcome, budget, cfg, Instant::now())
+    }
+
+    /// The snapshot in force now.
+    pub(crate) fn current(&self) -> Arc<Snapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    /// Chooses an endpoint of `service` for a new L4 flow from this sidecar, skipping `tried`.
+    pub(crate) fn pick(
+        self: &Arc<Self>,
+        service: &str,
+        tried: &[String],
+    ) -> Result<Picked, PickError> {
+        let snap = self.current();
+        let subset = {
+            let mut lb = self.lb();
+            self.subset_for(&snap, service, &mut lb)
+        };
+        self.pick_in(&snap, service, &subset, tried, false)
+    }
+
+    /// The next backend subset of rule number `index` of `service`'s route.
+    pub(crate) fn backend(&self, service: &str, index: usize, rule: &RouteRule) -> Labels {
+        self.lb()
+            .pickers
+            .pick(service, index, rule)
+            .map(|b| b.subset.clone())
+            .unwrap_or_default()
+    }
+
+    /// Chooses an endpoint of `subset` of `service` (failing over to the whole service when
+    /// the subset has no healthy endpoint), skipping `tried`.
+    pub(crate) fn pick_in(
+        self: &Arc<Self>,
+        snap: &Snapshot,
+        service: &str,
+        subset: &Labels,
+        tried: &[String],
+        revisit: bool,
+    ) -> Result<Picked, PickError> {
+        // A retry goes to an endpoint this flow has not tried while there is one; after that
+        // back to a tried one only when `revisit` (see `RetryPolicy::revisit`).
+        let mut candidates: Vec<&Endpoint> = snap
+            .endpoints_of(service)
+            .filter(|e| !tried.contains(&e.id))
+            .map(|e| e.as_ref())
+            .collect();
+        if candidates.is_empty() && revisit {
+            candidates = snap.endpoints_of(service).map(|e| e.as_ref()).collect();
+        }
+        if candidates.is_empty() {
+            return Err(PickError::NoEndpoint);
+        }
+        let now = Instant::now();
+        let mut lb = self.lb();
+        let in_flight = lb.outstanding.get(service);
+        let load = |e: &Endpoint| Load {
+            outstanding: in_flight.and_then(|m| m.get(&e.id)).copied().unwrap_or(0),
+            rtt: lb.rtt.get(&e.address).copied(),
+            healthy: !lb
+                .outliers
+                .get(service)
+                .is_some_and(|o| o.is_ejected(&e.id, now)),
+        };
+        let samples = (rand::random::<u64>(), rand::random::<u64>());
+        let chosen = pick::choose(&candidates, subset, &load, &self.locality, samples)
+            .ok_or(PickError::NoHealthy)?;
+        let endpoint = snap
+            .endpoints_of(service)
+            .find(|e| e.id == chosen.id)
+            .cloned()
+            .ok_or(PickError::NoEndpoint)?;
+        *lb.outstanding
+            .entry(service.to_owned())
+            .or_default()
+            .entry(endpoint.id.clone())
+            .or_default() += 1;
+        drop(lb);
+        Ok(Picked {
+            endpoint,
+            shared: self.clone(),
+        })
+    }
+
+    fn subset_for(&self, snap: &Snapshot, service: &str, lb: &mut LbState) -> Labels {
+        let Some(route) = snap.route(service) else {
+            return Labels::new();
+        };
+        let Some((index, rule)) = route
+            .rules
+            .iter()
+            .enumerate()
+            .find(|(_, r)| pick::l4_rule_matches(r, &self.service))
+        else {
+            return Labels::new();
+        };
+        lb.pickers
+            .pick(service, index, rule)
+            .map(|b| b.subset.clone())
+            .unwrap_or_default()
+    }
+
+    /// Records the outcome of an attempt for outlier detection.
+    pub(crate) fn outcome(&self, picked: &Picked, failure: Option<Failure>) {
+        let service = picked.endpoint.service.as_str();
+        let total = self.current().endpoints_of(service).count();
+        let mut lb = self.lb();
+        let outliers = lb.outliers.entry(service.to_owned()).or_default();
+        match failure {
+            None => outliers.success(&picked.endpoint.id),
+            Some(kind) => {
+                let cfg = &self.config.file.outlier;
+                if outliers.failure(cfg, &picked.endpoint.id, kind, total, Instant::now()) {
+                    tracing::warn!(service, endpoint = %picked.endpoint.id, "endpoint ejected");
+                    self.metrics.ejection(service);
+                }
+            }
+        }
+    }
+
+    /// Forgets the balancing state of what left the registry: outlier state of endpoints,
+    /// backend pickers of route rules, retry budgets of services. Registry churn must not
+    /// accumulate.
+    pub(crate) fn forget_departed(&self) {
+        let snap = self.current();
+        let mut lb = self.lb();
+        lb.outliers.retain(|service, o| {
+            o.retain(|id| {
+                snap.endpoints
+                    .get(service)
+                    .is_some_and(|e| e.contains_key(id))
+            });
+            snap.endpoints.contains_key(service)
+        });
+        lb.pickers
+            .retain(|service, index| snap.route(service).is_some_and(|r| index < r.rules.len()));
+        drop(lb);
+        self.budgets()
+            .retain(|service, _| snap.services.contains_key(service));
+    }
+
+    /// Updates the RTT the balancer uses and the per-peer QUIC metrics from the pool's
+    /// statistics, then forgets what belongs to peers that left the registry: their RTT, and
+    /// their pooled connections once no stream is open on them (a peer that deregistered to
+    /// drain still finishes what it serves).
+    pub(crate) fn refresh_peer_stats(&self, stats: &[PeerStats]) {
+        let snap = self.current();
+        let registered: HashSet<(SocketAddr, &SpiffeId)> = snap
+            .endpoints
+            .values()
+            .flat_map(|eps| eps.values())
+            .map(|e| (e.address, &e.identity))
+            .collect();
+        let mut connections = 0i64;
+        let mut lb = self.lb();
+        for peer in stats {
+            if let Some(best) = peer.connections.iter().min_by_key(|c| c.rtt) {
+                lb.rtt.insert(peer.peer.addr, best.rtt);
+            }
+            connections += peer.connections.len() as i64;
+        }
+        let known: HashSet<SocketAddr> = (stats.iter().map(|p| p.peer.addr))
+            .chain(registered.iter().map(|(a, _)| *a))
+            .collect();
+        lb.rtt.retain(|a, _| known.contains(a));
+        drop(lb);
+        let busy: HashSet<&PeerKey> = stats
+            .iter()
+            .filter(|p| p.connections.iter().any(|c| c.open_streams > 0))
+            .map(|p| &p.peer)
+            .collect();
+        self.pool
+            .retain_peers(|k| busy.contains(k) || registered.contains(&(k.addr, &k.id)));
+        self.metrics.quic_peers(stats);
+        self.metrics.quic_connections.set(connections);
+    }
+
+    /// Admits a peer's tunnel or request for `target` (see [`admit::admit`]): the Service port
+    /// to forward to, or why not. A policy denial is counted here, once for L4 and L7.
+    pub(crate) fn admit<'s>(
+        &self,
+        snap: &'s Snapshot,
+        target: &Target,
+        stream: admit::Stream,
+        peer: &SpiffeId,
+        services: &[String],
+        on: policy::Target<'_>,
+    ) -> Result<&'s ServicePort, Refusal> {
+        let names: Vec<&str> = services.iter().map(String::as_str).collect();
+        let caller = Peer {
+            id: peer,
+            services: &names,
+        };
+        let admitted = admit::admit(snap, &self.service, target, stream, caller, on);
+        if let Err(Refusal::Denied(reason)) = &admitted {
+            let source = source_label(services);
+            self.metrics.denial(source, &self.service, reason.as_str());
+        }
+        admitted
+    }
+
+    /// This sidecar's `version` label value, for inbound metrics and logs.
+    pub(crate) fn version(&self) -> &str {
+        self.config
+            .file
+            .service
+            .version
+            .as_deref()
+            .unwrap_or("unknown")
+    }
+
+    /// The services a verified peer serves: those whose registered endpoints carry its id, or
+    /// else its service account (the CA attests it). Looked up in an index of the snapshot
+    /// (rebuilt when the snapshot changes) rather than a scan of every endpoint per flow.
+    pub(crate) fn peer_services(&self, snap: &Arc<Snapshot>, id: &SpiffeId) -> Arc<[String]> {
+        let mut index = self.peer_index.lock().unwrap_or_else(|p| p.into_inner());
+        if !index
+            .snapshot
+            .as_ref()
+            .is_some_and(|s| Arc::ptr_eq(s, snap))
+        {
+            *index = PeerIndex::of(snap);
+        }
+        match index.services.get(id) {
+            Some(services) => services.clone(),
+            None => id
+                .service_account()
+                .map(str::to_owned)
+                .into_iter()
+                .collect(),
+        }
+    }
+}

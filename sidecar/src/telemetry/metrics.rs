@@ -1,0 +1,541 @@
+//! Prometheus metrics of one sidecar. Label values come only from the registry and the config
+//! (service names, versions, fixed flag words), so cardinality stays bounded whatever peers send.
+//! Flows are recorded when they end, off the byte-copying path.
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::telemetry::Sinks;
+
+/// Inbound or outbound, from this sidecar's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Direction {
+    /// Flows this sidecar accepted from peers.
+    Inbound,
+    /// Flows this sidecar's app opened.
+    Outbound,
+}
+
+impl Direction {
+    /// The label value.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+/// The labels of one edge.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Edge<'a> {
+    /// inbound / outbound.
+    pub(crate) direction: Direction,
+    /// Calling service.
+    pub(crate) source: &'a str,
+    /// Called service.
+    pub(crate) destination: &'a str,
+    /// Version label of the endpoint that served.
+    pub(crate) version: &'a str,
+}
+
+/// Every metric family of the sidecar.
+#[derive(Clone)]
+pub(crate) struct Metrics {
+    registry: Registry,
+    tcp_connections: IntCounterVec,
+    tcp_bytes: IntCounterVec,
+    tcp_duration: HistogramVec,
+    policy_denials: IntCounterVec,
+    outlier_ejections: IntCounterVec,
+    retries: IntCounterVec,
+    requests: IntCounterVec,
+    request_duration: HistogramVec,
+    /// `halyard_registry_revision`.
+    pub(crate) registry_revision: IntGauge,
+    /// `halyard_registry_stale_seconds`.
+    pub(crate) registry_stale: Gauge,
+    /// `halyard_registry_rejected_keys`.
+    pub(crate) registry_rejected: IntGauge,
+    /// `halyard_cert_expiry_seconds`.
+    pub(crate) cert_expiry: Gauge,
+    /// `halyard_quic_rtt_seconds` by peer.
+    pub(crate) quic_rtt: GaugeVec,
+    /// `halyard_quic_lost_packets_total` by peer (read from QUIC's own counters).
+    pub(crate) quic_lost: GaugeVec,
+    /// `halyard_quic_congestion_window_bytes` by peer.
+    pub(crate) quic_cwnd: GaugeVec,
+    /// `halyard_quic_connections`.
+    pub(crate) quic_connections: IntGauge,
+    /// `halyard_active_flows` by direction.
+    pub(crate) active_flows: prometheus::IntGaugeVec,
+    /// `halyard_quic_open_streams` by peer: tunnels and requests open on its connections.
+    pub(crate) quic_open_streams: IntGaugeVec,
+    /// `halyard_pool_connections` by peer: pooled QUIC connections to it.
+    pub(crate) pool_connections: IntGaugeVec,
+    /// `halyard_access_log_dropped_total`: lines dropped because the writer fell behind.
+    pub(crate) access_log_dropped: IntCounter,
+    /// `halyard_trace_spans_dropped_total`: spans dropped (queue full, or the collector failed).
+    pub(crate) spans_dropped: IntCounter,
+    /// `halyard_trace_spans_exported_total`: spans the collector accepted.
+    pub(crate) spans_exported: IntCounter,
+    /// Where finished flows and requests go besides the metrics: access log, trace export.
+    sinks: Sinks,
+    /// Flows recorded so far, for anyone who needs to wait for a flow's figures.
+    finished: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+const EDGE: &[&str] = &[
+    "direction",
+    "source_service",
+    "destination_service",
+    "destination_version",
+];
+
+/// Registers `metric` in `reg` and returns it.
+fn registered<C>(reg: &Registry, metric: C) -> prometheus::Result<C>
+where
+    C: prometheus::core::Collector + Clone + 'static,
+{
+    reg.register(Box::new(metric.clone()))?;
+    Ok(metric)
+}
+
+fn counter(
+    reg: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
+    registered(reg, IntCounterVec::new(Opts::new(name, help), labels)?)
+}
+
+fn gauge_vec(
+    reg: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<GaugeVec> {
+    registered(reg, GaugeVec::new(Opts::new(name, help), labels)?)
+}
+
+fn gauge(reg: &Registry, name: &str, help: &str) -> prometheus::Result<Gauge> {
+    registered(reg, Gauge::new(name, help)?)
+}
+
+fn int_gauge_vec(
+    reg: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntGaugeVec> {
+    registered(reg, IntGaugeVec::new(Opts::new(name, help), labels)?)
+}
+
+fn int_counter(reg: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+    registered(reg, IntCounter::new(name, help)?)
+}
+
+fn int_gauge(reg: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
+    registered(reg, IntGauge::new(name, help)?)
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// Registers every family in a fresh registry.
+    pub(crate) fn new() -> prometheus::Result<Self> {
+        let r = Registry::new();
+        let conn_labels = [EDGE, &["response_flags"]].concat();
+        let byte_labels = [EDGE, &["stream"]].concat();
+        let tcp_duration = registered(
+            &r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "halyard_tcp_connection_duration_seconds",
+                    "TCP flow duration",
+                )
+                .buckets(prometheus::exponential_buckets(0.001, 4.0, 10)?),
+                EDGE,
+            )?,
+        )?;
+        let code_labels = [EDGE, &["response_code"]].concat();
+        let request_duration = registered(
+            &r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "halyard_request_duration_seconds",
+                    "HTTP request duration, to the response head",
+                )
+                .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16)?),
+                &code_labels,
+            )?,
+        )?;
+        Ok(Metrics {
+            tcp_connections: counter(
+                &r,
+                "halyard_tcp_connections_total",
+                "TCP flows ended",
+                &conn_labels,
+            )?,
+            tcp_bytes: counter(
+                &r,
+                "halyard_tcp_bytes_total",
+                "TCP bytes, by stream sent/received from the source's view",
+                &byte_labels,
+            )?,
+            tcp_duration,
+            requests: counter(&r, "halyard_requests_total", "HTTP requests", &code_labels)?,
+            request_duration,
+            policy_denials: counter(
+                &r,
+                "halyard_policy_denials_total",
+                "Flows and requests refused by policy",
+                &["source_service", "destination_service", "reason"],
+            )?,
+            outlier_ejections: counter(
+                &r,
+                "halyard_outlier_ejections_total",
+                "Endpoints ejected by outlier detection",
+                &["destination_service"],
+            )?,
+            retries: counter(
+                &r,
+                "halyard_retries_total",
+                "Attempts on another endpoint after a failure",
+                &["destination_service"],
+            )?,
+            registry_revision: int_gauge(
+                &r,
+                "halyard_registry_revision",
+                "Registry revision applied",
+            )?,
+            registry_stale: gauge(
+                &r,
+                "halyard_registry_stale_seconds",
+                "Seconds since the registry was last heard from",
+            )?,
+            registry_rejected: int_gauge(
+                &r,
+                "halyard_registry_rejected_keys",
+                "Registry keys quarantined",
+            )?,
+            cert_expiry: gauge(
+                &r,
+                "halyard_cert_expiry_seconds",
+                "Seconds until the workload certificate expires",
+            )?,
+            quic_rtt: gauge_vec(
+                &r,
+                "halyard_quic_rtt_seconds",
+                "Smoothed QUIC RTT per peer",
+                &["peer"],
+            )?,
+            quic_lost: gauge_vec(
+                &r,
+                "halyard_quic_lost_packets_total",
+                "QUIC packets lost per peer",
+                &["peer"],
+            )?,
+            quic_cwnd: gauge_vec(
+                &r,
+                "halyard_quic_congestion_window_bytes",
+                "QUIC congestion window per peer",
+                &["peer"],
+            )?,
+            quic_connections: int_gauge(&r, "halyard_quic_connections", "Pooled QUIC connections")?,
+            active_flows: int_gauge_vec(
+                &r,
+                "halyard_active_flows",
+                "Flows open now",
+                &["direction"],
+            )?,
+            quic_open_streams: int_gauge_vec(
+                &r,
+                "halyard_quic_open_streams",
+                "Tunnels and requests open per peer",
+                &["peer"],
+            )?,
+            pool_connections: int_gauge_vec(
+                &r,
+                "halyard_pool_connections",
+                "Pooled QUIC connections per peer",
+                &["peer"],
+            )?,
+            access_log_dropped: int_counter(
+                &r,
+                "halyard_access_log_dropped_total",
+                "Access log lines dropped because the writer fell behind",
+            )?,
+            spans_dropped: int_counter(
+                &r,
+                "halyard_trace_spans_dropped_total",
+                "Trace spans dropped: export queue full or collector failed",
+            )?,
+            spans_exported: int_counter(
+                &r,
+                "halyard_trace_spans_exported_total",
+                "Trace spans accepted by the collector",
+            )?,
+            sinks: Sinks::default(),
+            registry: r,
+            finished: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
+        })
+    }
+
+    /// Records a finished TCP flow.
+    pub(crate) fn tcp_flow(
+        &self,
+        edge: Edge<'_>,
+        flags: &str,
+        sent: u64,
+        received: u64,
+        secs: f64,
+    ) {
+        let e = [
+            edge.direction.as_str(),
+            edge.source,
+            edge.destination,
+            edge.version,
+        ];
+        self.tcp_connections
+            .with_label_values(&[e[0], e[1], e[2], e[3], flags])
+            .inc();
+        self.tcp_bytes
+            .with_label_values(&[e[0], e[1], e[2], e[3], "sent"])
+            .inc_by(sent);
+        self.tcp_bytes
+            .with_label_values(&[e[0], e[1], e[2], e[3], "received"])
+            .inc_by(received);
+        self.tcp_duration.with_label_values(&e).observe(secs);
+        self.finished.send_modify(|n| *n += 1);
+    }
+
+    /// Records a finished HTTP request (its response head).
+    pub(crate) fn request(&self, edge: Edge<'_>, code: u16, secs: f64) {
+        let code = code.to_string();
+        let l = [
+            edge.direction.as_str(),
+            edge.source,
+            edge.destination,
+            edge.version,
+            &code,
+        ];
+        self.requests.with_label_values(&l).inc();
+        self.request_duration.with_label_values(&l).observe(secs);
+        self.finished.send_modify(|n| *n += 1);
+    }
+
+    /// Sees the number of flows recorded so far (TCP flows and L7 requests).
+    pub(crate) fn finished(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.finished.subscribe()
+    }
+
+    /// Counts a flow as open until the guard drops.
+    pub(crate) fn active(&self, direction: Direction) -> ActiveFlow {
+        let gauge = self.active_flows.with_label_values(&[direction.as_str()]);
+        gauge.inc();
+        ActiveFlow(gauge)
+    }
+
+    /// Counts a policy denial.
+    pub(crate) fn denial(&self, source: &str, destination: &str, reason: &str) {
+        self.policy_denials
+            .with_label_values(&[source, destination, reason])
+            .inc();
+    }
+
+    /// Counts an outlier ejection.
+    pub(crate) fn ejection(&self, destination: &str) {
+        self.outlier_ejections
+            .with_label_values(&[destination])
+            .inc();
+    }
+
+    /// Counts a retry.
+    pub(crate) fn retry(&self, destination: &str) {
+        self.retries.with_label_values(&[destination]).inc();
+    }
+
+    /// Attaches the access log and trace export (off until this is called).
+    pub(crate) fn with_sinks(mut self, sinks: Sinks) -> Self {
+        self.sinks = sinks;
+        self
+    }
+
+    /// The access log and trace export of finished flows and requests.
+    pub(crate) fn sinks(&self) -> &Sinks {
+        &self.sinks
+    }
+
+    /// Per-peer open streams and pooled connections from the pool's statistics. Peers that left
+    /// the pool leave the families too.
+    pub(crate) fn pool_stats(&self, stats: &[halyard_transport::PeerStats]) {
+        self.quic_open_streams.reset();
+        self.pool_connections.reset();
+        for peer in stats {
+            let label = peer.peer.addr.to_string();
+            let streams: usize = peer.connections.iter().map(|c| c.open_streams).sum();
+            self.quic_open_streams
+                .with_label_values(&[&label])
+                .set(streams as i64);
+            self.pool_connections
+                .with_label_values(&[&label])
+                .set(peer.connections.len() as i64);
+        }
+    }
+
+    /// Per-peer QUIC figures from the pool's statistics: the best connection's RTT and
+    /// congestion window, packets lost over all connections. A peer without a connection leaves
+    /// the families, so endpoints that come and go do not pile up as label values.
+    pub(crate) fn quic_peers(&self, stats: &[halyard_transport::PeerStats]) {
+        let mut live = std::collections::HashSet::new();
+        for peer in stats {
+            let Some(best) = peer.connections.iter().min_by_key(|c| c.rtt) else {
+                continue;
+            };
+            let label = peer.peer.addr.to_string();
+            self.quic_rtt
+                .with_label_values(&[&label])
+                .set(best.rtt.as_secs_f64());
+            let lost: u64 = peer.connections.iter().map(|c| c.lost_packets).sum();
+            self.quic_lost.with_label_values(&[&label]).set(lost as f64);
+            self.quic_cwnd
+                .with_label_values(&[&label])
+                .set(best.cwnd as f64);
+            live.insert(label);
+        }
+        for family in [&self.quic_rtt, &self.quic_lost, &self.quic_cwnd] {
+            remove_peers_but(family, &live);
+        }
+    }
+
+    /// The Prometheus text exposition of every family.
+    pub(crate) fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail on I/O; a family error would only drop that family.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+/// Removes the samples of `family` whose `peer` is not in `keep` (rather than a reset and
+/// rewrite, so a scrape never sees a live peer missing).
+fn remove_peers_but(family: &GaugeVec, keep: &std::collections::HashSet<String>) {
+    use prometheus::core::Collector;
+    let stale: Vec<String> = family
+        .collect()
+        .iter()
+        .flat_map(|f| f.get_metric())
+        .flat_map(|m| m.get_label())
+        .filter(|l| l.name() == "peer" && !keep.contains(l.value()))
+        .map(|l| l.value().to_owned())
+        .collect();
+    for peer in stale {
+        let _ = family.remove_label_values(&[&peer]);
+    }
+}
+
+/// An open flow in `halyard_active_flows`; decrements on drop.
+pub(crate) struct ActiveFlow(prometheus::IntGauge);
+
+impl Drop for ActiveFlow {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use halyard_transport::{ConnectionStats, PeerKey, PeerStats};
+
+    use super::*;
+
+    /// Every metric the Grafana dashboard queries is one the sidecar exports.
+    #[test]
+    fn grafana_dashboard_is_valid_json_and_queries_exported_metrics() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/grafana/halyard.json"
+        );
+        let dash: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let m = Metrics::new().unwrap();
+        let edge = Edge {
+            direction: Direction::Outbound,
+            source: "a",
+            destination: "b",
+            version: "v1",
+        };
+        m.tcp_flow(edge, "-", 1, 1, 0.1);
+        m.request(edge, 200, 0.1);
+        m.denial("a", "b", "x");
+        m.ejection("b");
+        m.retry("b");
+        let _active = m.active(Direction::Outbound);
+        for g in [&m.quic_rtt, &m.quic_lost, &m.quic_cwnd] {
+            g.with_label_values(&["p"]).set(1.0);
+        }
+        for g in [&m.quic_open_streams, &m.pool_connections] {
+            g.with_label_values(&["p"]).set(1);
+        }
+        let exported = m.render();
+        let mut queried = 0;
+        for panel in dash["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                let expr = target["expr"].as_str().unwrap();
+                for name in expr
+                    .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .filter(|w| w.starts_with("halyard_"))
+                {
+                    assert!(
+                        exported.contains(&format!("\n{name}")),
+                        "{name} is not exported"
+                    );
+                    queried += 1;
+                }
+            }
+        }
+        assert!(queried >= 20, "{queried} metric references");
+    }
+
+    fn peer(port: u16, connections: usize) -> PeerStats {
+        let conn = ConnectionStats {
+            rtt: Duration::from_millis(2),
+            cwnd: 12_000,
+            lost_packets: 1,
+            sent_packets: 10,
+            congestion_events: 0,
+            open_streams: 0,
+        };
+        PeerStats {
+            peer: PeerKey {
+                addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+                id: halyard_certs::SpiffeId::parse("spiffe://mesh.local/ns/default/sa/reviews")
+                    .unwrap(),
+            },
+            connections: vec![conn; connections],
+        }
+    }
+
+    #[test]
+    fn peers_without_a_connection_leave_the_quic_families() {
+        let m = Metrics::new().unwrap();
+        m.quic_peers(&[peer(1, 1), peer(2, 2)]);
+        let text = m.render();
+        assert!(text.contains("halyard_quic_rtt_seconds{peer=\"127.0.0.1:2\"} 0.002"));
+        assert!(text.contains("halyard_quic_lost_packets_total{peer=\"127.0.0.1:2\"} 2"));
+        m.quic_peers(&[peer(1, 1), peer(2, 0)]);
+        let text = m.render();
+        assert!(text.contains("halyard_quic_congestion_window_bytes{peer=\"127.0.0.1:1\"}"));
+        assert!(!text.contains("127.0.0.1:2"), "{text}");
+    }
+}

@@ -1,0 +1,581 @@
+//! A mesh on loopback for integration tests: a CA, a registry (directory or a real etcd),
+//! echo apps and sidecars, in-process or as `halyard sidecar` processes.
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::run::{run_until, Started};
+use halyard_certs::ca::write_identity;
+use halyard_certs::{MeshCa, SpiffeId, TrustDomain};
+use halyard_registry::admin::Admin;
+use halyard_registry::model::parse_documents;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+pub const TD: &str = "mesh.local";
+
+pub struct Mesh {
+    pub dir: tempfile::TempDir,
+    pub ca: MeshCa,
+    pub registry: String,
+    admin: Admin,
+}
+
+/// What one sidecar serves and calls.
+#[derive(Clone, Default)]
+pub struct Spec {
+    pub service: String,
+    pub version: String,
+    pub app_host: Option<IpAddr>,
+    pub upstreams: Vec<(String, u16)>,
+    pub transparent: bool,
+    /// Extra TOML appended to the config.
+    pub extra: String,
+    /// Top-level TOML put before the first table.
+    pub prefix: String,
+}
+
+impl Spec {
+    pub fn new(service: &str, version: &str) -> Spec {
+        Spec {
+            service: service.into(),
+            version: version.into(),
+            ..Spec::default()
+        }
+    }
+    pub fn app_host(mut self, ip: IpAddr) -> Spec {
+        self.app_host = Some(ip);
+        self
+    }
+    pub fn upstream(mut self, service: &str, port: u16) -> Spec {
+        self.upstreams.push((service.into(), port));
+        self
+    }
+}
+
+/// An in-process sidecar.
+pub struct Sidecar {
+    pub config: Arc<Config>,
+    pub started: Started,
+    pub stop: CancellationToken,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Sidecar {
+    pub fn upstream(&self, i: usize) -> SocketAddr {
+        self.started.upstreams[i]
+    }
+
+    /// Waits until this sidecar's snapshot satisfies `f`.
+    pub async fn wait_snapshot(&self, what: &str, f: impl Fn(&halyard_registry::Snapshot) -> bool) {
+        let mut rx = self.started.snapshot.clone();
+        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| f(s)))
+            .await
+            .unwrap_or_else(|_| panic!("snapshot never showed {what}"))
+            .unwrap();
+    }
+
+    pub async fn wait_endpoints(&self, service: &str, n: usize) {
+        self.wait_snapshot(&format!("{n} endpoints of {service}"), |s| {
+            s.endpoints_of(service).count() == n
+        })
+        .await;
+    }
+
+    /// Waits until this sidecar has recorded `n` finished flows.
+    pub async fn wait_flows(&self, n: u64) {
+        let mut rx = self.started.finished_flows();
+        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|&done| done >= n))
+            .await
+            .unwrap_or_else(|_| panic!("fewer than {n} flows recorded"))
+            .unwrap();
+    }
+
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.task.await.unwrap()
+    }
+}
+
+impl Mesh {
+    pub async fn with_dir() -> Mesh {
+        init_logs();
+        let dir = tempfile::tempdir().unwrap();
+        let reg = dir.path().join("registry");
+        std::fs::create_dir_all(reg.join("default")).unwrap();
+        let url = format!("file://{}", reg.display());
+        Self::with_url(dir, url).await
+    }
+
+    pub async fn with_url(dir: tempfile::TempDir, url: String) -> Mesh {
+        let ca = MeshCa::create(&TrustDomain::new(TD).unwrap()).unwrap();
+        let admin = Admin::connect(&url, "default", Duration::from_secs(3))
+            .await
+            .unwrap();
+        Mesh {
+            dir,
+            ca,
+            registry: url,
+            admin,
+        }
+    }
+
+    pub async fn apply(&self, yaml: &str) {
+        let objects = parse_documents("test", yaml).unwrap();
+        self.admin.apply(&objects).await.unwrap();
+    }
+
+    /// Writes cert.pem, key.pem and bundle.pem for `account` into a fresh folder.
+    pub fn identity(&self, account: &str) -> PathBuf {
+        let out = self
+            .dir
+            .path()
+            .join(format!("id-{account}-{}", rand_suffix()));
+        let id = SpiffeId::workload(self.ca.trust_domain(), "default", account).unwrap();
+        let leaf = self.ca.issue(&id, Duration::from_secs(3600)).unwrap();
+        write_identity(&out, &leaf, self.ca.cert_pem()).unwrap();
+        out
+    }
+
+    pub fn config_text(&self, spec: &Spec) -> String {
+        let id = self.identity(&spec.service);
+        let mut t = spec.prefix.clone();
+        t += &format!(
+            "registry = {:?}\nstate_dir = {:?}\n[identity]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\nreload_interval = \"200ms\"\n\
+             [service]\nname = {:?}\nversion = {:?}\n[inbound]\nlisten = \"127.0.0.1:0\"\napp_host = \"{}\"\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n",
+            self.registry,
+            self.dir.path().join(format!("state-{}", rand_suffix())),
+            id.join("cert.pem"),
+            id.join("key.pem"),
+            id.join("bundle.pem"),
+            spec.service,
+            spec.version,
+            spec.app_host.unwrap_or(IpAddr::from([127, 0, 0, 1])),
+        );
+        for (svc, port) in &spec.upstreams {
+            t += &format!("[[outbound.upstreams]]\nservice = {svc:?}\nport = {port}\nlisten = \"127.0.0.1:0\"\n");
+        }
+        if spec.transparent {
+            t += "[outbound.transparent]\nlisten = \"127.0.0.1:0\"\n";
+        }
+        t += "[failure]\nconnect_timeout = \"1s\"\ndrain_timeout = \"5s\"\n";
+        t += &spec.extra;
+        t
+    }
+
+    pub fn write_config(&self, spec: &Spec) -> PathBuf {
+        let path = self.dir.path().join(format!(
+            "{}-{}-{}.toml",
+            spec.service,
+            spec.version,
+            rand_suffix()
+        ));
+        std::fs::write(&path, self.config_text(spec)).unwrap();
+        path
+    }
+
+    pub async fn start(&self, spec: &Spec) -> Sidecar {
+        let path = self.write_config(spec);
+        let config = Arc::new(Config::load(&path).unwrap());
+        let stop = CancellationToken::new();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(run_until(config.clone(), stop.clone(), Some(tx)));
+        let started = match rx.await {
+            Ok(s) => s,
+            Err(_) => panic!("sidecar failed to start: {:?}", task.await),
+        };
+        Sidecar {
+            config,
+            started,
+            stop,
+            task,
+        }
+    }
+}
+
+/// Logs to the test's output when `HALYARD_TEST_LOG` is set (e.g. `debug`).
+pub fn init_logs() {
+    if let Ok(filter) = std::env::var("HALYARD_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+pub fn rand_suffix() -> u64 {
+    rand::random::<u64>() % 1_000_000_000
+}
+
+/// An app that reads until the client half-closes, then answers `<tag>:<what it read>`.
+pub struct Echo {
+    pub addr: SocketAddr,
+    /// One message per accepted connection.
+    pub accepted: tokio::sync::mpsc::UnboundedReceiver<()>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+pub async fn tagged_echo(addr: SocketAddr, tag: &str) -> Echo {
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let local = listener.local_addr().unwrap();
+    let tag = tag.to_owned();
+    let (tx, accepted) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let _ = tx.send(());
+            let tag = tag.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                if tcp.read_to_end(&mut buf).await.is_ok() {
+                    let mut reply = format!("{tag}:").into_bytes();
+                    reply.extend_from_slice(&buf);
+                    let _ = tcp.write_all(&reply).await;
+                    let _ = tcp.shutdown().await;
+                }
+            });
+        }
+    });
+    Echo {
+        addr: local,
+        accepted,
+        _task: task,
+    }
+}
+
+/// Sends `msg`, half-closes, and reads the whole answer.
+pub async fn call(addr: SocketAddr, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut tcp = TcpStream::connect(addr).await?;
+    tcp.write_all(msg).await?;
+    tcp.shutdown().await?;
+    let mut out = Vec::new();
+    tcp.read_to_end(&mut out).await?;
+    Ok(out)
+}
+
+/// The value of one Prometheus sample in `text`, matched by name and every label given.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// How a test HTTP app answers.
+#[derive(Clone, Default)]
+pub struct AppBehavior {
+    /// Answer 503 to every n-th request (1 = always), counting from the first.
+    pub fail_every: Option<u64>,
+    /// Wait this long before answering.
+    pub delay: Option<Duration>,
+    /// Answer with this many bytes of body instead of the usual text (streamed in 64 KiB chunks).
+    pub stream_bytes: Option<u64>,
+}
+
+/// A test HTTP/1.1 app: answers `<tag> <method> <path>` and counts the requests it saw; the
+/// headers of the last request are kept.
+pub struct HttpApp {
+    pub addr: SocketAddr,
+    pub hits: Arc<std::sync::atomic::AtomicU64>,
+    /// Notified on every request (a permit is kept, so a later wait still sees an earlier hit).
+    pub seen: Arc<tokio::sync::Notify>,
+    pub last_headers: Arc<std::sync::Mutex<http::HeaderMap>>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+pub async fn http_app(addr: SocketAddr, tag: &str, behavior: AppBehavior) -> HttpApp {
+    use http_body_util::{BodyExt, Full, StreamBody};
+    use std::sync::atomic::Ordering;
+    type Body = http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>;
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let local = listener.local_addr().unwrap();
+    let hits = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let last_headers = Arc::new(std::sync::Mutex::new(http::HeaderMap::new()));
+    let seen = Arc::new(tokio::sync::Notify::new());
+    let h = (hits.clone(), seen.clone());
+    let (lh, tag) = (last_headers.clone(), tag.to_owned());
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (h, lh, tag, behavior) = (h.clone(), lh.clone(), tag.clone(), behavior.clone());
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let (h, lh, tag, behavior) =
+                        (h.clone(), lh.clone(), tag.clone(), behavior.clone());
+                    async move {
+                        let n = h.0.fetch_add(1, Ordering::SeqCst) + 1;
+                        h.1.notify_one();
+                        *lh.lock().unwrap() = req.headers().clone();
+                        let line = format!("{tag} {} {}", req.method(), req.uri().path());
+                        let _ = req.into_body().collect().await;
+                        if let Some(d) = behavior.delay {
+                            tokio::time::sleep(d).await;
+                        }
+                        let mut resp = if behavior.fail_every.is_some_and(|k| n % k == 0) {
+                            let mut r = http::Response::new(
+                                Full::new(bytes::Bytes::from(format!("{line} failed"))).boxed(),
+                            );
+                            *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                            r
+                        } else if let Some(total) = behavior.stream_bytes {
+                            let chunk = bytes::Bytes::from(vec![b'x'; 64 * 1024]);
+                            let count = total.div_ceil(64 * 1024);
+                            let frames = futures::stream::iter(
+                                (0..count)
+                                    .map(move |_| Ok(hyper::body::Frame::data(chunk.clone()))),
+                            );
+                            http::Response::new(BodyExt::boxed(StreamBody::new(frames)))
+                        } else {
+                            http::Response::new(Full::new(bytes::Bytes::from(line)).boxed())
+                        };
+                        resp.headers_mut()
+                            .insert("x-app", http::HeaderValue::from_str(&tag).unwrap());
+                        Ok::<_, std::convert::Infallible>(resp as http::Response<Body>)
+                    }
+                });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    HttpApp {
+        addr: local,
+        hits,
+        seen,
+        last_headers,
+        _task: task,
+    }
+}
+
+/// A pooled HTTP/1.1 client for tests.
+pub fn http_client() -> hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Full<bytes::Bytes>,
+> {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(hyper_util::client::legacy::connect::HttpConnector::new())
+}
+
+/// Sends a request through `upstream` and returns status, the body as text, and the headers.
+pub async fn http_call(
+    client: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<bytes::Bytes>,
+    >,
+    upstream: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String, http::HeaderMap) {
+    use http_body_util::BodyExt;
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{upstream}{path}"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = client
+        .request(
+            req.body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned(), headers)
+}
+
+/// A loopback address for one app or sidecar of a test: 127.a.b.c outside 127.0.0.0/16, unique
+/// within this process and drawn from a random start per process, so tests that bind a fixed
+/// port on it (a Service's targetPort) do not meet other tests of this run, in this binary or in
+/// another one running beside it (one chance in about 16,000 for two binaries' ranges to meet).
+pub fn loopback_ip() -> IpAddr {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::OnceLock;
+    const SPAN: u32 = 254 * 256 * 254; // 127.1-254 . 0-255 . 1-254
+    static START: OnceLock<u32> = OnceLock::new();
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = *START.get_or_init(|| rand::random::<u32>() % SPAN);
+    let n = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN;
+    let (a, rest) = (n / (256 * 254), n % (256 * 254));
+    let [a, b, c] = [a + 1, rest / 254, rest % 254 + 1].map(|x| u8::try_from(x).unwrap());
+    IpAddr::from([127, a, b, c])
+}
+
+// ---- A mesh with HTTP, TCP, failing and denied edges, and admin-port helpers ----
+
+pub type Client = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Full<bytes::Bytes>,
+>;
+
+pub async fn get(client: &Client, admin: SocketAddr, path: &str) -> (u16, String) {
+    let (status, body, _) = http_call(client, admin, "GET", path, &[]).await;
+    (status, body)
+}
+
+pub async fn try_get(client: &Client, admin: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use http_body_util::BodyExt;
+    let req = http::Request::get(format!("http://{admin}{path}"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = client.request(req).await.ok()?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    Some((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Polls `path` on the admin port until `f` accepts the answer.
+pub async fn wait_admin(
+    client: &Client,
+    admin: SocketAddr,
+    path: &str,
+    what: &str,
+    f: impl Fn(u16, &str) -> bool,
+) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        // A process may not listen yet: a refused connection is one more try.
+        let (status, body) = try_get(client, admin, path).await.unwrap_or_default();
+        if f(status, &body) {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: last answer {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub const HTTP_PORT: u16 = 9080;
+
+/// `reviews` (HTTP, v1) and `ratings` (TCP, v2, three ports: echo, nothing listening, denied),
+/// a Policy on each, and `productpage` calling all four. Extra TOML goes to every sidecar.
+pub struct Edges {
+    pub mesh: Mesh,
+    pub reviews: Sidecar,
+    pub ratings: Sidecar,
+    pub pp: Sidecar,
+    pub app: HttpApp,
+    pub _echo: Echo,
+}
+
+pub async fn edges(extra: &str) -> Edges {
+    edges_with(extra, "").await
+}
+
+/// [`edges`] with more TOML for `productpage` alone.
+pub async fn edges_with(extra: &str, pp_extra: &str) -> Edges {
+    let (host_http, host_tcp) = (loopback_ip(), loopback_ip());
+    let mesh = Mesh::with_dir().await;
+    let app = http_app(SocketAddr::new(host_http, 0), "v1", AppBehavior::default()).await;
+    let echo = tagged_echo(SocketAddr::new(host_tcp, 0), "r").await;
+    // A port nobody listens on: bind, note, close.
+    let dead = std::net::TcpListener::bind(SocketAddr::new(host_tcp, 0)).unwrap();
+    let dead_port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let objects = format!(
+        "kind: Service\nname: reviews\nports:\n  - {{ name: http, port: {HTTP_PORT}, protocol: http, targetPort: {} }}\n---\n\
+         kind: Service\nname: ratings\nports:\n  - {{ name: ok, port: 9090, protocol: tcp, targetPort: {} }}\n  - {{ name: dead, port: 9091, protocol: tcp, targetPort: {dead_port} }}\n  - {{ name: denied, port: 9092, protocol: tcp, targetPort: {} }}\n---\n\
+         kind: Policy\nservice: reviews\nrules:\n  - action: deny\n    to: {{ paths: [/admin, /admin/*] }}\n---\n\
+         kind: Policy\nservice: ratings\nrules:\n  - action: deny\n    from: {{ services: [productpage] }}\n    to: {{ ports: [9092] }}\n",
+        app.addr.port(),
+        echo.addr.port(),
+        echo.addr.port(),
+    );
+    mesh.apply(&objects).await;
+    let extra = format!("[outlier]\nconsecutive_failures = 100\n{extra}");
+    let mut spec = Spec::new("reviews", "v1").app_host(host_http);
+    spec.extra = extra.clone();
+    let reviews = mesh.start(&spec).await;
+    let mut spec = Spec::new("ratings", "v2").app_host(host_tcp);
+    spec.extra = extra.clone();
+    let ratings = mesh.start(&spec).await;
+    let mut spec = Spec::new("productpage", "v1")
+        .upstream("reviews", HTTP_PORT)
+        .upstream("ratings", 9090)
+        .upstream("ratings", 9091)
+        .upstream("ratings", 9092);
+    spec.extra = format!("{extra}{pp_extra}");
+    let pp = mesh.start(&spec).await;
+    pp.wait_endpoints("reviews", 1).await;
+    pp.wait_endpoints("ratings", 1).await;
+    for s in [&reviews, &ratings] {
+        s.wait_snapshot("the policy", |s| s.policies.len() == 2)
+            .await;
+    }
+    Edges {
+        mesh,
+        reviews,
+        ratings,
+        pp,
+        app,
+        _echo: echo,
+    }
+}
+
+/// 5 good and 2 denied requests, 4 good, 3 failed and 2 denied flows.
+pub async fn traffic(e: &Edges, client: &Client) {
+    for _ in 0..5 {
+        let (status, body, _) = http_call(client, e.pp.upstream(0), "GET", "/ok", &[]).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    for _ in 0..2 {
+        let (status, ..) = http_call(client, e.pp.upstream(0), "GET", "/admin", &[]).await;
+        assert_eq!(status, 403);
+    }
+    for _ in 0..4 {
+        assert_eq!(call(e.pp.upstream(1), b"hello").await.unwrap(), b"r:hello");
+    }
+    for _ in 0..3 {
+        assert!(call(e.pp.upstream(2), b"hello").await.is_err_or_empty());
+    }
+    for _ in 0..2 {
+        assert!(call(e.pp.upstream(3), b"hello").await.is_err_or_empty());
+    }
+}
+
+pub trait ErrOrEmpty {
+    fn is_err_or_empty(&self) -> bool;
+}
+
+impl ErrOrEmpty for std::io::Result<Vec<u8>> {
+    fn is_err_or_empty(&self) -> bool {
+        self.as_ref().map_or(true, |v| v.is_empty())
+    }
+}
+
+pub fn edge<'a>(
+    direction: &'a str,
+    destination: &'a str,
+    version: &'a str,
+    last: (&'a str, &'a str),
+) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("direction", direction),
+        ("source_service", "productpage"),
+        ("destination_service", destination),
+        ("destination_version", version),
+        last,
+    ]
+}
