@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::congestion::Congestion;
+
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 /// Largest value a QUIC variable-length integer carries (RFC 9000 §16).
@@ -68,6 +70,8 @@ pub struct RawTransportConfig {
     pub backoff_max_ms: u64,
     /// Largest decoded header section accepted (SETTINGS_MAX_FIELD_SECTION_SIZE, RFC 9114 §4.2.2).
     pub max_field_section_size: u64,
+    /// Congestion controller of every connection: `"bbr"` (default) or `"cubic"`.
+    pub congestion: Congestion,
 }
 
 impl Default for RawTransportConfig {
@@ -86,6 +90,7 @@ impl Default for RawTransportConfig {
             backoff_initial_ms: 100,
             backoff_max_ms: 5_000,
             max_field_section_size: 16 * KIB,
+            congestion: Congestion::default(),
         }
     }
 }
@@ -107,6 +112,7 @@ impl Default for RawTransportConfig {
 /// | connections per peer | 1 | one connection carries all flows to a peer |
 /// | reconnect backoff | 100 ms doubling to 5 s, jittered | |
 /// | max field section size | 16 KiB | bounds decoded header memory per request |
+/// | congestion | `bbr` | full rate through random loss without filling queues (the `lossy` bench) |
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "RawTransportConfig", into = "RawTransportConfig")]
 pub struct TransportConfig {
@@ -267,6 +273,11 @@ impl TransportConfig {
     pub fn max_field_section_size(&self) -> u64 {
         self.raw.max_field_section_size
     }
+
+    /// The congestion controller.
+    pub fn congestion(&self) -> Congestion {
+        self.raw.congestion
+    }
 }
 
 #[cfg(test)]
@@ -314,6 +325,28 @@ mod tests {
         };
         let err = TransportConfig::try_from(raw).unwrap_err();
         assert!(err.to_string().contains("receive_window"), "{err}");
+    }
+
+    #[test]
+    fn congestion_defaults_to_bbr_and_reads_cubic() {
+        assert_eq!(TransportConfig::default().congestion(), Congestion::Bbr);
+        let cubic: TransportConfig = serde_json::from_str(r#"{"congestion": "cubic"}"#).unwrap();
+        assert_eq!(cubic.congestion(), Congestion::Cubic);
+        let dumped = serde_json::to_value(&cubic).unwrap();
+        assert_eq!(dumped["congestion"], "cubic");
+    }
+
+    #[test]
+    fn unknown_congestion_names_the_valid_values() {
+        let err = serde_json::from_str::<TransportConfig>(r#"{"congestion": "reno"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`bbr`") && err.contains("`cubic`"), "{err}");
+        let err = "BBR".parse::<Congestion>().unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "transport.congestion = \"BBR\" is not a congestion controller; use \"bbr\" or \"cubic\""
+        );
     }
 
     #[test]

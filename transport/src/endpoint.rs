@@ -71,7 +71,8 @@ fn quinn_transport(config: &TransportConfig) -> quinn::TransportConfig {
         // Round-robin between streams: with fairness off, a bulk flow that always has data queued
         // starves every request stream on the same connection once it is congestion-limited
         // (measured: 50 request flows timed out behind one bulk flow on a 100 Mbit/s link).
-        .send_fairness(true);
+        .send_fairness(true)
+        .congestion_controller_factory(config.congestion().factory());
     // TransportConfig bounds the idle timeout to a day, far inside quinn's limit.
     t.max_idle_timeout(IdleTimeout::try_from(config.idle_timeout()).ok());
     t

@@ -26,7 +26,9 @@
 //! Pool::new(MeshEndpoint)
 //!   .open_tcp(SocketAddr, &SpiffeId, &Target, HeaderMap).await -> Result<Tunnel, TunnelError>
 //!   .send_request(SocketAddr, &SpiffeId, http::Request<()>).await -> Result<PooledRequest, TunnelError>
-//!   .stats() -> Vec<PeerStats>   .connections(addr, &id)   .retain_peers(|&PeerKey| bool)   .close()
+//!   .stats() -> Vec<PeerStats>   .congestion() -> Vec<PeerCongestion>
+//!   .connections(addr, &id)   .retain_peers(|&PeerKey| bool)   .close()
+//! CongestionStats::of(&quinn::Connection) -> CongestionStats { rtt, cwnd, pacing_rate, delivery_rate, phase }
 //! Tunnel / ServerTunnel: AsyncRead + AsyncWrite (Tunnel writable at once);
 //!   .splice(read_half, write_half).await -> io::Result<(sent, received)>   // the L4 proxy loop
 //!   .write_bytes(Bytes).await  .read_chunk().await -> io::Result<Option<Bytes>>  .abort()
@@ -40,10 +42,12 @@
 //! [`TunnelError`] (`err.get_ref()` then `downcast_ref::<TunnelError>()`).
 //!
 //! Pure decisions, unit-tested without sockets: [`choose_connection`], [`backoff_delay`],
-//! [`ResetBudget`], [`Target`] parsing, [`TransportConfig`] validation.
+//! [`ResetBudget`], [`Target`] parsing, [`TransportConfig`] validation, and the BBRv3
+//! congestion controller [`congestion::Bbr`] (`[transport] congestion = "bbr" | "cubic"`).
 #![forbid(unsafe_code)]
 
 mod config;
+pub mod congestion;
 mod endpoint;
 mod error;
 mod pool;
@@ -55,11 +59,12 @@ mod target;
 mod tunnel;
 
 pub use config::{ConfigError, RawTransportConfig, TransportConfig};
+pub use congestion::{Congestion, CongestionStats};
 pub use endpoint::{bind_udp, peer_identity, MeshEndpoint, ALPN_H3};
 pub use error::{EndpointError, TunnelError};
 pub use pool::{
-    backoff_delay, choose_connection, ClientRequestStream, ConnectionStats, PeerKey, PeerStats,
-    Pool, PooledRequest,
+    backoff_delay, choose_connection, ClientRequestStream, ConnectionStats, PeerCongestion,
+    PeerKey, PeerStats, Pool, PooledRequest,
 };
 pub use reset::ResetBudget;
 pub use server::{

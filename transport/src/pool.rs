@@ -21,6 +21,7 @@ use bytes::Bytes;
 use halyard_certs::SpiffeId;
 use http::{HeaderMap, Method};
 
+use crate::congestion::CongestionStats;
 use crate::endpoint::MeshEndpoint;
 use crate::error::TunnelError;
 use crate::target::Target;
@@ -92,6 +93,15 @@ pub struct PeerStats {
     pub peer: PeerKey,
     /// Its open connections.
     pub connections: Vec<ConnectionStats>,
+}
+
+/// The congestion controllers of one peer's connections.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerCongestion {
+    /// The peer.
+    pub peer: PeerKey,
+    /// One entry per open connection, in the order of [`PeerStats::connections`].
+    pub connections: Vec<CongestionStats>,
 }
 
 /// A pool of connections to peer sidecars. Cheap to clone.
@@ -349,6 +359,26 @@ impl Pool {
                 PeerStats {
                     peer: key,
                     connections: conns.iter().map(stats_of).collect(),
+                }
+            })
+            .collect()
+    }
+
+    /// Window, pacing rate and delivery-rate estimate of every pooled connection's congestion
+    /// controller, per peer (for `halyard_quic_cwnd_bytes`, `halyard_quic_pacing_rate_bytes`,
+    /// `halyard_quic_delivery_rate_bytes`).
+    pub fn congestion(&self) -> Vec<PeerCongestion> {
+        let peers: Vec<(PeerKey, Arc<Peer>)> = {
+            let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+            peers.iter().map(|(k, p)| (k.clone(), p.clone())).collect()
+        };
+        peers
+            .into_iter()
+            .map(|(key, peer)| {
+                let conns = peer.conns.lock().unwrap_or_else(|p| p.into_inner());
+                PeerCongestion {
+                    peer: key,
+                    connections: conns.iter().map(|c| CongestionStats::of(&c.quic)).collect(),
                 }
             })
             .collect()

@@ -112,14 +112,21 @@ impl Direction {
 #[derive(Debug)]
 pub struct LinkSim {
     addr: SocketAddr,
+    front: Arc<UdpSocket>,
+    server: SocketAddr,
+    client: Arc<Mutex<Option<SocketAddr>>>,
     forward: Arc<Direction>,
     backward: Arc<Direction>,
-    tasks: Vec<JoinHandle<()>>,
+    start: Instant,
+    seed: u64,
+    /// The relay tasks; replaced as a whole by [`LinkSim::rebind_nat`].
+    tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Drop for LinkSim {
     fn drop(&mut self) {
-        for task in &self.tasks {
+        let tasks = self.tasks.get_mut().unwrap_or_else(|p| p.into_inner());
+        for task in tasks.iter() {
             task.abort();
         }
     }
@@ -182,34 +189,56 @@ impl LinkSim {
         let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
         let front = udp(loopback).await?;
         let back = udp(loopback).await?;
-        let client = Arc::new(Mutex::new(None));
-        let (forward, backward) = (Direction::new(forward), Direction::new(backward));
-        let start = Instant::now();
+        let sim = LinkSim {
+            addr: front.local_addr()?,
+            front,
+            server,
+            client: Arc::new(Mutex::new(None)),
+            forward: Direction::new(forward),
+            backward: Direction::new(backward),
+            start: Instant::now(),
+            seed,
+            tasks: Mutex::new(Vec::new()),
+        };
+        sim.spawn(back, seed);
+        Ok(sim)
+    }
+
+    /// Starts both directions' tasks with `back` as the socket facing the server.
+    fn spawn(&self, back: Arc<UdpSocket>, seed: u64) {
         let mut tasks = Vec::new();
         tasks.extend(relay(
-            front.clone(),
+            self.front.clone(),
             back.clone(),
-            Dest::Fixed(server),
-            Some(client.clone()),
-            forward.clone(),
-            start,
+            Dest::Fixed(self.server),
+            Some(self.client.clone()),
+            self.forward.clone(),
+            self.start,
             seed,
         ));
         tasks.extend(relay(
             back,
-            front.clone(),
-            Dest::Latest(client),
+            self.front.clone(),
+            Dest::Latest(self.client.clone()),
             None,
-            backward.clone(),
-            start,
+            self.backward.clone(),
+            self.start,
             seed ^ 0x9e37_79b9_7f4a_7c15,
         ));
-        Ok(LinkSim {
-            addr: front.local_addr()?,
-            forward,
-            backward,
-            tasks,
-        })
+        let mut current = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        for task in current.drain(..) {
+            task.abort();
+        }
+        *current = tasks;
+    }
+
+    /// A NAT rebinding: from now on the server sees the client's packets come from a new
+    /// source port (the relay's new socket), while the client keeps its own address. Packets
+    /// still inside the relay are lost, as they would be at a NAT that forgot the mapping.
+    pub async fn rebind_nat(&self) -> std::io::Result<()> {
+        let back = udp(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+        self.spawn(back, self.seed.rotate_left(17) ^ 0x5bd1_e995);
+        Ok(())
     }
 
     /// The address clients send to.

@@ -1,0 +1,462 @@
+//! [`Bbr`] against a synthetic link: a sender that obeys the window (and paces like quinn), one
+//! drop-tail bottleneck with a rate, a propagation delay, random loss and a seeded RNG, and a
+//! receiver acknowledging every second packet. Virtual time; every run is exact to the seed.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+use super::*;
+
+const MSS: u64 = 1200;
+const MBIT: u64 = 1_000_000 / 8;
+/// Simulation step: one packet at 100 Mbit/s takes 96 µs.
+const STEP: Duration = Duration::from_micros(50);
+
+/// A path: bottleneck rate (bytes/s, may change), two-way propagation delay, drop-tail queue
+/// (bytes), random loss per packet, and Gilbert–Elliott bursts when `burst_len` > 1.
+#[derive(Debug, Clone)]
+struct Path {
+    rate: u64,
+    rtt: Duration,
+    queue: u64,
+    loss: f64,
+    /// Rate changes: (at, new rate).
+    steps: Vec<(Duration, u64)>,
+}
+
+impl Path {
+    fn new(mbit: u64, rtt_ms: u64) -> Self {
+        let rate = mbit * MBIT;
+        let rtt = Duration::from_millis(rtt_ms);
+        Path {
+            rate,
+            rtt,
+            queue: bdp_of(rate, rtt),
+            loss: 0.0,
+            steps: Vec::new(),
+        }
+    }
+
+    fn bdp(&self) -> u64 {
+        bdp_of(self.rate, self.rtt)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Packet {
+    sent: Instant,
+    size: u64,
+}
+
+/// What a run observed, per 100 ms bucket and in total.
+#[derive(Debug, Default)]
+struct Trace {
+    /// Bytes delivered to the receiver per 100 ms.
+    delivered: Vec<u64>,
+    /// Queueing delay samples (RTT − propagation) of acknowledged packets: (at, µs).
+    queue_us: Vec<(Duration, u64)>,
+    /// Phases in the order entered.
+    phases: Vec<Phase>,
+    /// (time, bw estimate) once per 100 ms.
+    bw: Vec<(Duration, u64)>,
+    lost: u64,
+    sent: u64,
+}
+
+impl Trace {
+    /// Mean goodput over `[from, to)` seconds, bytes per second.
+    fn goodput(&self, from: f64, to: f64) -> u64 {
+        let (a, b) = ((from * 10.0) as usize, (to * 10.0) as usize);
+        let sum: u64 = self.delivered[a..b.min(self.delivered.len())].iter().sum();
+        (sum as f64 / (to - from)) as u64
+    }
+
+    /// A percentile of the queueing delay after `from`.
+    fn queue_p(&self, from: Duration, pct: usize) -> Duration {
+        let mut q: Vec<u64> = self
+            .queue_us
+            .iter()
+            .filter(|(t, _)| *t >= from)
+            .map(|x| x.1)
+            .collect();
+        q.sort_unstable();
+        let i = (q.len() * pct / 100).min(q.len().saturating_sub(1));
+        Duration::from_micros(q.get(i).copied().unwrap_or(0))
+    }
+
+    fn bw_at(&self, at: Duration) -> u64 {
+        self.bw
+            .iter()
+            .rev()
+            .find(|(t, _)| *t <= at)
+            .map_or(0, |x| x.1)
+    }
+}
+
+/// Runs a bulk sender through `path` for `secs` of virtual time.
+fn run(path: &Path, secs: u64, seed: u64) -> (Bbr, Trace) {
+    let start = Instant::now();
+    let mut bbr = Bbr::new(MSS as u16, 10 * MSS, seed);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut trace = Trace {
+        phases: vec![bbr.phase()],
+        ..Trace::default()
+    };
+    let mut rate = path.rate;
+    let mut steps = path.steps.clone();
+    let one_way = path.rtt / 2;
+    // Sender state: packet number → packet, in flight.
+    let mut next_pn = 0u64;
+    let mut unacked: BTreeMap<u64, Packet> = BTreeMap::new();
+    let mut inflight = 0u64;
+    let mut srtt = path.rtt;
+    let mut tokens = 10 * MSS;
+    // Bottleneck: time its last packet leaves; arrivals at the receiver; ACKs on the way back.
+    let mut link_free = start;
+    let mut to_receiver: VecDeque<(Instant, u64)> = VecDeque::new();
+    let mut to_sender: VecDeque<(Instant, Vec<u64>)> = VecDeque::new();
+    let mut pending_ack: Vec<u64> = Vec::new();
+    let mut pending_since = start;
+    let mut bucket = vec![0u64; (secs * 10) as usize + 1];
+    let end = start + Duration::from_secs(secs);
+    let mut now = start;
+    let mut next_sample = start;
+    while now < end {
+        let elapsed = now - start;
+        if let Some(&(at, r)) = steps.first() {
+            if elapsed >= at {
+                rate = r;
+                steps.remove(0);
+            }
+        }
+        // Receiver: take arrivals, acknowledge every second packet or after 25 ms.
+        while to_receiver.front().is_some_and(|(t, _)| *t <= now) {
+            let (_, pn) = to_receiver.pop_front().unwrap();
+            if let Some(p) = unacked.get(&pn) {
+                bucket[(elapsed.as_millis() / 100) as usize] += p.size;
+            }
+            if pending_ack.is_empty() {
+                pending_since = now;
+            }
+            pending_ack.push(pn);
+        }
+        if pending_ack.len() >= 2
+            || (!pending_ack.is_empty() && now - pending_since >= Duration::from_millis(25))
+        {
+            to_sender.push_back((now + one_way, std::mem::take(&mut pending_ack)));
+        }
+        // Sender: ACKs, then loss detection (packet threshold 3, time threshold 9/8 RTT).
+        while to_sender.front().is_some_and(|(t, _)| *t <= now) {
+            let (_, pns) = to_sender.pop_front().unwrap();
+            let mut largest = None;
+            for pn in pns {
+                if let Some(p) = unacked.remove(&pn) {
+                    inflight -= p.size;
+                    let rtt = now - p.sent;
+                    srtt = (srtt * 7 + rtt) / 8;
+                    let queued = rtt.saturating_sub(path.rtt);
+                    trace.queue_us.push((elapsed, queued.as_micros() as u64));
+                    bbr.on_ack(now, p.sent, p.size, false);
+                    largest = largest.max(Some(pn));
+                }
+            }
+            if let Some(largest) = largest {
+                let deadline = srtt * 9 / 8;
+                let lost: Vec<u64> = unacked
+                    .range(..largest)
+                    .filter(|(pn, p)| **pn + 3 <= largest || now - p.sent > deadline)
+                    .map(|(pn, _)| *pn)
+                    .collect();
+                if let Some(&newest) = lost.last() {
+                    let newest_sent = unacked[&newest].sent;
+                    let bytes: u64 = lost.iter().map(|pn| unacked[pn].size).sum();
+                    for pn in &lost {
+                        unacked.remove(pn);
+                    }
+                    inflight -= bytes;
+                    trace.lost += lost.len() as u64;
+                    bbr.on_loss(now, newest_sent, false, bytes);
+                }
+            }
+            bbr.on_end_acks(now, inflight, false);
+        }
+        // Pacing like quinn: refill at 1.25 × window / srtt, bursts of 10 packets.
+        let window = bbr.window();
+        let refill = (window as f64 * 1.25 * STEP.as_secs_f64() / srtt.as_secs_f64()) as u64;
+        tokens = (tokens + refill).min(10 * MSS.max(window / 100));
+        let mut batch = 0;
+        while inflight + MSS < window && tokens >= MSS {
+            tokens -= MSS;
+            inflight += MSS;
+            batch += MSS;
+            let pn = next_pn;
+            next_pn += 1;
+            unacked.insert(
+                pn,
+                Packet {
+                    sent: now,
+                    size: MSS,
+                },
+            );
+            trace.sent += 1;
+            // Drop-tail bottleneck, then random loss on the wire.
+            let backlog = link_free.saturating_duration_since(now);
+            if bdp_of(rate, backlog) + MSS > path.queue {
+                continue;
+            }
+            let serialize = Duration::from_nanos(MSS * 1_000_000_000 / rate);
+            link_free = link_free.max(now) + serialize;
+            if rng.random_bool(path.loss) {
+                continue;
+            }
+            to_receiver.push_back((link_free + one_way, pn));
+        }
+        if batch > 0 {
+            bbr.on_sent(now, batch);
+        }
+        if trace.phases.last() != Some(&bbr.phase()) {
+            trace.phases.push(bbr.phase());
+        }
+        if now >= next_sample {
+            trace.bw.push((elapsed, bbr.bandwidth()));
+            next_sample += Duration::from_millis(100);
+        }
+        now += STEP;
+    }
+    trace.delivered = bucket;
+    (bbr, trace)
+}
+
+fn within(value: u64, target: u64, tolerance: f64) -> bool {
+    let (v, t) = (value as f64, target as f64);
+    (v - t).abs() <= t * tolerance
+}
+
+#[test]
+fn startup_measures_the_bottleneck_rate_and_the_propagation_rtt() {
+    let path = Path::new(100, 20);
+    let (bbr, trace) = run(&path, 3, 1);
+    assert!(
+        within(bbr.max_bw(), path.rate, 0.1),
+        "max_bw {}",
+        bbr.max_bw()
+    );
+    let min_rtt = bbr.min_rtt().unwrap();
+    assert!(
+        min_rtt >= path.rtt && min_rtt < path.rtt + Duration::from_millis(2),
+        "{min_rtt:?}"
+    );
+    assert!(
+        trace.goodput(1.0, 3.0) > path.rate * 9 / 10,
+        "{}",
+        trace.goodput(1.0, 3.0)
+    );
+}
+
+#[test]
+fn a_clean_path_runs_startup_drain_then_the_probe_bw_cycle() {
+    let (_, trace) = run(&Path::new(100, 20), 12, 2);
+    // Drain ends in ProbeBW_DOWN, which may hand over to CRUISE on the same ACK.
+    assert_eq!(
+        trace.phases[..2],
+        [Phase::Startup, Phase::Drain],
+        "{:?}",
+        trace.phases
+    );
+    assert!(trace.phases[2].is_probe_bw(), "{:?}", trace.phases);
+    for phase in [
+        Phase::ProbeBwCruise,
+        Phase::ProbeBwRefill,
+        Phase::ProbeBwUp,
+        Phase::ProbeRtt,
+    ] {
+        assert!(
+            trace.phases.contains(&phase),
+            "{phase:?} missing: {:?}",
+            trace.phases
+        );
+    }
+}
+
+#[test]
+fn the_queue_stays_small_on_a_deep_buffer() {
+    // A one-BDP drop-tail buffer: CUBIC (and a 2-BDP window) would fill it (20 ms).
+    let path = Path::new(100, 20);
+    let (_, trace) = run(&path, 10, 3);
+    let after_startup = Duration::from_secs(2);
+    let p50 = trace.queue_p(after_startup, 50);
+    let p99 = trace.queue_p(after_startup, 99);
+    assert!(p50 < Duration::from_millis(4), "queue p50 {p50:?}");
+    assert!(p99 < Duration::from_millis(12), "queue p99 {p99:?}");
+    // Only Startup's last doubling may overflow the buffer (as in every BBR).
+    assert!(
+        trace.lost * 1000 < trace.sent,
+        "lost {} of {}",
+        trace.lost,
+        trace.sent
+    );
+    assert!(trace.goodput(2.0, 10.0) > path.rate * 9 / 10);
+}
+
+#[test]
+fn random_loss_does_not_lower_the_rate() {
+    for (loss, seed) in [(0.005, 4), (0.02, 5), (0.05, 6)] {
+        let path = Path {
+            loss,
+            ..Path::new(100, 20)
+        };
+        let (bbr, trace) = run(&path, 10, seed);
+        let expected = (path.rate as f64 * (1.0 - loss)) as u64;
+        let got = trace.goodput(3.0, 10.0);
+        assert!(
+            got > expected * 9 / 10,
+            "loss {loss}: goodput {got} of {expected}"
+        );
+        assert!(
+            within(bbr.bandwidth(), expected, 0.15),
+            "loss {loss}: bw {} of {expected}",
+            bbr.bandwidth()
+        );
+    }
+}
+
+#[test]
+fn a_rate_step_down_and_up_is_followed() {
+    let mut path = Path::new(100, 20);
+    path.steps = vec![
+        (Duration::from_secs(6), 20 * MBIT),
+        (Duration::from_secs(12), 100 * MBIT),
+    ];
+    let (_, trace) = run(&path, 18, 7);
+    // Down: the window bounds the queue, so nothing is lost and max_bw ages out of its
+    // two-cycle filter (§5.5.3): within two ProbeBW cycles (at most 6 s). The link stays full.
+    let after_down = trace.bw_at(Duration::from_millis(11_900));
+    assert!(
+        after_down < 30 * MBIT,
+        "bw 6 s after the step down: {after_down}"
+    );
+    assert!(trace.goodput(6.5, 12.0) > 20 * MBIT * 9 / 10);
+    // Up: the next probe (at most 63 rounds or 3 s away) finds the new rate.
+    let after_up = trace.bw_at(Duration::from_secs(15));
+    assert!(after_up > 80 * MBIT, "bw 3 s after the step up: {after_up}");
+    assert!(trace.goodput(15.0, 18.0) > 80 * MBIT);
+}
+
+#[test]
+fn congestive_loss_on_a_shallow_buffer_bounds_inflight() {
+    // A quarter of a BDP of buffer (10 ms): probes overflow it with a visible queue.
+    let mut path = Path::new(50, 40);
+    path.queue = path.bdp() / 4;
+    let (bbr, trace) = run(&path, 15, 8);
+    let hi = bbr
+        .inflight_hi()
+        .expect("loss with a queue while probing sets inflight_hi");
+    assert!(
+        hi < path.bdp() * 2,
+        "inflight_hi {hi} vs BDP {}",
+        path.bdp()
+    );
+    let loss_rate = trace.lost as f64 / trace.sent as f64;
+    assert!(loss_rate < 0.01, "loss rate {loss_rate}");
+    assert!(trace.goodput(3.0, 15.0) > path.rate * 9 / 10);
+}
+
+#[test]
+fn loss_below_the_queue_threshold_is_bounded_by_the_probe_schedule() {
+    // A tenth of a BDP (4 ms, under the 5 ms queue threshold): loss is not acted on, but the
+    // probes stop on their own (bandwidth plateau, §5.3.3.4), so loss stays under LossThresh.
+    let mut path = Path::new(50, 40);
+    path.queue = path.bdp() / 10;
+    let (bbr, trace) = run(&path, 15, 8);
+    assert_eq!(bbr.inflight_hi(), None);
+    let loss_rate = trace.lost as f64 / trace.sent as f64;
+    assert!(loss_rate < 0.02, "loss rate {loss_rate}");
+    assert!(trace.goodput(3.0, 15.0) > path.rate * 9 / 10);
+}
+
+// ----- bad input: nothing a peer does makes the controller panic or grow without bound ----
+
+fn assert_sane(bbr: &Bbr) {
+    let w = bbr.window();
+    assert!((4 * MSS..=MAX_WINDOW).contains(&w), "window {w}");
+    assert!(bbr.cwnd() <= MAX_WINDOW);
+}
+
+#[test]
+fn an_ack_for_bytes_never_sent_changes_nothing_harmful() {
+    let t = Instant::now();
+    let mut bbr = Bbr::new(1200, 12_000, 9);
+    bbr.on_ack(t, t, u64::MAX, false);
+    bbr.on_end_acks(t, 0, false);
+    bbr.on_sent(t, 1200);
+    bbr.on_ack(
+        t + Duration::from_millis(10),
+        t - Duration::from_secs(5),
+        u64::MAX,
+        true,
+    );
+    bbr.on_end_acks(t + Duration::from_millis(10), u64::MAX, false);
+    assert_sane(&bbr);
+}
+
+#[test]
+fn rtt_samples_of_zero_and_of_hours_are_bounded() {
+    let t = Instant::now();
+    let mut bbr = Bbr::new(1200, 12_000, 10);
+    for i in 0..50 {
+        bbr.on_sent(t, 12_000);
+        bbr.on_ack(t, t, 12_000, false);
+        bbr.on_end_acks(t, 0, false);
+        assert_sane(&bbr);
+        let late = t + Duration::from_secs(3 * 3600 + i);
+        bbr.on_sent(t + Duration::from_secs(i), 1_000_000);
+        bbr.on_ack(late, t + Duration::from_secs(i), 1_000_000, false);
+        bbr.on_end_acks(late, 0, false);
+        assert_sane(&bbr);
+    }
+    assert!(bbr.min_rtt().unwrap() >= Duration::from_micros(1));
+}
+
+#[test]
+fn a_total_loss_burst_keeps_the_window_at_its_floor_then_recovers() {
+    let mut t = Instant::now();
+    let mut bbr = Bbr::new(1200, 12_000, 11);
+    let (_, _) = (bbr.on_sent(t, 12_000), ());
+    for _ in 0..10_000 {
+        t += Duration::from_millis(1);
+        bbr.on_sent(t, 1200);
+        bbr.on_loss(t, t, true, 1200);
+        bbr.on_loss(t, t, false, u64::MAX);
+        assert_sane(&bbr);
+    }
+    assert_eq!(bbr.window(), 4 * 1200);
+    // The path comes back: a packet sent after the burst is acknowledged.
+    bbr.on_sent(t, 1200);
+    t += Duration::from_millis(20);
+    bbr.on_ack(t, t - Duration::from_millis(20), 1200, false);
+    bbr.on_end_acks(t, 0, false);
+    assert_sane(&bbr);
+}
+
+#[test]
+fn a_clock_going_backwards_is_ignored() {
+    let t = Instant::now() + Duration::from_secs(10);
+    let mut bbr = Bbr::new(1200, 12_000, 12);
+    bbr.on_sent(t, 1200);
+    bbr.on_sent(t - Duration::from_secs(5), 1200);
+    bbr.on_ack(t - Duration::from_secs(9), t, 1200, false);
+    bbr.on_end_acks(t - Duration::from_secs(9), 1200, false);
+    assert_sane(&bbr);
+}
+
+#[test]
+fn the_quinn_adapter_reports_the_model() {
+    let factory = Arc::new(BbrConfig::new(1));
+    let controller = factory.build(Instant::now(), 1200);
+    assert_eq!(controller.initial_window(), 12_000);
+    assert_eq!(controller.window(), 12_000);
+    let any = controller.into_any();
+    assert!(any.downcast::<BbrController>().is_ok());
+}
