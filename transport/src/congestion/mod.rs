@@ -26,11 +26,11 @@ pub use bbr::{queue_threshold, Bbr, Phase, MAX_WINDOW};
 #[serde(rename_all = "lowercase")]
 pub enum Congestion {
     /// BBRv3 (draft-ietf-ccwg-bbr) with Halyard's two adaptations ([`Bbr`]): full rate
-    /// through random loss, a small queue. The default.
-    #[default]
+    /// through random loss, a small queue.
     Bbr,
     /// quinn's CUBIC (RFC 9438): loss-based; halves its rate on random loss and fills
-    /// drop-tail queues.
+    /// drop-tail queues. The default until the `lossy` bench has compared the two in one run.
+    #[default]
     Cubic,
 }
 
