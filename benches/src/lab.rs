@@ -72,6 +72,8 @@ pub struct Lab {
     pub dir: tempfile::TempDir,
     pub halyard: PathBuf,
     procs: Vec<(Route, Proc)>,
+    /// `[transport] congestion` of both Halyard sidecars.
+    congestion: String,
     stop: CancellationToken,
     _apps: std::thread::JoinHandle<()>,
 }
@@ -96,6 +98,7 @@ impl Lab {
             dir,
             halyard,
             procs: Vec::new(),
+            congestion: "bbr".to_owned(),
             stop,
             _apps: apps,
         };
@@ -170,6 +173,24 @@ impl Lab {
         let reg = self.dir.path().join("registry");
         std::fs::create_dir_all(reg.join("default"))?;
         apply(&self.halyard, &reg, REGISTRY_OBJECTS)?;
+        self.spawn_sidecars()
+    }
+
+    /// Restarts both Halyard sidecars with `[transport] congestion = congestion` and waits
+    /// until every path answers again.
+    pub fn restart_halyard(&mut self, congestion: &str) -> anyhow::Result<()> {
+        self.procs.retain(|(route, _)| *route != Route::HalyardL4);
+        self.congestion = congestion.to_owned();
+        self.spawn_sidecars()?;
+        self.wait_ready()
+    }
+
+    /// The congestion controller the Halyard sidecars run.
+    pub fn congestion(&self) -> &str {
+        &self.congestion
+    }
+
+    fn spawn_sidecars(&mut self) -> anyhow::Result<()> {
         for (who, ns_b) in [("client", false), ("server", true)] {
             let path = self.dir.path().join(format!("{who}.toml"));
             std::fs::write(&path, self.sidecar_config(who, ns_b))?;
@@ -252,7 +273,10 @@ impl Lab {
             }
         }
         t += "[admin]\nlisten = \"127.0.0.1:15000\"\n[failure]\nconnect_timeout = \"2s\"\ndrain_timeout = \"1s\"\n";
-        t += "[transport]\nmax_concurrent_bidi_streams = 20000\n";
+        t += &format!(
+            "[transport]\nmax_concurrent_bidi_streams = 20000\ncongestion = \"{}\"\n",
+            self.congestion
+        );
         t
     }
 
