@@ -15,8 +15,9 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion};
 use halyard_certs::SpiffeId;
 use halyard_registry::model::{parse_documents, Action, Endpoint, Object, Policy, Route};
-use halyard_sidecar::decide::pick::{choose, l4_rule, BackendPickers, Load, Locality};
+use halyard_sidecar::decide::pick::{choose, BackendPickers, Load, Locality};
 use halyard_sidecar::decide::policy::{evaluate, Peer, Target};
+use halyard_sidecar::decide::route::{select, RequestView};
 
 const ENDPOINTS: usize = 10_000;
 
@@ -76,7 +77,7 @@ fn route_selection(c: &mut Criterion) {
             n = n
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
-            let rule = l4_rule(&route, "client").expect("rule");
+            let (_, rule) = select(&route, RequestView::flow("client")).expect("rule");
             let backend = pickers.pick("big", 0, rule).expect("backend");
             black_box(choose(
                 &refs,

@@ -198,7 +198,8 @@ pub async fn run_until(
         config.clone(),
         registry.watch(),
         Pool::new(bound.endpoint.clone()),
-        metrics.with_sinks(sinks),
+        metrics.clone(),
+        sinks,
     );
     admin.attach(shared.clone());
 

@@ -21,7 +21,10 @@ use crate::decide::outlier::{Failure, Outliers};
 use crate::decide::pick::{self, BackendPickers, Load, Locality};
 use crate::decide::policy::{self, Peer};
 use crate::decide::retry::{self, RetryPolicy, Step};
-use crate::telemetry::metrics::Metrics;
+use crate::decide::route::{self, RequestView};
+use crate::telemetry::flow::FlowRecord;
+use crate::telemetry::metrics::{Direction, Metrics};
+use crate::telemetry::Sinks;
 
 /// Everything the data plane's tasks share.
 pub(crate) struct Shared {
@@ -35,6 +38,8 @@ pub(crate) struct Shared {
     pub(crate) pool: Pool,
     /// Metrics.
     pub(crate) metrics: Metrics,
+    /// The access log and span export of finished flows and requests.
+    sinks: Sinks,
     /// Where this sidecar runs.
     pub(crate) locality: Locality,
     /// Every flow task, so drain can wait for them.
@@ -126,6 +131,8 @@ pub(crate) enum PickError {
 pub(crate) struct Picked {
     /// The endpoint.
     pub(crate) endpoint: Arc<Endpoint>,
+    /// The index of the route rule the flow took (L4 picks; L7 requests select theirs first).
+    pub(crate) route: Option<usize>,
     shared: Arc<Shared>,
 }
 
@@ -149,16 +156,6 @@ impl Drop for Picked {
     }
 }
 
-impl Picked {
-    /// The endpoint's `version` label, for metrics.
-    pub(crate) fn version(&self) -> &str {
-        self.endpoint
-            .labels
-            .get("version")
-            .map_or("unknown", String::as_str)
-    }
-}
-
 impl Shared {
     /// Builds the shared state.
     pub(crate) fn new(
@@ -166,6 +163,7 @@ impl Shared {
         snapshot: watch::Receiver<Arc<Snapshot>>,
         pool: Pool,
         metrics: Metrics,
+        sinks: Sinks,
     ) -> Arc<Self> {
         let connect_timeout = config.file.failure.connect_timeout;
         let locality = Locality {
@@ -178,6 +176,7 @@ impl Shared {
             snapshot,
             pool,
             metrics,
+            sinks,
             locality,
             flows: TaskTracker::new(),
             draining: CancellationToken::new(),
@@ -188,6 +187,26 @@ impl Shared {
             app_h1: app_client(false, connect_timeout),
             app_h2: app_client(true, connect_timeout),
         })
+    }
+
+    /// Starts the record of an L4 flow on the edge `source → destination`.
+    pub(crate) fn flow_record(
+        &self,
+        direction: Direction,
+        source: &str,
+        destination: &str,
+    ) -> FlowRecord {
+        FlowRecord::flow(&self.metrics, &self.sinks, direction, source, destination)
+    }
+
+    /// Starts the record of an L7 request on the edge `(source, destination)`.
+    pub(crate) fn request_record<B>(
+        &self,
+        direction: Direction,
+        edge: (&str, &str),
+        req: &http::Request<B>,
+    ) -> FlowRecord {
+        FlowRecord::request(&self.metrics, &self.sinks, direction, edge, req)
     }
 
     /// Runs `work` unless the drain deadline passes first (`None`): every task on `flows` that
@@ -248,11 +267,10 @@ impl Shared {
         tried: &[String],
     ) -> Result<Picked, PickError> {
         let snap = self.current();
-        let subset = {
-            let mut lb = self.lb();
-            self.subset_for(&snap, service, &mut lb)
-        };
-        self.pick_in(&snap, service, &subset, tried, false)
+        let (route, subset) = self.l4_backend(&snap, service);
+        let mut picked = self.pick_in(&snap, service, &subset, tried, false)?;
+        picked.route = route;
+        Ok(picked)
     }
 
     /// The next backend subset of rule number `index` of `service`'s route.
@@ -314,26 +332,21 @@ impl Shared {
         drop(lb);
         Ok(Picked {
             endpoint,
+            route: None,
             shared: self.clone(),
         })
     }
 
-    fn subset_for(&self, snap: &Snapshot, service: &str, lb: &mut LbState) -> Labels {
+    /// The rule an L4 flow from this sidecar to `service` takes, and the next backend subset of
+    /// it (no route or no matching rule: the whole service).
+    fn l4_backend(&self, snap: &Snapshot, service: &str) -> (Option<usize>, Labels) {
         let Some(route) = snap.route(service) else {
-            return Labels::new();
+            return (None, Labels::new());
         };
-        let Some((index, rule)) = route
-            .rules
-            .iter()
-            .enumerate()
-            .find(|(_, r)| pick::l4_rule_matches(r, &self.service))
-        else {
-            return Labels::new();
+        let Some((index, rule)) = route::select(route, RequestView::flow(&self.service)) else {
+            return (None, Labels::new());
         };
-        lb.pickers
-            .pick(service, index, rule)
-            .map(|b| b.subset.clone())
-            .unwrap_or_default()
+        (Some(index), self.backend(service, index, rule))
     }
 
     /// Records the outcome of an attempt for outlier detection.

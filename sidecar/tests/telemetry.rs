@@ -477,3 +477,65 @@ async fn spans_dropped_requests_served(collector: SocketAddr) {
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+/// The access log names the route rule a flow took when it was routed, even when the Route
+/// changed while the flow was open (the rule is recorded at pick time, not looked up again when
+/// the flow ends).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_names_the_rule_a_flow_took_across_a_route_change() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = loopback_ip();
+    let mesh = Mesh::with_dir().await;
+    let mut app = tagged_echo(SocketAddr::new(host, 0), "ratings").await;
+    let service = format!(
+        "kind: Service\nname: ratings\nports:\n  - {{ name: tcp, port: 9090, protocol: tcp, targetPort: {} }}\n",
+        app.addr.port()
+    );
+    // Rule 0 never matches productpage; its flows take rule 1.
+    let before = "kind: Route\nservice: ratings\nrules:\n  - match: { sourceService: nobody }\n    backends: [{ weight: 1 }]\n  - backends: [{ subset: { version: v1 }, weight: 100 }]\n";
+    mesh.apply(&format!("{service}---\n{before}")).await;
+    let ratings = mesh.start(&Spec::new("ratings", "v1").app_host(host)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pp.log");
+    let mut spec = Spec::new("productpage", "v1").upstream("ratings", 9090);
+    spec.extra = format!("[access_log]\nenabled = true\npath = {path:?}\n");
+    let pp = mesh.start(&spec).await;
+    pp.wait_endpoints("ratings", 1).await;
+    pp.wait_snapshot("the first route", |s| {
+        s.route("ratings").is_some_and(|r| r.rules.len() == 2)
+    })
+    .await;
+
+    let mut flow = tokio::net::TcpStream::connect(pp.upstream(0))
+        .await
+        .unwrap();
+    flow.write_all(b"a").await.unwrap();
+    app.accepted.recv().await.unwrap();
+    // While the flow is open, the Route becomes one rule with new weights.
+    let after = "kind: Route\nservice: ratings\nrules:\n  - backends: [{ subset: { version: v1 }, weight: 60 }, { subset: { version: v2 }, weight: 40 }]\n";
+    mesh.apply(after).await;
+    pp.wait_snapshot("the second route", |s| {
+        s.route("ratings").is_some_and(|r| r.rules.len() == 1)
+    })
+    .await;
+    flow.shutdown().await.unwrap();
+    let mut reply = Vec::new();
+    flow.read_to_end(&mut reply).await.unwrap();
+    assert_eq!(reply, b"ratings:a");
+    assert_eq!(call(pp.upstream(0), b"b").await.unwrap(), b"ratings:b");
+
+    let lines = wait_lines(&path, 2).await;
+    let entries: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(entries[0]["route"], "1", "{lines:?}");
+    assert_eq!(entries[1]["route"], "0", "{lines:?}");
+    assert_eq!(
+        entries[0]["endpoint"],
+        ratings.started.inbound.to_string(),
+        "{lines:?}"
+    );
+    pp.shutdown().await.unwrap();
+    ratings.shutdown().await.unwrap();
+}

@@ -5,7 +5,7 @@
 //! CI greps this folder for clocks, randomness and I/O (`.ci/pure-core`).
 //!
 //! - [`capture`]: the Service port a transparently captured connection meant.
-//! - [`route`]: the route rule a request takes (L4 flows: `pick::l4_rule`, still separate).
+//! - [`route`]: the route rule a flow or request takes (one function for L4 and L7).
 //! - [`pick`]: the weighted backend subset of a rule, then an endpoint inside it (locality,
 //!   power of two choices, subset failover, panic mode).
 //! - [`admit`]: inbound admission of a tunnel or request (port, then policy; L4 and L7).
@@ -22,3 +22,6 @@ pub mod pick;
 pub mod policy;
 pub mod retry;
 pub mod route;
+
+#[cfg(test)]
+mod tests;

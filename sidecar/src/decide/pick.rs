@@ -5,31 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use halyard_registry::model::{subset_matches, Backend, Endpoint, Labels, Route, RouteRule};
-
-/// The first rule of `route` that an L4 flow from `source` matches. Conditions on HTTP request
-/// content cannot hold for a TCP flow, so rules with them are skipped.
-pub fn l4_rule<'r>(route: &'r Route, source: &str) -> Option<&'r RouteRule> {
-    route
-        .rules
-        .iter()
-        .find(|rule| l4_rule_matches(rule, source))
-}
-
-/// Whether an L4 flow from `source` matches `rule`.
-pub fn l4_rule_matches(rule: &RouteRule, source: &str) -> bool {
-    match &rule.matches {
-        None => true,
-        Some(m) => {
-            m.path.is_none()
-                && m.method.is_none()
-                && m.headers.is_empty()
-                && m.source_service
-                    .as_ref()
-                    .is_none_or(|s| s.as_str() == source)
-        }
-    }
-}
+use halyard_registry::model::{subset_matches, Backend, Endpoint, Labels, RouteRule};
 
 /// Smooth weighted round-robin (as in nginx): over any window of `sum(weights)` picks, each
 /// backend is chosen exactly in proportion to its weight, and picks are spread evenly.

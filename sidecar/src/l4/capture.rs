@@ -12,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 use crate::decide::capture::{resolve, Destination};
 use crate::l4::outbound::{flow, reset, Flags};
 use crate::state::Shared;
-use crate::telemetry::metrics::{Direction, Edge};
+use crate::telemetry::flow::End;
+use crate::telemetry::metrics::Direction;
 
 /// Accepts app connections on an explicit upstream listener until `stop`.
 pub(crate) async fn serve_upstream(
@@ -47,15 +48,12 @@ pub(crate) async fn serve_transparent(
             }
             Err(why) => {
                 tracing::warn!(%peer, reason = %why, "captured connection refused");
-                let edge = Edge {
-                    direction: Direction::Outbound,
-                    source: &shared.service,
-                    destination: "unknown",
-                    version: "unknown",
-                };
-                shared
-                    .metrics
-                    .tcp_flow(edge, Flags::NoRoute.as_str(), 0, 0, 0.0);
+                let rec = shared.flow_record(Direction::Outbound, &shared.service, "unknown");
+                rec.finish(End::Flow {
+                    flags: Flags::NoRoute.as_str(),
+                    sent: 0,
+                    received: 0,
+                });
                 reset(tcp);
             }
         }

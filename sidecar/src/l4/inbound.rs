@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use halyard_transport::{Handler, ServerTunnel, TunnelRequest};
 use http::StatusCode;
@@ -13,8 +12,8 @@ use crate::decide::admit::{Refusal, Stream};
 use crate::decide::policy::Target;
 use crate::l4::outbound::Flags;
 use crate::state::{source_label, Shared};
-use crate::telemetry::metrics::{Direction, Edge};
-use crate::telemetry::{Outcome, Record};
+use crate::telemetry::flow::{End, FlowRecord};
+use crate::telemetry::metrics::Direction;
 
 /// The inbound tunnel handler.
 pub(crate) struct Inbound {
@@ -22,66 +21,45 @@ pub(crate) struct Inbound {
     pub(crate) shared: Arc<Shared>,
 }
 
-/// The outcome of admitting a tunnel: where to forward, or the status to refuse with.
+/// An admitted tunnel: where to forward, and what the policy re-check needs.
 struct Admitted {
     app: SocketAddr,
     peer: halyard_certs::SpiffeId,
-    source: String,
     target: halyard_transport::Target,
 }
 
-/// The caller's service and SPIFFE id, and the local app address, for metrics and the log.
-type Who<'a> = (&'a str, &'a halyard_certs::SpiffeId, Option<SocketAddr>);
-
-impl Admitted {
-    fn who(&self) -> Who<'_> {
-        (&self.source, &self.peer, Some(self.app))
+/// A flow that ended before any byte was piped.
+fn refused(flags: Flags) -> End {
+    End::Flow {
+        flags: flags.as_str(),
+        sent: 0,
+        received: 0,
     }
 }
 
 impl Inbound {
-    fn admit(&self, req: &TunnelRequest) -> Result<Admitted, Refusal> {
+    fn admit(&self, req: &TunnelRequest, services: &[String]) -> Result<Admitted, Refusal> {
         let shared = &self.shared;
         let snap = shared.current();
         let target = req.target();
         let peer = &req.peer().id;
-        let services = shared.peer_services(&snap, peer);
         let on = Target::port(target.port());
-        let port = shared.admit(&snap, target, Stream::Tunnel, peer, &services, on)?;
+        let port = shared.admit(&snap, target, Stream::Tunnel, peer, services, on)?;
         Ok(Admitted {
             app: SocketAddr::new(shared.config.file.inbound.app_host, port.target_port),
             peer: peer.clone(),
-            source: source_label(&services).to_owned(),
             target: target.clone(),
         })
     }
 
-    fn record(&self, who: Who<'_>, flags: Flags, sent: u64, received: u64, started: Instant) {
-        let source = who.0;
-        let version = self.shared.version();
-        let edge = Edge {
-            direction: Direction::Inbound,
-            source,
-            destination: &self.shared.service,
-            version,
-        };
-        let secs = started.elapsed().as_secs_f64();
-        self.shared
-            .metrics
-            .tcp_flow(edge, flags.as_str(), sent, received, secs);
-        let rec = Record::new(
-            Direction::Inbound,
-            (source, &self.shared.service, version),
-            Outcome::Flags(flags.as_str()),
-            started,
-        );
-        self.shared.metrics.sinks().record(Record {
-            peer_id: Some(who.1.as_str()),
-            endpoint: who.2,
-            sent: Some(sent),
-            received: Some(received),
-            ..rec
-        });
+    /// Starts the record of a tunnel from a verified peer serving `services`.
+    fn record(&self, req: &TunnelRequest, services: &[String]) -> FlowRecord {
+        let shared = &self.shared;
+        let source = source_label(services);
+        let mut rec = shared.flow_record(Direction::Inbound, source, &shared.service);
+        rec.set_peer(req.peer().id.as_str());
+        rec.set_version(shared.version());
+        rec
     }
 }
 
@@ -102,42 +80,43 @@ impl Handler for Inbound {
 
 impl Inbound {
     async fn serve(&self, req: TunnelRequest) {
-        let started = Instant::now();
-        let admitted = match self.admit(&req) {
+        let services = (self.shared).peer_services(&self.shared.current(), &req.peer().id);
+        let mut rec = self.record(&req, &services);
+        let admitted = match self.admit(&req, &services) {
             Ok(a) => a,
             Err(refusal) => {
                 let (status, flags) = (refusal.status(), Flags::from(refusal.flag()));
                 tracing::info!(peer = %req.peer().id, target = %req.target(), %status, reason = %refusal, "tunnel refused");
-                let services = (self.shared).peer_services(&self.shared.current(), &req.peer().id);
-                let source = source_label(&services).to_owned();
-                let peer = req.peer().id.clone();
                 req.reject(status).await;
-                self.record((&source, &peer, None), flags, 0, 0, started);
-                return;
+                return rec.finish(refused(flags));
             }
         };
+        rec.set_endpoint(admitted.app);
         let timeout = self.shared.config.file.failure.connect_timeout;
         let app = match tokio::time::timeout(timeout, TcpStream::connect(admitted.app)).await {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(e)) => {
                 tracing::info!(app = %admitted.app, error = %e, "local app refused");
                 req.reject(StatusCode::BAD_GATEWAY).await;
-                return self.record(admitted.who(), Flags::UpstreamFailure, 0, 0, started);
+                return rec.finish(refused(Flags::UpstreamFailure));
             }
             Err(_) => {
                 req.reject(StatusCode::GATEWAY_TIMEOUT).await;
-                return self.record(admitted.who(), Flags::UpstreamFailure, 0, 0, started);
+                return rec.finish(refused(Flags::UpstreamFailure));
             }
         };
         let _ = app.set_nodelay(true);
-        let _active = self.shared.metrics.active(Direction::Inbound);
         let Ok(tunnel) = req.accept().await else {
-            return self.record(admitted.who(), Flags::Reset, 0, 0, started);
+            return rec.finish(refused(Flags::Reset));
         };
         let (flags, sent, received) = self.pipe(app, tunnel, &admitted).await;
-        tracing::debug!(source = %admitted.source, flags = flags.as_str(), sent, received, "inbound flow ended");
+        tracing::debug!(peer = %admitted.peer, flags = flags.as_str(), sent, received, "inbound flow ended");
         // From the source's view: what it sent is what the app received here.
-        self.record(admitted.who(), flags, received, sent, started);
+        rec.finish(End::Flow {
+            flags: flags.as_str(),
+            sent: received,
+            received: sent,
+        });
     }
 
     /// Pipes until both sides finish; closes early on the drain deadline or, when configured,
@@ -164,7 +143,7 @@ impl Inbound {
                     _ = shared.hard_stop.cancelled() => break,
                     changed = snap_rx.changed(), if close_on_deny => {
                         if changed.is_err() || !self.still_allowed(admitted) {
-                            tracing::info!(source = %admitted.source, "closing flow: policy now denies it");
+                            tracing::info!(peer = %admitted.peer, "closing flow: policy now denies it");
                             break;
                         }
                     }

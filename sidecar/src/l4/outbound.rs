@@ -5,7 +5,6 @@
 //! committed to that endpoint.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use halyard_registry::model::RetryOn;
@@ -14,8 +13,8 @@ use tokio::net::TcpStream;
 
 use crate::decide::retry::{self, AttemptError, Failed, Flag, RetryPolicy, Step};
 use crate::state::{Picked, Shared};
-use crate::telemetry::metrics::{Direction, Edge};
-use crate::telemetry::{Outcome, Record};
+use crate::telemetry::flow::End;
+use crate::telemetry::metrics::Direction;
 
 /// How many bytes the app may have sent before the tunnel opens that are carried with it.
 const FIRST_BYTES: usize = 16 * 1024;
@@ -59,59 +58,26 @@ pub(crate) async fn flow(shared: Arc<Shared>, mut app: TcpStream, dest: Destinat
     if is_http(&shared, &dest) {
         return crate::l7::outbound::serve(shared, app, dest).await;
     }
-    let _active = shared.metrics.active(Direction::Outbound);
-    let started = Instant::now();
+    let mut rec = shared.flow_record(Direction::Outbound, &shared.service, &dest.service);
     let first = first_bytes(&app).freeze();
-    let (flags, version, sent, received, endpoint) = match connect(&shared, &dest, &first).await {
+    let (flags, sent, received) = match connect(&shared, &dest, &first).await {
         Ok((picked, mut tunnel)) => {
-            let version = picked.version().to_owned();
-            let endpoint = picked.endpoint.address;
+            rec.picked(&picked.endpoint);
+            rec.set_route(picked.route);
             let (flags, up, down) = pipe(&shared, &mut app, &mut tunnel).await;
             shared.outcome(&picked, None);
-            (
-                flags,
-                version,
-                up + first.len() as u64,
-                down,
-                Some(endpoint),
-            )
+            (flags, up + first.len() as u64, down)
         }
         Err(flags) => {
             reset(app);
-            (flags, "unknown".to_owned(), 0, 0, None)
+            (flags, 0, 0)
         }
     };
     tracing::debug!(destination = %dest.service, flags = flags.as_str(), sent, received, "outbound flow ended");
-    let edge = Edge {
-        direction: Direction::Outbound,
-        source: &shared.service,
-        destination: &dest.service,
-        version: &version,
-    };
-    shared.metrics.tcp_flow(
-        edge,
-        flags.as_str(),
+    rec.finish(End::Flow {
+        flags: flags.as_str(),
         sent,
         received,
-        started.elapsed().as_secs_f64(),
-    );
-    let rec = Record::new(
-        Direction::Outbound,
-        (&shared.service, &dest.service, &version),
-        Outcome::Flags(flags.as_str()),
-        started,
-    );
-    let sinks = shared.metrics.sinks();
-    let route = sinks
-        .enabled()
-        .then(|| crate::telemetry::l4_route(&shared.current(), &shared.service, &dest.service))
-        .flatten();
-    sinks.record(Record {
-        endpoint,
-        route,
-        sent: Some(sent),
-        received: Some(received),
-        ..rec
     });
 }
 

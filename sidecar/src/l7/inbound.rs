@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::Bytes;
 use halyard_registry::model::Protocol;
@@ -21,8 +20,8 @@ use super::trace::TraceContext;
 use crate::decide::admit::Stream;
 use crate::decide::policy;
 use crate::state::{source_label, Shared};
-use crate::telemetry::metrics::{Direction, Edge};
-use crate::telemetry::Seen;
+use crate::telemetry::flow::{End, FlowRecord};
+use crate::telemetry::metrics::Direction;
 
 type SendHalf = halyard_transport::h3::server::RequestStream<
     halyard_transport::h3_quinn::SendStream<Bytes>,
@@ -40,60 +39,43 @@ struct Admitted {
 
 /// Serves one HTTP/3 request from a peer sidecar.
 pub(crate) async fn serve(shared: &Arc<Shared>, req: HttpRequest) {
-    let started = Instant::now();
     let HttpRequest {
         peer,
         request,
         stream,
     } = req;
-    let mut seen = Seen::request(&request);
     let snap = shared.current();
     let services = shared.peer_services(&snap, &peer.id);
-    let source = source_label(&services).to_owned();
+    let edge = (source_label(&services), shared.service.as_str());
+    let mut rec = shared.request_record(Direction::Inbound, edge, &request);
+    rec.set_peer(peer.id.as_str());
+    rec.set_version(shared.version());
     // From here on every path answers: `Responder` resets a stream left without a response.
     let (send, recv) = stream.split();
     let mut out = Responder::new(send);
-    let code = match admit(shared, &peer.id, &services, &request) {
+    let (status, received) = match admit(shared, &peer.id, &services, &request) {
         Err((status, why)) => {
             tracing::info!(peer = %peer.id, uri = %request.uri(), %status, reason = %why, "request refused");
             // `recv` lives until the answer is out: dropping it first would stop the caller's
             // request body, and the caller could fail before it reads the answer.
             out.local(status, &why).await;
             drop(recv);
-            status.as_u16()
+            (status.as_u16(), None)
         }
         Ok(admitted) => {
-            seen.served(admitted.app);
+            rec.set_endpoint(admitted.app);
             let work = forward(
-                shared, &peer.id, request, recv, &mut out, admitted, &mut seen,
+                shared, &peer.id, request, recv, &mut out, admitted, &mut rec,
             );
             match shared.until_hard_stop(work).await {
-                Some(code) => code,
+                Some(answered) => answered,
                 // The drain deadline passed: a response under way is reset when `out` drops.
-                None => out.status.unwrap_or(503),
+                None => (out.status.unwrap_or(503), None),
             }
         }
     };
     drop(out);
-    let version = shared.version();
-    let edge = Edge {
-        direction: Direction::Inbound,
-        source: &source,
-        destination: &shared.service,
-        version,
-    };
-    shared
-        .metrics
-        .request(edge, code, started.elapsed().as_secs_f64());
-    let edge = (source.as_str(), shared.service.as_str(), version);
-    let sinks = shared.metrics.sinks();
-    seen.finish(
-        sinks,
-        Direction::Inbound,
-        edge,
-        Some(peer.id.as_str()),
-        (code, seen.received),
-    );
+    rec.finish(End::Response { status, received });
 }
 
 fn admit(
@@ -202,7 +184,8 @@ impl Drop for Responder {
     }
 }
 
-/// Sends the request to the app and its response back; returns the status sent.
+/// Sends the request to the app and its response back; returns the status sent and the
+/// response's declared length.
 async fn forward(
     shared: &Arc<Shared>,
     peer: &halyard_certs::SpiffeId,
@@ -210,8 +193,8 @@ async fn forward(
     recv: RecvHalf,
     out: &mut Responder,
     admitted: Admitted,
-    seen: &mut Seen,
-) -> u16 {
+    rec: &mut FlowRecord,
+) -> (u16, Option<u64>) {
     let (mut parts, ()) = req.into_parts();
     let authority = parts
         .uri
@@ -231,18 +214,16 @@ async fn forward(
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
         .and_then(TraceContext::parse);
-    seen.after = trace.map(|t| t.child());
-    if let Some(v) = seen
-        .after
-        .and_then(|t| HeaderValue::from_str(&t.to_string()).ok())
-    {
+    let after = trace.map(|t| t.child());
+    rec.set_trace(after);
+    if let Some(v) = after.and_then(|t| HeaderValue::from_str(&t.to_string()).ok()) {
         parts.headers.insert("traceparent", v);
     }
     let scheme = "http";
     let Ok(uri) = format!("{scheme}://{}{}", admitted.app, admitted.target).parse() else {
         out.local(StatusCode::BAD_REQUEST, "bad request target")
             .await;
-        return 400;
+        return (400, None);
     };
     parts.uri = uri;
     parts.version = if admitted.grpc {
@@ -269,14 +250,14 @@ async fn forward(
     };
     match client.request(http::Request::from_parts(parts, body)).await {
         Ok(resp) => {
-            seen.received = crate::telemetry::content_length(resp.headers());
-            respond(out, resp).await
+            let received = crate::telemetry::content_length(resp.headers());
+            (respond(out, resp).await, received)
         }
         Err(e) => {
             tracing::info!(app = %admitted.app, error = %e, "local app request failed");
             let (status, why) = app_failure(&e);
             out.local(status, why).await;
-            status.as_u16()
+            (status.as_u16(), None)
         }
     }
 }

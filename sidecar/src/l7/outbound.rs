@@ -3,9 +3,9 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use halyard_registry::model::{Fault, HeaderMods, Mirror, Retries, RouteRule};
+use halyard_registry::model::{Endpoint, Fault, HeaderMods, Mirror, Retries, RouteRule};
 use halyard_transport::{PooledRequest, TunnelError};
 use http::header::{HeaderName, HeaderValue};
 use http::request::Parts;
@@ -21,11 +21,12 @@ use super::normalize::normalize;
 use super::trace::TraceContext;
 use crate::decide::outlier::Failure;
 use crate::decide::retry::{self, answer_charge, AttemptError, Failed, RetryPolicy, Step};
-use crate::decide::route::{idempotent, select, RequestView};
+use crate::decide::route::{idempotent, select, HttpView, RequestView};
 use crate::l4::outbound::Destination;
 use crate::state::{Picked, Shared};
-use crate::telemetry::metrics::{Direction, Edge};
-use crate::telemetry::{content_length, trace_context, Seen};
+use crate::telemetry::flow::End;
+use crate::telemetry::metrics::Direction;
+use crate::telemetry::{content_length, trace_context};
 
 /// Largest request body kept in memory so it can be sent again (retries, mirroring).
 const REPLAY_LIMIT: u64 = 1024 * 1024;
@@ -76,59 +77,49 @@ struct Call<'a> {
     parts: Parts,
     target: String,
     rule: Option<(usize, &'a RouteRule)>,
-    seen: &'a Seen,
 }
+
+/// The response for the app, and the endpoint that gave it (none when no endpoint did).
+type Answer = (Response<ChannelBody>, Option<Arc<Endpoint>>);
 
 async fn handle(
     shared: Arc<Shared>,
     dest: Destination,
     req: Request<Incoming>,
 ) -> Response<ChannelBody> {
-    let started = Instant::now();
-    let mut seen = Seen::request(&req);
+    let edge = (shared.service.as_str(), dest.service.as_str());
+    let mut rec = shared.request_record(Direction::Outbound, edge, &req);
     let snap = shared.current();
-    let (resp, version) = match prepare(&shared, req) {
-        Err(resp) => (resp, "unknown".to_owned()),
+    let (resp, served) = match prepare(&shared, req) {
+        Err(resp) => (resp, None),
         Ok((parts, body, target)) => {
-            seen.after = trace_context(&parts.headers);
+            rec.set_trace(trace_context(&parts.headers));
             let route = snap.route(&dest.service);
-            let view = RequestView {
+            let http = HttpView {
                 path: target.split('?').next().unwrap_or("/"),
                 method: parts.method.as_str(),
                 headers: &parts.headers,
-                source: &shared.service,
             };
+            let view = RequestView::request(&shared.service, http);
             let rule = route.and_then(|r| select(r, view));
-            seen.route = rule.map(|(i, _)| i);
+            rec.set_route(rule.map(|(i, _)| i));
             let call = Call {
                 shared: &shared,
                 dest: &dest,
                 parts,
                 target,
                 rule,
-                seen: &seen,
             };
             call.run(body).await
         }
     };
-    let edge = Edge {
-        direction: Direction::Outbound,
-        source: &shared.service,
-        destination: &dest.service,
-        version: &version,
-    };
-    shared.metrics.request(
-        edge,
-        resp.status().as_u16(),
-        started.elapsed().as_secs_f64(),
-    );
-    let edge = (
-        shared.service.as_str(),
-        dest.service.as_str(),
-        version.as_str(),
-    );
-    let end = (resp.status().as_u16(), content_length(resp.headers()));
-    seen.finish(shared.metrics.sinks(), Direction::Outbound, edge, None, end);
+    if let Some(endpoint) = &served {
+        rec.picked(endpoint);
+    }
+    rec.finish(End::Response {
+        status: resp.status().as_u16(),
+        received: content_length(resp.headers()),
+    });
     resp
 }
 
@@ -179,13 +170,13 @@ enum Payload {
 }
 
 impl Call<'_> {
-    async fn run(mut self, body: Incoming) -> (Response<ChannelBody>, String) {
+    async fn run(mut self, body: Incoming) -> Answer {
         let rule = self.rule.map(|(_, r)| r);
         if let Some(mods) = rule.and_then(|r| r.request_headers.as_ref()) {
             apply_mods(&mut self.parts.headers, mods);
         }
         if let Some(resp) = self.fault(rule.and_then(|r| r.fault.as_ref())).await {
-            return (resp, "unknown".into());
+            return (resp, None);
         }
         let wants_replay = rule.is_some_and(|r| {
             r.retries.as_ref().is_some_and(|x| x.attempts > 0) || r.mirror.is_some()
@@ -196,7 +187,7 @@ impl Call<'_> {
                 Ok(Err(e)) => {
                     return (
                         local(StatusCode::BAD_REQUEST, &format!("request body: {e}")),
-                        "unknown".into(),
+                        None,
                     )
                 }
                 Err(body) => Payload::Stream(body),
@@ -213,10 +204,7 @@ impl Call<'_> {
         match timeout {
             Some(t) => match tokio::time::timeout(t, attempts).await {
                 Ok(r) => r,
-                Err(_) => (
-                    local(StatusCode::GATEWAY_TIMEOUT, "route timeout"),
-                    "unknown".into(),
-                ),
+                Err(_) => (local(StatusCode::GATEWAY_TIMEOUT, "route timeout"), None),
             },
             None => attempts.await,
         }
@@ -246,7 +234,7 @@ impl Call<'_> {
         }
     }
 
-    async fn attempts(&self, mut payload: Payload) -> (Response<ChannelBody>, String) {
+    async fn attempts(&self, mut payload: Payload) -> Answer {
         let retries = self.rule.and_then(|(_, r)| r.retries.as_ref());
         let policy = RetryPolicy {
             max_retries: retries.map_or(0, |r| r.attempts),
@@ -265,11 +253,10 @@ impl Call<'_> {
                 .pick_in(&snap, service, &subset, &tried, policy.revisit)
             else {
                 let resp = local(StatusCode::SERVICE_UNAVAILABLE, "no healthy endpoint");
-                return (resp, "unknown".into());
+                return (resp, None);
             };
             tried.push(picked.endpoint.id.clone());
-            self.seen.served(picked.endpoint.address);
-            let version = picked.version().to_owned();
+            let served = Some(picked.endpoint.clone());
             let attempt = self.once(&picked, &mut payload, retries).await;
             let outcome = match &attempt {
                 Ok((resp, _)) if resp.status().is_informational() => {
@@ -277,7 +264,7 @@ impl Call<'_> {
                     // to hyper would switch the app's connection to a protocol nobody speaks.
                     self.shared.outcome(&picked, Some(Failure::Error));
                     let why = "upstream answered with a 1xx status";
-                    return (local(StatusCode::BAD_GATEWAY, why), version);
+                    return (local(StatusCode::BAD_GATEWAY, why), served);
                 }
                 Ok((resp, _)) => {
                     self.shared.outcome(&picked, answer_charge(resp.status()));
@@ -299,12 +286,12 @@ impl Call<'_> {
                     tracing::debug!(%service, endpoint = %picked.endpoint.id, ?outcome, "retrying request");
                     self.shared.metrics.retry(service);
                 }
-                (_, Ok((resp, stream))) => return (self.respond(resp, stream), version),
-                (_, Err(fail)) => return (local(fail.failed.error.status(), &fail.why), version),
+                (_, Ok((resp, stream))) => return (self.respond(resp, stream), served),
+                (_, Err(fail)) => return (local(fail.failed.error.status(), &fail.why), served),
             }
         }
         let resp = local(StatusCode::SERVICE_UNAVAILABLE, "no healthy endpoint");
-        (resp, "unknown".into())
+        (resp, None)
     }
 
     /// Whether the request's method may be sent twice: idempotent (RFC 9110 §9.2.2) or listed

@@ -7,8 +7,6 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::telemetry::Sinks;
-
 /// Inbound or outbound, from this sidecar's point of view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Direction {
@@ -81,8 +79,6 @@ pub(crate) struct Metrics {
     pub(crate) spans_dropped: IntCounter,
     /// `halyard_trace_spans_exported_total`: spans the collector accepted.
     pub(crate) spans_exported: IntCounter,
-    /// Where finished flows and requests go besides the metrics: access log, trace export.
-    sinks: Sinks,
     /// Flows recorded so far, for anyone who needs to wait for a flow's figures.
     finished: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
 }
@@ -283,7 +279,6 @@ impl Metrics {
                 "halyard_trace_spans_exported_total",
                 "Trace spans accepted by the collector",
             )?,
-            sinks: Sinks::default(),
             registry: r,
             finished: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
         })
@@ -361,17 +356,6 @@ impl Metrics {
     /// Counts a retry.
     pub(crate) fn retry(&self, destination: &str) {
         self.retries.with_label_values(&[destination]).inc();
-    }
-
-    /// Attaches the access log and trace export (off until this is called).
-    pub(crate) fn with_sinks(mut self, sinks: Sinks) -> Self {
-        self.sinks = sinks;
-        self
-    }
-
-    /// The access log and trace export of finished flows and requests.
-    pub(crate) fn sinks(&self) -> &Sinks {
-        &self.sinks
     }
 
     /// Per-peer open streams and pooled connections from the pool's statistics. Peers that left

@@ -1,15 +1,17 @@
-//! Where finished flows and requests go besides the metrics: the access log (one JSON line each)
-//! and trace export (one span per proxied request, OTLP/HTTP). Both are fed through bounded
+//! What a flow or request leaves behind. Each L4 flow and L7 request has one [`flow::FlowRecord`],
+//! finished once, which feeds `metrics` (Prometheus), the access log (one JSON line each) and
+//! trace export (one span per proxied request, OTLP/HTTP). The last two are fed through bounded
 //! channels with `try_send`: the data path never waits for a writer or a collector, and what
-//! does not fit is dropped and counted.
+//! does not fit is dropped and counted. `metrics` depends on nothing else here.
 
 pub(crate) mod access_log;
+pub(crate) mod flow;
 pub mod logging;
 pub(crate) mod metrics;
 pub(crate) mod otlp;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use http::HeaderMap;
@@ -104,53 +106,6 @@ pub(crate) struct Record<'a> {
     pub(crate) trace: Option<Trace>,
 }
 
-impl<'a> Record<'a> {
-    /// A record with the edge, outcome and start; the rest unknown.
-    pub(crate) fn new(
-        direction: Direction,
-        edge: (&'a str, &'a str, &'a str),
-        outcome: Outcome<'a>,
-        started: Instant,
-    ) -> Self {
-        Record {
-            direction,
-            peer_id: None,
-            source: edge.0,
-            destination: edge.1,
-            version: edge.2,
-            route: None,
-            endpoint: None,
-            outcome,
-            sent: None,
-            received: None,
-            started,
-            method: None,
-            trace: None,
-        }
-    }
-}
-
-/// What an L7 hook gathers about one request while it is proxied.
-#[derive(Debug)]
-pub(crate) struct Seen {
-    /// When the request arrived.
-    pub(crate) started: Instant,
-    /// Its method.
-    pub(crate) method: http::Method,
-    /// The trace context it came with.
-    pub(crate) before: Option<TraceContext>,
-    /// The trace context sent on (this hop's span).
-    pub(crate) after: Option<TraceContext>,
-    /// The route rule that matched.
-    pub(crate) route: Option<usize>,
-    /// The request's declared body length.
-    pub(crate) sent: Option<u64>,
-    /// The response's declared body length (inbound: the app's answer).
-    pub(crate) received: Option<u64>,
-    /// The endpoint (outbound) or app (inbound) that served; attempts set it.
-    pub(crate) endpoint: Mutex<Option<SocketAddr>>,
-}
-
 /// A declared `content-length`.
 pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers
@@ -159,54 +114,6 @@ pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()?
         .parse()
         .ok()
-}
-
-impl Seen {
-    /// Starts watching a request.
-    pub(crate) fn request<B>(req: &http::Request<B>) -> Self {
-        Seen {
-            started: Instant::now(),
-            method: req.method().clone(),
-            before: trace_context(req.headers()),
-            after: None,
-            route: None,
-            sent: content_length(req.headers()),
-            received: None,
-            endpoint: Mutex::new(None),
-        }
-    }
-
-    /// Notes the endpoint an attempt went to.
-    pub(crate) fn served(&self, addr: SocketAddr) {
-        *self.endpoint.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr);
-    }
-
-    /// Hands the finished request to `sinks`: `edge` is (source, destination, version), `end`
-    /// the status sent and the response's declared length.
-    pub(crate) fn finish(
-        &self,
-        sinks: &Sinks,
-        direction: Direction,
-        edge: (&str, &str, &str),
-        peer_id: Option<&str>,
-        end: (u16, Option<u64>),
-    ) {
-        if !sinks.enabled() {
-            return;
-        }
-        let endpoint = *self.endpoint.lock().unwrap_or_else(|p| p.into_inner());
-        let rec = Record::new(direction, edge, Outcome::Status(end.0), self.started);
-        sinks.record(Record {
-            peer_id,
-            route: self.route,
-            endpoint,
-            sent: self.sent,
-            received: end.1,
-            method: Some(self.method.as_str()),
-            trace: Trace::of_hop(self.before, self.after),
-            ..rec
-        });
-    }
 }
 
 /// The access log and span export of one sidecar. Cheap to clone; off when default.
@@ -219,7 +126,10 @@ struct Inner {
     own_id: String,
     access: Option<mpsc::Sender<AccessEntry>>,
     spans: Option<mpsc::Sender<SpanData>>,
-    metrics: Metrics,
+    /// `halyard_access_log_dropped_total`.
+    access_dropped: prometheus::IntCounter,
+    /// `halyard_trace_spans_dropped_total`.
+    spans_dropped: prometheus::IntCounter,
 }
 
 impl std::fmt::Debug for Sinks {
@@ -258,7 +168,8 @@ impl Sinks {
                 own_id: own_id.to_owned(),
                 access,
                 spans,
-                metrics: metrics.clone(),
+                access_dropped: metrics.access_log_dropped.clone(),
+                spans_dropped: metrics.spans_dropped.clone(),
             })),
         }
     }
@@ -276,13 +187,13 @@ impl Sinks {
         if let Some(tx) = &inner.access {
             let entry = AccessEntry::new(&rec, &inner.own_id, elapsed);
             if tx.try_send(entry).is_err() {
-                inner.metrics.access_log_dropped.inc();
+                inner.access_dropped.inc();
             }
         }
         if let (Some(tx), Some(trace)) = (&inner.spans, rec.trace.filter(|t| t.sampled)) {
             let span = SpanData::new(&rec, trace, end_minus(elapsed));
             if tx.try_send(span).is_err() {
-                inner.metrics.spans_dropped.inc();
+                inner.spans_dropped.inc();
             }
         }
     }
@@ -293,19 +204,6 @@ fn end_minus(elapsed: Duration) -> SystemTime {
     SystemTime::now()
         .checked_sub(elapsed)
         .unwrap_or(SystemTime::UNIX_EPOCH)
-}
-
-/// The index of the route rule an L4 flow from `source` to `destination` follows (the first
-/// rule whose source matches), as the balancer chose it.
-pub(crate) fn l4_route(
-    snap: &halyard_registry::Snapshot,
-    source: &str,
-    destination: &str,
-) -> Option<usize> {
-    snap.route(destination)?
-        .rules
-        .iter()
-        .position(|r| crate::decide::pick::l4_rule_matches(r, source))
 }
 
 /// Lowercase hex of some bytes.
