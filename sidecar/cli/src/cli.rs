@@ -7,7 +7,7 @@ use crate::{ca, ctl, demo};
 /// Halyard: a service mesh on QUIC and HTTP/3.
 #[derive(Debug, Parser)]
 #[command(name = "halyard", version, about)]
-pub(crate) struct Cli {
+pub struct Cli {
     /// Log filter (tracing env-filter syntax); `HALYARD_LOG` is read when absent.
     #[arg(long, global = true)]
     pub(crate) log: Option<String>,
@@ -42,7 +42,7 @@ pub(crate) struct SidecarArgs {
 }
 
 /// Sets up logging to stderr, with a filter the admin server's `/logging` can change.
-pub(crate) fn init_tracing(cli: &Cli) {
+pub fn init_tracing(cli: &Cli) {
     let filter = cli
         .log
         .clone()
@@ -52,7 +52,7 @@ pub(crate) fn init_tracing(cli: &Cli) {
 }
 
 /// Runs the chosen subcommand.
-pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
+pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Ca(args) => ca::run(args),
         Command::Ctl(args) => ctl::run(args),

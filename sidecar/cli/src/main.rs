@@ -1,16 +1,8 @@
 //! `halyard`: parse the command line, set up logging, run the library, map errors to an exit code.
 #![forbid(unsafe_code)]
 
-mod ca;
-mod cli;
-mod ctl;
-mod demo;
-mod iptables;
-mod promtext;
-mod sample_app;
-mod top;
-
 use clap::Parser;
+use halyard_cli::cli;
 
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();

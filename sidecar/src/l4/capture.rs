@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::decide::capture::{resolve, Destination};
+use crate::decide::capture::{resolve, CaptureError, Destination};
 use crate::l4::outbound::{flow, reset, Flags};
 use crate::state::Shared;
 use crate::telemetry::flow::End;
@@ -40,7 +40,7 @@ pub(crate) async fn serve_transparent(
     let own = listener.local_addr().ok();
     while let Some((tcp, peer)) = crate::net::accept(&listener, &stop, "transparent").await {
         let resolved = original_destination(&tcp)
-            .and_then(|d| resolve(&shared.current(), d, own).map_err(|e| e.to_string()));
+            .and_then(|d| Ok(resolve(&shared.current(), d, own)?));
         match resolved {
             Ok(dest) => {
                 let s = shared.clone();
@@ -60,14 +60,28 @@ pub(crate) async fn serve_transparent(
     }
 }
 
+/// Why a captured connection has no destination service (it is reset and counted `NR`).
+#[derive(Debug, thiserror::Error)]
+enum Unrouted {
+    /// The kernel gave no original destination (the connection was not REDIRECTed).
+    #[error("no original destination: {0}")]
+    NoOriginalDestination(std::io::Error),
+    /// The original destination is not an IP socket address.
+    #[error("original destination is not an IP address")]
+    NotIp,
+    /// The destination maps to no Service port.
+    #[error(transparent)]
+    Unmapped(#[from] CaptureError),
+}
+
 /// SO_ORIGINAL_DST of a REDIRECTed connection.
-fn original_destination(tcp: &TcpStream) -> Result<SocketAddr, String> {
+fn original_destination(tcp: &TcpStream) -> Result<SocketAddr, Unrouted> {
     let sock = socket2::SockRef::from(tcp);
     let addr = match tcp.local_addr() {
         Ok(SocketAddr::V6(_)) => sock.original_dst_v6(),
         _ => sock.original_dst_v4(),
     };
-    addr.map_err(|e| format!("no original destination: {e}"))?
+    addr.map_err(Unrouted::NoOriginalDestination)?
         .as_socket()
-        .ok_or_else(|| "original destination is not an IP address".to_owned())
+        .ok_or(Unrouted::NotIp)
 }

@@ -15,9 +15,9 @@ use hyper::body::Frame;
 
 use super::body::{to_bytes, BodyError, BodySender, ChannelBody};
 use super::headers::{strip_hop_by_hop, strip_identity_claims, PEER_IDENTITY};
-use super::normalize::normalize;
+use super::normalize::{normalize, PathError};
 use super::trace::TraceContext;
-use crate::decide::admit::Stream;
+use crate::decide::admit::{Refusal, Stream};
 use crate::decide::policy;
 use crate::state::{source_label, Shared};
 use crate::telemetry::flow::{End, FlowRecord};
@@ -54,7 +54,8 @@ pub(crate) async fn serve(shared: &Arc<Shared>, req: HttpRequest) {
     let (send, recv) = stream.split();
     let mut out = Responder::new(send);
     let (status, received) = match admit(shared, &peer.id, &services, &request) {
-        Err((status, why)) => {
+        Err(refused) => {
+            let (status, why) = (refused.status(), refused.to_string());
             tracing::info!(peer = %peer.id, uri = %request.uri(), %status, reason = %why, "request refused");
             // `recv` lives until the answer is out: dropping it first would stop the caller's
             // request body, and the caller could fail before it reads the answer.
@@ -78,27 +79,47 @@ pub(crate) async fn serve(shared: &Arc<Shared>, req: HttpRequest) {
     rec.finish(End::Response { status, received });
 }
 
+/// Why a peer's request is refused before it reaches the app.
+#[derive(Debug, thiserror::Error)]
+enum Refused {
+    /// `:authority` is not `<service>:<port>`.
+    #[error("bad authority: {0}")]
+    Authority(#[from] halyard_transport::TargetError),
+    /// The path cannot be normalized safely (e.g. `%2F`).
+    #[error("refused path: {0}")]
+    Path(#[from] PathError),
+    /// Not a port served here, or the policy denies the caller.
+    #[error(transparent)]
+    Admission(#[from] Refusal),
+}
+
+impl Refused {
+    /// The status the caller gets.
+    fn status(&self) -> StatusCode {
+        match self {
+            Refused::Authority(_) | Refused::Path(_) => StatusCode::BAD_REQUEST,
+            Refused::Admission(r) => r.status(),
+        }
+    }
+}
+
 fn admit(
     shared: &Shared,
     peer: &halyard_certs::SpiffeId,
     services: &[String],
     req: &http::Request<()>,
-) -> Result<Admitted, (StatusCode, String)> {
+) -> Result<Admitted, Refused> {
     let snap = shared.current();
-    let target = Target::from_uri(req.uri())
-        .map_err(|e| (StatusCode::BAD_REQUEST, format!("bad authority: {e}")))?;
+    let target = Target::from_uri(req.uri())?;
     let raw = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let norm =
-        normalize(raw).map_err(|e| (StatusCode::BAD_REQUEST, format!("refused path: {e}")))?;
+    let norm = normalize(raw)?;
     let on = policy::Target {
         port: target.port(),
         method: Some(req.method().as_str()),
         path: Some(&norm.path),
         headers: Some(req.headers()),
     };
-    let port = shared
-        .admit(&snap, &target, Stream::Request, peer, services, on)
-        .map_err(|refusal| (refusal.status(), refusal.to_string()))?;
+    let port = shared.admit(&snap, &target, Stream::Request, peer, services, on)?;
     Ok(Admitted {
         app: SocketAddr::new(shared.config.file.inbound.app_host, port.target_port),
         grpc: port.protocol == Protocol::Grpc,
