@@ -68,8 +68,11 @@ fn decode_unreserved(path: &str) -> Result<String, PathError> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] != b'%' {
-            out.push(bytes[i] as char);
-            i += 1;
+            // Everything up to the next escape, as it came: `%` is ASCII, so the slice ends on
+            // a character boundary and non-ASCII text (sent raw by some clients) stays intact.
+            let run = path[i..].find('%').map_or(path.len(), |n| i + n);
+            out.push_str(&path[i..run]);
+            i = run;
             continue;
         }
         let (Some(h), Some(l)) = (
@@ -118,6 +121,27 @@ fn remove_dots(path: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn raw_non_ascii_text_passes_unchanged() {
+        // Found by the normalize_path fuzz target: bytes DB A9 came out as "Û©".
+        assert_eq!(normalize("/\u{6e9}///.").unwrap().path, "/\u{6e9}/");
+        assert_eq!(normalize("/caf\u{e9}/%61").unwrap().path, "/caf\u{e9}/a");
+    }
+
+    #[test]
+    fn a_normalized_target_normalizes_to_itself() {
+        for raw in [
+            "/\u{6e9}///.",
+            "//a/./b/../c?x=%2F",
+            "/%7e%41/%25",
+            "/..",
+            "/a/",
+        ] {
+            let once = normalize(raw).unwrap().target();
+            assert_eq!(normalize(&once).unwrap().target(), once, "{raw}");
+        }
+    }
 
     fn n(p: &str) -> String {
         normalize(p).unwrap().target()
