@@ -18,6 +18,7 @@ use crate::admin::{self, Admin, Readiness};
 use crate::config::Config;
 use crate::l4::inbound::Inbound;
 use crate::l4::outbound::Destination;
+use crate::l7::inbound::AppClients;
 use crate::state::Shared;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::Sinks;
@@ -272,6 +273,7 @@ fn spawn_listeners(
 ) {
     let inbound = Arc::new(Inbound {
         shared: shared.clone(),
+        apps: AppClients::new(shared.config.file.failure.connect_timeout),
     });
     let endpoint = bound.endpoint.clone();
     // Cancelling `stop` starts the transport's graceful drain: new connections refused, a

@@ -52,26 +52,6 @@ pub(crate) struct Shared {
     lb: Mutex<LbState>,
     budgets: Mutex<HashMap<String, RetryBudget>>,
     peer_index: Mutex<PeerIndex>,
-    /// Pooled HTTP/1.1 connections to the local app.
-    pub(crate) app_h1: AppClient,
-    /// Pooled h2 (prior knowledge) connections to the local app, for gRPC.
-    pub(crate) app_h2: AppClient,
-}
-
-/// A pooled client to the local app.
-pub(crate) type AppClient = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    crate::l7::body::ChannelBody,
->;
-
-fn app_client(h2: bool, connect_timeout: Duration) -> AppClient {
-    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(connect_timeout));
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .http2_only(h2)
-        .pool_idle_timeout(Duration::from_secs(30))
-        .build(connector)
 }
 
 #[derive(Default)]
@@ -165,7 +145,6 @@ impl Shared {
         metrics: Metrics,
         sinks: Sinks,
     ) -> Arc<Self> {
-        let connect_timeout = config.file.failure.connect_timeout;
         let locality = Locality {
             cluster: config.file.service.cluster.clone(),
             zone: config.file.service.zone.clone(),
@@ -184,8 +163,6 @@ impl Shared {
             lb: Mutex::new(LbState::default()),
             budgets: Mutex::new(HashMap::new()),
             peer_index: Mutex::new(PeerIndex::default()),
-            app_h1: app_client(false, connect_timeout),
-            app_h2: app_client(true, connect_timeout),
         })
     }
 

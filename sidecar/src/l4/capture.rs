@@ -39,8 +39,8 @@ pub(crate) async fn serve_transparent(
 ) {
     let own = listener.local_addr().ok();
     while let Some((tcp, peer)) = crate::net::accept(&listener, &stop, "transparent").await {
-        let resolved = original_destination(&tcp)
-            .and_then(|d| Ok(resolve(&shared.current(), d, own)?));
+        let resolved =
+            original_destination(&tcp).and_then(|d| Ok(resolve(&shared.current(), d, own)?));
         match resolved {
             Ok(dest) => {
                 let s = shared.clone();

@@ -11,6 +11,7 @@ use tokio::net::TcpStream;
 use crate::decide::admit::{Refusal, Stream};
 use crate::decide::policy::Target;
 use crate::l4::outbound::Flags;
+use crate::l7::inbound::AppClients;
 use crate::state::{source_label, Shared};
 use crate::telemetry::flow::{End, FlowRecord};
 use crate::telemetry::metrics::Direction;
@@ -19,6 +20,8 @@ use crate::telemetry::metrics::Direction;
 pub(crate) struct Inbound {
     /// Shared state.
     pub(crate) shared: Arc<Shared>,
+    /// Pooled clients to the local app, for requests on HTTP ports.
+    pub(crate) apps: AppClients,
 }
 
 /// An admitted tunnel: where to forward, and what the policy re-check needs.
@@ -73,7 +76,7 @@ impl Handler for Inbound {
         let shared = self.shared.clone();
         shared
             .flows
-            .track_future(crate::l7::inbound::serve(&self.shared, req))
+            .track_future(crate::l7::inbound::serve(&self.shared, &self.apps, req))
             .await
     }
 }

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use halyard_registry::model::Protocol;
@@ -16,12 +17,12 @@ use hyper::body::Frame;
 use super::body::{to_bytes, BodyError, BodySender, ChannelBody};
 use super::headers::{strip_hop_by_hop, strip_identity_claims, PEER_IDENTITY};
 use super::normalize::{normalize, PathError};
-use super::trace::TraceContext;
 use crate::decide::admit::{Refusal, Stream};
 use crate::decide::policy;
 use crate::state::{source_label, Shared};
 use crate::telemetry::flow::{End, FlowRecord};
 use crate::telemetry::metrics::Direction;
+use crate::telemetry::trace::TraceContext;
 
 type SendHalf = halyard_transport::h3::server::RequestStream<
     halyard_transport::h3_quinn::SendStream<Bytes>,
@@ -29,6 +30,37 @@ type SendHalf = halyard_transport::h3::server::RequestStream<
 >;
 type RecvHalf =
     halyard_transport::h3::server::RequestStream<halyard_transport::h3_quinn::RecvStream, Bytes>;
+
+/// Pooled clients to the local app: HTTP/1.1, and h2 with prior knowledge for gRPC.
+pub(crate) struct AppClients {
+    h1: AppClient,
+    h2: AppClient,
+}
+
+type AppClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    ChannelBody,
+>;
+
+impl AppClients {
+    /// Clients that give up connecting to the app after `connect_timeout`.
+    pub(crate) fn new(connect_timeout: Duration) -> Self {
+        AppClients {
+            h1: app_client(false, connect_timeout),
+            h2: app_client(true, connect_timeout),
+        }
+    }
+}
+
+fn app_client(h2: bool, connect_timeout: Duration) -> AppClient {
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect_timeout));
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(h2)
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(connector)
+}
 
 /// Where an admitted request goes.
 struct Admitted {
@@ -38,7 +70,7 @@ struct Admitted {
 }
 
 /// Serves one HTTP/3 request from a peer sidecar.
-pub(crate) async fn serve(shared: &Arc<Shared>, req: HttpRequest) {
+pub(crate) async fn serve(shared: &Arc<Shared>, apps: &AppClients, req: HttpRequest) {
     let HttpRequest {
         peer,
         request,
@@ -66,7 +98,7 @@ pub(crate) async fn serve(shared: &Arc<Shared>, req: HttpRequest) {
         Ok(admitted) => {
             rec.set_endpoint(admitted.app);
             let work = forward(
-                shared, &peer.id, request, recv, &mut out, admitted, &mut rec,
+                shared, apps, &peer.id, request, recv, &mut out, admitted, &mut rec,
             );
             match shared.until_hard_stop(work).await {
                 Some(answered) => answered,
@@ -207,8 +239,10 @@ impl Drop for Responder {
 
 /// Sends the request to the app and its response back; returns the status sent and the
 /// response's declared length.
+#[allow(clippy::too_many_arguments)]
 async fn forward(
     shared: &Arc<Shared>,
+    apps: &AppClients,
     peer: &halyard_certs::SpiffeId,
     req: http::Request<()>,
     recv: RecvHalf,
@@ -264,11 +298,7 @@ async fn forward(
         };
         pumping.until_hard_stop(pump).await;
     });
-    let client = if admitted.grpc {
-        &shared.app_h2
-    } else {
-        &shared.app_h1
-    };
+    let client = if admitted.grpc { &apps.h2 } else { &apps.h1 };
     match client.request(http::Request::from_parts(parts, body)).await {
         Ok(resp) => {
             let received = crate::telemetry::content_length(resp.headers());

@@ -2,9 +2,10 @@
 //! checked per request.
 //!
 //! `outbound` serves the app's connection (behind the `guard` on HTTP/1 framing), normalizes
-//! the path once (`normalize`), cleans headers (`headers`), continues the trace (`trace`) and
-//! sends each request to the endpoint `decide` picks; `inbound` admits a peer's request and
-//! forwards it to the app; `body` streams bodies through bounded channels.
+//! the path once (`normalize`), cleans headers (`headers`), continues the trace
+//! (`telemetry::trace`) and sends each request to the endpoint `decide` picks; `inbound` admits
+//! a peer's request and forwards it to the app over its pooled clients; `body` streams bodies
+//! through bounded channels.
 
 pub(crate) mod body;
 pub(crate) mod guard;
@@ -12,4 +13,3 @@ pub(crate) mod headers;
 pub(crate) mod inbound;
 pub(crate) mod normalize;
 pub(crate) mod outbound;
-pub(crate) mod trace;

@@ -18,14 +18,14 @@ use tokio::net::TcpStream;
 use super::body::{buffer_small, to_bytes, BodySender, Buffered, ChannelBody};
 use super::headers::{check_framing, strip_hop_by_hop, strip_identity_claims};
 use super::normalize::normalize;
-use super::trace::TraceContext;
+use crate::decide::capture::Destination;
 use crate::decide::outlier::Failure;
 use crate::decide::retry::{self, answer_charge, AttemptError, Failed, RetryPolicy, Step};
 use crate::decide::route::{idempotent, select, HttpView, RequestView};
-use crate::l4::outbound::Destination;
 use crate::state::{Picked, Shared};
 use crate::telemetry::flow::End;
 use crate::telemetry::metrics::Direction;
+use crate::telemetry::trace::TraceContext;
 use crate::telemetry::{content_length, trace_context};
 
 /// Largest request body kept in memory so it can be sent again (retries, mirroring).

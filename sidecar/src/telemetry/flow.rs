@@ -13,7 +13,7 @@ use halyard_registry::model::Endpoint;
 
 use super::metrics::{ActiveFlow, Direction, Edge, Metrics};
 use super::{content_length, trace_context, Outcome, Record, Sinks, Trace};
-use crate::l7::trace::TraceContext;
+use crate::telemetry::trace::TraceContext;
 
 /// How a flow or request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

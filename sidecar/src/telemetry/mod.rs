@@ -9,6 +9,7 @@ pub(crate) mod flow;
 pub mod logging;
 pub(crate) mod metrics;
 pub(crate) mod otlp;
+pub(crate) mod trace;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,8 +21,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::SidecarConfig;
-use crate::l7::trace::TraceContext;
 use crate::telemetry::metrics::{Direction, Metrics};
+use crate::telemetry::trace::TraceContext;
 use access_log::AccessEntry;
 use otlp::SpanData;
 
