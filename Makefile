@@ -18,7 +18,7 @@ APT_PACKAGES := gcc libc6-dev ca-certificates protobuf-compiler libprotobuf-dev 
 # Extra arguments for `halyard demo`, e.g. `make demo DEMO_ARGS=--quick`.
 DEMO_ARGS ?=
 
-.PHONY: all build demo test lint bench deps fmt fresh-check
+.PHONY: all build demo test lint bench deps fmt fresh-check fuzz
 
 all: build
 
@@ -50,6 +50,12 @@ test: lint
 bench: deps
 	$(CARGO) build --release --bin halyard
 	$(CARGO) run --release -p halyard-benches -- all
+
+## fuzz: every fuzz target (fuzz/) for FUZZ_SECONDS each; nightly toolchain, cargo-fuzz installed when missing.
+FUZZ_SECONDS ?= 60
+fuzz: deps
+	@bash .ci/deps g++
+	bash .ci/fuzz $(FUZZ_SECONDS)
 
 ## fresh-check: `make demo` (quick) and `make test` in a clean Debian 12 root (root; CI runs it).
 fresh-check:

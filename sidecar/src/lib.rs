@@ -35,6 +35,30 @@ mod telemetry;
 #[cfg(feature = "test-util")]
 pub mod test_util;
 
+/// Entry points for the fuzz targets in `fuzz/` (feature `fuzzing`): the data path's parsers of
+/// bytes from apps and peers, without sockets.
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    /// Runs `chunks` (reads from an app, in order) through the HTTP/1 framing guard; returns how
+    /// many bytes it passed on to the HTTP server.
+    pub fn framing_guard<'a>(chunks: impl IntoIterator<Item = &'a [u8]>) -> usize {
+        let mut guard = crate::l7::guard::FramingGuard::new(());
+        let mut passed = 0;
+        for chunk in chunks {
+            passed = guard.feed_bytes(chunk).len();
+        }
+        passed
+    }
+
+    /// Normalizes a request target (path and query) as routing, policy and forwarding see it;
+    /// the normalized target, or why it is refused.
+    pub fn normalize_target(target: &str) -> Result<String, String> {
+        crate::l7::normalize::normalize(target)
+            .map(|n| n.target())
+            .map_err(|e| e.to_string())
+    }
+}
+
 pub use net::serve_http1;
 pub use telemetry::logging;
 

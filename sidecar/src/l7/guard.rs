@@ -218,6 +218,15 @@ fn inspect(head: &[u8]) -> Verdict {
     }
 }
 
+#[cfg(feature = "fuzzing")]
+impl FramingGuard<()> {
+    /// Feeds `data` as if read from the app; the bytes passed on to hyper so far.
+    pub(crate) fn feed_bytes(&mut self, data: &[u8]) -> &[u8] {
+        self.feed(data);
+        &self.out[self.out_pos..]
+    }
+}
+
 impl<T: AsyncRead + Unpin> AsyncRead for FramingGuard<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
