@@ -338,6 +338,7 @@ async fn refresh(
         m.cert_expiry
             .set(resolver.current().seconds_to_expiry(SystemTime::now()));
         shared.refresh_peer_stats(&stats);
+        shared.metrics.quic_congestion(&shared.pool.congestion());
         shared.forget_departed();
     }
 }

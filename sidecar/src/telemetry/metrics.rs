@@ -65,6 +65,13 @@ pub(crate) struct Metrics {
     pub(crate) quic_lost: GaugeVec,
     /// `halyard_quic_congestion_window_bytes` by peer.
     pub(crate) quic_cwnd: GaugeVec,
+    /// `halyard_quic_cwnd_bytes` by peer: the controller's window (see `halyard_transport::CongestionStats`).
+    pub(crate) quic_cwnd_bytes: GaugeVec,
+    /// `halyard_quic_pacing_rate_bytes` by peer: bytes per second the sender paces at.
+    pub(crate) quic_pacing_rate: GaugeVec,
+    /// `halyard_quic_delivery_rate_bytes` by peer: the controller's delivery-rate estimate
+    /// (bbr only; no sample with cubic).
+    pub(crate) quic_delivery_rate: GaugeVec,
     /// `halyard_quic_connections`.
     pub(crate) quic_connections: IntGauge,
     /// `halyard_active_flows` by direction.
@@ -245,6 +252,24 @@ impl Metrics {
                 "QUIC congestion window per peer",
                 &["peer"],
             )?,
+            quic_cwnd_bytes: gauge_vec(
+                &r,
+                "halyard_quic_cwnd_bytes",
+                "Congestion controller window per peer, bytes",
+                &["peer"],
+            )?,
+            quic_pacing_rate: gauge_vec(
+                &r,
+                "halyard_quic_pacing_rate_bytes",
+                "Pacing rate per peer, bytes per second",
+                &["peer"],
+            )?,
+            quic_delivery_rate: gauge_vec(
+                &r,
+                "halyard_quic_delivery_rate_bytes",
+                "Delivery-rate estimate of the congestion controller per peer, bytes per second",
+                &["peer"],
+            )?,
             quic_connections: int_gauge(&r, "halyard_quic_connections", "Pooled QUIC connections")?,
             active_flows: int_gauge_vec(
                 &r,
@@ -400,6 +425,31 @@ impl Metrics {
         }
     }
 
+    /// Per-peer congestion-controller figures of the connection with the smallest RTT (the
+    /// one `quic_peers` reports): window, pacing rate and, where the controller has one, its
+    /// delivery-rate estimate. Peers without a connection leave the families.
+    pub(crate) fn quic_congestion(&self, peers: &[halyard_transport::PeerCongestion]) {
+        let mut live = std::collections::HashSet::new();
+        let mut with_rate = std::collections::HashSet::new();
+        for peer in peers {
+            let Some(best) = peer.connections.iter().min_by_key(|c| c.rtt) else {
+                continue;
+            };
+            let label = peer.peer.addr.to_string();
+            let set = |family: &GaugeVec, v: u64| family.with_label_values(&[&label]).set(v as f64);
+            set(&self.quic_cwnd_bytes, best.cwnd);
+            set(&self.quic_pacing_rate, best.pacing_rate);
+            if let Some(rate) = best.delivery_rate {
+                set(&self.quic_delivery_rate, rate);
+                with_rate.insert(label.clone());
+            }
+            live.insert(label);
+        }
+        remove_peers_but(&self.quic_cwnd_bytes, &live);
+        remove_peers_but(&self.quic_pacing_rate, &live);
+        remove_peers_but(&self.quic_delivery_rate, &with_rate);
+    }
+
     /// The Prometheus text exposition of every family.
     pub(crate) fn render(&self) -> String {
         let mut out = Vec::new();
@@ -508,6 +558,56 @@ mod tests {
             },
             connections: vec![conn; connections],
         }
+    }
+
+    fn congestion(port: u16, delivery_rate: Option<u64>) -> halyard_transport::PeerCongestion {
+        let stats = halyard_transport::CongestionStats {
+            rtt: Duration::from_millis(2),
+            cwnd: 30_000,
+            pacing_rate: 12_500_000,
+            delivery_rate,
+            phase: None,
+        };
+        halyard_transport::PeerCongestion {
+            peer: peer(port, 0).peer,
+            connections: vec![stats],
+        }
+    }
+
+    #[test]
+    fn congestion_gauges_show_window_pacing_and_delivery_rate() {
+        let m = Metrics::new().unwrap();
+        m.quic_congestion(&[congestion(1, Some(10_000_000))]);
+        let text = m.render();
+        assert!(
+            text.contains("halyard_quic_cwnd_bytes{peer=\"127.0.0.1:1\"} 30000"),
+            "{text}"
+        );
+        assert!(text.contains("halyard_quic_pacing_rate_bytes{peer=\"127.0.0.1:1\"} 12500000"));
+        assert!(text.contains("halyard_quic_delivery_rate_bytes{peer=\"127.0.0.1:1\"} 10000000"));
+    }
+
+    #[test]
+    fn a_controller_without_a_rate_estimate_leaves_no_delivery_rate() {
+        let m = Metrics::new().unwrap();
+        m.quic_congestion(&[congestion(1, Some(1))]);
+        m.quic_congestion(&[congestion(1, None)]);
+        let text = m.render();
+        assert!(
+            !text.contains("halyard_quic_delivery_rate_bytes{"),
+            "{text}"
+        );
+        assert!(text.contains("halyard_quic_pacing_rate_bytes{peer=\"127.0.0.1:1\"}"));
+    }
+
+    #[test]
+    fn peers_without_a_connection_leave_the_congestion_families() {
+        let m = Metrics::new().unwrap();
+        m.quic_congestion(&[congestion(1, Some(1)), congestion(2, Some(1))]);
+        m.quic_congestion(&[congestion(2, Some(1))]);
+        let text = m.render();
+        assert!(!text.contains("peer=\"127.0.0.1:1\""), "{text}");
+        assert!(text.contains("halyard_quic_cwnd_bytes{peer=\"127.0.0.1:2\"}"));
     }
 
     #[test]
