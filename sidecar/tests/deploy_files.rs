@@ -94,8 +94,9 @@ fn check_config_map(doc: &Value, origin: &Path) -> (usize, usize) {
     (configs, objects)
 }
 
+/// Every YAML file parses, and every mesh object and sidecar config in it is valid.
 #[test]
-fn every_yaml_file_parses_and_every_object_and_config_in_it_is_valid() {
+fn every_deploy_yaml_file_is_valid() {
     let (mut configs, mut objects, mut k8s) = (0, 0, 0);
     for path in files(&["yaml", "yml"]) {
         let docs = yaml_docs(&path);
@@ -169,8 +170,9 @@ fn check_compose(path: &Path, doc: &Value) {
     assert!(sidecars >= 6, "{}: {sidecars} sidecars", path.display());
 }
 
+/// Every Deployment captures its traffic with an init container and runs a sidecar.
 #[test]
-fn every_deployment_captures_with_an_init_container_and_runs_a_sidecar() {
+fn every_deployment_is_meshed() {
     let path = deploy_dir().join("kubernetes/40-bookinfo.yaml");
     let docs = yaml_docs(&path);
     let deployments: Vec<&Value> = docs

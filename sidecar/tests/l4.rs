@@ -11,8 +11,10 @@ fn service_yaml(name: &str, port: u16, target: u16) -> String {
     format!("kind: Service\nname: {name}\nports:\n  - {{ name: tcp, port: {port}, protocol: tcp, targetPort: {target} }}\n")
 }
 
+/// A megabyte through an explicit upstream arrives intact, and the byte counters show exactly
+/// what crossed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bytes_flow_through_explicit_upstreams_and_are_counted() {
+async fn explicit_upstreams_carry_bytes_intact() {
     let mesh = Mesh::with_dir().await;
     let app = tagged_echo("127.0.0.1:0".parse().unwrap(), "ratings").await;
     mesh.apply(&service_yaml("ratings", 9080, app.addr.port()))
@@ -84,8 +86,10 @@ async fn split(addr: SocketAddr, n: usize) -> HashMap<String, usize> {
     counts
 }
 
+// Checks the 80/20 split, then that a change to 10/90 applies under load without failures: the
+// second is a change from the first state, on the same mesh of three sidecars.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn weights_split_flows_and_a_change_applies_without_failures() {
+async fn route_weights_split_flows_through_a_change_of_weights() {
     let ip2 = loopback_ip();
     let ip3 = loopback_ip();
     let mesh = Mesh::with_dir().await;
@@ -134,8 +138,10 @@ async fn weights_split_flows_and_a_change_applies_without_failures() {
     }
 }
 
+// Checks a denied flow is closed and counted, then that allowing again restores it: one policy's
+// lifetime on one mesh of two sidecars.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deny_policy_closes_the_flow_counts_it_and_restoring_restores() {
+async fn a_deny_policy_closes_flows_while_it_is_in_force() {
     let mesh = Mesh::with_dir().await;
     let app = tagged_echo("127.0.0.1:0".parse().unwrap(), "ratings").await;
     mesh.apply(&service_yaml("ratings", 9080, app.addr.port()))
@@ -198,8 +204,10 @@ async fn deny_policy_closes_the_flow_counts_it_and_restoring_restores() {
     ratings.shutdown().await.unwrap();
 }
 
+// Checks that new flows go to v2 while the flow open to v1 finishes: both happen during the one
+// drain of v1, on the same mesh of three sidecars.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn drain_lets_open_flows_finish_and_new_flows_go_elsewhere() {
+async fn a_draining_endpoint_hands_over_without_breaking_flows() {
     let ip4 = loopback_ip();
     let ip5 = loopback_ip();
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -305,7 +313,7 @@ async fn renewed_certificate_files_are_used_without_restart_or_dropped_flows() {
 /// An endpoint that leaves the registry leaves the caller too: its pooled connection is closed
 /// and forgotten, and the per-peer gauges drop its address, so endpoint churn does not pile up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_departed_endpoint_is_forgotten_by_the_pool_and_the_peer_gauges() {
+async fn a_departed_endpoint_is_forgotten() {
     let ip1 = loopback_ip();
     let mesh = Mesh::with_dir().await;
     let app = tagged_echo(SocketAddr::new(ip1, 0), "ratings").await;

@@ -31,8 +31,10 @@ fn tag(body: &str) -> String {
     body.split(' ').next().unwrap_or("").to_owned()
 }
 
+// Checks the header-matched user and the weighted split of everyone else: two rules of one route,
+// on one mesh of four sidecars.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn header_match_routes_one_user_and_weights_split_the_rest() {
+async fn a_header_match_routes_one_user_apart_from_the_weighted_rest() {
     let ip1 = loopback_ip();
     let ip2 = loopback_ip();
     let ip3 = loopback_ip();
@@ -75,8 +77,10 @@ async fn header_match_routes_one_user_and_weights_split_the_rest() {
     assert_eq!(metric(&m, "halyard_requests_total", &v2), 20.0);
 }
 
+// Checks that GETs are retried but not POSTs, then that the budget caps retries when all fail:
+// both limits of one retry policy, on one mesh of sidecars.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retries_save_gets_not_posts_and_the_budget_caps_them() {
+async fn retries_are_limited_to_safe_requests_within_the_budget() {
     let ip11 = loopback_ip();
     let ip12 = loopback_ip();
     let mesh = Mesh::with_dir().await;
@@ -160,8 +164,10 @@ async fn retries_save_gets_not_posts_and_the_budget_caps_them() {
     drop(rt);
 }
 
+// Checks that a route timeout gives 504 and an abort fault hits its share: both failure settings
+// of one route, on one mesh of sidecars set up once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn route_timeout_gives_504_and_abort_fault_hits_its_share() {
+async fn route_failure_settings_take_effect() {
     let ip21 = loopback_ip();
     let ip22 = loopback_ip();
     let mesh = Mesh::with_dir().await;
@@ -218,8 +224,10 @@ async fn route_timeout_gives_504_and_abort_fault_hits_its_share() {
     );
 }
 
+// Checks that the mirror gets its share and the caller only ever sees the primary: both sides of
+// the same mirrored requests.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mirror_gets_its_share_and_the_caller_sees_only_the_primary() {
+async fn a_mirror_receives_its_share_out_of_band() {
     let ip31 = loopback_ip();
     let ip33 = loopback_ip();
     let mesh = Mesh::with_dir().await;
@@ -255,8 +263,10 @@ async fn mirror_gets_its_share_and_the_caller_sees_only_the_primary() {
     );
 }
 
+// Checks path tricks and forged identity headers against one admin policy: both are ways around
+// it, tried on one mesh of sidecars.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn admin_policy_holds_against_path_tricks_and_identity_headers_are_not_trusted() {
+async fn an_admin_path_policy_cannot_be_bypassed() {
     let ip41 = loopback_ip();
     let mesh = Mesh::with_dir().await;
     let app = http_app(SocketAddr::new(ip41, 0), "v1", AppBehavior::default()).await;
@@ -561,7 +571,7 @@ mod grpc {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grpc_unary_and_server_streaming_keep_their_trailers() {
+async fn grpc_calls_keep_their_trailers() {
     let ip71 = loopback_ip();
     let mesh = Mesh::with_dir().await;
     let app = grpc::server(SocketAddr::new(ip71, 0)).await;
@@ -587,7 +597,7 @@ async fn grpc_unary_and_server_streaming_keep_their_trailers() {
 /// cut at the drain deadline (the caller gets an answer, not a hang), and an idle keep-alive
 /// connection from the calling app closes when the drain starts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn drain_ends_with_a_request_stuck_at_the_app_and_idle_app_connections() {
+async fn a_drain_never_waits_forever_on_the_app() {
     let ip81 = loopback_ip();
     use std::sync::atomic::Ordering;
     let mesh = Mesh::with_dir().await;
