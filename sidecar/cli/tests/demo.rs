@@ -94,8 +94,10 @@ fn num(r: &BTreeMap<String, BTreeMap<String, String>>, step: &str, field: &str) 
         .unwrap_or_else(|_| panic!("{step}.{field} = {v:?} is not a number"))
 }
 
+// Checks each step's effect and that the story runs to its end: one run of the demo, far too
+// costly to start once per step.
 #[test]
-fn the_story_runs_to_the_end_and_every_step_shows_its_effect() {
+fn every_step_of_the_story_shows_its_effect() {
     let _one = serial();
     let (mut child, rx) = spawn_demo();
     let lines = read_until(&rx, "every process stopped", Duration::from_secs(240));

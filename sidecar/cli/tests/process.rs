@@ -82,8 +82,10 @@ async fn tags(addr: SocketAddr, n: usize) -> (usize, usize, usize) {
     (a, b, failed)
 }
 
+// Checks the cost of a SIGKILL (at most one failed attempt) and the lease expiry that follows: one
+// kill of one sidecar process, too costly to start twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_endpoint_costs_at_most_one_attempt_and_leaves_the_registry() {
+async fn a_killed_endpoint_is_routed_around() {
     let mut s = setup().await;
     let (a, b, failed) = tags(s.pp.upstream(0), 40).await;
     assert_eq!(failed, 0);
@@ -130,8 +132,10 @@ async fn killed_endpoint_costs_at_most_one_attempt_and_leaves_the_registry() {
     drop(s.mesh);
 }
 
+// Checks drain, immediate deregistration and exit status 0: the stages of one SIGTERM to one
+// sidecar process, too costly to start three times.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_deregisters_and_exits_zero() {
+async fn sigterm_stops_a_sidecar_cleanly() {
     let mut s = setup().await;
     assert_eq!(tags(s.pp.upstream(0), 10).await.2, 0);
     nix::sys::signal::kill(
@@ -156,8 +160,10 @@ async fn sigterm_drains_deregisters_and_exits_zero() {
     s.pp.shutdown().await.unwrap();
 }
 
+// Checks the one-line error naming the field and that nothing is bound: two sides of one refusal
+// by the sidecar process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_config_names_the_field_and_binds_nothing() {
+async fn a_bad_config_is_refused_before_anything_is_bound() {
     let mesh = Mesh::with_dir().await;
     let spare = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let admin = spare.local_addr().unwrap();
