@@ -459,7 +459,7 @@ mod tests {
     }
 
     #[test]
-    fn backoff_jitters_between_half_and_all_of_the_delay() {
+    fn backoff_jitters_from_half_the_delay_up_to_all_of_it() {
         let (i, m) = (Duration::from_millis(100), Duration::from_secs(5));
         assert_eq!(backoff_delay(1, i, m, 0.999_999).as_millis(), 99);
         assert_eq!(backoff_delay(1, i, m, 0.0), Duration::from_millis(50));

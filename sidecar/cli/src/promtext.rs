@@ -168,7 +168,7 @@ mod tests {
     }
 
     #[test]
-    fn parses_escaped_newlines_and_braces_in_labels() {
+    fn parses_escapes_in_label_values() {
         let s = escaped_then_plain();
         assert_eq!(s.len(), 2);
         assert_eq!(s[0].label("a"), Some("1\n2"));
