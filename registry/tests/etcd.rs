@@ -236,8 +236,7 @@ async fn a_compaction_missed_while_disconnected_is_caught_up_by_a_relist() {
     assert_eq!(reg.staleness(), Duration::ZERO);
 }
 
-// The stale snapshot keeps serving while etcd is down, and the watcher converges when it is
-// back: one outage of one etcd, so one test.
+// Stale snapshot served while etcd is down, convergence when it is back: one outage, one etcd.
 #[tokio::test]
 async fn the_watcher_rides_out_an_etcd_restart() {
     let mut etcd = EtcdServer::start();
@@ -310,8 +309,7 @@ async fn endpoint_of_a_dead_process_disappears_within_ttl_plus_one_second() {
     eprintln!("endpoint disappeared {took:?} after its process died");
 }
 
-// Re-registration after a lost lease, then deregistration of the re-registered endpoint: one
-// registration's lifetime on one etcd, so one test.
+// Re-registration after a lost lease, then deregistration: one registration's life, one etcd.
 #[tokio::test]
 async fn a_registration_outlives_a_lost_lease_until_deregistered() {
     let etcd = EtcdServer::start();
@@ -341,8 +339,7 @@ async fn a_registration_outlives_a_lost_lease_until_deregistered() {
 
 const GOOD_POLICY: &str = r#"{"kind":"Policy","service":"ratings","rules":[{"action":"deny","from":{"services":["evil"]}}]}"#;
 
-// Quarantine (last good value kept, rejection recorded) and its report in the status key are
-// checked on the same bad writes to one etcd, so they share a test.
+// Quarantine and its report in the status key follow the same bad writes to one etcd: one test.
 #[tokio::test]
 async fn an_invalid_value_is_quarantined_until_a_good_one_arrives() {
     let etcd = EtcdServer::start();

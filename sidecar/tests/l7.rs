@@ -264,8 +264,7 @@ async fn an_abort_fault_hits_its_share_of_requests() {
     );
 }
 
-// Checks that the mirror gets its share and the caller only ever sees the primary: both sides of
-// the same mirrored requests.
+// The mirror's share and the caller seeing only the primary are two sides of the same requests.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mirror_receives_its_share_out_of_band() {
     let ip31 = loopback_ip();

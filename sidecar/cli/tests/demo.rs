@@ -94,8 +94,7 @@ fn num(r: &BTreeMap<String, BTreeMap<String, String>>, step: &str, field: &str) 
         .unwrap_or_else(|_| panic!("{step}.{field} = {v:?} is not a number"))
 }
 
-// Checks each step's effect and that the story runs to its end: one run of the demo, far too
-// costly to start once per step.
+// Every step's effect and the story's end are checked on one run of the demo, too costly to repeat.
 #[test]
 fn every_step_of_the_story_shows_its_effect() {
     let _one = serial();

@@ -63,8 +63,7 @@ fn text(o: &Output) -> String {
     )
 }
 
-// Also checks that tearing the lab down leaves nothing behind: the teardown of the same namespaces
-// and iptables rules, too costly to set up twice.
+// Also checks the teardown leaves nothing behind: one lab (netns, iptables) is too costly to redo.
 #[test]
 fn the_lab_serves_a_page_across_namespaces() {
     if !can_run() {

@@ -82,8 +82,7 @@ async fn tags(addr: SocketAddr, n: usize) -> (usize, usize, usize) {
     (a, b, failed)
 }
 
-// Checks the cost of a SIGKILL (at most one failed attempt) and the lease expiry that follows: one
-// kill of one sidecar process, too costly to start twice.
+// A SIGKILL's cost (one attempt at most) and the lease expiry after it: one kill of one process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_endpoint_is_routed_around() {
     let mut s = setup().await;
@@ -132,8 +131,7 @@ async fn a_killed_endpoint_is_routed_around() {
     drop(s.mesh);
 }
 
-// Checks drain, immediate deregistration and exit status 0: the stages of one SIGTERM to one
-// sidecar process, too costly to start three times.
+// Drain, immediate deregistration and exit status 0 are the stages of one SIGTERM to one process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_a_sidecar_cleanly() {
     let mut s = setup().await;
@@ -160,8 +158,7 @@ async fn sigterm_stops_a_sidecar_cleanly() {
     s.pp.shutdown().await.unwrap();
 }
 
-// Checks the one-line error naming the field and that nothing is bound: two sides of one refusal
-// by the sidecar process.
+// The one-line error naming the field and the unbound address are two sides of one refusal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_config_is_refused_before_anything_is_bound() {
     let mesh = Mesh::with_dir().await;
