@@ -108,13 +108,18 @@ mod tests {
     }
 
     #[test]
-    fn retries_back_off_and_stay_before_expiry() {
+    fn retries_back_off_exponentially_up_to_the_cap() {
         let p = RenewalPolicy::default();
         let far = t(1_000_000);
         assert_eq!(p.retry_delay(0, 1.0, t(0), far), Duration::from_secs(1));
         assert_eq!(p.retry_delay(3, 1.0, t(0), far), Duration::from_secs(8));
         assert_eq!(p.retry_delay(3, 0.0, t(0), far), Duration::from_secs(4));
         assert_eq!(p.retry_delay(40, 1.0, t(0), far), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn near_expiry_a_retry_comes_sooner_than_the_backoff() {
+        let p = RenewalPolicy::default();
         // 100 s left: never wait more than half of it.
         assert_eq!(
             p.retry_delay(40, 1.0, t(0), t(100)),

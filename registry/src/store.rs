@@ -187,8 +187,9 @@ mod tests {
         assert!(st.snapshot(Origin::Live).rejected.is_empty());
     }
 
-    #[test]
-    fn relist_keeps_last_good_of_bad_keys_and_drops_absent() {
+    /// A store holding policies for `ratings` and `other`, relisted at revision 7 with only a
+    /// bad value for `ratings`: the store and the keys newly rejected.
+    fn relisted_with_one_bad_key() -> (Store, usize) {
         let mut st = Store::new("m");
         st.put("policies/ratings", "k", GOOD.as_bytes());
         st.put("policies/other", "k", br#"{"service":"other","rules":[]}"#);
@@ -196,17 +197,35 @@ mod tests {
             vec![("policies/ratings".into(), "k".into(), b"[]".to_vec())],
             7,
         );
-        assert_eq!(newly.len(), 1);
+        (st, newly.len())
+    }
+
+    #[test]
+    fn relist_keeps_the_last_good_value_of_a_bad_key() {
+        let (st, newly) = relisted_with_one_bad_key();
+        assert_eq!(newly, 1);
         let snap = st.snapshot(Origin::Live);
         assert_eq!(snap.revision, 7);
         assert!(snap.policies.contains_key("ratings"));
+    }
+
+    #[test]
+    fn relist_drops_keys_that_are_absent() {
+        let (st, _) = relisted_with_one_bad_key();
+        let snap = st.snapshot(Origin::Live);
+        assert_eq!(snap.revision, 7);
         assert!(!snap.policies.contains_key("other"));
     }
 
     #[test]
-    fn status_keys_are_ignored_and_unknown_keys_rejected() {
+    fn status_keys_are_ignored() {
         let mut st = Store::new("m");
         assert_eq!(st.put("status/x", "k", b"garbage"), Applied::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let mut st = Store::new("m");
         assert!(st.put("bogus/x", "k", b"{}").rejected.is_some());
     }
 }

@@ -50,7 +50,7 @@ async fn open(dir: &Path, sidecar: Option<&str>) -> Arc<dyn Registry> {
 }
 
 #[tokio::test]
-async fn watch_sees_every_change_in_order_and_nothing_twice() {
+async fn the_watch_sees_each_change_once_in_order() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "services/a", &service("a", 1));
     let reg = open(dir.path(), None).await;
@@ -71,8 +71,9 @@ async fn watch_sees_every_change_in_order_and_nothing_twice() {
     until(&mut rx, "the delete", |s| s.service("a").is_none()).await;
 }
 
-#[tokio::test]
-async fn invalid_files_are_quarantined_and_reported() {
+/// A registry (sidecar `s1`) whose good `ratings` policy file was replaced by an invalid one,
+/// and the first snapshot that shows the rejection.
+async fn with_an_invalid_file() -> (tempfile::TempDir, Arc<dyn Registry>, Arc<Snapshot>) {
     let dir = tempfile::tempdir().unwrap();
     let good = r#"{"kind":"Policy","service":"ratings","rules":[{"action":"deny"}]}"#;
     write(dir.path(), "policies/ratings", good);
@@ -88,12 +89,23 @@ async fn invalid_files_are_quarantined_and_reported() {
         s.service("b").is_some() && !s.rejected.is_empty()
     })
     .await;
+    (dir, reg, s)
+}
+
+#[tokio::test]
+async fn an_invalid_file_is_quarantined_with_its_last_good_value_kept() {
+    let (_dir, _reg, s) = with_an_invalid_file().await;
     assert!(s.policy("ratings").is_some(), "last good value kept");
     let why = &s.rejected["/halyard/default/policies/ratings"];
     assert!(
         why.contains("policies/ratings.json: rules[0].action: "),
         "{why}"
     );
+}
+
+#[tokio::test]
+async fn an_invalid_file_is_reported_in_the_sidecar_status() {
+    let (dir, reg, _) = with_an_invalid_file().await;
     let status = dir.path().join("default/status/s1.json");
     let deadline = std::time::Instant::now() + WAIT;
     loop {
@@ -107,8 +119,13 @@ async fn invalid_files_are_quarantined_and_reported() {
     assert_eq!(reg.rejected_total(), 1);
 }
 
-#[tokio::test]
-async fn register_writes_a_file_and_deregister_removes_it() {
+/// A registry with the endpoint `e1` of `reviews` registered and seen by the watch.
+async fn with_a_registered_endpoint() -> (
+    tempfile::TempDir,
+    Arc<dyn Registry>,
+    watch::Receiver<Arc<Snapshot>>,
+    halyard_registry::Registration,
+) {
     let dir = tempfile::tempdir().unwrap();
     let reg = open(dir.path(), None).await;
     let mut rx = reg.watch();
@@ -123,6 +140,18 @@ async fn register_writes_a_file_and_deregister_removes_it() {
         s.endpoints_of("reviews").count() == 1
     })
     .await;
+    (dir, reg, rx, h)
+}
+
+#[tokio::test]
+async fn a_registered_endpoint_is_seen_by_the_watch() {
+    let (_dir, reg, _, _) = with_a_registered_endpoint().await;
+    assert_eq!(reg.snapshot().endpoints_of("reviews").count(), 1);
+}
+
+#[tokio::test]
+async fn a_deregistered_endpoint_leaves_the_watch() {
+    let (_dir, reg, mut rx, h) = with_a_registered_endpoint().await;
     reg.deregister(h).await.unwrap();
     until(&mut rx, "no endpoint", |s| {
         s.endpoints_of("reviews").count() == 0

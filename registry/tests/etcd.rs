@@ -78,8 +78,9 @@ async fn fresh_listing(url: &str) -> Arc<Snapshot> {
     snap
 }
 
+// One test for single changes and a burst: both watch the same key on one etcd, started once.
 #[tokio::test]
-async fn watch_sees_every_change_in_order_and_nothing_twice() {
+async fn the_watch_sees_each_change_once_in_order() {
     let etcd = EtcdServer::start();
     let reg = open(&etcd.url(), opts()).await;
     let mut rx = reg.watch();
@@ -195,8 +196,9 @@ impl Drop for Proxy {
     }
 }
 
+// Relisting is how the watcher converges after a compaction it missed: one behaviour, one etcd.
 #[tokio::test]
-async fn compaction_while_disconnected_relists_and_converges() {
+async fn a_compaction_missed_while_disconnected_is_caught_up_by_a_relist() {
     let etcd = EtcdServer::start();
     let proxy = Proxy::start(etcd.endpoint()).await;
     put(&etcd, "services/keep", &service("keep", 80));
@@ -234,8 +236,9 @@ async fn compaction_while_disconnected_relists_and_converges() {
     assert_eq!(reg.staleness(), Duration::ZERO);
 }
 
+// Stale snapshot served while etcd is down, convergence when it is back: one outage, one etcd.
 #[tokio::test]
-async fn etcd_killed_and_restarted_watcher_resumes_and_converges() {
+async fn the_watcher_rides_out_an_etcd_restart() {
     let mut etcd = EtcdServer::start();
     put(&etcd, "services/a", &service("a", 80));
     let reg = open(&etcd.url(), opts()).await;
@@ -306,8 +309,9 @@ async fn endpoint_of_a_dead_process_disappears_within_ttl_plus_one_second() {
     eprintln!("endpoint disappeared {took:?} after its process died");
 }
 
+// Re-registration after a lost lease, then deregistration: one registration's life, one etcd.
 #[tokio::test]
-async fn lost_lease_is_registered_again_and_deregister_removes() {
+async fn a_registration_outlives_a_lost_lease_until_deregistered() {
     let etcd = EtcdServer::start();
     let reg = open(&etcd.url(), opts()).await;
     let mut rx = reg.watch();
@@ -335,8 +339,9 @@ async fn lost_lease_is_registered_again_and_deregister_removes() {
 
 const GOOD_POLICY: &str = r#"{"kind":"Policy","service":"ratings","rules":[{"action":"deny","from":{"services":["evil"]}}]}"#;
 
+// Quarantine and its report in the status key follow the same bad writes to one etcd: one test.
 #[tokio::test]
-async fn invalid_values_are_quarantined_and_reported() {
+async fn an_invalid_value_is_quarantined_until_a_good_one_arrives() {
     let etcd = EtcdServer::start();
     let mut o = opts();
     o.sidecar_id = Some("sidecar-1".into());

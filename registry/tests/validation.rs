@@ -42,9 +42,13 @@ defaultPolicy: allow
 trustDomain: mesh.local
 "#;
 
+fn design_example() -> Vec<Object> {
+    parse_documents("good.yaml", GOOD).unwrap()
+}
+
 #[test]
-fn design_example_parses_and_round_trips() {
-    let objs = parse_documents("good.yaml", GOOD).unwrap();
+fn the_design_example_parses() {
+    let objs = design_example();
     assert_eq!(objs.len(), 4);
     let Object::Service(svc) = &objs[0] else {
         panic!()
@@ -64,13 +68,21 @@ fn design_example_parses_and_round_trips() {
         panic!()
     };
     assert_eq!(pol.rules[0].action, Action::Deny);
+    assert_eq!(objs[3].key(), Key::MeshConfig);
+}
+
+#[test]
+fn the_design_example_round_trips_through_stored_json() {
     // Serializing and parsing again gives the same JSON.
-    for o in &objs {
+    for o in &design_example() {
         let again = Object::from_stored(&o.key(), "k", o.to_json().as_bytes()).unwrap();
         assert_eq!(again.to_json(), o.to_json());
     }
-    assert_eq!(objs[3].key(), Key::MeshConfig);
-    // So does the YAML ctl prints.
+}
+
+#[test]
+fn the_design_example_round_trips_through_the_yaml_ctl_prints() {
+    let objs = design_example();
     let yaml: Vec<String> = objs.iter().map(Object::to_yaml).collect();
     let again = parse_documents("again.yaml", &yaml.join("---\n")).unwrap();
     let json = |v: &[Object]| v.iter().map(Object::to_json).collect::<Vec<_>>();
@@ -152,7 +164,7 @@ fn bad_objects_name_the_field_path() {
 }
 
 #[test]
-fn errors_name_document_and_every_bad_object() {
+fn every_bad_object_gets_an_error_naming_its_document() {
     let text = "kind: Service\nname: a\nports: [{port: 1, protocol: tcp}]\n---\nkind: Route\nservice: a\nrules:\n  - backends: [{weight: 1}]\n  - backends: [{weight: 0}]\n---\nkind: Policy\nservice: a\nrules: [{action: nope}]\n";
     let errs = parse_documents("bundle.yaml", text).unwrap_err();
     assert_eq!(errs.len(), 2);
@@ -194,7 +206,7 @@ fn stored_values_are_checked_against_their_key() {
 }
 
 #[test]
-fn json_files_and_arrays_parse() {
+fn a_json_file_may_hold_an_array_of_objects() {
     let text = r#"[{"kind":"MeshConfig","defaultPolicy":"deny","trustDomain":"td"},{"kind":"Service","name":"a","ports":[{"port":1,"protocol":"grpc"}]}]"#;
     assert_eq!(parse_documents("x.json", text).unwrap().len(), 2);
 }

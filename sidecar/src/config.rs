@@ -629,13 +629,22 @@ port = 9080
 listen = "127.0.0.1:19080"
 "#;
 
+    fn good() -> Config {
+        Config::parse(GOOD, Path::new("/etc/halyard/sidecar.toml")).unwrap()
+    }
+
     #[test]
-    fn good_config_resolves_paths_and_defaults() {
-        let c = Config::parse(GOOD, Path::new("/etc/halyard/sidecar.toml")).unwrap();
-        assert_eq!(c.file.mesh, "default");
+    fn a_good_config_resolves_paths_against_its_file() {
+        let c = good();
         assert_eq!(c.file.identity.cert, Path::new("/etc/halyard/cert.pem"));
-        assert_eq!(c.file.admin.listen, "127.0.0.1:15000".parse().unwrap());
         assert_eq!(c.upstream_services[0].as_str(), "ratings");
+    }
+
+    #[test]
+    fn a_good_config_fills_in_the_defaults() {
+        let c = good();
+        assert_eq!(c.file.mesh, "default");
+        assert_eq!(c.file.admin.listen, "127.0.0.1:15000".parse().unwrap());
         assert_eq!(c.file.failure.connect_timeout, Duration::from_secs(2));
     }
 

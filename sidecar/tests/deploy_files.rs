@@ -94,8 +94,9 @@ fn check_config_map(doc: &Value, origin: &Path) -> (usize, usize) {
     (configs, objects)
 }
 
+/// Every YAML file parses, and every mesh object and sidecar config in it is valid.
 #[test]
-fn every_yaml_file_parses_and_every_object_and_config_in_it_is_valid() {
+fn every_deploy_yaml_file_is_valid() {
     let (mut configs, mut objects, mut k8s) = (0, 0, 0);
     for path in files(&["yaml", "yml"]) {
         let docs = yaml_docs(&path);
@@ -169,8 +170,8 @@ fn check_compose(path: &Path, doc: &Value) {
     assert!(sidecars >= 6, "{}: {sidecars} sidecars", path.display());
 }
 
-#[test]
-fn every_deployment_captures_with_an_init_container_and_runs_a_sidecar() {
+/// The pod specs of the six Deployments of the Kubernetes bookinfo.
+fn bookinfo_pod_specs() -> Vec<Value> {
     let path = deploy_dir().join("kubernetes/40-bookinfo.yaml");
     let docs = yaml_docs(&path);
     let deployments: Vec<&Value> = docs
@@ -178,19 +179,34 @@ fn every_deployment_captures_with_an_init_container_and_runs_a_sidecar() {
         .filter(|d| str_at(d, &["kind"]) == Some("Deployment"))
         .collect();
     assert_eq!(deployments.len(), 6);
-    for d in deployments {
-        let spec = d
-            .get("spec")
-            .unwrap()
-            .get("template")
-            .unwrap()
-            .get("spec")
-            .unwrap();
+    deployments
+        .into_iter()
+        .map(|d| {
+            d.get("spec")
+                .unwrap()
+                .get("template")
+                .unwrap()
+                .get("spec")
+                .unwrap()
+                .clone()
+        })
+        .collect()
+}
+
+#[test]
+fn every_deployment_captures_its_traffic_with_an_init_container() {
+    for spec in bookinfo_pod_specs() {
         let init = format!("{:?}", spec.get("initContainers").unwrap());
         assert!(
             init.contains("iptables") && init.contains("install"),
             "{init}"
         );
+    }
+}
+
+#[test]
+fn every_deployment_runs_a_sidecar_beside_its_app() {
+    for spec in bookinfo_pod_specs() {
         let containers = format!("{:?}", spec.get("containers").unwrap());
         assert!(
             containers.contains("halyard sidecar --config"),

@@ -5,14 +5,18 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
-use halyard_sidecar::test_util::{call, loopback_ip, metric, tagged_echo, Mesh, Spec};
+use halyard_sidecar::test_util::{
+    call, loopback_ip, metric, tagged_echo, Echo, Mesh, Sidecar, Spec,
+};
 
 fn service_yaml(name: &str, port: u16, target: u16) -> String {
     format!("kind: Service\nname: {name}\nports:\n  - {{ name: tcp, port: {port}, protocol: tcp, targetPort: {target} }}\n")
 }
 
+/// A megabyte through an explicit upstream arrives intact, and the byte counters show exactly
+/// what crossed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bytes_flow_through_explicit_upstreams_and_are_counted() {
+async fn explicit_upstreams_carry_bytes_intact() {
     let mesh = Mesh::with_dir().await;
     let app = tagged_echo("127.0.0.1:0".parse().unwrap(), "ratings").await;
     mesh.apply(&service_yaml("ratings", 9080, app.addr.port()))
@@ -84,58 +88,96 @@ async fn split(addr: SocketAddr, n: usize) -> HashMap<String, usize> {
     counts
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn weights_split_flows_and_a_change_applies_without_failures() {
-    let ip2 = loopback_ip();
-    let ip3 = loopback_ip();
+/// reviews v1 and v2 (echo apps tagged with their version) behind a route with these weights,
+/// and productpage calling reviews.
+struct TwoVersions {
+    mesh: Mesh,
+    a1: Echo,
+    _a2: Echo,
+    v1: Sidecar,
+    v2: Sidecar,
+    pp: Sidecar,
+}
+
+async fn two_versions(v1_weight: u32, v2_weight: u32) -> TwoVersions {
+    let ip_v1 = loopback_ip();
+    let ip_v2 = loopback_ip();
     let mesh = Mesh::with_dir().await;
-    let a1 = tagged_echo(SocketAddr::new(ip2, 0), "v1").await;
-    let _a2 = tagged_echo(SocketAddr::new(ip3, a1.addr.port()), "v2").await;
+    let a1 = tagged_echo(SocketAddr::new(ip_v1, 0), "v1").await;
+    let a2 = tagged_echo(SocketAddr::new(ip_v2, a1.addr.port()), "v2").await;
     mesh.apply(&format!(
         "{}---\n{}",
         service_yaml("reviews", 9080, a1.addr.port()),
-        route_yaml(80, 20)
+        route_yaml(v1_weight, v2_weight)
     ))
     .await;
-    let v1 = mesh.start(&Spec::new("reviews", "v1").app_host(ip2)).await;
-    let v2 = mesh.start(&Spec::new("reviews", "v2").app_host(ip3)).await;
+    let v1 = mesh
+        .start(&Spec::new("reviews", "v1").app_host(ip_v1))
+        .await;
+    let v2 = mesh
+        .start(&Spec::new("reviews", "v2").app_host(ip_v2))
+        .await;
     let pp = mesh
         .start(&Spec::new("productpage", "v1").upstream("reviews", 9080))
         .await;
     pp.wait_endpoints("reviews", 2).await;
     pp.wait_snapshot("the route", |s| s.route("reviews").is_some())
         .await;
+    TwoVersions {
+        mesh,
+        a1,
+        _a2: a2,
+        v1,
+        v2,
+        pp,
+    }
+}
 
-    let counts = split(pp.upstream(0), 2000).await;
+impl TwoVersions {
+    async fn shutdown(self) {
+        for s in [self.pp, self.v1, self.v2] {
+            s.shutdown().await.unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_weights_split_flows() {
+    let m = two_versions(80, 20).await;
+    let counts = split(m.pp.upstream(0), 2000).await;
     let share = counts["v1"] as f64 / 2000.0;
     assert!(
         (share - 0.8).abs() <= 0.05,
         "v1 got {share:.3} of 2000 flows: {counts:?}"
     );
+    m.shutdown().await;
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_weight_change_applies_without_failing_a_flow() {
+    let m = two_versions(80, 20).await;
     // Flows keep running while the weights change; none may fail.
-    let addr = pp.upstream(0);
+    let addr = m.pp.upstream(0);
     let load = tokio::spawn(async move { split(addr, 300).await });
-    mesh.apply(&route_yaml(10, 90)).await;
-    pp.wait_snapshot("the new weights", |s| {
+    m.mesh.apply(&route_yaml(10, 90)).await;
+    m.pp.wait_snapshot("the new weights", |s| {
         s.route("reviews")
             .is_some_and(|r| r.rules[0].backends[0].weight == 10)
     })
     .await;
     load.await.unwrap();
-    let after = split(pp.upstream(0), 500).await;
+    let after = split(m.pp.upstream(0), 500).await;
     let share = after.get("v2").copied().unwrap_or(0) as f64 / 500.0;
     assert!(
         (share - 0.9).abs() <= 0.05,
         "v2 got {share:.3} after the change: {after:?}"
     );
-    for s in [pp, v1, v2] {
-        s.shutdown().await.unwrap();
-    }
+    m.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deny_policy_closes_the_flow_counts_it_and_restoring_restores() {
+/// ratings behind a policy that denies productpage, with productpage calling ratings; one
+/// call went through before the policy was applied.
+async fn ratings_denied_to_productpage() -> (Mesh, Echo, Sidecar, Sidecar) {
     let mesh = Mesh::with_dir().await;
     let app = tagged_echo("127.0.0.1:0".parse().unwrap(), "ratings").await;
     mesh.apply(&service_yaml("ratings", 9080, app.addr.port()))
@@ -152,6 +194,13 @@ async fn deny_policy_closes_the_flow_counts_it_and_restoring_restores() {
     ratings
         .wait_snapshot("the policy", |s| s.policy("ratings").is_some())
         .await;
+    (mesh, app, ratings, pp)
+}
+
+/// A denied flow is closed; the denial counters on both sides are the proof it was the policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deny_policy_closes_the_flow() {
+    let (_mesh, _app, ratings, pp) = ratings_denied_to_productpage().await;
     let refused = call(pp.upstream(0), b"hi").await;
     assert!(
         refused.as_ref().map_or(true, |b| b.is_empty()),
@@ -181,7 +230,13 @@ async fn deny_policy_closes_the_flow_counts_it_and_restoring_restores() {
         ),
         1.0
     );
+    pp.shutdown().await.unwrap();
+    ratings.shutdown().await.unwrap();
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowing_again_restores_the_flow() {
+    let (mesh, _app, ratings, pp) = ratings_denied_to_productpage().await;
     let allow = "kind: Policy\nservice: ratings\nrules:\n  - action: allow\n    from: { services: [productpage] }\n";
     mesh.apply(allow).await;
     ratings
@@ -198,50 +253,42 @@ async fn deny_policy_closes_the_flow_counts_it_and_restoring_restores() {
     ratings.shutdown().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn drain_lets_open_flows_finish_and_new_flows_go_elsewhere() {
-    let ip4 = loopback_ip();
-    let ip5 = loopback_ip();
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mesh = Mesh::with_dir().await;
-    let mut a1 = tagged_echo(SocketAddr::new(ip4, 0), "v1").await;
-    let _a2 = tagged_echo(SocketAddr::new(ip5, a1.addr.port()), "v2").await;
-    mesh.apply(&format!(
-        "{}---\n{}",
-        service_yaml("reviews", 9080, a1.addr.port()),
-        route_yaml(100, 0)
-    ))
-    .await;
-    let v1 = mesh.start(&Spec::new("reviews", "v1").app_host(ip4)).await;
-    let v2 = mesh.start(&Spec::new("reviews", "v2").app_host(ip5)).await;
-    let pp = mesh
-        .start(&Spec::new("productpage", "v1").upstream("reviews", 9080))
-        .await;
-    pp.wait_endpoints("reviews", 2).await;
-    pp.wait_snapshot("the route", |s| s.route("reviews").is_some())
-        .await;
-
-    // A flow in flight to v1: half of the request sent.
-    let mut open = tokio::net::TcpStream::connect(pp.upstream(0))
+/// reviews v1 and v2 behind a route that sends everything to v1, with a flow in flight to v1
+/// (half of the request sent) when v1 starts draining; productpage has seen v1 leave.
+async fn v1_draining_under_an_open_flow() -> (TwoVersions, tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let mut m = two_versions(100, 0).await;
+    let mut open = tokio::net::TcpStream::connect(m.pp.upstream(0))
         .await
         .unwrap();
     open.write_all(b"first half, ").await.unwrap();
-    tokio::time::timeout(std::time::Duration::from_secs(5), a1.accepted.recv())
+    tokio::time::timeout(std::time::Duration::from_secs(5), m.a1.accepted.recv())
         .await
         .expect("the flow reached the v1 app");
 
-    v1.stop.cancel();
-    pp.wait_endpoints("reviews", 1).await;
-    assert_eq!(call(pp.upstream(0), b"new").await.unwrap(), b"v2:new");
+    m.v1.stop.cancel();
+    m.pp.wait_endpoints("reviews", 1).await;
+    (m, open)
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_flows_avoid_a_draining_endpoint() {
+    let (m, _open) = v1_draining_under_an_open_flow().await;
+    assert_eq!(call(m.pp.upstream(0), b"new").await.unwrap(), b"v2:new");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_flow_finishes_on_a_draining_endpoint() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (m, mut open) = v1_draining_under_an_open_flow().await;
     open.write_all(b"second half").await.unwrap();
     open.shutdown().await.unwrap();
     let mut reply = Vec::new();
     open.read_to_end(&mut reply).await.unwrap();
     assert_eq!(reply, b"v1:first half, second half");
-    v1.task.await.unwrap().unwrap();
-    pp.shutdown().await.unwrap();
-    v2.shutdown().await.unwrap();
+    m.v1.task.await.unwrap().unwrap();
+    m.pp.shutdown().await.unwrap();
+    m.v2.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -305,7 +352,7 @@ async fn renewed_certificate_files_are_used_without_restart_or_dropped_flows() {
 /// An endpoint that leaves the registry leaves the caller too: its pooled connection is closed
 /// and forgotten, and the per-peer gauges drop its address, so endpoint churn does not pile up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_departed_endpoint_is_forgotten_by_the_pool_and_the_peer_gauges() {
+async fn a_departed_endpoint_is_forgotten() {
     let ip1 = loopback_ip();
     let mesh = Mesh::with_dir().await;
     let app = tagged_echo(SocketAddr::new(ip1, 0), "ratings").await;

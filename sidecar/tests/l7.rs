@@ -31,30 +31,66 @@ fn tag(body: &str) -> String {
     body.split(' ').next().unwrap_or("").to_owned()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn header_match_routes_one_user_and_weights_split_the_rest() {
+/// reviews v1, v2 and v3 behind a route that sends `x-user: tester` to v2 and splits everyone
+/// else 90/10 between v1 and v3, with productpage calling it.
+struct HeaderRouted {
+    _mesh: Mesh,
+    _apps: Vec<halyard_sidecar::test_util::HttpApp>,
+    _servers: Vec<Sidecar>,
+    pp: Sidecar,
+}
+
+async fn header_routed() -> HeaderRouted {
     let ip1 = loopback_ip();
     let ip2 = loopback_ip();
     let ip3 = loopback_ip();
     let mesh = Mesh::with_dir().await;
     let a1 = http_app(SocketAddr::new(ip1, 0), "v1", AppBehavior::default()).await;
     let port = a1.addr.port();
-    let _a2 = http_app(SocketAddr::new(ip2, port), "v2", AppBehavior::default()).await;
-    let _a3 = http_app(SocketAddr::new(ip3, port), "v3", AppBehavior::default()).await;
+    let a2 = http_app(SocketAddr::new(ip2, port), "v2", AppBehavior::default()).await;
+    let a3 = http_app(SocketAddr::new(ip3, port), "v3", AppBehavior::default()).await;
     let route = "kind: Route\nservice: reviews\nrules:\n  - match: { headers: { x-user: { exact: tester } } }\n    backends: [{ subset: { version: v2 }, weight: 100 }]\n  - backends:\n      - { subset: { version: v1 }, weight: 90 }\n      - { subset: { version: v3 }, weight: 10 }\n";
     mesh.apply(&format!("{}---\n{route}", http_service("reviews", port)))
         .await;
-    let (_servers, pp) = reviews(&mesh, &[("v1", ip1), ("v2", ip2), ("v3", ip3)]).await;
+    let (servers, pp) = reviews(&mesh, &[("v1", ip1), ("v2", ip2), ("v3", ip3)]).await;
     pp.wait_snapshot("the route", |s| s.route("reviews").is_some())
         .await;
-    let client = http_client();
-    let up = pp.upstream(0);
+    HeaderRouted {
+        _mesh: mesh,
+        _apps: vec![a1, a2, a3],
+        _servers: servers,
+        pp,
+    }
+}
 
+fn outbound_to_v2(pp: &Sidecar) -> f64 {
+    let v2 = [
+        ("direction", "outbound"),
+        ("destination_version", "v2"),
+        ("response_code", "200"),
+    ];
+    metric(&pp.started.render_metrics(), "halyard_requests_total", &v2)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_match_routes_one_user_to_its_subset() {
+    let r = header_routed().await;
+    let client = http_client();
+    let up = r.pp.upstream(0);
     for _ in 0..20 {
         let (status, body, _) =
             http_call(&client, up, "GET", "/reviews/1", &[("x-user", "tester")]).await;
         assert_eq!((status, tag(&body)), (200, "v2".into()), "{body}");
     }
+    r.pp.wait_flows(20).await;
+    assert_eq!(outbound_to_v2(&r.pp), 20.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_without_the_header_split_by_weight() {
+    let r = header_routed().await;
+    let client = http_client();
+    let up = r.pp.upstream(0);
     let mut counts: HashMap<String, usize> = HashMap::new();
     for _ in 0..2000 {
         let (status, body, _) =
@@ -65,20 +101,13 @@ async fn header_match_routes_one_user_and_weights_split_the_rest() {
     let v1 = counts.get("v1").copied().unwrap_or(0) as f64 / 2000.0;
     assert!((v1 - 0.9).abs() <= 0.05, "v1 share {v1}: {counts:?}");
     assert_eq!(counts.get("v2"), None, "{counts:?}");
-    pp.wait_flows(2020).await;
-    let m = pp.started.render_metrics();
-    let v2 = [
-        ("direction", "outbound"),
-        ("destination_version", "v2"),
-        ("response_code", "200"),
-    ];
-    assert_eq!(metric(&m, "halyard_requests_total", &v2), 20.0);
+    r.pp.wait_flows(2000).await;
+    assert_eq!(outbound_to_v2(&r.pp), 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retries_save_gets_not_posts_and_the_budget_caps_them() {
+async fn retries_save_gets_but_never_posts() {
     let ip11 = loopback_ip();
-    let ip12 = loopback_ip();
     let mesh = Mesh::with_dir().await;
     let flaky = AppBehavior {
         fail_every: Some(3),
@@ -120,7 +149,13 @@ async fn retries_save_gets_not_posts_and_the_budget_caps_them() {
         (15.0..=40.0).contains(&retries),
         "{retries} retries for 60 GETs with 1 in 3 failing"
     );
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_budget_caps_retries_when_every_request_fails() {
+    let ip12 = loopback_ip();
+    let mesh = Mesh::with_dir().await;
+    let client = http_client();
     // Every request fails: the budget keeps retries to a share of requests.
     let broken = http_app(
         SocketAddr::new(ip12, 0),
@@ -160,17 +195,20 @@ async fn retries_save_gets_not_posts_and_the_budget_caps_them() {
     drop(rt);
 }
 
+/// A route with a 100 ms timeout on `/slow`, a 20 % abort fault (418) on `/faulty`, and a plain
+/// rule for the rest.
+const FAILURE_ROUTE: &str = "kind: Route\nservice: reviews\nrules:\n  - match: { path: { prefix: /slow } }\n    backends: [{ weight: 1 }]\n    timeout: 100ms\n  - match: { path: { prefix: /faulty } }\n    backends: [{ weight: 1 }]\n    fault: { abort: { percent: 20, status: 418 } }\n  - backends: [{ weight: 1 }]\n";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn route_timeout_gives_504_and_abort_fault_hits_its_share() {
+async fn a_route_timeout_gives_504() {
     let ip21 = loopback_ip();
-    let ip22 = loopback_ip();
+    let route = FAILURE_ROUTE;
     let mesh = Mesh::with_dir().await;
     let slow = AppBehavior {
         delay: Some(Duration::from_millis(400)),
         ..AppBehavior::default()
     };
     let app = http_app(SocketAddr::new(ip21, 0), "v1", slow).await;
-    let route = "kind: Route\nservice: reviews\nrules:\n  - match: { path: { prefix: /slow } }\n    backends: [{ weight: 1 }]\n    timeout: 100ms\n  - match: { path: { prefix: /faulty } }\n    backends: [{ weight: 1 }]\n    fault: { abort: { percent: 20, status: 418 } }\n  - backends: [{ weight: 1 }]\n";
     mesh.apply(&format!(
         "{}---\n{route}",
         http_service("reviews", app.addr.port())
@@ -189,6 +227,14 @@ async fn route_timeout_gives_504_and_abort_fault_hits_its_share() {
         200
     );
     let _ = app;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_fault_hits_its_share_of_requests() {
+    let ip22 = loopback_ip();
+    let route = FAILURE_ROUTE;
+    let mesh = Mesh::with_dir().await;
+    let client = http_client();
     let fast = http_app(SocketAddr::new(ip22, 0), "v1", AppBehavior::default()).await;
     mesh.apply(&http_service("ratings", fast.addr.port())).await;
     mesh.apply(&route.replace("service: reviews", "service: ratings"))
@@ -218,8 +264,9 @@ async fn route_timeout_gives_504_and_abort_fault_hits_its_share() {
     );
 }
 
+// The mirror's share and the caller seeing only the primary are two sides of the same requests.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mirror_gets_its_share_and_the_caller_sees_only_the_primary() {
+async fn a_mirror_receives_its_share_out_of_band() {
     let ip31 = loopback_ip();
     let ip33 = loopback_ip();
     let mesh = Mesh::with_dir().await;
@@ -255,8 +302,16 @@ async fn mirror_gets_its_share_and_the_caller_sees_only_the_primary() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn admin_policy_holds_against_path_tricks_and_identity_headers_are_not_trusted() {
+/// reviews v1 behind a policy that denies `/admin` and everything under it, with productpage
+/// calling it.
+struct AdminDenied {
+    _mesh: Mesh,
+    app: halyard_sidecar::test_util::HttpApp,
+    servers: Vec<Sidecar>,
+    pp: Sidecar,
+}
+
+async fn admin_denied() -> AdminDenied {
     let ip41 = loopback_ip();
     let mesh = Mesh::with_dir().await;
     let app = http_app(SocketAddr::new(ip41, 0), "v1", AppBehavior::default()).await;
@@ -270,6 +325,22 @@ async fn admin_policy_holds_against_path_tricks_and_identity_headers_are_not_tru
     servers[0]
         .wait_snapshot("the policy", |s| s.policy("reviews").is_some())
         .await;
+    AdminDenied {
+        _mesh: mesh,
+        app,
+        servers,
+        pp,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_tricks_do_not_get_past_a_path_policy() {
+    let AdminDenied {
+        _mesh,
+        app,
+        servers,
+        pp,
+    } = admin_denied().await;
     let client = http_client();
     let up = pp.upstream(0);
     for path in [
@@ -293,7 +364,18 @@ async fn admin_policy_holds_against_path_tricks_and_identity_headers_are_not_tru
         &[("destination_service", "reviews")],
     );
     assert_eq!(denied, 7.0);
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_headers_from_the_caller_are_not_trusted() {
+    let AdminDenied {
+        _mesh,
+        app,
+        servers: _servers,
+        pp,
+    } = admin_denied().await;
+    let client = http_client();
+    let up = pp.upstream(0);
     let claim = [
         (
             "x-halyard-peer-identity",
@@ -561,7 +643,7 @@ mod grpc {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grpc_unary_and_server_streaming_keep_their_trailers() {
+async fn grpc_calls_keep_their_trailers() {
     let ip71 = loopback_ip();
     let mesh = Mesh::with_dir().await;
     let app = grpc::server(SocketAddr::new(ip71, 0)).await;
@@ -587,7 +669,7 @@ async fn grpc_unary_and_server_streaming_keep_their_trailers() {
 /// cut at the drain deadline (the caller gets an answer, not a hang), and an idle keep-alive
 /// connection from the calling app closes when the drain starts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn drain_ends_with_a_request_stuck_at_the_app_and_idle_app_connections() {
+async fn a_drain_never_waits_forever_on_the_app() {
     let ip81 = loopback_ip();
     use std::sync::atomic::Ordering;
     let mesh = Mesh::with_dir().await;

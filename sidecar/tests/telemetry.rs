@@ -11,8 +11,9 @@ use halyard_sidecar::otlp::{ExportTraceServiceRequest, Span};
 use halyard_sidecar::test_util::*;
 use prost::Message;
 
+/// Every L7 request and every L4 flow is counted under its labels.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_count_every_request_and_flow_under_its_labels() {
+async fn metrics_count_every_exchange_under_its_labels() {
     let e = edges("").await;
     let client = http_client();
     traffic(&e, &client).await;
@@ -222,8 +223,9 @@ async fn logging_filter_changes_at_run_time() {
     assert_eq!(status, 405);
 }
 
+/// One JSON line per L7 request and per L4 flow.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn access_log_has_one_json_line_per_request_and_flow() {
+async fn the_access_log_has_one_json_line_per_exchange() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pp.log");
     let extra = format!("[access_log]\nenabled = true\npath = {path:?}\nbuffer = 64\n");
@@ -374,8 +376,9 @@ fn tracing_extra(collector: SocketAddr) -> String {
     format!("[tracing]\ncollector = \"http://{collector}/v1/traces\"\nflush_interval = \"50ms\"\ntimeout = \"500ms\"\n")
 }
 
+/// The spans of a request share its trace, each inbound span linked to the outbound one before it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spans_share_the_trace_and_link_outbound_to_inbound() {
+async fn the_spans_of_a_request_form_one_trace() {
     let (collector, mut spans) = otlp_receiver().await;
     let e = edges(&tracing_extra(collector)).await;
     let client = http_client();

@@ -285,17 +285,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_are_valid_and_round_trip_through_serde() {
+    fn the_defaults_are_valid() {
         let config = TransportConfig::default();
         assert_eq!(
             TransportConfig::try_from(config.raw().clone()).unwrap(),
             config
         );
+        assert_eq!(config.max_concurrent_bidi_streams(), 1024);
+        assert!(config.keep_alive_interval().unwrap() < config.idle_timeout());
+    }
+
+    #[test]
+    fn a_config_round_trips_through_serde() {
+        let config = TransportConfig::default();
         let json = serde_json::to_string(&config).unwrap();
         let back: TransportConfig = serde_json::from_str(&json).unwrap();
         assert_eq!(back, config);
-        assert_eq!(config.max_concurrent_bidi_streams(), 1024);
-        assert!(config.keep_alive_interval().unwrap() < config.idle_timeout());
     }
 
     #[test]
@@ -328,8 +333,12 @@ mod tests {
     }
 
     #[test]
-    fn congestion_defaults_to_cubic_and_reads_bbr() {
+    fn congestion_defaults_to_cubic() {
         assert_eq!(TransportConfig::default().congestion(), Congestion::Cubic);
+    }
+
+    #[test]
+    fn congestion_is_named_in_the_config() {
         let bbr: TransportConfig = serde_json::from_str(r#"{"congestion": "bbr"}"#).unwrap();
         assert_eq!(bbr.congestion(), Congestion::Bbr);
         let cubic: TransportConfig = serde_json::from_str(r#"{"congestion": "cubic"}"#).unwrap();
@@ -352,13 +361,17 @@ mod tests {
     }
 
     #[test]
-    fn deserializing_rejects_bad_values_and_unknown_keys() {
+    fn deserializing_checks_the_range_of_each_value() {
         let bad = r#"{"connections_per_peer": 0}"#;
         assert!(serde_json::from_str::<TransportConfig>(bad).is_err());
-        let unknown = r#"{"windw": 5}"#;
-        assert!(serde_json::from_str::<TransportConfig>(unknown).is_err());
         let partial: TransportConfig =
             serde_json::from_str(r#"{"connections_per_peer": 2}"#).unwrap();
         assert_eq!(partial.connections_per_peer(), 2);
+    }
+
+    #[test]
+    fn deserializing_rejects_unknown_keys() {
+        let unknown = r#"{"windw": 5}"#;
+        assert!(serde_json::from_str::<TransportConfig>(unknown).is_err());
     }
 }

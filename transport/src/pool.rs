@@ -459,11 +459,21 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_caps_and_jitters() {
+    fn backoff_jitters_from_half_the_delay_up_to_all_of_it() {
         let (i, m) = (Duration::from_millis(100), Duration::from_secs(5));
         assert_eq!(backoff_delay(1, i, m, 0.999_999).as_millis(), 99);
         assert_eq!(backoff_delay(1, i, m, 0.0), Duration::from_millis(50));
+    }
+
+    #[test]
+    fn backoff_doubles_with_each_failure() {
+        let (i, m) = (Duration::from_millis(100), Duration::from_secs(5));
         assert_eq!(backoff_delay(3, i, m, 0.0), Duration::from_millis(200));
+    }
+
+    #[test]
+    fn backoff_is_capped() {
+        let (i, m) = (Duration::from_millis(100), Duration::from_secs(5));
         assert_eq!(backoff_delay(30, i, m, 0.0), Duration::from_millis(2500));
         assert!(backoff_delay(u32::MAX, i, m, 1.0) <= m);
     }

@@ -49,14 +49,26 @@ impl ResetBudget {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_burst_past_the_budget_is_refused_and_time_refills_it() {
-        let t0 = Instant::now();
+    /// A budget with its whole burst spent at `t0`.
+    fn spent_budget(t0: Instant) -> ResetBudget {
         let mut budget = ResetBudget::default();
         for _ in 0..BURST {
             assert!(budget.allow(t0));
         }
+        budget
+    }
+
+    #[test]
+    fn a_burst_past_the_budget_is_refused() {
+        let t0 = Instant::now();
+        let mut budget = spent_budget(t0);
         assert!(!budget.allow(t0));
+    }
+
+    #[test]
+    fn time_refills_the_budget_up_to_one_burst() {
+        let t0 = Instant::now();
+        let mut budget = spent_budget(t0);
         assert!(budget.allow(t0 + REFILL));
         assert!(!budget.allow(t0 + REFILL));
         let later = t0 + REFILL * (BURST * 10);

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hundred_flows_survive_loss_delay_and_reordering() {
+async fn a_hundred_flows_arrive_whole_over_an_impaired_link() {
     let mesh = Arc::new(Mesh::new().await);
     let profile = LinkProfile {
         duplicate: 0.01,

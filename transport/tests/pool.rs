@@ -33,8 +33,9 @@ async fn concurrent_callers_share_one_connect() {
     assert_eq!(mesh.server.quinn().open_connections(), 1);
 }
 
-#[tokio::test]
-async fn failed_connect_backs_off_and_is_safe_to_retry_elsewhere() {
+/// Two connects from a fresh pool to a bound UDP socket that never answers (connect timeout
+/// 200 ms, backoff a minute): the errors of the first and of the second.
+async fn two_connects_to_a_silent_peer() -> (TunnelError, TunnelError) {
     let pki = halyard_certs::test_util::TestPki::new("mesh.local");
     let cfg = config(|c| {
         c.connect_timeout_ms = 200;
@@ -57,14 +58,20 @@ async fn failed_connect_backs_off_and_is_safe_to_retry_elsewhere() {
         .open_tcp(addr, &pki.id("b"), &target, HeaderMap::new())
         .await
         .unwrap_err();
-    assert!(
-        matches!(first, TunnelError::ConnectTimeout { .. }),
-        "{first:?}"
-    );
     let second = pool
         .open_tcp(addr, &pki.id("b"), &target, HeaderMap::new())
         .await
         .unwrap_err();
+    (first, second)
+}
+
+#[tokio::test]
+async fn a_failed_connect_backs_off() {
+    let (first, second) = two_connects_to_a_silent_peer().await;
+    assert!(
+        matches!(first, TunnelError::ConnectTimeout { .. }),
+        "{first:?}"
+    );
     let TunnelError::Backoff {
         remaining, last, ..
     } = &second
@@ -76,6 +83,11 @@ async fn failed_connect_backs_off_and_is_safe_to_retry_elsewhere() {
         "{remaining:?}"
     );
     assert!(last.contains("timed out"), "{last}");
+}
+
+#[tokio::test]
+async fn a_failed_connect_is_safe_to_retry_elsewhere() {
+    let (first, second) = two_connects_to_a_silent_peer().await;
     assert!(first.before_any_byte() && second.before_any_byte());
 }
 
@@ -101,8 +113,14 @@ async fn two_connections_carry_twice_the_stream_limit_at_once() {
     assert_eq!(mesh.handler.tunnels.load(Ordering::SeqCst), 8);
 }
 
-#[tokio::test]
-async fn flows_spread_over_several_connections_and_retain_peers_closes_them() {
+/// A client allowed two connections per peer, with two flows open on them.
+struct TwoFlows {
+    mesh: Mesh,
+    first: halyard_transport::Tunnel,
+    _second: halyard_transport::Tunnel,
+}
+
+async fn two_flows_on_a_two_connection_pool() -> TwoFlows {
     let two = config(|c| c.connections_per_peer = 2);
     let mesh = Mesh::with_configs(TransportConfig::default(), two).await;
     let mut first = mesh.open("echo").await;
@@ -111,6 +129,25 @@ async fn flows_spread_over_several_connections_and_retain_peers_closes_them() {
     let mut second = mesh.open("echo").await;
     second.write_all(b"2").await.unwrap();
     second.status().await.unwrap();
+    TwoFlows {
+        mesh,
+        first,
+        _second: second,
+    }
+}
+
+#[tokio::test]
+async fn flows_spread_over_several_connections() {
+    let flows = two_flows_on_a_two_connection_pool().await;
+    let mesh = &flows.mesh;
+    let conns = mesh.pool.connections(mesh.addr(), &mesh.server_id);
+    assert_eq!(conns.len(), 2);
+}
+
+#[tokio::test]
+async fn retain_peers_closes_the_connections_of_a_peer_it_drops() {
+    let mut flows = two_flows_on_a_two_connection_pool().await;
+    let mesh = &flows.mesh;
     let conns = mesh.pool.connections(mesh.addr(), &mesh.server_id);
     assert_eq!(conns.len(), 2);
     mesh.pool.retain_peers(|_| false);
@@ -122,7 +159,7 @@ async fn flows_spread_over_several_connections_and_retain_peers_closes_them() {
         );
     }
     assert!(mesh.pool.stats().is_empty());
-    let err = first.read(&mut [0u8; 4]).await.unwrap_err();
+    let err = flows.first.read(&mut [0u8; 4]).await.unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionAborted);
 }
 

@@ -25,8 +25,9 @@ async fn echo_tunnel_round_trip() {
     assert_eq!(&buf, b"ping");
 }
 
-#[tokio::test]
-async fn half_close_client_finishes_and_still_reads_the_whole_reply() {
+/// Echoes 3 MiB through a tunnel and half-closes it: returns the tunnel (kept with its mesh),
+/// the data sent, and everything read back after our FIN.
+async fn half_closed_echo() -> (Mesh, halyard_transport::Tunnel, Vec<u8>, Vec<u8>) {
     let mesh = Mesh::new().await;
     let mut tunnel = mesh.open("echo").await;
     let data = pattern(7, 3 * 1024 * 1024 + 17);
@@ -35,9 +36,19 @@ async fn half_close_client_finishes_and_still_reads_the_whole_reply() {
     tunnel.shutdown().await.unwrap();
     let mut reply = Vec::new();
     tunnel.read_to_end(&mut reply).await.unwrap();
+    (mesh, tunnel, data, reply)
+}
+
+#[tokio::test]
+async fn after_a_half_close_the_whole_reply_still_arrives() {
+    let (_mesh, _tunnel, data, reply) = half_closed_echo().await;
     assert_eq!(reply.len(), data.len());
     assert!(reply == data, "echoed bytes differ");
-    // Writing after our own FIN is refused locally.
+}
+
+#[tokio::test]
+async fn writing_after_our_own_fin_is_refused_locally() {
+    let (_mesh, mut tunnel, _, _) = half_closed_echo().await;
     let err = tunnel.write_all(b"late").await.unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe);
 }
@@ -107,8 +118,10 @@ async fn thousand_concurrent_tunnels_share_one_connection() {
     assert_eq!(mesh.pool.connections(mesh.addr(), &mesh.server_id).len(), 1);
 }
 
+/// An L7 request is relayed whole: the caller's identity reaches the server, and the body and
+/// the trailers come back in order.
 #[tokio::test]
-async fn l7_request_carries_body_and_trailers() {
+async fn an_l7_request_is_relayed_whole() {
     let mesh = Mesh::new().await;
     let request = http::Request::builder()
         .method("POST")
@@ -167,19 +180,30 @@ async fn idle_timed_out_connection_is_replaced_without_caller_error() {
     assert_ne!(now[0].stable_id(), conns[0].stable_id());
 }
 
-#[tokio::test]
-async fn stats_report_rtt_and_open_streams() {
+/// A mesh with one tunnel open and answered.
+async fn one_open_tunnel() -> (Mesh, halyard_transport::Tunnel) {
     let mesh = Mesh::new().await;
     let mut tunnel = mesh.open("echo").await;
     tunnel.write_all(b"x").await.unwrap();
     tunnel.status().await.unwrap();
+    (mesh, tunnel)
+}
+
+#[tokio::test]
+async fn stats_describe_each_connection_to_a_peer() {
+    let (mesh, _tunnel) = one_open_tunnel().await;
     let stats = mesh.pool.stats();
     assert_eq!(stats.len(), 1);
     assert_eq!(stats[0].peer.id, mesh.server_id);
     let conn = &stats[0].connections[0];
-    assert_eq!(conn.open_streams, 1);
     assert!(conn.cwnd > 0 && conn.sent_packets > 0);
     assert!(conn.rtt < Duration::from_secs(1));
+}
+
+#[tokio::test]
+async fn stats_count_the_open_streams() {
+    let (mesh, tunnel) = one_open_tunnel().await;
+    assert_eq!(mesh.pool.stats()[0].connections[0].open_streams, 1);
     drop(tunnel);
     assert_eq!(mesh.pool.stats()[0].connections[0].open_streams, 0);
 }
@@ -215,19 +239,31 @@ async fn splice_pipes_tcp_to_tcp_with_half_close() {
     assert_eq!(app.await.unwrap(), 5 << 20);
 }
 
-#[tokio::test]
-async fn zero_copy_calls_round_trip_and_abort_resets_the_peer() {
-    let mesh = Mesh::new().await;
-    let mut tunnel = mesh.open("echo").await;
+/// Writes `data` with the zero-copy call and reads it back in chunks.
+async fn zero_copy_echo(tunnel: &mut halyard_transport::Tunnel, data: &'static [u8]) -> Vec<u8> {
     tunnel
-        .write_bytes(bytes::Bytes::from_static(b"chunked"))
+        .write_bytes(bytes::Bytes::from_static(data))
         .await
         .unwrap();
     let mut got = Vec::new();
-    while got.len() < 7 {
+    while got.len() < data.len() {
         got.extend_from_slice(&tunnel.read_chunk().await.unwrap().unwrap());
     }
-    assert_eq!(got, b"chunked");
+    got
+}
+
+#[tokio::test]
+async fn zero_copy_calls_round_trip() {
+    let mesh = Mesh::new().await;
+    let mut tunnel = mesh.open("echo").await;
+    assert_eq!(zero_copy_echo(&mut tunnel, b"chunked").await, b"chunked");
+}
+
+#[tokio::test]
+async fn an_aborted_tunnel_refuses_further_writes() {
+    let mesh = Mesh::new().await;
+    let mut tunnel = mesh.open("echo").await;
+    assert_eq!(zero_copy_echo(&mut tunnel, b"chunked").await, b"chunked");
     tunnel.abort();
     let err = tunnel
         .write_bytes(bytes::Bytes::from_static(b"x"))
@@ -253,39 +289,76 @@ async fn splice_to_a_refused_target_reports_the_status() {
     assert!(inner.before_any_byte());
 }
 
-#[tokio::test]
-async fn finish_is_an_eof_but_abort_and_drop_are_resets_at_the_peer() {
+/// How a tunnel that sent ten bytes is ended by its caller.
+#[derive(Debug, Clone, Copy)]
+enum End {
+    Finish,
+    Abort,
+    Drop,
+}
+
+/// What the server's handler observed at the end of a tunnel ended by `end`.
+async fn end_seen_by_the_peer(end: End) -> Option<String> {
     let mesh = Mesh::new().await;
     let mut seen = mesh.handler.observed.subscribe();
-    type End = fn(&mut halyard_transport::Tunnel);
-    let cases: [(&str, End); 2] = [("abort", |t| t.abort()), ("drop", |_| {})];
     let mut tunnel = mesh.open("observe").await;
     tunnel.write_all(b"0123456789").await.unwrap();
-    tunnel.shutdown().await.unwrap();
-    tunnel.status().await.unwrap();
-    let got = seen.wait_for(|o| o.is_some()).await.unwrap().clone();
-    assert_eq!(got.as_deref(), Some("eof 10"));
-    for (name, end) in cases {
-        mesh.handler.observed.send_replace(None);
-        let mut tunnel = mesh.open("observe").await;
-        tunnel.write_all(b"0123456789").await.unwrap();
-        tunnel.status().await.unwrap();
-        end(&mut tunnel);
-        drop(tunnel);
-        let got = seen.wait_for(|o| o.is_some()).await.unwrap().clone();
-        assert_eq!(got.as_deref(), Some("error ConnectionReset"), "{name}");
+    match end {
+        End::Finish => {
+            tunnel.shutdown().await.unwrap();
+            tunnel.status().await.unwrap();
+        }
+        End::Abort => {
+            tunnel.status().await.unwrap();
+            tunnel.abort();
+        }
+        End::Drop => {
+            tunnel.status().await.unwrap();
+        }
     }
+    drop(tunnel);
+    let got = seen.wait_for(|o| o.is_some()).await.unwrap().clone();
+    got
 }
 
 #[tokio::test]
-async fn serve_ends_when_the_endpoint_closes_and_open_tunnels_see_it() {
+async fn finish_is_an_eof_at_the_peer() {
+    let got = end_seen_by_the_peer(End::Finish).await;
+    assert_eq!(got.as_deref(), Some("eof 10"));
+}
+
+#[tokio::test]
+async fn abort_is_a_reset_at_the_peer() {
+    let got = end_seen_by_the_peer(End::Abort).await;
+    assert_eq!(got.as_deref(), Some("error ConnectionReset"));
+}
+
+#[tokio::test]
+async fn dropping_a_tunnel_is_a_reset_at_the_peer() {
+    let got = end_seen_by_the_peer(End::Drop).await;
+    assert_eq!(got.as_deref(), Some("error ConnectionReset"));
+}
+
+/// A mesh whose server endpoint was closed under an open, answered tunnel.
+async fn endpoint_closed_under_an_open_tunnel() -> (Mesh, halyard_transport::Tunnel) {
     let mesh = Mesh::new().await;
     let mut tunnel = mesh.open("echo").await;
     tunnel.write_all(b"x").await.unwrap();
     tunnel.status().await.unwrap();
     mesh.server.close();
-    let serve_task = mesh.serve_task;
-    serve_task.await.unwrap();
+    (mesh, tunnel)
+}
+
+#[tokio::test]
+async fn serve_ends_when_the_endpoint_closes() {
+    let (mesh, _tunnel) = endpoint_closed_under_an_open_tunnel().await;
+    mesh.serve_task.await.unwrap();
+}
+
+#[tokio::test]
+async fn open_tunnels_see_their_endpoint_close() {
+    let (mesh, mut tunnel) = endpoint_closed_under_an_open_tunnel().await;
+    mesh.serve_task.await.unwrap();
     let err = tunnel.read_to_end(&mut Vec::new()).await.unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionAborted);
     let inner = err
@@ -314,68 +387,108 @@ async fn binding_a_taken_address_is_a_socket_error() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn drain_sends_goaway_finishes_flows_in_flight_and_refuses_new_ones() {
-    let pki = halyard_certs::test_util::TestPki::new("mesh.local");
-    let config = halyard_transport::TransportConfig::default;
-    let server = halyard_transport::MeshEndpoint::new(
-        pki.resolver("reviews"),
-        pki.bundle.clone(),
-        config(),
-        LOOPBACK.parse().unwrap(),
-    )
-    .unwrap();
-    let handler = std::sync::Arc::new(TestHandler::default());
-    let (start_drain, drain) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(halyard_transport::serve_until(
-        server.clone(),
-        handler.clone(),
-        async {
-            let _ = drain.await;
-        },
-    ));
-    let client = halyard_transport::MeshEndpoint::new(
-        pki.resolver("productpage"),
-        pki.bundle.clone(),
-        config(),
-        LOOPBACK.parse().unwrap(),
-    )
-    .unwrap();
-    let pool = halyard_transport::Pool::new(client);
-    let (addr, id) = (server.local_addr().unwrap(), pki.id("reviews"));
-    let target = Target::new("echo", 9000).unwrap();
-    let mut in_flight = pool
-        .open_tcp(addr, &id, &target, HeaderMap::new())
-        .await
-        .unwrap();
-    in_flight.write_all(b"before").await.unwrap();
-    let mut buf = [0u8; 6];
-    in_flight.read_exact(&mut buf).await.unwrap();
+/// A server draining under one flow in flight: the drain has started and a new flow was
+/// refused (which is how the client learns of the GOAWAY).
+struct Draining {
+    /// The client's pool, kept open for the whole test.
+    _pool: halyard_transport::Pool,
+    conn: quinn::Connection,
+    in_flight: halyard_transport::Tunnel,
+    refused: TunnelError,
+    serving: tokio::task::JoinHandle<()>,
+}
 
-    start_drain.send(()).unwrap();
-    let conn = pool.connections(addr, &id).remove(0);
-    // New flows are refused before any byte flows, so the caller may go elsewhere.
-    let refused = async {
-        loop {
-            match pool.open_tcp(addr, &id, &target, HeaderMap::new()).await {
-                Ok(mut t) => match t.status().await {
-                    Ok(_) => continue, // sent before the GOAWAY arrived
+impl Draining {
+    async fn start() -> Draining {
+        let pki = halyard_certs::test_util::TestPki::new("mesh.local");
+        let config = halyard_transport::TransportConfig::default;
+        let server = halyard_transport::MeshEndpoint::new(
+            pki.resolver("reviews"),
+            pki.bundle.clone(),
+            config(),
+            LOOPBACK.parse().unwrap(),
+        )
+        .unwrap();
+        let handler = std::sync::Arc::new(TestHandler::default());
+        let (start_drain, drain) = tokio::sync::oneshot::channel::<()>();
+        let serving = tokio::spawn(halyard_transport::serve_until(
+            server.clone(),
+            handler.clone(),
+            async {
+                let _ = drain.await;
+            },
+        ));
+        let client = halyard_transport::MeshEndpoint::new(
+            pki.resolver("productpage"),
+            pki.bundle.clone(),
+            config(),
+            LOOPBACK.parse().unwrap(),
+        )
+        .unwrap();
+        let pool = halyard_transport::Pool::new(client);
+        let (addr, id) = (server.local_addr().unwrap(), pki.id("reviews"));
+        let target = Target::new("echo", 9000).unwrap();
+        let mut in_flight = pool
+            .open_tcp(addr, &id, &target, HeaderMap::new())
+            .await
+            .unwrap();
+        in_flight.write_all(b"before").await.unwrap();
+        let mut buf = [0u8; 6];
+        in_flight.read_exact(&mut buf).await.unwrap();
+
+        start_drain.send(()).unwrap();
+        let conn = pool.connections(addr, &id).remove(0);
+        let refused = async {
+            loop {
+                match pool.open_tcp(addr, &id, &target, HeaderMap::new()).await {
+                    Ok(mut t) => match t.status().await {
+                        Ok(_) => continue, // sent before the GOAWAY arrived
+                        Err(e) => break e,
+                    },
                     Err(e) => break e,
-                },
-                Err(e) => break e,
+                }
             }
         }
+        .await;
+        Draining {
+            _pool: pool,
+            conn,
+            in_flight,
+            refused,
+            serving,
+        }
     }
-    .await;
-    assert!(refused.before_any_byte(), "{refused:?}");
+
+    /// Sends the rest of the flow in flight, half-closes it, and returns what came back.
+    async fn finish_in_flight(&mut self) -> Vec<u8> {
+        self.in_flight.write_all(b" after").await.unwrap();
+        self.in_flight.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        self.in_flight.read_to_end(&mut rest).await.unwrap();
+        rest
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_server_refuses_new_flows_before_any_byte() {
+    let d = Draining::start().await;
+    // Refused before any byte flows, so the caller may go elsewhere.
+    assert!(d.refused.before_any_byte(), "{:?}", d.refused);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_in_flight_keeps_working_through_a_drain() {
+    let mut d = Draining::start().await;
     // The flow in flight keeps working on its connection until it ends.
-    in_flight.write_all(b" after").await.unwrap();
-    in_flight.shutdown().await.unwrap();
-    let mut rest = Vec::new();
-    in_flight.read_to_end(&mut rest).await.unwrap();
-    assert_eq!(rest, b" after");
-    serving.await.unwrap();
-    let reason = conn.closed().await;
+    assert_eq!(d.finish_in_flight().await, b" after");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_closes_the_connection_with_goaway_once_flows_end() {
+    let mut d = Draining::start().await;
+    d.finish_in_flight().await;
+    d.serving.await.unwrap();
+    let reason = d.conn.closed().await;
     let quinn::ConnectionError::ApplicationClosed(close) = &reason else {
         panic!("{reason:?}")
     };

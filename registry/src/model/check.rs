@@ -224,15 +224,23 @@ mod tests {
     }
 
     #[test]
-    fn durations_and_percent() {
+    fn a_duration_is_a_positive_amount_with_a_unit() {
         assert_eq!(duration("t", "500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(duration("t", "2s").unwrap(), Duration::from_secs(2));
         assert!(duration("t", "0s").is_err());
         assert!(duration("t", "soon").is_err());
+    }
+
+    #[test]
+    fn a_percent_lies_within_0_to_100() {
         assert!(percent("p", 100.0).is_ok());
         assert!(percent("p", 100.5).is_err());
         assert!(percent("p", -1.0).is_err());
         assert!(percent("p", f64::NAN).is_err());
+    }
+
+    #[test]
+    fn a_percent_hits_samples_below_its_share() {
         assert!(Percent(10.0).hits(0.05) && !Percent(10.0).hits(0.2));
     }
 }

@@ -91,9 +91,13 @@ mod tests {
     use halyard_certs::ca::DEFAULT_LEAF_TTL;
 
     #[test]
-    fn ttl_parses_and_refuses() {
+    fn a_ttl_parses_with_its_unit() {
         assert_eq!(parse_ttl("24h").unwrap(), DEFAULT_LEAF_TTL);
         assert_eq!(parse_ttl("90m").unwrap(), Duration::from_secs(5400));
+    }
+
+    #[test]
+    fn a_bad_ttl_is_refused_naming_the_flag() {
         assert!(parse_ttl("0s").is_err());
         assert!(parse_ttl("soon").unwrap_err().to_string().contains("--ttl"));
     }

@@ -125,7 +125,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_4xx_request_succeeds_and_a_5xx_fails() {
+    fn a_request_fails_only_with_a_5xx() {
         assert!(succeeded(Some("404"), None));
         assert!(!succeeded(Some("503"), None));
     }
@@ -162,15 +162,34 @@ mod tests {
         assert_eq!(s[1].name, "n");
     }
 
+    /// A sample with escapes in its labels and a timestamp, then a plain one in exponent form.
+    fn escaped_then_plain() -> Vec<Sample> {
+        parse("m{a=\"1\\n2\",b=\"}{\\\\\"} 7 1700000000000\nplain 2.5e3")
+    }
+
     #[test]
-    fn parses_escaped_newlines_braces_and_timestamps() {
-        let s = parse("m{a=\"1\\n2\",b=\"}{\\\\\"} 7 1700000000000\nplain 2.5e3");
+    fn parses_escapes_in_label_values() {
+        let s = escaped_then_plain();
         assert_eq!(s.len(), 2);
         assert_eq!(s[0].label("a"), Some("1\n2"));
         assert_eq!(s[0].label("b"), Some("}{\\"));
+    }
+
+    #[test]
+    fn a_timestamp_is_not_the_value() {
+        let s = escaped_then_plain();
         assert_eq!(s[0].value, 7.0, "the timestamp is not the value");
+    }
+
+    #[test]
+    fn parses_a_plain_sample_in_exponent_form() {
+        let s = escaped_then_plain();
         assert_eq!(s[1].label("a"), None);
         assert_eq!(s[1].value, 2500.0);
+    }
+
+    #[test]
+    fn a_broken_line_is_no_sample() {
         assert!(parse_line("broken{x=\"1 2").is_none());
         assert!(parse_line("novalue").is_none());
     }

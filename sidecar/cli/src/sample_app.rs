@@ -239,8 +239,9 @@ mod tests {
         assert!(parse_rate("1.5").is_err());
     }
 
-    #[tokio::test]
-    async fn answers_with_dependencies_and_passes_headers_on() {
+    /// reviews v2 calling ratings (up) and details (a closed port), asked `GET /` with
+    /// `x-user: tester`: the status and the body of its answer.
+    async fn reviews_with_one_dead_dependency() -> (StatusCode, bytes::Bytes) {
         let ratings = start(SampleAppArgs {
             service: "ratings".into(),
             version: "v1".into(),
@@ -268,34 +269,52 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-user", HeaderValue::from_static("tester"));
         let url: Uri = format!("http://{reviews}/").parse().unwrap();
-        let (status, body) = get(&url, &h, Duration::from_secs(5)).await.unwrap();
+        get(&url, &h, Duration::from_secs(5)).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn answers_with_what_each_dependency_said() {
+        let (status, body) = reviews_with_one_dead_dependency().await;
         assert_eq!(status, StatusCode::OK);
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["version"], "v2");
         assert_eq!(v["calls"]["ratings"]["service"], "ratings");
-        assert_eq!(v["calls"]["ratings"]["user"], "tester");
         assert!(v["calls"]["details"]["error"].is_string());
         assert_eq!(v["degraded"], true);
         assert_eq!(describe(&body).unwrap().1, "v2");
     }
 
     #[tokio::test]
-    async fn fail_rate_and_latency_apply() {
-        let args = |fail_rate, latency| SampleAppArgs {
+    async fn passes_the_user_header_on_to_its_dependencies() {
+        let (_, body) = reviews_with_one_dead_dependency().await;
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["calls"]["ratings"]["user"], "tester");
+    }
+
+    fn details(fail_rate: f64, latency: Duration) -> SampleAppArgs {
+        SampleAppArgs {
             service: "details".into(),
             version: "v1".into(),
             listen: "127.0.0.1:0".parse().unwrap(),
             calls: vec![],
             fail_rate,
             latency,
-        };
-        let failing = start(args(1.0, Duration::ZERO)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fail_rate_of_one_fails_every_request() {
+        let failing = start(details(1.0, Duration::ZERO)).await;
         let url: Uri = format!("http://{failing}/").parse().unwrap();
         let (status, _) = get(&url, &HeaderMap::new(), Duration::from_secs(5))
             .await
             .unwrap();
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-        let slow = start(args(0.0, Duration::from_millis(100))).await;
+    }
+
+    #[tokio::test]
+    async fn latency_delays_every_answer() {
+        let slow = start(details(0.0, Duration::from_millis(100))).await;
         let url: Uri = format!("http://{slow}/").parse().unwrap();
         let t = std::time::Instant::now();
         let (status, _) = get(&url, &HeaderMap::new(), Duration::from_secs(5))

@@ -356,7 +356,7 @@ halyard_quic_connections 1
 "#;
 
     #[test]
-    fn parses_labels_escapes_and_plain_samples() {
+    fn parses_every_sample_of_a_scrape() {
         let s = parse(SCRAPE);
         assert_eq!(s.len(), 12);
         assert_eq!(s[9].label("source_service"), Some("a\"b"));
@@ -364,28 +364,56 @@ halyard_quic_connections 1
         assert_eq!(s[11].value, 1.0);
     }
 
-    #[test]
-    fn rows_prefer_outbound_and_compute_rates_and_quantiles() {
+    /// The rows of one scrape over 2 s from nothing.
+    fn rows_of_one_scrape() -> Vec<Row> {
         let mut after = Totals::new();
         add(&mut after, &parse(SCRAPE));
-        let rows = rows(&Totals::new(), &after, 2.0);
+        rows(&Totals::new(), &after, 2.0)
+    }
+
+    fn http_row(rows: &[Row]) -> &Row {
+        rows.iter().find(|r| r.key.proto == "http").unwrap()
+    }
+
+    #[test]
+    fn rows_prefer_the_outbound_side_of_an_edge() {
+        let rows = rows_of_one_scrape();
         assert_eq!(rows.len(), 2);
-        let http = rows.iter().find(|r| r.key.proto == "http").unwrap();
-        assert_eq!(http.total, 100.0);
-        assert_eq!(http.rate, 50.0);
-        assert_eq!(http.success, Some(0.9));
+        assert_eq!(http_row(&rows).total, 100.0);
+    }
+
+    #[test]
+    fn rows_compute_rates_over_the_interval() {
+        let rows = rows_of_one_scrape();
+        assert_eq!(http_row(&rows).rate, 50.0);
+        let tcp = rows.iter().find(|r| r.key.proto == "tcp").unwrap();
+        assert_eq!((tcp.total, tcp.bytes_rate), (4.0, 200.0));
+    }
+
+    #[test]
+    fn rows_compute_the_success_ratio() {
+        let rows = rows_of_one_scrape();
+        assert_eq!(http_row(&rows).success, Some(0.9));
+    }
+
+    #[test]
+    fn rows_compute_latency_quantiles() {
+        let rows = rows_of_one_scrape();
+        let http = http_row(&rows);
         let p50 = http.p50.unwrap();
         assert!((p50 - 0.01).abs() < 1e-9, "{p50}");
         assert_eq!(http.p99, Some(0.1), "rank in +Inf: highest finite bound");
-        let tcp = rows.iter().find(|r| r.key.proto == "tcp").unwrap();
-        assert_eq!((tcp.total, tcp.bytes_rate), (4.0, 200.0));
-        let table = render(&rows);
+    }
+
+    #[test]
+    fn the_table_renders_a_row_per_edge_under_a_header() {
+        let table = render(&rows_of_one_scrape());
         assert!(table.starts_with("SOURCE"), "{table}");
         assert!(table.contains("pp      reviews"), "{table}");
     }
 
     #[test]
-    fn a_quiet_interval_keeps_totals_and_shows_zero_rate() {
+    fn a_quiet_interval_shows_a_zero_rate_over_the_same_totals() {
         let mut t = Totals::new();
         add(&mut t, &parse(SCRAPE));
         let rows = rows(&t, &t, 1.0);

@@ -24,21 +24,33 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-#[test]
-fn init_and_issue_write_a_strict_svid() {
-    let tmp = tempfile::tempdir().unwrap();
-    let ca = tmp.path().join("ca");
-    let out = tmp.path().join("reviews");
+/// Runs `halyard ca init` for `trust_domain` into `ca`, which must succeed.
+fn init_ca(ca: &Path, trust_domain: &str) {
     let init = halyard(&[
         "ca",
         "init",
         "--dir",
-        path(&ca),
+        path(ca),
         "--trust-domain",
-        "prod.example",
+        trust_domain,
     ]);
     assert!(init.status.success(), "{}", stderr(&init));
+}
+
+#[test]
+fn init_writes_a_private_ca_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = tmp.path().join("ca");
+    init_ca(&ca, "prod.example");
     assert_eq!(mode(&ca.join("ca.key")), 0o600);
+}
+
+#[test]
+fn issue_writes_a_strict_svid() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = tmp.path().join("ca");
+    let out = tmp.path().join("reviews");
+    init_ca(&ca, "prod.example");
 
     let id = "spiffe://prod.example/ns/shop/sa/reviews";
     let issue = halyard(&[
@@ -121,20 +133,21 @@ fn init_refuses_to_replace_a_ca_without_force() {
     assert_ne!(std::fs::read(tmp.path().join("ca.crt")).unwrap(), before);
 }
 
-#[test]
-fn bad_input_names_the_problem_and_writes_nothing() {
+/// One refused `halyard ca issue`: the extra arguments, what its error must contain, its output,
+/// and whether the out directory existed afterwards.
+struct Refusal {
+    extra: Vec<&'static str>,
+    want: &'static str,
+    output: Output,
+    wrote: bool,
+}
+
+/// Runs `halyard ca issue` with each kind of bad input against a fresh CA, then against a
+/// directory without one (that last case names `halyard ca init`).
+fn refused_issues() -> Vec<Refusal> {
     let tmp = tempfile::tempdir().unwrap();
     let ca = tmp.path().join("ca");
-    assert!(halyard(&[
-        "ca",
-        "init",
-        "--dir",
-        path(&ca),
-        "--trust-domain",
-        "mesh.local"
-    ])
-    .status
-    .success());
+    init_ca(&ca, "mesh.local");
     let out = tmp.path().join("out");
     let good = "spiffe://mesh.local/ns/default/sa/x";
     let cases: &[(&[&str], &str)] = &[
@@ -152,34 +165,68 @@ fn bad_input_names_the_problem_and_writes_nothing() {
         (&["--id", good, "--ttl", "0s"], "--ttl"),
         (&["--id", good, "--ttl", "100000h"], "lifetime"),
     ];
+    let mut refusals = Vec::new();
     for (extra, want) in cases {
         let mut args = vec!["ca", "issue", "--dir", path(&ca), "--out", path(&out)];
         args.extend_from_slice(extra);
-        let res = halyard(&args);
-        let err = stderr(&res);
-        assert!(!res.status.success(), "{extra:?} succeeded");
+        let output = halyard(&args);
+        refusals.push(Refusal {
+            extra: extra.to_vec(),
+            want,
+            output,
+            wrote: out.exists(),
+        });
+    }
+    let none = tmp.path().join("none");
+    let output = halyard(&[
+        "ca",
+        "issue",
+        "--dir",
+        path(&none),
+        "--id",
+        good,
+        "--out",
+        path(&out),
+    ]);
+    refusals.push(Refusal {
+        extra: vec!["--dir", "<no CA>"],
+        want: "halyard ca init",
+        output,
+        wrote: out.exists(),
+    });
+    refusals
+}
+
+#[test]
+fn bad_input_is_named_in_one_line() {
+    let refusals = refused_issues();
+    let (missing, bad) = refusals.split_last().unwrap();
+    for Refusal {
+        extra,
+        want,
+        output,
+        ..
+    } in bad
+    {
+        let err = stderr(output);
+        assert!(!output.status.success(), "{extra:?} succeeded");
         assert!(err.contains(want), "{extra:?}: {err}");
         assert_eq!(
             err.trim_end().lines().count(),
             1,
             "{extra:?}: not one line: {err}"
         );
-        assert!(!out.exists(), "{extra:?} wrote {}", out.display());
     }
-    let missing = halyard(&[
-        "ca",
-        "issue",
-        "--dir",
-        path(&tmp.path().join("none")),
-        "--id",
-        good,
-        "--out",
-        path(&out),
-    ]);
     assert!(
-        stderr(&missing).contains("halyard ca init"),
+        stderr(&missing.output).contains(missing.want),
         "{}",
-        stderr(&missing)
+        stderr(&missing.output)
     );
-    assert!(!out.exists());
+}
+
+#[test]
+fn bad_input_writes_nothing() {
+    for Refusal { extra, wrote, .. } in refused_issues() {
+        assert!(!wrote, "{extra:?} wrote the out directory");
+    }
 }

@@ -134,7 +134,7 @@ fn apply_with_one_bad_object_writes_nothing() {
 }
 
 #[test]
-fn validate_names_file_document_and_field_path_without_a_registry() {
+fn validate_locates_every_error_without_a_registry() {
     let dir = tempfile::tempdir().unwrap();
     let f = file(dir.path(), "ok.yaml", GOOD);
     assert!(ok(&ctl(None, &["validate", "-f", &f])).contains("4 objects valid"));

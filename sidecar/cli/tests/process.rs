@@ -82,8 +82,9 @@ async fn tags(addr: SocketAddr, n: usize) -> (usize, usize, usize) {
     (a, b, failed)
 }
 
+// A SIGKILL's cost (one attempt at most) and the lease expiry after it: one kill of one process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_endpoint_costs_at_most_one_attempt_and_leaves_the_registry() {
+async fn a_killed_endpoint_is_routed_around() {
     let mut s = setup().await;
     let (a, b, failed) = tags(s.pp.upstream(0), 40).await;
     assert_eq!(failed, 0);
@@ -130,8 +131,9 @@ async fn killed_endpoint_costs_at_most_one_attempt_and_leaves_the_registry() {
     drop(s.mesh);
 }
 
+// Drain, immediate deregistration and exit status 0 are the stages of one SIGTERM to one process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_deregisters_and_exits_zero() {
+async fn sigterm_stops_a_sidecar_cleanly() {
     let mut s = setup().await;
     assert_eq!(tags(s.pp.upstream(0), 10).await.2, 0);
     nix::sys::signal::kill(
@@ -156,8 +158,9 @@ async fn sigterm_drains_deregisters_and_exits_zero() {
     s.pp.shutdown().await.unwrap();
 }
 
+// The one-line error naming the field and the unbound address are two sides of one refusal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_config_names_the_field_and_binds_nothing() {
+async fn a_bad_config_is_refused_before_anything_is_bound() {
     let mesh = Mesh::with_dir().await;
     let spare = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let admin = spare.local_addr().unwrap();

@@ -69,8 +69,9 @@ async fn ctl_top_once_prints_each_edge_with_its_request_count() {
 
 /// The `halyard sidecar` process: its log filter changes through `/logging`, its access log goes
 /// to stdout (logs stay on stderr), and SIGTERM flushes it.
+// One test for the three: they are checked on one sidecar process, too costly to start thrice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sidecar_process_serves_logging_and_writes_the_access_log_to_stdout() {
+async fn a_sidecar_process_keeps_its_access_log_apart_from_its_logs() {
     let ip51 = loopback_ip();
     use std::io::BufRead;
     let mesh = Mesh::with_dir().await;

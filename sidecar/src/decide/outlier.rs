@@ -130,12 +130,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn connect_failure_ejects_at_once_and_ejection_grows() {
+    fn a_connect_failure_ejects_at_once() {
         let cfg = OutlierConfig::default();
         let mut o = Outliers::default();
         let t0 = Instant::now();
         assert!(o.failure(&cfg, "a", Failure::Connect, 4, t0));
         assert!(o.is_ejected("a", t0 + Duration::from_secs(4)));
+        assert!(!o.is_ejected("a", t0 + Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn each_ejection_of_an_endpoint_lasts_longer() {
+        let cfg = OutlierConfig::default();
+        let mut o = Outliers::default();
+        let t0 = Instant::now();
+        assert!(o.failure(&cfg, "a", Failure::Connect, 4, t0));
         assert!(!o.is_ejected("a", t0 + Duration::from_secs(5)));
         let t1 = t0 + Duration::from_secs(6);
         assert!(o.failure(&cfg, "a", Failure::Connect, 4, t1));
@@ -144,7 +153,18 @@ mod tests {
     }
 
     #[test]
-    fn errors_eject_after_the_threshold_and_success_resets() {
+    fn errors_eject_at_the_threshold() {
+        let cfg = OutlierConfig::default();
+        let mut o = Outliers::default();
+        let t = Instant::now();
+        assert!(!o.failure(&cfg, "a", Failure::Error, 4, t));
+        assert!(!o.failure(&cfg, "a", Failure::Error, 4, t));
+        assert!(o.failure(&cfg, "a", Failure::Error, 4, t));
+        assert!(o.is_ejected("a", t));
+    }
+
+    #[test]
+    fn a_success_resets_the_error_count() {
         let cfg = OutlierConfig::default();
         let mut o = Outliers::default();
         let t = Instant::now();

@@ -234,9 +234,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn identities_namespaces_and_ports() {
-        let pp = id(PP);
+    /// Allows identities under `ns/default/sa/` from namespace `default`, to port 9080.
+    fn default_namespace_to_9080() -> Policy {
         let glob = Source {
             identities: vec![IdentityPattern::Prefix(
                 "spiffe://mesh.local/ns/default/sa/".into(),
@@ -248,22 +247,36 @@ mod tests {
             ports: vec![9080],
             ..Destination::default()
         };
-        let p = policy(vec![rule(Action::Allow, Some(glob), Some(to))]);
-        let t = |port| Target {
+        policy(vec![rule(Action::Allow, Some(glob), Some(to))])
+    }
+
+    fn on_port(port: u16) -> Target<'static> {
+        Target {
             port,
             ..Target::default()
-        };
+        }
+    }
+
+    #[test]
+    fn a_rule_matches_only_its_ports() {
+        let pp = id(PP);
+        let p = default_namespace_to_9080();
         assert_eq!(
-            evaluate(Some(&p), Action::Deny, peer(&pp, &[]), t(9080)),
+            evaluate(Some(&p), Action::Deny, peer(&pp, &[]), on_port(9080)),
             Decision::Allow
         );
         assert_eq!(
-            evaluate(Some(&p), Action::Deny, peer(&pp, &[]), t(9081)),
+            evaluate(Some(&p), Action::Deny, peer(&pp, &[]), on_port(9081)),
             Decision::Deny(DenyReason::NoAllowMatch)
         );
+    }
+
+    #[test]
+    fn a_rule_matches_only_its_source_identities() {
+        let p = default_namespace_to_9080();
         let other = id("spiffe://mesh.local/ns/prod/sa/productpage");
         assert!(matches!(
-            evaluate(Some(&p), Action::Allow, peer(&other, &[]), t(9080)),
+            evaluate(Some(&p), Action::Allow, peer(&other, &[]), on_port(9080)),
             Decision::Deny(_)
         ));
     }
@@ -317,33 +330,57 @@ mod tests {
         );
     }
 
-    #[test]
-    fn header_presence_is_checked_on_http_and_fails_closed_on_tcp() {
-        let pp = id(PP);
+    /// Allows requests that carry an `x-admin-token` header.
+    fn admin_token_required() -> Policy {
         let to = Destination {
             headers: vec!["x-admin-token".into()],
             ..Destination::default()
         };
-        let p = policy(vec![rule(Action::Allow, None, Some(to))]);
-        let mut with = http::HeaderMap::new();
-        with.insert("x-admin-token", http::HeaderValue::from_static("1"));
-        let without = http::HeaderMap::new();
-        let t = |h| Target {
+        policy(vec![rule(Action::Allow, None, Some(to))])
+    }
+
+    fn get_root(headers: Option<&http::HeaderMap>) -> Target<'_> {
+        Target {
             port: 9080,
             method: Some("GET"),
             path: Some("/"),
-            headers: h,
-        };
+            headers,
+        }
+    }
+
+    #[test]
+    fn header_presence_is_checked_on_http() {
+        let pp = id(PP);
+        let p = admin_token_required();
+        let mut with = http::HeaderMap::new();
+        with.insert("x-admin-token", http::HeaderValue::from_static("1"));
+        let without = http::HeaderMap::new();
         assert_eq!(
-            evaluate(Some(&p), Action::Deny, peer(&pp, &[]), t(Some(&with))),
+            evaluate(
+                Some(&p),
+                Action::Deny,
+                peer(&pp, &[]),
+                get_root(Some(&with))
+            ),
             Decision::Allow
         );
         assert!(matches!(
-            evaluate(Some(&p), Action::Deny, peer(&pp, &[]), t(Some(&without))),
+            evaluate(
+                Some(&p),
+                Action::Deny,
+                peer(&pp, &[]),
+                get_root(Some(&without))
+            ),
             Decision::Deny(_)
         ));
+    }
+
+    #[test]
+    fn a_header_condition_fails_closed_on_tcp() {
+        let pp = id(PP);
+        let p = admin_token_required();
         assert!(matches!(
-            evaluate(Some(&p), Action::Deny, peer(&pp, &[]), t(None)),
+            evaluate(Some(&p), Action::Deny, peer(&pp, &[]), get_root(None)),
             Decision::Deny(_)
         ));
     }

@@ -313,11 +313,15 @@ mod tests {
     };
 
     #[test]
-    fn a_connect_failure_is_retried_and_ejects() {
+    fn a_connect_failure_is_retried() {
         assert_eq!(
             step(&ANY, 0, failed(AttemptError::ConnectFailure)),
             Step::Retry
         );
+    }
+
+    #[test]
+    fn a_connect_failure_ejects_the_endpoint() {
         assert_eq!(
             AttemptError::ConnectFailure.charge(),
             Some(Failure::Connect)
@@ -325,8 +329,12 @@ mod tests {
     }
 
     #[test]
-    fn a_lost_connection_is_one_strike_and_retried_as_a_reset() {
+    fn a_lost_connection_is_one_strike() {
         assert_eq!(AttemptError::ConnectionLost.charge(), Some(Failure::Error));
+    }
+
+    #[test]
+    fn a_lost_connection_is_retried_as_a_reset() {
         assert_eq!(
             AttemptError::ConnectionLost.condition(),
             Some(RetryOn::Reset)
@@ -337,12 +345,21 @@ mod tests {
         );
     }
 
+    const DENIED: AttemptError = AttemptError::Refused(StatusCode::FORBIDDEN);
+
     #[test]
-    fn a_policy_refusal_is_final_and_charges_nobody() {
-        let denied = AttemptError::Refused(StatusCode::FORBIDDEN);
-        assert_eq!(step(&ANY, 0, failed(denied)), Step::Fail);
-        assert_eq!(denied.charge(), None);
-        assert_eq!(denied.flag(), Flag::Denied);
+    fn a_policy_refusal_is_final() {
+        assert_eq!(step(&ANY, 0, failed(DENIED)), Step::Fail);
+    }
+
+    #[test]
+    fn a_policy_refusal_charges_nobody() {
+        assert_eq!(DENIED.charge(), None);
+    }
+
+    #[test]
+    fn a_policy_refusal_is_flagged_as_denied() {
+        assert_eq!(DENIED.flag(), Flag::Denied);
     }
 
     #[test]

@@ -143,8 +143,9 @@ const L4: RetryPolicy<'static> = RetryPolicy {
     revisit: false,
 };
 
-#[test]
-fn one_dead_endpoint_costs_no_request_and_is_ejected_once() {
+/// 300 requests, 10 ms apart, to three endpoints of which the first is dead: the mesh after
+/// them and how many were served.
+fn one_dead_of_three() -> (Mesh, usize) {
     let mut m = Mesh::new(3, &[0]);
     let served = (0..300)
         .filter(|_| {
@@ -152,7 +153,18 @@ fn one_dead_endpoint_costs_no_request_and_is_ejected_once() {
             m.request(&L4) == Ended::Served
         })
         .count();
+    (m, served)
+}
+
+#[test]
+fn one_dead_endpoint_costs_no_request() {
+    let (_, served) = one_dead_of_three();
     assert_eq!(served, 300);
+}
+
+#[test]
+fn one_dead_endpoint_is_ejected_on_its_first_failed_connect() {
+    let (m, _) = one_dead_of_three();
     // Ejected on its first failed connect; each 5 s ejection (doubling) costs one more attempt.
     assert!(m.ejections >= 1 && m.ejections <= 2, "{}", m.ejections);
     assert!(m.attempts <= 300 + 2, "{} attempts", m.attempts);
@@ -169,17 +181,30 @@ fn ejection_never_takes_more_than_half_the_service() {
     assert!(ejected <= 2, "{ejected} of 4 ejected");
 }
 
-#[test]
-fn panic_mode_keeps_a_fully_dead_service_reachable_and_the_budget_caps_retries() {
+/// 1000 requests, 1 ms apart, to a service whose three endpoints are all dead (each request
+/// fails): the mesh after them and the number of requests.
+fn fully_dead_service() -> (Mesh, u64) {
     let mut m = Mesh::new(3, &[0, 1, 2]);
     let requests = 1_000u64;
     for _ in 0..requests {
         m.tick(Duration::from_millis(1));
         assert_eq!(m.request(&L4), Ended::Failed);
     }
-    // Every request still reached an endpoint (panic mode), and retries stayed within the
-    // budget: 20 % of the requests in the window plus 10 per second of it (the whole run fits
-    // in one 10 s window, so at most 200 + 100).
+    (m, requests)
+}
+
+#[test]
+fn panic_mode_keeps_a_fully_dead_service_reachable() {
+    let (m, requests) = fully_dead_service();
+    // Every request still reached an endpoint (panic mode).
+    assert!(m.attempts >= requests, "{} attempts", m.attempts);
+}
+
+#[test]
+fn the_budget_caps_retries_to_a_fully_dead_service() {
+    let (m, requests) = fully_dead_service();
+    // Retries stayed within the budget: 20 % of the requests in the window plus 10 per second
+    // of it (the whole run fits in one 10 s window, so at most 200 + 100).
     let retries = m.attempts - requests;
     assert!(retries <= 300, "{retries} retries for {requests} requests");
     assert!(

@@ -142,8 +142,10 @@ mod tests {
         }
     }
 
+    /// Hop-by-hop headers (and those `connection` names) and identity claims from the caller are
+    /// one set: the headers that must not cross the proxy. Only `te: trailers` may.
     #[test]
-    fn hop_by_hop_and_identity_headers_go() {
+    fn headers_that_must_not_cross_the_proxy_are_removed() {
         let mut h = map(&[
             ("connection", "close, x-secret"),
             ("x-secret", "1"),

@@ -495,7 +495,7 @@ mod tests {
 
     /// Every metric the Grafana dashboard queries is one the sidecar exports.
     #[test]
-    fn grafana_dashboard_is_valid_json_and_queries_exported_metrics() {
+    fn the_grafana_dashboard_queries_only_exported_metrics() {
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../deploy/grafana/halyard.json"

@@ -217,13 +217,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hop_span_keeps_the_trace_and_links_the_caller() {
+    fn a_hop_span_continues_the_trace_in_the_hops_own_span() {
         let before = TraceContext::start();
         let after = before.child();
         let t = Trace::of_hop(Some(before), Some(after)).unwrap();
         assert_eq!(t.trace_id, before.trace_id);
         assert_eq!(t.span_id, after.span_id);
-        assert_eq!(t.parent, Some(before.span_id));
         assert!(t.sampled);
         let unsampled = TraceContext { flags: 0, ..after };
         assert!(
@@ -231,12 +230,20 @@ mod tests {
                 .unwrap()
                 .sampled
         );
+        assert!(Trace::of_hop(Some(before), None).is_none());
+    }
+
+    #[test]
+    fn a_hop_span_links_the_caller_as_its_parent() {
+        let before = TraceContext::start();
+        let after = before.child();
+        let t = Trace::of_hop(Some(before), Some(after)).unwrap();
+        assert_eq!(t.parent, Some(before.span_id));
         let fresh = TraceContext::start();
         assert_eq!(
             Trace::of_hop(Some(before), Some(fresh)).unwrap().parent,
             None
         );
         assert_eq!(Trace::of_hop(None, Some(fresh)).unwrap().parent, None);
-        assert!(Trace::of_hop(Some(before), None).is_none());
     }
 }

@@ -108,14 +108,24 @@ impl fmt::Display for TraceContext {
 mod tests {
     use super::*;
 
+    const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
     #[test]
-    fn parses_continues_and_refuses() {
-        let v = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        let t = TraceContext::parse(v).unwrap();
-        assert_eq!(t.to_string(), v);
+    fn a_traceparent_round_trips() {
+        let t = TraceContext::parse(PARENT).unwrap();
+        assert_eq!(t.to_string(), PARENT);
+    }
+
+    #[test]
+    fn a_child_continues_the_trace_in_a_new_span() {
+        let t = TraceContext::parse(PARENT).unwrap();
         let c = t.child();
         assert_eq!(c.trace_id, t.trace_id);
         assert_ne!(c.span_id, t.span_id);
+    }
+
+    #[test]
+    fn a_malformed_traceparent_is_refused() {
         for bad in [
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
@@ -126,10 +136,18 @@ mod tests {
         ] {
             assert!(TraceContext::parse(bad).is_none(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_future_version_with_more_fields_is_accepted() {
         assert!(TraceContext::parse(
             "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-future"
         )
         .is_some());
+    }
+
+    #[test]
+    fn a_started_trace_is_sampled() {
         assert_eq!(TraceContext::start().flags, 1);
     }
 }

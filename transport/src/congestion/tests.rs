@@ -234,24 +234,35 @@ fn within(value: u64, target: u64, tolerance: f64) -> bool {
     (v - t).abs() <= t * tolerance
 }
 
-#[test]
-fn startup_measures_the_bottleneck_rate_and_the_propagation_rtt() {
+/// Three seconds from a cold start on a clean 100 Mbit/s, 20 ms path.
+fn after_startup() -> (Path, Bbr, Trace) {
     let path = Path::new(100, 20);
     let (bbr, trace) = run(&path, 3, 1);
+    (path, bbr, trace)
+}
+
+#[test]
+fn startup_measures_the_bottleneck_rate() {
+    let (path, bbr, trace) = after_startup();
     assert!(
         within(bbr.max_bw(), path.rate, 0.1),
         "max_bw {}",
         bbr.max_bw()
     );
-    let min_rtt = bbr.min_rtt().unwrap();
-    assert!(
-        min_rtt >= path.rtt && min_rtt < path.rtt + Duration::from_millis(2),
-        "{min_rtt:?}"
-    );
     assert!(
         trace.goodput(1.0, 3.0) > path.rate * 9 / 10,
         "{}",
         trace.goodput(1.0, 3.0)
+    );
+}
+
+#[test]
+fn startup_measures_the_propagation_rtt() {
+    let (path, bbr, _) = after_startup();
+    let min_rtt = bbr.min_rtt().unwrap();
+    assert!(
+        min_rtt >= path.rtt && min_rtt < path.rtt + Duration::from_millis(2),
+        "{min_rtt:?}"
     );
 }
 
@@ -322,14 +333,19 @@ fn random_loss_does_not_lower_the_rate() {
     }
 }
 
-#[test]
-fn a_rate_step_down_and_up_is_followed() {
+/// 18 s on a 100 Mbit/s, 20 ms path that steps down to 20 Mbit/s at 6 s and back up at 12 s.
+fn stepped_run() -> Trace {
     let mut path = Path::new(100, 20);
     path.steps = vec![
         (Duration::from_secs(6), 20 * MBIT),
         (Duration::from_secs(12), 100 * MBIT),
     ];
-    let (_, trace) = run(&path, 18, 7);
+    run(&path, 18, 7).1
+}
+
+#[test]
+fn a_rate_step_down_is_followed() {
+    let trace = stepped_run();
     // Down: the window bounds the queue, so nothing is lost and max_bw ages out of its
     // two-cycle filter (§5.5.3): within two ProbeBW cycles (at most 6 s). The link stays full.
     let after_down = trace.bw_at(Duration::from_millis(11_900));
@@ -338,6 +354,11 @@ fn a_rate_step_down_and_up_is_followed() {
         "bw 6 s after the step down: {after_down}"
     );
     assert!(trace.goodput(6.5, 12.0) > 20 * MBIT * 9 / 10);
+}
+
+#[test]
+fn a_rate_step_up_is_followed() {
+    let trace = stepped_run();
     // Up: the next probe (at most 63 rounds or 3 s away) finds the new rate.
     let after_up = trace.bw_at(Duration::from_secs(15));
     assert!(after_up > 80 * MBIT, "bw 3 s after the step up: {after_up}");
@@ -402,7 +423,7 @@ fn an_ack_for_bytes_never_sent_changes_nothing_harmful() {
 }
 
 #[test]
-fn rtt_samples_of_zero_and_of_hours_are_bounded() {
+fn rtt_samples_from_zero_to_hours_keep_the_model_bounded() {
     let t = Instant::now();
     let mut bbr = Bbr::new(1200, 12_000, 10);
     for i in 0..50 {

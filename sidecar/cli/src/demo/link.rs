@@ -161,8 +161,9 @@ async fn backward(
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn relays_both_ways_and_drops_when_told() {
+    /// A server, a link in front of it, and a client that sent "ping" through the link and got
+    /// "pong" back: what the server and the client received.
+    async fn ping_pong_through_a_link() -> (UdpSocket, Link, UdpSocket, Vec<u8>, Vec<u8>) {
         let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let link = Link::start(server.local_addr().unwrap(), 7).await.unwrap();
         let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -170,12 +171,26 @@ mod tests {
         client.send(b"ping").await.unwrap();
         let mut buf = [0u8; 16];
         let (n, from) = server.recv_from(&mut buf).await.unwrap();
-        assert_eq!(&buf[..n], b"ping");
+        let ping = buf[..n].to_vec();
         server.send_to(b"pong", from).await.unwrap();
         let n = client.recv(&mut buf).await.unwrap();
-        assert_eq!(&buf[..n], b"pong");
+        let pong = buf[..n].to_vec();
+        (server, link, client, ping, pong)
+    }
+
+    #[tokio::test]
+    async fn relays_both_ways() {
+        let (_server, _link, _client, ping, pong) = ping_pong_through_a_link().await;
+        assert_eq!(ping, b"ping");
+        assert_eq!(pong, b"pong");
+    }
+
+    #[tokio::test]
+    async fn drops_every_packet_at_full_loss() {
+        let (server, link, client, _, _) = ping_pong_through_a_link().await;
         link.set_loss(1.0);
         client.send(b"lost").await.unwrap();
+        let mut buf = [0u8; 16];
         let got = tokio::time::timeout(
             std::time::Duration::from_millis(100),
             server.recv_from(&mut buf),

@@ -166,8 +166,8 @@ pub fn erase(previous: usize) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn table_and_result_line_show_every_edge_and_figure() {
+    /// A 2 s window in which productpage → reviews served 10 requests, all by v2.
+    fn window() -> Window {
         let mut w = Window {
             secs: 2.0,
             edges: vec![EdgeStats::default(); EDGES.len()],
@@ -176,11 +176,20 @@ mod tests {
         w.edges[2].total = 10.0;
         w.edges[2].ok = 10.0;
         w.edges[2].versions.insert("v2".into(), 10.0);
-        let t = table(&w);
+        w
+    }
+
+    #[test]
+    fn the_table_shows_every_edge_with_its_figures() {
+        let t = table(&window());
         assert!(t.contains("productpage → reviews"));
         assert!(t.contains("5.0"), "{t}");
         assert!(t.contains("v2 100%"), "{t}");
-        let r = result_line("b1", &w);
+    }
+
+    #[test]
+    fn the_result_line_names_the_run_with_its_figures() {
+        let r = result_line("b1", &window());
         assert!(r.contains("result b1: pages=0 failed=0"), "{r}");
     }
 }
