@@ -1,6 +1,7 @@
 //! Scenario 1, bulk: 1 and 8 flows for a fixed time, Gbit/s delivered to the server app and
 //! CPU-seconds per GB of the two proxy processes; then 1-byte and 100-byte ping-pong over one
-//! connection (p50/p99 round trip), with /dev/cpu_dma_latency held at 0.
+//! connection (p50/p99 round trip), with /dev/cpu_dma_latency held at 0. Halyard runs once with
+//! each congestion controller (`bbr`, then `cubic`), so the two compare on a clean link in one run.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -21,6 +22,8 @@ const PING_ITERS: usize = 5000;
 #[derive(Debug, Serialize)]
 struct Bulk {
     route: Route,
+    /// The Halyard sidecars' `[transport] congestion`; `None` for the other paths.
+    congestion: Option<String>,
     flows: usize,
     gbit_s: f64,
     proxy_cpu_s_per_gb: f64,
@@ -29,6 +32,8 @@ struct Bulk {
 #[derive(Debug, Serialize)]
 struct Ping {
     route: Route,
+    /// The Halyard sidecars' `[transport] congestion`; `None` for the other paths.
+    congestion: Option<String>,
     bytes: usize,
     rtt: Percentiles,
 }
@@ -44,33 +49,68 @@ struct Report {
     ping: Vec<Ping>,
 }
 
+/// Bulk with 1 and 8 flows, then ping-pong with 1 and 100 bytes, over each of `routes`.
+fn run_paths(
+    lab: &Lab,
+    routes: &[Route],
+    bulk: &mut Vec<Bulk>,
+    ping: &mut Vec<Ping>,
+) -> anyhow::Result<()> {
+    for flows in [1, 8] {
+        for &route in routes {
+            bulk.push(run_bulk(lab, route, flows)?);
+        }
+    }
+    let _dma = DmaLatency::hold();
+    for bytes in [1, 100] {
+        for &route in routes {
+            let rtt = run_ping(lab, route, bytes)?;
+            let congestion = congestion_of(lab, route);
+            ping.push(Ping {
+                route,
+                congestion,
+                bytes,
+                rtt,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The congestion controller of a Halyard path, as a label.
+fn congestion_of(lab: &Lab, route: Route) -> Option<String> {
+    matches!(route, Route::HalyardL4 | Route::HalyardL7).then(|| lab.congestion().to_owned())
+}
+
+/// `halyard-l4 (bbr)`, or the plain path name.
+fn label(route: Route, congestion: &Option<String>) -> String {
+    match congestion {
+        Some(c) => format!("{} ({c})", route.name()),
+        None => route.name().to_owned(),
+    }
+}
+
 pub fn main() -> anyhow::Result<()> {
     crate::setup::check_root()?;
-    let lab = Lab::up("hb1", 1)?;
-    let mut bulk = Vec::new();
-    for flows in [1, 8] {
-        for route in Route::L4 {
-            bulk.push(run_bulk(&lab, route, flows)?);
-        }
-    }
-    let dma = DmaLatency::hold();
-    let mut ping = Vec::new();
-    for bytes in [1, 100] {
-        for route in Route::L4 {
-            let rtt = run_ping(&lab, route, bytes)?;
-            ping.push(Ping { route, bytes, rtt });
-        }
-    }
+    let mut lab = Lab::up("hb1", 1)?;
+    let (mut bulk, mut ping) = (Vec::new(), Vec::new());
+    run_paths(&lab, &Route::L4, &mut bulk, &mut ping)?;
+    let other = if lab.congestion() == "bbr" {
+        "cubic"
+    } else {
+        "bbr"
+    };
+    lab.restart_halyard(other)?;
+    run_paths(&lab, &[Route::HalyardL4], &mut bulk, &mut ping)?;
     let report = Report {
         machine: Machine::probe(),
-        dma_latency_held: dma.held(),
+        dma_latency_held: DmaLatency::hold().held(),
         bulk_seconds: BULK_TIME.as_secs_f64(),
         bulk_runs: BULK_RUNS,
         bulk,
         ping_iters: PING_ITERS,
         ping,
     };
-    drop(dma);
     crate::stats::write_report("bulk", &markdown(&report), &report)
 }
 
@@ -88,10 +128,11 @@ fn run_bulk(lab: &Lab, route: Route, flows: usize) -> anyhow::Result<Bulk> {
     let (gbit_s, proxy_cpu_s_per_gb) = runs[runs.len() / 2];
     eprintln!(
         "bulk {} x{flows}: {gbit_s:.2} Gbit/s, {proxy_cpu_s_per_gb:.2} CPU-s/GB",
-        route.name()
+        label(route, &congestion_of(lab, route))
     );
     Ok(Bulk {
         route,
+        congestion: congestion_of(lab, route),
         flows,
         gbit_s,
         proxy_cpu_s_per_gb,
@@ -129,7 +170,7 @@ fn run_ping(lab: &Lab, route: Route, bytes: usize) -> anyhow::Result<Percentiles
     let p = Percentiles::of(samples);
     eprintln!(
         "ping {} {bytes} B: p50 {:.1} µs p99 {:.1} µs",
-        route.name(),
+        label(route, &congestion_of(lab, route)),
         p.p50_us,
         p.p99_us
     );
@@ -202,7 +243,7 @@ fn markdown(r: &Report) -> String {
         md += &format!(
             "| {} | {} | {:.2} | {} | {} | {} | {} | {} | {} |\n",
             b.flows,
-            b.route.name(),
+            label(b.route, &b.congestion),
             b.gbit_s,
             g(d),
             g(s),
@@ -227,7 +268,7 @@ fn markdown(r: &Report) -> String {
         md += &format!(
             "| {} | {} | {:.1} | {:.1} | {} | {} | {} |\n",
             p.bytes,
-            p.route.name(),
+            label(p.route, &p.congestion),
             p.rtt.p50_us,
             p.rtt.p99_us,
             ratio(p.rtt.p50_us, base(Route::Direct)),

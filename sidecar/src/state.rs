@@ -269,16 +269,8 @@ impl Shared {
         tried: &[String],
         revisit: bool,
     ) -> Result<Picked, PickError> {
-        // A retry goes to an endpoint this flow has not tried while there is one; after that
-        // back to a tried one only when `revisit` (see `RetryPolicy::revisit`).
-        let mut candidates: Vec<&Endpoint> = snap
-            .endpoints_of(service)
-            .filter(|e| !tried.contains(&e.id))
-            .map(|e| e.as_ref())
-            .collect();
-        if candidates.is_empty() && revisit {
-            candidates = snap.endpoints_of(service).map(|e| e.as_ref()).collect();
-        }
+        let all: Vec<&Endpoint> = snap.endpoints_of(service).map(|e| e.as_ref()).collect();
+        let candidates = pick::candidates(&all, tried, revisit);
         if candidates.is_empty() {
             return Err(PickError::NoEndpoint);
         }

@@ -7,6 +7,26 @@ use std::time::Duration;
 
 use halyard_registry::model::{subset_matches, Backend, Endpoint, Labels, RouteRule};
 
+/// The endpoints an attempt may go to, among `endpoints`: those this flow or request has not
+/// `tried` yet while there is one; after that, all of them again only when `revisit` (see
+/// `retry::RetryPolicy::revisit`), else none.
+pub fn candidates<'e>(
+    endpoints: &[&'e Endpoint],
+    tried: &[String],
+    revisit: bool,
+) -> Vec<&'e Endpoint> {
+    let untried: Vec<&Endpoint> = endpoints
+        .iter()
+        .filter(|e| !tried.contains(&e.id))
+        .copied()
+        .collect();
+    if untried.is_empty() && revisit {
+        endpoints.to_vec()
+    } else {
+        untried
+    }
+}
+
 /// Smooth weighted round-robin (as in nginx): over any window of `sum(weights)` picks, each
 /// backend is chosen exactly in proportion to its weight, and picks are spread evenly.
 #[derive(Debug, Default, Clone)]
@@ -181,6 +201,23 @@ fn p2c<'e>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_retry_prefers_endpoints_not_tried() {
+        let (a, b) = (ep("a", "v1", "", ""), ep("b", "v1", "", ""));
+        let all = [&a, &b];
+        let ids = |v: Vec<&Endpoint>| v.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(candidates(&all, &["a".into()], true)), ["b"]);
+    }
+
+    #[test]
+    fn once_every_endpoint_was_tried_only_revisit_allows_another_attempt() {
+        let (a, b) = (ep("a", "v1", "", ""), ep("b", "v1", "", ""));
+        let all = [&a, &b];
+        let tried = ["a".to_owned(), "b".to_owned()];
+        assert_eq!(candidates(&all, &tried, true).len(), 2);
+        assert!(candidates(&all, &tried, false).is_empty());
+    }
     use halyard_registry::model::Name;
 
     fn ep(id: &str, version: &str, cluster: &str, zone: &str) -> Endpoint {

@@ -9,7 +9,7 @@ use halyard_registry::model::{Endpoint, Labels, Name};
 
 use super::budget::{BudgetConfig, RetryBudget};
 use super::outlier::{OutlierConfig, Outliers};
-use super::pick::{choose, Load, Locality};
+use super::pick::{candidates, choose, Load, Locality};
 use super::retry::{next, AttemptError, Failed, Outcome, RetryPolicy, Step};
 
 fn ep(id: &str) -> Endpoint {
@@ -78,11 +78,8 @@ impl Mesh {
         let mut tried: Vec<String> = Vec::new();
         for retries_done in 0.. {
             let samples = self.samples();
-            let candidates: Vec<&Endpoint> = self
-                .endpoints
-                .iter()
-                .filter(|e| !tried.contains(&e.id))
-                .collect();
+            let all: Vec<&Endpoint> = self.endpoints.iter().collect();
+            let candidates = candidates(&all, &tried, policy.revisit);
             let now = self.now;
             let outliers = &self.outliers;
             let load = |e: &Endpoint| Load {
