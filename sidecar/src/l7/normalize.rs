@@ -3,10 +3,12 @@
 //! `/public/../admin` cannot slip past a rule on `/admin` (Istio CVE-2021-31920, CVE-2021-39156).
 //!
 //! Steps: drop any fragment; split off the query (kept as is); decode percent-encoded
-//! *unreserved* characters (RFC 3986 §2.3: ALPHA DIGIT - . _ ~) and upper-case the hex of the
-//! rest; merge repeated slashes; remove dot segments (RFC 3986 §5.2.4). An encoded slash or
-//! backslash (`%2F`, `%5C`) or a bad escape makes the path unacceptable: the request is refused
-//! with 400 rather than guessed at.
+//! *unreserved* characters (RFC 3986 §2.3: ALPHA DIGIT - . _ ~) and percent-encoded UTF-8 text
+//! (so `/café`, `/caf%C3%A9` and `/caf%c3%a9` are one path: an app decodes them alike, so a rule
+//! must see them alike), upper-case the hex of the rest; merge repeated slashes; remove dot
+//! segments (RFC 3986 §5.2.4). A slash or backslash in disguise (`%2F`, `%5C`, a raw `\`, which
+//! some servers take as a separator) or a bad escape makes the path unacceptable: the request is
+//! refused with 400 rather than guessed at.
 
 /// Why a path was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -20,6 +22,9 @@ pub(crate) enum PathError {
     /// `%2F` or `%5C`: an escaped separator means different paths to different servers.
     #[error("escaped '/' or '\\' in path")]
     EscapedSeparator,
+    /// A raw `\`: a separator to some servers, a character to others.
+    #[error("'\\' in path")]
+    Backslash,
 }
 
 /// A normalized path and the untouched query.
@@ -63,11 +68,17 @@ fn hex(b: u8) -> Option<u8> {
 }
 
 fn decode_unreserved(path: &str) -> Result<String, PathError> {
+    if path.contains('\\') {
+        return Err(PathError::Backslash);
+    }
     let bytes = path.as_bytes();
     let mut out = String::with_capacity(path.len());
+    // Escaped bytes of 0x80 and above, decoded once the run of escapes ends.
+    let mut high: Vec<u8> = Vec::new();
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] != b'%' {
+            push_high(&mut out, &mut high);
             // Everything up to the next escape, as it came: `%` is ASCII, so the slice ends on
             // a character boundary and non-ASCII text (sent raw by some clients) stays intact.
             let run = path[i..].find('%').map_or(path.len(), |n| i + n);
@@ -82,6 +93,12 @@ fn decode_unreserved(path: &str) -> Result<String, PathError> {
             return Err(PathError::BadEscape);
         };
         let c = h * 16 + l;
+        i += 3;
+        if c >= 0x80 {
+            high.push(c);
+            continue;
+        }
+        push_high(&mut out, &mut high);
         match c {
             b'/' | b'\\' => return Err(PathError::EscapedSeparator),
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
@@ -89,9 +106,32 @@ fn decode_unreserved(path: &str) -> Result<String, PathError> {
             }
             _ => out.push_str(&format!("%{c:02X}")),
         }
-        i += 3;
     }
+    push_high(&mut out, &mut high);
     Ok(out)
+}
+
+/// Appends escaped high bytes: as text where they are valid UTF-8, else escaped again
+/// (upper-case hex), byte by byte.
+fn push_high(out: &mut String, high: &mut Vec<u8>) {
+    let mut rest = high.as_slice();
+    while !rest.is_empty() {
+        let valid = match std::str::from_utf8(rest) {
+            Ok(text) => text.len(),
+            Err(e) => e.valid_up_to(),
+        };
+        let (text, tail) = rest.split_at(valid);
+        if let Ok(text) = std::str::from_utf8(text) {
+            out.push_str(text);
+        }
+        if let Some((&b, after)) = tail.split_first() {
+            out.push_str(&format!("%{b:02X}"));
+            rest = after;
+        } else {
+            rest = tail;
+        }
+    }
+    high.clear();
 }
 
 /// Merges repeated slashes and resolves `.` and `..` (never above the root).
@@ -121,6 +161,25 @@ fn remove_dots(path: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn escaped_and_raw_utf8_text_are_one_path() {
+        // A deny on "/café" must hold for every spelling an app decodes to it.
+        for raw in ["/caf\u{e9}", "/caf%C3%A9", "/caf%c3%a9", "/ca%66%C3%A9"] {
+            assert_eq!(normalize(raw).unwrap().path, "/caf\u{e9}", "{raw}");
+        }
+    }
+
+    #[test]
+    fn escaped_bytes_that_are_not_utf8_stay_escaped() {
+        assert_eq!(normalize("/a%c3/b%FF%fe").unwrap().path, "/a%C3/b%FF%FE");
+        assert_eq!(normalize("/%C3%A9%C3").unwrap().path, "/\u{e9}%C3");
+    }
+
+    #[test]
+    fn a_raw_backslash_is_refused() {
+        assert_eq!(normalize("/a\\b/c"), Err(PathError::Backslash));
+    }
 
     #[test]
     fn raw_non_ascii_text_passes_unchanged() {
