@@ -217,19 +217,31 @@ impl Shared {
             .request(cfg, Instant::now());
     }
 
-    /// The step after an attempt to `service` (see [`retry::next`]); a retry it allows is paid
-    /// from the service's budget.
+    /// The step after an attempt to `service` that has `tried` these endpoints (see
+    /// [`retry::next`]); a retry it allows is paid from the service's budget, and none is
+    /// allowed when no endpoint is left to go to.
     pub(crate) fn next_step(
         &self,
         service: &str,
         policy: &RetryPolicy<'_>,
-        retries_done: u32,
+        (retries_done, tried): (u32, &[String]),
         outcome: retry::Outcome,
     ) -> Step {
+        let snap = self.current();
+        let all: Vec<&Endpoint> = snap.endpoints_of(service).map(|e| e.as_ref()).collect();
+        let alternative = !pick::candidates(&all, tried, policy.revisit).is_empty();
         let cfg = &self.config.file.failure.retry_budget;
         let mut budgets = self.budgets();
         let budget = budgets.entry(service.to_owned()).or_default();
-        retry::next(policy, retries_done, outcome, budget, cfg, Instant::now())
+        retry::next(
+            policy,
+            retries_done,
+            outcome,
+            alternative,
+            budget,
+            cfg,
+            Instant::now(),
+        )
     }
 
     /// The snapshot in force now.

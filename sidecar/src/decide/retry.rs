@@ -254,13 +254,15 @@ impl RetryPolicy<'_> {
     }
 }
 
-/// The step after attempt number `retries_done + 1` ended with `outcome`. When every other
+/// The step after attempt number `retries_done + 1` ended with `outcome`; `alternative` says
+/// whether an endpoint exists that a retry may go to (see `pick::candidates`). When every other
 /// condition allows a retry, one is taken from `budget` (at `now`); a refused budget fails (or
-/// answers) instead.
+/// answers) instead. Nothing is spent for a retry that has nowhere to go.
 pub fn next(
     policy: &RetryPolicy<'_>,
     retries_done: u32,
     outcome: Outcome,
+    alternative: bool,
     budget: &mut RetryBudget,
     cfg: &BudgetConfig,
     now: Instant,
@@ -270,6 +272,7 @@ pub fn next(
         Outcome::Failed(f) => (f.error.condition(), f.before_any_byte, Step::Fail),
     };
     let allowed = retries_done < policy.max_retries
+        && alternative
         && policy.replayable
         && safe
         && cond.is_some_and(|c| policy.covers(c));
@@ -299,6 +302,7 @@ mod tests {
             policy,
             done,
             outcome,
+            true,
             &mut budget,
             &BudgetConfig::default(),
             Instant::now(),
@@ -378,6 +382,26 @@ mod tests {
     }
 
     #[test]
+    fn a_retry_with_nowhere_to_go_spends_no_budget() {
+        let cfg = BudgetConfig {
+            percent: 0,
+            min_per_second: 1,
+            window: std::time::Duration::from_secs(1),
+        };
+        let mut budget = RetryBudget::default();
+        let now = Instant::now();
+        let reset = failed(AttemptError::Reset);
+        assert_eq!(
+            next(&ANY, 0, reset, false, &mut budget, &cfg, now),
+            Step::Fail
+        );
+        assert_eq!(
+            next(&ANY, 0, reset, true, &mut budget, &cfg, now),
+            Step::Retry
+        );
+    }
+
+    #[test]
     fn retries_stop_at_the_maximum() {
         assert_eq!(step(&ANY, 2, failed(AttemptError::Reset)), Step::Fail);
     }
@@ -425,13 +449,32 @@ mod tests {
         let now = Instant::now();
         // Not retryable: the budget's single retry stays.
         let denied = failed(AttemptError::Refused(StatusCode::FORBIDDEN));
-        assert_eq!(next(&ANY, 0, denied, &mut budget, &cfg, now), Step::Fail);
         assert_eq!(
-            next(&ANY, 0, failed(AttemptError::Reset), &mut budget, &cfg, now),
+            next(&ANY, 0, denied, true, &mut budget, &cfg, now),
+            Step::Fail
+        );
+        assert_eq!(
+            next(
+                &ANY,
+                0,
+                failed(AttemptError::Reset),
+                true,
+                &mut budget,
+                &cfg,
+                now
+            ),
             Step::Retry
         );
         assert_eq!(
-            next(&ANY, 0, failed(AttemptError::Reset), &mut budget, &cfg, now),
+            next(
+                &ANY,
+                0,
+                failed(AttemptError::Reset),
+                true,
+                &mut budget,
+                &cfg,
+                now
+            ),
             Step::Fail
         );
     }

@@ -79,20 +79,15 @@ impl Mesh {
         for retries_done in 0.. {
             let samples = self.samples();
             let all: Vec<&Endpoint> = self.endpoints.iter().collect();
-            let candidates = candidates(&all, &tried, policy.revisit);
+            let pool = candidates(&all, &tried, policy.revisit);
             let now = self.now;
             let outliers = &self.outliers;
             let load = |e: &Endpoint| Load {
                 healthy: !outliers.is_ejected(&e.id, now),
                 ..Load::default()
             };
-            let Some(chosen) = choose(
-                &candidates,
-                &Labels::new(),
-                &load,
-                &Locality::default(),
-                samples,
-            ) else {
+            let Some(chosen) = choose(&pool, &Labels::new(), &load, &Locality::default(), samples)
+            else {
                 return Ended::Failed;
             };
             let id = chosen.id.clone();
@@ -113,10 +108,13 @@ impl Mesh {
                     self.ejections += 1;
                 }
             }
+            let all: Vec<&Endpoint> = self.endpoints.iter().collect();
+            let alternative = !candidates(&all, &tried, policy.revisit).is_empty();
             let step = next(
                 policy,
                 retries_done,
                 Outcome::Failed(failed),
+                alternative,
                 &mut self.budget,
                 &self.budget_cfg,
                 now,

@@ -129,7 +129,8 @@ async fn connect(
         }
         last = failed.error.flag().into();
         let outcome = retry::Outcome::Failed(failed);
-        if shared.next_step(&dest.service, &policy, retries_done, outcome) != Step::Retry {
+        if shared.next_step(&dest.service, &policy, (retries_done, &tried), outcome) != Step::Retry
+        {
             return Err(last);
         }
         shared.metrics.retry(&dest.service);

@@ -279,7 +279,7 @@ impl Call<'_> {
             };
             match (
                 self.shared
-                    .next_step(service, &policy, retries_done, outcome),
+                    .next_step(service, &policy, (retries_done, &tried), outcome),
                 attempt,
             ) {
                 (Step::Retry, _) => {
