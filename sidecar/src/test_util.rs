@@ -283,6 +283,8 @@ pub struct AppBehavior {
     pub delay: Option<Duration>,
     /// Answer with this many bytes of body instead of the usual text (streamed in 64 KiB chunks).
     pub stream_bytes: Option<u64>,
+    /// Send the response head at once and the body (the usual text) this much later.
+    pub body_delay: Option<Duration>,
 }
 
 /// A test HTTP/1.1 app: answers `<tag> <method> <path>` and counts the requests it saw; the
@@ -340,6 +342,12 @@ pub async fn http_app(addr: SocketAddr, tag: &str, behavior: AppBehavior) -> Htt
                                     .map(move |_| Ok(hyper::body::Frame::data(chunk.clone()))),
                             );
                             http::Response::new(BodyExt::boxed(StreamBody::new(frames)))
+                        } else if let Some(d) = behavior.body_delay {
+                            let later = futures::stream::once(async move {
+                                tokio::time::sleep(d).await;
+                                Ok(hyper::body::Frame::data(bytes::Bytes::from(line)))
+                            });
+                            http::Response::new(BodyExt::boxed(StreamBody::new(later)))
                         } else {
                             http::Response::new(Full::new(bytes::Bytes::from(line)).boxed())
                         };

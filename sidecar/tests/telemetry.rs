@@ -542,3 +542,53 @@ async fn access_log_names_the_rule_a_flow_took_across_a_route_change() {
     pp.shutdown().await.unwrap();
     ratings.shutdown().await.unwrap();
 }
+
+/// A request's duration ends at the response head on both sidecars (README: "L7 time to the
+/// response head"), not when a slow body has been relayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_duration_ends_at_the_response_head() {
+    let host = loopback_ip();
+    let mesh = Mesh::with_dir().await;
+    let slow_body = AppBehavior {
+        body_delay: Some(Duration::from_millis(1200)),
+        ..AppBehavior::default()
+    };
+    let app = http_app(SocketAddr::new(host, 0), "v1", slow_body).await;
+    mesh.apply(&format!(
+        "kind: Service\nname: reviews\nports:\n  - {{ name: http, port: 9080, protocol: http, targetPort: {} }}\n",
+        app.addr.port()
+    ))
+    .await;
+    let reviews = mesh.start(&Spec::new("reviews", "v1").app_host(host)).await;
+    let pp = mesh
+        .start(&Spec::new("productpage", "v1").upstream("reviews", 9080))
+        .await;
+    pp.wait_endpoints("reviews", 1).await;
+    let started = Instant::now();
+    let (status, body, _) = http_call(&http_client(), pp.upstream(0), "GET", "/slow", &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1200),
+        "the body came late"
+    );
+    reviews.wait_flows(1).await;
+    pp.wait_flows(1).await;
+    for (side, direction) in [(&reviews, "inbound"), (&pp, "outbound")] {
+        let m = side.started.render_metrics();
+        let under = |le: &str| {
+            metric(
+                &m,
+                "halyard_request_duration_seconds_bucket",
+                &[("direction", direction), ("le", le)],
+            )
+        };
+        assert_eq!(under("+Inf"), 1.0, "{direction}: {m}");
+        assert_eq!(
+            under("0.512"),
+            1.0,
+            "{direction}: the duration includes the body"
+        );
+    }
+    pp.shutdown().await.unwrap();
+    reviews.shutdown().await.unwrap();
+}

@@ -301,6 +301,7 @@ async fn forward(
     let client = if admitted.grpc { &apps.h2 } else { &apps.h1 };
     match client.request(http::Request::from_parts(parts, body)).await {
         Ok(resp) => {
+            rec.response_head();
             let received = crate::telemetry::content_length(resp.headers());
             (respond(out, resp).await, received)
         }

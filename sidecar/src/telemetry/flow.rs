@@ -60,6 +60,8 @@ pub(crate) struct FlowRecord {
     route: Option<usize>,
     endpoint: Option<SocketAddr>,
     started: Instant,
+    /// When the response head arrived (L7 inbound: from the app); the duration ends there.
+    head: Option<Instant>,
     request: Option<RequestInfo>,
     _active: ActiveFlow,
     done: bool,
@@ -85,6 +87,7 @@ impl FlowRecord {
             route: None,
             endpoint: None,
             started: Instant::now(),
+            head: None,
             request: None,
             _active: metrics.active(direction),
             done: false,
@@ -146,6 +149,12 @@ impl FlowRecord {
         }
     }
 
+    /// Notes that the response head arrived now: a request's duration ends here, not when its
+    /// body has been relayed (`halyard_request_duration_seconds` is time to the response head).
+    pub(crate) fn response_head(&mut self) {
+        self.head.get_or_insert_with(Instant::now);
+    }
+
     /// Finishes the record with how it ended.
     pub(crate) fn finish(mut self, end: End) {
         self.record(end);
@@ -156,7 +165,11 @@ impl FlowRecord {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
-        let elapsed = self.started.elapsed().as_secs_f64();
+        let duration = self
+            .head
+            .unwrap_or_else(Instant::now)
+            .saturating_duration_since(self.started);
+        let elapsed = duration.as_secs_f64();
         let edge = Edge {
             direction: self.direction,
             source: &self.source,
@@ -194,6 +207,7 @@ impl FlowRecord {
             sent,
             received,
             started: self.started,
+            duration,
             method: request.map(|r| r.method.as_str()),
             trace: request.and_then(|r| Trace::of_hop(r.before, r.after)),
         });

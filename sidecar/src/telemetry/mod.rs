@@ -101,6 +101,8 @@ pub(crate) struct Record<'a> {
     pub(crate) received: Option<u64>,
     /// When the flow or request began.
     pub(crate) started: Instant,
+    /// How long it took: to the end of a flow, to the response head of a request.
+    pub(crate) duration: Duration,
     /// L7: the request method (span name).
     pub(crate) method: Option<&'a str>,
     /// L7: the span of this hop.
@@ -184,15 +186,14 @@ impl Sinks {
     /// exporter. Never waits: a full queue drops the entry and counts it.
     pub(crate) fn record(&self, rec: Record<'_>) {
         let Some(inner) = &self.inner else { return };
-        let elapsed = rec.started.elapsed();
         if let Some(tx) = &inner.access {
-            let entry = AccessEntry::new(&rec, &inner.own_id, elapsed);
+            let entry = AccessEntry::new(&rec, &inner.own_id, rec.duration);
             if tx.try_send(entry).is_err() {
                 inner.access_dropped.inc();
             }
         }
         if let (Some(tx), Some(trace)) = (&inner.spans, rec.trace.filter(|t| t.sampled)) {
-            let span = SpanData::new(&rec, trace, end_minus(elapsed));
+            let span = SpanData::new(&rec, trace, end_minus(rec.started.elapsed()));
             if tx.try_send(span).is_err() {
                 inner.spans_dropped.inc();
             }

@@ -174,7 +174,7 @@ fn nanos(t: SystemTime) -> u64 {
 impl Span {
     /// The span of one proxied request that started at `start`.
     pub(crate) fn new(rec: &Record<'_>, trace: Trace, start: SystemTime) -> Self {
-        let end = start + rec.started.elapsed();
+        let end = start + rec.duration;
         let code = match rec.outcome {
             Outcome::Status(s) => i64::from(s),
             Outcome::Flags(_) => 0,
