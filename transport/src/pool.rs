@@ -348,19 +348,9 @@ impl Pool {
 
     /// RTT, loss, congestion window and open streams of every pooled connection.
     pub fn stats(&self) -> Vec<PeerStats> {
-        let peers: Vec<(PeerKey, Arc<Peer>)> = {
-            let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-            peers.iter().map(|(k, p)| (k.clone(), p.clone())).collect()
-        };
-        peers
+        self.per_connection(stats_of)
             .into_iter()
-            .map(|(key, peer)| {
-                let conns = peer.conns.lock().unwrap_or_else(|p| p.into_inner());
-                PeerStats {
-                    peer: key,
-                    connections: conns.iter().map(stats_of).collect(),
-                }
-            })
+            .map(|(peer, connections)| PeerStats { peer, connections })
             .collect()
     }
 
@@ -368,6 +358,15 @@ impl Pool {
     /// controller, per peer (for `halyard_quic_cwnd_bytes`, `halyard_quic_pacing_rate_bytes`,
     /// `halyard_quic_delivery_rate_bytes`).
     pub fn congestion(&self) -> Vec<PeerCongestion> {
+        self.per_connection(|c| CongestionStats::of(&c.quic))
+            .into_iter()
+            .map(|(peer, connections)| PeerCongestion { peer, connections })
+            .collect()
+    }
+
+    /// `read` of every pooled connection, per peer. The peer map is locked only to copy it, so
+    /// new connects do not wait on the walk.
+    fn per_connection<T>(&self, read: impl Fn(&Pooled) -> T) -> Vec<(PeerKey, Vec<T>)> {
         let peers: Vec<(PeerKey, Arc<Peer>)> = {
             let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
             peers.iter().map(|(k, p)| (k.clone(), p.clone())).collect()
@@ -376,10 +375,7 @@ impl Pool {
             .into_iter()
             .map(|(key, peer)| {
                 let conns = peer.conns.lock().unwrap_or_else(|p| p.into_inner());
-                PeerCongestion {
-                    peer: key,
-                    connections: conns.iter().map(|c| CongestionStats::of(&c.quic)).collect(),
-                }
+                (key, conns.iter().map(&read).collect())
             })
             .collect()
     }

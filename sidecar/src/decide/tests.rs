@@ -1,6 +1,9 @@
 //! The decision core as one system, in memory and in virtual time: endpoint pick, outlier
 //! ejection, the retry policy and its budget working together over many requests, as the L4 and
 //! L7 glue drives them (pick, attempt, charge the endpoint, ask `retry::next`).
+//!
+//! Test code only (`mod tests` is declared under #[cfg(test)]): its `unwrap`s are on fixed
+//! inputs the test itself builds, never on anything a peer, a user or etcd sends.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};

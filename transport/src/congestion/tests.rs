@@ -1,6 +1,9 @@
 //! [`Bbr`] against a synthetic link: a sender that obeys the window (and paces like quinn), one
 //! drop-tail bottleneck with a rate, a propagation delay, random loss and a seeded RNG, and a
 //! receiver acknowledging every second packet. Virtual time; every run is exact to the seed.
+//!
+//! Test code only (`mod tests` is declared under #[cfg(test)]): its `unwrap`s are on fixed
+//! inputs the test itself builds, never on anything a peer, a user or etcd sends.
 
 use std::collections::{BTreeMap, VecDeque};
 
