@@ -63,15 +63,16 @@ pub use congestion::{Congestion, CongestionStats};
 pub use endpoint::{bind_udp, peer_identity, MeshEndpoint, ALPN_H3};
 pub use error::{EndpointError, TunnelError};
 pub use pool::{
-    backoff_delay, choose_connection, ClientRequestStream, ConnectionStats, PeerCongestion,
-    PeerKey, PeerStats, Pool, PooledRequest,
+    backoff_delay, choose_connection, upgraded_tunnel, ClientRequestStream, ConnectionStats,
+    PeerCongestion, PeerKey, PeerStats, Pool, PooledRecv, PooledRequest, PooledSend, RequestRecv,
+    RequestSend,
 };
 pub use reset::ResetBudget;
 pub use server::{
     serve, serve_until, Handler, HttpRequest, Peer, ServerRequestStream, TunnelRequest,
 };
 pub use target::{Target, TargetError};
-pub use tunnel::{ServerTunnel, Tunnel};
+pub use tunnel::{ServerRecv, ServerSend, ServerTunnel, Tunnel};
 
 /// The libraries whose types appear in this API, re-exported so users match versions.
 pub use {h3, h3_quinn, http, quinn};

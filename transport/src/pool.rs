@@ -162,6 +162,77 @@ impl std::ops::DerefMut for PooledRequest {
     }
 }
 
+impl PooledRequest {
+    /// Splits the request into its send half (request body and trailers) and its receive half
+    /// (response head, body and trailers), so the two directions can run at once: a streaming
+    /// call (gRPC bidirectional streaming, an HTTP/1.1 chunked exchange) sends message *n+1*
+    /// only after it has read reply *n*. Both halves keep the stream counted in the pool.
+    pub fn split(self) -> (PooledSend, PooledRecv) {
+        let (send, recv) = self.stream.split();
+        let guard = Arc::new(self._guard);
+        (
+            PooledSend {
+                stream: send,
+                _guard: guard.clone(),
+            },
+            PooledRecv {
+                stream: recv,
+                _guard: guard,
+            },
+        )
+    }
+}
+
+/// The send half of a [`PooledRequest`]: `send_data`, `send_trailers`, `finish`, and
+/// `stop_stream` to abort (a dropped half is finished by QUIC, which would make a cut body look
+/// complete).
+pub struct PooledSend {
+    stream: RequestSend,
+    _guard: Arc<StreamGuard>,
+}
+
+/// The receive half of a [`PooledRequest`]: `recv_response` (repeatedly while it yields 1xx
+/// heads, RFC 9114 §4.1), then `recv_data` and `recv_trailers`.
+pub struct PooledRecv {
+    stream: RequestRecv,
+    _guard: Arc<StreamGuard>,
+}
+
+/// The send half of a client's HTTP/3 request stream.
+pub type RequestSend = h3::client::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
+/// The receive half of a client's HTTP/3 request stream.
+pub type RequestRecv = h3::client::RequestStream<h3_quinn::RecvStream, Bytes>;
+
+macro_rules! deref_stream {
+    ($outer:ty, $inner:ty) => {
+        impl std::ops::Deref for $outer {
+            type Target = $inner;
+            fn deref(&self) -> &$inner {
+                &self.stream
+            }
+        }
+        impl std::ops::DerefMut for $outer {
+            fn deref_mut(&mut self) -> &mut $inner {
+                &mut self.stream
+            }
+        }
+    };
+}
+deref_stream!(PooledSend, RequestSend);
+deref_stream!(PooledRecv, RequestRecv);
+
+/// Joins the halves of an upgraded request into a byte tunnel once the peer has answered the
+/// upgrade with a 2xx head (read with `recv_response` on `recv`): from then on each side's
+/// DATA frames carry the upgraded protocol's bytes, as on a CONNECT tunnel (RFC 9220 §3 does
+/// the same for `:protocol websocket`).
+pub fn upgraded_tunnel(send: PooledSend, recv: PooledRecv, status: http::StatusCode) -> Tunnel {
+    // Both halves hold the same guard; one copy is enough to keep the stream counted.
+    let PooledSend { stream, _guard } = send;
+    drop(_guard);
+    let guard = Arc::try_unwrap(recv._guard).ok();
+    Tunnel::opened(stream, recv.stream, status, guard)
+}
+
 impl Pool {
     /// A pool opening its connections from `endpoint`.
     pub fn new(endpoint: MeshEndpoint) -> Self {

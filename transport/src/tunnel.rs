@@ -32,8 +32,10 @@ const MAX_WRITE: usize = 256 * 1024;
 
 pub(crate) type ClientSend = h3::client::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
 pub(crate) type ClientRecv = h3::client::RequestStream<h3_quinn::RecvStream, Bytes>;
-pub(crate) type ServerSend = h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
-pub(crate) type ServerRecv = h3::server::RequestStream<h3_quinn::RecvStream, Bytes>;
+/// The send half of a server's HTTP/3 request stream.
+pub type ServerSend = h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
+/// The receive half of a server's HTTP/3 request stream.
+pub type ServerRecv = h3::server::RequestStream<h3_quinn::RecvStream, Bytes>;
 
 type Op<S> = BoxFuture<'static, (S, Result<(), StreamError>)>;
 
@@ -474,6 +476,23 @@ impl Tunnel {
         }
     }
 
+    /// A tunnel over a request stream whose 2xx response head has already been received: an
+    /// HTTP upgrade carried over HTTP/3 (the sidecar's WebSocket path) switches to raw bytes
+    /// both ways once the head is in.
+    pub(crate) fn opened(
+        send: ClientSend,
+        recv: ClientRecv,
+        status: StatusCode,
+        guard: Option<StreamGuard>,
+    ) -> Self {
+        Tunnel {
+            writer: Writer::new(send),
+            response: Response::Open(Reader::new(recv)),
+            status: Some(status),
+            _guard: guard,
+        }
+    }
+
     fn established(&self) -> bool {
         self.status.is_some()
     }
@@ -593,7 +612,10 @@ impl std::fmt::Debug for ServerTunnel {
 }
 
 impl ServerTunnel {
-    pub(crate) fn new(send: ServerSend, recv: ServerRecv) -> Self {
+    /// The tunnel over a request stream whose 2xx response head has been sent: the send and
+    /// receive halves of `h3::server::RequestStream::split`. Used for CONNECT, and for an HTTP
+    /// upgrade carried over HTTP/3 once the app has switched protocols.
+    pub fn new(send: ServerSend, recv: ServerRecv) -> Self {
         ServerTunnel {
             writer: Writer::new(send),
             reader: Some(Reader::new(recv)),
