@@ -12,9 +12,11 @@ CARGO ?= cargo
 #   iptables iproute2        transparent capture, network namespaces (tests, lab, benches)
 #   openssl                  certificate checks in the CLI tests
 #   stunnel4                 the mTLS-over-TCP baseline of the benches
-#   curl                     deploy/lab/lab.sh, and its test
+#   curl                     deploy/lab/lab.sh, and the real-traffic tests' HTTP client
+#   python3-grpcio           a real gRPC client and server (bidirectional streaming tests)
+#   python3-websockets       a real WebSocket client and server (upgrade tests)
 APT_PACKAGES := gcc libc6-dev ca-certificates protobuf-compiler libprotobuf-dev etcd-server \
-	etcd-client iptables iproute2 openssl stunnel4 curl
+	etcd-client iptables iproute2 openssl stunnel4 curl python3-grpcio python3-websockets
 # Extra arguments for `halyard demo`, e.g. `make demo DEMO_ARGS=--quick`.
 DEMO_ARGS ?=
 

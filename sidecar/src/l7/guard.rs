@@ -10,6 +10,8 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -47,6 +49,9 @@ pub(crate) struct FramingGuard<T> {
     /// Bytes ready for hyper.
     out: Vec<u8>,
     out_pos: usize,
+    /// Set by the sidecar when it answers 101 (a WebSocket upgrade): the bytes after the
+    /// upgrade request are the new protocol's, not HTTP/1.1, and pass unchecked.
+    switched: Arc<AtomicBool>,
 }
 
 impl<T> FramingGuard<T> {
@@ -57,6 +62,29 @@ impl<T> FramingGuard<T> {
             state: State::Head(Vec::new()),
             out: Vec::new(),
             out_pos: 0,
+            switched: Arc::default(),
+        }
+    }
+
+    /// The flag to set when the connection switches protocols (before the 101 is written).
+    /// Until then an `Upgrade` request is HTTP/1.1 like any other: a declined upgrade leaves
+    /// the next request on the connection to be judged like the first.
+    pub(crate) fn switch_flag(&self) -> Arc<AtomicBool> {
+        self.switched.clone()
+    }
+
+    /// After a switch, hands what was held back (the first bytes of the new protocol) to
+    /// hyper's upgraded connection, and passes everything from then on.
+    fn pass_after_switch(&mut self) {
+        if matches!(self.state, State::Pass) || !self.switched.load(Ordering::Acquire) {
+            return;
+        }
+        match std::mem::replace(&mut self.state, State::Pass) {
+            State::Head(held) | State::ChunkSize(held) | State::Trailers(held) => {
+                self.out.extend_from_slice(&held)
+            }
+            State::Refused => self.state = State::Refused,
+            _ => {}
         }
     }
 
@@ -196,8 +224,8 @@ fn inspect(head: &[u8]) -> Verdict {
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             codings.push(h.value);
         }
-        // `Upgrade` does not stop the checks: the sidecar removes it (hop-by-hop) and never
-        // answers 101 on an L7 port, so the connection stays HTTP/1.1 and the next request on
+        // `Upgrade` does not stop the checks: unless the sidecar answers 101 (see
+        // `FramingGuard::switch_flag`), the connection stays HTTP/1.1 and the next request on
         // it must be judged like the first.
     }
     match (lengths.as_slice(), codings.as_slice()) {
@@ -235,6 +263,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for FramingGuard<T> {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         loop {
+            this.pass_after_switch();
             if this.out_pos < this.out.len() {
                 let n = (this.out.len() - this.out_pos).min(buf.remaining());
                 buf.put_slice(&this.out[this.out_pos..this.out_pos + n]);
@@ -289,6 +318,32 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FramingGuard<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bytes_after_an_accepted_upgrade_pass_unchecked() {
+        let mut g = FramingGuard::new(());
+        g.feed(b"GET /chat HTTP/1.1\r\nhost: a\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n\x81\x02hi");
+        assert!(
+            g.out.ends_with(b"\r\n\r\n"),
+            "the frame waits for a decision"
+        );
+        g.switch_flag().store(true, Ordering::Release);
+        g.pass_after_switch();
+        assert!(g.out.ends_with(b"\r\n\r\n\x81\x02hi"));
+        g.feed(b"\x81\x03abc");
+        assert!(g.out.ends_with(b"\x81\x03abc"));
+    }
+
+    #[test]
+    fn a_declined_upgrade_leaves_the_next_request_checked() {
+        let mut g = FramingGuard::new(());
+        g.feed(
+            b"GET /chat HTTP/1.1\r\nhost: a\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+        );
+        g.pass_after_switch();
+        g.feed(b"POST / HTTP/1.1\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n");
+        assert!(g.out.ends_with(REFUSED));
+    }
 
     fn run(input: &[u8]) -> Vec<u8> {
         let mut g = FramingGuard::new(());

@@ -10,6 +10,7 @@ pub(crate) const PEER_IDENTITY: &str = "x-halyard-peer-identity";
 /// Headers the mesh sets itself; any copy from the app is removed.
 const MESH_HEADERS: &[&str] = &[
     PEER_IDENTITY,
+    super::upgrade::UPGRADE,
     "x-halyard-source-service",
     "x-forwarded-client-cert",
 ];

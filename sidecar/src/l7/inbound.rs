@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use halyard_registry::model::Protocol;
-use halyard_transport::{HttpRequest, Target};
+use halyard_transport::{HttpRequest, ServerTunnel, Target};
 use http::header::HeaderValue;
 use http::{Response, StatusCode};
 use http_body_util::BodyExt;
@@ -17,6 +17,7 @@ use hyper::body::Frame;
 use super::body::{to_bytes, BodyError, BodySender, ChannelBody};
 use super::headers::{strip_hop_by_hop, strip_identity_claims, PEER_IDENTITY};
 use super::normalize::{normalize, PathError};
+use super::{expect, upgrade};
 use crate::decide::admit::{Refusal, Stream};
 use crate::decide::policy;
 use crate::state::{source_label, Shared};
@@ -35,6 +36,8 @@ type RecvHalf =
 pub(crate) struct AppClients {
     h1: AppClient,
     h2: AppClient,
+    /// For the connections of `Expect: 100-continue` requests (see `expect`).
+    connect_timeout: Duration,
 }
 
 type AppClient = hyper_util::client::legacy::Client<
@@ -48,6 +51,7 @@ impl AppClients {
         AppClients {
             h1: app_client(false, connect_timeout),
             h2: app_client(true, connect_timeout),
+            connect_timeout,
         }
     }
 }
@@ -166,7 +170,8 @@ fn admit(
 /// response not sent in full is reset instead (RFC 9114 §4.1.1: H3_REQUEST_CANCELLED, the
 /// request may have been partly processed), and a cut body never looks complete.
 struct Responder {
-    send: SendHalf,
+    /// `None` once handed to a tunnel.
+    send: Option<SendHalf>,
     /// The status sent, once the head is out.
     status: Option<u16>,
     /// Whether the stream was finished (or found broken): nothing to reset.
@@ -176,29 +181,42 @@ struct Responder {
 impl Responder {
     fn new(send: SendHalf) -> Self {
         Responder {
-            send,
+            send: Some(send),
             status: None,
             done: false,
         }
     }
 
-    /// Sends the response head; `false` when the stream is gone.
+    /// Sends the final response head; `false` when the stream is gone.
     async fn head(&mut self, resp: Response<()>) -> bool {
         let status = resp.status().as_u16();
-        let sent = self.send.send_response(resp).await.is_ok();
+        let sent = self.interim(resp).await;
         if sent {
             self.status = Some(status);
         }
+        sent
+    }
+
+    /// Sends a head without taking it as the final status (a 1xx); `false` when the stream is
+    /// gone.
+    async fn interim(&mut self, resp: Response<()>) -> bool {
+        let sent = match self.send.as_mut() {
+            Some(send) => send.send_response(resp).await.is_ok(),
+            None => false,
+        };
         self.done = !sent;
         sent
     }
 
     /// Sends a body frame (data or trailers); `false` when the stream is gone.
     async fn frame(&mut self, frame: Frame<Bytes>) -> bool {
+        let Some(send) = self.send.as_mut() else {
+            return false;
+        };
         let sent = match frame.into_data() {
-            Ok(data) => self.send.send_data(data).await,
+            Ok(data) => send.send_data(data).await,
             Err(frame) => match frame.into_trailers() {
-                Ok(t) => self.send.send_trailers(t).await,
+                Ok(t) => send.send_trailers(t).await,
                 Err(_) => Ok(()),
             },
         };
@@ -208,8 +226,17 @@ impl Responder {
 
     /// Ends the response.
     async fn finish(&mut self) {
-        let _ = self.send.finish().await;
+        if let Some(send) = self.send.as_mut() {
+            let _ = send.finish().await;
+        }
         self.done = true;
+    }
+
+    /// The send half, for a tunnel once the accepting head is out.
+    fn tunnel(&mut self, recv: RecvHalf) -> Option<ServerTunnel> {
+        self.done = true;
+        let send = self.send.take()?;
+        Some(ServerTunnel::new(send, recv))
     }
 
     /// A response made by this sidecar: `status`, `x-halyard-local-reply` and `why`.
@@ -230,9 +257,8 @@ impl Responder {
 
 impl Drop for Responder {
     fn drop(&mut self) {
-        if !self.done {
-            self.send
-                .stop_stream(halyard_transport::h3::error::Code::H3_REQUEST_CANCELLED);
+        if let (false, Some(send)) = (self.done, self.send.as_mut()) {
+            send.stop_stream(halyard_transport::h3::error::Code::H3_REQUEST_CANCELLED);
         }
     }
 }
@@ -245,12 +271,81 @@ async fn forward(
     apps: &AppClients,
     peer: &halyard_certs::SpiffeId,
     req: http::Request<()>,
-    recv: RecvHalf,
+    mut recv: RecvHalf,
     out: &mut Responder,
     admitted: Admitted,
     rec: &mut FlowRecord,
 ) -> (u16, Option<u64>) {
     let (mut parts, ()) = req.into_parts();
+    let websocket = !admitted.grpc && upgrade::marked(&parts.headers);
+    let expect = !admitted.grpc
+        && parts
+            .headers
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    app_headers(peer, &mut parts, rec);
+    let Ok(uri) = format!("http://{}{}", admitted.app, admitted.target).parse() else {
+        out.local(StatusCode::BAD_REQUEST, "bad request target")
+            .await;
+        return (400, None);
+    };
+    parts.uri = uri;
+    parts.version = if admitted.grpc {
+        http::Version::HTTP_2
+    } else {
+        http::Version::HTTP_11
+    };
+    if websocket {
+        upgrade::unmark(&mut parts.headers);
+        let req = http::Request::from_parts(parts, ChannelBody::full(Bytes::new()));
+        return switch(shared, apps, req, recv, out, rec).await;
+    }
+    let first = match body_of_any_method(&mut parts, &mut recv).await {
+        Ok(first) => first,
+        Err(e) => {
+            tracing::debug!(error = %e, "caller reset the request before its body");
+            return (out.status.unwrap_or(499), None);
+        }
+    };
+    let (tx, body) = ChannelBody::channel();
+    let pumping = shared.clone();
+    shared.flows.spawn(async move {
+        // Ends once the app no longer reads the body, even while the caller is silent.
+        let pump = async {
+            tokio::select! {
+                _ = pump_request(recv, first, &tx) => {}
+                _ = tx.closed() => {}
+            }
+        };
+        pumping.until_hard_stop(pump).await;
+    });
+    let req = http::Request::from_parts(parts, body);
+    let answer = if expect {
+        ask_expecting(apps, admitted.app, req, out).await
+    } else {
+        let client = if admitted.grpc { &apps.h2 } else { &apps.h1 };
+        client.request(req).await.map_err(|e| app_failure(&e))
+    };
+    match answer {
+        Ok(resp) => {
+            rec.response_head();
+            let received = crate::telemetry::content_length(resp.headers());
+            (respond(out, resp).await, received)
+        }
+        Err((status, why)) => {
+            tracing::info!(app = %admitted.app, %why, "local app request failed");
+            out.local(status, &why).await;
+            (status.as_u16(), None)
+        }
+    }
+}
+
+/// The mesh's and the trace's headers on a request for the app.
+fn app_headers(
+    peer: &halyard_certs::SpiffeId,
+    parts: &mut http::request::Parts,
+    rec: &mut FlowRecord,
+) {
     let authority = parts
         .uri
         .authority()
@@ -274,67 +369,145 @@ async fn forward(
     if let Some(v) = after.and_then(|t| HeaderValue::from_str(&t.to_string()).ok()) {
         parts.headers.insert("traceparent", v);
     }
-    let scheme = "http";
-    let Ok(uri) = format!("{scheme}://{}{}", admitted.app, admitted.target).parse() else {
-        out.local(StatusCode::BAD_REQUEST, "bad request target")
-            .await;
-        return (400, None);
-    };
-    parts.uri = uri;
-    parts.version = if admitted.grpc {
-        http::Version::HTTP_2
-    } else {
-        http::Version::HTTP_11
-    };
-    let (tx, body) = ChannelBody::channel();
-    let pumping = shared.clone();
-    shared.flows.spawn(async move {
-        // Ends once the app no longer reads the body, even while the caller is silent.
-        let pump = async {
-            tokio::select! {
-                _ = pump_request(recv, &tx) => {}
-                _ = tx.closed() => {}
+}
+
+/// A body on any method (RFC 9110 §9.3.1 lets a GET carry one; search APIs use it). hyper's
+/// HTTP/1.1 client sends no body for GET, HEAD and OPTIONS-like requests of unknown length, so
+/// for a request without Content-Length this waits for the caller's first DATA frame or its
+/// end: a body makes the request chunked explicitly. HTTP/3 has no framing headers, and the
+/// caller's sidecar finishes a bodiless request with its headers, so this costs no round trip.
+/// Returns the first chunk, to be sent before the rest.
+async fn body_of_any_method(
+    parts: &mut http::request::Parts,
+    recv: &mut RecvHalf,
+) -> Result<Option<Bytes>, halyard_transport::h3::error::StreamError> {
+    let implicit_empty = matches!(
+        parts.method,
+        http::Method::GET | http::Method::HEAD | http::Method::CONNECT
+    );
+    if parts.version != http::Version::HTTP_11
+        || !implicit_empty
+        || parts.headers.contains_key(http::header::CONTENT_LENGTH)
+    {
+        return Ok(None);
+    }
+    let first = recv.recv_data().await?.map(to_bytes);
+    if first.is_some() {
+        parts.headers.insert(
+            http::header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
+    Ok(first)
+}
+
+/// Asks the app on a connection of its own, passing its `100 Continue` on to the caller (see
+/// `expect`).
+async fn ask_expecting(
+    apps: &AppClients,
+    app: SocketAddr,
+    req: http::Request<ChannelBody>,
+    out: &mut Responder,
+) -> Result<Response<hyper::body::Incoming>, (StatusCode, String)> {
+    let expect::Expecting {
+        mut continued,
+        mut response,
+    } = expect::send(app, apps.connect_timeout, req);
+    let mut waiting = true;
+    loop {
+        tokio::select! {
+            answer = &mut response => {
+                return answer.map_err(|e| (e.status(), e.to_string()));
             }
-        };
-        pumping.until_hard_stop(pump).await;
-    });
-    let client = if admitted.grpc { &apps.h2 } else { &apps.h1 };
-    match client.request(http::Request::from_parts(parts, body)).await {
-        Ok(resp) => {
-            rec.response_head();
-            let received = crate::telemetry::content_length(resp.headers());
-            (respond(out, resp).await, received)
-        }
-        Err(e) => {
-            tracing::info!(app = %admitted.app, error = %e, "local app request failed");
-            let (status, why) = app_failure(&e);
-            out.local(status, why).await;
-            (status.as_u16(), None)
+            got = &mut continued, if waiting => {
+                waiting = false;
+                if got.is_ok() {
+                    let mut cont = Response::new(());
+                    *cont.status_mut() = StatusCode::CONTINUE;
+                    out.interim(cont).await;
+                }
+            }
         }
     }
 }
 
+/// A WebSocket upgrade (see `upgrade`): asks the app to switch; if it does, answers the caller
+/// 200 with the app's headers and the mesh mark, and splices the stream to the app's upgraded
+/// connection. Any other answer is an ordinary response.
+async fn switch(
+    shared: &Arc<Shared>,
+    apps: &AppClients,
+    req: http::Request<ChannelBody>,
+    recv: RecvHalf,
+    out: &mut Responder,
+    rec: &mut FlowRecord,
+) -> (u16, Option<u64>) {
+    let resp = match apps.h1.request(req).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            let (status, why) = app_failure(&e);
+            out.local(status, &why).await;
+            return (status.as_u16(), None);
+        }
+    };
+    rec.response_head();
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let received = crate::telemetry::content_length(resp.headers());
+        return (respond(out, resp).await, received);
+    }
+    let mut head = Response::new(());
+    *head.headers_mut() = resp.headers().clone();
+    strip_hop_by_hop(head.headers_mut());
+    upgrade::mark(head.headers_mut());
+    let upgraded = match hyper::upgrade::on(resp).await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::info!(error = %e, "local app did not switch protocols");
+            out.local(
+                StatusCode::BAD_GATEWAY,
+                "local app did not switch protocols",
+            )
+            .await;
+            return (502, None);
+        }
+    };
+    if !out.head(head).await {
+        return (101, None);
+    }
+    let Some(mut tunnel) = out.tunnel(recv) else {
+        return (101, None);
+    };
+    let shared = shared.clone();
+    shared.clone().flows.spawn(async move {
+        let (from, to) = tokio::io::split(hyper_util::rt::TokioIo::new(upgraded));
+        let splice = tunnel.splice(from, to);
+        if let Some(Err(e)) = shared.until_hard_stop(splice).await {
+            tracing::debug!(error = %e, "upgraded connection ended");
+        }
+    });
+    (101, None)
+}
+
 /// DESIGN §2: 504 when the local app did not accept the connection in time, 502 when it
 /// refused or reset.
-fn app_failure(e: &hyper_util::client::legacy::Error) -> (StatusCode, &'static str) {
+fn app_failure(e: &hyper_util::client::legacy::Error) -> (StatusCode, String) {
     let mut source = std::error::Error::source(e);
     while let Some(err) = source {
         let timed_out = err
             .downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
         if timed_out && e.is_connect() {
-            return (
-                StatusCode::GATEWAY_TIMEOUT,
-                "local app did not accept the connection in time",
-            );
+            let why = "local app did not accept the connection in time";
+            return (StatusCode::GATEWAY_TIMEOUT, why.to_owned());
         }
         source = err.source();
     }
-    if e.is_connect() {
-        (StatusCode::BAD_GATEWAY, "local app refused the connection")
+    let why = if e.is_connect() {
+        "local app refused the connection"
     } else {
-        (StatusCode::BAD_GATEWAY, "local app reset the request")
-    }
+        "local app reset the request"
+    };
+    (StatusCode::BAD_GATEWAY, why.to_owned())
 }
 
 /// Streams the app's response (head, body, trailers) to the peer.
@@ -352,6 +525,8 @@ async fn respond(out: &mut Responder, resp: Response<hyper::body::Incoming>) -> 
     }
     let status = parts.status.as_u16();
     strip_hop_by_hop(&mut parts.headers);
+    // Only this sidecar says an upgrade was accepted.
+    parts.headers.remove(upgrade::UPGRADE);
     parts.version = http::Version::HTTP_3;
     if !out.head(Response::from_parts(parts, ())).await {
         return status;
@@ -370,8 +545,13 @@ async fn respond(out: &mut Responder, resp: Response<hyper::body::Incoming>) -> 
     status
 }
 
-/// Moves the request body from h3 to the app.
-async fn pump_request(mut recv: RecvHalf, tx: &BodySender) {
+/// Moves the request body from h3 to the app, `first` chunk first.
+async fn pump_request(mut recv: RecvHalf, first: Option<Bytes>, tx: &BodySender) {
+    if let Some(first) = first {
+        if tx.send(Ok(Frame::data(first))).await.is_err() {
+            return;
+        }
+    }
     loop {
         match recv.recv_data().await {
             Ok(Some(buf)) => {

@@ -5,11 +5,16 @@
 //! the path once (`normalize`), cleans headers (`headers`), continues the trace
 //! (`telemetry::trace`) and sends each request to the endpoint `decide` picks; `inbound` admits
 //! a peer's request and forwards it to the app over its pooled clients; `body` streams bodies
-//! through bounded channels.
+//! through bounded channels; `upload` sends an outbound request body on its own task (so both
+//! directions flow at once, and `Expect: 100-continue` is passed through); `upgrade` carries
+//! WebSocket upgrades between sidecars; `expect` sees an app's `100 Continue`.
 
 pub(crate) mod body;
+pub(crate) mod expect;
 pub(crate) mod guard;
 pub(crate) mod headers;
 pub(crate) mod inbound;
 pub(crate) mod normalize;
 pub(crate) mod outbound;
+pub(crate) mod upgrade;
+pub(crate) mod upload;

@@ -2,24 +2,26 @@
 //! requests on the pooled QUIC connection to the chosen endpoint.
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use halyard_registry::model::{Endpoint, Fault, HeaderMods, Mirror, Retries, RouteRule};
-use halyard_transport::{PooledRequest, TunnelError};
+use halyard_transport::{upgraded_tunnel, PooledRecv, PooledRequest, TunnelError};
 use http::header::{HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
 use super::body::{buffer_small, to_bytes, BodySender, Buffered, ChannelBody};
 use super::headers::{check_framing, strip_hop_by_hop, strip_identity_claims};
 use super::normalize::normalize;
+use super::upgrade;
+use super::upload::{Payload, Start, Upload, EXPECT_TIMEOUT};
 use crate::decide::capture::Destination;
-use crate::decide::outlier::Failure;
 use crate::decide::retry::{self, answer_charge, AttemptError, Failed, RetryPolicy, Step};
 use crate::decide::route::{idempotent, select, HttpView, RequestView};
 use crate::state::{Picked, Shared};
@@ -39,15 +41,18 @@ const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
 /// connection at once, h2 with GOAWAY); at the drain deadline it is dropped.
 pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, dest: Destination) {
     let drain = shared.clone();
+    let guard = super::guard::FramingGuard::new(tcp);
+    let switched = guard.switch_flag();
     let svc = hyper::service::service_fn(move |req| {
-        let (shared, dest) = (shared.clone(), dest.clone());
-        async move { Ok::<_, Infallible>(handle(shared, dest, req).await) }
+        let (shared, dest, switched) = (shared.clone(), dest.clone(), switched.clone());
+        async move { Ok::<_, Infallible>(handle(shared, dest, req, switched).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder.http1().max_buf_size(64 * 1024);
     builder.http2().max_header_list_size(64 * 1024);
-    let io = TokioIo::new(super::guard::FramingGuard::new(tcp));
-    let conn = builder.serve_connection(io, svc);
+    let io = TokioIo::new(guard);
+    // Upgrades are served: a WebSocket request switches the connection (see `upgrade`).
+    let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
     let ended = tokio::select! {
         r = conn.as_mut() => Some(r),
@@ -77,6 +82,12 @@ struct Call<'a> {
     parts: Parts,
     target: String,
     rule: Option<(usize, &'a RouteRule)>,
+    /// The app's side of a WebSocket upgrade, once the peer accepts it.
+    upgrade: Option<OnUpgrade>,
+    /// Tells the connection's framing guard that it switched protocols.
+    switched: Arc<AtomicBool>,
+    /// An HTTP/1.0 client asked to keep its connection (RFC 9112 §9.3 and Appendix C.2.2).
+    keep_alive_10: bool,
 }
 
 /// The response for the app, and the endpoint that gave it (none when no endpoint did).
@@ -86,13 +97,20 @@ async fn handle(
     shared: Arc<Shared>,
     dest: Destination,
     req: Request<Incoming>,
+    switched: Arc<AtomicBool>,
 ) -> Response<ChannelBody> {
     let edge = (shared.service.as_str(), dest.service.as_str());
     let mut rec = shared.request_record(Direction::Outbound, edge, &req);
     let snap = shared.current();
     let (resp, served) = match prepare(&shared, req) {
         Err(resp) => (resp, None),
-        Ok((parts, body, target)) => {
+        Ok(Prepared {
+            parts,
+            body,
+            target,
+            upgrade,
+            keep_alive_10,
+        }) => {
             rec.set_trace(trace_context(&parts.headers));
             let route = snap.route(&dest.service);
             let http = HttpView {
@@ -109,6 +127,9 @@ async fn handle(
                 parts,
                 target,
                 rule,
+                upgrade,
+                switched,
+                keep_alive_10,
             };
             call.run(body).await
         }
@@ -123,12 +144,21 @@ async fn handle(
     resp
 }
 
+/// A request ready to route.
+struct Prepared {
+    parts: Parts,
+    body: Incoming,
+    /// The request target, path normalized.
+    target: String,
+    /// Set for a WebSocket upgrade request.
+    upgrade: Option<OnUpgrade>,
+    /// An HTTP/1.0 request with `Connection: keep-alive`.
+    keep_alive_10: bool,
+}
+
 /// Checks framing, normalizes the path, cleans the headers and sets the trace context.
 #[allow(clippy::result_large_err)]
-fn prepare(
-    _shared: &Shared,
-    req: Request<Incoming>,
-) -> Result<(Parts, Incoming, String), Response<ChannelBody>> {
+fn prepare(_shared: &Shared, req: Request<Incoming>) -> Result<Prepared, Response<ChannelBody>> {
     let (mut parts, body) = req.into_parts();
     if parts.method == Method::CONNECT {
         // Sent on, it would reach the peer as a tunnel (RFC 9114 §4.4), not as a request, and
@@ -144,8 +174,27 @@ fn prepare(
     let raw = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let norm = normalize(raw)
         .map_err(|e| local(StatusCode::BAD_REQUEST, &format!("refused path: {e}")))?;
+    let upgrade = (parts.version == http::Version::HTTP_11
+        && upgrade::wants_websocket(&parts.headers))
+    .then(|| parts.extensions.remove::<OnUpgrade>())
+    .flatten();
+    let keep_alive_10 = parts.version == http::Version::HTTP_10
+        && parts
+            .headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("keep-alive"));
     strip_hop_by_hop(&mut parts.headers);
     strip_identity_claims(&mut parts.headers);
+    if upgrade.is_some() {
+        upgrade::mark(&mut parts.headers);
+    }
+    if body.is_end_stream() {
+        // Nothing to wait for: the expectation means nothing (RFC 9110 §10.1.1).
+        parts.headers.remove(http::header::EXPECT);
+    }
     let trace = parts
         .headers
         .get("traceparent")
@@ -156,31 +205,55 @@ fn prepare(
     if let Ok(v) = HeaderValue::from_str(&trace.to_string()) {
         parts.headers.insert("traceparent", v);
     }
-    Ok((parts, body, norm.target()))
+    Ok(Prepared {
+        target: norm.target(),
+        parts,
+        body,
+        upgrade,
+        keep_alive_10,
+    })
 }
 
-/// The request body as attempts see it.
-enum Payload {
-    /// Kept in memory: may be sent more than once.
-    Replayable(Buffered),
-    /// Streamed: one attempt only.
-    Stream(Incoming),
-    /// Already sent by an attempt that failed.
-    Gone,
+/// Whether the app's client waits for `100 Continue` before it sends the body (RFC 9110
+/// §10.1.1; HTTP/1.0 has no such expectation).
+fn expects_continue(parts: &Parts) -> bool {
+    parts.version >= http::Version::HTTP_11
+        && parts
+            .headers
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
+/// One attempt that got its final response head; the body may still be flowing.
+struct Exchange {
+    head: Response<()>,
+    recv: PooledRecv,
+    upload: Upload,
 }
 
 impl Call<'_> {
     async fn run(mut self, body: Incoming) -> Answer {
         let rule = self.rule.map(|(_, r)| r);
+        let upgrade = self.upgrade.take();
+        let start = if upgrade.is_some() {
+            Start::Upgrade
+        } else if expects_continue(&self.parts) {
+            Start::OnContinue
+        } else {
+            Start::Now
+        };
         if let Some(mods) = rule.and_then(|r| r.request_headers.as_ref()) {
             apply_mods(&mut self.parts.headers, mods);
         }
         if let Some(resp) = self.fault(rule.and_then(|r| r.fault.as_ref())).await {
             return (resp, None);
         }
-        let wants_replay = rule.is_some_and(|r| {
-            r.retries.as_ref().is_some_and(|x| x.attempts > 0) || r.mirror.is_some()
-        });
+        // Reading the body of a request that expects `100 Continue` would make hyper send the
+        // 100 itself: such a body is streamed, once allowed.
+        let wants_replay = start == Start::Now
+            && rule.is_some_and(|r| {
+                r.retries.as_ref().is_some_and(|x| x.attempts > 0) || r.mirror.is_some()
+            });
         let payload = if wants_replay {
             match buffer_small(body, REPLAY_LIMIT).await {
                 Ok(Ok(b)) => Payload::Replayable(b),
@@ -200,7 +273,7 @@ impl Call<'_> {
             self.mirror(m, b.clone());
         }
         let timeout = rule.and_then(|r| r.timeout);
-        let attempts = self.attempts(payload);
+        let attempts = self.attempts(payload, start, upgrade);
         match timeout {
             Some(t) => match tokio::time::timeout(t, attempts).await {
                 Ok(r) => r,
@@ -234,20 +307,28 @@ impl Call<'_> {
         }
     }
 
-    async fn attempts(&self, mut payload: Payload) -> Answer {
+    async fn attempts(
+        &self,
+        mut payload: Payload,
+        start: Start,
+        mut upgrade: Option<OnUpgrade>,
+    ) -> Answer {
         let retries = self.rule.and_then(|(_, r)| r.retries.as_ref());
-        let policy = RetryPolicy {
-            max_retries: retries.map_or(0, |r| r.attempts),
-            on: retries.map_or(&[], |r| r.on.as_slice()),
-            replayable: self.method_retryable(retries) && matches!(payload, Payload::Replayable(_)),
-            revisit: true,
-        };
+        let method_ok = self.method_retryable(retries);
         let subset = self.subset();
         let snap = self.shared.current();
         let service = &self.dest.service;
         let mut tried: Vec<String> = Vec::new();
         self.shared.budget_request(service);
         for retries_done in 0.. {
+            let policy = RetryPolicy {
+                max_retries: retries.map_or(0, |r| r.attempts),
+                on: retries.map_or(&[], |r| r.on.as_slice()),
+                // A body not read yet (a kept copy, or a stream no attempt has started) can
+                // still be sent whole.
+                replayable: method_ok && payload.intact(),
+                revisit: true,
+            };
             let Ok(picked) = self
                 .shared
                 .pick_in(&snap, service, &subset, &tried, policy.revisit)
@@ -257,18 +338,11 @@ impl Call<'_> {
             };
             tried.push(picked.endpoint.id.clone());
             let served = Some(picked.endpoint.clone());
-            let attempt = self.once(&picked, &mut payload, retries).await;
+            let attempt = self.once(&picked, &mut payload, retries, start).await;
             let outcome = match &attempt {
-                Ok((resp, _)) if resp.status().is_informational() => {
-                    // HTTP/3 has no upgrade (RFC 9114 §4.5) and a 1xx is never final: handing it
-                    // to hyper would switch the app's connection to a protocol nobody speaks.
-                    self.shared.outcome(&picked, Some(Failure::Error));
-                    let why = "upstream answered with a 1xx status";
-                    return (local(StatusCode::BAD_GATEWAY, why), served);
-                }
-                Ok((resp, _)) => {
-                    self.shared.outcome(&picked, answer_charge(resp.status()));
-                    retry::Outcome::Answered(resp.status())
+                Ok(x) => {
+                    self.shared.outcome(&picked, answer_charge(x.head.status()));
+                    retry::Outcome::Answered(x.head.status())
                 }
                 Err(fail) => {
                     if fail.failed.error != AttemptError::Local {
@@ -286,7 +360,7 @@ impl Call<'_> {
                     tracing::debug!(%service, endpoint = %picked.endpoint.id, ?outcome, "retrying request");
                     self.shared.metrics.retry(service);
                 }
-                (_, Ok((resp, stream))) => return (self.respond(resp, stream), served),
+                (_, Ok(x)) => return (self.respond(x, upgrade.take()), served),
                 (_, Err(fail)) => return (local(fail.failed.error.status(), &fail.why), served),
             }
         }
@@ -302,13 +376,15 @@ impl Call<'_> {
             || retries.is_some_and(|r| r.methods.iter().any(|m| m == method.as_str()))
     }
 
-    /// One attempt: headers, body, then the response head.
+    /// One attempt: the request head, then the body on its own task (at once, after the
+    /// peer's `100 Continue`, or never for an upgrade) while the response head is awaited.
     async fn once(
         &self,
         picked: &Picked,
         payload: &mut Payload,
         retries: Option<&Retries>,
-    ) -> Result<(Response<()>, PooledRequest), AttemptFailure> {
+        start: Start,
+    ) -> Result<Exchange, AttemptFailure> {
         let ep = &picked.endpoint;
         let uri = format!(
             "https://{}:{}{}",
@@ -321,18 +397,19 @@ impl Call<'_> {
             .map_err(|_| AttemptFailure::local("bad request target"))?;
         *req.headers_mut() = self.parts.headers.clone();
         let work = async {
-            let mut stream = self
+            let stream = self
                 .shared
                 .pool
                 .send_request(ep.address, &ep.identity, req)
                 .await
                 .map_err(AttemptFailure::tunnel)?;
-            send_payload(&mut stream, payload).await?;
-            let resp = stream
-                .recv_response()
-                .await
-                .map_err(|e| AttemptFailure::reset(&e.to_string()))?;
-            Ok((resp, stream))
+            let (send, mut recv) = stream.split();
+            let mut upload = Upload::new(self.shared, send, start);
+            if start == Start::Now {
+                upload.begin(self.shared, payload);
+            }
+            let head = final_head(self.shared, &mut recv, &mut upload, payload).await?;
+            Ok(Exchange { head, recv, upload })
         };
         match retries.and_then(|r| r.per_try_timeout) {
             Some(t) => tokio::time::timeout(t, work)
@@ -342,25 +419,87 @@ impl Call<'_> {
         }
     }
 
-    /// Hands the response to the app; its body is pumped by a task the drain waits for.
-    fn respond(&self, resp: Response<()>, stream: PooledRequest) -> Response<ChannelBody> {
-        let (mut parts, ()) = resp.into_parts();
+    /// Hands the response to the app; its body is pumped by a task the drain waits for, while
+    /// the request body goes on. An accepted upgrade switches the app's connection instead.
+    fn respond(&self, x: Exchange, upgrade: Option<OnUpgrade>) -> Response<ChannelBody> {
+        let Exchange {
+            head,
+            recv,
+            mut upload,
+        } = x;
+        let (mut parts, ()) = head.into_parts();
+        if let Some(on_upgrade) = upgrade {
+            if parts.status.is_success() && upgrade::marked(&parts.headers) {
+                if let Some(send) = upload.take_unstarted() {
+                    let tunnel = upgraded_tunnel(send, recv, parts.status);
+                    return self.switch(parts, on_upgrade, tunnel);
+                }
+            }
+        }
         strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(upgrade::UPGRADE);
         // The app speaks HTTP/1.1 or h2; the peer's HTTP/3 version must not leak into hyper.
         parts.version = self.parts.version;
+        // hyper keeps an HTTP/1.0 connection only when the response says keep-alive, and only
+        // a response of known length can (HTTP/1.0 has no chunked coding).
+        if self.keep_alive_10
+            && parts.headers.contains_key(http::header::CONTENT_LENGTH)
+            && !self.shared.draining.is_cancelled()
+        {
+            parts.headers.insert(
+                http::header::CONNECTION,
+                HeaderValue::from_static("keep-alive"),
+            );
+        }
         let (tx, body) = ChannelBody::channel();
         let shared = self.shared.clone();
+        let request_body = upload.keep_going();
         self.shared.flows.spawn(async move {
-            // Ends as soon as the app no longer wants the body, even while the peer is silent.
+            // Ends as soon as the app no longer wants the body, even while the peer is silent;
+            // then what is left of the request body stops too.
             let pump = async {
                 tokio::select! {
-                    _ = pump_response(stream, &tx) => {}
+                    _ = pump_response(recv, &tx) => {}
                     _ = tx.closed() => {}
                 }
             };
             shared.until_hard_stop(pump).await;
+            drop(request_body);
         });
         Response::from_parts(parts, body)
+    }
+
+    /// Answers the app 101 and splices its upgraded connection to the tunnel (see `upgrade`).
+    fn switch(
+        &self,
+        mut parts: http::response::Parts,
+        on_upgrade: OnUpgrade,
+        mut tunnel: halyard_transport::Tunnel,
+    ) -> Response<ChannelBody> {
+        strip_hop_by_hop(&mut parts.headers);
+        upgrade::unmark(&mut parts.headers);
+        parts.status = StatusCode::SWITCHING_PROTOCOLS;
+        parts.version = http::Version::HTTP_11;
+        self.switched.store(true, Ordering::Release);
+        let shared = self.shared.clone();
+        self.shared.flows.spawn(async move {
+            let splice = async {
+                let upgraded = match on_upgrade.await {
+                    Ok(u) => u,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "app connection did not switch protocols");
+                        tunnel.abort();
+                        return;
+                    }
+                };
+                let (from, to) = tokio::io::split(TokioIo::new(upgraded));
+                if let Err(e) = tunnel.splice(from, to).await {
+                    tracing::debug!(error = %e, "upgraded connection ended");
+                }
+            };
+            shared.until_hard_stop(splice).await;
+        });
+        Response::from_parts(parts, ChannelBody::full(bytes::Bytes::new()))
     }
 
     fn mirror(&self, m: &Mirror, body: Buffered) {
@@ -397,10 +536,7 @@ impl Call<'_> {
             else {
                 return;
             };
-            let mut payload = Payload::Replayable(body);
-            if send_payload(&mut stream, &mut payload).await.is_ok()
-                && stream.recv_response().await.is_ok()
-            {
+            if send_kept(&mut stream, body).await.is_ok() && stream.recv_response().await.is_ok() {
                 // The mirror's answer is read and thrown away.
                 while let Ok(Some(_)) = stream.recv_data().await {}
             }
@@ -467,43 +603,56 @@ impl AttemptFailure {
     }
 }
 
-/// Sends the request body (and trailers), then finishes the stream.
-async fn send_payload(
+/// Sends a kept request body (and trailers), then finishes the stream.
+async fn send_kept(
     stream: &mut PooledRequest,
-    payload: &mut Payload,
-) -> Result<(), AttemptFailure> {
-    let err = |e: halyard_transport::h3::error::StreamError| AttemptFailure::reset(&e.to_string());
-    match std::mem::replace(payload, Payload::Gone) {
-        Payload::Replayable(b) => {
-            if !b.data.is_empty() {
-                stream.send_data(b.data.clone()).await.map_err(err)?;
-            }
-            if let Some(t) = b.trailers.clone() {
-                stream.send_trailers(t).await.map_err(err)?;
-            }
-            *payload = Payload::Replayable(b);
-        }
-        Payload::Stream(mut body) => {
-            while let Some(frame) = body.frame().await {
-                let frame =
-                    frame.map_err(|e| AttemptFailure::local(&format!("request body: {e}")))?;
-                match frame.into_data() {
-                    Ok(data) => stream.send_data(data).await.map_err(err)?,
-                    Err(frame) => {
-                        if let Ok(t) = frame.into_trailers() {
-                            stream.send_trailers(t).await.map_err(err)?;
-                        }
-                    }
-                }
-            }
-        }
-        Payload::Gone => return Err(AttemptFailure::local("request body already sent")),
+    body: Buffered,
+) -> Result<(), halyard_transport::h3::error::StreamError> {
+    if !body.data.is_empty() {
+        stream.send_data(body.data).await?;
     }
-    stream.finish().await.map_err(err)
+    if let Some(t) = body.trailers {
+        stream.send_trailers(t).await?;
+    }
+    stream.finish().await
+}
+
+/// Waits for the final response head of an attempt, starting the body when it may go:
+/// informational heads (RFC 9110 §15.2) are consumed here, `100 Continue` releases a body that
+/// waits for it, and so does [`EXPECT_TIMEOUT`] without an answer.
+async fn final_head(
+    shared: &Arc<Shared>,
+    recv: &mut PooledRecv,
+    upload: &mut Upload,
+    payload: &mut Payload,
+) -> Result<Response<()>, AttemptFailure> {
+    let expect = tokio::time::sleep(EXPECT_TIMEOUT);
+    tokio::pin!(expect);
+    let mut waiting = upload.start() == Start::OnContinue;
+    loop {
+        let head = tokio::select! {
+            head = recv.recv_response() => {
+                head.map_err(|e| AttemptFailure::reset(&e.to_string()))?
+            }
+            why = upload.app_failure() => return Err(AttemptFailure::local(&why)),
+            () = &mut expect, if waiting => {
+                waiting = false;
+                upload.begin(shared, payload);
+                continue;
+            }
+        };
+        if head.status() == StatusCode::CONTINUE && waiting {
+            waiting = false;
+            upload.begin(shared, payload);
+        } else if !head.status().is_informational() {
+            return Ok(head);
+        }
+        // Other 1xx heads (103 Early Hints) have no way to the app through hyper: dropped.
+    }
 }
 
 /// Moves the response body and trailers from h3 to the app, a few frames at a time.
-async fn pump_response(mut stream: PooledRequest, tx: &BodySender) {
+async fn pump_response(mut stream: PooledRecv, tx: &BodySender) {
     use super::body::BodyError;
     use hyper::body::Frame;
     loop {

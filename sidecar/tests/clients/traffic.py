@@ -1,0 +1,118 @@
+"""Real clients and servers for the mesh's traffic tests (Debian's python3-grpcio and
+python3-websockets). Each server prints the port it bound, then serves until killed; each client
+prints one result line and exits 0, or prints what went wrong and exits 1.
+
+  traffic.py grpc-server HOST              bidirectional echo: ping-N -> pong-N
+  traffic.py grpc-pingpong TARGET N        sends ping-n+1 only after pong-n arrived
+  traffic.py ws-server HOST TAG            a page on /, a WebSocket echo on any other path
+  traffic.py ws-client URL N               N messages, each answered before the next
+"""
+import asyncio
+import http
+import os
+import queue
+import sys
+from concurrent import futures
+
+# The port servers bind: 0 (any) unless TRAFFIC_PORT says which.
+PORT = int(os.environ.get("TRAFFIC_PORT", "0"))
+
+
+def grpc_server(host):
+    import grpc
+
+    def chat(requests, context):
+        for message in requests:
+            yield message.replace(b"ping", b"pong")
+
+    handler = grpc.method_handlers_generic_handler(
+        "demo.Echo", {"Chat": grpc.stream_stream_rpc_method_handler(chat)}
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port(f"{host}:{PORT}")
+    server.start()
+    print(port, flush=True)
+    server.wait_for_termination()
+
+
+def grpc_pingpong(target, n):
+    import grpc
+
+    channel = grpc.insecure_channel(target)
+    grpc.channel_ready_future(channel).result(timeout=10)
+    chat = channel.stream_stream("/demo.Echo/Chat")
+    replies = queue.Queue()
+
+    def pings():
+        for i in range(n):
+            yield f"ping-{i}".encode()
+            # The next message waits for this one's reply, as a ping-pong protocol does.
+            replies.get(timeout=10)
+
+    got = 0
+    try:
+        for reply in chat(pings(), timeout=30):
+            if reply != f"pong-{got}".encode():
+                print(f"reply {got} was {reply!r}")
+                return 1
+            got += 1
+            replies.put(None)
+    except grpc.RpcError as e:
+        print(f"replies {got} then {e.code()}: {e.details()}")
+        return 1
+    print(f"replies {got}")
+    return 0 if got == n else 1
+
+
+async def ws_server(host, tag):
+    import websockets
+
+    async def echo(ws):
+        async for message in ws:
+            await ws.send(f"{tag}:{ws.path}:{message}")
+
+    async def page(path, headers):
+        if path == "/":
+            return http.HTTPStatus.OK, [("content-type", "text/html")], f"<h1>{tag}</h1>\n".encode()
+        return None
+
+    async with websockets.serve(echo, host, PORT, process_request=page) as server:
+        print(server.sockets[0].getsockname()[1], flush=True)
+        await asyncio.Future()
+
+
+async def ws_client(url, n):
+    import websockets
+
+    try:
+        async with websockets.connect(url, open_timeout=10) as ws:
+            last = ""
+            for i in range(n):
+                await ws.send(f"m{i}")
+                last = await asyncio.wait_for(ws.recv(), 10)
+                if not last.endswith(f":m{i}"):
+                    print(f"answer {i} was {last!r}")
+                    return 1
+            print(f"echoed {n} {last.rsplit(':', 1)[0]}")
+            return 0
+    except websockets.exceptions.InvalidStatusCode as e:
+        print(f"status {e.status_code}")
+        return 1
+
+
+def main(argv):
+    cmd = argv[1]
+    if cmd == "grpc-server":
+        grpc_server(argv[2])
+    elif cmd == "grpc-pingpong":
+        return grpc_pingpong(argv[2], int(argv[3]))
+    elif cmd == "ws-server":
+        asyncio.run(ws_server(argv[2], argv[3]))
+    elif cmd == "ws-client":
+        return asyncio.run(ws_client(argv[2], int(argv[3])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
