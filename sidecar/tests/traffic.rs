@@ -459,3 +459,142 @@ async fn http10_keep_alive_is_honoured() {
         seen.clear();
     }
 }
+
+/// An HTTP/1.1 app that answers `<tag>` until `stop` is cancelled; then it exits as a server
+/// does on SIGTERM: it stops listening, finishes the requests in progress and closes every
+/// connection.
+fn stoppable_app(
+    listener: TcpListener,
+    tag: &'static str,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            let tcp = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, _)) => tcp,
+                    Err(_) => break,
+                },
+                _ = stop.cancelled() => break,
+            };
+            let svc = hyper::service::service_fn(
+                move |req: http::Request<hyper::body::Incoming>| async move {
+                    let _ = req.into_body().collect().await;
+                    Ok::<_, hyper::Error>(http::Response::new(full(tag)))
+                },
+            );
+            let stop = stop.clone();
+            conns.spawn(async move {
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc);
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => return,
+                    _ = stop.cancelled() => conn.as_mut().graceful_shutdown(),
+                }
+                let _ = conn.await;
+            });
+        }
+        drop(listener);
+        while conns.join_next().await.is_some() {}
+    })
+}
+
+/// "Also expected": a pod whose app and sidecar get SIGTERM together (as Kubernetes does) fails
+/// no request. The app exits (finishing what it has, closing its connections) while its sidecar
+/// drains; requests that reach the draining sidecar find no app, are answered as unreached, and
+/// go to the other endpoint — POSTs too, since no app saw them. GETs run throughout; POSTs are
+/// sent once the app is gone (a POST written to a keep-alive connection in the instant its app
+/// closes it cannot be told from one the app received: RFC 9112 §9.3.1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_whose_app_and_sidecar_stop_together_fails_no_request() {
+    let (ip1, ip2) = (loopback_ip(), loopback_ip());
+    let l1 = TcpListener::bind(SocketAddr::new(ip1, 0)).await.unwrap();
+    let port = l1.local_addr().unwrap().port();
+    let l2 = TcpListener::bind(SocketAddr::new(ip2, port)).await.unwrap();
+    let sigterm = tokio_util::sync::CancellationToken::new();
+    let app1 = stoppable_app(l1, "v1", sigterm.clone());
+    let _app2 = stoppable_app(l2, "v2", tokio_util::sync::CancellationToken::new());
+    let Pair {
+        _mesh,
+        mut _servers,
+        pp,
+    } = pair("http", port, &[("v1", ip1), ("v2", ip2)], "").await;
+    let up = pp.upstream(0);
+    let client = halyard_sidecar::test_util::http_client();
+    let callers: Vec<_> = (0..4)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let mut answers = Vec::new();
+                for i in 0..60 {
+                    let req = http::Request::get(format!("http://{up}/item/{i}"))
+                        .body(Full::new(Bytes::new()))
+                        .unwrap();
+                    let resp = client.request(req).await.unwrap();
+                    let status = resp.status().as_u16();
+                    let body = resp.into_body().collect().await.unwrap().to_bytes();
+                    answers.push((status, String::from_utf8_lossy(&body).into_owned()));
+                }
+                answers
+            })
+        })
+        .collect();
+    // Both at once, a few requests in: the app exits, its sidecar drains.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    sigterm.cancel();
+    let v1 = _servers.remove(0);
+    let drained = tokio::spawn(v1.shutdown());
+    app1.await.unwrap();
+    for i in 0..20 {
+        let req = http::Request::post(format!("http://{up}/order"))
+            .body(Full::new(Bytes::from(format!("{{\"order\":{i}}}"))))
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!((status, &body[..]), (200, &b"v2"[..]), "POST {i}");
+    }
+    let mut v2_answers = 0;
+    for caller in callers {
+        for (status, body) in caller.await.unwrap() {
+            assert_eq!(status, 200, "{body}");
+            v2_answers += usize::from(body == "v2");
+        }
+    }
+    drained.await.unwrap().unwrap();
+    assert!(v2_answers > 0);
+}
+
+/// A request whose endpoint's sidecar cannot connect to its app reached no app: it goes to
+/// another endpoint, a POST as well as a GET, without any route asking for retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_that_reached_no_app_goes_to_another_endpoint() {
+    let (ip1, ip2) = (loopback_ip(), loopback_ip());
+    // v1's app is not running: its port on ip1 refuses.
+    let l2 = TcpListener::bind(SocketAddr::new(ip2, 0)).await.unwrap();
+    let port = l2.local_addr().unwrap().port();
+    let _app2 = stoppable_app(l2, "v2", tokio_util::sync::CancellationToken::new());
+    let p = pair("http", port, &[("v1", ip1), ("v2", ip2)], "").await;
+    let up = p.pp.upstream(0);
+    for i in 0..10 {
+        let out = curl(&[
+            "-X",
+            "POST",
+            "--data-binary",
+            &format!("{{\"order\":{i}}}"),
+            "-w",
+            " %{http_code}",
+            &format!("http://{up}/order"),
+        ])
+        .await;
+        assert_eq!(out, "v2 200", "POST {i}");
+    }
+    let retries = halyard_sidecar::test_util::metric(
+        &p.pp.started.render_metrics(),
+        "halyard_retries_total",
+        &[("destination_service", "reviews")],
+    );
+    assert!(retries >= 1.0, "no request was retried: {retries}");
+}

@@ -7,6 +7,8 @@
 //! | attempt error      | retried on        | endpoint charged      | L7 status | L4 flag |
 //! |--------------------|-------------------|-----------------------|-----------|---------|
 //! | connect failure    | `connect-failure` | ejected at once       | 503       | `UF`    |
+//! | app unreached      | `connect-failure` | one strike            | 502       | `UF`    |
+//! | rejected unread    | `connect-failure` | no (it is draining)   | 503       | `UF`    |
 //! | connection lost    | `reset`           | one strike            | 502       | `UF`    |
 //! | stream reset       | `reset`           | one strike            | 502       | `UF`    |
 //! | per-try timeout    | `reset`           | one strike            | 504       | `UF`    |
@@ -27,6 +29,13 @@
 //! sidecar's registry snapshot about what it serves (one of the two is stale): another endpoint
 //! may serve the request. Local failures (the caller's request could not be sent: a target that
 //! forms no URI, an app body that broke) are never charged to an endpoint and never retried.
+//!
+//! An unreached app means the peer sidecar could not connect to its app (refused, or not
+//! accepted in time): the request reached no app, so — like a connect failure — it is safe to
+//! send again whatever its method, and an L7 request is retried on it up to the mesh-wide
+//! `failure.retries` even when its route sets no retries, as an L4 flow is ([`for_request`]).
+//! A pod whose app and sidecar get SIGTERM together therefore fails no request: the draining
+//! sidecar's refusals go to another endpoint.
 //!
 //! Retries: at most `max_retries` further attempts, only while the request can be sent again
 //! (nothing reached the app yet on L4; an idempotent or opted-in method with a kept body on L7),
@@ -53,6 +62,13 @@ pub enum AttemptError {
     ConnectFailure,
     /// The QUIC connection under the attempt closed or timed out.
     ConnectionLost,
+    /// The peer sidecar could not connect to its app (refused, or not accepted in time): the
+    /// request reached no app.
+    AppUnreached,
+    /// The peer did not process the request: it reset the stream with H3_REQUEST_REJECTED, or
+    /// closed the connection gracefully (H3_NO_ERROR, after answering every request it
+    /// accepted) before answering this one (RFC 9114 §5.2, §8.1). A draining peer does this.
+    Rejected,
     /// The peer reset the stream.
     Reset,
     /// No answer within the per-try timeout.
@@ -135,7 +151,9 @@ impl AttemptError {
     /// The retry condition (`Route.rules[].retries.on`) this failure falls under, if any.
     pub fn condition(self) -> Option<RetryOn> {
         match self {
-            AttemptError::ConnectFailure => Some(RetryOn::ConnectFailure),
+            AttemptError::ConnectFailure | AttemptError::AppUnreached | AttemptError::Rejected => {
+                Some(RetryOn::ConnectFailure)
+            }
             AttemptError::ConnectionLost
             | AttemptError::Reset
             | AttemptError::Timeout
@@ -150,24 +168,31 @@ impl AttemptError {
     pub fn charge(self) -> Option<Failure> {
         match self {
             AttemptError::ConnectFailure => Some(Failure::Connect),
-            AttemptError::ConnectionLost
+            AttemptError::AppUnreached
+            | AttemptError::ConnectionLost
             | AttemptError::Reset
             | AttemptError::Timeout
             | AttemptError::Protocol => Some(Failure::Error),
             AttemptError::Refused(s) if s == StatusCode::NOT_FOUND || s.is_server_error() => {
                 Some(Failure::Error)
             }
-            AttemptError::Refused(_) | AttemptError::HeaderTooBig | AttemptError::Local => None,
+            AttemptError::Refused(_)
+            | AttemptError::Rejected
+            | AttemptError::HeaderTooBig
+            | AttemptError::Local => None,
         }
     }
 
     /// The status an L7 caller gets when this is the last attempt.
     pub fn status(self) -> StatusCode {
         match self {
-            AttemptError::ConnectFailure => StatusCode::SERVICE_UNAVAILABLE,
-            AttemptError::ConnectionLost | AttemptError::Reset | AttemptError::Protocol => {
-                StatusCode::BAD_GATEWAY
+            AttemptError::ConnectFailure | AttemptError::Rejected => {
+                StatusCode::SERVICE_UNAVAILABLE
             }
+            AttemptError::AppUnreached
+            | AttemptError::ConnectionLost
+            | AttemptError::Reset
+            | AttemptError::Protocol => StatusCode::BAD_GATEWAY,
             AttemptError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             AttemptError::Refused(s) => s,
             AttemptError::HeaderTooBig => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -219,6 +244,53 @@ pub struct RetryPolicy<'a> {
     /// able to retry (Envoy's `previous_hosts` predicate likewise prefers, but does not require,
     /// another host).
     pub revisit: bool,
+}
+
+/// Retrying when nothing reached any app: only a connect failure's condition.
+const UNREACHED_ON: &[RetryOn] = &[RetryOn::ConnectFailure];
+
+/// The retry policy for one outcome of an L7 request.
+///
+/// - `route`: the rule's `retries` (further attempts and conditions), if it sets any.
+/// - `mesh_retries`: `failure.retries`, the mesh-wide count L4 flows use.
+/// - `method_ok`: the method may be sent twice (idempotent, RFC 9110 §9.2.2, or opted in).
+/// - `body_intact`: the whole body can still be sent (kept in memory, or never read).
+///
+/// When the outcome shows that no app saw the request (a connect failure, an unreached app),
+/// the request may go again whatever its method, up to the larger of the two counts. Otherwise
+/// the route decides, and only for a method that may be repeated.
+pub fn for_request<'a>(
+    route: Option<(u32, &'a [RetryOn])>,
+    mesh_retries: u32,
+    method_ok: bool,
+    body_intact: bool,
+    outcome: &Outcome,
+) -> RetryPolicy<'a> {
+    let unreached = matches!(
+        outcome,
+        Outcome::Failed(Failed {
+            error: AttemptError::ConnectFailure
+                | AttemptError::AppUnreached
+                | AttemptError::Rejected,
+            before_any_byte: true,
+        })
+    );
+    let (rule_retries, rule_on) = route.unwrap_or((0, &[]));
+    if unreached {
+        RetryPolicy {
+            max_retries: rule_retries.max(mesh_retries),
+            on: UNREACHED_ON,
+            replayable: body_intact,
+            revisit: true,
+        }
+    } else {
+        RetryPolicy {
+            max_retries: rule_retries,
+            on: rule_on,
+            replayable: method_ok && body_intact,
+            revisit: true,
+        }
+    }
 }
 
 /// What to do after an attempt.
@@ -477,5 +549,56 @@ mod tests {
             ),
             Step::Fail
         );
+    }
+
+    #[test]
+    fn a_request_that_reached_no_app_may_go_again_whatever_its_method() {
+        let unreached = failed(AttemptError::AppUnreached);
+        // A POST, no route retries: the mesh-wide count applies.
+        let p = for_request(None, 2, false, true, &unreached);
+        assert_eq!((p.max_retries, p.replayable), (2, true));
+        assert_eq!(step(&p, 0, unreached), Step::Retry);
+        assert_eq!(step(&p, 2, unreached), Step::Fail);
+        // A route with more retries raises the count.
+        let p = for_request(Some((5, &[RetryOn::FiveXx])), 2, false, true, &unreached);
+        assert_eq!(p.max_retries, 5);
+        assert_eq!(step(&p, 3, unreached), Step::Retry);
+        // A body already read cannot go again.
+        let p = for_request(None, 2, true, false, &unreached);
+        assert_eq!(step(&p, 0, unreached), Step::Fail);
+    }
+
+    #[test]
+    fn a_request_an_app_may_have_seen_follows_the_route_and_the_method() {
+        let reset = failed(AttemptError::Reset);
+        let answered = Outcome::Answered(StatusCode::SERVICE_UNAVAILABLE);
+        // No route retries: nothing is retried.
+        assert_eq!(
+            step(&for_request(None, 2, true, true, &reset), 0, reset),
+            Step::Fail
+        );
+        let route = Some((2, &[RetryOn::Reset, RetryOn::GatewayError][..]));
+        let p = for_request(route, 0, true, true, &reset);
+        assert_eq!(step(&p, 0, reset), Step::Retry);
+        let p = for_request(route, 0, true, true, &answered);
+        assert_eq!(step(&p, 0, answered), Step::Retry);
+        // A POST that may have reached an app is not repeated.
+        let p = for_request(route, 0, false, true, &reset);
+        assert_eq!(step(&p, 0, reset), Step::Fail);
+    }
+
+    #[test]
+    fn an_unreached_app_is_a_connect_failure_for_retries_and_one_strike() {
+        let e = AttemptError::AppUnreached;
+        assert_eq!(e.condition(), Some(RetryOn::ConnectFailure));
+        assert_eq!(e.charge(), Some(Failure::Error));
+        assert_eq!(e.status(), StatusCode::BAD_GATEWAY);
+        let r = AttemptError::Rejected;
+        assert_eq!(
+            (r.condition(), r.charge()),
+            (Some(RetryOn::ConnectFailure), None)
+        );
+        let p = for_request(None, 1, false, true, &failed(r));
+        assert_eq!(step(&p, 0, failed(r)), Step::Retry);
     }
 }

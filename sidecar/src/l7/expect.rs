@@ -116,6 +116,11 @@ pub(crate) enum AppError {
 }
 
 impl AppError {
+    /// Whether the app never got the request (no connection was made).
+    pub(crate) fn unreached(&self) -> bool {
+        !matches!(self, AppError::Reset(_))
+    }
+
     /// DESIGN §2: 504 when the app did not accept in time, 502 otherwise.
     pub(crate) fn status(&self) -> StatusCode {
         match self {

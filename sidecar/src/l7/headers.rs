@@ -7,9 +7,13 @@ use http::header::{self, HeaderMap, HeaderName};
 
 /// The header carrying the verified caller's SPIFFE id to the destination app.
 pub(crate) const PEER_IDENTITY: &str = "x-halyard-peer-identity";
+/// Set by an app's sidecar on its local reply when it could not connect to the app: the request
+/// reached no app and may go to another endpoint whatever its method.
+pub(crate) const APP_UNREACHED: &str = "x-halyard-app-unreached";
 /// Headers the mesh sets itself; any copy from the app is removed.
 const MESH_HEADERS: &[&str] = &[
     PEER_IDENTITY,
+    APP_UNREACHED,
     super::upgrade::UPGRADE,
     "x-halyard-source-service",
     "x-forwarded-client-cert",

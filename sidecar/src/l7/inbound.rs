@@ -15,7 +15,7 @@ use http_body_util::BodyExt;
 use hyper::body::Frame;
 
 use super::body::{to_bytes, BodyError, BodySender, ChannelBody};
-use super::headers::{strip_hop_by_hop, strip_identity_claims, PEER_IDENTITY};
+use super::headers::{strip_hop_by_hop, strip_identity_claims, APP_UNREACHED, PEER_IDENTITY};
 use super::normalize::{normalize, PathError};
 use super::{expect, upgrade};
 use crate::decide::admit::{Refusal, Stream};
@@ -241,10 +241,25 @@ impl Responder {
 
     /// A response made by this sidecar: `status`, `x-halyard-local-reply` and `why`.
     async fn local(&mut self, status: StatusCode, why: &str) {
+        self.reply(status, why, false).await;
+    }
+
+    /// The answer when the app could not be asked: marked so the caller's sidecar knows the
+    /// request reached no app (see `decide::retry::for_request`).
+    async fn app_failure(&mut self, failure: &AppFailure) {
+        self.reply(failure.status, &failure.why, failure.unreached)
+            .await;
+    }
+
+    async fn reply(&mut self, status: StatusCode, why: &str, unreached: bool) {
         let mut resp = Response::new(());
         *resp.status_mut() = status;
         resp.headers_mut()
             .insert("x-halyard-local-reply", HeaderValue::from_static("1"));
+        if unreached {
+            resp.headers_mut()
+                .insert(APP_UNREACHED, HeaderValue::from_static("1"));
+        }
         if self.head(resp).await
             && self
                 .frame(Frame::data(Bytes::from(format!("{why}\n"))))
@@ -300,31 +315,41 @@ async fn forward(
         let req = http::Request::from_parts(parts, ChannelBody::full(Bytes::new()));
         return switch(shared, apps, req, recv, out, rec).await;
     }
-    let first = match body_of_any_method(&mut parts, &mut recv).await {
-        Ok(first) => first,
+    let peeked = match body_of_any_method(&mut parts, &mut recv).await {
+        Ok(peeked) => peeked,
         Err(e) => {
             tracing::debug!(error = %e, "caller reset the request before its body");
             return (out.status.unwrap_or(499), None);
         }
     };
-    let (tx, body) = ChannelBody::channel();
-    let pumping = shared.clone();
-    shared.flows.spawn(async move {
-        // Ends once the app no longer reads the body, even while the caller is silent.
-        let pump = async {
-            tokio::select! {
-                _ = pump_request(recv, first, &tx) => {}
-                _ = tx.closed() => {}
-            }
-        };
-        pumping.until_hard_stop(pump).await;
-    });
-    let req = http::Request::from_parts(parts, body);
-    let answer = if expect {
-        ask_expecting(apps, admitted.app, req, out).await
-    } else {
+    let answer = if let Peeked::Empty = peeked {
+        // Nothing left to read from the caller: the request can be sent twice.
         let client = if admitted.grpc { &apps.h2 } else { &apps.h1 };
-        client.request(req).await.map_err(|e| app_failure(&e))
+        ask_bodiless(client, parts).await
+    } else {
+        let first = match peeked {
+            Peeked::First(b) => Some(b),
+            _ => None,
+        };
+        let (tx, body) = ChannelBody::channel();
+        let pumping = shared.clone();
+        shared.flows.spawn(async move {
+            // Ends once the app no longer reads the body, even while the caller is silent.
+            let pump = async {
+                tokio::select! {
+                    _ = pump_request(recv, first, &tx) => {}
+                    _ = tx.closed() => {}
+                }
+            };
+            pumping.until_hard_stop(pump).await;
+        });
+        let req = http::Request::from_parts(parts, body);
+        if expect {
+            ask_expecting(apps, admitted.app, req, out).await
+        } else {
+            let client = if admitted.grpc { &apps.h2 } else { &apps.h1 };
+            client.request(req).await.map_err(|e| AppFailure::of(&e))
+        }
     };
     match answer {
         Ok(resp) => {
@@ -332,10 +357,10 @@ async fn forward(
             let received = crate::telemetry::content_length(resp.headers());
             (respond(out, resp).await, received)
         }
-        Err((status, why)) => {
-            tracing::info!(app = %admitted.app, %why, "local app request failed");
-            out.local(status, &why).await;
-            (status.as_u16(), None)
+        Err(failure) => {
+            tracing::info!(app = %admitted.app, why = %failure.why, "local app request failed");
+            out.app_failure(&failure).await;
+            (failure.status.as_u16(), None)
         }
     }
 }
@@ -371,16 +396,25 @@ fn app_headers(
     }
 }
 
+/// What is known of a request's body before it is sent to the app.
+enum Peeked {
+    /// Not looked at: the framing headers or the protocol say what follows.
+    Unknown,
+    /// The caller finished the request with its headers: no body.
+    Empty,
+    /// The body's first chunk (taken off the stream).
+    First(Bytes),
+}
+
 /// A body on any method (RFC 9110 §9.3.1 lets a GET carry one; search APIs use it). hyper's
 /// HTTP/1.1 client sends no body for GET, HEAD and OPTIONS-like requests of unknown length, so
 /// for a request without Content-Length this waits for the caller's first DATA frame or its
 /// end: a body makes the request chunked explicitly. HTTP/3 has no framing headers, and the
 /// caller's sidecar finishes a bodiless request with its headers, so this costs no round trip.
-/// Returns the first chunk, to be sent before the rest.
 async fn body_of_any_method(
     parts: &mut http::request::Parts,
     recv: &mut RecvHalf,
-) -> Result<Option<Bytes>, halyard_transport::h3::error::StreamError> {
+) -> Result<Peeked, halyard_transport::h3::error::StreamError> {
     let implicit_empty = matches!(
         parts.method,
         http::Method::GET | http::Method::HEAD | http::Method::CONNECT
@@ -389,16 +423,44 @@ async fn body_of_any_method(
         || !implicit_empty
         || parts.headers.contains_key(http::header::CONTENT_LENGTH)
     {
-        return Ok(None);
+        return Ok(Peeked::Unknown);
     }
-    let first = recv.recv_data().await?.map(to_bytes);
-    if first.is_some() {
-        parts.headers.insert(
-            http::header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
+    let Some(first) = recv.recv_data().await?.map(to_bytes) else {
+        return Ok(Peeked::Empty);
+    };
+    parts.headers.insert(
+        http::header::TRANSFER_ENCODING,
+        HeaderValue::from_static("chunked"),
+    );
+    Ok(Peeked::First(first))
+}
+
+/// Sends a bodiless GET or HEAD to the app. A pooled keep-alive connection the app closes just
+/// as the request goes out (an app shutting down, its idle timeout) fails it without an
+/// answer; such a request is idempotent (RFC 9110 §9.2.2) and is sent once more on a fresh
+/// connection, as RFC 9112 §9.3.1 allows.
+async fn ask_bodiless(
+    client: &AppClient,
+    parts: http::request::Parts,
+) -> Result<Response<hyper::body::Incoming>, AppFailure> {
+    let again = || {
+        let mut req = http::Request::new(ChannelBody::full(Bytes::new()));
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = parts.uri.clone();
+        *req.version_mut() = parts.version;
+        *req.headers_mut() = parts.headers.clone();
+        req
+    };
+    match client.request(again()).await {
+        Err(e) if !e.is_connect() => {
+            tracing::debug!(error = %e, "app connection closed under the request; sending it again");
+            client
+                .request(again())
+                .await
+                .map_err(|e| AppFailure::of(&e))
+        }
+        answer => answer.map_err(|e| AppFailure::of(&e)),
     }
-    Ok(first)
 }
 
 /// Asks the app on a connection of its own, passing its `100 Continue` on to the caller (see
@@ -408,7 +470,7 @@ async fn ask_expecting(
     app: SocketAddr,
     req: http::Request<ChannelBody>,
     out: &mut Responder,
-) -> Result<Response<hyper::body::Incoming>, (StatusCode, String)> {
+) -> Result<Response<hyper::body::Incoming>, AppFailure> {
     let expect::Expecting {
         mut continued,
         mut response,
@@ -417,7 +479,11 @@ async fn ask_expecting(
     loop {
         tokio::select! {
             answer = &mut response => {
-                return answer.map_err(|e| (e.status(), e.to_string()));
+                return answer.map_err(|e| AppFailure {
+                    status: e.status(),
+                    why: e.to_string(),
+                    unreached: e.unreached(),
+                });
             }
             got = &mut continued, if waiting => {
                 waiting = false;
@@ -445,9 +511,9 @@ async fn switch(
     let resp = match apps.h1.request(req).await {
         Ok(resp) => resp,
         Err(e) => {
-            let (status, why) = app_failure(&e);
-            out.local(status, &why).await;
-            return (status.as_u16(), None);
+            let failure = AppFailure::of(&e);
+            out.app_failure(&failure).await;
+            return (failure.status.as_u16(), None);
         }
     };
     rec.response_head();
@@ -488,26 +554,40 @@ async fn switch(
     (101, None)
 }
 
-/// DESIGN §2: 504 when the local app did not accept the connection in time, 502 when it
-/// refused or reset.
-fn app_failure(e: &hyper_util::client::legacy::Error) -> (StatusCode, String) {
-    let mut source = std::error::Error::source(e);
-    while let Some(err) = source {
-        let timed_out = err
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
-        if timed_out && e.is_connect() {
-            let why = "local app did not accept the connection in time";
-            return (StatusCode::GATEWAY_TIMEOUT, why.to_owned());
+/// Why the app gave no answer.
+struct AppFailure {
+    status: StatusCode,
+    why: String,
+    /// The app never got the request (no connection).
+    unreached: bool,
+}
+
+impl AppFailure {
+    /// DESIGN §2: 504 when the local app did not accept the connection in time, 502 when it
+    /// refused or reset.
+    fn of(e: &hyper_util::client::legacy::Error) -> AppFailure {
+        let mut source = std::error::Error::source(e);
+        let mut timed_out = false;
+        while let Some(err) = source {
+            timed_out |= err
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
+            source = err.source();
         }
-        source = err.source();
+        let (status, why) = match (e.is_connect(), timed_out) {
+            (true, true) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "local app did not accept the connection in time",
+            ),
+            (true, false) => (StatusCode::BAD_GATEWAY, "local app refused the connection"),
+            (false, _) => (StatusCode::BAD_GATEWAY, "local app reset the request"),
+        };
+        AppFailure {
+            status,
+            why: why.to_owned(),
+            unreached: e.is_connect(),
+        }
     }
-    let why = if e.is_connect() {
-        "local app refused the connection"
-    } else {
-        "local app reset the request"
-    };
-    (StatusCode::BAD_GATEWAY, why.to_owned())
 }
 
 /// Streams the app's response (head, body, trailers) to the peer.
@@ -525,8 +605,8 @@ async fn respond(out: &mut Responder, resp: Response<hyper::body::Incoming>) -> 
     }
     let status = parts.status.as_u16();
     strip_hop_by_hop(&mut parts.headers);
-    // Only this sidecar says an upgrade was accepted.
-    parts.headers.remove(upgrade::UPGRADE);
+    // Only this sidecar says an upgrade was accepted, or that the app was not reached.
+    strip_identity_claims(&mut parts.headers);
     parts.version = http::Version::HTTP_3;
     if !out.head(Response::from_parts(parts, ())).await {
         return status;

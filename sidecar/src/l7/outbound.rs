@@ -17,12 +17,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
 use super::body::{buffer_small, to_bytes, BodySender, Buffered, ChannelBody};
-use super::headers::{check_framing, strip_hop_by_hop, strip_identity_claims};
+use super::headers::{check_framing, strip_hop_by_hop, strip_identity_claims, APP_UNREACHED};
 use super::normalize::normalize;
 use super::upgrade;
 use super::upload::{Payload, Start, Upload, EXPECT_TIMEOUT};
 use crate::decide::capture::Destination;
-use crate::decide::retry::{self, answer_charge, AttemptError, Failed, RetryPolicy, Step};
+use crate::decide::retry::{self, answer_charge, AttemptError, Failed, Step};
 use crate::decide::route::{idempotent, select, HttpView, RequestView};
 use crate::state::{Picked, Shared};
 use crate::telemetry::flow::End;
@@ -32,6 +32,11 @@ use crate::telemetry::{content_length, trace_context};
 
 /// Largest request body kept in memory so it can be sent again (retries, mirroring).
 const REPLAY_LIMIT: u64 = 1024 * 1024;
+
+/// Largest body kept when no rule asks for retries, so that a request that reached no app
+/// (see `decide::retry::for_request`) can still go to another endpoint: the size of a JSON
+/// call, not of an upload.
+const UNREACHED_REPLAY_LIMIT: u64 = 64 * 1024;
 
 /// How long a mirrored request may take when its rule sets no timeout.
 const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
@@ -250,12 +255,21 @@ impl Call<'_> {
         }
         // Reading the body of a request that expects `100 Continue` would make hyper send the
         // 100 itself: such a body is streamed, once allowed.
-        let wants_replay = start == Start::Now
-            && rule.is_some_and(|r| {
-                r.retries.as_ref().is_some_and(|x| x.attempts > 0) || r.mirror.is_some()
-            });
-        let payload = if wants_replay {
-            match buffer_small(body, REPLAY_LIMIT).await {
+        let rule_replays = rule.is_some_and(|r| {
+            r.retries.as_ref().is_some_and(|x| x.attempts > 0) || r.mirror.is_some()
+        });
+        let limit = match (start, rule_replays) {
+            (Start::Now, true) => REPLAY_LIMIT,
+            (Start::Now, false) if self.shared.config.file.failure.retries > 0 => {
+                UNREACHED_REPLAY_LIMIT
+            }
+            _ => 0,
+        };
+        let payload = if body.is_end_stream() {
+            // Nothing to read: any attempt can send it.
+            Payload::Replayable(Buffered::default())
+        } else if limit > 0 {
+            match buffer_small(body, limit).await {
                 Ok(Ok(b)) => Payload::Replayable(b),
                 Ok(Err(e)) => {
                     return (
@@ -314,6 +328,8 @@ impl Call<'_> {
         mut upgrade: Option<OnUpgrade>,
     ) -> Answer {
         let retries = self.rule.and_then(|(_, r)| r.retries.as_ref());
+        let route = retries.map(|r| (r.attempts, r.on.as_slice()));
+        let mesh_retries = self.shared.config.file.failure.retries;
         let method_ok = self.method_retryable(retries);
         let subset = self.subset();
         let snap = self.shared.current();
@@ -321,24 +337,16 @@ impl Call<'_> {
         let mut tried: Vec<String> = Vec::new();
         self.shared.budget_request(service);
         for retries_done in 0.. {
-            let policy = RetryPolicy {
-                max_retries: retries.map_or(0, |r| r.attempts),
-                on: retries.map_or(&[], |r| r.on.as_slice()),
-                // A body not read yet (a kept copy, or a stream no attempt has started) can
-                // still be sent whole.
-                replayable: method_ok && payload.intact(),
-                revisit: true,
-            };
-            let Ok(picked) = self
-                .shared
-                .pick_in(&snap, service, &subset, &tried, policy.revisit)
-            else {
+            let Ok(picked) = self.shared.pick_in(&snap, service, &subset, &tried, true) else {
                 let resp = local(StatusCode::SERVICE_UNAVAILABLE, "no healthy endpoint");
                 return (resp, None);
             };
             tried.push(picked.endpoint.id.clone());
             let served = Some(picked.endpoint.clone());
-            let attempt = self.once(&picked, &mut payload, retries, start).await;
+            let attempt = self
+                .once(&picked, &mut payload, retries, start)
+                .await
+                .and_then(AttemptFailure::unreached);
             let outcome = match &attempt {
                 Ok(x) => {
                     self.shared.outcome(&picked, answer_charge(x.head.status()));
@@ -351,6 +359,8 @@ impl Call<'_> {
                     retry::Outcome::Failed(fail.failed)
                 }
             };
+            let policy =
+                retry::for_request(route, mesh_retries, method_ok, payload.intact(), &outcome);
             match (
                 self.shared
                     .next_step(service, &policy, (retries_done, &tried), outcome),
@@ -588,6 +598,21 @@ impl AttemptFailure {
         Self::of(Failed::of(&e).error, format!("upstream: {e}"))
     }
 
+    /// The response head could not be read.
+    fn response(e: halyard_transport::h3::error::StreamError) -> Self {
+        use halyard_transport::h3::error::{Code, StreamError};
+        let rejected = match &e {
+            StreamError::RemoteTerminate { code, .. } => *code == Code::H3_REQUEST_REJECTED,
+            StreamError::ConnectionError { 0: c, .. } => c.is_h3_no_error(),
+            _ => false,
+        };
+        if rejected {
+            let why = format!("upstream did not process the request (draining): {e}");
+            return Self::of(AttemptError::Rejected, why);
+        }
+        Self::reset(&e.to_string())
+    }
+
     fn reset(why: &str) -> Self {
         Self::of(AttemptError::Reset, format!("upstream reset: {why}"))
     }
@@ -600,6 +625,16 @@ impl AttemptFailure {
     /// The caller's request could not be sent: never the endpoint's doing.
     fn local(why: &str) -> Self {
         Self::of(AttemptError::Local, why.to_owned())
+    }
+
+    /// An answer from the peer sidecar that it could not connect to its app is a failure of
+    /// the attempt: the request reached no app.
+    fn unreached(x: Exchange) -> Result<Exchange, AttemptFailure> {
+        if !x.head.headers().contains_key(APP_UNREACHED) {
+            return Ok(x);
+        }
+        let why = "upstream app unreachable: its sidecar could not connect to it".to_owned();
+        Err(Self::of(AttemptError::AppUnreached, why))
     }
 }
 
@@ -631,9 +666,7 @@ async fn final_head(
     let mut waiting = upload.start() == Start::OnContinue;
     loop {
         let head = tokio::select! {
-            head = recv.recv_response() => {
-                head.map_err(|e| AttemptFailure::reset(&e.to_string()))?
-            }
+            head = recv.recv_response() => head.map_err(AttemptFailure::response)?,
             why = upload.app_failure() => return Err(AttemptFailure::local(&why)),
             () = &mut expect, if waiting => {
                 waiting = false;
