@@ -10,6 +10,7 @@ name: reviews
 vip: 240.240.0.10
 ports:
   - { name: http, port: 9080, protocol: http, targetPort: 9080 }
+circuitBreaker: { maxConcurrentRequests: 100, maxPendingRequests: 10, maxConcurrentFlows: 1000, maxRetriesInFlight: 3 }
 ---
 kind: Route
 service: reviews
@@ -36,6 +37,14 @@ rules:
   - action: deny
     from: { services: [productpage], identities: ["spiffe://mesh.local/ns/default/sa/*"], namespaces: [default] }
     to: { ports: [9080], methods: [POST], paths: ["/admin", "/admin/*"] }
+rateLimits:
+  - name: api
+    to: { paths: ["/api/*"] }
+    total: { perSecond: 200, burst: 50 }
+    perCaller: { perSecond: 100, burst: 10 }
+    callers:
+      - { from: { services: [reviews] }, perSecond: 300, burst: 30 }
+  - flows: { perSecond: 50, burst: 5, concurrent: 100 }
 ---
 kind: MeshConfig
 defaultPolicy: allow
@@ -146,6 +155,18 @@ fn bad_objects_name_the_field_path() {
         ("kind: Policy\nservice: r\nrules: [{action: deny, to: {headers: ['X-Token']}}]".into(), "rules[0].to.headers[0]", "not a header name"),
         (route("  - backends: [{weight: 1}]\n    retries: {attempts: 2, methods: [post]}"), "rules[1].retries.methods[0]", "not an HTTP method"),
         ("kind: Policy\nservice: r\nrules: [{action: deny, to: {methods: [post]}}]".into(), "rules[0].to.methods[0]", "HTTP method"),
+        ("kind: Policy\nservice: r\nrateLimits: [{total: {perSecond: -5, burst: 1}}]".into(), "rateLimits[0].total.perSecond", "above 0"),
+        ("kind: Policy\nservice: r\nrateLimits: [{perCaller: {perSecond: 5, burst: 0}}]".into(), "rateLimits[0].perCaller.burst", "from 1"),
+        ("kind: Policy\nservice: r\nrateLimits: [{perCaller: {perSecond: 5, burst: 2.5}}]".into(), "rateLimits[0].perCaller.burst", "whole number"),
+        ("kind: Policy\nservice: r\nrateLimits: [{perCaller: {perSecond: 5, bursts: 2}}]".into(), "rateLimits[0].perCaller.bursts", "unknown field"),
+        ("kind: Policy\nservice: r\nrateLimits: [{name: api}]".into(), "rateLimits[0]", "limits nothing"),
+        ("kind: Policy\nservice: r\nrateLimits: [{name: a, flows: {concurrent: 1}}, {name: a, flows: {concurrent: 2}}]".into(), "rateLimits[1].name", "earlier rate limit"),
+        ("kind: Policy\nservice: r\nrateLimits: [{callers: [{from: {}, perSecond: 1}]}]".into(), "rateLimits[0].callers[0].from", "names no caller"),
+        ("kind: Policy\nservice: r\nrateLimits: [{flows: {concurrent: 0}}]".into(), "rateLimits[0].flows.concurrent", "from 1"),
+        ("kind: Policy\nservice: r\nrateLimits: [{flows: {burst: 3}}]".into(), "rateLimits[0].flows.burst", "needs perSecond"),
+        ("kind: Service\nname: r\nports: [{port: 80, protocol: tcp}]\ncircuitBreaker: {maxConcurrentRequests: -1}".into(), "circuitBreaker.maxConcurrentRequests", "from 1"),
+        ("kind: Service\nname: r\nports: [{port: 80, protocol: tcp}]\ncircuitBreaker: {}".into(), "circuitBreaker", "no threshold"),
+        ("kind: Service\nname: r\nports: [{port: 80, protocol: tcp}]\ncircuitBreaker: {maxRequests: 3}".into(), "circuitBreaker.maxRequests", "unknown field"),
         ("kind: MeshConfig\ndefaultPolicy: maybe\ntrustDomain: mesh.local".into(), "defaultPolicy", "allow or deny"),
         ("kind: MeshConfig\ndefaultPolicy: deny\ntrustDomain: Mesh.Local".into(), "trustDomain", "trust domain"),
         ("kind: Endpoint\nid: e1\nservice: r\naddress: 127.0.0.1\nidentity: spiffe://td/x".into(), "address", "ip:port"),

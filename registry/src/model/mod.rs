@@ -159,6 +159,29 @@ pub struct Service {
     pub vip: Option<IpAddr>,
     /// The ports, unique by number and by name.
     pub ports: Vec<ServicePort>,
+    /// Limits each caller's sidecar keeps towards this service (Envoy's circuit breakers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreaker>,
+}
+
+/// Thresholds a caller's sidecar keeps per destination service; past one it fails fast (503,
+/// flag `UO`) instead of queueing, and never ejects an endpoint for it (Envoy's
+/// `circuit_breakers.thresholds`). Each is at least 1; absent means no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CircuitBreaker {
+    /// L7 requests in flight to the service from one sidecar.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_requests: Option<u32>,
+    /// L7 requests and L4 flows waiting for a connection or a stream to the service.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_pending_requests: Option<u32>,
+    /// L4 flows open to the service from one sidecar.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_flows: Option<u32>,
+    /// Retries in flight to the service from one sidecar.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_retries_in_flight: Option<u32>,
 }
 
 /// One port of a service.
@@ -505,13 +528,75 @@ pub struct HeaderMods {
     pub remove: Vec<String>,
 }
 
-/// Access policy of one service.
+/// Access policy of one service: who may call it, and how much.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Policy {
     /// The service protected.
     pub service: Name,
     /// Rules: deny rules are evaluated first, then allow rules.
     pub rules: Vec<PolicyRule>,
+    /// Rate limits, enforced by the service's sidecars on verified callers; each one that
+    /// matches a request or flow must admit it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rate_limits: Vec<RateLimit>,
+}
+
+/// A token bucket: `per_second` tokens a second, holding at most `burst` (RFC 2697's committed
+/// rate and burst size, in requests or flows instead of bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Rate {
+    /// Refill rate in tokens per second: finite, above 0, at most 1,000,000.
+    pub per_second: f64,
+    /// Bucket size: 1 to 1,000,000.
+    pub burst: u32,
+}
+
+/// One rate limit of a service (`Policy.rateLimits[]`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimit {
+    /// Its name in metrics and logs (default `limit-<index>`), unique in the policy.
+    pub name: Name,
+    /// What it counts: ports, methods, paths, headers (as in policy rules); absent: everything.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to: Option<Destination>,
+    /// Requests per second for the whole service, divided among its live endpoints by weight.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total: Option<Rate>,
+    /// Requests per second for each calling identity, unless an entry of `callers` matches.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_caller: Option<Rate>,
+    /// Per-identity limits for named callers; the first matching entry applies.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub callers: Vec<CallerRate>,
+    /// L4 flows per calling identity.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flows: Option<FlowLimit>,
+}
+
+/// A per-identity rate for the callers a source matches.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CallerRate {
+    /// The callers (services, identities, namespaces; at least one list non-empty).
+    pub from: Source,
+    /// Each matching identity's own bucket.
+    #[serde(flatten)]
+    pub rate: Rate,
+}
+
+/// Limits on the L4 flows of each calling identity.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FlowLimit {
+    /// New flows per second.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub new: Option<Rate>,
+    /// Flows open at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub concurrent: Option<u32>,
 }
 
 /// Allow or deny.

@@ -13,6 +13,21 @@ pub(crate) struct Service {
     #[serde(default)]
     pub vip: Option<String>,
     pub ports: Vec<ServicePort>,
+    #[serde(default)]
+    pub circuit_breaker: Option<CircuitBreaker>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct CircuitBreaker {
+    #[serde(default)]
+    pub max_concurrent_requests: Option<i64>,
+    #[serde(default)]
+    pub max_pending_requests: Option<i64>,
+    #[serde(default)]
+    pub max_concurrent_flows: Option<i64>,
+    #[serde(default)]
+    pub max_retries_in_flight: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -142,7 +157,57 @@ pub(crate) struct HeaderMods {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(crate) struct Policy {
     pub service: String,
+    #[serde(default)]
     pub rules: Vec<PolicyRule>,
+    #[serde(default)]
+    pub rate_limits: Vec<RateLimit>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RateLimit {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub to: Option<To>,
+    #[serde(default)]
+    pub total: Option<Rate>,
+    #[serde(default)]
+    pub per_caller: Option<Rate>,
+    #[serde(default)]
+    pub callers: Vec<CallerRate>,
+    #[serde(default)]
+    pub flows: Option<Flows>,
+}
+
+/// Numbers are read wide so that a negative or fractional value is refused by validation with
+/// its field path rather than by serde.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct Rate {
+    pub per_second: f64,
+    #[serde(default)]
+    pub burst: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct CallerRate {
+    pub from: From,
+    pub per_second: f64,
+    #[serde(default)]
+    pub burst: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct Flows {
+    #[serde(default)]
+    pub per_second: Option<f64>,
+    #[serde(default)]
+    pub burst: Option<f64>,
+    #[serde(default)]
+    pub concurrent: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -187,7 +187,51 @@ fn service(raw: raw::Service) -> Result<Service, ValidationError> {
     for (i, p) in raw.ports.into_iter().enumerate() {
         ports.push(service_port(&index("ports", i), p, &ports)?);
     }
-    Ok(Service { name, vip, ports })
+    let circuit_breaker = raw
+        .circuit_breaker
+        .map(|c| circuit_breaker("circuitBreaker", c))
+        .transpose()?;
+    Ok(Service {
+        name,
+        vip,
+        ports,
+        circuit_breaker,
+    })
+}
+
+/// Largest threshold, count or burst accepted (a bound that still catches unit mistakes).
+const MAX_COUNT: i64 = 1_000_000;
+
+/// A whole number from 1 to [`MAX_COUNT`].
+fn count(path: &str, v: i64) -> Result<u32, ValidationError> {
+    if !(1..=MAX_COUNT).contains(&v) {
+        return Err(ValidationError::at(
+            path,
+            format!("{v} is out of range: expected a whole number from 1 to {MAX_COUNT}"),
+        ));
+    }
+    u32::try_from(v).map_err(|_| ValidationError::at(path, format!("{v} is out of range")))
+}
+
+fn circuit_breaker(
+    path: &str,
+    raw: raw::CircuitBreaker,
+) -> Result<CircuitBreaker, ValidationError> {
+    let at = |name: &str, v: Option<i64>| v.map(|v| count(&field(path, name), v)).transpose();
+    let c = CircuitBreaker {
+        max_concurrent_requests: at("maxConcurrentRequests", raw.max_concurrent_requests)?,
+        max_pending_requests: at("maxPendingRequests", raw.max_pending_requests)?,
+        max_concurrent_flows: at("maxConcurrentFlows", raw.max_concurrent_flows)?,
+        max_retries_in_flight: at("maxRetriesInFlight", raw.max_retries_in_flight)?,
+    };
+    if c == CircuitBreaker::default() {
+        return Err(ValidationError::at(
+            path,
+            "no threshold set: give maxConcurrentRequests, maxPendingRequests, \
+             maxConcurrentFlows or maxRetriesInFlight",
+        ));
+    }
+    Ok(c)
 }
 
 fn service_port(
@@ -512,7 +556,122 @@ fn policy(raw: raw::Policy) -> Result<Policy, ValidationError> {
         .enumerate()
         .map(|(i, r)| policy_rule(&index("rules", i), r))
         .collect::<Result<_, _>>()?;
-    Ok(Policy { service, rules })
+    let mut rate_limits: Vec<RateLimit> = Vec::new();
+    for (i, raw) in raw.rate_limits.into_iter().enumerate() {
+        let path = index("rateLimits", i);
+        let limit = rate_limit(&path, i, raw)?;
+        if rate_limits.iter().any(|l| l.name == limit.name) {
+            return Err(ValidationError::at(
+                field(&path, "name"),
+                format!("{:?} is used by an earlier rate limit", limit.name.as_str()),
+            ));
+        }
+        rate_limits.push(limit);
+    }
+    Ok(Policy {
+        service,
+        rules,
+        rate_limits,
+    })
+}
+
+fn rate_limit(path: &str, i: usize, raw: raw::RateLimit) -> Result<RateLimit, ValidationError> {
+    let name = match raw.name {
+        Some(n) => Name::at(&field(path, "name"), &n)?,
+        None => Name::at(&field(path, "name"), &format!("limit-{i}"))?,
+    };
+    let to = raw
+        .to
+        .map(|t| destination(&field(path, "to"), t))
+        .transpose()?;
+    let total = raw
+        .total
+        .map(|r| rate(&field(path, "total"), r.per_second, r.burst))
+        .transpose()?;
+    let per_caller = raw
+        .per_caller
+        .map(|r| rate(&field(path, "perCaller"), r.per_second, r.burst))
+        .transpose()?;
+    let mut callers = Vec::new();
+    for (j, c) in raw.callers.into_iter().enumerate() {
+        let at = index(&field(path, "callers"), j);
+        let from = source(&field(&at, "from"), c.from)?;
+        if from == Source::default() {
+            return Err(ValidationError::at(
+                field(&at, "from"),
+                "names no caller: give services, identities or namespaces",
+            ));
+        }
+        let rate = rate(&at, c.per_second, c.burst)?;
+        callers.push(CallerRate { from, rate });
+    }
+    let flows = raw
+        .flows
+        .map(|f| flow_limit(&field(path, "flows"), f))
+        .transpose()?;
+    if total.is_none() && per_caller.is_none() && callers.is_empty() && flows.is_none() {
+        return Err(ValidationError::at(
+            path,
+            "limits nothing: give total, perCaller, callers or flows",
+        ));
+    }
+    Ok(RateLimit {
+        name,
+        to,
+        total,
+        per_caller,
+        callers,
+        flows,
+    })
+}
+
+/// Largest rate accepted, per second.
+const MAX_RATE: f64 = 1_000_000.0;
+
+/// A rate above 0 and a burst of at least 1 (default: one second's worth, at least 1).
+fn rate(path: &str, per_second: f64, burst: Option<f64>) -> Result<Rate, ValidationError> {
+    if !per_second.is_finite() || per_second <= 0.0 || per_second > MAX_RATE {
+        return Err(ValidationError::at(
+            field(path, "perSecond"),
+            format!("{per_second} is out of range: expected a rate above 0 and at most {MAX_RATE}"),
+        ));
+    }
+    let burst = burst.unwrap_or_else(|| per_second.ceil().max(1.0));
+    if burst.fract() != 0.0 || !(1.0..=MAX_COUNT as f64).contains(&burst) {
+        return Err(ValidationError::at(
+            field(path, "burst"),
+            format!("{burst} is out of range: expected a whole number from 1 to {MAX_COUNT}"),
+        ));
+    }
+    Ok(Rate {
+        per_second,
+        // In range by the check above.
+        burst: burst as u32,
+    })
+}
+
+fn flow_limit(path: &str, raw: raw::Flows) -> Result<FlowLimit, ValidationError> {
+    let new = match (raw.per_second, raw.burst) {
+        (Some(r), burst) => Some(rate(path, r, burst)?),
+        (None, Some(_)) => {
+            return Err(ValidationError::at(
+                field(path, "burst"),
+                "a burst needs perSecond",
+            ))
+        }
+        (None, None) => None,
+    };
+    let concurrent = raw
+        .concurrent
+        .map(|c| count(&field(path, "concurrent"), c))
+        .transpose()?;
+    if new.is_none() && concurrent.is_none() {
+        return Err(ValidationError::at(
+            path,
+            "limits nothing: give perSecond or concurrent",
+        ));
+    }
+    Ok(FlowLimit { new, concurrent })
 }
 
 fn action(path: &str, s: &str) -> Result<Action, ValidationError> {

@@ -10,6 +10,7 @@
 //!   power of two choices, subset failover, panic mode).
 //! - [`admit`]: inbound admission of a tunnel or request (port, then policy; L4 and L7).
 //! - [`policy`]: the access policy's decision on a verified caller.
+//! - [`ratelimit`]: rate limits on verified callers (token buckets, service-wide shares).
 //! - [`outlier`]: passive outlier detection (consecutive failures eject, doubling, a cap).
 //! - [`budget`]: the retry budget (a share of requests over a window, plus a floor).
 //! - [`retry`]: the one retry and failure policy of L4 and L7.
@@ -19,6 +20,7 @@ pub mod budget;
 pub mod capture;
 pub mod outlier;
 pub mod pick;
+pub mod ratelimit;
 pub mod policy;
 pub mod retry;
 pub mod route;

@@ -110,7 +110,8 @@ fn rule_matches(rule: &PolicyRule, peer: Peer<'_>, target: Target<'_>) -> bool {
             .is_none_or(|t| destination_matches(t, target, unevaluable))
 }
 
-fn source_matches(from: &Source, peer: Peer<'_>) -> bool {
+/// Whether the caller is one `from` names (each non-empty list must match).
+pub(crate) fn source_matches(from: &Source, peer: Peer<'_>) -> bool {
     let services_ok = from.services.is_empty()
         || from
             .services
@@ -169,6 +170,7 @@ mod tests {
         Policy {
             service: Name::new("ratings").unwrap(),
             rules,
+            rate_limits: Vec::new(),
         }
     }
 
