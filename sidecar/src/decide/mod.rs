@@ -20,8 +20,8 @@ pub mod budget;
 pub mod capture;
 pub mod outlier;
 pub mod pick;
-pub mod ratelimit;
 pub mod policy;
+pub mod ratelimit;
 pub mod retry;
 pub mod route;
 

@@ -127,7 +127,9 @@ impl Bucket {
         if self.tokens >= 1.0 {
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / rate.per_second))
+            Err(Duration::from_secs_f64(
+                (1.0 - self.tokens) / rate.per_second,
+            ))
         }
     }
 
@@ -346,8 +348,10 @@ fn request_conditions_hold(to: &Destination, target: Target<'_>) -> bool {
         || target
             .method
             .is_some_and(|m| to.methods.iter().any(|x| x.eq_ignore_ascii_case(m)));
-    let paths_ok =
-        to.paths.is_empty() || target.path.is_some_and(|p| to.paths.iter().any(|x| x.matches(p)));
+    let paths_ok = to.paths.is_empty()
+        || target
+            .path
+            .is_some_and(|p| to.paths.iter().any(|x| x.matches(p)));
     let headers_ok = to.headers.is_empty()
         || target
             .headers
