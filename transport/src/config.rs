@@ -68,7 +68,10 @@ pub struct RawTransportConfig {
     pub backoff_initial_ms: u64,
     /// Longest reconnect delay.
     pub backoff_max_ms: u64,
-    /// Largest decoded header section accepted (SETTINGS_MAX_FIELD_SECTION_SIZE, RFC 9114 §4.2.2).
+    /// Largest header section, in bytes as RFC 9114 §4.2.2 counts them (name + value + 32 per
+    /// field, pseudo-header fields included), accepted from a peer and advertised to it as
+    /// SETTINGS_MAX_FIELD_SECTION_SIZE. A request over it is refused before it is sent (431);
+    /// a response over the peer's advertised value is replaced by a 502. 1 KiB to 1 MiB.
     pub max_field_section_size: u64,
     /// Congestion controller of every connection: `"bbr"` (default) or `"cubic"`.
     pub congestion: Congestion,
@@ -89,7 +92,7 @@ impl Default for RawTransportConfig {
             connections_per_peer: 1,
             backoff_initial_ms: 100,
             backoff_max_ms: 5_000,
-            max_field_section_size: 16 * KIB,
+            max_field_section_size: 96 * KIB,
             congestion: Congestion::default(),
         }
     }
@@ -111,7 +114,7 @@ impl Default for RawTransportConfig {
 /// | UDP socket buffers | 4 MiB each | bursts are not dropped by the kernel before quinn reads them |
 /// | connections per peer | 1 | one connection carries all flows to a peer |
 /// | reconnect backoff | 100 ms doubling to 5 s, jittered | |
-/// | max field section size | 16 KiB | bounds decoded header memory per request |
+/// | max field section size | 96 KiB | bounds decoded header memory per request; real cookies reach 60 KiB (nginx and Envoy users meet such headers), so 16 KiB refused real traffic |
 /// | congestion | `cubic` | `bbr` keeps full rate through random loss without filling queues; the default moves once the `lossy` bench has compared them |
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "RawTransportConfig", into = "RawTransportConfig")]
@@ -269,7 +272,8 @@ impl TransportConfig {
         Duration::from_millis(self.raw.backoff_max_ms)
     }
 
-    /// Largest accepted decoded header section, in bytes.
+    /// Largest header section accepted or sent, in bytes as RFC 9114 §4.2.2 counts them (see
+    /// [`crate::request_section_size`]).
     pub fn max_field_section_size(&self) -> u64 {
         self.raw.max_field_section_size
     }

@@ -34,6 +34,8 @@
 //!   .write_bytes(Bytes).await  .read_chunk().await -> io::Result<Option<Bytes>>  .abort()
 //!   Tunnel::status().await -> Result<StatusCode, TunnelError>
 //! TunnelError: .before_any_byte() -> bool, .status() -> Option<StatusCode>, .into_io()
+//! request_section_size(&Request<()>) / response_section_size(StatusCode, &HeaderMap) -> u64
+//!   // RFC 9114 §4.2.2: name + value + 32 per field, against max_field_section_size
 //! ```
 //!
 //! Half-close: `shutdown()` on either tunnel side finishes its direction of the stream; the
@@ -50,6 +52,7 @@ mod config;
 pub mod congestion;
 mod endpoint;
 mod error;
+mod fields;
 mod pool;
 mod reset;
 mod server;
@@ -62,6 +65,7 @@ pub use config::{ConfigError, RawTransportConfig, TransportConfig};
 pub use congestion::{Congestion, CongestionStats};
 pub use endpoint::{bind_udp, peer_identity, MeshEndpoint, ALPN_H3};
 pub use error::{EndpointError, TunnelError};
+pub use fields::{header_fields_size, request_section_size, response_section_size};
 pub use pool::{
     backoff_delay, choose_connection, ClientRequestStream, ConnectionStats, PeerCongestion,
     PeerKey, PeerStats, Pool, PooledRequest,

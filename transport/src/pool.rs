@@ -223,6 +223,7 @@ impl Pool {
         expected: &SpiffeId,
         request: http::Request<()>,
     ) -> Result<(ClientRequestStream, StreamGuard), TunnelError> {
+        check_section_size(&request, self.endpoint.config().max_field_section_size())?;
         let key = PeerKey {
             addr,
             id: expected.clone(),
@@ -426,6 +427,24 @@ fn stats_of(conn: &Pooled) -> ConnectionStats {
         congestion_events: s.path.congestion_events,
         open_streams: conn.open_streams(),
     }
+}
+
+/// Refuses a request whose header section is over `max` before any stream is opened.
+///
+/// h3 checks the section against the peer's SETTINGS_MAX_FIELD_SECTION_SIZE only after it has
+/// opened the stream (it then drops the stream, which the peer counts as an abandoned request),
+/// and not at all before the peer's SETTINGS have arrived (the peer then answers 431). Checking
+/// here against this side's own setting, which the sidecars of a mesh share, refuses the same
+/// request the same way on a fresh connection and on a warm one, and spends nothing at the peer.
+//= https://www.rfc-editor.org/rfc/rfc9114#section-4.2.2
+//# An implementation that has received this parameter SHOULD NOT send an HTTP message
+//# header that exceeds the indicated size, as the peer will likely refuse to process it.
+fn check_section_size(request: &http::Request<()>, max: u64) -> Result<(), TunnelError> {
+    let size = crate::fields::request_section_size(request);
+    if size > max {
+        return Err(TunnelError::HeaderTooBig { size, max });
+    }
+    Ok(())
 }
 
 fn clone_request(request: &http::Request<()>) -> http::Request<()> {

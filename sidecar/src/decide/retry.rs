@@ -15,7 +15,7 @@
 //! | refused 503        | `gateway-error`   | one strike            | 503       | `UH`    |
 //! | refused other 5xx  | `gateway-error`   | one strike            | that      | `UF`    |
 //! | refused other      | never             | no                    | that      | `UF`    |
-//! | too large headers  | never             | no (the request's)    | 431       | `UF`    |
+//! | too large headers  | never             | never (the request's) | 431       | `UF`    |
 //! | protocol error     | `reset`           | one strike            | 502       | `UF`    |
 //! | local failure      | never             | never                 | 400       | `UF`    |
 //!
@@ -59,7 +59,8 @@ pub enum AttemptError {
     Timeout,
     /// The peer sidecar answered with a non-2xx status instead of serving the stream.
     Refused(StatusCode),
-    /// The peer does not take a header section this large.
+    /// The request's header section is over the limit (this sidecar's, or the peer's advertised
+    /// SETTINGS_MAX_FIELD_SECTION_SIZE, RFC 9114 §4.2.2); it was refused before it was sent.
     HeaderTooBig,
     /// The peer broke the HTTP/3 protocol, or the stream was closed under the attempt.
     Protocol,
@@ -132,6 +133,12 @@ impl Failed {
 }
 
 impl AttemptError {
+    /// Whether the attempt failed on this side, before the endpoint saw anything: its outlier
+    /// record is left alone (neither charged nor credited with a success).
+    pub fn is_local(self) -> bool {
+        matches!(self, AttemptError::Local | AttemptError::HeaderTooBig)
+    }
+
     /// The retry condition (`Route.rules[].retries.on`) this failure falls under, if any.
     pub fn condition(self) -> Option<RetryOn> {
         match self {
@@ -364,6 +371,18 @@ mod tests {
     #[test]
     fn a_policy_refusal_is_flagged_as_denied() {
         assert_eq!(DENIED.flag(), Flag::Denied);
+    }
+
+    #[test]
+    fn a_header_section_over_the_limit_is_the_requests_failure() {
+        let too_big = AttemptError::HeaderTooBig;
+        assert!(too_big.is_local());
+        assert_eq!(too_big.charge(), None);
+        assert_eq!(
+            too_big.status(),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        );
+        assert_eq!(step(&ANY, 0, failed(too_big)), Step::Fail);
     }
 
     #[test]

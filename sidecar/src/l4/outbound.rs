@@ -11,7 +11,7 @@ use halyard_registry::model::RetryOn;
 use halyard_transport::{Target, Tunnel, TunnelError};
 use tokio::net::TcpStream;
 
-use crate::decide::retry::{self, AttemptError, Failed, Flag, RetryPolicy, Step};
+use crate::decide::retry::{self, Failed, Flag, RetryPolicy, Step};
 use crate::state::{Picked, Shared};
 use crate::telemetry::flow::End;
 use crate::telemetry::metrics::Direction;
@@ -124,7 +124,7 @@ async fn connect(
         };
         let endpoint = &picked.endpoint.id;
         tracing::debug!(service = %dest.service, endpoint, error = ?failed.error, "tunnel attempt failed");
-        if failed.error != AttemptError::Local {
+        if !failed.error.is_local() {
             shared.outcome(&picked, failed.error.charge());
         }
         last = failed.error.flag().into();

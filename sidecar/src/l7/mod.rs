@@ -5,11 +5,12 @@
 //! the path once (`normalize`), cleans headers (`headers`), continues the trace
 //! (`telemetry::trace`) and sends each request to the endpoint `decide` picks; `inbound` admits
 //! a peer's request and forwards it to the app over its pooled clients; `body` streams bodies
-//! through bounded channels.
+//! through bounded channels; `limits` sizes both app sides from the one header-section limit.
 
 pub(crate) mod body;
 pub(crate) mod guard;
 pub(crate) mod headers;
 pub(crate) mod inbound;
+pub(crate) mod limits;
 pub(crate) mod normalize;
 pub(crate) mod outbound;

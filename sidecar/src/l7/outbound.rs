@@ -17,6 +17,7 @@ use tokio::net::TcpStream;
 
 use super::body::{buffer_small, to_bytes, BodySender, Buffered, ChannelBody};
 use super::headers::{check_framing, strip_hop_by_hop, strip_identity_claims};
+use super::limits;
 use super::normalize::normalize;
 use crate::decide::capture::Destination;
 use crate::decide::outlier::Failure;
@@ -38,15 +39,19 @@ const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
 /// drain starts, the request in flight finishes and the connection closes (an idle keep-alive
 /// connection at once, h2 with GOAWAY); at the drain deadline it is dropped.
 pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, dest: Destination) {
+    let max = shared.config.transport.max_field_section_size();
     let drain = shared.clone();
     let svc = hyper::service::service_fn(move |req| {
         let (shared, dest) = (shared.clone(), dest.clone());
         async move { Ok::<_, Infallible>(handle(shared, dest, req).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http1().max_buf_size(64 * 1024);
-    builder.http2().max_header_list_size(64 * 1024);
-    let io = TokioIo::new(super::guard::FramingGuard::new(tcp));
+    builder.http1().max_buf_size(limits::h1_buffer(max));
+    builder
+        .http2()
+        .max_header_list_size(limits::h2_header_list(max));
+    let guard = super::guard::FramingGuard::new(tcp).with_max_head(limits::guard_head(max));
+    let io = TokioIo::new(guard);
     let conn = builder.serve_connection(io, svc);
     tokio::pin!(conn);
     let ended = tokio::select! {
@@ -271,7 +276,7 @@ impl Call<'_> {
                     retry::Outcome::Answered(resp.status())
                 }
                 Err(fail) => {
-                    if fail.failed.error != AttemptError::Local {
+                    if !fail.failed.error.is_local() {
                         self.shared.outcome(&picked, fail.failed.error.charge());
                     }
                     retry::Outcome::Failed(fail.failed)
