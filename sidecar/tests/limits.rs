@@ -92,6 +92,61 @@ async fn finish_flow(mut tcp: TcpStream) -> Vec<u8> {
     out
 }
 
+/// Raises the soft limit of open files to `want` (or the hard limit, if lower).
+fn raise_fd_limit(want: u64) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    if soft < want {
+        setrlimit(Resource::RLIMIT_NOFILE, want.min(hard), hard).unwrap();
+    }
+}
+
+// ---- Stream credit: more long-lived flows than one connection carries ----
+
+/// 2,000 flows held open at once to one peer whose connections allow 1,024 streams each (the
+/// default): the pool opens another connection when the first is out of stream credit, every
+/// flow reaches the app while all are open, each gets its own echo, and the endpoint is never
+/// charged for the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flows_past_one_connections_stream_limit_all_work() {
+    const FLOWS: usize = 2000;
+    // Four descriptors per flow in this process (app client, productpage, reviews, echo app).
+    raise_fd_limit(4 * FLOWS as u64 + 1024);
+    let mut p = one_peer("", "").await;
+    let mut flows = Vec::with_capacity(FLOWS);
+    for i in 0..FLOWS {
+        let mut tcp = TcpStream::connect(p.pp.upstream(1)).await.unwrap();
+        tcp.write_all(format!("{i}").as_bytes()).await.unwrap();
+        flows.push(tcp);
+    }
+    // The echo answers only after a half-close: all FLOWS are open at the app at once.
+    let all_open = async {
+        for _ in 0..FLOWS {
+            p.echo.accepted.recv().await.unwrap();
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), all_open)
+        .await
+        .expect("not every flow reached the app");
+    let mut answers = tokio::task::JoinSet::new();
+    for (i, tcp) in flows.into_iter().enumerate() {
+        answers.spawn(async move { (i, finish_flow(tcp).await) });
+    }
+    while let Some(done) = answers.join_next().await {
+        let (i, out) = done.unwrap();
+        assert_eq!(out, format!("r:{i}").into_bytes(), "flow {i}");
+    }
+    p.pp.wait_flows(FLOWS as u64).await;
+    let text = p.pp.started.render_metrics();
+    let ok = [("direction", "outbound"), ("response_flags", "-")];
+    assert_eq!(
+        metric(&text, "halyard_tcp_connections_total", &ok),
+        FLOWS as f64
+    );
+    assert_eq!(p.ejections(), 0.0);
+    p.shutdown().await;
+}
+
 // ---- Header sections ----
 
 /// A 60 KiB cookie (real-world sizes that Envoy and nginx users meet) goes to the app, and a

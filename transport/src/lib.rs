@@ -50,6 +50,7 @@
 
 mod config;
 pub mod congestion;
+mod credit;
 mod endpoint;
 mod error;
 mod fields;
@@ -67,8 +68,8 @@ pub use endpoint::{bind_udp, peer_identity, MeshEndpoint, ALPN_H3};
 pub use error::{EndpointError, TunnelError};
 pub use fields::{header_fields_size, request_section_size, response_section_size};
 pub use pool::{
-    backoff_delay, choose_connection, ClientRequestStream, ConnectionStats, PeerCongestion,
-    PeerKey, PeerStats, Pool, PooledRequest,
+    backoff_delay, choose_connection, Choice, ClientRequestStream, ConnLimits, ConnLoad,
+    ConnectionStats, PeerCongestion, PeerKey, PeerStats, Pool, PooledRequest,
 };
 pub use reset::ResetBudget;
 pub use server::{

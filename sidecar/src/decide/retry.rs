@@ -16,6 +16,7 @@
 //! | refused other 5xx  | `gateway-error`   | one strike            | that      | `UF`    |
 //! | refused other      | never             | no                    | that      | `UF`    |
 //! | too large headers  | never             | never (the request's) | 431       | `UF`    |
+//! | stream limit       | `connect-failure` | never (this side's)   | 503       | `UO`    |
 //! | protocol error     | `reset`           | one strike            | 502       | `UF`    |
 //! | local failure      | never             | never                 | 400       | `UF`    |
 //!
@@ -67,6 +68,10 @@ pub enum AttemptError {
     /// The caller's request could not be sent (a target that forms no URI, an app body that
     /// broke): this side's failure, never the endpoint's.
     Local,
+    /// Every connection this sidecar may open to the endpoint is out of stream credit
+    /// (`TunnelError::StreamLimit`): this side's limit, nothing was sent. Another endpoint is
+    /// another peer with its own credit, so it is retried like a connect failure.
+    Overflow,
 }
 
 /// A failed attempt: what went wrong and whether any byte may have reached the app behind the
@@ -90,6 +95,8 @@ pub enum Flag {
     Denied,
     /// No route: the destination serves no such service or port.
     NoRoute,
+    /// Upstream overflow: this sidecar's own limit on streams to the endpoint was reached.
+    Overflow,
 }
 
 impl Flag {
@@ -100,6 +107,7 @@ impl Flag {
             Flag::NoHealthy => "UH",
             Flag::Denied => "DENY",
             Flag::NoRoute => "NR",
+            Flag::Overflow => "UO",
         }
     }
 }
@@ -115,6 +123,7 @@ impl Failed {
             TunnelError::Reset { .. } => AttemptError::Reset,
             TunnelError::Status { status } => AttemptError::Refused(*status),
             TunnelError::HeaderTooBig { .. } => AttemptError::HeaderTooBig,
+            TunnelError::StreamLimit { .. } => AttemptError::Overflow,
             TunnelError::Closed | TunnelError::Protocol(_) => AttemptError::Protocol,
         };
         Failed {
@@ -136,13 +145,16 @@ impl AttemptError {
     /// Whether the attempt failed on this side, before the endpoint saw anything: its outlier
     /// record is left alone (neither charged nor credited with a success).
     pub fn is_local(self) -> bool {
-        matches!(self, AttemptError::Local | AttemptError::HeaderTooBig)
+        matches!(
+            self,
+            AttemptError::Local | AttemptError::HeaderTooBig | AttemptError::Overflow
+        )
     }
 
     /// The retry condition (`Route.rules[].retries.on`) this failure falls under, if any.
     pub fn condition(self) -> Option<RetryOn> {
         match self {
-            AttemptError::ConnectFailure => Some(RetryOn::ConnectFailure),
+            AttemptError::ConnectFailure | AttemptError::Overflow => Some(RetryOn::ConnectFailure),
             AttemptError::ConnectionLost
             | AttemptError::Reset
             | AttemptError::Timeout
@@ -164,14 +176,19 @@ impl AttemptError {
             AttemptError::Refused(s) if s == StatusCode::NOT_FOUND || s.is_server_error() => {
                 Some(Failure::Error)
             }
-            AttemptError::Refused(_) | AttemptError::HeaderTooBig | AttemptError::Local => None,
+            AttemptError::Refused(_)
+            | AttemptError::HeaderTooBig
+            | AttemptError::Local
+            | AttemptError::Overflow => None,
         }
     }
 
     /// The status an L7 caller gets when this is the last attempt.
     pub fn status(self) -> StatusCode {
         match self {
-            AttemptError::ConnectFailure => StatusCode::SERVICE_UNAVAILABLE,
+            AttemptError::ConnectFailure | AttemptError::Overflow => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             AttemptError::ConnectionLost | AttemptError::Reset | AttemptError::Protocol => {
                 StatusCode::BAD_GATEWAY
             }
@@ -188,6 +205,7 @@ impl AttemptError {
             AttemptError::Refused(StatusCode::FORBIDDEN) => Flag::Denied,
             AttemptError::Refused(StatusCode::NOT_FOUND) => Flag::NoRoute,
             AttemptError::Refused(StatusCode::SERVICE_UNAVAILABLE) => Flag::NoHealthy,
+            AttemptError::Overflow => Flag::Overflow,
             _ => Flag::UpstreamFailure,
         }
     }
@@ -383,6 +401,33 @@ mod tests {
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
         );
         assert_eq!(step(&ANY, 0, failed(too_big)), Step::Fail);
+    }
+
+    #[test]
+    fn a_stream_limit_is_this_sides_and_never_charged() {
+        let e = TunnelError::StreamLimit {
+            peer: "127.0.0.1:1".parse().unwrap(),
+            connections: 8,
+            waited: Duration::from_millis(100),
+        };
+        let failed = Failed::of(&e);
+        assert_eq!(failed.error, AttemptError::Overflow);
+        assert!(failed.error.is_local());
+        assert_eq!(failed.error.charge(), None);
+    }
+
+    #[test]
+    fn a_stream_limit_is_retried_on_another_endpoint() {
+        assert_eq!(step(&ANY, 0, failed(AttemptError::Overflow)), Step::Retry);
+    }
+
+    #[test]
+    fn a_stream_limit_answers_503_and_flags_upstream_overflow() {
+        assert_eq!(
+            AttemptError::Overflow.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(AttemptError::Overflow.flag().as_str(), "UO");
     }
 
     #[test]

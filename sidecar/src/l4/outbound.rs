@@ -36,6 +36,8 @@ pub(crate) enum Flags {
     NoRoute,
     /// Reset after the tunnel was up.
     Reset,
+    /// This sidecar's stream limit to the endpoint was reached (upstream overflow).
+    Overflow,
 }
 
 impl Flags {
@@ -48,6 +50,7 @@ impl Flags {
             Flags::Denied => "DENY",
             Flags::NoRoute => "NR",
             Flags::Reset => "RESET",
+            Flags::Overflow => "UO",
         }
     }
 }
@@ -195,6 +198,7 @@ impl From<Flag> for Flags {
             Flag::NoHealthy => Flags::NoHealthy,
             Flag::Denied => Flags::Denied,
             Flag::NoRoute => Flags::NoRoute,
+            Flag::Overflow => Flags::Overflow,
         }
     }
 }
