@@ -484,6 +484,14 @@ fn check(file: SidecarConfig, field: FieldErr<'_>) -> Result<Config, ConfigError
             "must be positive".into(),
         ));
     }
+    // A flow out of stream credit must fail as this side's limit before its connect attempt
+    // times out, or the timeout is charged to a healthy endpoint.
+    if file.failure.connect_timeout <= transport.stream_credit_wait() * 2 {
+        return Err(field(
+            "failure.connect_timeout".into(),
+            "must exceed twice transport.stream_credit_wait_ms".into(),
+        ));
+    }
     if file.lease_ttl < Duration::from_secs(2) || file.lease_ttl > Duration::from_secs(300) {
         return Err(field(
             "lease_ttl".into(),
@@ -680,6 +688,10 @@ listen = "127.0.0.1:19080"
             (
                 format!("{GOOD}\n[transport]\nmax_concurrent_bidi_streams = 0\n"),
                 "transport",
+            ),
+            (
+                format!("{GOOD}\n[transport]\nstream_credit_wait_ms = 1000\n"),
+                "failure.connect_timeout",
             ),
             (
                 format!("{GOOD}\n[tracing]\ncollector = \"https://x:4318\"\n"),

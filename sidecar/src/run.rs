@@ -273,7 +273,10 @@ fn spawn_listeners(
 ) {
     let inbound = Arc::new(Inbound {
         shared: shared.clone(),
-        apps: AppClients::new(shared.config.file.failure.connect_timeout),
+        apps: AppClients::new(
+            shared.config.file.failure.connect_timeout,
+            shared.config.transport.max_field_section_size(),
+        ),
     });
     let endpoint = bound.endpoint.clone();
     // Cancelling `stop` starts the transport's graceful drain: new connections refused, a

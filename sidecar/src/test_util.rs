@@ -288,7 +288,8 @@ pub struct AppBehavior {
 }
 
 /// A test HTTP/1.1 app: answers `<tag> <method> <path>` and counts the requests it saw; the
-/// headers of the last request are kept.
+/// headers of the last request are kept. A request carrying `x-reply-cookie-bytes: N` gets a
+/// `set-cookie` header whose value is N bytes long.
 pub struct HttpApp {
     pub addr: SocketAddr,
     pub hits: Arc<std::sync::atomic::AtomicU64>,
@@ -353,6 +354,10 @@ pub async fn http_app(addr: SocketAddr, tag: &str, behavior: AppBehavior) -> Htt
                         };
                         resp.headers_mut()
                             .insert("x-app", http::HeaderValue::from_str(&tag).unwrap());
+                        if let Some(n) = reply_cookie_bytes(&lh.lock().unwrap()) {
+                            let value = http::HeaderValue::from_str(&cookie(n)).unwrap();
+                            resp.headers_mut().insert("set-cookie", value);
+                        }
                         Ok::<_, std::convert::Infallible>(resp as http::Response<Body>)
                     }
                 });
@@ -370,6 +375,20 @@ pub async fn http_app(addr: SocketAddr, tag: &str, behavior: AppBehavior) -> Htt
         last_headers,
         _task: task,
     }
+}
+
+fn reply_cookie_bytes(headers: &http::HeaderMap) -> Option<usize> {
+    headers
+        .get("x-reply-cookie-bytes")?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// A cookie (`c=xxx…`) of `bytes` bytes in all (at least 2).
+pub fn cookie(bytes: usize) -> String {
+    format!("c={}", "x".repeat(bytes.saturating_sub(2)))
 }
 
 /// A pooled HTTP/1.1 client for tests.

@@ -64,11 +64,23 @@ pub struct RawTransportConfig {
     pub udp_send_buffer: u64,
     /// QUIC connections kept per peer (more than one spreads work over cores).
     pub connections_per_peer: u64,
+    /// Most QUIC connections opened to one peer: beyond `connections_per_peer`, another one is
+    /// opened only when every open one is out of stream credit (more flows at once than
+    /// `max_concurrent_bidi_streams`). `connections_per_peer` to 64.
+    pub max_connections_per_peer: u64,
+    /// How long a new flow or request waits for stream credit on a connection before the pool
+    /// opens another one (or, with `max_connections_per_peer` open, fails it with the local
+    /// error `StreamLimit`, which is never charged to the peer). 1 to 60,000 ms; keep it well
+    /// below `failure.connect_timeout`.
+    pub stream_credit_wait_ms: u64,
     /// First reconnect delay after a failed connect; doubled on each further failure.
     pub backoff_initial_ms: u64,
     /// Longest reconnect delay.
     pub backoff_max_ms: u64,
-    /// Largest decoded header section accepted (SETTINGS_MAX_FIELD_SECTION_SIZE, RFC 9114 §4.2.2).
+    /// Largest header section, in bytes as RFC 9114 §4.2.2 counts them (name + value + 32 per
+    /// field, pseudo-header fields included), accepted from a peer and advertised to it as
+    /// SETTINGS_MAX_FIELD_SECTION_SIZE. A request over it is refused before it is sent (431);
+    /// a response over the peer's advertised value is replaced by a 502. 1 KiB to 1 MiB.
     pub max_field_section_size: u64,
     /// Congestion controller of every connection: `"bbr"` (default) or `"cubic"`.
     pub congestion: Congestion,
@@ -87,9 +99,11 @@ impl Default for RawTransportConfig {
             udp_recv_buffer: 4 * MIB,
             udp_send_buffer: 4 * MIB,
             connections_per_peer: 1,
+            max_connections_per_peer: 8,
+            stream_credit_wait_ms: 100,
             backoff_initial_ms: 100,
             backoff_max_ms: 5_000,
-            max_field_section_size: 16 * KIB,
+            max_field_section_size: 96 * KIB,
             congestion: Congestion::default(),
         }
     }
@@ -110,8 +124,10 @@ impl Default for RawTransportConfig {
 /// | connect timeout | 5 s | |
 /// | UDP socket buffers | 4 MiB each | bursts are not dropped by the kernel before quinn reads them |
 /// | connections per peer | 1 | one connection carries all flows to a peer |
+/// | max connections per peer | 8 | overflow when a peer's streams run out: 8 × 1024 flows and requests at once per peer, with a receive-memory ceiling of 8 × 16 MiB |
+/// | stream credit wait | 100 ms | a round of MAX_STREAMS credit on a LAN takes far less; short beside the connect timeout (2 s), so a flow out of credit moves on, or fails as a local limit, before its connect attempt would time out |
 /// | reconnect backoff | 100 ms doubling to 5 s, jittered | |
-/// | max field section size | 16 KiB | bounds decoded header memory per request |
+/// | max field section size | 96 KiB | bounds decoded header memory per request; real cookies reach 60 KiB (nginx and Envoy users meet such headers), so 16 KiB refused real traffic |
 /// | congestion | `cubic` | `bbr` keeps full rate through random loss without filling queues; the default moves once the `lossy` bench has compared them |
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "RawTransportConfig", into = "RawTransportConfig")]
@@ -145,6 +161,12 @@ impl TryFrom<RawTransportConfig> for TransportConfig {
             1 << 20,
         )?;
         range("connections_per_peer", raw.connections_per_peer, 1, 64)?;
+        range(
+            "max_connections_per_peer",
+            raw.max_connections_per_peer,
+            raw.connections_per_peer,
+            64,
+        )?;
         Ok(TransportConfig { raw })
     }
 }
@@ -183,6 +205,12 @@ fn check_times(raw: &RawTransportConfig) -> Result<(), ConfigError> {
         raw.idle_timeout_ms - 1,
     )?;
     range("connect_timeout_ms", raw.connect_timeout_ms, 10, 600_000)?;
+    range(
+        "stream_credit_wait_ms",
+        raw.stream_credit_wait_ms,
+        1,
+        60_000,
+    )?;
     range("backoff_initial_ms", raw.backoff_initial_ms, 1, 600_000)?;
     range(
         "backoff_max_ms",
@@ -259,6 +287,16 @@ impl TransportConfig {
         self.raw.connections_per_peer as usize
     }
 
+    /// Most connections opened to one peer when its streams run out.
+    pub fn max_connections_per_peer(&self) -> usize {
+        self.raw.max_connections_per_peer as usize
+    }
+
+    /// How long a new stream waits for stream credit on one connection.
+    pub fn stream_credit_wait(&self) -> Duration {
+        Duration::from_millis(self.raw.stream_credit_wait_ms)
+    }
+
     /// First reconnect delay.
     pub fn backoff_initial(&self) -> Duration {
         Duration::from_millis(self.raw.backoff_initial_ms)
@@ -269,7 +307,8 @@ impl TransportConfig {
         Duration::from_millis(self.raw.backoff_max_ms)
     }
 
-    /// Largest accepted decoded header section, in bytes.
+    /// Largest header section accepted or sent, in bytes as RFC 9114 §4.2.2 counts them (see
+    /// [`crate::request_section_size`]).
     pub fn max_field_section_size(&self) -> u64 {
         self.raw.max_field_section_size
     }
@@ -367,6 +406,27 @@ mod tests {
         let partial: TransportConfig =
             serde_json::from_str(r#"{"connections_per_peer": 2}"#).unwrap();
         assert_eq!(partial.connections_per_peer(), 2);
+    }
+
+    #[test]
+    fn overflow_connections_are_at_least_the_kept_ones() {
+        let raw = RawTransportConfig {
+            connections_per_peer: 4,
+            max_connections_per_peer: 2,
+            ..Default::default()
+        };
+        let err = TransportConfig::try_from(raw).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "transport.max_connections_per_peer = 2 is out of range; use 4..=64"
+        );
+    }
+
+    #[test]
+    fn overflow_defaults_to_eight_connections_after_100_ms_without_credit() {
+        let config = TransportConfig::default();
+        assert_eq!(config.max_connections_per_peer(), 8);
+        assert_eq!(config.stream_credit_wait(), Duration::from_millis(100));
     }
 
     #[test]

@@ -88,6 +88,19 @@ pub enum TunnelError {
         /// The limit.
         max: u64,
     },
+    /// Every connection the pool may open to the peer (`max_connections_per_peer`) is out of
+    /// stream credit (the peer's MAX_STREAMS, RFC 9000 §4.6) and none came within
+    /// `stream_credit_wait_ms`. This side's limit: nothing was sent, and the peer is not at
+    /// fault.
+    #[error("no stream credit at {peer}: {connections} connections at the peer's stream limit for {waited:?}; raise transport.max_connections_per_peer or max_concurrent_bidi_streams")]
+    StreamLimit {
+        /// The peer address.
+        peer: std::net::SocketAddr,
+        /// Connections open to the peer.
+        connections: usize,
+        /// How long the last open waited for credit.
+        waited: Duration,
+    },
     /// The tunnel was already shut down or aborted locally.
     #[error("tunnel already closed")]
     Closed,
@@ -105,7 +118,8 @@ impl TunnelError {
             | TunnelError::ConnectTimeout { .. }
             | TunnelError::Backoff { .. }
             | TunnelError::Status { .. }
-            | TunnelError::HeaderTooBig { .. } => true,
+            | TunnelError::HeaderTooBig { .. }
+            | TunnelError::StreamLimit { .. } => true,
             TunnelError::Reset { established, .. }
             | TunnelError::ConnectionLost { established, .. } => !established,
             TunnelError::Closed | TunnelError::Protocol(_) => false,
@@ -166,6 +180,7 @@ impl TunnelError {
             TunnelError::ConnectionLost { .. } => K::ConnectionAborted,
             TunnelError::Closed => K::BrokenPipe,
             TunnelError::HeaderTooBig { .. } => K::InvalidInput,
+            TunnelError::StreamLimit { .. } => K::ResourceBusy,
             TunnelError::Protocol(_) => K::InvalidData,
         };
         std::io::Error::new(kind, self)

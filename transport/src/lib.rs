@@ -34,6 +34,8 @@
 //!   .write_bytes(Bytes).await  .read_chunk().await -> io::Result<Option<Bytes>>  .abort()
 //!   Tunnel::status().await -> Result<StatusCode, TunnelError>
 //! TunnelError: .before_any_byte() -> bool, .status() -> Option<StatusCode>, .into_io()
+//! request_section_size(&Request<()>) / response_section_size(StatusCode, &HeaderMap) -> u64
+//!   // RFC 9114 §4.2.2: name + value + 32 per field, against max_field_section_size
 //! ```
 //!
 //! Half-close: `shutdown()` on either tunnel side finishes its direction of the stream; the
@@ -48,8 +50,10 @@
 
 mod config;
 pub mod congestion;
+mod credit;
 mod endpoint;
 mod error;
+mod fields;
 mod pool;
 mod reset;
 mod server;
@@ -62,10 +66,11 @@ pub use config::{ConfigError, RawTransportConfig, TransportConfig};
 pub use congestion::{Congestion, CongestionStats};
 pub use endpoint::{bind_udp, peer_identity, MeshEndpoint, ALPN_H3};
 pub use error::{EndpointError, TunnelError};
+pub use fields::{header_fields_size, request_section_size, response_section_size};
 pub use pool::{
-    backoff_delay, choose_connection, upgraded_tunnel, ClientRequestStream, ConnectionStats,
-    PeerCongestion, PeerKey, PeerStats, Pool, PooledRecv, PooledRequest, PooledSend, RequestRecv,
-    RequestSend,
+    backoff_delay, choose_connection, upgraded_tunnel, Choice, ClientRequestStream, ConnLimits,
+    ConnLoad, ConnectionStats, PeerCongestion, PeerKey, PeerStats, Pool, PooledRecv, PooledRequest,
+    PooledSend, RequestRecv, RequestSend,
 };
 pub use reset::ResetBudget;
 pub use server::{

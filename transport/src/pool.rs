@@ -3,9 +3,12 @@
 //!
 //! - Connections are opened on demand; concurrent callers during a connect share the attempt.
 //! - Up to `connections_per_peer` connections per peer (default 1); with more allowed, flows
-//!   are spread over them, then a new stream goes to the least loaded. When every connection
-//!   is at the peer's stream limit and no more may be opened, the caller waits for a stream
-//!   slot (quinn's `open_bi` waits for MAX_STREAMS credit) instead of failing.
+//!   are spread over them, then a new stream goes to the least loaded.
+//! - When a connection is out of stream credit (the pool's own count reached the stream limit,
+//!   or an open found no MAX_STREAMS credit within `stream_credit_wait_ms`), another connection
+//!   is opened, up to `max_connections_per_peer`. With that many open and none with credit, a
+//!   new stream waits `stream_credit_wait_ms` on the least loaded, then fails with the local
+//!   error [`TunnelError::StreamLimit`] (never a connect failure: the peer is fine).
 //! - Closed connections (idle timeout, peer restart) are dropped and replaced on next use; a
 //!   request that races with a closing connection is retried once on a fresh one.
 //! - A failed connect puts the peer in jittered exponential backoff; callers then get
@@ -22,6 +25,7 @@ use halyard_certs::SpiffeId;
 use http::{HeaderMap, Method};
 
 use crate::congestion::CongestionStats;
+use crate::credit::{NoCredit, SendRequest};
 use crate::endpoint::MeshEndpoint;
 use crate::error::TunnelError;
 use crate::target::Target;
@@ -29,8 +33,6 @@ use crate::tunnel::{StreamGuard, Tunnel};
 
 /// The client half of an HTTP/3 request stream, for L7.
 pub type ClientRequestStream = h3::client::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
-
-type SendRequest = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
 
 /// Identifies a peer in the pool.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -47,11 +49,31 @@ struct Pooled {
     quic: quinn::Connection,
     send: SendRequest,
     open: Arc<AtomicUsize>,
+    /// The open count when an open last found no stream credit in time; `usize::MAX` once one
+    /// found credit again (or never starved).
+    starved_at: Arc<AtomicUsize>,
 }
 
 impl Pooled {
     fn open_streams(&self) -> usize {
         self.open.load(Ordering::Relaxed)
+    }
+
+    fn load(&self) -> ConnLoad {
+        let at = self.starved_at.load(Ordering::Relaxed);
+        ConnLoad {
+            open: self.open_streams(),
+            starved_at: (at != usize::MAX).then_some(at),
+        }
+    }
+
+    fn starved(&self) {
+        self.starved_at
+            .store(self.open_streams(), Ordering::Relaxed);
+    }
+
+    fn credited(&self) {
+        self.starved_at.store(usize::MAX, Ordering::Relaxed);
     }
 }
 
@@ -127,19 +149,74 @@ pub fn backoff_delay(failures: u32, initial: Duration, max: Duration, jitter: f6
     base.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
 }
 
-/// Picks the connection for a new stream from the open-stream counts of the live ones
-/// (`None`: open another). With room for more connections (`max_conns` > 1, for multi-core
-/// throughput), a busy connection is a reason to open one; at the cap, the least loaded is
-/// chosen even when full, and the caller waits there for a stream slot.
-pub fn choose_connection(loads: &[usize], limit: usize, max_conns: usize) -> Option<usize> {
-    let (best, load) = loads.iter().enumerate().min_by_key(|(_, l)| **l)?;
-    let room = loads.len() < max_conns;
-    let busy = if max_conns > 1 {
-        *load > 0
-    } else {
-        *load >= limit
-    };
-    (!(room && busy)).then_some(best)
+/// What the pool knows of one connection when it chooses where a new stream goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnLoad {
+    /// Streams open or opening on it, as the pool counts them.
+    pub open: usize,
+    /// `open` when a stream last found no credit on it in time, unless one found credit since.
+    pub starved_at: Option<usize>,
+}
+
+impl ConnLoad {
+    /// Whether a new stream may find credit here: below the stream limit by the pool's count,
+    /// and, after starving, once enough of its streams have ended for the peer to grant more.
+    /// quinn grants MAX_STREAMS credit in steps of an eighth of the limit (RFC 9000 §4.6 leaves
+    /// the pace to the peer), so a starved connection is tried again after that many closed.
+    fn may_have_credit(&self, limit: usize) -> bool {
+        let step = (limit / 8).max(1);
+        self.open < limit
+            && self
+                .starved_at
+                .is_none_or(|at| self.open.saturating_add(step) <= at)
+    }
+}
+
+/// The limits [`choose_connection`] works within.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnLimits {
+    /// Concurrent streams per connection (`max_concurrent_bidi_streams`).
+    pub streams: usize,
+    /// Connections to spread streams over while they are busy (`connections_per_peer`).
+    pub spread: usize,
+    /// Connections that may be opened when streams run out (`max_connections_per_peer`, at
+    /// least `spread`).
+    pub max: usize,
+}
+
+/// Where a new stream goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Choice {
+    /// This connection may have credit.
+    Use(usize),
+    /// Open another connection.
+    Open,
+    /// None may have credit and no more may be opened: try the least loaded one; without credit
+    /// in time, the stream fails with [`TunnelError::StreamLimit`].
+    Last(usize),
+}
+
+/// Chooses the connection for a new stream. Among the connections that may have stream credit,
+/// the least loaded; while fewer than `spread` are open, a busy one is a reason to open another
+/// (multi-core throughput); when none may have credit, another is opened up to `max`; at `max`,
+/// the least loaded is the last resort.
+pub fn choose_connection(conns: &[ConnLoad], limits: ConnLimits) -> Choice {
+    let usable = conns
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.may_have_credit(limits.streams))
+        .min_by_key(|(_, c)| c.open);
+    let room = conns.len() < limits.max;
+    let spread = conns.len() < limits.spread && usable.is_none_or(|(_, c)| c.open > 0);
+    match usable {
+        Some((i, _)) if !(spread && room) => Choice::Use(i),
+        _ if room => Choice::Open,
+        _ => conns
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, c)| c.open)
+            .map_or(Choice::Open, |(i, _)| Choice::Last(i)),
+    }
 }
 
 /// A pooled HTTP/3 request stream; derefs to the h3 stream. Keep it alive while the request
@@ -294,22 +371,35 @@ impl Pool {
         expected: &SpiffeId,
         request: http::Request<()>,
     ) -> Result<(ClientRequestStream, StreamGuard), TunnelError> {
+        check_section_size(&request, self.endpoint.config().max_field_section_size())?;
         let key = PeerKey {
             addr,
             id: expected.clone(),
         };
         let mut last = TunnelError::Closed;
-        // One retry: the connection may close (idle timeout) between choosing and using it.
-        for _ in 0..2 {
-            let conn = self.connection(&key).await?;
+        // Each connection the peer may get can run out of credit once; one more try covers a
+        // connection that closed (idle timeout) between choosing and using it.
+        for _ in 0..=self.endpoint.config().max_connections_per_peer() {
+            let (conn, last_resort) = self.connection(&key).await?;
             let guard = StreamGuard::new(&conn.open, conn.send.clone());
-            match conn
+            let sent = conn
                 .send
                 .clone()
                 .send_request(clone_request(&request))
-                .await
-            {
-                Ok(stream) => return Ok((stream, guard)),
+                .await;
+            match sent {
+                Ok(stream) => {
+                    conn.credited();
+                    return Ok((stream, guard));
+                }
+                Err(e) if NoCredit::in_h3(&e) => {
+                    drop(guard);
+                    conn.starved();
+                    last = self.stream_limit(&key);
+                    if last_resort {
+                        return Err(last);
+                    }
+                }
                 Err(e) => {
                     last = TunnelError::from_h3(&e, false);
                     if !last.connection_gone() && conn.quic.close_reason().is_none() {
@@ -322,22 +412,31 @@ impl Pool {
         Err(last)
     }
 
+    fn stream_limit(&self, key: &PeerKey) -> TunnelError {
+        TunnelError::StreamLimit {
+            peer: key.addr,
+            connections: self.connections(key.addr, &key.id).len(),
+            waited: self.endpoint.config().stream_credit_wait(),
+        }
+    }
+
     fn forget(&self, key: &PeerKey, quic: &quinn::Connection) {
         let peer = self.peer(key);
         let mut conns = peer.conns.lock().unwrap_or_else(|p| p.into_inner());
         conns.retain(|c| c.quic.stable_id() != quic.stable_id());
     }
 
-    /// A live connection to the peer, opened if needed.
-    async fn connection(&self, key: &PeerKey) -> Result<Pooled, TunnelError> {
+    /// A live connection to the peer, opened if needed, and whether it is the last resort
+    /// (see [`Choice::Last`]).
+    async fn connection(&self, key: &PeerKey) -> Result<(Pooled, bool), TunnelError> {
         let peer = self.peer(key);
-        if let Some(conn) = self.pick(&peer) {
-            return Ok(conn);
+        if let Some(picked) = self.pick(&peer) {
+            return Ok(picked);
         }
         let mut backoff = peer.connecting.lock().await;
         // Another caller may have connected while this one queued: share its connection.
-        if let Some(conn) = self.pick(&peer) {
-            return Ok(conn);
+        if let Some(picked) = self.pick(&peer) {
+            return Ok(picked);
         }
         let now = Instant::now();
         if let Some(at) = backoff.retry_at.filter(|at| *at > now) {
@@ -352,7 +451,7 @@ impl Pool {
                 *backoff = Backoff::default();
                 let mut conns = peer.conns.lock().unwrap_or_else(|p| p.into_inner());
                 conns.push(conn.clone());
-                Ok(conn)
+                Ok((conn, false))
             }
             Err(e) => {
                 backoff.failures = backoff.failures.saturating_add(1);
@@ -370,24 +469,35 @@ impl Pool {
         }
     }
 
-    /// Drops closed connections and chooses one for a new stream, if one fits.
-    fn pick(&self, peer: &Peer) -> Option<Pooled> {
+    /// Drops closed connections and chooses one for a new stream (`None`: open another), with
+    /// whether it is the last resort.
+    fn pick(&self, peer: &Peer) -> Option<(Pooled, bool)> {
         let config = self.endpoint.config();
-        let limit = usize::try_from(config.max_concurrent_bidi_streams()).unwrap_or(usize::MAX);
+        let limits = ConnLimits {
+            streams: usize::try_from(config.max_concurrent_bidi_streams()).unwrap_or(usize::MAX),
+            spread: config.connections_per_peer(),
+            max: config.max_connections_per_peer(),
+        };
         let mut conns = peer.conns.lock().unwrap_or_else(|p| p.into_inner());
         conns.retain(|c| c.quic.close_reason().is_none());
-        let loads: Vec<usize> = conns.iter().map(Pooled::open_streams).collect();
-        let best = choose_connection(&loads, limit, config.connections_per_peer())?;
-        conns.get(best).cloned()
+        let loads: Vec<ConnLoad> = conns.iter().map(Pooled::load).collect();
+        let (index, last) = match choose_connection(&loads, limits) {
+            Choice::Use(i) => (i, false),
+            Choice::Last(i) => (i, true),
+            Choice::Open => return None,
+        };
+        Some((conns.get(index)?.clone(), last))
     }
 
     /// Opens a QUIC connection and starts HTTP/3 on it.
     async fn open(&self, key: &PeerKey) -> Result<Pooled, TunnelError> {
         let quic = self.endpoint.connect(key.addr, &key.id).await?;
+        let config = self.endpoint.config();
+        let conn = crate::credit::Connection::new(quic.clone(), config.stream_credit_wait());
         let built = h3::client::builder()
-            .max_field_section_size(self.endpoint.config().max_field_section_size())
+            .max_field_section_size(config.max_field_section_size())
             .send_grease(false)
-            .build::<_, _, Bytes>(h3_quinn::Connection::new(quic.clone()))
+            .build::<_, _, Bytes>(conn)
             .await;
         let (mut driver, send) = built.map_err(|e| TunnelError::Connect {
             peer: key.addr,
@@ -404,6 +514,7 @@ impl Pool {
             quic,
             send,
             open: Arc::default(),
+            starved_at: Arc::new(AtomicUsize::new(usize::MAX)),
         })
     }
 
@@ -499,6 +610,24 @@ fn stats_of(conn: &Pooled) -> ConnectionStats {
     }
 }
 
+/// Refuses a request whose header section is over `max` before any stream is opened.
+///
+/// h3 checks the section against the peer's SETTINGS_MAX_FIELD_SECTION_SIZE only after it has
+/// opened the stream (it then drops the stream, which the peer counts as an abandoned request),
+/// and not at all before the peer's SETTINGS have arrived (the peer then answers 431). Checking
+/// here against this side's own setting, which the sidecars of a mesh share, refuses the same
+/// request the same way on a fresh connection and on a warm one, and spends nothing at the peer.
+//= https://www.rfc-editor.org/rfc/rfc9114#section-4.2.2
+//# An implementation that has received this parameter SHOULD NOT send an HTTP message
+//# header that exceeds the indicated size, as the peer will likely refuse to process it.
+fn check_section_size(request: &http::Request<()>, max: u64) -> Result<(), TunnelError> {
+    let size = crate::fields::request_section_size(request);
+    if size > max {
+        return Err(TunnelError::HeaderTooBig { size, max });
+    }
+    Ok(())
+}
+
 fn clone_request(request: &http::Request<()>) -> http::Request<()> {
     let mut copy = http::Request::new(());
     *copy.method_mut() = request.method().clone();
@@ -512,17 +641,80 @@ fn clone_request(request: &http::Request<()>) -> http::Request<()> {
 mod tests {
     use super::*;
 
+    const ONE: ConnLimits = ConnLimits {
+        streams: 16,
+        spread: 1,
+        max: 3,
+    };
+
+    fn open(counts: &[usize]) -> Vec<ConnLoad> {
+        counts
+            .iter()
+            .map(|&open| ConnLoad {
+                open,
+                starved_at: None,
+            })
+            .collect()
+    }
+
+    fn starved(open: usize, at: usize) -> ConnLoad {
+        ConnLoad {
+            open,
+            starved_at: Some(at),
+        }
+    }
+
     #[test]
-    fn connection_choice_shares_spreads_then_queues() {
-        assert_eq!(choose_connection(&[], 4, 1), None);
-        // One connection per peer: share it, even when full (then wait for a slot).
-        assert_eq!(choose_connection(&[3], 4, 1), Some(0));
-        assert_eq!(choose_connection(&[4], 4, 1), Some(0));
-        // Several allowed: spread flows over them before sharing.
-        assert_eq!(choose_connection(&[0], 4, 2), Some(0));
-        assert_eq!(choose_connection(&[1], 4, 2), None);
-        assert_eq!(choose_connection(&[3, 1], 4, 2), Some(1));
-        assert_eq!(choose_connection(&[4, 4], 4, 2), Some(0));
+    fn the_first_stream_opens_a_connection() {
+        assert_eq!(choose_connection(&[], ONE), Choice::Open);
+    }
+
+    #[test]
+    fn one_connection_per_peer_is_shared_below_its_stream_limit() {
+        assert_eq!(choose_connection(&open(&[15]), ONE), Choice::Use(0));
+    }
+
+    #[test]
+    fn a_connection_at_its_stream_limit_makes_room_for_another() {
+        assert_eq!(choose_connection(&open(&[16]), ONE), Choice::Open);
+        assert_eq!(choose_connection(&open(&[16, 3]), ONE), Choice::Use(1));
+    }
+
+    #[test]
+    fn a_connection_found_without_credit_is_passed_over() {
+        // The pool counts 10 open, but the peer granted no credit for the 11th.
+        let conns = [starved(10, 10)];
+        assert_eq!(choose_connection(&conns, ONE), Choice::Open);
+        let conns = [starved(10, 10), open(&[12])[0]];
+        assert_eq!(choose_connection(&conns, ONE), Choice::Use(1));
+    }
+
+    #[test]
+    fn a_starved_connection_is_tried_again_once_an_eighth_of_its_limit_closed() {
+        // Limit 16: credit comes back in steps of 2.
+        assert_eq!(choose_connection(&[starved(9, 10)], ONE), Choice::Open);
+        assert_eq!(choose_connection(&[starved(8, 10)], ONE), Choice::Use(0));
+    }
+
+    #[test]
+    fn at_the_cap_the_least_loaded_is_the_last_resort() {
+        let full = open(&[16, 16, 16]);
+        assert_eq!(choose_connection(&full, ONE), Choice::Last(0));
+        let conns = [starved(16, 16), starved(9, 9), starved(12, 12)];
+        assert_eq!(choose_connection(&conns, ONE), Choice::Last(1));
+    }
+
+    #[test]
+    fn several_connections_per_peer_spread_streams_before_sharing() {
+        let two = ConnLimits {
+            streams: 4,
+            spread: 2,
+            max: 2,
+        };
+        assert_eq!(choose_connection(&open(&[0]), two), Choice::Use(0));
+        assert_eq!(choose_connection(&open(&[1]), two), Choice::Open);
+        assert_eq!(choose_connection(&open(&[3, 1]), two), Choice::Use(1));
+        assert_eq!(choose_connection(&open(&[4, 4]), two), Choice::Last(0));
     }
 
     #[test]

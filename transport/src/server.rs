@@ -349,9 +349,10 @@ async fn handle_request<H: Handler>(
     let (request, stream) = match resolver.resolve_request().await {
         Ok(parts) => parts,
         Err(e) => {
-            // h3 has already answered 431 to an oversized header section (RFC 9114 §4.2.2).
+            // h3 has already answered 431 to an oversized header section (RFC 9114 §4.2.2):
+            // an answered request, not an abandoned one for the reset budget.
             tracing::debug!(peer = %peer.id, error = %e, "request not resolved");
-            return false;
+            return matches!(e, h3::error::StreamError::HeaderTooBig { .. });
         }
     };
     if request.method() != Method::CONNECT {

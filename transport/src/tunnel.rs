@@ -93,14 +93,11 @@ halves!(ServerSend, ServerRecv);
 /// ends.
 pub(crate) struct StreamGuard {
     counter: Arc<AtomicUsize>,
-    _conn: h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
+    _conn: crate::credit::SendRequest,
 }
 
 impl StreamGuard {
-    pub(crate) fn new(
-        counter: &Arc<AtomicUsize>,
-        conn: h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
-    ) -> Self {
+    pub(crate) fn new(counter: &Arc<AtomicUsize>, conn: crate::credit::SendRequest) -> Self {
         counter.fetch_add(1, Ordering::Relaxed);
         StreamGuard {
             counter: counter.clone(),

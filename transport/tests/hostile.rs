@@ -70,55 +70,77 @@ async fn other_method_where_a_tunnel_is_expected_gets_405() {
     still_serves(&mesh).await;
 }
 
-#[tokio::test]
-async fn header_section_over_the_limit_is_refused() {
-    let mesh = Mesh::new().await;
+/// `count` header fields of 1000 bytes each.
+fn padding(count: usize) -> HeaderMap {
     let mut headers = HeaderMap::new();
-    // 40 KiB decoded, over the 16 KiB SETTINGS_MAX_FIELD_SECTION_SIZE.
-    for i in 0..40 {
+    for i in 0..count {
         headers.insert(
             http::HeaderName::from_bytes(format!("x-pad-{i}").as_bytes()).unwrap(),
             "a".repeat(1000).parse().unwrap(),
         );
     }
+    headers
+}
+
+async fn open_with(mesh: &Mesh, headers: HeaderMap) -> Result<StatusCode, TunnelError> {
     let target = Target::new("echo", 9000).unwrap();
-    let outcome = async {
-        let mut t = mesh
-            .pool
-            .open_tcp(mesh.addr(), &mesh.server_id, &target, headers.clone())
-            .await?;
-        t.status().await
-    }
-    .await;
-    // Before the server's SETTINGS arrive the client sends it and the server answers 431
-    // (RFC 9114 §4.2.2); once they have arrived the client refuses to send it at all.
-    match outcome {
-        Err(TunnelError::Status { status }) => {
-            assert_eq!(status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+    let mut t = mesh
+        .pool
+        .open_tcp(mesh.addr(), &mesh.server_id, &target, headers)
+        .await?;
+    t.status().await
+}
+
+#[tokio::test]
+async fn header_section_over_the_limit_is_refused_before_it_is_sent() {
+    let mesh = Mesh::new().await;
+    // 100 KiB as RFC 9114 §4.2.2 counts it, over the default 96 KiB: refused by the pool on a
+    // fresh connection and on a warm one alike, without a stream at the server.
+    for _ in 0..2 {
+        match open_with(&mesh, padding(100)).await {
+            Err(TunnelError::HeaderTooBig { size, max }) => {
+                assert!(size > 100_000 && max == 96 * 1024, "{size} {max}")
+            }
+            other => panic!("oversized header accepted: {other:?}"),
         }
-        Err(TunnelError::HeaderTooBig { size, max }) => assert!(size > max && max == 16 * 1024),
-        other => panic!("oversized header accepted: {other:?}"),
+        still_serves(&mesh).await;
     }
-    // Also over a raw request on the now warm connection, and the server still works.
-    let mut req = request(Method::CONNECT, "echo:9000");
-    *req.headers_mut() = headers;
-    let err = status_of(&mesh, req).await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            TunnelError::HeaderTooBig { .. } | TunnelError::Protocol(_)
-        ),
-        "{err:?}"
-    );
+    assert_eq!(mesh.handler.tunnels.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn header_section_over_the_peers_lower_limit_is_refused() {
+    let server = config(|c| c.max_field_section_size = 16 * 1024);
+    let mesh = Mesh::with_configs(server, config(|_| {})).await;
+    for i in 0..5 {
+        // Before the server's SETTINGS arrive the client sends it and the server answers 431
+        // (RFC 9114 §4.2.2); once they have arrived h3 refuses to send it at all.
+        match open_with(&mesh, padding(20)).await {
+            Err(TunnelError::Status { status }) => {
+                assert_eq!(status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+            }
+            Err(TunnelError::HeaderTooBig { max, .. }) => assert_eq!(max, 16 * 1024),
+            other => panic!("request {i}: oversized header accepted: {other:?}"),
+        }
+    }
     assert_eq!(mesh.handler.tunnels.load(Ordering::SeqCst), 0);
     still_serves(&mesh).await;
+    assert_eq!(mesh.pool.connections(mesh.addr(), &mesh.server_id).len(), 1);
+}
+
+/// A pool limited to one connection per peer, waiting up to 10 s for stream credit.
+fn one_connection_waiting() -> halyard_transport::TransportConfig {
+    config(|c| {
+        c.max_connections_per_peer = 1;
+        c.stream_credit_wait_ms = 10_000;
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn more_streams_than_allowed_wait_for_a_slot() {
+async fn at_the_connection_cap_more_streams_than_allowed_wait_for_a_slot() {
     const LIMIT: usize = 8;
     let server = config(|c| c.max_concurrent_bidi_streams = LIMIT as u64);
-    let mesh = Arc::new(Mesh::with_configs(server, config(|_| {})).await);
+    let mesh = Arc::new(Mesh::with_configs(server, one_connection_waiting()).await);
     let mut flows = tokio::task::JoinSet::new();
     for _ in 0..3 * LIMIT {
         let mesh = mesh.clone();
@@ -135,6 +157,65 @@ async fn more_streams_than_allowed_wait_for_a_slot() {
     assert_eq!(mesh.handler.tunnels.load(Ordering::SeqCst), 3 * LIMIT);
     assert_eq!(mesh.handler.max_open.load(Ordering::SeqCst), LIMIT);
     assert_eq!(mesh.pool.connections(mesh.addr(), &mesh.server_id).len(), 1);
+}
+
+/// The peer allows 8 streams per connection while this side believes 1024: the pool finds out
+/// when opens get no credit, and opens more connections, so all 24 flows are held at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_out_of_stream_credit_gets_another_connection() {
+    const LIMIT: usize = 8;
+    let server = config(|c| c.max_concurrent_bidi_streams = LIMIT as u64);
+    let mesh = Arc::new(Mesh::with_configs(server, config(|_| {})).await);
+    let mut flows = tokio::task::JoinSet::new();
+    for _ in 0..3 * LIMIT {
+        let mesh = mesh.clone();
+        flows.spawn(async move { exchange(mesh.open("hold").await, b"").await.unwrap() });
+    }
+    let mut held = mesh.handler.held.subscribe();
+    held.wait_for(|n| *n == 3 * LIMIT).await.unwrap();
+    assert_eq!(mesh.pool.connections(mesh.addr(), &mesh.server_id).len(), 3);
+    mesh.handler.released.send_replace(true);
+    while let Some(reply) = flows.join_next().await {
+        assert_eq!(reply.unwrap(), b"released");
+    }
+}
+
+/// With every connection the pool may open out of credit, a new flow fails after the credit
+/// wait with the local `StreamLimit`, long before a connect timeout, and is safe to retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_connection_cap_a_flow_fails_as_a_local_stream_limit() {
+    const LIMIT: usize = 4;
+    let server = config(|c| c.max_concurrent_bidi_streams = LIMIT as u64);
+    let client = config(|c| {
+        c.max_connections_per_peer = 1;
+        c.stream_credit_wait_ms = 50;
+    });
+    let mesh = Mesh::with_configs(server, client).await;
+    let mut holding = Vec::new();
+    for _ in 0..LIMIT {
+        let mut t = mesh.open("hold").await;
+        t.write_all(b"h").await.unwrap();
+        holding.push(t);
+    }
+    let mut held = mesh.handler.held.subscribe();
+    held.wait_for(|n| *n == LIMIT).await.unwrap();
+    let target = Target::new("echo", 9000).unwrap();
+    let started = std::time::Instant::now();
+    let err = mesh
+        .pool
+        .open_tcp(mesh.addr(), &mesh.server_id, &target, HeaderMap::new())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, TunnelError::StreamLimit { connections: 1, .. }),
+        "{err:?}"
+    );
+    assert!(err.before_any_byte());
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    mesh.handler.released.send_replace(true);
+    for t in holding {
+        assert_eq!(exchange(t, b"").await.unwrap(), b"released");
+    }
 }
 
 #[tokio::test]

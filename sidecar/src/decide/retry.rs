@@ -17,7 +17,8 @@
 //! | refused 503        | `gateway-error`   | one strike            | 503       | `UH`    |
 //! | refused other 5xx  | `gateway-error`   | one strike            | that      | `UF`    |
 //! | refused other      | never             | no                    | that      | `UF`    |
-//! | too large headers  | never             | no (the request's)    | 431       | `UF`    |
+//! | too large headers  | never             | never (the request's) | 431       | `UF`    |
+//! | stream limit       | `connect-failure` | never (this side's)   | 503       | `UO`    |
 //! | protocol error     | `reset`           | one strike            | 502       | `UF`    |
 //! | local failure      | never             | never                 | 400       | `UF`    |
 //!
@@ -75,13 +76,18 @@ pub enum AttemptError {
     Timeout,
     /// The peer sidecar answered with a non-2xx status instead of serving the stream.
     Refused(StatusCode),
-    /// The peer does not take a header section this large.
+    /// The request's header section is over the limit (this sidecar's, or the peer's advertised
+    /// SETTINGS_MAX_FIELD_SECTION_SIZE, RFC 9114 §4.2.2); it was refused before it was sent.
     HeaderTooBig,
     /// The peer broke the HTTP/3 protocol, or the stream was closed under the attempt.
     Protocol,
     /// The caller's request could not be sent (a target that forms no URI, an app body that
     /// broke): this side's failure, never the endpoint's.
     Local,
+    /// Every connection this sidecar may open to the endpoint is out of stream credit
+    /// (`TunnelError::StreamLimit`): this side's limit, nothing was sent. Another endpoint is
+    /// another peer with its own credit, so it is retried like a connect failure.
+    Overflow,
 }
 
 /// A failed attempt: what went wrong and whether any byte may have reached the app behind the
@@ -105,6 +111,8 @@ pub enum Flag {
     Denied,
     /// No route: the destination serves no such service or port.
     NoRoute,
+    /// Upstream overflow: this sidecar's own limit on streams to the endpoint was reached.
+    Overflow,
 }
 
 impl Flag {
@@ -115,6 +123,7 @@ impl Flag {
             Flag::NoHealthy => "UH",
             Flag::Denied => "DENY",
             Flag::NoRoute => "NR",
+            Flag::Overflow => "UO",
         }
     }
 }
@@ -130,6 +139,7 @@ impl Failed {
             TunnelError::Reset { .. } => AttemptError::Reset,
             TunnelError::Status { status } => AttemptError::Refused(*status),
             TunnelError::HeaderTooBig { .. } => AttemptError::HeaderTooBig,
+            TunnelError::StreamLimit { .. } => AttemptError::Overflow,
             TunnelError::Closed | TunnelError::Protocol(_) => AttemptError::Protocol,
         };
         Failed {
@@ -148,12 +158,22 @@ impl Failed {
 }
 
 impl AttemptError {
+    /// Whether the attempt failed on this side, before the endpoint saw anything: its outlier
+    /// record is left alone (neither charged nor credited with a success).
+    pub fn is_local(self) -> bool {
+        matches!(
+            self,
+            AttemptError::Local | AttemptError::HeaderTooBig | AttemptError::Overflow
+        )
+    }
+
     /// The retry condition (`Route.rules[].retries.on`) this failure falls under, if any.
     pub fn condition(self) -> Option<RetryOn> {
         match self {
-            AttemptError::ConnectFailure | AttemptError::AppUnreached | AttemptError::Rejected => {
-                Some(RetryOn::ConnectFailure)
-            }
+            AttemptError::ConnectFailure
+            | AttemptError::AppUnreached
+            | AttemptError::Rejected
+            | AttemptError::Overflow => Some(RetryOn::ConnectFailure),
             AttemptError::ConnectionLost
             | AttemptError::Reset
             | AttemptError::Timeout
@@ -179,14 +199,15 @@ impl AttemptError {
             AttemptError::Refused(_)
             | AttemptError::Rejected
             | AttemptError::HeaderTooBig
-            | AttemptError::Local => None,
+            | AttemptError::Local
+            | AttemptError::Overflow => None,
         }
     }
 
     /// The status an L7 caller gets when this is the last attempt.
     pub fn status(self) -> StatusCode {
         match self {
-            AttemptError::ConnectFailure | AttemptError::Rejected => {
+            AttemptError::ConnectFailure | AttemptError::Rejected | AttemptError::Overflow => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             AttemptError::AppUnreached
@@ -206,6 +227,7 @@ impl AttemptError {
             AttemptError::Refused(StatusCode::FORBIDDEN) => Flag::Denied,
             AttemptError::Refused(StatusCode::NOT_FOUND) => Flag::NoRoute,
             AttemptError::Refused(StatusCode::SERVICE_UNAVAILABLE) => Flag::NoHealthy,
+            AttemptError::Overflow => Flag::Overflow,
             _ => Flag::UpstreamFailure,
         }
     }
@@ -436,6 +458,45 @@ mod tests {
     #[test]
     fn a_policy_refusal_is_flagged_as_denied() {
         assert_eq!(DENIED.flag(), Flag::Denied);
+    }
+
+    #[test]
+    fn a_header_section_over_the_limit_is_the_requests_failure() {
+        let too_big = AttemptError::HeaderTooBig;
+        assert!(too_big.is_local());
+        assert_eq!(too_big.charge(), None);
+        assert_eq!(
+            too_big.status(),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        );
+        assert_eq!(step(&ANY, 0, failed(too_big)), Step::Fail);
+    }
+
+    #[test]
+    fn a_stream_limit_is_this_sides_and_never_charged() {
+        let e = TunnelError::StreamLimit {
+            peer: "127.0.0.1:1".parse().unwrap(),
+            connections: 8,
+            waited: Duration::from_millis(100),
+        };
+        let failed = Failed::of(&e);
+        assert_eq!(failed.error, AttemptError::Overflow);
+        assert!(failed.error.is_local());
+        assert_eq!(failed.error.charge(), None);
+    }
+
+    #[test]
+    fn a_stream_limit_is_retried_on_another_endpoint() {
+        assert_eq!(step(&ANY, 0, failed(AttemptError::Overflow)), Step::Retry);
+    }
+
+    #[test]
+    fn a_stream_limit_answers_503_and_flags_upstream_overflow() {
+        assert_eq!(
+            AttemptError::Overflow.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(AttemptError::Overflow.flag().as_str(), "UO");
     }
 
     #[test]

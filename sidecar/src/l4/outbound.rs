@@ -11,7 +11,7 @@ use halyard_registry::model::RetryOn;
 use halyard_transport::{Target, Tunnel, TunnelError};
 use tokio::net::TcpStream;
 
-use crate::decide::retry::{self, AttemptError, Failed, Flag, RetryPolicy, Step};
+use crate::decide::retry::{self, Failed, Flag, RetryPolicy, Step};
 use crate::state::{Picked, Shared};
 use crate::telemetry::flow::End;
 use crate::telemetry::metrics::Direction;
@@ -36,6 +36,8 @@ pub(crate) enum Flags {
     NoRoute,
     /// Reset after the tunnel was up.
     Reset,
+    /// This sidecar's stream limit to the endpoint was reached (upstream overflow).
+    Overflow,
 }
 
 impl Flags {
@@ -48,6 +50,7 @@ impl Flags {
             Flags::Denied => "DENY",
             Flags::NoRoute => "NR",
             Flags::Reset => "RESET",
+            Flags::Overflow => "UO",
         }
     }
 }
@@ -124,7 +127,7 @@ async fn connect(
         };
         let endpoint = &picked.endpoint.id;
         tracing::debug!(service = %dest.service, endpoint, error = ?failed.error, "tunnel attempt failed");
-        if failed.error != AttemptError::Local {
+        if !failed.error.is_local() {
             shared.outcome(&picked, failed.error.charge());
         }
         last = failed.error.flag().into();
@@ -195,6 +198,7 @@ impl From<Flag> for Flags {
             Flag::NoHealthy => Flags::NoHealthy,
             Flag::Denied => Flags::Denied,
             Flag::NoRoute => Flags::NoRoute,
+            Flag::Overflow => Flags::Overflow,
         }
     }
 }

@@ -16,7 +16,8 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Largest header section the guard buffers; a longer one is handed to hyper, which answers 431.
+/// Largest header section the guard buffers unless told otherwise (`with_max_head`); a longer
+/// one is handed to hyper, which answers 431.
 const MAX_HEAD: usize = 64 * 1024;
 /// A request hyper refuses with 400 (a transfer coding that is not chunked) and then closes.
 const REFUSED: &[u8] = b"POST / HTTP/1.1\r\nhost: refused\r\ntransfer-encoding: refused\r\n\r\n";
@@ -52,6 +53,9 @@ pub(crate) struct FramingGuard<T> {
     /// Set by the sidecar when it answers 101 (a WebSocket upgrade): the bytes after the
     /// upgrade request are the new protocol's, not HTTP/1.1, and pass unchecked.
     switched: Arc<AtomicBool>,
+    /// Longest header section or trailer line judged; longer ones pass to hyper unjudged, so
+    /// this must cover every head hyper can parse (see `l7::limits::guard_head`).
+    max_head: usize,
 }
 
 impl<T> FramingGuard<T> {
@@ -63,6 +67,7 @@ impl<T> FramingGuard<T> {
             out: Vec::new(),
             out_pos: 0,
             switched: Arc::default(),
+            max_head: MAX_HEAD,
         }
     }
 
@@ -88,6 +93,12 @@ impl<T> FramingGuard<T> {
         }
     }
 
+    /// Follows header sections up to `max_head` bytes.
+    pub(crate) fn with_max_head(mut self, max_head: usize) -> Self {
+        self.max_head = max_head;
+        self
+    }
+
     /// Feeds bytes read from the app through the state machine into `out`.
     fn feed(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
@@ -98,11 +109,11 @@ impl<T> FramingGuard<T> {
                 }
                 State::Refused => data.len(),
                 State::Head(acc) => {
-                    let (used, done) = take_until(acc, data, b"\r\n\r\n", MAX_HEAD);
+                    let (used, done) = take_until(acc, data, b"\r\n\r\n", self.max_head);
                     if done {
                         let head = std::mem::take(acc);
                         self.state = self.judge(head);
-                    } else if acc.len() >= MAX_HEAD {
+                    } else if acc.len() >= self.max_head {
                         // Too long to judge: hyper refuses it with 431 and closes.
                         self.out.append(acc);
                         self.state = State::Pass;
@@ -138,8 +149,8 @@ impl<T> FramingGuard<T> {
                     take
                 }
                 State::Trailers(line) => {
-                    let (used, done) = take_until(line, data, b"\n", MAX_HEAD);
-                    if done || line.len() >= MAX_HEAD {
+                    let (used, done) = take_until(line, data, b"\n", self.max_head);
+                    if done || line.len() >= self.max_head {
                         let line = std::mem::take(line);
                         self.out.extend_from_slice(&line);
                         let empty = line == b"\r\n" || line == b"\n";

@@ -16,6 +16,7 @@ use hyper::body::Frame;
 
 use super::body::{to_bytes, BodyError, BodySender, ChannelBody};
 use super::headers::{strip_hop_by_hop, strip_identity_claims, APP_UNREACHED, PEER_IDENTITY};
+use super::limits;
 use super::normalize::{normalize, PathError};
 use super::{expect, upgrade};
 use crate::decide::admit::{Refusal, Stream};
@@ -46,23 +47,26 @@ type AppClient = hyper_util::client::legacy::Client<
 >;
 
 impl AppClients {
-    /// Clients that give up connecting to the app after `connect_timeout`.
-    pub(crate) fn new(connect_timeout: Duration) -> Self {
+    /// Clients that give up connecting to the app after `connect_timeout` and refuse response
+    /// heads past what `max_field_section_size` allows (see `l7::limits`).
+    pub(crate) fn new(connect_timeout: Duration, max_field_section_size: u64) -> Self {
         AppClients {
-            h1: app_client(false, connect_timeout),
-            h2: app_client(true, connect_timeout),
+            h1: app_client(false, connect_timeout, max_field_section_size),
+            h2: app_client(true, connect_timeout, max_field_section_size),
             connect_timeout,
         }
     }
 }
 
-fn app_client(h2: bool, connect_timeout: Duration) -> AppClient {
+fn app_client(h2: bool, connect_timeout: Duration, max_section: u64) -> AppClient {
     let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(connect_timeout));
     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .http2_only(h2)
         .pool_idle_timeout(Duration::from_secs(30))
+        .http1_max_buf_size(limits::h1_buffer(max_section))
+        .http2_max_header_list_size(limits::h2_header_list(max_section))
         .build(connector)
 }
 
@@ -187,10 +191,22 @@ impl Responder {
         }
     }
 
-    /// Sends the final response head; `false` when the stream is gone.
+    /// Sends the final response head; `false` when the stream is gone, or when the head was
+    /// over the caller's header-section limit and a 502 went in its place.
     async fn head(&mut self, resp: Response<()>) -> bool {
         let status = resp.status().as_u16();
-        let sent = self.interim(resp).await;
+        let Some(send) = self.send.as_mut() else {
+            return false;
+        };
+        let sent = match send.send_response(resp).await {
+            Err(e) if limits::too_big(&e) => {
+                self.status = Some(502);
+                self.done = limits::bad_gateway(send, &e).await;
+                return false;
+            }
+            sent => sent.is_ok(),
+        };
+        self.done = !sent;
         if sent {
             self.status = Some(status);
         }
@@ -220,7 +236,9 @@ impl Responder {
                 Err(_) => Ok(()),
             },
         };
-        self.done = sent.is_err();
+        // Trailers over the caller's limit were not sent: reset rather than finish, so the body
+        // does not look complete without them.
+        self.done = sent.as_ref().is_err_and(|e| !limits::too_big(e));
         sent.is_ok()
     }
 
@@ -575,6 +593,10 @@ impl AppFailure {
             source = err.source();
         }
         let (status, why) = match (e.is_connect(), timed_out) {
+            (false, _) if limits::app_head_too_big(e) => (
+                StatusCode::BAD_GATEWAY,
+                "local app's response head is too large",
+            ),
             (true, true) => (
                 StatusCode::GATEWAY_TIMEOUT,
                 "local app did not accept the connection in time",
@@ -609,7 +631,7 @@ async fn respond(out: &mut Responder, resp: Response<hyper::body::Incoming>) -> 
     strip_identity_claims(&mut parts.headers);
     parts.version = http::Version::HTTP_3;
     if !out.head(Response::from_parts(parts, ())).await {
-        return status;
+        return out.status.unwrap_or(status);
     }
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else {

@@ -7,13 +7,15 @@
 //! a peer's request and forwards it to the app over its pooled clients; `body` streams bodies
 //! through bounded channels; `upload` sends an outbound request body on its own task (so both
 //! directions flow at once, and `Expect: 100-continue` is passed through); `upgrade` carries
-//! WebSocket upgrades between sidecars; `expect` sees an app's `100 Continue`.
+//! WebSocket upgrades between sidecars; `expect` sees an app's `100 Continue`; `limits` sizes
+//! both app sides from the one header-section limit.
 
 pub(crate) mod body;
 pub(crate) mod expect;
 pub(crate) mod guard;
 pub(crate) mod headers;
 pub(crate) mod inbound;
+pub(crate) mod limits;
 pub(crate) mod normalize;
 pub(crate) mod outbound;
 pub(crate) mod upgrade;

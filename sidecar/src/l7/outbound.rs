@@ -18,6 +18,7 @@ use tokio::net::TcpStream;
 
 use super::body::{buffer_small, to_bytes, BodySender, Buffered, ChannelBody};
 use super::headers::{check_framing, strip_hop_by_hop, strip_identity_claims, APP_UNREACHED};
+use super::limits;
 use super::normalize::normalize;
 use super::upgrade;
 use super::upload::{Payload, Start, Upload, EXPECT_TIMEOUT};
@@ -45,16 +46,19 @@ const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
 /// drain starts, the request in flight finishes and the connection closes (an idle keep-alive
 /// connection at once, h2 with GOAWAY); at the drain deadline it is dropped.
 pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, dest: Destination) {
+    let max = shared.config.transport.max_field_section_size();
     let drain = shared.clone();
-    let guard = super::guard::FramingGuard::new(tcp);
+    let guard = super::guard::FramingGuard::new(tcp).with_max_head(limits::guard_head(max));
     let switched = guard.switch_flag();
     let svc = hyper::service::service_fn(move |req| {
         let (shared, dest, switched) = (shared.clone(), dest.clone(), switched.clone());
         async move { Ok::<_, Infallible>(handle(shared, dest, req, switched).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http1().max_buf_size(64 * 1024);
-    builder.http2().max_header_list_size(64 * 1024);
+    builder.http1().max_buf_size(limits::h1_buffer(max));
+    builder
+        .http2()
+        .max_header_list_size(limits::h2_header_list(max));
     let io = TokioIo::new(guard);
     // Upgrades are served: a WebSocket request switches the connection (see `upgrade`).
     let conn = builder.serve_connection_with_upgrades(io, svc);
@@ -353,7 +357,7 @@ impl Call<'_> {
                     retry::Outcome::Answered(x.head.status())
                 }
                 Err(fail) => {
-                    if fail.failed.error != AttemptError::Local {
+                    if !fail.failed.error.is_local() {
                         self.shared.outcome(&picked, fail.failed.error.charge());
                     }
                     retry::Outcome::Failed(fail.failed)
