@@ -195,6 +195,80 @@ async fn the_retry_budget_caps_retries_when_every_request_fails() {
     drop(rt);
 }
 
+/// reviews v1, whose app answers 503 to everything, and v2, behind a route that sends `/flaky`
+/// to v1 only with two retries on 5xx (`rule_extra` added to that rule) and the rest to v2,
+/// with productpage calling it.
+struct FlakyV1 {
+    _mesh: Mesh,
+    v1: halyard_sidecar::test_util::HttpApp,
+    v2: halyard_sidecar::test_util::HttpApp,
+    _servers: Vec<Sidecar>,
+    pp: Sidecar,
+}
+
+async fn flaky_v1(rule_extra: &str) -> FlakyV1 {
+    let (ip1, ip2) = (loopback_ip(), loopback_ip());
+    let mesh = Mesh::with_dir().await;
+    let broken = AppBehavior {
+        fail_every: Some(1),
+        ..AppBehavior::default()
+    };
+    let v1 = http_app(SocketAddr::new(ip1, 0), "v1", broken).await;
+    let port = v1.addr.port();
+    let v2 = http_app(SocketAddr::new(ip2, port), "v2", AppBehavior::default()).await;
+    let route = format!(
+        "kind: Route\nservice: reviews\nrules:\n  - match: {{ path: {{ prefix: /flaky }} }}\n    backends: [{{ subset: {{ version: v1 }}, weight: 100 }}]\n    retries: {{ attempts: 2, on: [5xx] }}\n{rule_extra}  - backends: [{{ subset: {{ version: v2 }}, weight: 100 }}]\n"
+    );
+    mesh.apply(&format!("{}---\n{route}", http_service("reviews", port)))
+        .await;
+    let (servers, pp) = reviews(&mesh, &[("v1", ip1), ("v2", ip2)]).await;
+    pp.wait_snapshot("the route", |s| s.route("reviews").is_some())
+        .await;
+    FlakyV1 {
+        _mesh: mesh,
+        v1,
+        v2,
+        _servers: servers,
+        pp,
+    }
+}
+
+fn hits(app: &halyard_sidecar::test_util::HttpApp) -> u64 {
+    app.hits.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_stay_inside_the_subset_of_their_rule() {
+    let f = flaky_v1("").await;
+    for i in 0..10 {
+        let (status, body, _) =
+            http_call(&http_client(), f.pp.upstream(0), "GET", "/flaky", &[]).await;
+        assert_eq!(
+            (status, tag(&body)),
+            (503, "v1".into()),
+            "request {i}: {body}"
+        );
+    }
+    // v1 has one endpoint: each request went to it three times (panic mode once it is ejected).
+    assert_eq!((hits(&f.v1), hits(&f.v2)), (30, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_of_a_rule_with_fallback_service_may_leave_its_subset() {
+    let f = flaky_v1("    fallback: service\n").await;
+    for i in 0..10 {
+        let (status, body, _) =
+            http_call(&http_client(), f.pp.upstream(0), "GET", "/flaky", &[]).await;
+        assert_eq!(
+            (status, tag(&body)),
+            (200, "v2".into()),
+            "request {i}: {body}"
+        );
+    }
+    // Three 503s in a row eject v1; from then on v2 is asked first.
+    assert_eq!((hits(&f.v1), hits(&f.v2)), (3, 10));
+}
+
 /// A route with a 100 ms timeout on `/slow`, a 20 % abort fault (418) on `/faulty`, and a plain
 /// rule for the rest.
 const FAILURE_ROUTE: &str = "kind: Route\nservice: reviews\nrules:\n  - match: { path: { prefix: /slow } }\n    backends: [{ weight: 1 }]\n    timeout: 100ms\n  - match: { path: { prefix: /faulty } }\n    backends: [{ weight: 1 }]\n    fault: { abort: { percent: 20, status: 418 } }\n  - backends: [{ weight: 1 }]\n";

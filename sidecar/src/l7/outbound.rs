@@ -20,6 +20,7 @@ use super::headers::{check_framing, strip_hop_by_hop, strip_identity_claims};
 use super::normalize::normalize;
 use crate::decide::capture::Destination;
 use crate::decide::outlier::Failure;
+use crate::decide::pick::Scope;
 use crate::decide::retry::{self, answer_charge, AttemptError, Failed, RetryPolicy, Step};
 use crate::decide::route::{idempotent, select, HttpView, RequestView};
 use crate::state::{Picked, Shared};
@@ -227,7 +228,7 @@ impl Call<'_> {
         None
     }
 
-    fn subset(&self) -> halyard_registry::model::Labels {
+    fn subset(&self) -> Scope {
         match self.rule {
             Some((i, r)) => self.shared.backend(&self.dest.service, i, r),
             None => Default::default(),
@@ -279,7 +280,7 @@ impl Call<'_> {
             };
             match (
                 self.shared
-                    .next_step(service, &policy, (retries_done, &tried), outcome),
+                    .next_step(service, &subset, &policy, (retries_done, &tried), outcome),
                 attempt,
             ) {
                 (Step::Retry, _) => {
@@ -377,7 +378,7 @@ impl Call<'_> {
         let (method, headers, subset) = (
             self.parts.method.clone(),
             self.parts.headers.clone(),
-            m.subset.clone(),
+            Scope::within(m.subset.clone()),
         );
         let send = async move {
             let snap = shared.current();
