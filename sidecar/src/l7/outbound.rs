@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 
 use super::body::{buffer_small, to_bytes, BodySender, Buffered, ChannelBody};
 use super::headers::{check_framing, strip_hop_by_hop, strip_identity_claims};
-use super::normalize::normalize;
+use super::normalize::{normalize, NormalPath, OUTBOUND_PARAMETERS};
 use crate::decide::capture::Destination;
 use crate::decide::outlier::Failure;
 use crate::decide::pick::Scope;
@@ -93,11 +93,11 @@ async fn handle(
     let snap = shared.current();
     let (resp, served) = match prepare(&shared, req) {
         Err(resp) => (resp, None),
-        Ok((parts, body, target)) => {
+        Ok((parts, body, norm)) => {
             rec.set_trace(trace_context(&parts.headers));
             let route = snap.route(&dest.service);
             let http = HttpView {
-                path: target.split('?').next().unwrap_or("/"),
+                path: &norm.path,
                 method: parts.method.as_str(),
                 headers: &parts.headers,
             };
@@ -108,7 +108,7 @@ async fn handle(
                 shared: &shared,
                 dest: &dest,
                 parts,
-                target,
+                target: norm.target(),
                 rule,
             };
             call.run(body).await
@@ -129,7 +129,7 @@ async fn handle(
 fn prepare(
     _shared: &Shared,
     req: Request<Incoming>,
-) -> Result<(Parts, Incoming, String), Response<ChannelBody>> {
+) -> Result<(Parts, Incoming, NormalPath), Response<ChannelBody>> {
     let (mut parts, body) = req.into_parts();
     if parts.method == Method::CONNECT {
         // Sent on, it would reach the peer as a tunnel (RFC 9114 §4.4), not as a request, and
@@ -143,7 +143,7 @@ fn prepare(
         return Err(local(StatusCode::BAD_REQUEST, &format!("refused: {e}")));
     }
     let raw = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let norm = normalize(raw)
+    let norm = normalize(raw, OUTBOUND_PARAMETERS)
         .map_err(|e| local(StatusCode::BAD_REQUEST, &format!("refused path: {e}")))?;
     strip_hop_by_hop(&mut parts.headers);
     strip_identity_claims(&mut parts.headers);
@@ -157,7 +157,7 @@ fn prepare(
     if let Ok(v) = HeaderValue::from_str(&trace.to_string()) {
         parts.headers.insert("traceparent", v);
     }
-    Ok((parts, body, norm.target()))
+    Ok((parts, body, norm))
 }
 
 /// The request body as attempts see it.
