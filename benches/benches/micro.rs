@@ -15,7 +15,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion};
 use halyard_certs::SpiffeId;
 use halyard_registry::model::{parse_documents, Action, Endpoint, Object, Policy, Route};
-use halyard_sidecar::decide::pick::{choose, BackendPickers, Load, Locality};
+use halyard_sidecar::decide::pick::{choose, BackendPickers, Load, Locality, Scope};
 use halyard_sidecar::decide::policy::{evaluate, Peer, Target};
 use halyard_sidecar::decide::route::{select, RequestView};
 
@@ -79,13 +79,11 @@ fn route_selection(c: &mut Criterion) {
                 .wrapping_add(1442695040888963407);
             let (_, rule) = select(&route, RequestView::flow("client")).expect("rule");
             let backend = pickers.pick("big", 0, rule).expect("backend");
-            black_box(choose(
-                &refs,
-                &backend.subset,
-                &load,
-                &here,
-                (n >> 33, n >> 17),
-            ))
+            let scope = Scope {
+                subset: backend.subset.clone(),
+                fallback: rule.fallback,
+            };
+            black_box(choose(&refs, &scope, &load, &here, (n >> 33, n >> 17)))
         });
     });
 }

@@ -1,7 +1,9 @@
 //! Validation: a table of bad objects, each with the exact field path its error must name.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use halyard_registry::model::{parse_documents, Action, HeaderMatch, PathMatch, Protocol};
+use halyard_registry::model::{
+    parse_documents, Action, Fallback, HeaderMatch, PathMatch, Protocol,
+};
 use halyard_registry::{Key, Kind, Object};
 
 const GOOD: &str = r#"
@@ -103,6 +105,26 @@ fn the_design_example_round_trips_through_the_yaml_ctl_prints() {
     );
 }
 
+#[test]
+fn a_rule_stays_inside_its_subset_unless_its_fallback_says_service() {
+    let objs = design_example();
+    let Object::Route(route) = &objs[1] else {
+        panic!()
+    };
+    assert_eq!(route.rules[1].fallback, Fallback::Subset);
+    let yaml = "kind: Route\nservice: r\nrules:\n  - backends: [{subset: {version: v1}, weight: 1}]\n    fallback: service\n";
+    let objs = parse_documents("f.yaml", yaml).unwrap();
+    let Object::Route(route) = &objs[0] else {
+        panic!()
+    };
+    assert_eq!(route.rules[0].fallback, Fallback::Service);
+    assert!(
+        objs[0].to_yaml().contains("fallback: service"),
+        "{}",
+        objs[0].to_yaml()
+    );
+}
+
 fn err_of(yaml: &str) -> (String, String) {
     let errs = parse_documents("f.yaml", yaml).unwrap_err();
     (errs[0].path.clone(), errs[0].to_string())
@@ -144,6 +166,8 @@ fn bad_objects_name_the_field_path() {
         (route("  - backends: [{weight: 1}]\n    requestHeaders: {add: {x-a: \"a\\nb\"}}"), "rules[1].requestHeaders.add.x-a", "control"),
         (route("  - backends: [{weight: 1}]\n    requestHeaders: {remove: [ok, 'Bad Header']}"), "rules[1].requestHeaders.remove[1]", "header name"),
         (route("  - backends: [{weight: 1}]\n    retry: {attempts: 1}"), "rules[1].retry", "unknown field"),
+        (route("  - backends: [{weight: 1}]\n    fallback: everywhere"), "rules[1].fallback", "expected \"subset\""),
+        (route("  - backends: [{weight: 1}]\n    fallback: [service]"), "rules[1].fallback", "invalid type"),
         ("kind: Route\nservice: r\nrules: []".into(), "rules", "at least one"),
         ("kind: Policy\nservice: r\nrules: [{action: permit}]".into(), "rules[0].action", "allow or deny"),
         ("kind: Policy\nservice: r\nrules: [{action: deny}, {action: allow, from: {identities: ['spiffe://mesh.local/ns/a/sa/b', 'spiffe://Mesh/x']}}]".into(), "rules[1].from.identities[1]", "SPIFFE"),

@@ -197,6 +197,40 @@ pub struct InboundConfig {
     /// Host the app listens on, at each Service port's targetPort.
     #[serde(default = "default_app_host")]
     pub app_host: IpAddr,
+    /// What requests to the app may do with path parameters (`;` in a path segment).
+    #[serde(default)]
+    pub path_parameters: PathParameters,
+}
+
+/// `inbound.path_parameters`: what happens to a request to this sidecar's app whose path has
+/// parameters, a `;` (or `%3B`) in a segment: `/admin;jsessionid=1/users`.
+///
+/// RFC 3986 §3.3 leaves `;` to the application. Servlet containers (Tomcat, Jetty) and Spring
+/// take it as the start of a segment's parameters and match what comes before it, so
+/// `/admin;x` *is* `/admin` to them, and `/public/..;/admin` is `/admin`; other servers (Go,
+/// Node) see `admin;x` as a name of its own. Whatever the setting, policy and routing match the
+/// path with every segment's parameters removed and dot segments resolved after that (what a
+/// servlet container resolves), so no spelling with `;` gets past a rule on the path it
+/// resolves to; the setting only decides what is refused and what the app gets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PathParameters {
+    /// Refuse any path with `;` or `%3B` in it (400), as Spring Security's `StrictHttpFirewall`
+    /// does by default. The default: the same path means different resources to different
+    /// servers, and this mesh refuses such paths rather than guess (as `%2F`).
+    #[default]
+    Reject,
+    /// Remove every segment's parameters, then forward that path: the app gets exactly what
+    /// policy matched (`/admin;jsessionid=1/users` arrives as `/admin/users`). For apps whose
+    /// clients add parameters the app does not need, such as URL-rewritten session ids.
+    Strip,
+    /// Forward the path with its parameters (matrix parameters, JAX-RS `@MatrixParam`, Spring
+    /// `@MatrixVariable`, `/app/;jsessionid=1`), while policy still matches it without them.
+    /// Parameters that change which segments the path has (`/a/..;/b`, `/.;/b`, `/a/;/..`)
+    /// are refused (400): the app could resolve such a path to another resource than the one
+    /// the rules matched. For apps that, like those frameworks, route on the path without its
+    /// parameters; a server that takes `;` as part of a name should stay on `reject` or `strip`.
+    Keep,
 }
 
 /// `[outbound]`.
@@ -326,6 +360,7 @@ impl Default for InboundConfig {
             listen: default_inbound(),
             advertise: None,
             app_host: default_app_host(),
+            path_parameters: PathParameters::default(),
         }
     }
 }
@@ -657,6 +692,16 @@ listen = "127.0.0.1:19080"
     }
 
     #[test]
+    fn path_parameters_are_refused_unless_the_config_says_otherwise() {
+        assert_eq!(good().file.inbound.path_parameters, PathParameters::Reject);
+        let keep = GOOD.replace("listen = \"127.0.0.1:0\"", "path_parameters = \"keep\"");
+        let c = Config::parse(&keep, Path::new("s.toml")).unwrap();
+        assert_eq!(c.file.inbound.path_parameters, PathParameters::Keep);
+        let dump = serde_json::to_value(&c.file).unwrap();
+        assert_eq!(dump["inbound"]["path_parameters"], "keep");
+    }
+
+    #[test]
     fn bad_fields_are_named() {
         let cases = [
             (GOOD.replace("127.0.0.1:0", "nowhere"), "inbound.listen"),
@@ -708,6 +753,10 @@ listen = "127.0.0.1:19080"
             (
                 format!("{GOOD}\n[access_log]\nenabeld = true\n"),
                 "access_log",
+            ),
+            (
+                GOOD.replace("listen = \"127.0.0.1:0\"", "path_parameters = \"drop\""),
+                "inbound.path_parameters",
             ),
         ];
         for (text, want) in cases {

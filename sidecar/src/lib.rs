@@ -50,11 +50,20 @@ pub mod fuzzing {
         passed
     }
 
-    /// Normalizes a request target (path and query) as routing, policy and forwarding see it;
-    /// the normalized target, or why it is refused.
+    /// Normalizes a request target (path and query) as routing, policy and forwarding see it
+    /// under the default `inbound.path_parameters`; the normalized target, or why it is refused.
     pub fn normalize_target(target: &str) -> Result<String, String> {
-        crate::l7::normalize::normalize(target)
-            .map(|n| n.target())
+        normalize_target_with(target, crate::config::PathParameters::default()).map(|(_, t)| t)
+    }
+
+    /// Normalizes a request target under `params`: the path routing and policy match (without
+    /// path parameters) and the target forwarded, or why it is refused.
+    pub fn normalize_target_with(
+        target: &str,
+        params: crate::config::PathParameters,
+    ) -> Result<(String, String), String> {
+        crate::l7::normalize::normalize(target, params)
+            .map(|n| (n.path.clone(), n.target()))
             .map_err(|e| e.to_string())
     }
 }

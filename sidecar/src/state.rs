@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use halyard_certs::SpiffeId;
-use halyard_registry::model::{Endpoint, Labels, RouteRule, ServicePort};
+use halyard_registry::model::{Endpoint, RouteRule, ServicePort};
 use halyard_registry::Snapshot;
 use halyard_transport::{PeerKey, PeerStats, Pool, Target};
 use tokio::sync::watch;
@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::decide::admit::{self, Refusal};
 use crate::decide::budget::RetryBudget;
 use crate::decide::outlier::{Failure, Outliers};
-use crate::decide::pick::{self, BackendPickers, Load, Locality};
+use crate::decide::pick::{self, BackendPickers, Load, Locality, Scope};
 use crate::decide::policy::{self, Peer};
 use crate::decide::retry::{self, RetryPolicy, Step};
 use crate::decide::route::{self, RequestView};
@@ -217,19 +217,20 @@ impl Shared {
             .request(cfg, Instant::now());
     }
 
-    /// The step after an attempt to `service` that has `tried` these endpoints (see
-    /// [`retry::next`]); a retry it allows is paid from the service's budget, and none is
+    /// The step after an attempt to `service` inside `scope` that has `tried` these endpoints
+    /// (see [`retry::next`]); a retry it allows is paid from the service's budget, and none is
     /// allowed when no endpoint is left to go to.
     pub(crate) fn next_step(
         &self,
         service: &str,
+        scope: &Scope,
         policy: &RetryPolicy<'_>,
         (retries_done, tried): (u32, &[String]),
         outcome: retry::Outcome,
     ) -> Step {
         let snap = self.current();
         let all: Vec<&Endpoint> = snap.endpoints_of(service).map(|e| e.as_ref()).collect();
-        let alternative = !pick::candidates(&all, tried, policy.revisit).is_empty();
+        let alternative = !pick::candidates(&all, scope, tried, policy.revisit).is_empty();
         let cfg = &self.config.file.failure.retry_budget;
         let mut budgets = self.budgets();
         let budget = budgets.entry(service.to_owned()).or_default();
@@ -249,40 +250,34 @@ impl Shared {
         self.snapshot.borrow().clone()
     }
 
-    /// Chooses an endpoint of `service` for a new L4 flow from this sidecar, skipping `tried`.
-    pub(crate) fn pick(
-        self: &Arc<Self>,
-        service: &str,
-        tried: &[String],
-    ) -> Result<Picked, PickError> {
-        let snap = self.current();
-        let (route, subset) = self.l4_backend(&snap, service);
-        let mut picked = self.pick_in(&snap, service, &subset, tried, false)?;
-        picked.route = route;
-        Ok(picked)
-    }
-
-    /// The next backend subset of rule number `index` of `service`'s route.
-    pub(crate) fn backend(&self, service: &str, index: usize, rule: &RouteRule) -> Labels {
-        self.lb()
+    /// The scope of rule number `index` of `service`'s route for one flow or request: the next
+    /// weighted backend subset, and the rule's fallback. Called once per flow or request, so
+    /// its retries stay with the backend it was given.
+    pub(crate) fn backend(&self, service: &str, index: usize, rule: &RouteRule) -> Scope {
+        let subset = self
+            .lb()
             .pickers
             .pick(service, index, rule)
             .map(|b| b.subset.clone())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        Scope {
+            subset,
+            fallback: rule.fallback,
+        }
     }
 
-    /// Chooses an endpoint of `subset` of `service` (failing over to the whole service when
-    /// the subset has no healthy endpoint), skipping `tried`.
+    /// Chooses an endpoint of `service` inside `scope` (see [`pick::candidates`] and
+    /// [`pick::choose`]), skipping `tried`.
     pub(crate) fn pick_in(
         self: &Arc<Self>,
         snap: &Snapshot,
         service: &str,
-        subset: &Labels,
+        scope: &Scope,
         tried: &[String],
         revisit: bool,
     ) -> Result<Picked, PickError> {
         let all: Vec<&Endpoint> = snap.endpoints_of(service).map(|e| e.as_ref()).collect();
-        let candidates = pick::candidates(&all, tried, revisit);
+        let candidates = pick::candidates(&all, scope, tried, revisit);
         if candidates.is_empty() {
             return Err(PickError::NoEndpoint);
         }
@@ -298,7 +293,7 @@ impl Shared {
                 .is_some_and(|o| o.is_ejected(&e.id, now)),
         };
         let samples = (rand::random::<u64>(), rand::random::<u64>());
-        let chosen = pick::choose(&candidates, subset, &load, &self.locality, samples)
+        let chosen = pick::choose(&candidates, scope, &load, &self.locality, samples)
             .ok_or(PickError::NoHealthy)?;
         let endpoint = snap
             .endpoints_of(service)
@@ -318,14 +313,15 @@ impl Shared {
         })
     }
 
-    /// The rule an L4 flow from this sidecar to `service` takes, and the next backend subset of
-    /// it (no route or no matching rule: the whole service).
-    fn l4_backend(&self, snap: &Snapshot, service: &str) -> (Option<usize>, Labels) {
+    /// The rule an L4 flow from this sidecar to `service` takes, and its scope (no route or no
+    /// matching rule: the whole service).
+    pub(crate) fn l4_route(&self, service: &str) -> (Option<usize>, Scope) {
+        let snap = self.current();
         let Some(route) = snap.route(service) else {
-            return (None, Labels::new());
+            return (None, Scope::default());
         };
         let Some((index, rule)) = route::select(route, RequestView::flow(&self.service)) else {
-            return (None, Labels::new());
+            return (None, Scope::default());
         };
         (Some(index), self.backend(service, index, rule))
     }

@@ -38,6 +38,8 @@ pub struct Spec {
     pub extra: String,
     /// Top-level TOML put before the first table.
     pub prefix: String,
+    /// More keys of the `[inbound]` table (`path_parameters = "keep"\n`).
+    pub inbound: String,
 }
 
 impl Spec {
@@ -54,6 +56,11 @@ impl Spec {
     }
     pub fn upstream(mut self, service: &str, port: u16) -> Spec {
         self.upstreams.push((service.into(), port));
+        self
+    }
+    /// Adds `key = value` lines to the `[inbound]` table.
+    pub fn inbound(mut self, toml: &str) -> Spec {
+        self.inbound += toml;
         self
     }
 }
@@ -147,7 +154,7 @@ impl Mesh {
         let mut t = spec.prefix.clone();
         t += &format!(
             "registry = {:?}\nstate_dir = {:?}\n[identity]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\nreload_interval = \"200ms\"\n\
-             [service]\nname = {:?}\nversion = {:?}\n[inbound]\nlisten = \"127.0.0.1:0\"\napp_host = \"{}\"\n\
+             [service]\nname = {:?}\nversion = {:?}\n[inbound]\nlisten = \"127.0.0.1:0\"\napp_host = \"{}\"\n{}\
              [admin]\nlisten = \"127.0.0.1:0\"\n",
             self.registry,
             self.dir.path().join(format!("state-{}", rand_suffix())),
@@ -157,6 +164,7 @@ impl Mesh {
             spec.service,
             spec.version,
             spec.app_host.unwrap_or(IpAddr::from([127, 0, 0, 1])),
+            spec.inbound,
         );
         for (svc, port) in &spec.upstreams {
             t += &format!("[[outbound.upstreams]]\nservice = {svc:?}\nport = {port}\nlisten = \"127.0.0.1:0\"\n");

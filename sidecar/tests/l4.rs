@@ -71,6 +71,9 @@ fn route_yaml(v1: u32, v2: u32) -> String {
     )
 }
 
+/// The rule's flows may leave the subset they were given when it cannot serve them.
+const FALLBACK_SERVICE: &str = "    fallback: service\n";
+
 async fn split(addr: SocketAddr, n: usize) -> HashMap<String, usize> {
     let mut counts = HashMap::new();
     for i in 0..n {
@@ -100,6 +103,11 @@ struct TwoVersions {
 }
 
 async fn two_versions(v1_weight: u32, v2_weight: u32) -> TwoVersions {
+    two_versions_with(v1_weight, v2_weight, "").await
+}
+
+/// As [`two_versions`], with `rule_extra` added to the route's rule.
+async fn two_versions_with(v1_weight: u32, v2_weight: u32, rule_extra: &str) -> TwoVersions {
     let ip_v1 = loopback_ip();
     let ip_v2 = loopback_ip();
     let mesh = Mesh::with_dir().await;
@@ -108,7 +116,7 @@ async fn two_versions(v1_weight: u32, v2_weight: u32) -> TwoVersions {
     mesh.apply(&format!(
         "{}---\n{}",
         service_yaml("reviews", 9080, a1.addr.port()),
-        route_yaml(v1_weight, v2_weight)
+        route_yaml(v1_weight, v2_weight) + rule_extra
     ))
     .await;
     let v1 = mesh
@@ -173,6 +181,77 @@ async fn a_weight_change_applies_without_failing_a_flow() {
         "v2 got {share:.3} after the change: {after:?}"
     );
     m.shutdown().await;
+}
+
+/// reviews v1, whose app is not listening, and v2 (an echo tagged `v2`), behind a route whose one
+/// rule sends every flow to v1 (`rule_extra` added to the rule), with productpage calling it.
+struct DeadSubset {
+    _mesh: Mesh,
+    a2: Echo,
+    _servers: [Sidecar; 2],
+    pp: Sidecar,
+}
+
+async fn dead_subset(rule_extra: &str) -> DeadSubset {
+    let (ip_v1, ip_v2) = (loopback_ip(), loopback_ip());
+    let mesh = Mesh::with_dir().await;
+    let a2 = tagged_echo(SocketAddr::new(ip_v2, 0), "v2").await;
+    let route = format!(
+        "kind: Route\nservice: reviews\nrules:\n  - backends: [{{ subset: {{ version: v1 }}, weight: 100 }}]\n{rule_extra}"
+    );
+    mesh.apply(&format!(
+        "{}---\n{route}",
+        service_yaml("reviews", 9080, a2.addr.port())
+    ))
+    .await;
+    let v1 = mesh
+        .start(&Spec::new("reviews", "v1").app_host(ip_v1))
+        .await;
+    let v2 = mesh
+        .start(&Spec::new("reviews", "v2").app_host(ip_v2))
+        .await;
+    let pp = mesh
+        .start(&Spec::new("productpage", "v1").upstream("reviews", 9080))
+        .await;
+    pp.wait_endpoints("reviews", 2).await;
+    pp.wait_snapshot("the route", |s| s.route("reviews").is_some())
+        .await;
+    DeadSubset {
+        _mesh: mesh,
+        a2,
+        _servers: [v1, v2],
+        pp,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_is_not_retried_outside_its_subset() {
+    let mut d = dead_subset("").await;
+    for i in 0..5 {
+        let out = call(d.pp.upstream(0), b"hi").await;
+        assert!(
+            out.as_ref().map_or(true, |b| b.is_empty()),
+            "flow {i} answered: {out:?}"
+        );
+    }
+    assert!(d.a2.accepted.try_recv().is_err(), "v2 got a flow");
+    // With no endpoint of the subset left to try, no retry was even counted.
+    let m = d.pp.started.render_metrics();
+    let retries = metric(
+        &m,
+        "halyard_retries_total",
+        &[("destination_service", "reviews")],
+    );
+    assert_eq!(retries, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_of_a_rule_with_fallback_service_is_retried_on_the_service() {
+    let d = dead_subset(FALLBACK_SERVICE).await;
+    for i in 0..5 {
+        let out = call(d.pp.upstream(0), b"hi").await;
+        assert_eq!(out.ok().as_deref(), Some(&b"v2:hi"[..]), "flow {i}");
+    }
 }
 
 /// ratings behind a policy that denies productpage, with productpage calling ratings; one
@@ -253,11 +332,12 @@ async fn allowing_again_restores_the_flow() {
     ratings.shutdown().await.unwrap();
 }
 
-/// reviews v1 and v2 behind a route that sends everything to v1, with a flow in flight to v1
-/// (half of the request sent) when v1 starts draining; productpage has seen v1 leave.
+/// reviews v1 and v2 behind a route that sends everything to v1 (and, once v1 is gone, lets
+/// flows leave for the rest of the service), with a flow in flight to v1 (half of the request
+/// sent) when v1 starts draining; productpage has seen v1 leave.
 async fn v1_draining_under_an_open_flow() -> (TwoVersions, tokio::net::TcpStream) {
     use tokio::io::AsyncWriteExt;
-    let mut m = two_versions(100, 0).await;
+    let mut m = two_versions_with(100, 0, FALLBACK_SERVICE).await;
     let mut open = tokio::net::TcpStream::connect(m.pp.upstream(0))
         .await
         .unwrap();

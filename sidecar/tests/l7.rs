@@ -195,6 +195,80 @@ async fn the_retry_budget_caps_retries_when_every_request_fails() {
     drop(rt);
 }
 
+/// reviews v1, whose app answers 503 to everything, and v2, behind a route that sends `/flaky`
+/// to v1 only with two retries on 5xx (`rule_extra` added to that rule) and the rest to v2,
+/// with productpage calling it.
+struct FlakyV1 {
+    _mesh: Mesh,
+    v1: halyard_sidecar::test_util::HttpApp,
+    v2: halyard_sidecar::test_util::HttpApp,
+    _servers: Vec<Sidecar>,
+    pp: Sidecar,
+}
+
+async fn flaky_v1(rule_extra: &str) -> FlakyV1 {
+    let (ip1, ip2) = (loopback_ip(), loopback_ip());
+    let mesh = Mesh::with_dir().await;
+    let broken = AppBehavior {
+        fail_every: Some(1),
+        ..AppBehavior::default()
+    };
+    let v1 = http_app(SocketAddr::new(ip1, 0), "v1", broken).await;
+    let port = v1.addr.port();
+    let v2 = http_app(SocketAddr::new(ip2, port), "v2", AppBehavior::default()).await;
+    let route = format!(
+        "kind: Route\nservice: reviews\nrules:\n  - match: {{ path: {{ prefix: /flaky }} }}\n    backends: [{{ subset: {{ version: v1 }}, weight: 100 }}]\n    retries: {{ attempts: 2, on: [5xx] }}\n{rule_extra}  - backends: [{{ subset: {{ version: v2 }}, weight: 100 }}]\n"
+    );
+    mesh.apply(&format!("{}---\n{route}", http_service("reviews", port)))
+        .await;
+    let (servers, pp) = reviews(&mesh, &[("v1", ip1), ("v2", ip2)]).await;
+    pp.wait_snapshot("the route", |s| s.route("reviews").is_some())
+        .await;
+    FlakyV1 {
+        _mesh: mesh,
+        v1,
+        v2,
+        _servers: servers,
+        pp,
+    }
+}
+
+fn hits(app: &halyard_sidecar::test_util::HttpApp) -> u64 {
+    app.hits.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_stay_inside_the_subset_of_their_rule() {
+    let f = flaky_v1("").await;
+    for i in 0..10 {
+        let (status, body, _) =
+            http_call(&http_client(), f.pp.upstream(0), "GET", "/flaky", &[]).await;
+        assert_eq!(
+            (status, tag(&body)),
+            (503, "v1".into()),
+            "request {i}: {body}"
+        );
+    }
+    // v1 has one endpoint: each request went to it three times (panic mode once it is ejected).
+    assert_eq!((hits(&f.v1), hits(&f.v2)), (30, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_of_a_rule_with_fallback_service_may_leave_its_subset() {
+    let f = flaky_v1("    fallback: service\n").await;
+    for i in 0..10 {
+        let (status, body, _) =
+            http_call(&http_client(), f.pp.upstream(0), "GET", "/flaky", &[]).await;
+        assert_eq!(
+            (status, tag(&body)),
+            (200, "v2".into()),
+            "request {i}: {body}"
+        );
+    }
+    // Three 503s in a row eject v1; from then on v2 is asked first.
+    assert_eq!((hits(&f.v1), hits(&f.v2)), (3, 10));
+}
+
 /// A route with a 100 ms timeout on `/slow`, a 20 % abort fault (418) on `/faulty`, and a plain
 /// rule for the rest.
 const FAILURE_ROUTE: &str = "kind: Route\nservice: reviews\nrules:\n  - match: { path: { prefix: /slow } }\n    backends: [{ weight: 1 }]\n    timeout: 100ms\n  - match: { path: { prefix: /faulty } }\n    backends: [{ weight: 1 }]\n    fault: { abort: { percent: 20, status: 418 } }\n  - backends: [{ weight: 1 }]\n";
@@ -302,30 +376,73 @@ async fn a_mirror_receives_its_share_out_of_band() {
     );
 }
 
-/// reviews v1 behind a policy that denies `/admin` and everything under it, with productpage
-/// calling it.
-struct AdminDenied {
+/// reviews v1 and v2, both sidecars stripping path parameters, behind a route that sends the
+/// path `/pinned` to v2 and everything else to v1, with productpage calling it.
+async fn pinned_routed() -> HeaderRouted {
+    let (ip1, ip2) = (loopback_ip(), loopback_ip());
+    let mesh = Mesh::with_dir().await;
+    let a1 = http_app(SocketAddr::new(ip1, 0), "v1", AppBehavior::default()).await;
+    let port = a1.addr.port();
+    let a2 = http_app(SocketAddr::new(ip2, port), "v2", AppBehavior::default()).await;
+    let route = "kind: Route\nservice: reviews\nrules:\n  - match: { path: { exact: /pinned } }\n    backends: [{ subset: { version: v2 }, weight: 100 }]\n  - backends: [{ subset: { version: v1 }, weight: 100 }]\n";
+    mesh.apply(&format!("{}---\n{route}", http_service("reviews", port)))
+        .await;
+    let strip = "path_parameters = \"strip\"\n";
+    let mut servers = Vec::new();
+    for (v, ip) in [("v1", ip1), ("v2", ip2)] {
+        let spec = Spec::new("reviews", v).app_host(ip).inbound(strip);
+        servers.push(mesh.start(&spec).await);
+    }
+    let pp = mesh
+        .start(&Spec::new("productpage", "v1").upstream("reviews", 9080))
+        .await;
+    pp.wait_endpoints("reviews", 2).await;
+    pp.wait_snapshot("the route", |s| s.route("reviews").is_some())
+        .await;
+    HeaderRouted {
+        _mesh: mesh,
+        _apps: vec![a1, a2],
+        _servers: servers,
+        pp,
+    }
+}
+
+/// A policy that denies `/admin` and everything under it.
+const DENY_ADMIN: &str =
+    "kind: Policy\nservice: reviews\nrules:\n  - action: deny\n    to: { paths: [/admin, /admin/*] }\n";
+
+/// A policy that admits `/public` and everything under it, and nothing else.
+const ALLOW_PUBLIC: &str =
+    "kind: Policy\nservice: reviews\nrules:\n  - action: allow\n    to: { paths: [/public, /public/*] }\n";
+
+/// reviews v1 behind a path policy, its sidecar with extra `[inbound]` settings, with
+/// productpage calling it.
+struct Guarded {
     _mesh: Mesh,
     app: halyard_sidecar::test_util::HttpApp,
     servers: Vec<Sidecar>,
     pp: Sidecar,
 }
 
-async fn admin_denied() -> AdminDenied {
+async fn guarded(policy: &str, inbound: &str) -> Guarded {
     let ip41 = loopback_ip();
     let mesh = Mesh::with_dir().await;
     let app = http_app(SocketAddr::new(ip41, 0), "v1", AppBehavior::default()).await;
-    let policy = "kind: Policy\nservice: reviews\nrules:\n  - action: deny\n    to: { paths: [/admin, /admin/*] }\n";
     mesh.apply(&format!(
         "{}---\n{policy}",
         http_service("reviews", app.addr.port())
     ))
     .await;
-    let (servers, pp) = reviews(&mesh, &[("v1", ip41)]).await;
+    let server = Spec::new("reviews", "v1").app_host(ip41).inbound(inbound);
+    let servers = vec![mesh.start(&server).await];
+    let pp = mesh
+        .start(&Spec::new("productpage", "v1").upstream("reviews", 9080))
+        .await;
+    pp.wait_endpoints("reviews", 1).await;
     servers[0]
         .wait_snapshot("the policy", |s| s.policy("reviews").is_some())
         .await;
-    AdminDenied {
+    Guarded {
         _mesh: mesh,
         app,
         servers,
@@ -333,9 +450,56 @@ async fn admin_denied() -> AdminDenied {
     }
 }
 
+/// reviews v1 behind a policy that denies `/admin` and everything under it, with productpage
+/// calling it.
+async fn admin_denied() -> Guarded {
+    guarded(DENY_ADMIN, "").await
+}
+
+/// Sends GET `path` through `g`'s caller; the status and the body.
+async fn get_through(g: &Guarded, path: &str) -> (u16, String) {
+    let (status, body, _) = http_call(&http_client(), g.pp.upstream(0), "GET", path, &[]).await;
+    (status, body)
+}
+
+fn denials(g: &Guarded) -> f64 {
+    metric(
+        &g.servers[0].started.render_metrics(),
+        "halyard_policy_denials_total",
+        &[("destination_service", "reviews")],
+    )
+}
+
+fn app_hits(g: &Guarded) -> u64 {
+    g.app.hits.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Spellings with path parameters that a servlet container resolves to `/admin` or below it.
+const ADMIN_WITH_PARAMETERS: [&str; 10] = [
+    "/admin;x",
+    "/admin;",
+    "/admin;jsessionid=1/users",
+    "/admin%3Bx",
+    "/admin%3bx",
+    "/admin/;/x",
+    "/;x/admin",
+    "/public;x/../admin",
+    "/admin;a=1;b=2/",
+    "/%61dmin;x",
+];
+
+/// Spellings whose parameters make a dot segment look like a name: `/admin` to a servlet
+/// container, somewhere under `/public` to a server that takes `;` literally.
+const DOT_SEGMENTS_WITH_PARAMETERS: [&str; 4] = [
+    "/..;/admin",
+    "/public/..;/admin",
+    "/public/..%3B/admin",
+    "/public/.;/../admin",
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn path_tricks_do_not_get_past_a_path_policy() {
-    let AdminDenied {
+    let Guarded {
         _mesh,
         app,
         servers,
@@ -367,8 +531,110 @@ async fn path_tricks_do_not_get_past_a_path_policy() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_parameters_are_refused_with_400_by_default() {
+    let g = admin_denied().await;
+    let spellings = ADMIN_WITH_PARAMETERS
+        .iter()
+        .chain(&DOT_SEGMENTS_WITH_PARAMETERS);
+    for path in spellings.chain(&["/public;x"]) {
+        // The calling sidecar resolves `..`, and the parameter goes with its segment: what
+        // arrives is `/admin`, denied.
+        let want = if *path == "/public;x/../admin" {
+            403
+        } else {
+            400
+        };
+        let (status, body) = get_through(&g, path).await;
+        assert_eq!(status, want, "{path}: {body}");
+    }
+    assert_eq!(app_hits(&g), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stripped_path_parameters_do_not_get_past_a_deny_rule() {
+    let g = guarded(DENY_ADMIN, "path_parameters = \"strip\"\n").await;
+    for path in ADMIN_WITH_PARAMETERS {
+        let (status, body) = get_through(&g, path).await;
+        assert_eq!(status, 403, "{path}: {body}");
+    }
+    // Refused by the calling sidecar already: no setting forwards them.
+    for path in DOT_SEGMENTS_WITH_PARAMETERS {
+        let (status, body) = get_through(&g, path).await;
+        assert_eq!(status, 400, "{path}: {body}");
+    }
+    assert_eq!(app_hits(&g), 0);
+    assert_eq!(denials(&g), ADMIN_WITH_PARAMETERS.len() as f64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stripped_path_parameters_do_not_get_past_an_allow_rule() {
+    let g = guarded(ALLOW_PUBLIC, "path_parameters = \"strip\"\n").await;
+    for (path, refused) in [
+        ("/public;x/../admin", 403),
+        ("/public%3Bx/../admin", 403),
+        ("/;public/admin", 403),
+        ("/public;x", 200),
+        // Refused by the calling sidecar: the parameter changes which segments there are.
+        ("/public/..;/admin", 400),
+        ("/public/;/../admin", 400),
+    ] {
+        let (status, body) = get_through(&g, path).await;
+        assert_eq!(status, refused, "{path}: {body}");
+    }
+    assert_eq!(app_hits(&g), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_gets_the_path_without_parameters_when_they_are_stripped() {
+    let g = guarded(ALLOW_PUBLIC, "path_parameters = \"strip\"\n").await;
+    let (status, body) = get_through(&g, "/public;jsessionid=1/a;v=2?q=;").await;
+    assert_eq!((status, body.as_str()), (200, "v1 GET /public/a"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_path_parameters_are_matched_without_them() {
+    let g = guarded(DENY_ADMIN, "path_parameters = \"keep\"\n").await;
+    for path in ADMIN_WITH_PARAMETERS {
+        let (status, body) = get_through(&g, path).await;
+        assert_eq!(status, 403, "{path}: {body}");
+    }
+    for path in DOT_SEGMENTS_WITH_PARAMETERS {
+        let (status, body) = get_through(&g, path).await;
+        assert_eq!(status, 400, "{path}: {body}");
+    }
+    assert_eq!(app_hits(&g), 0);
+    assert_eq!(denials(&g), ADMIN_WITH_PARAMETERS.len() as f64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_path_parameters_reach_the_app_as_sent() {
+    let g = guarded(ALLOW_PUBLIC, "path_parameters = \"keep\"\n").await;
+    let (status, body) = get_through(&g, "/public;v=1/a;jsessionid=2").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "v1 GET /public;v=1/a;jsessionid=2")
+    );
+    let (status, body) = get_through(&g, "/public;x/../admin").await;
+    assert_eq!(status, 403, "{body}");
+    let admin = g.servers[0].started.admin;
+    let (status, dump) =
+        halyard_sidecar::test_util::get(&http_client(), admin, "/config_dump").await;
+    assert_eq!(status, 200);
+    assert!(dump.contains("\"path_parameters\": \"keep\""), "{dump}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_matches_the_path_without_its_parameters() {
+    let r = pinned_routed().await;
+    for path in ["/pinned;x", "/pinned%3Bv=1", "/other;x/../pinned"] {
+        let (status, body, _) = http_call(&http_client(), r.pp.upstream(0), "GET", path, &[]).await;
+        assert_eq!((status, tag(&body)), (200, "v2".into()), "{path}: {body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identity_headers_from_the_caller_are_not_trusted() {
-    let AdminDenied {
+    let Guarded {
         _mesh,
         app,
         servers: _servers,

@@ -243,6 +243,39 @@ pub struct RouteRule {
     /// Request headers to add and remove.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_headers: Option<HeaderMods>,
+    /// Where retries and failover may go beyond the backend subset the rule picked.
+    pub fallback: Fallback,
+}
+
+/// Where the attempts of a flow or request may go when the backend subset its rule picked
+/// cannot serve it: an endpoint failed, or every endpoint of the subset is ejected or gone.
+///
+/// The weighted backend is chosen once per flow or request (as Envoy chooses a weighted cluster
+/// once per request), so a retry never re-rolls the weights. Leaving the subset is the choice of
+/// Envoy's subset load balancer `fallback_policy` (`NO_FALLBACK` / `ANY_ENDPOINT`); Istio has no
+/// such fallback at all (a subset is a cluster of its own), hence the default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fallback {
+    /// Stay inside the subset: a retry goes to another of its endpoints, or to the same one
+    /// again when it has only one; a subset whose every endpoint is ejected is served anyway
+    /// (panic mode inside it); a subset without endpoints fails the request or flow (503, `UH`).
+    #[default]
+    Subset,
+    /// Leave the subset for the rest of the service: retries go to endpoints of the subset not
+    /// tried yet first, then to any endpoint of the service; an ejected or empty subset fails
+    /// over to the service's healthy endpoints.
+    Service,
+}
+
+impl Fallback {
+    /// The value as written in a Route (`fallback: subset`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fallback::Subset => "subset",
+            Fallback::Service => "service",
+        }
+    }
 }
 
 /// The match part of a route rule; all present conditions must hold.

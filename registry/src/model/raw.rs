@@ -64,6 +64,8 @@ pub(crate) struct RouteRule {
     pub mirror: Option<Mirror>,
     #[serde(default)]
     pub request_headers: Option<HeaderMods>,
+    #[serde(default)]
+    pub fallback: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -319,6 +319,7 @@ fn route_rule(path: &str, raw: raw::RouteRule) -> Result<RouteRule, ValidationEr
         .request_headers
         .map(|h| header_mods(&field(path, "requestHeaders"), h))
         .transpose()?;
+    let fallback = fallback(&field(path, "fallback"), raw.fallback.as_deref())?;
     Ok(RouteRule {
         matches,
         backends,
@@ -327,7 +328,24 @@ fn route_rule(path: &str, raw: raw::RouteRule) -> Result<RouteRule, ValidationEr
         fault,
         mirror,
         request_headers,
+        fallback,
     })
+}
+
+/// `fallback: subset | service`; absent is `subset`.
+fn fallback(path: &str, raw: Option<&str>) -> Result<Fallback, ValidationError> {
+    match raw {
+        None | Some("subset") => Ok(Fallback::Subset),
+        Some("service") => Ok(Fallback::Service),
+        Some(other) => Err(ValidationError::at(
+            path,
+            format!(
+                "unknown fallback {other:?}: expected \"subset\" (retries and failover stay \
+                 inside the backend subset the rule picked; the default) or \"service\" (they \
+                 may go to any endpoint of the service)"
+            ),
+        )),
+    }
 }
 
 fn route_match(path: &str, raw: raw::Match) -> Result<RouteMatch, ValidationError> {

@@ -1,27 +1,69 @@
 //! Choosing where a new flow goes: the route rule, the weighted backend (label subset), then an
 //! endpoint inside it. Pure functions over registry data and per-endpoint load figures; the
 //! randomness comes in as arguments so tests are exact.
+//!
+//! Every attempt of a flow or request stays inside its [`Scope`]: the backend subset its rule
+//! picked (once, for all attempts), unless the rule's `fallback: service` lets it leave.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use halyard_registry::model::{subset_matches, Backend, Endpoint, Labels, RouteRule};
+use halyard_registry::model::{subset_matches, Backend, Endpoint, Fallback, Labels, RouteRule};
 
-/// The endpoints an attempt may go to, among `endpoints`: those this flow or request has not
-/// `tried` yet while there is one; after that, all of them again only when `revisit` (see
-/// `retry::RetryPolicy::revisit`), else none.
+/// Where the attempts of one flow or request may go: the backend subset its route rule picked
+/// (an empty subset is the whole service) and whether retries and failover may leave it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scope {
+    /// Label selector of the backend.
+    pub subset: Labels,
+    /// The rule's `fallback`.
+    pub fallback: Fallback,
+}
+
+impl Scope {
+    /// A scope that never leaves `subset` (no rule, or a mirror).
+    pub fn within(subset: Labels) -> Self {
+        Scope {
+            subset,
+            fallback: Fallback::Subset,
+        }
+    }
+
+    /// Whether `e` is in the backend subset itself.
+    fn holds(&self, e: &Endpoint) -> bool {
+        subset_matches(&self.subset, &e.labels)
+    }
+
+    /// The endpoints an attempt may go to at all: the subset's, or with `fallback: service`
+    /// every endpoint of the service.
+    fn allows(&self, e: &Endpoint) -> bool {
+        self.fallback == Fallback::Service || self.holds(e)
+    }
+}
+
+/// The endpoints an attempt may go to, among `endpoints` of the service: those `scope` allows
+/// that this flow or request has not `tried` yet while there is one; after that, all of those
+/// again only when `revisit` (see `retry::RetryPolicy::revisit`), else none. So a retry inside
+/// a subset of one endpoint goes to that endpoint again, or nowhere; never to another subset
+/// unless the rule says `fallback: service`.
 pub fn candidates<'e>(
     endpoints: &[&'e Endpoint],
+    scope: &Scope,
     tried: &[String],
     revisit: bool,
 ) -> Vec<&'e Endpoint> {
-    let untried: Vec<&Endpoint> = endpoints
+    let allowed: Vec<&Endpoint> = endpoints
+        .iter()
+        .filter(|e| scope.allows(e))
+        .copied()
+        .collect();
+    let untried: Vec<&Endpoint> = allowed
         .iter()
         .filter(|e| !tried.contains(&e.id))
         .copied()
         .collect();
     if untried.is_empty() && revisit {
-        endpoints.to_vec()
+        allowed
     } else {
         untried
     }
@@ -122,37 +164,40 @@ pub struct Locality {
 /// RTT assumed for an endpoint not yet measured: low, so new endpoints get tried.
 const UNKNOWN_RTT: Duration = Duration::from_micros(500);
 
-/// Chooses an endpoint for a flow to `subset` of a service.
+/// Chooses an endpoint for an attempt inside `scope`, among `endpoints` (the candidates).
 ///
-/// Candidates are the healthy endpoints of the subset; when none is healthy the flow fails over
-/// to the healthy endpoints of the whole service. Among candidates the closest locality tier
-/// wins (same cluster and zone, then same cluster, then any), and inside it power of two choices
-/// on `(outstanding + 1) × RTT / weight` decides. `samples` are two uniform random numbers.
+/// Candidates are the healthy endpoints of the subset. When none is healthy, a rule with
+/// `fallback: service` fails over to the healthy endpoints of the whole service; otherwise, and
+/// when the service has none either, panic mode (as Envoy's panic threshold) takes every
+/// endpoint of the subset regardless of health, then (`fallback: service` only) of the service:
+/// ejection alone never takes a subset down, and never sends it where the route did not. Among
+/// candidates the closest locality tier wins (same cluster and zone, then same cluster, then
+/// any), and inside it power of two choices on `(outstanding + 1) × RTT / weight` decides.
+/// `samples` are two uniform random numbers.
 pub fn choose<'e>(
     endpoints: &[&'e Endpoint],
-    subset: &Labels,
+    scope: &Scope,
     load: &dyn Fn(&Endpoint) -> Load,
     here: &Locality,
     samples: (u64, u64),
 ) -> Option<&'e Endpoint> {
     let healthy = |e: &&&Endpoint| e.weight > 0 && load(e).healthy;
-    let in_subset = |e: &&&Endpoint| subset_matches(subset, &e.labels);
+    let in_subset = |e: &&&Endpoint| scope.holds(e);
+    let allowed = |e: &&&Endpoint| scope.allows(e);
     let pick = |f: &dyn Fn(&&&Endpoint) -> bool| -> Vec<&'e Endpoint> {
         endpoints.iter().filter(|e| f(e)).copied().collect()
     };
-    // Healthy endpoints of the subset; else healthy ones of the whole service; else (panic
-    // mode, as Envoy's panic threshold) every endpoint of the subset or service regardless of
-    // health: ejection must never take a service down by itself.
-    let mut pool = pick(&|e| in_subset(e) && healthy(e));
-    if pool.is_empty() {
-        pool = pick(&healthy);
-    }
-    if pool.is_empty() {
-        pool = pick(&|e| in_subset(e) && e.weight > 0);
-    }
-    if pool.is_empty() {
-        pool = pick(&|e| e.weight > 0);
-    }
+    let tiers: [&dyn Fn(&&&Endpoint) -> bool; 4] = [
+        &|e| in_subset(e) && healthy(e),
+        &|e| allowed(e) && healthy(e),
+        &|e| in_subset(e) && e.weight > 0,
+        &|e| allowed(e) && e.weight > 0,
+    ];
+    let pool = tiers
+        .iter()
+        .map(|f| pick(*f))
+        .find(|p| !p.is_empty())
+        .unwrap_or_default();
     let tier = closest_tier(&pool, here);
     p2c(&tier, load, samples)
 }
@@ -206,8 +251,8 @@ mod tests {
     fn a_retry_prefers_endpoints_not_tried() {
         let (a, b) = (ep("a", "v1", "", ""), ep("b", "v1", "", ""));
         let all = [&a, &b];
-        let ids = |v: Vec<&Endpoint>| v.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
-        assert_eq!(ids(candidates(&all, &["a".into()], true)), ["b"]);
+        let whole = Scope::default();
+        assert_eq!(ids(&candidates(&all, &whole, &["a".into()], true)), ["b"]);
     }
 
     #[test]
@@ -215,8 +260,9 @@ mod tests {
         let (a, b) = (ep("a", "v1", "", ""), ep("b", "v1", "", ""));
         let all = [&a, &b];
         let tried = ["a".to_owned(), "b".to_owned()];
-        assert_eq!(candidates(&all, &tried, true).len(), 2);
-        assert!(candidates(&all, &tried, false).is_empty());
+        let whole = Scope::default();
+        assert_eq!(candidates(&all, &whole, &tried, true).len(), 2);
+        assert!(candidates(&all, &whole, &tried, false).is_empty());
     }
     use halyard_registry::model::Name;
 
@@ -235,6 +281,127 @@ mod tests {
 
     fn labels(version: &str) -> Labels {
         [("version".to_owned(), version.to_owned())].into()
+    }
+
+    /// The endpoints of `version`, staying inside it.
+    fn only(version: &str) -> Scope {
+        Scope::within(labels(version))
+    }
+
+    /// The endpoints of `version`, and the service when they cannot serve.
+    fn then_service(version: &str) -> Scope {
+        Scope {
+            subset: labels(version),
+            fallback: Fallback::Service,
+        }
+    }
+
+    fn ids(v: &[&Endpoint]) -> Vec<String> {
+        v.iter().map(|e| e.id.clone()).collect()
+    }
+
+    fn here() -> Locality {
+        Locality {
+            cluster: "c".into(),
+            zone: "z".into(),
+        }
+    }
+
+    fn ejected(ids: &'static [&'static str]) -> impl Fn(&Endpoint) -> Load {
+        move |e: &Endpoint| Load {
+            healthy: !ids.contains(&e.id.as_str()),
+            ..Load::default()
+        }
+    }
+
+    #[test]
+    fn a_retry_inside_a_subset_of_one_goes_to_the_same_endpoint_again() {
+        let (a, b) = (ep("a", "v1", "c", "z"), ep("b", "v2", "c", "z"));
+        let tried = ["a".to_owned()];
+        assert_eq!(
+            ids(&candidates(&[&a, &b], &only("v1"), &tried, true)),
+            ["a"]
+        );
+    }
+
+    #[test]
+    fn a_retry_never_leaves_its_subset_by_default() {
+        let (a, b) = (ep("a", "v1", "c", "z"), ep("b", "v2", "c", "z"));
+        let tried = ["a".to_owned()];
+        assert!(candidates(&[&a, &b], &only("v1"), &tried, false).is_empty());
+    }
+
+    #[test]
+    fn a_retry_goes_to_the_untried_endpoints_of_its_subset_first() {
+        let (a1, a2) = (ep("a1", "v1", "c", "z"), ep("a2", "v1", "c", "z"));
+        let b = ep("b", "v2", "c", "z");
+        let all = [&a1, &b, &a2];
+        let tried = ["a1".to_owned()];
+        assert_eq!(ids(&candidates(&all, &only("v1"), &tried, true)), ["a2"]);
+        let pool = candidates(&all, &then_service("v1"), &tried, true);
+        let got = choose(
+            &pool,
+            &then_service("v1"),
+            &|_| Load::default(),
+            &here(),
+            (0, 0),
+        );
+        assert_eq!(got.unwrap().id, "a2");
+    }
+
+    #[test]
+    fn with_fallback_service_a_retry_may_leave_the_subset() {
+        let (a, b) = (ep("a", "v1", "c", "z"), ep("b", "v2", "c", "z"));
+        let tried = ["a".to_owned()];
+        let pool = candidates(&[&a, &b], &then_service("v1"), &tried, true);
+        assert_eq!(ids(&pool), ["b"]);
+        let got = choose(
+            &pool,
+            &then_service("v1"),
+            &|_| Load::default(),
+            &here(),
+            (0, 0),
+        );
+        assert_eq!(got.unwrap().id, "b");
+    }
+
+    #[test]
+    fn a_fully_ejected_subset_is_served_in_panic_mode_inside_it() {
+        let (a, b) = (ep("a", "v1", "c", "z"), ep("b", "v2", "c", "z"));
+        let pool = candidates(&[&a, &b], &only("v1"), &[], true);
+        let got = choose(&pool, &only("v1"), &ejected(&["a"]), &here(), (0, 0));
+        assert_eq!(got.unwrap().id, "a");
+        // Even when the candidates handed in hold other endpoints.
+        let got = choose(&[&a, &b], &only("v1"), &ejected(&["a"]), &here(), (0, 0));
+        assert_eq!(got.unwrap().id, "a");
+    }
+
+    #[test]
+    fn with_fallback_service_a_fully_ejected_subset_fails_over_to_the_service() {
+        let (a, b) = (ep("a", "v1", "c", "z"), ep("b", "v2", "c", "z"));
+        let scope = then_service("v1");
+        let pool = candidates(&[&a, &b], &scope, &[], true);
+        let got = choose(&pool, &scope, &ejected(&["a"]), &here(), (0, 0));
+        assert_eq!(got.unwrap().id, "b");
+        // Nothing healthy anywhere: panic mode prefers the subset.
+        let got = choose(&pool, &scope, &ejected(&["a", "b"]), &here(), (0, 0));
+        assert_eq!(got.unwrap().id, "a");
+    }
+
+    #[test]
+    fn a_subset_without_endpoints_gets_nothing_by_default() {
+        let b = ep("b", "v2", "c", "z");
+        assert!(candidates(&[&b], &only("v1"), &[], true).is_empty());
+        assert!(choose(&[&b], &only("v1"), &|_| Load::default(), &here(), (0, 0)).is_none());
+    }
+
+    #[test]
+    fn with_fallback_service_a_subset_without_endpoints_uses_the_service() {
+        let b = ep("b", "v2", "c", "z");
+        let scope = then_service("v1");
+        let pool = candidates(&[&b], &scope, &[], true);
+        let got = choose(&pool, &scope, &|_| Load::default(), &here(), (0, 0));
+        assert_eq!(got.unwrap().id, "b");
     }
 
     /// Ten picks from a fresh picker over weights 80 and 20: the picker and its picks.
@@ -264,29 +431,16 @@ mod tests {
     }
 
     #[test]
-    fn subset_without_healthy_endpoint_fails_over_to_the_service() {
+    fn a_subset_is_chosen_over_the_rest_of_the_service() {
         let (a, b) = (ep("a", "v1", "c", "z"), ep("b", "v2", "c", "z"));
-        let all = [&a, &b];
-        let here = Locality {
-            cluster: "c".into(),
-            zone: "z".into(),
-        };
-        let healthy = |_: &Endpoint| Load::default();
-        let got = choose(&all, &labels("v2"), &healthy, &here, (0, 0)).unwrap();
-        assert_eq!(got.id, "b");
-        let b_ejected = |e: &Endpoint| Load {
-            healthy: e.id != "b",
-            ..Load::default()
-        };
-        let got = choose(&all, &labels("v2"), &b_ejected, &here, (0, 0)).unwrap();
-        assert_eq!(got.id, "a");
-        // Nothing healthy at all: panic mode uses the subset anyway.
-        let none = |_: &Endpoint| Load {
-            healthy: false,
-            ..Load::default()
-        };
-        let got = choose(&all, &labels("v2"), &none, &here, (0, 0)).unwrap();
-        assert_eq!(got.id, "b");
+        let got = choose(
+            &[&a, &b],
+            &only("v2"),
+            &|_| Load::default(),
+            &here(),
+            (0, 0),
+        );
+        assert_eq!(got.unwrap().id, "b");
     }
 
     #[test]
@@ -297,7 +451,7 @@ mod tests {
             cluster: "c".into(),
             zone: "z".into(),
         };
-        let any = Labels::new();
+        let any = Scope::default();
         for s in 0..10 {
             let got = choose(
                 &[&far, &near],

@@ -12,7 +12,7 @@ use halyard_registry::model::{Endpoint, Labels, Name};
 
 use super::budget::{BudgetConfig, RetryBudget};
 use super::outlier::{OutlierConfig, Outliers};
-use super::pick::{candidates, choose, Load, Locality};
+use super::pick::{candidates, choose, Load, Locality, Scope};
 use super::retry::{next, AttemptError, Failed, Outcome, RetryPolicy, Step};
 
 fn ep(id: &str) -> Endpoint {
@@ -82,15 +82,15 @@ impl Mesh {
         for retries_done in 0.. {
             let samples = self.samples();
             let all: Vec<&Endpoint> = self.endpoints.iter().collect();
-            let pool = candidates(&all, &tried, policy.revisit);
+            let pool = candidates(&all, &Scope::default(), &tried, policy.revisit);
             let now = self.now;
             let outliers = &self.outliers;
             let load = |e: &Endpoint| Load {
                 healthy: !outliers.is_ejected(&e.id, now),
                 ..Load::default()
             };
-            let Some(chosen) = choose(&pool, &Labels::new(), &load, &Locality::default(), samples)
-            else {
+            let whole = Scope::default();
+            let Some(chosen) = choose(&pool, &whole, &load, &Locality::default(), samples) else {
                 return Ended::Failed;
             };
             let id = chosen.id.clone();
@@ -112,7 +112,8 @@ impl Mesh {
                 }
             }
             let all: Vec<&Endpoint> = self.endpoints.iter().collect();
-            let alternative = !candidates(&all, &tried, policy.revisit).is_empty();
+            let alternative =
+                !candidates(&all, &Scope::default(), &tried, policy.revisit).is_empty();
             let step = next(
                 policy,
                 retries_done,

@@ -102,7 +102,8 @@ fn first_bytes(app: &TcpStream) -> BytesMut {
 }
 
 /// Opens a tunnel, trying further endpoints as the retry policy allows: every failure before
-/// any byte came back, up to `failure.retries` more attempts, within the retry budget.
+/// any byte came back, up to `failure.retries` more attempts, within the retry budget. The
+/// route rule and its backend are chosen once: every attempt stays inside that scope.
 async fn connect(
     shared: &Arc<Shared>,
     dest: &Destination,
@@ -115,11 +116,16 @@ async fn connect(
         revisit: false,
     };
     shared.budget_request(&dest.service);
+    let (route, scope) = shared.l4_route(&dest.service);
     let mut tried = Vec::new();
     let mut last = Flags::NoHealthy;
     for retries_done in 0.. {
         // After a failure, no endpoint left to try ends the flow with that failure.
-        let picked = shared.pick(&dest.service, &tried).map_err(|_| last)?;
+        let snap = shared.current();
+        let mut picked = shared
+            .pick_in(&snap, &dest.service, &scope, &tried, policy.revisit)
+            .map_err(|_| last)?;
+        picked.route = route;
         tried.push(picked.endpoint.id.clone());
         let failed = match attempt_once(shared, &picked, dest, first).await {
             Ok(tunnel) => return Ok((picked, tunnel)),
@@ -132,8 +138,14 @@ async fn connect(
         }
         last = failed.error.flag().into();
         let outcome = retry::Outcome::Failed(failed);
-        if shared.next_step(&dest.service, &policy, (retries_done, &tried), outcome) != Step::Retry
-        {
+        let step = shared.next_step(
+            &dest.service,
+            &scope,
+            &policy,
+            (retries_done, &tried),
+            outcome,
+        );
+        if step != Step::Retry {
             return Err(last);
         }
         shared.metrics.retry(&dest.service);

@@ -152,7 +152,7 @@ fn admit(
     let snap = shared.current();
     let target = Target::from_uri(req.uri())?;
     let raw = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let norm = normalize(raw)?;
+    let norm = normalize(raw, shared.config.file.inbound.path_parameters)?;
     let on = policy::Target {
         port: target.port(),
         method: Some(req.method().as_str()),

@@ -19,10 +19,11 @@ use tokio::net::TcpStream;
 use super::body::{buffer_small, to_bytes, BodySender, Buffered, ChannelBody};
 use super::headers::{check_framing, strip_hop_by_hop, strip_identity_claims, APP_UNREACHED};
 use super::limits;
-use super::normalize::normalize;
+use super::normalize::{normalize, NormalPath, OUTBOUND_PARAMETERS};
 use super::upgrade;
 use super::upload::{Payload, Start, Upload, EXPECT_TIMEOUT};
 use crate::decide::capture::Destination;
+use crate::decide::pick::Scope;
 use crate::decide::retry::{self, answer_charge, AttemptError, Failed, Step};
 use crate::decide::route::{idempotent, select, HttpView, RequestView};
 use crate::state::{Picked, Shared};
@@ -116,14 +117,14 @@ async fn handle(
         Ok(Prepared {
             parts,
             body,
-            target,
+            norm,
             upgrade,
             keep_alive_10,
         }) => {
             rec.set_trace(trace_context(&parts.headers));
             let route = snap.route(&dest.service);
             let http = HttpView {
-                path: target.split('?').next().unwrap_or("/"),
+                path: &norm.path,
                 method: parts.method.as_str(),
                 headers: &parts.headers,
             };
@@ -134,7 +135,7 @@ async fn handle(
                 shared: &shared,
                 dest: &dest,
                 parts,
-                target,
+                target: norm.target(),
                 rule,
                 upgrade,
                 switched,
@@ -157,8 +158,8 @@ async fn handle(
 struct Prepared {
     parts: Parts,
     body: Incoming,
-    /// The request target, path normalized.
-    target: String,
+    /// The request path, normalized (see `normalize`).
+    norm: NormalPath,
     /// Set for a WebSocket upgrade request.
     upgrade: Option<OnUpgrade>,
     /// An HTTP/1.0 request with `Connection: keep-alive`.
@@ -181,7 +182,7 @@ fn prepare(_shared: &Shared, req: Request<Incoming>) -> Result<Prepared, Respons
         return Err(local(StatusCode::BAD_REQUEST, &format!("refused: {e}")));
     }
     let raw = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let norm = normalize(raw)
+    let norm = normalize(raw, OUTBOUND_PARAMETERS)
         .map_err(|e| local(StatusCode::BAD_REQUEST, &format!("refused path: {e}")))?;
     let upgrade = (parts.version == http::Version::HTTP_11
         && upgrade::wants_websocket(&parts.headers))
@@ -215,7 +216,7 @@ fn prepare(_shared: &Shared, req: Request<Incoming>) -> Result<Prepared, Respons
         parts.headers.insert("traceparent", v);
     }
     Ok(Prepared {
-        target: norm.target(),
+        norm,
         parts,
         body,
         upgrade,
@@ -318,7 +319,7 @@ impl Call<'_> {
         None
     }
 
-    fn subset(&self) -> halyard_registry::model::Labels {
+    fn subset(&self) -> Scope {
         match self.rule {
             Some((i, r)) => self.shared.backend(&self.dest.service, i, r),
             None => Default::default(),
@@ -367,7 +368,7 @@ impl Call<'_> {
                 retry::for_request(route, mesh_retries, method_ok, payload.intact(), &outcome);
             match (
                 self.shared
-                    .next_step(service, &policy, (retries_done, &tried), outcome),
+                    .next_step(service, &subset, &policy, (retries_done, &tried), outcome),
                 attempt,
             ) {
                 (Step::Retry, _) => {
@@ -530,7 +531,7 @@ impl Call<'_> {
         let (method, headers, subset) = (
             self.parts.method.clone(),
             self.parts.headers.clone(),
-            m.subset.clone(),
+            Scope::within(m.subset.clone()),
         );
         let send = async move {
             let snap = shared.current();

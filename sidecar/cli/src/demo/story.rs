@@ -72,6 +72,12 @@ fn route_tester_v3() -> String {
     )
 }
 
+/// The tester route, with the 50/50 rule's retries and failover allowed to leave the subset
+/// the request was given (by default they stay inside it: a dead v2 would fail its share).
+fn route_tester_v3_fallback() -> String {
+    format!("{}    fallback: service\n", route_tester_v3())
+}
+
 const POLICY_DENY: &str =
     "kind: Policy\nservice: ratings\nrules:\n  - action: deny\n    from: { services: [reviews] }\n";
 
@@ -199,10 +205,14 @@ impl Story {
     async fn kill(&mut self) -> anyhow::Result<()> {
         heading(
             "(e) a reviews instance dies: kill -9 reviews-v2 (app and sidecar)",
-            "Its endpoint is still registered (on etcd, until its lease expires). Requests the\n\
-             route sends to v2 get no answer, are retried on another endpoint after perTryTimeout\n\
-             (300ms), and the dead endpoint is ejected: v2's share moves to v1 and v3.",
+            "Its endpoint is still registered (on etcd, until its lease expires). Retries stay\n\
+             inside the subset a request was given unless the rule says otherwise, so the route\n\
+             first lets them leave it (fallback: service). Requests the route sends to v2 get no\n\
+             answer, are retried on another endpoint after perTryTimeout (300ms), and the dead\n\
+             endpoint is ejected: v2's share moves to v1 and v3.",
         );
+        self.write("reviews-fallback-service", &route_tester_v3_fallback())
+            .await?;
         self.mesh.kill("reviews-v2")?;
         // Long enough for the dead endpoint to be picked, retried and ejected in quick mode too.
         let step = self.pace.step;
@@ -358,4 +368,19 @@ pub async fn scrape(mesh: &Mesh) -> Scrape {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use halyard_registry::model::{parse_documents, Fallback, Object};
+
+    #[test]
+    fn the_kill_steps_route_lets_only_the_split_rule_leave_its_subset() {
+        let objects = parse_documents("kill.yaml", &super::route_tester_v3_fallback()).unwrap();
+        let Some(Object::Route(route)) = objects.first() else {
+            panic!("not a route: {objects:?}");
+        };
+        let fallbacks: Vec<Fallback> = route.rules.iter().map(|r| r.fallback).collect();
+        assert_eq!(fallbacks, [Fallback::Subset, Fallback::Service]);
+    }
 }
