@@ -201,6 +201,7 @@ pub async fn run_until(
         Pool::new(bound.endpoint.clone()),
         metrics.clone(),
         sinks,
+        id.clone(),
     );
     admin.attach(shared.clone());
 

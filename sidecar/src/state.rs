@@ -16,10 +16,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::decide::admit::{self, Refusal};
+use crate::decide::breaker::{Breakers, Slot, Threshold};
 use crate::decide::budget::RetryBudget;
 use crate::decide::outlier::{Failure, Outliers};
 use crate::decide::pick::{self, BackendPickers, Load, Locality, Scope};
 use crate::decide::policy::{self, Peer};
+use crate::decide::ratelimit::{endpoint_share, FlowSlot, Limited, Limiter, Unit};
 use crate::decide::retry::{self, RetryPolicy, Step};
 use crate::decide::route::{self, RequestView};
 use crate::telemetry::flow::FlowRecord;
@@ -52,6 +54,21 @@ pub(crate) struct Shared {
     lb: Mutex<LbState>,
     budgets: Mutex<HashMap<String, RetryBudget>>,
     peer_index: Mutex<PeerIndex>,
+    /// This sidecar's endpoint id in the registry (its share of service-wide rate limits).
+    endpoint_id: String,
+    /// Rate-limit buckets of callers of this sidecar's service.
+    limiter: Mutex<Limiter>,
+    /// Circuit-breaker counts per destination service.
+    pub(crate) breakers: Breakers,
+}
+
+/// What inbound admission grants: the Service port to forward to, and the slots that count a
+/// flow as open under rate limits (hold them while it lasts).
+pub(crate) struct Admitted<'s> {
+    /// The Service port.
+    pub(crate) port: &'s ServicePort,
+    /// Open-flow slots; dropping them closes the flow for the limits.
+    pub(crate) slots: Vec<FlowSlot>,
 }
 
 #[derive(Default)]
@@ -144,6 +161,7 @@ impl Shared {
         pool: Pool,
         metrics: Metrics,
         sinks: Sinks,
+        endpoint_id: String,
     ) -> Arc<Self> {
         let locality = Locality {
             cluster: config.file.service.cluster.clone(),
@@ -163,6 +181,9 @@ impl Shared {
             lb: Mutex::new(LbState::default()),
             budgets: Mutex::new(HashMap::new()),
             peer_index: Mutex::new(PeerIndex::default()),
+            endpoint_id,
+            limiter: Mutex::new(Limiter::default()),
+            breakers: Breakers::default(),
         })
     }
 
@@ -411,18 +432,70 @@ impl Shared {
         peer: &SpiffeId,
         services: &[String],
         on: policy::Target<'_>,
-    ) -> Result<&'s ServicePort, Refusal> {
+    ) -> Result<Admitted<'s>, Refusal> {
         let names: Vec<&str> = services.iter().map(String::as_str).collect();
         let caller = Peer {
             id: peer,
             services: &names,
         };
-        let admitted = admit::admit(snap, &self.service, target, stream, caller, on);
-        if let Err(Refusal::Denied(reason)) = &admitted {
-            let source = source_label(services);
-            self.metrics.denial(source, &self.service, reason.as_str());
+        let source = source_label(services);
+        let port =
+            admit::admit(snap, &self.service, target, stream, caller, on).inspect_err(|r| {
+                if let Refusal::Denied(reason) = r {
+                    self.metrics.denial(source, &self.service, reason.as_str());
+                }
+            })?;
+        let slots = self.rate_limit(snap, caller, on, stream).map_err(|l| {
+            let scope = l.scope.as_str();
+            self.metrics
+                .ratelimited(source, &self.service, &l.limit, scope);
+            Refusal::RateLimited(l)
+        })?;
+        Ok(Admitted { port, slots })
+    }
+
+    /// Takes a place under a circuit-breaker `threshold` of the destination `service`
+    /// (`decide::breaker`); a full threshold is counted and refused.
+    pub(crate) fn breaker(
+        &self,
+        service: &str,
+        threshold: Threshold,
+    ) -> Result<Option<Slot>, Threshold> {
+        let snap = self.current();
+        let cb = snap
+            .service(service)
+            .and_then(|s| s.circuit_breaker.as_ref());
+        self.breakers.take(service, cb, threshold).inspect_err(|t| {
+            self.metrics.overflow(&self.service, service, t.as_str());
+        })
+    }
+
+    /// Checks the service's rate limits (`decide::ratelimit`), this endpoint enforcing its
+    /// weight's share of service-wide totals.
+    fn rate_limit(
+        &self,
+        snap: &Snapshot,
+        caller: Peer<'_>,
+        on: policy::Target<'_>,
+        stream: admit::Stream,
+    ) -> Result<Vec<FlowSlot>, Limited> {
+        let Some(policy) = snap.policy(&self.service) else {
+            return Ok(Vec::new());
+        };
+        if policy.rate_limits.is_empty() {
+            return Ok(Vec::new());
         }
-        admitted
+        let unit = match stream {
+            admit::Stream::Request => Unit::Request,
+            admit::Stream::Tunnel => Unit::Flow,
+        };
+        let own = snap
+            .endpoints_of(&self.service)
+            .find(|e| e.id == self.endpoint_id)
+            .map(|e| e.weight);
+        let share = endpoint_share(own, snap.endpoints_of(&self.service).map(|e| e.weight));
+        let mut limiter = self.limiter.lock().unwrap_or_else(|p| p.into_inner());
+        limiter.check(&policy.rate_limits, caller, on, unit, share, Instant::now())
     }
 
     /// This sidecar's `version` label value, for inbound metrics and logs.

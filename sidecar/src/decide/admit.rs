@@ -53,6 +53,9 @@ pub enum Refusal {
     /// The access policy denies the caller.
     #[error("denied by policy ({})", .0.as_str())]
     Denied(DenyReason),
+    /// A rate limit refuses the caller for now.
+    #[error("rate limited by {} ({}); retry after {} s", .0.limit, .0.scope.as_str(), .0.retry_after_secs())]
+    RateLimited(super::ratelimit::Limited),
 }
 
 impl Refusal {
@@ -60,6 +63,7 @@ impl Refusal {
     pub fn status(&self) -> StatusCode {
         match self {
             Refusal::Denied(_) => StatusCode::FORBIDDEN,
+            Refusal::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             _ => StatusCode::NOT_FOUND,
         }
     }
@@ -68,6 +72,7 @@ impl Refusal {
     pub fn flag(&self) -> Flag {
         match self {
             Refusal::Denied(_) => Flag::Denied,
+            Refusal::RateLimited(_) => Flag::RateLimited,
             _ => Flag::NoRoute,
         }
     }

@@ -111,7 +111,8 @@ mod tests {
         let one = b.take("reviews", Some(&cb), Threshold::Requests).unwrap();
         let _two = b.take("reviews", Some(&cb), Threshold::Requests).unwrap();
         assert_eq!(
-            b.take("reviews", Some(&cb), Threshold::Requests).unwrap_err(),
+            b.take("reviews", Some(&cb), Threshold::Requests)
+                .unwrap_err(),
             Threshold::Requests
         );
         // Another service, another threshold: their own counts.

@@ -12,10 +12,12 @@
 //! - [`policy`]: the access policy's decision on a verified caller.
 //! - [`ratelimit`]: rate limits on verified callers (token buckets, service-wide shares).
 //! - [`outlier`]: passive outlier detection (consecutive failures eject, doubling, a cap).
+//! - [`breaker`]: circuit breakers per destination service (counts against thresholds).
 //! - [`budget`]: the retry budget (a share of requests over a window, plus a floor).
 //! - [`retry`]: the one retry and failure policy of L4 and L7.
 
 pub mod admit;
+pub mod breaker;
 pub mod budget;
 pub mod capture;
 pub mod outlier;

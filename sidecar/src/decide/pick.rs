@@ -163,6 +163,11 @@ pub struct Locality {
 
 /// RTT assumed for an endpoint not yet measured: low, so new endpoints get tried.
 const UNKNOWN_RTT: Duration = Duration::from_micros(500);
+/// RTTs below this count as this in the cost: under a millisecond (loopback, one rack) the
+/// differences are measurement noise, and letting them decide every tie would send most traffic
+/// to whichever peer measured fastest (a skew that, among other things, leaves endpoints' shares
+/// of a service-wide rate limit unused).
+const RTT_FLOOR: Duration = Duration::from_millis(1);
 
 /// Chooses an endpoint for an attempt inside `scope`, among `endpoints` (the candidates).
 ///
@@ -231,7 +236,7 @@ fn p2c<'e>(
             let b = ((a as u64 + 1 + samples.1 % (n - 1)) % n) as usize;
             let cost = |e: &Endpoint| {
                 let l = load(e);
-                let rtt = l.rtt.unwrap_or(UNKNOWN_RTT).as_nanos() as f64;
+                let rtt = l.rtt.unwrap_or(UNKNOWN_RTT).max(RTT_FLOOR).as_nanos() as f64;
                 (f64::from(l.outstanding) + 1.0) * rtt / f64::from(e.weight.max(1))
             };
             Some(if cost(tier[b]) < cost(tier[a]) {

@@ -16,9 +16,10 @@
 //! | refused 404        | `refused-stream`  | one strike            | 404       | `NR`    |
 //! | refused 503        | `gateway-error`   | one strike            | 503       | `UH`    |
 //! | refused other 5xx  | `gateway-error`   | one strike            | that      | `UF`    |
+//! | refused 429        | never             | no (a rate limit)     | 429       | `RL`    |
 //! | refused other      | never             | no                    | that      | `UF`    |
 //! | too large headers  | never             | never (the request's) | 431       | `UF`    |
-//! | stream limit       | `connect-failure` | never (this side's)   | 503       | `UO`    |
+//! | overflow           | `connect-failure` | never (this side's)   | 503       | `UO`    |
 //! | protocol error     | `reset`           | one strike            | 502       | `UF`    |
 //! | local failure      | never             | never                 | 400       | `UF`    |
 //!
@@ -84,9 +85,11 @@ pub enum AttemptError {
     /// The caller's request could not be sent (a target that forms no URI, an app body that
     /// broke): this side's failure, never the endpoint's.
     Local,
-    /// Every connection this sidecar may open to the endpoint is out of stream credit
-    /// (`TunnelError::StreamLimit`): this side's limit, nothing was sent. Another endpoint is
-    /// another peer with its own credit, so it is retried like a connect failure.
+    /// No place left: every connection this sidecar may open to the endpoint is out of stream
+    /// credit (`TunnelError::StreamLimit`; another endpoint is another peer with its own
+    /// credit, so it is retried like a connect failure), or a circuit-breaker threshold of this
+    /// sidecar is full (`decide::breaker`). This side's limit: nothing was sent, never the
+    /// endpoint's doing.
     Overflow,
 }
 
@@ -111,7 +114,10 @@ pub enum Flag {
     Denied,
     /// No route: the destination serves no such service or port.
     NoRoute,
-    /// Upstream overflow: this sidecar's own limit on streams to the endpoint was reached.
+    /// Refused by a rate limit at the destination.
+    RateLimited,
+    /// Upstream overflow: this sidecar's own limit (streams to the endpoint, a circuit breaker)
+    /// was reached.
     Overflow,
 }
 
@@ -123,6 +129,7 @@ impl Flag {
             Flag::NoHealthy => "UH",
             Flag::Denied => "DENY",
             Flag::NoRoute => "NR",
+            Flag::RateLimited => "RL",
             Flag::Overflow => "UO",
         }
     }
@@ -227,6 +234,7 @@ impl AttemptError {
             AttemptError::Refused(StatusCode::FORBIDDEN) => Flag::Denied,
             AttemptError::Refused(StatusCode::NOT_FOUND) => Flag::NoRoute,
             AttemptError::Refused(StatusCode::SERVICE_UNAVAILABLE) => Flag::NoHealthy,
+            AttemptError::Refused(StatusCode::TOO_MANY_REQUESTS) => Flag::RateLimited,
             AttemptError::Overflow => Flag::Overflow,
             _ => Flag::UpstreamFailure,
         }

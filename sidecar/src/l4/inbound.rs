@@ -29,6 +29,8 @@ struct Admitted {
     app: SocketAddr,
     peer: halyard_certs::SpiffeId,
     target: halyard_transport::Target,
+    /// Counts the flow as open under rate limits while it lasts.
+    _slots: Vec<crate::decide::ratelimit::FlowSlot>,
 }
 
 /// A flow that ended before any byte was piped.
@@ -47,11 +49,15 @@ impl Inbound {
         let target = req.target();
         let peer = &req.peer().id;
         let on = Target::port(target.port());
-        let port = shared.admit(&snap, target, Stream::Tunnel, peer, services, on)?;
+        let admitted = shared.admit(&snap, target, Stream::Tunnel, peer, services, on)?;
         Ok(Admitted {
-            app: SocketAddr::new(shared.config.file.inbound.app_host, port.target_port),
+            app: SocketAddr::new(
+                shared.config.file.inbound.app_host,
+                admitted.port.target_port,
+            ),
             peer: peer.clone(),
             target: target.clone(),
+            _slots: admitted.slots,
         })
     }
 

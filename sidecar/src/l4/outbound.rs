@@ -11,6 +11,7 @@ use halyard_registry::model::RetryOn;
 use halyard_transport::{Target, Tunnel, TunnelError};
 use tokio::net::TcpStream;
 
+use crate::decide::breaker::Threshold;
 use crate::decide::retry::{self, Failed, Flag, RetryPolicy, Step};
 use crate::state::{Picked, Shared};
 use crate::telemetry::flow::End;
@@ -36,7 +37,10 @@ pub(crate) enum Flags {
     NoRoute,
     /// Reset after the tunnel was up.
     Reset,
-    /// This sidecar's stream limit to the endpoint was reached (upstream overflow).
+    /// Refused by a rate limit at the destination.
+    RateLimited,
+    /// This sidecar's own limit was reached: its stream limit to the endpoint, or its circuit
+    /// breaker for the destination (upstream overflow).
     Overflow,
 }
 
@@ -50,6 +54,7 @@ impl Flags {
             Flags::Denied => "DENY",
             Flags::NoRoute => "NR",
             Flags::Reset => "RESET",
+            Flags::RateLimited => "RL",
             Flags::Overflow => "UO",
         }
     }
@@ -62,6 +67,14 @@ pub(crate) async fn flow(shared: Arc<Shared>, mut app: TcpStream, dest: Destinat
         return crate::l7::outbound::serve(shared, app, dest).await;
     }
     let mut rec = shared.flow_record(Direction::Outbound, &shared.service, &dest.service);
+    let Ok(_open) = shared.breaker(&dest.service, Threshold::Flows) else {
+        reset(app);
+        return rec.finish(End::Flow {
+            flags: Flags::Overflow.as_str(),
+            sent: 0,
+            received: 0,
+        });
+    };
     let first = first_bytes(&app).freeze();
     let (flags, sent, received) = match connect(&shared, &dest, &first).await {
         Ok((picked, mut tunnel)) => {
@@ -210,6 +223,7 @@ impl From<Flag> for Flags {
             Flag::NoHealthy => Flags::NoHealthy,
             Flag::Denied => Flags::Denied,
             Flag::NoRoute => Flags::NoRoute,
+            Flag::RateLimited => Flags::RateLimited,
             Flag::Overflow => Flags::Overflow,
         }
     }

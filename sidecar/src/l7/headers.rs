@@ -10,10 +10,15 @@ pub(crate) const PEER_IDENTITY: &str = "x-halyard-peer-identity";
 /// Set by an app's sidecar on its local reply when it could not connect to the app: the request
 /// reached no app and may go to another endpoint whatever its method.
 pub(crate) const APP_UNREACHED: &str = "x-halyard-app-unreached";
+/// Set by an app's sidecar on a 429 of its own: which bucket refused (`decide::ratelimit::Scope`).
+/// A refusal by this endpoint's share of a service-wide total may be taken to another endpoint,
+/// whose share may have room.
+pub(crate) const RATELIMIT_SCOPE: &str = "x-halyard-ratelimit-scope";
 /// Headers the mesh sets itself; any copy from the app is removed.
 const MESH_HEADERS: &[&str] = &[
     PEER_IDENTITY,
     APP_UNREACHED,
+    RATELIMIT_SCOPE,
     super::upgrade::UPGRADE,
     "x-halyard-source-service",
     "x-forwarded-client-cert",

@@ -15,12 +15,15 @@ use http_body_util::BodyExt;
 use hyper::body::Frame;
 
 use super::body::{to_bytes, BodyError, BodySender, ChannelBody};
-use super::headers::{strip_hop_by_hop, strip_identity_claims, APP_UNREACHED, PEER_IDENTITY};
+use super::headers::{
+    strip_hop_by_hop, strip_identity_claims, APP_UNREACHED, PEER_IDENTITY, RATELIMIT_SCOPE,
+};
 use super::limits;
 use super::normalize::{normalize, PathError};
 use super::{expect, upgrade};
 use crate::decide::admit::{Refusal, Stream};
 use crate::decide::policy;
+use crate::decide::ratelimit::Limited;
 use crate::state::{source_label, Shared};
 use crate::telemetry::flow::{End, FlowRecord};
 use crate::telemetry::metrics::Direction;
@@ -99,7 +102,13 @@ pub(crate) async fn serve(shared: &Arc<Shared>, apps: &AppClients, req: HttpRequ
             tracing::info!(peer = %peer.id, uri = %request.uri(), %status, reason = %why, "request refused");
             // `recv` lives until the answer is out: dropping it first would stop the caller's
             // request body, and the caller could fail before it reads the answer.
-            out.local(status, &why).await;
+            match &refused {
+                Refused::Admission(Refusal::RateLimited(limited)) => {
+                    rec.set_flag("RL");
+                    out.rate_limited(limited, is_grpc(request.headers())).await;
+                }
+                _ => out.local(status, &why).await,
+            }
             drop(recv);
             (status.as_u16(), None)
         }
@@ -117,6 +126,14 @@ pub(crate) async fn serve(shared: &Arc<Shared>, apps: &AppClients, req: HttpRequ
     };
     drop(out);
     rec.finish(End::Response { status, received });
+}
+
+/// Whether a request is a gRPC call (its content type, gRPC over HTTP/2 protocol).
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
 /// Why a peer's request is refused before it reaches the app.
@@ -159,7 +176,9 @@ fn admit(
         path: Some(&norm.path),
         headers: Some(req.headers()),
     };
-    let port = shared.admit(&snap, &target, Stream::Request, peer, services, on)?;
+    let port = shared
+        .admit(&snap, &target, Stream::Request, peer, services, on)?
+        .port;
     Ok(Admitted {
         app: SocketAddr::new(shared.config.file.inbound.app_host, port.target_port),
         grpc: port.protocol == Protocol::Grpc,
@@ -260,6 +279,50 @@ impl Responder {
     /// A response made by this sidecar: `status`, `x-halyard-local-reply` and `why`.
     async fn local(&mut self, status: StatusCode, why: &str) {
         self.reply(status, why, false).await;
+    }
+
+    /// The answer to a request over a rate limit: 429 with `retry-after` (RFC 6585 §4, RFC 9110
+    /// §10.2.3), or for gRPC a Trailers-Only response with `RESOURCE_EXHAUSTED` (gRPC over
+    /// HTTP/2 protocol: status 8; a gRPC client reads the status from the headers).
+    async fn rate_limited(&mut self, limited: &Limited, grpc: bool) {
+        let why = format!(
+            "rate limited by {} ({})",
+            limited.limit,
+            limited.scope.as_str()
+        );
+        let retry_after = HeaderValue::from(limited.retry_after_secs());
+        let mut resp = Response::new(());
+        resp.headers_mut()
+            .insert("x-halyard-local-reply", HeaderValue::from_static("1"));
+        resp.headers_mut()
+            .insert(http::header::RETRY_AFTER, retry_after);
+        resp.headers_mut().insert(
+            RATELIMIT_SCOPE,
+            HeaderValue::from_static(limited.scope.as_str()),
+        );
+        if grpc {
+            let h = resp.headers_mut();
+            h.insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            h.insert("grpc-status", HeaderValue::from_static("8"));
+            if let Ok(v) = HeaderValue::from_str(&why) {
+                h.insert("grpc-message", v);
+            }
+            if self.head(resp).await {
+                self.finish().await;
+            }
+            return;
+        }
+        *resp.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+        if self.head(resp).await
+            && self
+                .frame(Frame::data(Bytes::from(format!("{why}\n"))))
+                .await
+        {
+            self.finish().await;
+        }
     }
 
     /// The answer when the app could not be asked: marked so the caller's sidecar knows the

@@ -17,11 +17,14 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
 use super::body::{buffer_small, to_bytes, BodySender, Buffered, ChannelBody};
-use super::headers::{check_framing, strip_hop_by_hop, strip_identity_claims, APP_UNREACHED};
+use super::headers::{
+    check_framing, strip_hop_by_hop, strip_identity_claims, APP_UNREACHED, RATELIMIT_SCOPE,
+};
 use super::limits;
 use super::normalize::{normalize, NormalPath, OUTBOUND_PARAMETERS};
 use super::upgrade;
 use super::upload::{Payload, Start, Upload, EXPECT_TIMEOUT};
+use crate::decide::breaker::Threshold;
 use crate::decide::capture::Destination;
 use crate::decide::pick::Scope;
 use crate::decide::retry::{self, answer_charge, AttemptError, Failed, Step};
@@ -39,6 +42,9 @@ const REPLAY_LIMIT: u64 = 1024 * 1024;
 /// (see `decide::retry::for_request`) can still go to another endpoint: the size of a JSON
 /// call, not of an upload.
 const UNREACHED_REPLAY_LIMIT: u64 = 64 * 1024;
+
+/// Set on a local reply when a circuit breaker failed the request fast (flag `UO`).
+const OVERLOADED: &str = "x-halyard-overloaded";
 
 /// How long a mirrored request may take when its rule sets no timeout.
 const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
@@ -131,6 +137,16 @@ async fn handle(
             let view = RequestView::request(&shared.service, http);
             let rule = route.and_then(|r| select(r, view));
             rec.set_route(rule.map(|(i, _)| i));
+            // A request in flight holds a place under `maxConcurrentRequests`.
+            let Ok(_in_flight) = shared.breaker(&dest.service, Threshold::Requests) else {
+                let resp = AttemptFailure::overflow(Threshold::Requests).local_reply();
+                rec.set_flag("UO");
+                rec.finish(End::Response {
+                    status: resp.status().as_u16(),
+                    received: None,
+                });
+                return resp;
+            };
             let call = Call {
                 shared: &shared,
                 dest: &dest,
@@ -146,6 +162,9 @@ async fn handle(
     };
     if let Some(endpoint) = &served {
         rec.picked(endpoint);
+    }
+    if resp.headers().contains_key(OVERLOADED) {
+        rec.set_flag("UO");
     }
     rec.finish(End::Response {
         status: resp.status().as_u16(),
@@ -340,6 +359,8 @@ impl Call<'_> {
         let snap = self.shared.current();
         let service = &self.dest.service;
         let mut tried: Vec<String> = Vec::new();
+        // Held (not read) until the next answer: the place a retry takes under the breaker.
+        let mut _retry_slot = None;
         self.shared.budget_request(service);
         for retries_done in 0.. {
             let Ok(picked) = self.shared.pick_in(&snap, service, &subset, &tried, true) else {
@@ -353,6 +374,14 @@ impl Call<'_> {
                 .await
                 .and_then(AttemptFailure::unreached);
             let outcome = match &attempt {
+                Ok(x) if share_used_up(&x.head) => {
+                    // Not processed, and another endpoint's share of the total may have room:
+                    // retried as a rejected request; the 429 stays the answer otherwise.
+                    retry::Outcome::Failed(Failed {
+                        error: AttemptError::Rejected,
+                        before_any_byte: true,
+                    })
+                }
                 Ok(x) => {
                     self.shared.outcome(&picked, answer_charge(x.head.status()));
                     retry::Outcome::Answered(x.head.status())
@@ -366,17 +395,24 @@ impl Call<'_> {
             };
             let policy =
                 retry::for_request(route, mesh_retries, method_ok, payload.intact(), &outcome);
-            match (
+            let mut step =
                 self.shared
-                    .next_step(service, &subset, &policy, (retries_done, &tried), outcome),
-                attempt,
-            ) {
+                    .next_step(service, &subset, &policy, (retries_done, &tried), outcome);
+            if step == Step::Retry {
+                // A retry holds a place under `maxRetriesInFlight` until the next answer; with
+                // none free the answer in hand stands.
+                match self.shared.breaker(service, Threshold::Retries) {
+                    Ok(slot) => _retry_slot = slot,
+                    Err(_) => step = Step::Answer,
+                }
+            }
+            match (step, attempt) {
                 (Step::Retry, _) => {
                     tracing::debug!(%service, endpoint = %picked.endpoint.id, ?outcome, "retrying request");
                     self.shared.metrics.retry(service);
                 }
                 (_, Ok(x)) => return (self.respond(x, upgrade.take()), served),
-                (_, Err(fail)) => return (local(fail.failed.error.status(), &fail.why), served),
+                (_, Err(fail)) => return (fail.local_reply(), served),
             }
         }
         let resp = local(StatusCode::SERVICE_UNAVAILABLE, "no healthy endpoint");
@@ -412,12 +448,18 @@ impl Call<'_> {
             .map_err(|_| AttemptFailure::local("bad request target"))?;
         *req.headers_mut() = self.parts.headers.clone();
         let work = async {
+            // Waiting for a connection or a stream holds a place under `maxPendingRequests`.
+            let pending = self
+                .shared
+                .breaker(&self.dest.service, Threshold::Pending)
+                .map_err(AttemptFailure::overflow)?;
             let stream = self
                 .shared
                 .pool
                 .send_request(ep.address, &ep.identity, req)
                 .await
                 .map_err(AttemptFailure::tunnel)?;
+            drop(pending);
             let (send, mut recv) = stream.split();
             let mut upload = Upload::new(self.shared, send, start);
             if start == Start::Now {
@@ -465,6 +507,12 @@ impl Call<'_> {
                 http::header::CONNECTION,
                 HeaderValue::from_static("keep-alive"),
             );
+        }
+        if parts.headers.contains_key("grpc-status") {
+            // gRPC Trailers-Only (an immediate error, e.g. a rate limit): the status travels in
+            // the head and the stream ends with it — END_STREAM on the HEADERS frame, which
+            // gRPC clients require; the peer sends no body.
+            return Response::from_parts(parts, ChannelBody::full(bytes::Bytes::new()));
         }
         let (tx, body) = ChannelBody::channel();
         let shared = self.shared.clone();
@@ -632,6 +680,23 @@ impl AttemptFailure {
         Self::of(AttemptError::Local, why.to_owned())
     }
 
+    /// A circuit-breaker threshold of this sidecar is full.
+    fn overflow(threshold: Threshold) -> Self {
+        let why = format!("circuit breaker open: {} reached", threshold.as_str());
+        Self::of(AttemptError::Overflow, why)
+    }
+
+    /// The local reply when this failure is the last: its status and why; an overflow says so
+    /// in `x-halyard-overloaded` (as Envoy's `x-envoy-overloaded`).
+    fn local_reply(&self) -> Response<ChannelBody> {
+        let mut resp = local(self.failed.error.status(), &self.why);
+        if self.failed.error == AttemptError::Overflow {
+            resp.headers_mut()
+                .insert(OVERLOADED, HeaderValue::from_static("true"));
+        }
+        resp
+    }
+
     /// An answer from the peer sidecar that it could not connect to its app is a failure of
     /// the attempt: the request reached no app.
     fn unreached(x: Exchange) -> Result<Exchange, AttemptFailure> {
@@ -655,6 +720,16 @@ async fn send_kept(
         stream.send_trailers(t).await?;
     }
     stream.finish().await
+}
+
+/// Whether the peer refused the request because its share of a service-wide rate limit is used
+/// up (`decide::ratelimit`: a 429 of the sidecar's own, scope `total`).
+fn share_used_up(head: &Response<()>) -> bool {
+    head.status() == StatusCode::TOO_MANY_REQUESTS
+        && head
+            .headers()
+            .get(RATELIMIT_SCOPE)
+            .is_some_and(|v| v.as_bytes() == b"total")
 }
 
 /// Waits for the final response head of an attempt, starting the body when it may go:

@@ -35,7 +35,8 @@ pub(crate) struct AccessEntry {
     pub(crate) endpoint: String,
     /// L7: the status sent to the caller.
     pub(crate) status: Option<u16>,
-    /// L4: the response flags (`-` when completed).
+    /// L4: the response flags (`-` when completed); L7: a flag when one applies (`RL` rate
+    /// limited, `UO` circuit-breaker overflow).
     pub(crate) flags: Option<String>,
     /// Bytes from the source towards the destination, when known.
     pub(crate) bytes_sent: Option<u64>,
@@ -51,7 +52,7 @@ impl AccessEntry {
     /// The entry for a record; `own_id` is this sidecar's SPIFFE id.
     pub(crate) fn new(rec: &Record<'_>, own_id: &str, elapsed: Duration) -> Self {
         let (protocol, status, flags) = match rec.outcome {
-            Outcome::Status(s) => ("http", Some(s), None),
+            Outcome::Status(s) => ("http", Some(s), rec.flag.map(str::to_owned)),
             Outcome::Flags(f) => ("tcp", None, Some(f.to_owned())),
         };
         AccessEntry {

@@ -63,6 +63,8 @@ pub(crate) struct FlowRecord {
     /// When the response head arrived (L7 inbound: from the app); the duration ends there.
     head: Option<Instant>,
     request: Option<RequestInfo>,
+    /// L7: a flag for the access log (`RL`, `UO`).
+    flag: Option<&'static str>,
     _active: ActiveFlow,
     done: bool,
 }
@@ -89,6 +91,7 @@ impl FlowRecord {
             started: Instant::now(),
             head: None,
             request: None,
+            flag: None,
             _active: metrics.active(direction),
             done: false,
         }
@@ -140,6 +143,11 @@ impl FlowRecord {
             .get("version")
             .map_or("unknown", String::as_str);
         self.set_version(version);
+    }
+
+    /// Flags the request (`RL` rate limited, `UO` circuit-breaker overflow) in the access log.
+    pub(crate) fn set_flag(&mut self, flag: &'static str) {
+        self.flag = Some(flag);
     }
 
     /// The trace context this hop forwards (its span).
@@ -204,6 +212,7 @@ impl FlowRecord {
             route: self.route,
             endpoint: self.endpoint,
             outcome,
+            flag: self.flag,
             sent,
             received,
             started: self.started,

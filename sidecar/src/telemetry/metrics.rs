@@ -47,6 +47,8 @@ pub(crate) struct Metrics {
     tcp_bytes: IntCounterVec,
     tcp_duration: HistogramVec,
     policy_denials: IntCounterVec,
+    ratelimited: IntCounterVec,
+    overflows: IntCounterVec,
     outlier_ejections: IntCounterVec,
     retries: IntCounterVec,
     requests: IntCounterVec,
@@ -201,6 +203,18 @@ impl Metrics {
                 "halyard_policy_denials_total",
                 "Flows and requests refused by policy",
                 &["source_service", "destination_service", "reason"],
+            )?,
+            ratelimited: counter(
+                &r,
+                "halyard_ratelimited_total",
+                "Requests and flows refused by a rate limit (429) at the destination's sidecar",
+                &["source_service", "destination_service", "limit", "scope"],
+            )?,
+            overflows: counter(
+                &r,
+                "halyard_circuit_breaker_overflows_total",
+                "Requests and flows failed fast (503, flag UO) by a circuit breaker",
+                &["source_service", "destination_service", "threshold"],
             )?,
             outlier_ejections: counter(
                 &r,
@@ -368,6 +382,20 @@ impl Metrics {
     pub(crate) fn denial(&self, source: &str, destination: &str, reason: &str) {
         self.policy_denials
             .with_label_values(&[source, destination, reason])
+            .inc();
+    }
+
+    /// Counts a refusal by a rate limit.
+    pub(crate) fn ratelimited(&self, source: &str, destination: &str, limit: &str, scope: &str) {
+        self.ratelimited
+            .with_label_values(&[source, destination, limit, scope])
+            .inc();
+    }
+
+    /// Counts a request or flow failed fast by a circuit breaker threshold.
+    pub(crate) fn overflow(&self, source: &str, destination: &str, threshold: &str) {
+        self.overflows
+            .with_label_values(&[source, destination, threshold])
             .inc();
     }
 

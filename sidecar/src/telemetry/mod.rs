@@ -95,6 +95,8 @@ pub(crate) struct Record<'a> {
     pub(crate) endpoint: Option<SocketAddr>,
     /// Status or flags.
     pub(crate) outcome: Outcome<'a>,
+    /// L7: an Envoy-style flag on the request (`RL` rate limited, `UO` overflow), if any.
+    pub(crate) flag: Option<&'a str>,
     /// Bytes from the source towards the destination, when known.
     pub(crate) sent: Option<u64>,
     /// Bytes from the destination back to the source, when known.

@@ -4,6 +4,7 @@ prints one result line and exits 0, or prints what went wrong and exits 1.
 
   traffic.py grpc-server HOST              bidirectional echo: ping-N -> pong-N
   traffic.py grpc-pingpong TARGET N        sends ping-n+1 only after pong-n arrived
+  traffic.py grpc-unary TARGET N           N unary calls; prints the count of each status code
   traffic.py ws-server HOST TAG            a page on /, a WebSocket echo on any other path
   traffic.py ws-client URL N               N messages, each answered before the next
 """
@@ -25,8 +26,15 @@ def grpc_server(host):
         for message in requests:
             yield message.replace(b"ping", b"pong")
 
+    def echo(request, context):
+        return request
+
     handler = grpc.method_handlers_generic_handler(
-        "demo.Echo", {"Chat": grpc.stream_stream_rpc_method_handler(chat)}
+        "demo.Echo",
+        {
+            "Chat": grpc.stream_stream_rpc_method_handler(chat),
+            "Echo": grpc.unary_unary_rpc_method_handler(echo),
+        },
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     server.add_generic_rpc_handlers((handler,))
@@ -63,6 +71,24 @@ def grpc_pingpong(target, n):
         return 1
     print(f"replies {got}")
     return 0 if got == n else 1
+
+
+def grpc_unary(target, n):
+    import grpc
+
+    channel = grpc.insecure_channel(target)
+    grpc.channel_ready_future(channel).result(timeout=10)
+    echo = channel.unary_unary("/demo.Echo/Echo")
+    counts = {}
+    for i in range(n):
+        try:
+            echo(f"hello-{i}".encode(), timeout=10)
+            code = "OK"
+        except grpc.RpcError as e:
+            code = e.code().name
+        counts[code] = counts.get(code, 0) + 1
+    print(" ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    return 0
 
 
 async def ws_server(host, tag):
@@ -107,6 +133,8 @@ def main(argv):
         grpc_server(argv[2])
     elif cmd == "grpc-pingpong":
         return grpc_pingpong(argv[2], int(argv[3]))
+    elif cmd == "grpc-unary":
+        return grpc_unary(argv[2], int(argv[3]))
     elif cmd == "ws-server":
         asyncio.run(ws_server(argv[2], argv[3]))
     elif cmd == "ws-client":
