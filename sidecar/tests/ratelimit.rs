@@ -107,6 +107,7 @@ async fn a_noisy_caller_is_limited_and_a_quiet_one_is_not() {
     let (n, q) = tokio::join!(drive(noisy, 300, 5.0), drive(quiet, 20, 5.0));
     let took = started.elapsed();
     let (ok, limited, retry_after) = n;
+    eprintln!("noisy caller: admitted {ok} of 1500 in {took:?}");
     assert!(
         (480..=520).contains(&ok),
         "admitted {ok} of 1500 in {took:?}"
@@ -161,6 +162,7 @@ async fn a_service_wide_total_holds_across_endpoints_and_redivides() {
         "halyard_retries_total",
         &[],
     );
+    eprintln!("four endpoints: admitted {rate:.1} rps, per endpoint {per:?}, {retries} retries");
     assert!(
         (180.0..=220.0).contains(&rate),
         "admitted {rate:.0} rps: {per:?}, {retries} retries"
@@ -181,6 +183,7 @@ async fn a_service_wide_total_holds_across_endpoints_and_redivides() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (ok, _, _) = drive(up, 400, secs).await;
     let rate = f64::from(ok) / secs;
+    eprintln!("three endpoints: admitted {rate:.1} rps");
     assert!(
         (180.0..=220.0).contains(&rate),
         "admitted {rate:.0} rps on three"

@@ -53,6 +53,8 @@ pub struct EdgeTotals {
     pub ok: f64,
     /// Bytes both ways (tcp).
     pub bytes: f64,
+    /// Refused by a limit: 429 (http), flags `RL` or `UO` (tcp).
+    pub limited: f64,
     /// Duration histogram: upper bound → cumulative count.
     pub buckets: BTreeMap<OrdF64, f64>,
 }
@@ -107,6 +109,9 @@ pub fn add(totals: &mut Totals, samples: &[Sample]) {
                 if succeeded(s) {
                     t.ok += s.value;
                 }
+                if limited(s) {
+                    t.limited += s.value;
+                }
             }
             Field::Bytes => t.bytes += s.value,
             Field::Bucket => {
@@ -123,6 +128,12 @@ enum Field {
     Count,
     Bytes,
     Bucket,
+}
+
+/// Refused by a rate limit (429, `RL`) or a circuit breaker (`UO`).
+fn limited(s: &Sample) -> bool {
+    s.label("response_code") == Some("429")
+        || matches!(s.label("response_flags"), Some("RL" | "UO"))
 }
 
 fn succeeded(s: &Sample) -> bool {
@@ -146,6 +157,8 @@ pub struct Row {
     pub p99: Option<f64>,
     /// Bytes per second over the interval (tcp).
     pub bytes_rate: f64,
+    /// Requests or flows refused by a limit, per second over the interval.
+    pub limited_rate: f64,
 }
 
 /// Rows from two scrapes `secs` apart (`before` empty: totals since start, rates 0). Each edge
@@ -177,6 +190,7 @@ fn row(key: &EdgeKey, now: &EdgeTotals, prev: Option<&EdgeTotals>, secs: f64) ->
         p50: quantile(&basis.buckets, 0.5),
         p99: quantile(&basis.buckets, 0.99),
         bytes_rate: per_sec(window.bytes),
+        limited_rate: per_sec(window.limited),
     }
 }
 
@@ -186,6 +200,7 @@ fn diff(now: &EdgeTotals, prev: &EdgeTotals) -> EdgeTotals {
         total: sub(now.total, prev.total),
         ok: sub(now.ok, prev.ok),
         bytes: sub(now.bytes, prev.bytes),
+        limited: sub(now.limited, prev.limited),
         buckets: now
             .buckets
             .iter()
@@ -225,6 +240,7 @@ pub fn render(rows: &[Row]) -> String {
         "P50",
         "P99",
         "BYTES/S",
+        "LIMITED/S",
     ]
     .map(str::to_owned)];
     for r in rows {
@@ -242,9 +258,10 @@ pub fn render(rows: &[Row]) -> String {
             ms(r.p50),
             ms(r.p99),
             human_bytes(r.bytes_rate),
+            format!("{:.1}", r.limited_rate),
         ]);
     }
-    let widths: Vec<usize> = (0..10)
+    let widths: Vec<usize> = (0..11)
         .map(|i| cells.iter().map(|c| c[i].len()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
@@ -420,5 +437,20 @@ halyard_quic_connections 1
         let http = rows.iter().find(|r| r.key.proto == "http").unwrap();
         assert_eq!((http.total, http.rate), (100.0, 0.0));
         assert_eq!(http.success, Some(0.9));
+    }
+
+    #[test]
+    fn refusals_by_limits_are_counted_per_edge() {
+        let text = r#"halyard_requests_total{direction="inbound",source_service="pp",destination_service="ratings",destination_version="v1",response_code="200"} 10
+halyard_requests_total{direction="inbound",source_service="pp",destination_service="ratings",destination_version="v1",response_code="429"} 30
+halyard_tcp_connections_total{direction="outbound",source_service="pp",destination_service="db",destination_version="v1",response_flags="UO"} 2
+halyard_tcp_connections_total{direction="outbound",source_service="pp",destination_service="db",destination_version="v1",response_flags="RL"} 4
+"#;
+        let mut after = Totals::new();
+        add(&mut after, &parse(text));
+        let rows = rows(&Totals::new(), &after, 2.0);
+        let limited: Vec<f64> = rows.iter().map(|r| r.limited_rate).collect();
+        assert_eq!(limited, [3.0, 15.0]);
+        assert!(render(&rows).lines().next().unwrap().ends_with("LIMITED/S"));
     }
 }
