@@ -7,6 +7,7 @@
 //! endpoints/<service>/<id>   Endpoint (on a lease)
 //! meshconfig                 MeshConfig
 //! status/<sidecar-id>        Status
+//! externalservices/<name>    ExternalService
 //! ```
 
 use std::fmt;
@@ -28,6 +29,8 @@ pub enum Key {
     MeshConfig,
     /// `status/<sidecar-id>`.
     Status(String),
+    /// `externalservices/<name>`.
+    ExternalService(String),
 }
 
 /// The prefix of every key of `mesh`: `/halyard/<mesh>/`.
@@ -49,6 +52,7 @@ impl Key {
             ["endpoints", s, id] => Some(Key::Endpoint((*s).to_owned(), (*id).to_owned())),
             ["meshconfig"] => Some(Key::MeshConfig),
             ["status", id] => Some(Key::Status((*id).to_owned())),
+            ["externalservices", n] => Some(Key::ExternalService((*n).to_owned())),
             _ => None,
         }
     }
@@ -70,6 +74,7 @@ impl Key {
             Key::Endpoint(s, id) => format!("endpoints/{s}/{id}"),
             Key::MeshConfig => "meshconfig".to_owned(),
             Key::Status(id) => format!("status/{id}"),
+            Key::ExternalService(n) => format!("externalservices/{n}"),
         }
     }
 
@@ -87,6 +92,7 @@ impl Key {
             Key::Endpoint(..) => Kind::Endpoint,
             Key::MeshConfig => Kind::MeshConfig,
             Key::Status(_) => Kind::Status,
+            Key::ExternalService(_) => Kind::ExternalService,
         }
     }
 }
@@ -110,6 +116,7 @@ mod tests {
             "endpoints/a/b",
             "meshconfig",
             "status/s1",
+            "externalservices/e",
         ] {
             assert_eq!(Key::parse(k).unwrap().path(), k);
         }

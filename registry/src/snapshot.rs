@@ -5,7 +5,10 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use crate::model::{Action, Endpoint, MeshConfig, Object, Policy, Route, Service};
+use crate::model::{
+    Action, Endpoint, ExternalService, MeshConfig, Object, OutboundTrafficPolicy, Policy, Route,
+    Service,
+};
 
 /// Where a snapshot came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +40,8 @@ pub struct Snapshot {
     pub endpoints: BTreeMap<String, BTreeMap<String, Arc<Endpoint>>>,
     /// The mesh config, if one is stored.
     pub meshconfig: Option<Arc<MeshConfig>>,
+    /// ExternalServices by name.
+    pub external_services: BTreeMap<String, Arc<ExternalService>>,
     /// Quarantined keys (full key) and why; the last good value of each stays in force.
     pub rejected: BTreeMap<String, String>,
     /// Where this snapshot came from.
@@ -54,6 +59,7 @@ impl Snapshot {
             policies: BTreeMap::new(),
             endpoints: BTreeMap::new(),
             meshconfig: None,
+            external_services: BTreeMap::new(),
             rejected: BTreeMap::new(),
             origin,
             vips: HashMap::new(),
@@ -105,6 +111,28 @@ impl Snapshot {
         self.policies.get(service)
     }
 
+    /// The ExternalService a flow to `host` (SNI, `Host`, a CONNECT target) or `ip` on `port`
+    /// belongs to: the first by name that covers it.
+    pub fn external_service(
+        &self,
+        host: Option<&str>,
+        ip: Option<IpAddr>,
+        port: u16,
+    ) -> Option<&Arc<ExternalService>> {
+        self.external_services
+            .values()
+            .find(|e| e.covers(host, ip, port))
+    }
+
+    /// What a captured flow to an unknown destination meets (`MeshConfig.outboundTrafficPolicy`).
+    pub fn outbound_traffic_policy(&self) -> OutboundTrafficPolicy {
+        self.meshconfig
+            .as_ref()
+            .map_or(OutboundTrafficPolicy::default(), |m| {
+                m.outbound_traffic_policy
+            })
+    }
+
     /// What services without a policy do: the mesh config's `defaultPolicy`, else allow.
     pub fn default_policy(&self) -> Action {
         self.meshconfig
@@ -146,6 +174,11 @@ impl Snapshot {
         );
         let eps = self.endpoints.values().flat_map(|m| m.values());
         out.extend(eps.map(|o| Object::Endpoint((**o).clone())));
+        out.extend(
+            self.external_services
+                .values()
+                .map(|o| Object::ExternalService((**o).clone())),
+        );
         out
     }
 

@@ -149,6 +149,10 @@ impl Store {
                         .insert(o.id.clone(), Arc::new(o.clone())),
                 ),
                 Object::Status(_) => {}
+                Object::ExternalService(o) => drop(
+                    s.external_services
+                        .insert(o.name.to_string(), Arc::new(o.clone())),
+                ),
             }
         }
         s.index()

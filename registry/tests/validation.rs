@@ -191,6 +191,15 @@ fn bad_objects_name_the_field_path() {
         ("kind: Service\nname: r\nports: [{port: 80, protocol: tcp}]\ncircuitBreaker: {maxConcurrentRequests: -1}".into(), "circuitBreaker.maxConcurrentRequests", "from 1"),
         ("kind: Service\nname: r\nports: [{port: 80, protocol: tcp}]\ncircuitBreaker: {}".into(), "circuitBreaker", "no threshold"),
         ("kind: Service\nname: r\nports: [{port: 80, protocol: tcp}]\ncircuitBreaker: {maxRequests: 3}".into(), "circuitBreaker.maxRequests", "unknown field"),
+        ("kind: ExternalService\nname: bad\nhosts: ['*.*.bad']\nports: [{port: 443, protocol: tls}]".into(), "hosts[0]", "wildcard"),
+        ("kind: ExternalService\nname: bad\nhosts: [api.example.com]\nports: [{port: 0, protocol: tcp}]".into(), "ports[0].port", "1-65535"),
+        ("kind: ExternalService\nname: bad\nhosts: [db.example.com]\nports: [{port: 5432, protocol: tcp, originateTls: {}}]".into(), "ports[0].originateTls", "protocol http"),
+        ("kind: ExternalService\nname: bad\nhosts: [a.example.com]\nports: [{port: 80, protocol: http, originateTls: {caBundle: nope}}]".into(), "ports[0].originateTls.caBundle", "CERTIFICATE"),
+        ("kind: ExternalService\nname: bad\nports: [{port: 80, protocol: http}]".into(), "hosts", "hosts or addresses"),
+        ("kind: ExternalService\nname: bad\naddresses: [10.0.0.0/33]\nports: [{port: 80, protocol: tcp}]".into(), "addresses[0]", "CIDR"),
+        ("kind: ExternalService\nname: bad\naddresses: [10.0.0.0/8]\nresolution: static\nports: [{port: 80, protocol: tcp}]".into(), "addresses", "single address"),
+        ("kind: ExternalService\nname: bad\nhosts: [a.b]\nvia: tunnel\nports: [{port: 80, protocol: tcp}]".into(), "via", "direct or egress"),
+        ("kind: MeshConfig\ndefaultPolicy: allow\ntrustDomain: mesh.local\noutboundTrafficPolicy: open".into(), "outboundTrafficPolicy", "registry-only or allow-any"),
         ("kind: MeshConfig\ndefaultPolicy: maybe\ntrustDomain: mesh.local".into(), "defaultPolicy", "allow or deny"),
         ("kind: MeshConfig\ndefaultPolicy: deny\ntrustDomain: Mesh.Local".into(), "trustDomain", "trust domain"),
         ("kind: Endpoint\nid: e1\nservice: r\naddress: 127.0.0.1\nidentity: spiffe://td/x".into(), "address", "ip:port"),
@@ -254,4 +263,41 @@ fn stored_values_are_checked_against_their_key() {
 fn a_json_file_may_hold_an_array_of_objects() {
     let text = r#"[{"kind":"MeshConfig","defaultPolicy":"deny","trustDomain":"td"},{"kind":"Service","name":"a","ports":[{"port":1,"protocol":"grpc"}]}]"#;
     assert_eq!(parse_documents("x.json", text).unwrap().len(), 2);
+}
+
+#[test]
+fn an_external_service_matches_names_addresses_and_ports() {
+    let yaml = "kind: ExternalService\nname: outside\nhosts: ['*.outside.test', Exact.Example.com]\naddresses: [203.0.113.0/24, 198.51.100.7]\nresolution: static\nvia: egress\nports:\n  - { port: 443, protocol: tls }\n  - { port: 80, protocol: http, originateTls: { targetPort: 8443 } }\n";
+    let objs = parse_documents("e.yaml", yaml).unwrap();
+    let Object::ExternalService(e) = &objs[0] else {
+        panic!()
+    };
+    assert!(e.covers(Some("api.outside.test"), None, 443));
+    assert!(e.covers(Some("a.b.OUTSIDE.test."), None, 443));
+    assert!(
+        !e.covers(Some("outside.test"), None, 443),
+        "the wildcard needs a label"
+    );
+    assert!(!e.covers(Some("evil-outside.test"), None, 443));
+    assert!(e.covers(Some("exact.example.com"), None, 80));
+    assert!(
+        !e.covers(Some("api.outside.test"), None, 8080),
+        "port not listed"
+    );
+    assert!(e.covers(None, Some("203.0.113.99".parse().unwrap()), 443));
+    assert!(!e.covers(None, Some("203.0.114.1".parse().unwrap()), 443));
+    assert_eq!(
+        e.port(80)
+            .unwrap()
+            .originate_tls
+            .as_ref()
+            .unwrap()
+            .target_port,
+        8443
+    );
+    let again = parse_documents("again.yaml", &objs[0].to_yaml()).unwrap();
+    let Object::ExternalService(back) = &again[0] else {
+        panic!()
+    };
+    assert_eq!(back, e);
 }

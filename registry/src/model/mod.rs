@@ -82,17 +82,20 @@ pub enum Kind {
     Endpoint,
     /// `Status`, key `status/<sidecar-id>`.
     Status,
+    /// `ExternalService`, key `externalservices/<name>`.
+    ExternalService,
 }
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Service,
         Kind::Route,
         Kind::Policy,
         Kind::MeshConfig,
         Kind::Endpoint,
         Kind::Status,
+        Kind::ExternalService,
     ];
 
     /// The name written in `kind`.
@@ -104,6 +107,7 @@ impl Kind {
             Kind::MeshConfig => "MeshConfig",
             Kind::Endpoint => "Endpoint",
             Kind::Status => "Status",
+            Kind::ExternalService => "ExternalService",
         }
     }
 
@@ -116,6 +120,7 @@ impl Kind {
             Kind::MeshConfig => "meshconfig",
             Kind::Endpoint => "endpoints",
             Kind::Status => "status",
+            Kind::ExternalService => "externalservices",
         }
     }
 
@@ -751,6 +756,201 @@ pub struct MeshConfig {
     /// The trust domain of the mesh's identities.
     #[serde(serialize_with = "ser_display")]
     pub trust_domain: TrustDomain,
+    /// What a captured flow to a destination that is neither a mesh service nor an
+    /// ExternalService meets.
+    pub outbound_traffic_policy: OutboundTrafficPolicy,
+    /// The mesh Service whose endpoints are egress gateways, for ExternalServices that go
+    /// `via: egress`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress_gateway: Option<Name>,
+}
+
+/// `MeshConfig.outboundTrafficPolicy` (Istio's `outboundTrafficPolicy.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutboundTrafficPolicy {
+    /// Refused: reset, counted with its destination, logged once per destination (the default).
+    #[default]
+    RegistryOnly,
+    /// Passed through: the sidecar connects to the original destination itself.
+    AllowAny,
+}
+
+/// A destination outside the mesh (`externalservices/<name>`; Istio's ServiceEntry with
+/// `MESH_EXTERNAL`): which hosts and addresses it covers, on which ports, and how the mesh
+/// reaches it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalService {
+    /// Its name: the `destination_service` of its traffic, and the Policy key for it.
+    pub name: Name,
+    /// DNS names, each exact or `*.` followed by a suffix (one leading wildcard label).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<HostPattern>,
+    /// IP addresses or CIDR blocks it covers (and, with `resolution: static`, the single
+    /// addresses the mesh dials).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<IpNet>,
+    /// The ports, unique.
+    pub ports: Vec<ExternalPort>,
+    /// How the mesh finds an address to dial.
+    pub resolution: Resolution,
+    /// Who dials out.
+    pub via: Via,
+}
+
+/// One port of an ExternalService.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalPort {
+    /// The port the app dials, 1-65535.
+    pub port: u16,
+    /// What flows on it: `tcp` (matched by address), `tls` (matched by the ClientHello's SNI) or
+    /// `http` (matched by `Host`).
+    pub protocol: ExternalProtocol,
+    /// For `http`: the app speaks plain HTTP, the mesh speaks TLS to the outside.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub originate_tls: Option<OriginateTls>,
+}
+
+/// The protocol of an ExternalService port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExternalProtocol {
+    /// Opaque TCP.
+    Tcp,
+    /// TLS from the app (the mesh reads the SNI, never decrypts).
+    Tls,
+    /// Plain HTTP/1.x from the app.
+    Http,
+}
+
+/// TLS origination: the server is verified against `ca_bundle` (else the system roots) and the
+/// host name the app asked for.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OriginateTls {
+    /// The port dialled with TLS (default 443).
+    pub target_port: u16,
+    /// PEM certificates trusted for this service instead of the system roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<String>,
+}
+
+/// How the mesh finds an address for an ExternalService.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Resolution {
+    /// The host name is resolved by DNS where the flow leaves the mesh; a captured flow without
+    /// a name goes to the address the app dialled.
+    Dns,
+    /// The single addresses in `addresses`, in order.
+    Static,
+}
+
+/// Who dials out to an ExternalService.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    /// The caller's own sidecar.
+    Direct,
+    /// An egress gateway (`MeshConfig.egressGateway`): the only place that leaves the network.
+    Egress,
+}
+
+/// A DNS name, or a `*.` wildcard over one or more leading labels of a suffix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    /// Exactly this name (lowercase).
+    Exact(String),
+    /// Any name ending in `.` + this suffix (lowercase), e.g. `outside.test` for
+    /// `*.outside.test`.
+    Suffix(String),
+}
+
+impl HostPattern {
+    /// Whether `host` (any case, a trailing dot ignored) matches.
+    pub fn matches(&self, host: &str) -> bool {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        match self {
+            HostPattern::Exact(h) => host == *h,
+            HostPattern::Suffix(s) => host
+                .strip_suffix(s.as_str())
+                .is_some_and(|head| head.len() > 1 && head.ends_with('.')),
+        }
+    }
+}
+
+impl Serialize for HostPattern {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            HostPattern::Exact(h) => s.serialize_str(h),
+            HostPattern::Suffix(h) => s.serialize_str(&format!("*.{h}")),
+        }
+    }
+}
+
+/// An IP network: an address and a prefix length (a single address has the full length).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    /// The network address.
+    pub addr: IpAddr,
+    /// Prefix length: 0-32 (IPv4), 0-128 (IPv6).
+    pub prefix: u8,
+}
+
+impl IpNet {
+    /// Whether `ip` is inside.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+
+    /// The address, when this is a single one (a full-length prefix).
+    pub fn single(&self) -> Option<IpAddr> {
+        let full = if self.addr.is_ipv4() { 32 } else { 128 };
+        (self.prefix == full).then_some(self.addr)
+    }
+}
+
+impl Serialize for IpNet {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.single() {
+            Some(ip) => s.serialize_str(&ip.to_string()),
+            None => s.serialize_str(&format!("{}/{}", self.addr, self.prefix)),
+        }
+    }
+}
+
+impl ExternalService {
+    /// The port `port`, if listed.
+    pub fn port(&self, port: u16) -> Option<&ExternalPort> {
+        self.ports.iter().find(|p| p.port == port)
+    }
+
+    /// Whether a flow to `host` (a name from SNI, `Host` or a CONNECT target) or `ip` on `port`
+    /// is this service's.
+    pub fn covers(&self, host: Option<&str>, ip: Option<IpAddr>, port: u16) -> bool {
+        self.port(port).is_some()
+            && (host.is_some_and(|h| self.hosts.iter().any(|p| p.matches(h)))
+                || ip.is_some_and(|ip| self.addresses.iter().any(|n| n.contains(ip)))
+                || host
+                    .and_then(|h| h.parse::<IpAddr>().ok())
+                    .is_some_and(|ip| self.addresses.iter().any(|n| n.contains(ip))))
+    }
 }
 
 /// A sidecar serving one service, written by that sidecar on a lease.
@@ -815,6 +1015,8 @@ pub enum Object {
     Endpoint(Endpoint),
     /// A sidecar status.
     Status(Status),
+    /// A destination outside the mesh.
+    ExternalService(ExternalService),
 }
 
 impl Object {
@@ -827,6 +1029,7 @@ impl Object {
             Object::MeshConfig(_) => Kind::MeshConfig,
             Object::Endpoint(_) => Kind::Endpoint,
             Object::Status(_) => Kind::Status,
+            Object::ExternalService(_) => Kind::ExternalService,
         }
     }
 
@@ -839,6 +1042,7 @@ impl Object {
             Object::MeshConfig(_) => Key::MeshConfig,
             Object::Endpoint(e) => Key::Endpoint(e.service.to_string(), e.id.clone()),
             Object::Status(s) => Key::Status(s.sidecar.clone()),
+            Object::ExternalService(e) => Key::ExternalService(e.name.to_string()),
         }
     }
 
@@ -852,6 +1056,7 @@ impl Object {
             Object::MeshConfig(o) => f(&Tagged { kind, inner: o }),
             Object::Endpoint(o) => f(&Tagged { kind, inner: o }),
             Object::Status(o) => f(&Tagged { kind, inner: o }),
+            Object::ExternalService(o) => f(&Tagged { kind, inner: o }),
         }
     }
 

@@ -251,6 +251,43 @@ pub(crate) struct To {
 pub(crate) struct MeshConfig {
     pub default_policy: String,
     pub trust_domain: String,
+    #[serde(default)]
+    pub outbound_traffic_policy: Option<String>,
+    #[serde(default)]
+    pub egress_gateway: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct ExternalService {
+    pub name: String,
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    pub ports: Vec<ExternalPort>,
+    #[serde(default)]
+    pub resolution: Option<String>,
+    #[serde(default)]
+    pub via: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct ExternalPort {
+    pub port: i64,
+    pub protocol: String,
+    #[serde(default)]
+    pub originate_tls: Option<OriginateTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct OriginateTls {
+    #[serde(default)]
+    pub target_port: Option<i64>,
+    #[serde(default)]
+    pub ca_bundle: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -59,7 +59,7 @@ fn parse_kind(s: &str) -> Result<Kind, ValidationError> {
         .ok_or_else(|| {
             ValidationError::at(
                 "kind",
-                format!("unknown kind {s:?}: expected Service, Route, Policy, MeshConfig, Endpoint or Status"),
+                format!("unknown kind {s:?}: expected Service, Route, Policy, MeshConfig, ExternalService, Endpoint or Status"),
             )
         })
 }
@@ -76,6 +76,7 @@ pub(super) fn object(
         Kind::MeshConfig => Object::MeshConfig(mesh_config(decode(value)?)?),
         Kind::Endpoint => Object::Endpoint(endpoint(decode(value)?)?),
         Kind::Status => Object::Status(status(decode(value)?)?),
+        Kind::ExternalService => Object::ExternalService(external_service(decode(value)?)?),
     })
 }
 
@@ -100,7 +101,7 @@ pub(super) fn stored(key: &Key, bytes: &[u8]) -> Result<Object, ValidationError>
 
 fn name_field(obj: &Object) -> (&'static str, ()) {
     match obj {
-        Object::Service(_) => ("name", ()),
+        Object::Service(_) | Object::ExternalService(_) => ("name", ()),
         Object::Route(_) | Object::Policy(_) | Object::Endpoint(_) => ("service", ()),
         Object::MeshConfig(_) => ("", ()),
         Object::Status(_) => ("sidecar", ()),
@@ -808,10 +809,215 @@ fn mesh_config(raw: raw::MeshConfig) -> Result<MeshConfig, ValidationError> {
             format!("{:?} is not a trust domain: {e}", raw.trust_domain),
         )
     })?;
+    let outbound_traffic_policy = match raw.outbound_traffic_policy.as_deref() {
+        None | Some("registry-only") => OutboundTrafficPolicy::RegistryOnly,
+        Some("allow-any") => OutboundTrafficPolicy::AllowAny,
+        Some(other) => {
+            return Err(ValidationError::at(
+                "outboundTrafficPolicy",
+                format!("unknown policy {other:?}: expected registry-only or allow-any"),
+            ))
+        }
+    };
+    let egress_gateway = raw
+        .egress_gateway
+        .map(|g| Name::at("egressGateway", &g))
+        .transpose()?;
     Ok(MeshConfig {
         default_policy: action("defaultPolicy", &raw.default_policy)?,
         trust_domain,
+        outbound_traffic_policy,
+        egress_gateway,
     })
+}
+
+fn external_service(raw: raw::ExternalService) -> Result<ExternalService, ValidationError> {
+    let name = Name::at("name", &raw.name)?;
+    let hosts = raw
+        .hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| host_pattern(&index("hosts", i), h))
+        .collect::<Result<Vec<_>, _>>()?;
+    let addresses = raw
+        .addresses
+        .iter()
+        .enumerate()
+        .map(|(i, a)| ip_net(&index("addresses", i), a))
+        .collect::<Result<Vec<_>, _>>()?;
+    if hosts.is_empty() && addresses.is_empty() {
+        return Err(ValidationError::at(
+            "hosts",
+            "an external service needs hosts or addresses",
+        ));
+    }
+    if raw.ports.is_empty() {
+        return Err(ValidationError::at("ports", "at least one port is needed"));
+    }
+    let mut ports: Vec<ExternalPort> = Vec::new();
+    for (i, p) in raw.ports.into_iter().enumerate() {
+        let path = index("ports", i);
+        let port = external_port(&path, p)?;
+        if ports.iter().any(|q| q.port == port.port) {
+            return Err(ValidationError::at(
+                field(&path, "port"),
+                format!("port {} is listed twice", port.port),
+            ));
+        }
+        ports.push(port);
+    }
+    let resolution = match raw.resolution.as_deref() {
+        None | Some("dns") => Resolution::Dns,
+        Some("static") => Resolution::Static,
+        Some(other) => {
+            return Err(ValidationError::at(
+                "resolution",
+                format!("unknown resolution {other:?}: expected dns or static"),
+            ))
+        }
+    };
+    if resolution == Resolution::Static && !addresses.iter().any(|a| a.single().is_some()) {
+        return Err(ValidationError::at(
+            "addresses",
+            "resolution static needs at least one single address (not a CIDR block) to dial",
+        ));
+    }
+    let via = match raw.via.as_deref() {
+        None | Some("direct") => Via::Direct,
+        Some("egress") => Via::Egress,
+        Some(other) => {
+            return Err(ValidationError::at(
+                "via",
+                format!("unknown value {other:?}: expected direct or egress"),
+            ))
+        }
+    };
+    Ok(ExternalService {
+        name,
+        hosts,
+        addresses,
+        ports,
+        resolution,
+        via,
+    })
+}
+
+fn external_port(path: &str, raw: raw::ExternalPort) -> Result<ExternalPort, ValidationError> {
+    let port = whole_port(&field(path, "port"), raw.port)?;
+    let protocol = match raw.protocol.as_str() {
+        "tcp" => ExternalProtocol::Tcp,
+        "tls" => ExternalProtocol::Tls,
+        "http" => ExternalProtocol::Http,
+        other => {
+            return Err(ValidationError::at(
+                field(path, "protocol"),
+                format!("unknown protocol {other:?}: expected tcp, tls or http"),
+            ))
+        }
+    };
+    let originate_tls = match raw.originate_tls {
+        None => None,
+        Some(_) if protocol != ExternalProtocol::Http => {
+            return Err(ValidationError::at(
+                field(path, "originateTls"),
+                "TLS origination needs protocol http (the app speaks plain HTTP to the mesh)",
+            ))
+        }
+        Some(o) => {
+            let at = field(path, "originateTls");
+            let target_port = match o.target_port {
+                Some(p) => whole_port(&field(&at, "targetPort"), p)?,
+                None => 443,
+            };
+            if let Some(pem) = &o.ca_bundle {
+                let certs = pem::parse_many(pem).map_err(|e| {
+                    ValidationError::at(field(&at, "caBundle"), format!("not PEM: {e}"))
+                })?;
+                if !certs.iter().any(|c| c.tag() == "CERTIFICATE") {
+                    return Err(ValidationError::at(
+                        field(&at, "caBundle"),
+                        "holds no CERTIFICATE block",
+                    ));
+                }
+            }
+            Some(OriginateTls {
+                target_port,
+                ca_bundle: o.ca_bundle,
+            })
+        }
+    };
+    Ok(ExternalPort {
+        port,
+        protocol,
+        originate_tls,
+    })
+}
+
+/// A port from 1 to 65535, read wide so that 0 and negative values get this message.
+fn whole_port(path: &str, v: i64) -> Result<u16, ValidationError> {
+    u16::try_from(v)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| ValidationError::at(path, format!("port {v} is out of range 1-65535")))
+}
+
+/// `name` or `*.suffix`: DNS-1123 labels, one leading `*` label at most.
+fn host_pattern(path: &str, s: &str) -> Result<HostPattern, ValidationError> {
+    let lower = s.to_ascii_lowercase();
+    let (wild, name) = match lower.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, lower.as_str()),
+    };
+    let labels_ok = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        });
+    if !labels_ok {
+        return Err(ValidationError::at(
+            path,
+            format!(
+                "{s:?} is not a host name or a '*.' wildcard: DNS labels of letters, digits and \
+                 '-', and '*' only as the whole first label"
+            ),
+        ));
+    }
+    Ok(if wild {
+        HostPattern::Suffix(name.to_owned())
+    } else {
+        HostPattern::Exact(name.to_owned())
+    })
+}
+
+/// An IP address or `address/prefix`.
+fn ip_net(path: &str, s: &str) -> Result<IpNet, ValidationError> {
+    let bad = || {
+        ValidationError::at(
+            path,
+            format!(
+                "{s:?} is not an IP address or CIDR block (e.g. 203.0.113.7 or 203.0.113.0/24)"
+            ),
+        )
+    };
+    let (addr, prefix) = match s.split_once('/') {
+        Some((a, p)) => (a, Some(p)),
+        None => (s, None),
+    };
+    let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+    let full = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix = match prefix {
+        Some(p) => p
+            .parse::<u8>()
+            .ok()
+            .filter(|p| *p <= full)
+            .ok_or_else(bad)?,
+        None => full,
+    };
+    Ok(IpNet { addr, prefix })
 }
 
 fn endpoint(raw: raw::Endpoint) -> Result<Endpoint, ValidationError> {
