@@ -75,6 +75,9 @@ pub struct SidecarConfig {
     /// Outbound capture.
     #[serde(default)]
     pub outbound: OutboundConfig,
+    /// Egress gateway mode.
+    #[serde(default)]
+    pub egress: EgressConfig,
     /// Admin server.
     #[serde(default)]
     pub admin: AdminConfig,
@@ -243,6 +246,16 @@ pub struct OutboundConfig {
     /// Transparent capture (iptables REDIRECT target).
     #[serde(default)]
     pub transparent: Option<TransparentConfig>,
+}
+
+/// `[egress]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressConfig {
+    /// This sidecar is an egress gateway: peers' CONNECTs to an ExternalService's `host:port`
+    /// are admitted by that ExternalService's Policy and dialled from here.
+    #[serde(default)]
+    pub gateway: bool,
 }
 
 /// `[[outbound.upstreams]]`: local port → service port.

@@ -34,6 +34,8 @@ pub struct Spec {
     pub app_host: Option<IpAddr>,
     pub upstreams: Vec<(String, u16)>,
     pub transparent: bool,
+    /// The inbound QUIC listener (default `127.0.0.1:0`).
+    pub listen: Option<SocketAddr>,
     /// Extra TOML appended to the config.
     pub extra: String,
     /// Top-level TOML put before the first table.
@@ -154,7 +156,7 @@ impl Mesh {
         let mut t = spec.prefix.clone();
         t += &format!(
             "registry = {:?}\nstate_dir = {:?}\n[identity]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\nreload_interval = \"200ms\"\n\
-             [service]\nname = {:?}\nversion = {:?}\n[inbound]\nlisten = \"127.0.0.1:0\"\napp_host = \"{}\"\n{}\
+             [service]\nname = {:?}\nversion = {:?}\n[inbound]\nlisten = \"{}\"\napp_host = \"{}\"\n{}\
              [admin]\nlisten = \"127.0.0.1:0\"\n",
             self.registry,
             self.dir.path().join(format!("state-{}", rand_suffix())),
@@ -163,6 +165,8 @@ impl Mesh {
             id.join("bundle.pem"),
             spec.service,
             spec.version,
+            spec.listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
             spec.app_host.unwrap_or(IpAddr::from([127, 0, 0, 1])),
             spec.inbound,
         );

@@ -46,6 +46,13 @@ pub(crate) async fn serve_transparent(
                 let s = shared.clone();
                 shared.flows.spawn(async move { flow(s, tcp, dest).await });
             }
+            Err(Unrouted::Unmapped(CaptureError::Unknown(dest))) => {
+                // Outside the mesh: an ExternalService, or the outbound traffic policy.
+                let s = shared.clone();
+                shared
+                    .flows
+                    .spawn(async move { super::egress::captured(s, tcp, dest).await });
+            }
             Err(why) => {
                 tracing::warn!(%peer, reason = %why, "captured connection refused");
                 let rec = shared.flow_record(Direction::Outbound, &shared.service, "unknown");

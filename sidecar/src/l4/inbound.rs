@@ -89,6 +89,9 @@ impl Handler for Inbound {
 
 impl Inbound {
     async fn serve(&self, req: TunnelRequest) {
+        if self.shared.config.file.egress.gateway && req.target().service() != self.shared.service {
+            return crate::l4::egress::serve_gateway(&self.shared, req).await;
+        }
         let services = (self.shared).peer_services(&self.shared.current(), &req.peer().id);
         let mut rec = self.record(&req, &services);
         let admitted = match self.admit(&req, &services) {

@@ -49,6 +49,7 @@ pub(crate) struct Metrics {
     policy_denials: IntCounterVec,
     ratelimited: IntCounterVec,
     overflows: IntCounterVec,
+    egress_refused: IntCounterVec,
     outlier_ejections: IntCounterVec,
     retries: IntCounterVec,
     requests: IntCounterVec,
@@ -209,6 +210,12 @@ impl Metrics {
                 "halyard_ratelimited_total",
                 "Requests and flows refused by a rate limit (429) at the destination's sidecar",
                 &["source_service", "destination_service", "limit", "scope"],
+            )?,
+            egress_refused: counter(
+                &r,
+                "halyard_egress_refused_total",
+                "Captured flows refused because their destination is neither a mesh service nor an ExternalService (registry-only)",
+                &["destination"],
             )?,
             overflows: counter(
                 &r,
@@ -390,6 +397,12 @@ impl Metrics {
         self.ratelimited
             .with_label_values(&[source, destination, limit, scope])
             .inc();
+    }
+
+    /// Counts a captured flow to an unregistered destination refused (`host:port` or
+    /// `ip:port`; `other` past the first 1,000 destinations, to bound the family).
+    pub(crate) fn egress_refused(&self, destination: &str) {
+        self.egress_refused.with_label_values(&[destination]).inc();
     }
 
     /// Counts a request or flow failed fast by a circuit breaker threshold.
