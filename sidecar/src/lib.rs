@@ -28,6 +28,7 @@ pub mod decide;
 mod l4;
 mod l7;
 mod net;
+mod outside;
 pub mod run;
 pub mod signal;
 mod state;

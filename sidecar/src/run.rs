@@ -55,13 +55,7 @@ async fn bind_all(
     let mut upstreams = Vec::new();
     for (i, up) in file.outbound.upstreams.iter().enumerate() {
         let l = bind_tcp(up.listen, &format!("outbound.upstreams[{i}].listen")).await?;
-        upstreams.push((
-            l,
-            Destination {
-                service: up.service.clone(),
-                port: up.port,
-            },
-        ));
+        upstreams.push((l, Destination::service(&up.service, up.port)));
     }
     let transparent = match &file.outbound.transparent {
         Some(t) => Some(bind_tcp(t.listen, "outbound.transparent.listen").await?),

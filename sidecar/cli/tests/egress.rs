@@ -223,10 +223,14 @@ fn answer(body: &str) -> String {
 
 /// An HTTP/1.1 GET to `addr` with `Host: host`; the whole answer.
 async fn get(addr: &str, host: &str) -> String {
+    get_path(addr, host, "/").await
+}
+
+async fn get_path(addr: &str, host: &str, path: &str) -> String {
     let Ok(mut tcp) = TcpStream::connect(addr).await else {
         return "connect failed".into();
     };
-    let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
     let _ = tcp.write_all(req.as_bytes()).await;
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut out)).await;
@@ -331,6 +335,8 @@ fn objects(pki: &OutsidePki) -> String {
         "kind: MeshConfig\ndefaultPolicy: allow\ntrustDomain: mesh.local\noutboundTrafficPolicy: registry-only\negressGateway: egress\n---\n\
 kind: Service\nname: egress\nports: [{{ name: tcp, port: 15001, protocol: tcp }}]\n---\n\
 kind: ExternalService\nname: outside-web\nhosts: [web.outside.test]\naddresses: [{OUTSIDE}]\nresolution: static\nvia: egress\nports: [{{ port: 80, protocol: http }}]\n---\n\
+kind: Route\nservice: outside-web\nrules:\n  - match: {{ path: {{ prefix: /teapot }} }}\n    backends: [{{ weight: 100 }}]\n    fault: {{ abort: {{ percent: 100, status: 418 }} }}\n  - backends: [{{ weight: 100 }}]\n    timeout: 5s\n    retries: {{ attempts: 2, on: [connect-failure, reset] }}\n---\n\
+kind: Policy\nservice: outside-web\nrules: [{{ action: deny, to: {{ paths: [/admin, /admin/*] }} }}]\n---\n\
 kind: ExternalService\nname: outside-api\nhosts: ['*.outside.test']\naddresses: [{OUTSIDE}]\nresolution: static\nvia: egress\nports: [{{ port: 443, protocol: tls }}]\n---\n\
 kind: ExternalService\nname: outside-db\naddresses: [{OUTSIDE}]\nresolution: static\nvia: egress\nports: [{{ port: 7000, protocol: tcp }}]\n---\n\
 kind: Policy\nservice: outside-db\nrules: [{{ action: deny, from: {{ services: [productpage] }} }}]\n---\n\
@@ -490,6 +496,16 @@ fn egress_goes_through_the_gateway_and_only_there() {
             let wrong_ca = get(&format!("{OUTSIDE}:8081"), "api.outside.test").await;
             let wrong_name = get(&format!("{OUTSIDE}:8082"), "wrong.outside.test").await;
             let unregistered = raw(&format!("{OUTSIDE}:9999"), b"nobody").await;
+            let teapot = get_path(&format!("{OUTSIDE}:80"), "web.outside.test", "/teapot").await;
+            let admin = get_path(&format!("{OUTSIDE}:80"), "web.outside.test", "/admin/x").await;
+            assert!(
+                teapot.starts_with("HTTP/1.1 418"),
+                "the Route applies: {teapot}"
+            );
+            assert!(
+                admin.starts_with("HTTP/1.1 403"),
+                "the Policy applies per request: {admin}"
+            );
             let results = (web, api, db, secure, wrong_ca, wrong_name, unregistered);
             let text = pp.started.render_metrics();
             pp.shutdown().await.unwrap();

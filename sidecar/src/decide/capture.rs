@@ -9,10 +9,42 @@ use halyard_registry::Snapshot;
 /// Where a captured connection goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Destination {
-    /// Service name.
+    /// Service name (for an ExternalService, its name).
     pub service: String,
     /// Service port.
     pub port: u16,
+    /// For an `http` ExternalService that goes `via: egress`: the gateway to send it through.
+    pub egress: Option<EgressVia>,
+}
+
+/// An L7 request to an ExternalService, carried through an egress gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EgressVia {
+    /// The mesh Service of the egress gateway (whose endpoints are picked).
+    pub gateway: String,
+    /// The external host named in the request's `:authority` (`host:port`).
+    pub host: String,
+}
+
+impl Destination {
+    /// A mesh service port.
+    pub fn service(service: &str, port: u16) -> Self {
+        Destination {
+            service: service.to_owned(),
+            port,
+            egress: None,
+        }
+    }
+
+    /// The service whose endpoints carry the request: the gateway's for egress.
+    pub fn carrier(&self) -> &str {
+        self.egress.as_ref().map_or(&self.service, |e| &e.gateway)
+    }
+
+    /// The `host` of the request's `:authority`.
+    pub fn authority_host(&self) -> &str {
+        self.egress.as_ref().map_or(&self.service, |e| &e.host)
+    }
 }
 
 /// Why a captured destination maps to no service.
@@ -49,10 +81,7 @@ pub fn resolve(
     let port = dest.port();
     if let Some(svc) = snap.service_by_vip(dest.ip()) {
         return match svc.port(port) {
-            Some(_) => Ok(Destination {
-                service: svc.name.to_string(),
-                port,
-            }),
+            Some(_) => Ok(Destination::service(svc.name.as_str(), port)),
             None => Err(CaptureError::NoSuchPort {
                 service: svc.name.to_string(),
                 port,
@@ -61,10 +90,7 @@ pub fn resolve(
     }
     let mut by_port = snap.services_by_port(port);
     match (by_port.next(), by_port.next()) {
-        (Some(svc), None) => Ok(Destination {
-            service: svc.name.to_string(),
-            port,
-        }),
+        (Some(svc), None) => Ok(Destination::service(svc.name.as_str(), port)),
         (Some(_), Some(_)) => Err(CaptureError::Ambiguous(dest)),
         (None, _) => Err(CaptureError::Unknown(dest)),
     }

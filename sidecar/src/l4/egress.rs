@@ -24,16 +24,17 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use halyard_registry::model::{ExternalService, OutboundTrafficPolicy, Resolution, Via};
+use halyard_registry::model::{ExternalProtocol, ExternalService, OutboundTrafficPolicy, Via};
 use halyard_transport::{ServerTunnel, Target, TunnelRequest};
 use http::StatusCode;
-use rustls_pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use crate::decide::capture::{Destination, EgressVia};
 use crate::decide::pick::Scope;
 use crate::decide::policy::{self, Decision, Peer};
 use crate::l4::outbound::{reset, Flags};
+use crate::outside::{connect, dial_out, DialError, Io, Out};
 use crate::state::{source_label, Shared};
 use crate::telemetry::flow::{End, FlowRecord};
 use crate::telemetry::metrics::Direction;
@@ -42,8 +43,6 @@ use crate::telemetry::metrics::Direction;
 const SNIFF_LIMIT: usize = 16 * 1024;
 /// How long the app's first bytes are awaited (a server-first protocol sends none).
 const SNIFF_WAIT: Duration = Duration::from_millis(300);
-/// System roots for TLS origination without a `caBundle` (Debian's ca-certificates).
-const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// What the app's first bytes say about where it goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,6 +149,10 @@ pub(crate) async fn captured(shared: Arc<Shared>, app: TcpStream, dest: SocketAd
         )
         .await;
     };
+    if let Some(dest) = l7_via_gateway(&snap, &es, host.as_deref(), dest) {
+        // HTTP through the gateway: routed and retried per request like mesh traffic.
+        return crate::l7::outbound::serve(shared, app, dest).await;
+    }
     let mut rec = shared.flow_record(Direction::Outbound, &shared.service, es.name.as_str());
     let (flags, sent, received) = match es.via {
         Via::Direct => direct(&shared, app, &es, host.as_deref(), dest, &mut rec).await,
@@ -160,6 +163,29 @@ pub(crate) async fn captured(shared: Arc<Shared>, app: TcpStream, dest: SocketAd
         sent,
         received,
     });
+}
+
+/// An `http` port of an ExternalService that goes `via: egress` is served per request (L7):
+/// its Route (key: the ExternalService's name) with retries and timeouts applies, and each
+/// request goes to the gateway with the external `host:port` as its authority.
+fn l7_via_gateway(
+    snap: &halyard_registry::Snapshot,
+    es: &ExternalService,
+    host: Option<&str>,
+    dest: SocketAddr,
+) -> Option<Destination> {
+    let http = es
+        .port(dest.port())
+        .is_some_and(|p| p.protocol == ExternalProtocol::Http);
+    let gateway = snap.meshconfig.as_ref()?.egress_gateway.as_ref()?;
+    (es.via == Via::Egress && http).then(|| Destination {
+        service: es.name.to_string(),
+        port: dest.port(),
+        egress: Some(EgressVia {
+            gateway: gateway.to_string(),
+            host: host.map_or_else(|| dest.ip().to_string(), str::to_owned),
+        }),
+    })
 }
 
 /// Neither a mesh Service nor an ExternalService.
@@ -391,127 +417,6 @@ pub(crate) async fn serve_gateway(shared: &Arc<Shared>, req: TunnelRequest) {
     });
 }
 
-/// A byte stream to the outside.
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
-/// A connection out: plain, or TLS originated by the mesh.
-enum Out {
-    Plain(TcpStream, SocketAddr),
-    Tls(Box<dyn Io>, SocketAddr),
-}
-
-/// Why no connection out was made.
-#[derive(Debug, thiserror::Error)]
-enum DialError {
-    /// No address to dial.
-    #[error("no address for {0}")]
-    NoAddress(String),
-    /// Every address refused or timed out.
-    #[error("connect: {0}")]
-    Connect(std::io::Error),
-    /// The TLS handshake or the server's certificate failed.
-    #[error("{0}")]
-    Tls(String),
-}
-
-/// Connects to the ExternalService (its static addresses, the host's DNS answer, or `ip`) on
-/// `port`, or on the TLS origination target port with TLS.
-async fn dial_out(
-    es: &ExternalService,
-    host: Option<&str>,
-    ip: Option<IpAddr>,
-    port: u16,
-    timeout: Duration,
-) -> Result<Out, DialError> {
-    let tls = es.port(port).and_then(|p| p.originate_tls.as_ref());
-    let dial_port = tls.map_or(port, |t| t.target_port);
-    let addrs: Vec<SocketAddr> = match (es.resolution, host) {
-        (Resolution::Static, _) => es
-            .addresses
-            .iter()
-            .filter_map(|a| a.single())
-            .map(|a| SocketAddr::new(a, dial_port))
-            .collect(),
-        (Resolution::Dns, Some(h)) => tokio::net::lookup_host((h, dial_port))
-            .await
-            .map(Iterator::collect)
-            .unwrap_or_default(),
-        (Resolution::Dns, None) => ip
-            .map(|ip| SocketAddr::new(ip, dial_port))
-            .into_iter()
-            .collect(),
-    };
-    let name = host.map_or_else(
-        || ip.map(|i| i.to_string()).unwrap_or_default(),
-        str::to_owned,
-    );
-    if addrs.is_empty() {
-        return Err(DialError::NoAddress(name));
-    }
-    let (tcp, addr) = connect(&addrs, timeout).await.map_err(DialError::Connect)?;
-    let Some(tls) = tls else {
-        return Ok(Out::Plain(tcp, addr));
-    };
-    let stream = originate(tcp, &name, tls.ca_bundle.as_deref())
-        .await
-        .map_err(DialError::Tls)?;
-    Ok(Out::Tls(Box::new(stream), addr))
-}
-
-/// The first of `addrs` that accepts within `timeout` each.
-async fn connect(
-    addrs: &[SocketAddr],
-    timeout: Duration,
-) -> Result<(TcpStream, SocketAddr), std::io::Error> {
-    let mut last = std::io::Error::from(std::io::ErrorKind::NotFound);
-    for addr in addrs {
-        match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(tcp)) => {
-                let _ = tcp.set_nodelay(true);
-                return Ok((tcp, *addr));
-            }
-            Ok(Err(e)) => last = e,
-            Err(_) => last = std::io::ErrorKind::TimedOut.into(),
-        }
-    }
-    Err(last)
-}
-
-/// TLS to the outside, verifying the server against `ca_bundle` (else the system roots) and
-/// `name` (RFC 9525 name checks, by webpki).
-async fn originate(
-    tcp: TcpStream,
-    name: &str,
-    ca_bundle: Option<&str>,
-) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
-    let pem_text = match ca_bundle {
-        Some(p) => p.to_owned(),
-        None => std::fs::read_to_string(SYSTEM_ROOTS)
-            .map_err(|e| format!("system roots {SYSTEM_ROOTS}: {e}"))?,
-    };
-    let mut roots = rustls::RootCertStore::empty();
-    for block in pem::parse_many(&pem_text).map_err(|e| format!("trust bundle: {e}"))? {
-        if block.tag() == "CERTIFICATE" {
-            let _ = roots.add(rustls_pki_types::CertificateDer::from(
-                block.into_contents(),
-            ));
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("tls config: {e}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let server = ServerName::try_from(name.to_owned())
-        .map_err(|_| format!("{name:?} is no server name for TLS"))?;
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(server, tcp)
-        .await
-        .map_err(|e| format!("TLS to {name} failed: {e}"))
-}
-
 /// An HTTP/1.1 502 naming `why`, for an app that spoke plain HTTP.
 fn bad_gateway(why: &str) -> Vec<u8> {
     let body = format!("{why}\n");
@@ -588,7 +493,7 @@ mod tests {
         .unwrap()
         .with_root_certificates(rustls::RootCertStore::empty())
         .with_no_client_auth();
-        let name = ServerName::try_from("api.outside.test").unwrap();
+        let name = rustls_pki_types::ServerName::try_from("api.outside.test").unwrap();
         let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
         let mut hello = Vec::new();
         conn.write_tls(&mut hello).unwrap();

@@ -89,6 +89,9 @@ pub(crate) async fn serve(shared: &Arc<Shared>, apps: &AppClients, req: HttpRequ
     } = req;
     let snap = shared.current();
     let services = shared.peer_services(&snap, &peer.id);
+    if let Some(es) = external_target(shared, &snap, &request) {
+        return egress(shared, &peer.id, &services, &es, request, stream).await;
+    }
     let edge = (source_label(&services), shared.service.as_str());
     let mut rec = shared.request_record(Direction::Inbound, edge, &request);
     rec.set_peer(peer.id.as_str());
@@ -134,6 +137,185 @@ fn is_grpc(headers: &http::HeaderMap) -> bool {
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// On an egress gateway, the ExternalService a request's `:authority` names (another host than
+/// this sidecar's service).
+fn external_target(
+    shared: &Shared,
+    snap: &halyard_registry::Snapshot,
+    request: &http::Request<()>,
+) -> Option<Arc<halyard_registry::model::ExternalService>> {
+    if !shared.config.file.egress.gateway {
+        return None;
+    }
+    let target = Target::from_uri(request.uri()).ok()?;
+    if target.service() == shared.service {
+        return None;
+    }
+    let ip = target.service().parse().ok();
+    snap.external_service(Some(target.service()), ip, target.port())
+        .cloned()
+}
+
+/// An HTTP request for an ExternalService on an egress gateway: its Policy (key: the
+/// ExternalService's name) on the verified caller and the request, then HTTP/1.1 to the
+/// outside (TLS originated when the port says so), the answer streamed back.
+async fn egress(
+    shared: &Arc<Shared>,
+    peer: &halyard_certs::SpiffeId,
+    services: &[String],
+    es: &halyard_registry::model::ExternalService,
+    request: http::Request<()>,
+    stream: halyard_transport::ServerRequestStream,
+) {
+    let edge = (source_label(services), es.name.as_str());
+    let mut rec = shared.request_record(Direction::Inbound, edge, &request);
+    rec.set_peer(peer.as_str());
+    let (send, recv) = stream.split();
+    let mut out = Responder::new(send);
+    let work = ask_outside(
+        shared, peer, services, es, request, recv, &mut out, &mut rec,
+    );
+    let (status, received) = match shared.until_hard_stop(work).await {
+        Some(answered) => answered,
+        None => (out.status.unwrap_or(503), None),
+    };
+    drop(out);
+    rec.finish(End::Response { status, received });
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn ask_outside(
+    shared: &Arc<Shared>,
+    peer: &halyard_certs::SpiffeId,
+    services: &[String],
+    es: &halyard_registry::model::ExternalService,
+    request: http::Request<()>,
+    recv: RecvHalf,
+    out: &mut Responder,
+    rec: &mut FlowRecord,
+) -> (u16, Option<u64>) {
+    let Ok(target) = Target::from_uri(request.uri()) else {
+        out.local(StatusCode::BAD_REQUEST, "bad authority").await;
+        return (400, None);
+    };
+    let raw = request.uri().path_and_query().map_or("/", |p| p.as_str());
+    let norm = match normalize(raw, shared.config.file.inbound.path_parameters) {
+        Ok(n) => n,
+        Err(e) => {
+            out.local(StatusCode::BAD_REQUEST, &format!("refused path: {e}"))
+                .await;
+            return (400, None);
+        }
+    };
+    let snap = shared.current();
+    let names: Vec<&str> = services.iter().map(String::as_str).collect();
+    let caller = policy::Peer {
+        id: peer,
+        services: &names,
+    };
+    let on = policy::Target {
+        port: target.port(),
+        method: Some(request.method().as_str()),
+        path: Some(&norm.path),
+        headers: Some(request.headers()),
+    };
+    let decided = policy::evaluate(
+        snap.policy(es.name.as_str()).map(|p| &**p),
+        snap.default_policy(),
+        caller,
+        on,
+    );
+    if let policy::Decision::Deny(reason) = decided {
+        shared
+            .metrics
+            .denial(source_label(services), es.name.as_str(), reason.as_str());
+        out.local(
+            StatusCode::FORBIDDEN,
+            &format!("denied by policy ({})", reason.as_str()),
+        )
+        .await;
+        return (403, None);
+    }
+    let host = target.service().to_owned();
+    let ip = host.parse().ok();
+    let named = ip.is_none().then_some(host.as_str());
+    let timeout = shared.config.file.failure.connect_timeout;
+    let dialled = crate::outside::dial_out(es, named, ip, target.port(), timeout).await;
+    let (io, addr) = match dialled {
+        Ok(o) => o.into_parts(),
+        Err(e) => {
+            let why = e.to_string();
+            tracing::info!(external = %es.name, error = %why, "egress request failed");
+            out.local(StatusCode::BAD_GATEWAY, &why).await;
+            return (502, None);
+        }
+    };
+    rec.set_endpoint(addr);
+    let (mut parts, ()) = request.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    strip_identity_claims(&mut parts.headers);
+    // `Host` names the origin dialled (RFC 9110 §7.2): the TLS target port when the mesh
+    // originates TLS, the port otherwise, left out when it is the scheme's default.
+    let tls_port = es
+        .port(target.port())
+        .and_then(|p| p.originate_tls.as_ref())
+        .map(|t| t.target_port);
+    let host_header = match tls_port {
+        Some(443) => host.clone(),
+        Some(p) => format!("{host}:{p}"),
+        None if target.port() == 80 => host.clone(),
+        None => format!("{host}:{}", target.port()),
+    };
+    if let Ok(v) = HeaderValue::from_str(&host_header) {
+        parts.headers.insert(http::header::HOST, v);
+    }
+    let Ok(uri) = norm.target().parse::<http::Uri>() else {
+        out.local(StatusCode::BAD_REQUEST, "bad request target")
+            .await;
+        return (400, None);
+    };
+    parts.uri = uri;
+    parts.version = http::Version::HTTP_11;
+    let (tx, body) = ChannelBody::channel();
+    let pumping = shared.clone();
+    shared.flows.spawn(async move {
+        let pump = async {
+            tokio::select! {
+                _ = pump_request(recv, None, &tx) => {}
+                _ = tx.closed() => {}
+            }
+        };
+        pumping.until_hard_stop(pump).await;
+    });
+    let handshake = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await;
+    let Ok((mut sender, conn)) = handshake else {
+        out.local(StatusCode::BAD_GATEWAY, "outside connection failed")
+            .await;
+        return (502, None);
+    };
+    shared.flows.spawn(async move {
+        let _ = conn.await;
+    });
+    match sender
+        .send_request(http::Request::from_parts(parts, body))
+        .await
+    {
+        Ok(resp) => {
+            rec.response_head();
+            let received = crate::telemetry::content_length(resp.headers());
+            (respond(out, resp).await, received)
+        }
+        Err(e) => {
+            out.local(
+                StatusCode::BAD_GATEWAY,
+                &format!("outside reset the request: {e}"),
+            )
+            .await;
+            (502, None)
+        }
+    }
 }
 
 /// Why a peer's request is refused before it reaches the app.

@@ -357,7 +357,8 @@ impl Call<'_> {
         let method_ok = self.method_retryable(retries);
         let subset = self.subset();
         let snap = self.shared.current();
-        let service = &self.dest.service;
+        // The endpoints that carry it: the service's, or an egress gateway's.
+        let service = self.dest.carrier();
         let mut tried: Vec<String> = Vec::new();
         // Held (not read) until the next answer: the place a retry takes under the breaker.
         let mut _retry_slot = None;
@@ -439,7 +440,9 @@ impl Call<'_> {
         let ep = &picked.endpoint;
         let uri = format!(
             "https://{}:{}{}",
-            self.dest.service, self.dest.port, self.target
+            self.dest.authority_host(),
+            self.dest.port,
+            self.target
         );
         let mut req = Request::new(());
         *req.method_mut() = self.parts.method.clone();
