@@ -176,6 +176,7 @@ pub async fn run_until(
         admin.clone(),
         admin_listener,
         listeners.clone(),
+        file.limits.header_read_timeout.get(),
     ));
     let identity = WorkloadIdentity::load(&file.identity.cert, &file.identity.key)
         .context("identity.cert / identity.key")?;

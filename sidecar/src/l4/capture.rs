@@ -22,12 +22,14 @@ pub(crate) async fn serve_upstream(
     dest: Destination,
     stop: CancellationToken,
 ) {
-    while let Some((tcp, _)) = crate::net::accept(&listener, &stop, "outbound").await {
+    let cap = crate::bounds::ListenerCap::for_listener(&shared.config, "outbound");
+    while let Some((tcp, _, place)) = crate::net::accept_capped(&listener, &stop, &cap).await {
         let shared2 = shared.clone();
         let dest = dest.clone();
-        shared
-            .flows
-            .spawn(async move { flow(shared2, tcp, dest).await });
+        shared.flows.spawn(async move {
+            flow(shared2, tcp, dest).await;
+            drop(place);
+        });
     }
 }
 
@@ -38,13 +40,17 @@ pub(crate) async fn serve_transparent(
     stop: CancellationToken,
 ) {
     let own = listener.local_addr().ok();
-    while let Some((tcp, peer)) = crate::net::accept(&listener, &stop, "transparent").await {
+    let cap = crate::bounds::ListenerCap::for_listener(&shared.config, "transparent");
+    while let Some((tcp, peer, place)) = crate::net::accept_capped(&listener, &stop, &cap).await {
         let resolved =
             original_destination(&tcp).and_then(|d| Ok(resolve(&shared.current(), d, own)?));
         match resolved {
             Ok(dest) => {
                 let s = shared.clone();
-                shared.flows.spawn(async move { flow(s, tcp, dest).await });
+                shared.flows.spawn(async move {
+                    flow(s, tcp, dest).await;
+                    drop(place);
+                });
             }
             Err(why) => {
                 tracing::warn!(%peer, reason = %why, "captured connection refused");
