@@ -44,6 +44,11 @@ impl Etcd {
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
             .with_require_leader(true);
         let joined = endpoints.join(",");
+        // The client spreads requests over every endpoint given, dead members included, and a
+        // request sent to a dead one fails: with one member of three down, half of them did.
+        // Start with the members that answer (all of them if none does).
+        let alive = answering(endpoints, &opts, timeout).await;
+        let endpoints = if alive.is_empty() { endpoints } else { &alive };
         let client = tokio::time::timeout(timeout, Client::connect(endpoints, Some(opts)))
             .await
             .map_err(|_| unreachable(&joined, format!("no answer within {timeout:?}")))?
@@ -68,6 +73,11 @@ impl Etcd {
             Ok(Err(etcd_client::Error::TransportError(e))) => {
                 Err(unreachable(&self.endpoints, e.to_string()))
             }
+            Ok(Err(etcd_client::Error::GRpcStatus(s)))
+                if s.code() as i32 == GRPC_UNAVAILABLE && s.message().contains("no leader") =>
+            {
+                Err(RegistryError::NoLeader(self.endpoints.clone()))
+            }
             Ok(Err(etcd_client::Error::GRpcStatus(s))) if s.code() as i32 == GRPC_UNAVAILABLE => {
                 Err(unreachable(&self.endpoints, s.message().to_owned()))
             }
@@ -80,6 +90,32 @@ impl Etcd {
             Ok(r) => r.map_err(RegistryError::Etcd),
         }
     }
+}
+
+/// The endpoints among several whose etcd answers a status request within `timeout` (with or
+/// without a leader); a single endpoint is returned as is.
+async fn answering(endpoints: &[String], opts: &ConnectOptions, timeout: Duration) -> Vec<String> {
+    if endpoints.len() < 2 {
+        return endpoints.to_vec();
+    }
+    let probes = endpoints.iter().map(|ep| async move {
+        let probe = async {
+            let mut client = Client::connect([ep.as_str()], Some(opts.clone())).await?;
+            client.status().await
+        };
+        match tokio::time::timeout(timeout, probe).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(etcd_client::Error::GRpcStatus(s))) => s.message().contains("no leader"),
+            _ => false,
+        }
+    });
+    let answers = futures::future::join_all(probes).await;
+    endpoints
+        .iter()
+        .zip(answers)
+        .filter(|(_, ok)| *ok)
+        .map(|(ep, _)| ep.clone())
+        .collect()
 }
 
 /// gRPC status code UNAVAILABLE: the server is not there (or has no leader).

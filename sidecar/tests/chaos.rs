@@ -599,3 +599,221 @@ fn digest(content: &str) -> String {
     content.hash(&mut h);
     format!("{:016x}", h.finish())
 }
+
+// ---- A 3-member etcd cluster losing quorum ----
+
+/// Three etcd members on 127.0.0.1, each with its own data dir; killed on drop.
+struct Cluster {
+    dir: tempfile::TempDir,
+    /// (client port, peer port) per member.
+    ports: Vec<(u16, u16)>,
+    children: Vec<Option<std::process::Child>>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let ports = (0..3).map(|_| (free_port(), free_port())).collect();
+        let mut c = Cluster {
+            dir: tempfile::tempdir().unwrap(),
+            ports,
+            children: vec![None, None, None],
+        };
+        for i in 0..3 {
+            c.spawn(i);
+        }
+        for i in 0..3 {
+            c.wait_healthy(i);
+        }
+        c
+    }
+
+    fn initial_cluster(&self) -> String {
+        let members: Vec<String> = (0..3)
+            .map(|i| format!("m{i}=http://127.0.0.1:{}", self.ports[i].1))
+            .collect();
+        members.join(",")
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let (client, peer) = self.ports[i];
+        let client = format!("http://127.0.0.1:{client}");
+        let peer = format!("http://127.0.0.1:{peer}");
+        let log = std::fs::File::create(self.dir.path().join(format!("m{i}.log"))).unwrap();
+        let child = std::process::Command::new("etcd")
+            .args(["--name", &format!("m{i}"), "--data-dir"])
+            .arg(self.dir.path().join(format!("m{i}")))
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &self.initial_cluster()])
+            .args([
+                "--initial-cluster-state",
+                "new",
+                "--logger",
+                "zap",
+                "--log-level",
+                "warn",
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.children[i] = Some(child);
+    }
+
+    fn wait_healthy(&self, i: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.ports[i].0)) {
+                use std::io::{Read, Write};
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let _ = s.write_all(b"GET /health HTTP/1.0\r\n\r\n");
+                let mut body = String::new();
+                let _ = s.read_to_string(&mut body);
+                if body.contains("\"health\":\"true\"") {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("etcd member {i} never became healthy");
+    }
+
+    /// SIGKILL for member `i`.
+    fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        let eps: Vec<String> = self
+            .ports
+            .iter()
+            .map(|(c, _)| format!("127.0.0.1:{c}"))
+            .collect();
+        format!("etcd://{}", eps.join(","))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..3 {
+            self.kill(i);
+        }
+    }
+}
+
+/// Two of three etcd members are killed: no write succeeds (and the error says why), the
+/// sidecars serve on and report staleness, and once the members are back a write reaches all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_cluster_losing_quorum() {
+    let sidecars = knob("HALYARD_CHAOS_SIDECARS", 4) as usize;
+    let outage = Duration::from_secs(knob("HALYARD_CHAOS_OUTAGE_SECS", 2));
+    let mut cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
+    let url = cluster.url();
+    let f = fleet(url.clone(), std::slice::from_ref(&url), sidecars - 1).await;
+    let (tally, stop, tasks) = load(&f, Duration::from_millis(20));
+    cluster = tokio::task::spawn_blocking(move || {
+        cluster.kill(1);
+        cluster.kill(2);
+        cluster
+    })
+    .await
+    .unwrap();
+    let lost = Instant::now();
+    let noticed = f.wait_staleness("rose", |s| s > 0.0).await;
+    let admin = Admin::connect(&url, "default", Duration::from_secs(3)).await;
+    let refused = match admin {
+        Ok(admin) => {
+            let objects = parse_documents("chaos", &marker("no-quorum", 7200)).unwrap();
+            admin
+                .apply(&objects)
+                .await
+                .expect_err("a write without quorum succeeded")
+                .to_string()
+        }
+        Err(e) => e.to_string(),
+    };
+    tokio::time::sleep(outage.saturating_sub(lost.elapsed())).await;
+    cluster = tokio::task::spawn_blocking(move || {
+        cluster.spawn(1);
+        cluster.spawn(2);
+        for i in 0..3 {
+            cluster.wait_healthy(i);
+        }
+        cluster
+    })
+    .await
+    .unwrap();
+    let back = f.wait_staleness("fell", |s| s == 0.0).await;
+    let admin = Admin::connect(&url, "default", Duration::from_secs(3))
+        .await
+        .unwrap();
+    apply(&admin, &marker("quorum-back", 7201)).await;
+    let spread = f.wait_service("quorum-back", Duration::from_secs(20)).await;
+    stop_load(stop, tasks).await;
+    let failed = tally.failed.load(Ordering::SeqCst);
+    report(
+        "etcd_quorum_lost",
+        serde_json::json!({
+            "sidecars": sidecars, "outage_s": outage.as_secs_f64(),
+            "write_refused_with": refused, "staleness_noticed_by_all_s": noticed.as_secs_f64(),
+            "staleness_zero_after_quorum_s": back.as_secs_f64(),
+            "write_after_quorum_reached_all_s": spread.as_secs_f64(),
+            "requests_ok": tally.ok.load(Ordering::SeqCst), "requests_failed": failed,
+        }),
+    );
+    assert_eq!(failed, 0);
+    assert!(
+        refused.contains("leader")
+            || refused.contains("unreachable")
+            || refused.contains("timed out"),
+        "{refused}"
+    );
+    f.shutdown().await;
+    drop(cluster);
+}
+
+/// One member of three down leaves quorum intact: every write through a fresh connection (as
+/// `halyard ctl` makes) succeeds, whichever members the client would have picked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_cluster_one_member_down_takes_writes() {
+    let mut cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
+    let url = cluster.url();
+    cluster = tokio::task::spawn_blocking(move || {
+        cluster.kill(2);
+        // A new leader, if the killed member led.
+        cluster.wait_healthy(0);
+        cluster.wait_healthy(1);
+        cluster
+    })
+    .await
+    .unwrap();
+    for i in 0..8 {
+        let admin = Admin::connect(&url, "default", Duration::from_secs(3))
+            .await
+            .unwrap();
+        apply(&admin, &marker(&format!("one-down-{i}"), 7300)).await;
+    }
+    drop(cluster);
+}
