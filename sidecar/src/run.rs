@@ -345,6 +345,15 @@ async fn refresh(
         shared.refresh_peer_stats(&stats);
         shared.metrics.quic_congestion(&shared.pool.congestion());
         shared.forget_departed();
+        m.flow_tasks.set(shared.flows.len() as i64);
+        m.runtime_tasks.set(
+            tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks() as i64,
+        );
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            m.open_fds.set(fds.count() as i64);
+        }
     }
 }
 
