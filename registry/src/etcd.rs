@@ -322,18 +322,28 @@ impl LeaseHolder {
             Err(e) => return e,
         };
         let mut tick = tokio::time::interval(self.ttl / 3);
+        // The lease lives `ttl` past the last renewal etcd received, so a renewal is waited for
+        // that long, not for the per-request timeout: with etcd answering in 4 s, a 3 s timeout
+        // gave up on a live lease, and the re-grant never finished either, so the endpoint
+        // expired from every sidecar while its sidecar was up.
+        let mut alive_until = tokio::time::Instant::now() + self.ttl;
         loop {
             tick.tick().await;
-            if let Err(e) = self.etcd.call(keeper.keep_alive()).await {
-                return e;
-            }
-            match self.etcd.call(stream.message()).await {
-                Ok(Some(r)) if r.ttl() > 0 => {}
-                Ok(Some(_)) => return RegistryError::LeaseLost(lease),
-                Ok(None) => {
+            let sent = tokio::time::Instant::now();
+            let renewal = async {
+                keeper.keep_alive().await?;
+                stream.message().await
+            };
+            let left = alive_until.saturating_duration_since(sent);
+            match tokio::time::timeout(left, renewal).await {
+                Ok(Ok(Some(r))) if r.ttl() > 0 => {
+                    alive_until = sent + Duration::from_secs(r.ttl().unsigned_abs());
+                }
+                Ok(Ok(Some(_))) | Err(_) => return RegistryError::LeaseLost(lease),
+                Ok(Ok(None)) => {
                     return unreachable(&self.etcd.endpoints, "keepalive stream closed".into())
                 }
-                Err(e) => return e,
+                Ok(Err(e)) => return RegistryError::Etcd(e),
             }
         }
     }

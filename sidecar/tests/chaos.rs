@@ -147,6 +147,16 @@ const EXTRA: &str = "[telemetry]\nrefresh_interval = \"200ms\"\n";
 /// `reviews` (HTTP) and `callers` sidecars of `productpage` calling it, all on `registry`
 /// (one entry per sidecar: a caller whose entry differs from the first uses its own URL).
 async fn fleet(mesh_url: String, registries: &[String], callers: usize) -> Fleet {
+    fleet_with(mesh_url, registries, callers, "").await
+}
+
+/// [`fleet`] with `prefix` (top-level TOML) in every sidecar's config.
+async fn fleet_with(
+    mesh_url: String,
+    registries: &[String],
+    callers: usize,
+    prefix: &str,
+) -> Fleet {
     let host = loopback_ip();
     let mesh = Mesh::with_url(tempfile::tempdir().unwrap(), mesh_url).await;
     let app = http_app(SocketAddr::new(host, 0), "v1", AppBehavior::default()).await;
@@ -157,11 +167,13 @@ async fn fleet(mesh_url: String, registries: &[String], callers: usize) -> Fleet
     .await;
     let mut spec = Spec::new("reviews", "v1").app_host(host);
     spec.extra = EXTRA.into();
+    spec.prefix = prefix.into();
     let server = start_on(&mesh, &spec, &registries[0]).await;
     let mut clients = Vec::new();
     for i in 0..callers {
         let mut spec = Spec::new("productpage", "v1").upstream("reviews", 9080);
         spec.extra = EXTRA.into();
+        spec.prefix = prefix.into();
         let url = registries.get(i + 1).unwrap_or(&registries[0]);
         clients.push(start_on(&mesh, &spec, url).await);
     }
@@ -400,21 +412,30 @@ async fn etcd_killed_then_restarted() {
     drop(etcd);
 }
 
-/// etcd answers only after a 2 s delay each way: requests through the mesh are no slower (the
-/// data path never waits for the registry) and none fails.
+/// etcd answers only after a delay each way (1.6 s; 2 s in `make chaos`), for longer than the endpoints' lease TTL:
+/// requests through the mesh are no slower (the data path never waits for the registry), none
+/// fails, and no endpoint expires (a renewal is waited for as long as its lease lives).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_answering_slowly_does_not_slow_the_data_plane() {
     let sidecars = knob("HALYARD_CHAOS_SIDECARS", 4) as usize;
-    let slow_for = Duration::from_secs(knob("HALYARD_CHAOS_SLOW_SECS", 6));
+    let slow_for = Duration::from_secs(knob("HALYARD_CHAOS_SLOW_SECS", 12));
+    // Each way; past 1.5 s a round trip outlasts the registry's 3 s request timeout.
+    let delay = Duration::from_millis(knob("HALYARD_CHAOS_SLOW_DELAY_MS", 1600));
     let etcd = tokio::task::spawn_blocking(EtcdServer::start)
         .await
         .unwrap();
     let proxy = Proxy::start(etcd.endpoint().parse().unwrap()).await;
-    let f = fleet(etcd.url(), &[proxy.url()], sidecars - 1).await;
+    // Leases far shorter than the slow period, but longer than a renewal's round trip: each
+    // endpoint must stay registered throughout.
+    let lease = format!(
+        "lease_ttl = \"{}s\"\n",
+        (2 * delay).as_secs_f64().ceil() + 1.0
+    );
+    let f = fleet_with(etcd.url(), &[proxy.url()], sidecars - 1, &lease).await;
     let (quiet, stop, tasks) = load(&f, Duration::from_millis(20));
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop_load(stop, tasks).await;
-    proxy.set_delay(Duration::from_secs(2));
+    proxy.set_delay(delay);
     let (slow, stop, tasks) = load(&f, Duration::from_millis(20));
     let admin = Admin::connect(&etcd.url(), "default", Duration::from_secs(3))
         .await
@@ -426,9 +447,9 @@ async fn etcd_answering_slowly_does_not_slow_the_data_plane() {
     stop_load(stop, tasks).await;
     proxy.set_delay(Duration::ZERO);
     report(
-        "etcd_slow_2s",
+        "etcd_slow",
         serde_json::json!({
-            "sidecars": sidecars, "slow_s": slow_for.as_secs_f64(),
+            "sidecars": sidecars, "slow_s": slow_for.as_secs_f64(), "delay_each_way_ms": delay.as_millis(),
             "quiet_p50_ms": quiet.p(0.5), "quiet_p99_ms": quiet.p(0.99),
             "slow_p50_ms": slow.p(0.5), "slow_p99_ms": slow.p(0.99),
             "slow_requests_ok": slow.ok.load(Ordering::SeqCst),
@@ -438,7 +459,7 @@ async fn etcd_answering_slowly_does_not_slow_the_data_plane() {
     );
     assert_eq!(slow.failed.load(Ordering::SeqCst), 0);
     assert_eq!(quiet.failed.load(Ordering::SeqCst), 0);
-    // Generous: far below the 2 s etcd delay that waiting on the registry would add.
+    // Generous: far below the etcd delay that waiting on the registry would add.
     assert!(
         slow.p(0.99) < 1000.0,
         "p99 {} ms with etcd slow",
