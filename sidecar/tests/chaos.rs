@@ -412,7 +412,8 @@ async fn etcd_killed_then_restarted() {
     drop(etcd);
 }
 
-/// etcd answers only after a delay each way (1.6 s; 2 s in `make chaos`), for longer than the endpoints' lease TTL:
+/// etcd answers only after a delay each way (1.6 s; 2 s in `make chaos`), for longer than the
+/// endpoints' lease TTL:
 /// requests through the mesh are no slower (the data path never waits for the registry), none
 /// fails, and no endpoint expires (a renewal is waited for as long as its lease lives).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -427,10 +428,10 @@ async fn etcd_answering_slowly_does_not_slow_the_data_plane() {
     let proxy = Proxy::start(etcd.endpoint().parse().unwrap()).await;
     // Leases far shorter than the slow period, but longer than a renewal's round trip: each
     // endpoint must stay registered throughout.
-    let lease = format!(
-        "lease_ttl = \"{}s\"\n",
-        (2 * delay).as_secs_f64().ceil() + 1.0
-    );
+    let lease_secs = (2 * delay).as_secs_f64().ceil() as u64 + 1;
+    let lease_secs = knob("HALYARD_CHAOS_SLOW_LEASE_SECS", lease_secs);
+    let lease = format!("lease_ttl = \"{lease_secs}s\"\n");
+    halyard_sidecar::test_util::init_logs();
     let f = fleet_with(etcd.url(), &[proxy.url()], sidecars - 1, &lease).await;
     let (quiet, stop, tasks) = load(&f, Duration::from_millis(20));
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -449,7 +450,7 @@ async fn etcd_answering_slowly_does_not_slow_the_data_plane() {
     report(
         "etcd_slow",
         serde_json::json!({
-            "sidecars": sidecars, "slow_s": slow_for.as_secs_f64(), "delay_each_way_ms": delay.as_millis(),
+            "sidecars": sidecars, "slow_s": slow_for.as_secs_f64(), "delay_each_way_ms": delay.as_millis(), "lease_ttl_s": lease_secs,
             "quiet_p50_ms": quiet.p(0.5), "quiet_p99_ms": quiet.p(0.99),
             "slow_p50_ms": slow.p(0.5), "slow_p99_ms": slow.p(0.99),
             "slow_requests_ok": slow.ok.load(Ordering::SeqCst),
