@@ -22,8 +22,6 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::config::Config;
-
 /// Fewest app connections a listener is given by the derived default.
 const MIN_PER_LISTENER: usize = 64;
 /// Soft file-descriptor limit assumed when `/proc/self/limits` cannot be read.
@@ -124,16 +122,9 @@ pub(crate) struct ListenerCap {
 }
 
 impl ListenerCap {
-    /// The cap for one of this sidecar's app-facing listeners.
-    pub(crate) fn for_listener(config: &Config, what: &'static str) -> ListenerCap {
-        let file = &config.file;
-        let listeners =
-            file.outbound.upstreams.len() + usize::from(file.outbound.transparent.is_some());
-        let max = per_listener(
-            file.limits.max_connections_per_listener,
-            nofile_now(),
-            listeners,
-        );
+    /// The cap for one of `listeners` app-facing listeners.
+    pub(crate) fn new(limits: &LimitsConfig, listeners: usize, what: &'static str) -> ListenerCap {
+        let max = per_listener(limits.max_connections_per_listener, nofile_now(), listeners);
         ListenerCap {
             what,
             permits: Arc::new(Semaphore::new(max)),

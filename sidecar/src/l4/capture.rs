@@ -22,7 +22,7 @@ pub(crate) async fn serve_upstream(
     dest: Destination,
     stop: CancellationToken,
 ) {
-    let cap = crate::bounds::ListenerCap::for_listener(&shared.config, "outbound");
+    let cap = listener_cap(&shared, "outbound");
     while let Some((tcp, _, place)) = crate::net::accept_capped(&listener, &stop, &cap).await {
         let shared2 = shared.clone();
         let dest = dest.clone();
@@ -33,6 +33,13 @@ pub(crate) async fn serve_upstream(
     }
 }
 
+/// The connection cap of one app-facing listener (`bounds`).
+fn listener_cap(shared: &Shared, what: &'static str) -> crate::bounds::ListenerCap {
+    let out = &shared.config.file.outbound;
+    let listeners = out.upstreams.len() + usize::from(out.transparent.is_some());
+    crate::bounds::ListenerCap::new(&shared.config.file.limits, listeners, what)
+}
+
 /// Accepts transparently captured connections, reading the original destination.
 pub(crate) async fn serve_transparent(
     shared: Arc<Shared>,
@@ -40,7 +47,7 @@ pub(crate) async fn serve_transparent(
     stop: CancellationToken,
 ) {
     let own = listener.local_addr().ok();
-    let cap = crate::bounds::ListenerCap::for_listener(&shared.config, "transparent");
+    let cap = listener_cap(&shared, "transparent");
     while let Some((tcp, peer, place)) = crate::net::accept_capped(&listener, &stop, &cap).await {
         let resolved =
             original_destination(&tcp).and_then(|d| Ok(resolve(&shared.current(), d, own)?));
