@@ -20,7 +20,7 @@ APT_PACKAGES := gcc libc6-dev ca-certificates protobuf-compiler libprotobuf-dev 
 # Extra arguments for `halyard demo`, e.g. `make demo DEMO_ARGS=--quick`.
 DEMO_ARGS ?=
 
-.PHONY: all build demo test lint bench deps fmt fresh-check fuzz
+.PHONY: all build demo test lint bench deps fmt fresh-check fuzz chaos soak
 
 all: build
 
@@ -58,6 +58,16 @@ FUZZ_SECONDS ?= 60
 fuzz: deps
 	@bash .ci/deps g++
 	bash .ci/fuzz $(FUZZ_SECONDS)
+
+## chaos: long etcd-chaos and flood runs (20 sidecars, 30/60 s outages, 100 storm runs; not
+## part of `test`, which runs their short versions). Figures: benches/results/reliability.jsonl.
+chaos: deps
+	bash .ci/chaos
+
+## soak: 30 min of mixed L4/L7 traffic at 1,000 rps under cert, endpoint and route churn
+## (SOAK_SECS=180 for a short one). Figures and curve: benches/results/soak.json.
+soak: deps
+	bash .ci/soak
 
 ## fresh-check: `make demo` (quick) and `make test` in a clean Debian 12 root (root; CI runs it).
 fresh-check:

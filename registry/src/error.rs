@@ -82,6 +82,12 @@ pub enum RegistryError {
         /// The last error seen.
         reason: String,
     },
+    /// The etcd member that answered has no leader: the cluster lost quorum.
+    #[error(
+        "etcd at {0} has no leader: a majority of its members is down or cut off (quorum lost); \
+         writes fail until a majority is back, and sidecars serve their last snapshot meanwhile"
+    )]
+    NoLeader(String),
     /// An etcd request failed.
     #[error("etcd request failed: {0}")]
     Etcd(etcd_client::Error),

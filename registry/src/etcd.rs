@@ -44,6 +44,11 @@ impl Etcd {
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
             .with_require_leader(true);
         let joined = endpoints.join(",");
+        // The client spreads requests over every endpoint given, dead members included, and a
+        // request sent to a dead one fails: with one member of three down, half of them did.
+        // Start with the members that answer (all of them if none does).
+        let alive = answering(endpoints, &opts, timeout).await;
+        let endpoints = if alive.is_empty() { endpoints } else { &alive };
         let client = tokio::time::timeout(timeout, Client::connect(endpoints, Some(opts)))
             .await
             .map_err(|_| unreachable(&joined, format!("no answer within {timeout:?}")))?
@@ -68,6 +73,11 @@ impl Etcd {
             Ok(Err(etcd_client::Error::TransportError(e))) => {
                 Err(unreachable(&self.endpoints, e.to_string()))
             }
+            Ok(Err(etcd_client::Error::GRpcStatus(s)))
+                if s.code() as i32 == GRPC_UNAVAILABLE && s.message().contains("no leader") =>
+            {
+                Err(RegistryError::NoLeader(self.endpoints.clone()))
+            }
             Ok(Err(etcd_client::Error::GRpcStatus(s))) if s.code() as i32 == GRPC_UNAVAILABLE => {
                 Err(unreachable(&self.endpoints, s.message().to_owned()))
             }
@@ -80,6 +90,32 @@ impl Etcd {
             Ok(r) => r.map_err(RegistryError::Etcd),
         }
     }
+}
+
+/// The endpoints among several whose etcd answers a status request within `timeout` (with or
+/// without a leader); a single endpoint is returned as is.
+async fn answering(endpoints: &[String], opts: &ConnectOptions, timeout: Duration) -> Vec<String> {
+    if endpoints.len() < 2 {
+        return endpoints.to_vec();
+    }
+    let probes = endpoints.iter().map(|ep| async move {
+        let probe = async {
+            let mut client = Client::connect([ep.as_str()], Some(opts.clone())).await?;
+            client.status().await
+        };
+        match tokio::time::timeout(timeout, probe).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(etcd_client::Error::GRpcStatus(s))) => s.message().contains("no leader"),
+            _ => false,
+        }
+    });
+    let answers = futures::future::join_all(probes).await;
+    endpoints
+        .iter()
+        .zip(answers)
+        .filter(|(_, ok)| *ok)
+        .map(|(ep, _)| ep.clone())
+        .collect()
 }
 
 /// gRPC status code UNAVAILABLE: the server is not there (or has no leader).
@@ -286,18 +322,28 @@ impl LeaseHolder {
             Err(e) => return e,
         };
         let mut tick = tokio::time::interval(self.ttl / 3);
+        // The lease lives `ttl` past the last renewal etcd received, so a renewal is waited for
+        // that long, not for the per-request timeout: with etcd answering in 4 s, a 3 s timeout
+        // gave up on a live lease, and the re-grant never finished either, so the endpoint
+        // expired from every sidecar while its sidecar was up.
+        let mut alive_until = tokio::time::Instant::now() + self.ttl;
         loop {
             tick.tick().await;
-            if let Err(e) = self.etcd.call(keeper.keep_alive()).await {
-                return e;
-            }
-            match self.etcd.call(stream.message()).await {
-                Ok(Some(r)) if r.ttl() > 0 => {}
-                Ok(Some(_)) => return RegistryError::LeaseLost(lease),
-                Ok(None) => {
+            let sent = tokio::time::Instant::now();
+            let renewal = async {
+                keeper.keep_alive().await?;
+                stream.message().await
+            };
+            let left = alive_until.saturating_duration_since(sent);
+            match tokio::time::timeout(left, renewal).await {
+                Ok(Ok(Some(r))) if r.ttl() > 0 => {
+                    alive_until = sent + Duration::from_secs(r.ttl().unsigned_abs());
+                }
+                Ok(Ok(Some(_))) | Err(_) => return RegistryError::LeaseLost(lease),
+                Ok(Ok(None)) => {
                     return unreachable(&self.etcd.endpoints, "keepalive stream closed".into())
                 }
-                Err(e) => return e,
+                Ok(Err(e)) => return RegistryError::Etcd(e),
             }
         }
     }

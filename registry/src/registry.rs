@@ -241,12 +241,11 @@ impl Shared {
         }
     }
 
-    /// Records that the registry is unreachable.
+    /// Records that the registry is unreachable. Staleness counts from the last successful
+    /// exchange, not from now: a silent partition is noticed only seconds later (keepalive or
+    /// watch-stall timeout), and the snapshot was already that old when it was.
     pub fn contact_lost(&self) {
         if let Ok(mut c) = self.contact.lock() {
-            if c.connected {
-                c.last = SystemTime::now();
-            }
             c.connected = false;
         }
     }

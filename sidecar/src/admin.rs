@@ -69,14 +69,19 @@ type Reply = Response<Full<Bytes>>;
 const MAX_FILTER: usize = 4096;
 
 /// Serves admin requests until `stop`.
-pub(crate) async fn serve(admin: Arc<Admin>, listener: TcpListener, stop: CancellationToken) {
+pub(crate) async fn serve(
+    admin: Arc<Admin>,
+    listener: TcpListener,
+    stop: CancellationToken,
+    header_timeout: std::time::Duration,
+) {
     // Scrapes in progress get a moment; idle keep-alive connections close at once.
     let grace = std::time::Duration::from_secs(1);
-    crate::net::serve_http1(
+    crate::net::serve_http1_within(
         listener,
         stop,
         "admin",
-        grace,
+        (grace, header_timeout),
         admin,
         |admin, req| async move { admin.handle(req).await },
     )

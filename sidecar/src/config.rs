@@ -13,6 +13,7 @@ use halyard_registry::model::Name;
 use halyard_transport::{RawTransportConfig, TransportConfig};
 use serde::{Deserialize, Serialize};
 
+pub use crate::bounds::{HeaderReadTimeout, LimitsConfig};
 use crate::decide::budget::BudgetConfig;
 use crate::decide::outlier::OutlierConfig;
 
@@ -99,6 +100,9 @@ pub struct SidecarConfig {
     /// Span export over OTLP.
     #[serde(default)]
     pub tracing: TracingConfig,
+    /// Bounds on what local apps may make the sidecar hold (see `bounds`).
+    #[serde(default)]
+    pub limits: LimitsConfig,
 }
 
 /// `[telemetry]`.

@@ -170,6 +170,7 @@ pub async fn run_until(
         admin.clone(),
         admin_listener,
         listeners.clone(),
+        file.limits.header_read_timeout.get(),
     ));
     let identity = WorkloadIdentity::load(&file.identity.cert, &file.identity.key)
         .context("identity.cert / identity.key")?;
@@ -338,6 +339,15 @@ async fn refresh(
         shared.refresh_peer_stats(&stats);
         shared.metrics.quic_congestion(&shared.pool.congestion());
         shared.forget_departed();
+        m.flow_tasks.set(shared.flows.len() as i64);
+        m.runtime_tasks.set(
+            tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks() as i64,
+        );
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            m.open_fds.set(fds.count() as i64);
+        }
     }
 }
 

@@ -35,6 +35,8 @@ struct Inner {
     bundle: std::sync::RwLock<Arc<TrustBundle>>,
     config: TransportConfig,
     transport: Arc<quinn::TransportConfig>,
+    /// Bounds on inbound handshakes and connections per peer (`admission`).
+    gate: crate::admission::Gate,
 }
 
 /// Binds a UDP socket with the configured kernel buffers, ready to hand to quinn (also for
@@ -105,8 +107,18 @@ impl MeshEndpoint {
                 bundle: std::sync::RwLock::new(bundle),
                 config,
                 transport,
+                gate: Default::default(),
             }),
         })
+    }
+
+    /// Inbound attempts and connections refused so far (handshake floods, per-peer caps).
+    pub fn admission_stats(&self) -> &crate::admission::AdmissionStats {
+        &self.inner.gate.stats
+    }
+
+    pub(crate) fn gate(&self) -> &crate::admission::Gate {
+        &self.inner.gate
     }
 
     /// The bound address (the real port when bound to port 0).

@@ -48,6 +48,7 @@
 //! congestion controller [`congestion::Bbr`] (`[transport] congestion = "bbr" | "cubic"`).
 #![forbid(unsafe_code)]
 
+pub mod admission;
 mod config;
 pub mod congestion;
 mod credit;

@@ -11,6 +11,7 @@ use halyard_certs::SpiffeId;
 use http::{HeaderMap, Method, StatusCode};
 use tokio::task::JoinSet;
 
+use crate::admission::{Admit, HandshakePass};
 use crate::endpoint::{peer_identity, MeshEndpoint};
 use crate::error::TunnelError;
 use crate::reset::ResetBudget;
@@ -183,7 +184,8 @@ where
         tokio::select! {
             incoming = endpoint.quinn().accept() => match incoming {
                 Some(incoming) => {
-                    let task = serve_connection(incoming, endpoint.clone(), handler.clone(), watch.clone());
+                    let Some(pass) = admit(&endpoint, incoming) else { continue };
+                    let task = serve_connection(pass, endpoint.clone(), handler.clone(), watch.clone());
                     connections.spawn(task);
                 }
                 None => break false,
@@ -209,8 +211,29 @@ where
     connections.shutdown().await;
 }
 
-async fn serve_connection<H: Handler>(
+/// Applies the handshake bounds (`admission`) to a new attempt: the attempt with its place, or
+/// `None` when it was retried, refused or dropped.
+fn admit(
+    endpoint: &MeshEndpoint,
     incoming: quinn::Incoming,
+) -> Option<(quinn::Incoming, HandshakePass)> {
+    let source = incoming.remote_address().ip();
+    match endpoint
+        .gate()
+        .attempt(source, incoming.remote_address_validated())
+    {
+        (Admit::Accept, Some(pass)) => return Some((incoming, pass)),
+        (Admit::Retry, _) if incoming.may_retry() => {
+            let _ = incoming.retry();
+        }
+        (Admit::Ignore, _) => incoming.ignore(),
+        _ => incoming.refuse(),
+    }
+    None
+}
+
+async fn serve_connection<H: Handler>(
+    (incoming, pass): (quinn::Incoming, HandshakePass),
     endpoint: MeshEndpoint,
     handler: Arc<H>,
     draining: tokio::sync::watch::Receiver<bool>,
@@ -221,11 +244,20 @@ async fn serve_connection<H: Handler>(
         Ok(Err(e)) => return tracing::debug!(%remote, error = %e, "handshake failed"),
         Err(_) => return tracing::debug!(%remote, "handshake timed out"),
     };
+    drop(pass);
     // The verifier has accepted the chain; no request is read before this point, so no
     // decision is made on unauthenticated data.
     let Some(id) = peer_identity(&conn) else {
         // RFC 9114 §8.1: H3_INTERNAL_ERROR (0x102).
         conn.close(quinn::VarInt::from_u32(0x102), b"peer identity unavailable");
+        return;
+    };
+    let Some(_place) = endpoint.gate().peer(&id) else {
+        // RFC 9114 §8.1: H3_EXCESSIVE_LOAD (0x107).
+        conn.close(
+            quinn::VarInt::from_u32(0x107),
+            b"too many connections from this peer",
+        );
         return;
     };
     let h3 = h3::server::builder()

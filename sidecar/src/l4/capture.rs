@@ -22,13 +22,22 @@ pub(crate) async fn serve_upstream(
     dest: Destination,
     stop: CancellationToken,
 ) {
-    while let Some((tcp, _)) = crate::net::accept(&listener, &stop, "outbound").await {
+    let cap = listener_cap(&shared, "outbound");
+    while let Some((tcp, _, place)) = crate::net::accept_capped(&listener, &stop, &cap).await {
         let shared2 = shared.clone();
         let dest = dest.clone();
-        shared
-            .flows
-            .spawn(async move { flow(shared2, tcp, dest).await });
+        shared.flows.spawn(async move {
+            flow(shared2, tcp, dest).await;
+            drop(place);
+        });
     }
+}
+
+/// The connection cap of one app-facing listener (`bounds`).
+fn listener_cap(shared: &Shared, what: &'static str) -> crate::bounds::ListenerCap {
+    let out = &shared.config.file.outbound;
+    let listeners = out.upstreams.len() + usize::from(out.transparent.is_some());
+    crate::bounds::ListenerCap::new(&shared.config.file.limits, listeners, what)
 }
 
 /// Accepts transparently captured connections, reading the original destination.
@@ -38,13 +47,17 @@ pub(crate) async fn serve_transparent(
     stop: CancellationToken,
 ) {
     let own = listener.local_addr().ok();
-    while let Some((tcp, peer)) = crate::net::accept(&listener, &stop, "transparent").await {
+    let cap = listener_cap(&shared, "transparent");
+    while let Some((tcp, peer, place)) = crate::net::accept_capped(&listener, &stop, &cap).await {
         let resolved =
             original_destination(&tcp).and_then(|d| Ok(resolve(&shared.current(), d, own)?));
         match resolved {
             Ok(dest) => {
                 let s = shared.clone();
-                shared.flows.spawn(async move { flow(s, tcp, dest).await });
+                shared.flows.spawn(async move {
+                    flow(s, tcp, dest).await;
+                    drop(place);
+                });
             }
             Err(Unrouted::Unmapped(CaptureError::Unknown(dest))) => {
                 // Outside the mesh: an ExternalService, or the outbound traffic policy.

@@ -8,13 +8,16 @@
 //! section with ambiguous framing by one that hyper always answers with 400 and a close. h2
 //! (prior knowledge) passes through untouched.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
 
 /// Largest header section the guard buffers unless told otherwise (`with_max_head`); a longer
 /// one is handed to hyper, which answers 431.
@@ -56,6 +59,13 @@ pub(crate) struct FramingGuard<T> {
     /// Longest header section or trailer line judged; longer ones pass to hyper unjudged, so
     /// this must cover every head hyper can parse (see `l7::limits::guard_head`).
     max_head: usize,
+    /// Time allowed for a request head (slowloris): the first from the start, every later
+    /// one from its first byte; idle time between requests is not counted.
+    head_timeout: Option<Duration>,
+    /// Running while a head is due.
+    deadline: Option<Pin<Box<Sleep>>>,
+    /// Whether a head has been judged: after that, an empty head buffer is an idle connection.
+    judged_once: bool,
 }
 
 impl<T> FramingGuard<T> {
@@ -68,7 +78,43 @@ impl<T> FramingGuard<T> {
             out_pos: 0,
             switched: Arc::default(),
             max_head: MAX_HEAD,
+            head_timeout: None,
+            deadline: None,
+            judged_once: false,
         }
+    }
+
+    /// Ends the connection with `TimedOut` when a request head takes longer than `limit`.
+    pub(crate) fn with_head_timeout(mut self, limit: Duration) -> Self {
+        self.head_timeout = Some(limit);
+        self
+    }
+
+    /// Whether a request head is awaited against the clock now.
+    fn head_due(&self) -> bool {
+        match &self.state {
+            State::Head(acc) => !acc.is_empty() || !self.judged_once,
+            _ => false,
+        }
+    }
+
+    /// Starts the head deadline when a head becomes due, and drops it when none is.
+    fn arm(&mut self) {
+        let Some(limit) = self.head_timeout else {
+            return;
+        };
+        if !self.head_due() {
+            self.deadline = None;
+        } else if self.deadline.is_none() {
+            self.deadline = Some(Box::pin(tokio::time::sleep(limit)));
+        }
+    }
+
+    /// Whether the head deadline has passed (registers for a wake-up otherwise).
+    fn head_late(&mut self, cx: &mut Context<'_>) -> bool {
+        self.deadline
+            .as_mut()
+            .is_some_and(|d| d.as_mut().poll(cx).is_ready())
     }
 
     /// The flag to set when the connection switches protocols (before the 101 is written).
@@ -169,6 +215,7 @@ impl<T> FramingGuard<T> {
 
     /// Decides on a complete (or over-long) header section and what follows it.
     fn judge(&mut self, head: Vec<u8>) -> State {
+        self.judged_once = true;
         if head.starts_with(H2_PREFACE) {
             self.out.extend_from_slice(&head);
             return State::Pass;
@@ -292,6 +339,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for FramingGuard<T> {
                 State::Pass => return Pin::new(&mut this.inner).poll_read(cx, buf),
                 _ => {}
             }
+            this.arm();
             let mut tmp = [0u8; 16 * 1024];
             let mut rb = ReadBuf::new(&mut tmp);
             match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
@@ -301,6 +349,14 @@ impl<T: AsyncRead + Unpin> AsyncRead for FramingGuard<T> {
                         return Poll::Ready(Ok(()));
                     }
                     this.feed(&tmp[..n]);
+                }
+                Poll::Pending if this.head_late(cx) => {
+                    tracing::debug!("app connection closed: request head not complete in time");
+                    let e = io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "request head not complete in time (limits.header_read_timeout)",
+                    );
+                    return Poll::Ready(Err(e));
                 }
                 other => return other,
             }

@@ -38,6 +38,27 @@ pub(crate) fn guard_head(max_field_section_size: u64) -> usize {
     h1_buffer(max_field_section_size).saturating_mul(2)
 }
 
+/// Streams an app may have open at once on one h2 connection (SETTINGS_MAX_CONCURRENT_STREAMS,
+/// RFC 9113 §6.5.2); a HEADERS frame past it is refused with RST_STREAM REFUSED_STREAM.
+pub(crate) const H2_MAX_STREAMS: u32 = 200;
+/// Streams the app opened and reset before the sidecar took them up, held at once (rapid
+/// reset, CVE-2023-44487): past it h2 ends the connection with GOAWAY ENHANCE_YOUR_CALM.
+pub(crate) const H2_PENDING_RESETS: usize = 20;
+/// Streams the sidecar resets for the app's protocol errors on one connection before it ends
+/// the connection with GOAWAY ENHANCE_YOUR_CALM (malformed-request floods). CONTINUATION
+/// floods are ended by h2 itself: a header block of more CONTINUATION frames than the header
+/// list size allows (at the max frame size) is a GOAWAY ENHANCE_YOUR_CALM.
+pub(crate) const H2_LOCAL_RESETS: usize = 1024;
+
+/// The app-facing h2 server's abuse bounds, set explicitly so they stay what README says.
+pub(crate) fn h2_bounds<'a, 'b, E>(
+    b: &'b mut hyper_util::server::conn::auto::Http2Builder<'a, E>,
+) -> &'b mut hyper_util::server::conn::auto::Http2Builder<'a, E> {
+    b.max_concurrent_streams(H2_MAX_STREAMS)
+        .max_pending_accept_reset_streams(H2_PENDING_RESETS)
+        .max_local_error_reset_streams(H2_LOCAL_RESETS)
+}
+
 /// SETTINGS_MAX_HEADER_LIST_SIZE for h2 (RFC 9113 §6.5.2: the same name + value + 32 rule).
 pub(crate) fn h2_header_list(max_field_section_size: u64) -> u32 {
     u32::try_from(max_field_section_size).unwrap_or(u32::MAX)

@@ -55,7 +55,10 @@ const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
 pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, dest: Destination) {
     let max = shared.config.transport.max_field_section_size();
     let drain = shared.clone();
-    let guard = super::guard::FramingGuard::new(tcp).with_max_head(limits::guard_head(max));
+    let head_timeout = shared.config.file.limits.header_read_timeout.get();
+    let guard = super::guard::FramingGuard::new(tcp)
+        .with_max_head(limits::guard_head(max))
+        .with_head_timeout(head_timeout);
     let switched = guard.switch_flag();
     let svc = hyper::service::service_fn(move |req| {
         let (shared, dest, switched) = (shared.clone(), dest.clone(), switched.clone());
@@ -63,9 +66,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, dest: Destination
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder.http1().max_buf_size(limits::h1_buffer(max));
-    builder
-        .http2()
-        .max_header_list_size(limits::h2_header_list(max));
+    let mut h2 = builder.http2();
+    limits::h2_bounds(&mut h2).max_header_list_size(limits::h2_header_list(max));
     let io = TokioIo::new(guard);
     // Upgrades are served: a WebSocket request switches the connection (see `upgrade`).
     let conn = builder.serve_connection_with_upgrades(io, svc);

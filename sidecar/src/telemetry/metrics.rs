@@ -77,6 +77,10 @@ pub(crate) struct Metrics {
     pub(crate) quic_delivery_rate: GaugeVec,
     /// `halyard_quic_connections`.
     pub(crate) quic_connections: IntGauge,
+    /// `halyard_flow_tasks`, `halyard_runtime_tasks`, `halyard_open_fds`: leak detectors.
+    pub(crate) flow_tasks: IntGauge,
+    pub(crate) runtime_tasks: IntGauge,
+    pub(crate) open_fds: IntGauge,
     /// `halyard_active_flows` by direction.
     pub(crate) active_flows: prometheus::IntGaugeVec,
     /// `halyard_quic_open_streams` by peer: tunnels and requests open on its connections.
@@ -292,6 +296,21 @@ impl Metrics {
                 &["peer"],
             )?,
             quic_connections: int_gauge(&r, "halyard_quic_connections", "Pooled QUIC connections")?,
+            flow_tasks: int_gauge(
+                &r,
+                "halyard_flow_tasks",
+                "Flow and app-connection tasks alive",
+            )?,
+            runtime_tasks: int_gauge(
+                &r,
+                "halyard_runtime_tasks",
+                "Tasks alive in the process's runtime",
+            )?,
+            open_fds: int_gauge(
+                &r,
+                "halyard_open_fds",
+                "File descriptors open in the process",
+            )?,
             active_flows: int_gauge_vec(
                 &r,
                 "halyard_active_flows",
