@@ -102,6 +102,7 @@ pub struct SpiffeClientVerifier {
     bundle: Arc<TrustBundle>,
     trust_domain: TrustDomain,
     algs: WebPkiSupportedAlgorithms,
+    mandatory: bool,
 }
 
 impl SpiffeClientVerifier {
@@ -111,6 +112,17 @@ impl SpiffeClientVerifier {
             bundle,
             trust_domain,
             algs: crate::tls::provider().signature_verification_algorithms,
+            mandatory: true,
+        }
+    }
+
+    /// Like [`SpiffeClientVerifier::new`], but a client may also connect without a certificate
+    /// (the CA server: enrollment comes with a token, renewal with the current leaf). A
+    /// certificate that is presented is verified in full.
+    pub fn optional(bundle: Arc<TrustBundle>, trust_domain: TrustDomain) -> Self {
+        SpiffeClientVerifier {
+            mandatory: false,
+            ..Self::new(bundle, trust_domain)
         }
     }
 }
@@ -121,7 +133,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        true
+        self.mandatory
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
