@@ -238,7 +238,6 @@ fn hex(bytes: &[u8]) -> String {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TokenRecord {
     /// The one SPIFFE id this token may enroll.
-    #[serde(with = "id_text")]
     pub id: SpiffeId,
     /// Expiry, seconds since the Unix epoch.
     pub expires_at: u64,
@@ -301,22 +300,6 @@ impl TokenRecord {
             uses_left: self.uses_left.saturating_sub(1),
             ..self.clone()
         }
-    }
-}
-
-/// A SPIFFE id as its text in JSON, parsed on the way in.
-mod id_text {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    use crate::SpiffeId;
-
-    pub(super) fn serialize<S: Serializer>(id: &SpiffeId, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(id.as_str())
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SpiffeId, D::Error> {
-        let text = String::deserialize(d)?;
-        SpiffeId::parse(&text).map_err(serde::de::Error::custom)
     }
 }
 

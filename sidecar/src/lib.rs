@@ -23,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+pub mod ca;
 pub mod config;
 pub mod decide;
 mod l4;

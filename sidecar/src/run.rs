@@ -177,8 +177,11 @@ pub async fn run_until(
         admin_listener,
         listeners.clone(),
     ));
-    let identity = WorkloadIdentity::load(&file.identity.cert, &file.identity.key)
-        .context("identity.cert / identity.key")?;
+    let Some((identity, enroller)) =
+        crate::ca::renew::startup_identity(&file.identity, &stop).await?
+    else {
+        return Ok(());
+    };
     let bundle = Arc::new(TrustBundle::load(&file.identity.bundle).context("identity.bundle")?);
     let resolver = CertResolver::new(identity.clone());
     drop(waiting_identity);
@@ -234,12 +237,20 @@ pub async fn run_until(
         resolver.clone(),
         listeners.clone(),
     ));
-    tasks.spawn(reload_identity(
-        config.clone(),
-        resolver,
-        reloads_tx,
-        listeners.clone(),
-    ));
+    match enroller {
+        Some(enroller) => tasks.spawn(crate::ca::renew::renew_loop(
+            enroller,
+            resolver,
+            renewal_hooks(&shared, &readiness, reloads_tx),
+            listeners.clone(),
+        )),
+        None => tasks.spawn(reload_identity(
+            config.clone(),
+            resolver,
+            reloads_tx,
+            listeners.clone(),
+        )),
+    };
 
     let record = endpoint_record(&config, &id, advertise, &identity)?;
     let registration = registry
@@ -344,6 +355,39 @@ async fn refresh(
         shared.refresh_peer_stats(&stats);
         shared.metrics.quic_congestion(&shared.pool.congestion());
         shared.forget_departed();
+    }
+}
+
+/// What the CA renewal loop reports: new trust bundles to the endpoint, renewals and failure
+/// streaks to the metrics, `/readyz` and the reload counter.
+fn renewal_hooks(
+    shared: &Arc<Shared>,
+    readiness: &Arc<Readiness>,
+    reloads: tokio::sync::watch::Sender<u64>,
+) -> crate::ca::renew::Hooks {
+    let endpoint = shared.pool.endpoint().clone();
+    let (m1, m2) = (shared.metrics.clone(), shared.metrics.clone());
+    let readiness = readiness.clone();
+    crate::ca::renew::Hooks {
+        on_bundle: Box::new(move |pem| {
+            let set = TrustBundle::from_pem(pem)
+                .map_err(anyhow::Error::from)
+                .and_then(|b| Ok(endpoint.set_trust_bundle(Arc::new(b))?));
+            match set {
+                Ok(()) => tracing::info!("trust bundle from the CA in force"),
+                Err(e) => tracing::warn!(error = %e, "trust bundle from the CA not used"),
+            }
+        }),
+        on_renewed: Box::new(move || {
+            m1.cert_renewals.inc();
+            reloads.send_modify(|n| *n += 1);
+        }),
+        on_failing: Box::new(move |text| {
+            if text.is_some() {
+                m2.cert_renewal_failures.inc();
+            }
+            readiness.warn("identity", text);
+        }),
     }
 }
 
