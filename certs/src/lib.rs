@@ -8,6 +8,7 @@ pub mod bundle;
 pub mod ca;
 pub mod enroll;
 pub mod pem;
+pub mod revocation;
 pub mod rotation;
 pub mod spiffe;
 pub mod svid;

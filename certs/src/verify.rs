@@ -93,7 +93,14 @@ fn verify_chain(
         None,
     )
     .map_err(webpki_error)?;
-    svid::check_leaf(end_entity).map_err(|e| other(PeerError::Svid(e)))
+    let id = svid::check_leaf(end_entity).map_err(|e| other(PeerError::Svid(e)))?;
+    if let Some(deny) = bundle.deny_list() {
+        let serial = svid::serial(end_entity).map_err(|e| other(PeerError::Svid(e)))?;
+        if deny.refuses(&id, &serial) {
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+        }
+    }
+    Ok(id)
 }
 
 /// Verifies client certificates on the inbound side: chain, leaf rules, trust domain.

@@ -7,6 +7,7 @@
 //! endpoints/<service>/<id>   Endpoint (on a lease)
 //! meshconfig                 MeshConfig
 //! status/<sidecar-id>        Status
+//! revocations                Revocations (deny list of ids and serials)
 //! ```
 
 use std::fmt;
@@ -28,6 +29,8 @@ pub enum Key {
     MeshConfig,
     /// `status/<sidecar-id>`.
     Status(String),
+    /// `revocations`.
+    Revocations,
 }
 
 /// The prefix of every key of `mesh`: `/halyard/<mesh>/`.
@@ -49,6 +52,7 @@ impl Key {
             ["endpoints", s, id] => Some(Key::Endpoint((*s).to_owned(), (*id).to_owned())),
             ["meshconfig"] => Some(Key::MeshConfig),
             ["status", id] => Some(Key::Status((*id).to_owned())),
+            ["revocations"] => Some(Key::Revocations),
             _ => None,
         }
     }
@@ -57,6 +61,7 @@ impl Key {
     pub fn of(kind: Kind, name: &str) -> Option<Key> {
         match kind {
             Kind::MeshConfig => Some(Key::MeshConfig),
+            Kind::Revocations => Some(Key::Revocations),
             _ => Key::parse(&format!("{}/{name}", kind.plural())).filter(|k| k.kind() == kind),
         }
     }
@@ -70,6 +75,7 @@ impl Key {
             Key::Endpoint(s, id) => format!("endpoints/{s}/{id}"),
             Key::MeshConfig => "meshconfig".to_owned(),
             Key::Status(id) => format!("status/{id}"),
+            Key::Revocations => "revocations".to_owned(),
         }
     }
 
@@ -87,6 +93,7 @@ impl Key {
             Key::Endpoint(..) => Kind::Endpoint,
             Key::MeshConfig => Kind::MeshConfig,
             Key::Status(_) => Kind::Status,
+            Key::Revocations => Kind::Revocations,
         }
     }
 }
@@ -110,6 +117,7 @@ mod tests {
             "endpoints/a/b",
             "meshconfig",
             "status/s1",
+            "revocations",
         ] {
             assert_eq!(Key::parse(k).unwrap().path(), k);
         }

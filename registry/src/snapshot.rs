@@ -37,6 +37,8 @@ pub struct Snapshot {
     pub endpoints: BTreeMap<String, BTreeMap<String, Arc<Endpoint>>>,
     /// The mesh config, if one is stored.
     pub meshconfig: Option<Arc<MeshConfig>>,
+    /// The deny list, if one is stored.
+    pub revocations: Option<Arc<crate::model::Revocations>>,
     /// Quarantined keys (full key) and why; the last good value of each stays in force.
     pub rejected: BTreeMap<String, String>,
     /// Where this snapshot came from.
@@ -54,6 +56,7 @@ impl Snapshot {
             policies: BTreeMap::new(),
             endpoints: BTreeMap::new(),
             meshconfig: None,
+            revocations: None,
             rejected: BTreeMap::new(),
             origin,
             vips: HashMap::new(),
@@ -143,6 +146,11 @@ impl Snapshot {
             self.meshconfig
                 .iter()
                 .map(|o| Object::MeshConfig((**o).clone())),
+        );
+        out.extend(
+            self.revocations
+                .iter()
+                .map(|o| Object::Revocations((**o).clone())),
         );
         let eps = self.endpoints.values().flat_map(|m| m.values());
         out.extend(eps.map(|o| Object::Endpoint((**o).clone())));

@@ -182,7 +182,12 @@ pub async fn run_until(
     else {
         return Ok(());
     };
-    let bundle = Arc::new(TrustBundle::load(&file.identity.bundle).context("identity.bundle")?);
+    let deny = Arc::new(halyard_certs::revocation::DenyList::default());
+    let bundle = Arc::new(
+        TrustBundle::load(&file.identity.bundle)
+            .context("identity.bundle")?
+            .with_deny_list(deny.clone()),
+    );
     let resolver = CertResolver::new(identity.clone());
     drop(waiting_identity);
     let bound = bind_all(&config, resolver.clone(), bundle).await?;
@@ -237,11 +242,17 @@ pub async fn run_until(
         resolver.clone(),
         listeners.clone(),
     ));
+    let pool = shared.pool.clone();
+    tasks.spawn(crate::ca::revoke::follow(
+        shared.snapshot.clone(),
+        deny.clone(),
+        move |revoked| pool.retain_peers(|peer| !revoked.ids.contains(&peer.id)),
+    ));
     match enroller {
         Some(enroller) => tasks.spawn(crate::ca::renew::renew_loop(
             enroller,
             resolver,
-            renewal_hooks(&shared, &readiness, reloads_tx),
+            renewal_hooks(&shared, &readiness, reloads_tx, deny),
             listeners.clone(),
         )),
         None => tasks.spawn(reload_identity(
@@ -364,6 +375,7 @@ fn renewal_hooks(
     shared: &Arc<Shared>,
     readiness: &Arc<Readiness>,
     reloads: tokio::sync::watch::Sender<u64>,
+    deny: Arc<halyard_certs::revocation::DenyList>,
 ) -> crate::ca::renew::Hooks {
     let endpoint = shared.pool.endpoint().clone();
     let (m1, m2) = (shared.metrics.clone(), shared.metrics.clone());
@@ -372,7 +384,10 @@ fn renewal_hooks(
         on_bundle: Box::new(move |pem| {
             let set = TrustBundle::from_pem(pem)
                 .map_err(anyhow::Error::from)
-                .and_then(|b| Ok(endpoint.set_trust_bundle(Arc::new(b))?));
+                .and_then(|b| {
+                    let b = Arc::new(b.with_deny_list(deny.clone()));
+                    Ok(endpoint.set_trust_bundle(b)?)
+                });
             match set {
                 Ok(()) => tracing::info!("trust bundle from the CA in force"),
                 Err(e) => tracing::warn!(error = %e, "trust bundle from the CA not used"),

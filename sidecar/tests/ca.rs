@@ -383,3 +383,136 @@ async fn a_restart_with_an_expired_leaf_re_enrolls() {
     assert!(second.not_after() > SystemTime::now());
     ca.shutdown().await;
 }
+
+/// Revoking an id in the registry closes the flows already open from it within a second, and
+/// refuses its new ones at the handshake; revoking the server side refuses it from the caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_an_id_closes_its_flows_and_refuses_new_ones() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mesh = Mesh::with_dir().await;
+    let app = tagged_echo("127.0.0.1:0".parse().unwrap(), "ratings").await;
+    mesh.apply(&service_yaml("ratings", app.addr.port())).await;
+    let ratings = mesh.start(&Spec::new("ratings", "v1")).await;
+    let pp = mesh
+        .start(&Spec::new("productpage", "v1").upstream("ratings", 9080))
+        .await;
+    pp.wait_endpoints("ratings", 1).await;
+    assert_eq!(call(pp.upstream(0), b"x").await.unwrap(), b"ratings:x");
+    // A flow left open: the app answers only once the client half-closes.
+    let mut open = tokio::net::TcpStream::connect(pp.upstream(0))
+        .await
+        .unwrap();
+    open.write_all(b"pending").await.unwrap();
+
+    let revoke = format!("kind: Revocations\nids: [\"{}\"]\n", id("productpage"));
+    mesh.apply(&revoke).await;
+    let t0 = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), open.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the open flow was not closed");
+    assert!(
+        !buf.starts_with(b"ratings:"),
+        "the open flow was served: {buf:?}"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "closed after {:?}",
+        t0.elapsed()
+    );
+    ratings
+        .wait_snapshot("revocations", |s| s.revocations.is_some())
+        .await;
+    pp.wait_snapshot("revocations", |s| s.revocations.is_some())
+        .await;
+    let refused = call(pp.upstream(0), b"y").await;
+    assert!(
+        refused.as_ref().map_or(true, |v| v.is_empty()),
+        "a revoked caller was served: {refused:?}"
+    );
+
+    // Lifting the revocation lets it call again; revoking the callee refuses it from the caller.
+    mesh.apply("kind: Revocations\nids: []\n").await;
+    pp.wait_snapshot("no revocations", |s| {
+        s.revocations.as_ref().is_some_and(|r| r.ids.is_empty())
+    })
+    .await;
+    ratings
+        .wait_snapshot("no revocations", |s| {
+            s.revocations.as_ref().is_some_and(|r| r.ids.is_empty())
+        })
+        .await;
+    assert_eq!(call(pp.upstream(0), b"z").await.unwrap(), b"ratings:z");
+    mesh.apply(&format!(
+        "kind: Revocations\nids: [\"{}\"]\n",
+        id("ratings")
+    ))
+    .await;
+    pp.wait_snapshot("ratings revoked", |s| {
+        s.revocations.as_ref().is_some_and(|r| !r.ids.is_empty())
+    })
+    .await;
+    let refused = call(pp.upstream(0), b"w").await;
+    assert!(
+        refused.as_ref().map_or(true, |v| v.is_empty()),
+        "a revoked callee was used: {refused:?}"
+    );
+    pp.shutdown().await.unwrap();
+    ratings.shutdown().await.unwrap();
+}
+
+/// A deny list that does not validate is quarantined: the last good one stays in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_deny_list_is_quarantined() {
+    let mesh = Mesh::with_dir().await;
+    mesh.apply(&format!("kind: Revocations\nids: [\"{}\"]\n", id("a")))
+        .await;
+    let s = mesh.start(&Spec::new("reviews", "v1")).await;
+    s.wait_snapshot("revocations", |s| s.revocations.is_some())
+        .await;
+    let file = Path::new(&mesh.registry["file://".len()..]).join("default/revocations.json");
+    std::fs::write(&file, r#"{"kind":"Revocations","ids":["not an id"]}"#).unwrap();
+    s.wait_snapshot("rejected", |s| !s.rejected.is_empty())
+        .await;
+    let snap = s.started.snapshot.borrow().clone();
+    assert!(snap.revocations.as_ref().unwrap().ids.contains(&id("a")));
+    let why = snap.rejected.values().next().unwrap();
+    assert!(why.contains("ids[0]"), "{why}");
+    s.shutdown().await.unwrap();
+}
+
+/// The CA signs nothing for a revoked id: enrollment is refused with a reason, and a renewal's
+/// client certificate is refused at the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ca_signs_nothing_for_a_revoked_id() {
+    let mesh = Mesh::with_dir().await;
+    mesh.apply(&format!(
+        "kind: Revocations\nids: [\"{}\"]\n",
+        id("reviews")
+    ))
+    .await;
+    let ca = mesh.ca_server("").await;
+    let c = client(ca.addr);
+    let bundle = Arc::new(mesh.ca.bundle().unwrap());
+    let token = BootstrapToken::parse(
+        &std::fs::read_to_string(mesh.token("reviews", Duration::from_secs(60), 1).await).unwrap(),
+    )
+    .unwrap();
+    let (_k, csr) = halyard_certs::workload::generate_csr(&id("reviews")).unwrap();
+    let req = SignRequest {
+        csr,
+        ttl_seconds: None,
+    };
+    // The CA reads the deny list before it serves.
+    let (status, error) = refused(c.enroll(bundle.clone(), &token, &req).await).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(error.contains("revoked"), "{error}");
+    let leaf = mesh
+        .ca
+        .issue(&id("reviews"), Duration::from_secs(3600))
+        .unwrap();
+    let current =
+        CertResolver::new(WorkloadIdentity::from_pem(&leaf.cert_pem, &leaf.key_pem).unwrap());
+    let renewed = c.renew(bundle, current, &req).await;
+    assert!(renewed.is_err(), "{renewed:?}");
+    ca.shutdown().await;
+}

@@ -82,17 +82,20 @@ pub enum Kind {
     Endpoint,
     /// `Status`, key `status/<sidecar-id>`.
     Status,
+    /// `Revocations`, key `revocations`.
+    Revocations,
 }
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Service,
         Kind::Route,
         Kind::Policy,
         Kind::MeshConfig,
         Kind::Endpoint,
         Kind::Status,
+        Kind::Revocations,
     ];
 
     /// The name written in `kind`.
@@ -104,6 +107,7 @@ impl Kind {
             Kind::MeshConfig => "MeshConfig",
             Kind::Endpoint => "Endpoint",
             Kind::Status => "Status",
+            Kind::Revocations => "Revocations",
         }
     }
 
@@ -116,6 +120,7 @@ impl Kind {
             Kind::MeshConfig => "meshconfig",
             Kind::Endpoint => "endpoints",
             Kind::Status => "status",
+            Kind::Revocations => "revocations",
         }
     }
 
@@ -753,6 +758,17 @@ pub struct MeshConfig {
     pub trust_domain: TrustDomain,
 }
 
+/// The deny list, key `revocations`: identities and leaf serials that no handshake accepts, on
+/// either side, and whose open connections are closed.
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Revocations {
+    /// Revoked SPIFFE ids.
+    pub ids: std::collections::BTreeSet<SpiffeId>,
+    /// Revoked leaf serials, lowercase hex without leading zero bytes.
+    pub serials: std::collections::BTreeSet<String>,
+}
+
 /// A sidecar serving one service, written by that sidecar on a lease.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -815,6 +831,8 @@ pub enum Object {
     Endpoint(Endpoint),
     /// A sidecar status.
     Status(Status),
+    /// The deny list.
+    Revocations(Revocations),
 }
 
 impl Object {
@@ -827,6 +845,7 @@ impl Object {
             Object::MeshConfig(_) => Kind::MeshConfig,
             Object::Endpoint(_) => Kind::Endpoint,
             Object::Status(_) => Kind::Status,
+            Object::Revocations(_) => Kind::Revocations,
         }
     }
 
@@ -839,6 +858,7 @@ impl Object {
             Object::MeshConfig(_) => Key::MeshConfig,
             Object::Endpoint(e) => Key::Endpoint(e.service.to_string(), e.id.clone()),
             Object::Status(s) => Key::Status(s.sidecar.clone()),
+            Object::Revocations(_) => Key::Revocations,
         }
     }
 
@@ -852,6 +872,7 @@ impl Object {
             Object::MeshConfig(o) => f(&Tagged { kind, inner: o }),
             Object::Endpoint(o) => f(&Tagged { kind, inner: o }),
             Object::Status(o) => f(&Tagged { kind, inner: o }),
+            Object::Revocations(o) => f(&Tagged { kind, inner: o }),
         }
     }
 

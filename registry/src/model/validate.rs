@@ -47,7 +47,7 @@ fn take_kind(
         (Some(k), _) | (None, Some(k)) => Ok(k),
         (None, None) => Err(ValidationError::at(
             "kind",
-            "missing kind: one of Service, Route, Policy, MeshConfig, Endpoint, Status",
+            "missing kind: one of Service, Route, Policy, MeshConfig, Endpoint, Status, Revocations",
         )),
     }
 }
@@ -59,7 +59,7 @@ fn parse_kind(s: &str) -> Result<Kind, ValidationError> {
         .ok_or_else(|| {
             ValidationError::at(
                 "kind",
-                format!("unknown kind {s:?}: expected Service, Route, Policy, MeshConfig, Endpoint or Status"),
+                format!("unknown kind {s:?}: expected Service, Route, Policy, MeshConfig, Endpoint, Status or Revocations"),
             )
         })
 }
@@ -76,6 +76,7 @@ pub(super) fn object(
         Kind::MeshConfig => Object::MeshConfig(mesh_config(decode(value)?)?),
         Kind::Endpoint => Object::Endpoint(endpoint(decode(value)?)?),
         Kind::Status => Object::Status(status(decode(value)?)?),
+        Kind::Revocations => Object::Revocations(revocations(decode(value)?)?),
     })
 }
 
@@ -102,7 +103,7 @@ fn name_field(obj: &Object) -> (&'static str, ()) {
     match obj {
         Object::Service(_) => ("name", ()),
         Object::Route(_) | Object::Policy(_) | Object::Endpoint(_) => ("service", ()),
-        Object::MeshConfig(_) => ("", ()),
+        Object::MeshConfig(_) | Object::Revocations(_) => ("", ()),
         Object::Status(_) => ("sidecar", ()),
     }
 }
@@ -799,6 +800,44 @@ fn path_pattern(path: &str, s: &str) -> Result<PathPattern, ValidationError> {
         None => Ok(PathPattern::Exact(check::url_path(path, s)?)),
         Some(_) => Err(ValidationError::at(path, "'*' is only allowed at the end")),
     }
+}
+
+fn revocations(raw: raw::Revocations) -> Result<Revocations, ValidationError> {
+    let mut out = Revocations::default();
+    for (i, id) in raw.ids.iter().enumerate() {
+        let parsed = SpiffeId::parse(id).map_err(|e| {
+            ValidationError::at(
+                format!("ids[{i}]"),
+                format!("{id:?} is not a SPIFFE id: {e}"),
+            )
+        })?;
+        out.ids.insert(parsed);
+    }
+    for (i, serial) in raw.serials.iter().enumerate() {
+        let hex = serial
+            .trim_start_matches("0x")
+            .replace(':', "")
+            .to_ascii_lowercase();
+        if hex.is_empty() || hex.len() > 40 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ValidationError::at(
+                format!("serials[{i}]"),
+                format!("{serial:?} is not a serial number: expected hex digits, e.g. 3f0a9c..."),
+            ));
+        }
+        // The form the deny list compares: whole bytes, leading zero bytes dropped.
+        let padded = if hex.len() % 2 == 1 {
+            format!("0{hex}")
+        } else {
+            hex
+        };
+        let trimmed = padded.trim_start_matches("00").to_owned();
+        out.serials.insert(if trimmed.is_empty() {
+            "00".into()
+        } else {
+            trimmed
+        });
+    }
+    Ok(out)
 }
 
 fn mesh_config(raw: raw::MeshConfig) -> Result<MeshConfig, ValidationError> {

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod client;
 pub(crate) mod renew;
+pub mod revoke;
 pub mod server;
 
 /// Default CA server port (TCP). Chosen clear of the sidecar's 15000, 15001 and 15443.

@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 use bytes::Bytes;
 use halyard_certs::enroll::{check_csr, grant_ttl, BootstrapToken, CsrError, TokenError};
+use halyard_certs::revocation::DenyList;
 use halyard_certs::rotation::RenewalPolicy;
 use halyard_certs::{CertResolver, MeshCa, SpiffeId, WorkloadIdentity};
 use halyard_registry::ca_store::CaStore;
@@ -108,6 +109,20 @@ struct Ca {
     bundle_pem: String,
     store: CaStore,
     config: CaServerConfig,
+    /// The registry's deny list: refused at the TLS handshake and for enrollment.
+    deny: Arc<DenyList>,
+}
+
+impl Ca {
+    fn check_not_revoked(&self, id: &SpiffeId) -> Result<(), Refused> {
+        if self.deny.refuses_id(id) {
+            return Err(Refused(
+                StatusCode::FORBIDDEN,
+                format!("{id} is revoked (registry key revocations); nothing is signed for it"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A refusal: status and one line for the client.
@@ -157,6 +172,17 @@ pub async fn serve(
     let store = CaStore::connect(&config.registry, &config.mesh, config.registry_timeout)
         .await
         .with_context(|| format!("registry = {:?}", config.registry))?;
+    // The deny list comes from the mesh's registry, watched like a sidecar watches it.
+    let registry = halyard_registry::open_with(
+        &config.registry,
+        halyard_registry::Options::new(&config.mesh),
+    )
+    .await
+    .with_context(|| format!("registry = {:?}", config.registry))?;
+    let deny = Arc::new(DenyList::default());
+    // In force before the first request; `follow` keeps it current.
+    deny.set(super::revoke::revoked(&registry.snapshot()));
+    let bundle = bundle.with_deny_list(deny.clone());
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listen = {}: cannot listen", config.listen))?;
@@ -173,6 +199,7 @@ pub async fn serve(
         ca,
         store,
         config,
+        deny: deny.clone(),
     });
     tracing::info!(%addr, id = %server_id, "CA serving");
     if let Some(tx) = started {
@@ -180,6 +207,14 @@ pub async fn serve(
     }
     let tasks = tokio_util::task::TaskTracker::new();
     tasks.spawn(renew_own_leaf(state.clone(), resolver, stop.clone()));
+    let follow = super::revoke::follow(registry.watch(), deny, |_| {});
+    let follow_stop = stop.clone();
+    tasks.spawn(async move {
+        tokio::select! {
+            _ = follow_stop.cancelled() => {}
+            _ = follow => {}
+        }
+    });
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     while let Some((tcp, peer)) = crate::net::accept(&listener, &stop, "ca").await {
         let (acceptor, state, stop) = (acceptor.clone(), state.clone(), stop.clone());
@@ -312,6 +347,7 @@ async fn enroll(state: &Ca, req: Request<Incoming>) -> Result<Signed, Refused> {
             .await?
             .ok_or(TokenError::Unknown)?;
         stored.record.admit(SystemTime::now())?;
+        state.check_not_revoked(&stored.record.id)?;
         let signed = sign(state, &body, &stored.record.id)?;
         if state.store.spend_token(&hash, &stored).await? {
             tracing::info!(id = %stored.record.id, "enrolled");
@@ -336,6 +372,7 @@ async fn renew(
             "renewal needs the current leaf as TLS client certificate".into(),
         )
     })?;
+    state.check_not_revoked(id)?;
     let body = read_request(req).await?;
     let signed = sign(state, &body, id)?;
     tracing::debug!(%id, "renewed");
