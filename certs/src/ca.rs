@@ -302,7 +302,9 @@ impl MeshCa {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        params.not_before = now - BACKDATE;
+        // A short leaf is backdated less, so that half of its validity still lies ahead of
+        // its renewal timer (a 10 s leaf backdated 60 s would be due at once).
+        params.not_before = now - BACKDATE.min(ttl / 4);
         params.not_after = not_after;
         params.serial_number = Some(random_serial());
         params.use_authority_key_identifier_extension = true;

@@ -8,6 +8,7 @@
 //! meshconfig                 MeshConfig
 //! status/<sidecar-id>        Status
 //! revocations                Revocations (deny list of ids and serials)
+//! trust                      TrustBundle (the mesh roots every sidecar trusts)
 //! ```
 
 use std::fmt;
@@ -31,6 +32,8 @@ pub enum Key {
     Status(String),
     /// `revocations`.
     Revocations,
+    /// `trust`.
+    Trust,
 }
 
 /// The prefix of every key of `mesh`: `/halyard/<mesh>/`.
@@ -53,6 +56,7 @@ impl Key {
             ["meshconfig"] => Some(Key::MeshConfig),
             ["status", id] => Some(Key::Status((*id).to_owned())),
             ["revocations"] => Some(Key::Revocations),
+            ["trust"] => Some(Key::Trust),
             _ => None,
         }
     }
@@ -62,6 +66,7 @@ impl Key {
         match kind {
             Kind::MeshConfig => Some(Key::MeshConfig),
             Kind::Revocations => Some(Key::Revocations),
+            Kind::TrustBundle => Some(Key::Trust),
             _ => Key::parse(&format!("{}/{name}", kind.plural())).filter(|k| k.kind() == kind),
         }
     }
@@ -76,6 +81,7 @@ impl Key {
             Key::MeshConfig => "meshconfig".to_owned(),
             Key::Status(id) => format!("status/{id}"),
             Key::Revocations => "revocations".to_owned(),
+            Key::Trust => "trust".to_owned(),
         }
     }
 
@@ -94,6 +100,7 @@ impl Key {
             Key::MeshConfig => Kind::MeshConfig,
             Key::Status(_) => Kind::Status,
             Key::Revocations => Kind::Revocations,
+            Key::Trust => Kind::TrustBundle,
         }
     }
 }
@@ -118,6 +125,7 @@ mod tests {
             "meshconfig",
             "status/s1",
             "revocations",
+            "trust",
         ] {
             assert_eq!(Key::parse(k).unwrap().path(), k);
         }

@@ -39,6 +39,8 @@ pub struct Snapshot {
     pub meshconfig: Option<Arc<MeshConfig>>,
     /// The deny list, if one is stored.
     pub revocations: Option<Arc<crate::model::Revocations>>,
+    /// The trust bundle, if one is stored.
+    pub trust: Option<Arc<crate::model::TrustBundle>>,
     /// Quarantined keys (full key) and why; the last good value of each stays in force.
     pub rejected: BTreeMap<String, String>,
     /// Where this snapshot came from.
@@ -57,6 +59,7 @@ impl Snapshot {
             endpoints: BTreeMap::new(),
             meshconfig: None,
             revocations: None,
+            trust: None,
             rejected: BTreeMap::new(),
             origin,
             vips: HashMap::new(),
@@ -151,6 +154,11 @@ impl Snapshot {
             self.revocations
                 .iter()
                 .map(|o| Object::Revocations((**o).clone())),
+        );
+        out.extend(
+            self.trust
+                .iter()
+                .map(|o| Object::TrustBundle((**o).clone())),
         );
         let eps = self.endpoints.values().flat_map(|m| m.values());
         out.extend(eps.map(|o| Object::Endpoint((**o).clone())));

@@ -248,6 +248,20 @@ pub async fn run_until(
         deny.clone(),
         move |revoked| pool.retain_peers(|peer| !revoked.ids.contains(&peer.id)),
     ));
+    let (endpoint, bundle_file) = (shared.pool.endpoint().clone(), file.identity.bundle.clone());
+    tasks.spawn(crate::ca::trust::follow(
+        shared.snapshot.clone(),
+        deny.clone(),
+        move |pem, bundle| {
+            if let Err(e) = endpoint.set_trust_bundle(bundle) {
+                tracing::warn!(error = %e, "trust bundle from the registry not used");
+            }
+            // The file follows, so the CA is authenticated with it and a restart starts with it.
+            if let Err(e) = halyard_certs::pem::write_atomic(&bundle_file, pem, 0o644) {
+                tracing::warn!(error = %e, "trust bundle file not written");
+            }
+        },
+    ));
     match enroller {
         Some(enroller) => tasks.spawn(crate::ca::renew::renew_loop(
             enroller,
@@ -378,10 +392,15 @@ fn renewal_hooks(
     deny: Arc<halyard_certs::revocation::DenyList>,
 ) -> crate::ca::renew::Hooks {
     let endpoint = shared.pool.endpoint().clone();
+    let snapshot = shared.snapshot.clone();
     let (m1, m2) = (shared.metrics.clone(), shared.metrics.clone());
     let readiness = readiness.clone();
     crate::ca::renew::Hooks {
         on_bundle: Box::new(move |pem| {
+            if snapshot.borrow().trust.is_some() {
+                // The registry's bundle is the authority when there is one.
+                return;
+            }
             let set = TrustBundle::from_pem(pem)
                 .map_err(anyhow::Error::from)
                 .and_then(|b| {

@@ -44,6 +44,8 @@ pub struct Spec {
     pub identity: String,
     /// Start with the mesh root only (no leaf): the sidecar enrolls with the CA.
     pub enroll: bool,
+    /// The bundle an enrolling sidecar starts with; default the mesh CA's root.
+    pub bundle: Option<String>,
 }
 
 impl Spec {
@@ -173,8 +175,13 @@ impl Mesh {
 
     /// Starts a CA server for this mesh's CA on `127.0.0.1:0` with `extra` config lines.
     pub async fn ca_server(&self, extra: &str) -> CaServer {
+        self.ca_server_with(&self.ca, extra).await
+    }
+
+    /// Starts a CA server signing with `ca` (another root, or an intermediate).
+    pub async fn ca_server_with(&self, ca: &MeshCa, extra: &str) -> CaServer {
         let dir = self.dir.path().join(format!("ca-{}", rand_suffix()));
-        self.ca.write(&dir, false).unwrap();
+        ca.write(&dir, false).unwrap();
         let listen = if extra.contains("listen") {
             ""
         } else {
@@ -221,7 +228,11 @@ impl Mesh {
 
     pub fn config_text(&self, spec: &Spec) -> String {
         let id = if spec.enroll {
-            self.bundle_only()
+            let out = self.bundle_only();
+            if let Some(pem) = &spec.bundle {
+                std::fs::write(out.join("bundle.pem"), pem).unwrap();
+            }
+            out
         } else {
             self.identity(&spec.service)
         };

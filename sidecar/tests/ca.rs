@@ -267,8 +267,8 @@ async fn short_leaves_renew_under_load_with_no_failed_requests() {
         let (ok, failed, stop, addr) = (ok.clone(), failed.clone(), stop.clone(), pp.upstream(0));
         load.push(tokio::spawn(async move {
             while !stop.is_cancelled() {
-                match call(addr, b"x").await {
-                    Ok(v) if v == b"ratings:x" => ok.fetch_add(1, Ordering::Relaxed),
+                match tokio::time::timeout(Duration::from_secs(5), call(addr, b"x")).await {
+                    Ok(Ok(v)) if v == b"ratings:x" => ok.fetch_add(1, Ordering::Relaxed),
                     _ => failed.fetch_add(1, Ordering::Relaxed),
                 };
             }
@@ -515,4 +515,152 @@ async fn the_ca_signs_nothing_for_a_revoked_id() {
     let renewed = c.renew(bundle, current, &req).await;
     assert!(renewed.is_err(), "{renewed:?}");
     ca.shutdown().await;
+}
+
+fn trust_json(roots: &[&str]) -> String {
+    serde_json::json!({ "kind": "TrustBundle", "roots": roots.concat() }).to_string()
+}
+
+fn root_count(s: &halyard_registry::Snapshot) -> usize {
+    s.trust
+        .as_ref()
+        .map_or(0, |t| halyard_certs::pem::certs(&t.roots).unwrap().len())
+}
+
+/// A root rotation through the registry under load: add the new root, so everyone trusts
+/// both; the CA signs with an intermediate of the new root; every leaf renews onto it; the old
+/// root is removed. Not one request fails, and a sidecar enrolled afterwards talks to the rest
+/// with the new root alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_rotation_under_load_with_no_failed_requests() {
+    let mesh = Mesh::with_dir().await;
+    let old_root = mesh.ca.root_pem();
+    mesh.apply(&trust_json(&[&old_root])).await;
+    let ca1 = mesh.ca_server("").await;
+    let ca_addr = ca1.addr;
+    let app = tagged_echo("127.0.0.1:0".parse().unwrap(), "ratings").await;
+    mesh.apply(&service_yaml("ratings", app.addr.port())).await;
+    let t1 = mesh.token("ratings", Duration::from_secs(60), 1).await;
+    let t2 = mesh.token("productpage", Duration::from_secs(60), 1).await;
+    let ratings = mesh
+        .start(&Spec::new("ratings", "v1").enroll(ca_addr, &t1, "4s"))
+        .await;
+    let pp = mesh
+        .start(
+            &Spec::new("productpage", "v1")
+                .enroll(ca_addr, &t2, "4s")
+                .upstream("ratings", 9080),
+        )
+        .await;
+    pp.wait_endpoints("ratings", 1).await;
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (ok, failed, stop, addr) = (ok.clone(), failed.clone(), stop.clone(), pp.upstream(0));
+        load.push(tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                match tokio::time::timeout(Duration::from_secs(5), call(addr, b"x")).await {
+                    Ok(Ok(v)) if v == b"ratings:x" => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    let renewals = |s: &halyard_sidecar::test_util::Sidecar| *s.started.reloads.borrow();
+    let wait_renewals = |s: &halyard_sidecar::test_util::Sidecar, n: u64| {
+        let mut rx = s.started.reloads.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(20), rx.wait_for(|v| *v >= n))
+                .await
+                .expect("renewed")
+                .unwrap();
+        }
+    };
+
+    // 1. Add the new root: everyone trusts both.
+    let new_root = halyard_certs::MeshCa::create(mesh.ca.trust_domain()).unwrap();
+    let both = trust_json(&[&old_root, &new_root.root_pem()]);
+    mesh.apply(&both).await;
+    for s in [&ratings, &pp] {
+        s.wait_snapshot("both roots", |s| root_count(s) == 2).await;
+    }
+    // 2. The CA signs with an intermediate of the new root (same address, as a rolled replica).
+    ca1.shutdown().await;
+    let inter = new_root
+        .intermediate("Halyard CA server 2", Duration::from_secs(3600))
+        .unwrap();
+    let ca2 = mesh
+        .ca_server_with(&inter, &format!("listen = \"{ca_addr}\"\n"))
+        .await;
+    // 3. Every leaf renews onto the new chain (leaf + new intermediate).
+    let (r0, p0) = (renewals(&ratings), renewals(&pp));
+    wait_renewals(&ratings, r0 + 2).await;
+    wait_renewals(&pp, p0 + 2).await;
+    for s in [&ratings, &pp] {
+        let chain = std::fs::read_to_string(&s.config.file.identity.cert).unwrap();
+        assert_eq!(halyard_certs::pem::certs(&chain).unwrap().len(), 2);
+    }
+    // 4. Remove the old root.
+    mesh.apply(&trust_json(&[&new_root.root_pem()])).await;
+    for s in [&ratings, &pp] {
+        s.wait_snapshot("new root only", |s| root_count(s) == 1)
+            .await;
+    }
+    let (r1, p1) = (renewals(&ratings), renewals(&pp));
+    wait_renewals(&ratings, r1 + 1).await;
+    wait_renewals(&pp, p1 + 1).await;
+    // A newcomer enrolls under the new root and is served by the rotated sidecars.
+    let t3 = mesh.token("details", Duration::from_secs(60), 1).await;
+    let mut spec = Spec::new("details", "v1")
+        .enroll(ca_addr, &t3, "4s")
+        .upstream("ratings", 9080);
+    spec.bundle = Some(new_root.root_pem());
+    let details = mesh.start(&spec).await;
+    details.wait_endpoints("ratings", 1).await;
+    assert_eq!(call(details.upstream(0), b"x").await.unwrap(), b"ratings:x");
+    stop.cancel();
+    for l in load {
+        l.await.unwrap();
+    }
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "ok: {}",
+        ok.load(Ordering::Relaxed)
+    );
+    assert!(ok.load(Ordering::Relaxed) > 50);
+    details.shutdown().await.unwrap();
+    pp.shutdown().await.unwrap();
+    ratings.shutdown().await.unwrap();
+    ca2.shutdown().await;
+}
+
+/// A trust bundle in the registry that is empty or not PEM is quarantined; the last good one
+/// stays in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_trust_bundle_is_quarantined() {
+    let mesh = Mesh::with_dir().await;
+    mesh.apply(&trust_json(&[&mesh.ca.root_pem()])).await;
+    let s = mesh.start(&Spec::new("reviews", "v1")).await;
+    s.wait_snapshot("trust", |s| root_count(s) == 1).await;
+    let file = Path::new(&mesh.registry["file://".len()..]).join("default/trust.json");
+    for bad in [
+        r#"{"kind":"TrustBundle","roots":""}"#,
+        r#"{"kind":"TrustBundle","roots":"hello"}"#,
+    ] {
+        std::fs::write(&file, bad).unwrap();
+        s.wait_snapshot("rejected", |s| !s.rejected.is_empty())
+            .await;
+        let snap = s.started.snapshot.borrow().clone();
+        assert_eq!(root_count(&snap), 1);
+        assert!(
+            snap.rejected.values().any(|e| e.contains("roots")),
+            "{:?}",
+            snap.rejected
+        );
+        std::fs::write(&file, trust_json(&[&mesh.ca.root_pem()])).unwrap();
+        s.wait_snapshot("cleared", |s| s.rejected.is_empty()).await;
+    }
+    s.shutdown().await.unwrap();
 }

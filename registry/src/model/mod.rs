@@ -84,11 +84,13 @@ pub enum Kind {
     Status,
     /// `Revocations`, key `revocations`.
     Revocations,
+    /// `TrustBundle`, key `trust`.
+    TrustBundle,
 }
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Service,
         Kind::Route,
         Kind::Policy,
@@ -96,6 +98,7 @@ impl Kind {
         Kind::Endpoint,
         Kind::Status,
         Kind::Revocations,
+        Kind::TrustBundle,
     ];
 
     /// The name written in `kind`.
@@ -108,6 +111,7 @@ impl Kind {
             Kind::Endpoint => "Endpoint",
             Kind::Status => "Status",
             Kind::Revocations => "Revocations",
+            Kind::TrustBundle => "TrustBundle",
         }
     }
 
@@ -121,6 +125,7 @@ impl Kind {
             Kind::Endpoint => "endpoints",
             Kind::Status => "status",
             Kind::Revocations => "revocations",
+            Kind::TrustBundle => "trust",
         }
     }
 
@@ -769,6 +774,15 @@ pub struct Revocations {
     pub serials: std::collections::BTreeSet<String>,
 }
 
+/// The mesh's trust bundle, key `trust`: the roots every sidecar and CA server trusts, hot. During
+/// a CA rotation it holds the old and the new root together.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TrustBundle {
+    /// One or more root certificates, PEM (parsed and checked as trust anchors on the way in).
+    pub roots: String,
+}
+
 /// A sidecar serving one service, written by that sidecar on a lease.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -833,6 +847,8 @@ pub enum Object {
     Status(Status),
     /// The deny list.
     Revocations(Revocations),
+    /// The trust bundle.
+    TrustBundle(TrustBundle),
 }
 
 impl Object {
@@ -846,6 +862,7 @@ impl Object {
             Object::Endpoint(_) => Kind::Endpoint,
             Object::Status(_) => Kind::Status,
             Object::Revocations(_) => Kind::Revocations,
+            Object::TrustBundle(_) => Kind::TrustBundle,
         }
     }
 
@@ -859,6 +876,7 @@ impl Object {
             Object::Endpoint(e) => Key::Endpoint(e.service.to_string(), e.id.clone()),
             Object::Status(s) => Key::Status(s.sidecar.clone()),
             Object::Revocations(_) => Key::Revocations,
+            Object::TrustBundle(_) => Key::Trust,
         }
     }
 
@@ -873,6 +891,7 @@ impl Object {
             Object::Endpoint(o) => f(&Tagged { kind, inner: o }),
             Object::Status(o) => f(&Tagged { kind, inner: o }),
             Object::Revocations(o) => f(&Tagged { kind, inner: o }),
+            Object::TrustBundle(o) => f(&Tagged { kind, inner: o }),
         }
     }
 

@@ -47,7 +47,7 @@ fn take_kind(
         (Some(k), _) | (None, Some(k)) => Ok(k),
         (None, None) => Err(ValidationError::at(
             "kind",
-            "missing kind: one of Service, Route, Policy, MeshConfig, Endpoint, Status, Revocations",
+            "missing kind: one of Service, Route, Policy, MeshConfig, Endpoint, Status, Revocations, TrustBundle",
         )),
     }
 }
@@ -59,7 +59,7 @@ fn parse_kind(s: &str) -> Result<Kind, ValidationError> {
         .ok_or_else(|| {
             ValidationError::at(
                 "kind",
-                format!("unknown kind {s:?}: expected Service, Route, Policy, MeshConfig, Endpoint, Status or Revocations"),
+                format!("unknown kind {s:?}: expected Service, Route, Policy, MeshConfig, Endpoint, Status, Revocations or TrustBundle"),
             )
         })
 }
@@ -77,6 +77,7 @@ pub(super) fn object(
         Kind::Endpoint => Object::Endpoint(endpoint(decode(value)?)?),
         Kind::Status => Object::Status(status(decode(value)?)?),
         Kind::Revocations => Object::Revocations(revocations(decode(value)?)?),
+        Kind::TrustBundle => Object::TrustBundle(trust_bundle(decode(value)?)?),
     })
 }
 
@@ -103,7 +104,7 @@ fn name_field(obj: &Object) -> (&'static str, ()) {
     match obj {
         Object::Service(_) => ("name", ()),
         Object::Route(_) | Object::Policy(_) | Object::Endpoint(_) => ("service", ()),
-        Object::MeshConfig(_) | Object::Revocations(_) => ("", ()),
+        Object::MeshConfig(_) | Object::Revocations(_) | Object::TrustBundle(_) => ("", ()),
         Object::Status(_) => ("sidecar", ()),
     }
 }
@@ -800,6 +801,19 @@ fn path_pattern(path: &str, s: &str) -> Result<PathPattern, ValidationError> {
         None => Ok(PathPattern::Exact(check::url_path(path, s)?)),
         Some(_) => Err(ValidationError::at(path, "'*' is only allowed at the end")),
     }
+}
+
+fn trust_bundle(raw: raw::TrustBundle) -> Result<TrustBundle, ValidationError> {
+    // Never empty, every block a usable root: a bad bundle would cut every sidecar off.
+    let bundle = halyard_certs::TrustBundle::from_pem(&raw.roots).map_err(|e| {
+        ValidationError::at(
+            "roots",
+            format!("not a PEM bundle of one or more root certificates: {e}"),
+        )
+    })?;
+    Ok(TrustBundle {
+        roots: bundle.to_pem(),
+    })
 }
 
 fn revocations(raw: raw::Revocations) -> Result<Revocations, ValidationError> {

@@ -149,7 +149,7 @@ fn selected(obj: &Object, name: Option<&str>) -> bool {
         Object::Endpoint(e) => {
             name == e.service.as_str() || name == format!("{}/{}", e.service, e.id)
         }
-        Object::MeshConfig(_) | Object::Revocations(_) => true,
+        Object::MeshConfig(_) | Object::Revocations(_) | Object::TrustBundle(_) => true,
         other => other.key().path().rsplit('/').next() == Some(name),
     }
 }
@@ -184,7 +184,10 @@ async fn get(args: &CtlArgs, kind: &str, name: Option<&str>, output: &str) -> an
         Format::Yaml
     };
     let single = name.is_some() && kind != Kind::Endpoint
-        || matches!(kind, Kind::MeshConfig | Kind::Revocations);
+        || matches!(
+            kind,
+            Kind::MeshConfig | Kind::Revocations | Kind::TrustBundle
+        );
     print!("{}", render(&objects, format, single));
     Ok(())
 }

@@ -21,6 +21,7 @@ pub mod client;
 pub(crate) mod renew;
 pub mod revoke;
 pub mod server;
+pub(crate) mod trust;
 
 /// Default CA server port (TCP). Chosen clear of the sidecar's 15000, 15001 and 15443.
 pub const DEFAULT_CA_PORT: u16 = 15012;

@@ -6,7 +6,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
@@ -106,14 +106,34 @@ impl CaServerConfig {
 /// The state every request reads.
 struct Ca {
     ca: MeshCa,
-    bundle_pem: String,
     store: CaStore,
     config: CaServerConfig,
     /// The registry's deny list: refused at the TLS handshake and for enrollment.
     deny: Arc<DenyList>,
+    /// The bundle handed to clients (PEM) and the acceptor that verifies renewals against it;
+    /// replaced together when the registry's bundle changes.
+    trust: RwLock<(String, tokio_rustls::TlsAcceptor)>,
+    /// The server's own leaf.
+    resolver: Arc<CertResolver>,
 }
 
 impl Ca {
+    fn bundle_pem(&self) -> String {
+        self.trust
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .clone()
+    }
+
+    fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        self.trust
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .clone()
+    }
+
     fn check_not_revoked(&self, id: &SpiffeId) -> Result<(), Refused> {
         if self.deny.refuses_id(id) {
             return Err(Refused(
@@ -168,11 +188,11 @@ pub async fn serve(
     started: Option<tokio::sync::oneshot::Sender<StartedCa>>,
 ) -> anyhow::Result<()> {
     let ca = MeshCa::load(&config.dir).with_context(|| format!("dir = {:?}", config.dir))?;
-    let bundle = ca.bundle()?;
     let store = CaStore::connect(&config.registry, &config.mesh, config.registry_timeout)
         .await
         .with_context(|| format!("registry = {:?}", config.registry))?;
-    // The deny list comes from the mesh's registry, watched like a sidecar watches it.
+    // The deny list and the trust bundle come from the mesh's registry, watched like a sidecar
+    // watches it.
     let registry = halyard_registry::open_with(
         &config.registry,
         halyard_registry::Options::new(&config.mesh),
@@ -180,22 +200,25 @@ pub async fn serve(
     .await
     .with_context(|| format!("registry = {:?}", config.registry))?;
     let deny = Arc::new(DenyList::default());
-    // In force before the first request; `follow` keeps it current.
+    // In force before the first request; the `follow` tasks keep them current.
     deny.set(super::revoke::revoked(&registry.snapshot()));
-    let bundle = bundle.with_deny_list(deny.clone());
+    let (bundle_pem, bundle) = match super::trust::of(&registry.snapshot(), &deny) {
+        Some(b) => b,
+        None => {
+            let own = ca.bundle()?.with_deny_list(deny.clone());
+            (own.to_pem(), own)
+        }
+    };
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listen = {}: cannot listen", config.listen))?;
     let addr = listener.local_addr()?;
     let server_id = super::ca_id(ca.trust_domain())?;
     let resolver = CertResolver::new(server_identity(&ca, &server_id, config.max_leaf_ttl)?);
-    let tls = halyard_certs::tls::ca_server_config(
-        resolver.clone(),
-        ca.trust_domain().clone(),
-        Arc::new(bundle.clone()),
-    )?;
+    let acceptor = acceptor(&resolver, &ca, Arc::new(bundle))?;
     let state = Arc::new(Ca {
-        bundle_pem: bundle.to_pem(),
+        trust: RwLock::new((bundle_pem, acceptor)),
+        resolver,
         ca,
         store,
         config,
@@ -206,22 +229,14 @@ pub async fn serve(
         let _ = tx.send(StartedCa { addr });
     }
     let tasks = tokio_util::task::TaskTracker::new();
-    tasks.spawn(renew_own_leaf(state.clone(), resolver, stop.clone()));
-    let follow = super::revoke::follow(registry.watch(), deny, |_| {});
-    let follow_stop = stop.clone();
-    tasks.spawn(async move {
-        tokio::select! {
-            _ = follow_stop.cancelled() => {}
-            _ = follow => {}
-        }
-    });
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    tasks.spawn(renew_own_leaf(state.clone(), stop.clone()));
+    spawn_follow(&tasks, &stop, &state, registry.watch(), deny);
     while let Some((tcp, peer)) = crate::net::accept(&listener, &stop, "ca").await {
-        let (acceptor, state, stop) = (acceptor.clone(), state.clone(), stop.clone());
+        let (state, stop) = (state.clone(), stop.clone());
         tasks.spawn(async move {
             tokio::select! {
                 _ = stop.cancelled() => {}
-                _ = connection(state, acceptor, tcp, peer) => {}
+                _ = connection(state, tcp, peer) => {}
             }
         });
     }
@@ -230,14 +245,57 @@ pub async fn serve(
     Ok(())
 }
 
+/// A TLS acceptor presenting the server's leaf and verifying renewals against `bundle`.
+fn acceptor(
+    resolver: &Arc<CertResolver>,
+    ca: &MeshCa,
+    bundle: Arc<halyard_certs::TrustBundle>,
+) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    let tls =
+        halyard_certs::tls::ca_server_config(resolver.clone(), ca.trust_domain().clone(), bundle)?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))
+}
+
+/// Follows the registry's deny list and trust bundle until `stop`.
+fn spawn_follow(
+    tasks: &tokio_util::task::TaskTracker,
+    stop: &CancellationToken,
+    state: &Arc<Ca>,
+    snapshots: tokio::sync::watch::Receiver<Arc<halyard_registry::Snapshot>>,
+    deny: Arc<DenyList>,
+) {
+    let revocations = super::revoke::follow(snapshots.clone(), deny.clone(), |_| {});
+    let st = state.clone();
+    let trust = super::trust::follow(snapshots, deny, move |pem, bundle| {
+        match acceptor(&st.resolver, &st.ca, bundle) {
+            Ok(a) => *st.trust.write().unwrap_or_else(|p| p.into_inner()) = (pem.to_owned(), a),
+            Err(e) => tracing::warn!(error = %e, "trust bundle from the registry not used"),
+        }
+    });
+    let stop = stop.clone();
+    tasks.spawn(async move {
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = async { tokio::join!(revocations, trust) } => {}
+        }
+    });
+}
+
 /// The CA server's own leaf, made and signed here.
 fn server_identity(ca: &MeshCa, id: &SpiffeId, ttl: Duration) -> anyhow::Result<WorkloadIdentity> {
+    // Never past the signing certificate's own expiry (an intermediate may be short-lived).
+    let left = (ca.not_after() - time::OffsetDateTime::now_utc()).unsigned_abs();
+    let ttl = ttl.min(
+        left.saturating_sub(Duration::from_secs(60))
+            .max(Duration::from_secs(1)),
+    );
     let leaf = ca.issue(id, ttl)?;
     Ok(WorkloadIdentity::from_pem(&leaf.cert_pem, &leaf.key_pem)?)
 }
 
 /// Renews the server's own leaf at half-life.
-async fn renew_own_leaf(state: Arc<Ca>, resolver: Arc<CertResolver>, stop: CancellationToken) {
+async fn renew_own_leaf(state: Arc<Ca>, stop: CancellationToken) {
+    let resolver = state.resolver.clone();
     let policy = RenewalPolicy::default();
     loop {
         let cur = resolver.current();
@@ -260,12 +318,8 @@ async fn renew_own_leaf(state: Arc<Ca>, resolver: Arc<CertResolver>, stop: Cance
     }
 }
 
-async fn connection(
-    state: Arc<Ca>,
-    acceptor: tokio_rustls::TlsAcceptor,
-    tcp: tokio::net::TcpStream,
-    peer: SocketAddr,
-) {
+async fn connection(state: Arc<Ca>, tcp: tokio::net::TcpStream, peer: SocketAddr) {
+    let acceptor = state.acceptor();
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
@@ -297,7 +351,7 @@ async fn handle(
     let result = match (req.method(), req.uri().path()) {
         (&Method::POST, "/v1/enroll") => enroll(state, req).await,
         (&Method::POST, "/v1/renew") => renew(state, client_id, req).await,
-        (&Method::GET, "/v1/bundle") => return reply(StatusCode::OK, state.bundle_pem.clone()),
+        (&Method::GET, "/v1/bundle") => return reply(StatusCode::OK, state.bundle_pem()),
         _ => Err(Refused(
             StatusCode::NOT_FOUND,
             "not found: POST /v1/enroll, POST /v1/renew, GET /v1/bundle".into(),
@@ -392,7 +446,7 @@ fn sign(state: &Ca, req: &SignRequest, allowed: &SpiffeId) -> Result<Signed, Ref
         .map_err(|e| Refused(StatusCode::BAD_REQUEST, e.to_string()))?;
     Ok(Signed {
         chain,
-        bundle: state.bundle_pem.clone(),
+        bundle: state.bundle_pem(),
     })
 }
 
