@@ -10,7 +10,7 @@ CARGO ?= cargo
 #   libprotobuf-dev          google/protobuf/*.proto, which etcd's .proto files import
 #   etcd-server etcd-client  the real etcd the tests start, and etcdctl
 #   iptables iproute2        transparent capture, network namespaces (tests, lab, benches)
-#   openssl                  certificate checks in the CLI tests
+#   openssl                  certificate checks in the CLI tests, an RSA CSR the CA must refuse
 #   stunnel4                 the mTLS-over-TCP baseline of the benches
 #   curl                     deploy/lab/lab.sh, and the real-traffic tests' HTTP client
 #   python3-grpcio           a real gRPC client and server (bidirectional streaming tests)

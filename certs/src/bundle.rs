@@ -2,15 +2,19 @@
 
 use std::path::Path;
 
+use std::sync::Arc;
+
 use rustls_pki_types::{CertificateDer, TrustAnchor};
 
+use crate::revocation::DenyList;
 use crate::{pem, CertError};
 
-/// A set of trusted mesh roots.
+/// A set of trusted mesh roots, and the deny list the verifiers apply on top of them.
 #[derive(Debug, Clone)]
 pub struct TrustBundle {
     roots: Vec<CertificateDer<'static>>,
     anchors: Vec<TrustAnchor<'static>>,
+    deny: Option<Arc<DenyList>>,
 }
 
 impl TrustBundle {
@@ -27,7 +31,23 @@ impl TrustBundle {
                     .map_err(|e| CertError::BadRoot(format!("{e:?}")))
             })
             .collect::<Result<_, _>>()?;
-        Ok(TrustBundle { roots, anchors })
+        Ok(TrustBundle {
+            roots,
+            anchors,
+            deny: None,
+        })
+    }
+
+    /// The same roots, with `deny` checked by every verifier built from this bundle: a leaf
+    /// whose id or serial it lists is refused at the handshake.
+    pub fn with_deny_list(mut self, deny: Arc<DenyList>) -> Self {
+        self.deny = Some(deny);
+        self
+    }
+
+    /// The deny list attached, if any.
+    pub fn deny_list(&self) -> Option<&Arc<DenyList>> {
+        self.deny.as_ref()
     }
 
     /// Parses every certificate of a PEM text as a root.

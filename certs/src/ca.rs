@@ -1,4 +1,9 @@
-//! The mesh CA: a self-signed ECDSA P-256 root that signs workload CSRs into X.509-SVID leaves.
+//! The mesh CA: a self-signed ECDSA P-256 root, or an intermediate chained to one, that signs
+//! workload CSRs into X.509-SVID leaves.
+//!
+//! Recommended layout: the root stays offline (`halyard ca init`) and signs one intermediate per
+//! CA server (`halyard ca intermediate`); a CA server's `ca.crt` then holds the intermediate
+//! followed by the root, and the leaves it signs are served with the intermediate behind them.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -20,6 +25,8 @@ use crate::{workload, CertError, TrustBundle};
 pub const DEFAULT_LEAF_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Longest lifetime the CA grants a leaf.
 pub const MAX_LEAF_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
+/// Default lifetime of an intermediate made by [`MeshCa::intermediate`].
+pub const INTERMEDIATE_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
 /// Lifetime of a new root.
 pub const ROOT_TTL: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
 /// How far back a leaf's notBefore is set, to absorb clock skew between machines.
@@ -35,6 +42,8 @@ pub struct MeshCa {
     trust_domain: TrustDomain,
     cert: CertificateDer<'static>,
     cert_pem: String,
+    /// The signing certificate's parents, nearest first, ending with the root; empty for a root.
+    parents: Vec<CertificateDer<'static>>,
     key_pem: String,
     not_after: OffsetDateTime,
     issuer: Issuer<'static, KeyPair>,
@@ -55,34 +64,36 @@ impl MeshCa {
     /// Creates a new root for a trust domain.
     pub fn create(trust_domain: &TrustDomain) -> Result<Self, CertError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let now = OffsetDateTime::now_utc();
-        let mut params = CertificateParams::default();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params.distinguished_name.push(
-            DnType::CommonName,
-            format!("Halyard mesh CA {trust_domain}"),
-        );
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "Halyard");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        // SPIFFE: a signing certificate may carry the trust domain's id (no path) as its URI SAN.
-        params.subject_alt_names = vec![SanType::URI(
-            format!("spiffe://{trust_domain}").as_str().try_into()?,
-        )];
-        params.not_before = now - BACKDATE;
-        params.not_after = now + ROOT_TTL;
-        params.serial_number = Some(random_serial());
+        let params = signing_params(trust_domain, "Halyard mesh CA", ROOT_TTL)?;
         let cert = params.self_signed(&key)?;
         Ok(MeshCa {
             trust_domain: trust_domain.clone(),
             cert_pem: cert.pem(),
             cert: cert.der().clone(),
+            parents: Vec::new(),
+            key_pem: key.serialize_pem(),
+            not_after: params.not_after,
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// Creates an intermediate CA signed by this one, valid for `ttl` (capped at this CA's own
+    /// expiry), for one CA server: its key is made here, so run this where the server will run
+    /// or copy the result over a trusted channel.
+    pub fn intermediate(&self, name: &str, ttl: Duration) -> Result<MeshCa, CertError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = signing_params(&self.trust_domain, name, ttl)?;
+        params.not_after = params.not_after.min(self.not_after);
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let mut parents = vec![self.cert.clone()];
+        parents.extend(self.parents.iter().cloned());
+        Ok(MeshCa {
+            trust_domain: self.trust_domain.clone(),
+            cert_pem: cert.pem(),
+            cert: cert.der().clone(),
+            parents,
             key_pem: key.serialize_pem(),
             not_after: params.not_after,
             issuer: Issuer::new(params, key),
@@ -95,14 +106,18 @@ impl MeshCa {
         if !cert_path.exists() || !key_path.exists() {
             return Err(CertError::NoCa(dir.to_owned()));
         }
+        check_key_mode(&key_path)?;
         let cert_pem = read(&cert_path)?;
         let key_pem = read(&key_path)?;
         Self::from_pem(&cert_pem, &key_pem).map_err(|e| e.in_file(&cert_path))
     }
 
-    /// Builds the CA from its certificate and key, PEM.
+    /// Builds the CA from its certificate and key, PEM. `cert_pem` holds the signing certificate
+    /// first, then (for an intermediate) its parents up to the root.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CertError> {
-        let cert = crate::pem::certs(cert_pem)?.swap_remove(0);
+        let mut certs = crate::pem::certs(cert_pem)?;
+        let parents = certs.split_off(1);
+        let cert = certs.swap_remove(0);
         let key = KeyPair::from_pem(key_pem)?;
         let (_, parsed) =
             X509Certificate::from_der(&cert).map_err(|e| CertError::Pem(e.to_string()))?;
@@ -117,6 +132,7 @@ impl MeshCa {
             trust_domain,
             cert_pem: crate::pem::encode_cert(&cert),
             cert,
+            parents,
             key_pem: key_pem.to_owned(),
             not_after,
             issuer,
@@ -132,7 +148,39 @@ impl MeshCa {
         }
         std::fs::create_dir_all(dir).map_err(|e| CertError::io(dir, e))?;
         write_atomic(&key_path, &self.key_pem, 0o600)?;
-        write_atomic(&cert_path, &self.cert_pem, 0o644)
+        write_atomic(&cert_path, &self.full_chain_pem(), 0o644)
+    }
+
+    /// The signing certificate followed by its parents up to the root, PEM (`ca.crt`).
+    pub fn full_chain_pem(&self) -> String {
+        let mut out = self.cert_pem.clone();
+        out.extend(self.parents.iter().map(|c| crate::pem::encode_cert(c)));
+        out
+    }
+
+    /// The certificates a leaf is served with behind it: the signing certificate and its parents
+    /// except the root (which peers hold in their bundle). Empty when this CA is the root.
+    pub fn leaf_chain(&self) -> Vec<CertificateDer<'static>> {
+        match self.parents.split_last() {
+            None => Vec::new(),
+            Some((_root, between)) => std::iter::once(self.cert.clone())
+                .chain(between.iter().cloned())
+                .collect(),
+        }
+    }
+
+    /// The root this CA chains to (itself when it is the root), PEM.
+    pub fn root_pem(&self) -> String {
+        crate::pem::encode_cert(self.root_der())
+    }
+
+    fn root_der(&self) -> &CertificateDer<'static> {
+        self.parents.last().unwrap_or(&self.cert)
+    }
+
+    /// When this CA's signing certificate expires.
+    pub fn not_after(&self) -> OffsetDateTime {
+        self.not_after
     }
 
     /// The CA's trust domain.
@@ -140,19 +188,20 @@ impl MeshCa {
         &self.trust_domain
     }
 
-    /// The root certificate, DER.
+    /// The signing certificate (the root, or this server's intermediate), DER.
     pub fn cert_der(&self) -> &CertificateDer<'static> {
         &self.cert
     }
 
-    /// The root certificate, PEM.
+    /// The signing certificate, PEM. For a root CA this is the trust bundle; for an intermediate
+    /// use [`MeshCa::root_pem`].
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
     }
 
-    /// A trust bundle holding this root alone.
+    /// A trust bundle holding the root this CA chains to.
     pub fn bundle(&self) -> Result<TrustBundle, CertError> {
-        TrustBundle::new(vec![self.cert.clone()])
+        TrustBundle::new(vec![self.root_der().clone()])
     }
 
     /// Signs a CSR (PEM) into an X.509-SVID leaf for the one SPIFFE id it asks for.
@@ -178,7 +227,25 @@ impl MeshCa {
         self.check_id(&id)?;
         let params = self.leaf_params(&id, ttl)?;
         let cert = params.signed_by(&csr.public_key, &self.issuer)?;
-        Ok((id, cert.pem()))
+        Ok((id, self.with_chain(cert.pem())))
+    }
+
+    /// Signs a CSR that has passed [`crate::enroll::check_csr`] for `id`: the leaf is built from
+    /// the CA's own rules and the CSR's public key only.
+    pub fn sign_checked(
+        &self,
+        csr: &crate::enroll::CheckedCsr,
+        ttl: Duration,
+    ) -> Result<String, CertError> {
+        self.check_id(csr.id())?;
+        let params = self.leaf_params(csr.id(), ttl)?;
+        let cert = params.signed_by(csr.public_key(), &self.issuer)?;
+        Ok(self.with_chain(cert.pem()))
+    }
+
+    fn with_chain(&self, mut leaf_pem: String) -> String {
+        leaf_pem.extend(self.leaf_chain().iter().map(|c| crate::pem::encode_cert(c)));
+        leaf_pem
     }
 
     /// Makes a key here, asks for a leaf with a CSR, and signs it: for `halyard ca issue` and the
@@ -235,12 +302,62 @@ impl MeshCa {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        params.not_before = now - BACKDATE;
+        // A short leaf is backdated less, so that half of its validity still lies ahead of
+        // its renewal timer (a 10 s leaf backdated 60 s would be due at once).
+        params.not_before = now - BACKDATE.min(ttl / 4);
         params.not_after = not_after;
         params.serial_number = Some(random_serial());
         params.use_authority_key_identifier_extension = true;
         Ok(params)
     }
+}
+
+/// Refuses a CA key file that group or others may read or write.
+fn check_key_mode(path: &Path) -> Result<(), CertError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|e| CertError::io(path, e))?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(CertError::KeyPermissions {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
+/// Parameters of a signing certificate (root or intermediate) for `trust_domain`.
+fn signing_params(
+    trust_domain: &TrustDomain,
+    name: &str,
+    ttl: Duration,
+) -> Result<CertificateParams, CertError> {
+    let now = OffsetDateTime::now_utc();
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{name} {trust_domain}"));
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "Halyard");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    // SPIFFE: a signing certificate may carry the trust domain's id (no path) as its URI SAN.
+    params.subject_alt_names = vec![SanType::URI(
+        format!("spiffe://{trust_domain}").as_str().try_into()?,
+    )];
+    params.not_before = now - BACKDATE;
+    params.not_after = now + ttl;
+    params.serial_number = Some(random_serial());
+    Ok(params)
 }
 
 /// A random positive 128-bit serial.

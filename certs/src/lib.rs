@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 pub mod bundle;
 pub mod ca;
+pub mod enroll;
 pub mod pem;
+pub mod revocation;
 pub mod rotation;
 pub mod spiffe;
 pub mod svid;
@@ -87,6 +89,14 @@ pub enum CertError {
         old: String,
         /// The id of the refused leaf.
         new: String,
+    },
+    /// The CA key file is readable by others than its owner.
+    #[error("{path}: mode {mode:o} lets others read the CA key; run 'chmod 600 {path}'")]
+    KeyPermissions {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
     },
     /// The key does not match the certificate.
     #[error("private key does not match the certificate")]

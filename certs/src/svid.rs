@@ -70,6 +70,13 @@ pub fn leaf_id(der: &CertificateDer<'_>) -> Result<SpiffeId, SvidError> {
     single_uri_san(&cert)
 }
 
+/// The leaf's serial number, big-endian bytes.
+pub fn serial(der: &CertificateDer<'_>) -> Result<Vec<u8>, SvidError> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| SvidError::Malformed(e.to_string()))?;
+    Ok(cert.raw_serial().to_vec())
+}
+
 fn single_uri_san(cert: &X509Certificate<'_>) -> Result<SpiffeId, SvidError> {
     let san = cert
         .subject_alternative_name()

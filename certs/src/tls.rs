@@ -47,6 +47,40 @@ pub fn server_config_with(
     Ok(config)
 }
 
+/// The CA server's configuration: TLS 1.3, its own leaf from `resolver`, and a client
+/// certificate optional (enrollment has none) but verified in full when presented (renewal).
+pub fn ca_server_config(
+    resolver: Arc<dyn ResolvesServerCert>,
+    trust_domain: TrustDomain,
+    bundle: Arc<TrustBundle>,
+) -> Result<ServerConfig, CertError> {
+    let verifier = Arc::new(SpiffeClientVerifier::optional(bundle, trust_domain));
+    let mut config = ServerConfig::builder_with_provider(Arc::new(provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(resolver);
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// A client that presents no certificate (enrollment: the credential is a token) and accepts
+/// only `expected` as the server.
+pub fn anonymous_client_config(
+    bundle: Arc<TrustBundle>,
+    expected: ExpectedServer,
+) -> Result<ClientConfig, CertError> {
+    let verifier = Arc::new(SpiffeServerVerifier::new(bundle, expected));
+    let mut config = ClientConfig::builder_with_provider(Arc::new(provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(config)
+}
+
 /// A client configuration presenting the resolver's leaf and accepting only `expected`.
 pub fn client_config(
     resolver: Arc<CertResolver>,

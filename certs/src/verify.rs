@@ -93,7 +93,14 @@ fn verify_chain(
         None,
     )
     .map_err(webpki_error)?;
-    svid::check_leaf(end_entity).map_err(|e| other(PeerError::Svid(e)))
+    let id = svid::check_leaf(end_entity).map_err(|e| other(PeerError::Svid(e)))?;
+    if let Some(deny) = bundle.deny_list() {
+        let serial = svid::serial(end_entity).map_err(|e| other(PeerError::Svid(e)))?;
+        if deny.refuses(&id, &serial) {
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+        }
+    }
+    Ok(id)
 }
 
 /// Verifies client certificates on the inbound side: chain, leaf rules, trust domain.
@@ -102,6 +109,7 @@ pub struct SpiffeClientVerifier {
     bundle: Arc<TrustBundle>,
     trust_domain: TrustDomain,
     algs: WebPkiSupportedAlgorithms,
+    mandatory: bool,
 }
 
 impl SpiffeClientVerifier {
@@ -111,6 +119,17 @@ impl SpiffeClientVerifier {
             bundle,
             trust_domain,
             algs: crate::tls::provider().signature_verification_algorithms,
+            mandatory: true,
+        }
+    }
+
+    /// Like [`SpiffeClientVerifier::new`], but a client may also connect without a certificate
+    /// (the CA server: enrollment comes with a token, renewal with the current leaf). A
+    /// certificate that is presented is verified in full.
+    pub fn optional(bundle: Arc<TrustBundle>, trust_domain: TrustDomain) -> Self {
+        SpiffeClientVerifier {
+            mandatory: false,
+            ..Self::new(bundle, trust_domain)
         }
     }
 }
@@ -121,7 +140,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        true
+        self.mandatory
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {

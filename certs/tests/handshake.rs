@@ -358,3 +358,50 @@ async fn a_bundle_with_two_roots_accepts_leaves_from_both() {
     let reread = TrustBundle::from_pem(&joined.to_pem()).unwrap();
     assert_eq!(reread.roots(), joined.roots());
 }
+
+#[tokio::test]
+async fn leaves_of_an_intermediate_chain_to_the_root_on_both_sides() {
+    let root = TestPki::new(TD);
+    let inter = root
+        .ca
+        .intermediate("Halyard CA server", Duration::from_secs(3600))
+        .unwrap();
+    // The intermediate reloads from its ca.crt (itself, then the root) and ca.key.
+    let dir = tempfile::tempdir().unwrap();
+    inter.write(dir.path(), false).unwrap();
+    let inter = halyard_certs::MeshCa::load(dir.path()).unwrap();
+    assert_eq!(
+        inter.bundle().unwrap().roots(),
+        &[root.ca.cert_der().clone()]
+    );
+    let ident = |sa: &str| {
+        let leaf = inter.issue(&root.id(sa), Duration::from_secs(600)).unwrap();
+        assert_eq!(halyard_certs::pem::certs(&leaf.cert_pem).unwrap().len(), 2);
+        halyard_certs::CertResolver::new(
+            halyard_certs::WorkloadIdentity::from_pem(&leaf.cert_pem, &leaf.key_pem).unwrap(),
+        )
+    };
+    let bundle = Arc::new(inter.bundle().unwrap());
+    let out = handshake(
+        server_config(ident("a"), bundle.clone()).unwrap(),
+        client_config(ident("b"), bundle, ExpectedServer::Id(root.id("a"))).unwrap(),
+    )
+    .await;
+    assert_eq!(out.server.unwrap(), root.id("b"));
+    assert_eq!(out.client.unwrap(), root.id("a"));
+}
+
+#[test]
+fn a_ca_key_others_can_read_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let pki = TestPki::new(TD);
+    let dir = tempfile::tempdir().unwrap();
+    pki.ca.write(dir.path(), false).unwrap();
+    let key = dir.path().join("ca.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = halyard_certs::MeshCa::load(dir.path())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("chmod 600"), "{err}");
+}

@@ -131,6 +131,8 @@ impl Admin {
 fn kind_prefix(mesh: &str, kind: Kind) -> (String, bool) {
     match kind {
         Kind::MeshConfig => (Key::MeshConfig.full(mesh), false),
+        Kind::Revocations => (Key::Revocations.full(mesh), false),
+        Kind::TrustBundle => (Key::Trust.full(mesh), false),
         k => (format!("{}{}/", mesh_prefix(mesh), k.plural()), true),
     }
 }
@@ -211,6 +213,10 @@ fn dir_list(root: &std::path::Path, kind: Kind) -> Result<Vec<Stored>, RegistryE
     let mut files = Vec::new();
     if kind == Kind::MeshConfig {
         files.push((Key::MeshConfig, key_file(root, &Key::MeshConfig)));
+    } else if kind == Kind::Revocations {
+        files.push((Key::Revocations, key_file(root, &Key::Revocations)));
+    } else if kind == Kind::TrustBundle {
+        files.push((Key::Trust, key_file(root, &Key::Trust)));
     } else {
         collect_files(&root.join(kind.plural()), kind.plural(), &mut files)?;
     }

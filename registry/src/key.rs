@@ -8,6 +8,8 @@
 //! meshconfig                 MeshConfig
 //! status/<sidecar-id>        Status
 //! externalservices/<name>    ExternalService
+//! revocations                Revocations (deny list of ids and serials)
+//! trust                      TrustBundle (the mesh roots every sidecar trusts)
 //! ```
 
 use std::fmt;
@@ -31,6 +33,10 @@ pub enum Key {
     Status(String),
     /// `externalservices/<name>`.
     ExternalService(String),
+    /// `revocations`.
+    Revocations,
+    /// `trust`.
+    Trust,
 }
 
 /// The prefix of every key of `mesh`: `/halyard/<mesh>/`.
@@ -53,6 +59,8 @@ impl Key {
             ["meshconfig"] => Some(Key::MeshConfig),
             ["status", id] => Some(Key::Status((*id).to_owned())),
             ["externalservices", n] => Some(Key::ExternalService((*n).to_owned())),
+            ["revocations"] => Some(Key::Revocations),
+            ["trust"] => Some(Key::Trust),
             _ => None,
         }
     }
@@ -61,6 +69,8 @@ impl Key {
     pub fn of(kind: Kind, name: &str) -> Option<Key> {
         match kind {
             Kind::MeshConfig => Some(Key::MeshConfig),
+            Kind::Revocations => Some(Key::Revocations),
+            Kind::TrustBundle => Some(Key::Trust),
             _ => Key::parse(&format!("{}/{name}", kind.plural())).filter(|k| k.kind() == kind),
         }
     }
@@ -75,6 +85,8 @@ impl Key {
             Key::MeshConfig => "meshconfig".to_owned(),
             Key::Status(id) => format!("status/{id}"),
             Key::ExternalService(n) => format!("externalservices/{n}"),
+            Key::Revocations => "revocations".to_owned(),
+            Key::Trust => "trust".to_owned(),
         }
     }
 
@@ -93,6 +105,8 @@ impl Key {
             Key::MeshConfig => Kind::MeshConfig,
             Key::Status(_) => Kind::Status,
             Key::ExternalService(_) => Kind::ExternalService,
+            Key::Revocations => Kind::Revocations,
+            Key::Trust => Kind::TrustBundle,
         }
     }
 }
@@ -117,6 +131,8 @@ mod tests {
             "meshconfig",
             "status/s1",
             "externalservices/e",
+            "revocations",
+            "trust",
         ] {
             assert_eq!(Key::parse(k).unwrap().path(), k);
         }

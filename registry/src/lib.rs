@@ -41,6 +41,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod ca_store;
 mod dir;
 pub mod error;
 mod etcd;

@@ -42,6 +42,10 @@ pub struct Snapshot {
     pub meshconfig: Option<Arc<MeshConfig>>,
     /// ExternalServices by name.
     pub external_services: BTreeMap<String, Arc<ExternalService>>,
+    /// The deny list, if one is stored.
+    pub revocations: Option<Arc<crate::model::Revocations>>,
+    /// The trust bundle, if one is stored.
+    pub trust: Option<Arc<crate::model::TrustBundle>>,
     /// Quarantined keys (full key) and why; the last good value of each stays in force.
     pub rejected: BTreeMap<String, String>,
     /// Where this snapshot came from.
@@ -60,6 +64,8 @@ impl Snapshot {
             endpoints: BTreeMap::new(),
             meshconfig: None,
             external_services: BTreeMap::new(),
+            revocations: None,
+            trust: None,
             rejected: BTreeMap::new(),
             origin,
             vips: HashMap::new(),
@@ -171,6 +177,16 @@ impl Snapshot {
             self.meshconfig
                 .iter()
                 .map(|o| Object::MeshConfig((**o).clone())),
+        );
+        out.extend(
+            self.revocations
+                .iter()
+                .map(|o| Object::Revocations((**o).clone())),
+        );
+        out.extend(
+            self.trust
+                .iter()
+                .map(|o| Object::TrustBundle((**o).clone())),
         );
         let eps = self.endpoints.values().flat_map(|m| m.values());
         out.extend(eps.map(|o| Object::Endpoint((**o).clone())));

@@ -142,6 +142,8 @@ impl Store {
                         .insert(o.service.to_string(), Arc::new(o.clone())),
                 ),
                 Object::MeshConfig(o) => s.meshconfig = Some(Arc::new(o.clone())),
+                Object::Revocations(o) => s.revocations = Some(Arc::new(o.clone())),
+                Object::TrustBundle(o) => s.trust = Some(Arc::new(o.clone())),
                 Object::Endpoint(o) => drop(
                     s.endpoints
                         .entry(o.service.to_string())

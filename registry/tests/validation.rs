@@ -301,3 +301,33 @@ fn an_external_service_matches_names_addresses_and_ports() {
     };
     assert_eq!(back, e);
 }
+
+/// The deny list: ids parse as SPIFFE ids, serials as hex (colons and `0x` allowed, stored in
+/// the one form the verifiers compare); each bad entry is named by its index.
+#[test]
+fn revocations_parse_and_name_bad_entries() {
+    let good = "kind: Revocations\nids: [\"spiffe://mesh.local/ns/default/sa/a\"]\nserials: [\"00:0A:bc\", \"0x1f\"]\n";
+    let objects = parse_documents("t", good).unwrap();
+    let Object::Revocations(r) = &objects[0] else {
+        panic!("not a Revocations: {objects:?}")
+    };
+    assert_eq!(objects[0].key(), Key::Revocations);
+    assert_eq!(r.ids.len(), 1);
+    assert_eq!(
+        r.serials.iter().cloned().collect::<Vec<_>>(),
+        vec!["0abc".to_owned(), "1f".to_owned()]
+    );
+    assert_eq!(Kind::parse("revocations"), Some(Kind::Revocations));
+    for (bad, field) in [
+        ("kind: Revocations\nids: [\"nope\"]\n", "ids[0]"),
+        (
+            "kind: Revocations\nserials: [\"12\", \"xyz\"]\n",
+            "serials[1]",
+        ),
+        ("kind: Revocations\nnames: []\n", "names"),
+    ] {
+        let errs = parse_documents("t", bad).unwrap_err();
+        let text = errs[0].to_string();
+        assert!(text.contains(field), "{bad}: {text}");
+    }
+}

@@ -21,6 +21,9 @@ use crate::telemetry::metrics::Metrics;
 #[derive(Debug, Default)]
 pub(crate) struct Readiness {
     blockers: Mutex<BTreeSet<&'static str>>,
+    /// Conditions that do not block readiness but that `/readyz` reports (a failing certificate
+    /// renewal while the current leaf is still valid).
+    warnings: Mutex<std::collections::BTreeMap<&'static str, String>>,
 }
 
 /// Clears its step from [`Readiness`] when dropped.
@@ -52,6 +55,22 @@ impl Readiness {
     /// The steps still pending.
     pub(crate) fn pending(&self) -> Vec<&'static str> {
         self.set().iter().copied().collect()
+    }
+
+    /// Reports `text` under `topic` on `/readyz` without blocking readiness; `None` clears it.
+    pub(crate) fn warn(&self, topic: &'static str, text: Option<String>) {
+        let mut w = self.warnings.lock().unwrap_or_else(|p| p.into_inner());
+        match text {
+            Some(t) => w.insert(topic, t),
+            None => w.remove(topic),
+        };
+    }
+
+    fn warnings(&self) -> String {
+        let w = self.warnings.lock().unwrap_or_else(|p| p.into_inner());
+        w.iter()
+            .map(|(k, v)| format!("warning: {k}: {v}\n"))
+            .collect()
     }
 }
 
@@ -142,10 +161,11 @@ impl Admin {
 
     fn readyz(&self) -> Reply {
         let pending = self.readiness.pending();
+        let warnings = self.readiness.warnings();
         if pending.is_empty() {
-            plain(StatusCode::OK, "ready\n")
+            plain(StatusCode::OK, format!("ready\n{warnings}"))
         } else {
-            let body = format!("not ready: waiting for {}\n", pending.join(", "));
+            let body = format!("not ready: waiting for {}\n{warnings}", pending.join(", "));
             plain(StatusCode::SERVICE_UNAVAILABLE, body)
         }
     }

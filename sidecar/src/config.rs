@@ -163,6 +163,28 @@ pub struct IdentityConfig {
     /// How often the files are checked for a renewed leaf.
     #[serde(default = "default_reload", with = "humantime_serde")]
     pub reload_interval: Duration,
+    /// The mesh CA (`host:port`, default port 15012; an `https://` prefix is allowed). When set,
+    /// the sidecar enrolls with `token` if it has no valid leaf, and renews its leaf from the
+    /// CA before it expires; `cert`, `key` and `bundle` are then written by the sidecar (the
+    /// bundle file must hold the mesh root to start with, to authenticate the CA).
+    #[serde(default)]
+    pub ca: Option<String>,
+    /// Bootstrap token file, from `halyard ca token create` (enrollment only).
+    #[serde(default)]
+    pub token: Option<PathBuf>,
+    /// The SPIFFE id to enroll as; required with `ca`.
+    #[serde(default)]
+    pub id: Option<halyard_certs::SpiffeId>,
+    /// Leaf lifetime to ask the CA for; default: the CA's (24 h).
+    #[serde(default, with = "humantime_serde")]
+    pub leaf_ttl: Option<Duration>,
+    /// How long one request to the CA may take.
+    #[serde(default = "default_ca_timeout", with = "humantime_serde")]
+    pub ca_timeout: Duration,
+}
+
+fn default_ca_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 /// `[service]`.
@@ -481,6 +503,9 @@ impl Config {
                 *p = base.join(&*p);
             }
         }
+        if let Some(t) = file.identity.token.as_mut().filter(|t| t.is_relative()) {
+            *t = base.join(&*t);
+        }
         let log = &mut file.access_log.path;
         if log.is_relative() && log.as_os_str() != "-" {
             *log = base.join(&*log);
@@ -528,6 +553,7 @@ fn check(file: SidecarConfig, field: FieldErr<'_>) -> Result<Config, ConfigError
         }
     }
     check_listeners(&file, field)?;
+    check_identity(&file.identity, field)?;
     let transport = TransportConfig::try_from(file.transport.clone())
         .map_err(|e| field("transport".into(), e.to_string()))?;
     if file.failure.connect_timeout.is_zero() {
@@ -558,6 +584,25 @@ fn check(file: SidecarConfig, field: FieldErr<'_>) -> Result<Config, ConfigError
         service,
         upstream_services,
     })
+}
+
+fn check_identity(identity: &IdentityConfig, field: FieldErr<'_>) -> Result<(), ConfigError> {
+    if identity.ca.is_some() && identity.id.is_none() {
+        return Err(field(
+            "identity.id".into(),
+            "required with identity.ca: the SPIFFE id to enroll as".into(),
+        ));
+    }
+    if identity.ca.is_none() && (identity.token.is_some() || identity.id.is_some()) {
+        return Err(field(
+            "identity.ca".into(),
+            "identity.token and identity.id need identity.ca, the CA to enroll with".into(),
+        ));
+    }
+    if identity.leaf_ttl.is_some_and(|t| t.is_zero()) {
+        return Err(field("identity.leaf_ttl".into(), "must be positive".into()));
+    }
+    Ok(())
 }
 
 fn check_failure(failure: &FailureConfig, field: FieldErr<'_>) -> Result<(), ConfigError> {

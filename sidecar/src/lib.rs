@@ -24,6 +24,7 @@
 
 mod admin;
 mod bounds;
+pub mod ca;
 pub mod config;
 pub mod decide;
 mod l4;

@@ -172,9 +172,17 @@ pub async fn run_until(
         listeners.clone(),
         file.limits.header_read_timeout.get(),
     ));
-    let identity = WorkloadIdentity::load(&file.identity.cert, &file.identity.key)
-        .context("identity.cert / identity.key")?;
-    let bundle = Arc::new(TrustBundle::load(&file.identity.bundle).context("identity.bundle")?);
+    let Some((identity, enroller)) =
+        crate::ca::renew::startup_identity(&file.identity, &stop).await?
+    else {
+        return Ok(());
+    };
+    let deny = Arc::new(halyard_certs::revocation::DenyList::default());
+    let bundle = Arc::new(
+        TrustBundle::load(&file.identity.bundle)
+            .context("identity.bundle")?
+            .with_deny_list(deny.clone()),
+    );
     let resolver = CertResolver::new(identity.clone());
     drop(waiting_identity);
     let bound = bind_all(&config, resolver.clone(), bundle).await?;
@@ -229,12 +237,40 @@ pub async fn run_until(
         resolver.clone(),
         listeners.clone(),
     ));
-    tasks.spawn(reload_identity(
-        config.clone(),
-        resolver,
-        reloads_tx,
-        listeners.clone(),
+    let pool = shared.pool.clone();
+    tasks.spawn(crate::ca::revoke::follow(
+        shared.snapshot.clone(),
+        deny.clone(),
+        move |revoked| pool.retain_peers(|peer| !revoked.ids.contains(&peer.id)),
     ));
+    let (endpoint, bundle_file) = (shared.pool.endpoint().clone(), file.identity.bundle.clone());
+    tasks.spawn(crate::ca::trust::follow(
+        shared.snapshot.clone(),
+        deny.clone(),
+        move |pem, bundle| {
+            if let Err(e) = endpoint.set_trust_bundle(bundle) {
+                tracing::warn!(error = %e, "trust bundle from the registry not used");
+            }
+            // The file follows, so the CA is authenticated with it and a restart starts with it.
+            if let Err(e) = halyard_certs::pem::write_atomic(&bundle_file, pem, 0o644) {
+                tracing::warn!(error = %e, "trust bundle file not written");
+            }
+        },
+    ));
+    match enroller {
+        Some(enroller) => tasks.spawn(crate::ca::renew::renew_loop(
+            enroller,
+            resolver,
+            renewal_hooks(&shared, &readiness, reloads_tx, deny),
+            listeners.clone(),
+        )),
+        None => tasks.spawn(reload_identity(
+            config.clone(),
+            resolver,
+            reloads_tx,
+            listeners.clone(),
+        )),
+    };
 
     let record = endpoint_record(&config, &id, advertise, &identity)?;
     let registration = registry
@@ -348,6 +384,48 @@ async fn refresh(
         if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
             m.open_fds.set(fds.count() as i64);
         }
+    }
+}
+
+/// What the CA renewal loop reports: new trust bundles to the endpoint, renewals and failure
+/// streaks to the metrics, `/readyz` and the reload counter.
+fn renewal_hooks(
+    shared: &Arc<Shared>,
+    readiness: &Arc<Readiness>,
+    reloads: tokio::sync::watch::Sender<u64>,
+    deny: Arc<halyard_certs::revocation::DenyList>,
+) -> crate::ca::renew::Hooks {
+    let endpoint = shared.pool.endpoint().clone();
+    let snapshot = shared.snapshot.clone();
+    let (m1, m2) = (shared.metrics.clone(), shared.metrics.clone());
+    let readiness = readiness.clone();
+    crate::ca::renew::Hooks {
+        on_bundle: Box::new(move |pem| {
+            if snapshot.borrow().trust.is_some() {
+                // The registry's bundle is the authority when there is one.
+                return;
+            }
+            let set = TrustBundle::from_pem(pem)
+                .map_err(anyhow::Error::from)
+                .and_then(|b| {
+                    let b = Arc::new(b.with_deny_list(deny.clone()));
+                    Ok(endpoint.set_trust_bundle(b)?)
+                });
+            match set {
+                Ok(()) => tracing::info!("trust bundle from the CA in force"),
+                Err(e) => tracing::warn!(error = %e, "trust bundle from the CA not used"),
+            }
+        }),
+        on_renewed: Box::new(move || {
+            m1.cert_renewals.inc();
+            reloads.send_modify(|n| *n += 1);
+        }),
+        on_failing: Box::new(move |text| {
+            if text.is_some() {
+                m2.cert_renewal_failures.inc();
+            }
+            readiness.warn("identity", text);
+        }),
     }
 }
 

@@ -42,6 +42,12 @@ pub struct Spec {
     pub prefix: String,
     /// More keys of the `[inbound]` table (`path_parameters = "keep"\n`).
     pub inbound: String,
+    /// More keys of the `[identity]` table.
+    pub identity: String,
+    /// Start with the mesh root only (no leaf): the sidecar enrolls with the CA.
+    pub enroll: bool,
+    /// The bundle an enrolling sidecar starts with; default the mesh CA's root.
+    pub bundle: Option<String>,
 }
 
 impl Spec {
@@ -58,6 +64,16 @@ impl Spec {
     }
     pub fn upstream(mut self, service: &str, port: u16) -> Spec {
         self.upstreams.push((service.into(), port));
+        self
+    }
+    /// Enrolls with the CA at `ca` using the token file `token`, as `spiffe://mesh.local/ns/default/sa/<service>`,
+    /// asking for leaves of `leaf_ttl`.
+    pub fn enroll(mut self, ca: SocketAddr, token: &std::path::Path, leaf_ttl: &str) -> Spec {
+        self.enroll = true;
+        self.identity += &format!(
+            "ca = \"{ca}\"\ntoken = {token:?}\nid = \"spiffe://{TD}/ns/default/sa/{}\"\nleaf_ttl = {leaf_ttl:?}\n",
+            self.service
+        );
         self
     }
     /// Adds `key = value` lines to the `[inbound]` table.
@@ -151,11 +167,80 @@ impl Mesh {
         out
     }
 
+    /// A fresh folder holding only `bundle.pem` (the mesh root).
+    pub fn bundle_only(&self) -> PathBuf {
+        let out = self.dir.path().join(format!("id-new-{}", rand_suffix()));
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::write(out.join("bundle.pem"), self.ca.root_pem()).unwrap();
+        out
+    }
+
+    /// Starts a CA server for this mesh's CA on `127.0.0.1:0` with `extra` config lines.
+    pub async fn ca_server(&self, extra: &str) -> CaServer {
+        self.ca_server_with(&self.ca, extra).await
+    }
+
+    /// Starts a CA server signing with `ca` (another root, or an intermediate).
+    pub async fn ca_server_with(&self, ca: &MeshCa, extra: &str) -> CaServer {
+        let dir = self.dir.path().join(format!("ca-{}", rand_suffix()));
+        ca.write(&dir, false).unwrap();
+        let listen = if extra.contains("listen") {
+            ""
+        } else {
+            "listen = \"127.0.0.1:0\"\n"
+        };
+        let text = format!(
+            "{listen}dir = {dir:?}\nregistry = {:?}\n{extra}",
+            self.registry
+        );
+        let path = dir.join("ca.toml");
+        std::fs::write(&path, text).unwrap();
+        let config = crate::ca::server::CaServerConfig::load(&path).unwrap();
+        let stop = CancellationToken::new();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(crate::ca::server::serve(config, stop.clone(), Some(tx)));
+        let addr = match rx.await {
+            Ok(s) => s.addr,
+            Err(_) => panic!("CA failed to start: {:?}", task.await),
+        };
+        CaServer { addr, stop, task }
+    }
+
+    /// Creates a token for `spiffe://mesh.local/ns/default/sa/<account>` and writes it to a file.
+    pub async fn token(&self, account: &str, ttl: Duration, uses: u32) -> PathBuf {
+        use halyard_certs::enroll::{BootstrapToken, TokenRecord};
+        let store = halyard_registry::ca_store::CaStore::connect(
+            &self.registry,
+            "default",
+            Duration::from_secs(3),
+        )
+        .await
+        .unwrap();
+        let id = SpiffeId::workload(self.ca.trust_domain(), "default", account).unwrap();
+        let token = BootstrapToken::generate();
+        let record = TokenRecord::new(id, std::time::SystemTime::now(), ttl, uses);
+        store.create_token(&token.hash(), &record).await.unwrap();
+        let path = self
+            .dir
+            .path()
+            .join(format!("token-{account}-{}", rand_suffix()));
+        std::fs::write(&path, format!("{}\n", token.secret())).unwrap();
+        path
+    }
+
     pub fn config_text(&self, spec: &Spec) -> String {
-        let id = self.identity(&spec.service);
+        let id = if spec.enroll {
+            let out = self.bundle_only();
+            if let Some(pem) = &spec.bundle {
+                std::fs::write(out.join("bundle.pem"), pem).unwrap();
+            }
+            out
+        } else {
+            self.identity(&spec.service)
+        };
         let mut t = spec.prefix.clone();
         t += &format!(
-            "registry = {:?}\nstate_dir = {:?}\n[identity]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\nreload_interval = \"200ms\"\n\
+            "registry = {:?}\nstate_dir = {:?}\n[identity]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\nreload_interval = \"200ms\"\n{}\
              [service]\nname = {:?}\nversion = {:?}\n[inbound]\nlisten = \"{}\"\napp_host = \"{}\"\n{}\
              [admin]\nlisten = \"127.0.0.1:0\"\n",
             self.registry,
@@ -163,6 +248,7 @@ impl Mesh {
             id.join("cert.pem"),
             id.join("key.pem"),
             id.join("bundle.pem"),
+            spec.identity,
             spec.service,
             spec.version,
             spec.listen
@@ -208,6 +294,20 @@ impl Mesh {
             stop,
             task,
         }
+    }
+}
+
+/// A CA server running in this process.
+pub struct CaServer {
+    pub addr: SocketAddr,
+    pub stop: CancellationToken,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl CaServer {
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        self.task.await.unwrap().unwrap();
     }
 }
 

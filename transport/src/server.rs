@@ -34,6 +34,13 @@ pub trait Handler: Send + Sync + 'static {
             request.respond(StatusCode::METHOD_NOT_ALLOWED).await;
         }
     }
+
+    /// Completes when `peer` must no longer be served (its identity was revoked): the
+    /// connection is then closed with every request on it. The default never completes.
+    fn peer_revoked(&self, peer: &Peer) -> impl Future<Output = ()> + Send + 'static {
+        let _ = peer;
+        std::future::pending()
+    }
 }
 
 /// Who sent a request: the verified id and the address it came from.
@@ -269,10 +276,20 @@ async fn serve_connection<H: Handler>(
         Ok(h3) => h3,
         Err(e) => return tracing::debug!(%remote, error = %e, "http/3 setup failed"),
     };
-    let mut requests = Requests::new(conn, Peer { id, addr: remote }, handler);
+    let peer = Peer { id, addr: remote };
+    let revoked = handler.peer_revoked(&peer);
+    let closer = conn.clone();
+    let watcher = tokio::spawn(async move {
+        revoked.await;
+        // RFC 9114 §8.1: H3_REQUEST_REJECTED is for streams; a revoked peer loses the whole
+        // connection, with H3_INTERNAL_ERROR (0x102) and a reason it can log.
+        closer.close(quinn::VarInt::from_u32(0x102), b"peer identity revoked");
+    });
+    let mut requests = Requests::new(conn, peer, handler);
     if requests.run(&mut h3, draining).await {
         requests.drain(&mut h3).await;
     }
+    watcher.abort();
 }
 
 type H3Server = h3::server::Connection<h3_quinn::Connection, Bytes>;

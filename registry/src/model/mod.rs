@@ -84,11 +84,15 @@ pub enum Kind {
     Status,
     /// `ExternalService`, key `externalservices/<name>`.
     ExternalService,
+    /// `Revocations`, key `revocations`.
+    Revocations,
+    /// `TrustBundle`, key `trust`.
+    TrustBundle,
 }
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Service,
         Kind::Route,
         Kind::Policy,
@@ -96,6 +100,8 @@ impl Kind {
         Kind::Endpoint,
         Kind::Status,
         Kind::ExternalService,
+        Kind::Revocations,
+        Kind::TrustBundle,
     ];
 
     /// The name written in `kind`.
@@ -108,6 +114,8 @@ impl Kind {
             Kind::Endpoint => "Endpoint",
             Kind::Status => "Status",
             Kind::ExternalService => "ExternalService",
+            Kind::Revocations => "Revocations",
+            Kind::TrustBundle => "TrustBundle",
         }
     }
 
@@ -121,6 +129,8 @@ impl Kind {
             Kind::Endpoint => "endpoints",
             Kind::Status => "status",
             Kind::ExternalService => "externalservices",
+            Kind::Revocations => "revocations",
+            Kind::TrustBundle => "trust",
         }
     }
 
@@ -953,6 +963,26 @@ impl ExternalService {
     }
 }
 
+/// The deny list, key `revocations`: identities and leaf serials that no handshake accepts, on
+/// either side, and whose open connections are closed.
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Revocations {
+    /// Revoked SPIFFE ids.
+    pub ids: std::collections::BTreeSet<SpiffeId>,
+    /// Revoked leaf serials, lowercase hex without leading zero bytes.
+    pub serials: std::collections::BTreeSet<String>,
+}
+
+/// The mesh's trust bundle, key `trust`: the roots every sidecar and CA server trusts, hot. During
+/// a CA rotation it holds the old and the new root together.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TrustBundle {
+    /// One or more root certificates, PEM (parsed and checked as trust anchors on the way in).
+    pub roots: String,
+}
+
 /// A sidecar serving one service, written by that sidecar on a lease.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -1017,6 +1047,10 @@ pub enum Object {
     Status(Status),
     /// A destination outside the mesh.
     ExternalService(ExternalService),
+    /// The deny list.
+    Revocations(Revocations),
+    /// The trust bundle.
+    TrustBundle(TrustBundle),
 }
 
 impl Object {
@@ -1030,6 +1064,8 @@ impl Object {
             Object::Endpoint(_) => Kind::Endpoint,
             Object::Status(_) => Kind::Status,
             Object::ExternalService(_) => Kind::ExternalService,
+            Object::Revocations(_) => Kind::Revocations,
+            Object::TrustBundle(_) => Kind::TrustBundle,
         }
     }
 
@@ -1043,6 +1079,8 @@ impl Object {
             Object::Endpoint(e) => Key::Endpoint(e.service.to_string(), e.id.clone()),
             Object::Status(s) => Key::Status(s.sidecar.clone()),
             Object::ExternalService(e) => Key::ExternalService(e.name.to_string()),
+            Object::Revocations(_) => Key::Revocations,
+            Object::TrustBundle(_) => Key::Trust,
         }
     }
 
@@ -1057,6 +1095,8 @@ impl Object {
             Object::Endpoint(o) => f(&Tagged { kind, inner: o }),
             Object::Status(o) => f(&Tagged { kind, inner: o }),
             Object::ExternalService(o) => f(&Tagged { kind, inner: o }),
+            Object::Revocations(o) => f(&Tagged { kind, inner: o }),
+            Object::TrustBundle(o) => f(&Tagged { kind, inner: o }),
         }
     }
 

@@ -248,6 +248,21 @@ pub(crate) struct To {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct TrustBundle {
+    pub roots: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct Revocations {
+    #[serde(default)]
+    pub ids: Vec<String>,
+    #[serde(default)]
+    pub serials: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(crate) struct MeshConfig {
     pub default_policy: String,
     pub trust_domain: String,

@@ -47,7 +47,7 @@ fn take_kind(
         (Some(k), _) | (None, Some(k)) => Ok(k),
         (None, None) => Err(ValidationError::at(
             "kind",
-            "missing kind: one of Service, Route, Policy, MeshConfig, Endpoint, Status",
+            "missing kind: one of Service, Route, Policy, MeshConfig, Endpoint, Status, Revocations, TrustBundle",
         )),
     }
 }
@@ -59,7 +59,7 @@ fn parse_kind(s: &str) -> Result<Kind, ValidationError> {
         .ok_or_else(|| {
             ValidationError::at(
                 "kind",
-                format!("unknown kind {s:?}: expected Service, Route, Policy, MeshConfig, ExternalService, Endpoint or Status"),
+                format!("unknown kind {s:?}: expected Service, Route, Policy, MeshConfig, ExternalService, Endpoint, Status, Revocations or TrustBundle"),
             )
         })
 }
@@ -77,6 +77,8 @@ pub(super) fn object(
         Kind::Endpoint => Object::Endpoint(endpoint(decode(value)?)?),
         Kind::Status => Object::Status(status(decode(value)?)?),
         Kind::ExternalService => Object::ExternalService(external_service(decode(value)?)?),
+        Kind::Revocations => Object::Revocations(revocations(decode(value)?)?),
+        Kind::TrustBundle => Object::TrustBundle(trust_bundle(decode(value)?)?),
     })
 }
 
@@ -103,7 +105,7 @@ fn name_field(obj: &Object) -> (&'static str, ()) {
     match obj {
         Object::Service(_) | Object::ExternalService(_) => ("name", ()),
         Object::Route(_) | Object::Policy(_) | Object::Endpoint(_) => ("service", ()),
-        Object::MeshConfig(_) => ("", ()),
+        Object::MeshConfig(_) | Object::Revocations(_) | Object::TrustBundle(_) => ("", ()),
         Object::Status(_) => ("sidecar", ()),
     }
 }
@@ -800,6 +802,57 @@ fn path_pattern(path: &str, s: &str) -> Result<PathPattern, ValidationError> {
         None => Ok(PathPattern::Exact(check::url_path(path, s)?)),
         Some(_) => Err(ValidationError::at(path, "'*' is only allowed at the end")),
     }
+}
+
+fn trust_bundle(raw: raw::TrustBundle) -> Result<TrustBundle, ValidationError> {
+    // Never empty, every block a usable root: a bad bundle would cut every sidecar off.
+    let bundle = halyard_certs::TrustBundle::from_pem(&raw.roots).map_err(|e| {
+        ValidationError::at(
+            "roots",
+            format!("not a PEM bundle of one or more root certificates: {e}"),
+        )
+    })?;
+    Ok(TrustBundle {
+        roots: bundle.to_pem(),
+    })
+}
+
+fn revocations(raw: raw::Revocations) -> Result<Revocations, ValidationError> {
+    let mut out = Revocations::default();
+    for (i, id) in raw.ids.iter().enumerate() {
+        let parsed = SpiffeId::parse(id).map_err(|e| {
+            ValidationError::at(
+                format!("ids[{i}]"),
+                format!("{id:?} is not a SPIFFE id: {e}"),
+            )
+        })?;
+        out.ids.insert(parsed);
+    }
+    for (i, serial) in raw.serials.iter().enumerate() {
+        let hex = serial
+            .trim_start_matches("0x")
+            .replace(':', "")
+            .to_ascii_lowercase();
+        if hex.is_empty() || hex.len() > 40 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ValidationError::at(
+                format!("serials[{i}]"),
+                format!("{serial:?} is not a serial number: expected hex digits, e.g. 3f0a9c..."),
+            ));
+        }
+        // The form the deny list compares: whole bytes, leading zero bytes dropped.
+        let padded = if hex.len() % 2 == 1 {
+            format!("0{hex}")
+        } else {
+            hex
+        };
+        let trimmed = padded.trim_start_matches("00").to_owned();
+        out.serials.insert(if trimmed.is_empty() {
+            "00".into()
+        } else {
+            trimmed
+        });
+    }
+    Ok(out)
 }
 
 fn mesh_config(raw: raw::MeshConfig) -> Result<MeshConfig, ValidationError> {

@@ -1,4 +1,5 @@
-//! `halyard ca`: create the mesh CA and issue workload identities from it.
+//! `halyard ca`: create the mesh CA, issue workload identities from it, make intermediates for
+//! CA servers, run a CA server, and create bootstrap tokens for enrollment.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -43,6 +44,62 @@ enum CaCommand {
         #[arg(long, default_value = "24h")]
         ttl: String,
     },
+    /// Make an intermediate CA for one CA server, signed by the (offline) root in --root:
+    /// writes OUT/ca.crt (intermediate, then root) and OUT/ca.key (0600).
+    Intermediate {
+        /// Folder of the root CA.
+        #[arg(long)]
+        root: PathBuf,
+        /// Folder for the intermediate.
+        #[arg(long)]
+        out: PathBuf,
+        /// A name for this CA server, put in the certificate's common name.
+        #[arg(long, default_value = "Halyard CA server")]
+        name: String,
+        /// Lifetime of the intermediate.
+        #[arg(long, default_value = "8784h")]
+        ttl: String,
+        /// Replace an existing CA in OUT.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run the CA server (TLS 1.3, default port 15012) from a config file.
+    Serve {
+        /// The CA server config file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Bootstrap tokens for enrollment.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum TokenCommand {
+    /// Create a token bound to one SPIFFE id and print it (or write it to --out, mode 0600).
+    /// Only its SHA-256 is stored, in the registry, with its expiry and remaining uses.
+    Create {
+        /// The one SPIFFE id the token may enroll.
+        #[arg(long)]
+        id: String,
+        /// How long the token is valid.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// How many enrollments it allows.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Registry URL (etcd://host:port,... or file:///dir).
+        #[arg(long)]
+        registry: String,
+        /// Mesh name.
+        #[arg(long, default_value = "default")]
+        mesh: String,
+        /// Write the token to this file (0600) instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 /// Runs `halyard ca`.
@@ -54,7 +111,107 @@ pub fn run(args: CaArgs) -> anyhow::Result<()> {
             force,
         } => init(dir, &trust_domain, force),
         CaCommand::Issue { dir, id, out, ttl } => issue(dir, &id, out, &ttl),
+        CaCommand::Intermediate {
+            root,
+            out,
+            name,
+            ttl,
+            force,
+        } => intermediate(&root, &out, &name, &ttl, force),
+        CaCommand::Serve { config } => serve(&config),
+        CaCommand::Token {
+            command:
+                TokenCommand::Create {
+                    id,
+                    ttl,
+                    uses,
+                    registry,
+                    mesh,
+                    out,
+                },
+        } => token_create(&id, &ttl, uses, &registry, &mesh, out.as_deref()),
     }
+}
+
+fn intermediate(
+    root: &std::path::Path,
+    out: &std::path::Path,
+    name: &str,
+    ttl: &str,
+    force: bool,
+) -> anyhow::Result<()> {
+    let ttl = parse_ttl(ttl)?;
+    let root_ca = MeshCa::load(root)?;
+    let inter = root_ca.intermediate(name, ttl)?;
+    inter.write(out, force)?;
+    println!(
+        "created intermediate CA for {} in {}, valid until {}",
+        inter.trust_domain(),
+        out.display(),
+        inter.not_after()
+    );
+    Ok(())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn serve(config: &std::path::Path) -> anyhow::Result<()> {
+    let config = halyard_sidecar::ca::server::CaServerConfig::load(config)?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    runtime()?.block_on(async {
+        halyard_sidecar::signal::cancel_on_signal(&stop);
+        let (tx, rx) = tokio::sync::oneshot::channel::<halyard_sidecar::ca::server::StartedCa>();
+        let announce = tokio::spawn(async move {
+            // Scripts and tests read the bound address (listen may say port 0) from stdout.
+            if let Ok(started) = rx.await {
+                println!("CA listening on {}", started.addr);
+            }
+        });
+        let result = halyard_sidecar::ca::server::serve(config, stop, Some(tx)).await;
+        announce.abort();
+        result
+    })
+}
+
+fn token_create(
+    id: &str,
+    ttl: &str,
+    uses: u32,
+    registry: &str,
+    mesh: &str,
+    out: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    use halyard_certs::enroll::{BootstrapToken, TokenRecord};
+    let id = SpiffeId::parse(id).with_context(|| format!("--id {id:?}"))?;
+    let ttl = parse_ttl(ttl)?;
+    anyhow::ensure!(uses > 0, "--uses {uses}: must be at least 1");
+    let token = BootstrapToken::generate();
+    let record = TokenRecord::new(id.clone(), std::time::SystemTime::now(), ttl, uses);
+    runtime()?.block_on(async {
+        let store =
+            halyard_registry::ca_store::CaStore::connect(registry, mesh, Duration::from_secs(5))
+                .await
+                .with_context(|| format!("--registry {registry:?}"))?;
+        store.create_token(&token.hash(), &record).await?;
+        anyhow::Ok(())
+    })?;
+    let secret = format!("{}\n", token.secret());
+    match out {
+        Some(path) => {
+            halyard_certs::pem::write_atomic(path, &secret, 0o600)?;
+            eprintln!(
+                "token for {id} ({uses} use(s), valid {}) written to {}",
+                humantime::format_duration(ttl),
+                path.display()
+            );
+        }
+        None => print!("{secret}"),
+    }
+    Ok(())
 }
 
 fn init(dir: PathBuf, trust_domain: &str, force: bool) -> anyhow::Result<()> {

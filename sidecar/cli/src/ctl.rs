@@ -149,7 +149,7 @@ fn selected(obj: &Object, name: Option<&str>) -> bool {
         Object::Endpoint(e) => {
             name == e.service.as_str() || name == format!("{}/{}", e.service, e.id)
         }
-        Object::MeshConfig(_) => true,
+        Object::MeshConfig(_) | Object::Revocations(_) | Object::TrustBundle(_) => true,
         other => other.key().path().rsplit('/').next() == Some(name),
     }
 }
@@ -183,7 +183,11 @@ async fn get(args: &CtlArgs, kind: &str, name: Option<&str>, output: &str) -> an
     } else {
         Format::Yaml
     };
-    let single = name.is_some() && kind != Kind::Endpoint || kind == Kind::MeshConfig;
+    let single = name.is_some() && kind != Kind::Endpoint
+        || matches!(
+            kind,
+            Kind::MeshConfig | Kind::Revocations | Kind::TrustBundle
+        );
     print!("{}", render(&objects, format, single));
     Ok(())
 }

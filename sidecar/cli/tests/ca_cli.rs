@@ -230,3 +230,117 @@ fn bad_input_writes_nothing() {
         assert!(!wrote, "{extra:?} wrote the out directory");
     }
 }
+
+/// The recommended layout as a user builds it: an offline root, an intermediate for the CA
+/// server, `ca serve`, a token from `ca token create`, and an enrollment whose leaf chains to
+/// the root through the intermediate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_an_intermediate_and_enroll_with_a_created_token() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().unwrap();
+    let (root, inter, reg) = (
+        tmp.path().join("root"),
+        tmp.path().join("ca1"),
+        tmp.path().join("registry"),
+    );
+    std::fs::create_dir_all(&reg).unwrap();
+    init_ca(&root, "mesh.local");
+    let made = halyard(&[
+        "ca",
+        "intermediate",
+        "--root",
+        path(&root),
+        "--out",
+        path(&inter),
+    ]);
+    assert!(made.status.success(), "{}", stderr(&made));
+    assert_eq!(mode(&inter.join("ca.key")), 0o600);
+    let url = format!("file://{}", reg.display());
+    let config = tmp.path().join("ca.toml");
+    std::fs::write(
+        &config,
+        format!("listen = \"127.0.0.1:0\"\ndir = \"ca1\"\nregistry = {url:?}\nleaf_ttl = \"1h\"\n"),
+    )
+    .unwrap();
+
+    // A CA key others can read is refused before anything listens.
+    std::fs::set_permissions(inter.join("ca.key"), std::fs::Permissions::from_mode(0o640)).unwrap();
+    let refused = halyard(&["ca", "serve", "--config", path(&config)]);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("chmod 600"),
+        "{}",
+        stderr(&refused)
+    );
+    std::fs::set_permissions(inter.join("ca.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    let mut server = Command::new(env!("CARGO_BIN_EXE_halyard"))
+        .args(["ca", "serve", "--config", path(&config)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let addr: std::net::SocketAddr = first
+        .trim()
+        .strip_prefix("CA listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+        .parse()
+        .unwrap();
+
+    let token_file = tmp.path().join("token");
+    let id = "spiffe://mesh.local/ns/default/sa/reviews";
+    let created = halyard(&[
+        "ca",
+        "token",
+        "create",
+        "--id",
+        id,
+        "--ttl",
+        "10m",
+        "--uses",
+        "1",
+        "--registry",
+        &url,
+        "--out",
+        path(&token_file),
+    ]);
+    assert!(created.status.success(), "{}", stderr(&created));
+    assert_eq!(mode(&token_file), 0o600);
+    let token = halyard_certs::enroll::BootstrapToken::parse(
+        &std::fs::read_to_string(&token_file).unwrap(),
+    )
+    .unwrap();
+    // Only the hash is stored.
+    let stored = std::fs::read_dir(reg.join(".halyard-ca/default/tokens"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect::<Vec<_>>();
+    assert_eq!(stored, vec![format!("{}.json", token.hash())]);
+
+    let bundle =
+        std::sync::Arc::new(halyard_certs::TrustBundle::load(&root.join("ca.crt")).unwrap());
+    let ca_id = halyard_certs::SpiffeId::parse("spiffe://mesh.local/halyard/ca").unwrap();
+    let client = halyard_sidecar::ca::client::CaClient::new(
+        &addr.to_string(),
+        ca_id,
+        std::time::Duration::from_secs(5),
+    );
+    let (key, csr) =
+        halyard_certs::workload::generate_csr(&halyard_certs::SpiffeId::parse(id).unwrap())
+            .unwrap();
+    let req = halyard_sidecar::ca::SignRequest {
+        csr,
+        ttl_seconds: None,
+    };
+    let signed = client.enroll(bundle, &token, &req).await.unwrap();
+    assert_eq!(halyard_certs::pem::certs(&signed.chain).unwrap().len(), 2);
+    let ident =
+        halyard_certs::WorkloadIdentity::from_pem(&signed.chain, &key.serialize_pem()).unwrap();
+    assert_eq!(ident.id().as_str(), id);
+    let _ = server.kill();
+    let _ = server.wait();
+}

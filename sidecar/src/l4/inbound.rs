@@ -85,6 +85,13 @@ impl Handler for Inbound {
             .track_future(crate::l7::inbound::serve(&self.shared, &self.apps, req))
             .await
     }
+
+    fn peer_revoked(
+        &self,
+        peer: &halyard_transport::Peer,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        crate::ca::revoke::until_revoked(self.shared.snapshot.clone(), peer.id.clone())
+    }
 }
 
 impl Inbound {

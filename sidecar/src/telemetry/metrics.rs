@@ -62,6 +62,10 @@ pub(crate) struct Metrics {
     pub(crate) registry_rejected: IntGauge,
     /// `halyard_cert_expiry_seconds`.
     pub(crate) cert_expiry: Gauge,
+    /// `halyard_cert_renewals_total`: leaves obtained from the CA (enrollments and renewals).
+    pub(crate) cert_renewals: IntCounter,
+    /// `halyard_cert_renewal_failures_total`: failed requests to the CA.
+    pub(crate) cert_renewal_failures: IntCounter,
     /// `halyard_quic_rtt_seconds` by peer.
     pub(crate) quic_rtt: GaugeVec,
     /// `halyard_quic_lost_packets_total` by peer (read from QUIC's own counters).
@@ -258,6 +262,16 @@ impl Metrics {
                 &r,
                 "halyard_cert_expiry_seconds",
                 "Seconds until the workload certificate expires",
+            )?,
+            cert_renewals: int_counter(
+                &r,
+                "halyard_cert_renewals_total",
+                "Workload certificates obtained from the mesh CA (enrollments and renewals)",
+            )?,
+            cert_renewal_failures: int_counter(
+                &r,
+                "halyard_cert_renewal_failures_total",
+                "Failed requests to the mesh CA for a workload certificate",
             )?,
             quic_rtt: gauge_vec(
                 &r,
