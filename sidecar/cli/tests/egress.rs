@@ -10,69 +10,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use halyard_sidecar::test_util::{metric, Mesh, Sidecar, Spec};
+
+mod common;
+use common::{run, NetNs};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const OUTSIDE: &str = "10.99.0.2";
 
-/// A network namespace that exists while this value lives.
-struct NetNs(String);
-
-impl NetNs {
-    fn create(tag: &str) -> NetNs {
-        let name = format!(
-            "hly-eg{tag}-{}",
-            halyard_sidecar::test_util::rand_suffix() % 100_000
-        );
-        run(&["ip", "netns", "add", &name]);
-        let ns = NetNs(name);
-        ns.exec(&["ip", "link", "set", "lo", "up"]);
-        ns
-    }
-
-    fn exec(&self, args: &[&str]) -> String {
-        let mut all = vec!["ip", "netns", "exec", &self.0];
-        all.extend_from_slice(args);
-        run(&all)
-    }
-
-    /// Moves the calling thread into the namespace.
-    fn enter(&self) {
-        let f = std::fs::File::open(format!("/var/run/netns/{}", self.0)).unwrap();
-        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn run(args: &[&str]) -> String {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 fn can_run() -> bool {
-    let root = nix::unistd::Uid::effective().is_root();
-    let tools = ["ip", "iptables"].iter().all(|t| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {t}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    if !(root && tools) {
-        eprintln!(
-            "SKIPPED: egress namespaces need root, ip and iptables (make deps; CI runs as root)"
-        );
-    }
-    root && tools
+    common::can_run(&["ip", "iptables"], "egress namespaces")
 }
 
 /// Links namespace `a` (address `a_ip`) and `b` (`b_ip`) by a veth pair on a /24.
@@ -318,13 +265,6 @@ fn in_ns<T: Send + 'static>(
     })
 }
 
-impl NetNs {
-    fn enter_and_forget(self) {
-        self.enter();
-        std::mem::forget(self);
-    }
-}
-
 fn objects(pki: &OutsidePki) -> String {
     let indent = |pem: &str| {
         pem.lines()
@@ -354,9 +294,12 @@ fn egress_goes_through_the_gateway_and_only_there() {
     if !can_run() {
         return;
     }
-    let app_ns = NetNs::create("a");
-    let gw_ns = NetNs::create("g");
-    let out_ns = NetNs::create("o");
+    let app_ns = NetNs::named("hly-ega");
+    let gw_ns = NetNs::named("hly-egg");
+    let out_ns = NetNs::named("hly-ego");
+    for ns in [&app_ns, &gw_ns, &out_ns] {
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+    }
     link(&app_ns, "10.98.0.1", &gw_ns, "10.98.0.2");
     link(&gw_ns, "10.99.0.1", &out_ns, OUTSIDE);
     // The app's routes lead to the outside through the gateway's namespace, which does not

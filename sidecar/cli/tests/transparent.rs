@@ -7,44 +7,8 @@ use std::process::Command;
 
 use halyard_sidecar::test_util::{call, metric, tagged_echo, Mesh, Spec};
 
-/// A network namespace that exists while this value lives.
-struct NetNs(String);
-
-impl NetNs {
-    fn create() -> NetNs {
-        let name = format!("hly-test-{}", halyard_sidecar::test_util::rand_suffix());
-        run(&["ip", "netns", "add", &name]);
-        NetNs(name)
-    }
-
-    fn exec(&self, args: &[&str]) -> String {
-        let mut all = vec!["ip", "netns", "exec", &self.0];
-        all.extend_from_slice(args);
-        run(&all)
-    }
-
-    /// Moves the calling thread into the namespace: every socket it opens from now on lives there.
-    fn enter(&self) {
-        let f = std::fs::File::open(format!("/var/run/netns/{}", self.0)).unwrap();
-        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn run(args: &[&str]) -> String {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+mod common;
+use common::NetNs;
 
 /// The nat table without counters and comments, to compare rule sets.
 fn nat_rules(ns: &NetNs) -> String {
@@ -57,19 +21,7 @@ fn nat_rules(ns: &NetNs) -> String {
 }
 
 fn can_run() -> bool {
-    let root = nix::unistd::Uid::effective().is_root();
-    let tools = ["ip", "iptables", "iptables-save"].iter().all(|t| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {t}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    if !(root && tools) {
-        eprintln!(
-            "SKIPPED: transparent capture needs root, ip and iptables (make deps; CI runs as root)"
-        );
-    }
-    root && tools
+    common::can_run(&["ip", "iptables", "iptables-save"], "transparent capture")
 }
 
 #[test]
@@ -77,7 +29,7 @@ fn transparent_capture_serves_the_vip_through_the_mesh() {
     if !can_run() {
         return;
     }
-    let ns = NetNs::create();
+    let ns = NetNs::named("hly-test");
     ns.exec(&["ip", "link", "set", "lo", "up"]);
     // The virtual IPs route out of a veth (both ends in this namespace), as they would out of a
     // pod's eth0.
@@ -101,13 +53,6 @@ fn transparent_capture_serves_the_vip_through_the_mesh() {
 
     let after = nat_rules(&ns);
     assert_eq!(after, before, "iptables remove left the nat table changed");
-}
-
-impl NetNs {
-    fn enter_and_forget(self) {
-        self.enter();
-        std::mem::forget(self);
-    }
 }
 
 async fn mesh_in_namespace(ns: &str) {
