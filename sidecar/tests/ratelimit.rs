@@ -180,7 +180,6 @@ async fn a_service_wide_total_holds_across_endpoints_and_redivides() {
             s.endpoints_of("ratings").count() == 3
         })
         .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let (ok, _, _) = drive(up, 400, secs).await;
     let rate = f64::from(ok) / secs;
     eprintln!("three endpoints: admitted {rate:.1} rps");

@@ -448,9 +448,12 @@ async fn a_pod_whose_app_and_sidecar_stop_together_fails_no_request() {
     } = pair("http", port, &[("v1", ip1), ("v2", ip2)], "").await;
     let up = pp.upstream(0);
     let client = halyard_sidecar::test_util::http_client();
+    // Every caller has had answers before the stop: the stop lands in running traffic.
+    let answered = Arc::new(tokio::sync::Barrier::new(5));
     let callers: Vec<_> = (0..4)
         .map(|_| {
             let client = client.clone();
+            let answered = answered.clone();
             tokio::spawn(async move {
                 let mut answers = Vec::new();
                 for i in 0..60 {
@@ -461,13 +464,16 @@ async fn a_pod_whose_app_and_sidecar_stop_together_fails_no_request() {
                     let status = resp.status().as_u16();
                     let body = resp.into_body().collect().await.unwrap().to_bytes();
                     answers.push((status, String::from_utf8_lossy(&body).into_owned()));
+                    if i == 2 {
+                        answered.wait().await;
+                    }
                 }
                 answers
             })
         })
         .collect();
     // Both at once, a few requests in: the app exits, its sidecar drains.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    answered.wait().await;
     sigterm.cancel();
     let v1 = _servers.remove(0);
     let drained = tokio::spawn(v1.shutdown());
