@@ -38,6 +38,15 @@ pub fn server_config_with(
     bundle: Arc<TrustBundle>,
 ) -> Result<ServerConfig, CertError> {
     let verifier = Arc::new(SpiffeClientVerifier::new(bundle, trust_domain));
+    tls13_server(verifier, resolver)
+}
+
+/// TLS 1.3 only, clients checked by `verifier`, no session resumption (every handshake proves
+/// the peer's current certificate).
+fn tls13_server(
+    verifier: Arc<SpiffeClientVerifier>,
+    resolver: Arc<dyn ResolvesServerCert>,
+) -> Result<ServerConfig, CertError> {
     let mut config = ServerConfig::builder_with_provider(Arc::new(provider()))
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -55,12 +64,7 @@ pub fn ca_server_config(
     bundle: Arc<TrustBundle>,
 ) -> Result<ServerConfig, CertError> {
     let verifier = Arc::new(SpiffeClientVerifier::optional(bundle, trust_domain));
-    let mut config = ServerConfig::builder_with_provider(Arc::new(provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_cert_resolver(resolver);
-    config.session_storage = Arc::new(NoServerSessionStorage {});
-    config.send_tls13_tickets = 0;
+    let mut config = tls13_server(verifier, resolver)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
 }
