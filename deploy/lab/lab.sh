@@ -2,9 +2,11 @@
 # The sample mesh as if across hosts: each workload (a `halyard sample-app` and its `halyard
 # sidecar`) in its own network namespace, joined by veth pairs to a bridge that lives in a
 # namespace of its own; transparent capture (`halyard iptables install`) in every workload
-# namespace. Nothing is configured in the root namespace.
+# namespace. Nothing is configured in the root namespace. Identities as in production: an
+# offline root signs the CA server's intermediate; the CA server (`halyard ca serve`) runs in the
+# bridge namespace; each sidecar makes its own key and enrolls with a one-use bootstrap token.
 #
-#   sudo deploy/lab/lab.sh up       # namespaces, CA, registry, processes; waits until ready
+#   sudo deploy/lab/lab.sh up       # namespaces, CA server, registry, processes; waits until ready
 #   sudo deploy/lab/lab.sh status   # namespaces, addresses, processes, readiness
 #   sudo deploy/lab/lab.sh curl     # one page from the client namespace, through the mesh
 #   sudo deploy/lab/lab.sh down     # stops everything and deletes every namespace it made
@@ -74,9 +76,12 @@ state_dir = "$DIR/state/$name"
 id = "$name"
 
 [identity]
-cert = "$DIR/id/$svc/cert.pem"
-key = "$DIR/id/$svc/key.pem"
-bundle = "$DIR/id/$svc/bundle.pem"
+cert = "$DIR/id/$name/cert.pem"
+key = "$DIR/id/$name/key.pem"
+bundle = "$DIR/id/$name/bundle.pem"
+ca = "$NET.1:15012"
+token = "$DIR/id/$name/token"
+id = "spiffe://mesh.local/ns/default/sa/$svc"
 
 [service]
 name = "$svc"
@@ -126,6 +131,33 @@ start_bg() { # ns logname args...
   echo $! >>"$DIR/pids"
 }
 
+start_ca() { # the offline root, the CA server's intermediate, the CA server in the bridge namespace
+  say "CA server on $NET.1:15012 (offline root in $DIR/root)"
+  "$HALYARD" ca init --dir "$DIR/root" --trust-domain mesh.local --force >/dev/null
+  "$HALYARD" ca intermediate --root "$DIR/root" --out "$DIR/ca1" --ttl 720h --force >/dev/null
+  cat >"$DIR/ca.toml" <<EOF
+listen = "$NET.1:15012"
+dir = "ca1"
+registry = "file://$DIR/registry"
+mesh = "default"
+leaf_ttl = "24h"
+EOF
+  start_bg "$BRNS" ca "$HALYARD" ca serve --config "$DIR/ca.toml"
+  local i
+  for i in $(seq 1 100); do
+    grep -q "CA listening" "$DIR/logs/ca.log" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  die "CA server not listening; see $DIR/logs/ca.log"
+}
+
+enroll_token() { # name service: a one-use token for the workload's id, and the root to trust
+  mkdir -p "$DIR/id/$1"
+  "$HALYARD" ca token create --id "spiffe://mesh.local/ns/default/sa/$2" \
+    --registry "file://$DIR/registry" --ttl 10m --uses 1 --out "$DIR/id/$1/token" 2>/dev/null
+  cp "$DIR/root/ca.crt" "$DIR/id/$1/bundle.pem"
+}
+
 app_args() { # svc ver port calls
   local svc=$1 ver=$2 port=$3 calls=$4 c s p
   printf '%s\n' sample-app --service "$svc" --version "$ver" --listen "127.0.0.1:$port"
@@ -159,20 +191,18 @@ up() {
   ip netns list | grep -q "^$BRNS\b" && die "already up (lab.sh down first)"
   mkdir -p "$DIR"/{logs,state,id}
   : >"$DIR/pids"
-  say "CA and identities in $DIR"
-  "$HALYARD" ca init --dir "$DIR/ca" --trust-domain mesh.local --force >/dev/null
-  for svc in client productpage details reviews ratings; do
-    "$HALYARD" ca issue --dir "$DIR/ca" --id "spiffe://mesh.local/ns/default/sa/$svc" --out "$DIR/id/$svc" >/dev/null
-  done
   mkdir -p "$DIR/registry/default"
   registry_objects | "$HALYARD" ctl --registry "file://$DIR/registry" apply -f - >/dev/null
   make_bridge
+  start_ca
   local i=0 name svc ver octet port calls ns
   for w in "${WORKLOADS[@]}"; do
     read -r name svc ver octet port calls <<<"$w"
     i=$((i + 1)); ns=$PREFIX-$name
     make_workload_ns "$i" "$name" "$octet"
-    nsx "$ns" "$HALYARD" iptables install --capture-port 15001 >/dev/null
+    # The sidecar's own calls to the CA (15012/tcp) are not the app's: never captured.
+    nsx "$ns" "$HALYARD" iptables install --capture-port 15001 --exclude-ports 15012 >/dev/null
+    enroll_token "$name" "$svc"
     sidecar_config "$name" "$svc" "$ver" "$octet" >"$DIR/$name.toml"
     start_bg "$ns" "$name-sidecar" "$HALYARD" sidecar --config "$DIR/$name.toml"
     if [ "$port" != - ]; then

@@ -182,6 +182,63 @@ fn ctrl_c_mid_run_stops_every_child_process() {
     assert!(left.is_empty(), "still running after Ctrl-C: {left:?}");
 }
 
+/// Every sidecar made its own key (0600) and holds a 24 h leaf chained to the demo's root through
+/// the CA server's intermediate; the demo itself wrote only tokens and the root.
+fn identities_were_enrolled(dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let ids: Vec<_> = std::fs::read_dir(dir.join("id"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(ids.len(), 7, "one folder per workload: {ids:?}");
+    let root = dir.join("root").join("ca.crt");
+    for id in ids {
+        let mode = std::fs::metadata(id.join("key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", id.display());
+        let chain = std::fs::read_to_string(id.join("cert.pem")).unwrap();
+        let (leaf, rest) = chain.split_at(chain.find("-----END CERTIFICATE-----").unwrap() + 25);
+        let untrusted = id.join("intermediate.pem");
+        std::fs::write(&untrusted, rest.trim_start()).unwrap();
+        let leaf_file = id.join("leaf.pem");
+        std::fs::write(&leaf_file, leaf).unwrap();
+        let verify = Command::new("openssl")
+            .args(["verify", "-CAfile"])
+            .arg(&root)
+            .arg("-untrusted")
+            .arg(&untrusted)
+            .arg(&leaf_file)
+            .output()
+            .unwrap();
+        assert!(verify.status.success(), "{}: {verify:?}", id.display());
+        // Issued moments ago for 24 h: still valid in 23.5 h, expired in 25 h.
+        let valid_for = |secs: u32| {
+            Command::new("openssl")
+                .args(["x509", "-noout", "-checkend", &secs.to_string(), "-in"])
+                .arg(&leaf_file)
+                .status()
+                .unwrap()
+                .success()
+        };
+        assert!(
+            valid_for(23 * 3600 + 1800),
+            "{}: shorter than 24 h",
+            id.display()
+        );
+        assert!(!valid_for(25 * 3600), "{}: longer than 24 h", id.display());
+    }
+    let issued: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(
+        !issued.contains(&"ca".to_owned()),
+        "no central identity folder: {issued:?}"
+    );
+}
+
 #[test]
 fn children_die_with_a_killed_demo() {
     let _one = serial();
@@ -194,6 +251,7 @@ fn children_die_with_a_killed_demo() {
         .and_then(|rest| rest.split(' ').next())
         .map(std::path::PathBuf::from)
         .unwrap();
+    identities_were_enrolled(&dir);
     let kids = children_of(child.id());
     assert!(kids.len() >= 13, "children: {kids:?}");
     child.kill().unwrap(); // SIGKILL: the demo cleans nothing up itself.

@@ -94,9 +94,25 @@ fn the_lab_serves_a_page_across_namespaces() {
     ] {
         assert!(body.contains(part), "no {part} in {body}");
     }
+    // Every sidecar made its key in its own folder and enrolled with its one-use token.
+    let ids = lab.dir.path().join("lab").join("id");
+    for w in [
+        "client",
+        "productpage",
+        "details",
+        "reviews-v1",
+        "reviews-v2",
+        "reviews-v3",
+        "ratings",
+    ] {
+        for f in ["key.pem", "cert.pem", "bundle.pem"] {
+            assert!(ids.join(w).join(f).exists(), "{w}: no {f}");
+        }
+    }
     let status = lab.run(&["status"]);
     assert!(
-        text(&status).contains("13 processes running"),
+        // Seven sidecars, six apps, the CA server.
+        text(&status).contains("14 processes running"),
         "{}",
         text(&status)
     );

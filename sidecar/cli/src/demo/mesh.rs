@@ -1,5 +1,7 @@
-//! The demo mesh: a CA and one identity per service, the registry, and per workload a sample
-//! app and a sidecar as separate processes on loopback, on ports picked at runtime.
+//! The demo mesh: an offline root, a CA server (`halyard ca serve`) on its own intermediate, the
+//! registry, and per workload a sample app and a sidecar as separate processes on loopback, on
+//! ports picked at runtime. Each sidecar makes its own key and enrolls with a one-use bootstrap
+//! token, as in deploy/: no workload key is made anywhere else.
 //!
 //! Layout (bookinfo): `ingress` (a sidecar without app, where the load generator enters) →
 //! productpage → details, reviews (v1, v2, v3); reviews v2 and v3 → ratings. Every reviews
@@ -9,12 +11,13 @@
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
-use halyard_certs::ca::write_identity;
+use halyard_certs::enroll::{BootstrapToken, TokenRecord};
 use halyard_certs::{MeshCa, SpiffeId, TrustDomain};
 use halyard_registry::admin::Admin;
+use halyard_registry::ca_store::CaStore;
 use halyard_registry::model::parse_documents;
 use halyard_registry::Key;
 
@@ -98,6 +101,21 @@ pub struct Mesh {
     pub workloads: Vec<Workload>,
     /// The child processes.
     pub children: Children,
+    /// The CA server's address.
+    pub ca: SocketAddr,
+}
+
+/// Leaf lifetime the sidecars ask the demo's CA for, as in deploy/.
+const LEAF_TTL: &str = "24h";
+/// The CA server's intermediate lives this long.
+const INTERMEDIATE_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// What a sidecar needs to enroll: the CA's address, its token file, its id, the root.
+struct Enrollment {
+    ca: SocketAddr,
+    /// `<dir>/id/<workload>`: the token now; the sidecar writes its leaf, key and bundle here.
+    folder: PathBuf,
+    id: SpiffeId,
 }
 
 impl Mesh {
@@ -109,18 +127,22 @@ impl Mesh {
             .with_context(|| format!("registry {registry}"))?;
         let logs = dir.join("logs");
         std::fs::create_dir_all(&logs)?;
+        let mut children = Children::new(&logs);
+        let (root, ca) = start_ca(opts, dir, &registry, &mut children).await?;
         let mut mesh = Mesh {
             dir: dir.to_owned(),
             registry,
             admin,
             workloads: Vec::new(),
-            children: Children::new(&logs),
+            children,
+            ca,
         };
-        let ids = issue_identities(opts, dir)?;
         let targets = pick_target_ports()?;
         mesh.bootstrap_registry(opts, &targets).await?;
+        let store = CaStore::connect(&mesh.registry, &opts.mesh, Duration::from_secs(3)).await?;
         for (i, spec) in LAYOUT.iter().enumerate() {
-            let w = mesh.launch(opts, spec, i, &ids, &targets).await?;
+            let enrollment = mesh.token_for(&store, &root, spec.0, spec.1).await?;
+            let w = mesh.launch(opts, spec, i, &enrollment, &targets).await?;
             mesh.workloads.push(w);
         }
         mesh.wait_ready(Duration::from_secs(30)).await?;
@@ -162,7 +184,7 @@ impl Mesh {
         opts: &MeshOptions,
         spec: &Spec,
         index: usize,
-        ids: &BTreeMap<&str, PathBuf>,
+        enrollment: &Enrollment,
         targets: &BTreeMap<&str, u16>,
     ) -> anyhow::Result<Workload> {
         let (name, service, version, calls) = *spec;
@@ -186,8 +208,7 @@ impl Mesh {
         for c in calls {
             w.upstreams.push((c, free_tcp()?));
         }
-        let id = ids.get(service).context("identity")?;
-        let config = self.write_config(opts, &w, inbound, app_ip, id)?;
+        let config = self.write_config(opts, &w, inbound, app_ip, enrollment)?;
         if let Some(app) = w.app {
             self.children
                 .spawn(&format!("{name}-app"), &app_args(&w, app))?;
@@ -206,12 +227,13 @@ impl Mesh {
         w: &Workload,
         inbound: SocketAddr,
         app_ip: Ipv4Addr,
-        id: &Path,
+        enrollment: &Enrollment,
     ) -> anyhow::Result<PathBuf> {
         let advertise = w.link.as_ref().map_or(inbound, Link::addr);
         let mut t = format!(
             "mesh = {mesh:?}\nregistry = {reg:?}\nstate_dir = {state:?}\nid = {name:?}\nlease_ttl = \"4s\"\n\
              [identity]\ncert = {cert:?}\nkey = {key:?}\nbundle = {bundle:?}\n\
+             ca = \"{ca}\"\ntoken = {token:?}\nid = \"{id}\"\nleaf_ttl = {ttl:?}\n\
              [service]\nname = {svc:?}\nversion = {ver:?}\n\
              [inbound]\nlisten = \"{inbound}\"\nadvertise = \"{advertise}\"\napp_host = \"{app_ip}\"\n\
              [admin]\nlisten = \"{admin}\"\n\
@@ -221,9 +243,13 @@ impl Mesh {
             reg = self.registry,
             state = self.dir.join("state").join(w.name),
             name = w.name,
-            cert = id.join("cert.pem"),
-            key = id.join("key.pem"),
-            bundle = id.join("bundle.pem"),
+            cert = enrollment.folder.join("cert.pem"),
+            key = enrollment.folder.join("key.pem"),
+            bundle = enrollment.folder.join("bundle.pem"),
+            ca = enrollment.ca,
+            token = enrollment.folder.join("token"),
+            id = enrollment.id,
+            ttl = LEAF_TTL,
             svc = w.service,
             ver = w.version,
             admin = w.admin,
@@ -374,26 +400,83 @@ fn prepare_registry(opts: &MeshOptions, dir: &Path) -> anyhow::Result<String> {
     Ok(format!("file://{}", reg.display()))
 }
 
-/// The CA (written to `<dir>/ca`) and one identity per service in `<dir>/id/<service>`.
-fn issue_identities(
+/// The offline root (`<dir>/root`), the CA server's intermediate (`<dir>/ca1`) and the CA
+/// server itself (`halyard ca serve`, a child like the sidecars), reachable when this returns.
+async fn start_ca(
     opts: &MeshOptions,
     dir: &Path,
-) -> anyhow::Result<BTreeMap<&'static str, PathBuf>> {
+    registry: &str,
+    children: &mut Children,
+) -> anyhow::Result<(MeshCa, SocketAddr)> {
     let td = TrustDomain::new(&opts.trust_domain).context("--trust-domain")?;
-    let ca = MeshCa::create(&td)?;
-    ca.write(&dir.join("ca"), false)?;
-    let mut out = BTreeMap::new();
-    for (_, service, _, _) in LAYOUT {
-        if out.contains_key(service) {
-            continue;
+    let root = MeshCa::create(&td)?;
+    root.write(&dir.join("root"), false)?;
+    root.intermediate("ca1", INTERMEDIATE_TTL)?
+        .write(&dir.join("ca1"), false)?;
+    let addr = free_tcp()?;
+    let config = dir.join("ca.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"{addr}\"\ndir = \"ca1\"\nregistry = {registry:?}\nmesh = {mesh:?}\n\
+             leaf_ttl = {LEAF_TTL:?}\nmax_leaf_ttl = {LEAF_TTL:?}\n",
+            mesh = opts.mesh
+        ),
+    )
+    .with_context(|| config.display().to_string())?;
+    children.spawn(
+        "ca",
+        &[
+            "ca".into(),
+            "serve".into(),
+            "--config".into(),
+            config.display().to_string(),
+        ],
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        if let Some(dead) = children.exited().first() {
+            bail!(
+                "{dead} exited: see {}",
+                dir.join("logs").join("ca.log").display()
+            );
         }
-        let id = SpiffeId::workload(&td, "default", service)?;
-        let leaf = ca.issue(&id, Duration::from_secs(24 * 3600))?;
-        let path = dir.join("id").join(service);
-        write_identity(&path, &leaf, ca.cert_pem())?;
-        out.insert(*service, path);
+        if Instant::now() > deadline {
+            bail!("the CA server did not listen on {addr} within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Ok(out)
+    Ok((root, addr))
+}
+
+impl Mesh {
+    /// A one-use token bound to the workload's service id, in `<dir>/id/<name>/token` (0600),
+    /// beside the root that authenticates the CA; the token's hash goes to the registry.
+    async fn token_for(
+        &self,
+        store: &CaStore,
+        root: &MeshCa,
+        name: &str,
+        service: &str,
+    ) -> anyhow::Result<Enrollment> {
+        let id = SpiffeId::workload(root.trust_domain(), "default", service)?;
+        let token = BootstrapToken::generate();
+        let record = TokenRecord::new(id.clone(), SystemTime::now(), Duration::from_secs(600), 1);
+        store.create_token(&token.hash(), &record).await?;
+        let folder = self.dir.join("id").join(name);
+        std::fs::create_dir_all(&folder)?;
+        halyard_certs::pem::write_atomic(
+            &folder.join("token"),
+            &format!("{}\n", token.secret()),
+            0o600,
+        )?;
+        halyard_certs::pem::write_atomic(&folder.join("bundle.pem"), &root.root_pem(), 0o644)?;
+        Ok(Enrollment {
+            ca: self.ca,
+            folder,
+            id,
+        })
+    }
 }
 
 /// Each service's app port (its Service `targetPort`), free on loopback now.

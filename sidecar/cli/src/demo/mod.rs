@@ -1,6 +1,7 @@
 //! `halyard demo`: the whole mesh on one machine, and a walk through what it does.
 //!
-//! A CA and one identity per service; a registry (a directory in a temp dir, or `--registry
+//! An offline root and a CA server (`halyard ca serve`) from which every sidecar enrolls with a
+//! one-use token, making its own key; a registry (a directory in a temp dir, or `--registry
 //! etcd://...`); per workload a `halyard sample-app` and a `halyard sidecar` as separate
 //! processes on loopback; a load generator; then the story (`story.rs`), every change written
 //! to the registry through the same admin API as `halyard ctl`. Ctrl-C stops everything; the
@@ -128,6 +129,10 @@ async fn run_mesh(
         mesh.registry,
         opts.mesh,
         mesh.workloads.len()
+    );
+    println!(
+        "   CA server on {}: every sidecar made its own key and enrolled with a one-use token (24 h leaves, renewed at half-life)",
+        mesh.ca
     );
     let load = story::Load::start(mesh.entry_url()?, args.rps);
     let mut s = Story {
