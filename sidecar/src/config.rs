@@ -172,6 +172,11 @@ pub struct IdentityConfig {
     /// Bootstrap token file, from `halyard ca token create` (enrollment only).
     #[serde(default)]
     pub token: Option<PathBuf>,
+    /// Read-only PEM file with the mesh root(s) that authenticate the CA while `bundle` does not
+    /// exist yet (a Kubernetes ConfigMap, a file shipped with the machine image); once enrolled,
+    /// the sidecar keeps `bundle` current and uses it instead. Needs `ca`.
+    #[serde(default)]
+    pub ca_root: Option<PathBuf>,
     /// The SPIFFE id to enroll as; required with `ca`.
     #[serde(default)]
     pub id: Option<halyard_certs::SpiffeId>,
@@ -503,8 +508,14 @@ impl Config {
                 *p = base.join(&*p);
             }
         }
-        if let Some(t) = file.identity.token.as_mut().filter(|t| t.is_relative()) {
-            *t = base.join(&*t);
+        let ident = &mut file.identity;
+        for t in [ident.token.as_mut(), ident.ca_root.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            if t.is_relative() {
+                *t = base.join(&*t);
+            }
         }
         let log = &mut file.access_log.path;
         if log.is_relative() && log.as_os_str() != "-" {
@@ -593,10 +604,13 @@ fn check_identity(identity: &IdentityConfig, field: FieldErr<'_>) -> Result<(), 
             "required with identity.ca: the SPIFFE id to enroll as".into(),
         ));
     }
-    if identity.ca.is_none() && (identity.token.is_some() || identity.id.is_some()) {
+    if identity.ca.is_none()
+        && (identity.token.is_some() || identity.id.is_some() || identity.ca_root.is_some())
+    {
         return Err(field(
             "identity.ca".into(),
-            "identity.token and identity.id need identity.ca, the CA to enroll with".into(),
+            "identity.token, identity.id and identity.ca_root need identity.ca, the CA to enroll with"
+                .into(),
         ));
     }
     if identity.leaf_ttl.is_some_and(|t| t.is_zero()) {
@@ -815,6 +829,10 @@ listen = "127.0.0.1:19080"
             (
                 format!("{GOOD}\n[access_log]\nenabeld = true\n"),
                 "access_log",
+            ),
+            (
+                GOOD.replace("bundle.pem\"", "bundle.pem\"\nca_root = \"root.pem\""),
+                "identity.ca",
             ),
             (
                 GOOD.replace("listen = \"127.0.0.1:0\"", "path_parameters = \"drop\""),

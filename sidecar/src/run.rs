@@ -257,6 +257,12 @@ pub async fn run_until(
             }
         },
     ));
+    tasks.spawn(watch_expiry(
+        resolver.clone(),
+        reloads_tx.subscribe(),
+        readiness.clone(),
+        listeners.clone(),
+    ));
     match enroller {
         Some(enroller) => tasks.spawn(crate::ca::renew::renew_loop(
             enroller,
@@ -426,6 +432,39 @@ fn renewal_hooks(
             }
             readiness.warn("identity", text);
         }),
+    }
+}
+
+/// Turns the sidecar unready while its leaf has expired (renewal kept failing, or nobody replaced
+/// the files): peers refuse an expired certificate, so it can serve no mesh traffic. Ready again
+/// with the next leaf.
+async fn watch_expiry(
+    resolver: Arc<CertResolver>,
+    mut reloads: tokio::sync::watch::Receiver<u64>,
+    readiness: Arc<Readiness>,
+    stop: CancellationToken,
+) {
+    let mut expired: Option<crate::admin::ReadyGuard> = None;
+    loop {
+        let not_after = resolver.current().not_after();
+        let left = not_after.duration_since(SystemTime::now()).ok();
+        match left {
+            None if expired.is_none() => {
+                tracing::error!("workload certificate expired; not ready until a new leaf arrives");
+                expired = Some(readiness.block("identity (certificate expired)"));
+            }
+            Some(_) if expired.take().is_some() => {
+                tracing::info!("new workload certificate in force; ready again");
+            }
+            _ => {}
+        }
+        // Expired: only a new leaf changes anything (the day is a bound, not a deadline).
+        let wait = left.unwrap_or(Duration::from_secs(86_400));
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = reloads.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(wait) => {}
+        }
     }
 }
 

@@ -279,8 +279,12 @@ impl Mesh {
     }
 
     pub async fn start(&self, spec: &Spec) -> Sidecar {
-        let path = self.write_config(spec);
-        let config = Arc::new(Config::load(&path).unwrap());
+        self.start_from(&self.write_config(spec)).await
+    }
+
+    /// Starts a sidecar from a config file written by the test.
+    pub async fn start_from(&self, path: &std::path::Path) -> Sidecar {
+        let config = Arc::new(Config::load(path).unwrap());
         let stop = CancellationToken::new();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(run_until(config.clone(), stop.clone(), Some(tx)));

@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use halyard_registry::model::parse_documents;
+use halyard_sidecar::ca::server::CaServerConfig;
 use halyard_sidecar::config::Config;
 use serde_yaml::Value;
 
@@ -49,12 +50,31 @@ fn yaml_docs(path: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// A sidecar config, which must enroll with the mesh CA: no workload key is made anywhere but
+/// beside its sidecar.
 fn sidecar_config(text: &str, origin: &Path) -> Config {
     let mut text = text.to_owned();
     for (from, to) in PLACEHOLDERS {
         text = text.replace(from, to);
     }
-    Config::parse(&text, origin).unwrap_or_else(|e| panic!("{e}"))
+    let config = Config::parse(&text, origin).unwrap_or_else(|e| panic!("{e}"));
+    let identity = &config.file.identity;
+    assert!(
+        identity.ca.is_some() && identity.token.is_some() && identity.ca_root.is_some(),
+        "{}: identity by enrollment (ca, token, ca_root)",
+        origin.display()
+    );
+    config
+}
+
+/// `ca.toml`: a CA server config (`halyard ca serve`), or else a sidecar config.
+fn any_config(text: &str, origin: &Path) -> Option<Config> {
+    if origin.file_name().is_some_and(|n| n == "ca.toml") {
+        let ca = CaServerConfig::parse(text, origin).unwrap_or_else(|e| panic!("{e}"));
+        assert!(ca.registry.starts_with("etcd://"), "{}", origin.display());
+        return None;
+    }
+    Some(sidecar_config(text, origin))
 }
 
 fn registry_objects(text: &str, origin: &str) -> usize {
@@ -85,13 +105,21 @@ fn check_config_map(doc: &Value, origin: &Path) -> (usize, usize) {
         let (key, text) = (key.as_str().unwrap(), value.as_str().unwrap());
         let label = origin.join(key);
         if key.ends_with(".toml") {
-            sidecar_config(text, &label);
-            configs += 1;
+            configs += usize::from(any_config(text, &label).is_some());
         } else if key.ends_with(".yaml") {
             objects += registry_objects(text, &label.display().to_string());
         }
     }
     (configs, objects)
+}
+
+/// No deploy file makes a workload key centrally (`halyard ca issue`): sidecars enroll.
+#[test]
+fn no_deploy_file_issues_workload_keys_centrally() {
+    for path in files(&["yaml", "yml", "toml", "sh", "service"]) {
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("ca issue"), "{}", path.display());
+    }
 }
 
 /// Every YAML file parses, and every mesh object and sidecar config in it is valid.
@@ -132,7 +160,9 @@ fn every_toml_file_is_a_valid_sidecar_config() {
     assert!(tomls.len() >= 7, "{tomls:?}");
     for path in tomls {
         let text = std::fs::read_to_string(&path).unwrap();
-        let config = sidecar_config(&text, &path);
+        let Some(config) = any_config(&text, &path) else {
+            continue;
+        };
         assert!(
             config.file.registry.starts_with("etcd://"),
             "{}",
@@ -161,6 +191,11 @@ fn check_compose(path: &Path, doc: &Value) {
                 .unwrap_or_else(|e| panic!("{}: {e}", config.display()));
             sidecar_config(&text, &config);
             sidecars += 1;
+        }
+        if command.starts_with(&["ca", "serve"]) {
+            let config = dir.join("config").join("ca.toml");
+            let text = std::fs::read_to_string(&config).unwrap();
+            assert!(any_config(&text, &config).is_none());
         }
         if command.first() == Some(&"sample-app") {
             let mode = str_at(svc, &["network_mode"]).unwrap();

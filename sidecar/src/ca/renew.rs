@@ -80,8 +80,13 @@ impl Enroller {
         (ident.id() == &self.id && ident.not_after() > now).then_some(ident)
     }
 
+    /// The bundle file, or before the first enrollment wrote it, `ca_root`.
     fn bundle(&self) -> Result<Arc<TrustBundle>, EnrollError> {
-        TrustBundle::load(&self.files.bundle)
+        let path = match &self.files.ca_root {
+            Some(root) if !self.files.bundle.exists() => root,
+            _ => &self.files.bundle,
+        };
+        TrustBundle::load(path)
             .map(Arc::new)
             .map_err(|source| EnrollError::Answer {
                 id: self.id.to_string(),

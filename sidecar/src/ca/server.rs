@@ -79,7 +79,12 @@ impl CaServerConfig {
             path: path.to_owned(),
             source,
         })?;
-        let value: toml::Value = toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+        Self::parse(&text, path)
+    }
+
+    /// Checks `text` as the file at `path` (relative paths are anchored at its folder).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let value: toml::Value = toml::from_str(text).map_err(|e| ConfigError::Syntax {
             path: path.to_owned(),
             message: e.message().to_owned(),
         })?;
