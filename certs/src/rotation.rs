@@ -3,6 +3,9 @@
 
 use std::time::{Duration, SystemTime};
 
+/// Longest wait between renewal attempts once the leaf has expired, seconds: 10.
+pub const EXPIRED_RETRY_CAP: Duration = Duration::from_secs(10);
+
 /// Renewal policy: renew at `ratio` of the lifetime, give or take `jitter` of the lifetime.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RenewalPolicy {
@@ -60,7 +63,9 @@ impl RenewalPolicy {
 
     /// Delay before retry number `attempt` (0-based) after a failed renewal: exponential with
     /// full jitter, capped, and never past the leaf's expiry minus a small margin while any time
-    /// is left. The old leaf stays in use meanwhile.
+    /// is left. The old leaf stays in use meanwhile. Once it has expired the cap is
+    /// [`EXPIRED_RETRY_CAP`]: soon enough to be back quickly when the CA is, slow enough that
+    /// a refused re-enrollment (a spent token) does not hammer the CA.
     pub fn retry_delay(
         &self,
         attempt: u32,
@@ -75,7 +80,7 @@ impl RenewalPolicy {
         let jittered = exp.mul_f64(0.5 + sample.clamp(0.0, 1.0) / 2.0);
         match not_after.duration_since(now) {
             Ok(left) if left > Duration::from_secs(2) => jittered.min(left / 2),
-            _ => jittered.min(self.retry_base),
+            _ => jittered.min(EXPIRED_RETRY_CAP),
         }
     }
 }
@@ -118,6 +123,15 @@ mod tests {
     }
 
     #[test]
+    fn after_expiry_retries_back_off_to_a_short_cap() {
+        let p = RenewalPolicy::default();
+        let (now, expired) = (t(10), t(5));
+        assert_eq!(p.retry_delay(0, 1.0, now, expired), Duration::from_secs(1));
+        assert_eq!(p.retry_delay(2, 1.0, now, expired), Duration::from_secs(4));
+        assert_eq!(p.retry_delay(40, 1.0, now, expired), EXPIRED_RETRY_CAP);
+    }
+
+    #[test]
     fn near_expiry_a_retry_comes_sooner_than_the_backoff() {
         let p = RenewalPolicy::default();
         // 100 s left: never wait more than half of it.
@@ -125,7 +139,7 @@ mod tests {
             p.retry_delay(40, 1.0, t(0), t(100)),
             Duration::from_secs(50)
         );
-        // Already expired: retry quickly.
-        assert_eq!(p.retry_delay(40, 1.0, t(10), t(5)), Duration::from_secs(1));
+        // Less than 2 s left: the expiry cap, not half of what is left.
+        assert_eq!(p.retry_delay(0, 1.0, t(0), t(1)), Duration::from_secs(1));
     }
 }

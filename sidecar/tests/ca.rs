@@ -156,6 +156,45 @@ fn csr_with(f: impl FnOnce(&mut rcgen::CertificateParams)) -> String {
     p.serialize_request(&key).unwrap().pem().unwrap()
 }
 
+/// Two CA replicas (each on its own intermediate) share the token records in etcd: ten
+/// enrollments at once, split across them, with a three-use token: exactly three are signed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_ca_replicas_never_spend_a_token_use_twice() {
+    let (_etcd, mesh) = etcd_mesh().await;
+    let (ttl, ca_ttl) = (Duration::from_secs(3600), Duration::from_secs(48 * 3600));
+    let ca1 = mesh
+        .ca_server_with(&mesh.ca.intermediate("ca1", ca_ttl).unwrap(), "")
+        .await;
+    let ca2 = mesh
+        .ca_server_with(&mesh.ca.intermediate("ca2", ca_ttl).unwrap(), "")
+        .await;
+    let path = mesh.token("reviews", ttl, 3).await;
+    let token = BootstrapToken::parse(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let bundle = Arc::new(mesh.ca.bundle().unwrap());
+    let tries = (0..10).map(|i| {
+        let c = client(if i % 2 == 0 { ca1.addr } else { ca2.addr });
+        let (bundle, token) = (bundle.clone(), token.clone());
+        async move {
+            let (_k, csr) = halyard_certs::workload::generate_csr(&id("reviews")).unwrap();
+            let req = SignRequest {
+                csr,
+                ttl_seconds: None,
+            };
+            c.enroll(bundle, &token, &req).await
+        }
+    });
+    let results = futures::future::join_all(tries).await;
+    let signed = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(signed, 3, "{results:?}");
+    for r in results.into_iter().filter(|r| r.is_err()) {
+        let (code, text) = refused(r).await;
+        assert_eq!(code, StatusCode::UNAUTHORIZED, "{text}");
+        assert!(text.contains("used up"), "{text}");
+    }
+    ca1.shutdown().await;
+    ca2.shutdown().await;
+}
+
 /// Every bad request is refused with a status and a reason, and costs the token no use.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ca_refuses_bad_tokens_and_bad_csrs() {
