@@ -241,7 +241,7 @@ pub async fn run_until(
     tasks.spawn(crate::ca::revoke::follow(
         shared.snapshot.clone(),
         deny.clone(),
-        move |revoked| pool.retain_peers(|peer| !revoked.ids.contains(&peer.id)),
+        move |revoked| pool.close_refused(|id, serial| revoked.refuses(id, serial)),
     ));
     let (endpoint, bundle_file) = (shared.pool.endpoint().clone(), file.identity.bundle.clone());
     tasks.spawn(crate::ca::trust::follow(

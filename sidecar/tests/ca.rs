@@ -556,6 +556,78 @@ async fn revoking_an_id_closes_its_flows_and_refuses_new_ones() {
     ratings.shutdown().await.unwrap();
 }
 
+/// An open flow, left waiting for its answer: the app answers only once the client half-closes.
+async fn open_flow(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut open = tokio::net::TcpStream::connect(addr).await.unwrap();
+    open.write_all(b"pending").await.unwrap();
+    open
+}
+
+/// The flow ends within 2 s, unserved.
+async fn closed_soon(mut open: tokio::net::TcpStream, what: &str) {
+    use tokio::io::AsyncReadExt;
+    let t0 = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), open.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "{what}: the open flow was not closed");
+    assert!(!buf.starts_with(b"ratings:"), "{what}: served: {buf:?}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "{what}: closed after {:?}",
+        t0.elapsed()
+    );
+}
+
+/// Revoking one leaf by serial closes the connections that leaf authenticated, on the callee's
+/// side (the caller's leaf) and on the caller's (the callee's leaf), within a second or two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_serial_closes_the_connections_of_that_leaf() {
+    let mesh = Mesh::with_dir().await;
+    let app = tagged_echo("127.0.0.1:0".parse().unwrap(), "ratings").await;
+    mesh.apply(&service_yaml("ratings", app.addr.port())).await;
+    let ratings = mesh.start(&Spec::new("ratings", "v1")).await;
+    let pp = mesh
+        .start(&Spec::new("productpage", "v1").upstream("ratings", 9080))
+        .await;
+    pp.wait_endpoints("ratings", 1).await;
+    let serial = |s: &halyard_sidecar::test_util::Sidecar| {
+        halyard_certs::revocation::serial_hex(s.started.identity.current().serial())
+    };
+    for (revoked, what) in [
+        (serial(&pp), "caller's leaf"),
+        (serial(&ratings), "callee's leaf"),
+    ] {
+        assert_eq!(call(pp.upstream(0), b"x").await.unwrap(), b"ratings:x");
+        let open = open_flow(pp.upstream(0)).await;
+        mesh.apply(&format!("kind: Revocations\nserials: [\"{revoked}\"]\n"))
+            .await;
+        closed_soon(open, what).await;
+        for s in [&pp, &ratings] {
+            s.wait_snapshot("serial revoked", |s| {
+                s.revocations
+                    .as_ref()
+                    .is_some_and(|r| !r.serials.is_empty())
+            })
+            .await;
+        }
+        let refused = call(pp.upstream(0), b"y").await;
+        assert!(
+            refused.map_or(true, |v| v.is_empty()),
+            "{what}: served after revocation"
+        );
+        mesh.apply("kind: Revocations\nserials: []\n").await;
+        for s in [&pp, &ratings] {
+            s.wait_snapshot("lifted", |s| {
+                s.revocations.as_ref().is_some_and(|r| r.serials.is_empty())
+            })
+            .await;
+        }
+    }
+    pp.shutdown().await.unwrap();
+    ratings.shutdown().await.unwrap();
+}
+
 /// A deny list that does not validate is quarantined: the last good one stays in force.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_deny_list_is_quarantined() {

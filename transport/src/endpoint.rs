@@ -229,9 +229,17 @@ fn server_config(
 
 /// The SPIFFE id in the certificate the peer proved during the handshake.
 pub fn peer_identity(conn: &quinn::Connection) -> Option<SpiffeId> {
+    peer_leaf(conn).map(|(id, _)| id)
+}
+
+/// The SPIFFE id and the serial (big-endian bytes, as in the certificate) of the leaf the peer
+/// proved during the handshake; `None` before the handshake or for an unreadable leaf.
+pub fn peer_leaf(conn: &quinn::Connection) -> Option<(SpiffeId, Vec<u8>)> {
     let any = conn.peer_identity()?;
     let certs = any
         .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
         .ok()?;
-    halyard_certs::peer_id(Some(&certs)).ok()
+    let id = halyard_certs::peer_id(Some(&certs)).ok()?;
+    let serial = halyard_certs::svid::serial(certs.first()?).ok()?;
+    Some((id, serial))
 }

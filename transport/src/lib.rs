@@ -27,7 +27,8 @@
 //!   .open_tcp(SocketAddr, &SpiffeId, &Target, HeaderMap).await -> Result<Tunnel, TunnelError>
 //!   .send_request(SocketAddr, &SpiffeId, http::Request<()>).await -> Result<PooledRequest, TunnelError>
 //!   .stats() -> Vec<PeerStats>   .congestion() -> Vec<PeerCongestion>
-//!   .connections(addr, &id)   .retain_peers(|&PeerKey| bool)   .close()
+//!   .connections(addr, &id)   .retain_peers(|&PeerKey| bool)
+//!   .close_refused(|&SpiffeId, serial: &[u8]| bool)   .close()
 //! CongestionStats::of(&quinn::Connection) -> CongestionStats { rtt, cwnd, pacing_rate, delivery_rate, phase }
 //! Tunnel / ServerTunnel: AsyncRead + AsyncWrite (Tunnel writable at once);
 //!   .splice(read_half, write_half).await -> io::Result<(sent, received)>   // the L4 proxy loop

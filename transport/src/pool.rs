@@ -575,6 +575,26 @@ impl Pool {
         });
     }
 
+    /// Closes every pooled connection whose peer leaf `refuses` (id, serial bytes), with
+    /// H3_NO_ERROR; the peers stay known, so the next request dials afresh (and meets the
+    /// handshake's own deny-list check).
+    pub fn close_refused(&self, refuses: impl Fn(&SpiffeId, &[u8]) -> bool) {
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        for peer in peers.values() {
+            let mut conns = peer.conns.lock().unwrap_or_else(|p| p.into_inner());
+            conns.retain(|conn| {
+                let refused = crate::endpoint::peer_leaf(&conn.quic)
+                    .is_some_and(|(id, serial)| refuses(&id, &serial));
+                if refused {
+                    // RFC 9114 §8.1: H3_NO_ERROR (0x100) for a deliberate close.
+                    conn.quic
+                        .close(quinn::VarInt::from_u32(0x100), b"peer certificate revoked");
+                }
+                !refused
+            });
+        }
+    }
+
     /// Closes every pooled connection (H3_NO_ERROR) and forgets all peers.
     pub fn close(&self) {
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());

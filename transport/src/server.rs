@@ -50,6 +50,8 @@ pub struct Peer {
     pub id: SpiffeId,
     /// The peer's UDP address.
     pub addr: SocketAddr,
+    /// The serial of the peer's leaf, big-endian bytes as in the certificate.
+    pub serial: Vec<u8>,
 }
 
 /// A CONNECT request from a verified peer (RFC 9114 §4.4).
@@ -276,7 +278,14 @@ async fn serve_connection<H: Handler>(
         Ok(h3) => h3,
         Err(e) => return tracing::debug!(%remote, error = %e, "http/3 setup failed"),
     };
-    let peer = Peer { id, addr: remote };
+    let serial = crate::endpoint::peer_leaf(&conn)
+        .map(|(_, s)| s)
+        .unwrap_or_default();
+    let peer = Peer {
+        id,
+        addr: remote,
+        serial,
+    };
     let revoked = handler.peer_revoked(&peer);
     let closer = conn.clone();
     let watcher = tokio::spawn(async move {

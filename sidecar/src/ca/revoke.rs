@@ -22,14 +22,15 @@ pub fn revoked(snapshot: &Snapshot) -> Revoked {
         .unwrap_or_default()
 }
 
-/// Completes once a snapshot revokes `id`; never while the snapshots keep it.
-pub(crate) async fn until_revoked(mut rx: watch::Receiver<Arc<Snapshot>>, id: SpiffeId) {
+/// Completes once a snapshot revokes `id` or the leaf's `serial` (big-endian bytes); never
+/// while the snapshots keep them.
+pub(crate) async fn until_revoked(
+    mut rx: watch::Receiver<Arc<Snapshot>>,
+    id: SpiffeId,
+    serial: Vec<u8>,
+) {
     loop {
-        let hit = rx
-            .borrow_and_update()
-            .revocations
-            .as_ref()
-            .is_some_and(|r| r.ids.contains(&id));
+        let hit = revoked(&rx.borrow_and_update()).refuses(&id, &serial);
         if hit {
             return;
         }

@@ -90,7 +90,11 @@ impl Handler for Inbound {
         &self,
         peer: &halyard_transport::Peer,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
-        crate::ca::revoke::until_revoked(self.shared.snapshot.clone(), peer.id.clone())
+        crate::ca::revoke::until_revoked(
+            self.shared.snapshot.clone(),
+            peer.id.clone(),
+            peer.serial.clone(),
+        )
     }
 }
 
