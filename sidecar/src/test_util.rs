@@ -199,11 +199,16 @@ impl Mesh {
         let stop = CancellationToken::new();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(crate::ca::server::serve(config, stop.clone(), Some(tx)));
-        let addr = match rx.await {
-            Ok(s) => s.addr,
+        let started = match rx.await {
+            Ok(s) => s,
             Err(_) => panic!("CA failed to start: {:?}", task.await),
         };
-        CaServer { addr, stop, task }
+        CaServer {
+            addr: started.addr,
+            admin: started.admin,
+            stop,
+            task,
+        }
     }
 
     /// Creates a token for `spiffe://mesh.local/ns/default/sa/<account>` and writes it to a file.
@@ -304,6 +309,8 @@ impl Mesh {
 /// A CA server running in this process.
 pub struct CaServer {
     pub addr: SocketAddr,
+    /// The admin listener, when the config names one.
+    pub admin: Option<SocketAddr>,
     pub stop: CancellationToken,
     pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }

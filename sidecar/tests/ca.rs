@@ -156,6 +156,56 @@ fn csr_with(f: impl FnOnce(&mut rcgen::CertificateParams)) -> String {
     p.serialize_request(&key).unwrap().pem().unwrap()
 }
 
+/// The CA's admin port counts answers by endpoint and status and reports the signing
+/// certificate's time left; on shutdown a connected client that never started its handshake
+/// does not hold the server up, and the listener closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ca_counts_its_answers_and_drains_on_shutdown() {
+    let mesh = Mesh::with_dir().await;
+    let ca = mesh.ca_server("admin = \"127.0.0.1:0\"\n").await;
+    let admin = ca.admin.unwrap();
+    let bundle = Arc::new(mesh.ca.bundle().unwrap());
+    let path = mesh.token("reviews", Duration::from_secs(60), 1).await;
+    let token = BootstrapToken::parse(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let (_k, csr) = halyard_certs::workload::generate_csr(&id("reviews")).unwrap();
+    let req = SignRequest {
+        csr,
+        ttl_seconds: None,
+    };
+    client(ca.addr)
+        .enroll(bundle.clone(), &token, &req)
+        .await
+        .unwrap();
+    let again = client(ca.addr).enroll(bundle.clone(), &token, &req).await;
+    assert_eq!(refused(again).await.0, StatusCode::UNAUTHORIZED);
+    let http = halyard_sidecar::test_util::http_client();
+    let metrics =
+        halyard_sidecar::test_util::wait_admin(&http, admin, "/metrics", "metrics", |c, _| {
+            c == 200
+        })
+        .await;
+    let count = |code: &str| {
+        metric(
+            &metrics,
+            "halyard_ca_requests_total",
+            &[("endpoint", "enroll"), ("code", code)],
+        )
+    };
+    assert_eq!((count("200"), count("401")), (1.0, 1.0), "{metrics}");
+    assert!(metric(&metrics, "halyard_ca_signing_cert_expiry_seconds", &[]) > 0.0);
+    halyard_sidecar::test_util::wait_admin(&http, admin, "/readyz", "ready", |c, _| c == 200).await;
+
+    let addr = ca.addr;
+    let _idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(3), ca.shutdown())
+        .await
+        .expect("an idle client held the shutdown up");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "still accepting"
+    );
+}
+
 /// Two CA replicas (each on its own intermediate) share the token records in etcd: ten
 /// enrollments at once, split across them, with a three-use token: exactly three are signed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

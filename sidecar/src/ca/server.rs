@@ -31,6 +31,10 @@ use crate::config::ConfigError;
 const MAX_BODY: usize = 64 * 1024;
 /// A client that has not finished its TLS handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client that has not sent a whole request head by then is dropped (slowloris).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// On shutdown, requests in progress get this long to finish; idle connections close at once.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
 /// Attempts at spending a token when other replicas spend it at the same time.
 const SPEND_ATTEMPTS: usize = 5;
 
@@ -57,6 +61,10 @@ pub struct CaServerConfig {
     /// How long to wait for the registry per request.
     #[serde(default = "default_registry_timeout", with = "humantime_serde")]
     pub registry_timeout: Duration,
+    /// Plain-HTTP admin listener (`/metrics`, `/healthz`, `/readyz`); none when absent. The
+    /// deploy examples use `0.0.0.0:15014`.
+    #[serde(default)]
+    pub admin: Option<SocketAddr>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -108,8 +116,63 @@ impl CaServerConfig {
     }
 }
 
+/// The CA server's Prometheus metrics.
+struct CaMetrics {
+    registry: prometheus::Registry,
+    /// `halyard_ca_requests_total{endpoint, code}`.
+    requests: prometheus::IntCounterVec,
+    /// `halyard_ca_request_duration_seconds{endpoint}`.
+    duration: prometheus::HistogramVec,
+    /// `halyard_ca_signing_cert_expiry_seconds`.
+    signing_expiry: prometheus::Gauge,
+}
+
+impl CaMetrics {
+    fn new() -> anyhow::Result<Self> {
+        let registry = prometheus::Registry::new();
+        let requests = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "halyard_ca_requests_total",
+                "CA requests answered, by endpoint (enroll, renew, bundle, other) and status code",
+            ),
+            &["endpoint", "code"],
+        )?;
+        let duration = prometheus::HistogramVec::new(
+            prometheus::HistogramOpts::new(
+                "halyard_ca_request_duration_seconds",
+                "Time from request head to answer, seconds (registry round trips included)",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+            &["endpoint"],
+        )?;
+        let signing_expiry = prometheus::Gauge::new(
+            "halyard_ca_signing_cert_expiry_seconds",
+            "Seconds until the certificate this CA signs with expires",
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(signing_expiry.clone()))?;
+        Ok(CaMetrics {
+            registry,
+            requests,
+            duration,
+            signing_expiry,
+        })
+    }
+
+    fn render(&self) -> String {
+        use prometheus::Encoder;
+        let mut out = Vec::new();
+        let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
 /// The state every request reads.
 struct Ca {
+    metrics: CaMetrics,
     ca: MeshCa,
     store: CaStore,
     config: CaServerConfig,
@@ -184,6 +247,8 @@ impl From<halyard_registry::RegistryError> for Refused {
 pub struct StartedCa {
     /// The bound address.
     pub addr: SocketAddr,
+    /// The bound admin address, when `admin` is set.
+    pub admin: Option<SocketAddr>,
 }
 
 /// Loads the CA, opens the registry, binds `config.listen` and serves until `stop`.
@@ -222,6 +287,7 @@ pub async fn serve(
     let resolver = CertResolver::new(server_identity(&ca, &server_id, config.max_leaf_ttl)?);
     let acceptor = acceptor(&resolver, &ca, Arc::new(bundle))?;
     let state = Arc::new(Ca {
+        metrics: CaMetrics::new()?,
         trust: RwLock::new((bundle_pem, acceptor)),
         resolver,
         ca,
@@ -229,25 +295,69 @@ pub async fn serve(
         config,
         deny: deny.clone(),
     });
+    let tasks = tokio_util::task::TaskTracker::new();
+    let admin_addr = spawn_admin(&tasks, &state, &stop).await?;
     tracing::info!(%addr, id = %server_id, "CA serving");
     if let Some(tx) = started {
-        let _ = tx.send(StartedCa { addr });
+        let _ = tx.send(StartedCa {
+            addr,
+            admin: admin_addr,
+        });
     }
-    let tasks = tokio_util::task::TaskTracker::new();
     tasks.spawn(renew_own_leaf(state.clone(), stop.clone()));
     spawn_follow(&tasks, &stop, &state, registry.watch(), deny);
     while let Some((tcp, peer)) = crate::net::accept(&listener, &stop, "ca").await {
         let (state, stop) = (state.clone(), stop.clone());
-        tasks.spawn(async move {
-            tokio::select! {
-                _ = stop.cancelled() => {}
-                _ = connection(state, tcp, peer) => {}
-            }
-        });
+        tasks.spawn(connection(state, tcp, peer, stop));
     }
+    tracing::info!("CA draining: no new connections, requests in progress finish");
     tasks.close();
     tasks.wait().await;
     Ok(())
+}
+
+/// Binds `admin` when configured and serves it on `tasks`; the bound address.
+async fn spawn_admin(
+    tasks: &tokio_util::task::TaskTracker,
+    state: &Arc<Ca>,
+    stop: &CancellationToken,
+) -> anyhow::Result<Option<SocketAddr>> {
+    let Some(addr) = state.config.admin else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("admin = {addr}: cannot listen"))?;
+    let bound = listener.local_addr()?;
+    tracing::info!(addr = %bound, "CA admin listening");
+    tasks.spawn(crate::net::serve_http1_within(
+        listener,
+        stop.clone(),
+        "ca admin",
+        (Duration::from_secs(1), HEADER_READ_TIMEOUT),
+        state.clone(),
+        |state, req| async move { admin(&state, &req) },
+    ));
+    Ok(Some(bound))
+}
+
+/// `/metrics`, `/healthz`, `/readyz` (ready while the signing certificate is valid).
+fn admin(state: &Ca, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let left = (state.ca.not_after() - time::OffsetDateTime::now_utc()).as_seconds_f64();
+    state.metrics.signing_expiry.set(left);
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => reply(StatusCode::OK, state.metrics.render()),
+        (&Method::GET, "/healthz") => reply(StatusCode::OK, "ok\n".into()),
+        (&Method::GET, "/readyz") if left > 0.0 => reply(StatusCode::OK, "ready\n".into()),
+        (&Method::GET, "/readyz") => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the signing certificate has expired\n".into(),
+        ),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "not found: GET /metrics, /healthz, /readyz\n".into(),
+        ),
+    }
 }
 
 /// A TLS acceptor presenting the server's leaf and verifying renewals against `bundle`.
@@ -323,15 +433,26 @@ async fn renew_own_leaf(state: Arc<Ca>, stop: CancellationToken) {
     }
 }
 
-async fn connection(state: Arc<Ca>, tcp: tokio::net::TcpStream, peer: SocketAddr) {
+/// One client connection: TLS, then HTTP/1.1 until the client is done. On `stop` an idle
+/// connection closes at once and a request in progress gets [`DRAIN_GRACE`] to finish.
+async fn connection(
+    state: Arc<Ca>,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    stop: CancellationToken,
+) {
     let acceptor = state.acceptor();
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            tracing::info!(%peer, error = %e, "CA client handshake failed");
-            return;
-        }
-        Err(_) => return,
+    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+    let tls = tokio::select! {
+        _ = stop.cancelled() => return,
+        tls = handshake => match tls {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::info!(%peer, error = %e, "CA client handshake failed");
+                return;
+            }
+            Err(_) => return,
+        },
     };
     // The verifier accepted the chain when one was presented: the leaf's id is the credential.
     let client_id = tls
@@ -343,12 +464,42 @@ async fn connection(state: Arc<Ca>, tcp: tokio::net::TcpStream, peer: SocketAddr
         let (state, client_id) = (state.clone(), client_id.clone());
         async move { Ok::<_, Infallible>(handle(&state, client_id.as_ref(), req).await) }
     });
-    let _ = hyper::server::conn::http1::Builder::new()
-        .serve_connection(TokioIo::new(tls), svc)
-        .await;
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(tls), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = stop.cancelled() => conn.as_mut().graceful_shutdown(),
+    }
+    let _ = tokio::time::timeout(DRAIN_GRACE, conn).await;
 }
 
 async fn handle(
+    state: &Ca,
+    client_id: Option<&SpiffeId>,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let started = std::time::Instant::now();
+    let endpoint = match (req.method(), req.uri().path()) {
+        (&Method::POST, "/v1/enroll") => "enroll",
+        (&Method::POST, "/v1/renew") => "renew",
+        (&Method::GET, "/v1/bundle") => "bundle",
+        _ => "other",
+    };
+    let answer = answer(state, client_id, req).await;
+    let m = &state.metrics;
+    m.requests
+        .with_label_values(&[endpoint, answer.status().as_str()])
+        .inc();
+    m.duration
+        .with_label_values(&[endpoint])
+        .observe(started.elapsed().as_secs_f64());
+    answer
+}
+
+async fn answer(
     state: &Ca,
     client_id: Option<&SpiffeId>,
     req: Request<Incoming>,
