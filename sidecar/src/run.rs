@@ -380,6 +380,9 @@ async fn refresh(
             .set(resolver.current().seconds_to_expiry(SystemTime::now()));
         shared.refresh_peer_stats(&stats);
         shared.metrics.quic_congestion(&shared.pool.congestion());
+        shared
+            .metrics
+            .quic_admission(shared.pool.endpoint().admission_stats());
         shared.forget_departed();
         m.flow_tasks.set(shared.flows.len() as i64);
         m.runtime_tasks.set(

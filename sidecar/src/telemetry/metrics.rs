@@ -81,6 +81,8 @@ pub(crate) struct Metrics {
     pub(crate) quic_delivery_rate: GaugeVec,
     /// `halyard_quic_connections`.
     pub(crate) quic_connections: IntGauge,
+    /// `halyard_quic_admission_total` by decision: inbound handshakes not simply accepted.
+    pub(crate) quic_admission: IntCounterVec,
     /// `halyard_flow_tasks`, `halyard_runtime_tasks`, `halyard_open_fds`: leak detectors.
     pub(crate) flow_tasks: IntGauge,
     pub(crate) runtime_tasks: IntGauge,
@@ -310,6 +312,13 @@ impl Metrics {
                 &["peer"],
             )?,
             quic_connections: int_gauge(&r, "halyard_quic_connections", "Pooled QUIC connections")?,
+            quic_admission: counter(
+                &r,
+                "halyard_quic_admission_total",
+                "Inbound QUIC attempts not simply accepted: retry (stateless Retry sent), refused \
+                 (handshake cap), dropped (per-source cap), peer_capped (connections per peer)",
+                &["decision"],
+            )?,
             flow_tasks: int_gauge(
                 &r,
                 "halyard_flow_tasks",
@@ -477,6 +486,20 @@ impl Metrics {
     /// Per-peer QUIC figures from the pool's statistics: the best connection's RTT and
     /// congestion window, packets lost over all connections. A peer without a connection leaves
     /// the families, so endpoints that come and go do not pile up as label values.
+    /// Brings `halyard_quic_admission_total` up to the transport's own counts.
+    pub(crate) fn quic_admission(&self, stats: &halyard_transport::admission::AdmissionStats) {
+        use std::sync::atomic::Ordering::Relaxed;
+        for (decision, count) in [
+            ("retry", &stats.retried),
+            ("refused", &stats.refused),
+            ("dropped", &stats.ignored),
+            ("peer_capped", &stats.peer_capped),
+        ] {
+            let c = self.quic_admission.with_label_values(&[decision]);
+            c.inc_by(count.load(Relaxed).saturating_sub(c.get()));
+        }
+    }
+
     pub(crate) fn quic_peers(&self, stats: &[halyard_transport::PeerStats]) {
         let mut live = std::collections::HashSet::new();
         for peer in stats {
@@ -682,6 +705,26 @@ mod tests {
         let text = m.render();
         assert!(!text.contains("peer=\"127.0.0.1:1\""), "{text}");
         assert!(text.contains("halyard_quic_cwnd_bytes{peer=\"127.0.0.1:2\"}"));
+    }
+
+    #[test]
+    fn admission_counts_follow_the_transport_without_counting_twice() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let m = Metrics::new().unwrap();
+        let stats = halyard_transport::admission::AdmissionStats::default();
+        stats.retried.store(5, Relaxed);
+        stats.ignored.store(2, Relaxed);
+        m.quic_admission(&stats);
+        m.quic_admission(&stats);
+        stats.retried.store(7, Relaxed);
+        m.quic_admission(&stats);
+        let text = m.render();
+        assert!(
+            text.contains("halyard_quic_admission_total{decision=\"retry\"} 7"),
+            "{text}"
+        );
+        assert!(text.contains("halyard_quic_admission_total{decision=\"dropped\"} 2"));
+        assert!(text.contains("halyard_quic_admission_total{decision=\"refused\"} 0"));
     }
 
     #[test]
