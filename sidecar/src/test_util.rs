@@ -523,6 +523,18 @@ pub fn http_client() -> hyper_util::client::legacy::Client<
         .build(hyper_util::client::legacy::connect::HttpConnector::new())
 }
 
+/// A client that opens a connection per request: for callers that pause longer than the admin
+/// port keeps an idle connection (its header read timeout counts idle time), where a reused
+/// connection could be closed under a request.
+pub fn http_client_fresh() -> hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Full<bytes::Bytes>,
+> {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build(hyper_util::client::legacy::connect::HttpConnector::new())
+}
+
 /// Sends a request through `upstream` and returns status, the body as text, and the headers.
 pub async fn http_call(
     client: &hyper_util::client::legacy::Client<

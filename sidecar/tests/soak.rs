@@ -162,7 +162,9 @@ async fn soak_mixed_traffic_under_churn() {
         });
     }
 
-    let admin_client = http_client();
+    // Samples come every SOAK_SAMPLE_SECS (10 s in `make soak`), as long as the admin port keeps
+    // an idle connection: a connection each.
+    let admin_client = halyard_sidecar::test_util::http_client_fresh();
     let start = Instant::now();
     let (mut next_cert, mut next_rereg, mut next_route, mut next_sample) =
         (cert_every, rereg_every, route_every, Duration::ZERO);
