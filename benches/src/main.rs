@@ -1,9 +1,11 @@
 //! Halyard benchmarks: `halyard-benches SCENARIO` writes `benches/results/SCENARIO.{md,json}`.
-//! Scenarios: transport, bulk, latency, lossy, newflows, scale, micro, all. The h2-tunnel baseline's two
-//! processes are this binary too (`h2-tunnel-server`, `h2-tunnel-client`).
+//! Scenarios: transport, bulk, latency, lossy, newflows, scale, flood, micro, all. The h2-tunnel
+//! baseline's two processes are this binary too (`h2-tunnel-server`, `h2-tunnel-client`), and so
+//! is the flood's attacker (`handshake-flood`).
 #![forbid(unsafe_code)]
 
 mod bulk;
+mod flood;
 mod h2tunnel;
 mod lab;
 mod latency;
@@ -17,7 +19,7 @@ mod setup;
 mod stats;
 mod transport;
 
-const SCENARIOS: &str = "transport, bulk, latency, lossy, newflows, scale, micro, all";
+const SCENARIOS: &str = "transport, bulk, latency, lossy, newflows, scale, flood, micro, all";
 
 type Scenario = fn() -> anyhow::Result<()>;
 
@@ -29,6 +31,8 @@ fn main() -> anyhow::Result<()> {
         "h2-tunnel-server" => h2tunnel::server_main(rest),
         "h2-tunnel-client" => h2tunnel::client_main(rest),
         "hold-flows" => scale::hold_main(rest),
+        "handshake-flood" => flood::attacker_main(rest),
+        "flood" => flood::main(),
         "transport" => transport::main(),
         "bulk" => bulk::main(),
         "latency" => latency::main(),
@@ -44,13 +48,14 @@ fn main() -> anyhow::Result<()> {
 
 fn all() -> anyhow::Result<()> {
     let start = std::time::Instant::now();
-    let steps: [(&str, Scenario); 7] = [
+    let steps: [(&str, Scenario); 8] = [
         ("transport", transport::main),
         ("bulk", bulk::main),
         ("latency", latency::main),
         ("lossy", lossy::main),
         ("newflows", newflows::main),
         ("scale", scale::main),
+        ("flood", flood::main),
         ("micro", micro::main),
     ];
     let mut failed = Vec::new();
@@ -82,6 +87,7 @@ fn readme() -> anyhow::Result<()> {
         "lossy",
         "newflows",
         "scale",
+        "flood",
         "micro",
         "transport",
     ] {

@@ -1,0 +1,253 @@
+//! Scenario: a QUIC handshake flood against a sidecar, from another process. The attacker (this
+//! binary, `handshake-flood`) runs in the client's namespace, knows the mesh's public root but
+//! holds a certificate from another CA: it opens handshakes to the server sidecar's QUIC port
+//! as fast as its loops can, each one making the server do a key exchange, sign, and verify a
+//! chain it then refuses. Meanwhile the client app opens new flows through the warm peer
+//! connection (one at a time, time to first echoed byte), as in scenario 4. Reported: the
+//! legitimate flows' p50/p99 quiet, under two flood sizes and quiet again, the attacker's
+//! attempt rate, the server's CPU share, and the server's admission counts
+//! (`halyard_quic_admission_total`). /dev/cpu_dma_latency held at 0.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::lab::{http_get, Lab, Route, Target};
+use crate::netns::{block_in, DmaLatency, Proc};
+use crate::stats::{cpu_of, Machine, Percentiles};
+
+/// New flows measured per phase, one at a time.
+const FLOWS: usize = 2000;
+/// Concurrent attempt loops of the two flood sizes.
+const FLOODS: [usize; 2] = [8, 64];
+/// Time the attacker gets to reach its pace before measuring.
+const WARM_UP: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Serialize)]
+struct Phase {
+    name: String,
+    attack_loops: usize,
+    ttfb: Percentiles,
+    /// Handshake attempts the attacker started per second during the phase.
+    attempts_per_s: f64,
+    /// CPU of both sidecars during the phase, as a share of one core.
+    sidecar_cpu_share: f64,
+    secs: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    machine: Machine,
+    dma_latency_held: bool,
+    phases: Vec<Phase>,
+    /// `halyard_quic_admission_total` of the server sidecar at the end, by decision.
+    admission: Vec<(String, f64)>,
+}
+
+pub fn main() -> anyhow::Result<()> {
+    crate::setup::check_root()?;
+    let lab = Lab::up("hb7", 7)?;
+    let dma = DmaLatency::hold();
+    let mut phases = vec![phase(&lab, "quiet", 0)?];
+    for loops in FLOODS {
+        phases.push(phase(&lab, &format!("flood x{loops}"), loops)?);
+    }
+    phases.push(phase(&lab, "quiet again", 0)?);
+    let metrics = http_get(&lab.pair.b.name, "127.0.0.1:15000", "/metrics")?;
+    let report = Report {
+        machine: Machine::probe(),
+        dma_latency_held: dma.held(),
+        phases,
+        admission: admission_counts(&metrics),
+    };
+    drop(dma);
+    crate::stats::write_report("flood", &markdown(&report), &report)
+}
+
+/// One phase: `loops` attacker loops (none: quiet) while [`FLOWS`] new flows are timed.
+fn phase(lab: &Lab, name: &str, loops: usize) -> anyhow::Result<Phase> {
+    let attacker = match loops {
+        0 => None,
+        n => Some(start_attacker(lab, n)?),
+    };
+    if attacker.is_some() {
+        std::thread::sleep(WARM_UP);
+    }
+    let before = attacker.as_ref().map_or(0, |(_, log)| attempts(log));
+    let pids = lab.pids(Route::HalyardL4);
+    let cpu0 = cpu_of(&pids);
+    let t0 = Instant::now();
+    let addr = lab.addr(Route::HalyardL4, Target::Echo);
+    let samples = block_in(&lab.pair.a.name, move || sequential(addr, FLOWS))?;
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = cpu_of(&pids) - cpu0;
+    let after = attacker.as_ref().map_or(0, |(_, log)| attempts(log));
+    drop(attacker);
+    let ttfb = Percentiles::of(samples);
+    eprintln!(
+        "flood {name}: p50 {:.0} µs p99 {:.0} µs, {:.0} attempts/s",
+        ttfb.p50_us,
+        ttfb.p99_us,
+        after.saturating_sub(before) as f64 / secs
+    );
+    Ok(Phase {
+        name: name.to_owned(),
+        attack_loops: loops,
+        ttfb,
+        attempts_per_s: after.saturating_sub(before) as f64 / secs,
+        sidecar_cpu_share: cpu / secs,
+        secs,
+    })
+}
+
+/// The attacker process in the client namespace; its stdout (a running attempt count) goes to
+/// the returned file.
+fn start_attacker(lab: &Lab, loops: usize) -> anyhow::Result<(Proc, std::path::PathBuf)> {
+    let exe = std::env::current_exe()?;
+    let log = lab.dir.path().join(format!("attacker-{loops}.log"));
+    let target = SocketAddr::new(lab.pair.b_ip.parse()?, 15443);
+    let mut cmd = lab.pair.a.command(&exe);
+    cmd.args([
+        "handshake-flood".to_owned(),
+        target.to_string(),
+        lab.dir
+            .path()
+            .join("ca")
+            .join("ca.crt")
+            .display()
+            .to_string(),
+        loops.to_string(),
+    ])
+    .stdout(std::fs::File::create(&log)?)
+    .stderr(std::process::Stdio::null());
+    Ok((Proc::spawn("attacker", cmd)?, log))
+}
+
+/// The attacker's last reported attempt count.
+fn attempts(log: &std::path::Path) -> u64 {
+    std::fs::read_to_string(log)
+        .ok()
+        .and_then(|t| t.lines().last().and_then(|l| l.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+async fn sequential(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<u64>> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = Instant::now();
+        let mut s = TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        s.write_all(b"x").await?;
+        let mut b = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut b)).await??;
+        out.push(start.elapsed().as_nanos() as u64);
+    }
+    Ok(out)
+}
+
+fn admission_counts(metrics: &str) -> Vec<(String, f64)> {
+    metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("halyard_quic_admission_total{decision=\""))
+        .filter_map(|rest| {
+            let (decision, value) = rest.split_once("\"} ")?;
+            Some((decision.to_owned(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// `handshake-flood ADDR ROOT_PEM LOOPS`: opens QUIC handshakes to ADDR from LOOPS concurrent
+/// loops, forever, with a certificate of a CA the server does not trust (but trusting the
+/// server's root, so every handshake runs to the server's verdict); prints the attempt count
+/// once a second.
+pub fn attacker_main(args: &[String]) -> anyhow::Result<()> {
+    let [addr, root, loops] = args else {
+        anyhow::bail!("usage: handshake-flood ADDR ROOT_PEM LOOPS");
+    };
+    let addr: SocketAddr = addr.parse().context("ADDR")?;
+    let loops: usize = loops.parse().context("LOOPS")?;
+    let bundle = Arc::new(halyard_certs::TrustBundle::load(std::path::Path::new(
+        root,
+    ))?);
+    let intruder = halyard_certs::test_util::TestPki::new("mesh.local");
+    let expected = halyard_certs::SpiffeId::parse("spiffe://mesh.local/ns/default/sa/server")?;
+    let raw = halyard_transport::RawTransportConfig {
+        connect_timeout_ms: 500,
+        ..Default::default()
+    };
+    let config = halyard_transport::TransportConfig::try_from(raw)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let ep = halyard_transport::MeshEndpoint::new(
+            intruder.resolver("intruder"),
+            bundle,
+            config,
+            "0.0.0.0:0".parse()?,
+        )?;
+        let count = Arc::new(AtomicU64::new(0));
+        for _ in 0..loops {
+            let (ep, count, expected) = (ep.clone(), count.clone(), expected.clone());
+            tokio::spawn(async move {
+                loop {
+                    count.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(conn) = ep.connect(addr, &expected).await {
+                        conn.close(0u32.into(), b"");
+                    }
+                }
+            });
+        }
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            println!("{}", count.load(Ordering::Relaxed));
+        }
+    })
+}
+
+fn markdown(r: &Report) -> String {
+    let mut md = String::from(
+        "# Handshake flood: legitimate new flows while an attacker opens QUIC handshakes\n\n",
+    );
+    md += &r.machine.markdown();
+    md += &format!(
+        "\nThe attacker is a separate process in the client's namespace (same source address as the client \
+         sidecar), with a certificate from another CA but the mesh's root, so each attempt costs the server \
+         sidecar a key exchange, a signature and a refused chain. The client app meanwhile opens {FLOWS} new \
+         flows one at a time through the warm peer connection (connect, 1 byte, its echo). Bounds met by the \
+         flood (server's `halyard_quic_admission_total`): {}. /dev/cpu_dma_latency held at 0: {}.\n\n",
+        r.admission
+            .iter()
+            .map(|(d, v)| format!("{d} {v:.0}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        r.dma_latency_held
+    );
+    md += "| phase | attacker loops | attempts/s | p50 µs | p99 µs | p99 vs quiet | sidecars' CPU (cores) |\n|---|---|---|---|---|---|---|\n";
+    let quiet = r.phases.first().map_or(0.0, |p| p.ttfb.p99_us);
+    for p in &r.phases {
+        let ratio = if quiet > 0.0 {
+            format!("{:.2}×", p.ttfb.p99_us / quiet)
+        } else {
+            "–".into()
+        };
+        md += &format!(
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {} | {:.2} |\n",
+            p.name,
+            p.attack_loops,
+            p.attempts_per_s,
+            p.ttfb.p50_us,
+            p.ttfb.p99_us,
+            ratio,
+            p.sidecar_cpu_share
+        );
+    }
+    md
+}
