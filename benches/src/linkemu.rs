@@ -38,6 +38,8 @@ pub struct Knobs {
     pub mean_burst: AtomicU32,
     pub one_way_delay_us: AtomicU32,
     pub rate_kbit_s: AtomicU32,
+    /// The drop-tail queue's capacity, bytes.
+    pub queue_bytes: AtomicU64,
     /// Bytes written to the receiving side.
     pub delivered: [AtomicU64; 2],
     /// Longest queueing delay at the bottleneck since last read (`take_queue_max`), µs.
@@ -124,6 +126,7 @@ impl LinkEmu {
         };
         emu.set_delay(Duration::from_secs_f64(params.one_way_delay_ms / 1000.0));
         emu.set_rate(params.rate_mbit_s);
+        emu.set_queue(params.queue_bytes);
         Ok(emu)
     }
 
@@ -138,6 +141,13 @@ impl LinkEmu {
     pub fn set_delay(&self, one_way: Duration) {
         let us = u32::try_from(one_way.as_micros()).unwrap_or(u32::MAX);
         self.knobs.one_way_delay_us.store(us, Ordering::Relaxed);
+    }
+
+    /// Drop-tail queue capacity, bytes, each direction.
+    pub fn set_queue(&self, bytes: usize) {
+        self.knobs
+            .queue_bytes
+            .store(bytes as u64, Ordering::Relaxed);
     }
 
     /// Bottleneck rate, each direction.
@@ -233,7 +243,8 @@ fn ingress(
             k.loss_ppm.load(Ordering::Relaxed),
             k.mean_burst.load(Ordering::Relaxed),
         );
-        if queued > p.queue_bytes as f64 || chain.lose(&mut rng, loss, burst) {
+        let capacity = k.queue_bytes.load(Ordering::Relaxed) as f64;
+        if queued > capacity || chain.lose(&mut rng, loss, burst) {
             continue;
         }
         free_at += Duration::from_nanos((n as f64 * ns_per_byte) as u64);

@@ -2,13 +2,14 @@
 //! by the user-space link emulator (TUN devices, 10 ms each way = 20 ms RTT, 100 Mbit/s with a
 //! 250 KB drop-tail queue). Link profiles: random loss 0, 0.5, 2 and 5 % each way; bursty loss
 //! (Gilbert–Elliott, 1 % of packets in bursts of 4 on average); 200 ms RTT (reordering 0.1 %
-//! with +1 ms whenever lossy). Through each proxy pair at once: one bulk
-//! flow to the sink, and 50 request/response flows (100-byte echo) at 200 rps in total, open
-//! loop. Request p50/p99 and bulk goodput. Halyard runs once per congestion controller (`bbr`,
-//! `cubic`), its sidecars restarted in between. Then, per controller, coexistence (one Halyard
-//! bulk flow and one stunnel (kernel TCP) bulk flow share the clean link for 20 s) and a rate
-//! step (one bulk flow while the link steps 100 → 20 → 100 Mbit/s, 10 s each; how long the
-//! delivered rate and the bottleneck queue take to follow each step), the step also for stunnel.
+//! with +1 ms whenever lossy). Through each proxy pair at once: one bulk flow to the sink, and
+//! 50 request/response flows (100-byte echo) at 200 rps in total, open loop. Request p50/p99
+//! and bulk goodput. Halyard runs once per congestion controller (`bbr`, `cubic`), its sidecars
+//! restarted in between. Then, per controller: coexistence (one Halyard bulk flow and one
+//! stunnel (kernel TCP) bulk flow share the clean link for 20 s, on the 1-BDP queue and on a
+//! 3-BDP one), and a rate step (one bulk flow while the link steps 100 → 20 → 100 Mbit/s, 10 s
+//! each; how long the delivered rate and the bottleneck queue take to follow each step), the
+//! step also for stunnel.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -54,6 +55,8 @@ const STEP_RATES: [f64; 3] = [100.0, 20.0, 100.0];
 const STEP_PHASE: Duration = Duration::from_secs(10);
 const STEP_SAMPLE: Duration = Duration::from_millis(100);
 const COEXIST: Duration = Duration::from_secs(20);
+/// Coexistence on the scenario's 1-BDP buffer and on a 3-BDP one.
+const COEXIST_QUEUES: [usize; 2] = [QUEUE_BYTES, 3 * QUEUE_BYTES];
 const REQ_FLOWS: usize = 50;
 const RPS: f64 = 200.0;
 const RUN: Duration = Duration::from_secs(8);
@@ -119,12 +122,15 @@ struct StepRun {
 #[derive(Debug, Serialize)]
 struct Coexistence {
     congestion: String,
+    /// The bottleneck's drop-tail queue during the run, bytes.
+    queue_bytes: usize,
     seconds: f64,
     halyard_mbit_s: f64,
     stunnel_mbit_s: f64,
 }
 
-pub fn main() -> anyhow::Result<()> {
+/// The scenario's link: namespaces `hb3-a`/`hb3-b` joined by the emulator.
+fn link_up() -> anyhow::Result<(LinkParams, Pair, LinkEmu)> {
     crate::setup::check_root()?;
     crate::setup::check_stunnel()?;
     let link = LinkParams {
@@ -141,6 +147,25 @@ pub fn main() -> anyhow::Result<()> {
         &link,
         SEED,
     )?;
+    Ok((link, pair, emu))
+}
+
+/// `lossy-coexistence`: only the coexistence runs, printed, no report written (to look at
+/// one question without the 11 minutes of the whole scenario).
+pub fn coexistence_main() -> anyhow::Result<()> {
+    let (_, pair, emu) = link_up()?;
+    let mut lab = Lab::up_on(pair)?;
+    for congestion in CONGESTION {
+        lab.restart_halyard(congestion)?;
+        for queue in COEXIST_QUEUES {
+            coexist(&lab, &emu, queue)?;
+        }
+    }
+    Ok(())
+}
+
+pub fn main() -> anyhow::Result<()> {
+    let (link, pair, emu) = link_up()?;
     let cc = crate::netns::in_ns(&pair.a.name, || {
         Ok(
             std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")?
@@ -165,7 +190,9 @@ pub fn main() -> anyhow::Result<()> {
             }
         }
         set_profile(&emu, &PROFILES[0]);
-        coexistence.push(coexist(&lab)?);
+        for queue in COEXIST_QUEUES {
+            coexistence.push(coexist(&lab, &emu, queue)?);
+        }
         if congestion == CONGESTION[0] {
             steps.push(step_run(&lab, &emu, Route::Stunnel)?);
         }
@@ -326,23 +353,27 @@ fn step_figures(path: String, rates: &[f64], queues: &[f64], calm_ms: f64) -> St
 }
 
 /// One bulk flow through Halyard and one through stunnel at once, for [`COEXIST`].
-fn coexist(lab: &Lab) -> anyhow::Result<Coexistence> {
+fn coexist(lab: &Lab, emu: &LinkEmu, queue_bytes: usize) -> anyhow::Result<Coexistence> {
+    emu.set_queue(queue_bytes);
     let halyard = lab.addr(Route::HalyardL4, Target::Sink);
     let stunnel = lab.addr(Route::Stunnel, Target::Sink);
-    let ((h, hs), (s, ss)) = block_in(&lab.pair.a.name, move || async move {
+    let result = block_in(&lab.pair.a.name, move || async move {
         let until = Instant::now() + COEXIST;
         let (a, b) = tokio::join!(bulk(halyard, until), bulk(stunnel, until));
         Ok((a?, b?))
-    })?;
+    });
+    emu.set_queue(QUEUE_BYTES);
+    let ((h, hs), (s, ss)) = result?;
     let row = Coexistence {
         congestion: lab.congestion().to_owned(),
+        queue_bytes,
         seconds: COEXIST.as_secs_f64(),
         halyard_mbit_s: h as f64 * 8.0 / hs / 1e6,
         stunnel_mbit_s: s as f64 * 8.0 / ss / 1e6,
     };
     eprintln!(
-        "coexistence {}: halyard {:.1} Mbit/s, stunnel {:.1} Mbit/s",
-        row.congestion, row.halyard_mbit_s, row.stunnel_mbit_s
+        "coexistence {} ({} B queue): halyard {:.1} Mbit/s, stunnel {:.1} Mbit/s",
+        row.congestion, row.queue_bytes, row.halyard_mbit_s, row.stunnel_mbit_s
     );
     std::thread::sleep(Duration::from_millis(500));
     Ok(row)
@@ -478,11 +509,13 @@ fn markdown(r: &Report) -> String {
         );
     }
     md += "\nCoexistence: one bulk flow through Halyard and one through stunnel (kernel TCP) at once on the clean link, \
-           sharing the 100 Mbit/s bottleneck.\n\n| halyard congestion | seconds | halyard Mbit/s | stunnel Mbit/s | halyard / stunnel |\n|---|---|---|---|---|\n";
+           sharing the 100 Mbit/s bottleneck, on the scenario's queue and on one three times as deep.\n\n\
+           | halyard congestion | queue B | seconds | halyard Mbit/s | stunnel Mbit/s | halyard / stunnel |\n|---|---|---|---|---|---|\n";
     for c in &r.coexistence {
         md += &format!(
-            "| {} | {} | {:.1} | {:.1} | {:.2}× |\n",
+            "| {} | {} | {} | {:.1} | {:.1} | {:.2}× |\n",
             c.congestion,
+            c.queue_bytes,
             c.seconds,
             c.halyard_mbit_s,
             c.stunnel_mbit_s,

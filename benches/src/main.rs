@@ -17,7 +17,8 @@ mod setup;
 mod stats;
 mod transport;
 
-const SCENARIOS: &str = "transport, bulk, latency, lossy, newflows, scale, micro, all";
+const SCENARIOS: &str =
+    "transport, bulk, latency, lossy, lossy-coexistence, newflows, scale, micro, all";
 
 type Scenario = fn() -> anyhow::Result<()>;
 
@@ -33,6 +34,7 @@ fn main() -> anyhow::Result<()> {
         "bulk" => bulk::main(),
         "latency" => latency::main(),
         "lossy" => lossy::main(),
+        "lossy-coexistence" => lossy::coexistence_main(),
         "micro" => micro::main(),
         "newflows" => newflows::main(),
         "scale" => scale::main(),
