@@ -419,7 +419,7 @@ impl Bbr {
     /// (kernel BBRv1 and CUBIC both do) delivers `window / (min_rtt + queue)`, below its own
     /// estimate, and its bandwidth estimate and window shrink each cycle until it starves. Over
     /// this RTT it delivers at its pacing rate, as the draft's paced sender would. Alone, its
-    /// own queue stays under `allowance / bw + queue_threshold`, so the window is the one over
+    /// own queue stays under `allowance / bw` plus the margin, so the window is the one over
     /// `min_rtt`; a probe's queue (ProbeBW_UP) drains within a few rounds of ProbeBW_DOWN. The
     /// draft's cwnd (`2 × BDP + extra_acked`) still bounds the result. `None` before the
     /// first RTT sample; `min_rtt` until a round has ended.
