@@ -20,7 +20,7 @@ APT_PACKAGES := gcc libc6-dev ca-certificates protobuf-compiler libprotobuf-dev 
 # Extra arguments for `halyard demo`, e.g. `make demo DEMO_ARGS=--quick`.
 DEMO_ARGS ?=
 
-.PHONY: all build demo test lint bench deps fmt fresh-check fuzz chaos soak
+.PHONY: all build demo test lint bench deps fmt fresh-check fuzz chaos soak impairment
 
 all: build
 
@@ -52,6 +52,10 @@ test: lint
 bench: deps
 	$(CARGO) build --release --bin halyard
 	$(CARGO) run --release -p halyard-benches -- all
+
+## impairment: the QUIC impairment matrix at full size (64 MiB transfers; `test` runs 8 MiB).
+impairment:
+	HALYARD_IMPAIRMENT_FULL=1 $(CARGO) test -p halyard-transport --test impairment
 
 ## fuzz: every fuzz target (fuzz/) for FUZZ_SECONDS each; nightly toolchain, cargo-fuzz installed when missing.
 FUZZ_SECONDS ?= 60

@@ -1,5 +1,5 @@
 //! Halyard benchmarks: `halyard-benches SCENARIO` writes `benches/results/SCENARIO.{md,json}`.
-//! Scenarios: transport, bulk, latency, lossy, newflows, scale, flood, micro, all. The h2-tunnel
+//! Scenarios: transport, bulk, latency, lossy, lossy-coexistence, newflows, scale, flood, micro, all. The h2-tunnel
 //! baseline's two processes are this binary too (`h2-tunnel-server`, `h2-tunnel-client`), and so
 //! is the flood's attacker (`handshake-flood`).
 #![forbid(unsafe_code)]
@@ -19,7 +19,8 @@ mod setup;
 mod stats;
 mod transport;
 
-const SCENARIOS: &str = "transport, bulk, latency, lossy, newflows, scale, flood, micro, all";
+const SCENARIOS: &str =
+    "transport, bulk, latency, lossy, lossy-coexistence, newflows, scale, flood, micro, all";
 
 type Scenario = fn() -> anyhow::Result<()>;
 
@@ -37,6 +38,7 @@ fn main() -> anyhow::Result<()> {
         "bulk" => bulk::main(),
         "latency" => latency::main(),
         "lossy" => lossy::main(),
+        "lossy-coexistence" => lossy::coexistence_main(),
         "micro" => micro::main(),
         "newflows" => newflows::main(),
         "scale" => scale::main(),

@@ -82,7 +82,7 @@ pub struct RawTransportConfig {
     /// SETTINGS_MAX_FIELD_SECTION_SIZE. A request over it is refused before it is sent (431);
     /// a response over the peer's advertised value is replaced by a 502. 1 KiB to 1 MiB.
     pub max_field_section_size: u64,
-    /// Congestion controller of every connection: `"bbr"` (default) or `"cubic"`.
+    /// Congestion controller of every connection: `"bbr"` or `"cubic"` (default).
     pub congestion: Congestion,
 }
 
@@ -128,7 +128,7 @@ impl Default for RawTransportConfig {
 /// | stream credit wait | 100 ms | a round of MAX_STREAMS credit on a LAN takes far less; short beside the connect timeout (2 s), so a flow out of credit moves on, or fails as a local limit, before its connect attempt would time out |
 /// | reconnect backoff | 100 ms doubling to 5 s, jittered | |
 /// | max field section size | 96 KiB | bounds decoded header memory per request; real cookies reach 60 KiB (nginx and Envoy users meet such headers), so 16 KiB refused real traffic |
-/// | congestion | `cubic` | `bbr` keeps full rate through random loss without filling queues; the default moves once the `lossy` bench has compared them |
+/// | congestion | `cubic` | `bbr` keeps near full rate through random loss without filling queues; the default stays until a run of the `bulk` bench on a quiet machine confirms `bbr` no worse on a clean, CPU-bound link (ARCHITECTURE.md, "Congestion control") |
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "RawTransportConfig", into = "RawTransportConfig")]
 pub struct TransportConfig {

@@ -22,9 +22,11 @@
 //!    A BBR window of `2 × BDP` therefore sends at up to 2.5× the bottleneck rate until a
 //!    standing queue of one BDP forms (quinn's own BBRv1 does exactly that). [`Bbr::window`]
 //!    is the draft's cwnd further bounded by the volume the draft's pacing rate would put in
-//!    flight in one `min_rtt`, plus the aggregation allowance (`extra_acked`) and a send
-//!    quantum: `min(cwnd, pacing_gain × bw × min_rtt + extra_acked + quantum)`. The flow is
-//!    then window-limited at the draft's pacing rate, and quinn's pacer only smooths bursts.
+//!    flight in one round trip, plus the aggregation allowance (`extra_acked`) and a send
+//!    quantum: `min(cwnd, pacing_gain × bw × window_rtt + extra_acked + quantum)`, where
+//!    [`Bbr::window_rtt`] is `min_rtt` plus any standing queue this flow did not build
+//!    itself. The flow is then window-limited at the draft's pacing rate, and quinn's pacer
+//!    only smooths bursts.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -288,6 +290,17 @@ pub(crate) fn bdp_of(bw: u64, rtt: Duration) -> u64 {
     u64::try_from(bytes).unwrap_or(u64::MAX).min(MAX_WINDOW)
 }
 
+/// The time `bytes` take at `bw` bytes per second, saturated at `MAX_RTT_SAMPLE`; zero at a
+/// zero rate.
+fn duration_at(bytes: u64, bw: u64) -> Duration {
+    if bw == 0 {
+        return Duration::ZERO;
+    }
+    let nanos = u128::from(bytes).saturating_mul(1_000_000_000) / u128::from(bw);
+    let nanos = u64::try_from(nanos).unwrap_or(u64::MAX);
+    Duration::from_nanos(nanos).min(MAX_RTT_SAMPLE)
+}
+
 /// `bytes / interval` in bytes per second, saturated at `MAX_BW`; `None` for an empty interval.
 fn rate_of(bytes: u64, interval: Duration) -> Option<u64> {
     let nanos = interval.as_nanos();
@@ -373,20 +386,55 @@ impl Bbr {
 
     // ----- outputs -------------------------------------------------------------------------
 
-    /// The window quinn enforces, in bytes: the draft's cwnd bounded by the draft's pacing
-    /// rate over one `min_rtt` (departure 2 in the module docs).
+    /// The window quinn enforces, in bytes: the draft's cwnd (§5.6.4, with every bound of
+    /// §5.6.4.4–§5.6.4.7) further bounded by the draft's pacing rate over [`Bbr::window_rtt`]
+    /// plus an allowance for ACK aggregation and one send quantum (departure 2 in the module
+    /// docs). Always within `[4 × SMSS, MAX_WINDOW]`.
     pub fn window(&self) -> u64 {
         let min_pipe = self.min_pipe_cwnd();
         let Some(min_rtt) = self.min_rtt.filter(|_| self.bw > 0) else {
             return self.cwnd.clamp(min_pipe, MAX_WINDOW);
         };
-        let allowance = self
-            .extra_acked()
+        let allowance = self.window_allowance(min_rtt);
+        let rtt = self.window_rtt().unwrap_or(min_rtt);
+        let paced = bdp_of(self.pacing_rate, rtt).saturating_add(allowance);
+        self.cwnd.min(paced).clamp(min_pipe, MAX_WINDOW)
+    }
+
+    /// What the window adds to `pacing_rate × window_rtt`: `min(extra_acked, BDP)` (§5.5.9),
+    /// one send quantum (§5.6.3) and one segment, bytes.
+    fn window_allowance(&self, min_rtt: Duration) -> u64 {
+        self.extra_acked()
             .min(bdp_of(self.bw, min_rtt))
             .saturating_add(self.send_quantum)
-            .saturating_add(self.smss);
-        let paced = bdp_of(self.pacing_rate, min_rtt).saturating_add(allowance);
-        self.cwnd.min(paced).clamp(min_pipe, MAX_WINDOW)
+            .saturating_add(self.smss)
+    }
+
+    /// The RTT over which [`Bbr::window`] carries the pacing rate: `min_rtt` plus the part of
+    /// the last round's smallest queueing delay that this flow's own allowance and a margin of
+    /// `min_rtt / 8` (at most 10 ms) do not explain, i.e. a queue another flow keeps standing
+    /// (or, on a sub-millisecond path, the scheduling delay of a CPU-bound host).
+    ///
+    /// Over `min_rtt` alone, a flow sharing a bottleneck with one that holds a standing queue
+    /// (kernel BBRv1 and CUBIC both do) delivers `window / (min_rtt + queue)`, below its own
+    /// estimate, and its bandwidth estimate and window shrink each cycle until it starves. Over
+    /// this RTT it delivers at its pacing rate, as the draft's paced sender would. Alone, its
+    /// own queue stays under `allowance / bw` plus the margin, so the window is the one over
+    /// `min_rtt`; a probe's queue (ProbeBW_UP) drains within a few rounds of ProbeBW_DOWN. The
+    /// draft's cwnd (`2 × BDP + extra_acked`) still bounds the result. `None` before the
+    /// first RTT sample; `min_rtt` until a round has ended.
+    pub fn window_rtt(&self) -> Option<Duration> {
+        let min_rtt = self.min_rtt?;
+        let Some(round) = self.prev_round_min_rtt else {
+            return Some(min_rtt);
+        };
+        let own = duration_at(self.window_allowance(min_rtt), self.bw);
+        let margin = (min_rtt / 8).min(Duration::from_millis(10));
+        let foreign = round
+            .saturating_sub(min_rtt)
+            .saturating_sub(own)
+            .saturating_sub(margin);
+        Some(min_rtt.saturating_add(foreign).min(MAX_RTT_SAMPLE))
     }
 
     /// The draft's congestion window `C.cwnd` (§5.6.4), bytes.
@@ -1260,5 +1308,68 @@ impl Bbr {
     fn exit_recovery(&mut self) {
         self.recovery_start = None;
         self.cwnd = self.cwnd.max(self.prior_cwnd);
+    }
+
+    /// The draft's bounds on the outputs, for tests to check after every ACK: the window
+    /// within `[4 × SMSS, MAX_WINDOW]` and never above cwnd; once the pipe is full and outside
+    /// recovery, cwnd at most `BBR.max_inflight` (§5.6.4.6 "BBRUpdateMaxInflight"); cwnd within
+    /// the model's bounds (§5.6.4.7 "BBRBoundCwndForModel") and ProbeRTT's (§5.6.4.5);
+    /// `bw = min(max_bw, bw_lo)` (§2.9.1); the pacing rate at most
+    /// `pacing_gain × bw` (§5.6.2) once the pipe is full.
+    #[cfg(test)]
+    pub(crate) fn check_draft_bounds(&self) -> Result<(), String> {
+        let min_pipe = self.min_pipe_cwnd();
+        let window = self.window();
+        let check = |ok: bool, what: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(format!("{what}: {self:?}"))
+            }
+        };
+        check(
+            (min_pipe..=MAX_WINDOW).contains(&window),
+            "window outside [4 SMSS, MAX_WINDOW]",
+        )?;
+        check(window <= self.cwnd.max(min_pipe), "window above cwnd")?;
+        if self.full_bw_reached && self.recovery_start.is_none() {
+            let inflight = self
+                .bdp_multiple(self.bw, self.cwnd_gain)
+                .saturating_add(self.extra_acked());
+            let max_inflight = self.quantization_budget(inflight);
+            check(
+                self.cwnd <= max_inflight.max(min_pipe),
+                "cwnd above max_inflight",
+            )?;
+        }
+        let cap = match self.phase {
+            Phase::ProbeBwDown | Phase::ProbeBwRefill | Phase::ProbeBwUp => self.inflight_hi,
+            Phase::ProbeRtt | Phase::ProbeBwCruise => Some(self.inflight_with_headroom()),
+            Phase::Startup | Phase::Drain => None,
+        };
+        let cap = cap
+            .into_iter()
+            .chain(self.inflight_lo)
+            .min()
+            .map(|c| c.max(min_pipe));
+        check(
+            cap.is_none_or(|c| self.cwnd <= c),
+            "cwnd above the model's bound",
+        )?;
+        if self.phase == Phase::ProbeRtt {
+            check(self.cwnd <= self.probe_rtt_cwnd(), "cwnd above ProbeRTT's")?;
+        }
+        let bw = self
+            .bw_lo
+            .map_or(self.max_bw.get(), |lo| lo.min(self.max_bw.get()));
+        check(self.bw == bw, "bw is not min(max_bw, bw_lo)")?;
+        if self.full_bw_reached {
+            let most = scale(self.bw, self.pacing_gain * PACING_MARGIN).saturating_add(1);
+            check(
+                self.pacing_rate <= most,
+                "pacing rate above pacing_gain × bw",
+            )?;
+        }
+        Ok(())
     }
 }

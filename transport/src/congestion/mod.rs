@@ -29,7 +29,8 @@ pub enum Congestion {
     /// through random loss, a small queue.
     Bbr,
     /// quinn's CUBIC (RFC 9438): loss-based; halves its rate on random loss and fills
-    /// drop-tail queues. The default until the `lossy` bench has compared the two in one run.
+    /// drop-tail queues. The default until the `bulk` bench shows `bbr` no worse on a clean,
+    /// CPU-bound link on a quiet machine (ARCHITECTURE.md, "Congestion control").
     #[default]
     Cubic,
 }
