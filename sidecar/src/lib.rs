@@ -15,6 +15,8 @@
 //! - `state` holds what the tasks share (snapshot in force, pool, balancing state) and calls
 //!   into `decide` with `now` and random samples.
 //! - `telemetry` turns each finished flow or request into metrics, an access-log line and a span.
+//! - `identity` holds the leaf and trust bundle in force and publishes their changes;
+//!   `workload_api` hands them to the local app over the SPIFFE Workload API.
 //!
 //! Public API: [`run`] (start a sidecar), [`config`] (its checked configuration), [`decide`] (the
 //! pure decision core), [`signal`] (shutdown on SIGTERM/SIGINT), [`serve_http1`] (the small HTTP/1.1
@@ -27,6 +29,7 @@ mod bounds;
 pub mod ca;
 pub mod config;
 pub mod decide;
+mod identity;
 mod l4;
 mod l7;
 mod net;
@@ -37,6 +40,7 @@ mod state;
 mod telemetry;
 #[cfg(feature = "test-util")]
 pub mod test_util;
+mod workload_api;
 
 /// Entry points for the fuzz targets in `fuzz/` (feature `fuzzing`): the data path's parsers of
 /// bytes from apps and peers, without sockets.
