@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use halyard_certs::{MeshCa, TrustDomain};
 use halyard_sidecar::test_util::{metric, Mesh, Sidecar, Spec, TD};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -124,6 +125,25 @@ async fn fetch_x509_bundles_answers_the_trust_domains_roots() {
     let (ok, out) = run_client(&socket, &["bundles", TD, &roots]).await;
     assert!(ok, "{out}");
     assert_eq!(out, format!("bundle {TD} roots 1"));
+    sidecar.shutdown().await.unwrap();
+}
+
+/// A new trust bundle in the registry reaches an open FetchX509Bundles stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trust_bundle_change_reaches_an_open_bundles_stream() {
+    let mesh = Mesh::with_dir().await;
+    let (sidecar, socket) = file_sidecar(&mesh).await;
+    let mut child = client(&socket, &["bundles-stream", TD])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(next_line(&mut lines).await.as_deref(), Some("roots 1"));
+    let next_root = MeshCa::create(&TrustDomain::new(TD).unwrap()).unwrap();
+    let roots = [mesh.ca.root_pem(), next_root.root_pem()].concat();
+    let trust = serde_json::json!({ "kind": "TrustBundle", "roots": roots });
+    mesh.apply(&trust.to_string()).await;
+    assert_eq!(next_line(&mut lines).await.as_deref(), Some("roots 2"));
     sidecar.shutdown().await.unwrap();
 }
 

@@ -8,6 +8,7 @@ one result line per event and exits 0, or prints what went wrong and exits 1.
   workload_api.py no-header                  FetchX509SVID without the security header
   workload_api.py jwt                        FetchJWTSVID (with the header): Unimplemented
   workload_api.py until-closed               reads a stream until the server ends it
+  workload_api.py bundles-stream TRUST_DOMAIN   each FetchX509Bundles update: its root count
 """
 import os
 import queue
@@ -17,6 +18,7 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from spiffe import WorkloadApiClient
+from spiffe.bundle.x509_bundle.x509_bundle import X509Bundle
 from spiffe._proto import workload_pb2, workload_pb2_grpc
 from spiffe.spiffe_id.spiffe_id import TrustDomain
 
@@ -138,6 +140,21 @@ def until_closed():
     channel.close()
 
 
+def bundles_stream(trust_domain):
+    channel, stub = raw_stub()
+    header = [("workload.spiffe.io", "true")]
+    td = TrustDomain(trust_domain)
+    try:
+        for response in stub.FetchX509Bundles(workload_pb2.X509BundlesRequest(), metadata=header):
+            raw = response.bundles.get(f"spiffe://{trust_domain}")
+            if raw is None:
+                fail(f"no bundle for {trust_domain} in {list(response.bundles)}")
+            print(f"roots {len(X509Bundle.parse_raw(td, raw).x509_authorities)}", flush=True)
+    except grpc.RpcError as err:
+        print(f"ended {err.code().name}", flush=True)
+    channel.close()
+
+
 def main(argv):
     commands = {
         "svid-renewal": svid_renewal,
@@ -145,6 +162,7 @@ def main(argv):
         "no-header": no_header,
         "jwt": jwt,
         "until-closed": until_closed,
+        "bundles-stream": bundles_stream,
     }
     if len(argv) < 2 or argv[1] not in commands:
         fail(__doc__)
