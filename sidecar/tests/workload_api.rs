@@ -147,7 +147,8 @@ async fn a_trust_bundle_change_reaches_an_open_bundles_stream() {
     sidecar.shutdown().await.unwrap();
 }
 
-/// A call without the `workload.spiffe.io: true` metadata is refused with InvalidArgument.
+/// A call without the `workload.spiffe.io: true` metadata is refused with InvalidArgument (the
+/// next call on the same connection, with it, is answered).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_without_the_security_header_is_refused() {
     let mesh = Mesh::with_dir().await;
@@ -156,6 +157,7 @@ async fn a_call_without_the_security_header_is_refused() {
     assert!(ok, "{out}");
     assert!(out.starts_with("refused INVALID_ARGUMENT"), "{out}");
     assert!(out.contains("workload.spiffe.io"), "{out}");
+    assert!(out.ends_with("then answered with the header"), "{out}");
     let m = sidecar.started.render_metrics();
     let refused = &[("method", "FetchX509SVID"), ("code", "InvalidArgument")];
     assert_eq!(

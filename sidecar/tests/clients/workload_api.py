@@ -5,7 +5,7 @@ one result line per event and exits 0, or prints what went wrong and exits 1.
 
   workload_api.py svid-renewal SPIFFE_ID     the SVID, then its renewal on the same stream
   workload_api.py bundles TRUST_DOMAIN ROOTS_PEM   FetchX509Bundles against the roots file
-  workload_api.py no-header                  FetchX509SVID without the security header
+  workload_api.py no-header                  FetchX509SVID without the security header, then with
   workload_api.py jwt                        FetchJWTSVID (with the header): Unimplemented
   workload_api.py until-closed               reads a stream until the server ends it
   workload_api.py bundles-stream TRUST_DOMAIN   each FetchX509Bundles update: its root count
@@ -113,6 +113,13 @@ def no_header():
         fail("answered without the security header")
     except grpc.RpcError as err:
         print(f"refused {err.code().name}: {err.details()}", flush=True)
+    # The same connection again, with the header: its :authority is now a reference into the
+    # HPACK dynamic table that the first request filled.
+    header = [("workload.spiffe.io", "true")]
+    stream = stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=header, timeout=TIMEOUT)
+    next(stream)
+    stream.cancel()
+    print("then answered with the header", flush=True)
     channel.close()
 
 
