@@ -231,49 +231,41 @@ fn string(b: &[u8], at: usize) -> Option<(bool, usize, usize)> {
 /// Static table index of `:authority` (RFC 7541 Appendix A).
 const AUTHORITY_INDEX: usize = 1;
 
+/// One header field representation at `at` (RFC 7541 §6): where the next one starts, and the
+/// span of its value if it is a literal, non-Huffman `:authority`. `None` when it does not parse.
+fn field(b: &[u8], at: usize) -> Option<(usize, Option<(usize, usize)>)> {
+    let first = *b.get(at)?;
+    let prefix = match first {
+        // Indexed field, or a dynamic table size update: nothing literal.
+        f if f & 0x80 != 0 => return Some((integer(b, at, 7)?.1, None)),
+        f if f & 0xe0 == 0x20 => return Some((integer(b, at, 5)?.1, None)),
+        // Literal with incremental indexing; else without indexing or never indexed.
+        f if f & 0xc0 == 0x40 => 6,
+        _ => 4,
+    };
+    let (index, mut next) = integer(b, at, prefix)?;
+    let named = if index == 0 {
+        let (huffman, s, e) = string(b, next)?;
+        next = e;
+        !huffman && &b[s..e] == b":authority"
+    } else {
+        index == AUTHORITY_INDEX
+    };
+    let (huffman, s, e) = string(b, next)?;
+    Some((e, (named && !huffman).then_some((s, e))))
+}
+
 /// Rewrites each literal `:authority` value that is not a valid authority; true if any was.
 fn fix_authority(b: &mut [u8]) -> bool {
     let mut at = 0;
     let mut changed = false;
     while at < b.len() {
-        let first = b[at];
-        let prefix = match first {
-            f if f & 0x80 != 0 => {
-                // Indexed field: nothing literal to look at.
-                match integer(b, at, 7) {
-                    Some((_, next)) => at = next,
-                    None => return changed,
-                }
-                continue;
-            }
-            f if f & 0xc0 == 0x40 => 6,
-            f if f & 0xe0 == 0x20 => {
-                match integer(b, at, 5) {
-                    Some((_, next)) => at = next,
-                    None => return changed,
-                }
-                continue;
-            }
-            _ => 4,
-        };
-        let Some((index, next)) = integer(b, at, prefix) else {
+        let Some((next, authority)) = field(b, at) else {
             return changed;
         };
         at = next;
-        let is_authority = if index == 0 {
-            let Some((huffman, s, e)) = string(b, at) else {
-                return changed;
-            };
-            at = e;
-            !huffman && &b[s..e] == b":authority"
-        } else {
-            index == AUTHORITY_INDEX
-        };
-        let Some((huffman, s, e)) = string(b, at) else {
-            return changed;
-        };
-        at = e;
-        if is_authority && !huffman && http::uri::Authority::try_from(&b[s..e]).is_err() {
+        let Some((s, e)) = authority else { continue };
+        if http::uri::Authority::try_from(&b[s..e]).is_err() {
             for c in &mut b[s..e] {
                 if !(c.is_ascii_alphanumeric() || matches!(*c, b'-' | b'.' | b'_' | b'~')) {
                     *c = b'-';
