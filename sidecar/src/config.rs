@@ -135,7 +135,7 @@ pub struct SocketPath(PathBuf);
 
 impl SocketPath {
     /// Longest accepted path, bytes: `sun_path` holds 108 bytes with the terminating NUL, and
-    /// the socket is first bound as `.<name>.tmp` beside its final name.
+    /// the socket is first bound as `.wapi/s` beside its final name (up to 7 bytes more).
     pub const MAX_LEN: usize = 100;
 
     /// The path.

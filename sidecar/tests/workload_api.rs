@@ -224,6 +224,10 @@ async fn a_stale_socket_is_replaced_with_the_configured_mode() {
     let socket = socket_in(&mesh);
     drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
     assert!(socket.exists());
+    // And the private folder a sidecar killed while binding leaves, with its socket.
+    let private = mesh.dir.path().join(".wapi");
+    std::fs::create_dir(&private).unwrap();
+    drop(std::os::unix::net::UnixListener::bind(private.join("s")).unwrap());
     let sidecar = mesh
         .start(&with_socket(
             Spec::new("ratings", "v1"),
@@ -234,6 +238,7 @@ async fn a_stale_socket_is_replaced_with_the_configured_mode() {
     let meta = std::fs::symlink_metadata(&socket).unwrap();
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o7777, 0o660);
+    assert!(!private.exists());
     let (ok, out) = run_client(&socket, &["jwt"]).await;
     assert!(ok, "{out}");
     sidecar.shutdown().await.unwrap();
@@ -264,6 +269,13 @@ async fn a_taken_socket_path_refuses_the_start() {
     let err = start_error(&mesh, &file).await;
     assert!(err.contains("is not a socket"), "{err}");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+    // Someone else's `.wapi` (here: a file) is not used either.
+    std::fs::write(mesh.dir.path().join(".wapi"), "not a folder").unwrap();
+    let err = start_error(&mesh, &socket).await;
+    assert!(
+        err.contains(".wapi exists and is not this user's folder"),
+        "{err}"
+    );
 }
 
 async fn start_error(mesh: &Mesh, socket: &Path) -> String {

@@ -22,7 +22,7 @@
 //! refuses; [`authority::AuthorityFix`] rewrites it on the way in (see there).
 //!
 //! There is no workload attestation: the socket's file mode is the access control (see
-//! `config::WorkloadApiConfig`). The socket is bound under a temporary name, given its mode and
+//! `config::WorkloadApiConfig`). The socket is bound in a private folder (0700), given its mode and
 //! renamed into place, so it is never connectable with looser permissions; a stale socket left
 //! by a dead sidecar is replaced, a live one or any other file refuses the start; the file is
 //! removed when the server ends.
@@ -45,7 +45,7 @@ use crate::config::WorkloadApiConfig;
 use crate::identity::Svid;
 use crate::telemetry::metrics::Metrics;
 
-mod authority;
+pub(crate) mod authority;
 
 /// The code generated from `workload.proto` (no proto package, hence `_`).
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
@@ -96,25 +96,24 @@ pub(crate) struct Socket {
 
 /// Binds `[workload_api] socket` with its mode. Errors name the field: the folder is missing,
 /// another process serves the socket, or the path is taken by something that is not a socket.
+///
+/// The socket is bound inside a fresh folder of mode 0700 beside its final path, given its
+/// mode there, then renamed into place: nobody else can connect to it before it has its mode
+/// (binding it in place and then `chmod`ing would leave a moment in which the umask decides).
 pub(crate) fn bind(config: &WorkloadApiConfig) -> anyhow::Result<Socket> {
     let path = config.socket.path();
     let at = || format!("workload_api.socket = {}", path.display());
     clear_stale(path).with_context(at)?;
-    let tmp = temp_name(path);
-    clear_stale(&tmp).with_context(at)?;
-    let std_listener = std::os::unix::net::UnixListener::bind(&tmp)
-        .with_context(|| format!("{}: cannot listen", at()))?;
-    let placed =
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(config.mode.bits()))
-            .and_then(|()| std::fs::rename(&tmp, path))
-            .and_then(|()| std::fs::symlink_metadata(path));
-    let meta = match placed {
-        Ok(m) => m,
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e).with_context(|| format!("{}: cannot put the socket in place", at()));
-        }
-    };
+    let private = private_dir(path).with_context(at)?;
+    let tmp = private.join("s");
+    let bound = std::os::unix::net::UnixListener::bind(&tmp).and_then(|l| {
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(config.mode.bits()))?;
+        std::fs::rename(&tmp, path)?;
+        Ok((l, std::fs::symlink_metadata(path)?))
+    });
+    let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::remove_dir(&private);
+    let (std_listener, meta) = bound.with_context(|| format!("{}: cannot listen", at()))?;
     let file = SocketFile {
         path: path.to_owned(),
         dev_ino: (meta.dev(), meta.ino()),
@@ -124,13 +123,36 @@ pub(crate) fn bind(config: &WorkloadApiConfig) -> anyhow::Result<Socket> {
     Ok(Socket { listener, file })
 }
 
-/// `.<name>.tmp` beside `path`.
-fn temp_name(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp"))
+/// Makes `.wapi` (mode 0700) beside `path`, after removing one a dead sidecar of this user
+/// left; a `.wapi` that is anything else refuses the start. The name is short so that the
+/// socket inside (`.wapi/s`) fits `sun_path` whenever `path` does.
+fn private_dir(path: &Path) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = path.with_file_name(".wapi");
+    if let Ok(meta) = std::fs::symlink_metadata(&dir) {
+        let mine = meta.is_dir() && meta.uid() == current_uid()?;
+        if !mine {
+            anyhow::bail!(
+                "{} exists and is not this user's folder; not using it",
+                dir.display()
+            );
+        }
+        clear_stale(&dir.join("s"))?;
+        std::fs::remove_dir(&dir)
+            .with_context(|| format!("removing the stale folder {}", dir.display()))?;
+    }
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// This process's effective uid: the owner of `/proc/self`.
+fn current_uid() -> anyhow::Result<u32> {
+    Ok(std::fs::metadata("/proc/self")
+        .context("reading /proc/self for this process's uid")?
+        .uid())
 }
 
 /// Removes a socket file nobody serves; refuses to touch a served socket or any other file.
