@@ -57,6 +57,12 @@ pub mod fuzzing {
         passed
     }
 
+    /// Runs `chunks` (reads from a Workload API client, in order) through the `:authority`
+    /// rewrite; returns the bytes the HTTP/2 server would get.
+    pub fn authority_rewrite<'a>(chunks: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+        crate::workload_api::authority::rewrite_all(chunks)
+    }
+
     /// Normalizes a request target (path and query) as routing, policy and forwarding see it
     /// under the default `inbound.path_parameters`; the normalized target, or why it is refused.
     pub fn normalize_target(target: &str) -> Result<String, String> {

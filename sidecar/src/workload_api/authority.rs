@@ -150,6 +150,20 @@ impl Rewriter {
     }
 }
 
+/// Runs a whole client byte stream, read in `chunks`, through a [`Rewriter`].
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn rewrite_all<'a>(chunks: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut r = Rewriter::default();
+    let mut out = Vec::new();
+    for c in chunks {
+        r.feed(c);
+        out.extend_from_slice(&r.take());
+    }
+    r.finish();
+    out.extend_from_slice(&r.take());
+    out
+}
+
 /// Where each fragment of a header block lies in its frames: (start, end) offsets.
 fn fragments(frames: &[u8]) -> Option<Vec<(usize, usize)>> {
     let mut spans = Vec::new();
@@ -409,15 +423,7 @@ mod tests {
     }
 
     fn run(chunks: &[&[u8]]) -> Vec<u8> {
-        let mut r = Rewriter::default();
-        let mut out = Vec::new();
-        for c in chunks {
-            r.feed(c);
-            out.extend_from_slice(&r.take());
-        }
-        r.finish();
-        out.extend_from_slice(&r.take());
-        out
+        rewrite_all(chunks.iter().copied())
     }
 
     fn stream(frames: &[Vec<u8>]) -> Vec<u8> {
