@@ -15,8 +15,14 @@ CARGO ?= cargo
 #   curl                     deploy/lab/lab.sh, and the real-traffic tests' HTTP client
 #   python3-grpcio           a real gRPC client and server (bidirectional streaming tests)
 #   python3-websockets       a real WebSocket client and server (upgrade tests)
+#   python3-venv             the virtual environment below
 APT_PACKAGES := gcc libc6-dev ca-certificates protobuf-compiler libprotobuf-dev etcd-server \
-	etcd-client iptables iproute2 openssl stunnel4 curl python3-grpcio python3-websockets
+	etcd-client iptables iproute2 openssl stunnel4 curl python3-grpcio python3-websockets \
+	python3-venv
+# Python client libraries Debian 12 lacks in a usable version (PyPI's `spiffe`, the SPIFFE
+# Workload API client): pinned wheels in a virtual environment of /usr/bin/python3.
+PY_VENV := .venv
+PY_REQUIREMENTS := sidecar/tests/clients/requirements.txt
 # Extra arguments for `halyard demo`, e.g. `make demo DEMO_ARGS=--quick`.
 DEMO_ARGS ?=
 
@@ -29,7 +35,7 @@ build:
 
 ## deps: install the Debian packages above that are missing (root), or print the command.
 deps:
-	@bash .ci/deps $(APT_PACKAGES)
+	@bash .ci/deps --venv $(PY_VENV)=$(PY_REQUIREMENTS) $(APT_PACKAGES)
 
 ## demo: the main job, on the embedded directory registry (no etcd needed).
 demo: deps

@@ -32,6 +32,8 @@ pub fn generate_csr(id: &SpiffeId) -> Result<(KeyPair, String), CertError> {
 pub struct WorkloadIdentity {
     id: SpiffeId,
     certified: Arc<CertifiedKey>,
+    /// The key as PKCS#8 DER, for the SPIFFE Workload API (`x509_svid_key`). Never printed.
+    pkcs8_key: Arc<[u8]>,
     serial: Vec<u8>,
     not_before: SystemTime,
     not_after: SystemTime,
@@ -51,6 +53,7 @@ impl WorkloadIdentity {
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CertError> {
         let chain = pem::certs(cert_pem)?;
         let key = pem::key(key_pem)?;
+        let pkcs8_key: Arc<[u8]> = key.secret_der().into();
         let id = svid::check_leaf(&chain[0])?;
         let (serial, not_before, not_after) = validity(&chain[0])?;
         let provider = tls::provider();
@@ -61,6 +64,7 @@ impl WorkloadIdentity {
         Ok(WorkloadIdentity {
             id,
             certified: Arc::new(certified),
+            pkcs8_key,
             serial,
             not_before,
             not_after,
@@ -77,6 +81,17 @@ impl WorkloadIdentity {
     /// The SPIFFE id of the leaf.
     pub fn id(&self) -> &SpiffeId {
         &self.id
+    }
+
+    /// The certificate chain, DER, leaf first, then the intermediates that issued it.
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.certified.cert
+    }
+
+    /// The private key as unencrypted PKCS#8 DER (RFC 5208), the form the SPIFFE Workload API
+    /// hands to workloads (`X509SVID.x509_svid_key`). Keep it out of logs.
+    pub fn pkcs8_key(&self) -> &[u8] {
+        &self.pkcs8_key
     }
 
     /// The leaf's serial number, big-endian bytes.

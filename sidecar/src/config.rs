@@ -103,6 +103,120 @@ pub struct SidecarConfig {
     /// Bounds on what local apps may make the sidecar hold (see `bounds`).
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// The SPIFFE Workload API for the local app; off when absent.
+    #[serde(default)]
+    pub workload_api: Option<WorkloadApiConfig>,
+}
+
+/// `[workload_api]`: the SPIFFE Workload API (X.509-SVID profile) served to the local app on a
+/// Unix socket, so an app that does its own TLS gets this sidecar's identity and trust bundle.
+///
+/// There is no workload attestation: whoever can connect to the socket gets the sidecar's
+/// certificate and private key. The socket's file mode (and the permissions of its folder) are
+/// therefore the access control, and the default mode lets only the sidecar's own user in.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadApiConfig {
+    /// The socket's path: absolute, at most [`SocketPath::MAX_LEN`] bytes. The app finds it in
+    /// `SPIFFE_ENDPOINT_SOCKET=unix://<path>`.
+    pub socket: SocketPath,
+    /// The socket file's permission bits, an octal string of read/write bits only; default
+    /// `"0600"`. `"0660"` admits the socket file's group, `"0666"` everyone who can reach the
+    /// folder (SPIRE's choice; then the folder's permissions must do the job).
+    #[serde(default)]
+    pub mode: SocketMode,
+}
+
+/// An absolute Unix socket path short enough for `sockaddr_un` with room for the temporary
+/// name it is bound under before it is renamed into place.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "PathBuf", into = "PathBuf")]
+pub struct SocketPath(PathBuf);
+
+impl SocketPath {
+    /// Longest accepted path, bytes: `sun_path` holds 108 bytes with the terminating NUL, and
+    /// the socket is first bound as `.wapi/s` beside its final name (up to 7 bytes more).
+    pub const MAX_LEN: usize = 100;
+
+    /// The path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl TryFrom<PathBuf> for SocketPath {
+    type Error = String;
+
+    fn try_from(path: PathBuf) -> Result<Self, String> {
+        let len = path.as_os_str().len();
+        if !path.is_absolute() {
+            return Err(format!("{path:?} must be an absolute path"));
+        }
+        if len > Self::MAX_LEN {
+            return Err(format!(
+                "{path:?} is {len} bytes; a Unix socket path may have at most {}",
+                Self::MAX_LEN
+            ));
+        }
+        if path.file_name().is_none() || path.ends_with("..") {
+            return Err(format!("{path:?} must name a file"));
+        }
+        Ok(SocketPath(path))
+    }
+}
+
+impl From<SocketPath> for PathBuf {
+    fn from(p: SocketPath) -> PathBuf {
+        p.0
+    }
+}
+
+/// Permission bits of a Unix socket file: read and write bits only (`0600`, `0660`, `0666`...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SocketMode(u32);
+
+impl SocketMode {
+    /// The bits, for `chmod`.
+    pub fn bits(self) -> u32 {
+        self.0
+    }
+}
+
+impl Default for SocketMode {
+    fn default() -> Self {
+        SocketMode(0o600)
+    }
+}
+
+impl TryFrom<String> for SocketMode {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        let bad = || {
+            format!("{text:?}: want an octal mode of read/write bits such as \"0600\", \"0660\" or \"0666\"")
+        };
+        let digits = text.strip_prefix("0o").unwrap_or(&text);
+        if digits.is_empty() || digits.len() > 4 {
+            return Err(bad());
+        }
+        let bits = u32::from_str_radix(digits, 8).map_err(|_| bad())?;
+        if bits & !0o666 != 0 {
+            return Err(bad());
+        }
+        if bits & 0o600 != 0o600 {
+            return Err(format!(
+                "{text:?}: the owner (the sidecar) needs read and write (0600)"
+            ));
+        }
+        Ok(SocketMode(bits))
+    }
+}
+
+impl From<SocketMode> for String {
+    fn from(m: SocketMode) -> String {
+        format!("{:04o}", m.0)
+    }
 }
 
 /// `[telemetry]`.
@@ -778,6 +892,22 @@ listen = "127.0.0.1:19080"
     }
 
     #[test]
+    fn the_workload_api_is_off_unless_configured() {
+        assert!(good().file.workload_api.is_none());
+        let on = format!("{GOOD}\n[workload_api]\nsocket = \"/run/halyard/workload.sock\"\n");
+        let c = Config::parse(&on, Path::new("s.toml")).unwrap();
+        let api = c.file.workload_api.clone().unwrap();
+        assert_eq!(api.socket.path(), Path::new("/run/halyard/workload.sock"));
+        assert_eq!(api.mode.bits(), 0o600);
+        let dump = serde_json::to_value(&c.file).unwrap();
+        assert_eq!(dump["workload_api"]["socket"], "/run/halyard/workload.sock");
+        assert_eq!(dump["workload_api"]["mode"], "0600");
+        let open = on.replace(".sock\"\n", ".sock\"\nmode = \"0666\"\n");
+        let c = Config::parse(&open, Path::new("s.toml")).unwrap();
+        assert_eq!(c.file.workload_api.unwrap().mode.bits(), 0o666);
+    }
+
+    #[test]
     fn bad_fields_are_named() {
         let cases = [
             (GOOD.replace("127.0.0.1:0", "nowhere"), "inbound.listen"),
@@ -837,6 +967,33 @@ listen = "127.0.0.1:19080"
             (
                 GOOD.replace("listen = \"127.0.0.1:0\"", "path_parameters = \"drop\""),
                 "inbound.path_parameters",
+            ),
+            (
+                format!("{GOOD}\n[workload_api]\nsocket = \"run/w.sock\"\n"),
+                "workload_api.socket",
+            ),
+            (
+                format!(
+                    "{GOOD}\n[workload_api]\nsocket = \"/{}\"\n",
+                    "d".repeat(100)
+                ),
+                "workload_api.socket",
+            ),
+            (
+                format!("{GOOD}\n[workload_api]\nsocket = \"/w.sock\"\nmode = \"0777\"\n"),
+                "workload_api.mode",
+            ),
+            (
+                format!("{GOOD}\n[workload_api]\nsocket = \"/w.sock\"\nmode = \"0066\"\n"),
+                "workload_api.mode",
+            ),
+            (
+                format!("{GOOD}\n[workload_api]\nsocket = \"/w.sock\"\nmode = \"rw\"\n"),
+                "workload_api.mode",
+            ),
+            (
+                format!("{GOOD}\n[workload_api]\nsocket = \"/w.sock\"\nmod = \"0600\"\n"),
+                "workload_api",
             ),
         ];
         for (text, want) in cases {

@@ -15,6 +15,8 @@
 //! - `state` holds what the tasks share (snapshot in force, pool, balancing state) and calls
 //!   into `decide` with `now` and random samples.
 //! - `telemetry` turns each finished flow or request into metrics, an access-log line and a span.
+//! - `identity` holds the leaf and trust bundle in force and publishes their changes;
+//!   `workload_api` hands them to the local app over the SPIFFE Workload API.
 //!
 //! Public API: [`run`] (start a sidecar), [`config`] (its checked configuration), [`decide`] (the
 //! pure decision core), [`signal`] (shutdown on SIGTERM/SIGINT), [`serve_http1`] (the small HTTP/1.1
@@ -27,6 +29,7 @@ mod bounds;
 pub mod ca;
 pub mod config;
 pub mod decide;
+mod identity;
 mod l4;
 mod l7;
 mod net;
@@ -37,6 +40,7 @@ mod state;
 mod telemetry;
 #[cfg(feature = "test-util")]
 pub mod test_util;
+mod workload_api;
 
 /// Entry points for the fuzz targets in `fuzz/` (feature `fuzzing`): the data path's parsers of
 /// bytes from apps and peers, without sockets.
@@ -51,6 +55,12 @@ pub mod fuzzing {
             passed = guard.feed_bytes(chunk).len();
         }
         passed
+    }
+
+    /// Runs `chunks` (reads from a Workload API client, in order) through the `:authority`
+    /// rewrite; returns the bytes the HTTP/2 server would get.
+    pub fn authority_rewrite<'a>(chunks: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+        crate::workload_api::authority::rewrite_all(chunks)
     }
 
     /// Normalizes a request target (path and query) as routing, policy and forwarding see it

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Admin, Readiness};
 use crate::config::Config;
+use crate::identity::InForce;
 use crate::l4::inbound::Inbound;
 use crate::l4::outbound::Destination;
 use crate::l7::inbound::AppClients;
@@ -185,7 +186,12 @@ pub async fn run_until(
     );
     let resolver = CertResolver::new(identity.clone());
     drop(waiting_identity);
-    let bound = bind_all(&config, resolver.clone(), bundle).await?;
+    let bound = bind_all(&config, resolver.clone(), bundle.clone()).await?;
+    let in_force = InForce::new(resolver.clone(), bound.endpoint.clone(), bundle);
+    let workload_api = match &file.workload_api {
+        Some(api) => Some(crate::workload_api::bind(api)?),
+        None => None,
+    };
     let inbound_addr = bound.endpoint.local_addr()?;
     let advertise = file.inbound.advertise.unwrap_or(inbound_addr);
     let id = sidecar_id(&config, advertise);
@@ -208,7 +214,6 @@ pub async fn run_until(
     );
     admin.attach(shared.clone());
 
-    let (reloads_tx, reloads_rx) = tokio::sync::watch::channel(0u64);
     let info = Started {
         inbound: inbound_addr,
         upstreams: bound
@@ -222,7 +227,7 @@ pub async fn run_until(
         snapshot: shared.snapshot.clone(),
         metrics: shared.metrics.clone(),
         identity: resolver.clone(),
-        reloads: reloads_rx,
+        reloads: in_force.reloads(),
     };
     spawn_listeners(&tasks, &shared, bound, &listeners);
     drop(waiting_listeners);
@@ -243,12 +248,20 @@ pub async fn run_until(
         deny.clone(),
         move |revoked| pool.close_refused(|id, serial| revoked.refuses(id, serial)),
     ));
-    let (endpoint, bundle_file) = (shared.pool.endpoint().clone(), file.identity.bundle.clone());
+    if let Some(socket) = workload_api {
+        tasks.spawn(crate::workload_api::serve(
+            socket,
+            in_force.watch(),
+            shared.metrics.clone(),
+            listeners.clone(),
+        ));
+    }
+    let (trusted, bundle_file) = (in_force.clone(), file.identity.bundle.clone());
     tasks.spawn(crate::ca::trust::follow(
         shared.snapshot.clone(),
         deny.clone(),
         move |pem, bundle| {
-            if let Err(e) = endpoint.set_trust_bundle(bundle) {
+            if let Err(e) = trusted.set_bundle(bundle) {
                 tracing::warn!(error = %e, "trust bundle from the registry not used");
             }
             // The file follows, so the CA is authenticated with it and a restart starts with it.
@@ -259,21 +272,20 @@ pub async fn run_until(
     ));
     tasks.spawn(watch_expiry(
         resolver.clone(),
-        reloads_tx.subscribe(),
+        in_force.reloads(),
         readiness.clone(),
         listeners.clone(),
     ));
     match enroller {
         Some(enroller) => tasks.spawn(crate::ca::renew::renew_loop(
             enroller,
-            resolver,
-            renewal_hooks(&shared, &readiness, reloads_tx, deny),
+            in_force.clone(),
+            renewal_hooks(&shared, &readiness, &in_force, deny),
             listeners.clone(),
         )),
         None => tasks.spawn(reload_identity(
             config.clone(),
-            resolver,
-            reloads_tx,
+            in_force.clone(),
             listeners.clone(),
         )),
     };
@@ -396,15 +408,15 @@ async fn refresh(
     }
 }
 
-/// What the CA renewal loop reports: new trust bundles to the endpoint, renewals and failure
-/// streaks to the metrics, `/readyz` and the reload counter.
+/// What the CA renewal loop reports: new trust bundles to the identity in force, renewals and
+/// failure streaks to the metrics and `/readyz`.
 fn renewal_hooks(
     shared: &Arc<Shared>,
     readiness: &Arc<Readiness>,
-    reloads: tokio::sync::watch::Sender<u64>,
+    in_force: &Arc<InForce>,
     deny: Arc<halyard_certs::revocation::DenyList>,
 ) -> crate::ca::renew::Hooks {
-    let endpoint = shared.pool.endpoint().clone();
+    let in_force = in_force.clone();
     let snapshot = shared.snapshot.clone();
     let (m1, m2) = (shared.metrics.clone(), shared.metrics.clone());
     let readiness = readiness.clone();
@@ -418,17 +430,14 @@ fn renewal_hooks(
                 .map_err(anyhow::Error::from)
                 .and_then(|b| {
                     let b = Arc::new(b.with_deny_list(deny.clone()));
-                    Ok(endpoint.set_trust_bundle(b)?)
+                    Ok(in_force.set_bundle(b)?)
                 });
             match set {
                 Ok(()) => tracing::info!("trust bundle from the CA in force"),
                 Err(e) => tracing::warn!(error = %e, "trust bundle from the CA not used"),
             }
         }),
-        on_renewed: Box::new(move || {
-            m1.cert_renewals.inc();
-            reloads.send_modify(|n| *n += 1);
-        }),
+        on_renewed: Box::new(move || m1.cert_renewals.inc()),
         on_failing: Box::new(move |text| {
             if text.is_some() {
                 m2.cert_renewal_failures.inc();
@@ -473,12 +482,7 @@ async fn watch_expiry(
 
 /// Watches the certificate files; a renewed leaf is swapped in for new handshakes. A bad or
 /// half-written file keeps the current leaf and is retried on the next change.
-async fn reload_identity(
-    config: Arc<Config>,
-    resolver: Arc<CertResolver>,
-    reloads: tokio::sync::watch::Sender<u64>,
-    stop: CancellationToken,
-) {
+async fn reload_identity(config: Arc<Config>, in_force: Arc<InForce>, stop: CancellationToken) {
     let files = &config.file.identity;
     let stamp = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let mut last = (stamp(&files.cert), stamp(&files.key));
@@ -492,11 +496,10 @@ async fn reload_identity(
         if now == last {
             continue;
         }
-        match WorkloadIdentity::load(&files.cert, &files.key).and_then(|i| resolver.swap(i)) {
+        match WorkloadIdentity::load(&files.cert, &files.key).and_then(|i| in_force.swap_leaf(i)) {
             Ok(()) => {
                 tracing::info!(cert = %files.cert.display(), "workload certificate reloaded");
                 last = now;
-                reloads.send_modify(|n| *n += 1);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "renewed certificate not loaded; keeping the current one")

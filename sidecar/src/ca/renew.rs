@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::client::{CaClient, CaClientError};
 use super::{SignRequest, Signed};
 use crate::config::IdentityConfig;
+use crate::identity::InForce;
 
 /// Why the sidecar could not get a leaf from the CA.
 #[derive(Debug, thiserror::Error)]
@@ -221,13 +222,14 @@ pub(crate) struct Hooks {
     pub(crate) on_failing: Box<dyn Fn(Option<String>) + Send + Sync>,
 }
 
-/// Renews the leaf in `resolver` at the policy's time, until `stop`.
+/// Renews the leaf in force at the policy's time, until `stop`.
 pub(crate) async fn renew_loop(
     enroller: Arc<Enroller>,
-    resolver: Arc<CertResolver>,
+    in_force: Arc<InForce>,
     hooks: Hooks,
     stop: CancellationToken,
 ) {
+    let resolver = in_force.resolver().clone();
     let mut bundle_pem = std::fs::read_to_string(&enroller.files.bundle).unwrap_or_default();
     loop {
         let cur = resolver.current();
@@ -241,7 +243,7 @@ pub(crate) async fn renew_loop(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
-        let Some(signed) = renew_until_done(&enroller, &resolver, &hooks, &stop).await else {
+        let Some(signed) = renew_until_done(&enroller, &in_force, &hooks, &stop).await else {
             return;
         };
         if signed.bundle != bundle_pem {
@@ -254,10 +256,11 @@ pub(crate) async fn renew_loop(
 /// One renewal, retried with backoff until it succeeds; `None` when stopped first.
 async fn renew_until_done(
     enroller: &Enroller,
-    resolver: &Arc<CertResolver>,
+    in_force: &InForce,
     hooks: &Hooks,
     stop: &CancellationToken,
 ) -> Option<Signed> {
+    let resolver = in_force.resolver();
     let mut attempt = 0u32;
     loop {
         let cur = resolver.current();
@@ -272,10 +275,12 @@ async fn renew_until_done(
                 .map(|(i, s)| (i, Some(s)))
         };
         match result.and_then(|(ident, signed)| {
-            resolver.swap(ident).map_err(|source| EnrollError::Answer {
-                id: enroller.id.to_string(),
-                source,
-            })?;
+            in_force
+                .swap_leaf(ident)
+                .map_err(|source| EnrollError::Answer {
+                    id: enroller.id.to_string(),
+                    source,
+                })?;
             Ok(signed)
         }) {
             Ok(signed) => {

@@ -66,6 +66,12 @@ pub(crate) struct Metrics {
     pub(crate) cert_renewals: IntCounter,
     /// `halyard_cert_renewal_failures_total`: failed requests to the CA.
     pub(crate) cert_renewal_failures: IntCounter,
+    /// `halyard_workload_api_streams` by `method`: SPIFFE Workload API streams open now.
+    pub(crate) workload_api_streams: IntGaugeVec,
+    /// `halyard_workload_api_responses_total` by `method`: messages sent on those streams.
+    pub(crate) workload_api_responses: IntCounterVec,
+    /// `halyard_workload_api_refused_total` by `method` and `code` (the gRPC status name).
+    pub(crate) workload_api_refused: IntCounterVec,
     /// `halyard_quic_rtt_seconds` by peer.
     pub(crate) quic_rtt: GaugeVec,
     /// `halyard_quic_lost_packets_total` by peer (read from QUIC's own counters).
@@ -274,6 +280,24 @@ impl Metrics {
                 &r,
                 "halyard_cert_renewal_failures_total",
                 "Failed requests to the mesh CA for a workload certificate",
+            )?,
+            workload_api_streams: int_gauge_vec(
+                &r,
+                "halyard_workload_api_streams",
+                "SPIFFE Workload API response streams open to the local app",
+                &["method"],
+            )?,
+            workload_api_responses: counter(
+                &r,
+                "halyard_workload_api_responses_total",
+                "SPIFFE Workload API messages sent to the local app (first answers and updates)",
+                &["method"],
+            )?,
+            workload_api_refused: counter(
+                &r,
+                "halyard_workload_api_refused_total",
+                "SPIFFE Workload API calls refused, by gRPC status",
+                &["method", "code"],
             )?,
             quic_rtt: gauge_vec(
                 &r,
