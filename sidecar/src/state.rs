@@ -118,13 +118,17 @@ impl PeerIndex {
 
 pub(crate) use crate::decide::pick::PickError;
 
-/// The endpoint index of one snapshot (kept alive so that its address cannot be reused by
-/// another).
+/// The endpoint indexes of the two latest snapshots seen, newest first (each snapshot kept
+/// alive so that its address cannot be reused by another). Two, because a request that began
+/// under the previous snapshot retries under it: one entry would rebuild the index back and
+/// forth while such requests and new flows interleave.
 #[derive(Default)]
 struct Indexed {
-    snapshot: Option<Arc<Snapshot>>,
-    index: Arc<EndpointIndex>,
+    entries: Vec<(Arc<Snapshot>, Arc<EndpointIndex>)>,
 }
+
+/// How many snapshots' endpoint indexes are kept.
+const INDEXED_SNAPSHOTS: usize = 2;
 
 /// An endpoint chosen for one attempt; counts as outstanding until dropped.
 pub(crate) struct Picked {
@@ -298,17 +302,13 @@ impl Shared {
             .endpoint_index
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if !indexed
-            .snapshot
-            .as_ref()
-            .is_some_and(|s| Arc::ptr_eq(s, snap))
-        {
-            *indexed = Indexed {
-                snapshot: Some(snap.clone()),
-                index: Arc::new(EndpointIndex::build(snap, &self.locality)),
-            };
+        if let Some((_, index)) = indexed.entries.iter().find(|(s, _)| Arc::ptr_eq(s, snap)) {
+            return index.clone();
         }
-        indexed.index.clone()
+        let index = Arc::new(EndpointIndex::build(snap, &self.locality));
+        indexed.entries.insert(0, (snap.clone(), index.clone()));
+        indexed.entries.truncate(INDEXED_SNAPSHOTS);
+        index
     }
 
     /// Chooses an endpoint of `service` inside `scope`, skipping `tried` (see
