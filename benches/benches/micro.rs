@@ -2,20 +2,26 @@
 //! `cargo bench -p halyard-benches --bench micro`.
 //!
 //! - route selection: the Route rule's backend subset (smooth weighted round-robin) and then the
-//!   endpoint (subset filter, locality tier, power of two choices) among 10,000 endpoints;
+//!   endpoint (subset, health, locality tier, power of two choices) among 10,000 endpoints,
+//!   through the per-snapshot endpoint index the data path uses; the same with a retry's tried
+//!   endpoints and 100 ejected ones; and with the linear reference algorithm (`candidates`,
+//!   `choose`: every endpoint filtered per pick), as it was before the index;
 //! - policy evaluation: a Policy of 100 rules (deny rules for other callers, allow rules on
 //!   paths) for an HTTP request that only the last allow rule admits;
 //! - snapshot apply: a directory registry of 10,000 endpoint files opened and turned into a
-//!   snapshot (read, validate, index), as a sidecar does on start and on every relist.
+//!   snapshot (read, validate, index), as a sidecar does on start and on every relist; the same
+//!   plus the sidecar's endpoint index of it; and the endpoint index alone.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // benchmark setup: fixed, known-good input
 
 use std::hint::black_box;
+use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use halyard_certs::SpiffeId;
 use halyard_registry::model::{parse_documents, Action, Endpoint, Object, Policy, Route};
-use halyard_sidecar::decide::pick::{choose, BackendPickers, Load, Locality, Scope};
+use halyard_registry::{Origin, Snapshot};
+use halyard_sidecar::decide::pick::{choose, BackendPickers, EndpointIndex, Load, Locality, Scope};
 use halyard_sidecar::decide::policy::{evaluate, Peer, Target};
 use halyard_sidecar::decide::route::{select, RequestView};
 
@@ -57,33 +63,85 @@ fn route() -> Route {
     }
 }
 
-fn route_selection(c: &mut Criterion) {
-    let eps = endpoints();
-    let refs: Vec<&Endpoint> = eps.iter().collect();
-    let route = route();
-    let here = Locality {
+fn here() -> Locality {
+    Locality {
         cluster: "local".into(),
         zone: "z1".into(),
-    };
-    let load = |_: &Endpoint| Load {
+    }
+}
+
+/// Every endpoint with one flow in flight and a 300 µs RTT.
+fn load(_: &Endpoint) -> Load {
+    Load {
         outstanding: 1,
         rtt: Some(Duration::from_micros(300)),
         healthy: true,
-    };
+    }
+}
+
+/// The snapshot of the 10,000 endpoints and the route.
+fn snapshot(eps: &[Endpoint], route: &Route) -> Snapshot {
+    let mut snap = Snapshot::empty(Origin::Live);
+    let by_id = eps.iter().map(|e| (e.id.clone(), Arc::new(e.clone())));
+    snap.endpoints.insert("big".into(), by_id.collect());
+    snap.routes.insert("big".into(), Arc::new(route.clone()));
+    snap
+}
+
+/// A pseudo-random stream (an LCG) for the power of two choices samples.
+fn samples(n: &mut u64) -> (u64, u64) {
+    *n = n
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (*n >> 33, *n >> 17)
+}
+
+fn route_selection(c: &mut Criterion) {
+    let eps = endpoints();
+    let route = route();
+    let index = EndpointIndex::build(&snapshot(&eps, &route), &here());
     let mut pickers = BackendPickers::default();
     let mut n = 0u64;
     c.bench_function("route_selection_10k_endpoints", |b| {
         b.iter(|| {
-            n = n
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
             let (_, rule) = select(&route, RequestView::flow("client")).expect("rule");
             let backend = pickers.pick("big", 0, rule).expect("backend");
             let scope = Scope {
                 subset: backend.subset.clone(),
                 fallback: rule.fallback,
             };
-            black_box(choose(&refs, &scope, &load, &here, (n >> 33, n >> 17)))
+            let big = index.service("big").expect("service");
+            let attempt = (&scope, &[][..], false);
+            black_box(big.choose(attempt, &[], &load, samples(&mut n)).ok())
+        });
+    });
+    // A retry: two endpoints tried, and 100 of the service's ejected.
+    let ejected: Vec<&str> = eps.iter().step_by(100).map(|e| e.id.as_str()).collect();
+    let tried = [eps[1].id.clone(), eps[2].id.clone()];
+    c.bench_function("route_selection_10k_endpoints_retry_100_ejected", |b| {
+        b.iter(|| {
+            let (_, rule) = select(&route, RequestView::flow("client")).expect("rule");
+            let backend = pickers.pick("big", 0, rule).expect("backend");
+            let scope = Scope {
+                subset: backend.subset.clone(),
+                fallback: rule.fallback,
+            };
+            let big = index.service("big").expect("service");
+            let attempt = (&scope, &tried[..], true);
+            black_box(big.choose(attempt, &ejected, &load, samples(&mut n)).ok())
+        });
+    });
+    let refs: Vec<&Endpoint> = eps.iter().collect();
+    let here = here();
+    c.bench_function("route_selection_10k_endpoints_linear", |b| {
+        b.iter(|| {
+            let (_, rule) = select(&route, RequestView::flow("client")).expect("rule");
+            let backend = pickers.pick("big", 0, rule).expect("backend");
+            let scope = Scope {
+                subset: backend.subset.clone(),
+                fallback: rule.fallback,
+            };
+            black_box(choose(&refs, &scope, &load, &here, samples(&mut n)))
         });
     });
 }
@@ -161,7 +219,21 @@ fn snapshot_apply(c: &mut Criterion) {
             black_box(n)
         });
     });
+    group.bench_function("dir_registry_10k_endpoints_indexed", |b| {
+        b.iter(|| {
+            let reg = rt
+                .block_on(halyard_registry::open(&url, "default", None, None))
+                .expect("open");
+            let snap = reg.snapshot();
+            let index = EndpointIndex::build(&snap, &here());
+            black_box(index.service("big").is_some())
+        });
+    });
     group.finish();
+    let snap = snapshot(&endpoints(), &route());
+    c.bench_function("endpoint_index_10k_endpoints", |b| {
+        b.iter(|| black_box(EndpointIndex::build(&snap, &here())))
+    });
 }
 
 criterion_group!(micro, route_selection, policy_evaluation, snapshot_apply);

@@ -1,5 +1,6 @@
 //! Scenario 6, micro: runs the criterion benches (`benches/micro.rs`: route selection, policy
-//! evaluation, snapshot apply at 10,000 endpoints) and collects their estimates into the report.
+//! evaluation, snapshot apply and the endpoint index at 10,000 endpoints) and collects their
+//! estimates into the report.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -9,10 +10,18 @@ use serde::Serialize;
 
 use crate::stats::Machine;
 
-const BENCHES: [(&str, &str); 3] = [
+const BENCHES: [(&str, &str); 7] = [
     (
         "route_selection_10k_endpoints",
-        "route selection: rule, weighted subset, endpoint among 10,000 (locality, P2C)",
+        "route selection: rule, weighted subset, endpoint among 10,000 (subset, health, locality, P2C) through the per-snapshot endpoint index",
+    ),
+    (
+        "route_selection_10k_endpoints_retry_100_ejected",
+        "the same for a retry: 2 endpoints tried, 100 of the service ejected",
+    ),
+    (
+        "route_selection_10k_endpoints_linear",
+        "the same choice by the linear reference (`candidates`/`choose`: every endpoint filtered per pick), as before the index",
     ),
     (
         "policy_evaluation_100_rules",
@@ -21,6 +30,14 @@ const BENCHES: [(&str, &str); 3] = [
     (
         "snapshot_apply/dir_registry_10k_endpoints",
         "snapshot apply: open a directory registry of 10,000 endpoint files, build the snapshot",
+    ),
+    (
+        "snapshot_apply/dir_registry_10k_endpoints_indexed",
+        "the same plus the sidecar's endpoint index of the snapshot",
+    ),
+    (
+        "endpoint_index_10k_endpoints",
+        "the endpoint index alone: 10,000 endpoints, a route of 3 subsets",
     ),
 ];
 

@@ -54,7 +54,9 @@ impl Store {
         match Object::from_stored(&key, origin, bytes) {
             Ok(obj) => {
                 let cleared = self.rejected.remove(&full).is_some();
-                let same = self.good.get(&key).map(Object::to_json) == Some(obj.to_json());
+                // Serialized only when there is an old value to compare: a relist of 10,000
+                // new keys would otherwise serialize each of them for nothing.
+                let same = (self.good.get(&key)).is_some_and(|old| old.to_json() == obj.to_json());
                 self.good.insert(key, obj);
                 Applied {
                     changed: cleared || !same,

@@ -236,6 +236,7 @@ pub async fn run_until(
         waiting_snapshot,
         listeners.clone(),
     ));
+    tasks.spawn(index_snapshots(shared.clone(), listeners.clone()));
     tasks.spawn(refresh(
         shared.clone(),
         registry.clone(),
@@ -347,6 +348,20 @@ fn spawn_listeners(
             l,
             stop.clone(),
         ));
+    }
+}
+
+/// Builds the endpoint index of each snapshot as it arrives, so that flows find it ready (a
+/// flow that sees a snapshot first builds it itself).
+async fn index_snapshots(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut rx = shared.snapshot.clone();
+    loop {
+        let snap = rx.borrow_and_update().clone();
+        drop(shared.endpoint_index(&snap));
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = rx.changed() => if r.is_err() { return },
+        }
     }
 }
 

@@ -19,7 +19,7 @@ use crate::decide::admit::{self, Refusal};
 use crate::decide::breaker::{Breakers, Slot, Threshold};
 use crate::decide::budget::RetryBudget;
 use crate::decide::outlier::{Failure, Outliers};
-use crate::decide::pick::{self, BackendPickers, Load, Locality, Scope};
+use crate::decide::pick::{BackendPickers, EndpointIndex, Load, Locality, Scope};
 use crate::decide::policy::{self, Peer};
 use crate::decide::ratelimit::{endpoint_share, FlowSlot, Limited, Limiter, Unit};
 use crate::decide::retry::{self, RetryPolicy, Step};
@@ -54,6 +54,7 @@ pub(crate) struct Shared {
     lb: Mutex<LbState>,
     budgets: Mutex<HashMap<String, RetryBudget>>,
     peer_index: Mutex<PeerIndex>,
+    endpoint_index: Mutex<Indexed>,
     /// This sidecar's endpoint id in the registry (its share of service-wide rate limits).
     endpoint_id: String,
     /// Rate-limit buckets of callers of this sidecar's service.
@@ -115,14 +116,19 @@ impl PeerIndex {
     }
 }
 
-/// Why no endpoint could be chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum PickError {
-    /// The service has no endpoint left to try.
-    NoEndpoint,
-    /// Every endpoint is ejected or has weight 0.
-    NoHealthy,
+pub(crate) use crate::decide::pick::PickError;
+
+/// The endpoint indexes of the two latest snapshots seen, newest first (each snapshot kept
+/// alive so that its address cannot be reused by another). Two, because a request that began
+/// under the previous snapshot retries under it: one entry would rebuild the index back and
+/// forth while such requests and new flows interleave.
+#[derive(Default)]
+struct Indexed {
+    entries: Vec<(Arc<Snapshot>, Arc<EndpointIndex>)>,
 }
+
+/// How many snapshots' endpoint indexes are kept.
+const INDEXED_SNAPSHOTS: usize = 2;
 
 /// An endpoint chosen for one attempt; counts as outstanding until dropped.
 pub(crate) struct Picked {
@@ -181,6 +187,7 @@ impl Shared {
             lb: Mutex::new(LbState::default()),
             budgets: Mutex::new(HashMap::new()),
             peer_index: Mutex::new(PeerIndex::default()),
+            endpoint_index: Mutex::new(Indexed::default()),
             endpoint_id,
             limiter: Mutex::new(Limiter::default()),
             breakers: Breakers::default(),
@@ -249,9 +256,10 @@ impl Shared {
         (retries_done, tried): (u32, &[String]),
         outcome: retry::Outcome,
     ) -> Step {
-        let snap = self.current();
-        let all: Vec<&Endpoint> = snap.endpoints_of(service).map(|e| e.as_ref()).collect();
-        let alternative = !pick::candidates(&all, scope, tried, policy.revisit).is_empty();
+        let index = self.endpoint_index(&self.current());
+        let alternative = index
+            .service(service)
+            .is_some_and(|eps| eps.has_candidate(scope, tried, policy.revisit));
         let cfg = &self.config.file.failure.retry_budget;
         let mut budgets = self.budgets();
         let budget = budgets.entry(service.to_owned()).or_default();
@@ -287,40 +295,53 @@ impl Shared {
         }
     }
 
-    /// Chooses an endpoint of `service` inside `scope` (see [`pick::candidates`] and
-    /// [`pick::choose`]), skipping `tried`.
+    /// The endpoint index of `snap` (see [`EndpointIndex`]): built once per snapshot, by the
+    /// first caller that sees it (normally `run`'s snapshot follower, before any flow does).
+    pub(crate) fn endpoint_index(&self, snap: &Arc<Snapshot>) -> Arc<EndpointIndex> {
+        let mut indexed = self
+            .endpoint_index
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some((_, index)) = indexed.entries.iter().find(|(s, _)| Arc::ptr_eq(s, snap)) {
+            return index.clone();
+        }
+        let index = Arc::new(EndpointIndex::build(snap, &self.locality));
+        indexed.entries.insert(0, (snap.clone(), index.clone()));
+        indexed.entries.truncate(INDEXED_SNAPSHOTS);
+        index
+    }
+
+    /// Chooses an endpoint of `service` inside `scope`, skipping `tried` (see
+    /// [`pick::ServiceEndpoints::choose`](crate::decide::pick::ServiceEndpoints::choose)): the
+    /// snapshot's endpoint index, the ejections in force now, the two sampled endpoints' load.
     pub(crate) fn pick_in(
         self: &Arc<Self>,
-        snap: &Snapshot,
+        snap: &Arc<Snapshot>,
         service: &str,
         scope: &Scope,
         tried: &[String],
         revisit: bool,
     ) -> Result<Picked, PickError> {
-        let all: Vec<&Endpoint> = snap.endpoints_of(service).map(|e| e.as_ref()).collect();
-        let candidates = pick::candidates(&all, scope, tried, revisit);
-        if candidates.is_empty() {
-            return Err(PickError::NoEndpoint);
-        }
+        let index = self.endpoint_index(snap);
+        let eps = index.service(service).ok_or(PickError::NoEndpoint)?;
         let now = Instant::now();
         let mut lb = self.lb();
+        let ejected: Vec<&str> = lb
+            .outliers
+            .get(service)
+            .map(|o| o.ejected(now).collect())
+            .unwrap_or_default();
         let in_flight = lb.outstanding.get(service);
         let load = |e: &Endpoint| Load {
             outstanding: in_flight.and_then(|m| m.get(&e.id)).copied().unwrap_or(0),
             rtt: lb.rtt.get(&e.address).copied(),
-            healthy: !lb
-                .outliers
-                .get(service)
-                .is_some_and(|o| o.is_ejected(&e.id, now)),
+            healthy: true,
         };
         let samples = (rand::random::<u64>(), rand::random::<u64>());
-        let chosen = pick::choose(&candidates, scope, &load, &self.locality, samples)
-            .ok_or(PickError::NoHealthy)?;
-        let endpoint = snap
-            .endpoints_of(service)
-            .find(|e| e.id == chosen.id)
-            .cloned()
-            .ok_or(PickError::NoEndpoint)?;
+        let endpoint = eps
+            .choose((scope, tried, revisit), &ejected, &load, samples)?
+            .clone();
+        drop(ejected);
         *lb.outstanding
             .entry(service.to_owned())
             .or_default()
@@ -350,7 +371,7 @@ impl Shared {
     /// Records the outcome of an attempt for outlier detection.
     pub(crate) fn outcome(&self, picked: &Picked, failure: Option<Failure>) {
         let service = picked.endpoint.service.as_str();
-        let total = self.current().endpoints_of(service).count();
+        let total = self.current().endpoints.get(service).map_or(0, |e| e.len());
         let mut lb = self.lb();
         let outliers = lb.outliers.entry(service.to_owned()).or_default();
         match failure {

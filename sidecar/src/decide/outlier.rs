@@ -111,6 +111,14 @@ impl Outliers {
         true
     }
 
+    /// The ids of the endpoints ejected at `now`.
+    pub fn ejected(&self, now: Instant) -> impl Iterator<Item = &str> + '_ {
+        self.endpoints
+            .iter()
+            .filter(move |(_, s)| s.ejected_until.is_some_and(|u| now < u))
+            .map(|(id, _)| id.as_str())
+    }
+
     /// How many endpoints are ejected at `now`.
     pub fn ejected_count(&self, now: Instant) -> usize {
         self.endpoints

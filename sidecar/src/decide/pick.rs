@@ -5,10 +5,13 @@
 //! Every attempt of a flow or request stays inside its [`Scope`]: the backend subset its rule
 //! picked (once, for all attempts), unless the rule's `fallback: service` lets it leave.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use halyard_registry::model::{subset_matches, Backend, Endpoint, Fallback, Labels, RouteRule};
+use halyard_registry::Snapshot;
 
 /// Where the attempts of one flow or request may go: the backend subset its route rule picked
 /// (an empty subset is the whole service) and whether retries and failover may leave it.
@@ -46,6 +49,9 @@ impl Scope {
 /// again only when `revisit` (see `retry::RetryPolicy::revisit`), else none. So a retry inside
 /// a subset of one endpoint goes to that endpoint again, or nowhere; never to another subset
 /// unless the rule says `fallback: service`.
+///
+/// Linear in the endpoints: the data path uses [`ServiceEndpoints::choose`], which applies the
+/// same rules over an index built per snapshot; this function and [`choose`] are its reference.
 pub fn candidates<'e>(
     endpoints: &[&'e Endpoint],
     scope: &Scope,
@@ -179,6 +185,9 @@ const RTT_FLOOR: Duration = Duration::from_millis(1);
 /// candidates the closest locality tier wins (same cluster and zone, then same cluster, then
 /// any), and inside it power of two choices on `(outstanding + 1) × RTT / weight` decides.
 /// `samples` are two uniform random numbers.
+///
+/// Linear in the endpoints (every one is filtered and its load read): the reference for
+/// [`ServiceEndpoints::choose`], which the data path uses.
 pub fn choose<'e>(
     endpoints: &[&'e Endpoint],
     scope: &Scope,
@@ -234,16 +243,298 @@ fn p2c<'e>(
             let a = (samples.0 % n) as usize;
             // Second choice from the others, so the two are distinct.
             let b = ((a as u64 + 1 + samples.1 % (n - 1)) % n) as usize;
-            let cost = |e: &Endpoint| {
-                let l = load(e);
-                let rtt = l.rtt.unwrap_or(UNKNOWN_RTT).max(RTT_FLOOR).as_nanos() as f64;
-                (f64::from(l.outstanding) + 1.0) * rtt / f64::from(e.weight.max(1))
-            };
+            let cost = |e: &Endpoint| cost(load(e), e.weight);
             Some(if cost(tier[b]) < cost(tier[a]) {
                 tier[b]
             } else {
                 tier[a]
             })
+        }
+    }
+}
+
+/// The P2C cost of an endpoint: `(outstanding + 1) × RTT / weight`, the RTT floored at
+/// [`RTT_FLOOR`] and [`UNKNOWN_RTT`] while unmeasured, in nanoseconds per unit of weight.
+fn cost(l: Load, weight: u32) -> f64 {
+    let rtt = l.rtt.unwrap_or(UNKNOWN_RTT).max(RTT_FLOOR).as_nanos() as f64;
+    (f64::from(l.outstanding) + 1.0) * rtt / f64::from(weight.max(1))
+}
+
+/// Why no endpoint could be chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PickError {
+    /// The service has no endpoint left to try inside the scope.
+    NoEndpoint,
+    /// Every endpoint left is ejected or has weight 0.
+    NoHealthy,
+}
+
+/// The endpoints of one snapshot, indexed once so that choosing one costs the same at 10 or
+/// 10,000 endpoints: per service, its endpoints in registry (id) order and, per label subset
+/// its route names (backends and mirrors, plus the empty subset: the whole service), the
+/// positions of the subset's endpoints of weight above 0 by locality tier. Built when a
+/// snapshot arrives ([`EndpointIndex::build`]), read by every pick
+/// ([`ServiceEndpoints::choose`]); it chooses exactly what [`candidates`] then [`choose`] choose
+/// over the same snapshot, load, ejections and samples (the test `indexed_choice_is_the_linear_one`
+/// holds it to that).
+#[derive(Debug, Default)]
+pub struct EndpointIndex {
+    services: HashMap<String, ServiceEndpoints>,
+}
+
+/// One service's endpoints, indexed (see [`EndpointIndex`]).
+#[derive(Debug)]
+pub struct ServiceEndpoints {
+    /// In registry order: by id.
+    endpoints: Vec<Arc<Endpoint>>,
+    /// Positions into `endpoints` by endpoint id (for `tried` and ejected ids).
+    by_id: HashMap<String, u32>,
+    /// Per label subset the route names, its members; the empty subset is always there.
+    subsets: HashMap<Labels, Members>,
+    /// Where this sidecar runs.
+    here: Locality,
+}
+
+/// The endpoints of one label subset of a service.
+#[derive(Debug, Clone, Default)]
+struct Members {
+    /// How many endpoints the subset holds, weight 0 included.
+    count: usize,
+    /// Positions (ascending) of the subset's endpoints of weight above 0: in this sidecar's
+    /// cluster and zone, in its cluster (any zone), anywhere.
+    tiers: [Vec<u32>; 3],
+}
+
+impl Members {
+    fn of(endpoints: &[Arc<Endpoint>], subset: &Labels, here: &Locality) -> Self {
+        let mut m = Members::default();
+        for (i, e) in endpoints.iter().enumerate() {
+            if !subset_matches(subset, &e.labels) {
+                continue;
+            }
+            m.count += 1;
+            if e.weight == 0 {
+                continue;
+            }
+            let pos = i as u32;
+            if e.cluster == here.cluster {
+                if e.zone == here.zone {
+                    m.tiers[0].push(pos);
+                }
+                m.tiers[1].push(pos);
+            }
+            m.tiers[2].push(pos);
+        }
+        m
+    }
+}
+
+/// A list of positions less some of them: the `k`-th one left, without building the list.
+struct Remaining<'a> {
+    list: &'a [u32],
+    /// Indexes into `list` of the positions taken out, ascending.
+    out: Vec<usize>,
+}
+
+impl<'a> Remaining<'a> {
+    /// `list` less `excluded` (both ascending).
+    fn new(list: &'a [u32], excluded: &[u32]) -> Self {
+        let out = excluded
+            .iter()
+            .filter_map(|p| list.binary_search(p).ok())
+            .collect();
+        Remaining { list, out }
+    }
+
+    fn len(&self) -> usize {
+        self.list.len() - self.out.len()
+    }
+
+    /// The `k`-th position left (`k < len()`).
+    fn nth(&self, k: usize) -> u32 {
+        let mut i = k;
+        for &o in &self.out {
+            if o > i {
+                break;
+            }
+            i += 1;
+        }
+        self.list[i]
+    }
+}
+
+impl EndpointIndex {
+    /// Indexes the endpoints of `snap` for a sidecar at `here`: for each service, its whole
+    /// endpoint set and each label subset its route's backends and mirrors name. Linear in
+    /// endpoints × subsets per service.
+    pub fn build(snap: &Snapshot, here: &Locality) -> Self {
+        let services = snap
+            .endpoints
+            .iter()
+            .map(|(service, eps)| {
+                let endpoints: Vec<Arc<Endpoint>> = eps.values().cloned().collect();
+                let by_id = (endpoints.iter().enumerate())
+                    .map(|(i, e)| (e.id.clone(), i as u32))
+                    .collect();
+                let mut subsets = HashMap::new();
+                let named = snap.route(service).into_iter().flat_map(|r| {
+                    r.rules.iter().flat_map(|rule| {
+                        (rule.backends.iter().map(|b| &b.subset))
+                            .chain(rule.mirror.iter().map(|m| &m.subset))
+                    })
+                });
+                for subset in std::iter::once(&Labels::new()).chain(named) {
+                    if !subsets.contains_key(subset) {
+                        let members = Members::of(&endpoints, subset, here);
+                        subsets.insert(subset.clone(), members);
+                    }
+                }
+                let indexed = ServiceEndpoints {
+                    endpoints,
+                    by_id,
+                    subsets,
+                    here: here.clone(),
+                };
+                (service.clone(), indexed)
+            })
+            .collect();
+        EndpointIndex { services }
+    }
+
+    /// The indexed endpoints of `service`, if it has any.
+    pub fn service(&self, service: &str) -> Option<&ServiceEndpoints> {
+        self.services.get(service)
+    }
+}
+
+impl ServiceEndpoints {
+    /// The members of `subset`: indexed, or (a subset no route of this snapshot names, as a
+    /// retry under a route that changed meanwhile) gathered now.
+    fn members(&self, subset: &Labels) -> Cow<'_, Members> {
+        match self.subsets.get(subset) {
+            Some(m) => Cow::Borrowed(m),
+            None => Cow::Owned(Members::of(&self.endpoints, subset, &self.here)),
+        }
+    }
+
+    /// The positions of the endpoints called `ids` (unknown ids left out), ascending, once each.
+    fn positions<'i>(&self, ids: impl IntoIterator<Item = &'i str>) -> Vec<u32> {
+        let mut out: Vec<u32> = ids
+            .into_iter()
+            .filter_map(|id| self.by_id.get(id).copied())
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// The tried endpoints an attempt inside `scope` (whose endpoints are `allowed`) must skip
+    /// (positions, ascending), or `None` when it has no candidate at all (as [`candidates`]
+    /// returning none).
+    fn skipped(
+        &self,
+        allowed: &Members,
+        scope: &Scope,
+        tried: &[String],
+        revisit: bool,
+    ) -> Option<Vec<u32>> {
+        let allowed = allowed.count;
+        let tried = self.positions(tried.iter().map(String::as_str));
+        let tried_allowed = tried
+            .iter()
+            .filter(|&&p| scope.allows(&self.endpoints[p as usize]))
+            .count();
+        match (allowed - tried_allowed, revisit) {
+            _ if allowed == 0 => None,
+            (0, true) => Some(Vec::new()),
+            (0, false) => None,
+            _ => Some(tried),
+        }
+    }
+
+    /// Whether an attempt inside `scope` that has `tried` these endpoints has any candidate
+    /// left (as `!candidates(..).is_empty()`, see [`candidates`]).
+    pub fn has_candidate(&self, scope: &Scope, tried: &[String], revisit: bool) -> bool {
+        let allowed = self.allowed(scope);
+        self.skipped(&allowed, scope, tried, revisit).is_some()
+    }
+
+    /// The endpoints attempts inside `scope` may go to: the subset's, or with
+    /// `fallback: service` the service's.
+    fn allowed(&self, scope: &Scope) -> Cow<'_, Members> {
+        match scope.fallback {
+            Fallback::Service => self.members(&Labels::new()),
+            Fallback::Subset => self.members(&scope.subset),
+        }
+    }
+
+    /// Chooses an endpoint for an attempt inside `scope` that has `tried` these endpoint ids,
+    /// by the rules of [`candidates`] then [`choose`]: the same endpoint for the same inputs.
+    /// `ejected` are the ids of the endpoints outlier detection ejects now (ids not in the
+    /// service are ignored); `load` gives the outstanding count and RTT of the two endpoints
+    /// power of two choices compares (its `healthy` is not read: `ejected` says that).
+    /// `samples` are two uniform random numbers. Costs O((tried + ejected) × log n) plus two
+    /// `load` calls, with n the service's endpoints.
+    ///
+    /// # Errors
+    /// [`PickError::NoEndpoint`] when no endpoint is left to try inside the scope,
+    /// [`PickError::NoHealthy`] when every one left has weight 0.
+    pub fn choose<'s>(
+        &'s self,
+        attempt: (&Scope, &[String], bool),
+        ejected: &[&str],
+        load: &dyn Fn(&Endpoint) -> Load,
+        samples: (u64, u64),
+    ) -> Result<&'s Arc<Endpoint>, PickError> {
+        let (scope, tried, revisit) = attempt;
+        let subset = self.members(&scope.subset);
+        let allowed = match scope.fallback {
+            Fallback::Service => self.members(&Labels::new()),
+            Fallback::Subset => Cow::Borrowed(subset.as_ref()),
+        };
+        let skipped = self
+            .skipped(&allowed, scope, tried, revisit)
+            .ok_or(PickError::NoEndpoint)?;
+        let mut unhealthy = self.positions(ejected.iter().copied());
+        unhealthy.extend_from_slice(&skipped);
+        unhealthy.sort_unstable();
+        unhealthy.dedup();
+        let pools = [
+            (&subset, &unhealthy),
+            (&allowed, &unhealthy),
+            (&subset, &skipped),
+            (&allowed, &skipped),
+        ];
+        for (members, excluded) in pools {
+            for tier in &members.tiers {
+                let left = Remaining::new(tier, excluded);
+                if left.len() > 0 {
+                    return Ok(self.p2c(&left, load, samples));
+                }
+            }
+        }
+        Err(PickError::NoHealthy)
+    }
+
+    /// Power of two choices among the positions `left` (at least one), as [`p2c`].
+    fn p2c(
+        &self,
+        left: &Remaining<'_>,
+        load: &dyn Fn(&Endpoint) -> Load,
+        samples: (u64, u64),
+    ) -> &Arc<Endpoint> {
+        let at = |k: usize| &self.endpoints[left.nth(k) as usize];
+        let n = left.len() as u64;
+        if n == 1 {
+            return at(0);
+        }
+        let a = (samples.0 % n) as usize;
+        let b = ((a as u64 + 1 + samples.1 % (n - 1)) % n) as usize;
+        let (ea, eb) = (at(a), at(b));
+        if cost(load(eb), eb.weight) < cost(load(ea), ea.weight) {
+            eb
+        } else {
+            ea
         }
     }
 }
@@ -486,5 +777,236 @@ mod tests {
                 .id,
             "idle"
         );
+    }
+}
+
+/// The indexed choice against the linear one (`candidates` then `choose`, kept as the
+/// reference): many generated snapshots, routes, scopes, tried lists, ejections, loads and
+/// samples, the same answer every time.
+#[cfg(test)]
+mod indexed {
+    use std::collections::{BTreeMap, HashMap};
+
+    use halyard_registry::model::{parse_documents, Name, Object, Route};
+    use halyard_registry::Origin;
+
+    use super::*;
+
+    /// SplitMix64: a seeded stream, so a failing case is found again by its number.
+    struct Dice(u64);
+
+    impl Dice {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+
+        fn pick<T: Copy>(&mut self, from: &[T]) -> T {
+            from[self.below(from.len() as u64) as usize]
+        }
+    }
+
+    /// Label subsets routes and scopes draw from: some match many endpoints, some few, one none.
+    const SUBSETS: [&[(&str, &str)]; 6] = [
+        &[],
+        &[("version", "v1")],
+        &[("version", "v2")],
+        &[("version", "v3"), ("tier", "a")],
+        &[("tier", "b")],
+        &[("version", "v9")],
+    ];
+
+    fn labels_of(pairs: &[(&str, &str)]) -> Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn endpoint(d: &mut Dice, i: usize) -> Endpoint {
+        let mut labels = Labels::new();
+        if d.below(5) > 0 {
+            labels.insert("version".into(), format!("v{}", 1 + d.below(3)));
+        }
+        if d.below(2) == 0 {
+            labels.insert("tier".into(), d.pick(&["a", "b"]).to_string());
+        }
+        Endpoint {
+            id: format!("e{i}"),
+            service: Name::new("svc").unwrap(),
+            address: format!("127.0.0.1:{}", 1000 + i).parse().unwrap(),
+            identity: "spiffe://mesh.local/ns/default/sa/svc".parse().unwrap(),
+            labels,
+            cluster: d.pick(&["c", "d", ""]).to_string(),
+            zone: d.pick(&["z", "y"]).to_string(),
+            weight: d.pick(&[0, 1, 1, 2, 3, 7]),
+        }
+    }
+
+    fn yaml_labels(pairs: &[(&str, &str)]) -> String {
+        let inner: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        format!("{{ {} }}", inner.join(", "))
+    }
+
+    /// A Route of `svc` naming two or three of [`SUBSETS`] (backends, sometimes a mirror).
+    fn route(d: &mut Dice) -> Route {
+        let mut yaml = String::from("kind: Route\nservice: svc\nrules:\n  - backends:\n");
+        for _ in 0..1 + d.below(2) {
+            let subset = yaml_labels(d.pick(&SUBSETS));
+            yaml += &format!("      - {{ subset: {subset}, weight: 1 }}\n");
+        }
+        if d.below(2) == 0 {
+            let subset = yaml_labels(d.pick(&SUBSETS));
+            yaml += &format!("    mirror: {{ subset: {subset}, percent: 10 }}\n");
+        }
+        match parse_documents("test", &yaml).unwrap().pop() {
+            Some(Object::Route(r)) => r,
+            other => panic!("not a route: {other:?}"),
+        }
+    }
+
+    /// One generated case: a snapshot of up to 40 endpoints and a route, then the state of one
+    /// attempt.
+    struct Case {
+        snap: Snapshot,
+        here: Locality,
+        load: HashMap<String, Load>,
+        ejected: Vec<String>,
+    }
+
+    fn case(d: &mut Dice) -> Case {
+        let n = d.below(41) as usize;
+        let eps: BTreeMap<String, Arc<Endpoint>> = (0..n)
+            .map(|i| endpoint(d, i))
+            .map(|e| (e.id.clone(), Arc::new(e)))
+            .collect();
+        let mut snap = Snapshot::empty(Origin::Empty);
+        if n > 0 {
+            snap.endpoints.insert("svc".into(), eps);
+        }
+        if d.below(4) > 0 {
+            snap.routes.insert("svc".into(), Arc::new(route(d)));
+        }
+        let ejected_share = d.below(4); // of 4: none, a quarter, half, three quarters
+        let mut ejected = Vec::new();
+        let mut load = HashMap::new();
+        for i in 0..n {
+            let id = format!("e{i}");
+            if d.below(4) < ejected_share {
+                ejected.push(id.clone());
+            }
+            let rtt = match d.below(4) {
+                0 => None,
+                _ => Some(Duration::from_micros(100 * d.below(30))),
+            };
+            let outstanding = d.below(4) as u32;
+            load.insert(
+                id,
+                Load {
+                    outstanding,
+                    rtt,
+                    healthy: true,
+                },
+            );
+        }
+        ejected.push("gone".into());
+        let here = Locality {
+            cluster: d.pick(&["c", "d"]).to_string(),
+            zone: d.pick(&["z", "y"]).to_string(),
+        };
+        Case {
+            snap,
+            here,
+            load,
+            ejected,
+        }
+    }
+
+    /// What the linear reference chooses, as the index reports it; with `even_load`, every
+    /// endpoint's load the same (so power of two choices takes its first sample).
+    fn reference(
+        c: &Case,
+        attempt: (&Scope, &[String], bool),
+        samples: (u64, u64),
+        even_load: bool,
+    ) -> Result<String, PickError> {
+        let (scope, tried, revisit) = attempt;
+        let all: Vec<&Endpoint> = c.snap.endpoints_of("svc").map(|e| e.as_ref()).collect();
+        let pool = candidates(&all, scope, tried, revisit);
+        if pool.is_empty() {
+            return Err(PickError::NoEndpoint);
+        }
+        let load = |e: &Endpoint| Load {
+            healthy: !c.ejected.contains(&e.id),
+            ..if even_load {
+                Load::default()
+            } else {
+                c.load[&e.id]
+            }
+        };
+        choose(&pool, scope, &load, &c.here, samples)
+            .map(|e| e.id.clone())
+            .ok_or(PickError::NoHealthy)
+    }
+
+    #[test]
+    fn indexed_choice_is_the_linear_one() {
+        let mut d = Dice(16);
+        let mut outcomes: HashMap<Result<(), PickError>, usize> = HashMap::new();
+        let mut second = 0;
+        for n in 0..3000 {
+            let c = case(&mut d);
+            let index = EndpointIndex::build(&c.snap, &c.here);
+            let ejected: Vec<&str> = c.ejected.iter().map(String::as_str).collect();
+            let load = |e: &Endpoint| c.load[&e.id];
+            for _ in 0..20 {
+                let scope = Scope {
+                    subset: labels_of(d.pick(&SUBSETS)),
+                    fallback: d.pick(&[Fallback::Subset, Fallback::Service]),
+                };
+                let mut tried: Vec<String> = (0..d.below(4))
+                    .map(|_| format!("e{}", d.below(45)))
+                    .collect();
+                if d.below(8) == 0 {
+                    tried = (0..45).map(|i| format!("e{i}")).collect();
+                }
+                let revisit = d.below(2) == 0;
+                let samples = (d.next(), d.next());
+                let attempt = (&scope, tried.as_slice(), revisit);
+                let want = reference(&c, attempt, samples, false);
+                let eps = index.service("svc");
+                let got = eps
+                    .ok_or(PickError::NoEndpoint)
+                    .and_then(|s| s.choose(attempt, &ejected, &load, samples))
+                    .map(|e| e.id.clone());
+                assert_eq!(got, want, "case {n}: {scope:?} tried {tried:?} {revisit}");
+                let has = eps.is_some_and(|s| s.has_candidate(&scope, &tried, revisit));
+                assert_eq!(has, want != Err(PickError::NoEndpoint), "case {n}");
+                // How often the load decided (P2C took its second sample), not only the dice.
+                if want.is_ok() {
+                    second += usize::from(reference(&c, attempt, samples, true) != want);
+                }
+                *outcomes.entry(want.map(drop)).or_default() += 1;
+            }
+        }
+        // Every way a pick ends occurs hundreds of times at least: the comparison covers them.
+        for outcome in [
+            Ok(()),
+            Err(PickError::NoEndpoint),
+            Err(PickError::NoHealthy),
+        ] {
+            assert!(
+                outcomes.get(&outcome).copied().unwrap_or(0) > 300,
+                "{outcomes:?}"
+            );
+        }
+        assert!(second > 1000, "{second}");
     }
 }
