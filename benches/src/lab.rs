@@ -273,6 +273,9 @@ impl Lab {
             }
         }
         t += "[admin]\nlisten = \"127.0.0.1:15000\"\n[failure]\nconnect_timeout = \"2s\"\ndrain_timeout = \"1s\"\n";
+        // The scale scenario holds 10,000 flows on one listener; the default cap shares half the
+        // fd limit among the four upstream listeners.
+        t += "[limits]\nmax_connections_per_listener = 15000\n";
         t += &format!(
             "[transport]\nmax_concurrent_bidi_streams = 20000\ncongestion = \"{}\"\n",
             self.congestion

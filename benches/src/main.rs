@@ -1,5 +1,5 @@
 //! Halyard benchmarks: `halyard-benches SCENARIO` writes `benches/results/SCENARIO.{md,json}`.
-//! Scenarios: transport, bulk, latency, lossy, lossy-coexistence, newflows, scale, flood, micro, all. The h2-tunnel
+//! Scenarios: transport, bulk, latency, lossy, lossy-coexistence, newflows, scale, propagation, flood, micro, all. The h2-tunnel
 //! baseline's two processes are this binary too (`h2-tunnel-server`, `h2-tunnel-client`), and so
 //! is the flood's attacker (`handshake-flood`).
 #![forbid(unsafe_code)]
@@ -20,7 +20,7 @@ mod stats;
 mod transport;
 
 const SCENARIOS: &str =
-    "transport, bulk, latency, lossy, lossy-coexistence, newflows, scale, flood, micro, all";
+    "transport, bulk, latency, lossy, lossy-coexistence, newflows, scale, propagation, flood, micro, all";
 
 type Scenario = fn() -> anyhow::Result<()>;
 
@@ -34,6 +34,7 @@ fn main() -> anyhow::Result<()> {
         "hold-flows" => scale::hold_main(rest),
         "handshake-flood" => flood::attacker_main(rest),
         "flood" => flood::main(),
+        "propagation" => scale::propagation_main(),
         "transport" => transport::main(),
         "bulk" => bulk::main(),
         "latency" => latency::main(),

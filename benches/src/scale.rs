@@ -69,7 +69,7 @@ pub fn main() -> anyhow::Result<()> {
         }
     }
     let registry = registry_rss()?;
-    let (propagation, propagation_error) = match propagation() {
+    let (propagation, propagation_error) = match propagation(FLEET) {
         Ok(p) => (Some(p), None),
         Err(e) => (None, Some(format!("{e:#}"))),
     };
@@ -270,7 +270,54 @@ const ROUTE_KEY: &str = "/halyard/default/routes/target";
 
 /// FLEET sidecars on a real etcd; CHANGES weight changes put one by one; for each, the delay
 /// until every sidecar's status shows a revision at least the put's.
-fn propagation() -> anyhow::Result<Propagation> {
+/// `propagation`: the propagation step alone, for 20 and then 50 sidecars, written to
+/// `results/propagation.{md,json}`.
+pub fn propagation_main() -> anyhow::Result<()> {
+    crate::setup::raise_nofile()?;
+    let mut rows = Vec::new();
+    for fleet in [FLEET, 50] {
+        let p = propagation(fleet)?;
+        eprintln!(
+            "propagation {fleet}: p50 {:.1} ms p99 {:.1} ms",
+            p.applied.p50_us / 1000.0,
+            p.applied.p99_us / 1000.0
+        );
+        rows.push(p);
+    }
+    let machine = Machine::probe();
+    let mut md = String::from(
+        "# Registry propagation: a Route put in etcd, applied by every sidecar
+
+",
+    );
+    md += &machine.markdown();
+    md += &format!(
+        "
+N `halyard sidecar` processes on one real etcd (single member, loopback); {CHANGES} Route weight \
+         changes put one at a time, 300 ms apart once all applied the last; delay from the put to each \
+         sidecar's `appliedAt` in `status/<id>` (when the sidecar built the snapshot; ms resolution).\n\n\
+         | sidecars | samples | p50 ms | p90 ms | p99 ms | max ms |\n|---|---|---|---|---|---|\n"
+    );
+    for p in &rows {
+        md += &format!(
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
+            p.sidecars,
+            p.applied.n,
+            p.applied.p50_us / 1000.0,
+            p.applied.p90_us / 1000.0,
+            p.applied.p99_us / 1000.0,
+            p.applied.max_us / 1000.0
+        );
+    }
+    #[derive(Serialize)]
+    struct Report {
+        machine: Machine,
+        rows: Vec<Propagation>,
+    }
+    crate::stats::write_report("propagation", &md, &Report { machine, rows })
+}
+
+fn propagation(fleet: usize) -> anyhow::Result<Propagation> {
     let halyard = crate::lab::halyard_bin()?;
     let etcd = halyard_registry::test_util::EtcdServer::start();
     let dir = tempfile::tempdir()?;
@@ -281,9 +328,10 @@ fn propagation() -> anyhow::Result<Propagation> {
         kind: Route\nservice: target\nrules:\n  - backends:\n      - { subset: { version: v1 }, weight: 50 }\n      - { subset: { version: v2 }, weight: 50 }\n";
     crate::lab::apply_url(&halyard, &url, objects)?;
     let stored = etcd.etcdctl_ok(&["get", ROUTE_KEY, "--print-value-only"]);
-    let mut fleet = Vec::new();
-    for i in 0..FLEET {
-        fleet.push(start_sidecar(
+    let size = fleet;
+    let mut sidecars = Vec::new();
+    for i in 0..size {
+        sidecars.push(start_sidecar(
             &halyard,
             dir.path(),
             &format!("fleet-{i}"),
@@ -295,17 +343,17 @@ fn propagation() -> anyhow::Result<Propagation> {
     let samples = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
-        .block_on(changes(endpoint, stored.trim().to_owned()))?;
-    drop(fleet);
+        .block_on(changes(endpoint, stored.trim().to_owned(), size))?;
+    drop(sidecars);
     Ok(Propagation {
-        sidecars: FLEET,
+        sidecars: size,
         changes: CHANGES,
         registry: "etcd",
         applied: Percentiles::of(samples),
     })
 }
 
-async fn changes(endpoint: String, stored: String) -> anyhow::Result<Vec<u64>> {
+async fn changes(endpoint: String, stored: String, fleet: usize) -> anyhow::Result<Vec<u64>> {
     let mut client = etcd_client::Client::connect([endpoint], None).await?;
     let mut samples = Vec::new();
     for k in 0..CHANGES {
@@ -318,17 +366,18 @@ async fn changes(endpoint: String, stored: String) -> anyhow::Result<Vec<u64>> {
             .await?
             .header()
             .map_or(0, |h| h.revision());
-        samples.extend(wait_applied(&mut client, rev, put_at).await?);
+        samples.extend(wait_applied(&mut client, rev, put_at, fleet).await?);
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     Ok(samples)
 }
 
-/// Polls `status/` until all FLEET sidecars applied revision `rev`; delays since `put_at` in ns.
+/// Polls `status/` until all `fleet` sidecars applied revision `rev`; delays since `put_at` in ns.
 async fn wait_applied(
     client: &mut etcd_client::Client,
     rev: i64,
     put_at: SystemTime,
+    fleet: usize,
 ) -> anyhow::Result<Vec<u64>> {
     let opts = etcd_client::GetOptions::new().with_prefix();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -347,12 +396,12 @@ async fn wait_applied(
                 delays.push(at.duration_since(put_at).unwrap_or_default().as_nanos() as u64);
             }
         }
-        if delays.len() >= FLEET {
+        if delays.len() >= fleet {
             return Ok(delays);
         }
         anyhow::ensure!(
             tokio::time::Instant::now() < deadline,
-            "only {} of {FLEET} sidecars applied revision {rev}",
+            "only {} of {fleet} sidecars applied revision {rev}",
             delays.len()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -321,7 +321,9 @@ async fn status(shared: &Shared, snap: &Snapshot, write: &StatusWriter) -> bool 
     let st = Status {
         sidecar: id,
         revision: snap.revision,
-        applied_at: SystemTime::now(),
+        // When the snapshot was built and handed out, not when this write happens: writes are
+        // coalesced to one per STATUS_INTERVAL, which would add up to that much to the figure.
+        applied_at: snap.built_at,
         rejected,
     };
     match write(st).await {

@@ -50,6 +50,9 @@ pub struct Snapshot {
     pub rejected: BTreeMap<String, String>,
     /// Where this snapshot came from.
     pub origin: Origin,
+    /// When this process built it: the moment the sidecar starts using it (the watch hands
+    /// it to every reader at once). Reported as the status's `appliedAt`.
+    pub built_at: SystemTime,
     vips: HashMap<IpAddr, String>,
 }
 
@@ -68,6 +71,7 @@ impl Snapshot {
             trust: None,
             rejected: BTreeMap::new(),
             origin,
+            built_at: SystemTime::now(),
             vips: HashMap::new(),
         }
     }

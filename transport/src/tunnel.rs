@@ -340,8 +340,15 @@ impl<R: RecvHalf> Reader<R> {
     }
 }
 
-/// Bytes read from a local stream per send in [`Tunnel::splice`].
+/// Largest read from a local stream per send in [`Tunnel::splice`], and largest gather of
+/// received chunks per write, bytes.
 const SPLICE_BUF: usize = 256 * 1024;
+/// First buffer of a flow's direction, bytes; a read that fills its buffer doubles the next one,
+/// up to [`SPLICE_BUF`]. Buffers grow with the data a flow carries, not with the flow: with
+/// 256 KiB per direction from the start, 10,000 idle flows took ~1.5 GiB per sidecar. (Shrinking
+/// a grown buffer whenever a read would wait cost 10-16 % more CPU per byte with 8 bulk flows,
+/// so a flow keeps what it grew to.)
+const SPLICE_START: usize = 4 * 1024;
 
 /// Local stream → tunnel: each read lands in a buffer that is then handed to h3 as is.
 async fn pump_up<S: SendHalf, R: AsyncRead + Unpin>(
@@ -349,30 +356,40 @@ async fn pump_up<S: SendHalf, R: AsyncRead + Unpin>(
     mut from: R,
 ) -> io::Result<u64> {
     let mut buf = BytesMut::new();
+    let mut size = SPLICE_START;
     let mut total = 0u64;
     loop {
         // Reclaims the previous allocation once h3 has released the last chunk.
-        buf.reserve(SPLICE_BUF);
+        buf.reserve(size);
         let n = from.read_buf(&mut buf).await?;
         if n == 0 {
             std::future::poll_fn(|cx| writer.poll_shutdown(cx, false)).await?;
             return Ok(total);
         }
         total += n as u64;
+        if buf.capacity() == buf.len() {
+            size = size.saturating_mul(2).min(SPLICE_BUF);
+        }
         let mut data = Some(buf.split().freeze());
         std::future::poll_fn(|cx| writer.poll_write_bytes(cx, &mut data, false)).await?;
     }
 }
 
-/// Tunnel → local stream: every chunk already received is gathered into one write.
+/// Tunnel → local stream: every chunk already received is gathered into one write. No buffer
+/// is made before the first chunk arrives.
 async fn pump_down<R: RecvHalf, W: AsyncWrite + Unpin>(
     reader: &mut Reader<R>,
     mut to: W,
 ) -> io::Result<u64> {
-    let mut buf = vec![0u8; SPLICE_BUF];
+    let mut buf: Vec<u8> = Vec::new();
+    let mut size = SPLICE_START;
     let mut total = 0u64;
     loop {
-        let mut read = ReadBuf::new(&mut buf);
+        std::future::poll_fn(|cx| reader.poll_fill(cx, true)).await?;
+        if buf.len() < size {
+            buf.resize(size, 0);
+        }
+        let mut read = ReadBuf::new(&mut buf[..size]);
         std::future::poll_fn(|cx| reader.poll_read(cx, &mut read, true)).await?;
         let n = read.filled().len();
         if n == 0 {
@@ -381,6 +398,9 @@ async fn pump_down<R: RecvHalf, W: AsyncWrite + Unpin>(
         }
         to.write_all(&buf[..n]).await?;
         total += n as u64;
+        if n == size {
+            size = size.saturating_mul(2).min(SPLICE_BUF);
+        }
     }
 }
 
