@@ -90,6 +90,7 @@ fn readme() -> anyhow::Result<()> {
         "lossy",
         "newflows",
         "scale",
+        "propagation",
         "flood",
         "micro",
         "transport",
