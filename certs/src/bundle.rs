@@ -74,6 +74,33 @@ impl TrustBundle {
         self.roots.iter().map(|r| pem::encode_cert(r)).collect()
     }
 
+    /// One line per root for an operator: subject, expiry (RFC 2822) and the SHA-256 of its
+    /// DER, hex, e.g. `CN=mesh.local root  until Fri, 28 Nov 2036 06:00:00 +0000  sha256 3f2a…`.
+    pub fn describe(&self) -> Vec<String> {
+        use sha2::{Digest, Sha256};
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        self.roots
+            .iter()
+            .map(|der| {
+                let sha: String = Sha256::digest(der.as_ref())
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                match X509Certificate::from_der(der.as_ref()) {
+                    Ok((_, c)) => {
+                        let until = c
+                            .validity()
+                            .not_after
+                            .to_rfc2822()
+                            .unwrap_or_else(|_| c.validity().not_after.to_string());
+                        format!("{}  until {until}  sha256 {sha}", c.subject())
+                    }
+                    Err(_) => format!("(unreadable certificate)  sha256 {sha}"),
+                }
+            })
+            .collect()
+    }
+
     /// Adds the roots of another bundle (for a CA rotation).
     pub fn merge(mut self, other: &TrustBundle) -> Self {
         self.roots.extend(other.roots.iter().cloned());

@@ -74,6 +74,42 @@ enum CaCommand {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// The trust-bundle steps of a root rotation (README: "Trust bundle and CA rotation"),
+    /// written to the registry's TrustBundle (key `trust`), which every sidecar and CA server
+    /// applies hot.
+    Rotate {
+        #[command(subcommand)]
+        step: RotateStep,
+        /// Registry URL (etcd://host:port,... or file:///dir).
+        #[arg(long, global = true)]
+        registry: Option<String>,
+        /// Mesh name.
+        #[arg(long, global = true, default_value = "default")]
+        mesh: String,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum RotateStep {
+    /// Step 2: trust ROOT beside the roots in force (the registry's bundle; when it has none,
+    /// --current, the root the mesh's bundle files hold now).
+    Add {
+        /// PEM file of the new root.
+        #[arg(long)]
+        root: PathBuf,
+        /// PEM file of the roots in force, when the registry has no TrustBundle yet.
+        #[arg(long)]
+        current: Option<PathBuf>,
+    },
+    /// Step 5: stop trusting ROOT (every leaf renewed onto the new chain first). Refused when
+    /// no root would be left.
+    Remove {
+        /// PEM file of the root to drop.
+        #[arg(long)]
+        root: PathBuf,
+    },
+    /// The roots in force: subject, expiry, SHA-256.
+    Show,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -130,7 +166,100 @@ pub fn run(args: CaArgs) -> anyhow::Result<()> {
                     out,
                 },
         } => token_create(&id, &ttl, uses, &registry, &mesh, out.as_deref()),
+        CaCommand::Rotate {
+            step,
+            registry,
+            mesh,
+        } => {
+            let registry = registry.context("--registry is required")?;
+            runtime()?.block_on(rotate(step, &registry, &mesh))
+        }
     }
+}
+
+/// Reads the registry's TrustBundle (if any), applies `step`, writes it back.
+async fn rotate(step: RotateStep, registry: &str, mesh: &str) -> anyhow::Result<()> {
+    use halyard_certs::TrustBundle;
+    use halyard_registry::model::{Kind, Object};
+    let admin = halyard_registry::admin::Admin::connect(registry, mesh, Duration::from_secs(5))
+        .await
+        .with_context(|| format!("--registry {registry:?}"))?;
+    let stored = admin.list(Kind::TrustBundle).await?;
+    let in_force = match stored.into_iter().next().map(|s| s.object) {
+        Some(Ok(Object::TrustBundle(t))) => Some(TrustBundle::from_pem(&t.roots)?),
+        Some(Ok(_)) | None => None,
+        Some(Err(e)) => anyhow::bail!("the registry's TrustBundle is invalid ({e}); fix it first"),
+    };
+    let read = |p: &std::path::Path| {
+        TrustBundle::load(p).with_context(|| format!("{}: not a PEM root", p.display()))
+    };
+    let next = match step {
+        RotateStep::Show => {
+            let Some(b) = in_force else {
+                println!("no TrustBundle in the registry: sidecars trust their bundle files");
+                return Ok(());
+            };
+            b.describe().iter().for_each(|l| println!("{l}"));
+            return Ok(());
+        }
+        RotateStep::Add { root, current } => {
+            let base = match (in_force, current) {
+                (Some(b), _) => b,
+                (None, Some(c)) => read(&c)?,
+                (None, None) => anyhow::bail!(
+                    "the registry has no TrustBundle yet: name the roots in force with --current"
+                ),
+            };
+            let new = read(&root)?;
+            let fresh: Vec<_> = new
+                .roots()
+                .iter()
+                .filter(|r| !base.roots().contains(r))
+                .cloned()
+                .collect();
+            anyhow::ensure!(!fresh.is_empty(), "{}: already trusted", root.display());
+            let mut roots = base.roots().to_vec();
+            roots.extend(fresh);
+            TrustBundle::new(roots)?
+        }
+        RotateStep::Remove { root } => {
+            let base = in_force.context("the registry has no TrustBundle: nothing to remove")?;
+            let gone = read(&root)?;
+            let kept: Vec<_> = base
+                .roots()
+                .iter()
+                .filter(|r| !gone.roots().contains(r))
+                .cloned()
+                .collect();
+            anyhow::ensure!(
+                kept.len() < base.roots().len(),
+                "{}: not in the registry's TrustBundle",
+                root.display()
+            );
+            anyhow::ensure!(!kept.is_empty(), "refused: no root would be left");
+            TrustBundle::new(kept)?
+        }
+    };
+    let text = format!(
+        "kind: TrustBundle\nroots: |\n{}",
+        next.to_pem()
+            .lines()
+            .map(|l| format!("  {l}\n"))
+            .collect::<String>()
+    );
+    let objects = halyard_registry::model::parse_documents("ca rotate", &text).map_err(|errs| {
+        anyhow::anyhow!(
+            "{}",
+            errs.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
+    })?;
+    admin.apply(&objects).await?;
+    println!("TrustBundle in the registry now holds:");
+    next.describe().iter().for_each(|l| println!("  {l}"));
+    Ok(())
 }
 
 fn intermediate(

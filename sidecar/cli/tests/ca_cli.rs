@@ -344,3 +344,67 @@ async fn serve_an_intermediate_and_enroll_with_a_created_token() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+/// `halyard ca rotate` walks the trust bundle through a root rotation in the registry: add the
+/// new root beside the old, show both, remove the old; and refuses what would break the mesh.
+#[test]
+fn ca_rotate_adds_shows_and_removes_roots() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (old, new, reg) = (
+        tmp.path().join("root1"),
+        tmp.path().join("root2"),
+        tmp.path().join("registry"),
+    );
+    std::fs::create_dir_all(reg.join("default")).unwrap();
+    init_ca(&old, "mesh.local");
+    init_ca(&new, "mesh.local");
+    let url = format!("file://{}", reg.display());
+    let (old_pem, new_pem) = (old.join("ca.crt"), new.join("ca.crt"));
+    let rotate = |args: &[&str]| {
+        let mut all = vec!["ca", "rotate", "--registry", &url];
+        all.extend_from_slice(args);
+        halyard(&all)
+    };
+    let show = || String::from_utf8_lossy(&rotate(&["show"]).stdout).into_owned();
+    assert!(show().contains("no TrustBundle"), "{}", show());
+
+    let first = rotate(&["add", "--root", path(&new_pem)]);
+    assert!(!first.status.success());
+    assert!(stderr(&first).contains("--current"), "{}", stderr(&first));
+    let added = rotate(&["add", "--root", path(&new_pem), "--current", path(&old_pem)]);
+    assert!(added.status.success(), "{}", stderr(&added));
+    assert_eq!(show().lines().count(), 2, "{}", show());
+    let again = rotate(&["add", "--root", path(&new_pem)]);
+    assert!(
+        stderr(&again).contains("already trusted"),
+        "{}",
+        stderr(&again)
+    );
+    let not_pem = rotate(&["add", "--root", path(&reg)]);
+    assert!(!not_pem.status.success());
+
+    let removed = rotate(&["remove", "--root", path(&old_pem)]);
+    assert!(removed.status.success(), "{}", stderr(&removed));
+    let left = show();
+    assert_eq!(left.lines().count(), 1, "{left}");
+    let fp = Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(&new_pem)
+        .output()
+        .unwrap();
+    let fp = String::from_utf8_lossy(&fp.stdout)
+        .trim()
+        .rsplit('=')
+        .next()
+        .unwrap()
+        .replace(':', "")
+        .to_lowercase();
+    assert!(left.contains(&fp), "{left} lacks {fp}");
+    let last = rotate(&["remove", "--root", path(&new_pem)]);
+    assert!(
+        stderr(&last).contains("no root would be left"),
+        "{}",
+        stderr(&last)
+    );
+    assert_eq!(show().lines().count(), 1);
+}
