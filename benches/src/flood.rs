@@ -38,6 +38,11 @@ struct Phase {
     attempts_per_s: f64,
     /// CPU of both sidecars during the phase, as a share of one core.
     sidecar_cpu_share: f64,
+    /// CPU of the server sidecar (the one flooded) during the phase, share of one core.
+    server_cpu_share: f64,
+    /// CPU of the attacker process during the phase, share of one core: it runs on the same
+    /// cores as the sidecars and the app.
+    attacker_cpu_share: f64,
     secs: f64,
 }
 
@@ -54,11 +59,35 @@ pub fn main() -> anyhow::Result<()> {
     crate::setup::check_root()?;
     let lab = Lab::up("hb7", 7)?;
     let dma = DmaLatency::hold();
-    let mut phases = vec![phase(&lab, "quiet", 0)?];
+    let mut phases = vec![phase(&lab, "quiet", 0, false)?];
     for loops in FLOODS {
-        phases.push(phase(&lab, &format!("flood x{loops}"), loops)?);
+        phases.push(phase(&lab, &format!("flood x{loops}"), loops, false)?);
     }
-    phases.push(phase(&lab, "quiet again", 0)?);
+    phases.push(phase(&lab, "quiet again", 0, false)?);
+    // The attacker above shares the cores with the sidecars and the app and takes one of them.
+    // Closer to an attacker on another machine: the attacker alone on the last core, the
+    // sidecars and the app on the others, quiet and flooded under the same pinning.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores >= 2 {
+        let last = FLOODS[FLOODS.len() - 1];
+        let mut pinned = |name: &str, loops: usize| -> anyhow::Result<()> {
+            let all = lab
+                .pids(Route::HalyardL4)
+                .into_iter()
+                .chain([std::process::id()]);
+            for pid in all {
+                taskset(&format!("0-{}", cores - 2), pid)?;
+            }
+            let p = phase(&lab, name, loops, true);
+            for pid in lab.pids(Route::HalyardL4).into_iter().chain([std::process::id()]) {
+                taskset(&format!("0-{}", cores - 1), pid)?;
+            }
+            phases.push(p?);
+            Ok(())
+        };
+        pinned("quiet, pinned", 0)?;
+        pinned(&format!("flood x{last}, attacker pinned apart"), last)?;
+    }
     let metrics = http_get(&lab.pair.b.name, "127.0.0.1:15000", "/metrics")?;
     let report = Report {
         machine: Machine::probe(),
@@ -70,23 +99,47 @@ pub fn main() -> anyhow::Result<()> {
     crate::stats::write_report("flood", &markdown(&report), &report)
 }
 
-/// One phase: `loops` attacker loops (none: quiet) while [`FLOWS`] new flows are timed.
-fn phase(lab: &Lab, name: &str, loops: usize) -> anyhow::Result<Phase> {
+/// Sets the CPU affinity of every thread of `pid` to `cpus` (a `taskset -c` list).
+fn taskset(cpus: &str, pid: u32) -> anyhow::Result<()> {
+    let out = std::process::Command::new("taskset")
+        .args(["-a", "-c", "-p", cpus, &pid.to_string()])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "taskset -a -c -p {cpus} {pid}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// One phase: `loops` attacker loops (none: quiet; `pinned`: on the last core alone) while
+/// [`FLOWS`] new flows are timed.
+fn phase(lab: &Lab, name: &str, loops: usize, pinned: bool) -> anyhow::Result<Phase> {
     let attacker = match loops {
         0 => None,
-        n => Some(start_attacker(lab, n)?),
+        n => Some(start_attacker(lab, n, pinned)?),
     };
     if attacker.is_some() {
         std::thread::sleep(WARM_UP);
     }
     let before = attacker.as_ref().map_or(0, |(_, log)| attempts(log));
     let pids = lab.pids(Route::HalyardL4);
+    // Sidecars are spawned client first, then server.
+    let server = pids.last().copied().into_iter().collect::<Vec<_>>();
+    let attacker_pid = attacker
+        .as_ref()
+        .map(|(p, _)| p.pid())
+        .into_iter()
+        .collect::<Vec<_>>();
     let cpu0 = cpu_of(&pids);
+    let (server0, attacker0) = (cpu_of(&server), cpu_of(&attacker_pid));
     let t0 = Instant::now();
     let addr = lab.addr(Route::HalyardL4, Target::Echo);
     let samples = block_in(&lab.pair.a.name, move || sequential(addr, FLOWS))?;
     let secs = t0.elapsed().as_secs_f64();
     let cpu = cpu_of(&pids) - cpu0;
+    let server_cpu = cpu_of(&server) - server0;
+    let attacker_cpu = cpu_of(&attacker_pid) - attacker0;
     let after = attacker.as_ref().map_or(0, |(_, log)| attempts(log));
     drop(attacker);
     let ttfb = Percentiles::of(samples);
@@ -102,17 +155,35 @@ fn phase(lab: &Lab, name: &str, loops: usize) -> anyhow::Result<Phase> {
         ttfb,
         attempts_per_s: after.saturating_sub(before) as f64 / secs,
         sidecar_cpu_share: cpu / secs,
+        server_cpu_share: server_cpu / secs,
+        attacker_cpu_share: attacker_cpu / secs,
         secs,
     })
 }
 
 /// The attacker process in the client namespace; its stdout (a running attempt count) goes to
 /// the returned file.
-fn start_attacker(lab: &Lab, loops: usize) -> anyhow::Result<(Proc, std::path::PathBuf)> {
+fn start_attacker(
+    lab: &Lab,
+    loops: usize,
+    pinned: bool,
+) -> anyhow::Result<(Proc, std::path::PathBuf)> {
     let exe = std::env::current_exe()?;
-    let log = lab.dir.path().join(format!("attacker-{loops}.log"));
+    let log = lab
+        .dir
+        .path()
+        .join(format!("attacker-{loops}-{pinned}.log"));
     let target = SocketAddr::new(lab.pair.b_ip.parse()?, 15443);
-    let mut cmd = lab.pair.a.command(&exe);
+    // `taskset` execs the program: the pid stays the attacker's.
+    let mut cmd = if pinned {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut c = lab.pair.a.command(std::path::Path::new("taskset"));
+        let last = (cores - 1).to_string();
+        c.args(["-c".as_ref(), last.as_ref(), exe.as_os_str()]);
+        c
+    } else {
+        lab.pair.a.command(&exe)
+    };
     cmd.args([
         "handshake-flood".to_owned(),
         target.to_string(),
@@ -222,7 +293,11 @@ fn markdown(r: &Report) -> String {
          sidecar), with a certificate from another CA but the mesh's root, so each attempt costs the server \
          sidecar a key exchange, a signature and a refused chain. The client app meanwhile opens {FLOWS} new \
          flows one at a time through the warm peer connection (connect, 1 byte, its echo). Bounds met by the \
-         flood (server's `halyard_quic_admission_total`): {}. /dev/cpu_dma_latency held at 0: {}.\n\n",
+         flood (server's `halyard_quic_admission_total`): {}. /dev/cpu_dma_latency held at 0: {}. \
+         The attacker runs on the same cores as both sidecars and the app: its own CPU (last column) is taken \
+         from them. The last two phases pin the attacker alone to the last core and the sidecars and the app \
+         to the others (quiet, then flooded), closer to an attacker on another machine; compare them with \
+         each other.\n\n",
         r.admission
             .iter()
             .map(|(d, v)| format!("{d} {v:.0}"))
@@ -230,23 +305,34 @@ fn markdown(r: &Report) -> String {
             .join(", "),
         r.dma_latency_held
     );
-    md += "| phase | attacker loops | attempts/s | p50 µs | p99 µs | p99 vs quiet | sidecars' CPU (cores) |\n|---|---|---|---|---|---|---|\n";
-    let quiet = r.phases.first().map_or(0.0, |p| p.ttfb.p99_us);
-    for p in &r.phases {
-        let ratio = if quiet > 0.0 {
-            format!("{:.2}×", p.ttfb.p99_us / quiet)
+    md += "| phase | attacker loops | attempts/s | p50 µs | p99 µs | p99 vs quiet | p99 vs quiet again | sidecars' CPU (cores) | server sidecar CPU | attacker CPU |\n|---|---|---|---|---|---|---|---|---|---|\n";
+    let quiet_p99 = |name: &str| {
+        r.phases
+            .iter()
+            .find(|p| p.name == name)
+            .map_or(0.0, |p| p.ttfb.p99_us)
+    };
+    let (quiet, again) = (quiet_p99("quiet"), quiet_p99("quiet again"));
+    let ratio = |x: f64, base: f64| {
+        if base > 0.0 {
+            format!("{:.2}×", x / base)
         } else {
             "–".into()
-        };
+        }
+    };
+    for p in &r.phases {
         md += &format!(
-            "| {} | {} | {:.0} | {:.0} | {:.0} | {} | {:.2} |\n",
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {} | {} | {:.2} | {:.2} | {:.2} |\n",
             p.name,
             p.attack_loops,
             p.attempts_per_s,
             p.ttfb.p50_us,
             p.ttfb.p99_us,
-            ratio,
-            p.sidecar_cpu_share
+            ratio(p.ttfb.p99_us, quiet),
+            ratio(p.ttfb.p99_us, again),
+            p.sidecar_cpu_share,
+            p.server_cpu_share,
+            p.attacker_cpu_share,
         );
     }
     md

@@ -7,16 +7,31 @@
 //! - past [`RETRY_ABOVE`] handshakes at once, a source that has not proved its address gets a
 //!   stateless Retry first (RFC 9000 §8.1.2): spoofed sources never come back, and the server
 //!   keeps no state for them;
-//! - at most [`MAX_PER_SOURCE`] handshakes at once from one IP address; more are dropped
+//! - at most [`MAX_PER_SOURCE`] handshakes at once from one source; more are dropped
 //!   without an answer;
+//! - at most [`SOURCE_HANDSHAKE_BURST`] handshakes started at once and [`SOURCE_HANDSHAKE_RATE`]
+//!   per second after that from one source (a token bucket): a handshake that ends with a
+//!   verified peer gives its token back, so a real peer is never slowed down, while a source
+//!   whose handshakes fail spends its tokens. Past the rate an unvalidated source gets a Retry,
+//!   a validated one is dropped, and so is an unvalidated one once the validated bucket of its
+//!   source is empty too (it answered Retries and kept flooding). Attempts with and without a validated address have separate
+//!   buckets, so a spoofer sending Initials in a victim's name spends only the unvalidated one
+//!   and the victim, once it answers the Retry, still gets its handshakes. The caps on handshakes *at once* do not bound the CPU a single
+//!   fast source costs (each failed handshake is a key exchange and a signature); this does.
+//!   At most [`MAX_TRACKED_SOURCES`] buckets are kept: a source without a bucket has a full one,
+//!   buckets refilled to full are swept when the table is full, and while it stays full a new
+//!   source is treated as over its rate;
 //! - at most [`MAX_CONNECTIONS_PER_PEER`] established connections per verified peer identity;
 //!   past it the new connection is closed with H3_EXCESSIVE_LOAD. The pool opens at most
 //!   `max_connections_per_peer` (≤ 64) per peer, so a well-behaved peer never meets it.
 //!
+//! A source is an IPv4 address or an IPv6 /64 (the prefix one host or one subscriber gets, RFC
+//! 6177), IPv4-mapped IPv6 addresses counting as IPv4.
+//!
 //! The decision is pure ([`admit`]); [`Gate`] holds the counts and its passes release them.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,8 +42,17 @@ use halyard_certs::SpiffeId;
 pub const MAX_HANDSHAKES: usize = 256;
 /// Handshakes in progress past which unvalidated sources must answer a Retry first.
 pub const RETRY_ABOVE: usize = 32;
-/// Handshakes in progress at once from one IP address.
+/// Handshakes in progress at once from one source (IPv4 address or IPv6 /64).
 pub const MAX_PER_SOURCE: usize = 16;
+/// Handshakes one source may start back to back (the token bucket's depth).
+pub const SOURCE_HANDSHAKE_BURST: f64 = 32.0;
+/// Handshakes per second one source may start once its burst is spent; a handshake that ends
+/// with a verified peer does not count.
+pub const SOURCE_HANDSHAKE_RATE: f64 = 10.0;
+/// Sources whose token bucket is kept at most.
+pub const MAX_TRACKED_SOURCES: usize = 4096;
+/// Least time between two sweeps of the bucket table when it is full.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Established connections per verified peer identity.
 pub const MAX_CONNECTIONS_PER_PEER: usize = 128;
 /// Least time between two flood warnings.
@@ -45,39 +69,153 @@ pub(crate) enum Admit {
     Refuse,
     /// Drop without an answer.
     Ignore,
+    /// Drop without an answer: the source has spent its handshake rate.
+    Throttle,
+}
+
+/// Where a source stands against its handshake rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Rate {
+    /// A token is left in the attempt's bucket.
+    Within,
+    /// The attempt's bucket is empty.
+    Spent,
+    /// An unvalidated attempt whose source has also spent its validated bucket: the address
+    /// has answered Retries and flooded anyway, so a Retry would only cost the server more.
+    SpentValidated,
 }
 
 /// The decision for an attempt, given the handshakes in progress in all and from its source,
-/// and whether its source address is validated (it answered a Retry).
-pub(crate) fn admit(in_flight: usize, from_source: usize, validated: bool) -> Admit {
+/// whether its source address is validated (it answered a Retry) and where the source stands
+/// against its handshake rate.
+pub(crate) fn admit(in_flight: usize, from_source: usize, validated: bool, rate: Rate) -> Admit {
     if from_source >= MAX_PER_SOURCE {
         Admit::Ignore
     } else if in_flight >= MAX_HANDSHAKES {
         Admit::Refuse
-    } else if in_flight >= RETRY_ABOVE && !validated {
+    } else if rate == Rate::SpentValidated || (validated && rate == Rate::Spent) {
+        Admit::Throttle
+    } else if !validated && (in_flight >= RETRY_ABOVE || rate == Rate::Spent) {
         Admit::Retry
     } else {
         Admit::Accept
     }
 }
 
+/// Where an attempt comes from, for the per-source bounds: an IPv4 address, or an IPv6 address
+/// cut to its /64.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Source(IpAddr);
+
+impl Source {
+    pub(crate) fn of(ip: IpAddr) -> Self {
+        match ip.to_canonical() {
+            IpAddr::V6(v6) => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                Self(IpAddr::V6(Ipv6Addr::from(prefix)))
+            }
+            v4 => Self(v4),
+        }
+    }
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            IpAddr::V6(v6) => write!(f, "{v6}/64"),
+            v4 => write!(f, "{v4}"),
+        }
+    }
+}
+
+/// A source's handshake tokens: [`SOURCE_HANDSHAKE_BURST`] deep, refilled at
+/// [`SOURCE_HANDSHAKE_RATE`] per second.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn full(now: Instant) -> Self {
+        Self {
+            tokens: SOURCE_HANDSHAKE_BURST,
+            at: now,
+        }
+    }
+
+    /// The tokens at `now` (a clock that went back adds nothing).
+    fn refill(&mut self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * SOURCE_HANDSHAKE_RATE).min(SOURCE_HANDSHAKE_BURST);
+        self.at = now;
+        self.tokens
+    }
+}
+
 #[derive(Debug, Default)]
 struct Counts {
     in_flight: usize,
-    by_source: HashMap<IpAddr, usize>,
+    by_source: HashMap<Source, usize>,
+    buckets: HashMap<(Source, bool), Bucket>,
+    last_sweep: Option<Instant>,
     by_peer: HashMap<SpiffeId, usize>,
     last_warning: Option<Instant>,
 }
 
-/// Refusals so far, by kind.
+impl Counts {
+    /// Whether `source` (with a validated address or not) has a token at `now`, making room for
+    /// its bucket if it has none (a source without a bucket has a full one).
+    fn within_rate(&mut self, source: (Source, bool), now: Instant) -> bool {
+        if let Some(b) = self.buckets.get_mut(&source) {
+            return b.refill(now) >= 1.0;
+        }
+        if self.buckets.len() < MAX_TRACKED_SOURCES {
+            return true;
+        }
+        if self
+            .last_sweep
+            .is_some_and(|t| now.saturating_duration_since(t) < SWEEP_EVERY)
+        {
+            return false;
+        }
+        self.last_sweep = Some(now);
+        self.buckets
+            .retain(|_, b| b.refill(now) < SOURCE_HANDSHAKE_BURST);
+        self.buckets.len() < MAX_TRACKED_SOURCES
+    }
+
+    /// Whether `source` has a token at `now`, without making a bucket (none: a full one).
+    fn has_token(&mut self, source: (Source, bool), now: Instant) -> bool {
+        self.buckets
+            .get_mut(&source)
+            .is_none_or(|b| b.refill(now) >= 1.0)
+    }
+
+    /// Takes one token of `source` (its bucket made if it had none).
+    fn spend(&mut self, source: (Source, bool), now: Instant) {
+        let b = self
+            .buckets
+            .entry(source)
+            .or_insert_with(|| Bucket::full(now));
+        b.refill(now);
+        b.tokens -= 1.0;
+    }
+}
+
+/// Decisions so far, by kind.
 #[derive(Debug, Default)]
 pub struct AdmissionStats {
+    /// Handshakes started (each a key exchange and a signature for the server).
+    pub accepted: AtomicU64,
     /// Stateless Retries sent.
     pub retried: AtomicU64,
     /// Attempts refused at the handshake cap.
     pub refused: AtomicU64,
     /// Attempts dropped at the per-source cap.
     pub ignored: AtomicU64,
+    /// Attempts dropped at the per-source handshake rate.
+    pub rate_limited: AtomicU64,
     /// Connections closed at the per-peer cap.
     pub peer_capped: AtomicU64,
 }
@@ -92,7 +230,8 @@ pub(crate) struct Gate {
 /// A handshake in progress; dropping it frees its place.
 pub(crate) struct HandshakePass {
     gate: Gate,
-    source: IpAddr,
+    source: Source,
+    validated: bool,
 }
 
 /// An established connection of a verified peer; dropping it frees its place.
@@ -102,33 +241,50 @@ pub(crate) struct PeerPass {
 }
 
 impl Gate {
-    /// Decides on an attempt from `source`; on `Accept` the pass holds its place.
-    pub(crate) fn attempt(
+    /// Decides on an attempt from `ip`; on `Accept` the pass holds its place and has spent one
+    /// of the source's handshake tokens.
+    pub(crate) fn attempt(&self, ip: IpAddr, validated: bool) -> (Admit, Option<HandshakePass>) {
+        self.attempt_at(ip, validated, Instant::now())
+    }
+
+    fn attempt_at(
         &self,
-        source: IpAddr,
+        ip: IpAddr,
         validated: bool,
+        now: Instant,
     ) -> (Admit, Option<HandshakePass>) {
         let Ok(mut c) = self.counts.lock() else {
             return (Admit::Refuse, None);
         };
+        let source = Source::of(ip);
         let from_source = c.by_source.get(&source).copied().unwrap_or(0);
-        let decision = admit(c.in_flight, from_source, validated);
+        let rate = if c.within_rate((source, validated), now) {
+            Rate::Within
+        } else if !validated && !c.has_token((source, true), now) {
+            Rate::SpentValidated
+        } else {
+            Rate::Spent
+        };
+        let decision = admit(c.in_flight, from_source, validated, rate);
         let counter = match decision {
             Admit::Accept => {
                 c.in_flight += 1;
                 *c.by_source.entry(source).or_default() += 1;
+                c.spend((source, validated), now);
+                self.stats.accepted.fetch_add(1, Ordering::Relaxed);
                 let pass = HandshakePass {
                     gate: self.clone(),
                     source,
+                    validated,
                 };
                 return (decision, Some(pass));
             }
             Admit::Retry => &self.stats.retried,
             Admit::Refuse => &self.stats.refused,
             Admit::Ignore => &self.stats.ignored,
+            Admit::Throttle => &self.stats.rate_limited,
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        let now = Instant::now();
         if c.last_warning
             .is_none_or(|t| now.duration_since(t) >= WARN_EVERY)
         {
@@ -138,6 +294,7 @@ impl Gate {
                 retried = self.stats.retried.load(Ordering::Relaxed),
                 refused = self.stats.refused.load(Ordering::Relaxed),
                 dropped = self.stats.ignored.load(Ordering::Relaxed),
+                rate_limited = self.stats.rate_limited.load(Ordering::Relaxed),
                 "QUIC handshake flood: new handshakes are retried, refused or dropped"
             );
         }
@@ -158,6 +315,18 @@ impl Gate {
             gate: self.clone(),
             peer: peer.clone(),
         })
+    }
+}
+
+impl HandshakePass {
+    /// The handshake ended with a verified peer: its token goes back to the source, so real
+    /// peers are bounded only by the caps on handshakes at once.
+    pub(crate) fn authenticated(self) {
+        if let Ok(mut c) = self.gate.counts.lock() {
+            if let Some(b) = c.buckets.get_mut(&(self.source, self.validated)) {
+                b.tokens = (b.tokens + 1.0).min(SOURCE_HANDSHAKE_BURST);
+            }
+        }
     }
 }
 
@@ -195,25 +364,155 @@ mod tests {
 
     #[test]
     fn quiet_server_accepts_unvalidated_sources() {
-        assert_eq!(admit(0, 0, false), Admit::Accept);
-        assert_eq!(admit(RETRY_ABOVE - 1, 3, false), Admit::Accept);
+        assert_eq!(admit(0, 0, false, Rate::Within), Admit::Accept);
+        assert_eq!(
+            admit(RETRY_ABOVE - 1, 3, false, Rate::Within),
+            Admit::Accept
+        );
     }
 
     #[test]
     fn busy_server_retries_unvalidated_sources() {
-        assert_eq!(admit(RETRY_ABOVE, 0, false), Admit::Retry);
-        assert_eq!(admit(RETRY_ABOVE, 0, true), Admit::Accept);
+        assert_eq!(admit(RETRY_ABOVE, 0, false, Rate::Within), Admit::Retry);
+        assert_eq!(admit(RETRY_ABOVE, 0, true, Rate::Within), Admit::Accept);
     }
 
     #[test]
     fn full_server_refuses() {
-        assert_eq!(admit(MAX_HANDSHAKES, 0, true), Admit::Refuse);
-        assert_eq!(admit(MAX_HANDSHAKES, 0, false), Admit::Refuse);
+        assert_eq!(admit(MAX_HANDSHAKES, 0, true, Rate::Within), Admit::Refuse);
+        assert_eq!(admit(MAX_HANDSHAKES, 0, false, Rate::Within), Admit::Refuse);
     }
 
     #[test]
     fn one_source_is_capped_before_the_server_is() {
-        assert_eq!(admit(0, MAX_PER_SOURCE, true), Admit::Ignore);
+        assert_eq!(admit(0, MAX_PER_SOURCE, true, Rate::Within), Admit::Ignore);
+    }
+
+    #[test]
+    fn a_source_past_its_rate_proves_its_address_then_is_dropped() {
+        assert_eq!(admit(0, 0, false, Rate::Spent), Admit::Retry);
+        assert_eq!(admit(0, 0, true, Rate::Spent), Admit::Throttle);
+        // An address that answered Retries and spent that rate too gets no more Retries.
+        assert_eq!(admit(0, 0, false, Rate::SpentValidated), Admit::Throttle);
+    }
+
+    /// Starts and fails (drops without `authenticated`) one handshake from `ip` at `now`.
+    fn fail_one(gate: &Gate, ip: IpAddr, now: Instant) -> Admit {
+        let (decision, pass) = gate.attempt_at(ip, true, now);
+        drop(pass);
+        decision
+    }
+
+    #[test]
+    fn failing_handshakes_spend_the_burst_then_the_rate() {
+        let gate = Gate::default();
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let t0 = Instant::now();
+        let burst = SOURCE_HANDSHAKE_BURST as usize;
+        for i in 0..burst {
+            assert_eq!(fail_one(&gate, ip, t0), Admit::Accept, "attempt {i}");
+        }
+        assert_eq!(fail_one(&gate, ip, t0), Admit::Throttle);
+        // Two seconds later: two seconds' worth of tokens (the rate), not the whole burst again.
+        let t2 = t0 + Duration::from_secs(2);
+        let mut accepted = 0;
+        while fail_one(&gate, ip, t2) == Admit::Accept {
+            accepted += 1;
+        }
+        assert_eq!(accepted, (SOURCE_HANDSHAKE_RATE * 2.0) as usize);
+        assert_eq!(gate.stats.rate_limited.load(Ordering::Relaxed), 2);
+        // Another source is not charged.
+        assert_eq!(
+            fail_one(&gate, "10.0.0.2".parse().unwrap(), t0),
+            Admit::Accept
+        );
+    }
+
+    #[test]
+    fn a_spoofer_spends_only_the_unvalidated_bucket_of_its_victim() {
+        let gate = Gate::default();
+        let victim: IpAddr = "10.0.0.9".parse().unwrap();
+        let now = Instant::now();
+        // Initials in the victim's name that never complete.
+        for _ in 0..SOURCE_HANDSHAKE_BURST as usize {
+            drop(gate.attempt_at(victim, false, now).1);
+        }
+        assert_eq!(gate.attempt_at(victim, false, now).0, Admit::Retry);
+        // The victim answers the Retry: its validated attempts are served.
+        assert_eq!(fail_one(&gate, victim, now), Admit::Accept);
+    }
+
+    #[test]
+    fn a_source_that_spent_both_rates_gets_no_more_retries() {
+        let gate = Gate::default();
+        let ip: IpAddr = "10.0.0.7".parse().unwrap();
+        let now = Instant::now();
+        for validated in [false, true] {
+            for _ in 0..SOURCE_HANDSHAKE_BURST as usize {
+                assert_eq!(gate.attempt_at(ip, validated, now).0, Admit::Accept);
+            }
+        }
+        assert_eq!(gate.attempt_at(ip, false, now).0, Admit::Throttle);
+        assert_eq!(gate.stats.retried.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn verified_peers_get_their_token_back() {
+        let gate = Gate::default();
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let now = Instant::now();
+        for i in 0..(SOURCE_HANDSHAKE_BURST as usize * 4) {
+            let (decision, pass) = gate.attempt_at(ip, false, now);
+            assert_eq!(decision, Admit::Accept, "attempt {i}");
+            pass.unwrap().authenticated();
+        }
+    }
+
+    #[test]
+    fn ipv6_sources_are_their_64_and_mapped_ipv4_is_ipv4() {
+        let a = Source::of("2001:db8:1:2:aaaa::1".parse().unwrap());
+        let b = Source::of("2001:db8:1:2:ffff::9".parse().unwrap());
+        let c = Source::of("2001:db8:1:3::1".parse().unwrap());
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(a.to_string(), "2001:db8:1:2::/64");
+        assert_eq!(
+            Source::of("::ffff:10.0.0.1".parse().unwrap()),
+            Source::of("10.0.0.1".parse().unwrap())
+        );
+        // One /64 shares one bucket: rotating the low bits buys nothing.
+        let gate = Gate::default();
+        let now = Instant::now();
+        for i in 0..SOURCE_HANDSHAKE_BURST as u16 {
+            let ip = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 2, 0, 0, 0, i));
+            assert_eq!(fail_one(&gate, ip, now), Admit::Accept);
+        }
+        let ip = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 2, 9, 9, 9, 9));
+        assert_eq!(fail_one(&gate, ip, now), Admit::Throttle);
+    }
+
+    #[test]
+    fn the_bucket_table_is_bounded_and_swept() {
+        let gate = Gate::default();
+        let t0 = Instant::now();
+        let ip = |n: usize| IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + n as u32));
+        for n in 0..MAX_TRACKED_SOURCES {
+            assert_eq!(fail_one(&gate, ip(n), t0), Admit::Accept);
+        }
+        // Full of buckets still refilling: a new source is over its rate (validated: dropped).
+        assert_eq!(
+            fail_one(&gate, ip(MAX_TRACKED_SOURCES), t0),
+            Admit::Throttle
+        );
+        // Once they refilled, a sweep frees them and the new source is served.
+        let later = t0 + Duration::from_secs(2);
+        assert_eq!(
+            fail_one(&gate, ip(MAX_TRACKED_SOURCES), later),
+            Admit::Accept
+        );
+        let c = gate.counts.lock().unwrap();
+        assert_eq!(c.buckets.len(), 1);
+        assert!(c.by_source.is_empty());
     }
 
     #[test]

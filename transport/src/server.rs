@@ -253,7 +253,9 @@ async fn serve_connection<H: Handler>(
         Ok(Err(e)) => return tracing::debug!(%remote, error = %e, "handshake failed"),
         Err(_) => return tracing::debug!(%remote, "handshake timed out"),
     };
-    drop(pass);
+    // The client's chain was verified (the server requires it): the source gets its handshake
+    // token back (`admission`).
+    pass.authenticated();
     // The verifier has accepted the chain; no request is read before this point, so no
     // decision is made on unauthenticated data.
     let Some(id) = peer_identity(&conn) else {

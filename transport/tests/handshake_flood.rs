@@ -80,7 +80,7 @@ async fn handshake_flood_leaves_established_peers_served() {
     let (retried, refused, dropped) = (
         stats.retried.load(Ordering::Relaxed),
         stats.refused.load(Ordering::Relaxed),
-        stats.ignored.load(Ordering::Relaxed),
+        stats.ignored.load(Ordering::Relaxed) + stats.rate_limited.load(Ordering::Relaxed),
     );
     eprintln!(
         "{{\"scenario\":\"handshake_flood\",\"figures\":{{\"sources\":{SOURCES},\"loops\":{},\"attempts\":{},\"retried\":{retried},\"refused\":{refused},\"dropped\":{dropped},\"quiet_p50_ms\":{:.3},\"quiet_p99_ms\":{:.3},\"flood_p50_ms\":{:.3},\"flood_p99_ms\":{:.3}}}}}",
@@ -102,4 +102,99 @@ async fn handshake_flood_leaves_established_peers_served() {
         p99(&loaded),
         p99(&quiet)
     );
+}
+
+/// One source opening handshakes that fail, as fast as it can for `secs`: the server starts at
+/// most the two bursts (validated and not) and the rate over that time, whatever the attempt
+/// rate; the legitimate peer's flows all complete meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_failing_source_is_held_to_its_handshake_rate() {
+    use halyard_transport::admission::{SOURCE_HANDSHAKE_BURST, SOURCE_HANDSHAKE_RATE};
+    let mesh = Mesh::new().await;
+    let other = TestPki::new("mesh.local");
+    let ep = MeshEndpoint::new(
+        other.resolver("intruder"),
+        mesh.pki.bundle.clone(),
+        config(|r| r.connect_timeout_ms = 100),
+        "127.0.0.2:0".parse().unwrap(),
+    )
+    .unwrap();
+    // The legitimate peer's connection first, so every handshake counted below is the flood's.
+    assert_eq!(
+        exchange(mesh.open("echo").await, b"warm").await.unwrap(),
+        b"warm"
+    );
+    let before = mesh
+        .server
+        .admission_stats()
+        .accepted
+        .load(Ordering::Relaxed);
+    let start = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let attempts = Arc::new(AtomicU64::new(0));
+    let mut flood = tokio::task::JoinSet::new();
+    for _ in 0..32 {
+        let (ep, stop, attempts) = (ep.clone(), stop.clone(), attempts.clone());
+        let (addr, id) = (mesh.addr(), mesh.server_id.clone());
+        flood.spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                attempts.fetch_add(1, Ordering::Relaxed);
+                if let Ok(conn) = ep.connect(addr, &id).await {
+                    conn.close(0u32.into(), b"");
+                }
+            }
+        });
+    }
+    // Legitimate flows while the flood runs; the flood lasts two seconds at least (the rate
+    // is per second, so the bound is checked over a span that has one).
+    let served = tunnel_latencies(&mesh, 300).await;
+    tokio::time::sleep_until((start + Duration::from_secs(2)).into()).await;
+    stop.store(true, Ordering::Relaxed);
+    while let Some(done) = flood.join_next().await {
+        done.unwrap();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let stats = mesh.server.admission_stats();
+    let started = stats.accepted.load(Ordering::Relaxed) - before;
+    let bound = 2.0 * SOURCE_HANDSHAKE_BURST + 2.0 * SOURCE_HANDSHAKE_RATE * secs + 1.0;
+    let attempts = attempts.load(Ordering::Relaxed);
+    eprintln!(
+        "{attempts} attempts in {secs:.1} s, {started} handshakes started (bound {bound:.0})"
+    );
+    assert_eq!(served.len(), 300);
+    assert!(
+        attempts > started * 2,
+        "the flood was not faster than its rate: {attempts} attempts"
+    );
+    assert!(
+        (started as f64) <= bound,
+        "{started} handshakes started in {secs:.1} s, more than {bound:.0}"
+    );
+    assert!(stats.rate_limited.load(Ordering::Relaxed) > 0);
+}
+
+/// A verified peer opening many connections one after another from one address is never held
+/// to the rate: each handshake that ends with a verified peer gives its token back.
+#[tokio::test]
+async fn verified_peers_are_not_held_to_the_handshake_rate() {
+    use halyard_transport::admission::SOURCE_HANDSHAKE_BURST;
+    let mesh = Mesh::new().await;
+    let client = MeshEndpoint::new(
+        mesh.pki.resolver("client"),
+        mesh.pki.bundle.clone(),
+        config(|_| {}),
+        "127.0.0.3:0".parse().unwrap(),
+    )
+    .unwrap();
+    let n = SOURCE_HANDSHAKE_BURST as usize * 3;
+    for i in 0..n {
+        let conn = client
+            .connect(mesh.addr(), &mesh.server_id)
+            .await
+            .unwrap_or_else(|e| panic!("connection {i} of {n}: {e}"));
+        conn.close(0u32.into(), b"");
+    }
+    let stats = mesh.server.admission_stats();
+    assert_eq!(stats.rate_limited.load(Ordering::Relaxed), 0);
+    assert_eq!(stats.retried.load(Ordering::Relaxed), 0);
 }

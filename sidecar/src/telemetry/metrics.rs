@@ -339,8 +339,10 @@ impl Metrics {
             quic_admission: counter(
                 &r,
                 "halyard_quic_admission_total",
-                "Inbound QUIC attempts not simply accepted: retry (stateless Retry sent), refused \
-                 (handshake cap), dropped (per-source cap), peer_capped (connections per peer)",
+                "Inbound QUIC attempts by decision: accepted (handshake started), retry (stateless \
+                 Retry sent), refused \
+                 (handshake cap), dropped (per-source cap), rate_limited (per-source handshake \
+                 rate), peer_capped (connections per peer)",
                 &["decision"],
             )?,
             flow_tasks: int_gauge(
@@ -507,16 +509,15 @@ impl Metrics {
         }
     }
 
-    /// Per-peer QUIC figures from the pool's statistics: the best connection's RTT and
-    /// congestion window, packets lost over all connections. A peer without a connection leaves
-    /// the families, so endpoints that come and go do not pile up as label values.
     /// Brings `halyard_quic_admission_total` up to the transport's own counts.
     pub(crate) fn quic_admission(&self, stats: &halyard_transport::admission::AdmissionStats) {
         use std::sync::atomic::Ordering::Relaxed;
         for (decision, count) in [
+            ("accepted", &stats.accepted),
             ("retry", &stats.retried),
             ("refused", &stats.refused),
             ("dropped", &stats.ignored),
+            ("rate_limited", &stats.rate_limited),
             ("peer_capped", &stats.peer_capped),
         ] {
             let c = self.quic_admission.with_label_values(&[decision]);
@@ -524,6 +525,9 @@ impl Metrics {
         }
     }
 
+    /// Per-peer QUIC figures from the pool's statistics: the best connection's RTT and
+    /// congestion window, packets lost over all connections. A peer without a connection leaves
+    /// the families, so endpoints that come and go do not pile up as label values.
     pub(crate) fn quic_peers(&self, stats: &[halyard_transport::PeerStats]) {
         let mut live = std::collections::HashSet::new();
         for peer in stats {
