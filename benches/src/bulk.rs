@@ -1,7 +1,9 @@
 //! Scenario 1, bulk: 1 and 8 flows for a fixed time, Gbit/s delivered to the server app and
 //! CPU-seconds per GB of the two proxy processes; then 1-byte and 100-byte ping-pong over one
 //! connection (p50/p99 round trip), with /dev/cpu_dma_latency held at 0. Halyard runs once with
-//! each congestion controller (`bbr`, then `cubic`), so the two compare on a clean link in one run.
+//! each congestion controller (`bbr`, then `cubic`), so the two compare on a clean link in one run,
+//! then with `workers` = 2, 4, … up to the cores of the machine (8 flows and the 1-byte
+//! ping-pong, `cubic`), beside `workers = 1`.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -24,6 +26,8 @@ struct Bulk {
     route: Route,
     /// The Halyard sidecars' `[transport] congestion`; `None` for the other paths.
     congestion: Option<String>,
+    /// The Halyard sidecars' `workers`; `None` for the other paths.
+    workers: Option<usize>,
     flows: usize,
     gbit_s: f64,
     proxy_cpu_s_per_gb: f64,
@@ -34,6 +38,8 @@ struct Ping {
     route: Route,
     /// The Halyard sidecars' `[transport] congestion`; `None` for the other paths.
     congestion: Option<String>,
+    /// The Halyard sidecars' `workers`; `None` for the other paths.
+    workers: Option<usize>,
     bytes: usize,
     rtt: Percentiles,
 }
@@ -49,26 +55,27 @@ struct Report {
     ping: Vec<Ping>,
 }
 
-/// Bulk with 1 and 8 flows, then ping-pong with 1 and 100 bytes, over each of `routes`.
+/// Bulk with each of `flows`, then ping-pong with each of `sizes` bytes, over each of `routes`.
 fn run_paths(
     lab: &Lab,
     routes: &[Route],
+    (flow_counts, sizes): (&[usize], &[usize]),
     bulk: &mut Vec<Bulk>,
     ping: &mut Vec<Ping>,
 ) -> anyhow::Result<()> {
-    for flows in [1, 8] {
+    for &flows in flow_counts {
         for &route in routes {
             bulk.push(run_bulk(lab, route, flows)?);
         }
     }
     let _dma = DmaLatency::hold();
-    for bytes in [1, 100] {
+    for &bytes in sizes {
         for &route in routes {
             let rtt = run_ping(lab, route, bytes)?;
-            let congestion = congestion_of(lab, route);
             ping.push(Ping {
                 route,
-                congestion,
+                congestion: congestion_of(lab, route),
+                workers: workers_of(lab, route),
                 bytes,
                 rtt,
             });
@@ -77,31 +84,58 @@ fn run_paths(
     Ok(())
 }
 
-/// The congestion controller of a Halyard path, as a label.
-fn congestion_of(lab: &Lab, route: Route) -> Option<String> {
-    matches!(route, Route::HalyardL4 | Route::HalyardL7).then(|| lab.congestion().to_owned())
+fn is_halyard(route: Route) -> bool {
+    matches!(route, Route::HalyardL4 | Route::HalyardL7)
 }
 
-/// `halyard-l4 (bbr)`, or the plain path name.
-fn label(route: Route, congestion: &Option<String>) -> String {
-    match congestion {
-        Some(c) => format!("{} ({c})", route.name()),
-        None => route.name().to_owned(),
+/// The congestion controller of a Halyard path, as a label.
+fn congestion_of(lab: &Lab, route: Route) -> Option<String> {
+    is_halyard(route).then(|| lab.congestion().to_owned())
+}
+
+/// The `workers` of a Halyard path.
+fn workers_of(lab: &Lab, route: Route) -> Option<usize> {
+    is_halyard(route).then(|| lab.workers())
+}
+
+/// `halyard-l4 (bbr)`, `halyard-l4 (cubic, workers 2)`, or the plain path name.
+fn label(route: Route, congestion: &Option<String>, workers: Option<usize>) -> String {
+    match (congestion, workers) {
+        (Some(c), Some(w)) if w != 1 => format!("{} ({c}, workers {w})", route.name()),
+        (Some(c), _) => format!("{} ({c})", route.name()),
+        _ => route.name().to_owned(),
     }
+}
+
+/// The `workers` settings compared with 1: 2, 4, … while the machine has that many cores, and
+/// 2 on any machine.
+fn worker_counts() -> Vec<usize> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut out = vec![2];
+    while out.last().is_some_and(|&w| w * 2 <= cores) {
+        out.push(out.last().map_or(2, |w| w * 2));
+    }
+    out
 }
 
 pub fn main() -> anyhow::Result<()> {
     crate::setup::check_root()?;
     let mut lab = Lab::up("hb1", 1)?;
     let (mut bulk, mut ping) = (Vec::new(), Vec::new());
-    run_paths(&lab, &Route::L4, &mut bulk, &mut ping)?;
+    let all = (&[1, 8][..], &[1, 100][..]);
+    run_paths(&lab, &Route::L4, all, &mut bulk, &mut ping)?;
     let other = if lab.congestion() == "bbr" {
         "cubic"
     } else {
         "bbr"
     };
     lab.restart_halyard(other)?;
-    run_paths(&lab, &[Route::HalyardL4], &mut bulk, &mut ping)?;
+    run_paths(&lab, &[Route::HalyardL4], all, &mut bulk, &mut ping)?;
+    for workers in worker_counts() {
+        lab.restart_halyard_with("cubic", workers)?;
+        let some = (&[8][..], &[1][..]);
+        run_paths(&lab, &[Route::HalyardL4], some, &mut bulk, &mut ping)?;
+    }
     let report = Report {
         machine: Machine::probe(),
         dma_latency_held: DmaLatency::hold().held(),
@@ -128,11 +162,12 @@ fn run_bulk(lab: &Lab, route: Route, flows: usize) -> anyhow::Result<Bulk> {
     let (gbit_s, proxy_cpu_s_per_gb) = runs[runs.len() / 2];
     eprintln!(
         "bulk {} x{flows}: {gbit_s:.2} Gbit/s, {proxy_cpu_s_per_gb:.2} CPU-s/GB",
-        label(route, &congestion_of(lab, route))
+        label(route, &congestion_of(lab, route), workers_of(lab, route))
     );
     Ok(Bulk {
         route,
         congestion: congestion_of(lab, route),
+        workers: workers_of(lab, route),
         flows,
         gbit_s,
         proxy_cpu_s_per_gb,
@@ -170,7 +205,7 @@ fn run_ping(lab: &Lab, route: Route, bytes: usize) -> anyhow::Result<Percentiles
     let p = Percentiles::of(samples);
     eprintln!(
         "ping {} {bytes} B: p50 {:.1} µs p99 {:.1} µs",
-        label(route, &congestion_of(lab, route)),
+        label(route, &congestion_of(lab, route), workers_of(lab, route)),
         p.p50_us,
         p.p99_us
     );
@@ -243,7 +278,7 @@ fn markdown(r: &Report) -> String {
         md += &format!(
             "| {} | {} | {:.2} | {} | {} | {} | {} | {} | {} |\n",
             b.flows,
-            label(b.route, &b.congestion),
+            label(b.route, &b.congestion, b.workers),
             b.gbit_s,
             g(d),
             g(s),
@@ -252,6 +287,37 @@ fn markdown(r: &Report) -> String {
             c(s),
             c(h)
         );
+    }
+    let cubic_8 = |w: usize| {
+        r.bulk.iter().find(|b| {
+            b.flows == 8 && b.workers == Some(w) && b.congestion.as_deref() == Some("cubic")
+        })
+    };
+    let cubic_1b = |w: usize| {
+        r.ping.iter().find(|p| {
+            p.bytes == 1 && p.workers == Some(w) && p.congestion.as_deref() == Some("cubic")
+        })
+    };
+    if let (Some(one), Some(one_ping)) = (cubic_8(1), cubic_1b(1)) {
+        md += "\n`workers` (halyard-l4, cubic) against `workers = 1` in the same run: ";
+        let mut parts = Vec::new();
+        for b in r
+            .bulk
+            .iter()
+            .filter(|b| b.flows == 8 && b.workers.is_some_and(|w| w > 1))
+        {
+            let w = b.workers.unwrap_or(1);
+            let ping = cubic_1b(w).map_or("–".to_owned(), |p| {
+                ratio(p.rtt.p50_us, one_ping.rtt.p50_us)
+            });
+            parts.push(format!(
+                "workers {w}: 8-flow Gbit/s {}, CPU-s/GB {}, 1 B p50 {ping}",
+                ratio(b.gbit_s, one.gbit_s),
+                ratio(b.proxy_cpu_s_per_gb, one.proxy_cpu_s_per_gb),
+            ));
+        }
+        md += &parts.join("; ");
+        md += ".\n";
     }
     md += &format!(
         "\nPing-pong: one connection, {} round trips after {PING_WARMUP} warm-up, TCP_NODELAY; /dev/cpu_dma_latency held at 0: {}.\n\n",
@@ -268,7 +334,7 @@ fn markdown(r: &Report) -> String {
         md += &format!(
             "| {} | {} | {:.1} | {:.1} | {} | {} | {} |\n",
             p.bytes,
-            label(p.route, &p.congestion),
+            label(p.route, &p.congestion, p.workers),
             p.rtt.p50_us,
             p.rtt.p99_us,
             ratio(p.rtt.p50_us, base(Route::Direct)),

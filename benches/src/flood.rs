@@ -79,7 +79,11 @@ pub fn main() -> anyhow::Result<()> {
                 taskset(&format!("0-{}", cores - 2), pid)?;
             }
             let p = phase(&lab, name, loops, true);
-            for pid in lab.pids(Route::HalyardL4).into_iter().chain([std::process::id()]) {
+            for pid in lab
+                .pids(Route::HalyardL4)
+                .into_iter()
+                .chain([std::process::id()])
+            {
                 taskset(&format!("0-{}", cores - 1), pid)?;
             }
             phases.push(p?);

@@ -74,6 +74,8 @@ pub struct Lab {
     procs: Vec<(Route, Proc)>,
     /// `[transport] congestion` of both Halyard sidecars.
     congestion: String,
+    /// `workers` of both Halyard sidecars.
+    workers: usize,
     stop: CancellationToken,
     _apps: std::thread::JoinHandle<()>,
 }
@@ -99,6 +101,7 @@ impl Lab {
             halyard,
             procs: Vec::new(),
             congestion: "bbr".to_owned(),
+            workers: 1,
             stop,
             _apps: apps,
         };
@@ -179,10 +182,21 @@ impl Lab {
     /// Restarts both Halyard sidecars with `[transport] congestion = congestion` and waits
     /// until every path answers again.
     pub fn restart_halyard(&mut self, congestion: &str) -> anyhow::Result<()> {
+        self.restart_halyard_with(congestion, self.workers)
+    }
+
+    /// [`Lab::restart_halyard`], also setting the sidecars' `workers`.
+    pub fn restart_halyard_with(&mut self, congestion: &str, workers: usize) -> anyhow::Result<()> {
         self.procs.retain(|(route, _)| *route != Route::HalyardL4);
         self.congestion = congestion.to_owned();
+        self.workers = workers;
         self.spawn_sidecars()?;
         self.wait_ready()
+    }
+
+    /// The `workers` setting the Halyard sidecars run with.
+    pub fn workers(&self) -> usize {
+        self.workers
     }
 
     /// The congestion controller the Halyard sidecars run.
@@ -257,13 +271,14 @@ impl Lab {
             &self.pair.a_ip
         };
         let mut t = format!(
-            "mesh = \"default\"\nregistry = \"file://{reg}\"\nstate_dir = \"{state}\"\nid = \"{who}\"\n\
+            "mesh = \"default\"\nregistry = \"file://{reg}\"\nstate_dir = \"{state}\"\nid = \"{who}\"\nworkers = {workers}\n\
              [identity]\ncert = \"{id}/cert.pem\"\nkey = \"{id}/key.pem\"\nbundle = \"{id}/bundle.pem\"\n\
              [service]\nname = \"{who}\"\nversion = \"v1\"\n\
              [inbound]\nlisten = \"{ip}:15443\"\napp_host = \"127.0.0.1\"\n",
             reg = self.dir.path().join("registry").display(),
             state = self.dir.path().join(format!("state-{who}")).display(),
             id = id.display(),
+            workers = self.workers,
         );
         if !ns_b {
             for (port, listen) in [(9000, 19300), (9001, 19301), (9002, 19302), (9003, 19303)] {

@@ -66,6 +66,11 @@ pub struct SidecarConfig {
     /// This sidecar's id in the registry (endpoint and status keys); default `<service>-<advertise>`.
     #[serde(default)]
     pub id: Option<String>,
+    /// Threads running the data plane: 1 (default) a single-threaded runtime, N > 1 a runtime
+    /// of N worker threads that flows, connections and listeners are spread over, 0 one per
+    /// core the process may use. At most [`MAX_WORKERS`].
+    #[serde(default = "default_workers")]
+    pub workers: usize,
     /// Workload certificate files.
     pub identity: IdentityConfig,
     /// The service this sidecar fronts.
@@ -475,6 +480,13 @@ fn default_export_timeout() -> Duration {
 fn default_mesh() -> String {
     "default".into()
 }
+/// The largest `workers` setting.
+pub const MAX_WORKERS: usize = 256;
+
+fn default_workers() -> usize {
+    1
+}
+
 fn default_lease_ttl() -> Duration {
     Duration::from_secs(10)
 }
@@ -588,6 +600,15 @@ pub struct Config {
 }
 
 impl Config {
+    /// The data-plane threads `workers` asks for: the setting, or with 0 the cores this process
+    /// may run on (its CPU affinity and cgroup quota, `std::thread::available_parallelism`).
+    pub fn worker_threads(&self) -> usize {
+        match self.file.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+
     /// Reads and checks a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -699,6 +720,15 @@ fn check(file: SidecarConfig, field: FieldErr<'_>) -> Result<Config, ConfigError
         return Err(field(
             "lease_ttl".into(),
             "must be between 2s and 300s".into(),
+        ));
+    }
+    if file.workers > MAX_WORKERS {
+        return Err(field(
+            "workers".into(),
+            format!(
+                "{} is more than {MAX_WORKERS} (0 means one per core)",
+                file.workers
+            ),
         ));
     }
     check_failure(&file.failure, field)?;
@@ -908,6 +938,19 @@ listen = "127.0.0.1:19080"
     }
 
     #[test]
+    fn workers_default_to_one_and_zero_means_one_per_core() {
+        assert_eq!(good().file.workers, 1);
+        assert_eq!(good().worker_threads(), 1);
+        let per_core = Config::parse(&format!("workers = 0\n{GOOD}"), Path::new("s.toml")).unwrap();
+        let cores = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(per_core.worker_threads(), cores);
+        let dump = serde_json::to_value(&per_core.file).unwrap();
+        assert_eq!(dump["workers"], 0);
+        let four = Config::parse(&format!("workers = 4\n{GOOD}"), Path::new("s.toml")).unwrap();
+        assert_eq!(four.worker_threads(), 4);
+    }
+
+    #[test]
     fn bad_fields_are_named() {
         let cases = [
             (GOOD.replace("127.0.0.1:0", "nowhere"), "inbound.listen"),
@@ -995,6 +1038,9 @@ listen = "127.0.0.1:19080"
                 format!("{GOOD}\n[workload_api]\nsocket = \"/w.sock\"\nmod = \"0600\"\n"),
                 "workload_api",
             ),
+            (format!("workers = 257\n{GOOD}"), "workers"),
+            (format!("workers = -1\n{GOOD}"), "workers"),
+            (format!("workers = \"two\"\n{GOOD}"), "workers"),
         ];
         for (text, want) in cases {
             let err = Config::parse(&text, Path::new("s.toml")).unwrap_err();

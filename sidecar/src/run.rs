@@ -101,12 +101,38 @@ fn endpoint_record(
     })
 }
 
-/// Runs a sidecar from a config file until SIGTERM or SIGINT.
-pub async fn run(config_path: &Path) -> anyhow::Result<()> {
+/// Runs a sidecar from a config file until SIGTERM or SIGINT, on the runtime its `workers`
+/// setting asks for: one current-thread runtime for 1, a multi-thread runtime of N workers
+/// otherwise (ARCHITECTURE.md, "More than one core"). Errors: the config's, a runtime that
+/// cannot start, and whatever stops [`run_until`].
+pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let config = Arc::new(Config::load(config_path)?);
-    let stop = CancellationToken::new();
-    crate::signal::cancel_on_signal(&stop);
-    run_until(config, stop, None).await
+    let rt = runtime(config.worker_threads()).with_context(|| {
+        format!(
+            "workers = {}: cannot start the runtime",
+            config.file.workers
+        )
+    })?;
+    rt.block_on(async move {
+        let stop = CancellationToken::new();
+        crate::signal::cancel_on_signal(&stop);
+        run_until(config, stop, None).await
+    })
+}
+
+/// The data-plane runtime for `threads` worker threads (1: current-thread).
+pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("halyard-worker")
+            .enable_all()
+            .build()
+    }
 }
 
 /// Addresses a started sidecar bound, reported to tests and the demo.
@@ -412,11 +438,9 @@ async fn refresh(
             .quic_admission(shared.pool.endpoint().admission_stats());
         shared.forget_departed();
         m.flow_tasks.set(shared.flows.len() as i64);
-        m.runtime_tasks.set(
-            tokio::runtime::Handle::current()
-                .metrics()
-                .num_alive_tasks() as i64,
-        );
+        let runtime = tokio::runtime::Handle::current().metrics();
+        m.runtime_tasks.set(runtime.num_alive_tasks() as i64);
+        m.runtime_workers.set(runtime.num_workers() as i64);
         if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
             m.open_fds.set(fds.count() as i64);
         }

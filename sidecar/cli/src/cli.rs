@@ -64,10 +64,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn run_sidecar(args: &SidecarArgs) -> anyhow::Result<()> {
-    // One thread: on small machines cross-thread wake-ups cost more than they give (see
-    // ARCHITECTURE.md, Transport).
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(halyard_sidecar::run::run(&args.config))
+    // The config's `workers` chooses the runtime (ARCHITECTURE.md, "More than one core").
+    halyard_sidecar::run::run(&args.config)
 }

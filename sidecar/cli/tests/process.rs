@@ -20,13 +20,56 @@ fn spawn_sidecar(config: &Path) -> Child {
         .unwrap()
 }
 
+/// A sidecar process killed when dropped, so a failed assertion does not leave it behind
+/// (holding the test harness's stderr open).
+struct Proc(Child);
+
+impl std::ops::Deref for Proc {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A sidecar process from `spec` with its admin listener on a port chosen here.
+fn spawn_with_admin(mesh: &Mesh, spec: &Spec) -> (Proc, SocketAddr) {
+    let spare = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin = spare.local_addr().unwrap();
+    drop(spare);
+    let text = mesh.config_text(spec).replace(
+        "[admin]\nlisten = \"127.0.0.1:0\"",
+        &format!("[admin]\nlisten = \"{admin}\""),
+    );
+    let path = mesh
+        .dir
+        .path()
+        .join(format!("{}-{}.toml", spec.service, admin.port()));
+    std::fs::write(&path, text).unwrap();
+    (Proc(spawn_sidecar(&path)), admin)
+}
+
 /// A mesh on etcd with two `reviews` instances as processes (tags a and b) and an in-process
 /// `productpage` calling reviews.
 struct Setup {
     _etcd: EtcdServer,
     mesh: Mesh,
-    a: Child,
-    b: Child,
+    a: Proc,
+    b: Proc,
+    a_admin: SocketAddr,
+    b_admin: SocketAddr,
     pp: halyard_sidecar::test_util::Sidecar,
     _apps: (
         halyard_sidecar::test_util::Echo,
@@ -48,14 +91,14 @@ async fn setup() -> Setup {
         "kind: Service\nname: reviews\nports:\n  - {{ name: tcp, port: 9080, protocol: tcp, targetPort: {port} }}\n"
     ))
     .await;
-    let extra = "lease_ttl = \"3s\"\n";
     let mut spec_a = Spec::new("reviews", "v1").app_host(host_a);
     let mut spec_b = Spec::new("reviews", "v1").app_host(host_b);
-    // lease_ttl is a top-level key: put it before the first table.
-    spec_a.prefix = extra.into();
-    spec_b.prefix = extra.into();
-    let a = spawn_sidecar(&mesh.write_config(&spec_a));
-    let b = spawn_sidecar(&mesh.write_config(&spec_b));
+    // Top-level keys go before the first table. The two processes run the data plane on one
+    // runtime thread per core (a) and on two worker threads (b).
+    spec_a.prefix = "lease_ttl = \"3s\"\nworkers = 0\n".into();
+    spec_b.prefix = "lease_ttl = \"3s\"\nworkers = 2\n".into();
+    let (a, a_admin) = spawn_with_admin(&mesh, &spec_a);
+    let (b, b_admin) = spawn_with_admin(&mesh, &spec_b);
     let pp = mesh
         .start(&Spec::new("productpage", "v1").upstream("reviews", 9080))
         .await;
@@ -65,6 +108,8 @@ async fn setup() -> Setup {
         mesh,
         a,
         b,
+        a_admin,
+        b_admin,
         pp,
         _apps: (app_a, app_b),
     }
@@ -131,11 +176,31 @@ async fn a_killed_endpoint_is_routed_around() {
     drop(s.mesh);
 }
 
-// Drain, immediate deregistration and exit status 0 are the stages of one SIGTERM to one process.
+// Drain, immediate deregistration and exit status 0 are the stages of one SIGTERM to one process
+// (b, on two data-plane worker threads).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_a_sidecar_cleanly() {
     let mut s = setup().await;
     assert_eq!(tags(s.pp.upstream(0), 10).await.2, 0);
+    // `workers = 2`: a runtime of two worker threads; `workers = 0`: one per core.
+    let client = halyard_sidecar::test_util::http_client();
+    let workers = |admin| {
+        let client = client.clone();
+        async move {
+            // The gauge is refreshed every second: wait for its first value.
+            loop {
+                let (_, text) = halyard_sidecar::test_util::get(&client, admin, "/metrics").await;
+                let n = metric(&text, "halyard_runtime_workers", &[]);
+                if n > 0.0 {
+                    return n;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(workers(s.b_admin).await, 2.0);
+    let cores = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(workers(s.a_admin).await, cores as f64);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(s.b.id()).unwrap()),
         nix::sys::signal::Signal::SIGTERM,

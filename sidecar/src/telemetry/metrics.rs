@@ -93,6 +93,8 @@ pub(crate) struct Metrics {
     pub(crate) flow_tasks: IntGauge,
     pub(crate) runtime_tasks: IntGauge,
     pub(crate) open_fds: IntGauge,
+    /// `halyard_runtime_workers`: threads of the data-plane runtime (`workers`).
+    pub(crate) runtime_workers: IntGauge,
     /// `halyard_active_flows` by direction.
     pub(crate) active_flows: prometheus::IntGaugeVec,
     /// `halyard_quic_open_streams` by peer: tunnels and requests open on its connections.
@@ -354,6 +356,11 @@ impl Metrics {
                 &r,
                 "halyard_runtime_tasks",
                 "Tasks alive in the process's runtime",
+            )?,
+            runtime_workers: int_gauge(
+                &r,
+                "halyard_runtime_workers",
+                "Worker threads of the data-plane runtime (the workers setting; 1: current-thread)",
             )?,
             open_fds: int_gauge(
                 &r,
