@@ -301,6 +301,25 @@ impl Gate {
         (decision, None)
     }
 
+    /// Whether every Initial from `ip` would be dropped at the rate: both its buckets are
+    /// spent. Counted as `rate_limited` when it is. The endpoint's socket asks this for each
+    /// Initial it reads, before quinn decrypts it (`initial_filter`).
+    pub(crate) fn throttles(&self, ip: IpAddr) -> bool {
+        self.throttles_at(ip, Instant::now())
+    }
+
+    fn throttles_at(&self, ip: IpAddr, now: Instant) -> bool {
+        let Ok(mut c) = self.counts.lock() else {
+            return false;
+        };
+        let source = Source::of(ip);
+        let spent = !c.has_token((source, true), now) && !c.has_token((source, false), now);
+        if spent {
+            self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+        }
+        spent
+    }
+
     /// A place for one more connection of `peer`, or `None` at [`MAX_CONNECTIONS_PER_PEER`].
     pub(crate) fn peer(&self, peer: &SpiffeId) -> Option<PeerPass> {
         let mut c = self.counts.lock().ok()?;
@@ -454,6 +473,11 @@ mod tests {
         }
         assert_eq!(gate.attempt_at(ip, false, now).0, Admit::Throttle);
         assert_eq!(gate.stats.retried.load(Ordering::Relaxed), 0);
+        // The socket drops its Initials before they are decrypted; others are not touched.
+        assert!(gate.throttles_at(ip, now));
+        assert!(!gate.throttles_at("10.0.0.8".parse().unwrap(), now));
+        // Half a second later it has tokens again.
+        assert!(!gate.throttles_at(ip, now + Duration::from_millis(500)));
     }
 
     #[test]

@@ -93,10 +93,13 @@ impl MeshEndpoint {
         let server = server_config(&resolver, &bundle, transport.clone())?;
         let socket = bind_udp(bind, &config)?;
         let runtime = Arc::new(quinn::TokioRuntime);
-        let quic = quinn::Endpoint::new(
+        let gate = crate::admission::Gate::default();
+        let socket = quinn::Runtime::wrap_udp_socket(&*runtime, socket)
+            .map_err(|source| EndpointError::Socket { addr: bind, source })?;
+        let quic = quinn::Endpoint::new_with_abstract_socket(
             quinn::EndpointConfig::default(),
             Some(server),
-            socket,
+            crate::initial_filter::InitialFilter::new(socket, gate.clone()),
             runtime,
         )
         .map_err(|source| EndpointError::Socket { addr: bind, source })?;
@@ -107,7 +110,7 @@ impl MeshEndpoint {
                 bundle: std::sync::RwLock::new(bundle),
                 config,
                 transport,
-                gate: Default::default(),
+                gate,
             }),
         })
     }
@@ -129,7 +132,9 @@ impl MeshEndpoint {
     /// Moves every connection of this endpoint to `socket` (QUIC connection migration,
     /// RFC 9000 §9): open streams continue; peers validate the new path.
     pub fn rebind(&self, socket: std::net::UdpSocket) -> std::io::Result<()> {
-        self.inner.quic.rebind(socket)
+        let socket = quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, socket)?;
+        let filtered = crate::initial_filter::InitialFilter::new(socket, self.inner.gate.clone());
+        self.inner.quic.rebind_abstract(filtered)
     }
 
     /// Closes every connection at once (H3_NO_ERROR) and stops accepting.

@@ -56,6 +56,7 @@ mod credit;
 mod endpoint;
 mod error;
 mod fields;
+mod initial_filter;
 mod pool;
 mod reset;
 mod server;
