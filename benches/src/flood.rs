@@ -26,6 +26,8 @@ use crate::stats::{cpu_of, Machine, Percentiles};
 const FLOWS: usize = 2000;
 /// Concurrent attempt loops of the two flood sizes.
 const FLOODS: [usize; 2] = [8, 64];
+/// `attack_loops` of the raw flood: replayed Initial datagrams instead of handshakes.
+const RAW: usize = usize::MAX;
 /// Time the attacker gets to reach its pace before measuring.
 const WARM_UP: Duration = Duration::from_secs(2);
 
@@ -63,6 +65,7 @@ pub fn main() -> anyhow::Result<()> {
     for loops in FLOODS {
         phases.push(phase(&lab, &format!("flood x{loops}"), loops, false)?);
     }
+    phases.push(phase(&lab, "raw Initials", RAW, false)?);
     phases.push(phase(&lab, "quiet again", 0, false)?);
     // The attacker above shares the cores with the sidecars and the app and takes one of them.
     // Closer to an attacker on another machine: the attacker alone on the last core, the
@@ -91,6 +94,7 @@ pub fn main() -> anyhow::Result<()> {
         };
         pinned("quiet, pinned", 0)?;
         pinned(&format!("flood x{last}, attacker pinned apart"), last)?;
+        pinned("raw Initials, attacker pinned apart", RAW)?;
     }
     let metrics = http_get(&lab.pair.b.name, "127.0.0.1:15000", "/metrics")?;
     let report = Report {
@@ -197,7 +201,11 @@ fn start_attacker(
             .join("ca.crt")
             .display()
             .to_string(),
-        loops.to_string(),
+        if loops == RAW {
+            "raw".to_owned()
+        } else {
+            loops.to_string()
+        },
     ])
     .stdout(std::fs::File::create(&log)?)
     .stderr(std::process::Stdio::null());
@@ -240,13 +248,19 @@ fn admission_counts(metrics: &str) -> Vec<(String, f64)> {
 /// `handshake-flood ADDR ROOT_PEM LOOPS`: opens QUIC handshakes to ADDR from LOOPS concurrent
 /// loops, forever, with a certificate of a CA the server does not trust (but trusting the
 /// server's root, so every handshake runs to the server's verdict); prints the attempt count
-/// once a second.
+/// once a second. LOOPS = `raw`: replays 64 captured Initial datagrams as fast as the socket
+/// takes them, never answering (a flooder that does not wait for handshakes).
 pub fn attacker_main(args: &[String]) -> anyhow::Result<()> {
     let [addr, root, loops] = args else {
         anyhow::bail!("usage: handshake-flood ADDR ROOT_PEM LOOPS");
     };
     let addr: SocketAddr = addr.parse().context("ADDR")?;
-    let loops: usize = loops.parse().context("LOOPS")?;
+    let replay = loops == "raw";
+    let loops: usize = if replay {
+        0
+    } else {
+        loops.parse().context("LOOPS")?
+    };
     let bundle = Arc::new(halyard_certs::TrustBundle::load(std::path::Path::new(
         root,
     ))?);
@@ -267,6 +281,10 @@ pub fn attacker_main(args: &[String]) -> anyhow::Result<()> {
             config,
             "0.0.0.0:0".parse()?,
         )?;
+        if replay {
+            let initials = capture_initials(&ep, &expected, RAW_INITIALS).await?;
+            return tokio::task::spawn_blocking(move || blast(addr, &initials)).await?;
+        }
         let count = Arc::new(AtomicU64::new(0));
         for _ in 0..loops {
             let (ep, count, expected) = (ep.clone(), count.clone(), expected.clone());
@@ -287,6 +305,52 @@ pub fn attacker_main(args: &[String]) -> anyhow::Result<()> {
     })
 }
 
+/// Distinct Initial packets the raw flood replays.
+const RAW_INITIALS: usize = 64;
+
+/// `n` first datagrams of handshakes `ep` opens towards a local socket that never answers:
+/// real QUIC v1 Initials with their ClientHello, each with its own connection IDs (so its own
+/// Initial keys), valid for any server since Initial protection depends on the client's
+/// destination connection ID only (RFC 9001 §5.2).
+async fn capture_initials(
+    ep: &halyard_transport::MeshEndpoint,
+    expected: &halyard_certs::SpiffeId,
+    n: usize,
+) -> anyhow::Result<Vec<Vec<u8>>> {
+    let sink = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let sink_addr = sink.local_addr()?;
+    let mut out = Vec::with_capacity(n);
+    let mut buf = vec![0u8; 65536];
+    while out.len() < n {
+        let (ep, expected) = (ep.clone(), expected.clone());
+        let attempt = tokio::spawn(async move { ep.connect(sink_addr, &expected).await });
+        let (len, _) = sink.recv_from(&mut buf).await?;
+        attempt.abort();
+        out.push(buf[..len].to_vec());
+        // Retransmissions of the same handshake may be queued: drain them.
+        while let Ok((_, _)) = sink.try_recv_from(&mut buf) {}
+    }
+    Ok(out)
+}
+
+/// Sends `initials` to `addr` round robin as fast as the socket takes them, forever; prints the
+/// datagram count once a second. Answers (Retries, server flights) are never read.
+fn blast(addr: SocketAddr, initials: &[Vec<u8>]) -> anyhow::Result<()> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    let count = Arc::new(AtomicU64::new(0));
+    let printer = count.clone();
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_secs(1));
+        println!("{}", printer.load(Ordering::Relaxed));
+    });
+    for packet in initials.iter().cycle() {
+        // A full socket buffer or an ICMP error: the flood goes on.
+        let _ = socket.send_to(packet, addr);
+        count.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
 fn markdown(r: &Report) -> String {
     let mut md = String::from(
         "# Handshake flood: legitimate new flows while an attacker opens QUIC handshakes\n\n",
@@ -301,7 +365,9 @@ fn markdown(r: &Report) -> String {
          The attacker runs on the same cores as both sidecars and the app: its own CPU (last column) is taken \
          from them. The last two phases pin the attacker alone to the last core and the sidecars and the app \
          to the others (quiet, then flooded), closer to an attacker on another machine; compare them with \
-         each other.\n\n",
+         each other. Loops `raw`: the attacker replays 64 real Initial datagrams (distinct connection IDs, \
+         captured from its own handshakes) as fast as its socket takes them and never answers; attempts/s \
+         are datagrams sent.\n\n",
         r.admission
             .iter()
             .map(|(d, v)| format!("{d} {v:.0}"))
@@ -328,7 +394,11 @@ fn markdown(r: &Report) -> String {
         md += &format!(
             "| {} | {} | {:.0} | {:.0} | {:.0} | {} | {} | {:.2} | {:.2} | {:.2} |\n",
             p.name,
-            p.attack_loops,
+            if p.attack_loops == RAW {
+                "raw".to_owned()
+            } else {
+                p.attack_loops.to_string()
+            },
             p.attempts_per_s,
             p.ttfb.p50_us,
             p.ttfb.p99_us,

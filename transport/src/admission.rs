@@ -18,6 +18,15 @@
 //!   buckets, so a spoofer sending Initials in a victim's name spends only the unvalidated one
 //!   and the victim, once it answers the Retry, still gets its handshakes. The caps on handshakes *at once* do not bound the CPU a single
 //!   fast source costs (each failed handshake is a key exchange and a signature); this does.
+//! - at most [`SOURCE_RETRY_BURST`] stateless Retries at once and [`SOURCE_RETRY_RATE`] per
+//!   second after that to one source: a flooder replaying Initials never answers them, and each
+//!   costs the server a decryption and a sealed token; past it the source is dropped, and while
+//!   its Retry bucket (or both handshake buckets) is empty the endpoint's socket drops its
+//!   Initial packets as they are read, before quinn decrypts them (`initial_filter`). The price:
+//!   a spoofer sending Initials in a victim's name at that rate shuts the victim's new
+//!   handshakes out while it lasts (not its established connections); an address-spoofing
+//!   flooder is for the network's ingress filtering (BCP 38) to stop.
+//!
 //!   At most [`MAX_TRACKED_SOURCES`] buckets are kept: a source without a bucket has a full one,
 //!   buckets refilled to full are swept when the table is full, and while it stays full a new
 //!   source is treated as over its rate;
@@ -49,6 +58,12 @@ pub const SOURCE_HANDSHAKE_BURST: f64 = 32.0;
 /// Handshakes per second one source may start once its burst is spent; a handshake that ends
 /// with a verified peer does not count.
 pub const SOURCE_HANDSHAKE_RATE: f64 = 10.0;
+/// Stateless Retries one source may be sent back to back once its unvalidated handshakes are
+/// past their rate (a Retry costs the server the Initial's decryption and a sealed token).
+pub const SOURCE_RETRY_BURST: f64 = 64.0;
+/// Stateless Retries per second one source may be sent after its burst; past it the source's
+/// Initials are dropped as they are read, before decryption.
+pub const SOURCE_RETRY_RATE: f64 = 64.0;
 /// Sources whose token bucket is kept at most.
 pub const MAX_TRACKED_SOURCES: usize = 4096;
 /// Least time between two sweeps of the bucket table when it is full.
@@ -59,7 +74,7 @@ pub const MAX_CONNECTIONS_PER_PEER: usize = 128;
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// What to do with a new connection attempt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Admit {
     /// Run the handshake.
     Accept,
@@ -128,28 +143,63 @@ impl std::fmt::Display for Source {
     }
 }
 
-/// A source's handshake tokens: [`SOURCE_HANDSHAKE_BURST`] deep, refilled at
-/// [`SOURCE_HANDSHAKE_RATE`] per second.
+/// What a bucket of a source counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Kind {
+    /// Handshakes started for attempts without a validated address.
+    Unvalidated,
+    /// Handshakes started for attempts with a validated address (they answered a Retry).
+    Validated,
+    /// Stateless Retries sent.
+    Retry,
+}
+
+impl Kind {
+    fn handshakes(validated: bool) -> Self {
+        if validated {
+            Kind::Validated
+        } else {
+            Kind::Unvalidated
+        }
+    }
+
+    /// Depth and refill per second.
+    fn limits(self) -> (f64, f64) {
+        match self {
+            Kind::Unvalidated | Kind::Validated => (SOURCE_HANDSHAKE_BURST, SOURCE_HANDSHAKE_RATE),
+            Kind::Retry => (SOURCE_RETRY_BURST, SOURCE_RETRY_RATE),
+        }
+    }
+}
+
+/// A token bucket of one source and [`Kind`].
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
     tokens: f64,
     at: Instant,
+    kind: Kind,
 }
 
 impl Bucket {
-    fn full(now: Instant) -> Self {
+    fn full(kind: Kind, now: Instant) -> Self {
         Self {
-            tokens: SOURCE_HANDSHAKE_BURST,
+            tokens: kind.limits().0,
             at: now,
+            kind,
         }
     }
 
     /// The tokens at `now` (a clock that went back adds nothing).
     fn refill(&mut self, now: Instant) -> f64 {
+        let (burst, rate) = self.kind.limits();
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * SOURCE_HANDSHAKE_RATE).min(SOURCE_HANDSHAKE_BURST);
+        self.tokens = (self.tokens + elapsed * rate).min(burst);
         self.at = now;
         self.tokens
+    }
+
+    fn is_full(&mut self, now: Instant) -> bool {
+        self.refill(now) >= self.kind.limits().0
     }
 }
 
@@ -157,7 +207,7 @@ impl Bucket {
 struct Counts {
     in_flight: usize,
     by_source: HashMap<Source, usize>,
-    buckets: HashMap<(Source, bool), Bucket>,
+    buckets: HashMap<(Source, Kind), Bucket>,
     last_sweep: Option<Instant>,
     by_peer: HashMap<SpiffeId, usize>,
     last_warning: Option<Instant>,
@@ -166,7 +216,7 @@ struct Counts {
 impl Counts {
     /// Whether `source` (with a validated address or not) has a token at `now`, making room for
     /// its bucket if it has none (a source without a bucket has a full one).
-    fn within_rate(&mut self, source: (Source, bool), now: Instant) -> bool {
+    fn within_rate(&mut self, source: (Source, Kind), now: Instant) -> bool {
         if let Some(b) = self.buckets.get_mut(&source) {
             return b.refill(now) >= 1.0;
         }
@@ -180,24 +230,23 @@ impl Counts {
             return false;
         }
         self.last_sweep = Some(now);
-        self.buckets
-            .retain(|_, b| b.refill(now) < SOURCE_HANDSHAKE_BURST);
+        self.buckets.retain(|_, b| !b.is_full(now));
         self.buckets.len() < MAX_TRACKED_SOURCES
     }
 
     /// Whether `source` has a token at `now`, without making a bucket (none: a full one).
-    fn has_token(&mut self, source: (Source, bool), now: Instant) -> bool {
+    fn has_token(&mut self, source: (Source, Kind), now: Instant) -> bool {
         self.buckets
             .get_mut(&source)
             .is_none_or(|b| b.refill(now) >= 1.0)
     }
 
     /// Takes one token of `source` (its bucket made if it had none).
-    fn spend(&mut self, source: (Source, bool), now: Instant) {
+    fn spend(&mut self, source: (Source, Kind), now: Instant) {
         let b = self
             .buckets
             .entry(source)
-            .or_insert_with(|| Bucket::full(now));
+            .or_insert_with(|| Bucket::full(source.1, now));
         b.refill(now);
         b.tokens -= 1.0;
     }
@@ -258,19 +307,29 @@ impl Gate {
         };
         let source = Source::of(ip);
         let from_source = c.by_source.get(&source).copied().unwrap_or(0);
-        let rate = if c.within_rate((source, validated), now) {
+        let kind = Kind::handshakes(validated);
+        let rate = if c.within_rate((source, kind), now) {
             Rate::Within
-        } else if !validated && !c.has_token((source, true), now) {
+        } else if !validated && !c.has_token((source, Kind::Validated), now) {
             Rate::SpentValidated
         } else {
             Rate::Spent
         };
-        let decision = admit(c.in_flight, from_source, validated, rate);
+        let mut decision = admit(c.in_flight, from_source, validated, rate);
+        // Retries are stateless but not free: past its Retry rate a source is dropped (and the
+        // socket drops its Initials before decrypting them, `throttles`).
+        if decision == Admit::Retry {
+            if c.within_rate((source, Kind::Retry), now) {
+                c.spend((source, Kind::Retry), now);
+            } else {
+                decision = Admit::Throttle;
+            }
+        }
         let counter = match decision {
             Admit::Accept => {
                 c.in_flight += 1;
                 *c.by_source.entry(source).or_default() += 1;
-                c.spend((source, validated), now);
+                c.spend((source, kind), now);
                 self.stats.accepted.fetch_add(1, Ordering::Relaxed);
                 let pass = HandshakePass {
                     gate: self.clone(),
@@ -313,7 +372,9 @@ impl Gate {
             return false;
         };
         let source = Source::of(ip);
-        let spent = !c.has_token((source, true), now) && !c.has_token((source, false), now);
+        let spent = !c.has_token((source, Kind::Retry), now)
+            || (!c.has_token((source, Kind::Validated), now)
+                && !c.has_token((source, Kind::Unvalidated), now));
         if spent {
             self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
         }
@@ -342,7 +403,8 @@ impl HandshakePass {
     /// peers are bounded only by the caps on handshakes at once.
     pub(crate) fn authenticated(self) {
         if let Ok(mut c) = self.gate.counts.lock() {
-            if let Some(b) = c.buckets.get_mut(&(self.source, self.validated)) {
+            let kind = Kind::handshakes(self.validated);
+            if let Some(b) = c.buckets.get_mut(&(self.source, kind)) {
                 b.tokens = (b.tokens + 1.0).min(SOURCE_HANDSHAKE_BURST);
             }
         }
@@ -478,6 +540,33 @@ mod tests {
         assert!(!gate.throttles_at("10.0.0.8".parse().unwrap(), now));
         // Half a second later it has tokens again.
         assert!(!gate.throttles_at(ip, now + Duration::from_millis(500)));
+    }
+
+    #[test]
+    fn a_source_that_never_answers_its_retries_is_dropped_at_the_retry_rate() {
+        let gate = Gate::default();
+        let ip: IpAddr = "10.0.0.6".parse().unwrap();
+        let now = Instant::now();
+        for _ in 0..SOURCE_HANDSHAKE_BURST as usize {
+            drop(gate.attempt_at(ip, false, now).1);
+        }
+        assert!(!gate.throttles_at(ip, now));
+        for i in 0..SOURCE_RETRY_BURST as usize {
+            assert_eq!(gate.attempt_at(ip, false, now).0, Admit::Retry, "retry {i}");
+        }
+        assert_eq!(gate.attempt_at(ip, false, now).0, Admit::Throttle);
+        assert!(gate.throttles_at(ip, now));
+        // A second later: the handshake rate and the Retry rate again, no more.
+        let later = now + Duration::from_secs(1);
+        assert!(!gate.throttles_at(ip, later));
+        let mut decisions = HashMap::new();
+        for _ in 0..1000 {
+            *decisions
+                .entry(gate.attempt_at(ip, false, later).0)
+                .or_insert(0usize) += 1;
+        }
+        assert_eq!(decisions[&Admit::Accept], SOURCE_HANDSHAKE_RATE as usize);
+        assert_eq!(decisions[&Admit::Retry], SOURCE_RETRY_RATE as usize);
     }
 
     #[test]
