@@ -49,6 +49,7 @@ impl DirRegistry {
             root: root.clone(),
             store: persisted.unwrap_or_else(|| Store::new(&mesh)),
             raw: BTreeMap::new(),
+            unreadable: false,
         };
         scanner.rescan(&shared);
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
@@ -171,6 +172,8 @@ struct Scanner {
     root: PathBuf,
     store: Store,
     raw: BTreeMap<String, Vec<u8>>,
+    /// The last rescan failed (warned once, until a rescan succeeds).
+    unreadable: bool,
 }
 
 impl Scanner {
@@ -178,9 +181,19 @@ impl Scanner {
     fn rescan(&mut self, shared: &Shared) {
         let mut now = BTreeMap::new();
         if let Err(e) = read_tree(&self.root, "", 0, &mut now) {
-            tracing::warn!(dir = %self.root.display(), error = %e, "cannot read the registry directory");
+            // Once per episode: a cause such as running out of file descriptors repeats on
+            // every rescan until it ends.
+            if !self.unreadable {
+                tracing::warn!(dir = %self.root.display(), error = %e, "cannot read the registry directory; serving the last snapshot until it can be read again");
+            } else {
+                tracing::debug!(dir = %self.root.display(), error = %e, "registry directory still unreadable");
+            }
+            self.unreadable = true;
             shared.contact_lost();
             return;
+        }
+        if std::mem::take(&mut self.unreadable) {
+            tracing::info!(dir = %self.root.display(), "registry directory readable again");
         }
         shared.contact_ok();
         if shared.tx.borrow().origin != crate::snapshot::Origin::Live {

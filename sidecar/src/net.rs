@@ -56,7 +56,10 @@ pub(crate) async fn accept(
             Err(e) => {
                 // Out of file descriptors repeats until some close: warn once per burst.
                 if ACCEPT_WARNINGS.should_warn(std::time::Instant::now()) {
-                    tracing::warn!(listener = what, error = %e, "accept failed (out of file descriptors?): \
+                    let address = listener
+                        .local_addr()
+                        .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
+                    tracing::warn!(listener = what, %address, error = %e, "accept failed (out of file descriptors?): \
                         new connections wait in the kernel's backlog; retrying every 100 ms");
                 }
                 tokio::select! {

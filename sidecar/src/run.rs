@@ -34,10 +34,26 @@ struct Bound {
     transparent: Option<TcpListener>,
 }
 
-async fn bind_tcp(addr: std::net::SocketAddr, field: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("{field} = {addr}: cannot listen"))
+/// Connections the kernel completes and queues per app-facing listener before the sidecar
+/// accepts them (the `listen(2)` backlog; capped by `net.core.somaxconn`). Envoy's default
+/// `tcp_backlog_size`; std's and tokio's 128 overflows in a burst of new app connections, or
+/// while the process is out of file descriptors, and the app's connect then waits out SYN
+/// retransmissions.
+pub const LISTEN_BACKLOG: u32 = 1024;
+
+fn bind_tcp(addr: std::net::SocketAddr, field: &str) -> anyhow::Result<TcpListener> {
+    let bind = || -> std::io::Result<TcpListener> {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // As std and tokio do for a listener: a restarted sidecar rebinds at once.
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    bind().with_context(|| format!("{field} = {addr}: cannot listen"))
 }
 
 async fn bind_all(
@@ -55,11 +71,11 @@ async fn bind_all(
     .with_context(|| format!("inbound.listen = {}: cannot listen", file.inbound.listen))?;
     let mut upstreams = Vec::new();
     for (i, up) in file.outbound.upstreams.iter().enumerate() {
-        let l = bind_tcp(up.listen, &format!("outbound.upstreams[{i}].listen")).await?;
+        let l = bind_tcp(up.listen, &format!("outbound.upstreams[{i}].listen"))?;
         upstreams.push((l, Destination::service(&up.service, up.port)));
     }
     let transparent = match &file.outbound.transparent {
-        Some(t) => Some(bind_tcp(t.listen, "outbound.transparent.listen").await?),
+        Some(t) => Some(bind_tcp(t.listen, "outbound.transparent.listen")?),
         None => None,
     };
     Ok(Bound {
@@ -190,7 +206,7 @@ pub async fn run_until(
     );
     let tasks = tokio_util::task::TaskTracker::new();
     let metrics = Metrics::new().context("metrics")?;
-    let admin_listener = bind_tcp(file.admin.listen, "admin.listen").await?;
+    let admin_listener = bind_tcp(file.admin.listen, "admin.listen")?;
     let admin_addr = admin_listener.local_addr()?;
     let admin = Arc::new(Admin::new(metrics.clone(), readiness.clone()));
     tasks.spawn(admin::serve(

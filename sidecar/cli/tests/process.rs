@@ -272,3 +272,128 @@ async fn a_bad_config_is_refused_before_anything_is_bound() {
     // Nothing was bound: the admin address is still free.
     std::net::TcpListener::bind(admin).expect("admin address left free");
 }
+
+/// A port free on 127.0.0.1 a moment ago.
+fn free_port() -> SocketAddr {
+    let spare = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    spare.local_addr().unwrap()
+}
+
+/// Out of file descriptors: a sidecar process under `RLIMIT_NOFILE` 128 whose app opens 300
+/// connections to its upstream listener, with the listener cap raised past the limit so the
+/// kernel's limit, not the cap, is met. The sidecar warns once, naming the listener and the
+/// error; flows opened before carry on; the connections past the limit wait in the kernel's
+/// backlog; once the app closes the flood, new flows work again. (Another listener cannot
+/// accept either while no descriptor is free: descriptors are per process.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_file_descriptors_is_survived() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    halyard_sidecar::test_util::init_logs();
+    let mesh = Mesh::with_dir().await;
+    let app = tagged_echo("127.0.0.1:0".parse().unwrap(), "r").await;
+    mesh.apply(&format!(
+        "kind: Service\nname: reviews\nports:\n  - {{ name: tcp, port: 9080, protocol: tcp, targetPort: {} }}\n",
+        app.addr.port()
+    ))
+    .await;
+    let reviews = mesh.start(&Spec::new("reviews", "v1")).await;
+    let (upstream, admin) = (free_port(), free_port());
+    let mut spec = Spec::new("productpage", "v1").upstream("reviews", 9080);
+    spec.extra = "[limits]\nmax_connections_per_listener = 100000\n".into();
+    let text = mesh
+        .config_text(&spec)
+        .replace(
+            "[admin]\nlisten = \"127.0.0.1:0\"",
+            &format!("[admin]\nlisten = \"{admin}\""),
+        )
+        .replace(
+            "port = 9080\nlisten = \"127.0.0.1:0\"",
+            &format!("port = 9080\nlisten = \"{upstream}\""),
+        );
+    let path = mesh.dir.path().join("productpage.toml");
+    std::fs::write(&path, text).unwrap();
+    let log = mesh.dir.path().join("productpage.log");
+    let _pp = Proc(
+        Command::new("prlimit")
+            .args(["--nofile=128:128", "--"])
+            .arg(env!("CARGO_BIN_EXE_halyard"))
+            .args(["sidecar", "--config", path.to_str().unwrap()])
+            .env("HALYARD_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let client = halyard_sidecar::test_util::http_client_fresh();
+    let ready = Instant::now();
+    while halyard_sidecar::test_util::try_get(&client, admin, "/readyz")
+        .await
+        .is_none_or(|(status, _)| status != 200)
+    {
+        assert!(
+            ready.elapsed() < Duration::from_secs(20),
+            "sidecar not ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Flows opened before the flood, their first half sent.
+    let mut held = Vec::new();
+    for i in 0..5 {
+        let mut tcp = tokio::net::TcpStream::connect(upstream).await.unwrap();
+        tcp.write_all(format!("before-{i}|").as_bytes())
+            .await
+            .unwrap();
+        held.push(tcp);
+    }
+    // The flood: more connections than the sidecar has descriptors.
+    let mut flood = Vec::new();
+    for i in 0..300 {
+        let tcp = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::net::TcpStream::connect(upstream),
+        )
+        .await;
+        match tcp {
+            Ok(Ok(tcp)) => flood.push(tcp),
+            other => panic!(
+                "flood connection {i}: {other:?}; sidecar log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ),
+        }
+    }
+    let warned = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("accept failed (out of file descriptors?)") {
+            assert!(text.contains("Too many open files"), "{text}");
+            assert!(text.contains(&upstream.to_string()), "{text}");
+            break;
+        }
+        assert!(
+            warned.elapsed() < Duration::from_secs(20),
+            "no warning about the descriptors:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The flows opened before carry on through the exhaustion.
+    for (i, mut tcp) in held.into_iter().enumerate() {
+        tcp.write_all(b"after").await.unwrap();
+        tcp.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        tcp.read_to_end(&mut reply).await.unwrap();
+        assert_eq!(reply, format!("r:before-{i}|after").as_bytes());
+    }
+    // The app closes the flood; the sidecar gets its descriptors back and serves new flows.
+    drop(flood);
+    let recovering = Instant::now();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), call(upstream, b"again")).await {
+            Ok(Ok(reply)) if reply == b"r:again" => break,
+            other => assert!(
+                recovering.elapsed() < Duration::from_secs(30),
+                "no recovery: {other:?}"
+            ),
+        }
+    }
+    reviews.shutdown().await.unwrap();
+}
