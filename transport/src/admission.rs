@@ -41,7 +41,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -70,6 +70,12 @@ pub const MAX_TRACKED_SOURCES: usize = 4096;
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Established connections per verified peer identity.
 pub const MAX_CONNECTIONS_PER_PEER: usize = 128;
+/// Default of `[transport] max_streams_per_peer`: requests and tunnels in progress at once per
+/// verified peer identity, over all its connections; twice what the pool opens at most with
+/// its default settings (8 connections × 1,024 streams), far below what the per-connection
+/// stream limit alone allows (128 × 1,024). Past it a new request is reset with
+/// H3_REQUEST_REJECTED (RFC 9114 §8.1: not processed, safe to retry elsewhere).
+pub const MAX_STREAMS_PER_PEER: usize = 16_384;
 /// Least time between two flood warnings.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
@@ -209,8 +215,9 @@ struct Counts {
     by_source: HashMap<Source, usize>,
     buckets: HashMap<(Source, Kind), Bucket>,
     last_sweep: Option<Instant>,
-    by_peer: HashMap<SpiffeId, usize>,
+    by_peer: HashMap<SpiffeId, (usize, Arc<AtomicUsize>)>,
     last_warning: Option<Instant>,
+    last_stream_warning: Option<Instant>,
 }
 
 impl Counts {
@@ -267,13 +274,23 @@ pub struct AdmissionStats {
     pub rate_limited: AtomicU64,
     /// Connections closed at the per-peer cap.
     pub peer_capped: AtomicU64,
+    /// Requests reset at the per-peer cap of requests in progress.
+    pub streams_rejected: AtomicU64,
 }
 
 /// The counts behind [`admit`], shared by the accept loop and the connection tasks.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub(crate) struct Gate {
     counts: Arc<Mutex<Counts>>,
     pub(crate) stats: Arc<AdmissionStats>,
+    /// Requests in progress at once per peer.
+    max_streams: usize,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate::new(MAX_STREAMS_PER_PEER)
+    }
 }
 
 /// A handshake in progress; dropping it frees its place.
@@ -287,9 +304,57 @@ pub(crate) struct HandshakePass {
 pub(crate) struct PeerPass {
     gate: Gate,
     peer: SpiffeId,
+    /// Requests in progress of this peer, all its connections.
+    streams: Arc<AtomicUsize>,
+}
+
+/// A request of a verified peer in progress; dropping it frees its place.
+pub(crate) struct StreamPass(Arc<AtomicUsize>);
+
+impl Drop for StreamPass {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl PeerPass {
+    /// A place for one more request of this peer, or `None` at its cap (`max_streams_per_peer`;
+    /// counted, and warned once per 10 s).
+    pub(crate) fn stream(&self) -> Option<StreamPass> {
+        let max = self.gate.max_streams;
+        if self.streams.fetch_add(1, Ordering::Relaxed) >= max {
+            self.streams.fetch_sub(1, Ordering::Relaxed);
+            let rejected = self
+                .gate
+                .stats
+                .streams_rejected
+                .fetch_add(1, Ordering::Relaxed);
+            let now = Instant::now();
+            if let Ok(mut c) = self.gate.counts.lock() {
+                if c.last_stream_warning
+                    .is_none_or(|t| now.duration_since(t) >= WARN_EVERY)
+                {
+                    c.last_stream_warning = Some(now);
+                    tracing::warn!(peer = %self.peer, max, rejected = rejected + 1,
+                        "peer at its cap of requests in progress; rejecting new ones (H3_REQUEST_REJECTED)");
+                }
+            }
+            return None;
+        }
+        Some(StreamPass(self.streams.clone()))
+    }
 }
 
 impl Gate {
+    /// A gate allowing `max_streams` requests in progress per peer.
+    pub(crate) fn new(max_streams: usize) -> Self {
+        Gate {
+            counts: Default::default(),
+            stats: Default::default(),
+            max_streams,
+        }
+    }
+
     /// Decides on an attempt from `ip`; on `Accept` the pass holds its place and has spent one
     /// of the source's handshake tokens.
     pub(crate) fn attempt(&self, ip: IpAddr, validated: bool) -> (Admit, Option<HandshakePass>) {
@@ -384,7 +449,7 @@ impl Gate {
     /// A place for one more connection of `peer`, or `None` at [`MAX_CONNECTIONS_PER_PEER`].
     pub(crate) fn peer(&self, peer: &SpiffeId) -> Option<PeerPass> {
         let mut c = self.counts.lock().ok()?;
-        let n = c.by_peer.entry(peer.clone()).or_default();
+        let (n, streams) = c.by_peer.entry(peer.clone()).or_default();
         if *n >= MAX_CONNECTIONS_PER_PEER {
             self.stats.peer_capped.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, max = MAX_CONNECTIONS_PER_PEER, "peer at its connection cap; closing its new connection");
@@ -394,6 +459,7 @@ impl Gate {
         Some(PeerPass {
             gate: self.clone(),
             peer: peer.clone(),
+            streams: streams.clone(),
         })
     }
 }
@@ -428,7 +494,7 @@ impl Drop for HandshakePass {
 impl Drop for PeerPass {
     fn drop(&mut self) {
         if let Ok(mut c) = self.gate.counts.lock() {
-            if let Some(n) = c.by_peer.get_mut(&self.peer) {
+            if let Some((n, _)) = c.by_peer.get_mut(&self.peer) {
                 *n -= 1;
                 if *n == 0 {
                     c.by_peer.remove(&self.peer);
@@ -651,5 +717,25 @@ mod tests {
         assert!(gate.peer(&id).is_none());
         drop(held);
         assert!(gate.peer(&id).is_some());
+    }
+
+    #[test]
+    fn requests_in_progress_are_capped_per_peer_over_all_its_connections() {
+        let gate = Gate::default();
+        let id = SpiffeId::parse("spiffe://mesh.local/ns/default/sa/a").unwrap();
+        let (one, two) = (gate.peer(&id).unwrap(), gate.peer(&id).unwrap());
+        let mut held = Vec::new();
+        for i in 0..MAX_STREAMS_PER_PEER {
+            let conn = if i % 2 == 0 { &one } else { &two };
+            held.push(conn.stream().unwrap());
+        }
+        assert!(one.stream().is_none());
+        assert!(two.stream().is_none());
+        assert_eq!(gate.stats.streams_rejected.load(Ordering::Relaxed), 2);
+        // Another peer is not charged.
+        let other = SpiffeId::parse("spiffe://mesh.local/ns/default/sa/b").unwrap();
+        assert!(gate.peer(&other).unwrap().stream().is_some());
+        held.pop();
+        assert!(two.stream().is_some());
     }
 }

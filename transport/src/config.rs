@@ -84,6 +84,11 @@ pub struct RawTransportConfig {
     pub max_field_section_size: u64,
     /// Congestion controller of every connection: `"bbr"` or `"cubic"` (default).
     pub congestion: Congestion,
+    /// Requests and tunnels one verified peer may have in progress at once on this endpoint,
+    /// over all its connections; past it a new one is reset with H3_REQUEST_REJECTED. 1 to
+    /// 16,777,216; the default, 16,384, is twice what a pool opens at most by default
+    /// (8 connections × 1,024 streams).
+    pub max_streams_per_peer: u64,
 }
 
 impl Default for RawTransportConfig {
@@ -105,6 +110,7 @@ impl Default for RawTransportConfig {
             backoff_max_ms: 5_000,
             max_field_section_size: 96 * KIB,
             congestion: Congestion::default(),
+            max_streams_per_peer: 16_384,
         }
     }
 }
@@ -161,6 +167,7 @@ impl TryFrom<RawTransportConfig> for TransportConfig {
             1 << 20,
         )?;
         range("connections_per_peer", raw.connections_per_peer, 1, 64)?;
+        range("max_streams_per_peer", raw.max_streams_per_peer, 1, 1 << 24)?;
         range(
             "max_connections_per_peer",
             raw.max_connections_per_peer,
@@ -285,6 +292,11 @@ impl TransportConfig {
     /// Connections kept per peer.
     pub fn connections_per_peer(&self) -> usize {
         self.raw.connections_per_peer as usize
+    }
+
+    /// Requests in progress at once per verified peer, over all its connections.
+    pub fn max_streams_per_peer(&self) -> usize {
+        self.raw.max_streams_per_peer as usize
     }
 
     /// Most connections opened to one peer when its streams run out.

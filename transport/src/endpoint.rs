@@ -93,7 +93,7 @@ impl MeshEndpoint {
         let server = server_config(&resolver, &bundle, transport.clone())?;
         let socket = bind_udp(bind, &config)?;
         let runtime = Arc::new(quinn::TokioRuntime);
-        let gate = crate::admission::Gate::default();
+        let gate = crate::admission::Gate::new(config.max_streams_per_peer());
         let socket = quinn::Runtime::wrap_udp_socket(&*runtime, socket)
             .map_err(|source| EndpointError::Socket { addr: bind, source })?;
         let quic = quinn::Endpoint::new_with_abstract_socket(

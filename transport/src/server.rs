@@ -11,7 +11,7 @@ use halyard_certs::SpiffeId;
 use http::{HeaderMap, Method, StatusCode};
 use tokio::task::JoinSet;
 
-use crate::admission::{Admit, HandshakePass};
+use crate::admission::{Admit, HandshakePass, PeerPass};
 use crate::endpoint::{peer_identity, MeshEndpoint};
 use crate::error::TunnelError;
 use crate::reset::ResetBudget;
@@ -263,7 +263,7 @@ async fn serve_connection<H: Handler>(
         conn.close(quinn::VarInt::from_u32(0x102), b"peer identity unavailable");
         return;
     };
-    let Some(_place) = endpoint.gate().peer(&id) else {
+    let Some(place) = endpoint.gate().peer(&id) else {
         // RFC 9114 §8.1: H3_EXCESSIVE_LOAD (0x107).
         conn.close(
             quinn::VarInt::from_u32(0x107),
@@ -296,7 +296,7 @@ async fn serve_connection<H: Handler>(
         // connection, with H3_INTERNAL_ERROR (0x102) and a reason it can log.
         closer.close(quinn::VarInt::from_u32(0x102), b"peer identity revoked");
     });
-    let mut requests = Requests::new(conn, peer, handler);
+    let mut requests = Requests::new(conn, peer, handler, place);
     if requests.run(&mut h3, draining).await {
         requests.drain(&mut h3).await;
     }
@@ -316,16 +316,19 @@ struct Requests<H> {
     handler: Arc<H>,
     tasks: JoinSet<bool>,
     budget: ResetBudget,
+    /// This connection's place among its peer's, and the peer's requests in progress.
+    place: PeerPass,
 }
 
 impl<H: Handler> Requests<H> {
-    fn new(conn: quinn::Connection, peer: Peer, handler: Arc<H>) -> Self {
+    fn new(conn: quinn::Connection, peer: Peer, handler: Arc<H>, place: PeerPass) -> Self {
         Requests {
             conn,
             peer,
             handler,
             tasks: JoinSet::new(),
             budget: ResetBudget::default(),
+            place,
         }
     }
 
@@ -355,8 +358,16 @@ impl<H: Handler> Requests<H> {
     }
 
     fn spawn(&mut self, resolver: h3::server::RequestResolver<h3_quinn::Connection, Bytes>) {
+        let Some(slot) = self.place.stream() else {
+            self.tasks.spawn(reject_request(resolver));
+            return;
+        };
         let task = handle_request(resolver, self.peer.clone(), self.handler.clone());
-        self.tasks.spawn(task);
+        self.tasks.spawn(async move {
+            let answered = task.await;
+            drop(slot);
+            answered
+        });
     }
 
     /// Collects finished requests; false once the connection was closed for abuse.
@@ -397,6 +408,23 @@ impl<H: Handler> Requests<H> {
         let linger = (self.conn.rtt() * 3 + DRAIN_LINGER_MIN).min(DRAIN_LINGER_MAX);
         let _ = tokio::time::timeout(linger, self.conn.closed()).await;
         self.conn.close(quinn::VarInt::from_u32(0x100), b"drained");
+    }
+}
+
+/// Resets a request of a peer at its cap of requests in progress (`admission`) with
+/// H3_REQUEST_REJECTED (0x10b, RFC 9114 §8.1: not processed, the client may retry it
+/// elsewhere). The headers are read first (h3 gives the stream no other way); bounded by
+/// `max_field_section_size` like any request's.
+async fn reject_request(
+    resolver: h3::server::RequestResolver<h3_quinn::Connection, Bytes>,
+) -> bool {
+    match resolver.resolve_request().await {
+        Ok((_, mut stream)) => {
+            stream.stop_sending(h3::error::Code::H3_REQUEST_REJECTED);
+            stream.stop_stream(h3::error::Code::H3_REQUEST_REJECTED);
+            true
+        }
+        Err(e) => matches!(e, h3::error::StreamError::HeaderTooBig { .. }),
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use halyard_certs::test_util::TestPki;
-use halyard_transport::MeshEndpoint;
+use halyard_transport::{MeshEndpoint, TransportConfig};
 
 /// Source addresses of the flood (127.0.0.2 and up) and attempt loops per source.
 const SOURCES: u8 = 4;
@@ -197,4 +197,62 @@ async fn verified_peers_are_not_held_to_the_handshake_rate() {
     let stats = mesh.server.admission_stats();
     assert_eq!(stats.rate_limited.load(Ordering::Relaxed), 0);
     assert_eq!(stats.retried.load(Ordering::Relaxed), 0);
+}
+
+/// A verified peer past `max_streams_per_peer` requests in progress (over all its
+/// connections): the next one is reset with H3_REQUEST_REJECTED before anything came back (so
+/// the caller may retry it elsewhere), counted, and once some finish the peer is served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_past_its_requests_in_progress_is_rejected() {
+    use halyard_transport::Target;
+    const CAP: u64 = 8;
+    let mesh = Mesh::with_configs(
+        config(|r| r.max_streams_per_peer = CAP),
+        TransportConfig::default(),
+    )
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..CAP {
+        held.push(mesh.open("hold").await);
+    }
+    let mut count = mesh.handler.held.subscribe();
+    count.wait_for(|n| *n == CAP as usize).await.unwrap();
+    let target = Target::new("echo", 9000).unwrap();
+    // The tunnel opens optimistically (its first bytes follow the headers); the reset shows
+    // when it reads, before any byte came back.
+    let outcome = match mesh
+        .pool
+        .open_tcp(
+            mesh.addr(),
+            &mesh.server_id,
+            &target,
+            halyard_transport::http::HeaderMap::new(),
+        )
+        .await
+    {
+        Ok(tunnel) => exchange(tunnel, b"past the cap").await.map(|_| ()),
+        Err(e) => {
+            assert!(e.before_any_byte(), "{e}");
+            Err(std::io::Error::other(e))
+        }
+    };
+    let err = outcome.expect_err("a request past the cap was served");
+    eprintln!("past the cap: {err}");
+    assert_eq!(
+        mesh.server
+            .admission_stats()
+            .streams_rejected
+            .load(Ordering::Relaxed),
+        1
+    );
+    // Served again once the held ones end.
+    mesh.handler.released.send_replace(true);
+    for t in held {
+        assert_eq!(exchange(t, b"").await.unwrap(), b"released");
+    }
+    count.wait_for(|n| *n == 0).await.unwrap();
+    assert_eq!(
+        exchange(mesh.open("echo").await, b"hi").await.unwrap(),
+        b"hi"
+    );
 }

@@ -344,7 +344,8 @@ impl Metrics {
                 "Inbound QUIC attempts by decision: accepted (handshake started), retry (stateless \
                  Retry sent), refused \
                  (handshake cap), dropped (per-source cap), rate_limited (per-source handshake \
-                 rate), peer_capped (connections per peer)",
+                 rate), peer_capped (connections per peer), streams_rejected (requests in \
+                 progress per peer)",
                 &["decision"],
             )?,
             flow_tasks: int_gauge(
@@ -526,6 +527,7 @@ impl Metrics {
             ("dropped", &stats.ignored),
             ("rate_limited", &stats.rate_limited),
             ("peer_capped", &stats.peer_capped),
+            ("streams_rejected", &stats.streams_rejected),
         ] {
             let c = self.quic_admission.with_label_values(&[decision]);
             c.inc_by(count.load(Relaxed).saturating_sub(c.get()));
