@@ -66,6 +66,11 @@ impl Etcd {
         fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T, RegistryError> {
         match tokio::time::timeout(self.timeout, fut).await {
+            // A member without a leader may sit on a write until the deadline instead of
+            // refusing it: ask it whether it has a leader, so the error says why.
+            Err(_) if self.leaderless().await => {
+                Err(RegistryError::NoLeader(self.endpoints.clone()))
+            }
             Err(_) => Err(unreachable(
                 &self.endpoints,
                 format!("no answer within {:?}", self.timeout),
@@ -88,6 +93,19 @@ impl Etcd {
                 ))
             }
             Ok(r) => r.map_err(RegistryError::Etcd),
+        }
+    }
+}
+
+impl Etcd {
+    /// Whether the member this client talks to answers, within a second, that it has no
+    /// leader (status `leader` 0, or the "no leader" error `hasleader` requests get).
+    async fn leaderless(&self) -> bool {
+        let mut m = self.client.maintenance_client();
+        match tokio::time::timeout(Duration::from_secs(1), m.status()).await {
+            Ok(Ok(status)) => status.leader() == 0,
+            Ok(Err(etcd_client::Error::GRpcStatus(s))) => s.message().contains("no leader"),
+            _ => false,
         }
     }
 }

@@ -268,10 +268,18 @@ pub(crate) type StatusWriter =
 pub(crate) fn spawn_sink(shared: Arc<Shared>, write: StatusWriter) -> JoinHandle<()> {
     let mut rx = shared.tx.subscribe();
     tokio::spawn(async move {
+        // The snapshot last written to the state dir, and whether the last write failed: a
+        // snapshot is written once, and a failing write warns once per episode.
+        let mut persisted: Option<Arc<Snapshot>> = None;
+        let mut persist_failing = false;
         loop {
             let snap = rx.borrow_and_update().clone();
             if snap.origin == Origin::Live {
-                persist(&shared, &snap).await;
+                if !persisted.as_ref().is_some_and(|p| Arc::ptr_eq(p, &snap))
+                    && persist(&shared, &snap, &mut persist_failing).await
+                {
+                    persisted = Some(snap.clone());
+                }
                 if !status(&shared, &snap, &write).await {
                     // Retry in a second, or sooner with a newer snapshot.
                     tokio::select! {
@@ -293,15 +301,29 @@ pub(crate) fn spawn_sink(shared: Arc<Shared>, write: StatusWriter) -> JoinHandle
 /// Shortest time between two status writes of one sidecar.
 const STATUS_INTERVAL: Duration = Duration::from_millis(500);
 
-async fn persist(shared: &Shared, snap: &Arc<Snapshot>) {
+/// Writes `snap` under the state dir; true when written (or there is no state dir). A failure
+/// warns when `failing` was false (the first of an episode), and sets it.
+async fn persist(shared: &Shared, snap: &Arc<Snapshot>, failing: &mut bool) -> bool {
     let Some(dir) = shared.opts.state_dir.clone() else {
-        return;
+        return true;
     };
     let path = crate::persist::state_file(&dir, &shared.opts.mesh);
     let snap = snap.clone();
     let res = tokio::task::spawn_blocking(move || crate::persist::save(&path, &snap)).await;
-    if let Ok(Err(e)) = res {
-        tracing::warn!(error = %e, "cannot persist the registry snapshot");
+    match res {
+        Ok(Ok(())) => {
+            if std::mem::take(failing) {
+                tracing::info!("registry snapshot persisted again");
+            }
+            true
+        }
+        Ok(Err(e)) => {
+            if !std::mem::replace(failing, true) {
+                tracing::warn!(error = %e, "cannot persist the registry snapshot; retrying with the next status write");
+            }
+            false
+        }
+        Err(_) => false,
     }
 }
 

@@ -194,3 +194,130 @@ impl Drop for EtcdServer {
         self.stop();
     }
 }
+
+/// Three etcd members on 127.0.0.1 (random client and peer ports), each with its own data dir;
+/// killed on drop. Members can be killed and started again to lose and regain quorum.
+pub struct EtcdCluster {
+    dir: tempfile::TempDir,
+    /// (client port, peer port) per member.
+    ports: Vec<(u16, u16)>,
+    children: Vec<Option<Child>>,
+}
+
+/// The value of `r`, or a panic naming `what` (test harness code).
+fn must<T, E: std::fmt::Display>(r: Result<T, E>, what: &str) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => panic!("{what}: {e}"),
+    }
+}
+
+impl EtcdCluster {
+    /// Starts three members and waits until each is healthy.
+    pub fn start() -> EtcdCluster {
+        let ports = (0..3).map(|_| (free_port(), free_port())).collect();
+        let mut c = EtcdCluster {
+            dir: must(tempfile::tempdir(), "cannot create a temp dir"),
+            ports,
+            children: vec![None, None, None],
+        };
+        for i in 0..3 {
+            c.spawn(i);
+        }
+        for i in 0..3 {
+            c.wait_healthy(i);
+        }
+        c
+    }
+
+    fn initial_cluster(&self) -> String {
+        let members: Vec<String> = (0..3)
+            .map(|i| format!("m{i}=http://127.0.0.1:{}", self.ports[i].1))
+            .collect();
+        members.join(",")
+    }
+
+    /// Starts member `i` (0..3) again, with its data.
+    pub fn spawn(&mut self, i: usize) {
+        let (client, peer) = self.ports[i];
+        let client = format!("http://127.0.0.1:{client}");
+        let peer = format!("http://127.0.0.1:{peer}");
+        let log = must(
+            std::fs::File::create(self.dir.path().join(format!("m{i}.log"))),
+            "cannot create the member's log",
+        );
+        let child = Command::new("etcd")
+            .args(["--name", &format!("m{i}"), "--data-dir"])
+            .arg(self.dir.path().join(format!("m{i}")))
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &self.initial_cluster()])
+            .args([
+                "--initial-cluster-state",
+                "new",
+                "--logger",
+                "zap",
+                "--log-level",
+                "warn",
+            ])
+            .stdin(Stdio::null())
+            .stdout(must(log.try_clone(), "cannot share the log"))
+            .stderr(log)
+            .spawn();
+        self.children[i] = Some(must(child, "cannot start etcd"));
+    }
+
+    /// Waits until member `i` reports healthy (it has a leader); panics after 30 s.
+    pub fn wait_healthy(&self, i: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.ports[i].0)) {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let _ = s.write_all(b"GET /health HTTP/1.0\r\n\r\n");
+                let mut body = String::new();
+                let _ = s.read_to_string(&mut body);
+                if body.contains("\"health\":\"true\"") {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("etcd member {i} never became healthy");
+    }
+
+    /// SIGKILL for member `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `etcd://` URL naming all three members.
+    pub fn url(&self) -> String {
+        let eps: Vec<String> = self
+            .ports
+            .iter()
+            .map(|(c, _)| format!("127.0.0.1:{c}"))
+            .collect();
+        format!("etcd://{}", eps.join(","))
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..3 {
+            self.kill(i);
+        }
+    }
+}

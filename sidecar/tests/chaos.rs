@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use halyard_registry::admin::Admin;
 use halyard_registry::model::parse_documents;
-use halyard_registry::test_util::EtcdServer;
+use halyard_registry::test_util::{EtcdCluster, EtcdServer};
 use halyard_sidecar::config::Config;
 use halyard_sidecar::test_util::{
     http_app, http_client, loopback_ip, metric, AppBehavior, HttpApp, Mesh, Sidecar, Spec,
@@ -624,134 +624,15 @@ fn digest(content: &str) -> String {
 
 // ---- A 3-member etcd cluster losing quorum ----
 
-/// Three etcd members on 127.0.0.1, each with its own data dir; killed on drop.
-struct Cluster {
-    dir: tempfile::TempDir,
-    /// (client port, peer port) per member.
-    ports: Vec<(u16, u16)>,
-    children: Vec<Option<std::process::Child>>,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-impl Cluster {
-    fn start() -> Cluster {
-        let ports = (0..3).map(|_| (free_port(), free_port())).collect();
-        let mut c = Cluster {
-            dir: tempfile::tempdir().unwrap(),
-            ports,
-            children: vec![None, None, None],
-        };
-        for i in 0..3 {
-            c.spawn(i);
-        }
-        for i in 0..3 {
-            c.wait_healthy(i);
-        }
-        c
-    }
-
-    fn initial_cluster(&self) -> String {
-        let members: Vec<String> = (0..3)
-            .map(|i| format!("m{i}=http://127.0.0.1:{}", self.ports[i].1))
-            .collect();
-        members.join(",")
-    }
-
-    fn spawn(&mut self, i: usize) {
-        let (client, peer) = self.ports[i];
-        let client = format!("http://127.0.0.1:{client}");
-        let peer = format!("http://127.0.0.1:{peer}");
-        let log = std::fs::File::create(self.dir.path().join(format!("m{i}.log"))).unwrap();
-        let child = std::process::Command::new("etcd")
-            .args(["--name", &format!("m{i}"), "--data-dir"])
-            .arg(self.dir.path().join(format!("m{i}")))
-            .args([
-                "--listen-client-urls",
-                &client,
-                "--advertise-client-urls",
-                &client,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
-            .args(["--initial-cluster", &self.initial_cluster()])
-            .args([
-                "--initial-cluster-state",
-                "new",
-                "--logger",
-                "zap",
-                "--log-level",
-                "warn",
-            ])
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.children[i] = Some(child);
-    }
-
-    fn wait_healthy(&self, i: usize) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.ports[i].0)) {
-                use std::io::{Read, Write};
-                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                let _ = s.write_all(b"GET /health HTTP/1.0\r\n\r\n");
-                let mut body = String::new();
-                let _ = s.read_to_string(&mut body);
-                if body.contains("\"health\":\"true\"") {
-                    return;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("etcd member {i} never became healthy");
-    }
-
-    /// SIGKILL for member `i`.
-    fn kill(&mut self, i: usize) {
-        if let Some(mut c) = self.children[i].take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        let eps: Vec<String> = self
-            .ports
-            .iter()
-            .map(|(c, _)| format!("127.0.0.1:{c}"))
-            .collect();
-        format!("etcd://{}", eps.join(","))
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for i in 0..3 {
-            self.kill(i);
-        }
-    }
-}
-
 /// Two of three etcd members are killed: no write succeeds (and the error says why), the
 /// sidecars serve on and report staleness, and once the members are back a write reaches all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_cluster_losing_quorum() {
     let sidecars = knob("HALYARD_CHAOS_SIDECARS", 4) as usize;
     let outage = Duration::from_secs(knob("HALYARD_CHAOS_OUTAGE_SECS", 2));
-    let mut cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
+    let mut cluster = tokio::task::spawn_blocking(EtcdCluster::start)
+        .await
+        .unwrap();
     let url = cluster.url();
     let f = fleet(url.clone(), std::slice::from_ref(&url), sidecars - 1).await;
     let (tally, stop, tasks) = load(&f, Duration::from_millis(20));
@@ -820,7 +701,9 @@ async fn etcd_cluster_losing_quorum() {
 /// `halyard ctl` makes) succeeds, whichever members the client would have picked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_cluster_one_member_down_takes_writes() {
-    let mut cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
+    let mut cluster = tokio::task::spawn_blocking(EtcdCluster::start)
+        .await
+        .unwrap();
     let url = cluster.url();
     cluster = tokio::task::spawn_blocking(move || {
         cluster.kill(2);
