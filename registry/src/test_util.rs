@@ -72,23 +72,7 @@ impl EtcdServer {
         let Ok(log2) = log.try_clone() else {
             return false;
         };
-        let child = Command::new("etcd")
-            .args(["--name", "t", "--data-dir"])
-            .arg(self.data_dir())
-            .args([
-                "--listen-client-urls",
-                &client,
-                "--advertise-client-urls",
-                &client,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
-            .args(["--initial-cluster", &format!("t={peer}")])
-            .args(["--logger", "zap", "--log-level", "warn"])
+        let child = etcd_command("t", &self.data_dir(), &client, &peer, &format!("t={peer}"))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
@@ -119,18 +103,7 @@ impl EtcdServer {
     }
 
     fn healthy(&self) -> bool {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.client_port)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        if s.write_all(b"GET /health HTTP/1.0\r\nHost: x\r\n\r\n")
-            .is_err()
-        {
-            return false;
-        }
-        let mut body = String::new();
-        let _ = s.read_to_string(&mut body);
-        body.contains("\"health\":\"true\"")
+        healthy(self.client_port)
     }
 
     /// `host:port` of the client URL.
@@ -204,6 +177,51 @@ pub struct EtcdCluster {
     children: Vec<Option<Child>>,
 }
 
+/// An `etcd` command for one member named `name`: its data dir, client and peer URLs, the
+/// initial cluster, warnings only.
+fn etcd_command(
+    name: &str,
+    data_dir: &std::path::Path,
+    client: &str,
+    peer: &str,
+    initial_cluster: &str,
+) -> Command {
+    let mut cmd = Command::new("etcd");
+    cmd.args(["--name", name, "--data-dir"])
+        .arg(data_dir)
+        .args([
+            "--listen-client-urls",
+            client,
+            "--advertise-client-urls",
+            client,
+        ])
+        .args([
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+        ])
+        .args(["--initial-cluster", initial_cluster])
+        .args(["--logger", "zap", "--log-level", "warn"]);
+    cmd
+}
+
+/// Whether the etcd member on 127.0.0.1:`port` reports healthy (`/health`: it has a leader).
+fn healthy(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /health HTTP/1.0\r\nHost: x\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.contains("\"health\":\"true\"")
+}
+
 /// The value of `r`, or a panic naming `what` (test harness code).
 fn must<T, E: std::fmt::Display>(r: Result<T, E>, what: &str) -> T {
     match r {
@@ -246,34 +264,18 @@ impl EtcdCluster {
             std::fs::File::create(self.dir.path().join(format!("m{i}.log"))),
             "cannot create the member's log",
         );
-        let child = Command::new("etcd")
-            .args(["--name", &format!("m{i}"), "--data-dir"])
-            .arg(self.dir.path().join(format!("m{i}")))
-            .args([
-                "--listen-client-urls",
-                &client,
-                "--advertise-client-urls",
-                &client,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
-            .args(["--initial-cluster", &self.initial_cluster()])
-            .args([
-                "--initial-cluster-state",
-                "new",
-                "--logger",
-                "zap",
-                "--log-level",
-                "warn",
-            ])
-            .stdin(Stdio::null())
-            .stdout(must(log.try_clone(), "cannot share the log"))
-            .stderr(log)
-            .spawn();
+        let child = etcd_command(
+            &format!("m{i}"),
+            &self.dir.path().join(format!("m{i}")),
+            &client,
+            &peer,
+            &self.initial_cluster(),
+        )
+        .args(["--initial-cluster-state", "new"])
+        .stdin(Stdio::null())
+        .stdout(must(log.try_clone(), "cannot share the log"))
+        .stderr(log)
+        .spawn();
         self.children[i] = Some(must(child, "cannot start etcd"));
     }
 
@@ -281,14 +283,8 @@ impl EtcdCluster {
     pub fn wait_healthy(&self, i: usize) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.ports[i].0)) {
-                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                let _ = s.write_all(b"GET /health HTTP/1.0\r\n\r\n");
-                let mut body = String::new();
-                let _ = s.read_to_string(&mut body);
-                if body.contains("\"health\":\"true\"") {
-                    return;
-                }
+            if healthy(self.ports[i].0) {
+                return;
             }
             std::thread::sleep(Duration::from_millis(100));
         }

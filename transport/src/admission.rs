@@ -575,15 +575,22 @@ mod tests {
         );
     }
 
+    /// Starts and fails a burst of handshakes from `ip` at `now`, each of them accepted.
+    fn spend_burst(gate: &Gate, ip: IpAddr, validated: bool, now: Instant) {
+        for i in 0..SOURCE_HANDSHAKE_BURST as usize {
+            let (decision, pass) = gate.attempt_at(ip, validated, now);
+            assert_eq!(decision, Admit::Accept, "attempt {i}");
+            drop(pass);
+        }
+    }
+
     #[test]
     fn a_spoofer_spends_only_the_unvalidated_bucket_of_its_victim() {
         let gate = Gate::default();
         let victim: IpAddr = "10.0.0.9".parse().unwrap();
         let now = Instant::now();
         // Initials in the victim's name that never complete.
-        for _ in 0..SOURCE_HANDSHAKE_BURST as usize {
-            drop(gate.attempt_at(victim, false, now).1);
-        }
+        spend_burst(&gate, victim, false, now);
         assert_eq!(gate.attempt_at(victim, false, now).0, Admit::Retry);
         // The victim answers the Retry: its validated attempts are served.
         assert_eq!(fail_one(&gate, victim, now), Admit::Accept);
@@ -594,11 +601,8 @@ mod tests {
         let gate = Gate::default();
         let ip: IpAddr = "10.0.0.7".parse().unwrap();
         let now = Instant::now();
-        for validated in [false, true] {
-            for _ in 0..SOURCE_HANDSHAKE_BURST as usize {
-                assert_eq!(gate.attempt_at(ip, validated, now).0, Admit::Accept);
-            }
-        }
+        spend_burst(&gate, ip, false, now);
+        spend_burst(&gate, ip, true, now);
         assert_eq!(gate.attempt_at(ip, false, now).0, Admit::Throttle);
         assert_eq!(gate.stats.retried.load(Ordering::Relaxed), 0);
         // The socket drops its Initials before they are decrypted; others are not touched.
@@ -613,9 +617,7 @@ mod tests {
         let gate = Gate::default();
         let ip: IpAddr = "10.0.0.6".parse().unwrap();
         let now = Instant::now();
-        for _ in 0..SOURCE_HANDSHAKE_BURST as usize {
-            drop(gate.attempt_at(ip, false, now).1);
-        }
+        spend_burst(&gate, ip, false, now);
         assert!(!gate.throttles_at(ip, now));
         for i in 0..SOURCE_RETRY_BURST as usize {
             assert_eq!(gate.attempt_at(ip, false, now).0, Admit::Retry, "retry {i}");

@@ -35,26 +35,28 @@ fn p99(sorted: &[f64]) -> f64 {
     sorted[((sorted.len() - 1) as f64 * 0.99).round() as usize]
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn handshake_flood_leaves_established_peers_served() {
-    let mesh = Mesh::new().await;
-    let quiet = tunnel_latencies(&mesh, 200).await;
-    let other = TestPki::new("mesh.local");
-    let stop = Arc::new(AtomicBool::new(false));
-    let attempts = Arc::new(AtomicU64::new(0));
-    let mut flood = tokio::task::JoinSet::new();
-    for s in 0..SOURCES {
-        let ep = MeshEndpoint::new(
-            other.resolver("intruder"),
-            mesh.pki.bundle.clone(),
-            config(|r| r.connect_timeout_ms = 300),
-            format!("127.0.0.{}:0", s + 2).parse().unwrap(),
-        )
-        .unwrap();
-        for _ in 0..LOOPS_PER_SOURCE {
-            let (ep, stop, attempts) = (ep.clone(), stop.clone(), attempts.clone());
+/// Loops opening handshakes to the mesh's server until stopped, counting attempts.
+struct Flood {
+    stop: Arc<AtomicBool>,
+    attempts: Arc<AtomicU64>,
+    loops: tokio::task::JoinSet<()>,
+}
+
+impl Flood {
+    fn new() -> Flood {
+        Flood {
+            stop: Arc::new(AtomicBool::new(false)),
+            attempts: Arc::new(AtomicU64::new(0)),
+            loops: tokio::task::JoinSet::new(),
+        }
+    }
+
+    /// Starts `n` loops from `ep`.
+    fn spawn(&mut self, mesh: &Mesh, ep: &MeshEndpoint, n: usize) {
+        for _ in 0..n {
+            let (ep, stop, attempts) = (ep.clone(), self.stop.clone(), self.attempts.clone());
             let (addr, id) = (mesh.addr(), mesh.server_id.clone());
-            flood.spawn(async move {
+            self.loops.spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
                     attempts.fetch_add(1, Ordering::Relaxed);
                     // TLS 1.3: the client side may complete before the server refuses its
@@ -66,16 +68,43 @@ async fn handshake_flood_leaves_established_peers_served() {
             });
         }
     }
+
+    fn attempts(&self) -> u64 {
+        self.attempts.load(Ordering::Relaxed)
+    }
+
+    /// Stops every loop and waits for them.
+    async fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        while let Some(done) = self.loops.join_next().await {
+            done.unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_flood_leaves_established_peers_served() {
+    let mesh = Mesh::new().await;
+    let quiet = tunnel_latencies(&mesh, 200).await;
+    let other = TestPki::new("mesh.local");
+    let mut flood = Flood::new();
+    for s in 0..SOURCES {
+        let ep = MeshEndpoint::new(
+            other.resolver("intruder"),
+            mesh.pki.bundle.clone(),
+            config(|r| r.connect_timeout_ms = 300),
+            format!("127.0.0.{}:0", s + 2).parse().unwrap(),
+        )
+        .unwrap();
+        flood.spawn(&mesh, &ep, LOOPS_PER_SOURCE);
+    }
     // Let the flood reach its pace before measuring.
     let warm = Instant::now();
-    while attempts.load(Ordering::Relaxed) < 1_000 && warm.elapsed() < Duration::from_secs(5) {
+    while flood.attempts() < 1_000 && warm.elapsed() < Duration::from_secs(5) {
         tokio::task::yield_now().await;
     }
     let loaded = tunnel_latencies(&mesh, 200).await;
-    stop.store(true, Ordering::Relaxed);
-    while let Some(done) = flood.join_next().await {
-        done.unwrap();
-    }
+    flood.stop().await;
     let stats = mesh.server.admission_stats();
     let (retried, refused, dropped) = (
         stats.retried.load(Ordering::Relaxed),
@@ -85,7 +114,7 @@ async fn handshake_flood_leaves_established_peers_served() {
     eprintln!(
         "{{\"scenario\":\"handshake_flood\",\"figures\":{{\"sources\":{SOURCES},\"loops\":{},\"attempts\":{},\"retried\":{retried},\"refused\":{refused},\"dropped\":{dropped},\"quiet_p50_ms\":{:.3},\"quiet_p99_ms\":{:.3},\"flood_p50_ms\":{:.3},\"flood_p99_ms\":{:.3}}}}}",
         usize::from(SOURCES) * LOOPS_PER_SOURCE,
-        attempts.load(Ordering::Relaxed),
+        flood.attempts(),
         quiet[quiet.len() / 2],
         p99(&quiet),
         loaded[loaded.len() / 2],
@@ -130,34 +159,18 @@ async fn one_failing_source_is_held_to_its_handshake_rate() {
         .accepted
         .load(Ordering::Relaxed);
     let start = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
-    let attempts = Arc::new(AtomicU64::new(0));
-    let mut flood = tokio::task::JoinSet::new();
-    for _ in 0..32 {
-        let (ep, stop, attempts) = (ep.clone(), stop.clone(), attempts.clone());
-        let (addr, id) = (mesh.addr(), mesh.server_id.clone());
-        flood.spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                attempts.fetch_add(1, Ordering::Relaxed);
-                if let Ok(conn) = ep.connect(addr, &id).await {
-                    conn.close(0u32.into(), b"");
-                }
-            }
-        });
-    }
+    let mut flood = Flood::new();
+    flood.spawn(&mesh, &ep, 32);
     // Legitimate flows while the flood runs; the flood lasts two seconds at least (the rate
     // is per second, so the bound is checked over a span that has one).
     let served = tunnel_latencies(&mesh, 300).await;
     tokio::time::sleep_until((start + Duration::from_secs(2)).into()).await;
-    stop.store(true, Ordering::Relaxed);
-    while let Some(done) = flood.join_next().await {
-        done.unwrap();
-    }
+    flood.stop().await;
     let secs = start.elapsed().as_secs_f64();
     let stats = mesh.server.admission_stats();
     let started = stats.accepted.load(Ordering::Relaxed) - before;
     let bound = 2.0 * SOURCE_HANDSHAKE_BURST + 2.0 * SOURCE_HANDSHAKE_RATE * secs + 1.0;
-    let attempts = attempts.load(Ordering::Relaxed);
+    let attempts = flood.attempts();
     eprintln!(
         "{attempts} attempts in {secs:.1} s, {started} handshakes started (bound {bound:.0})"
     );

@@ -322,8 +322,7 @@ async fn running_out_of_file_descriptors_is_survived() {
         );
     let path = mesh.dir.path().join("productpage.toml");
     std::fs::write(&path, text).unwrap();
-    let log = mesh.dir.path().join("productpage.log");
-    let _pp = Proc(
+    let mut pp = Proc(
         Command::new("prlimit")
             .arg(format!("--nofile={nofile}:{nofile}"))
             .arg("--")
@@ -331,10 +330,26 @@ async fn running_out_of_file_descriptors_is_survived() {
             .args(["sidecar", "--config", path.to_str().unwrap()])
             .env("HALYARD_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap(),
     );
+    // The sidecar's log, line by line as it writes them, and all of it so far for failures.
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let stderr = pp.stderr.take().unwrap();
+    let all = log.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            all.lock().unwrap().push_str(&format!("{line}\n"));
+            let _ = lines_tx.send(line);
+        }
+    });
+    let log_text = || log.lock().unwrap().clone();
     let client = halyard_sidecar::test_util::http_client_fresh();
     let ready = Instant::now();
     while halyard_sidecar::test_util::try_get(&client, admin, "/readyz")
@@ -398,20 +413,20 @@ async fn running_out_of_file_descriptors_is_survived() {
         // Within the sidecar's descriptors plus the backlog: every connect completes.
         assert_eq!(waiting, 0, "connects waited although the backlog had room");
     }
-    let warned = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.contains("accept failed (out of file descriptors?)") {
-            assert!(text.contains("Too many open files"), "{text}");
-            assert!(text.contains(&upstream.to_string()), "{text}");
-            break;
+    let warning = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.recv().await {
+            if line.contains("accept failed (out of file descriptors?)") {
+                return Some(line);
+            }
         }
-        assert!(
-            warned.elapsed() < Duration::from_secs(20),
-            "no warning about the descriptors:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        None
+    })
+    .await
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| panic!("no warning about the descriptors:\n{}", log_text()));
+    assert!(warning.contains("Too many open files"), "{warning}");
+    assert!(warning.contains(&upstream.to_string()), "{warning}");
     // The flows opened before carry on through the exhaustion.
     for (i, mut tcp) in held.into_iter().enumerate() {
         let mut reply = Vec::new();
@@ -424,7 +439,7 @@ async fn running_out_of_file_descriptors_is_survived() {
         if let Err(e) = done {
             panic!(
                 "flow {i} opened before the flood: {e}; sidecar log:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
+                log_text()
             );
         }
         assert_eq!(reply, format!("r:before-{i}|after").as_bytes());
