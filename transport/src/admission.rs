@@ -276,6 +276,11 @@ pub struct AdmissionStats {
     pub peer_capped: AtomicU64,
     /// Requests reset at the per-peer cap of requests in progress.
     pub streams_rejected: AtomicU64,
+    /// Datagrams received from a trusted east-west gateway (PROXY protocol v2 header removed).
+    pub proxied: AtomicU64,
+    /// PROXY-wrapped datagrams dropped: from a source not in `proxy_protocol_from`, or with a
+    /// header that does not parse.
+    pub proxy_refused: AtomicU64,
 }
 
 /// The counts behind [`admit`], shared by the accept loop and the connection tasks.

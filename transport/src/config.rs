@@ -36,6 +36,16 @@ pub enum ConfigError {
         /// Why the combination is refused.
         reason: &'static str,
     },
+    /// A value that does not parse.
+    #[error("transport.{field}: {value:?} is not {expected}")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// The value given.
+        value: String,
+        /// What the field takes.
+        expected: &'static str,
+    },
 }
 
 /// Transport settings as written in a config file. Durations are in milliseconds, sizes in
@@ -89,6 +99,11 @@ pub struct RawTransportConfig {
     /// 16,777,216; the default, 16,384, is twice what a pool opens at most by default
     /// (8 connections × 1,024 streams).
     pub max_streams_per_peer: u64,
+    /// Sources (IP addresses or CIDR prefixes, `"10.1.0.0/16"`, `"fd00::/8"`, `"10.1.0.9"`)
+    /// trusted to hand over QUIC datagrams of clients in other clusters, each behind a PROXY
+    /// protocol v2 header naming the client: this cluster's east-west gateways. Empty (the
+    /// default): such datagrams are dropped. At most 64 entries.
+    pub proxy_protocol_from: Vec<String>,
 }
 
 impl Default for RawTransportConfig {
@@ -111,6 +126,7 @@ impl Default for RawTransportConfig {
             max_field_section_size: 96 * KIB,
             congestion: Congestion::default(),
             max_streams_per_peer: 16_384,
+            proxy_protocol_from: Vec::new(),
         }
     }
 }
@@ -139,6 +155,63 @@ impl Default for RawTransportConfig {
 #[serde(try_from = "RawTransportConfig", into = "RawTransportConfig")]
 pub struct TransportConfig {
     raw: RawTransportConfig,
+    proxy_from: Vec<IpPrefix>,
+}
+
+/// An IP prefix (CIDR, RFC 4632 §3.1; RFC 4291 §2.3): an address and a prefix length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpPrefix {
+    addr: std::net::IpAddr,
+    len: u8,
+}
+
+impl IpPrefix {
+    /// Whether `ip` is inside the prefix (an IPv4-mapped IPv6 address counts as IPv4).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(p), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
+                u32::from(p) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(p), IpAddr::V6(a)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.len))
+                    .unwrap_or(0);
+                u128::from(p) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for IpPrefix {
+    type Err = ();
+
+    /// `ADDR` or `ADDR/LEN` with LEN ≤ 32 (IPv4) or ≤ 128 (IPv6).
+    fn from_str(text: &str) -> Result<Self, ()> {
+        let (addr, len) = match text.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (text, None),
+        };
+        let addr: std::net::IpAddr = addr.parse().map_err(|_| ())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match len {
+            Some(l) if !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()) => {
+                l.parse::<u8>().map_err(|_| ())?
+            }
+            Some(_) => return Err(()),
+            None => max,
+        };
+        if len > max {
+            return Err(());
+        }
+        Ok(IpPrefix { addr, len })
+    }
 }
 
 fn range(field: &'static str, value: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
@@ -174,7 +247,26 @@ impl TryFrom<RawTransportConfig> for TransportConfig {
             raw.connections_per_peer,
             64,
         )?;
-        Ok(TransportConfig { raw })
+        if raw.proxy_protocol_from.len() > 64 {
+            return Err(ConfigError::OutOfRange {
+                field: "proxy_protocol_from",
+                value: raw.proxy_protocol_from.len() as u64,
+                min: 0,
+                max: 64,
+            });
+        }
+        let proxy_from = raw
+            .proxy_protocol_from
+            .iter()
+            .map(|text| {
+                text.parse().map_err(|()| ConfigError::Invalid {
+                    field: "proxy_protocol_from",
+                    value: text.clone(),
+                    expected: "an IP address or a prefix such as 10.1.0.0/16",
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(TransportConfig { raw, proxy_from })
     }
 }
 
@@ -329,10 +421,57 @@ impl TransportConfig {
     pub fn congestion(&self) -> Congestion {
         self.raw.congestion
     }
+
+    /// Sources trusted to send PROXY-protocol-wrapped datagrams (east-west gateways).
+    pub fn proxy_protocol_from(&self) -> &[IpPrefix] {
+        &self.proxy_from
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn proxy_sources_parse_as_prefixes_and_bad_ones_are_named() {
+        let raw = RawTransportConfig {
+            proxy_protocol_from: vec!["10.1.0.0/16".into(), "fd00::/8".into(), "192.0.2.7".into()],
+            ..RawTransportConfig::default()
+        };
+        let config = TransportConfig::try_from(raw).unwrap();
+        let trusted = |ip: &str| {
+            let ip = ip.parse().unwrap();
+            config.proxy_protocol_from().iter().any(|p| p.contains(ip))
+        };
+        assert!(trusted("10.1.200.3"));
+        assert!(trusted("::ffff:10.1.0.1"));
+        assert!(trusted("fd12::1"));
+        assert!(trusted("192.0.2.7"));
+        assert!(!trusted("192.0.2.8"));
+        assert!(!trusted("10.2.0.1"));
+        assert!(!trusted("fe80::1"));
+        assert!("0.0.0.0/0"
+            .parse::<IpPrefix>()
+            .unwrap()
+            .contains("8.8.8.8".parse().unwrap()));
+        for bad in [
+            "10.1.0.0/33",
+            "10.1.0.0/",
+            "10.1.0.0/+8",
+            "gateway",
+            "fd00::/129",
+            "",
+        ] {
+            let raw = RawTransportConfig {
+                proxy_protocol_from: vec![bad.into()],
+                ..RawTransportConfig::default()
+            };
+            let err = TransportConfig::try_from(raw).unwrap_err().to_string();
+            assert!(
+                err.contains("transport.proxy_protocol_from") && err.contains(bad),
+                "{err}"
+            );
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -37,7 +37,30 @@ struct Inner {
     transport: Arc<quinn::TransportConfig>,
     /// Bounds on inbound handshakes and connections per peer (`admission`).
     gate: crate::admission::Gate,
+    /// Clients reached through east-west gateways (`proxy_protocol_from`), kept across rebind.
+    proxied: Option<Arc<crate::initial_filter::Proxied>>,
+    /// Endpoints of other clusters, dialled through their cluster's east-west gateway.
+    gateways: std::sync::RwLock<Arc<GatewayRoutes>>,
+    /// The server ID in every connection ID this endpoint issues.
+    server_id: crate::quic_lb::ServerId,
 }
+
+/// Which peer addresses are reached through an east-west gateway: peer (the workload's
+/// registered QUIC address in its own cluster) → the gateway's address.
+pub type GatewayRoutes = std::collections::HashMap<SocketAddr, SocketAddr>;
+
+/// The TLS server name that asks an east-west gateway for the endpoint registered at `peer`
+/// (the gateway reads it from the client's Initial packet): `<server-id>.lb.halyard.internal`,
+/// the server ID ([`crate::quic_lb::ServerId::of`]) in 12 hex digits.
+pub fn gateway_server_name(peer: SocketAddr) -> String {
+    format!(
+        "{}{GATEWAY_NAME_SUFFIX}",
+        crate::quic_lb::ServerId::of(peer).to_hex()
+    )
+}
+
+/// What follows the server ID in a [`gateway_server_name`].
+pub const GATEWAY_NAME_SUFFIX: &str = ".lb.halyard.internal";
 
 /// Binds a UDP socket with the configured kernel buffers, ready to hand to quinn (also for
 /// [`MeshEndpoint::rebind`]). The buffers are set before quinn owns the socket, as its
@@ -89,17 +112,42 @@ impl MeshEndpoint {
         config: TransportConfig,
         bind: SocketAddr,
     ) -> Result<Self, EndpointError> {
+        Self::new_advertised(resolver, bundle, config, bind, None)
+    }
+
+    /// As [`MeshEndpoint::new`], for an endpoint registered as `advertise` (default: the bound
+    /// address): every connection ID it issues carries `ServerId::of(advertise)`
+    /// ([`crate::quic_lb`]), which is how an east-west gateway routes to it.
+    pub fn new_advertised(
+        resolver: Arc<CertResolver>,
+        bundle: Arc<TrustBundle>,
+        config: TransportConfig,
+        bind: SocketAddr,
+        advertise: Option<SocketAddr>,
+    ) -> Result<Self, EndpointError> {
         let transport = Arc::new(quinn_transport(&config));
         let server = server_config(&resolver, &bundle, transport.clone())?;
         let socket = bind_udp(bind, &config)?;
+        let bound = socket
+            .local_addr()
+            .map_err(|source| EndpointError::Socket { addr: bind, source })?;
+        let server_id = crate::quic_lb::ServerId::of(advertise.unwrap_or(bound));
         let runtime = Arc::new(quinn::TokioRuntime);
         let gate = crate::admission::Gate::new(config.max_streams_per_peer());
+        let proxied = crate::initial_filter::Proxied::new(config.proxy_protocol_from());
         let socket = quinn::Runtime::wrap_udp_socket(&*runtime, socket)
             .map_err(|source| EndpointError::Socket { addr: bind, source })?;
+        let mut endpoint_config = quinn::EndpointConfig::default();
+        endpoint_config
+            .cid_generator(move || {
+                Box::new(crate::quic_lb::LbConnectionIdGenerator::new(server_id))
+            })
+            // A greased fixed bit (RFC 9287) would let 1-RTT packets start like a PROXY header.
+            .grease_quic_bit(false);
         let quic = quinn::Endpoint::new_with_abstract_socket(
-            quinn::EndpointConfig::default(),
+            endpoint_config,
             Some(server),
-            crate::initial_filter::InitialFilter::new(socket, gate.clone()),
+            crate::initial_filter::InitialFilter::new(socket, gate.clone(), proxied.clone()),
             runtime,
         )
         .map_err(|source| EndpointError::Socket { addr: bind, source })?;
@@ -111,8 +159,36 @@ impl MeshEndpoint {
                 config,
                 transport,
                 gate,
+                proxied,
+                gateways: std::sync::RwLock::new(Arc::new(GatewayRoutes::new())),
+                server_id,
             }),
         })
+    }
+
+    /// The server ID every connection ID of this endpoint carries.
+    pub fn server_id(&self) -> crate::quic_lb::ServerId {
+        self.inner.server_id
+    }
+
+    /// Replaces the table of peers reached through east-west gateways (from the registry's
+    /// endpoints of other clusters). New connections follow it; open ones keep their path.
+    pub fn set_gateway_routes(&self, routes: GatewayRoutes) {
+        *self
+            .inner
+            .gateways
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Arc::new(routes);
+    }
+
+    /// The gateway `peer` is reached through, if any.
+    pub fn gateway_for(&self, peer: SocketAddr) -> Option<SocketAddr> {
+        let routes = self
+            .inner
+            .gateways
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        routes.get(&peer).copied()
     }
 
     /// Inbound attempts and connections refused so far (handshake floods, per-peer caps).
@@ -133,7 +209,11 @@ impl MeshEndpoint {
     /// RFC 9000 §9): open streams continue; peers validate the new path.
     pub fn rebind(&self, socket: std::net::UdpSocket) -> std::io::Result<()> {
         let socket = quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, socket)?;
-        let filtered = crate::initial_filter::InitialFilter::new(socket, self.inner.gate.clone());
+        let filtered = crate::initial_filter::InitialFilter::new(
+            socket,
+            self.inner.gate.clone(),
+            self.inner.proxied.clone(),
+        );
         self.inner.quic.rebind_abstract(filtered)
     }
 
@@ -179,20 +259,26 @@ impl MeshEndpoint {
     }
 
     /// Opens a QUIC connection to `peer`, accepting only a server whose certificate names
-    /// `expected`.
+    /// `expected`. A peer in the gateway table ([`MeshEndpoint::set_gateway_routes`]) is
+    /// dialled at its gateway, with [`gateway_server_name`] as the server name: mTLS stays end
+    /// to end, the gateway only routes.
     pub async fn connect(
         &self,
         peer: SocketAddr,
         expected: &SpiffeId,
     ) -> Result<quinn::Connection, TunnelError> {
         let fail = |reason: String| TunnelError::Connect { peer, reason };
+        let (dial, name) = match self.gateway_for(peer) {
+            Some(gateway) => (gateway, Some(gateway_server_name(peer))),
+            None => (peer, None),
+        };
         let client = self
-            .client_config(expected)
+            .client_config(expected, name.is_some())
             .map_err(|e| fail(e.to_string()))?;
         let connecting = self
             .inner
             .quic
-            .connect_with(client, peer, SERVER_NAME)
+            .connect_with(client, dial, name.as_deref().unwrap_or(SERVER_NAME))
             .map_err(|e| fail(e.to_string()))?;
         let after = self.inner.config.connect_timeout();
         match tokio::time::timeout(after, connecting).await {
@@ -202,14 +288,19 @@ impl MeshEndpoint {
         }
     }
 
-    fn client_config(&self, expected: &SpiffeId) -> Result<quinn::ClientConfig, EndpointError> {
+    fn client_config(
+        &self,
+        expected: &SpiffeId,
+        sni: bool,
+    ) -> Result<quinn::ClientConfig, EndpointError> {
         let mut tls = halyard_certs::client_config(
             self.inner.resolver.clone(),
             self.bundle(),
             ExpectedServer::Id(expected.clone()),
         )?;
         tls.alpn_protocols = vec![ALPN_H3.to_vec()];
-        tls.enable_sni = false;
+        // Only a gateway needs the name; direct handshakes do not show one.
+        tls.enable_sni = sni;
         let crypto =
             QuicClientConfig::try_from(tls).map_err(|e| EndpointError::Crypto(e.to_string()))?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));

@@ -56,8 +56,11 @@ mod credit;
 mod endpoint;
 mod error;
 mod fields;
+pub mod initial;
 mod initial_filter;
 mod pool;
+pub mod proxy_v2;
+pub mod quic_lb;
 mod reset;
 mod server;
 #[cfg(any(test, feature = "test-util"))]
@@ -65,9 +68,12 @@ pub mod sim;
 mod target;
 mod tunnel;
 
-pub use config::{ConfigError, RawTransportConfig, TransportConfig};
+pub use config::{ConfigError, IpPrefix, RawTransportConfig, TransportConfig};
 pub use congestion::{Congestion, CongestionStats};
-pub use endpoint::{bind_udp, peer_identity, MeshEndpoint, ALPN_H3};
+pub use endpoint::{
+    bind_udp, gateway_server_name, peer_identity, GatewayRoutes, MeshEndpoint, ALPN_H3,
+    GATEWAY_NAME_SUFFIX,
+};
 pub use error::{EndpointError, TunnelError};
 pub use fields::{header_fields_size, request_section_size, response_section_size};
 pub use pool::{
