@@ -29,6 +29,7 @@ mod bounds;
 pub mod ca;
 pub mod config;
 pub mod decide;
+pub mod gateway;
 mod identity;
 mod l4;
 mod l7;

@@ -62,11 +62,12 @@ async fn bind_all(
     bundle: Arc<TrustBundle>,
 ) -> anyhow::Result<Bound> {
     let file = &config.file;
-    let endpoint = MeshEndpoint::new(
+    let endpoint = MeshEndpoint::new_advertised(
         resolver,
         bundle,
         config.transport.clone(),
         file.inbound.listen,
+        file.inbound.advertise,
     )
     .with_context(|| format!("inbound.listen = {}: cannot listen", file.inbound.listen))?;
     let mut upstreams = Vec::new();
@@ -114,6 +115,7 @@ fn endpoint_record(
         cluster: svc.cluster.clone(),
         zone: svc.zone.clone(),
         weight: svc.weight,
+        gateway: None,
     })
 }
 
@@ -171,6 +173,8 @@ pub struct Started {
     pub identity: Arc<CertResolver>,
     /// Counts certificate reloads.
     pub reloads: tokio::sync::watch::Receiver<u64>,
+    /// The QUIC endpoint (tests move it to another socket: a client changing address).
+    pub endpoint: halyard_transport::MeshEndpoint,
 }
 
 impl Started {
@@ -257,6 +261,7 @@ pub async fn run_until(
     admin.attach(shared.clone());
 
     let info = Started {
+        endpoint: bound.endpoint.clone(),
         inbound: inbound_addr,
         upstreams: bound
             .upstreams

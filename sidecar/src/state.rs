@@ -306,6 +306,20 @@ impl Shared {
             return index.clone();
         }
         let index = Arc::new(EndpointIndex::build(snap, &self.locality));
+        let newest = indexed
+            .entries
+            .first()
+            .is_none_or(|(s, _)| s.revision <= snap.revision);
+        if newest {
+            // Endpoints of other clusters are dialled at their cluster's east-west gateway.
+            let routes = snap
+                .endpoints
+                .values()
+                .flat_map(|eps| eps.values())
+                .filter_map(|ep| Some((ep.address, ep.gateway?)))
+                .collect();
+            self.pool.endpoint().set_gateway_routes(routes);
+        }
         indexed.entries.insert(0, (snap.clone(), index.clone()));
         indexed.entries.truncate(INDEXED_SNAPSHOTS);
         index

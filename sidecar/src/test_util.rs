@@ -137,8 +137,25 @@ impl Mesh {
         Self::with_url(dir, url).await
     }
 
+    /// A mesh on its own directory registry whose CA is a copy of `other`'s (two clusters
+    /// sharing one root).
+    pub async fn with_dir_sharing_ca(other: &Mesh) -> Mesh {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = dir.path().join("registry");
+        std::fs::create_dir_all(reg.join("default")).unwrap();
+        let copy = dir.path().join("ca-copy");
+        other.ca.write(&copy, false).unwrap();
+        let ca = MeshCa::load(&copy).unwrap();
+        let url = format!("file://{}", reg.display());
+        Self::with_ca(dir, url, ca).await
+    }
+
     pub async fn with_url(dir: tempfile::TempDir, url: String) -> Mesh {
         let ca = MeshCa::create(&TrustDomain::new(TD).unwrap()).unwrap();
+        Self::with_ca(dir, url, ca).await
+    }
+
+    async fn with_ca(dir: tempfile::TempDir, url: String, ca: MeshCa) -> Mesh {
         let admin = Admin::connect(&url, "default", Duration::from_secs(3))
             .await
             .unwrap();

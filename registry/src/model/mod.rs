@@ -177,6 +177,10 @@ pub struct Service {
     /// Limits each caller's sidecar keeps towards this service (Envoy's circuit breakers).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub circuit_breaker: Option<CircuitBreaker>,
+    /// Reachable from other clusters through this cluster's east-west gateways (`halyard
+    /// gateway`); a gateway drops traffic for endpoints of services that are not. Default false.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub exported: bool,
 }
 
 /// Thresholds a caller's sidecar keeps per destination service; past one it fails fast (503,
@@ -1004,6 +1008,11 @@ pub struct Endpoint {
     pub zone: String,
     /// Load-balancing weight, 0 to [`MAX_WEIGHT`]; default 1.
     pub weight: u32,
+    /// For an endpoint of another cluster: the address of that cluster's east-west gateway,
+    /// which a caller dials instead of `address` (the gateway routes by the endpoint's server
+    /// ID, `halyard_transport::quic_lb`). `None` for endpoints reached directly.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<SocketAddr>,
 }
 
 /// What one sidecar applied, written to `status/<sidecar-id>`.

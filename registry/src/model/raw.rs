@@ -15,6 +15,8 @@ pub(crate) struct Service {
     pub ports: Vec<ServicePort>,
     #[serde(default)]
     pub circuit_breaker: Option<CircuitBreaker>,
+    #[serde(default)]
+    pub exported: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -320,6 +322,8 @@ pub(crate) struct Endpoint {
     pub zone: String,
     #[serde(default)]
     pub weight: Option<u32>,
+    #[serde(default)]
+    pub gateway: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -199,6 +199,7 @@ fn service(raw: raw::Service) -> Result<Service, ValidationError> {
         vip,
         ports,
         circuit_breaker,
+        exported: raw.exported,
     })
 }
 
@@ -1092,7 +1093,15 @@ fn endpoint(raw: raw::Endpoint) -> Result<Endpoint, ValidationError> {
             format!("weight {weight} is over the limit of {MAX_WEIGHT}"),
         ));
     }
+    let gateway = raw
+        .gateway
+        .map(|g| {
+            g.parse::<SocketAddr>()
+                .map_err(|_| ValidationError::at("gateway", format!("{g:?} is not ip:port")))
+        })
+        .transpose()?;
     Ok(Endpoint {
+        gateway,
         id: raw.id,
         service: Name::at("service", &raw.service)?,
         address,

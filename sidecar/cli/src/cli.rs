@@ -27,6 +27,9 @@ pub(crate) enum Command {
     Demo(demo::DemoArgs),
     /// Run the data plane for one service from a config file.
     Sidecar(SidecarArgs),
+    /// Run an east-west gateway: route QUIC from other clusters to this cluster's exported
+    /// services without decrypting it (UDP, default port 15444).
+    Gateway(GatewayArgs),
     /// Install or remove transparent-capture iptables rules in this network namespace.
     Iptables(crate::iptables::IptablesArgs),
     /// Run one of the demo's sample services (bookinfo-like HTTP/1.1 JSON server).
@@ -37,6 +40,14 @@ pub(crate) enum Command {
 #[derive(Debug, clap::Args)]
 pub(crate) struct SidecarArgs {
     /// The sidecar config file (TOML).
+    #[arg(long)]
+    pub(crate) config: std::path::PathBuf,
+}
+
+/// Arguments of `halyard gateway`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct GatewayArgs {
+    /// The gateway config file (TOML).
     #[arg(long)]
     pub(crate) config: std::path::PathBuf,
 }
@@ -58,9 +69,35 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ctl(args) => ctl::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Sidecar(args) => run_sidecar(&args),
+        Command::Gateway(args) => run_gateway(&args),
         Command::Iptables(args) => crate::iptables::cli(args),
         Command::SampleApp(args) => crate::sample_app::run(args),
     }
+}
+
+fn run_gateway(args: &GatewayArgs) -> anyhow::Result<()> {
+    use halyard_sidecar::gateway::{serve, GatewayConfig, StartedGateway};
+    let config = GatewayConfig::load(&args.config)?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(async {
+            halyard_sidecar::signal::cancel_on_signal(&stop);
+            let (tx, rx) = tokio::sync::oneshot::channel::<StartedGateway>();
+            let announce = tokio::spawn(async move {
+                // Scripts and tests read the bound addresses (port 0 allowed) from stdout.
+                if let Ok(started) = rx.await {
+                    println!("gateway listening on {}", started.addr);
+                    if let Some(admin) = started.admin {
+                        println!("admin listening on {admin}");
+                    }
+                }
+            });
+            let result = serve(config, stop, Some(tx)).await;
+            announce.abort();
+            result
+        })
 }
 
 fn run_sidecar(args: &SidecarArgs) -> anyhow::Result<()> {

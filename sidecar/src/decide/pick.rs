@@ -572,6 +572,7 @@ mod tests {
             cluster: cluster.into(),
             zone: zone.into(),
             weight: 1,
+            gateway: None,
         }
     }
 
@@ -847,6 +848,7 @@ mod indexed {
             cluster: d.pick(&["c", "d", ""]).to_string(),
             zone: d.pick(&["z", "y"]).to_string(),
             weight: d.pick(&[0, 1, 1, 2, 3, 7]),
+            gateway: None,
         }
     }
 

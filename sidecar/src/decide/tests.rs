@@ -25,6 +25,7 @@ fn ep(id: &str) -> Endpoint {
         cluster: String::new(),
         zone: String::new(),
         weight: 1,
+        gateway: None,
     }
 }
 

@@ -1,0 +1,792 @@
+//! `halyard gateway --config FILE`: an east-west gateway that routes QUIC between clusters
+//! without decrypting it.
+//!
+//! It listens on one UDP socket (default `0.0.0.0:15444`). A datagram from a caller in another
+//! cluster goes to one endpoint of an exported service of this cluster, chosen by:
+//! - the server name in the ClientHello of a client's first Initial packet, which the caller's
+//!   sidecar sets to `<server-id>.lb.halyard.internal` (`halyard_transport::gateway_server_name`)
+//!   and the gateway reads with the version's public Initial keys (RFC 9001 §5.2,
+//!   `halyard_transport::initial`), the only packet it ever opens;
+//! - for every other packet, the server ID in its destination connection ID, which sidecars
+//!   issue as in QUIC-LB (`halyard_transport::quic_lb`).
+//!
+//! The datagram reaches the endpoint's sidecar behind a PROXY protocol v2 header naming the
+//! caller (`halyard_transport::proxy_v2`); the sidecar answers through the gateway with a
+//! header naming the caller, and the gateway sends the payload on. The gateway keeps no table
+//! of connections: it can restart, run as replicas, and follow a caller whose address changes.
+//! It holds no workload key; mTLS stays between the two sidecars.
+//!
+//! The routing table is built from this cluster's registry: every endpoint of a Service with
+//! `exported: true` that is reached directly (not itself behind a gateway), by
+//! `ServerId::of(address)`. Anything else is dropped and counted
+//! (`halyard_gateway_datagrams_total{decision}`). Admin: `/metrics`, `/healthz`, `/readyz`
+//! (ready once a snapshot is in force), `/config_dump`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use halyard_registry::Snapshot;
+use halyard_transport::initial::{initial_server_name, long_header_dcid};
+use halyard_transport::proxy_v2::{self, ProxyHeader};
+use halyard_transport::quic_lb::{self, ServerId};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ConfigError;
+
+/// The gateway's default UDP port (next to the sidecars' 15443).
+pub const DEFAULT_GATEWAY_PORT: u16 = 15444;
+/// Largest datagram read (bytes); QUIC datagrams are at most 65,527 bytes of UDP payload.
+const MAX_DATAGRAM: usize = 65_535;
+
+/// `halyard gateway --config FILE` (TOML).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// UDP address to listen on; default `0.0.0.0:15444`.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// This cluster's registry: `etcd://...` or `file:///...`.
+    pub registry: String,
+    /// Mesh name.
+    #[serde(default = "default_mesh")]
+    pub mesh: String,
+    /// Where the last good snapshot is kept, so a restarted gateway routes before the registry
+    /// answers (static stability). None: not kept.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
+    /// Plain-HTTP admin listener (`/metrics`, `/healthz`, `/readyz`, `/config_dump`); none
+    /// when absent. The deploy examples use `0.0.0.0:15020`.
+    #[serde(default)]
+    pub admin: Option<SocketAddr>,
+    /// SO_RCVBUF and SO_SNDBUF of the UDP socket in bytes (the kernel may clamp them to
+    /// `net.core.{r,w}mem_max`); 64 KiB to 256 MiB, default 4 MiB.
+    #[serde(default = "default_buffer")]
+    pub udp_buffer: usize,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], DEFAULT_GATEWAY_PORT))
+}
+fn default_mesh() -> String {
+    "default".into()
+}
+fn default_buffer() -> usize {
+    4 << 20
+}
+
+impl GatewayConfig {
+    /// Reads and checks the file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Checks `text` as the file at `path` (a relative `state_dir` is anchored at its folder).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let value: toml::Value = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_owned(),
+            message: e.message().to_owned(),
+        })?;
+        let field = |field: &str, message: String| ConfigError::Field {
+            path: path.to_owned(),
+            field: field.to_owned(),
+            message,
+        };
+        let mut config: GatewayConfig = serde_path_to_error::deserialize(value)
+            .map_err(|e| field(&e.path().to_string(), e.into_inner().to_string()))?;
+        if let Some(dir) = &config.state_dir {
+            if dir.is_relative() {
+                config.state_dir = Some(path.parent().unwrap_or(Path::new(".")).join(dir));
+            }
+        }
+        if !(64 << 10..=256 << 20).contains(&config.udp_buffer) {
+            return Err(field(
+                "udp_buffer",
+                format!(
+                    "{} is out of range; use 65536..=268435456",
+                    config.udp_buffer
+                ),
+            ));
+        }
+        halyard_registry::RegistryUrl::parse(&config.registry)
+            .map_err(|e| field("registry", e.to_string()))?;
+        Ok(config)
+    }
+}
+
+/// One routable endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Target {
+    /// Where its sidecar's QUIC endpoint listens (its registered address).
+    pub address: SocketAddr,
+    /// Its service.
+    pub service: String,
+    /// Its endpoint id.
+    pub id: String,
+}
+
+/// The routing table of one snapshot: server ID → endpoint, for exported services only.
+#[derive(Debug, Default)]
+pub struct Table {
+    /// The snapshot's revision.
+    pub revision: i64,
+    by_server: HashMap<ServerId, Target>,
+    /// Addresses allowed to send answers for callers (the targets).
+    backends: HashSet<SocketAddr>,
+    /// Server IDs claimed by two addresses: routed to neither.
+    pub collisions: Vec<(ServerId, SocketAddr, SocketAddr)>,
+}
+
+impl Table {
+    /// Builds the table of `snap`: endpoints of services with `exported: true` that are
+    /// reached directly (an endpoint behind another cluster's gateway is not routed on).
+    pub fn of(snap: &Snapshot) -> Table {
+        let mut by_server: HashMap<ServerId, Target> = HashMap::new();
+        let mut collided: HashSet<ServerId> = HashSet::new();
+        let mut collisions = Vec::new();
+        for (name, service) in &snap.services {
+            if !service.exported {
+                continue;
+            }
+            for ep in snap.endpoints_of(name).filter(|ep| ep.gateway.is_none()) {
+                let sid = ServerId::of(ep.address);
+                let target = Target {
+                    address: ep.address,
+                    service: name.clone(),
+                    id: ep.id.clone(),
+                };
+                match by_server.get(&sid) {
+                    Some(old) if old.address != ep.address => {
+                        collisions.push((sid, old.address, ep.address));
+                        collided.insert(sid);
+                    }
+                    Some(_) => {}
+                    None => {
+                        by_server.insert(sid, target);
+                    }
+                }
+            }
+        }
+        for sid in &collided {
+            by_server.remove(sid);
+        }
+        let backends = by_server.values().map(|t| t.address).collect();
+        Table {
+            revision: snap.revision,
+            by_server,
+            backends,
+            collisions,
+        }
+    }
+
+    /// The endpoint with `sid`, if routable.
+    pub fn target(&self, sid: &ServerId) -> Option<&Target> {
+        self.by_server.get(sid)
+    }
+
+    /// Routable endpoints.
+    pub fn len(&self) -> usize {
+        self.by_server.len()
+    }
+
+    /// No routable endpoint.
+    pub fn is_empty(&self) -> bool {
+        self.by_server.is_empty()
+    }
+}
+
+/// Why a datagram was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dropped {
+    /// No server name and no Halyard connection ID to route by.
+    Unroutable,
+    /// Names an endpoint that is not in the table (unknown, or of a service not exported).
+    NotExported,
+    /// A PROXY-wrapped answer from an address that is not a routable endpoint.
+    UnknownSource,
+    /// Not a QUIC v1 packet, or a PROXY header that does not parse.
+    Malformed,
+}
+
+impl Dropped {
+    fn label(self) -> &'static str {
+        match self {
+            Dropped::Unroutable => "unroutable",
+            Dropped::NotExported => "not_exported",
+            Dropped::UnknownSource => "unknown_source",
+            Dropped::Malformed => "malformed",
+        }
+    }
+}
+
+/// What to do with one datagram.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// A caller's packet: wrap it and send it to this endpoint.
+    Forward(SocketAddr),
+    /// An endpoint's answer: send the bytes from `offset` on to the caller.
+    Return {
+        /// The caller.
+        to: SocketAddr,
+        /// Where the QUIC payload starts (after the PROXY header).
+        offset: usize,
+    },
+    /// Dropped, for this reason.
+    Drop(Dropped),
+}
+
+/// Decides what to do with `datagram`, received from `from` (pure: the table and the bytes).
+pub fn decide(table: &Table, from: SocketAddr, datagram: &[u8]) -> Decision {
+    if proxy_v2::has_signature(datagram) {
+        if !table.backends.contains(&from) {
+            return Decision::Drop(Dropped::UnknownSource);
+        }
+        return match proxy_v2::decode(datagram) {
+            Ok((header, offset)) => Decision::Return {
+                to: header.destination,
+                offset,
+            },
+            Err(_) => Decision::Drop(Dropped::Malformed),
+        };
+    }
+    let Some(&first) = datagram.first() else {
+        return Decision::Drop(Dropped::Malformed);
+    };
+    // RFC 9000 §17: the fixed bit is set in every QUIC v1 packet (Halyard does not grease it).
+    if first & 0x40 == 0 {
+        return Decision::Drop(Dropped::Malformed);
+    }
+    let dcid = if first & 0x80 != 0 {
+        long_header_dcid(datagram)
+    } else {
+        quic_lb::short_header_dcid(datagram)
+    };
+    // A connection ID of ours routes any packet, Initials after a Retry or the server's first
+    // answer included.
+    if let Some(sid) = dcid.and_then(quic_lb::server_id) {
+        return match table.target(&sid) {
+            Some(t) => Decision::Forward(t.address),
+            None => Decision::Drop(Dropped::NotExported),
+        };
+    }
+    if first & 0x80 == 0 {
+        return Decision::Drop(Dropped::Unroutable);
+    }
+    // A client's first Initial: the server name says which endpoint.
+    match initial_server_name(datagram) {
+        Ok(Some(name)) => match name
+            .strip_suffix(halyard_transport::GATEWAY_NAME_SUFFIX)
+            .and_then(ServerId::from_hex)
+        {
+            Some(sid) => match table.target(&sid) {
+                Some(t) => Decision::Forward(t.address),
+                None => Decision::Drop(Dropped::NotExported),
+            },
+            None => Decision::Drop(Dropped::NotExported),
+        },
+        _ => Decision::Drop(Dropped::Unroutable),
+    }
+}
+
+/// The gateway's Prometheus metrics; counters resolved once, not per datagram.
+struct GatewayMetrics {
+    registry: prometheus::Registry,
+    forwarded: IntCounter,
+    returned: IntCounter,
+    drops: HashMap<Dropped, IntCounter>,
+    bytes_forwarded: IntCounter,
+    bytes_returned: IntCounter,
+    endpoints: IntGauge,
+    revision: IntGauge,
+    stale: prometheus::Gauge,
+}
+
+impl GatewayMetrics {
+    fn new() -> anyhow::Result<Self> {
+        let registry = prometheus::Registry::new();
+        let datagrams = IntCounterVec::new(
+            Opts::new(
+                "halyard_gateway_datagrams_total",
+                "Datagrams by decision: forwarded (caller to endpoint), returned (endpoint to caller), or why dropped",
+            ),
+            &["decision"],
+        )?;
+        let bytes = IntCounterVec::new(
+            Opts::new(
+                "halyard_gateway_bytes_total",
+                "QUIC bytes passed on (PROXY headers not counted), by direction",
+            ),
+            &["direction"],
+        )?;
+        let endpoints = IntGauge::new(
+            "halyard_gateway_endpoints",
+            "Endpoints of exported services the gateway routes to",
+        )?;
+        let revision = IntGauge::new("halyard_registry_revision", "Registry revision applied")?;
+        let stale = prometheus::Gauge::new(
+            "halyard_registry_stale_seconds",
+            "Seconds since the registry was last in contact; 0 while in contact",
+        )?;
+        registry.register(Box::new(datagrams.clone()))?;
+        registry.register(Box::new(bytes.clone()))?;
+        registry.register(Box::new(endpoints.clone()))?;
+        registry.register(Box::new(revision.clone()))?;
+        registry.register(Box::new(stale.clone()))?;
+        let drops = [
+            Dropped::Unroutable,
+            Dropped::NotExported,
+            Dropped::UnknownSource,
+            Dropped::Malformed,
+        ]
+        .into_iter()
+        .map(|d| (d, datagrams.with_label_values(&[d.label()])))
+        .collect();
+        Ok(GatewayMetrics {
+            forwarded: datagrams.with_label_values(&["forwarded"]),
+            returned: datagrams.with_label_values(&["returned"]),
+            drops,
+            bytes_forwarded: bytes.with_label_values(&["to_endpoint"]),
+            bytes_returned: bytes.with_label_values(&["to_caller"]),
+            endpoints,
+            revision,
+            stale,
+            registry,
+        })
+    }
+
+    fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+/// What a started gateway reports.
+#[derive(Debug, Clone)]
+pub struct StartedGateway {
+    /// The bound UDP address.
+    pub addr: SocketAddr,
+    /// The bound admin address, when `admin` is set.
+    pub admin: Option<SocketAddr>,
+}
+
+struct State {
+    config: GatewayConfig,
+    bound: SocketAddr,
+    metrics: GatewayMetrics,
+    table: tokio::sync::watch::Receiver<Arc<Table>>,
+    registry: Arc<dyn halyard_registry::Registry>,
+}
+
+/// Opens the registry, binds `config.listen` and routes until `stop`.
+pub async fn serve(
+    config: GatewayConfig,
+    stop: CancellationToken,
+    started: Option<tokio::sync::oneshot::Sender<StartedGateway>>,
+) -> anyhow::Result<()> {
+    let socket =
+        bind(&config).with_context(|| format!("listen = {}: cannot bind", config.listen))?;
+    let bound = socket.local_addr()?;
+    let mut opts = halyard_registry::Options::new(&config.mesh);
+    opts.state_dir = config.state_dir.clone();
+    let registry = halyard_registry::open_with(&config.registry, opts)
+        .await
+        .with_context(|| format!("registry = {:?}", config.registry))?;
+    let metrics = GatewayMetrics::new()?;
+    let (table_tx, table_rx) =
+        tokio::sync::watch::channel(Arc::new(Table::of(&registry.snapshot())));
+    let state = Arc::new(State {
+        config,
+        bound,
+        metrics,
+        table: table_rx,
+        registry: registry.clone(),
+    });
+    let tasks = tokio_util::task::TaskTracker::new();
+    tasks.spawn(follow(
+        registry.watch(),
+        table_tx,
+        state.clone(),
+        stop.clone(),
+    ));
+    let admin = match state.config.admin {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("admin = {addr}: cannot listen"))?;
+            let admin = listener.local_addr()?;
+            tasks.spawn(crate::net::serve_http1_within(
+                listener,
+                stop.clone(),
+                "gateway admin",
+                (Duration::from_secs(1), Duration::from_secs(10)),
+                state.clone(),
+                |state, req| async move { admin_reply(&state, &req) },
+            ));
+            Some(admin)
+        }
+        None => None,
+    };
+    tracing::info!(addr = %bound, "gateway listening");
+    if let Some(tx) = started {
+        let _ = tx.send(StartedGateway { addr: bound, admin });
+    }
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        r = route(&socket, &state) => r?,
+    }
+    tasks.close();
+    tasks.wait().await;
+    Ok(())
+}
+
+fn bind(config: &GatewayConfig) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(config.listen),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )?;
+    if let Err(e) = socket.set_recv_buffer_size(config.udp_buffer) {
+        tracing::warn!(error = %e, "could not set SO_RCVBUF");
+    }
+    if let Err(e) = socket.set_send_buffer_size(config.udp_buffer) {
+        tracing::warn!(error = %e, "could not set SO_SNDBUF");
+    }
+    socket.bind(&config.listen.into())?;
+    socket.set_nonblocking(true)?;
+    UdpSocket::from_std(socket.into())
+}
+
+/// Rebuilds the table on every snapshot.
+async fn follow(
+    mut snapshots: tokio::sync::watch::Receiver<Arc<Snapshot>>,
+    table: tokio::sync::watch::Sender<Arc<Table>>,
+    state: Arc<State>,
+    stop: CancellationToken,
+) {
+    loop {
+        let snap = snapshots.borrow_and_update().clone();
+        let next = Table::of(&snap);
+        for (sid, a, b) in &next.collisions {
+            tracing::warn!(server_id = %sid, first = %a, second = %b, "two endpoints share a server ID; neither is routed");
+        }
+        state.metrics.endpoints.set(next.len() as i64);
+        state.metrics.revision.set(next.revision);
+        table.send_replace(Arc::new(next));
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = snapshots.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// The data path: one datagram at a time, read after room for the longest PROXY header so a
+/// header is written in front of it without copying the payload.
+async fn route(socket: &UdpSocket, state: &State) -> anyhow::Result<()> {
+    let mut table_rx = state.table.clone();
+    let mut table = table_rx.borrow_and_update().clone();
+    let mut buf = vec![0u8; proxy_v2::MAX_LEN + MAX_DATAGRAM];
+    let m = &state.metrics;
+    loop {
+        let (n, from) = match socket.recv_from(&mut buf[proxy_v2::MAX_LEN..]).await {
+            Ok(got) => got,
+            // ICMP errors from an earlier send surface here (ECONNREFUSED); the socket is fine.
+            Err(e) => {
+                tracing::debug!(error = %e, "gateway receive error");
+                continue;
+            }
+        };
+        if table_rx.has_changed().unwrap_or(false) {
+            table = table_rx.borrow_and_update().clone();
+        }
+        let datagram = &buf[proxy_v2::MAX_LEN..proxy_v2::MAX_LEN + n];
+        match decide(&table, from, datagram) {
+            Decision::Forward(to) => {
+                let header = ProxyHeader {
+                    source: from,
+                    destination: state.bound,
+                };
+                let hlen = proxy_v2::encoded_len(&header);
+                let start = proxy_v2::MAX_LEN - hlen;
+                if proxy_v2::encode(&header, &mut buf[start..]).is_none() {
+                    continue;
+                }
+                if let Err(e) = socket.send_to(&buf[start..proxy_v2::MAX_LEN + n], to).await {
+                    tracing::debug!(error = %e, %to, "gateway send to endpoint failed");
+                    continue;
+                }
+                m.forwarded.inc();
+                m.bytes_forwarded.inc_by(n as u64);
+            }
+            Decision::Return { to, offset } => {
+                let payload = &buf[proxy_v2::MAX_LEN + offset..proxy_v2::MAX_LEN + n];
+                if let Err(e) = socket.send_to(payload, to).await {
+                    tracing::debug!(error = %e, %to, "gateway send to caller failed");
+                    continue;
+                }
+                m.returned.inc();
+                m.bytes_returned.inc_by(payload.len() as u64);
+            }
+            Decision::Drop(why) => {
+                tracing::debug!(%from, reason = why.label(), "gateway dropped a datagram");
+                if let Some(c) = m.drops.get(&why) {
+                    c.inc();
+                }
+            }
+        }
+    }
+}
+
+fn admin_reply(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    state
+        .metrics
+        .stale
+        .set(state.registry.staleness().as_secs_f64());
+    let reply = |status: StatusCode, body: String| {
+        let mut resp = Response::new(Full::new(Bytes::from(body)));
+        *resp.status_mut() = status;
+        resp
+    };
+    let snapshot_in_force = !matches!(
+        state.registry.snapshot().origin,
+        halyard_registry::Origin::Empty
+    );
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => reply(StatusCode::OK, state.metrics.render()),
+        (&Method::GET, "/healthz") => reply(StatusCode::OK, "ok\n".into()),
+        (&Method::GET, "/readyz") if snapshot_in_force => reply(StatusCode::OK, "ready\n".into()),
+        (&Method::GET, "/readyz") => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: no registry snapshot yet\n".into(),
+        ),
+        (&Method::GET, "/config_dump") => {
+            let table = state.table.borrow().clone();
+            let routes: BTreeMap<String, &Target> = table
+                .by_server
+                .iter()
+                .map(|(sid, t)| (sid.to_hex(), t))
+                .collect();
+            let collisions: Vec<_> = table
+                .collisions
+                .iter()
+                .map(|(sid, a, b)| serde_json::json!({"serverId": sid.to_hex(), "addresses": [a, b]}))
+                .collect();
+            let dump = serde_json::json!({
+                "config": state.config,
+                "listening": state.bound,
+                "revision": table.revision,
+                "routes": routes,
+                "collisions": collisions,
+            });
+            let mut resp = reply(
+                StatusCode::OK,
+                serde_json::to_string_pretty(&dump).unwrap_or_default(),
+            );
+            resp.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/json"),
+            );
+            resp
+        }
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "not found: GET /metrics, /healthz, /readyz, /config_dump\n".into(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use halyard_registry::model::parse_documents;
+    use halyard_registry::Object;
+
+    fn snapshot(yaml: &str) -> Snapshot {
+        let mut snap = Snapshot::empty(halyard_registry::Origin::Live);
+        for object in parse_documents("test", yaml).unwrap() {
+            match object {
+                Object::Service(s) => {
+                    snap.services.insert(s.name.to_string(), Arc::new(s));
+                }
+                Object::Endpoint(e) => {
+                    snap.endpoints
+                        .entry(e.service.to_string())
+                        .or_default()
+                        .insert(e.id.clone(), Arc::new(e));
+                }
+                _ => {}
+            }
+        }
+        snap
+    }
+
+    const MESH: &str = "
+kind: Service
+name: reviews
+exported: true
+ports: [{ port: 9080, protocol: tcp }]
+---
+kind: Service
+name: internal
+ports: [{ port: 9080, protocol: tcp }]
+---
+kind: Endpoint
+id: r1
+service: reviews
+address: 10.2.0.5:15443
+identity: spiffe://mesh.local/ns/default/sa/reviews
+---
+kind: Endpoint
+id: r2
+service: reviews
+address: 10.9.0.5:15443
+identity: spiffe://mesh.local/ns/default/sa/reviews
+gateway: 192.0.2.9:15444
+---
+kind: Endpoint
+id: i1
+service: internal
+address: 10.2.0.6:15443
+identity: spiffe://mesh.local/ns/default/sa/internal
+";
+
+    fn short_packet(sid: ServerId) -> Vec<u8> {
+        let cid = quic_lb::connection_id(sid, [7; quic_lb::NONCE_LEN]);
+        let mut p = vec![0x43];
+        p.extend_from_slice(&cid);
+        p.extend_from_slice(&[0x5a; 60]);
+        p
+    }
+
+    #[test]
+    fn only_direct_endpoints_of_exported_services_are_routed() {
+        let table = Table::of(&snapshot(MESH));
+        assert_eq!(table.len(), 1);
+        let r1: SocketAddr = "10.2.0.5:15443".parse().unwrap();
+        let caller: SocketAddr = "198.51.100.7:50000".parse().unwrap();
+        assert_eq!(
+            decide(&table, caller, &short_packet(ServerId::of(r1))),
+            Decision::Forward(r1)
+        );
+        for not_routed in ["10.2.0.6:15443", "10.9.0.5:15443", "10.2.0.5:15444"] {
+            let sid = ServerId::of(not_routed.parse().unwrap());
+            assert_eq!(
+                decide(&table, caller, &short_packet(sid)),
+                Decision::Drop(Dropped::NotExported),
+                "{not_routed}"
+            );
+        }
+    }
+
+    #[test]
+    fn answers_are_returned_only_from_routed_endpoints() {
+        let table = Table::of(&snapshot(MESH));
+        let r1: SocketAddr = "10.2.0.5:15443".parse().unwrap();
+        let caller: SocketAddr = "198.51.100.7:50000".parse().unwrap();
+        let header = ProxyHeader {
+            source: "192.0.2.9:15444".parse().unwrap(),
+            destination: caller,
+        };
+        let mut wrapped = vec![0u8; proxy_v2::MAX_LEN];
+        let len = proxy_v2::encode(&header, &mut wrapped).unwrap();
+        wrapped.truncate(len);
+        wrapped.extend_from_slice(&[0x43, 1, 2, 3]);
+        assert_eq!(
+            decide(&table, r1, &wrapped),
+            Decision::Return {
+                to: caller,
+                offset: len
+            }
+        );
+        // The same bytes from an internal endpoint, or from anyone else: not a reflector.
+        for other in ["10.2.0.6:15443", "203.0.113.1:4000"] {
+            assert_eq!(
+                decide(&table, other.parse().unwrap(), &wrapped),
+                Decision::Drop(Dropped::UnknownSource)
+            );
+        }
+        wrapped[13] = 0x11;
+        assert_eq!(
+            decide(&table, r1, &wrapped),
+            Decision::Drop(Dropped::Malformed)
+        );
+    }
+
+    #[test]
+    fn garbage_is_dropped_by_kind() {
+        let table = Table::of(&snapshot(MESH));
+        let caller: SocketAddr = "198.51.100.7:50000".parse().unwrap();
+        assert_eq!(
+            decide(&table, caller, &[]),
+            Decision::Drop(Dropped::Malformed)
+        );
+        assert_eq!(
+            decide(&table, caller, &[0x00, 1, 2]),
+            Decision::Drop(Dropped::Malformed)
+        );
+        // A short header without one of our connection IDs; an Initial that does not decrypt.
+        assert_eq!(
+            decide(&table, caller, &[0x43; 40]),
+            Decision::Drop(Dropped::Unroutable)
+        );
+        let mut initial = vec![
+            0xc3, 0, 0, 0, 1, 8, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0x44, 0xd0,
+        ];
+        initial.resize(1200, 0x77);
+        assert_eq!(
+            decide(&table, caller, &initial),
+            Decision::Drop(Dropped::Unroutable)
+        );
+    }
+
+    #[test]
+    fn one_address_under_two_ids_is_one_route() {
+        let mut snap = snapshot(MESH);
+        let r1 = snap.endpoints["reviews"]["r1"].clone();
+        let mut twin = (*r1).clone();
+        twin.id = "r1-twin".into();
+        snap.endpoints
+            .get_mut("reviews")
+            .unwrap()
+            .insert(twin.id.clone(), Arc::new(twin));
+        let table = Table::of(&snap);
+        assert_eq!(table.len(), 1);
+        assert!(table.collisions.is_empty());
+    }
+
+    #[test]
+    fn configs_are_checked_and_named() {
+        let path = Path::new("/etc/halyard/gateway.toml");
+        let ok = GatewayConfig::parse("registry = \"file:///var/lib/halyard\"\n", path).unwrap();
+        assert_eq!(ok.listen, default_listen());
+        assert_eq!(ok.mesh, "default");
+        for (text, field) in [
+            ("registry = \"ftp://x\"\n", "registry"),
+            ("registry = \"file:///r\"\nudp_buffer = 10\n", "udp_buffer"),
+            ("registry = \"file:///r\"\nlisten = \"nowhere\"\n", "listen"),
+            ("registry = \"file:///r\"\nsurprise = 1\n", "surprise"),
+        ] {
+            let err = GatewayConfig::parse(text, path).unwrap_err().to_string();
+            assert!(err.contains(field) && err.contains("gateway.toml"), "{err}");
+        }
+        let err = GatewayConfig::parse("listen = \"0.0.0.0:1\"\n", path)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("registry"), "{err}");
+    }
+}

@@ -1,0 +1,382 @@
+//! Two clusters, each with its own registry, joined by cluster B's east-west gateway
+//! (`halyard gateway`): a caller in A reaches a service that only exists in B through the
+//! gateway, which routes QUIC by server name and connection ID and never decrypts it.
+//! Real sockets on loopback; the gateway and the sidecars run in this process.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use halyard_sidecar::gateway::{serve, GatewayConfig, StartedGateway};
+use halyard_sidecar::test_util::{call, metric, tagged_echo, Echo, Mesh, Sidecar, Spec, TD};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio_util::sync::CancellationToken;
+
+/// A gateway running in this process.
+struct Gateway {
+    addr: SocketAddr,
+    admin: SocketAddr,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Gateway {
+    async fn start(mesh: &Mesh, listen: SocketAddr) -> Gateway {
+        let path = mesh.dir.path().join("gateway.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "listen = \"{listen}\"\nregistry = {:?}\nadmin = \"127.0.0.1:0\"\n",
+                mesh.registry
+            ),
+        )
+        .unwrap();
+        let config = GatewayConfig::load(&path).unwrap();
+        let stop = CancellationToken::new();
+        let (tx, rx) = tokio::sync::oneshot::channel::<StartedGateway>();
+        let task = tokio::spawn(serve(config, stop.clone(), Some(tx)));
+        let started = match rx.await {
+            Ok(s) => s,
+            Err(_) => panic!("gateway failed to start: {:?}", task.await),
+        };
+        Gateway {
+            addr: started.addr,
+            admin: started.admin.unwrap(),
+            stop,
+            task,
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+
+    async fn metrics(&self) -> String {
+        let mut tcp = TcpStream::connect(self.admin).await.unwrap();
+        tcp.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        tcp.read_to_string(&mut out).await.unwrap();
+        out
+    }
+}
+
+/// Cluster A (productpage, no reviews of its own) and cluster B (reviews, exported, behind
+/// its gateway), sharing one root.
+struct Clusters {
+    a: Mesh,
+    b: Mesh,
+    _app: Echo,
+    reviews: Sidecar,
+    gateway: Gateway,
+    pp: Sidecar,
+}
+
+const REVIEWS: &str = "spiffe://mesh.local/ns/default/sa/reviews";
+
+/// B's reviews sidecar trusts the gateway (loopback) for PROXY headers; `advertise`, when
+/// given, is registered instead of its own address (a relay in front of it).
+async fn clusters_with(
+    advertise: Option<(UdpSocket, Arc<Tap>)>,
+    app: Option<SocketAddr>,
+) -> Clusters {
+    let a = Mesh::with_dir().await;
+    let b = Mesh::with_dir_sharing_ca(&a).await;
+    let echo = tagged_echo("127.0.0.1:0".parse().unwrap(), "b").await;
+    let port = app.map_or(echo.addr.port(), |a| a.port());
+    b.apply(&format!(
+        "kind: Service\nname: reviews\nexported: true\nports:\n  - {{ name: tcp, port: 9080, protocol: tcp, targetPort: {port} }}\n"
+    ))
+    .await;
+    let mut spec = Spec::new("reviews", "v1");
+    spec.extra = "[transport]\nproxy_protocol_from = [\"127.0.0.0/8\"]\n".into();
+    let relay = match advertise {
+        Some((socket, tap)) => {
+            spec = spec.inbound(&format!(
+                "advertise = \"{}\"\n",
+                socket.local_addr().unwrap()
+            ));
+            Some((socket, tap))
+        }
+        None => None,
+    };
+    let reviews = b.start(&spec).await;
+    let registered = match relay {
+        Some((socket, tap)) => {
+            let to = reviews.started.inbound;
+            tokio::spawn(relay_between(socket, to, tap));
+            reviews
+                .wait_snapshot("its own endpoint", |s| {
+                    s.endpoints_of("reviews").count() == 1
+                })
+                .await;
+            reviews
+                .started
+                .snapshot
+                .borrow()
+                .endpoints_of("reviews")
+                .next()
+                .unwrap()
+                .address
+        }
+        None => {
+            reviews.wait_endpoints("reviews", 1).await;
+            reviews.started.inbound
+        }
+    };
+    let gateway = Gateway::start(&b, "127.0.0.1:0".parse().unwrap()).await;
+    // A knows reviews only as B's endpoint behind B's gateway.
+    a.apply(&format!(
+        "kind: Service\nname: reviews\nports:\n  - {{ name: tcp, port: 9080, protocol: tcp }}\n---\n\
+         kind: Endpoint\nid: b-reviews-1\nservice: reviews\naddress: \"{registered}\"\nidentity: {REVIEWS}\n\
+         cluster: b\ngateway: \"{}\"\n",
+        gateway.addr
+    ))
+    .await;
+    let pp = a
+        .start(&Spec::new("productpage", "v1").upstream("reviews", 9080))
+        .await;
+    pp.wait_endpoints("reviews", 1).await;
+    Clusters {
+        a,
+        b,
+        _app: echo,
+        reviews,
+        gateway,
+        pp,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_only_in_b_is_reached_through_bs_gateway() {
+    let c = clusters_with(None, None).await;
+    for i in 0..5 {
+        let out = call(c.pp.upstream(0), format!("hello {i}").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(out, format!("b:hello {i}").as_bytes());
+    }
+    let g = c.gateway.metrics().await;
+    assert!(
+        metric(
+            &g,
+            "halyard_gateway_datagrams_total",
+            &[("decision", "forwarded")]
+        ) > 0.0
+    );
+    assert!(
+        metric(
+            &g,
+            "halyard_gateway_datagrams_total",
+            &[("decision", "returned")]
+        ) > 0.0
+    );
+    assert_eq!(metric(&g, "halyard_gateway_endpoints", &[]), 1.0);
+    // B's sidecar took the datagrams from the gateway, unwrapped.
+    let admission = c.reviews.started.endpoint.admission_stats();
+    assert!(admission.proxied.load(Ordering::Relaxed) > 0);
+    assert_eq!(admission.proxy_refused.load(Ordering::Relaxed), 0);
+    // The server saw the caller's own SPIFFE id: a policy in B denying it by id refuses it.
+    c.b.apply(&format!(
+        "kind: Policy\nservice: reviews\nrules:\n  - action: deny\n    from: {{ identities: [\"spiffe://{TD}/ns/default/sa/productpage\"] }}\n"
+    ))
+    .await;
+    c.reviews
+        .wait_snapshot("the policy", |s| s.policy("reviews").is_some())
+        .await;
+    let refused = call(c.pp.upstream(0), b"denied?").await;
+    assert!(
+        refused.as_ref().map_or(true, |b| b.is_empty()),
+        "a denied caller was answered: {refused:?}"
+    );
+    let denials = metric(
+        &c.reviews.started.render_metrics(),
+        "halyard_policy_denials_total",
+        &[("destination_service", "reviews")],
+    );
+    assert_eq!(denials, 1.0);
+    c.pp.shutdown().await.unwrap();
+    c.reviews.shutdown().await.unwrap();
+    c.gateway.stop().await;
+    drop((c.a, c.b));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_not_exported_is_not_reachable_and_is_counted() {
+    let c = clusters_with(None, None).await;
+    c.b.apply(
+        "kind: Service\nname: reviews\nports:\n  - { name: tcp, port: 9080, protocol: tcp }\n",
+    )
+    .await;
+    // The gateway follows B's registry: wait until it routes nothing.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while metric(&c.gateway.metrics().await, "halyard_gateway_endpoints", &[]) != 0.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gateway kept routing"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = call(c.pp.upstream(0), b"hello").await;
+    assert!(out.as_ref().map_or(true, |b| b.is_empty()), "{out:?}");
+    let g = c.gateway.metrics().await;
+    assert!(
+        metric(
+            &g,
+            "halyard_gateway_datagrams_total",
+            &[("decision", "not_exported")]
+        ) > 0.0
+    );
+    assert_eq!(
+        metric(
+            &g,
+            "halyard_gateway_datagrams_total",
+            &[("decision", "forwarded")]
+        ),
+        0.0
+    );
+    c.pp.shutdown().await.unwrap();
+    c.reviews.shutdown().await.unwrap();
+    c.gateway.stop().await;
+}
+
+/// Bytes seen between the gateway and B's sidecar.
+#[derive(Default)]
+struct Tap {
+    datagrams: AtomicU64,
+    marker_seen: AtomicBool,
+}
+
+const MARKER: &[u8] = b"PAYLOAD-MARKER-5b1e0c7d";
+
+/// Relays datagrams between the gateway (on `outside`, the registered address) and the
+/// sidecar at `inside`, checking each for the marker.
+async fn relay_between(outside: UdpSocket, inside: SocketAddr, tap: Arc<Tap>) {
+    let inner = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut gateway: Option<SocketAddr> = None;
+    let (mut a, mut b) = (vec![0u8; 65_536], vec![0u8; 65_536]);
+    loop {
+        tokio::select! {
+            r = outside.recv_from(&mut a) => {
+                let Ok((n, from)) = r else { return };
+                gateway = Some(from);
+                look(&tap, &a[..n]);
+                let _ = inner.send_to(&a[..n], inside).await;
+            }
+            r = inner.recv_from(&mut b) => {
+                let Ok((n, _)) = r else { return };
+                look(&tap, &b[..n]);
+                if let Some(g) = gateway {
+                    let _ = outside.send_to(&b[..n], g).await;
+                }
+            }
+        }
+    }
+}
+
+fn look(tap: &Tap, bytes: &[u8]) {
+    tap.datagrams.fetch_add(1, Ordering::Relaxed);
+    if bytes.windows(MARKER.len()).any(|w| w == MARKER) {
+        tap.marker_seen.store(true, Ordering::Relaxed);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_forwards_nothing_it_could_read() {
+    let tap = Arc::new(Tap::default());
+    let outside = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let c = clusters_with(Some((outside, tap.clone())), None).await;
+    let mut msg = MARKER.repeat(200);
+    msg.extend_from_slice(b"end");
+    let out = call(c.pp.upstream(0), &msg).await.unwrap();
+    assert!(
+        out.starts_with(b"b:PAYLOAD-MARKER"),
+        "{:?}",
+        &out[..20.min(out.len())]
+    );
+    assert_eq!(out.len(), msg.len() + 2);
+    assert!(
+        tap.datagrams.load(Ordering::Relaxed) > 4,
+        "traffic went past the tap"
+    );
+    assert!(
+        !tap.marker_seen.load(Ordering::Relaxed),
+        "the marker crossed the gateway in the clear"
+    );
+    c.pp.shutdown().await.unwrap();
+    c.reviews.shutdown().await.unwrap();
+    c.gateway.stop().await;
+}
+
+/// An app that echoes every chunk as it arrives (a long-lived flow).
+async fn chunk_echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n) = tcp.read(&mut buf).await {
+                    if n == 0 || tcp.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+async fn round(tcp: &mut TcpStream, what: &str) {
+    let msg = format!("{what}\n");
+    tcp.write_all(msg.as_bytes()).await.unwrap();
+    let mut got = vec![0u8; msg.len()];
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_exact(&mut got))
+        .await
+        .unwrap_or_else(|_| panic!("no echo of {what:?}"))
+        .unwrap();
+    assert_eq!(got, msg.as_bytes());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flows_survive_a_gateway_restart_and_a_caller_address_change() {
+    let app = chunk_echo().await;
+    let c = clusters_with(None, Some(app)).await;
+    let mut flow = TcpStream::connect(c.pp.upstream(0)).await.unwrap();
+    round(&mut flow, "before").await;
+
+    // The gateway restarts on the same port: it kept no state, the flow goes on.
+    let at = c.gateway.addr;
+    c.gateway.stop().await;
+    let gateway = Gateway::start(&c.b, at).await;
+    round(&mut flow, "after the restart").await;
+
+    // The caller's sidecar moves to another UDP socket (a new address): QUIC migrates, the
+    // gateway routes by connection ID, B's sidecar validates the new path through it.
+    let before = c.pp.started.endpoint.local_addr().unwrap();
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.set_nonblocking(true).unwrap();
+    c.pp.started.endpoint.rebind(socket).unwrap();
+    assert_ne!(c.pp.started.endpoint.local_addr().unwrap(), before);
+    round(&mut flow, "after the move").await;
+    for i in 0..20 {
+        round(&mut flow, &format!("line {i}")).await;
+    }
+    let g = gateway.metrics().await;
+    assert!(
+        metric(
+            &g,
+            "halyard_gateway_datagrams_total",
+            &[("decision", "forwarded")]
+        ) > 0.0
+    );
+    drop(flow);
+    c.pp.shutdown().await.unwrap();
+    c.reviews.shutdown().await.unwrap();
+    gateway.stop().await;
+}
