@@ -380,3 +380,62 @@ async fn flows_survive_a_gateway_restart_and_a_caller_address_change() {
     c.reviews.shutdown().await.unwrap();
     gateway.stop().await;
 }
+
+/// Locality failover across clusters: A's own reviews first; with it gone every call moves to
+/// B's through the gateway, none failing; with it back, calls return to A.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_every_local_endpoint_fails_over_to_b_and_back() {
+    let c = clusters_with(None, None).await;
+    let local_app = tagged_echo("127.0.0.1:0".parse().unwrap(), "a").await;
+    let port = local_app.addr.port();
+    // A gets its own reviews; the remote one stays in A's registry as the farther tier.
+    c.a.apply(&format!(
+        "kind: Service\nname: reviews\nports:\n  - {{ name: tcp, port: 9080, protocol: tcp, targetPort: {port} }}\n"
+    ))
+    .await;
+    let local = c.a.start(&Spec::new("reviews", "v1")).await;
+    c.pp.wait_endpoints("reviews", 2).await;
+    let tally = |n: usize| {
+        let upstream = c.pp.upstream(0);
+        async move {
+            let (mut a, mut b, mut failed) = (0, 0, 0);
+            for i in 0..n {
+                match call(upstream, format!("{i}").as_bytes()).await {
+                    Ok(out) if out.starts_with(b"a:") => a += 1,
+                    Ok(out) if out.starts_with(b"b:") => b += 1,
+                    _ => failed += 1,
+                }
+            }
+            (a, b, failed)
+        }
+    };
+    assert_eq!(
+        tally(20).await,
+        (20, 0, 0),
+        "the local endpoint is preferred"
+    );
+
+    // The local sidecar dies without deregistering: its endpoint stays in A's registry, so
+    // callers meet connect failures and must retry them on B.
+    local.task.abort();
+    let _ = local.task.await;
+    assert_eq!(tally(20).await, (0, 20, 0), "calls move to B, none fails");
+
+    // A local endpoint again: traffic comes back.
+    let back = c.a.start(&Spec::new("reviews", "v1")).await;
+    let addr = back.started.inbound;
+    c.pp.wait_snapshot("the new local endpoint", |s| {
+        s.endpoints_of("reviews").any(|ep| ep.address == addr)
+    })
+    .await;
+    let (a, b, failed) = tally(40).await;
+    assert_eq!(failed, 0);
+    assert!(
+        a >= 30 && b <= 10,
+        "traffic did not return to A: a={a} b={b}"
+    );
+    back.shutdown().await.unwrap();
+    c.pp.shutdown().await.unwrap();
+    c.reviews.shutdown().await.unwrap();
+    c.gateway.stop().await;
+}
