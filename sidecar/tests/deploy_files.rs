@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use halyard_registry::model::parse_documents;
 use halyard_sidecar::ca::server::CaServerConfig;
 use halyard_sidecar::config::Config;
+use halyard_sidecar::gateway::GatewayConfig;
 use serde_yaml::Value;
 
 /// Values filled in when the file is deployed (the Kubernetes sidecar's start command puts the pod
@@ -67,8 +68,14 @@ fn sidecar_config(text: &str, origin: &Path) -> Config {
     config
 }
 
-/// `ca.toml`: a CA server config (`halyard ca serve`), or else a sidecar config.
+/// `ca.toml`: a CA server config (`halyard ca serve`); `gateway.toml`: an east-west gateway's
+/// (`halyard gateway`); else a sidecar config.
 fn any_config(text: &str, origin: &Path) -> Option<Config> {
+    if origin.file_name().is_some_and(|n| n == "gateway.toml") {
+        let gw = GatewayConfig::parse(text, origin).unwrap_or_else(|e| panic!("{e}"));
+        assert!(gw.registry.starts_with("etcd://"), "{}", origin.display());
+        return None;
+    }
     if origin.file_name().is_some_and(|n| n == "ca.toml") {
         let ca = CaServerConfig::parse(text, origin).unwrap_or_else(|e| panic!("{e}"));
         assert!(ca.registry.starts_with("etcd://"), "{}", origin.display());
@@ -175,7 +182,7 @@ fn every_toml_file_is_a_valid_sidecar_config() {
 fn check_compose(path: &Path, doc: &Value) {
     let services = doc.get("services").and_then(Value::as_mapping).unwrap();
     let dir = path.parent().unwrap();
-    let mut sidecars = 0;
+    let (mut sidecars, mut gateways) = (0, 0);
     for (name, svc) in services {
         let name = name.as_str().unwrap();
         let command: Vec<&str> = svc
@@ -192,6 +199,12 @@ fn check_compose(path: &Path, doc: &Value) {
             sidecar_config(&text, &config);
             sidecars += 1;
         }
+        if command.starts_with(&["gateway", "--config"]) {
+            let config = dir.join("config").join("gateway.toml");
+            let text = std::fs::read_to_string(&config).unwrap();
+            assert!(any_config(&text, &config).is_none());
+            gateways += 1;
+        }
         if command.starts_with(&["ca", "serve"]) {
             let config = dir.join("config").join("ca.toml");
             let text = std::fs::read_to_string(&config).unwrap();
@@ -203,6 +216,7 @@ fn check_compose(path: &Path, doc: &Value) {
         }
     }
     assert!(sidecars >= 6, "{}: {sidecars} sidecars", path.display());
+    assert_eq!(gateways, 1, "{}: the east-west gateway", path.display());
 }
 
 /// The pod specs of the six Deployments of the Kubernetes bookinfo.
