@@ -10,6 +10,7 @@
 //! externalservices/<name>    ExternalService
 //! revocations                Revocations (deny list of ids and serials)
 //! trust                      TrustBundle (the mesh roots every sidecar trusts)
+//! links/<cluster>            ClusterLink (another cluster's registry and gateway)
 //! ```
 
 use std::fmt;
@@ -37,6 +38,8 @@ pub enum Key {
     Revocations,
     /// `trust`.
     Trust,
+    /// `links/<cluster>`.
+    ClusterLink(String),
 }
 
 /// The prefix of every key of `mesh`: `/halyard/<mesh>/`.
@@ -61,6 +64,7 @@ impl Key {
             ["externalservices", n] => Some(Key::ExternalService((*n).to_owned())),
             ["revocations"] => Some(Key::Revocations),
             ["trust"] => Some(Key::Trust),
+            ["links", c] => Some(Key::ClusterLink((*c).to_owned())),
             _ => None,
         }
     }
@@ -87,6 +91,7 @@ impl Key {
             Key::ExternalService(n) => format!("externalservices/{n}"),
             Key::Revocations => "revocations".to_owned(),
             Key::Trust => "trust".to_owned(),
+            Key::ClusterLink(c) => format!("links/{c}"),
         }
     }
 
@@ -107,6 +112,7 @@ impl Key {
             Key::ExternalService(_) => Kind::ExternalService,
             Key::Revocations => Kind::Revocations,
             Key::Trust => Kind::TrustBundle,
+            Key::ClusterLink(_) => Kind::ClusterLink,
         }
     }
 }
@@ -133,6 +139,7 @@ mod tests {
             "externalservices/e",
             "revocations",
             "trust",
+            "links/b",
         ] {
             assert_eq!(Key::parse(k).unwrap().path(), k);
         }

@@ -46,6 +46,8 @@ pub struct Snapshot {
     pub revocations: Option<Arc<crate::model::Revocations>>,
     /// The trust bundle, if one is stored.
     pub trust: Option<Arc<crate::model::TrustBundle>>,
+    /// Links to other clusters by cluster name.
+    pub links: BTreeMap<String, Arc<crate::model::ClusterLink>>,
     /// Quarantined keys (full key) and why; the last good value of each stays in force.
     pub rejected: BTreeMap<String, String>,
     /// Where this snapshot came from.
@@ -69,6 +71,7 @@ impl Snapshot {
             external_services: BTreeMap::new(),
             revocations: None,
             trust: None,
+            links: BTreeMap::new(),
             rejected: BTreeMap::new(),
             origin,
             built_at: SystemTime::now(),
@@ -198,6 +201,11 @@ impl Snapshot {
             self.external_services
                 .values()
                 .map(|o| Object::ExternalService((**o).clone())),
+        );
+        out.extend(
+            self.links
+                .values()
+                .map(|o| Object::ClusterLink((**o).clone())),
         );
         out
     }

@@ -157,6 +157,9 @@ impl Store {
                     s.external_services
                         .insert(o.name.to_string(), Arc::new(o.clone())),
                 ),
+                Object::ClusterLink(o) => {
+                    drop(s.links.insert(o.cluster.to_string(), Arc::new(o.clone())))
+                }
             }
         }
         s.index()

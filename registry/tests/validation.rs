@@ -205,6 +205,13 @@ fn bad_objects_name_the_field_path() {
         ("kind: Endpoint\nid: e1\nservice: r\naddress: 127.0.0.1\nidentity: spiffe://td/x".into(), "address", "ip:port"),
         ("kind: Endpoint\nid: e1\nservice: r\naddress: 127.0.0.1:1\nidentity: http://td/x".into(), "identity", "SPIFFE"),
         ("kind: Endpoint\nid: e/1\nservice: r\naddress: 127.0.0.1:1\nidentity: spiffe://td/x".into(), "id", "valid id"),
+        ("kind: Endpoint\nid: e1\nservice: r\naddress: 127.0.0.1:1\nidentity: spiffe://td/x\ngateway: gw.example:15444".into(), "gateway", "ip:port"),
+        ("kind: ClusterLink\ncluster: B\nregistry: etcd://10.0.0.1:2379\ngateway: 192.0.2.9:15444".into(), "cluster", "DNS"),
+        ("kind: ClusterLink\ncluster: b\nregistry: ftp://10.0.0.1\ngateway: 192.0.2.9:15444".into(), "registry", "ftp"),
+        ("kind: ClusterLink\ncluster: b\nregistry: etcd://10.0.0.1:2379\ngateway: 192.0.2.9".into(), "gateway", "ip:port"),
+        ("kind: ClusterLink\ncluster: b\nregistry: etcd://10.0.0.1:2379\ngateway: 192.0.2.9:15444\nkeepStale: 30d".into(), "keepStale", "1s to 7d"),
+        ("kind: ClusterLink\ncluster: b\nregistry: etcd://10.0.0.1:2379\ngateway: 192.0.2.9:15444\nkeepStale: soon".into(), "keepStale", "not a duration"),
+        ("kind: ClusterLink\ncluster: b\nregistry: etcd://10.0.0.1:2379\ngateway: 192.0.2.9:15444\ntoken: x".into(), "token", "unknown field"),
         ("kind: Gadget\nname: x".into(), "kind", "unknown kind"),
         ("name: x".into(), "kind", "missing kind"),
     ];
@@ -330,4 +337,23 @@ fn revocations_parse_and_name_bad_entries() {
         let text = errs[0].to_string();
         assert!(text.contains(field), "{bad}: {text}");
     }
+}
+
+#[test]
+fn a_cluster_link_parses_with_defaults_and_round_trips() {
+    let yaml = "kind: ClusterLink\ncluster: east\nregistry: etcd://10.2.0.10:2379,10.2.0.11:2379\ngateway: 203.0.113.20:15444\n";
+    let objs = parse_documents("l.yaml", yaml).unwrap();
+    let Object::ClusterLink(link) = &objs[0] else {
+        panic!()
+    };
+    assert_eq!(link.cluster.to_string(), "east");
+    assert_eq!(link.mesh.to_string(), "default");
+    assert_eq!(link.keep_stale, std::time::Duration::from_secs(300));
+    assert_eq!(objs[0].key().path(), "links/east");
+    let stored = Object::from_stored(&objs[0].key(), "etcd", objs[0].to_json().as_bytes()).unwrap();
+    assert_eq!(stored.to_json(), objs[0].to_json());
+    // Stored under another cluster's key: refused, naming the field.
+    let wrong = halyard_registry::Key::parse("links/west").unwrap();
+    let err = Object::from_stored(&wrong, "etcd", objs[0].to_json().as_bytes()).unwrap_err();
+    assert!(err.to_string().contains("cluster"), "{err}");
 }

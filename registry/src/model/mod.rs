@@ -88,11 +88,13 @@ pub enum Kind {
     Revocations,
     /// `TrustBundle`, key `trust`.
     TrustBundle,
+    /// `ClusterLink`, key `links/<cluster>`.
+    ClusterLink,
 }
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Service,
         Kind::Route,
         Kind::Policy,
@@ -102,6 +104,7 @@ impl Kind {
         Kind::ExternalService,
         Kind::Revocations,
         Kind::TrustBundle,
+        Kind::ClusterLink,
     ];
 
     /// The name written in `kind`.
@@ -116,6 +119,7 @@ impl Kind {
             Kind::ExternalService => "ExternalService",
             Kind::Revocations => "Revocations",
             Kind::TrustBundle => "TrustBundle",
+            Kind::ClusterLink => "ClusterLink",
         }
     }
 
@@ -131,6 +135,7 @@ impl Kind {
             Kind::ExternalService => "externalservices",
             Kind::Revocations => "revocations",
             Kind::TrustBundle => "trust",
+            Kind::ClusterLink => "links",
         }
     }
 
@@ -140,7 +145,10 @@ impl Kind {
         let s = s.to_ascii_lowercase();
         Kind::ALL.into_iter().find(|k| {
             let name = k.as_str().to_ascii_lowercase();
-            s == name || s == k.plural() || (s == "svc" && *k == Kind::Service)
+            s == name
+                || s == k.plural()
+                || (s == "svc" && *k == Kind::Service)
+                || ((s == "clusterlinks" || s == "link") && *k == Kind::ClusterLink)
         })
     }
 }
@@ -1015,6 +1023,28 @@ pub struct Endpoint {
     pub gateway: Option<SocketAddr>,
 }
 
+/// A link to another cluster (`links/<cluster>`): where to read the services it exports and
+/// their endpoints, and the east-west gateway that reaches them. Every sidecar of this cluster
+/// reads that registry (read-only, with the same watch guarantees as its own) and adds the
+/// endpoints of its exported services with `cluster` = the link's cluster and `gateway` = the
+/// link's gateway.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterLink {
+    /// The remote cluster's name (a DNS-1123 label), given to its endpoints here.
+    pub cluster: Name,
+    /// Its registry: `etcd://host:port[,host:port...]` or `file://DIR`.
+    pub registry: String,
+    /// Its mesh name; default `default`.
+    pub mesh: Name,
+    /// Its east-west gateway as this cluster reaches it (`ip:port`, UDP).
+    pub gateway: SocketAddr,
+    /// How long its endpoints are kept once its registry stops answering (last known good,
+    /// staleness reported), after which they are dropped; default 5 minutes, 1 s to 7 days.
+    #[serde(serialize_with = "ser_duration")]
+    pub keep_stale: Duration,
+}
+
 /// What one sidecar applied, written to `status/<sidecar-id>`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -1060,6 +1090,8 @@ pub enum Object {
     Revocations(Revocations),
     /// The trust bundle.
     TrustBundle(TrustBundle),
+    /// A link to another cluster.
+    ClusterLink(ClusterLink),
 }
 
 impl Object {
@@ -1075,6 +1107,7 @@ impl Object {
             Object::ExternalService(_) => Kind::ExternalService,
             Object::Revocations(_) => Kind::Revocations,
             Object::TrustBundle(_) => Kind::TrustBundle,
+            Object::ClusterLink(_) => Kind::ClusterLink,
         }
     }
 
@@ -1090,6 +1123,7 @@ impl Object {
             Object::ExternalService(e) => Key::ExternalService(e.name.to_string()),
             Object::Revocations(_) => Key::Revocations,
             Object::TrustBundle(_) => Key::Trust,
+            Object::ClusterLink(l) => Key::ClusterLink(l.cluster.to_string()),
         }
     }
 
@@ -1106,6 +1140,7 @@ impl Object {
             Object::ExternalService(o) => f(&Tagged { kind, inner: o }),
             Object::Revocations(o) => f(&Tagged { kind, inner: o }),
             Object::TrustBundle(o) => f(&Tagged { kind, inner: o }),
+            Object::ClusterLink(o) => f(&Tagged { kind, inner: o }),
         }
     }
 

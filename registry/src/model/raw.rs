@@ -342,3 +342,15 @@ pub(crate) struct Rejected {
     pub key: String,
     pub error: String,
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct ClusterLink {
+    pub cluster: String,
+    pub registry: String,
+    #[serde(default)]
+    pub mesh: Option<String>,
+    pub gateway: String,
+    #[serde(default)]
+    pub keep_stale: Option<String>,
+}

@@ -47,7 +47,7 @@ fn take_kind(
         (Some(k), _) | (None, Some(k)) => Ok(k),
         (None, None) => Err(ValidationError::at(
             "kind",
-            "missing kind: one of Service, Route, Policy, MeshConfig, Endpoint, Status, Revocations, TrustBundle",
+            "missing kind: one of Service, Route, Policy, MeshConfig, Endpoint, Status, Revocations, TrustBundle, ClusterLink",
         )),
     }
 }
@@ -59,7 +59,7 @@ fn parse_kind(s: &str) -> Result<Kind, ValidationError> {
         .ok_or_else(|| {
             ValidationError::at(
                 "kind",
-                format!("unknown kind {s:?}: expected Service, Route, Policy, MeshConfig, ExternalService, Endpoint, Status, Revocations or TrustBundle"),
+                format!("unknown kind {s:?}: expected Service, Route, Policy, MeshConfig, ExternalService, Endpoint, Status, Revocations, TrustBundle or ClusterLink"),
             )
         })
 }
@@ -79,6 +79,7 @@ pub(super) fn object(
         Kind::ExternalService => Object::ExternalService(external_service(decode(value)?)?),
         Kind::Revocations => Object::Revocations(revocations(decode(value)?)?),
         Kind::TrustBundle => Object::TrustBundle(trust_bundle(decode(value)?)?),
+        Kind::ClusterLink => Object::ClusterLink(cluster_link(decode(value)?)?),
     })
 }
 
@@ -107,6 +108,7 @@ fn name_field(obj: &Object) -> (&'static str, ()) {
         Object::Route(_) | Object::Policy(_) | Object::Endpoint(_) => ("service", ()),
         Object::MeshConfig(_) | Object::Revocations(_) | Object::TrustBundle(_) => ("", ()),
         Object::Status(_) => ("sidecar", ()),
+        Object::ClusterLink(_) => ("cluster", ()),
     }
 }
 
@@ -1110,6 +1112,37 @@ fn endpoint(raw: raw::Endpoint) -> Result<Endpoint, ValidationError> {
         cluster: raw.cluster,
         zone: raw.zone,
         weight,
+    })
+}
+
+/// Longest `keepStale` of a ClusterLink.
+const MAX_KEEP_STALE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+fn cluster_link(raw: raw::ClusterLink) -> Result<ClusterLink, ValidationError> {
+    let cluster = Name::at("cluster", &raw.cluster)?;
+    crate::RegistryUrl::parse(&raw.registry)
+        .map_err(|e| ValidationError::at("registry", format!("{:?}: {e}", raw.registry)))?;
+    let mesh = Name::at("mesh", raw.mesh.as_deref().unwrap_or("default"))?;
+    let gateway = raw
+        .gateway
+        .parse::<SocketAddr>()
+        .map_err(|_| ValidationError::at("gateway", format!("{:?} is not ip:port", raw.gateway)))?;
+    let keep_stale = match raw.keep_stale.as_deref() {
+        Some(text) => check::duration("keepStale", text)?,
+        None => Duration::from_secs(300),
+    };
+    if !(Duration::from_secs(1)..=MAX_KEEP_STALE).contains(&keep_stale) {
+        return Err(ValidationError::at(
+            "keepStale",
+            "keepStale must be from 1s to 7d",
+        ));
+    }
+    Ok(ClusterLink {
+        cluster,
+        registry: raw.registry,
+        mesh,
+        gateway,
+        keep_stale,
     })
 }
 
