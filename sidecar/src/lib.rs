@@ -33,6 +33,7 @@ pub mod gateway;
 mod identity;
 mod l4;
 mod l7;
+mod links;
 mod net;
 mod outside;
 pub mod run;

@@ -250,9 +250,17 @@ pub async fn run_until(
         .await
         .with_context(|| format!("registry = {:?}", file.registry))?;
     let sinks = Sinks::start(file, identity.id().as_str(), &metrics, &tasks, &sinks_stop);
+    // The data plane sees this cluster's snapshot plus the endpoints of linked clusters.
+    let snapshots = crate::links::follow(
+        registry.watch(),
+        file.state_dir.clone(),
+        metrics.clone(),
+        listeners.clone(),
+        &tasks,
+    );
     let shared = Shared::new(
         config.clone(),
-        registry.watch(),
+        snapshots,
         Pool::new(bound.endpoint.clone()),
         metrics.clone(),
         sinks,

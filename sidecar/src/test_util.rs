@@ -150,6 +150,15 @@ impl Mesh {
         Self::with_ca(dir, url, ca).await
     }
 
+    /// A mesh on the registry at `url` whose CA is a copy of `other`'s.
+    pub async fn with_url_sharing_ca(url: String, other: &Mesh) -> Mesh {
+        let dir = tempfile::tempdir().unwrap();
+        let copy = dir.path().join("ca-copy");
+        other.ca.write(&copy, false).unwrap();
+        let ca = MeshCa::load(&copy).unwrap();
+        Self::with_ca(dir, url, ca).await
+    }
+
     pub async fn with_url(dir: tempfile::TempDir, url: String) -> Mesh {
         let ca = MeshCa::create(&TrustDomain::new(TD).unwrap()).unwrap();
         Self::with_ca(dir, url, ca).await

@@ -439,3 +439,169 @@ async fn losing_every_local_endpoint_fails_over_to_b_and_back() {
     c.reviews.shutdown().await.unwrap();
     c.gateway.stop().await;
 }
+
+/// Cluster B on its own etcd, linked from A by a ClusterLink (no Endpoint written into A): A's
+/// sidecar reads B's registry, B's exported endpoints join A's snapshot with cluster `b`.
+struct Linked {
+    a: Mesh,
+    _b: Mesh,
+    etcd: halyard_registry::test_util::EtcdServer,
+    _app: Echo,
+    reviews: Sidecar,
+    gateway: Gateway,
+    pp: Sidecar,
+}
+
+async fn linked(keep_stale: &str) -> Linked {
+    let etcd = tokio::task::spawn_blocking(halyard_registry::test_util::EtcdServer::start)
+        .await
+        .unwrap();
+    let a = Mesh::with_dir().await;
+    let b = Mesh::with_url_sharing_ca(etcd.url(), &a).await;
+    let echo = tagged_echo("127.0.0.1:0".parse().unwrap(), "b").await;
+    b.apply(&format!(
+        "kind: Service\nname: reviews\nexported: true\nports:\n  - {{ name: tcp, port: 9080, protocol: tcp, targetPort: {} }}\n",
+        echo.addr.port()
+    ))
+    .await;
+    let mut spec = Spec::new("reviews", "v1");
+    spec.prefix = "lease_ttl = \"3s\"\n".into();
+    spec.extra = "[transport]\nproxy_protocol_from = [\"127.0.0.0/8\"]\n".into();
+    let reviews = b.start(&spec).await;
+    reviews.wait_endpoints("reviews", 1).await;
+    let gateway = Gateway::start(&b, "127.0.0.1:0".parse().unwrap()).await;
+    a.apply(&format!(
+        "kind: ClusterLink\ncluster: b\nregistry: {}\ngateway: \"{}\"\nkeepStale: {keep_stale}\n",
+        etcd.url(),
+        gateway.addr
+    ))
+    .await;
+    let pp = a
+        .start(&Spec::new("productpage", "v1").upstream("reviews", 9080))
+        .await;
+    pp.wait_snapshot("B's reviews through the link", |s| {
+        s.endpoints_of("reviews")
+            .any(|ep| ep.cluster == "b" && ep.id.starts_with("b."))
+    })
+    .await;
+    Linked {
+        a,
+        _b: b,
+        etcd,
+        _app: echo,
+        reviews,
+        gateway,
+        pp,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_linked_clusters_endpoints_are_learned_kept_while_stale_then_aged_out() {
+    let mut l = linked("4s").await;
+    let out = call(l.pp.upstream(0), b"linked").await.unwrap();
+    assert_eq!(out, b"b:linked");
+    let m = l.pp.started.render_metrics();
+    assert_eq!(
+        metric(&m, "halyard_cluster_link_endpoints", &[("cluster", "b")]),
+        1.0
+    );
+
+    // B's registry goes away: A keeps B's endpoints (last known good) and the data plane, which
+    // never needed B's registry, keeps working; the link's staleness rises.
+    tokio::task::block_in_place(|| l.etcd.stop());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = l.pp.started.render_metrics();
+        if metric(
+            &m,
+            "halyard_cluster_link_stale_seconds",
+            &[("cluster", "b")],
+        ) > 0.0
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "staleness never rose"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = call(l.pp.upstream(0), b"while stale").await.unwrap();
+    assert_eq!(out, b"b:while stale");
+
+    // Past keepStale the endpoints are dropped and counted as gone.
+    l.pp.wait_snapshot("B's endpoints aged out", |s| {
+        s.endpoints_of("reviews").count() == 0
+    })
+    .await;
+    let m = l.pp.started.render_metrics();
+    assert_eq!(
+        metric(&m, "halyard_cluster_link_endpoints", &[("cluster", "b")]),
+        0.0
+    );
+
+    // The link comes back: so do the endpoints.
+    tokio::task::block_in_place(|| l.etcd.restart());
+    l.pp.wait_snapshot("B's endpoints back", |s| {
+        s.endpoints_of("reviews").any(|ep| ep.cluster == "b")
+    })
+    .await;
+    let out = call(l.pp.upstream(0), b"back").await.unwrap();
+    assert_eq!(out, b"b:back");
+    l.pp.shutdown().await.unwrap();
+    l.reviews.shutdown().await.unwrap();
+    l.gateway.stop().await;
+    drop(l.a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_link_or_an_unreachable_registry_leaves_other_traffic_alone() {
+    let l = linked("5m").await;
+    // A link to a registry nobody answers, and a link whose value is bad (written as a file,
+    // the way `etcdctl put` would bypass `ctl`).
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    l.a.apply(&format!(
+        "kind: ClusterLink\ncluster: c\nregistry: etcd://{dead_addr}\ngateway: 192.0.2.1:15444\n"
+    ))
+    .await;
+    let dir = l.a.registry.strip_prefix("file://").unwrap();
+    let links = std::path::Path::new(dir).join("default/links");
+    std::fs::create_dir_all(&links).unwrap();
+    std::fs::write(
+        links.join("d.json"),
+        r#"{"kind":"ClusterLink","cluster":"d","registry":"etcd://127.0.0.1:1","gateway":"not-an-address"}"#,
+    )
+    .unwrap();
+    l.pp.wait_snapshot("the bad link quarantined", |s| {
+        s.rejected.keys().any(|k| k.ends_with("links/d"))
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let m = l.pp.started.render_metrics();
+        if metric(
+            &m,
+            "halyard_cluster_link_stale_seconds",
+            &[("cluster", "c")],
+        ) > 0.0
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the dead link was never reported"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for i in 0..10 {
+        let out = call(l.pp.upstream(0), format!("{i}").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(out, format!("b:{i}").as_bytes());
+    }
+    l.pp.shutdown().await.unwrap();
+    l.reviews.shutdown().await.unwrap();
+    l.gateway.stop().await;
+}

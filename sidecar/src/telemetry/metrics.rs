@@ -72,6 +72,10 @@ pub(crate) struct Metrics {
     pub(crate) workload_api_responses: IntCounterVec,
     /// `halyard_workload_api_refused_total` by `method` and `code` (the gRPC status name).
     pub(crate) workload_api_refused: IntCounterVec,
+    /// `halyard_cluster_link_stale_seconds` by linked cluster.
+    pub(crate) link_stale: GaugeVec,
+    /// `halyard_cluster_link_endpoints` by linked cluster: its endpoints in force here.
+    pub(crate) link_endpoints: IntGaugeVec,
     /// `halyard_quic_rtt_seconds` by peer.
     pub(crate) quic_rtt: GaugeVec,
     /// `halyard_quic_lost_packets_total` by peer (read from QUIC's own counters).
@@ -282,6 +286,18 @@ impl Metrics {
                 &r,
                 "halyard_cert_renewal_failures_total",
                 "Failed requests to the mesh CA for a workload certificate",
+            )?,
+            link_stale: gauge_vec(
+                &r,
+                "halyard_cluster_link_stale_seconds",
+                "Seconds since a linked cluster's registry was last heard from (ClusterLink)",
+                &["cluster"],
+            )?,
+            link_endpoints: int_gauge_vec(
+                &r,
+                "halyard_cluster_link_endpoints",
+                "Endpoints of a linked cluster's exported services in force here; 0 once aged out",
+                &["cluster"],
             )?,
             workload_api_streams: int_gauge_vec(
                 &r,

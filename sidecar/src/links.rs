@@ -1,0 +1,342 @@
+//! Endpoints of other clusters: for every `ClusterLink` of this cluster's registry, the sidecar
+//! reads the linked cluster's registry (read-only: it never writes there) and adds the
+//! endpoints of that cluster's exported services to the snapshot its data plane uses, with
+//! `cluster` set to the link's cluster and `gateway` to the link's east-west gateway.
+//!
+//! The linked registry is opened with the same code as the sidecar's own (`halyard_registry`):
+//! re-list on compaction, never a revision at or below the last applied, quarantine of bad
+//! values (a bad remote value keeps its last good one). When the link dies its endpoints stay
+//! (last known good; `halyard_cluster_link_stale_seconds` rises) until the link's `keepStale`
+//! has passed, then they are dropped (`halyard_cluster_link_endpoints` 0) and come back with
+//! the link. A local Service wins over a linked cluster's of the same name; a Service that
+//! exists only in a linked cluster is added, so callers here can name it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use halyard_registry::model::{ClusterLink, Endpoint};
+use halyard_registry::{Registry, Snapshot};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::telemetry::metrics::Metrics;
+
+/// How often staleness is checked against `keepStale` when nothing else changes.
+const AGE_CHECK: Duration = Duration::from_secs(1);
+
+/// What a merge read: the local snapshot (by address) and, per link, its cluster, the remote
+/// revision and whether it had aged out.
+type MergeInputs = (usize, Vec<(String, i64, bool)>);
+
+/// One open link.
+struct Remote {
+    link: Arc<ClusterLink>,
+    registry: Arc<dyn Registry>,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+}
+
+/// The endpoints `link` contributes from `remote`: every endpoint of an exported service that
+/// its cluster reaches directly, renamed `<cluster>.<id>`, with the link's cluster and gateway.
+pub(crate) fn linked_endpoints(link: &ClusterLink, remote: &Snapshot) -> Vec<Endpoint> {
+    let cluster = link.cluster.to_string();
+    let mut out = Vec::new();
+    for (name, service) in &remote.services {
+        if !service.exported {
+            continue;
+        }
+        for ep in remote.endpoints_of(name).filter(|ep| ep.gateway.is_none()) {
+            let mut ep = (**ep).clone();
+            ep.id = format!("{cluster}.{}", ep.id);
+            ep.cluster = cluster.clone();
+            ep.gateway = Some(link.gateway);
+            out.push(ep);
+        }
+    }
+    out
+}
+
+/// `local` with the endpoints (and services missing here) of every linked cluster whose
+/// registry is not staler than its link allows. Returns the merged snapshot and, per cluster,
+/// the number of endpoints it contributed.
+pub(crate) fn merge(
+    local: &Arc<Snapshot>,
+    remotes: &[(Arc<ClusterLink>, Arc<Snapshot>, Duration)],
+) -> (Arc<Snapshot>, BTreeMap<String, usize>) {
+    let mut counts = BTreeMap::new();
+    if remotes.is_empty() {
+        return (local.clone(), counts);
+    }
+    let mut merged = (**local).clone();
+    for (link, remote, staleness) in remotes {
+        let cluster = link.cluster.to_string();
+        if *staleness > link.keep_stale {
+            counts.insert(cluster, 0);
+            continue;
+        }
+        let endpoints = linked_endpoints(link, remote);
+        counts.insert(cluster, endpoints.len());
+        for ep in endpoints {
+            let service = ep.service.to_string();
+            if !merged.services.contains_key(&service) {
+                if let Some(svc) = remote.services.get(&service) {
+                    merged.services.insert(service.clone(), svc.clone());
+                }
+            }
+            merged
+                .endpoints
+                .entry(service)
+                .or_default()
+                .insert(ep.id.clone(), Arc::new(ep));
+        }
+    }
+    (Arc::new(merged), counts)
+}
+
+/// Follows `local` and the registries its links name; publishes merged snapshots until `stop`.
+/// With no link, the local snapshot passes through unchanged.
+pub(crate) fn follow(
+    local: watch::Receiver<Arc<Snapshot>>,
+    state_dir: Option<std::path::PathBuf>,
+    metrics: Metrics,
+    stop: CancellationToken,
+    tasks: &tokio_util::task::TaskTracker,
+) -> watch::Receiver<Arc<Snapshot>> {
+    let first = local.borrow().clone();
+    let (tx, rx) = watch::channel(first);
+    tasks.spawn(run(local, state_dir, tx, metrics, stop));
+    rx
+}
+
+async fn run(
+    mut local: watch::Receiver<Arc<Snapshot>>,
+    state_dir: Option<std::path::PathBuf>,
+    tx: watch::Sender<Arc<Snapshot>>,
+    metrics: Metrics,
+    stop: CancellationToken,
+) {
+    let mut remotes: BTreeMap<String, Remote> = BTreeMap::new();
+    let mut tick = tokio::time::interval(AGE_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last: Option<MergeInputs> = None;
+    loop {
+        let snap = local.borrow_and_update().clone();
+        reconcile(&snap, state_dir.as_deref(), &mut remotes).await;
+        let views: Vec<(Arc<ClusterLink>, Arc<Snapshot>, Duration)> = remotes
+            .values_mut()
+            .map(|r| {
+                let s = r.snapshots.borrow_and_update().clone();
+                (r.link.clone(), s, r.registry.staleness())
+            })
+            .collect();
+        for (link, _, staleness) in &views {
+            metrics
+                .link_stale
+                .with_label_values(&[link.cluster.as_str()])
+                .set(staleness.as_secs_f64());
+        }
+        // Publish only when something a merge reads changed.
+        let key: MergeInputs = (
+            Arc::as_ptr(&snap) as usize,
+            views
+                .iter()
+                .map(|(l, s, st)| (l.cluster.to_string(), s.revision, *st > l.keep_stale))
+                .collect::<Vec<_>>(),
+        );
+        if last.as_ref() != Some(&key) {
+            let (merged, counts) = merge(&snap, &views);
+            for (cluster, n) in &counts {
+                metrics
+                    .link_endpoints
+                    .with_label_values(&[cluster.as_str()])
+                    .set(*n as i64);
+            }
+            tx.send_replace(merged);
+            last = Some(key);
+        }
+        let local_index = remotes.len();
+        let changed = futures::future::select_all(
+            remotes
+                .values_mut()
+                .map(|r| Box::pin(r.snapshots.changed()))
+                .chain(std::iter::once(Box::pin(local.changed()))),
+        );
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            (r, index, _) = changed => {
+                // The local watch ended: the sidecar is stopping.
+                if r.is_err() && index == local_index {
+                    return;
+                }
+            }
+            _ = tick.tick() => {}
+        }
+    }
+}
+
+/// Opens links that are new or changed, forgets removed ones.
+/// A linked cluster's last good snapshot is kept under `<state_dir>/link-<cluster>/`, so its
+/// endpoints survive this sidecar's restart while the link is down (until `keepStale`).
+async fn reconcile(
+    snap: &Snapshot,
+    state_dir: Option<&std::path::Path>,
+    remotes: &mut BTreeMap<String, Remote>,
+) {
+    remotes.retain(|cluster, r| snap.links.get(cluster).is_some_and(|l| *l == r.link));
+    for (cluster, link) in &snap.links {
+        if remotes.contains_key(cluster) {
+            continue;
+        }
+        let mut opts = halyard_registry::Options::new(link.mesh.as_str());
+        opts.timeout = Duration::from_secs(3);
+        opts.state_dir = state_dir.map(|d| d.join(format!("link-{cluster}")));
+        match halyard_registry::open_with(&link.registry, opts).await {
+            Ok(registry) => {
+                tracing::info!(%cluster, registry = %link.registry, gateway = %link.gateway, "following a linked cluster");
+                let snapshots = registry.watch();
+                remotes.insert(
+                    cluster.clone(),
+                    Remote {
+                        link: link.clone(),
+                        registry,
+                        snapshots,
+                    },
+                );
+            }
+            Err(e) => {
+                // A URL the validator let through but the backend refuses: reported, retried on
+                // the next local change.
+                tracing::warn!(%cluster, registry = %link.registry, error = %e, "cannot open a linked cluster's registry");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use halyard_registry::model::parse_documents;
+    use halyard_registry::Object;
+
+    fn snapshot(yaml: &str) -> Arc<Snapshot> {
+        let mut snap = Snapshot::empty(halyard_registry::Origin::Live);
+        for object in parse_documents("test", yaml).unwrap() {
+            match object {
+                Object::Service(s) => {
+                    snap.services.insert(s.name.to_string(), Arc::new(s));
+                }
+                Object::Endpoint(e) => {
+                    snap.endpoints
+                        .entry(e.service.to_string())
+                        .or_default()
+                        .insert(e.id.clone(), Arc::new(e));
+                }
+                _ => {}
+            }
+        }
+        Arc::new(snap)
+    }
+
+    fn link(keep: &str) -> Arc<ClusterLink> {
+        let yaml = format!("kind: ClusterLink\ncluster: b\nregistry: file:///nowhere\ngateway: 192.0.2.9:15444\nkeepStale: {keep}\n");
+        match parse_documents("l", &yaml).unwrap().remove(0) {
+            Object::ClusterLink(l) => Arc::new(l),
+            _ => unreachable!(),
+        }
+    }
+
+    const REMOTE: &str = "
+kind: Service
+name: reviews
+exported: true
+ports: [{ port: 9080, protocol: http }]
+---
+kind: Service
+name: secret
+ports: [{ port: 9080, protocol: http }]
+---
+kind: Endpoint
+id: r1
+service: reviews
+address: 10.2.0.5:15443
+identity: spiffe://mesh.local/ns/default/sa/reviews
+labels: { version: v2 }
+cluster: local
+zone: b-1
+---
+kind: Endpoint
+id: far
+service: reviews
+address: 10.9.0.5:15443
+identity: spiffe://mesh.local/ns/default/sa/reviews
+gateway: 198.51.100.1:15444
+---
+kind: Endpoint
+id: s1
+service: secret
+address: 10.2.0.6:15443
+identity: spiffe://mesh.local/ns/default/sa/secret
+";
+
+    const LOCAL: &str = "
+kind: Service
+name: ratings
+ports: [{ port: 9080, protocol: http }]
+---
+kind: Endpoint
+id: a1
+service: ratings
+address: 10.1.0.5:15443
+identity: spiffe://mesh.local/ns/default/sa/ratings
+";
+
+    #[test]
+    fn exported_direct_endpoints_join_with_the_links_cluster_and_gateway() {
+        let (local, remote) = (snapshot(LOCAL), snapshot(REMOTE));
+        let (merged, counts) = merge(&local, &[(link("5m"), remote, Duration::ZERO)]);
+        assert_eq!(counts["b"], 1);
+        let eps: Vec<_> = merged.endpoints_of("reviews").collect();
+        assert_eq!(
+            eps.len(),
+            1,
+            "not the secret one, not one behind a third gateway"
+        );
+        let ep = eps[0];
+        assert_eq!(ep.id, "b.r1");
+        assert_eq!(ep.cluster, "b");
+        assert_eq!(ep.zone, "b-1");
+        assert_eq!(ep.labels.get("version").map(String::as_str), Some("v2"));
+        assert_eq!(ep.gateway, Some("192.0.2.9:15444".parse().unwrap()));
+        assert_eq!(ep.address, "10.2.0.5:15443".parse().unwrap());
+        assert!(
+            merged.services.contains_key("reviews"),
+            "a service only in B is added"
+        );
+        assert!(!merged.services.contains_key("secret"));
+        assert_eq!(merged.endpoints_of("ratings").count(), 1, "local ones stay");
+        assert_eq!(merged.revision, local.revision);
+    }
+
+    #[test]
+    fn a_stale_link_keeps_its_endpoints_until_keep_stale_then_drops_them() {
+        let (local, remote) = (snapshot(LOCAL), snapshot(REMOTE));
+        let l = link("30s");
+        let (kept, _) = merge(
+            &local,
+            &[(l.clone(), remote.clone(), Duration::from_secs(29))],
+        );
+        assert_eq!(kept.endpoints_of("reviews").count(), 1);
+        let (dropped, counts) = merge(&local, &[(l, remote, Duration::from_secs(31))]);
+        assert_eq!(dropped.endpoints_of("reviews").count(), 0);
+        assert_eq!(counts["b"], 0);
+        assert_eq!(dropped.endpoints_of("ratings").count(), 1);
+    }
+
+    #[test]
+    fn without_links_the_local_snapshot_passes_through() {
+        let local = snapshot(LOCAL);
+        let (merged, counts) = merge(&local, &[]);
+        assert!(Arc::ptr_eq(&merged, &local));
+        assert!(counts.is_empty());
+    }
+}
