@@ -175,7 +175,7 @@ fn run_bulk(lab: &Lab, route: Route, flows: usize) -> anyhow::Result<Bulk> {
 }
 
 /// `flows` connections each writing for BULK_TIME; bytes the sink counted and seconds taken.
-async fn bulk_flows(addr: SocketAddr, flows: usize) -> anyhow::Result<(u64, f64)> {
+pub(crate) async fn bulk_flows(addr: SocketAddr, flows: usize) -> anyhow::Result<(u64, f64)> {
     let start = Instant::now();
     let deadline = start + BULK_TIME;
     let mut set = tokio::task::JoinSet::new();
@@ -212,7 +212,7 @@ fn run_ping(lab: &Lab, route: Route, bytes: usize) -> anyhow::Result<Percentiles
     Ok(p)
 }
 
-async fn ping(addr: SocketAddr, bytes: usize) -> anyhow::Result<Vec<u64>> {
+pub(crate) async fn ping(addr: SocketAddr, bytes: usize) -> anyhow::Result<Vec<u64>> {
     let mut s = TcpStream::connect(addr).await?;
     s.set_nodelay(true)?;
     let out = vec![7u8; bytes];

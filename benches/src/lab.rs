@@ -76,6 +76,9 @@ pub struct Lab {
     congestion: String,
     /// `workers` of both Halyard sidecars.
     workers: usize,
+    /// The client sidecar reaches the server through an east-west gateway in namespace b
+    /// (its own registry names the server's endpoint with `gateway`), as from another cluster.
+    via_gateway: bool,
     stop: CancellationToken,
     _apps: std::thread::JoinHandle<()>,
 }
@@ -102,6 +105,7 @@ impl Lab {
             procs: Vec::new(),
             congestion: "bbr".to_owned(),
             workers: 1,
+            via_gateway: false,
             stop,
             _apps: apps,
         };
@@ -194,6 +198,53 @@ impl Lab {
         self.wait_ready()
     }
 
+    /// Restarts the Halyard sidecars with the client reaching the server through an east-west
+    /// gateway (`halyard gateway` in namespace b, at `<b>:15444`) when `on`, directly otherwise.
+    pub fn restart_halyard_via_gateway(&mut self, on: bool) -> anyhow::Result<()> {
+        self.procs.retain(|(route, _)| *route != Route::HalyardL4);
+        self.via_gateway = on;
+        if on {
+            let reg = self.dir.path().join("registry-a");
+            std::fs::create_dir_all(reg.join("default"))?;
+            let endpoint = format!(
+                "---\nkind: Endpoint\nid: server-b\nservice: server\naddress: \"{b}:15443\"\n\
+                 identity: spiffe://mesh.local/ns/default/sa/server\ncluster: b\ngateway: \"{b}:15444\"\n",
+                b = self.pair.b_ip
+            );
+            apply(
+                &self.halyard,
+                &reg,
+                &format!("{REGISTRY_OBJECTS}{endpoint}"),
+            )?;
+            let gw = self.dir.path().join("gateway.toml");
+            std::fs::write(
+                &gw,
+                format!(
+                    "registry = \"file://{}\"\nlisten = \"{}:15444\"\nadmin = \"127.0.0.1:15020\"\n",
+                    self.dir.path().join("registry").display(),
+                    self.pair.b_ip
+                ),
+            )?;
+            let halyard = self.halyard.clone();
+            let args = [
+                "gateway".into(),
+                "--config".into(),
+                gw.display().to_string(),
+            ];
+            self.spawn(Route::HalyardL4, true, "gateway", &halyard, &args)?;
+        }
+        self.spawn_sidecars()?;
+        self.wait_ready()
+    }
+
+    /// The pid of the process named `name` (`sidecar-client`, `sidecar-server`, `gateway`, ...).
+    pub fn pid_of(&self, name: &str) -> Option<u32> {
+        self.procs
+            .iter()
+            .find(|(_, p)| p.name == name)
+            .map(|(_, p)| p.pid())
+    }
+
     /// The `workers` setting the Halyard sidecars run with.
     pub fn workers(&self) -> usize {
         self.workers
@@ -275,7 +326,15 @@ impl Lab {
              [identity]\ncert = \"{id}/cert.pem\"\nkey = \"{id}/key.pem\"\nbundle = \"{id}/bundle.pem\"\n\
              [service]\nname = \"{who}\"\nversion = \"v1\"\n\
              [inbound]\nlisten = \"{ip}:15443\"\napp_host = \"127.0.0.1\"\n",
-            reg = self.dir.path().join("registry").display(),
+            reg = self
+                .dir
+                .path()
+                .join(if self.via_gateway && !ns_b {
+                    "registry-a"
+                } else {
+                    "registry"
+                })
+                .display(),
             state = self.dir.path().join(format!("state-{who}")).display(),
             id = id.display(),
             workers = self.workers,
@@ -295,6 +354,10 @@ impl Lab {
             "[transport]\nmax_concurrent_bidi_streams = 20000\ncongestion = \"{}\"\n",
             self.congestion
         );
+        if ns_b {
+            // The east-west gateway of `restart_halyard_via_gateway` runs beside it.
+            t += &format!("proxy_protocol_from = [\"{}\"]\n", self.pair.b_ip);
+        }
         t
     }
 
@@ -405,7 +468,7 @@ impl Drop for Lab {
 }
 
 const REGISTRY_OBJECTS: &str = "kind: MeshConfig\ndefaultPolicy: allow\ntrustDomain: mesh.local\n---\n\
-kind: Service\nname: server\nports:\n  - { name: sink, port: 9000, protocol: tcp, targetPort: 9000 }\n  \
+kind: Service\nname: server\nexported: true\nports:\n  - { name: sink, port: 9000, protocol: tcp, targetPort: 9000 }\n  \
 - { name: echo, port: 9001, protocol: tcp, targetPort: 9001 }\n  - { name: http4, port: 9002, protocol: tcp, targetPort: 9002 }\n  \
 - { name: http7, port: 9003, protocol: http, targetPort: 9002 }\n---\n\
 kind: Service\nname: client\nports:\n  - { name: tcp, port: 9999, protocol: tcp, targetPort: 9999 }\n";

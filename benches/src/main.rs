@@ -1,11 +1,12 @@
 //! Halyard benchmarks: `halyard-benches SCENARIO` writes `benches/results/SCENARIO.{md,json}`.
-//! Scenarios: transport, bulk, latency, lossy, lossy-coexistence, newflows, scale, propagation, flood, micro, all. The h2-tunnel
+//! Scenarios: transport, bulk, latency, lossy, lossy-coexistence, newflows, scale, propagation, flood, gateway, micro, all. The h2-tunnel
 //! baseline's two processes are this binary too (`h2-tunnel-server`, `h2-tunnel-client`), and so
 //! is the flood's attacker (`handshake-flood`).
 #![forbid(unsafe_code)]
 
 mod bulk;
 mod flood;
+mod gateway;
 mod h2tunnel;
 mod lab;
 mod latency;
@@ -20,7 +21,7 @@ mod stats;
 mod transport;
 
 const SCENARIOS: &str =
-    "transport, bulk, latency, lossy, lossy-coexistence, newflows, scale, propagation, flood, micro, all";
+    "transport, bulk, latency, lossy, lossy-coexistence, newflows, scale, propagation, flood, gateway, micro, all";
 
 type Scenario = fn() -> anyhow::Result<()>;
 
@@ -34,6 +35,7 @@ fn main() -> anyhow::Result<()> {
         "hold-flows" => scale::hold_main(rest),
         "handshake-flood" => flood::attacker_main(rest),
         "flood" => flood::main(),
+        "gateway" => gateway::main(),
         "propagation" => scale::propagation_main(),
         "transport" => transport::main(),
         "bulk" => bulk::main(),
@@ -51,7 +53,7 @@ fn main() -> anyhow::Result<()> {
 
 fn all() -> anyhow::Result<()> {
     let start = std::time::Instant::now();
-    let steps: [(&str, Scenario); 8] = [
+    let steps: [(&str, Scenario); 9] = [
         ("transport", transport::main),
         ("bulk", bulk::main),
         ("latency", latency::main),
@@ -59,6 +61,7 @@ fn all() -> anyhow::Result<()> {
         ("newflows", newflows::main),
         ("scale", scale::main),
         ("flood", flood::main),
+        ("gateway", gateway::main),
         ("micro", micro::main),
     ];
     let mut failed = Vec::new();
@@ -92,6 +95,7 @@ fn readme() -> anyhow::Result<()> {
         "scale",
         "propagation",
         "flood",
+        "gateway",
         "micro",
         "transport",
     ] {

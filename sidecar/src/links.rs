@@ -34,6 +34,8 @@ struct Remote {
     link: Arc<ClusterLink>,
     registry: Arc<dyn Registry>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
+    /// Wakes the merge loop on each of its snapshots; stopped with the link.
+    _waker: tokio_util::task::AbortOnDropHandle<()>,
 }
 
 /// The endpoints `link` contributes from `remote`: every endpoint of an exported service that
@@ -116,12 +118,13 @@ async fn run(
     stop: CancellationToken,
 ) {
     let mut remotes: BTreeMap<String, Remote> = BTreeMap::new();
+    let wake = Arc::new(tokio::sync::Notify::new());
     let mut tick = tokio::time::interval(AGE_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last: Option<MergeInputs> = None;
     loop {
         let snap = local.borrow_and_update().clone();
-        reconcile(&snap, state_dir.as_deref(), &mut remotes).await;
+        reconcile(&snap, state_dir.as_deref(), &wake, &mut remotes).await;
         let views: Vec<(Arc<ClusterLink>, Arc<Snapshot>, Duration)> = remotes
             .values_mut()
             .map(|r| {
@@ -154,21 +157,15 @@ async fn run(
             tx.send_replace(merged);
             last = Some(key);
         }
-        let local_index = remotes.len();
-        let changed = futures::future::select_all(
-            remotes
-                .values_mut()
-                .map(|r| Box::pin(r.snapshots.changed()))
-                .chain(std::iter::once(Box::pin(local.changed()))),
-        );
         tokio::select! {
             _ = stop.cancelled() => return,
-            (r, index, _) = changed => {
+            r = local.changed() => {
                 // The local watch ended: the sidecar is stopping.
-                if r.is_err() && index == local_index {
+                if r.is_err() {
                     return;
                 }
             }
+            () = wake.notified() => {}
             _ = tick.tick() => {}
         }
     }
@@ -180,6 +177,7 @@ async fn run(
 async fn reconcile(
     snap: &Snapshot,
     state_dir: Option<&std::path::Path>,
+    wake: &Arc<tokio::sync::Notify>,
     remotes: &mut BTreeMap<String, Remote>,
 ) {
     remotes.retain(|cluster, r| snap.links.get(cluster).is_some_and(|l| *l == r.link));
@@ -194,12 +192,20 @@ async fn reconcile(
             Ok(registry) => {
                 tracing::info!(%cluster, registry = %link.registry, gateway = %link.gateway, "following a linked cluster");
                 let snapshots = registry.watch();
+                let mut changes = registry.watch();
+                let wake = wake.clone();
+                let waker = tokio::spawn(async move {
+                    while changes.changed().await.is_ok() {
+                        wake.notify_one();
+                    }
+                });
                 remotes.insert(
                     cluster.clone(),
                     Remote {
                         link: link.clone(),
                         registry,
                         snapshots,
+                        _waker: tokio_util::task::AbortOnDropHandle::new(waker),
                     },
                 );
             }
