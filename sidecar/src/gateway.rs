@@ -46,8 +46,6 @@ use crate::config::ConfigError;
 
 /// The gateway's default UDP port (next to the sidecars' 15443).
 pub const DEFAULT_GATEWAY_PORT: u16 = 15444;
-/// Largest datagram read (bytes); QUIC datagrams are at most 65,527 bytes of UDP payload.
-const MAX_DATAGRAM: usize = 65_535;
 
 /// `halyard gateway --config FILE` (TOML).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -495,60 +493,175 @@ async fn follow(
     }
 }
 
-/// The data path: one datagram at a time, read after room for the longest PROXY header so a
-/// header is written in front of it without copying the payload.
+/// Room per datagram in the receive buffers (bytes): QUIC datagrams stay under the path MTU
+/// (quinn's discovery stops at 1,452 bytes), plus a PROXY header on the way back; a GRO batch
+/// is `gro_segments` of them.
+const MAX_SEGMENT: usize = 2048;
+/// Largest datagram the kernel takes in one GSO send (a UDP length field's worth).
+const MAX_GSO_BYTES: usize = 65_000;
+
+/// The data path, batched as quinn batches its own socket (`quinn-udp`): `recvmmsg` with GRO
+/// in, one decision per datagram, consecutive datagrams with the same destination and size sent
+/// together with GSO. A PROXY header is written in front of each forwarded datagram, and taken
+/// off each returned one, while it is copied into the send buffer: one copy per byte.
 async fn route(socket: &UdpSocket, state: &State) -> anyhow::Result<()> {
+    use halyard_transport::quinn::udp::{RecvMeta, UdpSocketState, BATCH_SIZE};
+    use std::io::IoSliceMut;
+    let udp = UdpSocketState::new(socket.into())?;
+    let segments = udp.gro_segments().max(1);
+    let slot = MAX_SEGMENT * segments;
+    let mut storage = vec![0u8; slot * BATCH_SIZE];
+    let mut meta = vec![RecvMeta::default(); BATCH_SIZE];
+    let mut out = Batch::new(udp.max_gso_segments().max(1));
     let mut table_rx = state.table.clone();
     let mut table = table_rx.borrow_and_update().clone();
-    let mut buf = vec![0u8; proxy_v2::MAX_LEN + MAX_DATAGRAM];
-    let m = &state.metrics;
     loop {
-        let (n, from) = match socket.recv_from(&mut buf[proxy_v2::MAX_LEN..]).await {
-            Ok(got) => got,
-            // ICMP errors from an earlier send surface here (ECONNREFUSED); the socket is fine.
-            Err(e) => {
-                tracing::debug!(error = %e, "gateway receive error");
-                continue;
+        let n = {
+            let mut bufs: Vec<IoSliceMut<'_>> =
+                storage.chunks_mut(slot).map(IoSliceMut::new).collect();
+            match socket
+                .async_io(tokio::io::Interest::READABLE, || {
+                    udp.recv(socket.into(), &mut bufs, &mut meta)
+                })
+                .await
+            {
+                Ok(n) => n,
+                // ICMP errors from an earlier send surface here (ECONNREFUSED); the socket is fine.
+                Err(e) => {
+                    tracing::debug!(error = %e, "gateway receive error");
+                    continue;
+                }
             }
         };
         if table_rx.has_changed().unwrap_or(false) {
             table = table_rx.borrow_and_update().clone();
         }
-        let datagram = &buf[proxy_v2::MAX_LEN..proxy_v2::MAX_LEN + n];
-        match decide(&table, from, datagram) {
-            Decision::Forward(to) => {
-                let header = ProxyHeader {
-                    source: from,
-                    destination: state.bound,
-                };
-                let hlen = proxy_v2::encoded_len(&header);
-                let start = proxy_v2::MAX_LEN - hlen;
-                if proxy_v2::encode(&header, &mut buf[start..]).is_none() {
-                    continue;
-                }
-                if let Err(e) = socket.send_to(&buf[start..proxy_v2::MAX_LEN + n], to).await {
-                    tracing::debug!(error = %e, %to, "gateway send to endpoint failed");
-                    continue;
-                }
-                m.forwarded.inc();
-                m.bytes_forwarded.inc_by(n as u64);
-            }
-            Decision::Return { to, offset } => {
-                let payload = &buf[proxy_v2::MAX_LEN + offset..proxy_v2::MAX_LEN + n];
-                if let Err(e) = socket.send_to(payload, to).await {
-                    tracing::debug!(error = %e, %to, "gateway send to caller failed");
-                    continue;
-                }
-                m.returned.inc();
-                m.bytes_returned.inc_by(payload.len() as u64);
-            }
-            Decision::Drop(why) => {
-                tracing::debug!(%from, reason = why.label(), "gateway dropped a datagram");
-                if let Some(c) = m.drops.get(&why) {
-                    c.inc();
-                }
+        for (m, buf) in meta.iter().zip(storage.chunks(slot)).take(n) {
+            let len = m.len.min(buf.len());
+            let stride = m.stride.clamp(1, len.max(1));
+            for segment in buf[..len].chunks(stride) {
+                handle(socket, &udp, state, &table, m.addr, segment, &mut out).await;
             }
         }
+        out.flush(socket, &udp).await;
+    }
+}
+
+/// One datagram: decided, counted, and added to the outgoing batch.
+async fn handle(
+    socket: &UdpSocket,
+    udp: &halyard_transport::quinn::udp::UdpSocketState,
+    state: &State,
+    table: &Table,
+    from: SocketAddr,
+    datagram: &[u8],
+    out: &mut Batch,
+) {
+    let m = &state.metrics;
+    match decide(table, from, datagram) {
+        Decision::Forward(to) => {
+            let header = ProxyHeader {
+                source: from,
+                destination: state.bound,
+            };
+            let mut head = [0u8; proxy_v2::MAX_LEN];
+            let Some(hlen) = proxy_v2::encode(&header, &mut head) else {
+                return;
+            };
+            out.push(socket, udp, to, &[&head[..hlen], datagram]).await;
+            m.forwarded.inc();
+            m.bytes_forwarded.inc_by(datagram.len() as u64);
+        }
+        Decision::Return { to, offset } => {
+            let payload = datagram.get(offset..).unwrap_or_default();
+            out.push(socket, udp, to, &[payload]).await;
+            m.returned.inc();
+            m.bytes_returned.inc_by(payload.len() as u64);
+        }
+        Decision::Drop(why) => {
+            tracing::debug!(%from, reason = why.label(), "gateway dropped a datagram");
+            if let Some(c) = m.drops.get(&why) {
+                c.inc();
+            }
+        }
+    }
+}
+
+/// Datagrams for one destination, all of one size but the last (what GSO sends at once).
+struct Batch {
+    to: Option<SocketAddr>,
+    bytes: Vec<u8>,
+    segment: usize,
+    count: usize,
+    /// The last segment was shorter: nothing more can join.
+    closed: bool,
+    max_segments: usize,
+}
+
+impl Batch {
+    fn new(max_segments: usize) -> Batch {
+        Batch {
+            to: None,
+            bytes: Vec::with_capacity(MAX_GSO_BYTES + MAX_SEGMENT),
+            segment: 0,
+            count: 0,
+            closed: false,
+            max_segments,
+        }
+    }
+
+    /// Adds one datagram made of `parts` for `to`, sending what was batched first when it
+    /// cannot join.
+    async fn push(
+        &mut self,
+        socket: &UdpSocket,
+        udp: &halyard_transport::quinn::udp::UdpSocketState,
+        to: SocketAddr,
+        parts: &[&[u8]],
+    ) {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let joins = self.to == Some(to)
+            && !self.closed
+            && len <= self.segment
+            && self.count < self.max_segments
+            && self.bytes.len() + len <= MAX_GSO_BYTES;
+        if !joins {
+            self.flush(socket, udp).await;
+            self.to = Some(to);
+            self.segment = len;
+        }
+        for p in parts {
+            self.bytes.extend_from_slice(p);
+        }
+        self.count += 1;
+        self.closed = len < self.segment;
+    }
+
+    async fn flush(
+        &mut self,
+        socket: &UdpSocket,
+        udp: &halyard_transport::quinn::udp::UdpSocketState,
+    ) {
+        if let Some(to) = self.to.take() {
+            let transmit = halyard_transport::quinn::udp::Transmit {
+                destination: to,
+                ecn: None,
+                contents: &self.bytes,
+                segment_size: (self.count > 1).then_some(self.segment),
+                src_ip: None,
+            };
+            let sent = socket
+                .async_io(tokio::io::Interest::WRITABLE, || {
+                    udp.send(socket.into(), &transmit)
+                })
+                .await;
+            if let Err(e) = sent {
+                tracing::debug!(error = %e, %to, "gateway send failed");
+            }
+        }
+        self.bytes.clear();
+        self.count = 0;
+        self.closed = false;
     }
 }
 
