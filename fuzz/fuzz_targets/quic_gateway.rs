@@ -1,0 +1,60 @@
+//! What an east-west gateway reads from the network, on any bytes: the routing decision
+//! (`gateway::decide`: PROXY v2 header, QUIC long/short header, connection ID, and the Initial
+//! it opens with the public keys to read the ClientHello's server name) never panics, and a
+//! PROXY header it accepts says where its payload starts inside the datagram.
+#![no_main]
+
+use std::sync::OnceLock;
+
+use halyard_registry::model::parse_documents;
+use halyard_registry::{Object, Origin, Snapshot};
+use halyard_sidecar::gateway::{decide, Decision, Table};
+use halyard_transport::{initial, proxy_v2, quic_lb};
+use libfuzzer_sys::fuzz_target;
+
+fn table() -> &'static Table {
+    static TABLE: OnceLock<Table> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let yaml = "kind: Service\nname: r\nexported: true\nports: [{port: 80, protocol: tcp}]\n---\n\
+                    kind: Endpoint\nid: e\nservice: r\naddress: 127.0.0.1:15443\nidentity: spiffe://td/r\n";
+        let mut snap = Snapshot::empty(Origin::Live);
+        for o in parse_documents("fuzz", yaml).unwrap_or_default() {
+            match o {
+                Object::Service(s) => {
+                    snap.services.insert(s.name.to_string(), std::sync::Arc::new(s));
+                }
+                Object::Endpoint(e) => {
+                    snap.endpoints
+                        .entry(e.service.to_string())
+                        .or_default()
+                        .insert(e.id.clone(), std::sync::Arc::new(e));
+                }
+                _ => {}
+            }
+        }
+        Table::of(&snap)
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    // From the routed endpoint (so PROXY headers are read) or from anyone.
+    let from = if data.first().is_some_and(|b| b & 1 == 1) {
+        "127.0.0.1:15443"
+    } else {
+        "198.51.100.7:4433"
+    };
+    let from = from.parse().unwrap_or_else(|_| unreachable!());
+    match decide(table(), from, data) {
+        Decision::Return { offset, .. } => assert!(offset <= data.len()),
+        Decision::Forward(_) | Decision::Drop(_) => {}
+    }
+    let _ = initial::initial_server_name(data);
+    let _ = initial::long_header_dcid(data);
+    let _ = quic_lb::short_header_dcid(data).and_then(quic_lb::server_id);
+    if let Ok((header, at)) = proxy_v2::decode(data) {
+        assert!(at <= data.len());
+        let mut again = [0u8; proxy_v2::MAX_LEN];
+        let n = proxy_v2::encode(&header, &mut again).unwrap_or_else(|| unreachable!());
+        assert_eq!(proxy_v2::decode(&again[..n]).map(|(h, _)| h), Ok(header));
+    }
+});
