@@ -67,6 +67,7 @@ fn here() -> Locality {
     Locality {
         cluster: "local".into(),
         zone: "z1".into(),
+        failover: Vec::new(),
     }
 }
 

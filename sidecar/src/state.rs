@@ -172,6 +172,7 @@ impl Shared {
         let locality = Locality {
             cluster: config.file.service.cluster.clone(),
             zone: config.file.service.zone.clone(),
+            failover: Vec::new(),
         };
         Arc::new(Shared {
             service: config.service.to_string(),

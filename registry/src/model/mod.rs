@@ -189,6 +189,11 @@ pub struct Service {
     /// gateway`); a gateway drops traffic for endpoints of services that are not. Default false.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub exported: bool,
+    /// Where callers go when no endpoint of their own cluster can take a request: these
+    /// clusters, in this order, then any other. Empty (the default): any other cluster, as
+    /// one tier. Distinct DNS-1123 labels, at most 16.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub failover: Vec<String>,
 }
 
 /// Thresholds a caller's sidecar keeps per destination service; past one it fails fast (503,

@@ -17,6 +17,8 @@ pub(crate) struct Service {
     pub circuit_breaker: Option<CircuitBreaker>,
     #[serde(default)]
     pub exported: bool,
+    #[serde(default)]
+    pub failover: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]

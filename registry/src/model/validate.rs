@@ -196,12 +196,28 @@ fn service(raw: raw::Service) -> Result<Service, ValidationError> {
         .circuit_breaker
         .map(|c| circuit_breaker("circuitBreaker", c))
         .transpose()?;
+    if raw.failover.len() > 16 {
+        return Err(ValidationError::at("failover", "at most 16 clusters"));
+    }
+    let mut failover: Vec<String> = Vec::new();
+    for (i, cluster) in raw.failover.into_iter().enumerate() {
+        let path = index("failover", i);
+        Name::at(&path, &cluster)?;
+        if failover.contains(&cluster) {
+            return Err(ValidationError::at(
+                &path,
+                format!("cluster {cluster:?} is listed twice"),
+            ));
+        }
+        failover.push(cluster);
+    }
     Ok(Service {
         name,
         vip,
         ports,
         circuit_breaker,
         exported: raw.exported,
+        failover,
     })
 }
 

@@ -165,6 +165,19 @@ pub struct Locality {
     pub cluster: String,
     /// Zone name.
     pub zone: String,
+    /// For the service being chosen from: the clusters to fail over to, in order, once this
+    /// cluster has no candidate (its Service's `failover`); clusters not listed come after.
+    pub failover: Vec<String>,
+}
+
+impl Locality {
+    /// This locality as seen for `service`: its `failover` order.
+    pub fn for_service(&self, service: Option<&halyard_registry::model::Service>) -> Locality {
+        Locality {
+            failover: service.map(|s| s.failover.clone()).unwrap_or_default(),
+            ..self.clone()
+        }
+    }
 }
 
 /// RTT assumed for an endpoint not yet measured: low, so new endpoints get tried.
@@ -219,10 +232,15 @@ pub fn choose<'e>(
 fn closest_tier<'e>(pool: &[&'e Endpoint], here: &Locality) -> Vec<&'e Endpoint> {
     let same_zone = |e: &&&Endpoint| e.cluster == here.cluster && e.zone == here.zone;
     let same_cluster = |e: &&&Endpoint| e.cluster == here.cluster;
-    for tier in [
+    let local = [
         pool.iter().filter(same_zone).copied().collect::<Vec<_>>(),
         pool.iter().filter(same_cluster).copied().collect(),
-    ] {
+    ];
+    let failover = here
+        .failover
+        .iter()
+        .map(|c| pool.iter().filter(|e| &e.cluster == c).copied().collect());
+    for tier in local.into_iter().chain(failover) {
         if !tier.is_empty() {
             return tier;
         }
@@ -301,13 +319,18 @@ struct Members {
     /// How many endpoints the subset holds, weight 0 included.
     count: usize,
     /// Positions (ascending) of the subset's endpoints of weight above 0: in this sidecar's
-    /// cluster and zone, in its cluster (any zone), anywhere.
-    tiers: [Vec<u32>; 3],
+    /// cluster and zone, in its cluster (any zone), in each cluster of the failover order,
+    /// anywhere.
+    tiers: Vec<Vec<u32>>,
 }
 
 impl Members {
     fn of(endpoints: &[Arc<Endpoint>], subset: &Labels, here: &Locality) -> Self {
-        let mut m = Members::default();
+        let mut m = Members {
+            count: 0,
+            tiers: vec![Vec::new(); 3 + here.failover.len()],
+        };
+        let last = m.tiers.len() - 1;
         for (i, e) in endpoints.iter().enumerate() {
             if !subset_matches(subset, &e.labels) {
                 continue;
@@ -322,8 +345,10 @@ impl Members {
                     m.tiers[0].push(pos);
                 }
                 m.tiers[1].push(pos);
+            } else if let Some(k) = here.failover.iter().position(|c| *c == e.cluster) {
+                m.tiers[2 + k].push(pos);
             }
-            m.tiers[2].push(pos);
+            m.tiers[last].push(pos);
         }
         m
     }
@@ -373,6 +398,7 @@ impl EndpointIndex {
             .iter()
             .map(|(service, eps)| {
                 let endpoints: Vec<Arc<Endpoint>> = eps.values().cloned().collect();
+                let here = here.for_service(snap.service(service).map(|s| &**s));
                 let by_id = (endpoints.iter().enumerate())
                     .map(|(i, e)| (e.id.clone(), i as u32))
                     .collect();
@@ -385,7 +411,7 @@ impl EndpointIndex {
                 });
                 for subset in std::iter::once(&Labels::new()).chain(named) {
                     if !subsets.contains_key(subset) {
-                        let members = Members::of(&endpoints, subset, here);
+                        let members = Members::of(&endpoints, subset, &here);
                         subsets.insert(subset.clone(), members);
                     }
                 }
@@ -393,7 +419,7 @@ impl EndpointIndex {
                     endpoints,
                     by_id,
                     subsets,
-                    here: here.clone(),
+                    here,
                 };
                 (service.clone(), indexed)
             })
@@ -601,7 +627,36 @@ mod tests {
         Locality {
             cluster: "c".into(),
             zone: "z".into(),
+            failover: Vec::new(),
         }
+    }
+
+    #[test]
+    fn the_failover_order_is_followed_once_the_own_cluster_has_no_candidate() {
+        let (local, b, x, c2) = (
+            ep("local", "v1", "c", "z"),
+            ep("in-b", "v1", "b", "b1"),
+            ep("in-x", "v1", "x", "x1"),
+            ep("in-c2", "v1", "c2", "q"),
+        );
+        let pool = [&local, &b, &x, &c2];
+        let scope = only("v1");
+        let mut here = here();
+        here.failover = vec!["c2".into(), "b".into()];
+        let pick = |dead: &'static [&'static str]| {
+            choose(&pool, &scope, &ejected(dead), &here, (3, 9)).map(|e| e.id.clone())
+        };
+        assert_eq!(pick(&[]).as_deref(), Some("local"));
+        assert_eq!(pick(&["local"]).as_deref(), Some("in-c2"));
+        assert_eq!(pick(&["local", "in-c2"]).as_deref(), Some("in-b"));
+        assert_eq!(pick(&["local", "in-c2", "in-b"]).as_deref(), Some("in-x"));
+        // Without an order, every other cluster is one tier.
+        here.failover.clear();
+        let others: std::collections::BTreeSet<_> = (0..64)
+            .filter_map(|s| choose(&pool, &scope, &ejected(&["local"]), &here, (s, s * 7 + 1)))
+            .map(|e| e.id.clone())
+            .collect();
+        assert_eq!(others.len(), 3, "{others:?}");
     }
 
     fn ejected(ids: &'static [&'static str]) -> impl Fn(&Endpoint) -> Load {
@@ -747,6 +802,7 @@ mod tests {
         let here = Locality {
             cluster: "c".into(),
             zone: "z".into(),
+            failover: Vec::new(),
         };
         let any = Scope::default();
         for s in 0..10 {
@@ -896,6 +952,16 @@ mod indexed {
         if d.below(4) > 0 {
             snap.routes.insert("svc".into(), Arc::new(route(d)));
         }
+        // Half the cases name a failover order (clusters with endpoints, and one without).
+        if d.below(2) == 0 {
+            let order = d.pick(&["[d, c]", "[c]", "[e, d]", "[d]"]);
+            let yaml = format!(
+                "kind: Service\nname: svc\nfailover: {order}\nports: [{{ port: 80, protocol: tcp }}]\n"
+            );
+            if let Some(Object::Service(s)) = parse_documents("test", &yaml).unwrap().pop() {
+                snap.services.insert("svc".into(), Arc::new(s));
+            }
+        }
         let ejected_share = d.below(4); // of 4: none, a quarter, half, three quarters
         let mut ejected = Vec::new();
         let mut load = HashMap::new();
@@ -922,6 +988,7 @@ mod indexed {
         let here = Locality {
             cluster: d.pick(&["c", "d"]).to_string(),
             zone: d.pick(&["z", "y"]).to_string(),
+            failover: Vec::new(),
         };
         Case {
             snap,
@@ -953,7 +1020,8 @@ mod indexed {
                 c.load[&e.id]
             }
         };
-        choose(&pool, scope, &load, &c.here, samples)
+        let here = c.here.for_service(c.snap.service("svc").map(|s| &**s));
+        choose(&pool, scope, &load, &here, samples)
             .map(|e| e.id.clone())
             .ok_or(PickError::NoHealthy)
     }
