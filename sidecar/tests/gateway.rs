@@ -453,6 +453,14 @@ struct Linked {
 }
 
 async fn linked(keep_stale: &str) -> Linked {
+    linked_through(keep_stale, None).await.0
+}
+
+/// [`linked`], A reaching B's gateway through the link simulator when `link` is given.
+async fn linked_through(
+    keep_stale: &str,
+    link: Option<halyard_transport::sim::LinkProfile>,
+) -> (Linked, Option<halyard_transport::sim::LinkSim>) {
     let etcd = tokio::task::spawn_blocking(halyard_registry::test_util::EtcdServer::start)
         .await
         .unwrap();
@@ -470,10 +478,18 @@ async fn linked(keep_stale: &str) -> Linked {
     let reviews = b.start(&spec).await;
     reviews.wait_endpoints("reviews", 1).await;
     let gateway = Gateway::start(&b, "127.0.0.1:0".parse().unwrap()).await;
+    let sim = match link {
+        Some(profile) => Some(
+            halyard_transport::sim::LinkSim::start(gateway.addr, profile.clone(), profile, 18)
+                .await
+                .unwrap(),
+        ),
+        None => None,
+    };
+    let dial = sim.as_ref().map_or(gateway.addr, |s| s.addr());
     a.apply(&format!(
-        "kind: ClusterLink\ncluster: b\nregistry: {}\ngateway: \"{}\"\nkeepStale: {keep_stale}\n",
+        "kind: ClusterLink\ncluster: b\nregistry: {}\ngateway: \"{dial}\"\nkeepStale: {keep_stale}\n",
         etcd.url(),
-        gateway.addr
     ))
     .await;
     let pp = a
@@ -484,15 +500,42 @@ async fn linked(keep_stale: &str) -> Linked {
             .any(|ep| ep.cluster == "b" && ep.id.starts_with("b."))
     })
     .await;
-    Linked {
-        a,
-        _b: b,
-        etcd,
-        _app: echo,
-        reviews,
-        gateway,
-        pp,
+    (
+        Linked {
+            a,
+            _b: b,
+            etcd,
+            _app: echo,
+            reviews,
+            gateway,
+            pp,
+        },
+        sim,
+    )
+}
+
+/// The link between the clusters drops 2 % of packets each way and adds 10 ms (± jitter,
+/// some reordering): every call still gets its whole answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_cross_a_lossy_link_between_clusters_whole() {
+    let profile = halyard_transport::sim::LinkProfile::lossy(0.02, Duration::from_millis(10));
+    let (l, sim) = linked_through("5m", Some(profile)).await;
+    let sim = sim.unwrap();
+    for i in 0..10u8 {
+        let msg = vec![b'a' + i; 48 * 1024];
+        let out = call(l.pp.upstream(0), &msg).await.unwrap();
+        assert_eq!(out.len(), msg.len() + 2, "call {i}");
+        assert_eq!(&out[2..], &msg[..], "call {i}");
     }
+    let dropped = halyard_transport::sim::LinkCounters::get(&sim.forward().dropped)
+        + halyard_transport::sim::LinkCounters::get(&sim.backward().dropped);
+    assert!(
+        dropped > 0,
+        "the link dropped nothing: the test tested no loss"
+    );
+    l.pp.shutdown().await.unwrap();
+    l.reviews.shutdown().await.unwrap();
+    l.gateway.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
