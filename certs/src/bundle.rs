@@ -14,6 +14,10 @@ use crate::{pem, CertError};
 pub struct TrustBundle {
     roots: Vec<CertificateDer<'static>>,
     anchors: Vec<TrustAnchor<'static>>,
+    /// Per root (same order): the trust domain its URI SAN names (`spiffe://<td>`), if any.
+    /// A root that names one vouches for that trust domain's ids only (SPIFFE federation:
+    /// another cluster's root in this bundle lets its workloads in, and no others).
+    domains: Vec<Option<crate::spiffe::TrustDomain>>,
     deny: Option<Arc<DenyList>>,
 }
 
@@ -31,9 +35,14 @@ impl TrustBundle {
                     .map_err(|e| CertError::BadRoot(format!("{e:?}")))
             })
             .collect::<Result<_, _>>()?;
+        let domains = roots
+            .iter()
+            .map(|r| crate::ca::root_trust_domain(r))
+            .collect();
         Ok(TrustBundle {
             roots,
             anchors,
+            domains,
             deny: None,
         })
     }
@@ -67,6 +76,30 @@ impl TrustBundle {
 
     pub(crate) fn anchors(&self) -> &[TrustAnchor<'static>] {
         &self.anchors
+    }
+
+    /// The trust domain of the root behind `anchor` (one of [`TrustBundle::anchors`]), if its
+    /// certificate names one.
+    pub(crate) fn anchor_domain(
+        &self,
+        anchor: &TrustAnchor<'_>,
+    ) -> Option<&crate::spiffe::TrustDomain> {
+        let at = self.anchors.iter().position(|a| {
+            a.subject == anchor.subject
+                && a.subject_public_key_info == anchor.subject_public_key_info
+        })?;
+        self.domains.get(at)?.as_ref()
+    }
+
+    /// The trust domains the roots name, once each, in order.
+    pub fn trust_domains(&self) -> Vec<crate::spiffe::TrustDomain> {
+        let mut out: Vec<crate::spiffe::TrustDomain> = Vec::new();
+        for td in self.domains.iter().flatten() {
+            if !out.contains(td) {
+                out.push(td.clone());
+            }
+        }
+        out
     }
 
     /// The bundle as PEM.
@@ -105,6 +138,7 @@ impl TrustBundle {
     pub fn merge(mut self, other: &TrustBundle) -> Self {
         self.roots.extend(other.roots.iter().cloned());
         self.anchors.extend(other.anchors.iter().cloned());
+        self.domains.extend(other.domains.iter().cloned());
         self
     }
 }

@@ -367,6 +367,12 @@ pub(crate) fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
+/// The trust domain a root certificate (DER) names in its URI SAN, if it names one.
+pub(crate) fn root_trust_domain(der: &[u8]) -> Option<TrustDomain> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    ca_trust_domain(&cert).ok()
+}
+
 fn ca_trust_domain(cert: &X509Certificate<'_>) -> Result<TrustDomain, CertError> {
     let san = cert
         .subject_alternative_name()

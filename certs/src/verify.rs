@@ -41,6 +41,15 @@ pub enum PeerError {
         /// The trust domain accepted.
         expected: TrustDomain,
     },
+    /// The chain ends in a root of another trust domain than the peer's id: a root vouches
+    /// for its own trust domain only.
+    #[error("peer {id} chains to a root of trust domain {root}, not its own")]
+    RootOfOtherDomain {
+        /// The peer's id.
+        id: SpiffeId,
+        /// The trust domain of the root the chain ends in.
+        root: TrustDomain,
+    },
     /// The peer is not the workload expected at this address.
     #[error("peer is {id}, expected {expected}")]
     WrongId {
@@ -81,26 +90,36 @@ fn verify_chain(
     intermediates: &[CertificateDer<'_>],
     now: UnixTime,
     usage: webpki::KeyUsage,
-) -> Result<SpiffeId, rustls::Error> {
+) -> Result<(SpiffeId, Option<TrustDomain>), rustls::Error> {
     let cert = webpki::EndEntityCert::try_from(end_entity).map_err(webpki_error)?;
-    cert.verify_for_usage(
-        algs.all,
-        bundle.anchors(),
-        intermediates,
-        now,
-        usage,
-        None,
-        None,
-    )
-    .map_err(webpki_error)?;
+    let path = cert
+        .verify_for_usage(
+            algs.all,
+            bundle.anchors(),
+            intermediates,
+            now,
+            usage,
+            None,
+            None,
+        )
+        .map_err(webpki_error)?;
+    let root = bundle.anchor_domain(path.anchor()).cloned();
     let id = svid::check_leaf(end_entity).map_err(|e| other(PeerError::Svid(e)))?;
+    if let Some(root) = &root {
+        if id.trust_domain_str() != root.as_str() {
+            return Err(other(PeerError::RootOfOtherDomain {
+                id,
+                root: root.clone(),
+            }));
+        }
+    }
     if let Some(deny) = bundle.deny_list() {
         let serial = svid::serial(end_entity).map_err(|e| other(PeerError::Svid(e)))?;
         if deny.refuses(&id, &serial) {
             return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
         }
     }
-    Ok(id)
+    Ok((id, root))
 }
 
 /// Verifies client certificates on the inbound side: chain, leaf rules, trust domain.
@@ -110,16 +129,22 @@ pub struct SpiffeClientVerifier {
     trust_domain: TrustDomain,
     algs: WebPkiSupportedAlgorithms,
     mandatory: bool,
+    /// Accept peers of other trust domains whose chain ends in a root of their own domain
+    /// (federation); off for the CA server, which serves its own trust domain only.
+    federated: bool,
 }
 
 impl SpiffeClientVerifier {
-    /// A verifier accepting workloads of `trust_domain` whose chain ends in `bundle`.
+    /// A verifier accepting workloads whose chain ends in `bundle`: of `trust_domain`, and of
+    /// any other trust domain whose own root (a root naming it, `spiffe://<td>` URI SAN) is in
+    /// the bundle — SPIFFE federation, as between clusters with a trust domain each.
     pub fn new(bundle: Arc<TrustBundle>, trust_domain: TrustDomain) -> Self {
         SpiffeClientVerifier {
             bundle,
             trust_domain,
             algs: crate::tls::provider().signature_verification_algorithms,
             mandatory: true,
+            federated: true,
         }
     }
 
@@ -129,6 +154,7 @@ impl SpiffeClientVerifier {
     pub fn optional(bundle: Arc<TrustBundle>, trust_domain: TrustDomain) -> Self {
         SpiffeClientVerifier {
             mandatory: false,
+            federated: false,
             ..Self::new(bundle, trust_domain)
         }
     }
@@ -154,7 +180,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let usage = webpki::KeyUsage::client_auth();
-        let id = verify_chain(
+        let (id, root) = verify_chain(
             &self.bundle,
             &self.algs,
             end_entity,
@@ -162,7 +188,10 @@ impl ClientCertVerifier for SpiffeClientVerifier {
             now,
             usage,
         )?;
-        if id.trust_domain_str() != self.trust_domain.as_str() {
+        // `verify_chain` held the id to its root's trust domain; a root naming none vouches
+        // for this verifier's own trust domain only.
+        let federated = self.federated && root.is_some();
+        if !federated && id.trust_domain_str() != self.trust_domain.as_str() {
             return Err(other(PeerError::TrustDomain {
                 id,
                 expected: self.trust_domain.clone(),
@@ -241,7 +270,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let usage = webpki::KeyUsage::server_auth();
-        let id = verify_chain(
+        let (id, _root) = verify_chain(
             &self.bundle,
             &self.algs,
             end_entity,

@@ -405,3 +405,84 @@ fn a_ca_key_others_can_read_is_refused() {
         .to_string();
     assert!(err.contains("chmod 600"), "{err}");
 }
+
+/// Two clusters with a trust domain each, each bundle holding both roots (SPIFFE federation):
+/// workloads of either are accepted on both sides, a root vouches only for its own trust
+/// domain, and without the other's root nothing of it gets in.
+#[tokio::test]
+async fn federated_trust_domains_accept_each_other_and_a_root_vouches_only_for_its_own() {
+    let a = TestPki::new("a.mesh.local");
+    let b = TestPki::new("b.mesh.local");
+    let both = Arc::new(TrustBundle::clone(&a.bundle).merge(&b.bundle));
+    assert_eq!(
+        both.trust_domains()
+            .iter()
+            .map(|t| t.as_str().to_owned())
+            .collect::<Vec<_>>(),
+        ["a.mesh.local", "b.mesh.local"]
+    );
+    // A caller of b reaches a server of a.
+    let out = handshake(
+        server_config(a.resolver("reviews"), both.clone()).unwrap(),
+        client_config(
+            b.resolver("productpage"),
+            both.clone(),
+            ExpectedServer::Id(a.id("reviews")),
+        )
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(out.server.unwrap(), b.id("productpage"));
+    assert_eq!(out.client.unwrap(), a.id("reviews"));
+
+    // a's server without b's root: b's caller is an unknown issuer.
+    let out = handshake(
+        server_config(a.resolver("reviews"), a.bundle.clone()).unwrap(),
+        client_config(
+            b.resolver("productpage"),
+            both.clone(),
+            ExpectedServer::Id(a.id("reviews")),
+        )
+        .unwrap(),
+    )
+    .await;
+    let err = out.server.unwrap_err();
+    assert!(
+        err.contains("UnknownIssuer") || err.contains("BadSignature"),
+        "{err}"
+    );
+
+    // a's CA signs a leaf claiming an id of b: refused by both sides although the chain is good.
+    let forged = a.raw_leaf(&LeafSpec::good(
+        "spiffe://b.mesh.local/ns/default/sa/productpage",
+    ));
+    let out = handshake(
+        server_config(a.resolver("reviews"), both.clone()).unwrap(),
+        client_config_with(
+            forged.clone() as Arc<dyn ResolvesClientCert>,
+            both.clone(),
+            ExpectedServer::Id(a.id("reviews")),
+        )
+        .unwrap(),
+    )
+    .await;
+    let err = out.server.unwrap_err();
+    assert!(err.contains("RootOfOtherDomain"), "{err}");
+    let out = handshake(
+        server_config_with(
+            forged as Arc<dyn ResolvesServerCert>,
+            halyard_certs::TrustDomain::new("b.mesh.local").unwrap(),
+            both.clone(),
+        )
+        .unwrap(),
+        client_config(
+            b.resolver("client"),
+            both.clone(),
+            ExpectedServer::Id(b.id("productpage")),
+        )
+        .unwrap(),
+    )
+    .await;
+    let err = out.client.unwrap_err();
+    assert!(err.contains("RootOfOtherDomain"), "{err}");
+}

@@ -24,6 +24,9 @@ pub struct Mesh {
     pub ca: MeshCa,
     pub registry: String,
     admin: Admin,
+    /// More roots (PEM) written into every bundle.pem from now on (another cluster's, for
+    /// federation).
+    extra_roots: std::sync::Mutex<String>,
 }
 
 /// What one sidecar serves and calls.
@@ -159,6 +162,22 @@ impl Mesh {
         Self::with_ca(dir, url, ca).await
     }
 
+    /// A mesh on its own directory registry with its own CA for `trust_domain`.
+    pub async fn with_dir_in(trust_domain: &str) -> Mesh {
+        init_logs();
+        let dir = tempfile::tempdir().unwrap();
+        let reg = dir.path().join("registry");
+        std::fs::create_dir_all(reg.join("default")).unwrap();
+        let url = format!("file://{}", reg.display());
+        let ca = MeshCa::create(&TrustDomain::new(trust_domain).unwrap()).unwrap();
+        Self::with_ca(dir, url, ca).await
+    }
+
+    /// Trusts `root_pem` too in the bundles of sidecars started from now on.
+    pub fn trust(&self, root_pem: &str) {
+        self.extra_roots.lock().unwrap().push_str(root_pem);
+    }
+
     pub async fn with_url(dir: tempfile::TempDir, url: String) -> Mesh {
         let ca = MeshCa::create(&TrustDomain::new(TD).unwrap()).unwrap();
         Self::with_ca(dir, url, ca).await
@@ -173,6 +192,7 @@ impl Mesh {
             ca,
             registry: url,
             admin,
+            extra_roots: std::sync::Mutex::new(String::new()),
         }
     }
 
@@ -189,7 +209,8 @@ impl Mesh {
             .join(format!("id-{account}-{}", rand_suffix()));
         let id = SpiffeId::workload(self.ca.trust_domain(), "default", account).unwrap();
         let leaf = self.ca.issue(&id, Duration::from_secs(3600)).unwrap();
-        write_identity(&out, &leaf, self.ca.cert_pem()).unwrap();
+        let bundle = format!("{}{}", self.ca.cert_pem(), self.extra_roots.lock().unwrap());
+        write_identity(&out, &leaf, &bundle).unwrap();
         out
     }
 

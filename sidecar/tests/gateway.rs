@@ -648,3 +648,71 @@ async fn a_bad_link_or_an_unreachable_registry_leaves_other_traffic_alone() {
     l.reviews.shutdown().await.unwrap();
     l.gateway.stop().await;
 }
+
+/// One trust domain per cluster (a.mesh.local, b.mesh.local), each trusting the other's root
+/// (SPIFFE federation): the call crosses the gateway with each side verifying the other's own
+/// id, and B's policy can tell A's callers by their trust domain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clusters_with_a_trust_domain_each_federate_and_b_tells_a_by_its_domain() {
+    let a = Mesh::with_dir_in("a.mesh.local").await;
+    let b = Mesh::with_dir_in("b.mesh.local").await;
+    a.trust(&b.ca.root_pem());
+    b.trust(&a.ca.root_pem());
+    let echo = tagged_echo("127.0.0.1:0".parse().unwrap(), "b").await;
+    b.apply(&format!(
+        "kind: Service\nname: reviews\nexported: true\nports:\n  - {{ name: tcp, port: 9080, protocol: tcp, targetPort: {} }}\n",
+        echo.addr.port()
+    ))
+    .await;
+    let mut spec = Spec::new("reviews", "v1");
+    spec.extra = "[transport]\nproxy_protocol_from = [\"127.0.0.0/8\"]\n".into();
+    let reviews = b.start(&spec).await;
+    reviews.wait_endpoints("reviews", 1).await;
+    let gateway = Gateway::start(&b, "127.0.0.1:0".parse().unwrap()).await;
+    a.apply(&format!(
+        "kind: ClusterLink\ncluster: b\nregistry: {:?}\ngateway: \"{}\"\n",
+        b.registry, gateway.addr
+    ))
+    .await;
+    let pp = a
+        .start(&Spec::new("productpage", "v1").upstream("reviews", 9080))
+        .await;
+    pp.wait_snapshot("B's reviews", |s| s.endpoints_of("reviews").count() == 1)
+        .await;
+    let ep = pp
+        .started
+        .snapshot
+        .borrow()
+        .endpoints_of("reviews")
+        .next()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        ep.identity.to_string(),
+        "spiffe://b.mesh.local/ns/default/sa/reviews"
+    );
+    let out = call(pp.upstream(0), b"federated").await.unwrap();
+    assert_eq!(out, b"b:federated");
+
+    b.apply(
+        "kind: Policy\nservice: reviews\nrules:\n  - action: deny\n    from: { identities: [\"spiffe://a.mesh.local/*\"] }\n",
+    )
+    .await;
+    reviews
+        .wait_snapshot("the policy", |s| s.policy("reviews").is_some())
+        .await;
+    let refused = call(pp.upstream(0), b"from a").await;
+    assert!(
+        refused.as_ref().map_or(true, |b| b.is_empty()),
+        "{refused:?}"
+    );
+    let denials = metric(
+        &reviews.started.render_metrics(),
+        "halyard_policy_denials_total",
+        &[("destination_service", "reviews")],
+    );
+    assert_eq!(denials, 1.0);
+    pp.shutdown().await.unwrap();
+    reviews.shutdown().await.unwrap();
+    gateway.stop().await;
+}
