@@ -19,8 +19,13 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn spawn_demo() -> (Child, mpsc::Receiver<String>) {
+    spawn_demo_with(&[])
+}
+
+fn spawn_demo_with(extra: &[&str]) -> (Child, mpsc::Receiver<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_halyard"))
         .args(["demo", "--quick", "--rps", "30"])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -94,11 +99,12 @@ fn num(r: &BTreeMap<String, BTreeMap<String, String>>, step: &str, field: &str) 
         .unwrap_or_else(|_| panic!("{step}.{field} = {v:?} is not a number"))
 }
 
-// Every step's effect and the story's end are checked on one run of the demo, too costly to repeat.
+// Every step's effect and the story's end are checked on one run of the demo, too costly to
+// repeat: the two-cluster run, whose story is the one-cluster story and one step more.
 #[test]
 fn every_step_of_the_story_shows_its_effect() {
     let _one = serial();
-    let (mut child, rx) = spawn_demo();
+    let (mut child, rx) = spawn_demo_with(&["--clusters", "2"]);
     let lines = read_until(&rx, "every process stopped", Duration::from_secs(240));
     let status = wait_exit(&mut child, Duration::from_secs(20));
     let text = lines.join("\n");
@@ -110,12 +116,13 @@ fn every_step_of_the_story_shows_its_effect() {
         "== (d) policy",
         "== (e) a reviews instance dies",
         "== (f) lossy link",
+        "== (g) another cluster",
         "== summary",
     ] {
         assert!(text.contains(heading), "no {heading:?} in:\n{text}");
     }
     let r = results(&lines);
-    for step in ["a", "b1", "b2", "c", "d1", "d2", "e", "f"] {
+    for step in ["a", "b1", "b2", "c", "d1", "d2", "e", "f", "g"] {
         assert!(num(&r, step, "pages") >= 10.0, "{step}: {:?}", r[step]);
         assert_eq!(num(&r, step, "failed"), 0.0, "{step}: {:?}", r[step]);
     }
@@ -140,6 +147,24 @@ fn every_step_of_the_story_shows_its_effect() {
     );
     assert!(num(&r, "e", "retries") >= 1.0, "kill: {:?}", r["e"]);
     assert!(num(&r, "f", "link_drops") > 0.0, "{:?}", r["f"]);
+    // (g): ratings lost in A, served by cluster B through its gateway; the pages caught in the
+    // moment of the kill (a per-try timeout each) are few.
+    assert!(
+        num(&r, "g", "degraded") * 10.0 <= num(&r, "g", "pages"),
+        "{:?}",
+        r["g"]
+    );
+    let g = lines
+        .iter()
+        .find(|l| l.contains("cluster B's ratings answered"))
+        .expect("step g's effect");
+    let answered: f64 = g
+        .split("answered ")
+        .nth(1)
+        .and_then(|t| t.split(',').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(answered > 0.0, "{g}");
 }
 
 fn children_of(pid: u32) -> Vec<u32> {

@@ -87,6 +87,20 @@ pub struct MeshOptions {
     pub trust_domain: String,
     /// Service port protocol: `http` or `tcp`.
     pub protocol: String,
+    /// 2: a second cluster, B, with its own registry, a ratings instance and an east-west
+    /// gateway, linked from this one.
+    pub clusters: u8,
+}
+
+/// The second cluster of `--clusters 2`.
+#[derive(Debug)]
+pub struct ClusterB {
+    /// Its registry (a directory beside the first one's).
+    pub registry: String,
+    /// Its east-west gateway's UDP address.
+    pub gateway: SocketAddr,
+    /// The gateway's admin listener.
+    pub gateway_admin: SocketAddr,
 }
 
 /// The running mesh.
@@ -103,6 +117,8 @@ pub struct Mesh {
     pub children: Children,
     /// The CA server's address.
     pub ca: SocketAddr,
+    /// The second cluster, with `--clusters 2`.
+    pub cluster_b: Option<ClusterB>,
 }
 
 /// Leaf lifetime the sidecars ask the demo's CA for, as in deploy/.
@@ -136,6 +152,7 @@ impl Mesh {
             workloads: Vec::new(),
             children,
             ca,
+            cluster_b: None,
         };
         let targets = pick_target_ports()?;
         mesh.bootstrap_registry(opts, &targets).await?;
@@ -145,8 +162,83 @@ impl Mesh {
             let w = mesh.launch(opts, spec, i, &enrollment, &targets).await?;
             mesh.workloads.push(w);
         }
+        if opts.clusters > 1 {
+            mesh.start_cluster_b(opts, &store, &root, &targets).await?;
+        }
         mesh.wait_ready(Duration::from_secs(30)).await?;
         Ok(mesh)
+    }
+
+    /// Cluster B: its own directory registry holding an exported ratings Service, one ratings
+    /// workload whose sidecar takes datagrams from B's gateway, the gateway, and in this
+    /// cluster a ClusterLink to B. Both clusters trust the one root (the demo's CA server
+    /// enrolls B's sidecar too).
+    async fn start_cluster_b(
+        &mut self,
+        opts: &MeshOptions,
+        store: &CaStore,
+        root: &MeshCa,
+        targets: &BTreeMap<&str, u16>,
+    ) -> anyhow::Result<()> {
+        let dir = self.dir.join("registry-b");
+        std::fs::create_dir_all(dir.join(&opts.mesh))?;
+        let registry = format!("file://{}", dir.display());
+        let admin = Admin::connect(&registry, &opts.mesh, Duration::from_secs(3)).await?;
+        let target = targets.get("ratings").copied().unwrap_or(9083);
+        let yaml = format!(
+            "kind: MeshConfig\ndefaultPolicy: allow\ntrustDomain: {}\n---\n\
+             kind: Service\nname: ratings\nexported: true\nports:\n  - {{ name: http, port: 9083, protocol: {}, targetPort: {target} }}\n",
+            opts.trust_domain, opts.protocol
+        );
+        let objects = parse_documents("cluster-b", &yaml).map_err(|errs| {
+            anyhow::anyhow!(
+                "{}",
+                errs.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )
+        })?;
+        admin.apply(&objects).await?;
+        let spec: Spec = ("ratings-b", "ratings", "v1", &[]);
+        let enrollment = self.token_for(store, root, spec.0, spec.1).await?;
+        let index = self.workloads.len();
+        let w = self
+            .launch_in(opts, &spec, index, &enrollment, targets, Some(&registry))
+            .await?;
+        self.workloads.push(w);
+        let gateway = free_udp()?;
+        let gateway_admin = free_tcp()?;
+        let config = self.dir.join("config").join("gateway-b.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "registry = {registry:?}\nmesh = {:?}\nlisten = \"{gateway}\"\nadmin = \"{gateway_admin}\"\n",
+                opts.mesh
+            ),
+        )?;
+        self.children.spawn(
+            "gateway-b",
+            &[
+                "gateway".into(),
+                "--config".into(),
+                config.display().to_string(),
+            ],
+        )?;
+        self.apply(
+            "link-b",
+            &format!(
+                "kind: ClusterLink\ncluster: b\nregistry: {registry:?}\nmesh: {}\ngateway: \"{gateway}\"\nkeepStale: 1m\n",
+                opts.mesh
+            ),
+        )
+        .await?;
+        self.cluster_b = Some(ClusterB {
+            registry,
+            gateway,
+            gateway_admin,
+        });
+        Ok(())
     }
 
     /// Writes registry objects from YAML, as `halyard ctl apply -f` does.
@@ -187,6 +279,20 @@ impl Mesh {
         enrollment: &Enrollment,
         targets: &BTreeMap<&str, u16>,
     ) -> anyhow::Result<Workload> {
+        self.launch_in(opts, spec, index, enrollment, targets, None)
+            .await
+    }
+
+    /// [`Mesh::launch`] on `registry` (another cluster's) when given.
+    async fn launch_in(
+        &mut self,
+        opts: &MeshOptions,
+        spec: &Spec,
+        index: usize,
+        enrollment: &Enrollment,
+        targets: &BTreeMap<&str, u16>,
+        registry: Option<&str>,
+    ) -> anyhow::Result<Workload> {
         let (name, service, version, calls) = *spec;
         let app_ip = Ipv4Addr::new(127, 0, 2, 10 + index as u8);
         let inbound = free_udp()?;
@@ -208,7 +314,7 @@ impl Mesh {
         for c in calls {
             w.upstreams.push((c, free_tcp()?));
         }
-        let config = self.write_config(opts, &w, inbound, app_ip, enrollment)?;
+        let config = self.write_config(opts, &w, inbound, app_ip, enrollment, registry)?;
         if let Some(app) = w.app {
             self.children
                 .spawn(&format!("{name}-app"), &app_args(&w, app))?;
@@ -228,6 +334,7 @@ impl Mesh {
         inbound: SocketAddr,
         app_ip: Ipv4Addr,
         enrollment: &Enrollment,
+        registry: Option<&str>,
     ) -> anyhow::Result<PathBuf> {
         let advertise = w.link.as_ref().map_or(inbound, Link::addr);
         let mut t = format!(
@@ -240,7 +347,7 @@ impl Mesh {
              [failure]\nconnect_timeout = \"500ms\"\nretries = 2\ndrain_timeout = \"1s\"\n\
              [outlier]\nconsecutive_failures = 2\nbase_ejection = \"5s\"\n",
             mesh = opts.mesh,
-            reg = self.registry,
+            reg = registry.unwrap_or(&self.registry),
             state = self.dir.join("state").join(w.name),
             name = w.name,
             cert = enrollment.folder.join("cert.pem"),
@@ -254,6 +361,10 @@ impl Mesh {
             ver = w.version,
             admin = w.admin,
         );
+        if registry.is_some() {
+            // Behind its cluster's east-west gateway (on loopback in the demo).
+            t += "[transport]\nproxy_protocol_from = [\"127.0.0.0/8\"]\n";
+        }
         for (svc, listen) in &w.upstreams {
             let port = service_port(svc)?;
             t += &format!(

@@ -48,6 +48,10 @@ pub struct DemoArgs {
     /// Pages per second sent to productpage.
     #[arg(long, default_value_t = 40)]
     pub rps: u32,
+    /// 2 adds a second cluster (own registry, a ratings instance, an east-west gateway) and a
+    /// last step: ratings lost here, served from there through the gateway.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    pub clusters: u8,
     /// After the story, leave the mesh up and print its URLs until Ctrl-C.
     #[arg(long)]
     pub keep_running: bool,
@@ -98,6 +102,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         mesh: args.mesh.clone(),
         trust_domain: args.trust_domain.clone(),
         protocol: args.protocol.clone(),
+        clusters: args.clusters,
     };
     let stop = CancellationToken::new();
     halyard_sidecar::signal::cancel_on_signal(&stop);
@@ -134,6 +139,12 @@ async fn run_mesh(
         "   CA server on {}: every sidecar made its own key and enrolled with a one-use token (24 h leaves, renewed at half-life)",
         mesh.ca
     );
+    if let Some(b) = &mesh.cluster_b {
+        println!(
+            "   cluster b: registry {}, ratings behind its east-west gateway on {} (linked from here by a ClusterLink)",
+            b.registry, b.gateway
+        );
+    }
     let load = story::Load::start(mesh.entry_url()?, args.rps);
     let mut s = Story {
         mesh,

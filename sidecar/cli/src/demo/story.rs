@@ -103,6 +103,9 @@ impl Story {
         self.policy().await?;
         self.kill().await?;
         self.lossy_link().await?;
+        if self.mesh.cluster_b.is_some() {
+            self.other_cluster().await?;
+        }
         self.summary();
         Ok(())
     }
@@ -256,6 +259,73 @@ impl Story {
         Ok(())
     }
 
+    /// `--clusters 2`: ratings is lost here and served from cluster B through B's gateway.
+    async fn other_cluster(&mut self) -> anyhow::Result<()> {
+        let Some(b) = &self.mesh.cluster_b else {
+            return Ok(());
+        };
+        let (gateway, admin) = (b.gateway, b.gateway_admin);
+        heading(
+            "(g) another cluster: ratings dies here, cluster B serves it",
+            &format!(
+                "Cluster B has its own registry, a ratings instance, and an east-west gateway\n\
+                 (halyard gateway on {gateway}) that routes QUIC by server name and connection ID\n\
+                 and never decrypts it. A ClusterLink lets every sidecar here read B's exported\n\
+                 endpoints: the farthest tier, used once this cluster has none. First a Route\n\
+                 gives ratings calls a per-try timeout (a killed peer answers nothing), then\n\
+                 kill -9 ratings: calls time out, are retried on B, and the dead endpoint is ejected."
+            ),
+        );
+        self.write(
+            "ratings-retries",
+            &format!("kind: Route\nservice: ratings\nrules:\n  - backends: [{{ weight: 100 }}]\n    {RETRIES}\n"),
+        )
+        .await?;
+        let forwarded = |text: &str| {
+            crate::promtext::parse(text)
+                .iter()
+                .filter(|s| s.name == "halyard_gateway_datagrams_total")
+                .filter(|s| s.label("decision") == Some("forwarded"))
+                .map(|s| s.value)
+                .sum::<f64>()
+        };
+        let before = forwarded(&gateway_metrics(admin).await);
+        self.mesh.kill("ratings")?;
+        let step = self.pace.step;
+        self.pace.step = step.max(Duration::from_secs(4));
+        let start = scrape(&self.mesh).await;
+        let w = self.measure().await;
+        self.pace.step = step;
+        let w = w?;
+        let end = scrape(&self.mesh).await;
+        let served = |s: &super::stats::Scrape| -> f64 {
+            s.sidecars
+                .get("ratings-b")
+                .map(|(_, samples)| {
+                    samples
+                        .iter()
+                        .filter(|x| {
+                            (x.name == "halyard_requests_total"
+                                || x.name == "halyard_tcp_connections_total")
+                                && x.label("direction") == Some("inbound")
+                        })
+                        .map(|x| x.value)
+                        .sum()
+                })
+                .unwrap_or(0.0)
+        };
+        let through = forwarded(&gateway_metrics(admin).await) - before;
+        let effect = format!(
+            "{} failed pages, {} degraded; cluster B's ratings answered {:.0}, {:.0} datagrams through its gateway",
+            w.load.failed,
+            w.load.degraded,
+            (served(&end) - served(&start)).max(0.0),
+            through.max(0.0)
+        );
+        self.record("g", "(g) ratings from cluster B", w, effect);
+        Ok(())
+    }
+
     fn record(&mut self, key: &'static str, title: &'static str, window: Window, effect: String) {
         println!("{}", view::result_line(key, &window));
         println!("   => {effect}");
@@ -342,6 +412,17 @@ impl Story {
                 &[],
             ),
         }
+    }
+}
+
+/// The east-west gateway's `/metrics` text (empty when it does not answer).
+async fn gateway_metrics(admin: std::net::SocketAddr) -> String {
+    let Ok(url) = format!("http://{admin}/metrics").parse::<http::Uri>() else {
+        return String::new();
+    };
+    match sample_app::get(&url, &http::HeaderMap::new(), Duration::from_secs(2)).await {
+        Ok((status, body)) if status.is_success() => String::from_utf8_lossy(&body).into_owned(),
+        _ => String::new(),
     }
 }
 
