@@ -17,6 +17,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct EtcdServer {
     child: Option<Child>,
     dir: tempfile::TempDir,
+    /// The address clients reach it at (127.0.0.1 unless [`EtcdServer::start_on`]).
+    host: std::net::IpAddr,
     client_port: u16,
     peer_port: u16,
 }
@@ -31,6 +33,12 @@ fn free_port() -> u16 {
 impl EtcdServer {
     /// Starts etcd on fresh ports, retrying on a port conflict.
     pub fn start() -> EtcdServer {
+        Self::start_on(std::net::IpAddr::from([127, 0, 0, 1]))
+    }
+
+    /// Starts etcd serving clients on `host` (an address of the calling thread's network
+    /// namespace; a test that enters a namespace first runs etcd inside it), peers on 127.0.0.1.
+    pub fn start_on(host: std::net::IpAddr) -> EtcdServer {
         let dir = match tempfile::tempdir() {
             Ok(d) => d,
             Err(e) => panic!("cannot create a temp dir: {e}"),
@@ -38,6 +46,7 @@ impl EtcdServer {
         let mut server = EtcdServer {
             child: None,
             dir,
+            host,
             client_port: 0,
             peer_port: 0,
         };
@@ -62,7 +71,7 @@ impl EtcdServer {
 
     /// Spawns etcd and waits for health; false if it exited or never became healthy.
     fn spawn(&mut self) -> bool {
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let client = format!("http://{}", self.endpoint());
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -103,15 +112,15 @@ impl EtcdServer {
     }
 
     fn healthy(&self) -> bool {
-        healthy(self.client_port)
+        healthy_at(std::net::SocketAddr::new(self.host, self.client_port))
     }
 
     /// `host:port` of the client URL.
     pub fn endpoint(&self) -> String {
-        format!("127.0.0.1:{}", self.client_port)
+        std::net::SocketAddr::new(self.host, self.client_port).to_string()
     }
 
-    /// The registry URL, `etcd://127.0.0.1:PORT`.
+    /// The registry URL, `etcd://HOST:PORT`.
     pub fn url(&self) -> String {
         format!("etcd://{}", self.endpoint())
     }
@@ -208,7 +217,11 @@ fn etcd_command(
 
 /// Whether the etcd member on 127.0.0.1:`port` reports healthy (`/health`: it has a leader).
 fn healthy(port: u16) -> bool {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+    healthy_at(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+fn healthy_at(addr: std::net::SocketAddr) -> bool {
+    let Ok(mut s) = TcpStream::connect(addr) else {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));

@@ -1,0 +1,257 @@
+//! Two clusters as two network namespaces joined by a veth pair, each with its own etcd, every
+//! part a real process (`halyard sidecar`, `halyard gateway`, `halyard sample-app`, `halyard
+//! ctl`, `etcd`): a caller in A reaches a service that exists only in B through B's east-west
+//! gateway, having learned it through a ClusterLink to B's etcd. Root only (CI runs as root).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{can_run, NetNs};
+use halyard_certs::{MeshCa, SpiffeId, TrustDomain};
+use halyard_registry::test_util::EtcdServer;
+
+/// A process killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `halyard ARGS` inside `ns`, its output in `dir/<name>.log`.
+fn halyard_in(ns: &NetNs, dir: &Path, name: &str, args: &[&str]) -> Proc {
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    let child = Command::new("ip")
+        .args(["netns", "exec", &ns.0, env!("CARGO_BIN_EXE_halyard")])
+        .args(args)
+        .env("HALYARD_LOG", "info")
+        .stdout(Stdio::from(log.try_clone().unwrap()))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .unwrap();
+    Proc(child)
+}
+
+/// etcd serving clients on `ip` inside `ns` (started from a thread that entered it).
+fn etcd_in(ns: &NetNs, ip: IpAddr) -> EtcdServer {
+    let name = ns.0.clone();
+    std::thread::spawn(move || {
+        NetNs(name).enter_and_forget();
+        EtcdServer::start_on(ip)
+    })
+    .join()
+    .unwrap()
+}
+
+/// `halyard ctl --registry URL apply -f FILE` inside `ns`.
+fn apply_in(ns: &NetNs, url: &str, file: &Path, yaml: &str) {
+    std::fs::write(file, yaml).unwrap();
+    ns.exec(&[
+        env!("CARGO_BIN_EXE_halyard"),
+        "ctl",
+        "--registry",
+        url,
+        "apply",
+        "-f",
+        file.to_str().unwrap(),
+    ]);
+}
+
+/// Writes cert.pem, key.pem and bundle.pem for `account` under `dir/<account>`.
+fn identity(ca: &MeshCa, dir: &Path, account: &str) -> std::path::PathBuf {
+    let out = dir.join(format!("id-{account}"));
+    let id = SpiffeId::workload(ca.trust_domain(), "default", account).unwrap();
+    let leaf = ca.issue(&id, Duration::from_secs(3600)).unwrap();
+    halyard_certs::ca::write_identity(&out, &leaf, ca.cert_pem()).unwrap();
+    out
+}
+
+/// `curl` inside `ns`; the body on success.
+fn curl_in(ns: &NetNs, url: &str) -> Option<String> {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.0,
+            "curl",
+            "-sf",
+            "--max-time",
+            "3",
+            url,
+        ])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn a_service_only_in_cluster_b_is_reached_from_cluster_a_through_bs_gateway() {
+    if !can_run(
+        &["ip", "etcd", "curl"],
+        "the two-namespace multi-cluster test",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (a, b) = (NetNs::named("hmca"), NetNs::named("hmcb"));
+    let net = 1 + halyard_sidecar::test_util::rand_suffix() % 250;
+    let (ip_a, ip_b) = (format!("10.234.{net}.1"), format!("10.234.{net}.2"));
+    let (va, vb) = (format!("va{net}"), format!("vb{net}"));
+    common::run(&[
+        "ip", "link", "add", &va, "type", "veth", "peer", "name", &vb,
+    ]);
+    common::run(&["ip", "link", "set", &va, "netns", &a.0]);
+    common::run(&["ip", "link", "set", &vb, "netns", &b.0]);
+    for (ns, dev, ip) in [(&a, &va, &ip_a), (&b, &vb, &ip_b)] {
+        ns.exec(&["ip", "addr", "add", &format!("{ip}/24"), "dev", dev]);
+        ns.exec(&["ip", "link", "set", dev, "up"]);
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+    }
+    let etcd_a = etcd_in(&a, ip_a.parse().unwrap());
+    let etcd_b = etcd_in(&b, ip_b.parse().unwrap());
+    let ca = MeshCa::create(&TrustDomain::new("mesh.local").unwrap()).unwrap();
+
+    // Cluster B: reviews (exported), its sidecar behind the gateway, the gateway.
+    apply_in(
+        &b,
+        &etcd_b.url(),
+        &d.join("b.yaml"),
+        "kind: Service\nname: reviews\nexported: true\nports:\n  - { name: http, port: 9082, protocol: http, targetPort: 19082 }\n",
+    );
+    let _app = halyard_in(
+        &b,
+        d,
+        "reviews-app",
+        &[
+            "sample-app",
+            "--service",
+            "reviews",
+            "--version",
+            "v9",
+            "--listen",
+            "127.0.0.1:19082",
+        ],
+    );
+    let id_b = identity(&ca, d, "reviews");
+    let reviews_toml = d.join("reviews.toml");
+    std::fs::write(
+        &reviews_toml,
+        format!(
+            "registry = \"{}\"\nstate_dir = {:?}\n[identity]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n\
+             [service]\nname = \"reviews\"\nversion = \"v9\"\ncluster = \"b\"\n\
+             [inbound]\nlisten = \"{ip_b}:15443\"\napp_host = \"127.0.0.1\"\n\
+             [admin]\nlisten = \"127.0.0.1:15000\"\n\
+             [transport]\nproxy_protocol_from = [\"{ip_b}\"]\n",
+            etcd_b.url(),
+            d.join("state-b"),
+            id_b.join("cert.pem"),
+            id_b.join("key.pem"),
+            id_b.join("bundle.pem"),
+        ),
+    )
+    .unwrap();
+    let _reviews = halyard_in(
+        &b,
+        d,
+        "reviews-sidecar",
+        &["sidecar", "--config", reviews_toml.to_str().unwrap()],
+    );
+    let gw_toml = d.join("gateway.toml");
+    std::fs::write(
+        &gw_toml,
+        format!(
+            "registry = \"{}\"\nlisten = \"{ip_b}:15444\"\nadmin = \"127.0.0.1:15020\"\n",
+            etcd_b.url()
+        ),
+    )
+    .unwrap();
+    let _gateway = halyard_in(
+        &b,
+        d,
+        "gateway",
+        &["gateway", "--config", gw_toml.to_str().unwrap()],
+    );
+
+    // Cluster A: no reviews of its own; a ClusterLink to B; productpage's sidecar.
+    apply_in(
+        &a,
+        &etcd_a.url(),
+        &d.join("a.yaml"),
+        &format!(
+            "kind: ClusterLink\ncluster: b\nregistry: {}\ngateway: \"{ip_b}:15444\"\n",
+            etcd_b.url()
+        ),
+    );
+    let id_a = identity(&ca, d, "productpage");
+    let pp_toml = d.join("productpage.toml");
+    std::fs::write(
+        &pp_toml,
+        format!(
+            "registry = \"{}\"\nstate_dir = {:?}\n[identity]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n\
+             [service]\nname = \"productpage\"\ncluster = \"a\"\n\
+             [inbound]\nlisten = \"{ip_a}:15443\"\napp_host = \"127.0.0.1\"\n\
+             [[outbound.upstreams]]\nservice = \"reviews\"\nport = 9082\nlisten = \"127.0.0.1:19080\"\n\
+             [admin]\nlisten = \"127.0.0.1:15000\"\n",
+            etcd_a.url(),
+            d.join("state-a"),
+            id_a.join("cert.pem"),
+            id_a.join("key.pem"),
+            id_a.join("bundle.pem"),
+        ),
+    )
+    .unwrap();
+    let _pp = halyard_in(
+        &a,
+        d,
+        "productpage-sidecar",
+        &["sidecar", "--config", pp_toml.to_str().unwrap()],
+    );
+
+    // Processes in other namespaces: poll (there is no event to await across them).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        if let Some(body) = curl_in(&a, "http://127.0.0.1:19080/reviews/1") {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no answer through the gateway in 30 s; logs in {}",
+            dir.keep().display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(body.contains("v9"), "not B's reviews: {body}");
+    for _ in 0..10 {
+        let body = curl_in(&a, "http://127.0.0.1:19080/reviews/2").expect("a later call failed");
+        assert!(body.contains("v9"), "{body}");
+    }
+    // A learned B's endpoint through the link, as cluster b, to be dialled at B's gateway.
+    let links = curl_in(&a, "http://127.0.0.1:15000/metrics").unwrap();
+    assert!(
+        links.contains("halyard_cluster_link_endpoints{cluster=\"b\"} 1"),
+        "{}",
+        links
+            .lines()
+            .filter(|l| l.contains("cluster_link"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let gw = curl_in(&b, "http://127.0.0.1:15020/metrics").unwrap();
+    let forwarded = gw
+        .lines()
+        .find(|l| l.starts_with("halyard_gateway_datagrams_total{decision=\"forwarded\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(forwarded > 10.0, "gateway forwarded {forwarded}:\n{gw}");
+}
