@@ -91,6 +91,21 @@ impl TrustBundle {
         self.domains.get(at)?.as_ref()
     }
 
+    /// The roots by the trust domain they vouch for: those naming one under it, those naming
+    /// none under `own` (SPIFFE federation: one bundle per trust domain).
+    pub fn roots_by_domain(
+        &self,
+        own: &crate::spiffe::TrustDomain,
+    ) -> std::collections::BTreeMap<crate::spiffe::TrustDomain, Vec<CertificateDer<'static>>> {
+        let mut out: std::collections::BTreeMap<_, Vec<_>> = std::collections::BTreeMap::new();
+        for (root, td) in self.roots.iter().zip(&self.domains) {
+            out.entry(td.clone().unwrap_or_else(|| own.clone()))
+                .or_default()
+                .push(root.clone());
+        }
+        out
+    }
+
     /// The trust domains the roots name, once each, in order.
     pub fn trust_domains(&self) -> Vec<crate::spiffe::TrustDomain> {
         let mut out: Vec<crate::spiffe::TrustDomain> = Vec::new();

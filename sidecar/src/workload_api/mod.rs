@@ -332,29 +332,47 @@ fn concat(certs: &[rustls_pki_types::CertificateDer<'_>]) -> Vec<u8> {
         .collect()
 }
 
-/// The key of a trust domain in the Workload API's bundle maps: its SPIFFE id.
-fn trust_domain_id(svid: &Svid) -> String {
-    format!("spiffe://{}", svid.identity.id().trust_domain())
+/// The bundle of each trust domain, keyed by the domain's SPIFFE id (`spiffe://<td>`), as
+/// the Workload API's maps are: the workload's own domain, and each federated domain whose root
+/// the bundle holds (a root naming no domain counts as the workload's own).
+fn bundles_by_domain(svid: &Svid) -> (Vec<u8>, std::collections::HashMap<String, Vec<u8>>) {
+    let own = svid.identity.id().trust_domain();
+    let mut own_roots = Vec::new();
+    let mut others = std::collections::HashMap::new();
+    for (td, roots) in svid.bundle.roots_by_domain(&own) {
+        if td == own {
+            own_roots = concat(&roots);
+        } else {
+            others.insert(format!("spiffe://{td}"), concat(&roots));
+        }
+    }
+    (own_roots, others)
 }
 
 fn x509_svid_response(svid: &Svid) -> X509svidResponse {
+    let (bundle, federated_bundles) = bundles_by_domain(svid);
     X509svidResponse {
         svids: vec![X509svid {
             spiffe_id: svid.identity.id().to_string(),
             x509_svid: concat(svid.identity.chain()),
             x509_svid_key: svid.identity.pkcs8_key().to_vec(),
-            bundle: concat(svid.bundle.roots()),
+            bundle,
             hint: String::new(),
         }],
         crl: Vec::new(),
-        federated_bundles: Default::default(),
+        federated_bundles,
     }
 }
 
 fn x509_bundles_response(svid: &Svid) -> X509BundlesResponse {
+    let (own, mut bundles) = bundles_by_domain(svid);
+    bundles.insert(
+        format!("spiffe://{}", svid.identity.id().trust_domain()),
+        own,
+    );
     X509BundlesResponse {
         crl: Vec::new(),
-        bundles: [(trust_domain_id(svid), concat(svid.bundle.roots()))].into(),
+        bundles,
     }
 }
 
@@ -417,5 +435,43 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<WitBundlesRequest>,
     ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
         self.unimplemented("FetchWITBundles", &request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use halyard_certs::test_util::TestPki;
+
+    #[test]
+    fn federated_roots_are_served_under_their_own_trust_domain() {
+        let a = TestPki::new("a.mesh.local");
+        let b = TestPki::new("b.mesh.local");
+        let both =
+            std::sync::Arc::new(halyard_certs::TrustBundle::clone(&a.bundle).merge(&b.bundle));
+        let svid = Svid {
+            identity: a.identity("reviews"),
+            bundle: both,
+        };
+        let r = x509_svid_response(&svid);
+        assert_eq!(r.svids[0].bundle, concat(a.bundle.roots()));
+        assert_eq!(
+            r.federated_bundles.keys().collect::<Vec<_>>(),
+            ["spiffe://b.mesh.local"]
+        );
+        assert_eq!(
+            r.federated_bundles["spiffe://b.mesh.local"],
+            concat(b.bundle.roots())
+        );
+        let all = x509_bundles_response(&svid);
+        assert_eq!(all.bundles.len(), 2);
+        assert_eq!(
+            all.bundles["spiffe://a.mesh.local"],
+            concat(a.bundle.roots())
+        );
+        assert_eq!(
+            all.bundles["spiffe://b.mesh.local"],
+            concat(b.bundle.roots())
+        );
     }
 }
