@@ -207,6 +207,55 @@ impl Table {
     }
 }
 
+/// Initials a source may have opened per second to read their server name (each costs a key
+/// derivation and an AEAD decryption), after a burst; past it they are dropped.
+pub const INITIAL_RATE: f64 = 128.0;
+/// The burst of [`INITIAL_RATE`].
+pub const INITIAL_BURST: f64 = 256.0;
+/// Sources whose Initial budget is tracked; past it, full buckets are swept (at most once a
+/// second) and a new source is treated as over its rate until room is made.
+pub const MAX_INITIAL_SOURCES: usize = 4096;
+
+/// Per-source budget of Initials opened for their server name (a token bucket per IPv4
+/// address or IPv6 /64). Legitimate callers open one or two per new connection.
+#[derive(Debug, Default)]
+pub struct InitialBudget {
+    buckets: HashMap<halyard_transport::admission::Source, (f64, std::time::Instant)>,
+    last_sweep: Option<std::time::Instant>,
+}
+
+impl InitialBudget {
+    /// Takes one token for `ip` at `now`; false when its bucket is empty.
+    pub fn take(&mut self, ip: std::net::IpAddr, now: std::time::Instant) -> bool {
+        let source = halyard_transport::admission::Source::of(ip);
+        let refill = |(tokens, at): (f64, std::time::Instant)| {
+            let elapsed = now.saturating_duration_since(at).as_secs_f64();
+            (tokens + elapsed * INITIAL_RATE).min(INITIAL_BURST)
+        };
+        if !self.buckets.contains_key(&source) && self.buckets.len() >= MAX_INITIAL_SOURCES {
+            let swept_recently = self
+                .last_sweep
+                .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1));
+            if swept_recently {
+                return false;
+            }
+            self.last_sweep = Some(now);
+            self.buckets.retain(|_, b| refill(*b) < INITIAL_BURST);
+            if self.buckets.len() >= MAX_INITIAL_SOURCES {
+                return false;
+            }
+        }
+        let bucket = self.buckets.entry(source).or_insert((INITIAL_BURST, now));
+        let tokens = refill(*bucket);
+        if tokens < 1.0 {
+            *bucket = (tokens, now);
+            return false;
+        }
+        *bucket = (tokens - 1.0, now);
+        true
+    }
+}
+
 /// Why a datagram was dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Dropped {
@@ -218,6 +267,8 @@ pub enum Dropped {
     UnknownSource,
     /// Not a QUIC v1 packet, or a PROXY header that does not parse.
     Malformed,
+    /// An Initial from a source past its [`INITIAL_RATE`].
+    RateLimited,
 }
 
 impl Dropped {
@@ -227,6 +278,7 @@ impl Dropped {
             Dropped::NotExported => "not_exported",
             Dropped::UnknownSource => "unknown_source",
             Dropped::Malformed => "malformed",
+            Dropped::RateLimited => "rate_limited",
         }
     }
 }
@@ -249,6 +301,16 @@ pub enum Decision {
 
 /// Decides what to do with `datagram`, received from `from` (pure: the table and the bytes).
 pub fn decide(table: &Table, from: SocketAddr, datagram: &[u8]) -> Decision {
+    decide_within(table, from, datagram, &mut |_| true)
+}
+
+/// [`decide`], asking `budget(from)` before opening an Initial for its server name.
+pub fn decide_within(
+    table: &Table,
+    from: SocketAddr,
+    datagram: &[u8],
+    budget: &mut dyn FnMut(SocketAddr) -> bool,
+) -> Decision {
     if proxy_v2::has_signature(datagram) {
         if !table.backends.contains(&from) {
             return Decision::Drop(Dropped::UnknownSource);
@@ -285,6 +347,9 @@ pub fn decide(table: &Table, from: SocketAddr, datagram: &[u8]) -> Decision {
         return Decision::Drop(Dropped::Unroutable);
     }
     // A client's first Initial: the server name says which endpoint.
+    if !budget(from) {
+        return Decision::Drop(Dropped::RateLimited);
+    }
     match initial_server_name(datagram) {
         Ok(Some(name)) => match name
             .strip_suffix(halyard_transport::GATEWAY_NAME_SUFFIX)
@@ -349,6 +414,7 @@ impl GatewayMetrics {
             Dropped::NotExported,
             Dropped::UnknownSource,
             Dropped::Malformed,
+            Dropped::RateLimited,
         ]
         .into_iter()
         .map(|d| (d, datagrams.with_label_values(&[d.label()])))
@@ -513,6 +579,7 @@ async fn route(socket: &UdpSocket, state: &State) -> anyhow::Result<()> {
     let mut storage = vec![0u8; slot * BATCH_SIZE];
     let mut meta = vec![RecvMeta::default(); BATCH_SIZE];
     let mut out = Batch::new(udp.max_gso_segments().max(1));
+    let mut budget = InitialBudget::default();
     let mut table_rx = state.table.clone();
     let mut table = table_rx.borrow_and_update().clone();
     loop {
@@ -540,7 +607,8 @@ async fn route(socket: &UdpSocket, state: &State) -> anyhow::Result<()> {
             let len = m.len.min(buf.len());
             let stride = m.stride.clamp(1, len.max(1));
             for segment in buf[..len].chunks(stride) {
-                handle(socket, &udp, state, &table, m.addr, segment, &mut out).await;
+                let io = (socket, &udp);
+                handle(io, state, &table, (m.addr, segment), &mut out, &mut budget).await;
             }
         }
         out.flush(socket, &udp).await;
@@ -549,16 +617,18 @@ async fn route(socket: &UdpSocket, state: &State) -> anyhow::Result<()> {
 
 /// One datagram: decided, counted, and added to the outgoing batch.
 async fn handle(
-    socket: &UdpSocket,
-    udp: &halyard_transport::quinn::udp::UdpSocketState,
+    (socket, udp): (&UdpSocket, &halyard_transport::quinn::udp::UdpSocketState),
     state: &State,
     table: &Table,
-    from: SocketAddr,
-    datagram: &[u8],
+    (from, datagram): (SocketAddr, &[u8]),
     out: &mut Batch,
+    budget: &mut InitialBudget,
 ) {
     let m = &state.metrics;
-    match decide(table, from, datagram) {
+    let now = std::time::Instant::now();
+    match decide_within(table, from, datagram, &mut |from| {
+        budget.take(from.ip(), now)
+    }) {
         Decision::Forward(to) => {
             let header = ProxyHeader {
                 source: from,
@@ -880,6 +950,51 @@ identity: spiffe://mesh.local/ns/default/sa/internal
         let table = Table::of(&snap);
         assert_eq!(table.len(), 1);
         assert!(table.collisions.is_empty());
+    }
+
+    #[test]
+    fn initials_past_a_sources_budget_are_dropped_and_others_go_on() {
+        let mut budget = InitialBudget::default();
+        let t0 = std::time::Instant::now();
+        let flooder: std::net::IpAddr = "198.51.100.7".parse().unwrap();
+        let taken = (0..1000).filter(|_| budget.take(flooder, t0)).count();
+        assert_eq!(taken, INITIAL_BURST as usize);
+        // Another address of the same IPv6 /64 shares a bucket; another source has its own.
+        assert!(budget.take("203.0.113.1".parse().unwrap(), t0));
+        let v6a: std::net::IpAddr = "2001:db8::1".parse().unwrap();
+        let v6b: std::net::IpAddr = "2001:db8::2".parse().unwrap();
+        assert_eq!((0..300).filter(|_| budget.take(v6a, t0)).count(), 256);
+        assert!(!budget.take(v6b, t0));
+        // A second later the flooder has its rate again.
+        let later = t0 + Duration::from_secs(1);
+        let again = (0..1000).filter(|_| budget.take(flooder, later)).count();
+        assert_eq!(again, INITIAL_RATE as usize);
+        // The decision: rate limited before any decryption, counted as such.
+        let table = Table::of(&snapshot(MESH));
+        let mut initial = vec![
+            0xc3, 0, 0, 0, 1, 8, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0x44, 0xd0,
+        ];
+        initial.resize(1200, 0x77);
+        let from = SocketAddr::new(flooder, 4433);
+        assert_eq!(
+            decide_within(&table, from, &initial, &mut |_| false),
+            Decision::Drop(Dropped::RateLimited)
+        );
+    }
+
+    #[test]
+    fn a_full_table_of_sources_is_swept_of_full_buckets() {
+        let mut budget = InitialBudget::default();
+        let t0 = std::time::Instant::now();
+        for i in 0..MAX_INITIAL_SOURCES {
+            let ip = std::net::IpAddr::from([10, 0, (i >> 8) as u8, i as u8]);
+            assert!(budget.take(ip, t0));
+        }
+        let newcomer: std::net::IpAddr = "192.0.2.200".parse().unwrap();
+        // Every bucket spent one token: none is full, no room.
+        assert!(!budget.take(newcomer, t0));
+        // Two seconds later they are full again and are swept: room for the newcomer.
+        assert!(budget.take(newcomer, t0 + Duration::from_secs(2)));
     }
 
     #[test]

@@ -124,12 +124,13 @@ pub(crate) fn admit(in_flight: usize, from_source: usize, validated: bool, rate:
 }
 
 /// Where an attempt comes from, for the per-source bounds: an IPv4 address, or an IPv6 address
-/// cut to its /64.
+/// cut to its /64 (one subscriber's allocation, RFC 6177), IPv4-mapped addresses as IPv4.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) struct Source(IpAddr);
+pub struct Source(IpAddr);
 
 impl Source {
-    pub(crate) fn of(ip: IpAddr) -> Self {
+    /// The source `ip` counts as.
+    pub fn of(ip: IpAddr) -> Self {
         match ip.to_canonical() {
             IpAddr::V6(v6) => {
                 let prefix = u128::from(v6) & !((1u128 << 64) - 1);

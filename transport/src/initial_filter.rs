@@ -102,10 +102,13 @@ impl Proxied {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         if clients.len() >= MAX_PROXIED_CLIENTS && !clients.contains_key(&client) {
-            let oldest = clients.iter().min_by_key(|(_, v)| v.seen).map(|(k, _)| *k);
-            if let Some(oldest) = oldest {
-                clients.remove(&oldest);
-            }
+            // Forget the longer-silent half at once: one pass per MAX/2 new callers, so a
+            // stream of new source addresses costs O(1) each, not a scan each.
+            let mut seen: Vec<Instant> = clients.values().map(|v| v.seen).collect();
+            let mid = seen.len() / 2;
+            let (_, cut, _) = seen.select_nth_unstable(mid);
+            let cut = *cut;
+            clients.retain(|_, v| v.seen > cut);
         }
         clients.insert(
             client,
@@ -311,6 +314,30 @@ impl AsyncUdpSocket for InitialFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_table_of_callers_forgets_its_longer_silent_half_at_once() {
+        let proxy = Proxied::new(&["127.0.0.0/8".parse().unwrap()]).unwrap();
+        let gateway: SocketAddr = "127.0.0.9:15444".parse().unwrap();
+        let caller =
+            |i: usize| SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 4433));
+        for i in 0..MAX_PROXIED_CLIENTS {
+            proxy.remember(caller(i), gateway, gateway);
+        }
+        let len = || proxy.clients.lock().unwrap().len();
+        assert_eq!(len(), MAX_PROXIED_CLIENTS);
+        proxy.remember(caller(MAX_PROXIED_CLIENTS), gateway, gateway);
+        assert!(len() <= MAX_PROXIED_CLIENTS / 2 + 1, "{}", len());
+        assert!(
+            proxy.via(caller(MAX_PROXIED_CLIENTS)).is_some(),
+            "the newest is kept"
+        );
+        assert!(
+            proxy.via(caller(MAX_PROXIED_CLIENTS - 1)).is_some(),
+            "a recent one is kept"
+        );
+        assert!(proxy.via(caller(0)).is_none(), "the oldest is forgotten");
+    }
 
     #[test]
     fn only_version_1_initials_are_recognised() {
