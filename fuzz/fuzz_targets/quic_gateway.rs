@@ -7,7 +7,7 @@
 use std::sync::OnceLock;
 
 use halyard_registry::model::parse_documents;
-use halyard_registry::{Object, Origin, Snapshot};
+use halyard_registry::{Origin, Snapshot};
 use halyard_sidecar::gateway::{decide, Decision, Table};
 use halyard_transport::{initial, proxy_v2, quic_lb};
 use libfuzzer_sys::fuzz_target;
@@ -17,22 +17,8 @@ fn table() -> &'static Table {
     TABLE.get_or_init(|| {
         let yaml = "kind: Service\nname: r\nexported: true\nports: [{port: 80, protocol: tcp}]\n---\n\
                     kind: Endpoint\nid: e\nservice: r\naddress: 127.0.0.1:15443\nidentity: spiffe://td/r\n";
-        let mut snap = Snapshot::empty(Origin::Live);
-        for o in parse_documents("fuzz", yaml).unwrap_or_default() {
-            match o {
-                Object::Service(s) => {
-                    snap.services.insert(s.name.to_string(), std::sync::Arc::new(s));
-                }
-                Object::Endpoint(e) => {
-                    snap.endpoints
-                        .entry(e.service.to_string())
-                        .or_default()
-                        .insert(e.id.clone(), std::sync::Arc::new(e));
-                }
-                _ => {}
-            }
-        }
-        Table::of(&snap)
+        let objects = parse_documents("fuzz", yaml).unwrap_or_default();
+        Table::of(&Snapshot::of_objects(Origin::Live, objects))
     })
 }
 

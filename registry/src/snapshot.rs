@@ -80,6 +80,34 @@ impl Snapshot {
     }
 
     /// Builds the lookup indexes; call after filling the maps.
+    /// A snapshot at revision 0 holding `objects` (statuses are not part of a snapshot and are
+    /// left out; a later object at the same key replaces an earlier one).
+    pub fn of_objects(origin: Origin, objects: impl IntoIterator<Item = Object>) -> Self {
+        let mut s = Snapshot::empty(origin);
+        for obj in objects {
+            match obj {
+                Object::Service(o) => drop(s.services.insert(o.name.to_string(), Arc::new(o))),
+                Object::Route(o) => drop(s.routes.insert(o.service.to_string(), Arc::new(o))),
+                Object::Policy(o) => drop(s.policies.insert(o.service.to_string(), Arc::new(o))),
+                Object::MeshConfig(o) => s.meshconfig = Some(Arc::new(o)),
+                Object::Revocations(o) => s.revocations = Some(Arc::new(o)),
+                Object::TrustBundle(o) => s.trust = Some(Arc::new(o)),
+                Object::Endpoint(o) => drop(
+                    s.endpoints
+                        .entry(o.service.to_string())
+                        .or_default()
+                        .insert(o.id.clone(), Arc::new(o)),
+                ),
+                Object::Status(_) => {}
+                Object::ExternalService(o) => {
+                    drop(s.external_services.insert(o.name.to_string(), Arc::new(o)))
+                }
+                Object::ClusterLink(o) => drop(s.links.insert(o.cluster.to_string(), Arc::new(o))),
+            }
+        }
+        s.index()
+    }
+
     pub(crate) fn index(mut self) -> Self {
         self.vips = self
             .services

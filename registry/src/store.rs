@@ -2,7 +2,6 @@
 //! is invalid, and builds snapshots. Pure data in, decisions out; backends feed it.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use crate::key::{mesh_prefix, Key};
 use crate::model::Object;
@@ -128,41 +127,10 @@ impl Store {
 
     /// Builds the snapshot of the current content.
     pub fn snapshot(&self, origin: Origin) -> Snapshot {
-        let mut s = Snapshot::empty(origin);
+        let mut s = Snapshot::of_objects(origin, self.good.values().cloned());
         s.revision = self.revision;
         s.rejected = self.rejected.clone();
-        for obj in self.good.values() {
-            match obj {
-                Object::Service(o) => {
-                    drop(s.services.insert(o.name.to_string(), Arc::new(o.clone())))
-                }
-                Object::Route(o) => {
-                    drop(s.routes.insert(o.service.to_string(), Arc::new(o.clone())))
-                }
-                Object::Policy(o) => drop(
-                    s.policies
-                        .insert(o.service.to_string(), Arc::new(o.clone())),
-                ),
-                Object::MeshConfig(o) => s.meshconfig = Some(Arc::new(o.clone())),
-                Object::Revocations(o) => s.revocations = Some(Arc::new(o.clone())),
-                Object::TrustBundle(o) => s.trust = Some(Arc::new(o.clone())),
-                Object::Endpoint(o) => drop(
-                    s.endpoints
-                        .entry(o.service.to_string())
-                        .or_default()
-                        .insert(o.id.clone(), Arc::new(o.clone())),
-                ),
-                Object::Status(_) => {}
-                Object::ExternalService(o) => drop(
-                    s.external_services
-                        .insert(o.name.to_string(), Arc::new(o.clone())),
-                ),
-                Object::ClusterLink(o) => {
-                    drop(s.links.insert(o.cluster.to_string(), Arc::new(o.clone())))
-                }
-            }
-        }
-        s.index()
+        s
     }
 }
 

@@ -797,25 +797,10 @@ fn admin_reply(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> 
 mod tests {
     use super::*;
     use halyard_registry::model::parse_documents;
-    use halyard_registry::Object;
 
     fn snapshot(yaml: &str) -> Snapshot {
-        let mut snap = Snapshot::empty(halyard_registry::Origin::Live);
-        for object in parse_documents("test", yaml).unwrap() {
-            match object {
-                Object::Service(s) => {
-                    snap.services.insert(s.name.to_string(), Arc::new(s));
-                }
-                Object::Endpoint(e) => {
-                    snap.endpoints
-                        .entry(e.service.to_string())
-                        .or_default()
-                        .insert(e.id.clone(), Arc::new(e));
-                }
-                _ => {}
-            }
-        }
-        snap
+        let objects = parse_documents("test", yaml).unwrap();
+        Snapshot::of_objects(halyard_registry::Origin::Live, objects)
     }
 
     const MESH: &str = "

@@ -225,22 +225,11 @@ mod tests {
     use halyard_registry::Object;
 
     fn snapshot(yaml: &str) -> Arc<Snapshot> {
-        let mut snap = Snapshot::empty(halyard_registry::Origin::Live);
-        for object in parse_documents("test", yaml).unwrap() {
-            match object {
-                Object::Service(s) => {
-                    snap.services.insert(s.name.to_string(), Arc::new(s));
-                }
-                Object::Endpoint(e) => {
-                    snap.endpoints
-                        .entry(e.service.to_string())
-                        .or_default()
-                        .insert(e.id.clone(), Arc::new(e));
-                }
-                _ => {}
-            }
-        }
-        Arc::new(snap)
+        let objects = parse_documents("test", yaml).unwrap();
+        Arc::new(Snapshot::of_objects(
+            halyard_registry::Origin::Live,
+            objects,
+        ))
     }
 
     fn link(keep: &str) -> Arc<ClusterLink> {
