@@ -117,15 +117,21 @@ async fn run(
     metrics: Metrics,
     stop: CancellationToken,
 ) {
-    let mut remotes: BTreeMap<String, Remote> = BTreeMap::new();
-    let wake = Arc::new(tokio::sync::Notify::new());
+    let mut links = Links {
+        open: BTreeMap::new(),
+        opening: BTreeMap::new(),
+        wake: Arc::new(tokio::sync::Notify::new()),
+        opened: tokio::sync::mpsc::unbounded_channel(),
+        state_dir,
+    };
     let mut tick = tokio::time::interval(AGE_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last: Option<MergeInputs> = None;
     loop {
         let snap = local.borrow_and_update().clone();
-        reconcile(&snap, state_dir.as_deref(), &wake, &mut remotes).await;
-        let views: Vec<(Arc<ClusterLink>, Arc<Snapshot>, Duration)> = remotes
+        links.reconcile(&snap);
+        let views: Vec<(Arc<ClusterLink>, Arc<Snapshot>, Duration)> = links
+            .open
             .values_mut()
             .map(|r| {
                 let s = r.snapshots.borrow_and_update().clone();
@@ -165,54 +171,113 @@ async fn run(
                     return;
                 }
             }
-            () = wake.notified() => {}
+            () = links.wake.notified() => {}
             _ = tick.tick() => {}
         }
     }
 }
 
-/// Opens links that are new or changed, forgets removed ones.
-/// A linked cluster's last good snapshot is kept under `<state_dir>/link-<cluster>/`, so its
-/// endpoints survive this sidecar's restart while the link is down (until `keepStale`).
-async fn reconcile(
-    snap: &Snapshot,
-    state_dir: Option<&std::path::Path>,
-    wake: &Arc<tokio::sync::Notify>,
-    remotes: &mut BTreeMap<String, Remote>,
-) {
-    remotes.retain(|cluster, r| snap.links.get(cluster).is_some_and(|l| *l == r.link));
-    for (cluster, link) in &snap.links {
-        if remotes.contains_key(cluster) {
-            continue;
+/// A registry opened for a link, handed from its opener task to the merge loop.
+type Opened = (Arc<ClusterLink>, Arc<dyn Registry>);
+
+/// The links being followed, and those whose registry is still being opened.
+struct Links {
+    open: BTreeMap<String, Remote>,
+    /// Opener tasks (retrying with backoff), stopped when their link goes or changes.
+    opening: BTreeMap<String, (Arc<ClusterLink>, tokio_util::task::AbortOnDropHandle<()>)>,
+    wake: Arc<tokio::sync::Notify>,
+    opened: (
+        tokio::sync::mpsc::UnboundedSender<Opened>,
+        tokio::sync::mpsc::UnboundedReceiver<Opened>,
+    ),
+    /// A linked cluster's last good snapshot is kept under `<state_dir>/link-<cluster>/`, so
+    /// its endpoints survive this sidecar's restart while the link is down (until `keepStale`).
+    state_dir: Option<std::path::PathBuf>,
+}
+
+impl Links {
+    /// Forgets links that went or changed, takes the registries openers finished, and starts
+    /// an opener for each new link. Never waits on a network: opening runs beside the merge.
+    fn reconcile(&mut self, snap: &Snapshot) {
+        let wanted = |cluster: &String, link: &Arc<ClusterLink>| {
+            snap.links.get(cluster).is_some_and(|l| l == link)
+        };
+        self.open.retain(|c, r| wanted(c, &r.link));
+        self.opening.retain(|c, (link, _)| wanted(c, link));
+        while let Ok((link, registry)) = self.opened.1.try_recv() {
+            let cluster = link.cluster.to_string();
+            if !wanted(&cluster, &link) {
+                continue;
+            }
+            self.opening.remove(&cluster);
+            tracing::info!(%cluster, registry = %link.registry, gateway = %link.gateway, "following a linked cluster");
+            let snapshots = registry.watch();
+            let mut changes = registry.watch();
+            let wake = self.wake.clone();
+            let waker = tokio::spawn(async move {
+                while changes.changed().await.is_ok() {
+                    wake.notify_one();
+                }
+            });
+            self.open.insert(
+                cluster,
+                Remote {
+                    link,
+                    registry,
+                    snapshots,
+                    _waker: tokio_util::task::AbortOnDropHandle::new(waker),
+                },
+            );
         }
-        let mut opts = halyard_registry::Options::new(link.mesh.as_str());
-        opts.timeout = Duration::from_secs(3);
-        opts.state_dir = state_dir.map(|d| d.join(format!("link-{cluster}")));
-        match halyard_registry::open_with(&link.registry, opts).await {
+        for (cluster, link) in &snap.links {
+            if self.open.contains_key(cluster) || self.opening.contains_key(cluster) {
+                continue;
+            }
+            let mut opts = halyard_registry::Options::new(link.mesh.as_str());
+            opts.timeout = Duration::from_secs(3);
+            opts.state_dir = self
+                .state_dir
+                .as_ref()
+                .map(|d| d.join(format!("link-{cluster}")));
+            let task = tokio::spawn(open_link(
+                link.clone(),
+                opts,
+                self.opened.0.clone(),
+                self.wake.clone(),
+            ));
+            self.opening.insert(
+                cluster.clone(),
+                (link.clone(), tokio_util::task::AbortOnDropHandle::new(task)),
+            );
+        }
+    }
+}
+
+/// Opens `link`'s registry, retrying a refusal with a doubling delay (1 s to 60 s, one warning
+/// per refusal kind), and hands it to the merge loop.
+async fn open_link(
+    link: Arc<ClusterLink>,
+    opts: halyard_registry::Options,
+    opened: tokio::sync::mpsc::UnboundedSender<Opened>,
+    wake: Arc<tokio::sync::Notify>,
+) {
+    let mut delay = Duration::from_secs(1);
+    let mut warned: Option<String> = None;
+    loop {
+        match halyard_registry::open_with(&link.registry, opts.clone()).await {
             Ok(registry) => {
-                tracing::info!(%cluster, registry = %link.registry, gateway = %link.gateway, "following a linked cluster");
-                let snapshots = registry.watch();
-                let mut changes = registry.watch();
-                let wake = wake.clone();
-                let waker = tokio::spawn(async move {
-                    while changes.changed().await.is_ok() {
-                        wake.notify_one();
-                    }
-                });
-                remotes.insert(
-                    cluster.clone(),
-                    Remote {
-                        link: link.clone(),
-                        registry,
-                        snapshots,
-                        _waker: tokio_util::task::AbortOnDropHandle::new(waker),
-                    },
-                );
+                let _ = opened.send((link, registry));
+                wake.notify_one();
+                return;
             }
             Err(e) => {
-                // A URL the validator let through but the backend refuses: reported, retried on
-                // the next local change.
-                tracing::warn!(%cluster, registry = %link.registry, error = %e, "cannot open a linked cluster's registry");
+                let text = e.to_string();
+                if warned.as_deref() != Some(text.as_str()) {
+                    tracing::warn!(cluster = %link.cluster, registry = %link.registry, error = %text, "cannot open a linked cluster's registry; retrying");
+                    warned = Some(text);
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(60));
             }
         }
     }
@@ -325,6 +390,50 @@ identity: spiffe://mesh.local/ns/default/sa/ratings
         assert_eq!(dropped.endpoints_of("reviews").count(), 0);
         assert_eq!(counts["b"], 0);
         assert_eq!(dropped.endpoints_of("ratings").count(), 1);
+    }
+
+    /// A link whose registry never answers (a listener that accepts and stays silent) is
+    /// opened beside the merge loop: local changes keep reaching the data plane at once.
+    #[tokio::test]
+    async fn a_registry_that_never_answers_does_not_hold_up_local_changes() {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = silent.local_addr().unwrap();
+        let _hold = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((tcp, _)) = silent.accept().await {
+                held.push(tcp);
+            }
+        });
+        let link = format!(
+            "kind: ClusterLink\ncluster: b\nregistry: etcd://{addr}\ngateway: 192.0.2.9:15444\n"
+        );
+        let first = Arc::new(Snapshot::of_objects(
+            halyard_registry::Origin::Live,
+            parse_documents("l", &format!("{LOCAL}---\n{link}")).unwrap(),
+        ));
+        let (local_tx, local_rx) = watch::channel(first);
+        let stop = CancellationToken::new();
+        let tasks = tokio_util::task::TaskTracker::new();
+        let metrics = Metrics::new().unwrap();
+        let mut merged = follow(local_rx, None, metrics, stop.clone(), &tasks);
+        // Let the loop start opening the link.
+        tokio::task::yield_now().await;
+        let mut next = Snapshot::of_objects(
+            halyard_registry::Origin::Live,
+            parse_documents("l", &format!("{LOCAL}---\n{link}")).unwrap(),
+        );
+        next.revision = 7;
+        local_tx.send_replace(Arc::new(next));
+        let seen = tokio::time::timeout(
+            Duration::from_millis(500),
+            merged.wait_for(|s| s.revision == 7),
+        )
+        .await;
+        assert!(
+            seen.is_ok(),
+            "a local change waited for the silent link's registry"
+        );
+        stop.cancel();
     }
 
     #[test]
