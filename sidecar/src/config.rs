@@ -599,6 +599,32 @@ pub struct Config {
     pub upstream_services: Vec<Name>,
 }
 
+/// The text of the config file at `path`; an error names the file.
+pub(crate) fn read_file(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// TOML text → `T`, through `toml::Value` and `serde_path_to_error`: a syntax error names the
+/// file, a bad value the file and the field path (`transport.congestion`). Shared by the
+/// sidecar's, the CA server's and the gateway's configs.
+pub(crate) fn parse_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    path: &Path,
+) -> Result<T, ConfigError> {
+    let value: toml::Value = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+        path: path.to_owned(),
+        message: e.message().to_owned(),
+    })?;
+    serde_path_to_error::deserialize(value).map_err(|e| ConfigError::Field {
+        path: path.to_owned(),
+        field: e.path().to_string(),
+        message: one_line(&e.into_inner().to_string()),
+    })
+}
+
 impl Config {
     /// The data-plane threads `workers` asks for: the setting, or with 0 the cores this process
     /// may run on (its CPU affinity and cgroup quota, `std::thread::available_parallelism`).
@@ -611,11 +637,7 @@ impl Config {
 
     /// Reads and checks a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(&text, path)
+        Self::parse(&read_file(path)?, path)
     }
 
     /// Checks configuration text; `path` names it in errors and anchors relative paths.
@@ -625,14 +647,7 @@ impl Config {
             field,
             message,
         };
-        let value: toml::Value = toml::from_str(text).map_err(|e| ConfigError::Syntax {
-            path: path.to_owned(),
-            message: e.message().to_owned(),
-        })?;
-        let mut file: SidecarConfig = serde_path_to_error::deserialize(value).map_err(|e| {
-            let at = e.path().to_string();
-            field(at, one_line(&e.into_inner().to_string()))
-        })?;
+        let mut file: SidecarConfig = parse_toml(text, path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [
             &mut file.identity.cert,

@@ -538,6 +538,26 @@ async fn calls_cross_a_lossy_link_between_clusters_whole() {
     l.gateway.stop().await;
 }
 
+/// Waits until `sidecar` reports its link to `cluster` as stale. Staleness is a time since the
+/// last contact, read from a gauge the link follower refreshes each second: there is no event
+/// to await, so this polls.
+async fn wait_link_stale(sidecar: &Sidecar, cluster: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let labels = [("cluster", cluster)];
+    while metric(
+        &sidecar.started.render_metrics(),
+        "halyard_cluster_link_stale_seconds",
+        &labels,
+    ) <= 0.0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the link to {cluster} was never reported stale"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_linked_clusters_endpoints_are_learned_kept_while_stale_then_aged_out() {
     let mut l = linked("4s").await;
@@ -552,23 +572,7 @@ async fn a_linked_clusters_endpoints_are_learned_kept_while_stale_then_aged_out(
     // B's registry goes away: A keeps B's endpoints (last known good) and the data plane, which
     // never needed B's registry, keeps working; the link's staleness rises.
     tokio::task::block_in_place(|| l.etcd.stop());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = l.pp.started.render_metrics();
-        if metric(
-            &m,
-            "halyard_cluster_link_stale_seconds",
-            &[("cluster", "b")],
-        ) > 0.0
-        {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "staleness never rose"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_link_stale(&l.pp, "b").await;
     let out = call(l.pp.upstream(0), b"while stale").await.unwrap();
     assert_eq!(out, b"b:while stale");
 
@@ -621,23 +625,7 @@ async fn a_bad_link_or_an_unreachable_registry_leaves_other_traffic_alone() {
         s.rejected.keys().any(|k| k.ends_with("links/d"))
     })
     .await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let m = l.pp.started.render_metrics();
-        if metric(
-            &m,
-            "halyard_cluster_link_stale_seconds",
-            &[("cluster", "c")],
-        ) > 0.0
-        {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the dead link was never reported"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_link_stale(&l.pp, "c").await;
     for i in 0..10 {
         let out = call(l.pp.upstream(0), format!("{i}").as_bytes())
             .await

@@ -83,26 +83,17 @@ fn default_registry_timeout() -> Duration {
 impl CaServerConfig {
     /// Reads and checks the file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(&text, path)
+        Self::parse(&crate::config::read_file(path)?, path)
     }
 
     /// Checks `text` as the file at `path` (relative paths are anchored at its folder).
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let value: toml::Value = toml::from_str(text).map_err(|e| ConfigError::Syntax {
-            path: path.to_owned(),
-            message: e.message().to_owned(),
-        })?;
         let field = |field: String, message: String| ConfigError::Field {
             path: path.to_owned(),
             field,
             message,
         };
-        let mut config: CaServerConfig = serde_path_to_error::deserialize(value)
-            .map_err(|e| field(e.path().to_string(), e.into_inner().to_string()))?;
+        let mut config: CaServerConfig = crate::config::parse_toml(text, path)?;
         if config.dir.is_relative() {
             config.dir = path.parent().unwrap_or(Path::new(".")).join(&config.dir);
         }
