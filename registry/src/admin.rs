@@ -53,11 +53,22 @@ pub struct EtcdConn(Etcd);
 impl Admin {
     /// Opens `url` for `mesh`; etcd requests give up after `timeout`.
     pub async fn connect(url: &str, mesh: &str, timeout: Duration) -> Result<Admin, RegistryError> {
+        Self::connect_as(url, mesh, timeout, None).await
+    }
+
+    /// [`Admin::connect`] as an etcd user (etcd RBAC); the directory backend ignores
+    /// `credentials`. Errors: [`RegistryError::Unauthenticated`] for refused credentials.
+    pub async fn connect_as(
+        url: &str,
+        mesh: &str,
+        timeout: Duration,
+        credentials: Option<&crate::Credentials>,
+    ) -> Result<Admin, RegistryError> {
         check_mesh(mesh)?;
         let mesh = mesh.to_owned();
         match RegistryUrl::parse(url)? {
             RegistryUrl::Etcd(eps) => {
-                let etcd = Etcd::connect(&eps, timeout).await?;
+                let etcd = Etcd::connect(&eps, timeout, credentials).await?;
                 let mut maint = etcd.client.maintenance_client();
                 etcd.call(maint.status()).await?;
                 Ok(Admin::Etcd {

@@ -62,13 +62,19 @@ impl std::fmt::Debug for CaStore {
 }
 
 impl CaStore {
-    /// Opens the CA's state of `mesh` in the registry at `url`; etcd requests give up after
-    /// `timeout`.
-    pub async fn connect(url: &str, mesh: &str, timeout: Duration) -> Result<Self, RegistryError> {
+    /// Opens the CA's state of `mesh` in the registry at `url`, as the etcd user `credentials`
+    /// names (etcd RBAC; none: without authentication; the directory backend ignores it); etcd
+    /// requests give up after `timeout`.
+    pub async fn connect(
+        url: &str,
+        mesh: &str,
+        timeout: Duration,
+        credentials: Option<&crate::Credentials>,
+    ) -> Result<Self, RegistryError> {
         check_mesh(mesh)?;
         let backend = match RegistryUrl::parse(url)? {
             RegistryUrl::Etcd(eps) => Backend::Etcd {
-                etcd: Box::new(Etcd::connect(&eps, timeout).await?),
+                etcd: Box::new(Etcd::connect(&eps, timeout, credentials).await?),
                 prefix: format!("/halyard-ca/{mesh}/tokens/"),
             },
             RegistryUrl::Dir(root) => {

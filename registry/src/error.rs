@@ -135,6 +135,33 @@ pub enum RegistryError {
     /// The operation does not apply to this kind of object.
     #[error("{0}")]
     Unsupported(String),
+    /// A credentials file cannot be used.
+    #[error("credentials file {path}: {reason}")]
+    Credentials {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// etcd refused the credentials given (wrong user or password), or was given none and
+    /// requires them, or was given some with authentication disabled.
+    #[error("etcd at {endpoints} refused authentication: {reason}")]
+    Unauthenticated {
+        /// The endpoints tried.
+        endpoints: String,
+        /// etcd's answer, with what to change.
+        reason: String,
+    },
+    /// The etcd user may not do this (etcd RBAC: its roles grant no such permission on the key).
+    #[error("etcd at {endpoints} denied {user}: {reason} (grant the user's role the permission on the mesh's key prefix)")]
+    PermissionDenied {
+        /// The endpoints tried.
+        endpoints: String,
+        /// The user, or "a caller without credentials".
+        user: String,
+        /// etcd's answer.
+        reason: String,
+    },
 }
 
 impl RegistryError {

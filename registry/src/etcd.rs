@@ -18,6 +18,7 @@ use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions, WatchOptions};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::credentials::Credentials;
 use crate::error::RegistryError;
 use crate::key::mesh_prefix;
 use crate::model::{Endpoint, Object, Status};
@@ -33,16 +34,31 @@ pub(crate) struct Etcd {
     pub client: Client,
     pub endpoints: String,
     pub timeout: Duration,
+    /// The etcd user authenticated as, if any (for error messages).
+    pub user: Option<String>,
 }
 
 impl Etcd {
     /// Creates the client. Connections are made lazily; the first request finds out whether
-    /// etcd is there, bounded by `timeout`.
-    pub async fn connect(endpoints: &[String], timeout: Duration) -> Result<Self, RegistryError> {
-        let opts = ConnectOptions::new()
+    /// etcd is there, bounded by `timeout`. With `credentials` the client authenticates first
+    /// (etcd `Authenticate`), sends the token with every request, and authenticates again when
+    /// etcd says the token expired (simple tokens live `--auth-token-ttl`, 5 minutes by default,
+    /// and none survives an etcd restart).
+    pub async fn connect(
+        endpoints: &[String],
+        timeout: Duration,
+        credentials: Option<&Credentials>,
+    ) -> Result<Self, RegistryError> {
+        let mut opts = ConnectOptions::new()
             .with_connect_timeout(timeout)
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
             .with_require_leader(true);
+        if let Some(c) = credentials {
+            opts = opts
+                .with_user(c.user(), c.password())
+                .with_auto_token_refresh(true);
+        }
+        let user = credentials.map(|c| c.user().to_owned());
         let joined = endpoints.join(",");
         // The client spreads requests over every endpoint given, dead members included, and a
         // request sent to a dead one fails: with one member of three down, half of them did.
@@ -52,11 +68,18 @@ impl Etcd {
         let client = tokio::time::timeout(timeout, Client::connect(endpoints, Some(opts)))
             .await
             .map_err(|_| unreachable(&joined, format!("no answer within {timeout:?}")))?
-            .map_err(|e| unreachable(&joined, e.to_string()))?;
+            .map_err(|e| match &e {
+                etcd_client::Error::GRpcStatus(s) => {
+                    auth_error(&joined, user.as_deref(), s.code() as i32, s.message())
+                        .unwrap_or_else(|| unreachable(&joined, e.to_string()))
+                }
+                _ => unreachable(&joined, e.to_string()),
+            })?;
         Ok(Etcd {
             client,
             endpoints: joined,
             timeout,
+            user,
         })
     }
 
@@ -86,6 +109,23 @@ impl Etcd {
             Ok(Err(etcd_client::Error::GRpcStatus(s))) if s.code() as i32 == GRPC_UNAVAILABLE => {
                 Err(unreachable(&self.endpoints, s.message().to_owned()))
             }
+            Ok(Err(etcd_client::Error::GRpcStatus(s)))
+                if auth_error(
+                    &self.endpoints,
+                    self.user.as_deref(),
+                    s.code() as i32,
+                    s.message(),
+                )
+                .is_some() =>
+            {
+                Err(auth_error(
+                    &self.endpoints,
+                    self.user.as_deref(),
+                    s.code() as i32,
+                    s.message(),
+                )
+                .unwrap_or_else(|| unreachable(&self.endpoints, s.message().to_owned())))
+            }
             Ok(Err(etcd_client::Error::GRpcStatus(s))) if s.code() as i32 == GRPC_UNIMPLEMENTED => {
                 Err(unreachable(
                     &self.endpoints,
@@ -98,6 +138,15 @@ impl Etcd {
 }
 
 impl Etcd {
+    /// After an authentication error, asks for a new token (a request made through the client
+    /// does so by itself; a watch that etcd cancels for an expired token does not). Does
+    /// nothing without credentials; a failure shows in the next request's error.
+    async fn reauthenticate(&self, after: &RegistryError) {
+        if self.user.is_some() && matches!(after, RegistryError::Unauthenticated { .. }) {
+            let _ = tokio::time::timeout(self.timeout, self.client.refresh_token()).await;
+        }
+    }
+
     /// Whether the member this client talks to answers, within a second, that it has no
     /// leader (status `leader` 0, or the "no leader" error `hasleader` requests get).
     async fn leaderless(&self) -> bool {
@@ -136,6 +185,61 @@ async fn answering(endpoints: &[String], opts: &ConnectOptions, timeout: Duratio
         .collect()
 }
 
+/// The error an etcd answer about authentication stands for, naming what to change; `None` for
+/// any other answer. etcd's answers (etcdserver/api/v3rpc/rpctypes): "authentication failed,
+/// invalid user ID or password", "authentication is not enabled", "user name is empty" (no
+/// token sent to an etcd with authentication on), "invalid auth token" (expired, or issued
+/// before a restart), "permission denied".
+fn auth_error(
+    endpoints: &str,
+    user: Option<&str>,
+    code: i32,
+    message: &str,
+) -> Option<RegistryError> {
+    let unauthenticated = |reason: String| {
+        Some(RegistryError::Unauthenticated {
+            endpoints: endpoints.to_owned(),
+            reason,
+        })
+    };
+    if message.contains("invalid user ID or password") {
+        return unauthenticated(format!(
+            "wrong user name or password for user {:?}",
+            user.unwrap_or_default()
+        ));
+    }
+    if message.contains("authentication is not enabled") {
+        return unauthenticated(
+            "credentials were given but this etcd has authentication disabled \
+             (remove the credentials, or run `etcdctl auth enable`)"
+                .into(),
+        );
+    }
+    if message.contains("user name is empty") {
+        return unauthenticated(
+            "this etcd requires authentication and no credentials were given \
+             (set a credentials file with user:password)"
+                .into(),
+        );
+    }
+    if message.contains("invalid auth token") {
+        return unauthenticated(format!("{message} (the token is requested again)"));
+    }
+    if code == GRPC_PERMISSION_DENIED || message.contains("permission denied") {
+        return Some(RegistryError::PermissionDenied {
+            endpoints: endpoints.to_owned(),
+            user: user.map_or_else(
+                || "a caller without credentials".to_owned(),
+                |u| format!("user {u:?}"),
+            ),
+            reason: message.to_owned(),
+        });
+    }
+    None
+}
+
+/// gRPC status code PERMISSION_DENIED.
+const GRPC_PERMISSION_DENIED: i32 = 7;
 /// gRPC status code UNAVAILABLE: the server is not there (or has no leader).
 const GRPC_UNAVAILABLE: i32 = 14;
 /// gRPC status code UNIMPLEMENTED: something answered, but not etcd's API.
@@ -157,7 +261,7 @@ pub(crate) struct EtcdRegistry {
 
 impl EtcdRegistry {
     pub async fn open(endpoints: Vec<String>, opts: Options) -> Result<Self, RegistryError> {
-        let etcd = Etcd::connect(&endpoints, opts.timeout).await?;
+        let etcd = Etcd::connect(&endpoints, opts.timeout, opts.credentials.as_ref()).await?;
         let prefix = mesh_prefix(&opts.mesh);
         let mesh = opts.mesh.clone();
         let (shared, persisted) = Shared::new(opts);
@@ -167,6 +271,15 @@ impl EtcdRegistry {
         let mut store = persisted.unwrap_or_else(|| Store::new(&mesh));
         store.revision = 0;
         let listed = list(&etcd, &prefix, &shared, &mut store).await;
+        // Refused credentials are a configuration error, not an outage: say so at once rather
+        // than serve a stale snapshot. (A running registry whose user loses its permission
+        // keeps its snapshot and retries, like any other failure.)
+        if let Err(
+            e @ (RegistryError::Unauthenticated { .. } | RegistryError::PermissionDenied { .. }),
+        ) = listed
+        {
+            return Err(e);
+        }
         if let Err(e) = &listed {
             tracing::warn!(error = %e, "registry unreachable at start; serving the last known snapshot");
             shared.contact_lost();
@@ -433,6 +546,7 @@ async fn follow(
             if let Err(e) = list(&etcd, &prefix, &shared, &mut store).await {
                 shared.contact_lost();
                 tracing::warn!(error = %e, "registry list failed; retrying");
+                etcd.reauthenticate(&e).await;
                 tokio::time::sleep(backoff.delay()).await;
                 continue;
             }
@@ -450,6 +564,7 @@ async fn follow(
             End::Failed(e) => {
                 shared.contact_lost();
                 tracing::warn!(error = %e, applied = store.revision, "registry watch broken; resuming");
+                etcd.reauthenticate(&e).await;
                 tokio::time::sleep(backoff.delay()).await;
             }
         }
@@ -501,7 +616,7 @@ async fn watch_from(
             Err(e) => return End::Failed(RegistryError::Etcd(e)),
         };
         last_heard = tokio::time::Instant::now();
-        if let Some(end) = handle(&etcd.endpoints, &resp) {
+        if let Some(end) = handle(&etcd.endpoints, etcd.user.as_deref(), &resp) {
             return end;
         }
         shared.contact_ok();
@@ -521,11 +636,14 @@ async fn watch_from(
 }
 
 /// Whether a watch response ends the watch: compaction (re-list) or cancellation.
-fn handle(endpoints: &str, resp: &etcd_client::WatchResponse) -> Option<End> {
+fn handle(endpoints: &str, user: Option<&str>, resp: &etcd_client::WatchResponse) -> Option<End> {
     if resp.compact_revision() != 0 {
         return Some(End::Compacted(resp.compact_revision()));
     }
     if resp.canceled() {
+        if let Some(e) = auth_error(endpoints, user, 0, resp.cancel_reason()) {
+            return Some(End::Failed(e));
+        }
         let reason = format!("watch canceled: {}", resp.cancel_reason());
         return Some(End::Failed(unreachable(endpoints, reason)));
     }

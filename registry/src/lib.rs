@@ -42,6 +42,7 @@
 
 pub mod admin;
 pub mod ca_store;
+mod credentials;
 mod dir;
 pub mod error;
 mod etcd;
@@ -54,6 +55,7 @@ mod store;
 #[cfg(feature = "test-util")]
 pub mod test_util;
 
+pub use credentials::Credentials;
 pub use error::{RegistryError, ValidationError};
 pub use key::{mesh_prefix, Key};
 pub use model::{Kind, Object};

@@ -52,6 +52,9 @@ pub struct Options {
     pub lease_ttl: Duration,
     /// How long to wait for etcd when connecting and for each request.
     pub timeout: Duration,
+    /// The etcd user to authenticate as (etcd RBAC); `None` connects without authentication.
+    /// The directory backend ignores it.
+    pub credentials: Option<crate::Credentials>,
 }
 
 impl Options {
@@ -63,6 +66,7 @@ impl Options {
             sidecar_id: None,
             lease_ttl: Duration::from_secs(10),
             timeout: Duration::from_secs(3),
+            credentials: None,
         }
     }
 }

@@ -21,6 +21,10 @@ pub struct EtcdServer {
     host: std::net::IpAddr,
     client_port: u16,
     peer_port: u16,
+    /// Extra `etcd` flags, kept across restarts.
+    flags: Vec<String>,
+    /// `root:password` once [`EtcdServer::enable_auth`] ran; `etcdctl` then uses it.
+    root: Option<String>,
 }
 
 fn free_port() -> u16 {
@@ -39,6 +43,12 @@ impl EtcdServer {
     /// Starts etcd serving clients on `host` (an address of the calling thread's network
     /// namespace; a test that enters a namespace first runs etcd inside it), peers on 127.0.0.1.
     pub fn start_on(host: std::net::IpAddr) -> EtcdServer {
+        Self::start_with(host, &[])
+    }
+
+    /// Starts etcd on `host` with extra flags (for example `--auth-token-ttl=2`), kept across
+    /// [`EtcdServer::restart`].
+    pub fn start_with(host: std::net::IpAddr, flags: &[&str]) -> EtcdServer {
         let dir = match tempfile::tempdir() {
             Ok(d) => d,
             Err(e) => panic!("cannot create a temp dir: {e}"),
@@ -49,6 +59,8 @@ impl EtcdServer {
             host,
             client_port: 0,
             peer_port: 0,
+            flags: flags.iter().map(|f| (*f).to_owned()).collect(),
+            root: None,
         };
         for _ in 0..5 {
             server.client_port = free_port();
@@ -82,6 +94,7 @@ impl EtcdServer {
             return false;
         };
         let child = etcd_command("t", &self.data_dir(), &client, &peer, &format!("t={peer}"))
+            .args(&self.flags)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
@@ -145,13 +158,40 @@ impl EtcdServer {
         panic!("etcd did not restart; see {}", self.log_file().display());
     }
 
-    /// Runs `etcdctl` (API v3) against this server.
+    /// Turns on etcd authentication with a `root` user (password `root_password`, role
+    /// `root`); later `etcdctl` calls authenticate as root.
+    pub fn enable_auth(&mut self, root_password: &str) {
+        self.etcdctl_ok(&["user", "add", &format!("root:{root_password}")]);
+        self.etcdctl_ok(&["user", "grant-role", "root", "root"]);
+        self.etcdctl_ok(&["auth", "enable"]);
+        self.root = Some(format!("root:{root_password}"));
+    }
+
+    /// Adds `user` with `password` and a role of the same name that may read (`read`) or
+    /// read and write (`readwrite`) the keys under `prefix`.
+    pub fn add_user(&self, user: &str, password: &str, permission: &str, prefix: &str) {
+        self.etcdctl_ok(&["role", "add", user]);
+        self.etcdctl_ok(&[
+            "role",
+            "grant-permission",
+            user,
+            permission,
+            "--prefix=true",
+            prefix,
+        ]);
+        self.etcdctl_ok(&["user", "add", &format!("{user}:{password}")]);
+        self.etcdctl_ok(&["user", "grant-role", user, user]);
+    }
+
+    /// Runs `etcdctl` (API v3) against this server (as root once authentication is on).
     pub fn etcdctl(&self, args: &[&str]) -> Output {
-        let out = Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", self.endpoint()))
-            .args(args)
-            .output();
+        let mut cmd = Command::new("etcdctl");
+        cmd.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoint()));
+        if let Some(root) = &self.root {
+            cmd.arg(format!("--user={root}"));
+        }
+        let out = cmd.args(args).output();
         match out {
             Ok(o) => o,
             Err(e) => panic!("cannot run etcdctl: {e}"),

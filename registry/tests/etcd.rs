@@ -459,3 +459,79 @@ async fn last_good_value_survives_a_restart_while_the_key_is_bad() {
     );
     assert!(s.rejected.contains_key("/halyard/default/policies/ratings"));
 }
+
+/// An etcd with authentication on (tokens live 2 s) and a user `reader` that may only read the
+/// mesh's keys: a registry opened as `reader` lists and watches, keeps following once its token
+/// has expired and after an etcd restart (which forgets every token), and says clearly what is
+/// wrong with a wrong password, no credentials, or a user without permission.
+#[tokio::test]
+async fn an_etcd_user_with_read_permission_follows_the_mesh_through_token_expiry() {
+    use halyard_registry::{Credentials, RegistryError};
+    let mut etcd = EtcdServer::start_with([127, 0, 0, 1].into(), &["--auth-token-ttl=2"]);
+    etcd.enable_auth("rootpw");
+    etcd.add_user("reader", "r3ad:er", "read", "/halyard/default/");
+    etcd.add_user("elsewhere", "pw", "read", "/other/");
+    put(&etcd, "services/a", &service("a", 80));
+
+    let mut o = opts();
+    o.credentials = Some(Credentials::new("reader", "r3ad:er").unwrap());
+    let reg = open(&etcd.url(), o).await;
+    let mut rx = reg.watch();
+    until(&mut rx, "the listing as reader", |s| {
+        s.services.contains_key("a")
+    })
+    .await;
+    assert_eq!(reg.staleness(), Duration::ZERO);
+
+    // Past the token's TTL: the watch created with it keeps delivering.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    put(&etcd, "services/b", &service("b", 81));
+    until(&mut rx, "a put after the token expired", |s| {
+        s.services.contains_key("b")
+    })
+    .await;
+
+    // A restart forgets every token: the watch is re-created with a new one.
+    etcd.restart();
+    put(&etcd, "services/c", &service("c", 82));
+    until(&mut rx, "a put after etcd restarted", |s| {
+        s.services.contains_key("c")
+    })
+    .await;
+    eventually("contact after the restart", || {
+        reg.staleness() == Duration::ZERO
+    })
+    .await;
+
+    // Each refusal names what to change, and nothing is served from a refused listing.
+    let refused = |creds: Option<Credentials>| {
+        let url = etcd.url();
+        async move {
+            let mut o = opts();
+            o.credentials = creds;
+            o.timeout = Duration::from_secs(2);
+            match open_with(&url, o).await {
+                Err(e) => e,
+                Ok(_) => panic!("opened although refused"),
+            }
+        }
+    };
+    let wrong = refused(Some(Credentials::new("reader", "nope").unwrap())).await;
+    assert!(
+        matches!(&wrong, RegistryError::Unauthenticated { .. })
+            && wrong.to_string().contains("wrong user name or password"),
+        "{wrong}"
+    );
+    let anonymous = refused(None).await;
+    assert!(
+        matches!(&anonymous, RegistryError::Unauthenticated { .. })
+            && anonymous.to_string().contains("requires authentication"),
+        "{anonymous}"
+    );
+    let elsewhere = refused(Some(Credentials::new("elsewhere", "pw").unwrap())).await;
+    assert!(
+        matches!(&elsewhere, RegistryError::PermissionDenied { .. })
+            && elsewhere.to_string().contains("\"elsewhere\""),
+        "{elsewhere}"
+    );
+}

@@ -211,9 +211,12 @@ fn bad_objects_name_the_field_path() {
         ("kind: ClusterLink\ncluster: b\nregistry: etcd://10.0.0.1:2379\ngateway: 192.0.2.9".into(), "gateway", "ip:port"),
         ("kind: ClusterLink\ncluster: b\nregistry: etcd://10.0.0.1:2379\ngateway: 192.0.2.9:15444\nkeepStale: 30d".into(), "keepStale", "1s to 7d"),
         ("kind: ClusterLink\ncluster: b\nregistry: etcd://10.0.0.1:2379\ngateway: 192.0.2.9:15444\nkeepStale: soon".into(), "keepStale", "not a duration"),
+        ("kind: ClusterLink\ncluster: b\nregistry: etcd://10.0.0.1:2379\ngateway: 192.0.2.9:15444\ncredentials: ../../etc/shadow".into(), "credentials", "DNS-1123"),
+        ("kind: ClusterLink\ncluster: b\nregistry: etcd://10.0.0.1:2379\ngateway: 192.0.2.9:15444\npassword: hunter2".into(), "password", "unknown field"),
         ("kind: ClusterLink\ncluster: b\nregistry: etcd://10.0.0.1:2379\ngateway: 192.0.2.9:15444\ntoken: x".into(), "token", "unknown field"),
         ("kind: Service\nname: r\nports: [{port: 80, protocol: tcp}]\nfailover: [b, b]".into(), "failover[1]", "twice"),
         ("kind: Service\nname: r\nports: [{port: 80, protocol: tcp}]\nfailover: [Cluster_B]".into(), "failover[0]", "DNS"),
+        ("kind: Route\nservice: r\nfailover: [b, c, b]\nrules: [{backends: [{weight: 1}]}]".into(), "failover[2]", "twice"),
         ("kind: Gadget\nname: x".into(), "kind", "unknown kind"),
         ("name: x".into(), "kind", "missing kind"),
     ];

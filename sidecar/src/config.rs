@@ -60,6 +60,18 @@ pub struct SidecarConfig {
     /// Where the last good registry snapshot is kept (static stability).
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
+    /// A file holding `user:password` of the etcd user this sidecar authenticates as (etcd
+    /// RBAC; the user needs read and write on `/halyard/<mesh>/`); none connects without
+    /// authentication. Relative paths are anchored at the config file's folder. Read at start.
+    #[serde(default)]
+    pub registry_credentials: Option<PathBuf>,
+    /// A folder of credentials files for linked clusters' registries: a `ClusterLink` with
+    /// `credentials: NAME` is read as the user in `<folder>/NAME` (`user:password`; read-only
+    /// on the linked mesh's prefix is enough). Read at each attempt to open the link, so a
+    /// file put there later or a changed password is picked up. Relative paths are anchored at
+    /// the config file's folder.
+    #[serde(default)]
+    pub link_credentials: Option<PathBuf>,
     /// TTL of this endpoint's registry lease (etcd): a dead sidecar disappears after it.
     #[serde(default = "default_lease_ttl", with = "humantime_serde")]
     pub lease_ttl: Duration,
@@ -667,11 +679,27 @@ impl Config {
                 *t = base.join(&*t);
             }
         }
+        anchor(
+            base,
+            [
+                file.registry_credentials.as_mut(),
+                file.link_credentials.as_mut(),
+            ],
+        );
         let log = &mut file.access_log.path;
         if log.is_relative() && log.as_os_str() != "-" {
             *log = base.join(&*log);
         }
         check(file, &field)
+    }
+}
+
+/// Joins each relative path among `paths` to `base` (the config file's folder).
+pub(crate) fn anchor<'a>(base: &Path, paths: impl IntoIterator<Item = Option<&'a mut PathBuf>>) {
+    for p in paths.into_iter().flatten() {
+        if p.is_relative() {
+            *p = base.join(&*p);
+        }
     }
 }
 
@@ -916,6 +944,23 @@ listen = "127.0.0.1:19080"
         let c = good();
         assert_eq!(c.file.identity.cert, Path::new("/etc/halyard/cert.pem"));
         assert_eq!(c.upstream_services[0].as_str(), "ratings");
+    }
+
+    #[test]
+    fn credentials_paths_are_anchored_at_the_file_and_shown_without_secrets() {
+        let text = format!(
+            "registry_credentials = \"etcd.credentials\"\nlink_credentials = \"/etc/halyard/links\"\n{GOOD}"
+        );
+        let c = Config::parse(&text, Path::new("/etc/halyard/s.toml")).unwrap();
+        assert_eq!(
+            c.file.registry_credentials.as_deref(),
+            Some(Path::new("/etc/halyard/etcd.credentials"))
+        );
+        assert_eq!(
+            c.file.link_credentials.as_deref(),
+            Some(Path::new("/etc/halyard/links"))
+        );
+        assert!(good().file.registry_credentials.is_none());
     }
 
     #[test]

@@ -63,6 +63,11 @@ pub struct GatewayConfig {
     /// answers (static stability). None: not kept.
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
+    /// A file holding `user:password` of the etcd user the gateway reads the registry as (etcd
+    /// RBAC; read on `/halyard/<mesh>/` is enough: it writes nothing); none connects without
+    /// authentication. Relative paths are anchored at the config file's folder.
+    #[serde(default)]
+    pub registry_credentials: Option<PathBuf>,
     /// Plain-HTTP admin listener (`/metrics`, `/healthz`, `/readyz`, `/config_dump`); none
     /// when absent. The deploy examples use `0.0.0.0:15020`.
     #[serde(default)]
@@ -97,11 +102,13 @@ impl GatewayConfig {
             message,
         };
         let mut config: GatewayConfig = crate::config::parse_toml(text, path)?;
-        if let Some(dir) = &config.state_dir {
-            if dir.is_relative() {
-                config.state_dir = Some(path.parent().unwrap_or(Path::new(".")).join(dir));
-            }
-        }
+        crate::config::anchor(
+            path.parent().unwrap_or(Path::new(".")),
+            [
+                config.state_dir.as_mut(),
+                config.registry_credentials.as_mut(),
+            ],
+        );
         if !(64 << 10..=256 << 20).contains(&config.udp_buffer) {
             return Err(field(
                 "udp_buffer",
@@ -458,6 +465,9 @@ pub async fn serve(
     let bound = socket.local_addr()?;
     let mut opts = halyard_registry::Options::new(&config.mesh);
     opts.state_dir = config.state_dir.clone();
+    if let Some(path) = &config.registry_credentials {
+        opts.credentials = Some(halyard_registry::Credentials::from_file(path)?);
+    }
     let registry = halyard_registry::open_with(&config.registry, opts)
         .await
         .with_context(|| format!("registry = {:?}", config.registry))?;

@@ -100,19 +100,21 @@ pub(crate) fn merge(
 pub(crate) fn follow(
     local: watch::Receiver<Arc<Snapshot>>,
     state_dir: Option<std::path::PathBuf>,
+    credentials_dir: Option<std::path::PathBuf>,
     metrics: Metrics,
     stop: CancellationToken,
     tasks: &tokio_util::task::TaskTracker,
 ) -> watch::Receiver<Arc<Snapshot>> {
     let first = local.borrow().clone();
     let (tx, rx) = watch::channel(first);
-    tasks.spawn(run(local, state_dir, tx, metrics, stop));
+    tasks.spawn(run(local, state_dir, credentials_dir, tx, metrics, stop));
     rx
 }
 
 async fn run(
     mut local: watch::Receiver<Arc<Snapshot>>,
     state_dir: Option<std::path::PathBuf>,
+    credentials_dir: Option<std::path::PathBuf>,
     tx: watch::Sender<Arc<Snapshot>>,
     metrics: Metrics,
     stop: CancellationToken,
@@ -123,6 +125,7 @@ async fn run(
         wake: Arc::new(tokio::sync::Notify::new()),
         opened: tokio::sync::mpsc::unbounded_channel(),
         state_dir,
+        credentials_dir,
     };
     let mut tick = tokio::time::interval(AGE_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -143,6 +146,14 @@ async fn run(
                 .link_stale
                 .with_label_values(&[link.cluster.as_str()])
                 .set(staleness.as_secs_f64());
+        }
+        // A link whose registry could not be opened yet (refused credentials, a missing
+        // credentials file) has been out of contact since it appeared.
+        for (cluster, (_, _, since)) in &links.opening {
+            metrics
+                .link_stale
+                .with_label_values(&[cluster.as_str()])
+                .set(since.elapsed().as_secs_f64());
         }
         // Publish only when something a merge reads changed.
         let key: MergeInputs = (
@@ -184,7 +195,15 @@ type Opened = (Arc<ClusterLink>, Arc<dyn Registry>);
 struct Links {
     open: BTreeMap<String, Remote>,
     /// Opener tasks (retrying with backoff), stopped when their link goes or changes.
-    opening: BTreeMap<String, (Arc<ClusterLink>, tokio_util::task::AbortOnDropHandle<()>)>,
+    /// With when its opener started: until it opens, the link's staleness is the time since.
+    opening: BTreeMap<
+        String,
+        (
+            Arc<ClusterLink>,
+            tokio_util::task::AbortOnDropHandle<()>,
+            tokio::time::Instant,
+        ),
+    >,
     wake: Arc<tokio::sync::Notify>,
     opened: (
         tokio::sync::mpsc::UnboundedSender<Opened>,
@@ -193,6 +212,8 @@ struct Links {
     /// A linked cluster's last good snapshot is kept under `<state_dir>/link-<cluster>/`, so
     /// its endpoints survive this sidecar's restart while the link is down (until `keepStale`).
     state_dir: Option<std::path::PathBuf>,
+    /// The folder a link's `credentials` name is looked up in (`link_credentials`).
+    credentials_dir: Option<std::path::PathBuf>,
 }
 
 impl Links {
@@ -203,7 +224,7 @@ impl Links {
             snap.links.get(cluster).is_some_and(|l| l == link)
         };
         self.open.retain(|c, r| wanted(c, &r.link));
-        self.opening.retain(|c, (link, _)| wanted(c, link));
+        self.opening.retain(|c, (link, _, _)| wanted(c, link));
         while let Ok((link, registry)) = self.opened.1.try_recv() {
             let cluster = link.cluster.to_string();
             if !wanted(&cluster, &link) {
@@ -242,36 +263,51 @@ impl Links {
             let task = tokio::spawn(open_link(
                 link.clone(),
                 opts,
+                self.credentials_dir.clone(),
                 self.opened.0.clone(),
                 self.wake.clone(),
             ));
             self.opening.insert(
                 cluster.clone(),
-                (link.clone(), tokio_util::task::AbortOnDropHandle::new(task)),
+                (
+                    link.clone(),
+                    tokio_util::task::AbortOnDropHandle::new(task),
+                    tokio::time::Instant::now(),
+                ),
             );
         }
     }
 }
 
-/// Opens `link`'s registry, retrying a refusal with a doubling delay (1 s to 60 s, one warning
-/// per refusal kind), and hands it to the merge loop.
+/// Opens `link`'s registry (as the etcd user its `credentials` name, read from
+/// `credentials_dir` at each attempt), retrying a refusal with a doubling delay (1 s to 60 s,
+/// one warning per refusal kind), and hands it to the merge loop.
 async fn open_link(
     link: Arc<ClusterLink>,
-    opts: halyard_registry::Options,
+    mut opts: halyard_registry::Options,
+    credentials_dir: Option<std::path::PathBuf>,
     opened: tokio::sync::mpsc::UnboundedSender<Opened>,
     wake: Arc<tokio::sync::Notify>,
 ) {
     let mut delay = Duration::from_secs(1);
     let mut warned: Option<String> = None;
     loop {
-        match halyard_registry::open_with(&link.registry, opts.clone()).await {
+        let attempt = match link_credentials(&link, credentials_dir.as_deref()) {
+            Ok(credentials) => {
+                opts.credentials = credentials;
+                halyard_registry::open_with(&link.registry, opts.clone())
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e),
+        };
+        match attempt {
             Ok(registry) => {
                 let _ = opened.send((link, registry));
                 wake.notify_one();
                 return;
             }
-            Err(e) => {
-                let text = e.to_string();
+            Err(text) => {
                 if warned.as_deref() != Some(text.as_str()) {
                     tracing::warn!(cluster = %link.cluster, registry = %link.registry, error = %text, "cannot open a linked cluster's registry; retrying");
                     warned = Some(text);
@@ -281,6 +317,25 @@ async fn open_link(
             }
         }
     }
+}
+
+/// The credentials `link` names, read from `<dir>/<name>`; `None` when it names none.
+/// Errors: a name with no `link_credentials` folder configured, or an unusable file.
+fn link_credentials(
+    link: &ClusterLink,
+    dir: Option<&std::path::Path>,
+) -> Result<Option<halyard_registry::Credentials>, String> {
+    let Some(name) = &link.credentials else {
+        return Ok(None);
+    };
+    let Some(dir) = dir else {
+        return Err(format!(
+            "the link names credentials {name:?}, but this sidecar has no link_credentials folder configured"
+        ));
+    };
+    halyard_registry::Credentials::from_file(&dir.join(name.as_str()))
+        .map(Some)
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -415,7 +470,7 @@ identity: spiffe://mesh.local/ns/default/sa/ratings
         let stop = CancellationToken::new();
         let tasks = tokio_util::task::TaskTracker::new();
         let metrics = Metrics::new().unwrap();
-        let mut merged = follow(local_rx, None, metrics, stop.clone(), &tasks);
+        let mut merged = follow(local_rx, None, None, metrics, stop.clone(), &tasks);
         // Let the loop start opening the link.
         tokio::task::yield_now().await;
         let mut next = Snapshot::of_objects(

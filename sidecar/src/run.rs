@@ -246,6 +246,10 @@ pub async fn run_until(
     opts.state_dir = file.state_dir.clone();
     opts.sidecar_id = Some(id.clone());
     opts.lease_ttl = file.lease_ttl;
+    if let Some(path) = &file.registry_credentials {
+        opts.credentials =
+            Some(halyard_registry::Credentials::from_file(path).context("registry_credentials")?);
+    }
     let registry = halyard_registry::open_with(&file.registry, opts)
         .await
         .with_context(|| format!("registry = {:?}", file.registry))?;
@@ -254,6 +258,7 @@ pub async fn run_until(
     let snapshots = crate::links::follow(
         registry.watch(),
         file.state_dir.clone(),
+        file.link_credentials.clone(),
         metrics.clone(),
         listeners.clone(),
         &tasks,

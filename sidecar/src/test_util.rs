@@ -265,6 +265,7 @@ impl Mesh {
             &self.registry,
             "default",
             Duration::from_secs(3),
+            None,
         )
         .await
         .unwrap();

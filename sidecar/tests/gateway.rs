@@ -25,11 +25,16 @@ struct Gateway {
 
 impl Gateway {
     async fn start(mesh: &Mesh, listen: SocketAddr) -> Gateway {
+        Self::start_with(mesh, listen, "").await
+    }
+
+    /// [`Gateway::start`] with `extra` top-level TOML.
+    async fn start_with(mesh: &Mesh, listen: SocketAddr, extra: &str) -> Gateway {
         let path = mesh.dir.path().join("gateway.toml");
         std::fs::write(
             &path,
             format!(
-                "listen = \"{listen}\"\nregistry = {:?}\nadmin = \"127.0.0.1:0\"\n",
+                "listen = \"{listen}\"\nregistry = {:?}\nadmin = \"127.0.0.1:0\"\n{extra}",
                 mesh.registry
             ),
         )
@@ -635,6 +640,98 @@ async fn a_bad_link_or_an_unreachable_registry_leaves_other_traffic_alone() {
     l.pp.shutdown().await.unwrap();
     l.reviews.shutdown().await.unwrap();
     l.gateway.stop().await;
+}
+
+/// B's etcd requires authentication (etcd RBAC): B's sidecar and gateway use a user that may
+/// read and write B's mesh, A's link a user that may only read it, named by the link and looked
+/// up in the sidecar's `link_credentials` folder (no password in any registry). A link without
+/// credentials is refused and reported stale; one naming a file not there yet opens once the
+/// file appears; local traffic never notices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_reads_an_etcd_that_requires_authentication_as_a_read_only_user() {
+    let mut etcd = tokio::task::spawn_blocking(halyard_registry::test_util::EtcdServer::start)
+        .await
+        .unwrap();
+    let a = Mesh::with_dir().await;
+    let b = Mesh::with_url_sharing_ca(etcd.url(), &a).await;
+    let echo = tagged_echo("127.0.0.1:0".parse().unwrap(), "b").await;
+    b.apply(&format!(
+        "kind: Service\nname: reviews\nexported: true\nports:\n  - {{ name: tcp, port: 9080, protocol: tcp, targetPort: {} }}\n",
+        echo.addr.port()
+    ))
+    .await;
+    tokio::task::block_in_place(|| {
+        etcd.enable_auth("rootpw");
+        etcd.add_user("b-sidecars", "w-pw", "readwrite", "/halyard/default/");
+        etcd.add_user("a-reader", "r-pw", "read", "/halyard/default/");
+    });
+    let writer = b.dir.path().join("b-sidecars.credentials");
+    std::fs::write(&writer, "b-sidecars:w-pw\n").unwrap();
+    let creds = format!(
+        "registry_credentials = {:?}\n",
+        writer.display().to_string()
+    );
+
+    let mut spec = Spec::new("reviews", "v1");
+    spec.prefix = format!("lease_ttl = \"3s\"\n{creds}");
+    spec.extra = "[transport]\nproxy_protocol_from = [\"127.0.0.0/8\"]\n".into();
+    let reviews = b.start(&spec).await;
+    reviews.wait_endpoints("reviews", 1).await;
+    let gateway = Gateway::start_with(&b, "127.0.0.1:0".parse().unwrap(), &creds).await;
+
+    let links = a.dir.path().join("link-credentials");
+    std::fs::create_dir_all(&links).unwrap();
+    std::fs::write(links.join("reader-b"), "a-reader:r-pw\n").unwrap();
+    a.apply(&format!(
+        "kind: ClusterLink\ncluster: b\nregistry: {url}\ngateway: \"{gw}\"\ncredentials: reader-b\n---\n\
+         kind: ClusterLink\ncluster: c\nregistry: {url}\ngateway: \"{gw}\"\n---\n\
+         kind: ClusterLink\ncluster: d\nregistry: {url}\ngateway: \"{gw}\"\ncredentials: later\n",
+        url = etcd.url(),
+        gw = gateway.addr,
+    ))
+    .await;
+    let mut spec = Spec::new("productpage", "v1").upstream("reviews", 9080);
+    spec.prefix = format!("link_credentials = {:?}\n", links.display().to_string());
+    let pp = a.start(&spec).await;
+    pp.wait_snapshot("B's reviews through the authenticated link", |s| {
+        s.endpoints_of("reviews").any(|ep| ep.cluster == "b")
+    })
+    .await;
+    let out = call(pp.upstream(0), b"authenticated").await.unwrap();
+    assert_eq!(out, b"b:authenticated");
+
+    // Refused (no credentials) and not yet readable (no file): reported stale, nothing of
+    // theirs learned, calls unaffected.
+    wait_link_stale(&pp, "c").await;
+    wait_link_stale(&pp, "d").await;
+    assert!(
+        pp.started
+            .snapshot
+            .borrow()
+            .endpoints_of("reviews")
+            .all(|ep| ep.cluster == "b"),
+        "a refused link contributed endpoints"
+    );
+    assert_eq!(
+        metric(
+            &pp.started.render_metrics(),
+            "halyard_cluster_link_stale_seconds",
+            &[("cluster", "b")]
+        ),
+        0.0
+    );
+    let out = call(pp.upstream(0), b"still").await.unwrap();
+    assert_eq!(out, b"b:still");
+
+    // The file d names appears: the next attempt reads it and opens the link.
+    std::fs::write(links.join("later"), "a-reader:r-pw\n").unwrap();
+    pp.wait_snapshot("D's endpoints once its credentials exist", |s| {
+        s.endpoints_of("reviews").any(|ep| ep.cluster == "d")
+    })
+    .await;
+    pp.shutdown().await.unwrap();
+    reviews.shutdown().await.unwrap();
+    gateway.stop().await;
 }
 
 /// One trust domain per cluster (a.mesh.local, b.mesh.local), each trusting the other's root

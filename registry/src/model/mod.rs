@@ -246,6 +246,12 @@ pub struct Route {
     pub service: Name,
     /// Ordered rules; at least one.
     pub rules: Vec<RouteRule>,
+    /// Where this service's callers go when no endpoint of their own cluster can take a
+    /// request: these clusters, in this order, then any other. Non-empty, it replaces the
+    /// Service's `failover` (an operator can change the order with the traffic rules, without
+    /// touching the Service). Distinct DNS-1123 labels, at most 16.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub failover: Vec<String>,
 }
 
 /// One route rule: a match and what to do with matching requests.
@@ -1048,6 +1054,11 @@ pub struct ClusterLink {
     /// staleness reported), after which they are dropped; default 5 minutes, 1 s to 7 days.
     #[serde(serialize_with = "ser_duration")]
     pub keep_stale: Duration,
+    /// The etcd user to read its registry as: the name of a file (`user:password`) in each
+    /// sidecar's `link_credentials` folder, so no password is stored in the registry. None:
+    /// read without authentication. A DNS-1123 label.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<Name>,
 }
 
 /// What one sidecar applied, written to `status/<sidecar-id>`.

@@ -50,6 +50,8 @@ pub(crate) struct ServicePort {
 pub(crate) struct Route {
     pub service: String,
     pub rules: Vec<RouteRule>,
+    #[serde(default)]
+    pub failover: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -355,4 +357,6 @@ pub(crate) struct ClusterLink {
     pub gateway: String,
     #[serde(default)]
     pub keep_stale: Option<String>,
+    #[serde(default)]
+    pub credentials: Option<String>,
 }

@@ -196,11 +196,24 @@ fn service(raw: raw::Service) -> Result<Service, ValidationError> {
         .circuit_breaker
         .map(|c| circuit_breaker("circuitBreaker", c))
         .transpose()?;
-    if raw.failover.len() > 16 {
+    let failover = failover_order(raw.failover)?;
+    Ok(Service {
+        name,
+        vip,
+        ports,
+        circuit_breaker,
+        exported: raw.exported,
+        failover,
+    })
+}
+
+/// A `failover` order (of a Service or a Route): at most 16 distinct cluster names.
+fn failover_order(raw: Vec<String>) -> Result<Vec<String>, ValidationError> {
+    if raw.len() > 16 {
         return Err(ValidationError::at("failover", "at most 16 clusters"));
     }
     let mut failover: Vec<String> = Vec::new();
-    for (i, cluster) in raw.failover.into_iter().enumerate() {
+    for (i, cluster) in raw.into_iter().enumerate() {
         let path = index("failover", i);
         Name::at(&path, &cluster)?;
         if failover.contains(&cluster) {
@@ -211,14 +224,7 @@ fn service(raw: raw::Service) -> Result<Service, ValidationError> {
         }
         failover.push(cluster);
     }
-    Ok(Service {
-        name,
-        vip,
-        ports,
-        circuit_breaker,
-        exported: raw.exported,
-        failover,
-    })
+    Ok(failover)
 }
 
 /// Largest threshold, count or burst accepted (a bound that still catches unit mistakes).
@@ -312,7 +318,12 @@ fn route(raw: raw::Route) -> Result<Route, ValidationError> {
         .enumerate()
         .map(|(i, r)| route_rule(&index("rules", i), r))
         .collect::<Result<_, _>>()?;
-    Ok(Route { service, rules })
+    let failover = failover_order(raw.failover)?;
+    Ok(Route {
+        service,
+        rules,
+        failover,
+    })
 }
 
 fn route_rule(path: &str, raw: raw::RouteRule) -> Result<RouteRule, ValidationError> {
@@ -1153,12 +1164,18 @@ fn cluster_link(raw: raw::ClusterLink) -> Result<ClusterLink, ValidationError> {
             "keepStale must be from 1s to 7d",
         ));
     }
+    let credentials = raw
+        .credentials
+        .as_deref()
+        .map(|c| Name::at("credentials", c))
+        .transpose()?;
     Ok(ClusterLink {
         cluster,
         registry: raw.registry,
         mesh,
         gateway,
         keep_stale,
+        credentials,
     })
 }
 

@@ -321,10 +321,14 @@ fn token_create(
     let token = BootstrapToken::generate();
     let record = TokenRecord::new(id.clone(), std::time::SystemTime::now(), ttl, uses);
     runtime()?.block_on(async {
-        let store =
-            halyard_registry::ca_store::CaStore::connect(registry, mesh, Duration::from_secs(5))
-                .await
-                .with_context(|| format!("--registry {registry:?}"))?;
+        let store = halyard_registry::ca_store::CaStore::connect(
+            registry,
+            mesh,
+            Duration::from_secs(5),
+            None,
+        )
+        .await
+        .with_context(|| format!("--registry {registry:?}"))?;
         store.create_token(&token.hash(), &record).await?;
         anyhow::Ok(())
     })?;

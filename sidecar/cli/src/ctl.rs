@@ -24,6 +24,10 @@ pub struct CtlArgs {
     /// How long to wait for the registry before giving up.
     #[arg(long, global = true, default_value = "3s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// A file holding `user:password` of the etcd user to act as (etcd RBAC), the form
+    /// `etcdctl --user` takes; kept out of the command line so the password is not in `ps`.
+    #[arg(long, global = true, env = "HALYARD_REGISTRY_CREDENTIALS")]
+    pub credentials: Option<std::path::PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub command: CtlCommand,
@@ -117,7 +121,11 @@ async fn connect(args: &CtlArgs) -> anyhow::Result<Admin> {
         .registry
         .as_deref()
         .ok_or_else(|| anyhow!("--registry URL is required (etcd://host:port or file:///dir)"))?;
-    Ok(Admin::connect(url, &args.mesh, args.timeout).await?)
+    let credentials = match &args.credentials {
+        Some(path) => Some(halyard_registry::Credentials::from_file(path)?),
+        None => None,
+    };
+    Ok(Admin::connect_as(url, &args.mesh, args.timeout, credentials.as_ref()).await?)
 }
 
 async fn apply(args: &CtlArgs, file: &Path) -> anyhow::Result<()> {

@@ -61,6 +61,11 @@ pub struct CaServerConfig {
     /// How long to wait for the registry per request.
     #[serde(default = "default_registry_timeout", with = "humantime_serde")]
     pub registry_timeout: Duration,
+    /// A file holding `user:password` of the etcd user the CA acts as (etcd RBAC: read and
+    /// write on `/halyard-ca/<mesh>/`, read on `/halyard/<mesh>/`); none connects without
+    /// authentication. Read at start.
+    #[serde(default)]
+    pub registry_credentials: Option<PathBuf>,
     /// Plain-HTTP admin listener (`/metrics`, `/healthz`, `/readyz`); none when absent. The
     /// deploy examples use `0.0.0.0:15014`.
     #[serde(default)]
@@ -94,9 +99,10 @@ impl CaServerConfig {
             message,
         };
         let mut config: CaServerConfig = crate::config::parse_toml(text, path)?;
-        if config.dir.is_relative() {
-            config.dir = path.parent().unwrap_or(Path::new(".")).join(&config.dir);
-        }
+        crate::config::anchor(
+            path.parent().unwrap_or(Path::new(".")),
+            [Some(&mut config.dir), config.registry_credentials.as_mut()],
+        );
         if config.leaf_ttl.is_zero() || config.leaf_ttl > config.max_leaf_ttl {
             return Err(field(
                 "leaf_ttl".into(),
@@ -249,17 +255,25 @@ pub async fn serve(
     started: Option<tokio::sync::oneshot::Sender<StartedCa>>,
 ) -> anyhow::Result<()> {
     let ca = MeshCa::load(&config.dir).with_context(|| format!("dir = {:?}", config.dir))?;
-    let store = CaStore::connect(&config.registry, &config.mesh, config.registry_timeout)
-        .await
-        .with_context(|| format!("registry = {:?}", config.registry))?;
-    // The deny list and the trust bundle come from the mesh's registry, watched like a sidecar
-    // watches it.
-    let registry = halyard_registry::open_with(
+    let credentials = match &config.registry_credentials {
+        Some(path) => Some(halyard_registry::Credentials::from_file(path)?),
+        None => None,
+    };
+    let store = CaStore::connect(
         &config.registry,
-        halyard_registry::Options::new(&config.mesh),
+        &config.mesh,
+        config.registry_timeout,
+        credentials.as_ref(),
     )
     .await
     .with_context(|| format!("registry = {:?}", config.registry))?;
+    // The deny list and the trust bundle come from the mesh's registry, watched like a sidecar
+    // watches it.
+    let mut opts = halyard_registry::Options::new(&config.mesh);
+    opts.credentials = credentials;
+    let registry = halyard_registry::open_with(&config.registry, opts)
+        .await
+        .with_context(|| format!("registry = {:?}", config.registry))?;
     let deny = Arc::new(DenyList::default());
     // In force before the first request; the `follow` tasks keep them current.
     deny.set(super::revoke::revoked(&registry.snapshot()));

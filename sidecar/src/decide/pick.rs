@@ -166,15 +166,25 @@ pub struct Locality {
     /// Zone name.
     pub zone: String,
     /// For the service being chosen from: the clusters to fail over to, in order, once this
-    /// cluster has no candidate (its Service's `failover`); clusters not listed come after.
+    /// cluster has no candidate (its Route's `failover`, else its Service's); clusters not
+    /// listed come after.
     pub failover: Vec<String>,
 }
 
 impl Locality {
-    /// This locality as seen for `service`: its `failover` order.
-    pub fn for_service(&self, service: Option<&halyard_registry::model::Service>) -> Locality {
+    /// This locality as seen for the service `name` of `snap`: the failover order of its Route
+    /// when that names one, else of its Service.
+    pub fn for_service(&self, snap: &halyard_registry::Snapshot, name: &str) -> Locality {
+        let route = snap.route(name).map(|r| &r.failover);
+        let failover = match route {
+            Some(order) if !order.is_empty() => order.clone(),
+            _ => snap
+                .service(name)
+                .map(|s| s.failover.clone())
+                .unwrap_or_default(),
+        };
         Locality {
-            failover: service.map(|s| s.failover.clone()).unwrap_or_default(),
+            failover,
             ..self.clone()
         }
     }
@@ -398,7 +408,7 @@ impl EndpointIndex {
             .iter()
             .map(|(service, eps)| {
                 let endpoints: Vec<Arc<Endpoint>> = eps.values().cloned().collect();
-                let here = here.for_service(snap.service(service).map(|s| &**s));
+                let here = here.for_service(snap, service);
                 let by_id = (endpoints.iter().enumerate())
                     .map(|(i, e)| (e.id.clone(), i as u32))
                     .collect();
@@ -629,6 +639,38 @@ mod tests {
             zone: "z".into(),
             failover: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_routes_failover_order_replaces_its_services() {
+        let objects = |yaml: &str| {
+            Snapshot::of_objects(
+                halyard_registry::Origin::Live,
+                halyard_registry::model::parse_documents("test", yaml).unwrap(),
+            )
+        };
+        let service =
+            "kind: Service\nname: svc\nfailover: [b, x]\nports: [{ port: 80, protocol: tcp }]\n";
+        let route = |order: &str| {
+            format!("---\nkind: Route\nservice: svc\nfailover: {order}\nrules: [{{ backends: [{{ weight: 1 }}] }}]\n")
+        };
+        let order = |snap: &Snapshot| here().for_service(snap, "svc").failover;
+        assert_eq!(order(&objects(service)), ["b", "x"]);
+        assert_eq!(
+            order(&objects(&(service.to_owned() + &route("[x, c2]")))),
+            ["x", "c2"]
+        );
+        // An empty order on the route leaves the Service's in force.
+        assert_eq!(
+            order(&objects(&(service.to_owned() + &route("[]")))),
+            ["b", "x"]
+        );
+        let only_route = route("[c2]");
+        assert_eq!(order(&objects(&only_route[4..])), ["c2"]);
+        assert!(order(&objects(
+            "kind: Service\nname: other\nports: [{ port: 80, protocol: tcp }]\n"
+        ))
+        .is_empty());
     }
 
     #[test]
@@ -924,6 +966,15 @@ mod indexed {
             let subset = yaml_labels(d.pick(&SUBSETS));
             yaml += &format!("    mirror: {{ subset: {subset}, percent: 10 }}\n");
         }
+        // A third of the routes name a failover order of their own (replacing the Service's).
+        if d.below(3) == 0 {
+            let order = d.pick(&["[c]", "[e, d]", "[d, c]"]);
+            yaml = yaml.replacen(
+                "service: svc\n",
+                &format!("service: svc\nfailover: {order}\n"),
+                1,
+            );
+        }
         match parse_documents("test", &yaml).unwrap().pop() {
             Some(Object::Route(r)) => r,
             other => panic!("not a route: {other:?}"),
@@ -1020,7 +1071,7 @@ mod indexed {
                 c.load[&e.id]
             }
         };
-        let here = c.here.for_service(c.snap.service("svc").map(|s| &**s));
+        let here = c.here.for_service(&c.snap, "svc");
         choose(&pool, scope, &load, &here, samples)
             .map(|e| e.id.clone())
             .ok_or(PickError::NoHealthy)
