@@ -64,6 +64,10 @@ impl Route {
     ];
 }
 
+/// `max_concurrent_bidi_streams` of the lab's sidecars unless a scenario asks for more: the
+/// product's default.
+const DEFAULT_MAX_STREAMS: u64 = 1024;
+
 /// HTTP response the server app sends: 100-byte body.
 pub const HTTP_RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ncontent-type: text/plain\r\n\r\n0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789";
 
@@ -76,6 +80,9 @@ pub struct Lab {
     congestion: String,
     /// `workers` of both Halyard sidecars.
     workers: usize,
+    /// `[transport] max_concurrent_bidi_streams` of both Halyard sidecars: the product's
+    /// default, except where a scenario holds more flows on one connection (scale).
+    max_streams: u64,
     /// The client sidecar reaches the server through an east-west gateway in namespace b
     /// (its own registry names the server's endpoint with `gateway`), as from another cluster.
     via_gateway: bool,
@@ -90,8 +97,20 @@ impl Lab {
         Lab::up_on(Pair::veth(prefix, net)?)
     }
 
+    /// [`Lab::up`] with sidecars allowing `max_streams` requests in progress per connection
+    /// (quinn sets up a slot per stream the peer may open when a connection starts, so a large
+    /// limit makes every handshake slower: only scenarios that need it raise it).
+    pub fn up_with_streams(prefix: &str, net: u8, max_streams: u64) -> anyhow::Result<Lab> {
+        crate::setup::check_stunnel()?;
+        Lab::up_on_with(Pair::veth(prefix, net)?, max_streams)
+    }
+
     /// [`Lab::up`] on namespaces the caller has already joined.
     pub fn up_on(pair: Pair) -> anyhow::Result<Lab> {
+        Lab::up_on_with(pair, DEFAULT_MAX_STREAMS)
+    }
+
+    fn up_on_with(pair: Pair, max_streams: u64) -> anyhow::Result<Lab> {
         let halyard = halyard_bin()?;
         crate::setup::check_stunnel()?;
         let dir = tempfile::tempdir()?;
@@ -105,6 +124,7 @@ impl Lab {
             procs: Vec::new(),
             congestion: "bbr".to_owned(),
             workers: 1,
+            max_streams,
             via_gateway: false,
             stop,
             _apps: apps,
@@ -351,8 +371,8 @@ impl Lab {
         // fd limit among the four upstream listeners.
         t += "[limits]\nmax_connections_per_listener = 15000\n";
         t += &format!(
-            "[transport]\nmax_concurrent_bidi_streams = 20000\ncongestion = \"{}\"\n",
-            self.congestion
+            "[transport]\nmax_concurrent_bidi_streams = {}\ncongestion = \"{}\"\n",
+            self.max_streams, self.congestion
         );
         if ns_b {
             // The east-west gateway of `restart_halyard_via_gateway` runs beside it.

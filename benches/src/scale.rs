@@ -60,7 +60,8 @@ pub fn main() -> anyhow::Result<()> {
     let nofile = crate::setup::raise_nofile()?;
     let mut idle = Vec::new();
     {
-        let lab = Lab::up("hb5", 5)?;
+        // 10,000 flows on one peer connection: room for them all.
+        let lab = Lab::up_with_streams("hb5", 5, 20_000)?;
         for route in [Route::HalyardL4, Route::H2Tunnel, Route::Stunnel] {
             match idle_flows(&lab, route) {
                 Ok(row) => idle.push(row),
