@@ -86,6 +86,9 @@ enum CaCommand {
         /// Mesh name.
         #[arg(long, global = true, default_value = "default")]
         mesh: String,
+        /// A file holding `user:password` of the etcd user to act as (etcd RBAC).
+        #[arg(long, global = true, env = "HALYARD_REGISTRY_CREDENTIALS")]
+        credentials: Option<PathBuf>,
     },
 }
 
@@ -135,6 +138,9 @@ enum TokenCommand {
         /// Write the token to this file (0600) instead of stdout.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// A file holding `user:password` of the etcd user to act as (etcd RBAC).
+        #[arg(long, env = "HALYARD_REGISTRY_CREDENTIALS")]
+        credentials: Option<PathBuf>,
     },
 }
 
@@ -164,26 +170,55 @@ pub fn run(args: CaArgs) -> anyhow::Result<()> {
                     registry,
                     mesh,
                     out,
+                    credentials,
                 },
-        } => token_create(&id, &ttl, uses, &registry, &mesh, out.as_deref()),
+        } => {
+            let credentials = crate::ctl::credentials(credentials.as_deref())?;
+            let at = Registry {
+                url: &registry,
+                mesh: &mesh,
+                credentials: credentials.as_ref(),
+            };
+            token_create(&id, &ttl, uses, &at, out.as_deref())
+        }
         CaCommand::Rotate {
             step,
             registry,
             mesh,
+            credentials,
         } => {
             let registry = registry.context("--registry is required")?;
-            runtime()?.block_on(rotate(step, &registry, &mesh))
+            let credentials = crate::ctl::credentials(credentials.as_deref())?;
+            let at = Registry {
+                url: &registry,
+                mesh: &mesh,
+                credentials: credentials.as_ref(),
+            };
+            runtime()?.block_on(rotate(step, &at))
         }
     }
 }
 
+/// The registry a `halyard ca` command works on.
+struct Registry<'a> {
+    url: &'a str,
+    mesh: &'a str,
+    credentials: Option<&'a halyard_registry::Credentials>,
+}
+
 /// Reads the registry's TrustBundle (if any), applies `step`, writes it back.
-async fn rotate(step: RotateStep, registry: &str, mesh: &str) -> anyhow::Result<()> {
+async fn rotate(step: RotateStep, at: &Registry<'_>) -> anyhow::Result<()> {
     use halyard_certs::TrustBundle;
     use halyard_registry::model::{Kind, Object};
-    let admin = halyard_registry::admin::Admin::connect(registry, mesh, Duration::from_secs(5))
-        .await
-        .with_context(|| format!("--registry {registry:?}"))?;
+    let registry = at.url;
+    let admin = halyard_registry::admin::Admin::connect_as(
+        registry,
+        at.mesh,
+        Duration::from_secs(5),
+        at.credentials,
+    )
+    .await
+    .with_context(|| format!("--registry {registry:?}"))?;
     let stored = admin.list(Kind::TrustBundle).await?;
     let in_force = match stored.into_iter().next().map(|s| s.object) {
         Some(Ok(Object::TrustBundle(t))) => Some(TrustBundle::from_pem(&t.roots)?),
@@ -310,10 +345,10 @@ fn token_create(
     id: &str,
     ttl: &str,
     uses: u32,
-    registry: &str,
-    mesh: &str,
+    at: &Registry<'_>,
     out: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
+    let registry = at.url;
     use halyard_certs::enroll::{BootstrapToken, TokenRecord};
     let id = SpiffeId::parse(id).with_context(|| format!("--id {id:?}"))?;
     let ttl = parse_ttl(ttl)?;
@@ -323,9 +358,9 @@ fn token_create(
     runtime()?.block_on(async {
         let store = halyard_registry::ca_store::CaStore::connect(
             registry,
-            mesh,
+            at.mesh,
             Duration::from_secs(5),
-            None,
+            at.credentials,
         )
         .await
         .with_context(|| format!("--registry {registry:?}"))?;

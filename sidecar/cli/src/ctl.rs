@@ -121,11 +121,17 @@ async fn connect(args: &CtlArgs) -> anyhow::Result<Admin> {
         .registry
         .as_deref()
         .ok_or_else(|| anyhow!("--registry URL is required (etcd://host:port or file:///dir)"))?;
-    let credentials = match &args.credentials {
-        Some(path) => Some(halyard_registry::Credentials::from_file(path)?),
-        None => None,
-    };
+    let credentials = credentials(args.credentials.as_deref())?;
     Ok(Admin::connect_as(url, &args.mesh, args.timeout, credentials.as_ref()).await?)
+}
+
+/// The etcd user of a `--credentials FILE` (`user:password`), if given.
+pub(crate) fn credentials(
+    path: Option<&std::path::Path>,
+) -> anyhow::Result<Option<halyard_registry::Credentials>> {
+    Ok(path
+        .map(halyard_registry::Credentials::from_file)
+        .transpose()?)
 }
 
 async fn apply(args: &CtlArgs, file: &Path) -> anyhow::Result<()> {

@@ -257,3 +257,75 @@ fn ctl_says_why_when_etcd_lost_quorum() {
     let out = ok(&ctl(Some(&url), &["apply", "-f", &f]));
     assert!(out.contains("reviews"), "{out}");
 }
+
+/// An etcd that requires authentication: `ctl` and `ca token create` act as the user in
+/// `--credentials FILE` (or `HALYARD_REGISTRY_CREDENTIALS`); a wrong password, none at all, or
+/// a read-only user writing each fail with one line that says what to change, writing nothing.
+#[test]
+fn ctl_and_ca_token_act_as_the_etcd_user_of_a_credentials_file() {
+    let mut etcd = EtcdServer::start();
+    etcd.enable_auth("rootpw");
+    etcd.add_user("operator", "op:pw", "readwrite", "/halyard/default/");
+    etcd.add_user("viewer", "v-pw", "read", "/halyard/default/");
+    etcd.etcdctl_ok(&[
+        "role",
+        "grant-permission",
+        "operator",
+        "readwrite",
+        "--prefix=true",
+        "/halyard-ca/default/",
+    ]);
+    let tmp = tempfile::tempdir().unwrap();
+    let objects = file(tmp.path(), "mesh.yaml", GOOD);
+    let operator = file(tmp.path(), "operator", "operator:op:pw\n");
+    let viewer = file(tmp.path(), "viewer", "viewer:v-pw\n");
+    let wrong = file(tmp.path(), "wrong", "operator:nope\n");
+    let url = etcd.url();
+    let reg = Some(url.as_str());
+
+    ok(&ctl(
+        reg,
+        &["--credentials", &operator, "apply", "-f", &objects],
+    ));
+    let listed = ok(&ctl(reg, &["--credentials", &viewer, "get", "services"]));
+    assert!(listed.contains("reviews"), "{listed}");
+
+    let denied = err(&ctl(
+        reg,
+        &["--credentials", &viewer, "delete", "services", "reviews"],
+    ));
+    assert!(denied.contains("denied user \"viewer\""), "{denied}");
+    let refused = err(&ctl(reg, &["--credentials", &wrong, "get", "services"]));
+    assert!(refused.contains("wrong user name or password"), "{refused}");
+    let anonymous = err(&ctl(reg, &["get", "services"]));
+    assert!(anonymous.contains("requires authentication"), "{anonymous}");
+    assert!(
+        !format!("{denied}{refused}{anonymous}").contains("op:pw"),
+        "a password in an error"
+    );
+    assert!(etcd
+        .etcdctl_ok(&["get", "/halyard/default/services/reviews"])
+        .contains("reviews"));
+
+    // The environment variable names the file too; `ca token create` uses it.
+    let token = Command::new(env!("CARGO_BIN_EXE_halyard"))
+        .args([
+            "ca",
+            "token",
+            "create",
+            "--id",
+            "spiffe://mesh.local/ns/default/sa/reviews",
+        ])
+        .args(["--registry", &url])
+        .env("HALYARD_REGISTRY_CREDENTIALS", &operator)
+        .output()
+        .unwrap();
+    ok(&token);
+    let stored = etcd.etcdctl_ok(&[
+        "get",
+        "--prefix",
+        "--keys-only",
+        "/halyard-ca/default/tokens/",
+    ]);
+    assert!(!stored.trim().is_empty(), "no token record written");
+}
