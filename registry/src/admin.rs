@@ -53,22 +53,23 @@ pub struct EtcdConn(Etcd);
 impl Admin {
     /// Opens `url` for `mesh`; etcd requests give up after `timeout`.
     pub async fn connect(url: &str, mesh: &str, timeout: Duration) -> Result<Admin, RegistryError> {
-        Self::connect_as(url, mesh, timeout, None).await
+        Self::connect_as(url, mesh, timeout, &crate::Access::default()).await
     }
 
-    /// [`Admin::connect`] as an etcd user (etcd RBAC); the directory backend ignores
-    /// `credentials`. Errors: [`RegistryError::Unauthenticated`] for refused credentials.
+    /// [`Admin::connect`] with `access` (an etcd user, TLS for `etcds://`); the directory
+    /// backend ignores it. Errors: [`RegistryError::Unauthenticated`] for refused credentials,
+    /// [`RegistryError::BadUrl`] for TLS settings that do not fit the URL.
     pub async fn connect_as(
         url: &str,
         mesh: &str,
         timeout: Duration,
-        credentials: Option<&crate::Credentials>,
+        access: &crate::Access,
     ) -> Result<Admin, RegistryError> {
         check_mesh(mesh)?;
         let mesh = mesh.to_owned();
         match RegistryUrl::parse(url)? {
             RegistryUrl::Etcd(eps) => {
-                let etcd = Etcd::connect(&eps, timeout, credentials).await?;
+                let etcd = Etcd::connect(&eps, timeout, access).await?;
                 let mut maint = etcd.client.maintenance_client();
                 etcd.call(maint.status()).await?;
                 Ok(Admin::Etcd {

@@ -62,19 +62,19 @@ impl std::fmt::Debug for CaStore {
 }
 
 impl CaStore {
-    /// Opens the CA's state of `mesh` in the registry at `url`, as the etcd user `credentials`
-    /// names (etcd RBAC; none: without authentication; the directory backend ignores it); etcd
-    /// requests give up after `timeout`.
+    /// Opens the CA's state of `mesh` in the registry at `url` with `access` (an etcd user,
+    /// TLS for `etcds://`; the directory backend ignores it); etcd requests give up after
+    /// `timeout`.
     pub async fn connect(
         url: &str,
         mesh: &str,
         timeout: Duration,
-        credentials: Option<&crate::Credentials>,
+        access: &crate::Access,
     ) -> Result<Self, RegistryError> {
         check_mesh(mesh)?;
         let backend = match RegistryUrl::parse(url)? {
             RegistryUrl::Etcd(eps) => Backend::Etcd {
-                etcd: Box::new(Etcd::connect(&eps, timeout, credentials).await?),
+                etcd: Box::new(Etcd::connect(&eps, timeout, access).await?),
                 prefix: format!("/halyard-ca/{mesh}/tokens/"),
             },
             RegistryUrl::Dir(root) => {

@@ -64,14 +64,7 @@ impl Credentials {
             path: path.display().to_string(),
             reason,
         };
-        let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
-        if !meta.is_file() {
-            return Err(bad("not a regular file".into()));
-        }
-        if meta.len() > MAX_FILE {
-            return Err(bad(format!("larger than {MAX_FILE} bytes")));
-        }
-        let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+        let bytes = read_bounded(path, MAX_FILE)?;
         let text = String::from_utf8(bytes).map_err(|_| bad("not UTF-8 text".into()))?;
         Self::parse(&text).map_err(bad)
     }
@@ -93,6 +86,89 @@ impl fmt::Debug for Credentials {
             .field("password", &"<redacted>")
             .finish()
     }
+}
+
+/// How a client reaches etcd: the user it authenticates as and the TLS settings of an
+/// `etcds://` URL. `Default`: neither (plain `etcd://`, no authentication).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Access {
+    /// The etcd user (etcd RBAC), if any.
+    pub credentials: Option<Credentials>,
+    /// TLS for `etcds://` URLs; required by them and refused with `etcd://`.
+    pub tls: Option<EtcdTls>,
+}
+
+/// TLS towards etcd (etcd's `--cert-file`/`--trusted-ca-file` setup, "Transport security" in
+/// the etcd docs): the CA that signed etcd's serving certificate and, for etcd's
+/// `--client-cert-auth`, this client's certificate and key. PEM bytes as read; checked when
+/// the client connects. The key is never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EtcdTls {
+    pub(crate) ca: Vec<u8>,
+    pub(crate) identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl EtcdTls {
+    /// Reads the CA file and, when given, the client certificate and key files (both or
+    /// neither). Errors name the file: missing, unreadable, larger than 1 MiB, or holding no
+    /// PEM block of the expected kind.
+    pub fn from_files(ca: &Path, client: Option<(&Path, &Path)>) -> Result<Self, RegistryError> {
+        let ca = read_pem(ca, "CERTIFICATE")?;
+        let identity = match client {
+            Some((cert, key)) => Some((
+                read_pem(cert, "CERTIFICATE")?,
+                read_pem(key, "PRIVATE KEY")?,
+            )),
+            None => None,
+        };
+        Ok(EtcdTls { ca, identity })
+    }
+}
+
+impl fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdTls")
+            .field("ca_bytes", &self.ca.len())
+            .field("client_certificate", &self.identity.is_some())
+            .finish()
+    }
+}
+
+/// Longest PEM file read, in bytes.
+const MAX_PEM: u64 = 1 << 20;
+
+/// The bytes of `path`, which must hold a PEM block whose label ends with `label`.
+fn read_pem(path: &Path, label: &str) -> Result<Vec<u8>, RegistryError> {
+    let bytes = read_bounded(path, MAX_PEM)?;
+    let text = String::from_utf8_lossy(&bytes);
+    let found = text.lines().any(|l| {
+        l.strip_prefix("-----BEGIN ")
+            .and_then(|l| l.strip_suffix("-----"))
+            .is_some_and(|l| l.ends_with(label))
+    });
+    if !found {
+        return Err(RegistryError::Credentials {
+            path: path.display().to_string(),
+            reason: format!("no PEM block \"{label}\" in it"),
+        });
+    }
+    Ok(bytes)
+}
+
+/// The bytes of the regular file `path`, at most `max` of them; errors name the file.
+fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, RegistryError> {
+    let bad = |reason: String| RegistryError::Credentials {
+        path: path.display().to_string(),
+        reason,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(bad("not a regular file".into()));
+    }
+    if meta.len() > max {
+        return Err(bad(format!("larger than {max} bytes")));
+    }
+    std::fs::read(path).map_err(|e| bad(e.to_string()))
 }
 
 #[cfg(test)]
@@ -130,6 +206,38 @@ mod tests {
             shown.contains("reader") && !shown.contains("hunter2"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn tls_files_must_hold_the_pem_they_stand_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("ca.pem");
+        let key = dir.path().join("key.pem");
+        std::fs::write(
+            &cert,
+            "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        std::fs::write(
+            &key,
+            "-----BEGIN PRIVATE KEY-----\nAA==\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let tls = EtcdTls::from_files(&cert, Some((&cert, &key))).unwrap();
+        assert!(!format!("{tls:?}").contains("PRIVATE"), "{tls:?}");
+        let err = EtcdTls::from_files(&key, None).unwrap_err().to_string();
+        assert!(
+            err.contains("key.pem") && err.contains("CERTIFICATE"),
+            "{err}"
+        );
+        let err = EtcdTls::from_files(&cert, Some((&cert, &cert)))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("PRIVATE KEY"), "{err}");
+        let err = EtcdTls::from_files(&dir.path().join("none"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("none"), "{err}");
     }
 
     #[test]

@@ -59,7 +59,7 @@ impl std::error::Error for ValidationError {}
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     /// The registry URL is not `etcd://host:port[,host:port...]` or `file://DIR`.
-    #[error("bad registry url {url:?}: {reason} (expected etcd://host:port[,host:port...] or file:///dir)")]
+    #[error("bad registry url {url:?}: {reason} (expected etcd://host:port[,host:port...], etcds://host:port[,...] or file:///dir)")]
     BadUrl {
         /// The URL as given.
         url: String,

@@ -18,7 +18,7 @@ use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions, WatchOptions};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::credentials::Credentials;
+use crate::credentials::{Access, EtcdTls};
 use crate::error::RegistryError;
 use crate::key::mesh_prefix;
 use crate::model::{Endpoint, Object, Status};
@@ -40,26 +40,51 @@ pub(crate) struct Etcd {
 
 impl Etcd {
     /// Creates the client. Connections are made lazily; the first request finds out whether
-    /// etcd is there, bounded by `timeout`. With `credentials` the client authenticates first
-    /// (etcd `Authenticate`), sends the token with every request, and authenticates again when
-    /// etcd says the token expired (simple tokens live `--auth-token-ttl`, 5 minutes by default,
-    /// and none survives an etcd restart).
+    /// etcd is there, bounded by `timeout`. With `access.credentials` the client authenticates
+    /// first (etcd `Authenticate`), sends the token with every request, and authenticates again
+    /// when etcd says the token expired (simple tokens live `--auth-token-ttl`, 5 minutes by
+    /// default, and none survives an etcd restart). `https://` endpoints (an `etcds://` URL)
+    /// need `access.tls` (the CA of etcd's certificate, and a client certificate for etcd's
+    /// `--client-cert-auth`); `http://` ones refuse it, so TLS settings never silently go
+    /// unused.
     pub async fn connect(
         endpoints: &[String],
         timeout: Duration,
-        credentials: Option<&Credentials>,
+        access: &Access,
     ) -> Result<Self, RegistryError> {
+        let joined = endpoints.join(",");
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(timeout)
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
             .with_require_leader(true);
+        let secure = endpoints.iter().any(|e| e.starts_with("https://"));
+        match (&access.tls, secure) {
+            (Some(tls), true) => opts = opts.with_tls(tls_options(tls)),
+            (None, true) => {
+                return Err(RegistryError::BadUrl {
+                    url: joined,
+                    reason: "an etcds:// registry needs TLS settings: the CA file of etcd's \
+                             certificate (and a client certificate if etcd asks for one)"
+                        .into(),
+                })
+            }
+            (Some(_), false) => {
+                return Err(RegistryError::BadUrl {
+                    url: joined,
+                    reason: "TLS settings were given for a plain etcd:// registry: \
+                             use etcds:// (or drop the TLS settings)"
+                        .into(),
+                })
+            }
+            (None, false) => {}
+        }
+        let credentials = access.credentials.as_ref();
         if let Some(c) = credentials {
             opts = opts
                 .with_user(c.user(), c.password())
                 .with_auto_token_refresh(true);
         }
         let user = credentials.map(|c| c.user().to_owned());
-        let joined = endpoints.join(",");
         // The client spreads requests over every endpoint given, dead members included, and a
         // request sent to a dead one fails: with one member of three down, half of them did.
         // Start with the members that answer (all of them if none does).
@@ -238,6 +263,16 @@ fn auth_error(
     None
 }
 
+/// etcd-client's TLS options for `tls`: its CA as the only root, its client identity if any.
+fn tls_options(tls: &EtcdTls) -> etcd_client::TlsOptions {
+    let mut options =
+        etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(&tls.ca));
+    if let Some((cert, key)) = &tls.identity {
+        options = options.identity(etcd_client::Identity::from_pem(cert, key));
+    }
+    options
+}
+
 /// gRPC status code PERMISSION_DENIED.
 const GRPC_PERMISSION_DENIED: i32 = 7;
 /// gRPC status code UNAVAILABLE: the server is not there (or has no leader).
@@ -261,7 +296,7 @@ pub(crate) struct EtcdRegistry {
 
 impl EtcdRegistry {
     pub async fn open(endpoints: Vec<String>, opts: Options) -> Result<Self, RegistryError> {
-        let etcd = Etcd::connect(&endpoints, opts.timeout, opts.credentials.as_ref()).await?;
+        let etcd = Etcd::connect(&endpoints, opts.timeout, &opts.access).await?;
         let prefix = mesh_prefix(&opts.mesh);
         let mesh = opts.mesh.clone();
         let (shared, persisted) = Shared::new(opts);

@@ -55,7 +55,7 @@ mod store;
 #[cfg(feature = "test-util")]
 pub mod test_util;
 
-pub use credentials::Credentials;
+pub use credentials::{Access, Credentials, EtcdTls};
 pub use error::{RegistryError, ValidationError};
 pub use key::{mesh_prefix, Key};
 pub use model::{Kind, Object};

@@ -52,9 +52,9 @@ pub struct Options {
     pub lease_ttl: Duration,
     /// How long to wait for etcd when connecting and for each request.
     pub timeout: Duration,
-    /// The etcd user to authenticate as (etcd RBAC); `None` connects without authentication.
-    /// The directory backend ignores it.
-    pub credentials: Option<crate::Credentials>,
+    /// How to reach etcd: the user to authenticate as (etcd RBAC) and the TLS settings an
+    /// `etcds://` URL needs. Default: neither. The directory backend ignores it.
+    pub access: crate::Access,
 }
 
 impl Options {
@@ -66,7 +66,7 @@ impl Options {
             sidecar_id: None,
             lease_ttl: Duration::from_secs(10),
             timeout: Duration::from_secs(3),
-            credentials: None,
+            access: crate::Access::default(),
         }
     }
 }
@@ -74,14 +74,15 @@ impl Options {
 /// A parsed registry URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RegistryUrl {
-    /// `etcd://host:port[,host:port...]`, as `http://host:port` endpoints.
+    /// `etcd://host:port[,host:port...]`, as `http://host:port` endpoints, or
+    /// `etcds://host:port[,...]` (TLS), as `https://host:port` endpoints.
     Etcd(Vec<String>),
     /// `file://DIR`.
     Dir(PathBuf),
 }
 
 impl RegistryUrl {
-    /// Parses `etcd://host:port[,host:port...]` or `file://DIR`.
+    /// Parses `etcd://host:port[,host:port...]`, `etcds://host:port[,...]` or `file://DIR`.
     pub fn parse(url: &str) -> Result<Self, RegistryError> {
         let bad = |reason: &str| RegistryError::BadUrl {
             url: url.to_owned(),
@@ -93,9 +94,11 @@ impl RegistryUrl {
             }
             return Ok(RegistryUrl::Dir(PathBuf::from(dir)));
         }
-        let hosts = url
-            .strip_prefix("etcd://")
-            .ok_or_else(|| bad("unknown scheme"))?;
+        let (scheme, hosts) = match (url.strip_prefix("etcd://"), url.strip_prefix("etcds://")) {
+            (Some(hosts), _) => ("http", hosts),
+            (_, Some(hosts)) => ("https", hosts),
+            _ => return Err(bad("unknown scheme")),
+        };
         let eps: Vec<String> = hosts
             .trim_end_matches('/')
             .split(',')
@@ -108,7 +111,7 @@ impl RegistryUrl {
             }
         }
         Ok(RegistryUrl::Etcd(
-            eps.into_iter().map(|e| format!("http://{e}")).collect(),
+            eps.into_iter().map(|e| format!("{scheme}://{e}")).collect(),
         ))
     }
 }
@@ -400,6 +403,10 @@ mod tests {
             RegistryUrl::Etcd(vec!["http://127.0.0.1:2379".into(), "http://h:1".into()])
         );
         assert_eq!(
+            RegistryUrl::parse("etcds://10.0.0.1:2379").unwrap(),
+            RegistryUrl::Etcd(vec!["https://10.0.0.1:2379".into()])
+        );
+        assert_eq!(
             RegistryUrl::parse("file:///var/x").unwrap(),
             RegistryUrl::Dir("/var/x".into())
         );
@@ -410,6 +417,8 @@ mod tests {
             "http://h:1",
             "file://",
             "etcd://:1",
+            "etcds://",
+            "etcds://h",
         ] {
             assert!(RegistryUrl::parse(bad).is_err(), "{bad}");
         }

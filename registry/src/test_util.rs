@@ -25,6 +25,72 @@ pub struct EtcdServer {
     flags: Vec<String>,
     /// `root:password` once [`EtcdServer::enable_auth`] ran; `etcdctl` then uses it.
     root: Option<String>,
+    /// Serving over TLS with these files ([`EtcdServer::start_tls`]).
+    tls: Option<TlsFiles>,
+}
+
+/// The files of an etcd served over TLS with client certificates required: a CA, etcd's
+/// certificate for 127.0.0.1 and a client certificate, all signed by that CA (ECDSA P-256).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The CA certificate (PEM).
+    pub ca: PathBuf,
+    /// etcd's serving certificate and key.
+    pub server_cert: PathBuf,
+    /// etcd's serving key.
+    pub server_key: PathBuf,
+    /// A client certificate (CN `halyard`) and its key.
+    pub client_cert: PathBuf,
+    /// The client key.
+    pub client_key: PathBuf,
+    /// A second CA, unrelated to etcd's (for refusal tests).
+    pub other_ca: PathBuf,
+}
+
+impl TlsFiles {
+    fn create(dir: &std::path::Path) -> TlsFiles {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+        let key = || must(KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256), "key");
+        let ca = |name: &str| {
+            let mut params = must(CertificateParams::new(Vec::<String>::new()), "ca params");
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, name);
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            let k = key();
+            let cert = must(params.self_signed(&k), "ca cert");
+            (cert.pem(), Issuer::new(params, k))
+        };
+        let (ca_pem, issuer) = ca("test etcd CA");
+        let (other_pem, _) = ca("another CA");
+        let leaf = |cn: &str, ip: bool| {
+            let mut params = must(CertificateParams::new(Vec::<String>::new()), "leaf params");
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, cn);
+            if ip {
+                params.subject_alt_names = vec![SanType::IpAddress([127, 0, 0, 1].into())];
+            }
+            let k = key();
+            let cert = must(params.signed_by(&k, &issuer), "leaf cert");
+            (cert.pem(), k.serialize_pem())
+        };
+        let (server_pem, server_key) = leaf("etcd", true);
+        let (client_pem, client_key) = leaf("halyard", false);
+        let write = |name: &str, text: &str| {
+            let p = dir.join(name);
+            must(std::fs::write(&p, text), "write a TLS file");
+            p
+        };
+        TlsFiles {
+            ca: write("ca.pem", &ca_pem),
+            server_cert: write("server.pem", &server_pem),
+            server_key: write("server.key", &server_key),
+            client_cert: write("client.pem", &client_pem),
+            client_key: write("client.key", &client_key),
+            other_ca: write("other-ca.pem", &other_pem),
+        }
+    }
 }
 
 fn free_port() -> u16 {
@@ -49,10 +115,26 @@ impl EtcdServer {
     /// Starts etcd on `host` with extra flags (for example `--auth-token-ttl=2`), kept across
     /// [`EtcdServer::restart`].
     pub fn start_with(host: std::net::IpAddr, flags: &[&str]) -> EtcdServer {
+        Self::start_full(host, flags, false)
+    }
+
+    /// Starts etcd on 127.0.0.1 serving clients over TLS and requiring a client certificate
+    /// (`--client-cert-auth`) signed by its CA; see [`EtcdServer::tls`] for the files.
+    pub fn start_tls() -> EtcdServer {
+        Self::start_full(std::net::IpAddr::from([127, 0, 0, 1]), &[], true)
+    }
+
+    /// The TLS files of an etcd from [`EtcdServer::start_tls`].
+    pub fn tls(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref()
+    }
+
+    fn start_full(host: std::net::IpAddr, flags: &[&str], tls: bool) -> EtcdServer {
         let dir = match tempfile::tempdir() {
             Ok(d) => d,
             Err(e) => panic!("cannot create a temp dir: {e}"),
         };
+        let tls = tls.then(|| TlsFiles::create(dir.path()));
         let mut server = EtcdServer {
             child: None,
             dir,
@@ -61,6 +143,7 @@ impl EtcdServer {
             peer_port: 0,
             flags: flags.iter().map(|f| (*f).to_owned()).collect(),
             root: None,
+            tls,
         };
         for _ in 0..5 {
             server.client_port = free_port();
@@ -83,7 +166,8 @@ impl EtcdServer {
 
     /// Spawns etcd and waits for health; false if it exited or never became healthy.
     fn spawn(&mut self) -> bool {
-        let client = format!("http://{}", self.endpoint());
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://{}", self.endpoint());
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -95,6 +179,7 @@ impl EtcdServer {
         };
         let child = etcd_command("t", &self.data_dir(), &client, &peer, &format!("t={peer}"))
             .args(&self.flags)
+            .args(self.tls_flags())
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
@@ -125,7 +210,31 @@ impl EtcdServer {
     }
 
     fn healthy(&self) -> bool {
+        if self.tls.is_some() {
+            return self
+                .etcdctl(&["endpoint", "health", "--command-timeout=1s"])
+                .status
+                .success();
+        }
         healthy_at(std::net::SocketAddr::new(self.host, self.client_port))
+    }
+
+    /// etcd's flags for serving clients over TLS with client certificates required.
+    fn tls_flags(&self) -> Vec<std::ffi::OsString> {
+        let Some(t) = &self.tls else {
+            return Vec::new();
+        };
+        let mut out: Vec<std::ffi::OsString> = Vec::new();
+        for (flag, path) in [
+            ("--cert-file", &t.server_cert),
+            ("--key-file", &t.server_key),
+            ("--trusted-ca-file", &t.ca),
+        ] {
+            out.push(flag.into());
+            out.push(path.into());
+        }
+        out.push("--client-cert-auth".into());
+        out
     }
 
     /// `host:port` of the client URL.
@@ -133,9 +242,10 @@ impl EtcdServer {
         std::net::SocketAddr::new(self.host, self.client_port).to_string()
     }
 
-    /// The registry URL, `etcd://HOST:PORT`.
+    /// The registry URL, `etcd://HOST:PORT` (`etcds://` when serving over TLS).
     pub fn url(&self) -> String {
-        format!("etcd://{}", self.endpoint())
+        let scheme = if self.tls.is_some() { "etcds" } else { "etcd" };
+        format!("{scheme}://{}", self.endpoint())
     }
 
     /// Kills etcd (SIGKILL) and waits for it to exit. The data dir stays.
@@ -186,8 +296,17 @@ impl EtcdServer {
     /// Runs `etcdctl` (API v3) against this server (as root once authentication is on).
     pub fn etcdctl(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new("etcdctl");
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         cmd.env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", self.endpoint()));
+            .arg(format!("--endpoints={scheme}://{}", self.endpoint()));
+        if let Some(t) = &self.tls {
+            cmd.arg("--cacert")
+                .arg(&t.ca)
+                .arg("--cert")
+                .arg(&t.client_cert)
+                .arg("--key")
+                .arg(&t.client_key);
+        }
         if let Some(root) = &self.root {
             cmd.arg(format!("--user={root}"));
         }

@@ -474,7 +474,7 @@ async fn an_etcd_user_with_read_permission_follows_the_mesh_through_token_expiry
     put(&etcd, "services/a", &service("a", 80));
 
     let mut o = opts();
-    o.credentials = Some(Credentials::new("reader", "r3ad:er").unwrap());
+    o.access.credentials = Some(Credentials::new("reader", "r3ad:er").unwrap());
     let reg = open(&etcd.url(), o).await;
     let mut rx = reg.watch();
     until(&mut rx, "the listing as reader", |s| {
@@ -508,7 +508,7 @@ async fn an_etcd_user_with_read_permission_follows_the_mesh_through_token_expiry
         let url = etcd.url();
         async move {
             let mut o = opts();
-            o.credentials = creds;
+            o.access.credentials = creds;
             o.timeout = Duration::from_secs(2);
             match open_with(&url, o).await {
                 Err(e) => e,
@@ -534,4 +534,91 @@ async fn an_etcd_user_with_read_permission_follows_the_mesh_through_token_expiry
             && elsewhere.to_string().contains("\"elsewhere\""),
         "{elsewhere}"
     );
+}
+
+/// An etcd serving over TLS that requires client certificates (`etcds://`): with its CA and a
+/// client certificate the registry lists and watches; the wrong CA, no client certificate, or
+/// TLS settings that do not fit the URL are each refused with a message naming the cause.
+#[tokio::test]
+async fn an_etcds_registry_is_reached_over_tls_with_a_client_certificate() {
+    use halyard_registry::{Access, EtcdTls};
+    let etcd = tokio::task::spawn_blocking(EtcdServer::start_tls)
+        .await
+        .unwrap();
+    let files = etcd.tls().unwrap().clone();
+    assert!(etcd.url().starts_with("etcds://"), "{}", etcd.url());
+    put(&etcd, "services/a", &service("a", 80));
+
+    let mut o = opts();
+    o.access = Access {
+        credentials: None,
+        tls: Some(
+            EtcdTls::from_files(&files.ca, Some((&files.client_cert, &files.client_key))).unwrap(),
+        ),
+    };
+    let reg = open(&etcd.url(), o).await;
+    let mut rx = reg.watch();
+    until(&mut rx, "the listing over TLS", |s| {
+        s.services.contains_key("a")
+    })
+    .await;
+    put(&etcd, "services/b", &service("b", 81));
+    until(&mut rx, "a watched put over TLS", |s| {
+        s.services.contains_key("b")
+    })
+    .await;
+
+    let attempt = |tls: Option<EtcdTls>, url: String| async move {
+        let mut o = opts();
+        o.timeout = Duration::from_secs(2);
+        o.access = Access {
+            credentials: None,
+            tls,
+        };
+        match open_with(&url, o).await {
+            Err(e) => e.to_string(),
+            Ok(r) => {
+                // A TLS failure at the first listing is served as stale: it must be reported.
+                assert!(r.snapshot().services.is_empty(), "read without trust");
+                assert!(r.staleness() > Duration::ZERO, "not reported stale");
+                "stale".into()
+            }
+        }
+    };
+    let plain = etcd.url().replacen("etcds://", "etcd://", 1);
+    let ca_only = EtcdTls::from_files(&files.ca, None).unwrap();
+    let msg = attempt(None, etcd.url()).await;
+    assert!(msg.contains("needs TLS settings"), "{msg}");
+    let msg = attempt(Some(ca_only.clone()), plain).await;
+    assert!(msg.contains("use etcds://"), "{msg}");
+    // A registry whose first listing fails serves as stale; `ctl` (Admin) shows the cause.
+    let admin = |tls: EtcdTls| {
+        let url = etcd.url();
+        async move {
+            let access = Access {
+                credentials: None,
+                tls: Some(tls),
+            };
+            halyard_registry::admin::Admin::connect_as(
+                &url,
+                "default",
+                Duration::from_secs(2),
+                &access,
+            )
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+        }
+    };
+    let wrong_ca = EtcdTls::from_files(
+        &files.other_ca,
+        Some((&files.client_cert, &files.client_key)),
+    )
+    .unwrap();
+    assert_eq!(attempt(Some(wrong_ca.clone()), etcd.url()).await, "stale");
+    let msg = admin(wrong_ca).await;
+    assert!(msg.contains("UnknownIssuer"), "{msg}");
+    let msg = admin(ca_only).await;
+    assert!(!msg.is_empty(), "no client certificate, yet accepted");
 }

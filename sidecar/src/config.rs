@@ -72,6 +72,9 @@ pub struct SidecarConfig {
     /// the config file's folder.
     #[serde(default)]
     pub link_credentials: Option<PathBuf>,
+    /// TLS towards an `etcds://` registry (required by it, refused with `etcd://`).
+    #[serde(default)]
+    pub registry_tls: Option<RegistryTlsConfig>,
     /// TTL of this endpoint's registry lease (etcd): a dead sidecar disappears after it.
     #[serde(default = "default_lease_ttl", with = "humantime_serde")]
     pub lease_ttl: Duration,
@@ -686,12 +689,68 @@ impl Config {
                 file.link_credentials.as_mut(),
             ],
         );
+        if let Some(tls) = file.registry_tls.as_mut() {
+            tls.anchor(base);
+        }
         let log = &mut file.access_log.path;
         if log.is_relative() && log.as_os_str() != "-" {
             *log = base.join(&*log);
         }
         check(file, &field)
     }
+}
+
+/// `[registry_tls]`: TLS towards an `etcds://` registry (etcd's `--cert-file` setup, and
+/// `--client-cert-auth` when `cert` and `key` are given). Relative paths are anchored at the
+/// config file's folder; the files are read at start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryTlsConfig {
+    /// The CA certificate(s) etcd's serving certificate chains to (PEM).
+    pub ca: PathBuf,
+    /// This client's certificate (PEM), for an etcd that requires one; with `key`.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM); with `cert`.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+}
+
+impl RegistryTlsConfig {
+    /// Anchors its relative paths at `base`.
+    pub(crate) fn anchor(&mut self, base: &Path) {
+        anchor(
+            base,
+            [Some(&mut self.ca), self.cert.as_mut(), self.key.as_mut()],
+        );
+    }
+
+    /// Checks that `cert` and `key` come together; the message names what is missing.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        match (&self.cert, &self.key) {
+            (Some(_), None) => Err("cert is given without key".into()),
+            (None, Some(_)) => Err("key is given without cert".into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The etcd access of a config's `registry_credentials` (a `user:password` file) and
+/// `[registry_tls]`, read from their files. Errors name the file.
+pub fn registry_access(
+    credentials: Option<&Path>,
+    tls: Option<&RegistryTlsConfig>,
+) -> Result<halyard_registry::Access, halyard_registry::RegistryError> {
+    let credentials = credentials
+        .map(halyard_registry::Credentials::from_file)
+        .transpose()?;
+    let tls = tls
+        .map(|t| {
+            let client = t.cert.as_deref().zip(t.key.as_deref());
+            halyard_registry::EtcdTls::from_files(&t.ca, client)
+        })
+        .transpose()?;
+    Ok(halyard_registry::Access { credentials, tls })
 }
 
 /// Joins each relative path among `paths` to `base` (the config file's folder).
@@ -722,6 +781,8 @@ fn name(value: &str, at: &str, field: FieldErr<'_>) -> Result<Name, ConfigError>
 fn check(file: SidecarConfig, field: FieldErr<'_>) -> Result<Config, ConfigError> {
     name(&file.mesh, "mesh", field)?;
     check_registry_url(&file.registry).map_err(|m| field("registry".into(), m))?;
+    check_registry_tls(&file.registry, file.registry_tls.as_ref())
+        .map_err(|m| field("registry_tls".into(), m))?;
     let service = name(&file.service.name, "service.name", field)?;
     name(&file.service.namespace, "service.namespace", field)?;
     if let Some(id) = &file.id {
@@ -887,9 +948,27 @@ fn check_listeners(file: &SidecarConfig, field: FieldErr<'_>) -> Result<(), Conf
     Ok(())
 }
 
-/// `etcd://host:port[,host:port...]` or `file:///absolute/path`.
+/// Whether `[registry_tls]` fits `url`: required by `etcds://`, refused with `etcd://` and
+/// `file://`, `cert` and `key` together.
+pub fn check_registry_tls(url: &str, tls: Option<&RegistryTlsConfig>) -> Result<(), String> {
+    match (url.starts_with("etcds://"), tls) {
+        (true, None) => Err(format!(
+            "{url:?} is etcds://: add [registry_tls] with `ca` (and `cert`, `key` if etcd requires a client certificate)"
+        )),
+        (false, Some(_)) => Err(format!(
+            "[registry_tls] is given but {url:?} is not etcds://"
+        )),
+        (_, Some(t)) => t.check(),
+        (_, None) => Ok(()),
+    }
+}
+
+/// `etcd://host:port[,host:port...]`, `etcds://host:port[,...]` or `file:///absolute/path`.
 pub fn check_registry_url(url: &str) -> Result<(), String> {
-    if let Some(hosts) = url.strip_prefix("etcd://") {
+    if let Some(hosts) = url
+        .strip_prefix("etcd://")
+        .or_else(|| url.strip_prefix("etcds://"))
+    {
         for h in hosts.split(',') {
             let ok = h.rsplit_once(':').is_some_and(|(host, port)| {
                 !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
@@ -909,7 +988,7 @@ pub fn check_registry_url(url: &str) -> Result<(), String> {
         }
     } else {
         Err(format!(
-            "{url:?}: expected etcd://host:port[,host:port...] or file:///path"
+            "{url:?}: expected etcd://host:port[,host:port...], etcds://host:port[,...] or file:///path"
         ))
     }
 }
@@ -961,6 +1040,34 @@ listen = "127.0.0.1:19080"
             Some(Path::new("/etc/halyard/links"))
         );
         assert!(good().file.registry_credentials.is_none());
+    }
+
+    #[test]
+    fn registry_tls_must_fit_the_url() {
+        let with = |url: &str, tls: &str| {
+            let text = GOOD.replace(
+                "registry = \"file:///var/lib/halyard/registry\"",
+                &format!("registry = \"{url}\"\n{tls}"),
+            );
+            Config::parse(&text, Path::new("/etc/halyard/s.toml"))
+        };
+        let tls = "registry_tls = { ca = \"etcd-ca.pem\", cert = \"c.pem\", key = \"c.key\" }";
+        let c = with("etcds://10.0.0.1:2379", tls).unwrap();
+        let t = c.file.registry_tls.clone().unwrap();
+        assert_eq!(t.ca, Path::new("/etc/halyard/etcd-ca.pem"));
+        assert_eq!(t.key.as_deref(), Some(Path::new("/etc/halyard/c.key")));
+        for (url, tls, want) in [
+            ("etcds://10.0.0.1:2379", "", "add [registry_tls]"),
+            ("etcd://10.0.0.1:2379", tls, "not etcds://"),
+            (
+                "etcds://10.0.0.1:2379",
+                "registry_tls = { ca = \"a.pem\", cert = \"c.pem\" }",
+                "without key",
+            ),
+        ] {
+            let err = with(url, tls).unwrap_err().to_string();
+            assert!(err.contains("registry_tls") && err.contains(want), "{err}");
+        }
     }
 
     #[test]

@@ -68,6 +68,9 @@ pub struct GatewayConfig {
     /// authentication. Relative paths are anchored at the config file's folder.
     #[serde(default)]
     pub registry_credentials: Option<PathBuf>,
+    /// TLS towards an `etcds://` registry, as in the sidecar's config.
+    #[serde(default)]
+    pub registry_tls: Option<crate::config::RegistryTlsConfig>,
     /// Plain-HTTP admin listener (`/metrics`, `/healthz`, `/readyz`, `/config_dump`); none
     /// when absent. The deploy examples use `0.0.0.0:15020`.
     #[serde(default)]
@@ -102,13 +105,17 @@ impl GatewayConfig {
             message,
         };
         let mut config: GatewayConfig = crate::config::parse_toml(text, path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
         crate::config::anchor(
-            path.parent().unwrap_or(Path::new(".")),
+            base,
             [
                 config.state_dir.as_mut(),
                 config.registry_credentials.as_mut(),
             ],
         );
+        if let Some(tls) = config.registry_tls.as_mut() {
+            tls.anchor(base);
+        }
         if !(64 << 10..=256 << 20).contains(&config.udp_buffer) {
             return Err(field(
                 "udp_buffer",
@@ -120,6 +127,8 @@ impl GatewayConfig {
         }
         halyard_registry::RegistryUrl::parse(&config.registry)
             .map_err(|e| field("registry", e.to_string()))?;
+        crate::config::check_registry_tls(&config.registry, config.registry_tls.as_ref())
+            .map_err(|m| field("registry_tls", m))?;
         Ok(config)
     }
 }
@@ -465,9 +474,10 @@ pub async fn serve(
     let bound = socket.local_addr()?;
     let mut opts = halyard_registry::Options::new(&config.mesh);
     opts.state_dir = config.state_dir.clone();
-    if let Some(path) = &config.registry_credentials {
-        opts.credentials = Some(halyard_registry::Credentials::from_file(path)?);
-    }
+    opts.access = crate::config::registry_access(
+        config.registry_credentials.as_deref(),
+        config.registry_tls.as_ref(),
+    )?;
     let registry = halyard_registry::open_with(&config.registry, opts)
         .await
         .with_context(|| format!("registry = {:?}", config.registry))?;

@@ -292,9 +292,9 @@ async fn open_link(
     let mut delay = Duration::from_secs(1);
     let mut warned: Option<String> = None;
     loop {
-        let attempt = match link_credentials(&link, credentials_dir.as_deref()) {
-            Ok(credentials) => {
-                opts.credentials = credentials;
+        let attempt = match link_access(&link, credentials_dir.as_deref()) {
+            Ok(access) => {
+                opts.access = access;
                 halyard_registry::open_with(&link.registry, opts.clone())
                     .await
                     .map_err(|e| e.to_string())
@@ -319,23 +319,47 @@ async fn open_link(
     }
 }
 
-/// The credentials `link` names, read from `<dir>/<name>`; `None` when it names none.
-/// Errors: a name with no `link_credentials` folder configured, or an unusable file.
-fn link_credentials(
+/// How to reach `link`'s registry, from the files its `credentials` name in `dir`:
+/// `<name>` (`user:password`), and for an `etcds://` registry `<name>.ca.pem` (required) and
+/// `<name>.cert.pem` + `<name>.key.pem` (a client certificate, optional). Without a name: no
+/// authentication, and an `etcds://` link is refused. Errors name the file or what is missing.
+fn link_access(
     link: &ClusterLink,
     dir: Option<&std::path::Path>,
-) -> Result<Option<halyard_registry::Credentials>, String> {
+) -> Result<halyard_registry::Access, String> {
+    let tls_needed = link.registry.starts_with("etcds://");
     let Some(name) = &link.credentials else {
-        return Ok(None);
+        if tls_needed {
+            return Err(format!(
+                "{} is etcds://: the link must name its credentials (the CA file {{name}}.ca.pem in link_credentials)",
+                link.registry
+            ));
+        }
+        return Ok(halyard_registry::Access::default());
     };
     let Some(dir) = dir else {
         return Err(format!(
             "the link names credentials {name:?}, but this sidecar has no link_credentials folder configured"
         ));
     };
-    halyard_registry::Credentials::from_file(&dir.join(name.as_str()))
-        .map(Some)
-        .map_err(|e| e.to_string())
+    let file = |suffix: &str| dir.join(format!("{name}{suffix}"));
+    let password = file("");
+    let credentials = if tls_needed && !password.exists() {
+        None // client-certificate authentication alone
+    } else {
+        Some(halyard_registry::Credentials::from_file(&password).map_err(|e| e.to_string())?)
+    };
+    let tls = if tls_needed {
+        let (cert, key) = (file(".cert.pem"), file(".key.pem"));
+        let client = cert.exists().then_some((cert.as_path(), key.as_path()));
+        Some(
+            halyard_registry::EtcdTls::from_files(&file(".ca.pem"), client)
+                .map_err(|e| e.to_string())?,
+        )
+    } else {
+        None
+    };
+    Ok(halyard_registry::Access { credentials, tls })
 }
 
 #[cfg(test)]

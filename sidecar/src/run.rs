@@ -246,10 +246,11 @@ pub async fn run_until(
     opts.state_dir = file.state_dir.clone();
     opts.sidecar_id = Some(id.clone());
     opts.lease_ttl = file.lease_ttl;
-    if let Some(path) = &file.registry_credentials {
-        opts.credentials =
-            Some(halyard_registry::Credentials::from_file(path).context("registry_credentials")?);
-    }
+    opts.access = crate::config::registry_access(
+        file.registry_credentials.as_deref(),
+        file.registry_tls.as_ref(),
+    )
+    .context("registry_credentials / registry_tls")?;
     let registry = halyard_registry::open_with(&file.registry, opts)
         .await
         .with_context(|| format!("registry = {:?}", file.registry))?;

@@ -183,8 +183,30 @@ impl Mesh {
         Self::with_ca(dir, url, ca).await
     }
 
+    /// A mesh on `url` reached with `access` (an etcd user, TLS), sharing `other`'s CA.
+    pub async fn with_access_sharing_ca(
+        url: String,
+        access: &halyard_registry::Access,
+        other: &Mesh,
+    ) -> Mesh {
+        let dir = tempfile::tempdir().unwrap();
+        let copy = dir.path().join("ca-copy");
+        other.ca.write(&copy, false).unwrap();
+        let ca = MeshCa::load(&copy).unwrap();
+        Self::with_ca_access(dir, url, ca, access).await
+    }
+
     async fn with_ca(dir: tempfile::TempDir, url: String, ca: MeshCa) -> Mesh {
-        let admin = Admin::connect(&url, "default", Duration::from_secs(3))
+        Self::with_ca_access(dir, url, ca, &halyard_registry::Access::default()).await
+    }
+
+    async fn with_ca_access(
+        dir: tempfile::TempDir,
+        url: String,
+        ca: MeshCa,
+        access: &halyard_registry::Access,
+    ) -> Mesh {
+        let admin = Admin::connect_as(&url, "default", Duration::from_secs(3), access)
             .await
             .unwrap();
         Mesh {
@@ -265,7 +287,7 @@ impl Mesh {
             &self.registry,
             "default",
             Duration::from_secs(3),
-            None,
+            &halyard_registry::Access::default(),
         )
         .await
         .unwrap();

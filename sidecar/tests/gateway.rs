@@ -642,6 +642,30 @@ async fn a_bad_link_or_an_unreachable_registry_leaves_other_traffic_alone() {
     l.gateway.stop().await;
 }
 
+/// B's reviews sidecar (taking the gateway's datagrams) and B's gateway, both with `top`
+/// (top-level config lines, e.g. how to reach B's etcd).
+async fn b_side(b: &Mesh, top: &str) -> (Sidecar, Gateway) {
+    let mut spec = Spec::new("reviews", "v1");
+    spec.prefix = format!("lease_ttl = \"3s\"\n{top}");
+    spec.extra = "[transport]\nproxy_protocol_from = [\"127.0.0.0/8\"]\n".into();
+    let reviews = b.start(&spec).await;
+    reviews.wait_endpoints("reviews", 1).await;
+    let gateway = Gateway::start_with(b, "127.0.0.1:0".parse().unwrap(), top).await;
+    (reviews, gateway)
+}
+
+/// A's productpage, reading link credentials from `links`, once it has learned B's reviews.
+async fn a_caller(a: &Mesh, links: &std::path::Path) -> Sidecar {
+    let mut spec = Spec::new("productpage", "v1").upstream("reviews", 9080);
+    spec.prefix = format!("link_credentials = {:?}\n", links.display().to_string());
+    let pp = a.start(&spec).await;
+    pp.wait_snapshot("B's reviews through the link", |s| {
+        s.endpoints_of("reviews").any(|ep| ep.cluster == "b")
+    })
+    .await;
+    pp
+}
+
 /// B's etcd requires authentication (etcd RBAC): B's sidecar and gateway use a user that may
 /// read and write B's mesh, A's link a user that may only read it, named by the link and looked
 /// up in the sidecar's `link_credentials` folder (no password in any registry). A link without
@@ -671,13 +695,7 @@ async fn a_link_reads_an_etcd_that_requires_authentication_as_a_read_only_user()
         "registry_credentials = {:?}\n",
         writer.display().to_string()
     );
-
-    let mut spec = Spec::new("reviews", "v1");
-    spec.prefix = format!("lease_ttl = \"3s\"\n{creds}");
-    spec.extra = "[transport]\nproxy_protocol_from = [\"127.0.0.0/8\"]\n".into();
-    let reviews = b.start(&spec).await;
-    reviews.wait_endpoints("reviews", 1).await;
-    let gateway = Gateway::start_with(&b, "127.0.0.1:0".parse().unwrap(), &creds).await;
+    let (reviews, gateway) = b_side(&b, &creds).await;
 
     let links = a.dir.path().join("link-credentials");
     std::fs::create_dir_all(&links).unwrap();
@@ -690,13 +708,7 @@ async fn a_link_reads_an_etcd_that_requires_authentication_as_a_read_only_user()
         gw = gateway.addr,
     ))
     .await;
-    let mut spec = Spec::new("productpage", "v1").upstream("reviews", 9080);
-    spec.prefix = format!("link_credentials = {:?}\n", links.display().to_string());
-    let pp = a.start(&spec).await;
-    pp.wait_snapshot("B's reviews through the authenticated link", |s| {
-        s.endpoints_of("reviews").any(|ep| ep.cluster == "b")
-    })
-    .await;
+    let pp = a_caller(&a, &links).await;
     let out = call(pp.upstream(0), b"authenticated").await.unwrap();
     assert_eq!(out, b"b:authenticated");
 
@@ -729,6 +741,64 @@ async fn a_link_reads_an_etcd_that_requires_authentication_as_a_read_only_user()
         s.endpoints_of("reviews").any(|ep| ep.cluster == "d")
     })
     .await;
+    pp.shutdown().await.unwrap();
+    reviews.shutdown().await.unwrap();
+    gateway.stop().await;
+}
+
+/// B's etcd serves over TLS and requires client certificates (`etcds://`): B's sidecar and
+/// gateway reach it with `registry_tls`, A's link with the CA and client certificate files its
+/// `credentials` name in the sidecar's `link_credentials` folder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_reads_an_etcds_registry_with_a_client_certificate() {
+    let etcd = tokio::task::spawn_blocking(halyard_registry::test_util::EtcdServer::start_tls)
+        .await
+        .unwrap();
+    let files = etcd.tls().unwrap().clone();
+    let access = halyard_registry::Access {
+        credentials: None,
+        tls: Some(
+            halyard_registry::EtcdTls::from_files(
+                &files.ca,
+                Some((&files.client_cert, &files.client_key)),
+            )
+            .unwrap(),
+        ),
+    };
+    let a = Mesh::with_dir().await;
+    let b = Mesh::with_access_sharing_ca(etcd.url(), &access, &a).await;
+    let echo = tagged_echo("127.0.0.1:0".parse().unwrap(), "b").await;
+    b.apply(&format!(
+        "kind: Service\nname: reviews\nexported: true\nports:\n  - {{ name: tcp, port: 9080, protocol: tcp, targetPort: {} }}\n",
+        echo.addr.port()
+    ))
+    .await;
+    let tls = format!(
+        "registry_tls = {{ ca = {:?}, cert = {:?}, key = {:?} }}\n",
+        files.ca.display().to_string(),
+        files.client_cert.display().to_string(),
+        files.client_key.display().to_string()
+    );
+    let (reviews, gateway) = b_side(&b, &tls).await;
+
+    let links = a.dir.path().join("link-credentials");
+    std::fs::create_dir_all(&links).unwrap();
+    for (from, to) in [
+        (&files.ca, "b-tls.ca.pem"),
+        (&files.client_cert, "b-tls.cert.pem"),
+        (&files.client_key, "b-tls.key.pem"),
+    ] {
+        std::fs::copy(from, links.join(to)).unwrap();
+    }
+    a.apply(&format!(
+        "kind: ClusterLink\ncluster: b\nregistry: {}\ngateway: \"{}\"\ncredentials: b-tls\n",
+        etcd.url(),
+        gateway.addr,
+    ))
+    .await;
+    let pp = a_caller(&a, &links).await;
+    let out = call(pp.upstream(0), b"over tls").await.unwrap();
+    assert_eq!(out, b"b:over tls");
     pp.shutdown().await.unwrap();
     reviews.shutdown().await.unwrap();
     gateway.stop().await;

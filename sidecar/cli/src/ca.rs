@@ -86,9 +86,9 @@ enum CaCommand {
         /// Mesh name.
         #[arg(long, global = true, default_value = "default")]
         mesh: String,
-        /// A file holding `user:password` of the etcd user to act as (etcd RBAC).
-        #[arg(long, global = true, env = "HALYARD_REGISTRY_CREDENTIALS")]
-        credentials: Option<PathBuf>,
+        /// How to reach an etcd registry: user and TLS files.
+        #[command(flatten)]
+        access: crate::ctl::AccessArgs,
     },
 }
 
@@ -138,9 +138,9 @@ enum TokenCommand {
         /// Write the token to this file (0600) instead of stdout.
         #[arg(long)]
         out: Option<PathBuf>,
-        /// A file holding `user:password` of the etcd user to act as (etcd RBAC).
-        #[arg(long, env = "HALYARD_REGISTRY_CREDENTIALS")]
-        credentials: Option<PathBuf>,
+        /// How to reach an etcd registry: user and TLS files.
+        #[command(flatten)]
+        access: crate::ctl::AccessArgs,
     },
 }
 
@@ -170,14 +170,14 @@ pub fn run(args: CaArgs) -> anyhow::Result<()> {
                     registry,
                     mesh,
                     out,
-                    credentials,
+                    access,
                 },
         } => {
-            let credentials = crate::ctl::credentials(credentials.as_deref())?;
+            let access = access.read()?;
             let at = Registry {
                 url: &registry,
                 mesh: &mesh,
-                credentials: credentials.as_ref(),
+                access: &access,
             };
             token_create(&id, &ttl, uses, &at, out.as_deref())
         }
@@ -185,14 +185,14 @@ pub fn run(args: CaArgs) -> anyhow::Result<()> {
             step,
             registry,
             mesh,
-            credentials,
+            access,
         } => {
             let registry = registry.context("--registry is required")?;
-            let credentials = crate::ctl::credentials(credentials.as_deref())?;
+            let access = access.read()?;
             let at = Registry {
                 url: &registry,
                 mesh: &mesh,
-                credentials: credentials.as_ref(),
+                access: &access,
             };
             runtime()?.block_on(rotate(step, &at))
         }
@@ -203,7 +203,7 @@ pub fn run(args: CaArgs) -> anyhow::Result<()> {
 struct Registry<'a> {
     url: &'a str,
     mesh: &'a str,
-    credentials: Option<&'a halyard_registry::Credentials>,
+    access: &'a halyard_registry::Access,
 }
 
 /// Reads the registry's TrustBundle (if any), applies `step`, writes it back.
@@ -215,7 +215,7 @@ async fn rotate(step: RotateStep, at: &Registry<'_>) -> anyhow::Result<()> {
         registry,
         at.mesh,
         Duration::from_secs(5),
-        at.credentials,
+        at.access,
     )
     .await
     .with_context(|| format!("--registry {registry:?}"))?;
@@ -360,7 +360,7 @@ fn token_create(
             registry,
             at.mesh,
             Duration::from_secs(5),
-            at.credentials,
+            at.access,
         )
         .await
         .with_context(|| format!("--registry {registry:?}"))?;

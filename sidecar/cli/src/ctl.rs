@@ -24,10 +24,9 @@ pub struct CtlArgs {
     /// How long to wait for the registry before giving up.
     #[arg(long, global = true, default_value = "3s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
-    /// A file holding `user:password` of the etcd user to act as (etcd RBAC), the form
-    /// `etcdctl --user` takes; kept out of the command line so the password is not in `ps`.
-    #[arg(long, global = true, env = "HALYARD_REGISTRY_CREDENTIALS")]
-    pub credentials: Option<std::path::PathBuf>,
+    /// How to reach an etcd registry: user and TLS files.
+    #[command(flatten)]
+    pub access: AccessArgs,
     /// What to do.
     #[command(subcommand)]
     pub command: CtlCommand,
@@ -121,17 +120,48 @@ async fn connect(args: &CtlArgs) -> anyhow::Result<Admin> {
         .registry
         .as_deref()
         .ok_or_else(|| anyhow!("--registry URL is required (etcd://host:port or file:///dir)"))?;
-    let credentials = credentials(args.credentials.as_deref())?;
-    Ok(Admin::connect_as(url, &args.mesh, args.timeout, credentials.as_ref()).await?)
+    let access = args.access.read()?;
+    Ok(Admin::connect_as(url, &args.mesh, args.timeout, &access).await?)
 }
 
-/// The etcd user of a `--credentials FILE` (`user:password`), if given.
-pub(crate) fn credentials(
-    path: Option<&std::path::Path>,
-) -> anyhow::Result<Option<halyard_registry::Credentials>> {
-    Ok(path
-        .map(halyard_registry::Credentials::from_file)
-        .transpose()?)
+/// How a command reaches an etcd registry: the user (a `user:password` file, the form
+/// `etcdctl --user` takes, kept off the command line so the password is not in `ps`) and, for
+/// `etcds://`, the TLS files (named as `etcdctl` names them).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct AccessArgs {
+    /// A file holding `user:password` of the etcd user to act as (etcd RBAC).
+    #[arg(long, global = true, env = "HALYARD_REGISTRY_CREDENTIALS")]
+    pub credentials: Option<std::path::PathBuf>,
+    /// The CA file of an etcds:// registry's certificate.
+    #[arg(long, global = true)]
+    pub cacert: Option<std::path::PathBuf>,
+    /// A client certificate for an etcds:// registry that requires one (with --key).
+    #[arg(long, global = true, requires = "key")]
+    pub cert: Option<std::path::PathBuf>,
+    /// The client certificate's key (with --cert).
+    #[arg(long, global = true, requires = "cert")]
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl AccessArgs {
+    /// Reads the files named; errors name the file.
+    pub(crate) fn read(&self) -> anyhow::Result<halyard_registry::Access> {
+        let tls = self
+            .cacert
+            .as_ref()
+            .map(|ca| halyard_sidecar::config::RegistryTlsConfig {
+                ca: ca.clone(),
+                cert: self.cert.clone(),
+                key: self.key.clone(),
+            });
+        if tls.is_none() && self.cert.is_some() {
+            anyhow::bail!("--cert needs --cacert (the CA of the etcds:// registry's certificate)");
+        }
+        Ok(halyard_sidecar::config::registry_access(
+            self.credentials.as_deref(),
+            tls.as_ref(),
+        )?)
+    }
 }
 
 async fn apply(args: &CtlArgs, file: &Path) -> anyhow::Result<()> {

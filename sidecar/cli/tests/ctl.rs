@@ -329,3 +329,39 @@ fn ctl_and_ca_token_act_as_the_etcd_user_of_a_credentials_file() {
     ]);
     assert!(!stored.trim().is_empty(), "no token record written");
 }
+
+/// `ctl` against an `etcds://` registry: `--cacert`, `--cert` and `--key` as `etcdctl` names
+/// them; without them, or with them on a plain URL, one line says what to add or change.
+#[test]
+fn ctl_reaches_an_etcds_registry_with_the_etcdctl_tls_flags() {
+    let etcd = EtcdServer::start_tls();
+    let t = etcd.tls().unwrap().clone();
+    let tmp = tempfile::tempdir().unwrap();
+    let objects = file(tmp.path(), "mesh.yaml", GOOD);
+    let url = etcd.url();
+    let (ca, cert, key) = (
+        t.ca.display().to_string(),
+        t.client_cert.display().to_string(),
+        t.client_key.display().to_string(),
+    );
+    let tls = ["--cacert", &ca, "--cert", &cert, "--key", &key];
+    ok(&ctl(
+        Some(&url),
+        &[&tls[..], &["apply", "-f", &objects]].concat(),
+    ));
+    let listed = ok(&ctl(Some(&url), &[&tls[..], &["get", "services"]].concat()));
+    assert!(listed.contains("reviews"), "{listed}");
+    let missing = err(&ctl(Some(&url), &["get", "services"]));
+    assert!(missing.contains("needs TLS settings"), "{missing}");
+    let plain = url.replacen("etcds://", "etcd://", 1);
+    let mismatch = err(&ctl(
+        Some(&plain),
+        &[&tls[..], &["get", "services"]].concat(),
+    ));
+    assert!(mismatch.contains("use etcds://"), "{mismatch}");
+    let half = err(&ctl(
+        Some(&url),
+        &["--cacert", &ca, "--cert", &cert, "get", "services"],
+    ));
+    assert!(half.contains("--key"), "{half}");
+}

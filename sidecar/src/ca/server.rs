@@ -66,6 +66,9 @@ pub struct CaServerConfig {
     /// authentication. Read at start.
     #[serde(default)]
     pub registry_credentials: Option<PathBuf>,
+    /// TLS towards an `etcds://` registry, as in the sidecar's config.
+    #[serde(default)]
+    pub registry_tls: Option<crate::config::RegistryTlsConfig>,
     /// Plain-HTTP admin listener (`/metrics`, `/healthz`, `/readyz`); none when absent. The
     /// deploy examples use `0.0.0.0:15014`.
     #[serde(default)]
@@ -99,10 +102,16 @@ impl CaServerConfig {
             message,
         };
         let mut config: CaServerConfig = crate::config::parse_toml(text, path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
         crate::config::anchor(
-            path.parent().unwrap_or(Path::new(".")),
+            base,
             [Some(&mut config.dir), config.registry_credentials.as_mut()],
         );
+        if let Some(tls) = config.registry_tls.as_mut() {
+            tls.anchor(base);
+        }
+        crate::config::check_registry_tls(&config.registry, config.registry_tls.as_ref())
+            .map_err(|m| field("registry_tls".into(), m))?;
         if config.leaf_ttl.is_zero() || config.leaf_ttl > config.max_leaf_ttl {
             return Err(field(
                 "leaf_ttl".into(),
@@ -255,22 +264,22 @@ pub async fn serve(
     started: Option<tokio::sync::oneshot::Sender<StartedCa>>,
 ) -> anyhow::Result<()> {
     let ca = MeshCa::load(&config.dir).with_context(|| format!("dir = {:?}", config.dir))?;
-    let credentials = match &config.registry_credentials {
-        Some(path) => Some(halyard_registry::Credentials::from_file(path)?),
-        None => None,
-    };
+    let access = crate::config::registry_access(
+        config.registry_credentials.as_deref(),
+        config.registry_tls.as_ref(),
+    )?;
     let store = CaStore::connect(
         &config.registry,
         &config.mesh,
         config.registry_timeout,
-        credentials.as_ref(),
+        &access,
     )
     .await
     .with_context(|| format!("registry = {:?}", config.registry))?;
     // The deny list and the trust bundle come from the mesh's registry, watched like a sidecar
     // watches it.
     let mut opts = halyard_registry::Options::new(&config.mesh);
-    opts.credentials = credentials;
+    opts.access = access;
     let registry = halyard_registry::open_with(&config.registry, opts)
         .await
         .with_context(|| format!("registry = {:?}", config.registry))?;

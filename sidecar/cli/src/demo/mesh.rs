@@ -156,8 +156,13 @@ impl Mesh {
         };
         let targets = pick_target_ports()?;
         mesh.bootstrap_registry(opts, &targets).await?;
-        let store =
-            CaStore::connect(&mesh.registry, &opts.mesh, Duration::from_secs(3), None).await?;
+        let store = CaStore::connect(
+            &mesh.registry,
+            &opts.mesh,
+            Duration::from_secs(3),
+            &halyard_registry::Access::default(),
+        )
+        .await?;
         for (i, spec) in LAYOUT.iter().enumerate() {
             let enrollment = mesh.token_for(&store, &root, spec.0, spec.1).await?;
             let w = mesh.launch(opts, spec, i, &enrollment, &targets).await?;
