@@ -19,19 +19,20 @@ const MAX_FILE: u64 = 4096;
 pub struct Credentials {
     user: String,
     password: String,
+    /// The file they were read from, for error messages.
+    source: Option<String>,
 }
 
 impl Credentials {
     /// Credentials of `user` with `password`. Errors: an empty user or password, a user with
     /// `:` or a control character, a password with a newline.
+    /// Errors never quote the password, nor a user name that may hold part of it.
     pub fn new(user: &str, password: &str) -> Result<Self, String> {
         if user.is_empty() {
             return Err("the user name is empty".into());
         }
         if user.contains(':') || user.chars().any(char::is_control) {
-            return Err(format!(
-                "the user name {user:?} contains ':' or a control character"
-            ));
+            return Err("the user name contains ':' or a control character".into());
         }
         if password.is_empty() {
             return Err("the password is empty".into());
@@ -39,22 +40,44 @@ impl Credentials {
         if password.contains(['\n', '\r', '\0']) {
             return Err("the password contains a line break or NUL".into());
         }
+        if password.trim() != password || user.trim() != user {
+            return Err(
+                "the user name or password begins or ends with whitespace (a stray space?); \
+                 etcd would refuse it as a wrong password"
+                    .into(),
+            );
+        }
         Ok(Credentials {
             user: user.to_owned(),
             password: password.to_owned(),
+            source: None,
         })
     }
 
-    /// Parses `user:password` (one line; a trailing newline is ignored).
+    /// Parses `user:password` (one line; a trailing newline and a leading byte-order mark are
+    /// ignored).
     pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let line = text
             .strip_suffix("\r\n")
             .or_else(|| text.strip_suffix('\n'))
             .unwrap_or(text);
+        if line.contains(['\n', '\r']) {
+            return Err("expected one line user:password; the file has more than one".into());
+        }
         let Some((user, password)) = line.split_once(':') else {
             return Err("expected one line user:password".into());
         };
         Self::new(user, password)
+    }
+
+    /// The user, quoted, with the file the credentials came from if known: what error
+    /// messages show.
+    pub fn describe(&self) -> String {
+        match &self.source {
+            Some(path) => format!("{:?} (credentials file {path})", self.user),
+            None => format!("{:?}", self.user),
+        }
     }
 
     /// Reads `user:password` from `path`. Errors name the file: missing or unreadable, larger
@@ -66,7 +89,9 @@ impl Credentials {
         };
         let bytes = read_bounded(path, MAX_FILE)?;
         let text = String::from_utf8(bytes).map_err(|_| bad("not UTF-8 text".into()))?;
-        Self::parse(&text).map_err(bad)
+        let mut credentials = Self::parse(&text).map_err(bad)?;
+        credentials.source = Some(path.display().to_string());
+        Ok(credentials)
     }
 
     /// The user name.
@@ -190,11 +215,28 @@ mod tests {
             ("reader\n", "expected one line"),
             (":pw", "user name is empty"),
             ("reader:", "password is empty"),
-            ("reader:pw\nsecond line", "line break"),
+            ("reader:pw\nsecond line", "more than one"),
+            ("rw\np@ss w:o\"rd", "more than one"),
             ("re\tader:pw", "control character"),
+            ("reader:pw ", "whitespace"),
+            (" reader:pw", "whitespace"),
         ] {
             let err = Credentials::parse(text).unwrap_err();
             assert!(err.contains(want), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_not_part_of_the_user() {
+        let c = Credentials::parse("\u{feff}reader:pw\r\n").unwrap();
+        assert_eq!(c.user(), "reader");
+    }
+
+    #[test]
+    fn no_error_shows_any_part_of_the_password() {
+        for text in ["rw\np@ss w:o\"rd", "r\u{7}w:secret", "rw:secret \n"] {
+            let err = Credentials::parse(text).unwrap_err();
+            assert!(!err.contains("p@ss") && !err.contains("secret"), "{err}");
         }
     }
 

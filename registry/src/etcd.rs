@@ -18,7 +18,7 @@ use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions, WatchOptions};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::credentials::{Access, EtcdTls};
+use crate::credentials::{Access, Credentials, EtcdTls};
 use crate::error::RegistryError;
 use crate::key::mesh_prefix;
 use crate::model::{Endpoint, Object, Status};
@@ -34,16 +34,22 @@ pub(crate) struct Etcd {
     pub client: Client,
     pub endpoints: String,
     pub timeout: Duration,
-    /// The etcd user authenticated as, if any (for error messages).
+    /// The etcd user, quoted, and the file it came from, if any (for error messages).
     pub user: Option<String>,
+    /// The credentials to log in with (again) when etcd refuses a request for want of a valid
+    /// token: at start while etcd was away, after a restart or an expired token.
+    credentials: Option<Credentials>,
 }
 
 impl Etcd {
     /// Creates the client. Connections are made lazily; the first request finds out whether
-    /// etcd is there, bounded by `timeout`. With `access.credentials` the client authenticates
-    /// first (etcd `Authenticate`), sends the token with every request, and authenticates again
-    /// when etcd says the token expired (simple tokens live `--auth-token-ttl`, 5 minutes by
-    /// default, and none survives an etcd restart). `https://` endpoints (an `etcds://` URL)
+    /// etcd is there, bounded by `timeout`. With `access.credentials` the client logs in
+    /// (etcd `Authenticate`) at once when etcd answers — refused credentials are an error
+    /// here — and otherwise when etcd first refuses a request for want of a token, so an etcd
+    /// that is away at start is no different with credentials than without (the registry then
+    /// serves its persisted snapshot). The token goes with every request and is renewed when
+    /// etcd says it expired (simple tokens live `--auth-token-ttl`, 5 minutes by default, and
+    /// none survives an etcd restart). `https://` endpoints (an `etcds://` URL)
     /// need `access.tls` (the CA of etcd's certificate, and a client certificate for etcd's
     /// `--client-cert-auth`); `http://` ones refuse it, so TLS settings never silently go
     /// unused.
@@ -78,13 +84,11 @@ impl Etcd {
             }
             (None, false) => {}
         }
-        let credentials = access.credentials.as_ref();
-        if let Some(c) = credentials {
-            opts = opts
-                .with_user(c.user(), c.password())
-                .with_auto_token_refresh(true);
-        }
-        let user = credentials.map(|c| c.user().to_owned());
+        // No user in the options: etcd-client would log in inside `connect`, which then fails
+        // while etcd is away. The credentials are given below, or when etcd is back.
+        opts = opts.with_auto_token_refresh(true);
+        let credentials = access.credentials.clone();
+        let user = credentials.as_ref().map(Credentials::describe);
         // The client spreads requests over every endpoint given, dead members included, and a
         // request sent to a dead one fails: with one member of three down, half of them did.
         // Start with the members that answer (all of them if none does).
@@ -100,12 +104,32 @@ impl Etcd {
                 }
                 _ => unreachable(&joined, e.to_string()),
             })?;
-        Ok(Etcd {
+        let etcd = Etcd {
             client,
             endpoints: joined,
             timeout,
             user,
-        })
+            credentials,
+        };
+        match etcd.log_in().await {
+            Err(
+                e
+                @ (RegistryError::Unauthenticated { .. } | RegistryError::PermissionDenied { .. }),
+            ) => Err(e),
+            // Away or slow: log in when it answers.
+            _ => Ok(etcd),
+        }
+    }
+
+    /// Logs in with the credentials (if any), storing them in the client so that an expired
+    /// token is renewed by itself. Nothing without credentials.
+    async fn log_in(&self) -> Result<(), RegistryError> {
+        let Some(c) = &self.credentials else {
+            return Ok(());
+        };
+        let mut client = self.client.clone();
+        let user = Some((c.user().to_owned(), c.password().to_owned()));
+        self.call(client.update_user(user)).await
     }
 
     /// Runs one request with the timeout; a transport failure or timeout is `Unreachable`.
@@ -167,8 +191,10 @@ impl Etcd {
     /// does so by itself; a watch that etcd cancels for an expired token does not). Does
     /// nothing without credentials; a failure shows in the next request's error.
     async fn reauthenticate(&self, after: &RegistryError) {
-        if self.user.is_some() && matches!(after, RegistryError::Unauthenticated { .. }) {
-            let _ = tokio::time::timeout(self.timeout, self.client.refresh_token()).await;
+        if matches!(after, RegistryError::Unauthenticated { .. }) {
+            if let Err(e) = self.log_in().await {
+                tracing::debug!(error = %e, "etcd log-in failed; retried after the next refusal");
+            }
         }
     }
 
@@ -229,8 +255,8 @@ fn auth_error(
     };
     if message.contains("invalid user ID or password") {
         return unauthenticated(format!(
-            "wrong user name or password for user {:?}",
-            user.unwrap_or_default()
+            "wrong user name or password for user {}",
+            user.unwrap_or("\"\"")
         ));
     }
     if message.contains("authentication is not enabled") {
@@ -255,7 +281,7 @@ fn auth_error(
             endpoints: endpoints.to_owned(),
             user: user.map_or_else(
                 || "a caller without credentials".to_owned(),
-                |u| format!("user {u:?}"),
+                |u| format!("user {u}"),
             ),
             reason: message.to_owned(),
         });
@@ -409,11 +435,16 @@ impl EtcdRegistry {
             lease: lease.clone(),
         };
         let task = tokio::spawn(holder.run(ready_tx));
-        if tokio::time::timeout(self.etcd.timeout, ready_rx)
-            .await
-            .is_err()
-        {
-            tracing::warn!(%key, "etcd did not answer; the endpoint will be registered when it does");
+        match tokio::time::timeout(self.etcd.timeout, ready_rx).await {
+            Ok(Ok(Ok(()))) => {}
+            // Refused by etcd's access control: a configuration error, said at once.
+            Ok(Ok(Err(e))) => {
+                task.abort();
+                return Err(e);
+            }
+            _ => {
+                tracing::warn!(%key, "etcd did not answer; the endpoint will be registered when it does")
+            }
         }
         Ok(Registration {
             key,
@@ -447,12 +478,21 @@ struct LeaseHolder {
 }
 
 impl LeaseHolder {
-    async fn run(self, ready: oneshot::Sender<()>) {
+    async fn run(self, ready: oneshot::Sender<Result<(), RegistryError>>) {
         let mut ready = Some(ready);
         let mut backoff = Backoff::new(Duration::from_millis(100), self.ttl / 3);
         loop {
             let err = self.hold(&mut ready, &mut backoff).await;
+            // A user whose roles may not write the key is refused for good: the registering
+            // caller hears it (once registered, a revoked permission is retried like any loss).
+            if matches!(err, RegistryError::PermissionDenied { .. }) {
+                if let Some(r) = ready.take() {
+                    let _ = r.send(Err(err));
+                    return;
+                }
+            }
             tracing::warn!(key = %self.key, error = %err, "endpoint lease lost; registering again");
+            self.etcd.reauthenticate(&err).await;
             tokio::time::sleep(backoff.delay()).await;
         }
     }
@@ -460,7 +500,7 @@ impl LeaseHolder {
     /// Grants a lease, puts the key on it, and keeps it alive until something fails.
     async fn hold(
         &self,
-        ready: &mut Option<oneshot::Sender<()>>,
+        ready: &mut Option<oneshot::Sender<Result<(), RegistryError>>>,
         backoff: &mut Backoff,
     ) -> RegistryError {
         let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(10);
@@ -477,10 +517,12 @@ impl LeaseHolder {
             Some(PutOptions::new().with_lease(lease)),
         );
         if let Err(e) = self.etcd.call(put).await {
+            // The lease would hold nothing: give it back rather than leave it to expire.
+            let _ = self.etcd.call(lc.revoke(lease)).await;
             return e;
         }
         if let Some(r) = ready.take() {
-            let _ = r.send(());
+            let _ = r.send(Ok(()));
         }
         backoff.reset();
         let (mut keeper, mut stream) = match self.etcd.call(lc.keep_alive(lease)).await {

@@ -105,6 +105,15 @@ impl RegistryUrl {
             .map(str::to_owned)
             .collect();
         for ep in &eps {
+            if ep.contains('@') {
+                // Never echo it: the part before '@' is likely a password.
+                return Err(RegistryError::BadUrl {
+                    url: "(not shown: it holds user information)".into(),
+                    reason: "user information (user:password@) does not go in a registry URL, \
+                             where it would be stored and logged; use a credentials file"
+                        .into(),
+                });
+            }
             let port = ep.rsplit_once(':').map(|(h, p)| (h, p.parse::<u16>()));
             if !matches!(port, Some((h, Ok(p))) if !h.is_empty() && p != 0 && !h.contains('/')) {
                 return Err(bad(&format!("{ep:?} is not host:port")));
@@ -279,6 +288,7 @@ pub(crate) fn spawn_sink(shared: Arc<Shared>, write: StatusWriter) -> JoinHandle
         // snapshot is written once, and a failing write warns once per episode.
         let mut persisted: Option<Arc<Snapshot>> = None;
         let mut persist_failing = false;
+        let mut status_refused = false;
         loop {
             let snap = rx.borrow_and_update().clone();
             if snap.origin == Origin::Live {
@@ -287,7 +297,7 @@ pub(crate) fn spawn_sink(shared: Arc<Shared>, write: StatusWriter) -> JoinHandle
                 {
                     persisted = Some(snap.clone());
                 }
-                if !status(&shared, &snap, &write).await {
+                if !status(&shared, &snap, &write, &mut status_refused).await {
                     // Retry in a second, or sooner with a newer snapshot.
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -334,8 +344,14 @@ async fn persist(shared: &Shared, snap: &Arc<Snapshot>, failing: &mut bool) -> b
     }
 }
 
-/// Writes the status for `snap`; true when done (or nothing to do).
-async fn status(shared: &Shared, snap: &Snapshot, write: &StatusWriter) -> bool {
+/// Writes the status for `snap`; true when done (or nothing to do). A write etcd's access
+/// control refuses warns once per episode (`refused`).
+async fn status(
+    shared: &Shared,
+    snap: &Snapshot,
+    write: &StatusWriter,
+    refused: &mut bool,
+) -> bool {
     let Some(id) = shared.opts.sidecar_id.clone() else {
         return true;
     };
@@ -356,7 +372,22 @@ async fn status(shared: &Shared, snap: &Snapshot, write: &StatusWriter) -> bool 
         rejected,
     };
     match write(st).await {
-        Ok(()) => true,
+        Ok(()) => {
+            if std::mem::take(refused) {
+                tracing::info!("sidecar status written again");
+            }
+            true
+        }
+        // Refused by etcd's access control: nobody sees this sidecar's status until the
+        // operator grants it (a warning; unreachable etcd is already reported as staleness).
+        Err(
+            e @ (RegistryError::PermissionDenied { .. } | RegistryError::Unauthenticated { .. }),
+        ) => {
+            if !std::mem::replace(refused, true) {
+                tracing::warn!(error = %e, "cannot write the sidecar status");
+            }
+            false
+        }
         Err(e) => {
             tracing::debug!(error = %e, "cannot write the sidecar status yet");
             false
@@ -419,6 +450,7 @@ mod tests {
             "etcd://:1",
             "etcds://",
             "etcds://h",
+            "etcd://user:pw@h:1",
         ] {
             assert!(RegistryUrl::parse(bad).is_err(), "{bad}");
         }

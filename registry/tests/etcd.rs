@@ -397,10 +397,25 @@ async fn an_invalid_value_is_quarantined_until_a_good_one_arrives() {
 
 #[tokio::test]
 async fn persisted_snapshot_serves_while_etcd_is_down() {
+    persisted_snapshot_served(false).await;
+}
+
+/// The same with an etcd user: the log-in waits for etcd, it does not stop the start.
+#[tokio::test]
+async fn persisted_snapshot_serves_while_etcd_is_down_with_credentials() {
+    persisted_snapshot_served(true).await;
+}
+
+async fn persisted_snapshot_served(with_credentials: bool) {
     let mut etcd = EtcdServer::start();
     let state = tempfile::tempdir().unwrap();
     let mut o = opts();
     o.state_dir = Some(state.path().to_owned());
+    if with_credentials {
+        etcd.enable_auth("rootpw");
+        etcd.add_user("rw", "pw", "readwrite", "/halyard/default/");
+        o.access.credentials = Some(halyard_registry::Credentials::new("rw", "pw").unwrap());
+    }
     put(&etcd, "services/a", &service("a", 80));
     put(&etcd, "policies/ratings", GOOD_POLICY);
     {
@@ -621,4 +636,24 @@ async fn an_etcds_registry_is_reached_over_tls_with_a_client_certificate() {
     assert!(msg.contains("UnknownIssuer"), "{msg}");
     let msg = admin(ca_only).await;
     assert!(!msg.is_empty(), "no client certificate, yet accepted");
+}
+
+/// A sidecar whose etcd user may only read: registering its endpoint is refused at once with
+/// a message naming the user, and no lease is left behind.
+#[tokio::test]
+async fn registering_as_a_read_only_user_is_refused_and_leaves_no_lease() {
+    let mut etcd = EtcdServer::start();
+    etcd.enable_auth("rootpw");
+    etcd.add_user("ro", "pw", "read", "/halyard/default/");
+    let mut o = opts();
+    o.access.credentials = Some(halyard_registry::Credentials::new("ro", "pw").unwrap());
+    o.sidecar_id = Some("reviews-1".into());
+    let reg = open(&etcd.url(), o).await;
+    let err = match reg.register(endpoint("reviews-1")).await {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a read-only user registered an endpoint"),
+    };
+    assert!(err.contains("denied user \"ro\""), "{err}");
+    let leases = etcd.etcdctl_ok(&["lease", "list"]);
+    assert!(leases.contains("found 0 leases"), "{leases}");
 }

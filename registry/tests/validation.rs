@@ -214,6 +214,7 @@ fn bad_objects_name_the_field_path() {
         ("kind: ClusterLink\ncluster: b\nregistry: etcd://10.0.0.1:2379\ngateway: 192.0.2.9:15444\ncredentials: ../../etc/shadow".into(), "credentials", "DNS-1123"),
         ("kind: ClusterLink\ncluster: b\nregistry: etcd://10.0.0.1:2379\ngateway: 192.0.2.9:15444\npassword: hunter2".into(), "password", "unknown field"),
         ("kind: ClusterLink\ncluster: b\nregistry: etcd://10.0.0.1:2379\ngateway: 192.0.2.9:15444\ntoken: x".into(), "token", "unknown field"),
+        ("kind: ClusterLink\ncluster: b\nregistry: etcd://reader:S3CRET@10.0.0.1:2379\ngateway: 192.0.2.9:15444".into(), "registry", "credentials file"),
         ("kind: Service\nname: r\nports: [{port: 80, protocol: tcp}]\nfailover: [b, b]".into(), "failover[1]", "twice"),
         ("kind: Service\nname: r\nports: [{port: 80, protocol: tcp}]\nfailover: [Cluster_B]".into(), "failover[0]", "DNS"),
         ("kind: Route\nservice: r\nfailover: [b, c, b]\nrules: [{backends: [{weight: 1}]}]".into(), "failover[2]", "twice"),
@@ -226,6 +227,10 @@ fn bad_objects_name_the_field_path() {
         assert!(msg.contains(reason), "{yaml}\n=> {msg} (wanted {reason:?})");
         assert!(msg.starts_with("f.yaml"), "{msg}");
         assert!(msg.contains(&format!(": {path}: ")), "{msg}");
+        assert!(
+            !msg.contains("S3CRET"),
+            "a password in a validation error: {msg}"
+        );
     }
 }
 

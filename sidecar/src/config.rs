@@ -965,6 +965,10 @@ pub fn check_registry_tls(url: &str, tls: Option<&RegistryTlsConfig>) -> Result<
 
 /// `etcd://host:port[,host:port...]`, `etcds://host:port[,...]` or `file:///absolute/path`.
 pub fn check_registry_url(url: &str) -> Result<(), String> {
+    if url.contains('@') {
+        // Not echoed: the part before '@' is likely a password.
+        return Err("user information (user:password@) does not go in the registry URL, where it would be shown and logged; use registry_credentials = \"FILE\"".into());
+    }
     if let Some(hosts) = url
         .strip_prefix("etcd://")
         .or_else(|| url.strip_prefix("etcds://"))

@@ -32,6 +32,8 @@ type MergeInputs = (usize, Vec<(String, i64, bool)>);
 /// One open link.
 struct Remote {
     link: Arc<ClusterLink>,
+    /// The user and TLS files it was opened with: when the files change, it is opened again.
+    access: halyard_registry::Access,
     registry: Arc<dyn Registry>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     /// Wakes the merge loop on each of its snapshots; stopped with the link.
@@ -132,7 +134,10 @@ async fn run(
     let mut last: Option<MergeInputs> = None;
     loop {
         let snap = local.borrow_and_update().clone();
-        links.reconcile(&snap);
+        for gone in links.reconcile(&snap) {
+            let _ = metrics.link_stale.remove_label_values(&[gone.as_str()]);
+            let _ = metrics.link_endpoints.remove_label_values(&[gone.as_str()]);
+        }
         let views: Vec<(Arc<ClusterLink>, Arc<Snapshot>, Duration)> = links
             .open
             .values_mut()
@@ -150,6 +155,9 @@ async fn run(
         // A link whose registry could not be opened yet (refused credentials, a missing
         // credentials file) has been out of contact since it appeared.
         for (cluster, (_, _, since)) in &links.opening {
+            if links.open.contains_key(cluster) {
+                continue; // opened again with new credentials; the open one reports
+            }
             metrics
                 .link_stale
                 .with_label_values(&[cluster.as_str()])
@@ -189,7 +197,11 @@ async fn run(
 }
 
 /// A registry opened for a link, handed from its opener task to the merge loop.
-type Opened = (Arc<ClusterLink>, Arc<dyn Registry>);
+type Opened = (
+    Arc<ClusterLink>,
+    Arc<dyn Registry>,
+    halyard_registry::Access,
+);
 
 /// The links being followed, and those whose registry is still being opened.
 struct Links {
@@ -218,14 +230,20 @@ struct Links {
 
 impl Links {
     /// Forgets links that went or changed, takes the registries openers finished, and starts
-    /// an opener for each new link. Never waits on a network: opening runs beside the merge.
-    fn reconcile(&mut self, snap: &Snapshot) {
+    /// an opener for each new link and for each open one whose credentials files changed (the
+    /// open one serves until the new one opens). Never waits on a network: opening runs beside
+    /// the merge. Returns the clusters no longer linked at all.
+    fn reconcile(&mut self, snap: &Snapshot) -> Vec<String> {
         let wanted = |cluster: &String, link: &Arc<ClusterLink>| {
             snap.links.get(cluster).is_some_and(|l| l == link)
         };
+        let gone: Vec<String> = (self.open.keys().chain(self.opening.keys()))
+            .filter(|c| !snap.links.contains_key(*c))
+            .cloned()
+            .collect();
         self.open.retain(|c, r| wanted(c, &r.link));
         self.opening.retain(|c, (link, _, _)| wanted(c, link));
-        while let Ok((link, registry)) = self.opened.1.try_recv() {
+        while let Ok((link, registry, access)) = self.opened.1.try_recv() {
             let cluster = link.cluster.to_string();
             if !wanted(&cluster, &link) {
                 continue;
@@ -244,6 +262,7 @@ impl Links {
                 cluster,
                 Remote {
                     link,
+                    access,
                     registry,
                     snapshots,
                     _waker: tokio_util::task::AbortOnDropHandle::new(waker),
@@ -251,8 +270,15 @@ impl Links {
             );
         }
         for (cluster, link) in &snap.links {
-            if self.open.contains_key(cluster) || self.opening.contains_key(cluster) {
+            if self.opening.contains_key(cluster) {
                 continue;
+            }
+            if let Some(open) = self.open.get(cluster) {
+                let now = link_access(link, self.credentials_dir.as_deref());
+                if now.is_err() || now.as_ref().is_ok_and(|a| *a == open.access) {
+                    continue;
+                }
+                tracing::info!(%cluster, "the link's credentials files changed; opening its registry again");
             }
             let mut opts = halyard_registry::Options::new(link.mesh.as_str());
             opts.timeout = Duration::from_secs(3);
@@ -276,6 +302,7 @@ impl Links {
                 ),
             );
         }
+        gone
     }
 }
 
@@ -303,7 +330,7 @@ async fn open_link(
         };
         match attempt {
             Ok(registry) => {
-                let _ = opened.send((link, registry));
+                let _ = opened.send((link, registry, opts.access));
                 wake.notify_one();
                 return;
             }

@@ -746,6 +746,59 @@ async fn a_link_reads_an_etcd_that_requires_authentication_as_a_read_only_user()
     gateway.stop().await;
 }
 
+/// The password of the link's user is rotated on B (and etcd restarted, which forgets every
+/// token), then written to the file the link names: the sidecar reads the new file, opens
+/// B's registry again with it, and follows B's changes without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_link_password_is_picked_up_without_a_restart() {
+    let mut etcd = tokio::task::spawn_blocking(halyard_registry::test_util::EtcdServer::start)
+        .await
+        .unwrap();
+    let a = Mesh::with_dir().await;
+    let b = Mesh::with_url_sharing_ca(etcd.url(), &a).await;
+    b.apply("kind: Service\nname: reviews\nexported: true\nports:\n  - { name: tcp, port: 9080, protocol: tcp }\n").await;
+    let endpoint = |etcd: &halyard_registry::test_util::EtcdServer, id: &str| {
+        let value = format!(
+            r#"{{"kind":"Endpoint","id":"{id}","service":"reviews","address":"127.0.0.1:1","identity":"{REVIEWS}"}}"#
+        );
+        etcd.etcdctl_ok(&[
+            "put",
+            &format!("/halyard/default/endpoints/reviews/{id}"),
+            &value,
+        ]);
+    };
+    tokio::task::block_in_place(|| {
+        etcd.enable_auth("rootpw");
+        etcd.add_user("a-reader", "r-pw", "read", "/halyard/default/");
+        endpoint(&etcd, "r1");
+    });
+    let links = a.dir.path().join("link-credentials");
+    std::fs::create_dir_all(&links).unwrap();
+    std::fs::write(links.join("reader-b"), "a-reader:r-pw\n").unwrap();
+    a.apply(&format!(
+        "kind: ClusterLink\ncluster: b\nregistry: {}\ngateway: \"127.0.0.1:15444\"\ncredentials: reader-b\n",
+        etcd.url(),
+    ))
+    .await;
+    let pp = a_caller(&a, &links).await;
+
+    tokio::task::block_in_place(|| {
+        etcd.etcdctl_ok(&["user", "delete", "a-reader"]);
+        etcd.etcdctl_ok(&["user", "add", "a-reader:new-pw"]);
+        etcd.etcdctl_ok(&["user", "grant-role", "a-reader", "a-reader"]);
+    });
+    std::fs::write(links.join("reader-b"), "a-reader:new-pw\n").unwrap();
+    tokio::task::block_in_place(|| {
+        etcd.restart();
+        endpoint(&etcd, "r2");
+    });
+    pp.wait_snapshot("B's change read with the new password", |s| {
+        s.endpoints_of("reviews").any(|ep| ep.id == "b.r2")
+    })
+    .await;
+    pp.shutdown().await.unwrap();
+}
+
 /// B's etcd serves over TLS and requires client certificates (`etcds://`): B's sidecar and
 /// gateway reach it with `registry_tls`, A's link with the CA and client certificate files its
 /// `credentials` name in the sidecar's `link_credentials` folder.

@@ -1148,7 +1148,7 @@ const MAX_KEEP_STALE: Duration = Duration::from_secs(7 * 24 * 3600);
 fn cluster_link(raw: raw::ClusterLink) -> Result<ClusterLink, ValidationError> {
     let cluster = Name::at("cluster", &raw.cluster)?;
     crate::RegistryUrl::parse(&raw.registry)
-        .map_err(|e| ValidationError::at("registry", format!("{:?}: {e}", raw.registry)))?;
+        .map_err(|e| ValidationError::at("registry", e.to_string()))?;
     let mesh = Name::at("mesh", raw.mesh.as_deref().unwrap_or("default"))?;
     let gateway = raw
         .gateway

@@ -129,8 +129,9 @@ async fn connect(args: &CtlArgs) -> anyhow::Result<Admin> {
 /// `etcds://`, the TLS files (named as `etcdctl` names them).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct AccessArgs {
-    /// A file holding `user:password` of the etcd user to act as (etcd RBAC).
-    #[arg(long, global = true, env = "HALYARD_REGISTRY_CREDENTIALS")]
+    /// A file holding `user:password` of the etcd user to act as (etcd RBAC); default: the
+    /// file `HALYARD_REGISTRY_CREDENTIALS` names, when it is set and not empty.
+    #[arg(long, global = true)]
     pub credentials: Option<std::path::PathBuf>,
     /// The CA file of an etcds:// registry's certificate.
     #[arg(long, global = true)]
@@ -157,8 +158,12 @@ impl AccessArgs {
         if tls.is_none() && self.cert.is_some() {
             anyhow::bail!("--cert needs --cacert (the CA of the etcds:// registry's certificate)");
         }
+        let from_env = std::env::var_os("HALYARD_REGISTRY_CREDENTIALS")
+            .filter(|v| !v.is_empty())
+            .map(std::path::PathBuf::from);
+        let credentials = self.credentials.clone().or(from_env);
         Ok(halyard_sidecar::config::registry_access(
-            self.credentials.as_deref(),
+            credentials.as_deref(),
             tls.as_ref(),
         )?)
     }

@@ -328,6 +328,22 @@ fn ctl_and_ca_token_act_as_the_etcd_user_of_a_credentials_file() {
         "/halyard-ca/default/tokens/",
     ]);
     assert!(!stored.trim().is_empty(), "no token record written");
+
+    // An empty variable is no variable (a directory registry needs none).
+    let dir = tmp.path().join("dirreg");
+    std::fs::create_dir_all(&dir).unwrap();
+    let empty = Command::new(env!("CARGO_BIN_EXE_halyard"))
+        .args([
+            "ctl",
+            "--registry",
+            &format!("file://{}", dir.display()),
+            "get",
+            "services",
+        ])
+        .env("HALYARD_REGISTRY_CREDENTIALS", "")
+        .output()
+        .unwrap();
+    ok(&empty);
 }
 
 /// `ctl` against an `etcds://` registry: `--cacert`, `--cert` and `--key` as `etcdctl` names
