@@ -445,6 +445,20 @@ async fn losing_every_local_endpoint_fails_over_to_b_and_back() {
     c.gateway.stop().await;
 }
 
+/// Cluster A on a directory registry and cluster B on the registry at `url` (reached with
+/// `access`), sharing one root; B exports `reviews`, served by the returned echo app.
+async fn clusters_on(url: String, access: &halyard_registry::Access) -> (Mesh, Mesh, Echo) {
+    let a = Mesh::with_dir().await;
+    let b = Mesh::with_access_sharing_ca(url, access, &a).await;
+    let echo = tagged_echo("127.0.0.1:0".parse().unwrap(), "b").await;
+    b.apply(&format!(
+        "kind: Service\nname: reviews\nexported: true\nports:\n  - {{ name: tcp, port: 9080, protocol: tcp, targetPort: {} }}\n",
+        echo.addr.port()
+    ))
+    .await;
+    (a, b, echo)
+}
+
 /// Cluster B on its own etcd, linked from A by a ClusterLink (no Endpoint written into A): A's
 /// sidecar reads B's registry, B's exported endpoints join A's snapshot with cluster `b`.
 struct Linked {
@@ -469,14 +483,7 @@ async fn linked_through(
     let etcd = tokio::task::spawn_blocking(halyard_registry::test_util::EtcdServer::start)
         .await
         .unwrap();
-    let a = Mesh::with_dir().await;
-    let b = Mesh::with_url_sharing_ca(etcd.url(), &a).await;
-    let echo = tagged_echo("127.0.0.1:0".parse().unwrap(), "b").await;
-    b.apply(&format!(
-        "kind: Service\nname: reviews\nexported: true\nports:\n  - {{ name: tcp, port: 9080, protocol: tcp, targetPort: {} }}\n",
-        echo.addr.port()
-    ))
-    .await;
+    let (a, b, echo) = clusters_on(etcd.url(), &halyard_registry::Access::default()).await;
     let mut spec = Spec::new("reviews", "v1");
     spec.prefix = "lease_ttl = \"3s\"\n".into();
     spec.extra = "[transport]\nproxy_protocol_from = [\"127.0.0.0/8\"]\n".into();
@@ -676,14 +683,7 @@ async fn a_link_reads_an_etcd_that_requires_authentication_as_a_read_only_user()
     let mut etcd = tokio::task::spawn_blocking(halyard_registry::test_util::EtcdServer::start)
         .await
         .unwrap();
-    let a = Mesh::with_dir().await;
-    let b = Mesh::with_url_sharing_ca(etcd.url(), &a).await;
-    let echo = tagged_echo("127.0.0.1:0".parse().unwrap(), "b").await;
-    b.apply(&format!(
-        "kind: Service\nname: reviews\nexported: true\nports:\n  - {{ name: tcp, port: 9080, protocol: tcp, targetPort: {} }}\n",
-        echo.addr.port()
-    ))
-    .await;
+    let (a, b, echo) = clusters_on(etcd.url(), &halyard_registry::Access::default()).await;
     tokio::task::block_in_place(|| {
         etcd.enable_auth("rootpw");
         etcd.add_user("b-sidecars", "w-pw", "readwrite", "/halyard/default/");
@@ -818,14 +818,7 @@ async fn a_link_reads_an_etcds_registry_with_a_client_certificate() {
             .unwrap(),
         ),
     };
-    let a = Mesh::with_dir().await;
-    let b = Mesh::with_access_sharing_ca(etcd.url(), &access, &a).await;
-    let echo = tagged_echo("127.0.0.1:0".parse().unwrap(), "b").await;
-    b.apply(&format!(
-        "kind: Service\nname: reviews\nexported: true\nports:\n  - {{ name: tcp, port: 9080, protocol: tcp, targetPort: {} }}\n",
-        echo.addr.port()
-    ))
-    .await;
+    let (a, b, echo) = clusters_on(etcd.url(), &access).await;
     let tls = format!(
         "registry_tls = {{ ca = {:?}, cert = {:?}, key = {:?} }}\n",
         files.ca.display().to_string(),
