@@ -683,7 +683,7 @@ async fn a_link_reads_an_etcd_that_requires_authentication_as_a_read_only_user()
     let mut etcd = tokio::task::spawn_blocking(halyard_registry::test_util::EtcdServer::start)
         .await
         .unwrap();
-    let (a, b, echo) = clusters_on(etcd.url(), &halyard_registry::Access::default()).await;
+    let (a, b, _echo) = clusters_on(etcd.url(), &halyard_registry::Access::default()).await;
     tokio::task::block_in_place(|| {
         etcd.enable_auth("rootpw");
         etcd.add_user("b-sidecars", "w-pw", "readwrite", "/halyard/default/");
@@ -818,7 +818,7 @@ async fn a_link_reads_an_etcds_registry_with_a_client_certificate() {
             .unwrap(),
         ),
     };
-    let (a, b, echo) = clusters_on(etcd.url(), &access).await;
+    let (a, b, _echo) = clusters_on(etcd.url(), &access).await;
     let tls = format!(
         "registry_tls = {{ ca = {:?}, cert = {:?}, key = {:?} }}\n",
         files.ca.display().to_string(),
