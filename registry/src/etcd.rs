@@ -158,28 +158,17 @@ impl Etcd {
             Ok(Err(etcd_client::Error::GRpcStatus(s))) if s.code() as i32 == GRPC_UNAVAILABLE => {
                 Err(unreachable(&self.endpoints, s.message().to_owned()))
             }
-            Ok(Err(etcd_client::Error::GRpcStatus(s)))
-                if auth_error(
-                    &self.endpoints,
-                    self.user.as_deref(),
-                    s.code() as i32,
-                    s.message(),
-                )
-                .is_some() =>
-            {
-                Err(auth_error(
-                    &self.endpoints,
-                    self.user.as_deref(),
-                    s.code() as i32,
-                    s.message(),
-                )
-                .unwrap_or_else(|| unreachable(&self.endpoints, s.message().to_owned())))
-            }
-            Ok(Err(etcd_client::Error::GRpcStatus(s))) if s.code() as i32 == GRPC_UNIMPLEMENTED => {
-                Err(unreachable(
-                    &self.endpoints,
-                    format!("{} (is this an etcd v3 endpoint?)", s.message()),
-                ))
+            Ok(Err(etcd_client::Error::GRpcStatus(s))) => {
+                let code = s.code() as i32;
+                let auth = auth_error(&self.endpoints, self.user.as_deref(), code, s.message());
+                Err(match auth {
+                    Some(e) => e,
+                    None if code == GRPC_UNIMPLEMENTED => unreachable(
+                        &self.endpoints,
+                        format!("{} (is this an etcd v3 endpoint?)", s.message()),
+                    ),
+                    None => RegistryError::Etcd(etcd_client::Error::GRpcStatus(s)),
+                })
             }
             Ok(r) => r.map_err(RegistryError::Etcd),
         }

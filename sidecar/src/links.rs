@@ -128,6 +128,7 @@ async fn run(
         opened: tokio::sync::mpsc::unbounded_channel(),
         state_dir,
         credentials_dir,
+        checked: None,
     };
     let mut tick = tokio::time::interval(AGE_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -226,6 +227,9 @@ struct Links {
     state_dir: Option<std::path::PathBuf>,
     /// The folder a link's `credentials` name is looked up in (`link_credentials`).
     credentials_dir: Option<std::path::PathBuf>,
+    /// When open links' credentials files were last compared with what they were opened with
+    /// (at most once per [`AGE_CHECK`], not on every snapshot).
+    checked: Option<tokio::time::Instant>,
 }
 
 impl Links {
@@ -269,13 +273,23 @@ impl Links {
                 },
             );
         }
+        let now = tokio::time::Instant::now();
+        let check = self
+            .checked
+            .is_none_or(|t| now.duration_since(t) >= AGE_CHECK);
+        if check {
+            self.checked = Some(now);
+        }
         for (cluster, link) in &snap.links {
             if self.opening.contains_key(cluster) {
                 continue;
             }
             if let Some(open) = self.open.get(cluster) {
-                let now = link_access(link, self.credentials_dir.as_deref());
-                if now.is_err() || now.as_ref().is_ok_and(|a| *a == open.access) {
+                if !check {
+                    continue;
+                }
+                let current = link_access(link, self.credentials_dir.as_deref());
+                if current.is_err() || current.as_ref().is_ok_and(|a| *a == open.access) {
                     continue;
                 }
                 tracing::info!(%cluster, "the link's credentials files changed; opening its registry again");
