@@ -31,6 +31,9 @@ struct Path {
     /// like kernel BBRv1's: the window keeps a standing queue, except for 200 ms every 10 s
     /// (its ProbeRTT) when it drops to 4 packets.
     cross_window: u64,
+    /// A receiver that stops acknowledging for `.1` at the start of every `.0` (a host whose
+    /// scheduler runs other work: the ACKs of what arrived meanwhile leave in one burst).
+    ack_stall: Option<(Duration, Duration)>,
 }
 
 impl Path {
@@ -44,6 +47,7 @@ impl Path {
             loss: 0.0,
             steps: Vec::new(),
             cross_window: 0,
+            ack_stall: None,
         }
     }
 
@@ -166,8 +170,12 @@ fn run(path: &Path, secs: u64, seed: u64) -> (Bbr, Trace) {
             }
             pending_ack.push(pn);
         }
-        if pending_ack.len() >= 2
-            || (!pending_ack.is_empty() && now - pending_since >= Duration::from_millis(25))
+        let stalled = path
+            .ack_stall
+            .is_some_and(|(every, stall)| elapsed.as_nanos() % every.as_nanos() < stall.as_nanos());
+        if !stalled
+            && (pending_ack.len() >= 2
+                || (!pending_ack.is_empty() && now - pending_since >= Duration::from_millis(25)))
         {
             to_sender.push_back((now + one_way, std::mem::take(&mut pending_ack)));
         }
@@ -609,4 +617,24 @@ fn alone_the_window_is_carried_over_min_rtt() {
         "{rtt:?}"
     );
     assert!(trace.queue_p(Duration::from_secs(2), 90) < Duration::from_millis(5));
+}
+
+#[test]
+fn a_receiver_that_stalls_its_acks_keeps_the_link_busy() {
+    // A QUIC receiver acknowledges from user space: when its host runs other work, no ACK
+    // leaves for a while, then all of them at once. Here 2 ms of every 5 ms on a 1 ms,
+    // 1 Gbit/s path, so keeping the link busy takes `rate × (RTT + stall)` = 3 BDP in flight.
+    // The aggregation estimate (`extra_acked`, §5.5.9) must enter the window in full (as the
+    // draft's cwnd takes it), not capped at one BDP.
+    let mut path = Path::new(1000, 1);
+    path.queue = 4 * path.bdp();
+    path.ack_stall = Some((Duration::from_millis(5), Duration::from_millis(2)));
+    let (bbr, trace) = run(&path, 6, 21);
+    let goodput = trace.goodput(3.0, 6.0);
+    assert!(
+        goodput * 10 >= path.rate * 9,
+        "goodput {goodput} B/s of {} (window {}, extra_acked covers the stall)",
+        path.rate,
+        bbr.window()
+    );
 }
