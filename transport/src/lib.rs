@@ -86,7 +86,7 @@ pub use server::{
     serve, serve_until, Handler, HttpRequest, Peer, ServerRequestStream, TunnelRequest,
 };
 pub use target::{Target, TargetError};
-pub use tunnel::{ServerRecv, ServerSend, ServerTunnel, Tunnel};
+pub use tunnel::{LocalRead, ServerRecv, ServerSend, ServerTunnel, Tunnel};
 
 /// The libraries whose types appear in this API, re-exported so users match versions.
 pub use {h3, h3_quinn, http, quinn};

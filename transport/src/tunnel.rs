@@ -345,13 +345,46 @@ impl<R: RecvHalf> Reader<R> {
 const SPLICE_BUF: usize = 256 * 1024;
 /// First buffer of a flow's direction, bytes; a read that fills its buffer doubles the next one,
 /// up to [`SPLICE_BUF`]. Buffers grow with the data a flow carries, not with the flow: with
-/// 256 KiB per direction from the start, 10,000 idle flows took ~1.5 GiB per sidecar. (Shrinking
+/// 256 KiB per direction from the start, 10,000 idle flows took ~1.5 GiB per sidecar. A flow
+/// still at this size holds no buffer while it waits (an interactive or idle flow); shrinking
 /// a grown buffer whenever a read would wait cost 10-16 % more CPU per byte with 8 bulk flows,
-/// so a flow keeps what it grew to.)
+/// so a flow keeps what it grew to.
 const SPLICE_START: usize = 4 * 1024;
 
-/// Local stream → tunnel: each read lands in a buffer that is then handed to h3 as is.
-async fn pump_up<S: SendHalf, R: AsyncRead + Unpin>(
+/// The read half of a local stream a tunnel is spliced with ([`Tunnel::splice`]): an
+/// `AsyncRead` that may also say when a read would not wait, so that a flow between bursts
+/// holds no buffer (a buffer has to be handed to `poll_read` before any byte can arrive).
+///
+/// Implemented for tokio's TCP read halves (readiness from the reactor) and for
+/// [`tokio::io::ReadHalf`] (no readiness: [`LocalRead::readable`] resolves at once and the
+/// buffer is taken before the read, as a plain `AsyncRead` needs).
+pub trait LocalRead: AsyncRead + Unpin {
+    /// Resolves when a read would probably not wait (readiness may be spurious: the read
+    /// that follows may still wait). Errors are the socket's.
+    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
+        std::future::ready(Ok(()))
+    }
+}
+
+impl LocalRead for tokio::net::tcp::ReadHalf<'_> {
+    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
+        tokio::net::tcp::ReadHalf::readable(self)
+    }
+}
+
+impl LocalRead for tokio::net::tcp::OwnedReadHalf {
+    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
+        tokio::net::tcp::OwnedReadHalf::readable(self)
+    }
+}
+
+impl<T: AsyncRead> LocalRead for tokio::io::ReadHalf<T> {}
+
+/// Local stream → tunnel: each read lands in a buffer that is then handed to h3 as is. While
+/// a flow's buffer is still the first size ([`SPLICE_START`]: it has carried only small
+/// reads), the flow waits for readable bytes holding no buffer; a flow whose reads grew the
+/// buffer keeps it (bulk flows wait often and briefly: see [`SPLICE_START`]).
+async fn pump_up<S: SendHalf, R: LocalRead>(
     writer: &mut Writer<S>,
     mut from: R,
 ) -> io::Result<u64> {
@@ -359,6 +392,11 @@ async fn pump_up<S: SendHalf, R: AsyncRead + Unpin>(
     let mut size = SPLICE_START;
     let mut total = 0u64;
     loop {
+        if size == SPLICE_START {
+            // Drops the handle on the last allocation (h3 frees it once the chunk is sent).
+            buf = BytesMut::new();
+            from.readable().await?;
+        }
         // Reclaims the previous allocation once h3 has released the last chunk.
         buf.reserve(size);
         let n = from.read_buf(&mut buf).await?;
@@ -376,7 +414,8 @@ async fn pump_up<S: SendHalf, R: AsyncRead + Unpin>(
 }
 
 /// Tunnel → local stream: every chunk already received is gathered into one write. No buffer
-/// is made before the first chunk arrives.
+/// is made before the first chunk arrives, and a flow whose buffer is still the first size
+/// gives it back whenever it has to wait for the peer (as [`pump_up`] does).
 async fn pump_down<R: RecvHalf, W: AsyncWrite + Unpin>(
     reader: &mut Reader<R>,
     mut to: W,
@@ -385,7 +424,16 @@ async fn pump_down<R: RecvHalf, W: AsyncWrite + Unpin>(
     let mut size = SPLICE_START;
     let mut total = 0u64;
     loop {
-        std::future::poll_fn(|cx| reader.poll_fill(cx, true)).await?;
+        let ready = std::future::poll_fn(|cx| Poll::Ready(reader.poll_fill(cx, true))).await;
+        match ready {
+            Poll::Ready(r) => r?,
+            Poll::Pending => {
+                if size == SPLICE_START {
+                    buf = Vec::new();
+                }
+                std::future::poll_fn(|cx| reader.poll_fill(cx, true)).await?;
+            }
+        }
         if buf.len() < size {
             buf.resize(size, 0);
         }
@@ -548,7 +596,7 @@ impl Tunnel {
     /// sent and received.
     pub async fn splice<R, W>(&mut self, from: R, to: W) -> io::Result<(u64, u64)>
     where
-        R: AsyncRead + Unpin,
+        R: LocalRead,
         W: AsyncWrite + Unpin,
     {
         let (writer, response, status) = (&mut self.writer, &mut self.response, &mut self.status);
@@ -657,7 +705,7 @@ impl ServerTunnel {
     /// Pipes a local stream through the tunnel both ways, as [`Tunnel::splice`] does.
     pub async fn splice<R, W>(&mut self, from: R, to: W) -> io::Result<(u64, u64)>
     where
-        R: AsyncRead + Unpin,
+        R: LocalRead,
         W: AsyncWrite + Unpin,
     {
         let reader = self
@@ -708,5 +756,122 @@ impl AsyncWrite for ServerTunnel {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.get_mut().writer.poll_shutdown(cx, true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// A send half that keeps what it is given.
+    struct Sink(Arc<Mutex<Vec<Bytes>>>);
+
+    impl SendHalf for Sink {
+        fn send(self, data: Bytes) -> Op<Self> {
+            if let Ok(mut sent) = self.0.lock() {
+                sent.push(data);
+            }
+            Box::pin(std::future::ready((self, Ok(()))))
+        }
+        fn finish(self) -> Op<Self> {
+            Box::pin(std::future::ready((self, Ok(()))))
+        }
+        fn reset(&mut self, _code: Code) {}
+    }
+
+    /// A local stream whose bytes arrive when the test says, with readiness, and which counts
+    /// the reads handed a buffer while nothing was there to read.
+    #[derive(Default)]
+    struct Arrivals {
+        queue: Mutex<VecDeque<Vec<u8>>>,
+        notify: tokio::sync::Notify,
+        reads_that_waited: AtomicUsize,
+        closed: std::sync::atomic::AtomicBool,
+    }
+
+    struct Local(Arc<Arrivals>);
+
+    impl AsyncRead for Local {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let mut queue = self.0.queue.lock().map_err(|_| io::ErrorKind::Other)?;
+            match queue.pop_front() {
+                Some(bytes) => {
+                    buf.put_slice(&bytes);
+                    Poll::Ready(Ok(()))
+                }
+                None if self.0.closed.load(Ordering::SeqCst) => Poll::Ready(Ok(())),
+                None => {
+                    self.0.reads_that_waited.fetch_add(1, Ordering::SeqCst);
+                    let waker = cx.waker().clone();
+                    let arrivals = self.0.clone();
+                    drop(queue);
+                    tokio::spawn(async move {
+                        arrivals.notify.notified().await;
+                        waker.wake();
+                    });
+                    Poll::Pending
+                }
+            }
+        }
+    }
+
+    impl LocalRead for Local {
+        fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
+            let arrivals = self.0.clone();
+            async move {
+                loop {
+                    let notified = arrivals.notify.notified();
+                    let ready = arrivals.closed.load(Ordering::SeqCst)
+                        || arrivals.queue.lock().map(|q| !q.is_empty()).unwrap_or(true);
+                    if ready {
+                        return Ok(());
+                    }
+                    notified.await;
+                }
+            }
+        }
+    }
+
+    impl Arrivals {
+        fn push(&self, bytes: &[u8]) {
+            if let Ok(mut queue) = self.queue.lock() {
+                queue.push_back(bytes.to_vec());
+            }
+            self.notify.notify_waiters();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_flow_between_small_messages_waits_holding_no_buffer() {
+        // The buffer is taken right before a read: no read may be handed one while nothing
+        // has arrived, so an idle interactive flow holds none.
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let mut writer = Writer::new(Sink(sent.clone()));
+        let arrivals = Arc::new(Arrivals::default());
+        let pump = tokio::spawn({
+            let arrivals = arrivals.clone();
+            async move { pump_up(&mut writer, Local(arrivals)).await }
+        });
+        for message in [&b"hello"[..], b"world", b"!"] {
+            tokio::task::yield_now().await;
+            arrivals.push(message);
+            for _ in 0..20 {
+                tokio::task::yield_now().await;
+            }
+        }
+        arrivals.closed.store(true, Ordering::SeqCst);
+        arrivals.notify.notify_waiters();
+        let total = pump.await.ok().and_then(|r| r.ok());
+        assert_eq!(total, Some(11));
+        let sent: Vec<u8> = sent.lock().map(|s| s.concat()).unwrap_or_default();
+        assert_eq!(sent, b"helloworld!");
+        assert_eq!(arrivals.reads_that_waited.load(Ordering::SeqCst), 0);
     }
 }
