@@ -57,6 +57,9 @@ const STEP_SAMPLE: Duration = Duration::from_millis(100);
 const COEXIST: Duration = Duration::from_secs(20);
 /// Coexistence on the scenario's 1-BDP buffer and on a 3-BDP one.
 const COEXIST_QUEUES: [usize; 2] = [QUEUE_BYTES, 3 * QUEUE_BYTES];
+/// The kernel TCP congestion controls the coexistence runs put beside Halyard: BBR (v1 in
+/// mainline Linux: it keeps two BDPs in flight and ignores loss) and CUBIC, Linux's default.
+const COEXIST_KERNEL: [&str; 2] = ["bbr", "cubic"];
 const REQ_FLOWS: usize = 50;
 const RPS: f64 = 200.0;
 const RUN: Duration = Duration::from_secs(8);
@@ -122,6 +125,9 @@ struct StepRun {
 #[derive(Debug, Serialize)]
 struct Coexistence {
     congestion: String,
+    /// The kernel TCP congestion control of the stunnel flow (namespace a's
+    /// `net.ipv4.tcp_congestion_control` during the run).
+    kernel_congestion: String,
     /// The bottleneck's drop-tail queue during the run, bytes.
     queue_bytes: usize,
     seconds: f64,
@@ -154,11 +160,14 @@ fn link_up() -> anyhow::Result<(LinkParams, Pair, LinkEmu)> {
 /// one question without the 11 minutes of the whole scenario).
 pub fn coexistence_main() -> anyhow::Result<()> {
     let (_, pair, emu) = link_up()?;
+    let _allowed = AllowedKernelCongestion::ensure()?;
     let mut lab = Lab::up_on(pair)?;
     for congestion in CONGESTION {
         lab.restart_halyard(congestion)?;
-        for queue in COEXIST_QUEUES {
-            coexist(&lab, &emu, queue)?;
+        for kernel in COEXIST_KERNEL {
+            for queue in COEXIST_QUEUES {
+                coexist(&lab, &emu, queue, kernel)?;
+            }
         }
     }
     Ok(())
@@ -174,6 +183,7 @@ pub fn main() -> anyhow::Result<()> {
         )
     })?;
     let load_before = load_avg();
+    let _allowed = AllowedKernelCongestion::ensure()?;
     let mut lab = Lab::up_on(pair)?;
     let mut rows = Vec::new();
     let mut coexistence = Vec::new();
@@ -190,8 +200,10 @@ pub fn main() -> anyhow::Result<()> {
             }
         }
         set_profile(&emu, &PROFILES[0]);
-        for queue in COEXIST_QUEUES {
-            coexistence.push(coexist(&lab, &emu, queue)?);
+        for kernel in COEXIST_KERNEL {
+            for queue in COEXIST_QUEUES {
+                coexistence.push(coexist(&lab, &emu, queue, kernel)?);
+            }
         }
         if congestion == CONGESTION[0] {
             steps.push(step_run(&lab, &emu, Route::Stunnel)?);
@@ -352,8 +364,72 @@ fn step_figures(path: String, rates: &[f64], queues: &[f64], calm_ms: f64) -> St
     }
 }
 
-/// One bulk flow through Halyard and one through stunnel at once, for [`COEXIST`].
-fn coexist(lab: &Lab, emu: &LinkEmu, queue_bytes: usize) -> anyhow::Result<Coexistence> {
+/// One bulk flow through Halyard and one through stunnel at once, for [`COEXIST`], the
+/// stunnel flow's kernel TCP running `kernel` congestion control.
+fn coexist(
+    lab: &Lab,
+    emu: &LinkEmu,
+    queue_bytes: usize,
+    kernel: &str,
+) -> anyhow::Result<Coexistence> {
+    let before = set_kernel_congestion(&lab.pair.a.name, kernel)?;
+    let row = coexist_run(lab, emu, queue_bytes, kernel);
+    set_kernel_congestion(&lab.pair.a.name, &before)?;
+    row
+}
+
+/// Keeps every [`COEXIST_KERNEL`] congestion control allowed outside the root network namespace
+/// (`net.ipv4.tcp_allowed_congestion_control`: a namespace may only make an allowed one its
+/// default) while it lives, and puts the former list back when dropped.
+struct AllowedKernelCongestion(Option<String>);
+
+const ALLOWED_CC: &str = "/proc/sys/net/ipv4/tcp_allowed_congestion_control";
+
+impl AllowedKernelCongestion {
+    /// Called from the root network namespace (the bench's own).
+    fn ensure() -> anyhow::Result<Self> {
+        let before = std::fs::read_to_string(ALLOWED_CC)?.trim().to_owned();
+        let mut allowed: Vec<&str> = before.split_whitespace().collect();
+        let missing: Vec<&str> = COEXIST_KERNEL
+            .into_iter()
+            .filter(|cc| !allowed.contains(cc))
+            .collect();
+        if missing.is_empty() {
+            return Ok(AllowedKernelCongestion(None));
+        }
+        allowed.extend(missing);
+        std::fs::write(ALLOWED_CC, allowed.join(" "))?;
+        Ok(AllowedKernelCongestion(Some(before)))
+    }
+}
+
+impl Drop for AllowedKernelCongestion {
+    fn drop(&mut self) {
+        if let Some(before) = self.0.take() {
+            if let Err(e) = std::fs::write(ALLOWED_CC, &before) {
+                eprintln!("could not restore {ALLOWED_CC} to {before:?}: {e}");
+            }
+        }
+    }
+}
+
+/// Sets namespace `ns`'s TCP congestion control for sockets made from now on; the former one.
+fn set_kernel_congestion(ns: &str, cc: &str) -> anyhow::Result<String> {
+    let cc = cc.to_owned();
+    crate::netns::in_ns(ns, move || {
+        let path = "/proc/sys/net/ipv4/tcp_congestion_control";
+        let before = std::fs::read_to_string(path)?.trim().to_owned();
+        std::fs::write(path, &cc)?;
+        Ok(before)
+    })
+}
+
+fn coexist_run(
+    lab: &Lab,
+    emu: &LinkEmu,
+    queue_bytes: usize,
+    kernel: &str,
+) -> anyhow::Result<Coexistence> {
     emu.set_queue(queue_bytes);
     let halyard = lab.addr(Route::HalyardL4, Target::Sink);
     let stunnel = lab.addr(Route::Stunnel, Target::Sink);
@@ -366,14 +442,19 @@ fn coexist(lab: &Lab, emu: &LinkEmu, queue_bytes: usize) -> anyhow::Result<Coexi
     let ((h, hs), (s, ss)) = result?;
     let row = Coexistence {
         congestion: lab.congestion().to_owned(),
+        kernel_congestion: kernel.to_owned(),
         queue_bytes,
         seconds: COEXIST.as_secs_f64(),
         halyard_mbit_s: h as f64 * 8.0 / hs / 1e6,
         stunnel_mbit_s: s as f64 * 8.0 / ss / 1e6,
     };
     eprintln!(
-        "coexistence {} ({} B queue): halyard {:.1} Mbit/s, stunnel {:.1} Mbit/s",
-        row.congestion, row.queue_bytes, row.halyard_mbit_s, row.stunnel_mbit_s
+        "coexistence {} beside kernel {} ({} B queue): halyard {:.1} Mbit/s, stunnel {:.1} Mbit/s",
+        row.congestion,
+        row.kernel_congestion,
+        row.queue_bytes,
+        row.halyard_mbit_s,
+        row.stunnel_mbit_s
     );
     std::thread::sleep(Duration::from_millis(500));
     Ok(row)
@@ -509,12 +590,14 @@ fn markdown(r: &Report) -> String {
         );
     }
     md += "\nCoexistence: one bulk flow through Halyard and one through stunnel (kernel TCP) at once on the clean link, \
-           sharing the 100 Mbit/s bottleneck, on the scenario's queue and on one three times as deep.\n\n\
-           | halyard congestion | queue B | seconds | halyard Mbit/s | stunnel Mbit/s | halyard / stunnel |\n|---|---|---|---|---|---|\n";
+           sharing the 100 Mbit/s bottleneck, on the scenario's queue and on one three times as deep, beside a kernel flow \
+           running BBR (v1 in mainline Linux) and one running CUBIC (Linux's default).\n\n\
+           | halyard congestion | kernel TCP | queue B | seconds | halyard Mbit/s | stunnel Mbit/s | halyard / stunnel |\n|---|---|---|---|---|---|---|\n";
     for c in &r.coexistence {
         md += &format!(
-            "| {} | {} | {} | {:.1} | {:.1} | {:.2}× |\n",
+            "| {} | {} | {} | {} | {:.1} | {:.1} | {:.2}× |\n",
             c.congestion,
+            c.kernel_congestion,
             c.queue_bytes,
             c.seconds,
             c.halyard_mbit_s,
