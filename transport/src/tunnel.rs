@@ -359,6 +359,10 @@ const SPLICE_START: usize = 4 * 1024;
 /// [`tokio::io::ReadHalf`] (no readiness: [`LocalRead::readable`] resolves at once and the
 /// buffer is taken before the read, as a plain `AsyncRead` needs).
 pub trait LocalRead: AsyncRead + Unpin {
+    /// Whether [`LocalRead::readable`] reports readiness; when `false`, a flow keeps its
+    /// buffer between reads (giving it back would only allocate a new one per read).
+    const READINESS: bool = false;
+
     /// Resolves when a read would probably not wait (readiness may be spurious: the read
     /// that follows may still wait). Errors are the socket's.
     fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
@@ -367,12 +371,16 @@ pub trait LocalRead: AsyncRead + Unpin {
 }
 
 impl LocalRead for tokio::net::tcp::ReadHalf<'_> {
+    const READINESS: bool = true;
+
     fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
         tokio::net::tcp::ReadHalf::readable(self)
     }
 }
 
 impl LocalRead for tokio::net::tcp::OwnedReadHalf {
+    const READINESS: bool = true;
+
     fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
         tokio::net::tcp::OwnedReadHalf::readable(self)
     }
@@ -382,7 +390,8 @@ impl<T: AsyncRead> LocalRead for tokio::io::ReadHalf<T> {}
 
 /// Local stream → tunnel: each read lands in a buffer that is then handed to h3 as is. While
 /// a flow's buffer is still the first size ([`SPLICE_START`]: it has carried only small
-/// reads), the flow waits for readable bytes holding no buffer; a flow whose reads grew the
+/// reads) and its stream reports readiness, the flow waits for readable bytes holding no
+/// buffer; a flow whose reads grew the
 /// buffer keeps it (bulk flows wait often and briefly: see [`SPLICE_START`]).
 async fn pump_up<S: SendHalf, R: LocalRead>(
     writer: &mut Writer<S>,
@@ -392,7 +401,7 @@ async fn pump_up<S: SendHalf, R: LocalRead>(
     let mut size = SPLICE_START;
     let mut total = 0u64;
     loop {
-        if size == SPLICE_START {
+        if R::READINESS && size == SPLICE_START {
             // Drops the handle on the last allocation (h3 frees it once the chunk is sent).
             buf = BytesMut::new();
             from.readable().await?;
@@ -823,6 +832,8 @@ mod tests {
     }
 
     impl LocalRead for Local {
+        const READINESS: bool = true;
+
         fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
             let arrivals = self.0.clone();
             async move {
@@ -873,5 +884,47 @@ mod tests {
         let sent: Vec<u8> = sent.lock().map(|s| s.concat()).unwrap_or_default();
         assert_eq!(sent, b"helloworld!");
         assert_eq!(arrivals.reads_that_waited.load(Ordering::SeqCst), 0);
+    }
+
+    /// A send half that passes what it is given on.
+    struct Channel(tokio::sync::mpsc::UnboundedSender<Bytes>);
+
+    impl SendHalf for Channel {
+        fn send(self, data: Bytes) -> Op<Self> {
+            let _ = self.0.send(data);
+            Box::pin(std::future::ready((self, Ok(()))))
+        }
+        fn finish(self) -> Op<Self> {
+            Box::pin(std::future::ready((self, Ok(()))))
+        }
+        fn reset(&mut self, _code: Code) {}
+    }
+
+    #[tokio::test]
+    async fn a_tcp_flow_waits_on_readiness_and_ends_at_eof() {
+        // The TCP read half's readiness path on a real socket: each message is passed on once
+        // it arrives (the pump waits in between), and the peer's FIN ends the pump.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut app = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut accepted, _) = listener.accept().await.unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let pump = tokio::spawn(async move {
+            let mut writer = Writer::new(Channel(tx));
+            let (read, _write) = accepted.split();
+            pump_up(&mut writer, read).await
+        });
+        let within = std::time::Duration::from_secs(10);
+        for message in [&b"first"[..], b"second"] {
+            tokio::io::AsyncWriteExt::write_all(&mut app, message)
+                .await
+                .unwrap();
+            let got = tokio::time::timeout(within, rx.recv()).await.unwrap();
+            assert_eq!(got.as_deref(), Some(message));
+        }
+        tokio::io::AsyncWriteExt::shutdown(&mut app).await.unwrap();
+        let total = tokio::time::timeout(within, pump).await.unwrap().unwrap();
+        assert_eq!(total.unwrap(), 11);
     }
 }
