@@ -775,22 +775,6 @@ mod tests {
 
     use super::*;
 
-    /// A send half that keeps what it is given.
-    struct Sink(Arc<Mutex<Vec<Bytes>>>);
-
-    impl SendHalf for Sink {
-        fn send(self, data: Bytes) -> Op<Self> {
-            if let Ok(mut sent) = self.0.lock() {
-                sent.push(data);
-            }
-            Box::pin(std::future::ready((self, Ok(()))))
-        }
-        fn finish(self) -> Op<Self> {
-            Box::pin(std::future::ready((self, Ok(()))))
-        }
-        fn reset(&mut self, _code: Code) {}
-    }
-
     /// A local stream whose bytes arrive when the test says, with readiness, and which counts
     /// the reads handed a buffer while nothing was there to read.
     #[derive(Default)]
@@ -863,8 +847,8 @@ mod tests {
     async fn a_flow_between_small_messages_waits_holding_no_buffer() {
         // The buffer is taken right before a read: no read may be handed one while nothing
         // has arrived, so an idle interactive flow holds none.
-        let sent = Arc::new(Mutex::new(Vec::new()));
-        let mut writer = Writer::new(Sink(sent.clone()));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut writer = Writer::new(Channel(tx));
         let arrivals = Arc::new(Arrivals::default());
         let pump = tokio::spawn({
             let arrivals = arrivals.clone();
@@ -881,7 +865,10 @@ mod tests {
         arrivals.notify.notify_waiters();
         let total = pump.await.ok().and_then(|r| r.ok());
         assert_eq!(total, Some(11));
-        let sent: Vec<u8> = sent.lock().map(|s| s.concat()).unwrap_or_default();
+        let mut sent = Vec::new();
+        while let Ok(chunk) = rx.try_recv() {
+            sent.extend_from_slice(&chunk);
+        }
         assert_eq!(sent, b"helloworld!");
         assert_eq!(arrivals.reads_that_waited.load(Ordering::SeqCst), 0);
     }
