@@ -490,6 +490,26 @@ impl Shared {
         Ok(Admitted { port, slots })
     }
 
+    /// Whether policy still admits an established flow of `peer` to `target` (`admit::admit`
+    /// alone): the re-check after a snapshot change takes no rate-limit token and counts
+    /// nothing, so a flow admitted under a limit is never closed by that limit.
+    pub(crate) fn still_admits(
+        &self,
+        snap: &Snapshot,
+        target: &Target,
+        stream: admit::Stream,
+        peer: &SpiffeId,
+        services: &[String],
+        on: policy::Target<'_>,
+    ) -> bool {
+        let names: Vec<&str> = services.iter().map(String::as_str).collect();
+        let caller = Peer {
+            id: peer,
+            services: &names,
+        };
+        admit::admit(snap, &self.service, target, stream, caller, on).is_ok()
+    }
+
     /// Takes a place under a circuit-breaker `threshold` of the destination `service`
     /// (`decide::breaker`); a full threshold is counted and refused.
     pub(crate) fn breaker(

@@ -51,6 +51,8 @@ pub struct Spec {
     pub enroll: bool,
     /// The bundle an enrolling sidecar starts with; default the mesh CA's root.
     pub bundle: Option<String>,
+    /// `failure.connect_timeout` (default `1s`, so failure tests end fast).
+    pub connect_timeout: Option<String>,
 }
 
 impl Spec {
@@ -77,6 +79,12 @@ impl Spec {
             "ca = \"{ca}\"\ntoken = {token:?}\nid = \"spiffe://{TD}/ns/default/sa/{}\"\nleaf_ttl = {leaf_ttl:?}\n",
             self.service
         );
+        self
+    }
+    /// Sets `failure.connect_timeout`: a test that counts every flow's outcome gives a cold
+    /// handshake on a loaded machine more than the default second.
+    pub fn connect_timeout(mut self, timeout: &str) -> Spec {
+        self.connect_timeout = Some(timeout.into());
         self
     }
     /// Adds `key = value` lines to the `[inbound]` table.
@@ -337,7 +345,8 @@ impl Mesh {
         if spec.transparent {
             t += "[outbound.transparent]\nlisten = \"127.0.0.1:0\"\n";
         }
-        t += "[failure]\nconnect_timeout = \"1s\"\ndrain_timeout = \"5s\"\n";
+        let connect_timeout = spec.connect_timeout.as_deref().unwrap_or("1s");
+        t += &format!("[failure]\nconnect_timeout = {connect_timeout:?}\ndrain_timeout = \"5s\"\n");
         t += &spec.extra;
         t
     }

@@ -10,9 +10,11 @@ use std::time::{Duration, Instant};
 
 use halyard_registry::test_util::EtcdServer;
 use halyard_sidecar::test_util::{
-    call, http_app, http_call, http_client, loopback_ip, metric, tagged_echo, AppBehavior, Mesh,
-    Sidecar, Spec,
+    call, http_app, http_call, http_client, loopback_ip, metric, tagged_echo, AppBehavior, Echo,
+    Mesh, Sidecar, Spec,
 };
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 mod common;
 use common::{py_client, py_server};
@@ -38,9 +40,13 @@ async fn ratings(
     }
     let mut clients = Vec::new();
     for c in callers {
-        let caller = mesh
-            .start(&Spec::new(c, "v1").upstream("ratings", 9080))
-            .await;
+        // Every test here counts each call's outcome: a cold handshake that outlasts the
+        // harness's 1 s connect timeout on a loaded machine would be one call refused by the
+        // caller, never seen by the limit.
+        let spec = Spec::new(c, "v1")
+            .upstream("ratings", 9080)
+            .connect_timeout("30s");
+        let caller = mesh.start(&spec).await;
         caller.wait_endpoints("ratings", apps.len()).await;
         clients.push(caller);
     }
@@ -226,18 +232,23 @@ async fn new_flows_over_the_limit_are_refused() {
         }
     }
     assert_eq!(answered, 3);
+    // The caller's record of each refusal first: a flow that failed for another reason (UF)
+    // would be a refusal the limit never made. The caller resets its app before it records
+    // the flow: wait for the record.
+    clients[0].wait_flows(8).await;
+    let caller = clients[0].started.render_metrics();
+    let flagged = metric(
+        &caller,
+        "halyard_tcp_connections_total",
+        &[("response_flags", "RL")],
+    );
+    assert_eq!(flagged, 5.0, "{caller}");
     let refused = metric(
         &servers[0].started.render_metrics(),
         "halyard_ratelimited_total",
         &[("scope", "new_flows")],
     );
     assert_eq!(refused, 5.0, "{}", servers[0].started.render_metrics());
-    let flagged = metric(
-        &clients[0].started.render_metrics(),
-        "halyard_tcp_connections_total",
-        &[("response_flags", "RL")],
-    );
-    assert_eq!(flagged, 5.0);
 }
 
 /// A circuit breaker of 10 concurrent requests against a slow app: the 11th fails fast with
@@ -357,4 +368,120 @@ async fn a_bad_limit_in_etcd_is_quarantined_and_the_good_one_stays() {
         // The last good limit still holds: this caller's bucket stays empty.
         assert_eq!(statuses(2).await, [429, 429], "after {field}");
     }
+}
+
+/// Two flows open (the app has their first bytes, neither half-closed) under a flows limit
+/// they spent, on a `ratings` sidecar with `failure.close_flows_on_deny = close`.
+async fn two_open_flows_under_a_spent_limit(
+    close: bool,
+) -> (Mesh, Echo, Sidecar, Sidecar, [TcpStream; 2]) {
+    let ip = loopback_ip();
+    let mut echo = tagged_echo(SocketAddr::new(ip, 0), "r").await;
+    let mesh = Mesh::with_dir().await;
+    let policy = "---\nkind: Policy\nservice: ratings\nrateLimits:\n  - flows: { perSecond: 0.01, burst: 2 }\n";
+    mesh.apply(&service("tcp", echo.addr.port(), policy)).await;
+    let mut spec = Spec::new("ratings", "v1").app_host(ip);
+    spec.extra = format!("close_flows_on_deny = {close}\n");
+    let server = mesh.start(&spec).await;
+    let spec = Spec::new("productpage", "v1")
+        .upstream("ratings", 9080)
+        .connect_timeout("30s");
+    let client = mesh.start(&spec).await;
+    client.wait_endpoints("ratings", 1).await;
+    server
+        .wait_snapshot("the policy", |s| s.policy("ratings").is_some())
+        .await;
+    let mut open = Vec::new();
+    for msg in [&b"a"[..], b"b"] {
+        let mut tcp = TcpStream::connect(client.upstream(0)).await.unwrap();
+        tcp.write_all(msg).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), echo.accepted.recv())
+            .await
+            .expect("the flow reached the app");
+        open.push(tcp);
+    }
+    // The limit is spent: a third flow is refused.
+    let third = call(client.upstream(0), b"c").await;
+    assert!(
+        third.as_ref().map_or(true, Vec::is_empty),
+        "third flow answered: {third:?}"
+    );
+    let open: [TcpStream; 2] = open.try_into().unwrap();
+    (mesh, echo, server, client, open)
+}
+
+/// Half-closes `tcp` and reads the whole answer.
+async fn finish(mut tcp: TcpStream) -> std::io::Result<Vec<u8>> {
+    tcp.shutdown().await?;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut out))
+        .await
+        .expect("the flow ended")?;
+    Ok(out)
+}
+
+const DENY: &str = "---\nkind: Policy\nservice: ratings\nrules:\n  - action: deny\n    from: { services: [productpage] }\n";
+
+/// Applies the deny Policy and waits until `server` has it.
+async fn deny(mesh: &Mesh, server: &Sidecar) {
+    mesh.apply(DENY).await;
+    server
+        .wait_snapshot("the deny", |s| {
+            s.policy("ratings").is_some_and(|p| !p.rules.is_empty())
+        })
+        .await;
+}
+
+/// With `close_flows_on_deny`, a snapshot change re-checks open flows against policy only: a
+/// flows limit the flows themselves spent never closes them, a deny does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_on_deny_rechecks_policy_and_never_the_rate_limit() {
+    let (mesh, _echo, server, _client, [a, b]) = two_open_flows_under_a_spent_limit(true).await;
+    let limited_before = metric(
+        &server.started.render_metrics(),
+        "halyard_ratelimited_total",
+        &[],
+    );
+    mesh.apply(
+        "kind: Service\nname: unrelated\nports:\n  - { name: main, port: 80, protocol: tcp }\n",
+    )
+    .await;
+    server
+        .wait_snapshot("the unrelated change", |s| s.service("unrelated").is_some())
+        .await;
+    assert_eq!(
+        finish(a).await.unwrap(),
+        b"r:a",
+        "an allowed flow was closed"
+    );
+    let limited = metric(
+        &server.started.render_metrics(),
+        "halyard_ratelimited_total",
+        &[],
+    );
+    assert_eq!(
+        limited, limited_before,
+        "the re-check was counted as a limit"
+    );
+
+    deny(&mesh, &server).await;
+    let closed = finish(b).await;
+    assert!(
+        closed.as_ref().map_or(true, Vec::is_empty),
+        "a denied flow carried on: {closed:?}"
+    );
+}
+
+/// By default an open flow outlives a policy that turns to deny; new flows are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_flows_outlive_a_deny_by_default() {
+    let (mesh, _echo, server, client, [a, b]) = two_open_flows_under_a_spent_limit(false).await;
+    deny(&mesh, &server).await;
+    let refused = call(client.upstream(0), b"d").await;
+    assert!(
+        refused.as_ref().map_or(true, Vec::is_empty),
+        "a new flow was answered under deny: {refused:?}"
+    );
+    assert_eq!(finish(a).await.unwrap(), b"r:a");
+    assert_eq!(finish(b).await.unwrap(), b"r:b");
 }

@@ -184,6 +184,6 @@ impl Inbound {
         let services = shared.peer_services(&snap, &admitted.peer);
         let on = Target::port(admitted.target.port());
         let target = &admitted.target;
-        (shared.admit(&snap, target, Stream::Tunnel, &admitted.peer, &services, on)).is_ok()
+        shared.still_admits(&snap, target, Stream::Tunnel, &admitted.peer, &services, on)
     }
 }
