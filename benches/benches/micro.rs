@@ -10,7 +10,10 @@
 //!   paths) for an HTTP request that only the last allow rule admits;
 //! - snapshot apply: a directory registry of 10,000 endpoint files opened and turned into a
 //!   snapshot (read, validate, index), as a sidecar does on start and on every relist; the same
-//!   plus the sidecar's endpoint index of it; and the endpoint index alone.
+//!   plus the sidecar's endpoint index of it; and the endpoint index alone;
+//! - gateway decision: an east-west gateway's routing of one 1-RTT datagram among 10,000
+//!   exported endpoints by its connection ID, unencrypted and with a QUIC-LB key (one AES-128
+//!   block decryption per datagram).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // benchmark setup: fixed, known-good input
 
 use std::hint::black_box;
@@ -237,5 +240,42 @@ fn snapshot_apply(c: &mut Criterion) {
     });
 }
 
-criterion_group!(micro, route_selection, policy_evaluation, snapshot_apply);
+fn gateway_decision(c: &mut Criterion) {
+    use halyard_sidecar::gateway::{decide, Decision, Table};
+    use halyard_transport::quic_lb::{LbConfig, LbConfigs, LbKey, ServerId, NONCE_LEN};
+    let mut yaml = String::from(
+        "kind: Service\nname: big\nexported: true\nports: [{ port: 9080, protocol: tcp }]\n",
+    );
+    for i in 0..ENDPOINTS {
+        yaml += "---\n";
+        yaml += &endpoint_yaml(i);
+    }
+    let snap = Snapshot::of_objects(Origin::Live, objects(&yaml));
+    let target: std::net::SocketAddr = "10.0.39.15:15443".parse().unwrap();
+    let caller: std::net::SocketAddr = "198.51.100.7:50000".parse().unwrap();
+    let key = LbKey::new([0x5a; 16]);
+    let mut group = c.benchmark_group("gateway_decision");
+    for (name, config) in [
+        ("unencrypted", LbConfig::default()),
+        ("encrypted", LbConfig::new(1, Some(&key)).unwrap()),
+    ] {
+        let table = Table::with_lb(&snap, LbConfigs::new(vec![config.clone()]).unwrap());
+        let mut datagram = vec![0x43];
+        datagram.extend_from_slice(&config.connection_id(ServerId::of(target), [7; NONCE_LEN]));
+        datagram.resize(1200, 0x5a);
+        assert_eq!(decide(&table, caller, &datagram), Decision::Forward(target));
+        group.bench_function(name, |b| {
+            b.iter(|| black_box(decide(&table, caller, black_box(&datagram))))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    micro,
+    route_selection,
+    policy_evaluation,
+    snapshot_apply,
+    gateway_decision
+);
 criterion_main!(micro);

@@ -1,6 +1,6 @@
 //! Scenario 6, micro: runs the criterion benches (`benches/micro.rs`: route selection, policy
-//! evaluation, snapshot apply and the endpoint index at 10,000 endpoints) and collects their
-//! estimates into the report.
+//! evaluation, snapshot apply and the endpoint index at 10,000 endpoints, the east-west
+//! gateway's decision per datagram) and collects their estimates into the report.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::stats::Machine;
 
-const BENCHES: [(&str, &str); 7] = [
+const BENCHES: [(&str, &str); 9] = [
     (
         "route_selection_10k_endpoints",
         "route selection: rule, weighted subset, endpoint among 10,000 (subset, health, locality, P2C) through the per-snapshot endpoint index",
@@ -38,6 +38,14 @@ const BENCHES: [(&str, &str); 7] = [
     (
         "endpoint_index_10k_endpoints",
         "the endpoint index alone: 10,000 endpoints, a route of 3 subsets",
+    ),
+    (
+        "gateway_decision/unencrypted",
+        "east-west gateway: route one 1-RTT datagram by its connection ID among 10,000 exported endpoints, unencrypted QUIC-LB IDs",
+    ),
+    (
+        "gateway_decision/encrypted",
+        "the same with a QUIC-LB key: one AES-128 block decrypted per datagram",
     ),
 ];
 

@@ -1,7 +1,8 @@
 //! What an east-west gateway reads from the network, on any bytes: the routing decision
 //! (`gateway::decide`: PROXY v2 header, QUIC long/short header, connection ID, and the Initial
 //! it opens with the public keys to read the ClientHello's server name) never panics, and a
-//! PROXY header it accepts says where its payload starts inside the datagram.
+//! PROXY header it accepts says where its payload starts inside the datagram; QUIC-LB's
+//! encryption of any 5 to 19 bytes under any key decrypts back to them.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -18,7 +19,17 @@ fn table() -> &'static Table {
         let yaml = "kind: Service\nname: r\nexported: true\nports: [{port: 80, protocol: tcp}]\n---\n\
                     kind: Endpoint\nid: e\nservice: r\naddress: 127.0.0.1:15443\nidentity: spiffe://td/r\n";
         let objects = parse_documents("fuzz", yaml).unwrap_or_default();
-        Table::of(&Snapshot::of_objects(Origin::Live, objects))
+        Table::with_lb(&Snapshot::of_objects(Origin::Live, objects), configs().clone())
+    })
+}
+
+/// The plaintext configuration 0 and an encrypted configuration 1.
+fn configs() -> &'static quic_lb::LbConfigs {
+    static CONFIGS: OnceLock<quic_lb::LbConfigs> = OnceLock::new();
+    CONFIGS.get_or_init(|| {
+        let key = quic_lb::LbKey::new([0x5a; quic_lb::KEY_LEN]);
+        let encrypted = quic_lb::LbConfig::new(1, Some(&key)).unwrap_or_default();
+        quic_lb::LbConfigs::new(vec![quic_lb::LbConfig::default(), encrypted]).unwrap_or_default()
     })
 }
 
@@ -36,7 +47,16 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = initial::initial_server_name(data);
     let _ = initial::long_header_dcid(data);
-    let _ = quic_lb::short_header_dcid(data).and_then(quic_lb::server_id);
+    let _ = quic_lb::short_header_dcid(data).and_then(|cid| configs().server_id(cid));
+    if data.len() >= quic_lb::KEY_LEN + 5 {
+        let (key, rest) = data.split_at(quic_lb::KEY_LEN);
+        let key = quic_lb::LbKey::new(key.try_into().unwrap_or_else(|_| unreachable!()));
+        let plain = &rest[..rest.len().min(19)];
+        let mut block = plain.to_vec();
+        quic_lb::encrypt(&key, &mut block);
+        quic_lb::decrypt(&key, &mut block);
+        assert_eq!(block, plain);
+    }
     if let Ok((header, at)) = proxy_v2::decode(data) {
         assert!(at <= data.len());
         let mut again = [0u8; proxy_v2::MAX_LEN];

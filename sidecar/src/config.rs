@@ -126,6 +126,61 @@ pub struct SidecarConfig {
     /// The SPIFFE Workload API for the local app; off when absent.
     #[serde(default)]
     pub workload_api: Option<WorkloadApiConfig>,
+    /// The QUIC-LB configuration of this sidecar's connection IDs (what its cluster's east-west
+    /// gateways route by); absent: config id 0, unencrypted.
+    #[serde(default)]
+    pub quic_lb: Option<QuicLbConfig>,
+}
+
+/// `[quic_lb]` of a sidecar, or one `[[quic_lb]]` entry of a gateway: a QUIC-LB configuration
+/// (draft-ietf-quic-load-balancers-21 §3) of this cluster. Every sidecar of the cluster and
+/// every east-west gateway in front of it must agree on it: a gateway routes a connection's
+/// packets after the first by the sidecar's connection IDs, read with the gateway's
+/// configuration of the same id.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuicLbConfig {
+    /// The config rotation code point in the first octet of every connection ID, 0 to 6
+    /// (default 0). A new key gets a new id: gateways hold old and new, sidecars move.
+    #[serde(default)]
+    pub config_id: u8,
+    /// A file holding the 16-byte AES-128 key as 32 hex digits (`openssl rand -hex 16`); with
+    /// it, connection IDs are encrypted and an observer cannot link a client's packets before
+    /// and after it changes address. Relative paths are anchored at the config file's folder;
+    /// read at start. None: unencrypted IDs, which name their server.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+}
+
+impl QuicLbConfig {
+    /// Reads the key file and builds the configuration; the error names the file and never
+    /// quotes its text.
+    pub fn load(&self) -> Result<halyard_transport::quic_lb::LbConfig, String> {
+        use halyard_transport::quic_lb::{LbConfig, LbKey};
+        let key = match &self.key {
+            None => None,
+            Some(path) => {
+                let text =
+                    read_small(path, 1024).map_err(|e| format!("key {}: {e}", path.display()))?;
+                Some(LbKey::parse(&text).map_err(|e| format!("key {}: {e}", path.display()))?)
+            }
+        };
+        LbConfig::new(self.config_id, key.as_ref()).map_err(|e| e.to_string())
+    }
+}
+
+/// The text of a small file (at most `max` bytes, UTF-8).
+fn read_small(path: &Path, max: u64) -> Result<String, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    file.take(max + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| e.to_string())?;
+    if text.len() as u64 > max {
+        return Err(format!("larger than {max} bytes"));
+    }
+    Ok(text)
 }
 
 /// `[workload_api]`: the SPIFFE Workload API (X.509-SVID profile) served to the local app on a
@@ -612,6 +667,8 @@ pub struct Config {
     pub service: Name,
     /// Upstream service names, in `file.outbound.upstreams` order.
     pub upstream_services: Vec<Name>,
+    /// The QUIC-LB configuration of this sidecar's connection IDs (`[quic_lb]`, key read).
+    pub quic_lb: halyard_transport::quic_lb::LbConfig,
 }
 
 /// The text of the config file at `path`; an error names the file.
@@ -687,6 +744,7 @@ impl Config {
             [
                 file.registry_credentials.as_mut(),
                 file.link_credentials.as_mut(),
+                file.quic_lb.as_mut().and_then(|q| q.key.as_mut()),
             ],
         );
         if let Some(tls) = file.registry_tls.as_mut() {
@@ -837,11 +895,16 @@ fn check(file: SidecarConfig, field: FieldErr<'_>) -> Result<Config, ConfigError
     }
     check_failure(&file.failure, field)?;
     check_telemetry(&file, field)?;
+    let quic_lb = match &file.quic_lb {
+        Some(q) => q.load().map_err(|m| field("quic_lb".into(), m))?,
+        None => halyard_transport::quic_lb::LbConfig::default(),
+    };
     Ok(Config {
         file,
         transport,
         service,
         upstream_services,
+        quic_lb,
     })
 }
 
@@ -1119,6 +1182,47 @@ listen = "127.0.0.1:19080"
         assert_eq!(dump["workers"], 0);
         let four = Config::parse(&format!("workers = 4\n{GOOD}"), Path::new("s.toml")).unwrap();
         assert_eq!(four.worker_threads(), 4);
+    }
+
+    /// `[quic_lb]`: the key file is read at load (anchored at the config's folder); a bad key,
+    /// a missing file or an id out of range names the field and the file, never the key.
+    #[test]
+    fn quic_lb_keys_are_read_at_load_and_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        let key = "8f95f09245765f80256934e50c66207f";
+        std::fs::write(dir.path().join("lb.key"), format!("{key}\n")).unwrap();
+        let on = format!("{GOOD}\n[quic_lb]\nconfig_id = 2\nkey = \"lb.key\"\n");
+        let config = Config::parse(&on, &path).unwrap();
+        assert_eq!(config.quic_lb.id(), 2);
+        assert!(config.quic_lb.encrypted());
+        assert!(!format!("{config:?}").contains(key));
+        let off = Config::parse(GOOD, &path).unwrap();
+        assert_eq!(off.quic_lb.id(), 0);
+        assert!(!off.quic_lb.encrypted());
+
+        std::fs::write(
+            dir.path().join("bad.key"),
+            "8f95f09245765f80256934e50c66207\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("big.key"), "0".repeat(5000)).unwrap();
+        for (text, says) in [
+            ("config_id = 7\n", "config id 7"),
+            ("key = \"bad.key\"\n", "bad.key"),
+            ("key = \"big.key\"\n", "larger than"),
+            ("key = \"missing.key\"\n", "missing.key"),
+            ("kye = \"lb.key\"\n", "kye"),
+        ] {
+            let err = Config::parse(&format!("{GOOD}\n[quic_lb]\n{text}"), &path)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("quic_lb") && err.contains(says),
+                "{text}: {err}"
+            );
+            assert!(!err.contains("8f95"), "{err}");
+        }
     }
 
     #[test]

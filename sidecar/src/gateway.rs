@@ -33,7 +33,7 @@ use bytes::Bytes;
 use halyard_registry::Snapshot;
 use halyard_transport::initial::{initial_server_name, long_header_dcid};
 use halyard_transport::proxy_v2::{self, ProxyHeader};
-use halyard_transport::quic_lb::{self, ServerId};
+use halyard_transport::quic_lb::{self, LbConfigs, ServerId};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
@@ -79,6 +79,14 @@ pub struct GatewayConfig {
     /// `net.core.{r,w}mem_max`); 64 KiB to 256 MiB, default 4 MiB.
     #[serde(default = "default_buffer")]
     pub udp_buffer: usize,
+    /// `[[quic_lb]]`: every QUIC-LB configuration this cluster's sidecars may be issuing
+    /// connection IDs under (during a key rotation, the old and the new), at most 7, ids
+    /// distinct. None: config id 0, unencrypted (the sidecars' default).
+    #[serde(default)]
+    pub quic_lb: Vec<crate::config::QuicLbConfig>,
+    /// The configurations of `quic_lb`, keys read (built by [`GatewayConfig::parse`]).
+    #[serde(skip)]
+    pub lb: LbConfigs,
 }
 
 fn default_listen() -> SocketAddr {
@@ -115,6 +123,16 @@ impl GatewayConfig {
         );
         if let Some(tls) = config.registry_tls.as_mut() {
             tls.anchor(base);
+        }
+        crate::config::anchor(base, config.quic_lb.iter_mut().map(|q| q.key.as_mut()));
+        if !config.quic_lb.is_empty() {
+            let configs = config
+                .quic_lb
+                .iter()
+                .enumerate()
+                .map(|(i, q)| q.load().map_err(|m| field(&format!("quic_lb[{i}]"), m)))
+                .collect::<Result<Vec<_>, _>>()?;
+            config.lb = LbConfigs::new(configs).map_err(|e| field("quic_lb", e.to_string()))?;
         }
         if !(64 << 10..=256 << 20).contains(&config.udp_buffer) {
             return Err(field(
@@ -154,12 +172,20 @@ pub struct Table {
     backends: HashSet<SocketAddr>,
     /// Server IDs claimed by two addresses: routed to neither.
     pub collisions: Vec<(ServerId, SocketAddr, SocketAddr)>,
+    /// The QUIC-LB configurations connection IDs are read with.
+    lb: LbConfigs,
 }
 
 impl Table {
     /// Builds the table of `snap`: endpoints of services with `exported: true` that are
-    /// reached directly (an endpoint behind another cluster's gateway is not routed on).
+    /// reached directly (an endpoint behind another cluster's gateway is not routed on); its
+    /// connection IDs read with the default QUIC-LB configuration.
     pub fn of(snap: &Snapshot) -> Table {
+        Table::with_lb(snap, LbConfigs::default())
+    }
+
+    /// [`Table::of`], reading connection IDs with the configurations `lb`.
+    pub fn with_lb(snap: &Snapshot, lb: LbConfigs) -> Table {
         let mut by_server: HashMap<ServerId, Target> = HashMap::new();
         let mut collided: HashSet<ServerId> = HashSet::new();
         let mut collisions = Vec::new();
@@ -195,6 +221,7 @@ impl Table {
             by_server,
             backends,
             collisions,
+            lb,
         }
     }
 
@@ -344,7 +371,7 @@ pub fn decide_within(
     };
     // A connection ID of ours routes any packet, Initials after a Retry or the server's first
     // answer included.
-    if let Some(sid) = dcid.and_then(quic_lb::server_id) {
+    if let Some(sid) = dcid.and_then(|cid| table.lb.server_id(cid)) {
         return match table.target(&sid) {
             Some(t) => Decision::Forward(t.address),
             None => Decision::Drop(Dropped::NotExported),
@@ -482,8 +509,10 @@ pub async fn serve(
         .await
         .with_context(|| format!("registry = {:?}", config.registry))?;
     let metrics = GatewayMetrics::new()?;
-    let (table_tx, table_rx) =
-        tokio::sync::watch::channel(Arc::new(Table::of(&registry.snapshot())));
+    let (table_tx, table_rx) = tokio::sync::watch::channel(Arc::new(Table::with_lb(
+        &registry.snapshot(),
+        config.lb.clone(),
+    )));
     let state = Arc::new(State {
         config,
         bound,
@@ -556,7 +585,7 @@ async fn follow(
 ) {
     loop {
         let snap = snapshots.borrow_and_update().clone();
-        let next = Table::of(&snap);
+        let next = Table::with_lb(&snap, state.config.lb.clone());
         for (sid, a, b) in &next.collisions {
             tracing::warn!(server_id = %sid, first = %a, second = %b, "two endpoints share a server ID; neither is routed");
         }
@@ -845,7 +874,7 @@ identity: spiffe://mesh.local/ns/default/sa/internal
 ";
 
     fn short_packet(sid: ServerId) -> Vec<u8> {
-        let cid = quic_lb::connection_id(sid, [7; quic_lb::NONCE_LEN]);
+        let cid = quic_lb::LbConfig::default().connection_id(sid, [7; quic_lb::NONCE_LEN]);
         let mut p = vec![0x43];
         p.extend_from_slice(&cid);
         p.extend_from_slice(&[0x5a; 60]);
@@ -1012,5 +1041,42 @@ identity: spiffe://mesh.local/ns/default/sa/internal
             .unwrap_err()
             .to_string();
         assert!(err.contains("registry"), "{err}");
+    }
+
+    /// `[[quic_lb]]`: every configuration's key read at load; ids distinct; at most 7.
+    #[test]
+    fn quic_lb_configurations_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(dir.path().join("k1"), "8f95f09245765f80256934e50c66207f\n").unwrap();
+        let base = "registry = \"file:///r\"\n";
+        let none = GatewayConfig::parse(base, &path).unwrap();
+        let ids: Vec<u8> = none.lb.iter().map(|c| c.id()).collect();
+        assert_eq!(ids, [0], "the sidecars' default");
+        let two = GatewayConfig::parse(
+            &format!(
+                "{base}[[quic_lb]]\nconfig_id = 0\n[[quic_lb]]\nconfig_id = 1\nkey = \"k1\"\n"
+            ),
+            &path,
+        )
+        .unwrap();
+        let held: Vec<(u8, bool)> = two.lb.iter().map(|c| (c.id(), c.encrypted())).collect();
+        assert_eq!(held, [(0, false), (1, true)]);
+        for (text, says) in [
+            (
+                "[[quic_lb]]\nconfig_id = 1\n[[quic_lb]]\nconfig_id = 1\n",
+                "given twice",
+            ),
+            ("[[quic_lb]]\nconfig_id = 7\n", "quic_lb[0]"),
+            (
+                "[[quic_lb]]\nconfig_id = 0\n[[quic_lb]]\nconfig_id = 2\nkey = \"nope\"\n",
+                "quic_lb[1]",
+            ),
+        ] {
+            let err = GatewayConfig::parse(&format!("{base}{text}"), &path)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(says), "{text}: {err}");
+        }
     }
 }

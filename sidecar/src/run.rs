@@ -68,6 +68,7 @@ async fn bind_all(
         config.transport.clone(),
         file.inbound.listen,
         file.inbound.advertise,
+        config.quic_lb.clone(),
     )
     .with_context(|| format!("inbound.listen = {}: cannot listen", file.inbound.listen))?;
     let mut upstreams = Vec::new();

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use halyard_sidecar::gateway::{serve, GatewayConfig, StartedGateway};
 use halyard_sidecar::test_util::{call, metric, tagged_echo, Echo, Mesh, Sidecar, Spec, TD};
+use halyard_transport::quic_lb::ServerId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
@@ -92,6 +93,18 @@ async fn clusters_with(
 ) -> Clusters {
     let a = Mesh::with_dir().await;
     let b = Mesh::with_dir_sharing_ca(&a).await;
+    clusters_configured(a, b, advertise, app, ("", "")).await
+}
+
+/// [`clusters_with`] on meshes made by the caller, with extra TOML for B's reviews sidecar and
+/// B's gateway (`extra`).
+async fn clusters_configured(
+    a: Mesh,
+    b: Mesh,
+    advertise: Option<(UdpSocket, Arc<Tap>)>,
+    app: Option<SocketAddr>,
+    extra: (&str, &str),
+) -> Clusters {
     let echo = tagged_echo("127.0.0.1:0".parse().unwrap(), "b").await;
     let port = app.map_or(echo.addr.port(), |a| a.port());
     b.apply(&format!(
@@ -99,7 +112,10 @@ async fn clusters_with(
     ))
     .await;
     let mut spec = Spec::new("reviews", "v1");
-    spec.extra = "[transport]\nproxy_protocol_from = [\"127.0.0.0/8\"]\n".into();
+    spec.extra = format!(
+        "[transport]\nproxy_protocol_from = [\"127.0.0.0/8\"]\n{}",
+        extra.0
+    );
     let relay = match advertise {
         Some((socket, tap)) => {
             spec = spec.inbound(&format!(
@@ -134,7 +150,7 @@ async fn clusters_with(
             reviews.started.inbound
         }
     };
-    let gateway = Gateway::start(&b, "127.0.0.1:0".parse().unwrap()).await;
+    let gateway = Gateway::start_with(&b, "127.0.0.1:0".parse().unwrap(), extra.1).await;
     // A knows reviews only as B's endpoint behind B's gateway.
     a.apply(&format!(
         "kind: Service\nname: reviews\nports:\n  - {{ name: tcp, port: 9080, protocol: tcp }}\n---\n\
@@ -255,6 +271,8 @@ async fn a_service_not_exported_is_not_reachable_and_is_counted() {
 struct Tap {
     datagrams: AtomicU64,
     marker_seen: AtomicBool,
+    /// Every datagram, both ways.
+    seen: std::sync::Mutex<Vec<Vec<u8>>>,
 }
 
 const MARKER: &[u8] = b"PAYLOAD-MARKER-5b1e0c7d";
@@ -286,6 +304,7 @@ async fn relay_between(outside: UdpSocket, inside: SocketAddr, tap: Arc<Tap>) {
 
 fn look(tap: &Tap, bytes: &[u8]) {
     tap.datagrams.fetch_add(1, Ordering::Relaxed);
+    tap.seen.lock().unwrap().push(bytes.to_vec());
     if bytes.windows(MARKER.len()).any(|w| w == MARKER) {
         tap.marker_seen.store(true, Ordering::Relaxed);
     }
@@ -316,6 +335,80 @@ async fn the_gateway_forwards_nothing_it_could_read() {
     c.pp.shutdown().await.unwrap();
     c.reviews.shutdown().await.unwrap();
     c.gateway.stop().await;
+}
+
+/// With a QUIC-LB key, B's sidecar issues encrypted connection IDs: the gateway, holding the
+/// key, routes a flow by them across a caller's address change, and B's server ID never
+/// appears on the wire between them. A gateway restarted with only the unencrypted
+/// configuration routes none of the flow's packets and counts them unroutable; restarted with
+/// the key again, the flow carries on (QUIC retransmits what was lost). The gateway holds
+/// configuration 0 beside 1, as while a cluster moves to a key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_connection_ids_route_through_a_gateway_holding_the_key() {
+    let a = Mesh::with_dir().await;
+    let b = Mesh::with_dir_sharing_ca(&a).await;
+    let key = b.dir.path().join("quic-lb-1.key");
+    std::fs::write(&key, "8f95f09245765f80256934e50c66207f\n").unwrap();
+    let sidecar = format!("[quic_lb]\nconfig_id = 1\nkey = {key:?}\n");
+    let both = format!("[[quic_lb]]\nconfig_id = 0\n[[quic_lb]]\nconfig_id = 1\nkey = {key:?}\n");
+    // B's sidecar is registered at a relay that keeps every datagram passing it.
+    let outside = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let server = ServerId::of(outside.local_addr().unwrap());
+    let tap = Arc::new(Tap::default());
+    let app = chunk_echo().await;
+    let c = clusters_configured(
+        a,
+        b,
+        Some((outside, tap.clone())),
+        Some(app),
+        (&sidecar, &both),
+    )
+    .await;
+    let mut flow = TcpStream::connect(c.pp.upstream(0)).await.unwrap();
+    round(&mut flow, "before").await;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.set_nonblocking(true).unwrap();
+    c.pp.started.endpoint.rebind(socket).unwrap();
+    for i in 0..20 {
+        round(&mut flow, &format!("line {i}")).await;
+    }
+    let seen = tap.seen.lock().unwrap().clone();
+    assert!(seen.len() > 20, "{} datagrams", seen.len());
+    assert!(
+        !seen.iter().any(|d| d.windows(6).any(|w| w == server.0)),
+        "the server ID {server} crossed in the clear"
+    );
+
+    // Without the key the gateway cannot read the flow's connection IDs.
+    let at = c.gateway.addr;
+    c.gateway.stop().await;
+    let plain = Gateway::start_with(&c.b, at, "[[quic_lb]]\nconfig_id = 0\n").await;
+    flow.write_all(b"during\n").await.unwrap();
+    let unroutable = || async {
+        metric(
+            &plain.metrics().await,
+            "halyard_gateway_datagrams_total",
+            &[("decision", "unroutable")],
+        )
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while unroutable().await == 0.0 {
+        assert!(tokio::time::Instant::now() < deadline, "nothing counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    plain.stop().await;
+    let gateway = Gateway::start_with(&c.b, at, &both).await;
+    let mut got = vec![0u8; b"during\n".len()];
+    tokio::time::timeout(Duration::from_secs(10), flow.read_exact(&mut got))
+        .await
+        .expect("the flow carried on")
+        .unwrap();
+    assert_eq!(got, b"during\n");
+    round(&mut flow, "after").await;
+    drop(flow);
+    c.pp.shutdown().await.unwrap();
+    c.reviews.shutdown().await.unwrap();
+    gateway.stop().await;
 }
 
 /// An app that echoes every chunk as it arrives (a long-lived flow).

@@ -112,18 +112,27 @@ impl MeshEndpoint {
         config: TransportConfig,
         bind: SocketAddr,
     ) -> Result<Self, EndpointError> {
-        Self::new_advertised(resolver, bundle, config, bind, None)
+        Self::new_advertised(
+            resolver,
+            bundle,
+            config,
+            bind,
+            None,
+            crate::quic_lb::LbConfig::default(),
+        )
     }
 
     /// As [`MeshEndpoint::new`], for an endpoint registered as `advertise` (default: the bound
-    /// address): every connection ID it issues carries `ServerId::of(advertise)`
-    /// ([`crate::quic_lb`]), which is how an east-west gateway routes to it.
+    /// address): every connection ID it issues carries `ServerId::of(advertise)` under the
+    /// QUIC-LB configuration `lb` (encrypted when it has a key; [`crate::quic_lb`]), which is
+    /// how an east-west gateway holding the same configuration routes to it.
     pub fn new_advertised(
         resolver: Arc<CertResolver>,
         bundle: Arc<TrustBundle>,
         config: TransportConfig,
         bind: SocketAddr,
         advertise: Option<SocketAddr>,
+        lb: crate::quic_lb::LbConfig,
     ) -> Result<Self, EndpointError> {
         let transport = Arc::new(quinn_transport(&config));
         let server = server_config(&resolver, &bundle, transport.clone())?;
@@ -140,7 +149,10 @@ impl MeshEndpoint {
         let mut endpoint_config = quinn::EndpointConfig::default();
         endpoint_config
             .cid_generator(move || {
-                Box::new(crate::quic_lb::LbConnectionIdGenerator::new(server_id))
+                Box::new(crate::quic_lb::LbConnectionIdGenerator::new(
+                    server_id,
+                    lb.clone(),
+                ))
             })
             // A greased fixed bit (RFC 9287) would let 1-RTT packets start like a PROXY header.
             .grease_quic_bit(false);
