@@ -53,8 +53,10 @@ fuzz_target!(|data: &[u8]| {
         let key = quic_lb::LbKey::new(key.try_into().unwrap_or_else(|_| unreachable!()));
         let plain = &rest[..rest.len().min(19)];
         let mut block = plain.to_vec();
-        quic_lb::encrypt(&key, &mut block);
-        quic_lb::decrypt(&key, &mut block);
+        let encrypted = quic_lb::encrypt(&key, &mut block);
+        let decrypted = quic_lb::decrypt(&key, &mut block);
+        assert_eq!(encrypted.is_ok(), plain.len() >= 5);
+        assert_eq!(decrypted, encrypted);
         assert_eq!(block, plain);
     }
     if let Ok((header, at)) = proxy_v2::decode(data) {

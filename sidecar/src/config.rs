@@ -147,9 +147,10 @@ pub struct QuicLbConfig {
     /// A file holding the 16-byte AES-128 key as 32 hex digits (`openssl rand -hex 16`); with
     /// it, connection IDs are encrypted and an observer cannot link a client's packets before
     /// and after it changes address. Relative paths are anchored at the config file's folder;
-    /// read at start. None: unencrypted IDs, which name their server.
+    /// read at start. None: unencrypted IDs, which name their server. A value that looks like
+    /// a key itself (32 hex digits) is refused without being repeated.
     #[serde(default)]
-    pub key: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 impl QuicLbConfig {
@@ -157,8 +158,11 @@ impl QuicLbConfig {
     /// quotes its text.
     pub fn load(&self) -> Result<halyard_transport::quic_lb::LbConfig, String> {
         use halyard_transport::quic_lb::{LbConfig, LbKey};
-        let key = match &self.key {
+        let key = match &self.key_file {
             None => None,
+            Some(path) if looks_like_a_key(path) => {
+                return Err("key_file names a file; this value looks like a key itself (32 hex digits): put the key in a file and name the file".into());
+            }
             Some(path) => {
                 let text =
                     read_small(path, 1024).map_err(|e| format!("key {}: {e}", path.display()))?;
@@ -167,6 +171,13 @@ impl QuicLbConfig {
         };
         LbConfig::new(self.config_id, key.as_ref()).map_err(|e| e.to_string())
     }
+}
+
+/// Whether the last part of `path` is 32 hex digits: a key written where its file belongs.
+fn looks_like_a_key(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.len() == 32 && n.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// The text of a small file (at most `max` bytes, UTF-8).
@@ -744,7 +755,7 @@ impl Config {
             [
                 file.registry_credentials.as_mut(),
                 file.link_credentials.as_mut(),
-                file.quic_lb.as_mut().and_then(|q| q.key.as_mut()),
+                file.quic_lb.as_mut().and_then(|q| q.key_file.as_mut()),
             ],
         );
         if let Some(tls) = file.registry_tls.as_mut() {
@@ -1192,7 +1203,7 @@ listen = "127.0.0.1:19080"
         let path = dir.path().join("s.toml");
         let key = "8f95f09245765f80256934e50c66207f";
         std::fs::write(dir.path().join("lb.key"), format!("{key}\n")).unwrap();
-        let on = format!("{GOOD}\n[quic_lb]\nconfig_id = 2\nkey = \"lb.key\"\n");
+        let on = format!("{GOOD}\n[quic_lb]\nconfig_id = 2\nkey_file = \"lb.key\"\n");
         let config = Config::parse(&on, &path).unwrap();
         assert_eq!(config.quic_lb.id(), 2);
         assert!(config.quic_lb.encrypted());
@@ -1209,10 +1220,14 @@ listen = "127.0.0.1:19080"
         std::fs::write(dir.path().join("big.key"), "0".repeat(5000)).unwrap();
         for (text, says) in [
             ("config_id = 7\n", "config id 7"),
-            ("key = \"bad.key\"\n", "bad.key"),
-            ("key = \"big.key\"\n", "larger than"),
-            ("key = \"missing.key\"\n", "missing.key"),
-            ("kye = \"lb.key\"\n", "kye"),
+            ("key_file = \"bad.key\"\n", "bad.key"),
+            ("key_file = \"big.key\"\n", "larger than"),
+            ("key_file = \"missing.key\"\n", "missing.key"),
+            ("key = \"lb.key\"\n", "key"),
+            (
+                "key_file = \"8f95f09245765f80256934e50c66207f\"\n",
+                "looks like a key",
+            ),
         ] {
             let err = Config::parse(&format!("{GOOD}\n[quic_lb]\n{text}"), &path)
                 .unwrap_err()

@@ -124,7 +124,7 @@ impl GatewayConfig {
         if let Some(tls) = config.registry_tls.as_mut() {
             tls.anchor(base);
         }
-        crate::config::anchor(base, config.quic_lb.iter_mut().map(|q| q.key.as_mut()));
+        crate::config::anchor(base, config.quic_lb.iter_mut().map(|q| q.key_file.as_mut()));
         if !config.quic_lb.is_empty() {
             let configs = config
                 .quic_lb
@@ -1055,7 +1055,7 @@ identity: spiffe://mesh.local/ns/default/sa/internal
         assert_eq!(ids, [0], "the sidecars' default");
         let two = GatewayConfig::parse(
             &format!(
-                "{base}[[quic_lb]]\nconfig_id = 0\n[[quic_lb]]\nconfig_id = 1\nkey = \"k1\"\n"
+                "{base}[[quic_lb]]\nconfig_id = 0\n[[quic_lb]]\nconfig_id = 1\nkey_file = \"k1\"\n"
             ),
             &path,
         )
@@ -1069,7 +1069,7 @@ identity: spiffe://mesh.local/ns/default/sa/internal
             ),
             ("[[quic_lb]]\nconfig_id = 7\n", "quic_lb[0]"),
             (
-                "[[quic_lb]]\nconfig_id = 0\n[[quic_lb]]\nconfig_id = 2\nkey = \"nope\"\n",
+                "[[quic_lb]]\nconfig_id = 0\n[[quic_lb]]\nconfig_id = 2\nkey_file = \"nope\"\n",
                 "quic_lb[1]",
             ),
         ] {

@@ -491,8 +491,9 @@ impl Shared {
     }
 
     /// Whether policy still admits an established flow of `peer` to `target` (`admit::admit`
-    /// alone): the re-check after a snapshot change takes no rate-limit token and counts
-    /// nothing, so a flow admitted under a limit is never closed by that limit.
+    /// alone): the re-check after a snapshot change takes no rate-limit token, so a flow
+    /// admitted under a limit is never closed by that limit. A denial is counted, as for a new
+    /// flow.
     pub(crate) fn still_admits(
         &self,
         snap: &Snapshot,
@@ -507,7 +508,16 @@ impl Shared {
             id: peer,
             services: &names,
         };
-        admit::admit(snap, &self.service, target, stream, caller, on).is_ok()
+        match admit::admit(snap, &self.service, target, stream, caller, on) {
+            Ok(_) => true,
+            Err(refusal) => {
+                if let Refusal::Denied(reason) = refusal {
+                    let source = source_label(services);
+                    self.metrics.denial(source, &self.service, reason.as_str());
+                }
+                false
+            }
+        }
     }
 
     /// Takes a place under a circuit-breaker `threshold` of the destination `service`

@@ -349,8 +349,9 @@ async fn encrypted_connection_ids_route_through_a_gateway_holding_the_key() {
     let b = Mesh::with_dir_sharing_ca(&a).await;
     let key = b.dir.path().join("quic-lb-1.key");
     std::fs::write(&key, "8f95f09245765f80256934e50c66207f\n").unwrap();
-    let sidecar = format!("[quic_lb]\nconfig_id = 1\nkey = {key:?}\n");
-    let both = format!("[[quic_lb]]\nconfig_id = 0\n[[quic_lb]]\nconfig_id = 1\nkey = {key:?}\n");
+    let sidecar = format!("[quic_lb]\nconfig_id = 1\nkey_file = {key:?}\n");
+    let both =
+        format!("[[quic_lb]]\nconfig_id = 0\n[[quic_lb]]\nconfig_id = 1\nkey_file = {key:?}\n");
     // B's sidecar is registered at a relay that keeps every datagram passing it.
     let outside = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let server = ServerId::of(outside.local_addr().unwrap());

@@ -470,6 +470,12 @@ async fn closing_on_deny_rechecks_policy_and_never_the_rate_limit() {
         closed.as_ref().map_or(true, Vec::is_empty),
         "a denied flow carried on: {closed:?}"
     );
+    let denials = metric(
+        &server.started.render_metrics(),
+        "halyard_policy_denials_total",
+        &[("source_service", "productpage")],
+    );
+    assert_eq!(denials, 1.0, "the closing denial is counted once");
 }
 
 /// By default an open flow outlives a policy that turns to deny; new flows are refused.

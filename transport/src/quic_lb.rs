@@ -5,17 +5,19 @@
 //! because every packet carries what routes it.
 //!
 //! ```text
-//! byte 0          bytes 1..7           bytes 7..17
-//! CR(3) | L(5)    server ID (6 bytes)  nonce (10 random bytes)
-//!                 └──── with a key: one AES-128 block, encrypted ────┘
+//! byte 0          bytes 1..7           bytes 7..
+//! CR(3) | L(5)    server ID (6 bytes)  nonce (8 random bytes; 10 with a key)
+//!                 └─── with a key: 16 bytes, one AES-128 block, encrypted ───┘
 //! ```
 //!
 //! - `CR`, config rotation (the draft's §2.1): the [`LbConfig`]'s id, 0 to 6; `0b111` is the
 //!   draft's "unroutable" code point and is never issued. A gateway holds every configuration
 //!   in use ([`LbConfigs`]), so keys rotate without a flag day: gateways learn the new id and
 //!   key first, then sidecars move to it.
-//! - `L`, length self-description (§2.3): the connection ID's length minus one (16), so a
-//!   gateway reads a short-header packet's connection ID without knowing the length in advance.
+//! - `L`, length self-description (§2.3): the connection ID's length minus one (14, or 16 with a
+//!   key), so a gateway reads a short-header packet's connection ID without knowing the length
+//!   in advance. Unencrypted IDs keep the 15 bytes they have always had, so sidecars and
+//!   gateways of different releases still read each other's.
 //! - The server ID is [`ServerId::of`] the sidecar's registered QUIC address: the first 6 bytes
 //!   of SHA-256 over a label and the address, so a gateway derives the same ID from the registry
 //!   and connection IDs do not spell out the cluster's internal addresses.
@@ -42,11 +44,16 @@ pub const DEFAULT_CONFIG_ID: u8 = 0;
 pub const UNROUTABLE_CONFIG_ID: u8 = 0b111;
 /// Length of a [`ServerId`] in bytes.
 pub const SERVER_ID_LEN: usize = 6;
-/// Length of the random nonce in bytes: with the server ID, one AES block; a repeat is likely
-/// only after about 2^40 IDs from one server (§10.5).
+/// Length of the random nonce of an encrypted ID in bytes: with the server ID, one AES block; a
+/// repeat is likely only after about 2^40 IDs from one server (§10.5).
 pub const NONCE_LEN: usize = 10;
-/// Length of every connection ID Halyard issues: first octet, server ID, nonce (17 bytes).
+/// Length of the random nonce of an unencrypted ID in bytes (2^32 IDs per server before a
+/// repeat is likely; a repeat there reveals nothing the ID does not show already).
+pub const PLAIN_NONCE_LEN: usize = 8;
+/// Length of an encrypted connection ID: first octet, server ID, nonce (17 bytes).
 pub const CID_LEN: usize = 1 + SERVER_ID_LEN + NONCE_LEN;
+/// Length of an unencrypted connection ID (15 bytes).
+pub const PLAIN_CID_LEN: usize = 1 + SERVER_ID_LEN + PLAIN_NONCE_LEN;
 /// Length of a QUIC-LB key (AES-128).
 pub const KEY_LEN: usize = 16;
 
@@ -119,6 +126,9 @@ pub enum LbError {
     /// Two configurations share an id.
     #[error("QUIC-LB config id {0} is given twice")]
     DuplicateId(u8),
+    /// Server ID and nonce of a length the draft does not define.
+    #[error("QUIC-LB encrypts 5 to 19 bytes (server ID and nonce), not {0}")]
+    Length(usize),
 }
 
 impl LbKey {
@@ -240,16 +250,31 @@ fn join(left: &[u8], right: &[u8], out: &mut [u8]) {
 /// first), in place with `key`: single-pass AES-128-ECB for 16 bytes (§5.4.1), otherwise the
 /// four-pass Feistel network (§5.4.2).
 ///
-/// # Panics
-/// Never for a length in 5..=19; other lengths are left unchanged.
-pub fn encrypt(key: &LbKey, block: &mut [u8]) {
+/// # Errors
+/// [`LbError::Length`] for any other length; `block` is left unchanged.
+pub fn encrypt(key: &LbKey, block: &mut [u8]) -> Result<(), LbError> {
+    check_length(block.len())?;
     encrypt_with(&Cipher::new(key), block);
+    Ok(())
 }
 
 /// Reverses [`encrypt`] (§5.5): the server ID and nonce from the connection ID's octets after
 /// the first.
-pub fn decrypt(key: &LbKey, block: &mut [u8]) {
+///
+/// # Errors
+/// [`LbError::Length`] for a length outside 5 to 19; `block` is left unchanged.
+pub fn decrypt(key: &LbKey, block: &mut [u8]) -> Result<(), LbError> {
+    check_length(block.len())?;
     decrypt_with(&Cipher::new(key), block);
+    Ok(())
+}
+
+fn check_length(len: usize) -> Result<(), LbError> {
+    if (5..=19).contains(&len) {
+        Ok(())
+    } else {
+        Err(LbError::Length(len))
+    }
 }
 
 fn encrypt_with(cipher: &Cipher, block: &mut [u8]) {
@@ -338,12 +363,22 @@ impl LbConfig {
         self.cipher.is_some()
     }
 
-    fn first_octet(&self) -> u8 {
-        (self.id << 5) | (CID_LEN as u8 - 1)
+    /// Length of the IDs it issues: [`CID_LEN`] with a key, else [`PLAIN_CID_LEN`].
+    pub fn cid_len(&self) -> usize {
+        if self.cipher.is_some() {
+            CID_LEN
+        } else {
+            PLAIN_CID_LEN
+        }
     }
 
-    /// The connection ID naming `server` with `nonce` under this configuration.
-    pub fn connection_id(&self, server: ServerId, nonce: [u8; NONCE_LEN]) -> [u8; CID_LEN] {
+    fn first_octet(&self) -> u8 {
+        (self.id << 5) | (self.cid_len() as u8 - 1)
+    }
+
+    /// The connection ID naming `server` with `nonce` under this configuration (an
+    /// unencrypted one takes the nonce's first [`PLAIN_NONCE_LEN`] bytes).
+    pub fn connection_id(&self, server: ServerId, nonce: [u8; NONCE_LEN]) -> ConnectionId {
         let mut bytes = [0u8; CID_LEN];
         bytes[0] = self.first_octet();
         bytes[1..1 + SERVER_ID_LEN].copy_from_slice(&server.0);
@@ -351,24 +386,26 @@ impl LbConfig {
         if let Some(cipher) = &self.cipher {
             encrypt_with(cipher, &mut bytes[1..]);
         }
-        bytes
+        ConnectionId::new(&bytes[..self.cid_len()])
     }
 
     /// The server ID in `cid` when it is a Halyard connection ID of this configuration (right
     /// length, config rotation and length self-description); `None` for any other bytes (a
     /// client's random Initial ID, another configuration).
     pub fn server_id(&self, cid: &[u8]) -> Option<ServerId> {
-        let cid: &[u8; CID_LEN] = cid.try_into().ok()?;
-        if cid[0] != self.first_octet() {
+        if cid.len() != self.cid_len() || cid.first() != Some(&self.first_octet()) {
             return None;
         }
-        let mut block = [0u8; 16];
-        block.copy_from_slice(&cid[1..]);
-        if let Some(cipher) = &self.cipher {
-            cipher.decrypt(&mut block);
-        }
         let mut id = [0u8; SERVER_ID_LEN];
-        id.copy_from_slice(&block[..SERVER_ID_LEN]);
+        match &self.cipher {
+            Some(cipher) => {
+                let mut block = [0u8; 16];
+                block.copy_from_slice(cid.get(1..1 + 16)?);
+                cipher.decrypt(&mut block);
+                id.copy_from_slice(&block[..SERVER_ID_LEN]);
+            }
+            None => id.copy_from_slice(cid.get(1..1 + SERVER_ID_LEN)?),
+        }
         Some(ServerId(id))
     }
 }
@@ -434,8 +471,8 @@ pub fn short_header_dcid(datagram: &[u8]) -> Option<&[u8]> {
 }
 
 /// quinn's connection ID generator for a sidecar whose server ID is fixed: every ID is
-/// [`CID_LEN`] bytes, first octet, server ID, random nonce, encrypted when its configuration
-/// has a key.
+/// first octet, server ID, random nonce ([`LbConfig::cid_len`] bytes), encrypted when its
+/// configuration has a key.
 #[derive(Debug, Clone)]
 pub struct LbConnectionIdGenerator {
     server: ServerId,
@@ -456,7 +493,7 @@ impl LbConnectionIdGenerator {
 
 impl ConnectionIdGenerator for LbConnectionIdGenerator {
     fn generate_cid(&mut self) -> ConnectionId {
-        ConnectionId::new(&self.config.connection_id(self.server, rand::random()))
+        self.config.connection_id(self.server, rand::random())
     }
 
     /// An ID is one of ours when it names this server (quinn answers others with stateless
@@ -469,7 +506,7 @@ impl ConnectionIdGenerator for LbConnectionIdGenerator {
     }
 
     fn cid_len(&self) -> usize {
-        CID_LEN
+        self.config.cid_len()
     }
 
     fn cid_lifetime(&self) -> Option<std::time::Duration> {
@@ -535,9 +572,9 @@ mod tests {
                 assert_eq!(cid[0] >> 5, cr, "config rotation");
             }
             let mut block = plain.clone();
-            encrypt(&k, &mut block);
+            encrypt(&k, &mut block).unwrap();
             assert_eq!(block, cid[1..], "encrypt, config {cr}");
-            decrypt(&k, &mut block);
+            decrypt(&k, &mut block).unwrap();
             assert_eq!(block, plain, "decrypt, config {cr}");
         }
     }
@@ -547,10 +584,33 @@ mod tests {
     fn the_drafts_four_pass_example() {
         let k = key("fdf726a9893ec05c0632d3956680baf0");
         let mut block = hex("31441a9c69c275");
-        encrypt(&k, &mut block);
+        encrypt(&k, &mut block).unwrap();
         assert_eq!(block, hex("67947d29be054a"));
-        decrypt(&k, &mut block);
+        decrypt(&k, &mut block).unwrap();
         assert_eq!(block, hex("31441a9c69c275"));
+    }
+
+    /// Unencrypted IDs keep the layout of earlier releases (15 bytes, first octet 0x0e for
+    /// config 0, the server ID in clear after it): mixed releases read each other's IDs.
+    #[test]
+    fn unencrypted_ids_keep_their_earlier_layout() {
+        let server = ServerId([1, 2, 3, 4, 5, 6]);
+        let cid = LbConfig::default().connection_id(server, [9; NONCE_LEN]);
+        assert_eq!(&cid[..], &[0x0e, 1, 2, 3, 4, 5, 6, 9, 9, 9, 9, 9, 9, 9, 9]);
+        let mut earlier = [0x0e; PLAIN_CID_LEN];
+        earlier[1..7].copy_from_slice(&server.0);
+        assert_eq!(LbConfigs::default().server_id(&earlier), Some(server));
+    }
+
+    #[test]
+    fn lengths_the_draft_does_not_define_are_refused() {
+        let k = key("00112233445566778899aabbccddeeff");
+        for len in [0, 4, 20, 64] {
+            let mut block = vec![0x33; len];
+            assert_eq!(encrypt(&k, &mut block), Err(LbError::Length(len)));
+            assert_eq!(decrypt(&k, &mut block), Err(LbError::Length(len)));
+            assert!(block.iter().all(|&b| b == 0x33), "left unchanged");
+        }
     }
 
     #[test]
@@ -562,9 +622,9 @@ mod tests {
                     .map(|i| i.wrapping_mul(37).wrapping_add(seed))
                     .collect();
                 let mut block = plain.clone();
-                encrypt(&k, &mut block);
+                encrypt(&k, &mut block).unwrap();
                 assert_ne!(block, plain, "length {len}");
-                decrypt(&k, &mut block);
+                decrypt(&k, &mut block).unwrap();
                 assert_eq!(block, plain, "length {len}");
             }
         }
@@ -580,8 +640,12 @@ mod tests {
             let mut generator = LbConnectionIdGenerator::new(server, config.clone());
             let a = generator.generate_cid();
             let b = generator.generate_cid();
-            assert_eq!(a.len(), CID_LEN);
-            assert_eq!(a[0], (config.id() << 5) | 16, "length self-described");
+            assert_eq!(a.len(), config.cid_len());
+            assert_eq!(
+                usize::from(a[0]),
+                (usize::from(config.id()) << 5) | (config.cid_len() - 1),
+                "length self-described"
+            );
             assert_ne!(a, b, "the nonce is random");
             assert_eq!(config.server_id(&a), Some(server));
             assert_eq!(config.server_id(&b), Some(server));
@@ -703,17 +767,20 @@ mod tests {
         let configs = LbConfigs::default();
         assert_eq!(config.server_id(&[0x10; 8]), None);
         assert_eq!(configs.server_id(&[0x10; 8]), None);
-        let mut cid = [0u8; CID_LEN];
+        let mut cid = [0u8; PLAIN_CID_LEN];
         cid[0] = 0x0d;
         assert_eq!(config.server_id(&cid), None);
         assert_eq!(configs.server_id(&cid), None);
-        cid[0] = 0xe0 | 16;
+        cid[0] = 0xe0 | 14;
         assert_eq!(configs.server_id(&cid), None);
-        cid[0] = 16;
+        cid[0] = 14;
         assert_eq!(config.server_id(&cid), Some(ServerId([0; 6])));
         assert_eq!(configs.server_id(&cid), Some(ServerId([0; 6])));
-        assert_eq!(config.server_id(&cid[..CID_LEN - 1]), None);
-        assert_eq!(configs.server_id(&cid[..CID_LEN - 1]), None);
+        assert_eq!(config.server_id(&cid[..PLAIN_CID_LEN - 1]), None);
+        assert_eq!(configs.server_id(&cid[..PLAIN_CID_LEN - 1]), None);
+        // An encrypted configuration wants its own length.
+        let encrypted = LbConfig::new(0, Some(&key("00112233445566778899aabbccddeeff"))).unwrap();
+        assert_eq!(encrypted.server_id(&cid), None);
         assert_eq!(configs.server_id(&[]), None);
     }
 
@@ -728,6 +795,6 @@ mod tests {
         assert_eq!(short_header_dcid(&packet), Some(&cid[..]));
         assert_eq!(short_header_dcid(&packet[..10]), None, "truncated");
         assert_eq!(short_header_dcid(&[0x41]), None);
-        assert_eq!(short_header_dcid(&[0x41, 0xe0 | 16]), None, "unroutable");
+        assert_eq!(short_header_dcid(&[0x41, 0xe0 | 14]), None, "unroutable");
     }
 }
