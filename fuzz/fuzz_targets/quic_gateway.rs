@@ -43,9 +43,16 @@ fuzz_target!(|data: &[u8]| {
     let from = from.parse().unwrap_or_else(|_| unreachable!());
     match decide(table(), from, data) {
         Decision::Return { offset, .. } => assert!(offset <= data.len()),
-        Decision::Forward(_) | Decision::Drop(_) => {}
+        Decision::Forward(_) | Decision::Drop(_) | Decision::Incomplete => {}
     }
     let _ = initial::initial_server_name(data);
+    // Held Initials: any bytes offered twice, from one source, never panic and stay bounded.
+    let mut hellos = halyard_sidecar::gateway::HelloAssembler::default();
+    let now = std::time::Instant::now();
+    for _ in 0..2 {
+        let _ = hellos.offer(from, data, now);
+    }
+    assert!(hellos.len() <= 1);
     let _ = initial::long_header_dcid(data);
     let _ = quic_lb::short_header_dcid(data).and_then(|cid| configs().server_id(cid));
     if data.len() >= quic_lb::KEY_LEN + 5 {

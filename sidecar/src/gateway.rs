@@ -6,14 +6,17 @@
 //! - the server name in the ClientHello of a client's first Initial packet, which the caller's
 //!   sidecar sets to `<server-id>.lb.halyard.internal` (`halyard_transport::gateway_server_name`)
 //!   and the gateway reads with the version's public Initial keys (RFC 9001 §5.2,
-//!   `halyard_transport::initial`), the only packet it ever opens;
+//!   `halyard_transport::initial`), the only kind of packet it ever opens (a ClientHello that
+//!   spans Initials is gathered first: [`HelloAssembler`]);
 //! - for every other packet, the server ID in its destination connection ID, which sidecars
 //!   issue as in QUIC-LB (`halyard_transport::quic_lb`).
 //!
 //! The datagram reaches the endpoint's sidecar behind a PROXY protocol v2 header naming the
 //! caller (`halyard_transport::proxy_v2`); the sidecar answers through the gateway with a
 //! header naming the caller, and the gateway sends the payload on. The gateway keeps no table
-//! of connections: it can restart, run as replicas, and follow a caller whose address changes.
+//! of connections (only, for a second at most, the first Initials of a connection whose
+//! ClientHello spans them): it can restart, run as replicas, and follow a caller whose address
+//! changes.
 //! It holds no workload key; mTLS stays between the two sidecars.
 //!
 //! The routing table is built from this cluster's registry: every endpoint of a Service with
@@ -303,6 +306,9 @@ pub enum Dropped {
     Malformed,
     /// An Initial from a source past its [`INITIAL_RATE`].
     RateLimited,
+    /// An Initial whose ClientHello continues in a later packet, when no more can be held
+    /// ([`HelloAssembler`]'s bounds) or the held ClientHello grew past them.
+    HelloLimit,
 }
 
 impl Dropped {
@@ -313,6 +319,7 @@ impl Dropped {
             Dropped::UnknownSource => "unknown_source",
             Dropped::Malformed => "malformed",
             Dropped::RateLimited => "rate_limited",
+            Dropped::HelloLimit => "hello_limit",
         }
     }
 }
@@ -331,6 +338,140 @@ pub enum Decision {
     },
     /// Dropped, for this reason.
     Drop(Dropped),
+    /// A client's Initial whose ClientHello continues in a later packet: hold it
+    /// ([`HelloAssembler`]) until the server name can be read.
+    Incomplete,
+}
+
+/// Connections whose first Initials a gateway holds at once while their ClientHello is
+/// incomplete; past it, such Initials are dropped (`hello_limit`). The client sends them again.
+pub const MAX_HELD_HELLOS: usize = 256;
+/// Of those, per source (IPv4 address or IPv6 /64).
+pub const MAX_HELD_HELLOS_PER_SOURCE: usize = 8;
+/// Datagrams held per connection, and CRYPTO bytes: a ClientHello larger than this is dropped.
+pub const MAX_HELD_DATAGRAMS: usize = 4;
+/// See [`MAX_HELD_DATAGRAMS`].
+pub const MAX_HELLO_BYTES: usize = 8 * 1024;
+/// How long held Initials wait for the rest of their ClientHello (a client's first probe
+/// timeout is longer, and it then sends them all again).
+pub const HELLO_HOLD: Duration = Duration::from_secs(1);
+
+/// The Initials of connections whose ClientHello spans more than one packet (a post-quantum
+/// key share, many ALPN names): kept per (client address, destination connection ID) until
+/// the CRYPTO data from offset 0 holds the whole ClientHello, then routed by its server name
+/// in the order they came. The only per-connection state of the gateway, bounded by
+/// [`MAX_HELD_HELLOS`] × [`MAX_HELD_DATAGRAMS`] datagrams and dropped after [`HELLO_HOLD`].
+#[derive(Debug, Default)]
+pub struct HelloAssembler {
+    held: HashMap<(SocketAddr, Vec<u8>), Held>,
+}
+
+#[derive(Debug)]
+struct Held {
+    datagrams: Vec<Vec<u8>>,
+    pieces: Vec<(u64, Vec<u8>)>,
+    bytes: usize,
+    since: std::time::Instant,
+}
+
+/// What became of an Initial offered to the [`HelloAssembler`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Offer {
+    /// Held: the ClientHello is still incomplete.
+    Held,
+    /// The ClientHello is whole: route these datagrams (the held ones, then the one offered)
+    /// by `name`.
+    Complete {
+        /// The ClientHello's server name.
+        name: Option<String>,
+        /// Every datagram of the connection so far, in the order they came.
+        datagrams: Vec<Vec<u8>>,
+    },
+    /// Dropped (with what was held for the connection), for this reason.
+    Drop(Dropped),
+}
+
+impl HelloAssembler {
+    /// Offers a client's Initial from `from` whose ClientHello did not fit in it alone.
+    pub fn offer(&mut self, from: SocketAddr, datagram: &[u8], now: std::time::Instant) -> Offer {
+        use halyard_transport::initial::{initial_crypto, long_header_dcid, server_name_in};
+        let Some(dcid) = long_header_dcid(datagram) else {
+            return Offer::Drop(Dropped::Malformed);
+        };
+        let Ok(pieces) = initial_crypto(datagram) else {
+            return Offer::Drop(Dropped::Unroutable);
+        };
+        self.held
+            .retain(|_, h| now.saturating_duration_since(h.since) < HELLO_HOLD);
+        let key = (from, dcid.to_vec());
+        if !self.held.contains_key(&key) {
+            let source = halyard_transport::admission::Source::of(from.ip());
+            let same_source = self
+                .held
+                .keys()
+                .filter(|(a, _)| halyard_transport::admission::Source::of(a.ip()) == source)
+                .count();
+            if self.held.len() >= MAX_HELD_HELLOS || same_source >= MAX_HELD_HELLOS_PER_SOURCE {
+                return Offer::Drop(Dropped::HelloLimit);
+            }
+        }
+        let held = self.held.entry(key.clone()).or_insert_with(|| Held {
+            datagrams: Vec::new(),
+            pieces: Vec::new(),
+            bytes: 0,
+            since: now,
+        });
+        held.bytes += pieces.iter().map(|(_, d)| d.len()).sum::<usize>();
+        if held.datagrams.len() >= MAX_HELD_DATAGRAMS || held.bytes > MAX_HELLO_BYTES {
+            self.held.remove(&key);
+            return Offer::Drop(Dropped::HelloLimit);
+        }
+        held.pieces.extend(pieces);
+        held.datagrams.push(datagram.to_vec());
+        match server_name_in(&held.pieces) {
+            Err(halyard_transport::initial::InitialError::Incomplete) => Offer::Held,
+            Ok(name) => {
+                let datagrams = self
+                    .held
+                    .remove(&key)
+                    .map(|h| h.datagrams)
+                    .unwrap_or_default();
+                Offer::Complete { name, datagrams }
+            }
+            Err(_) => {
+                self.held.remove(&key);
+                Offer::Drop(Dropped::Unroutable)
+            }
+        }
+    }
+
+    /// Connections held now.
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Whether none is held.
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+}
+
+/// Where a ClientHello's server name routes: `<server-id>.lb.halyard.internal` of an endpoint
+/// in the table.
+pub fn route_by_name(table: &Table, name: Option<&str>) -> Decision {
+    match name
+        .and_then(|n| n.strip_suffix(halyard_transport::GATEWAY_NAME_SUFFIX))
+        .and_then(ServerId::from_hex)
+    {
+        Some(sid) => match table.target(&sid) {
+            Some(t) => Decision::Forward(t.address),
+            None => Decision::Drop(Dropped::NotExported),
+        },
+        None => match name {
+            Some(_) => Decision::Drop(Dropped::NotExported),
+            None => Decision::Drop(Dropped::Unroutable),
+        },
+    }
 }
 
 /// Decides what to do with `datagram`, received from `from` (pure: the table and the bytes).
@@ -385,16 +526,8 @@ pub fn decide_within(
         return Decision::Drop(Dropped::RateLimited);
     }
     match initial_server_name(datagram) {
-        Ok(Some(name)) => match name
-            .strip_suffix(halyard_transport::GATEWAY_NAME_SUFFIX)
-            .and_then(ServerId::from_hex)
-        {
-            Some(sid) => match table.target(&sid) {
-                Some(t) => Decision::Forward(t.address),
-                None => Decision::Drop(Dropped::NotExported),
-            },
-            None => Decision::Drop(Dropped::NotExported),
-        },
+        Ok(Some(name)) => route_by_name(table, Some(&name)),
+        Err(halyard_transport::initial::InitialError::Incomplete) => Decision::Incomplete,
         _ => Decision::Drop(Dropped::Unroutable),
     }
 }
@@ -403,6 +536,8 @@ pub fn decide_within(
 struct GatewayMetrics {
     registry: prometheus::Registry,
     forwarded: IntCounter,
+    /// Initials held while their ClientHello is incomplete ([`HelloAssembler`]).
+    held: IntCounter,
     returned: IntCounter,
     drops: HashMap<Dropped, IntCounter>,
     bytes_forwarded: IntCounter,
@@ -449,12 +584,14 @@ impl GatewayMetrics {
             Dropped::UnknownSource,
             Dropped::Malformed,
             Dropped::RateLimited,
+            Dropped::HelloLimit,
         ]
         .into_iter()
         .map(|d| (d, datagrams.with_label_values(&[d.label()])))
         .collect();
         Ok(GatewayMetrics {
             forwarded: datagrams.with_label_values(&["forwarded"]),
+            held: datagrams.with_label_values(&["held"]),
             returned: datagrams.with_label_values(&["returned"]),
             drops,
             bytes_forwarded: bytes.with_label_values(&["to_endpoint"]),
@@ -620,6 +757,7 @@ async fn route(socket: &UdpSocket, state: &State) -> anyhow::Result<()> {
     let mut meta = vec![RecvMeta::default(); BATCH_SIZE];
     let mut out = Batch::new(udp.max_gso_segments().max(1));
     let mut budget = InitialBudget::default();
+    let mut hellos = HelloAssembler::default();
     let mut table_rx = state.table.clone();
     let mut table = table_rx.borrow_and_update().clone();
     loop {
@@ -648,7 +786,8 @@ async fn route(socket: &UdpSocket, state: &State) -> anyhow::Result<()> {
             let stride = m.stride.clamp(1, len.max(1));
             for segment in buf[..len].chunks(stride) {
                 let io = (socket, &udp);
-                handle(io, state, &table, (m.addr, segment), &mut out, &mut budget).await;
+                let limits = (&mut budget, &mut hellos);
+                handle(io, state, &table, (m.addr, segment), &mut out, limits).await;
             }
         }
         out.flush(socket, &udp).await;
@@ -662,38 +801,63 @@ async fn handle(
     table: &Table,
     (from, datagram): (SocketAddr, &[u8]),
     out: &mut Batch,
-    budget: &mut InitialBudget,
+    (budget, hellos): (&mut InitialBudget, &mut HelloAssembler),
 ) {
     let m = &state.metrics;
     let now = std::time::Instant::now();
+    let io = (socket, udp);
     match decide_within(table, from, datagram, &mut |from| {
         budget.take(from.ip(), now)
     }) {
-        Decision::Forward(to) => {
-            let header = ProxyHeader {
-                source: from,
-                destination: state.bound,
-            };
-            let mut head = [0u8; proxy_v2::MAX_LEN];
-            let Some(hlen) = proxy_v2::encode(&header, &mut head) else {
-                return;
-            };
-            out.push(socket, udp, to, &[&head[..hlen], datagram]).await;
-            m.forwarded.inc();
-            m.bytes_forwarded.inc_by(datagram.len() as u64);
-        }
+        Decision::Forward(to) => forward(io, state, out, (from, to), datagram).await,
+        Decision::Incomplete => match hellos.offer(from, datagram, now) {
+            Offer::Held => m.held.inc(),
+            Offer::Complete { name, datagrams } => match route_by_name(table, name.as_deref()) {
+                Decision::Forward(to) => {
+                    for d in &datagrams {
+                        forward(io, state, out, (from, to), d).await;
+                    }
+                }
+                Decision::Drop(why) => drop_counted(m, from, why),
+                _ => drop_counted(m, from, Dropped::Unroutable),
+            },
+            Offer::Drop(why) => drop_counted(m, from, why),
+        },
         Decision::Return { to, offset } => {
             let payload = datagram.get(offset..).unwrap_or_default();
             out.push(socket, udp, to, &[payload]).await;
             m.returned.inc();
             m.bytes_returned.inc_by(payload.len() as u64);
         }
-        Decision::Drop(why) => {
-            tracing::debug!(%from, reason = why.label(), "gateway dropped a datagram");
-            if let Some(c) = m.drops.get(&why) {
-                c.inc();
-            }
-        }
+        Decision::Drop(why) => drop_counted(m, from, why),
+    }
+}
+
+/// Wraps a caller's `datagram` in a PROXY header naming it and adds it to the batch for `to`.
+async fn forward(
+    (socket, udp): (&UdpSocket, &halyard_transport::quinn::udp::UdpSocketState),
+    state: &State,
+    out: &mut Batch,
+    (from, to): (SocketAddr, SocketAddr),
+    datagram: &[u8],
+) {
+    let header = ProxyHeader {
+        source: from,
+        destination: state.bound,
+    };
+    let mut head = [0u8; proxy_v2::MAX_LEN];
+    let Some(hlen) = proxy_v2::encode(&header, &mut head) else {
+        return;
+    };
+    out.push(socket, udp, to, &[&head[..hlen], datagram]).await;
+    state.metrics.forwarded.inc();
+    state.metrics.bytes_forwarded.inc_by(datagram.len() as u64);
+}
+
+fn drop_counted(m: &GatewayMetrics, from: SocketAddr, why: Dropped) {
+    tracing::debug!(%from, reason = why.label(), "gateway dropped a datagram");
+    if let Some(c) = m.drops.get(&why) {
+        c.inc();
     }
 }
 
@@ -1041,6 +1205,123 @@ identity: spiffe://mesh.local/ns/default/sa/internal
             .unwrap_err()
             .to_string();
         assert!(err.contains("registry"), "{err}");
+    }
+
+    /// A real QUIC client's first Initials (quinn-proto, in memory) whose ClientHello is made
+    /// larger than one packet by 48 ALPN names, addressed to `name`.
+    fn split_hello(name: &str) -> Vec<Vec<u8>> {
+        use quinn_proto as qp;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        crypto.alpn_protocols = (0..48)
+            .map(|i| format!("halyard-test-application-protocol-{i:04}").into_bytes())
+            .collect();
+        let crypto = qp::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap();
+        let config = qp::ClientConfig::new(Arc::new(crypto));
+        let mut endpoint =
+            qp::Endpoint::new(Arc::new(qp::EndpointConfig::default()), None, false, None);
+        let now = std::time::Instant::now();
+        let server: SocketAddr = "192.0.2.9:15444".parse().unwrap();
+        let (_, mut conn) = endpoint.connect(now, config, server, name).unwrap();
+        let mut datagrams = Vec::new();
+        let mut buf = Vec::new();
+        while let Some(t) = conn.poll_transmit(now, 1, &mut buf) {
+            datagrams.push(buf[..t.size].to_vec());
+            buf.clear();
+        }
+        datagrams
+    }
+
+    /// A ClientHello over two Initials: the first is held, the second completes it and both go
+    /// to the endpoint its server name names, in order; a duplicate of the first alone stays
+    /// held; bounds drop what they must and count it.
+    #[test]
+    fn a_client_hello_over_two_initials_is_held_then_routed() {
+        let table = Table::of(&snapshot(MESH));
+        let r1: SocketAddr = "10.2.0.5:15443".parse().unwrap();
+        let name = format!(
+            "{}{}",
+            ServerId::of(r1).to_hex(),
+            halyard_transport::GATEWAY_NAME_SUFFIX
+        );
+        let datagrams = split_hello(&name);
+        assert!(datagrams.len() >= 2, "{} datagrams", datagrams.len());
+        let caller: SocketAddr = "198.51.100.7:50000".parse().unwrap();
+        for d in &datagrams {
+            assert_eq!(decide(&table, caller, d), Decision::Incomplete);
+        }
+        let now = std::time::Instant::now();
+        let mut hellos = HelloAssembler::default();
+        assert_eq!(hellos.offer(caller, &datagrams[0], now), Offer::Held);
+        assert_eq!(
+            hellos.offer(caller, &datagrams[0], now),
+            Offer::Held,
+            "a resent first"
+        );
+        match hellos.offer(caller, &datagrams[1], now) {
+            Offer::Complete {
+                name: got,
+                datagrams: held,
+            } => {
+                assert_eq!(got.as_deref(), Some(name.as_str()));
+                assert_eq!(
+                    held,
+                    [
+                        datagrams[0].clone(),
+                        datagrams[0].clone(),
+                        datagrams[1].clone()
+                    ]
+                );
+                assert_eq!(route_by_name(&table, got.as_deref()), Decision::Forward(r1));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(hellos.is_empty());
+
+        // Held Initials expire; a source may hold only so many connections.
+        assert_eq!(hellos.offer(caller, &datagrams[0], now), Offer::Held);
+        let later = now + HELLO_HOLD;
+        assert_eq!(hellos.offer(caller, &datagrams[0], later), Offer::Held);
+        assert_eq!(hellos.len(), 1, "the expired entry went");
+        let mut full = HelloAssembler::default();
+        for i in 0..MAX_HELD_HELLOS_PER_SOURCE {
+            let d = split_hello(&name);
+            let from = SocketAddr::new(caller.ip(), 40000 + i as u16);
+            assert_eq!(full.offer(from, &d[0], now), Offer::Held);
+        }
+        let d = split_hello(&name);
+        assert_eq!(
+            full.offer(SocketAddr::new(caller.ip(), 39999), &d[0], now),
+            Offer::Drop(Dropped::HelloLimit)
+        );
+        let elsewhere: SocketAddr = "203.0.113.5:4433".parse().unwrap();
+        assert_eq!(full.offer(elsewhere, &d[0], now), Offer::Held);
+        // Too many datagrams for one connection.
+        let mut one = HelloAssembler::default();
+        for _ in 0..MAX_HELD_DATAGRAMS {
+            assert_eq!(one.offer(caller, &datagrams[0], now), Offer::Held);
+        }
+        assert_eq!(
+            one.offer(caller, &datagrams[0], now),
+            Offer::Drop(Dropped::HelloLimit)
+        );
+        assert!(one.is_empty());
+        // Garbage offered is dropped, not held.
+        assert_eq!(
+            HelloAssembler::default().offer(caller, &[0xc3; 40], now),
+            Offer::Drop(Dropped::Malformed)
+        );
+        let mut undecryptable = datagrams[0].clone();
+        let last = undecryptable.len() - 1;
+        undecryptable[last] ^= 1;
+        assert_eq!(
+            HelloAssembler::default().offer(caller, &undecryptable, now),
+            Offer::Drop(Dropped::Unroutable)
+        );
     }
 
     /// `[[quic_lb]]`: every configuration's key read at load; ids distinct; at most 7.

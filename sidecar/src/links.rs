@@ -31,7 +31,14 @@ type MergeInputs = (usize, Vec<(String, i64, bool)>);
 
 /// One open link.
 struct Remote {
+    /// The link as it is now: its gateway and `keepStale` apply to the endpoints served.
     link: Arc<ClusterLink>,
+    /// The link as the registry was opened for (registry URL, mesh, credentials name).
+    opened_for: Arc<ClusterLink>,
+    /// Since when the link names another registry, mesh or credentials than this one was
+    /// opened for: the old registry's endpoints stand in (make before break) while the new
+    /// one opens, reported stale since the edit and dropped after the link's `keepStale`.
+    stand_in_since: Option<tokio::time::Instant>,
     /// The user and TLS files it was opened with: when the files change, it is opened again.
     access: halyard_registry::Access,
     registry: Arc<dyn Registry>,
@@ -144,7 +151,11 @@ async fn run(
             .values_mut()
             .map(|r| {
                 let s = r.snapshots.borrow_and_update().clone();
-                (r.link.clone(), s, r.registry.staleness())
+                let mut staleness = r.registry.staleness();
+                if let Some(since) = r.stand_in_since {
+                    staleness = staleness.max(since.elapsed());
+                }
+                (r.link.clone(), s, staleness)
             })
             .collect();
         for (link, _, staleness) in &views {
@@ -233,10 +244,12 @@ struct Links {
 }
 
 impl Links {
-    /// Forgets links that went or changed, takes the registries openers finished, and starts
-    /// an opener for each new link and for each open one whose credentials files changed (the
-    /// open one serves until the new one opens). Never waits on a network: opening runs beside
-    /// the merge. Returns the clusters no longer linked at all.
+    /// Forgets links that went, takes the registries openers finished, and starts an opener
+    /// for each new link, for each open one whose credentials files changed, and for each
+    /// edited one that now names another registry, mesh or credentials: the open registry
+    /// serves until the new one opens (make before break; an edited link's gateway and
+    /// `keepStale` apply at once). Never waits on a network: opening runs beside the merge.
+    /// Returns the clusters no longer linked at all.
     fn reconcile(&mut self, snap: &Snapshot) -> Vec<String> {
         let wanted = |cluster: &String, link: &Arc<ClusterLink>| {
             snap.links.get(cluster).is_some_and(|l| l == link)
@@ -245,7 +258,22 @@ impl Links {
             .filter(|c| !snap.links.contains_key(*c))
             .cloned()
             .collect();
-        self.open.retain(|c, r| wanted(c, &r.link));
+        self.open.retain(|c, _| snap.links.contains_key(c));
+        for (cluster, open) in &mut self.open {
+            let Some(link) = snap.links.get(cluster) else {
+                continue;
+            };
+            if open.link == *link {
+                continue;
+            }
+            if same_source(&open.opened_for, link) {
+                open.stand_in_since = None;
+            } else if open.stand_in_since.is_none() {
+                open.stand_in_since = Some(tokio::time::Instant::now());
+                tracing::info!(%cluster, registry = %link.registry, "the link names another registry; the last endpoints serve until it answers, at most keepStale");
+            }
+            open.link = link.clone();
+        }
         self.opening.retain(|c, (link, _, _)| wanted(c, link));
         while let Ok((link, registry, access)) = self.opened.1.try_recv() {
             let cluster = link.cluster.to_string();
@@ -265,7 +293,9 @@ impl Links {
             self.open.insert(
                 cluster,
                 Remote {
+                    opened_for: link.clone(),
                     link,
+                    stand_in_since: None,
                     access,
                     registry,
                     snapshots,
@@ -284,7 +314,11 @@ impl Links {
             if self.opening.contains_key(cluster) {
                 continue;
             }
-            if let Some(open) = self.open.get(cluster) {
+            if let Some(open) = self
+                .open
+                .get(cluster)
+                .filter(|o| same_source(&o.opened_for, link))
+            {
                 if !check {
                     continue;
                 }
@@ -318,6 +352,12 @@ impl Links {
         }
         gone
     }
+}
+
+/// Whether a registry opened for `a` is the one `b` names: same registry URL, mesh and
+/// credentials (the gateway and `keepStale` apply to endpoints, not to the registry).
+fn same_source(a: &ClusterLink, b: &ClusterLink) -> bool {
+    a.registry == b.registry && a.mesh == b.mesh && a.credentials == b.credentials
 }
 
 /// Opens `link`'s registry (as the etcd user its `credentials` name, read from

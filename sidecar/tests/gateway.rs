@@ -743,6 +743,114 @@ async fn a_bad_link_or_an_unreachable_registry_leaves_other_traffic_alone() {
     l.gateway.stop().await;
 }
 
+/// A caller whose ClientHello spans two Initials (48 ALPN names, none of them `h3`): the
+/// gateway holds the first until the second completes it, then forwards both, and B's sidecar
+/// answers through the gateway, refusing the handshake for its ALPN (TLS alert 120) — which it
+/// can only do having read the whole ClientHello.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_hello_over_two_initials_crosses_the_gateway() {
+    use halyard_transport::quinn;
+    let c = clusters_with(None, None).await;
+    let name = format!(
+        "{}{}",
+        ServerId::of(c.reviews.started.inbound).to_hex(),
+        halyard_transport::GATEWAY_NAME_SUFFIX
+    );
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    crypto.alpn_protocols = (0..48)
+        .map(|i| format!("halyard-test-application-protocol-{i:04}").into_bytes())
+        .collect();
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let connecting = endpoint
+        .connect_with(
+            quinn::ClientConfig::new(Arc::new(crypto)),
+            c.gateway.addr,
+            &name,
+        )
+        .unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(10), connecting)
+        .await
+        .expect("B's sidecar answered")
+        .unwrap_err();
+    assert!(
+        matches!(&err, quinn::ConnectionError::ConnectionClosed(close)
+            if close.error_code == quinn::TransportErrorCode::crypto(120)),
+        "{err:?}"
+    );
+    let g = c.gateway.metrics().await;
+    let decision = |d| metric(&g, "halyard_gateway_datagrams_total", &[("decision", d)]);
+    assert!(decision("held") >= 1.0, "{g}");
+    assert!(decision("forwarded") >= 2.0, "{g}");
+    assert!(decision("returned") >= 1.0, "{g}");
+    c.pp.shutdown().await.unwrap();
+    c.reviews.shutdown().await.unwrap();
+    c.gateway.stop().await;
+}
+
+/// Editing a ClusterLink is make before break: a new `keepStale` or gateway applies to the
+/// endpoints at once; a link edited to name another registry keeps serving the endpoints it
+/// had (reported stale since the edit) until the new registry answers, and for at most the
+/// link's `keepStale` when it never does; edited back, the endpoints are followed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn editing_a_link_keeps_its_endpoints_until_the_new_registry_answers() {
+    let l = linked("5m").await;
+    let link = |registry: &str, keep: &str| {
+        format!(
+            "kind: ClusterLink\ncluster: b\nregistry: {registry}\ngateway: \"{}\"\nkeepStale: {keep}\n",
+            l.gateway.addr
+        )
+    };
+    let has_b =
+        |s: &halyard_registry::Snapshot| s.endpoints_of("reviews").any(|ep| ep.cluster == "b");
+    let good = l.etcd.url();
+    // Another keepStale: same registry, nothing reopened, nothing dropped.
+    l.a.apply(&link(&good, "4s")).await;
+    l.pp.wait_snapshot("the new keepStale", |s| {
+        s.links
+            .get("b")
+            .is_some_and(|k| k.keep_stale == Duration::from_secs(4))
+    })
+    .await;
+    assert!(
+        has_b(&l.pp.started.snapshot.borrow()),
+        "dropped on a keepStale edit"
+    );
+    assert_eq!(call(l.pp.upstream(0), b"one").await.unwrap(), b"b:one");
+
+    // A registry nobody answers: the endpoints stay in the very snapshot that carries the edit,
+    // calls keep working, the link is reported stale, and after keepStale they go.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("etcd://{}", dead.local_addr().unwrap());
+    drop(dead);
+    l.a.apply(&link(&dead_url, "4s")).await;
+    l.pp.wait_snapshot("the edited link", |s| {
+        s.links.get("b").is_some_and(|k| k.registry == dead_url)
+    })
+    .await;
+    assert!(
+        has_b(&l.pp.started.snapshot.borrow()),
+        "dropped at the edit"
+    );
+    assert_eq!(call(l.pp.upstream(0), b"two").await.unwrap(), b"b:two");
+    wait_link_stale(&l.pp, "b").await;
+    l.pp.wait_snapshot("B's endpoints aged out", |s| !has_b(s))
+        .await;
+
+    // Edited back: followed again.
+    l.a.apply(&link(&good, "5m")).await;
+    l.pp.wait_snapshot("B's endpoints back", has_b).await;
+    assert_eq!(call(l.pp.upstream(0), b"three").await.unwrap(), b"b:three");
+    l.pp.shutdown().await.unwrap();
+    l.reviews.shutdown().await.unwrap();
+    l.gateway.stop().await;
+}
+
 /// B's reviews sidecar (taking the gateway's datagrams) and B's gateway, both with `top`
 /// (top-level config lines, e.g. how to reach B's etcd).
 async fn b_side(b: &Mesh, top: &str) -> (Sidecar, Gateway) {

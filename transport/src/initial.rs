@@ -9,9 +9,11 @@
 //! (RFC 6066 §3). Handshake and 1-RTT packets use keys from the TLS handshake, which the
 //! gateway never has.
 //!
-//! Limit: the ClientHello must be whole in the first Initial. Halyard's (X25519 key share, no
-//! session tickets) is a few hundred bytes; a larger one (a post-quantum key share) would need
-//! the CRYPTO data of several Initials reassembled.
+//! A ClientHello larger than one packet (a post-quantum key share, many ALPN names) spans the
+//! client's first Initials: [`initial_crypto`] gives each packet's CRYPTO frames and
+//! [`server_name_in`] reads the name once the pieces gathered from offset 0 hold the whole
+//! ClientHello ([`InitialError::Incomplete`] before). Halyard's own (X25519 key share, no
+//! session tickets) is a few hundred bytes: one packet.
 
 use rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256;
 use rustls::quic::{Keys, Version};
@@ -61,7 +63,21 @@ pub fn long_header_dcid(datagram: &[u8]) -> Option<&[u8]> {
 /// The `server_name` of the ClientHello in the first packet of `datagram`, a client's QUIC v1
 /// Initial; `Ok(None)` when the ClientHello has none. The datagram is not changed (the packet
 /// is copied to be decrypted).
+///
+/// # Errors
+/// [`InitialError::Incomplete`] when the ClientHello continues in a later packet (see
+/// [`initial_crypto`]); the others when the datagram is no readable client Initial.
 pub fn initial_server_name(datagram: &[u8]) -> Result<Option<String>, InitialError> {
+    server_name_in(&initial_crypto(datagram)?)
+}
+
+/// The CRYPTO frames of the first packet of `datagram`, a client's QUIC v1 Initial, as
+/// (offset, data) pairs in the order they came (RFC 9000 §19.6). The datagram is not changed.
+///
+/// # Errors
+/// As [`initial_server_name`], but never [`InitialError::Incomplete`] or
+/// [`InitialError::NotClientHello`].
+pub fn initial_crypto(datagram: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, InitialError> {
     let malformed = InitialError::Malformed;
     // RFC 9000 §17.2.2: long header form, fixed bit, type 0b00, version 1.
     let first = *datagram.first().ok_or(InitialError::NotInitial)?;
@@ -127,8 +143,21 @@ pub fn initial_server_name(datagram: &[u8]) -> Result<Option<String>, InitialErr
         .packet
         .decrypt_in_place(number, header, payload)
         .map_err(|_| InitialError::Undecryptable)?;
-    let hello = crypto_data(plain)?;
-    client_hello_server_name(&hello)
+    Ok(crypto_frames(plain)?
+        .into_iter()
+        .map(|(offset, data)| (offset, data.to_vec()))
+        .collect())
+}
+
+/// The server name of the ClientHello that `pieces` (CRYPTO data of one or more Initials, any
+/// order, overlaps allowed) hold from offset 0 on; `Ok(None)` when it has none.
+///
+/// # Errors
+/// [`InitialError::Incomplete`] while the pieces from offset 0 on do not yet hold the whole
+/// ClientHello; [`InitialError::NotClientHello`] when they hold something else.
+pub fn server_name_in(pieces: &[(u64, Vec<u8>)]) -> Result<Option<String>, InitialError> {
+    let borrowed: Vec<(u64, &[u8])> = pieces.iter().map(|(o, d)| (*o, &d[..])).collect();
+    client_hello_server_name(&assemble(borrowed)?)
 }
 
 fn initial_keys(dcid: &[u8]) -> Result<Keys, InitialError> {
@@ -154,10 +183,16 @@ fn varint(bytes: &[u8]) -> Option<(u64, usize)> {
     Some((value, len))
 }
 
-/// The CRYPTO data from offset 0 onward of an Initial's frames, in order (RFC 9000 §19.6); the
-/// frames an Initial may carry besides are skipped (§12.4, Table 3: PADDING, PING, ACK,
+/// The CRYPTO data from offset 0 onward of an Initial's frames, in order (RFC 9000 §19.6).
+#[cfg(test)]
+fn crypto_data(frames: &[u8]) -> Result<Vec<u8>, InitialError> {
+    assemble(crypto_frames(frames)?)
+}
+
+/// The CRYPTO frames of an Initial's frames (RFC 9000 §19.6) as (offset, data); the frames an
+/// Initial may carry besides are skipped (§12.4, Table 3: PADDING, PING, ACK,
 /// CONNECTION_CLOSE of type 0x1c).
-fn crypto_data(mut frames: &[u8]) -> Result<Vec<u8>, InitialError> {
+fn crypto_frames(mut frames: &[u8]) -> Result<Vec<(u64, &[u8])>, InitialError> {
     let bad = InitialError::Frame;
     let mut pieces: Vec<(u64, &[u8])> = Vec::new();
     let next = |frames: &mut &[u8]| -> Result<u64, InitialError> {
@@ -204,6 +239,11 @@ fn crypto_data(mut frames: &[u8]) -> Result<Vec<u8>, InitialError> {
             _ => return Err(bad("frame type not allowed in an Initial")),
         }
     }
+    Ok(pieces)
+}
+
+/// The bytes `pieces` hold from offset 0 up to the first gap.
+fn assemble(mut pieces: Vec<(u64, &[u8])>) -> Result<Vec<u8>, InitialError> {
     pieces.sort_by_key(|(offset, _)| *offset);
     let mut data = Vec::new();
     for (offset, piece) in pieces {
