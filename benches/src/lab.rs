@@ -122,7 +122,10 @@ impl Lab {
             dir,
             halyard,
             procs: Vec::new(),
-            congestion: "bbr".to_owned(),
+            // The product's default unless a run asks for another (HALYARD_BENCH_CONGESTION);
+            // the scenarios that compare both restart the sidecars with each.
+            congestion: std::env::var("HALYARD_BENCH_CONGESTION")
+                .unwrap_or_else(|_| "cubic".to_owned()),
             workers: 1,
             max_streams,
             via_gateway: false,

@@ -47,6 +47,8 @@ struct Report {
     dma_latency_held: bool,
     connections: usize,
     seconds: f64,
+    /// Halyard's `[transport] congestion` in this run.
+    congestion: String,
     rows: Vec<Row>,
 }
 
@@ -65,6 +67,7 @@ pub fn main() -> anyhow::Result<()> {
         dma_latency_held: dma.held(),
         connections: CONNS,
         seconds: RUN.as_secs_f64(),
+        congestion: lab.congestion().to_owned(),
         rows,
     };
     drop(dma);
@@ -235,8 +238,9 @@ fn markdown(r: &Report) -> String {
          open loop (latency from the intended send time when the previous response held a request back). \
          Namespaces a/b joined by a veth pair. /dev/cpu_dma_latency held at 0: {}. \
          Added = path minus direct at the same percentile. vCPU per 1,000 rps: utime+stime of both proxy processes \
-         over the run. RSS: client-side, server-side proxy at the end of the run.\n\n",
-        r.connections, r.seconds, r.dma_latency_held
+         over the run. RSS: client-side, server-side proxy at the end of the run. Halyard's `[transport] congestion`: \
+         `{}` (`HALYARD_BENCH_CONGESTION` sets another).\n\n",
+        r.connections, r.seconds, r.dma_latency_held, r.congestion
     );
     md += "| rps | path | achieved | p50 µs | p90 µs | p99 µs | p99.9 µs | added p50 | added p90 | added p99 | added p99.9 | vCPU/1k rps | vs stunnel | vs h2-tunnel | RSS MiB |\n";
     md += "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
