@@ -1211,15 +1211,7 @@ identity: spiffe://mesh.local/ns/default/sa/internal
     /// larger than one packet by 48 ALPN names, addressed to `name`.
     fn split_hello(name: &str) -> Vec<Vec<u8>> {
         use quinn_proto as qp;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth();
-        crypto.alpn_protocols = (0..48)
-            .map(|i| format!("halyard-test-application-protocol-{i:04}").into_bytes())
-            .collect();
+        let crypto = crate::test_util::large_hello_client_config();
         let crypto = qp::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap();
         let config = qp::ClientConfig::new(Arc::new(crypto));
         let mut endpoint =

@@ -820,3 +820,91 @@ pub fn edge<'a>(
         last,
     ]
 }
+
+/// A Route of `reviews` sending `v1` percent to version v1 and the rest to v2.
+pub fn weighted_route(v1: u32) -> String {
+    format!(
+        "kind: Route\nservice: reviews\nrules:\n  - backends:\n      - {{ subset: {{ version: v1 }}, weight: {v1} }}\n      - {{ subset: {{ version: v2 }}, weight: {} }}\n",
+        100 - v1
+    )
+}
+
+impl Mesh {
+    /// Renews the certificate files of `sidecar` with a fresh leaf (an hour) for `account`.
+    pub fn renew(&self, sidecar: &Sidecar, account: &str) {
+        let dir = sidecar.config.file.identity.cert.parent().unwrap();
+        let id = SpiffeId::workload(self.ca.trust_domain(), "default", account).unwrap();
+        let leaf = self.ca.issue(&id, Duration::from_secs(3600)).unwrap();
+        write_identity(dir, &leaf, self.ca.cert_pem()).unwrap();
+    }
+}
+
+/// `reviews` v1 and v2, each an HTTP app (tag `v1`/`v2`) and a tagged echo (`r`) on its own
+/// loopback host with the same ports (a Service has one targetPort), behind a Service with an
+/// `http` port 9080 and a `tcp` port 9090 and a 50/50 [`weighted_route`]; their sidecars, and
+/// `callers` productpage sidecars calling both ports once they see both endpoints. Every
+/// sidecar gets `extra`. The apps live as long as the value.
+pub struct TwoVersions {
+    pub servers: Vec<Sidecar>,
+    pub callers: Vec<Sidecar>,
+    /// v1's and v2's HTTP apps and echoes: keep them while the sidecars serve.
+    pub apps: (HttpApp, HttpApp, Echo, Echo),
+}
+
+impl TwoVersions {
+    pub async fn start(mesh: &Mesh, callers: usize, extra: &str) -> TwoVersions {
+        let (h1, h2) = (loopback_ip(), loopback_ip());
+        let app1 = http_app(SocketAddr::new(h1, 0), "v1", AppBehavior::default()).await;
+        let echo1 = tagged_echo(SocketAddr::new(h1, 0), "r").await;
+        let app2 = http_app(
+            SocketAddr::new(h2, app1.addr.port()),
+            "v2",
+            AppBehavior::default(),
+        )
+        .await;
+        let echo2 = tagged_echo(SocketAddr::new(h2, echo1.addr.port()), "r").await;
+        mesh.apply(&format!(
+            "kind: Service\nname: reviews\nports:\n  - {{ name: http, port: 9080, protocol: http, targetPort: {} }}\n  - {{ name: tcp, port: 9090, protocol: tcp, targetPort: {} }}\n",
+            app1.addr.port(),
+            echo1.addr.port()
+        ))
+        .await;
+        mesh.apply(&weighted_route(50)).await;
+        let mut servers = Vec::new();
+        for (host, version) in [(h1, "v1"), (h2, "v2")] {
+            let mut spec = Spec::new("reviews", version).app_host(host);
+            spec.extra = extra.into();
+            servers.push(mesh.start(&spec).await);
+        }
+        let mut pps = Vec::new();
+        for _ in 0..callers {
+            let mut spec = Spec::new("productpage", "v1")
+                .upstream("reviews", 9080)
+                .upstream("reviews", 9090);
+            spec.extra = extra.into();
+            let pp = mesh.start(&spec).await;
+            pp.wait_endpoints("reviews", 2).await;
+            pps.push(pp);
+        }
+        TwoVersions {
+            servers,
+            callers: pps,
+            apps: (app1, app2, echo1, echo2),
+        }
+    }
+}
+
+/// A TLS 1.3 client configuration (ring, no trusted roots) offering 48 ALPN names, none of
+/// them `h3`: over QUIC its ClientHello spans two Initial packets.
+pub fn large_hello_client_config() -> rustls::ClientConfig {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    crypto.alpn_protocols = (0..48)
+        .map(|i| format!("halyard-test-application-protocol-{i:04}").into_bytes())
+        .collect();
+    crypto
+}

@@ -756,15 +756,7 @@ async fn a_client_hello_over_two_initials_crosses_the_gateway() {
         ServerId::of(c.reviews.started.inbound).to_hex(),
         halyard_transport::GATEWAY_NAME_SUFFIX
     );
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-    crypto.alpn_protocols = (0..48)
-        .map(|i| format!("halyard-test-application-protocol-{i:04}").into_bytes())
-        .collect();
+    let crypto = halyard_sidecar::test_util::large_hello_client_config();
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap();
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let connecting = endpoint

@@ -7,18 +7,12 @@
 #![allow(unsafe_code)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use halyard_certs::ca::write_identity;
-use halyard_certs::SpiffeId;
 use halyard_registry::test_util::EtcdServer;
-use halyard_sidecar::test_util::{
-    call, http_app, http_call, http_client, loopback_ip, tagged_echo, AppBehavior, Mesh, Sidecar,
-    Spec,
-};
+use halyard_sidecar::test_util::{call, http_call, http_client, weighted_route, Mesh, TwoVersions};
 
 struct Counting;
 
@@ -69,20 +63,6 @@ async fn settled() -> isize {
     least
 }
 
-fn route(v1: u32) -> String {
-    format!(
-        "kind: Route\nservice: reviews\nrules:\n  - backends:\n      - {{ subset: {{ version: v1 }}, weight: {v1} }}\n      - {{ subset: {{ version: v2 }}, weight: {} }}\n",
-        100 - v1
-    )
-}
-
-fn renew(mesh: &Mesh, sidecar: &Sidecar, account: &str) {
-    let dir = sidecar.config.file.identity.cert.parent().unwrap();
-    let id = SpiffeId::workload(mesh.ca.trust_domain(), "default", account).unwrap();
-    let leaf = mesh.ca.issue(&id, Duration::from_secs(3600)).unwrap();
-    write_identity(dir, &leaf, mesh.ca.cert_pem()).unwrap();
-}
-
 /// Live heap growth in bytes over `n` operations of `op`, after the heap settles.
 async fn growth<F, Fut>(n: usize, mut op: F) -> isize
 where
@@ -130,36 +110,13 @@ async fn churn_leaves_no_heap_behind() {
             .unwrap(),
     );
     let mesh = Mesh::with_url(tempfile::tempdir().unwrap(), etcd.url()).await;
-    let (h1, h2) = (loopback_ip(), loopback_ip());
-    let app1 = http_app(SocketAddr::new(h1, 0), "v1", AppBehavior::default()).await;
-    let echo1 = tagged_echo(SocketAddr::new(h1, 0), "r").await;
-    let _app2 = http_app(
-        SocketAddr::new(h2, app1.addr.port()),
-        "v2",
-        AppBehavior::default(),
-    )
-    .await;
-    let _echo2 = tagged_echo(SocketAddr::new(h2, echo1.addr.port()), "r").await;
-    mesh.apply(&format!(
-        "kind: Service\nname: reviews\nports:\n  - {{ name: http, port: 9080, protocol: http, targetPort: {} }}\n  - {{ name: tcp, port: 9090, protocol: tcp, targetPort: {} }}\n",
-        app1.addr.port(),
-        echo1.addr.port()
-    ))
-    .await;
-    mesh.apply(&route(50)).await;
     let extra = "[transport]\nmax_concurrent_bidi_streams = 32\n";
-    let mut servers = Vec::new();
-    for (host, version) in [(h1, "v1"), (h2, "v2")] {
-        let mut spec = Spec::new("reviews", version).app_host(host);
-        spec.extra = extra.into();
-        servers.push(mesh.start(&spec).await);
-    }
-    let mut spec = Spec::new("productpage", "v1")
-        .upstream("reviews", 9080)
-        .upstream("reviews", 9090);
-    spec.extra = extra.into();
-    let pp = mesh.start(&spec).await;
-    pp.wait_endpoints("reviews", 2).await;
+    let TwoVersions {
+        servers,
+        mut callers,
+        apps: _apps,
+    } = TwoVersions::start(&mesh, 1, extra).await;
+    let pp = callers.remove(0);
     let (http, tcp) = (pp.upstream(0), pp.upstream(1));
     let client = http_client();
     let key = format!(
@@ -194,7 +151,7 @@ async fn churn_leaves_no_heap_behind() {
     let (mesh_ref, pp_ref) = (&mesh, &pp);
     let change_route = |i: usize| async move {
         let weight = if i % 2 == 0 { 80 } else { 50 };
-        mesh_ref.apply(&route(weight)).await;
+        mesh_ref.apply(&weighted_route(weight)).await;
         pp_ref
             .wait_snapshot("the route", |s| {
                 s.routes
@@ -207,9 +164,9 @@ async fn churn_leaves_no_heap_behind() {
     let renewal = |_| async move {
         let seen = *pp_ref.started.reloads.borrow();
         for s in servers_ref {
-            renew(mesh_ref, s, "reviews");
+            mesh_ref.renew(s, "reviews");
         }
-        renew(mesh_ref, pp_ref, "productpage");
+        mesh_ref.renew(pp_ref, "productpage");
         let mut rx = pp_ref.started.reloads.clone();
         tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|r| *r > seen))
             .await

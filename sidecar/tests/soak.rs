@@ -11,17 +11,13 @@
 //! mesh's: four sidecars, the apps and the load generator.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use halyard_certs::ca::write_identity;
-use halyard_certs::SpiffeId;
 use halyard_registry::test_util::EtcdServer;
 use halyard_sidecar::test_util::{
-    call, get, http_app, http_client, loopback_ip, metric, tagged_echo, AppBehavior, Mesh, Sidecar,
-    Spec,
+    call, get, http_client, metric, weighted_route, Mesh, TwoVersions,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -54,21 +50,6 @@ struct Tally {
     tcp_failed: AtomicU64,
 }
 
-/// Renews the certificate files of `sidecar` with a fresh leaf from the mesh CA.
-fn renew(mesh: &Mesh, sidecar: &Sidecar, account: &str) {
-    let dir = sidecar.config.file.identity.cert.parent().unwrap();
-    let id = SpiffeId::workload(mesh.ca.trust_domain(), "default", account).unwrap();
-    let leaf = mesh.ca.issue(&id, Duration::from_secs(3600)).unwrap();
-    write_identity(dir, &leaf, mesh.ca.cert_pem()).unwrap();
-}
-
-fn route(v1: u32) -> String {
-    format!(
-        "kind: Route\nservice: reviews\nrules:\n  - backends:\n      - {{ subset: {{ version: v1 }}, weight: {v1} }}\n      - {{ subset: {{ version: v2 }}, weight: {} }}\n",
-        100 - v1
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_mixed_traffic_under_churn() {
     let secs = knob("HALYARD_SOAK_SECS", 8);
@@ -83,42 +64,13 @@ async fn soak_mixed_traffic_under_churn() {
             .unwrap(),
     );
     let mesh = Mesh::with_url(tempfile::tempdir().unwrap(), etcd.url()).await;
-    // Two hosts with the same app ports: a Service has one targetPort.
-    let (h1, h2) = (loopback_ip(), loopback_ip());
-    let app1 = http_app(SocketAddr::new(h1, 0), "v1", AppBehavior::default()).await;
-    let echo1 = tagged_echo(SocketAddr::new(h1, 0), "r").await;
-    let _app2 = http_app(
-        SocketAddr::new(h2, app1.addr.port()),
-        "v2",
-        AppBehavior::default(),
-    )
-    .await;
-    let _echo2 = tagged_echo(SocketAddr::new(h2, echo1.addr.port()), "r").await;
-    mesh.apply(&format!(
-        "kind: Service\nname: reviews\nports:\n  - {{ name: http, port: 9080, protocol: http, targetPort: {} }}\n  - {{ name: tcp, port: 9090, protocol: tcp, targetPort: {} }}\n",
-        app1.addr.port(),
-        echo1.addr.port()
-    ))
-    .await;
-    mesh.apply(&route(50)).await;
     let extra =
         "[telemetry]\nrefresh_interval = \"500ms\"\n[outlier]\nconsecutive_failures = 1000\n";
-    let mut servers = Vec::new();
-    for (host, version) in [(h1, "v1"), (h2, "v2")] {
-        let mut spec = Spec::new("reviews", version).app_host(host);
-        spec.extra = extra.into();
-        servers.push(mesh.start(&spec).await);
-    }
-    let mut callers = Vec::new();
-    for _ in 0..2 {
-        let mut spec = Spec::new("productpage", "v1")
-            .upstream("reviews", 9080)
-            .upstream("reviews", 9090);
-        spec.extra = extra.into();
-        let pp = mesh.start(&spec).await;
-        pp.wait_endpoints("reviews", 2).await;
-        callers.push(pp);
-    }
+    let TwoVersions {
+        servers,
+        callers,
+        apps: _apps,
+    } = TwoVersions::start(&mesh, 2, extra).await;
 
     let tally = Arc::new(Tally::default());
     let stop = CancellationToken::new();
@@ -178,10 +130,10 @@ async fn soak_mixed_traffic_under_churn() {
         let now = start.elapsed();
         if now >= next_cert {
             for s in &servers {
-                renew(&mesh, s, "reviews");
+                mesh.renew(s, "reviews");
             }
             for c in &callers {
-                renew(&mesh, c, "productpage");
+                mesh.renew(c, "productpage");
             }
             renewals += 1;
             next_cert += cert_every;
@@ -198,8 +150,12 @@ async fn soak_mixed_traffic_under_churn() {
         }
         if now >= next_route {
             route_changes += 1;
-            mesh.apply(&route(if route_changes % 2 == 0 { 50 } else { 80 }))
-                .await;
+            mesh.apply(&weighted_route(if route_changes % 2 == 0 {
+                50
+            } else {
+                80
+            }))
+            .await;
             next_route += route_every;
         }
         if now >= next_sample {
