@@ -164,9 +164,11 @@ impl QuicLbConfig {
                 return Err("key_file names a file; this value looks like a key itself (32 hex digits): put the key in a file and name the file".into());
             }
             Some(path) => {
-                let text =
+                let mut text =
                     read_small(path, 1024).map_err(|e| format!("key {}: {e}", path.display()))?;
-                Some(LbKey::parse(&text).map_err(|e| format!("key {}: {e}", path.display()))?)
+                let key = LbKey::parse(&text);
+                zeroize::Zeroize::zeroize(&mut text);
+                Some(key.map_err(|e| format!("key {}: {e}", path.display()))?)
             }
         };
         LbConfig::new(self.config_id, key.as_ref()).map_err(|e| e.to_string())

@@ -110,9 +110,17 @@ impl fmt::Display for ServerId {
     }
 }
 
-/// A QUIC-LB key: 16 bytes for AES-128 (§3.1). `Debug` never shows it.
+/// A QUIC-LB key: 16 bytes for AES-128 (§3.1). `Debug` never shows it; its bytes are wiped
+/// when it is dropped (as are the expanded round keys of every [`LbConfig`], the `aes`
+/// crate's `zeroize` feature).
 #[derive(Clone, PartialEq, Eq)]
 pub struct LbKey([u8; KEY_LEN]);
+
+impl Drop for LbKey {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
 
 /// Why a QUIC-LB key or configuration was refused. Never quotes a key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
