@@ -3,52 +3,15 @@
 //! is repeated until the live heap should have stopped growing. What a sidecar keeps after an
 //! operation that is over is a leak: a long-running mesh would grow without bound.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-// The counting allocator below is the one unsafe item: it forwards to the system allocator.
-#![allow(unsafe_code)]
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering};
+mod counting;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use counting::{live_bytes, Counting};
 use halyard_registry::test_util::EtcdServer;
 use halyard_sidecar::test_util::{call, http_call, http_client, weighted_route, Mesh, TwoVersions};
-
-struct Counting;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: every call is passed to the system allocator unchanged; the counter only observes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            LIVE.fetch_add(
-                new_size as isize - layout.size() as isize,
-                Ordering::Relaxed,
-            );
-        }
-        p
-    }
-}
 
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
@@ -58,7 +21,7 @@ async fn settled() -> isize {
     let mut least = isize::MAX;
     for _ in 0..10 {
         tokio::time::sleep(Duration::from_millis(30)).await;
-        least = least.min(LIVE.load(Ordering::Relaxed));
+        least = least.min(live_bytes());
     }
     least
 }

@@ -8,8 +8,13 @@
 //! at `HALYARD_SOAK_RPS` (1,000) with certificates renewed every 60 s, the endpoint every 1 s
 //! and the weights every 10 s, and writes the figures and the curve to `$HALYARD_SOAK_REPORT`.
 //! Everything runs in this one process (etcd aside), so RSS and descriptors are the whole
-//! mesh's: four sidecars, the apps and the load generator.
+//! mesh's: four sidecars, the apps and the load generator. Each sample also holds the bytes
+//! the process holds on the heap (a counting global allocator) and what glibc's malloc holds
+//! besides (`mallinfo2`), so that a rising RSS can be told apart: a leak raises the live heap,
+//! fragmentation raises malloc's free bytes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod counting;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,6 +25,9 @@ use halyard_sidecar::test_util::{
     call, get, http_client, metric, weighted_route, Mesh, TwoVersions,
 };
 use tokio_util::sync::CancellationToken;
+
+#[global_allocator]
+static ALLOCATOR: counting::Counting = counting::Counting;
 
 fn knob(name: &str, short: u64) -> u64 {
     std::env::var(name)
@@ -168,6 +176,7 @@ async fn soak_mixed_traffic_under_churn() {
             }
             curve.push(serde_json::json!({
                 "t_s": now.as_secs(), "rss_kib": rss_kib(), "fds": open_fds(),
+                "heap_kib": counting::live_bytes() / 1024, "malloc_kib": counting::malloc_kib(),
                 "flow_tasks": flow_tasks, "quic_connections": quic,
                 "http_ok": tally.http_ok.load(Ordering::Relaxed), "tcp_ok": tally.tcp_ok.load(Ordering::Relaxed),
             }));

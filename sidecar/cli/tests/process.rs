@@ -22,6 +22,9 @@ fn spawn_sidecar(config: &Path) -> Child {
 
 /// A sidecar process killed when dropped, so a failed assertion does not leave it behind
 /// (holding the test harness's stderr open).
+/// The Python clients of the sidecar's traffic tests; `tcp-hold` holds a flood of connections.
+const HOLD_CONNECTIONS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/clients/traffic.py");
+
 struct Proc(Child);
 
 impl std::ops::Deref for Proc {
@@ -280,7 +283,7 @@ fn free_port() -> SocketAddr {
 }
 
 /// Out of file descriptors: a sidecar process under `RLIMIT_NOFILE` 128 whose app opens 300
-/// connections to its upstream listener at once (`make chaos`: 17,000 against 512), with the listener cap raised past the limit so the
+/// connections to its upstream listener at once (`make chaos`: 20,000 against 512), with the listener cap raised past the limit so the
 /// kernel's limit, not the cap, is met. The sidecar warns once, naming the listener and the
 /// error; flows opened before carry on; the connections past the limit wait in the kernel's
 /// backlog; once the app closes the flood, new flows work again. (Another listener cannot
@@ -288,8 +291,7 @@ fn free_port() -> SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_out_of_file_descriptors_is_survived() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // `make chaos` runs 17,000 connections against 512 descriptors (the test process itself
-    // holds the flood, under this machine's hard limit of 20,000).
+    // `make chaos` runs 20,000 connections against 512 descriptors.
     let knob = |name: &str, default: usize| {
         std::env::var(name)
             .ok()
@@ -377,36 +379,47 @@ async fn running_out_of_file_descriptors_is_survived() {
     }
     // The flood: more connections than the sidecar has descriptors, opened at once. Past the
     // sidecar's descriptors and the listener's backlog the kernel drops SYNs and the app's
-    // connects wait; those are counted, not failed.
-    // This process holds the flood and the in-process peer's two sockets per flow.
-    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
-    let soft: usize = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+    // connects wait; those are counted, not failed. Held by child processes of at most 10,000
+    // connections each, so that no process (this one holds the in-process peer) meets its
+    // descriptor limit before the sidecar does.
+    const PER_HOLDER: usize = 10_000;
+    let mut holders: Vec<Proc> = (0..connections.div_ceil(PER_HOLDER))
+        .map(|i| {
+            let n = PER_HOLDER.min(connections - i * PER_HOLDER);
+            Proc(
+                Command::new("prlimit")
+                    .arg(format!("--nofile={0}:{0}", n + 64))
+                    .args(["--", "python3", HOLD_CONNECTIONS, "tcp-hold"])
+                    .args([upstream.to_string(), n.to_string(), "5".into()])
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let (mut connected, mut waiting, mut refused) = (0usize, 0usize, 0usize);
+    for mut holder in holders.iter_mut().map(|h| h.stdout.take().unwrap()) {
+        let line = tokio::task::spawn_blocking(move || {
+            use std::io::BufRead;
+            let mut line = String::new();
+            std::io::BufReader::new(&mut holder)
+                .read_line(&mut line)
+                .map(|_| line)
+        })
+        .await
+        .unwrap()
         .unwrap();
-    assert!(
-        connections + 2 * nofile + 1_000 <= soft,
-        "{connections} connections need more descriptors than this process's {soft}"
-    );
-    let mut opening = tokio::task::JoinSet::new();
-    for _ in 0..connections {
-        opening.spawn(tokio::time::timeout(
-            Duration::from_secs(5),
-            tokio::net::TcpStream::connect(upstream),
-        ));
-    }
-    let (mut flood, mut waiting, mut refused) = (Vec::new(), 0usize, 0usize);
-    while let Some(done) = opening.join_next().await {
-        match done.unwrap() {
-            Ok(Ok(tcp)) => flood.push(tcp),
-            Ok(Err(_)) => refused += 1,
-            Err(_) => waiting += 1,
-        }
+        let figures: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("holder said {line:?}: {e}"));
+        let count = |k: &str| figures[k].as_u64().unwrap() as usize;
+        connected += count("connected");
+        waiting += count("waiting");
+        refused += count("refused");
     }
     eprintln!(
-        "{{\"scenario\":\"fd_exhaustion\",\"figures\":{{\"connections\":{connections},\"nofile\":{nofile},\"connected\":{},\"still_waiting_after_5s\":{waiting},\"refused\":{refused}}}}}",
-        flood.len()
+        "{{\"scenario\":\"fd_exhaustion\",\"figures\":{{\"connections\":{connections},\"nofile\":{nofile},\"holders\":{},\"connected\":{connected},\"still_waiting_after_5s\":{waiting},\"refused\":{refused}}}}}",
+        holders.len()
     );
     assert_eq!(refused, 0, "connections refused");
     if connections <= nofile + 900 {
@@ -445,7 +458,10 @@ async fn running_out_of_file_descriptors_is_survived() {
         assert_eq!(reply, format!("r:before-{i}|after").as_bytes());
     }
     // The app closes the flood; the sidecar gets its descriptors back and serves new flows.
-    drop(flood);
+    for mut holder in holders {
+        drop(holder.stdin.take());
+        holder.wait().unwrap();
+    }
     let recovering = Instant::now();
     loop {
         match tokio::time::timeout(Duration::from_secs(5), call(upstream, b"again")).await {

@@ -7,6 +7,9 @@ prints one result line and exits 0, or prints what went wrong and exits 1.
   traffic.py grpc-unary TARGET N           N unary calls; prints the count of each status code
   traffic.py ws-server HOST TAG            a page on /, a WebSocket echo on any other path
   traffic.py ws-client URL N               N messages, each answered before the next
+  traffic.py tcp-hold HOST:PORT N SECS     opens N TCP connections at once; after SECS prints
+                                           {"connected":C,"waiting":W,"refused":R}, closes the
+                                           W still connecting and holds the C until stdin closes
 """
 import asyncio
 import http
@@ -127,6 +130,54 @@ async def ws_client(url, n):
         return 1
 
 
+def tcp_hold(target, n, secs):
+    """A flood of connections held by its own process, so that its descriptors count against
+    this process's limit and not the test's (a process may hold at most `ulimit -Hn`)."""
+    import errno
+    import json
+    import selectors
+    import socket
+    import time
+
+    host, port = target.rsplit(":", 1)
+    sel = selectors.DefaultSelector()
+    connecting, connected, refused = set(), [], 0
+    for _ in range(n):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        err = s.connect_ex((host, int(port)))
+        if err == 0:
+            connected.append(s)
+        elif err in (errno.EINPROGRESS, errno.EAGAIN):
+            sel.register(s, selectors.EVENT_WRITE)
+            connecting.add(s)
+        else:
+            refused += 1
+            s.close()
+    deadline = time.monotonic() + secs
+    while connecting:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        for key, _ in sel.select(left):
+            s = key.fileobj
+            sel.unregister(s)
+            connecting.discard(s)
+            if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                connected.append(s)
+            else:
+                refused += 1
+                s.close()
+    waiting = len(connecting)
+    for s in connecting:
+        s.close()
+    print(json.dumps({"connected": len(connected), "waiting": waiting, "refused": refused}), flush=True)
+    sys.stdin.read()
+    for s in connected:
+        s.close()
+    return 0
+
+
 def main(argv):
     cmd = argv[1]
     if cmd == "grpc-server":
@@ -139,6 +190,8 @@ def main(argv):
         asyncio.run(ws_server(argv[2], argv[3]))
     elif cmd == "ws-client":
         return asyncio.run(ws_client(argv[2], int(argv[3])))
+    elif cmd == "tcp-hold":
+        return tcp_hold(argv[2], int(argv[3]), float(argv[4]))
     return 0
 
 
