@@ -45,6 +45,9 @@ struct Phase {
     /// CPU of the attacker process during the phase, share of one core: it runs on the same
     /// cores as the sidecars and the app.
     attacker_cpu_share: f64,
+    /// Initials the kernel dropped per second in front of the server's port (`halyard iptables
+    /// install --initial-rate`), when the phase ran with that limit.
+    kernel_drops_per_s: Option<f64>,
     secs: f64,
 }
 
@@ -66,6 +69,9 @@ pub fn main() -> anyhow::Result<()> {
         phases.push(phase(&lab, &format!("flood x{loops}"), loops, false)?);
     }
     phases.push(phase(&lab, "raw Initials", RAW, false)?);
+    phases.push(with_kernel_limit(&lab, || {
+        phase(&lab, "raw Initials, kernel Initial limit", RAW, false)
+    })?);
     phases.push(phase(&lab, "quiet again", 0, false)?);
     // The attacker above shares the cores with the sidecars and the app and takes one of them.
     // Closer to an attacker on another machine: the attacker alone on the last core, the
@@ -73,7 +79,7 @@ pub fn main() -> anyhow::Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     if cores >= 2 {
         let last = FLOODS[FLOODS.len() - 1];
-        let mut pinned = |name: &str, loops: usize| -> anyhow::Result<()> {
+        let pinned = |name: &str, loops: usize| -> anyhow::Result<Phase> {
             let all = lab
                 .pids(Route::HalyardL4)
                 .into_iter()
@@ -89,12 +95,20 @@ pub fn main() -> anyhow::Result<()> {
             {
                 taskset(&format!("0-{}", cores - 1), pid)?;
             }
-            phases.push(p?);
-            Ok(())
+            p
         };
-        pinned("quiet, pinned", 0)?;
-        pinned(&format!("flood x{last}, attacker pinned apart"), last)?;
-        pinned("raw Initials, attacker pinned apart", RAW)?;
+        phases.push(pinned("quiet, pinned", 0)?);
+        phases.push(pinned(
+            &format!("flood x{last}, attacker pinned apart"),
+            last,
+        )?);
+        phases.push(pinned("raw Initials, attacker pinned apart", RAW)?);
+        phases.push(with_kernel_limit(&lab, || {
+            pinned(
+                "raw Initials, attacker pinned apart, kernel Initial limit",
+                RAW,
+            )
+        })?);
     }
     let metrics = http_get(&lab.pair.b.name, "127.0.0.1:15000", "/metrics")?;
     let report = Report {
@@ -105,6 +119,60 @@ pub fn main() -> anyhow::Result<()> {
     };
     drop(dma);
     crate::stats::write_report("flood", &markdown(&report), &report)
+}
+
+/// Initials per second per source the kernel limit of the flood phases lets through (the
+/// sidecar's own Retry rate is 64/s).
+const KERNEL_INITIAL_RATE: u32 = 64;
+
+/// Runs `phase` with `halyard iptables install --no-capture --initial-rate` in the server's
+/// namespace, removed again afterwards; the phase's result carries the rule's drop rate.
+fn with_kernel_limit(
+    lab: &Lab,
+    phase: impl FnOnce() -> anyhow::Result<Phase>,
+) -> anyhow::Result<Phase> {
+    let halyard = crate::lab::halyard_bin()?;
+    let rate = KERNEL_INITIAL_RATE.to_string();
+    let iptables = |args: &[&str]| -> anyhow::Result<String> {
+        let out = lab
+            .pair
+            .b
+            .command(&halyard)
+            .arg("iptables")
+            .args(args)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "halyard iptables {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    iptables(&[
+        "install",
+        "--no-capture",
+        "--initial-rate",
+        &rate,
+        "--quic-port",
+        "15443",
+    ])?;
+    let result = phase();
+    let listed = lab
+        .pair
+        .b
+        .command(std::path::Path::new("iptables"))
+        .args(["-t", "filter", "-L", "HALYARD_INPUT", "-v", "-x", "-n"])
+        .output();
+    iptables(&["remove"])?;
+    let mut p = result?;
+    let dropped: f64 = String::from_utf8_lossy(&listed?.stdout)
+        .lines()
+        .find(|l| l.contains("DROP"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .context("the Initial limit's DROP rule counted nothing readable")?;
+    // The counter includes the attacker's warm-up before the timed flows.
+    p.kernel_drops_per_s = Some(dropped / (p.secs + WARM_UP.as_secs_f64()));
+    Ok(p)
 }
 
 /// Sets the CPU affinity of every thread of `pid` to `cpus` (a `taskset -c` list).
@@ -165,6 +233,7 @@ fn phase(lab: &Lab, name: &str, loops: usize, pinned: bool) -> anyhow::Result<Ph
         sidecar_cpu_share: cpu / secs,
         server_cpu_share: server_cpu / secs,
         attacker_cpu_share: attacker_cpu / secs,
+        kernel_drops_per_s: None,
         secs,
     })
 }
@@ -367,7 +436,10 @@ fn markdown(r: &Report) -> String {
          to the others (quiet, then flooded), closer to an attacker on another machine; compare them with \
          each other. Loops `raw`: the attacker replays 64 real Initial datagrams (distinct connection IDs, \
          captured from its own handshakes) as fast as its socket takes them and never answers; attempts/s \
-         are datagrams sent.\n\n",
+         are datagrams sent. Phases with the kernel Initial limit run `halyard iptables install \
+         --no-capture --initial-rate {KERNEL_INITIAL_RATE}` in the server's namespace: QUIC Initials past \
+         {KERNEL_INITIAL_RATE}/s per source address are dropped before the socket's receive queue (last \
+         column: the rule's drops per second, warm-up included).\n\n",
         r.admission
             .iter()
             .map(|(d, v)| format!("{d} {v:.0}"))
@@ -375,7 +447,7 @@ fn markdown(r: &Report) -> String {
             .join(", "),
         r.dma_latency_held
     );
-    md += "| phase | attacker loops | attempts/s | p50 µs | p99 µs | p99 vs quiet | p99 vs quiet again | sidecars' CPU (cores) | server sidecar CPU | attacker CPU |\n|---|---|---|---|---|---|---|---|---|---|\n";
+    md += "| phase | attacker loops | attempts/s | p50 µs | p99 µs | p99 vs quiet | p99 vs quiet again | sidecars' CPU (cores) | server sidecar CPU | attacker CPU | kernel drops/s |\n|---|---|---|---|---|---|---|---|---|---|---|\n";
     let quiet_p99 = |name: &str| {
         r.phases
             .iter()
@@ -392,7 +464,7 @@ fn markdown(r: &Report) -> String {
     };
     for p in &r.phases {
         md += &format!(
-            "| {} | {} | {:.0} | {:.0} | {:.0} | {} | {} | {:.2} | {:.2} | {:.2} |\n",
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {} | {} | {:.2} | {:.2} | {:.2} | {} |\n",
             p.name,
             if p.attack_loops == RAW {
                 "raw".to_owned()
@@ -407,6 +479,8 @@ fn markdown(r: &Report) -> String {
             p.sidecar_cpu_share,
             p.server_cpu_share,
             p.attacker_cpu_share,
+            p.kernel_drops_per_s
+                .map_or("–".to_owned(), |d| format!("{d:.0}")),
         );
     }
     md

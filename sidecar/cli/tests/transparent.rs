@@ -141,3 +141,145 @@ async fn mesh_in_namespace(ns: &str) {
     pp.shutdown().await.unwrap();
     ratings.shutdown().await.unwrap();
 }
+
+/// `halyard iptables install --no-capture --initial-rate R --initial-burst B`, for real in a
+/// namespace the test made, fed by another over a veth: each source address gets at most B
+/// (plus R a second) QUIC Initials through to the port, the rest dropped in the kernel and
+/// counted by the rule; short-header packets of the same source all pass; `remove` leaves the
+/// filter table as it was.
+#[test]
+fn the_initial_limit_drops_a_sources_initials_past_its_rate_in_the_kernel() {
+    use std::net::UdpSocket;
+    use std::time::{Duration, Instant};
+    if !can_run() {
+        return;
+    }
+    let (src, dst) = (NetNs::named("hly-src"), NetNs::named("hly-dst"));
+    src.exec(&[
+        "ip", "link", "add", "hly0", "type", "veth", "peer", "name", "hly1", "netns", &dst.0,
+    ]);
+    src.exec(&["ip", "addr", "add", "10.243.0.1/24", "dev", "hly0"]);
+    src.exec(&["ip", "addr", "add", "10.243.0.3/24", "dev", "hly0"]);
+    src.exec(&["ip", "link", "set", "hly0", "up"]);
+    dst.exec(&["ip", "addr", "add", "10.243.0.2/24", "dev", "hly1"]);
+    dst.exec(&["ip", "link", "set", "hly1", "up"]);
+    let filter = |ns: &NetNs| {
+        ns.exec(&["iptables-save", "-t", "filter"])
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| l.split(" [").next().unwrap_or(l).to_owned())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let before = filter(&dst);
+    let halyard = env!("CARGO_BIN_EXE_halyard");
+    let (rate, burst) = (20u64, 10u64);
+    let out = dst.exec(&[
+        halyard,
+        "iptables",
+        "install",
+        "--no-capture",
+        "--initial-rate",
+        &rate.to_string(),
+        "--initial-burst",
+        &burst.to_string(),
+        "--quic-port",
+        "4433",
+    ]);
+    assert!(out.contains("Initial limit installed"), "{out}");
+    // No capture chain with --no-capture.
+    assert!(!dst
+        .exec(&["iptables-save", "-t", "nat"])
+        .contains("HALYARD_OUTPUT"));
+
+    // The receiver, inside `dst`: counts datagrams by source and first byte until 300 ms pass
+    // without one.
+    let dst_name = dst.0.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let receiver = std::thread::spawn(move || {
+        NetNs(dst_name).enter_and_forget();
+        let sock = UdpSocket::bind("0.0.0.0:4433").unwrap();
+        ready_tx.send(()).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut got = std::collections::HashMap::<(String, bool), u64>::new();
+        let mut buf = [0u8; 2048];
+        let first = Duration::from_secs(10);
+        sock.set_read_timeout(Some(first)).unwrap();
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            sock.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            let long = n > 0 && buf[0] & 0x80 != 0;
+            *got.entry((from.ip().to_string(), long)).or_default() += 1;
+        }
+        got
+    });
+    ready_rx.recv().unwrap();
+    // The sender, inside `src`: 300 Initials then 100 short-header packets from one address,
+    // 300 Initials from the other, the Initials shaped as QUIC v1 (first byte 0xc3, version 1).
+    let src_name = src.0.clone();
+    let sender = std::thread::spawn(move || {
+        NetNs(src_name).enter_and_forget();
+        let mut initial = vec![0u8; 64];
+        initial[0] = 0xc3;
+        initial[1..5].copy_from_slice(&1u32.to_be_bytes());
+        let mut short = vec![0u8; 64];
+        short[0] = 0x43;
+        let to = "10.243.0.2:4433";
+        let a = UdpSocket::bind("10.243.0.1:0").unwrap();
+        let b = UdpSocket::bind("10.243.0.3:0").unwrap();
+        let start = Instant::now();
+        for _ in 0..300 {
+            a.send_to(&initial, to).unwrap();
+            b.send_to(&initial, to).unwrap();
+        }
+        let initials_took = start.elapsed();
+        for i in 0..100 {
+            a.send_to(&short, to).unwrap();
+            if i % 10 == 9 {
+                // Short bursts: the receive buffer, not the rule, must never be the limit.
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        initials_took
+    });
+    let initials_took = sender.join().unwrap();
+    let got = receiver.join().unwrap();
+    let count = |ip: &str, long: bool| got.get(&(ip.to_owned(), long)).copied().unwrap_or(0);
+    let allowed = burst + rate * (initials_took.as_millis() as u64 / 1000 + 1);
+    for ip in ["10.243.0.1", "10.243.0.3"] {
+        let through = count(ip, true);
+        assert!(
+            (1..=allowed).contains(&through),
+            "{ip}: {through} Initials through, at most {allowed} allowed ({got:?})"
+        );
+    }
+    assert_eq!(count("10.243.0.1", false), 100, "short headers: {got:?}");
+    // The rule's own counter: every Initial that did not come through.
+    let listed = dst.exec(&[
+        "iptables",
+        "-t",
+        "filter",
+        "-L",
+        "HALYARD_INPUT",
+        "-v",
+        "-x",
+        "-n",
+    ]);
+    let dropped: u64 = listed
+        .lines()
+        .find(|l| l.contains("DROP"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no DROP rule counted:\n{listed}"));
+    assert_eq!(
+        dropped,
+        600 - count("10.243.0.1", true) - count("10.243.0.3", true),
+        "{listed}"
+    );
+    dst.exec(&[halyard, "iptables", "remove"]);
+    assert_eq!(
+        filter(&dst),
+        before,
+        "iptables remove left the filter table changed"
+    );
+}
