@@ -908,3 +908,117 @@ pub fn large_hello_client_config() -> rustls::ClientConfig {
         .collect();
     crypto
 }
+
+/// h2 abuse from an app, as raw frames (RFC 9113): rapid reset (CVE-2023-44487) and
+/// CONTINUATION floods, for the flood tests in and out of process.
+pub mod h2_abuse {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    /// An h2 frame (RFC 9113 §4.1).
+    pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = u32::try_from(payload.len()).unwrap();
+        let mut out = len.to_be_bytes()[1..].to_vec();
+        out.extend_from_slice(&[kind, flags]);
+        out.extend_from_slice(&stream.to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    pub const HEADERS: u8 = 0x1;
+    pub const RST_STREAM: u8 = 0x3;
+    pub const SETTINGS: u8 = 0x4;
+    pub const GOAWAY: u8 = 0x7;
+    pub const CONTINUATION: u8 = 0x9;
+    pub const END_STREAM: u8 = 0x1;
+    pub const END_HEADERS: u8 = 0x4;
+    pub const CANCEL: u32 = 0x8;
+    /// GOAWAY's code for a peer that misbehaves (RFC 9113 §7).
+    pub const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+    /// The client preface and an empty SETTINGS frame.
+    pub fn preface() -> Vec<u8> {
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        out.extend(frame(SETTINGS, 0, 0, &[]));
+        out
+    }
+
+    /// HPACK for `GET http://reviews/` (RFC 7541 static table: :method GET, :scheme http,
+    /// :path /, then :authority as a literal without indexing).
+    pub fn get_block() -> Vec<u8> {
+        let mut out = vec![0x82, 0x86, 0x84, 0x01, 7];
+        out.extend_from_slice(b"reviews");
+        out
+    }
+
+    /// Rapid reset: the preface, then `streams` GETs each cancelled right after its HEADERS.
+    pub fn rapid_reset(streams: u32) -> Vec<u8> {
+        let mut bytes = preface();
+        for i in 0..streams {
+            let id = 2 * i + 1;
+            bytes.extend(frame(HEADERS, END_HEADERS | END_STREAM, id, &get_block()));
+            bytes.extend(frame(RST_STREAM, 0, id, &CANCEL.to_be_bytes()));
+        }
+        bytes
+    }
+
+    /// A CONTINUATION flood: the preface, a HEADERS frame without END_HEADERS, then `frames`
+    /// CONTINUATION frames each holding the literal field `a: b`, the block never ended.
+    pub fn continuation_flood(frames: usize) -> Vec<u8> {
+        let mut bytes = preface();
+        bytes.extend(frame(HEADERS, 0, 1, &get_block()));
+        let piece = [0x00, 1, b'a', 1, b'b'];
+        for _ in 0..frames {
+            bytes.extend(frame(CONTINUATION, 0, 1, &piece));
+        }
+        bytes
+    }
+
+    /// Writes `bytes` while reading frames from the sidecar; the GOAWAY error code the sidecar
+    /// sent, if any, once it closed the connection (or the writes failed). Panics if the
+    /// connection is still open after 15 s.
+    pub async fn flood_h2(addr: SocketAddr, bytes: Vec<u8>) -> Option<u32> {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (mut rd, mut wr) = tcp.into_split();
+        let writer = tokio::spawn(async move {
+            for chunk in bytes.chunks(64 * 1024) {
+                if wr.write_all(chunk).await.is_err() {
+                    return;
+                }
+            }
+            // Hold the connection open: the sidecar is the one to end it.
+            std::future::pending::<()>().await;
+        });
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let read_all = async {
+            while let Ok(n @ 1..) = rd.read(&mut buf).await {
+                got.extend_from_slice(&buf[..n]);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(15), read_all)
+            .await
+            .expect("the flooding connection was never closed");
+        writer.abort();
+        goaway_code(&got)
+    }
+
+    /// The error code of the first GOAWAY among `frames`.
+    pub fn goaway_code(mut frames: &[u8]) -> Option<u32> {
+        while frames.len() >= 9 {
+            let len = u32::from_be_bytes([0, frames[0], frames[1], frames[2]]) as usize;
+            if frames.len() < 9 + len {
+                return None;
+            }
+            if frames[3] == GOAWAY && len >= 8 {
+                let p = &frames[9..];
+                return Some(u32::from_be_bytes([p[4], p[5], p[6], p[7]]));
+            }
+            frames = &frames[9 + len..];
+        }
+        None
+    }
+}

@@ -8,6 +8,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use halyard_sidecar::test_util::h2_abuse::{
+    continuation_flood, flood_h2, rapid_reset, ENHANCE_YOUR_CALM,
+};
 use halyard_sidecar::test_util::{
     http_app, http_call, http_client, loopback_ip, tagged_echo, AppBehavior, Echo, HttpApp, Mesh,
     Sidecar, Spec,
@@ -289,85 +292,6 @@ async fn connections_past_the_listener_cap_are_closed_at_once() {
 
 // ---- h2 abuse on an HTTP listener ----
 
-/// An h2 frame (RFC 9113 §4.1).
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = u32::try_from(payload.len()).unwrap();
-    let mut out = len.to_be_bytes()[1..].to_vec();
-    out.extend_from_slice(&[kind, flags]);
-    out.extend_from_slice(&stream.to_be_bytes());
-    out.extend_from_slice(payload);
-    out
-}
-
-const HEADERS: u8 = 0x1;
-const RST_STREAM: u8 = 0x3;
-const SETTINGS: u8 = 0x4;
-const GOAWAY: u8 = 0x7;
-const CONTINUATION: u8 = 0x9;
-const END_STREAM: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
-const CANCEL: u32 = 0x8;
-const ENHANCE_YOUR_CALM: u32 = 0xb;
-
-/// The client preface and an empty SETTINGS frame.
-fn preface() -> Vec<u8> {
-    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    out.extend(frame(SETTINGS, 0, 0, &[]));
-    out
-}
-
-/// HPACK for `GET http://reviews/` (RFC 7541 static table: :method GET, :scheme http, :path /,
-/// then :authority as a literal without indexing).
-fn get_block() -> Vec<u8> {
-    let mut out = vec![0x82, 0x86, 0x84, 0x01, 7];
-    out.extend_from_slice(b"reviews");
-    out
-}
-
-/// Writes `bytes` while reading frames from the sidecar; the GOAWAY error code the sidecar
-/// sent, if any, once it closed the connection (or the writes failed).
-async fn flood_h2(addr: SocketAddr, bytes: Vec<u8>) -> Option<u32> {
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let (mut rd, mut wr) = tcp.into_split();
-    let writer = tokio::spawn(async move {
-        for chunk in bytes.chunks(64 * 1024) {
-            if wr.write_all(chunk).await.is_err() {
-                return;
-            }
-        }
-        // Hold the connection open: the sidecar is the one to end it.
-        std::future::pending::<()>().await;
-    });
-    let mut got = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let read_all = async {
-        while let Ok(n @ 1..) = rd.read(&mut buf).await {
-            got.extend_from_slice(&buf[..n]);
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(15), read_all)
-        .await
-        .expect("the flooding connection was never closed");
-    writer.abort();
-    goaway_code(&got)
-}
-
-/// The error code of the first GOAWAY among `frames`.
-fn goaway_code(mut frames: &[u8]) -> Option<u32> {
-    while frames.len() >= 9 {
-        let len = u32::from_be_bytes([0, frames[0], frames[1], frames[2]]) as usize;
-        if frames.len() < 9 + len {
-            return None;
-        }
-        if frames[3] == GOAWAY && len >= 8 {
-            let p = &frames[9..];
-            return Some(u32::from_be_bytes([p[4], p[5], p[6], p[7]]));
-        }
-        frames = &frames[9 + len..];
-    }
-    None
-}
-
 /// Sends GETs from another connection while `flood` runs; every one must succeed.
 async fn neighbour_gets_during<F: std::future::Future>(f: &Flooded, flood: F) -> F::Output {
     let neighbour = async {
@@ -388,13 +312,7 @@ async fn neighbour_gets_during<F: std::future::Future>(f: &Flooded, flood: F) ->
 async fn h2_rapid_reset_ends_the_connection() {
     const STREAMS: u32 = 10_000;
     let f = flooded().await;
-    let mut bytes = preface();
-    for i in 0..STREAMS {
-        let id = 2 * i + 1;
-        bytes.extend(frame(HEADERS, END_HEADERS | END_STREAM, id, &get_block()));
-        bytes.extend(frame(RST_STREAM, 0, id, &CANCEL.to_be_bytes()));
-    }
-    let code = neighbour_gets_during(&f, flood_h2(f.http(), bytes)).await;
+    let code = neighbour_gets_during(&f, flood_h2(f.http(), rapid_reset(STREAMS))).await;
     assert_eq!(code, Some(ENHANCE_YOUR_CALM));
     let forwarded = f.app.hits.load(Ordering::SeqCst);
     eprintln!("rapid reset: {forwarded} requests reached the app (20 of them the neighbour's)");
@@ -409,14 +327,7 @@ async fn h2_rapid_reset_ends_the_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2_continuation_flood_ends_the_connection() {
     let f = flooded().await;
-    let mut bytes = preface();
-    bytes.extend(frame(HEADERS, 0, 1, &get_block()));
-    // A literal field `a: b` without indexing, again and again.
-    let piece = [0x00, 1, b'a', 1, b'b'];
-    for _ in 0..100_000 {
-        bytes.extend(frame(CONTINUATION, 0, 1, &piece));
-    }
-    let code = neighbour_gets_during(&f, flood_h2(f.http(), bytes)).await;
+    let code = neighbour_gets_during(&f, flood_h2(f.http(), continuation_flood(100_000))).await;
     assert_eq!(code, Some(ENHANCE_YOUR_CALM));
     assert_eq!(f.app.hits.load(Ordering::SeqCst), 20);
     f.shutdown().await;

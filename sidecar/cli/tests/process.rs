@@ -474,3 +474,244 @@ async fn running_out_of_file_descriptors_is_survived() {
     }
     reviews.shutdown().await.unwrap();
 }
+
+/// The resident set and CPU time of a process, from `/proc/<pid>/status` and `/proc/<pid>/stat`.
+fn rss_kib_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// User + system CPU seconds of `pid` so far.
+fn cpu_secs_of(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start at the state, field 3.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    // In USER_HZ, which is 100 on Linux for every architecture Debian ships.
+    ticks as f64 / 100.0
+}
+
+/// The highest RSS of `pid` seen by a sampler every 10 ms while it runs.
+struct PeakRss {
+    peak: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PeakRss {
+    fn start(pid: u32) -> PeakRss {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let peak = std::sync::Arc::new(AtomicU64::new(rss_kib_of(pid)));
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (p, s) = (peak.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                p.fetch_max(rss_kib_of(pid), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        PeakRss {
+            peak,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> u64 {
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        self.peak.load(Ordering::Relaxed)
+    }
+}
+
+/// What a local app's floods cost the sidecar process (not the test process): a sidecar
+/// started as `halyard sidecar` with a 1 s header read timeout, flooded on its HTTP upstream
+/// listener by slow request heads (slowloris), h2 rapid reset (CVE-2023-44487) and CONTINUATION
+/// floods, several connections at once, while a neighbour's GETs on other connections must all
+/// succeed. For each phase the sidecar's RSS before, at its peak (sampled every 10 ms) and
+/// after, and the CPU seconds it spent, printed as a JSON line (`make chaos` appends them to
+/// `benches/results/reliability.jsonl`, with `HALYARD_APP_FLOOD_SLOW` slow heads and
+/// `HALYARD_APP_FLOOD_H2` h2 connections per flood; the test runs 200 and 4). Bounded means:
+/// the peak grows by at most 64 KiB per slow connection (plus 16 MiB), 64 MiB for the h2
+/// floods, and every flooding connection is closed by the sidecar.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_floods_cost_the_sidecar_process_bounded_memory_and_cpu() {
+    use halyard_sidecar::test_util::h2_abuse::{
+        continuation_flood, flood_h2, rapid_reset, ENHANCE_YOUR_CALM,
+    };
+    use halyard_sidecar::test_util::{http_app, http_call, http_client_fresh, AppBehavior};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let knob = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let slow = knob("HALYARD_APP_FLOOD_SLOW", 200);
+    let h2_conns = knob("HALYARD_APP_FLOOD_H2", 4);
+    halyard_sidecar::test_util::init_logs();
+    let mesh = Mesh::with_dir().await;
+    let host = loopback_ip();
+    let app = http_app(SocketAddr::new(host, 0), "v1", AppBehavior::default()).await;
+    mesh.apply(&format!(
+        "kind: Service\nname: reviews\nports:\n  - {{ name: http, port: 9080, protocol: http, targetPort: {} }}\n",
+        app.addr.port()
+    ))
+    .await;
+    let reviews = mesh.start(&Spec::new("reviews", "v1").app_host(host)).await;
+    let (upstream, admin) = (free_port(), free_port());
+    let mut spec = Spec::new("productpage", "v1").upstream("reviews", 9080);
+    spec.extra = format!(
+        "[limits]\nheader_read_timeout = \"1s\"\nmax_connections_per_listener = {}\n",
+        slow + h2_conns + 100
+    );
+    let text = mesh
+        .config_text(&spec)
+        .replace(
+            "[admin]\nlisten = \"127.0.0.1:0\"",
+            &format!("[admin]\nlisten = \"{admin}\""),
+        )
+        .replace(
+            "port = 9080\nlisten = \"127.0.0.1:0\"",
+            &format!("port = 9080\nlisten = \"{upstream}\""),
+        );
+    let path = mesh.dir.path().join("productpage.toml");
+    std::fs::write(&path, text).unwrap();
+    let pp = Proc(spawn_sidecar(&path));
+    let pid = pp.id();
+    let client = http_client_fresh();
+    let ready = Instant::now();
+    while halyard_sidecar::test_util::try_get(&client, admin, "/readyz")
+        .await
+        .is_none_or(|(status, _)| status != 200)
+    {
+        assert!(
+            ready.elapsed() < Duration::from_secs(20),
+            "sidecar not ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Warm: the peer connection up, the listener's first requests served.
+    for _ in 0..50 {
+        let (status, body, _) = http_call(&client, upstream, "GET", "/warm", &[]).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let neighbour = || async {
+        let client = http_client_fresh();
+        for _ in 0..20 {
+            let (status, body, _) = http_call(&client, upstream, "GET", "/n", &[]).await;
+            assert_eq!(status, 200, "neighbour: {body}");
+        }
+    };
+    let mut report = Vec::new();
+    let mut measure = |name: &str, conns: usize, before: u64, cpu0: f64, peak: u64, t0: Instant| {
+        let after = rss_kib_of(pid);
+        let line = serde_json::json!({
+            "scenario": "app_flood_sidecar_resources",
+            "figures": {
+                "flood": name, "connections": conns, "secs": t0.elapsed().as_secs_f64(),
+                "rss_before_kib": before, "rss_peak_kib": peak, "rss_after_kib": after,
+                "cpu_s": cpu_secs_of(pid) - cpu0,
+            }
+        });
+        eprintln!("{line}");
+        report.push((name.to_owned(), before, peak));
+    };
+
+    // Slowloris: each connection trickles its request head, a byte every 100 ms, until the
+    // sidecar closes it at the header read timeout.
+    let (before, cpu0, t0, sampler) = (
+        rss_kib_of(pid),
+        cpu_secs_of(pid),
+        Instant::now(),
+        PeakRss::start(pid),
+    );
+    let mut trickling = tokio::task::JoinSet::new();
+    for _ in 0..slow {
+        trickling.spawn(async move {
+            let mut tcp = tokio::net::TcpStream::connect(upstream).await.unwrap();
+            let start = Instant::now();
+            tcp.write_all(b"GET /slow HTTP/1.1\r\n").await.unwrap();
+            let mut buf = [0u8; 1024];
+            loop {
+                tokio::select! {
+                    r = tcp.read(&mut buf) => match r {
+                        Ok(0) | Err(_) => return start.elapsed(),
+                        Ok(_) => {}
+                    },
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {
+                        if tcp.write_all(b"X").await.is_err() {
+                            return start.elapsed();
+                        }
+                    }
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "a slow head was never closed"
+                );
+            }
+        });
+    }
+    neighbour().await;
+    let mut longest = Duration::ZERO;
+    while let Some(took) = trickling.join_next().await {
+        longest = longest.max(took.unwrap());
+    }
+    assert!(
+        longest < Duration::from_secs(7),
+        "slow heads held {longest:?}"
+    );
+    measure("slowloris", slow, before, cpu0, sampler.finish(), t0);
+
+    // Rapid reset, then CONTINUATION floods: h2_conns connections at once each.
+    for (name, bytes) in [
+        ("h2 rapid reset, 10,000 streams each", rapid_reset(10_000)),
+        (
+            "h2 CONTINUATION flood, 100,000 frames each",
+            continuation_flood(100_000),
+        ),
+    ] {
+        let (before, cpu0, t0, sampler) = (
+            rss_kib_of(pid),
+            cpu_secs_of(pid),
+            Instant::now(),
+            PeakRss::start(pid),
+        );
+        let mut floods = tokio::task::JoinSet::new();
+        for _ in 0..h2_conns {
+            floods.spawn(flood_h2(upstream, bytes.clone()));
+        }
+        neighbour().await;
+        while let Some(code) = floods.join_next().await {
+            assert_eq!(code.unwrap(), Some(ENHANCE_YOUR_CALM), "{name}");
+        }
+        measure(name, h2_conns, before, cpu0, sampler.finish(), t0);
+    }
+    for (name, before, peak) in &report {
+        let bound = if name == "slowloris" {
+            16 * 1024 + 64 * slow as u64
+        } else {
+            64 * 1024
+        };
+        assert!(
+            peak.saturating_sub(*before) <= bound,
+            "{name}: RSS grew {} KiB, bound {bound} KiB",
+            peak - before
+        );
+    }
+    // Served as before.
+    let (status, _, _) = http_call(&client, upstream, "GET", "/after", &[]).await;
+    assert_eq!(status, 200);
+    drop(pp);
+    reviews.shutdown().await.unwrap();
+}

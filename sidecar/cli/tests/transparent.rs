@@ -142,11 +142,53 @@ async fn mesh_in_namespace(ns: &str) {
     ratings.shutdown().await.unwrap();
 }
 
+/// Datagrams that reached a UDP socket on port 4433 inside `ns`, by source address and
+/// whether the first byte had the long-header bit, counted until 300 ms pass without one
+/// (10 s for the first). Returns once the socket is bound.
+fn count_datagrams(
+    ns: &NetNs,
+) -> std::thread::JoinHandle<std::collections::HashMap<(String, bool), u64>> {
+    use std::time::Duration;
+    let name = ns.0.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let receiver = std::thread::spawn(move || {
+        NetNs(name).enter_and_forget();
+        let sock = std::net::UdpSocket::bind("0.0.0.0:4433").unwrap();
+        ready_tx.send(()).unwrap();
+        let mut got = std::collections::HashMap::<(String, bool), u64>::new();
+        let mut buf = [0u8; 65536];
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            sock.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            let long = n > 0 && buf[0] & 0x80 != 0;
+            *got.entry((from.ip().to_string(), long)).or_default() += 1;
+        }
+        got
+    });
+    ready_rx.recv().unwrap();
+    receiver
+}
+
+/// The filter table without counters and comments, to compare rule sets.
+fn filter_rules(ns: &NetNs) -> String {
+    ns.exec(&["iptables-save", "-t", "filter"])
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| l.split(" [").next().unwrap_or(l).to_owned())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// `halyard iptables install --no-capture --initial-rate R --initial-burst B`, for real in a
-/// namespace the test made, fed by another over a veth: each source address gets at most B
-/// (plus R a second) QUIC Initials through to the port, the rest dropped in the kernel and
-/// counted by the rule; short-header packets of the same source all pass; `remove` leaves the
-/// filter table as it was.
+/// namespace the test made, fed by another over a veth, behind an operator's own ACCEPT rules
+/// for the port (the jump goes first) and beside capture rules installed before (left alone):
+/// each source address gets at most B (plus R a second) QUIC Initials through to the port, the
+/// rest dropped in the kernel and counted by the rule; short-header packets of the same source
+/// all pass; a sender batching its Initials with UDP GSO (one buffer for netfilter) gets no
+/// more through; `remove --initial-limit` leaves the capture, `remove` the rest, also a jump an
+/// operator added with a comment, and the tables are as they were.
 #[test]
 fn the_initial_limit_drops_a_sources_initials_past_its_rate_in_the_kernel() {
     use std::net::UdpSocket;
@@ -158,21 +200,31 @@ fn the_initial_limit_drops_a_sources_initials_past_its_rate_in_the_kernel() {
     src.exec(&[
         "ip", "link", "add", "hly0", "type", "veth", "peer", "name", "hly1", "netns", &dst.0,
     ]);
-    src.exec(&["ip", "addr", "add", "10.243.0.1/24", "dev", "hly0"]);
-    src.exec(&["ip", "addr", "add", "10.243.0.3/24", "dev", "hly0"]);
+    for ip in ["10.243.0.1/24", "10.243.0.3/24", "10.243.0.4/24"] {
+        src.exec(&["ip", "addr", "add", ip, "dev", "hly0"]);
+    }
     src.exec(&["ip", "link", "set", "hly0", "up"]);
     dst.exec(&["ip", "addr", "add", "10.243.0.2/24", "dev", "hly1"]);
     dst.exec(&["ip", "link", "set", "hly1", "up"]);
-    let filter = |ns: &NetNs| {
-        ns.exec(&["iptables-save", "-t", "filter"])
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .map(|l| l.split(" [").next().unwrap_or(l).to_owned())
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
-    let before = filter(&dst);
+    // The operator's own rules: traffic to the port accepted, and established flows too.
+    dst.exec(&[
+        "iptables",
+        "-A",
+        "INPUT",
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "RELATED,ESTABLISHED",
+        "-j",
+        "ACCEPT",
+    ]);
+    dst.exec(&[
+        "iptables", "-A", "INPUT", "-p", "udp", "--dport", "4433", "-j", "ACCEPT",
+    ]);
+    let (filter_before, nat_before) = (filter_rules(&dst), nat_rules(&dst));
     let halyard = env!("CARGO_BIN_EXE_halyard");
+    let out = dst.exec(&[halyard, "iptables", "install", "--capture-port", "15001"]);
+    assert!(out.contains("capture installed"), "{out}");
     let (rate, burst) = (20u64, 10u64);
     let out = dst.exec(&[
         halyard,
@@ -187,36 +239,12 @@ fn the_initial_limit_drops_a_sources_initials_past_its_rate_in_the_kernel() {
         "4433",
     ]);
     assert!(out.contains("Initial limit installed"), "{out}");
-    // No capture chain with --no-capture.
-    assert!(!dst
-        .exec(&["iptables-save", "-t", "nat"])
-        .contains("HALYARD_OUTPUT"));
+    // --no-capture left the capture installed before as it was.
+    assert!(nat_rules(&dst).contains("HALYARD_OUTPUT"));
 
-    // The receiver, inside `dst`: counts datagrams by source and first byte until 300 ms pass
-    // without one.
-    let dst_name = dst.0.clone();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let receiver = std::thread::spawn(move || {
-        NetNs(dst_name).enter_and_forget();
-        let sock = UdpSocket::bind("0.0.0.0:4433").unwrap();
-        ready_tx.send(()).unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
-        let mut got = std::collections::HashMap::<(String, bool), u64>::new();
-        let mut buf = [0u8; 2048];
-        let first = Duration::from_secs(10);
-        sock.set_read_timeout(Some(first)).unwrap();
-        while let Ok((n, from)) = sock.recv_from(&mut buf) {
-            sock.set_read_timeout(Some(Duration::from_millis(300)))
-                .unwrap();
-            let long = n > 0 && buf[0] & 0x80 != 0;
-            *got.entry((from.ip().to_string(), long)).or_default() += 1;
-        }
-        got
-    });
-    ready_rx.recv().unwrap();
-    // The sender, inside `src`: 300 Initials then 100 short-header packets from one address,
-    // 300 Initials from the other, the Initials shaped as QUIC v1 (first byte 0xc3, version 1).
+    // 300 Initials from each of two addresses, then 100 short-header packets from the first;
+    // the Initials shaped as QUIC v1 (first byte 0xc3, version 1).
+    let receiver = count_datagrams(&dst);
     let src_name = src.0.clone();
     let sender = std::thread::spawn(move || {
         NetNs(src_name).enter_and_forget();
@@ -245,41 +273,107 @@ fn the_initial_limit_drops_a_sources_initials_past_its_rate_in_the_kernel() {
     });
     let initials_took = sender.join().unwrap();
     let got = receiver.join().unwrap();
-    let count = |ip: &str, long: bool| got.get(&(ip.to_owned(), long)).copied().unwrap_or(0);
-    let allowed = burst + rate * (initials_took.as_millis() as u64 / 1000 + 1);
+    let count = |got: &std::collections::HashMap<(String, bool), u64>, ip: &str, long: bool| {
+        got.get(&(ip.to_owned(), long)).copied().unwrap_or(0)
+    };
+    let allowed = |took: Duration| burst + rate * (took.as_millis() as u64 / 1000 + 1);
     for ip in ["10.243.0.1", "10.243.0.3"] {
-        let through = count(ip, true);
+        let through = count(&got, ip, true);
         assert!(
-            (1..=allowed).contains(&through),
-            "{ip}: {through} Initials through, at most {allowed} allowed ({got:?})"
+            (1..=allowed(initials_took)).contains(&through),
+            "{ip}: {through} Initials through, at most {} allowed ({got:?})",
+            allowed(initials_took)
         );
     }
-    assert_eq!(count("10.243.0.1", false), 100, "short headers: {got:?}");
-    // The rule's own counter: every Initial that did not come through.
-    let listed = dst.exec(&[
-        "iptables",
-        "-t",
-        "filter",
-        "-L",
-        "HALYARD_INPUT",
-        "-v",
-        "-x",
-        "-n",
+    assert_eq!(
+        count(&got, "10.243.0.1", false),
+        100,
+        "short headers: {got:?}"
+    );
+    // The rules' own counters: every Initial that did not come through (no batches yet).
+    let dropped = || -> u64 {
+        let listed = dst.exec(&[
+            "iptables",
+            "-t",
+            "filter",
+            "-L",
+            "HALYARD_INPUT",
+            "-v",
+            "-x",
+            "-n",
+        ]);
+        listed
+            .lines()
+            .filter(|l| l.contains("DROP"))
+            .map(|l| l.split_whitespace().next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    };
+    assert_eq!(
+        dropped(),
+        600 - count(&got, "10.243.0.1", true) - count(&got, "10.243.0.3", true),
+    );
+
+    // A third address sends 800 Initials of 1,200 bytes as 20 UDP GSO buffers of 40 (Python:
+    // UDP_SEGMENT, which Debian's python3 has by number only), then 10 short-header packets.
+    let receiver = count_datagrams(&dst);
+    let start = Instant::now();
+    src.exec(&[
+        "python3",
+        "-c",
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.bind(('10.243.0.4', 0))\n\
+         s.setsockopt(17, 103, 1200)\n\
+         initial = bytes([0xc3, 0, 0, 0, 1]) + bytes(1195)\n\
+         for _ in range(20):\n    s.sendto(initial * 40, ('10.243.0.2', 4433))\n\
+         s.setsockopt(17, 103, 0)\n\
+         for _ in range(10):\n    s.sendto(bytes([0x43]) + bytes(63), ('10.243.0.2', 4433))\n",
     ]);
-    let dropped: u64 = listed
-        .lines()
-        .find(|l| l.contains("DROP"))
-        .and_then(|l| l.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no DROP rule counted:\n{listed}"));
-    assert_eq!(
-        dropped,
-        600 - count("10.243.0.1", true) - count("10.243.0.3", true),
-        "{listed}"
+    let batches_took = start.elapsed();
+    let got = receiver.join().unwrap();
+    let through = count(&got, "10.243.0.4", true);
+    assert!(
+        through <= allowed(batches_took),
+        "{through} of 800 batched Initials through, at most {} allowed ({got:?})",
+        allowed(batches_took)
     );
-    dst.exec(&[halyard, "iptables", "remove"]);
     assert_eq!(
-        filter(&dst),
-        before,
-        "iptables remove left the filter table changed"
+        count(&got, "10.243.0.4", false),
+        10,
+        "short headers: {got:?}"
     );
+
+    // An operator's extra jump, with a comment of several words, goes with `remove` too.
+    dst.exec(&[
+        "iptables",
+        "-I",
+        "INPUT",
+        "2",
+        "-p",
+        "udp",
+        "--dport",
+        "4433",
+        "-m",
+        "comment",
+        "--comment",
+        "halyard limit first",
+        "-j",
+        "HALYARD_INPUT",
+    ]);
+    let out = dst.exec(&[halyard, "iptables", "remove", "--initial-limit"]);
+    assert_eq!(out.trim(), "Initial limit removed");
+    assert_eq!(
+        filter_rules(&dst),
+        filter_before,
+        "the filter table changed"
+    );
+    assert!(
+        nat_rules(&dst).contains("HALYARD_OUTPUT"),
+        "capture went too"
+    );
+    let out = dst.exec(&[halyard, "iptables", "remove"]);
+    assert_eq!(out.trim(), "capture removed");
+    assert_eq!(nat_rules(&dst), nat_before, "the nat table changed");
+    let out = dst.exec(&[halyard, "iptables", "remove"]);
+    assert_eq!(out.trim(), "nothing to remove");
 }
