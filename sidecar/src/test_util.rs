@@ -418,22 +418,40 @@ pub fn rand_suffix() -> u64 {
 /// An app that reads until the client half-closes, then answers `<tag>:<what it read>`.
 pub struct Echo {
     pub addr: SocketAddr,
-    /// One message per accepted connection.
-    pub accepted: tokio::sync::mpsc::UnboundedReceiver<()>,
+    /// One notice per accepted connection.
+    pub accepted: Accepted,
     _task: tokio::task::JoinHandle<()>,
+}
+
+/// Notices of accepted connections, each taken once, in constant memory however many are
+/// never taken (a soak accepts millions): a count, not a queue.
+pub struct Accepted(Arc<tokio::sync::Semaphore>);
+
+impl Accepted {
+    /// Waits for a connection not yet taken; `None` never happens (the shape of a channel's
+    /// `recv`).
+    pub async fn recv(&mut self) -> Option<()> {
+        self.0.acquire().await.ok().map(|p| p.forget())
+    }
+
+    /// A connection not yet taken, if there is one.
+    pub fn try_recv(&mut self) -> Result<(), tokio::sync::TryAcquireError> {
+        self.0.try_acquire().map(|p| p.forget())
+    }
 }
 
 pub async fn tagged_echo(addr: SocketAddr, tag: &str) -> Echo {
     let listener = TcpListener::bind(addr).await.unwrap();
     let local = listener.local_addr().unwrap();
     let tag = tag.to_owned();
-    let (tx, accepted) = tokio::sync::mpsc::unbounded_channel();
+    let count = Arc::new(tokio::sync::Semaphore::new(0));
+    let accepted = Accepted(count.clone());
     let task = tokio::spawn(async move {
         loop {
             let Ok((mut tcp, _)) = listener.accept().await else {
                 return;
             };
-            let _ = tx.send(());
+            count.add_permits(1);
             let tag = tag.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
