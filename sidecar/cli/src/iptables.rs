@@ -192,28 +192,16 @@ pub fn input_rules(args: &InstallArgs) -> Vec<Vec<String>> {
     let Some(rate) = args.initial_rate else {
         return Vec::new();
     };
+    // `-A HALYARD_INPUT -m u32 --u32 <an Initial> <matches> -j DROP`.
+    let drop_initials = |matches: &[&str]| {
+        let mut rule = s(&["-A", INPUT_CHAIN, "-m", "u32", "--u32", QUIC_INITIAL_U32]);
+        rule.extend(s(matches));
+        rule.extend(s(&["-j", "DROP"]));
+        rule
+    };
     vec![
-        s(&[
-            "-A",
-            INPUT_CHAIN,
-            "-m",
-            "u32",
-            "--u32",
-            QUIC_INITIAL_U32,
-            "-m",
-            "length",
-            "--length",
-            BATCH_LENGTHS,
-            "-j",
-            "DROP",
-        ]),
-        s(&[
-            "-A",
-            INPUT_CHAIN,
-            "-m",
-            "u32",
-            "--u32",
-            QUIC_INITIAL_U32,
+        drop_initials(&["-m", "length", "--length", BATCH_LENGTHS]),
+        drop_initials(&[
             "-m",
             "hashlimit",
             "--hashlimit-above",
@@ -226,8 +214,6 @@ pub fn input_rules(args: &InstallArgs) -> Vec<Vec<String>> {
             HASHLIMIT_NAME,
             "--hashlimit-htable-expire",
             HTABLE_EXPIRE_MS,
-            "-j",
-            "DROP",
         ]),
         s(&[
             "-I",

@@ -277,6 +277,45 @@ async fn a_bad_config_is_refused_before_anything_is_bound() {
 }
 
 /// A port free on 127.0.0.1 a moment ago.
+/// `spec`'s config for a sidecar process, its admin listener on `admin` and its upstream on
+/// port 9080 on `upstream`, written into the mesh's folder.
+fn config_listening(
+    mesh: &Mesh,
+    spec: &Spec,
+    upstream: SocketAddr,
+    admin: SocketAddr,
+) -> std::path::PathBuf {
+    let text = mesh
+        .config_text(spec)
+        .replace(
+            "[admin]\nlisten = \"127.0.0.1:0\"",
+            &format!("[admin]\nlisten = \"{admin}\""),
+        )
+        .replace(
+            "port = 9080\nlisten = \"127.0.0.1:0\"",
+            &format!("port = 9080\nlisten = \"{upstream}\""),
+        );
+    let path = mesh.dir.path().join(format!("{}.toml", spec.service));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Waits until the sidecar process with admin listener `admin` says it is ready (20 s at most).
+async fn wait_ready(admin: SocketAddr) {
+    let client = halyard_sidecar::test_util::http_client_fresh();
+    let ready = Instant::now();
+    while halyard_sidecar::test_util::try_get(&client, admin, "/readyz")
+        .await
+        .is_none_or(|(status, _)| status != 200)
+    {
+        assert!(
+            ready.elapsed() < Duration::from_secs(20),
+            "sidecar not ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn free_port() -> SocketAddr {
     let spare = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     spare.local_addr().unwrap()
@@ -312,18 +351,7 @@ async fn running_out_of_file_descriptors_is_survived() {
     let (upstream, admin) = (free_port(), free_port());
     let mut spec = Spec::new("productpage", "v1").upstream("reviews", 9080);
     spec.extra = "[limits]\nmax_connections_per_listener = 100000\n".into();
-    let text = mesh
-        .config_text(&spec)
-        .replace(
-            "[admin]\nlisten = \"127.0.0.1:0\"",
-            &format!("[admin]\nlisten = \"{admin}\""),
-        )
-        .replace(
-            "port = 9080\nlisten = \"127.0.0.1:0\"",
-            &format!("port = 9080\nlisten = \"{upstream}\""),
-        );
-    let path = mesh.dir.path().join("productpage.toml");
-    std::fs::write(&path, text).unwrap();
+    let path = config_listening(&mesh, &spec, upstream, admin);
     let mut pp = Proc(
         Command::new("prlimit")
             .arg(format!("--nofile={nofile}:{nofile}"))
@@ -352,18 +380,7 @@ async fn running_out_of_file_descriptors_is_survived() {
         }
     });
     let log_text = || log.lock().unwrap().clone();
-    let client = halyard_sidecar::test_util::http_client_fresh();
-    let ready = Instant::now();
-    while halyard_sidecar::test_util::try_get(&client, admin, "/readyz")
-        .await
-        .is_none_or(|(status, _)| status != 200)
-    {
-        assert!(
-            ready.elapsed() < Duration::from_secs(20),
-            "sidecar not ready"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_ready(admin).await;
     // Flows opened before the flood, their first half sent.
     let mut held = Vec::new();
     for i in 0..5 {
@@ -575,32 +592,11 @@ async fn app_floods_cost_the_sidecar_process_bounded_memory_and_cpu() {
         "[limits]\nheader_read_timeout = \"1s\"\nmax_connections_per_listener = {}\n",
         slow + h2_conns + 100
     );
-    let text = mesh
-        .config_text(&spec)
-        .replace(
-            "[admin]\nlisten = \"127.0.0.1:0\"",
-            &format!("[admin]\nlisten = \"{admin}\""),
-        )
-        .replace(
-            "port = 9080\nlisten = \"127.0.0.1:0\"",
-            &format!("port = 9080\nlisten = \"{upstream}\""),
-        );
-    let path = mesh.dir.path().join("productpage.toml");
-    std::fs::write(&path, text).unwrap();
+    let path = config_listening(&mesh, &spec, upstream, admin);
     let pp = Proc(spawn_sidecar(&path));
     let pid = pp.id();
+    wait_ready(admin).await;
     let client = http_client_fresh();
-    let ready = Instant::now();
-    while halyard_sidecar::test_util::try_get(&client, admin, "/readyz")
-        .await
-        .is_none_or(|(status, _)| status != 200)
-    {
-        assert!(
-            ready.elapsed() < Duration::from_secs(20),
-            "sidecar not ready"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     // Warm: the peer connection up, the listener's first requests served.
     for _ in 0..50 {
         let (status, body, _) = http_call(&client, upstream, "GET", "/warm", &[]).await;

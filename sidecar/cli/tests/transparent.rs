@@ -12,7 +12,16 @@ use common::NetNs;
 
 /// The nat table without counters and comments, to compare rule sets.
 fn nat_rules(ns: &NetNs) -> String {
-    ns.exec(&["iptables-save", "-t", "nat"])
+    table_rules(ns, "nat")
+}
+
+/// The filter table without counters and comments, to compare rule sets.
+fn filter_rules(ns: &NetNs) -> String {
+    table_rules(ns, "filter")
+}
+
+fn table_rules(ns: &NetNs, table: &str) -> String {
+    ns.exec(&["iptables-save", "-t", table])
         .lines()
         .filter(|l| !l.starts_with('#'))
         .map(|l| l.split(" [").next().unwrap_or(l).to_owned())
@@ -169,16 +178,6 @@ fn count_datagrams(
     });
     ready_rx.recv().unwrap();
     receiver
-}
-
-/// The filter table without counters and comments, to compare rule sets.
-fn filter_rules(ns: &NetNs) -> String {
-    ns.exec(&["iptables-save", "-t", "filter"])
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .map(|l| l.split(" [").next().unwrap_or(l).to_owned())
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 /// `halyard iptables install --no-capture --initial-rate R --initial-burst B`, for real in a
