@@ -165,11 +165,17 @@ fn with_kernel_limit(
         .output();
     iptables(&["remove"])?;
     let mut p = result?;
-    let dropped: f64 = String::from_utf8_lossy(&listed?.stdout)
+    // Both DROP rules (a batch of Initials, a source past its rate): packets each dropped.
+    let counts: Vec<f64> = String::from_utf8_lossy(&listed?.stdout)
         .lines()
-        .find(|l| l.contains("DROP"))
-        .and_then(|l| l.split_whitespace().next()?.parse().ok())
-        .context("the Initial limit's DROP rule counted nothing readable")?;
+        .filter(|l| l.contains("DROP"))
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    anyhow::ensure!(
+        !counts.is_empty(),
+        "the Initial limit's DROP rules counted nothing readable"
+    );
+    let dropped: f64 = counts.iter().sum();
     // The counter includes the attacker's warm-up before the timed flows.
     p.kernel_drops_per_s = Some(dropped / (p.secs + WARM_UP.as_secs_f64()));
     Ok(p)

@@ -291,7 +291,8 @@ fn iptables(table: &str, args: &[String]) -> anyhow::Result<std::process::Output
         .context("running iptables (is the iptables package installed?)")
 }
 
-fn run(table: &str, args: &[String]) -> anyhow::Result<()> {
+/// Runs `iptables -t table args` that must succeed; its standard output.
+fn run(table: &str, args: &[String]) -> anyhow::Result<String> {
     let out = iptables(table, args)?;
     if !out.status.success() {
         bail!(
@@ -300,7 +301,7 @@ fn run(table: &str, args: &[String]) -> anyhow::Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Deletes every jump from `from` to `chain` (whatever its match or comment) and the chain
@@ -310,14 +311,9 @@ fn remove_chain(table: &str, from: &str, chain: &str) -> anyhow::Result<bool> {
     if !iptables(table, &s(&["-S", chain]))?.status.success() {
         return Ok(false);
     }
-    let listed = iptables(table, &s(&["-L", from, "-n", "--line-numbers"]))?;
-    if !listed.status.success() {
-        bail!(
-            "iptables -t {table} -L {from}: {}",
-            String::from_utf8_lossy(&listed.stderr).trim()
-        );
-    }
-    let mut jumps: Vec<u32> = String::from_utf8_lossy(&listed.stdout)
+    let listed = run(table, &s(&["-L", from, "-n", "--line-numbers"]))?;
+    // Listed in ascending order; deleted from the last so the numbers before stay valid.
+    let jumps: Vec<u32> = listed
         .lines()
         .filter_map(|l| {
             let mut cols = l.split_whitespace();
@@ -325,8 +321,7 @@ fn remove_chain(table: &str, from: &str, chain: &str) -> anyhow::Result<bool> {
             (cols.next()? == chain).then_some(num)
         })
         .collect();
-    jumps.sort_unstable_by(|a, b| b.cmp(a));
-    for num in jumps {
+    for num in jumps.iter().rev() {
         run(table, &s(&["-D", from, &num.to_string()]))?;
     }
     run(table, &s(&["-F", chain]))?;
@@ -379,8 +374,9 @@ impl Part {
     /// the error says so.
     fn install(self, rules: &[Vec<String>]) -> anyhow::Result<()> {
         self.remove()?;
-        let done = run(self.table(), &s(&["-N", self.chain()]))
-            .and_then(|()| rules.iter().try_for_each(|r| run(self.table(), r)));
+        let done = std::iter::once(&s(&["-N", self.chain()]))
+            .chain(rules)
+            .try_for_each(|r| run(self.table(), r).map(drop));
         if let Err(e) = done {
             let _ = self.remove();
             return Err(e.context(format!("the {} is not installed", self.name())));
