@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 
 use crate::lab::{find, Lab, Route, Target};
 use crate::netns::{block_in, DmaLatency};
-use crate::stats::{cpu_of, rss_bytes, Machine, Percentiles};
+use crate::stats::{cpu_of, rss_bytes, wakeups_of, Machine, Percentiles};
 
 const CONNS: usize = 16;
 const RATES: [u32; 2] = [1000, 5000];
@@ -38,6 +38,9 @@ struct Row {
     achieved_rps: f64,
     latency: Percentiles,
     vcpu_per_1000_rps: f64,
+    /// Voluntary context switches of both proxy processes per request: how many times a
+    /// request woke a proxy up.
+    wakeups_per_request: f64,
     proxy_rss_mib: Vec<f64>,
 }
 
@@ -57,8 +60,13 @@ pub fn main() -> anyhow::Result<()> {
     let lab = Lab::up("hb2", 2)?;
     let dma = DmaLatency::hold();
     let mut rows = Vec::new();
+    let only = std::env::var("HALYARD_BENCH_ROUTES").ok();
+    let chosen = |r: &Route| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|n| n.trim() == r.name()))
+    };
     for rps in RATES {
-        for route in ROUTES {
+        for route in ROUTES.iter().copied().filter(chosen) {
             rows.push(run(&lab, route, rps)?);
         }
     }
@@ -77,16 +85,21 @@ pub fn main() -> anyhow::Result<()> {
 fn run(lab: &Lab, route: Route, rps: u32) -> anyhow::Result<Row> {
     let addr = lab.addr(route, Target::Http);
     let pids = lab.pids(route);
-    let cpu = std::sync::Arc::new(std::sync::Mutex::new(0.0));
-    let (cpu2, pids2) = (cpu.clone(), pids.clone());
+    // CPU seconds and wake-ups of the proxies between the two marks.
+    let used = std::sync::Arc::new(std::sync::Mutex::new((0.0, 0)));
+    let (used2, pids2) = (used.clone(), pids.clone());
     let mark = move |start: bool| {
-        if let Ok(mut c) = cpu2.lock() {
-            let now = cpu_of(&pids2);
-            *c = if start { now } else { now - *c };
+        if let Ok(mut u) = used2.lock() {
+            let now = (cpu_of(&pids2), wakeups_of(&pids2));
+            *u = if start {
+                now
+            } else {
+                (now.0 - u.0, now.1.saturating_sub(u.1))
+            };
         }
     };
     let samples = block_in(&lab.pair.a.name, move || open_loop(addr, rps, mark))?;
-    let cpu_s = cpu.lock().map_or(0.0, |c| *c);
+    let (cpu_s, woke) = used.lock().map_or((0.0, 0), |u| *u);
     let n = samples.len();
     let latency = Percentiles::of(samples);
     let achieved = n as f64 / RUN.as_secs_f64();
@@ -96,18 +109,20 @@ fn run(lab: &Lab, route: Route, rps: u32) -> anyhow::Result<Row> {
         achieved_rps: achieved,
         latency,
         vcpu_per_1000_rps: cpu_s / RUN.as_secs_f64() / (achieved / 1000.0),
+        wakeups_per_request: woke as f64 / (n.max(1) as f64),
         proxy_rss_mib: pids
             .iter()
             .map(|&p| rss_bytes(p) as f64 / 1048576.0)
             .collect(),
     };
     eprintln!(
-        "latency {} @{rps}: p50 {:.0} p99 {:.0} p99.9 {:.0} µs, {:.3} vCPU/krps",
+        "latency {} @{rps}: p50 {:.0} p99 {:.0} p99.9 {:.0} µs, {:.3} vCPU/krps, {:.2} wake-ups/request",
         route.name(),
         row.latency.p50_us,
         row.latency.p99_us,
         row.latency.p999_us,
-        row.vcpu_per_1000_rps
+        row.vcpu_per_1000_rps,
+        row.wakeups_per_request
     );
     Ok(row)
 }
@@ -238,12 +253,12 @@ fn markdown(r: &Report) -> String {
          open loop (latency from the intended send time when the previous response held a request back). \
          Namespaces a/b joined by a veth pair. /dev/cpu_dma_latency held at 0: {}. \
          Added = path minus direct at the same percentile. vCPU per 1,000 rps: utime+stime of both proxy processes \
-         over the run. RSS: client-side, server-side proxy at the end of the run. Halyard's `[transport] congestion`: \
-         `{}` (`HALYARD_BENCH_CONGESTION` sets another).\n\n",
+         over the run. Wake-ups/req: voluntary context switches of both proxy processes per request (how often a request put a proxy to sleep and woke it). RSS: client-side, server-side proxy at the end of the run. Halyard's `[transport] congestion`: \
+         `{}` (`HALYARD_BENCH_CONGESTION` sets another; `HALYARD_BENCH_ROUTES=direct,halyard-l4` runs only the paths named).\n\n",
         r.connections, r.seconds, r.dma_latency_held, r.congestion
     );
-    md += "| rps | path | achieved | p50 µs | p90 µs | p99 µs | p99.9 µs | added p50 | added p90 | added p99 | added p99.9 | vCPU/1k rps | vs stunnel | vs h2-tunnel | RSS MiB |\n";
-    md += "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+    md += "| rps | path | achieved | p50 µs | p90 µs | p99 µs | p99.9 µs | added p50 | added p90 | added p99 | added p99.9 | vCPU/1k rps | vs stunnel | vs h2-tunnel | wake-ups/req | RSS MiB |\n";
+    md += "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
     for row in &r.rows {
         md += &row_md(r, row);
     }
@@ -274,10 +289,15 @@ fn row_md(r: &Report, row: &Row) -> String {
     } else {
         format!("{:.3}", row.vcpu_per_1000_rps)
     };
+    let woke = if row.route == Route::Direct {
+        "–".into()
+    } else {
+        format!("{:.2}", row.wakeups_per_request)
+    };
     format!(
-        "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:+.0} | {:+.0} | {:+.0} | {:+.0} | {} | {} | {} | {} |\n",
+        "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:+.0} | {:+.0} | {:+.0} | {:+.0} | {} | {} | {} | {} | {} |\n",
         row.rps, row.route.name(), row.achieved_rps, l.p50_us, l.p90_us, l.p99_us, l.p999_us,
         l.p50_us - d.p50_us, l.p90_us - d.p90_us, l.p99_us - d.p99_us, l.p999_us - d.p999_us,
-        cpu, cpu_ratio(Route::Stunnel), cpu_ratio(Route::H2Tunnel), if rss.is_empty() { "–".into() } else { rss }
+        cpu, cpu_ratio(Route::Stunnel), cpu_ratio(Route::H2Tunnel), woke, if rss.is_empty() { "–".into() } else { rss }
     )
 }

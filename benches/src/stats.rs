@@ -43,6 +43,29 @@ pub fn status_bytes(pid: u32, field: &str) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// Voluntary context switches of a process, all its threads summed (`voluntary_ctxt_switches`
+/// of each `/proc/PID/task/TID/status`): how often it went to sleep waiting for an event, so
+/// the number of wake-ups; 0 if the process is gone.
+pub fn wakeups(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// Summed wake-ups ([`wakeups`]) of several processes.
+pub fn wakeups_of(pids: &[u32]) -> u64 {
+    pids.iter().map(|&p| wakeups(p)).sum()
+}
+
 /// Summed CPU seconds of several processes.
 pub fn cpu_of(pids: &[u32]) -> f64 {
     pids.iter().map(|&p| cpu_seconds(p)).sum()

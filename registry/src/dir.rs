@@ -53,14 +53,15 @@ impl DirRegistry {
         };
         scanner.rescan(&shared);
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
-        let mut watcher =
-            notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
+        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if may_change_content(&res) {
                 let _ = ev_tx.send(());
-            })
-            .map_err(|error| RegistryError::Notify {
-                path: root.display().to_string(),
-                error,
-            })?;
+            }
+        })
+        .map_err(|error| RegistryError::Notify {
+            path: root.display().to_string(),
+            error,
+        })?;
         watcher
             .watch(&root, notify::RecursiveMode::Recursive)
             .map_err(|error| RegistryError::Notify {
@@ -145,6 +146,26 @@ pub(crate) fn write_object(root: &Path, obj: &Object) -> Result<PathBuf, Registr
     let file = key_file(root, &obj.key());
     write_atomic(&file, obj.to_json().as_bytes())?;
     Ok(file)
+}
+
+/// Whether a file event may change what the directory holds, so that it is worth a rescan.
+///
+/// The inotify backend also reports files being opened and closed after reading
+/// (`IN_OPEN`, `IN_CLOSE_NOWRITE`): a rescan reads every file, so reacting to those would make
+/// each rescan cause the next, about every [`SETTLE`] for as long as the sidecar runs, and every
+/// sidecar sharing the directory would rescan on each other's reads as well. A file closed
+/// after writing (an editor saving in place) and every other kind count; so does an error of the
+/// watcher (the rescan finds out what it missed).
+fn may_change_content(res: &notify::Result<notify::Event>) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    match res {
+        Ok(ev) => match ev.kind {
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+            EventKind::Access(_) => false,
+            _ => true,
+        },
+        Err(_) => true,
+    }
 }
 
 async fn follow(

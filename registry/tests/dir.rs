@@ -158,3 +158,54 @@ async fn a_deregistered_endpoint_leaves_the_watch() {
     })
     .await;
 }
+
+/// The registry reacts to changes, not to its own reading: a rescan opens every file, and the
+/// inotify backend reports opens, so a watcher that took every event for a change rescanned
+/// every 20 ms for as long as it ran (and each sidecar sharing a directory on the others'
+/// reads). Counted from outside with a watch of our own: after a change has been applied, an
+/// idle registry opens its files only on the 2 s safety-net rescan.
+#[tokio::test]
+async fn an_idle_registry_does_not_reread_its_files() {
+    use notify::event::{AccessKind, EventKind};
+    use notify::Watcher as _;
+
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "services/a", &service("a", 1));
+    let file = dir.path().join("default/services/a.json");
+    let reg = open(dir.path(), None).await;
+    let mut rx = reg.watch();
+    write(dir.path(), "services/b", &service("b", 2));
+    until(&mut rx, "b", |s| s.service("b").is_some()).await;
+
+    let opens = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = opens.clone();
+    let watched = file.clone();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res {
+            if matches!(ev.kind, EventKind::Access(AccessKind::Open(_)))
+                && ev.paths.iter().any(|p| p == &watched)
+            {
+                counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    })
+    .unwrap();
+    watcher
+        .watch(
+            &dir.path().join("default/services"),
+            notify::RecursiveMode::NonRecursive,
+        )
+        .unwrap();
+    // Our own open, so the count is known to work on this machine.
+    drop(std::fs::read(&file).unwrap());
+    // No event marks "nothing happened": a window shorter than the safety-net rescan (2 s)
+    // and ten times the rescan loop's period.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let n = opens.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(n >= 1, "the test's own open was not seen");
+    assert!(
+        n <= 2,
+        "{n} opens of {} in 250 ms by an idle registry",
+        file.display()
+    );
+}
