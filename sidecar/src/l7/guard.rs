@@ -340,15 +340,17 @@ impl<T: AsyncRead + Unpin> AsyncRead for FramingGuard<T> {
                 _ => {}
             }
             this.arm();
-            let mut tmp = [0u8; 16 * 1024];
-            let mut rb = ReadBuf::new(&mut tmp);
+            // Not zeroed: a zeroed 16 KiB buffer on every poll (a `Pending` one included) was
+            // a measurable memset per request; the reader fills what it reports.
+            let mut tmp = [std::mem::MaybeUninit::<u8>::uninit(); 16 * 1024];
+            let mut rb = ReadBuf::uninit(&mut tmp);
             match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
                 Poll::Ready(Ok(())) => {
-                    let n = rb.filled().len();
-                    if n == 0 {
+                    let read = rb.filled();
+                    if read.is_empty() {
                         return Poll::Ready(Ok(()));
                     }
-                    this.feed(&tmp[..n]);
+                    this.feed(read);
                 }
                 Poll::Pending if this.head_late(cx) => {
                     tracing::debug!("app connection closed: request head not complete in time");
