@@ -45,6 +45,14 @@ impl ChannelBody {
         )
     }
 
+    /// [`channel`](Self::channel) whose body yields `first` before what the sender sends:
+    /// data already at hand goes to the app with the head, in the same write.
+    pub(crate) fn channel_after(first: Bytes) -> (BodySender, ChannelBody) {
+        let (tx, mut body) = ChannelBody::channel();
+        body.fixed = Some(first);
+        (tx, body)
+    }
+
     /// A body with fixed content.
     pub(crate) fn full(bytes: impl Into<Bytes>) -> ChannelBody {
         ChannelBody {
@@ -60,7 +68,12 @@ impl Body for ChannelBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Item>> {
         if let Some(bytes) = self.fixed.take() {
-            return Poll::Ready((!bytes.is_empty()).then(|| Ok(Frame::data(bytes))));
+            if !bytes.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(bytes))));
+            }
+            if self.rx.is_none() {
+                return Poll::Ready(None);
+            }
         }
         match self.rx.as_mut() {
             Some(rx) => rx.poll_recv(cx),
@@ -115,4 +128,43 @@ where
 /// Turns received h3 data into `Bytes` without copying when it already is one.
 pub(crate) fn to_bytes(mut buf: impl Buf) -> Bytes {
     buf.copy_to_bytes(buf.remaining())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn a_body_started_with_data_at_hand_yields_it_first_then_what_is_sent() {
+        let (tx, body) = ChannelBody::channel_after(Bytes::from_static(b"head-"));
+        assert!(!body.is_end_stream());
+        let sender = tokio::spawn(async move {
+            tx.send(Ok(Frame::data(Bytes::from_static(b"rest"))))
+                .await
+                .ok();
+            let mut t = HeaderMap::new();
+            t.insert("grpc-status", http::HeaderValue::from_static("0"));
+            tx.send(Ok(Frame::trailers(t))).await.ok();
+        });
+        let collected = body
+            .collect()
+            .await
+            .map_err(|e| e.0)
+            .unwrap_or_else(|e| panic!("{e}"));
+        sender.await.ok();
+        let trailers = collected.trailers().cloned();
+        assert_eq!(collected.to_bytes(), Bytes::from_static(b"head-rest"));
+        assert_eq!(
+            trailers.and_then(|t| t.get("grpc-status").cloned()),
+            Some(http::HeaderValue::from_static("0"))
+        );
+    }
+
+    #[tokio::test]
+    async fn an_empty_fixed_body_ends_at_once() {
+        let mut body = ChannelBody::full(Bytes::new());
+        assert!(body.is_end_stream());
+        assert!(body.frame().await.is_none());
+    }
 }

@@ -654,8 +654,8 @@ fn app_headers(
         .and_then(TraceContext::parse);
     let after = trace.map(|t| t.child());
     rec.set_trace(after);
-    if let Some(v) = after.and_then(|t| HeaderValue::from_str(&t.to_string()).ok()) {
-        parts.headers.insert("traceparent", v);
+    if let Some(t) = after {
+        parts.headers.insert("traceparent", t.header_value());
     }
 }
 

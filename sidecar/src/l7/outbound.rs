@@ -233,9 +233,7 @@ fn prepare(_shared: &Shared, req: Request<Incoming>) -> Result<Prepared, Respons
         .and_then(TraceContext::parse)
         .map(|t| t.child())
         .unwrap_or_else(TraceContext::start);
-    if let Ok(v) = HeaderValue::from_str(&trace.to_string()) {
-        parts.headers.insert("traceparent", v);
-    }
+    parts.headers.insert("traceparent", trace.header_value());
     Ok(Prepared {
         norm,
         parts,
@@ -519,7 +517,15 @@ impl Call<'_> {
             // gRPC clients require; the peer sends no body.
             return Response::from_parts(parts, ChannelBody::full(bytes::Bytes::new()));
         }
-        let (tx, body) = ChannelBody::channel();
+        // The body's first DATA frame usually came in the packet that brought the head: taken
+        // now, hyper writes it to the app together with the head (one write and one wake-up of
+        // the app instead of two); a response of known length is then complete.
+        let mut recv = recv;
+        let first = first_data(&mut recv);
+        let (tx, body) = match &first {
+            Some(Polled::Data(bytes)) => ChannelBody::channel_after(bytes.clone()),
+            _ => ChannelBody::channel(),
+        };
         let shared = self.shared.clone();
         let request_body = upload.keep_going();
         self.shared.flows.spawn(async move {
@@ -527,7 +533,7 @@ impl Call<'_> {
             // then what is left of the request body stops too.
             let pump = async {
                 tokio::select! {
-                    _ = pump_response(recv, &tx) => {}
+                    _ = pump_response(recv, &tx, first) => {}
                     _ = tx.closed() => {}
                 }
             };
@@ -770,20 +776,53 @@ async fn final_head(
 }
 
 /// Moves the response body and trailers from h3 to the app, a few frames at a time.
-async fn pump_response(mut stream: PooledRecv, tx: &BodySender) {
+/// What a response stream's first poll for DATA gave, when it was ready at once.
+enum Polled {
+    /// A DATA frame's content (handed to the body before the pump starts).
+    Data(bytes::Bytes),
+    /// No more DATA: trailers or the end come next.
+    End,
+    /// The stream failed.
+    Failed(String),
+}
+
+/// Polls `stream` once for DATA without waiting (the pump's task, spawned next, waits).
+fn first_data(stream: &mut PooledRecv) -> Option<Polled> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match stream.poll_recv_data(&mut cx) {
+        std::task::Poll::Ready(Ok(Some(buf))) => Some(Polled::Data(to_bytes(buf))),
+        std::task::Poll::Ready(Ok(None)) => Some(Polled::End),
+        std::task::Poll::Ready(Err(e)) => Some(Polled::Failed(e.to_string())),
+        std::task::Poll::Pending => None,
+    }
+}
+
+/// Feeds the response body from the peer's stream to `tx`; `first` is what [`first_data`]
+/// already took from it (its data is in the body already).
+async fn pump_response(mut stream: PooledRecv, tx: &BodySender, first: Option<Polled>) {
     use super::body::BodyError;
     use hyper::body::Frame;
-    loop {
-        match stream.recv_data().await {
-            Ok(Some(buf)) => {
-                if tx.send(Ok(Frame::data(to_bytes(buf)))).await.is_err() {
-                    return; // the app went away; dropping the stream resets it
+    let data_done = match first {
+        Some(Polled::Failed(why)) => {
+            let _ = tx.send(Err(BodyError(why))).await;
+            return;
+        }
+        Some(Polled::End) => true,
+        Some(Polled::Data(_)) | None => false,
+    };
+    if !data_done {
+        loop {
+            match stream.recv_data().await {
+                Ok(Some(buf)) => {
+                    if tx.send(Ok(Frame::data(to_bytes(buf)))).await.is_err() {
+                        return; // the app went away; dropping the stream resets it
+                    }
                 }
-            }
-            Ok(None) => break,
-            Err(e) => {
-                let _ = tx.send(Err(BodyError(e.to_string()))).await;
-                return;
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = tx.send(Err(BodyError(e.to_string()))).await;
+                    return;
+                }
             }
         }
     }

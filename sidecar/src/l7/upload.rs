@@ -106,6 +106,13 @@ impl Upload {
             Payload::Stream(body) => Source::Stream(body),
             Payload::Gone => Source::Gone,
         };
+        let mut send = send;
+        if source.is_empty() && finish_now(&mut send) {
+            // No body (a GET, most calls): the stream's end goes out with its head, in the same
+            // packet, instead of from a task of its own a moment later (a second packet, and a
+            // second wake-up of the peer, per request).
+            return;
+        }
         let (tx, rx) = oneshot::channel();
         self.done = Some(rx);
         let cancel = self.cancel.clone();
@@ -155,6 +162,35 @@ enum Source {
     Kept(Buffered),
     Stream(Incoming),
     Gone,
+}
+
+impl Source {
+    /// Known to hold nothing to send: no data and no trailers.
+    fn is_empty(&self) -> bool {
+        match self {
+            Source::Kept(b) => b.data.is_empty() && b.trailers.is_none(),
+            Source::Stream(body) => hyper::body::Body::is_end_stream(body),
+            Source::Gone => false,
+        }
+    }
+}
+
+/// Finishes the stream if that completes at once (it does unless the stream is gone: a FIN
+/// needs no flow-control credit); true when it is done with, finished or reset. False leaves
+/// the stream as it was, for the task to try.
+fn finish_now(send: &mut PooledSend) -> bool {
+    use std::future::Future as _;
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let finished = std::pin::pin!(send.finish()).poll(&mut cx);
+    match finished {
+        std::task::Poll::Ready(Ok(())) => true,
+        std::task::Poll::Ready(Err(_)) => {
+            // As `run` does on a failed write: the response side reports the peer's answer.
+            send.stop_stream(Code::H3_REQUEST_CANCELLED);
+            true
+        }
+        std::task::Poll::Pending => false,
+    }
 }
 
 /// Sends the body and finishes the stream; on any failure or cancellation the stream is reset

@@ -64,43 +64,54 @@ impl TraceContext {
             ..*self
         }
     }
-
-    /// The trace id as 32 hex digits.
-    pub(crate) fn trace_hex(&self) -> String {
-        hex(&self.trace_id)
-    }
-
-    /// The span id as 16 hex digits.
-    pub(crate) fn span_hex(&self) -> String {
-        hex(&self.span_id)
-    }
 }
 
 fn nonzero<const N: usize>() -> [u8; N] {
     loop {
         let mut b = [0u8; N];
-        for x in b.iter_mut() {
-            *x = rand::random();
-        }
+        rand::fill(&mut b[..]);
         if b != [0; N] {
             return b;
         }
     }
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+/// Lower-case hex digits of `b` into `out` (two per byte; `out` is `2 × b.len()` long).
+fn hex_into(b: &[u8], out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (x, pair) in b.iter().zip(out.chunks_exact_mut(2)) {
+        pair[0] = DIGITS[usize::from(x >> 4)];
+        pair[1] = DIGITS[usize::from(x & 0x0f)];
+    }
+}
+
+/// Length of a version-00 `traceparent` value: `00-` 32 `-` 16 `-` 2.
+const TRACEPARENT_LEN: usize = 55;
+
+impl TraceContext {
+    /// This context as a version-00 `traceparent` value (W3C Trace Context §3.2), ASCII, with
+    /// no allocation: it is made for every request that crosses the sidecar.
+    pub(crate) fn encode(&self) -> [u8; TRACEPARENT_LEN] {
+        let mut out = [b'-'; TRACEPARENT_LEN];
+        out[..2].copy_from_slice(b"00");
+        hex_into(&self.trace_id, &mut out[3..35]);
+        hex_into(&self.span_id, &mut out[36..52]);
+        hex_into(&[self.flags], &mut out[53..55]);
+        out
+    }
+
+    /// [`encode`](Self::encode) as a header value.
+    pub(crate) fn header_value(&self) -> http::HeaderValue {
+        let bytes = self.encode();
+        // Hex digits and dashes only: always a valid header value.
+        http::HeaderValue::from_bytes(&bytes).unwrap_or(http::HeaderValue::from_static(""))
+    }
 }
 
 impl fmt::Display for TraceContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "00-{}-{}-{:02x}",
-            self.trace_hex(),
-            self.span_hex(),
-            self.flags
-        )
+        let bytes = self.encode();
+        f.write_str(std::str::from_utf8(&bytes).map_err(|_| fmt::Error)?)
     }
 }
 
@@ -114,6 +125,7 @@ mod tests {
     fn a_traceparent_round_trips() {
         let t = TraceContext::parse(PARENT).unwrap();
         assert_eq!(t.to_string(), PARENT);
+        assert_eq!(t.header_value(), PARENT);
     }
 
     #[test]
