@@ -253,7 +253,7 @@ fn markdown(r: &Report) -> String {
          open loop (latency from the intended send time when the previous response held a request back). \
          Namespaces a/b joined by a veth pair. /dev/cpu_dma_latency held at 0: {}. \
          Added = path minus direct at the same percentile. vCPU per 1,000 rps: utime+stime of both proxy processes \
-         over the run. Wake-ups/req: voluntary context switches of both proxy processes per request (how often a request put a proxy to sleep and woke it). RSS: client-side, server-side proxy at the end of the run. Halyard's `[transport] congestion`: \
+         over the run. Wake-ups/req: voluntary context switches of both proxy processes per request (how often a request put a proxy to sleep and woke it; not for stunnel, whose per-connection threads exit before they are counted). RSS: client-side, server-side proxy at the end of the run. Halyard's `[transport] congestion`: \
          `{}` (`HALYARD_BENCH_CONGESTION` sets another; `HALYARD_BENCH_ROUTES=direct,halyard-l4` runs only the paths named).\n\n",
         r.connections, r.seconds, r.dma_latency_held, r.congestion
     );
@@ -289,7 +289,8 @@ fn row_md(r: &Report, row: &Row) -> String {
     } else {
         format!("{:.3}", row.vcpu_per_1000_rps)
     };
-    let woke = if row.route == Route::Direct {
+    // stunnel serves each connection on a thread that exits with it, before the count is read.
+    let woke = if matches!(row.route, Route::Direct | Route::Stunnel) {
         "–".into()
     } else {
         format!("{:.2}", row.wakeups_per_request)
