@@ -61,6 +61,19 @@ pub fn main() -> anyhow::Result<()> {
     let dma = DmaLatency::hold();
     let mut rows = Vec::new();
     let only = std::env::var("HALYARD_BENCH_ROUTES").ok();
+    if let Some(names) = &only {
+        if let Some(bad) = names
+            .split(',')
+            .map(str::trim)
+            .find(|n| !ROUTES.iter().any(|r| r.name() == *n))
+        {
+            let valid: Vec<_> = ROUTES.iter().map(|r| r.name()).collect();
+            bail!(
+                "HALYARD_BENCH_ROUTES: unknown path {bad:?}; valid: {}",
+                valid.join(", ")
+            );
+        }
+    }
     let chosen = |r: &Route| {
         only.as_deref()
             .is_none_or(|o| o.split(',').any(|n| n.trim() == r.name()))
@@ -79,6 +92,11 @@ pub fn main() -> anyhow::Result<()> {
         rows,
     };
     drop(dma);
+    if only.is_some() {
+        // A partial run never replaces the committed report: its table goes to stdout.
+        println!("{}", markdown(&report));
+        return Ok(());
+    }
     crate::stats::write_report("latency", &markdown(&report), &report)
 }
 
@@ -254,7 +272,7 @@ fn markdown(r: &Report) -> String {
          Namespaces a/b joined by a veth pair. /dev/cpu_dma_latency held at 0: {}. \
          Added = path minus direct at the same percentile. vCPU per 1,000 rps: utime+stime of both proxy processes \
          over the run. Wake-ups/req: voluntary context switches of both proxy processes per request (how often a request put a proxy to sleep and woke it; not for stunnel, whose per-connection threads exit before they are counted). RSS: client-side, server-side proxy at the end of the run. Halyard's `[transport] congestion`: \
-         `{}` (`HALYARD_BENCH_CONGESTION` sets another; `HALYARD_BENCH_ROUTES=direct,halyard-l4` runs only the paths named).\n\n",
+         `{}` (`HALYARD_BENCH_CONGESTION` sets another; `HALYARD_BENCH_ROUTES=direct,halyard-l4` runs only the paths named and prints the table instead of writing this report).\n\n",
         r.connections, r.seconds, r.dma_latency_held, r.congestion
     );
     md += "| rps | path | achieved | p50 µs | p90 µs | p99 µs | p99.9 µs | added p50 | added p90 | added p99 | added p99.9 | vCPU/1k rps | vs stunnel | vs h2-tunnel | wake-ups/req | RSS MiB |\n";

@@ -431,6 +431,8 @@ impl Responder {
             return false;
         };
         let sent = match frame.into_data() {
+            // An empty DATA frame reads as the end of the data on h3's receiving side.
+            Ok(data) if data.is_empty() => Ok(()),
             Ok(data) => send.send_data(data).await,
             Err(frame) => match frame.into_trailers() {
                 Ok(t) => send.send_trailers(t).await,

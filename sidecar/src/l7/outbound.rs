@@ -521,10 +521,15 @@ impl Call<'_> {
         // now, hyper writes it to the app together with the head (one write and one wake-up of
         // the app instead of two); a response of known length is then complete.
         let mut recv = recv;
-        let first = first_data(&mut recv);
-        let (tx, body) = match &first {
-            Some(Polled::Data(bytes)) => ChannelBody::channel_after(bytes.clone()),
-            _ => ChannelBody::channel(),
+        let (tx, body, first) = match first_data(&mut recv) {
+            Some(Polled::Data(bytes)) => {
+                let (tx, body) = ChannelBody::channel_after(bytes);
+                (tx, body, Some(Polled::DataTaken))
+            }
+            other => {
+                let (tx, body) = ChannelBody::channel();
+                (tx, body, other)
+            }
         };
         let shared = self.shared.clone();
         let request_body = upload.keep_going();
@@ -533,6 +538,10 @@ impl Call<'_> {
             // then what is left of the request body stops too.
             let pump = async {
                 tokio::select! {
+                    // The pump first: when the app's body is already complete (a known length
+                    // met by the first chunk), it still reads the stream's end instead of
+                    // dropping it unread (a needless STOP_SENDING to the peer).
+                    biased;
                     _ = pump_response(recv, &tx, first) => {}
                     _ = tx.closed() => {}
                 }
@@ -775,11 +784,12 @@ async fn final_head(
     }
 }
 
-/// Moves the response body and trailers from h3 to the app, a few frames at a time.
 /// What a response stream's first poll for DATA gave, when it was ready at once.
 enum Polled {
     /// A DATA frame's content (handed to the body before the pump starts).
     Data(bytes::Bytes),
+    /// A DATA frame was read and its content is in the body already.
+    DataTaken,
     /// No more DATA: trailers or the end come next.
     End,
     /// The stream failed.
@@ -797,8 +807,8 @@ fn first_data(stream: &mut PooledRecv) -> Option<Polled> {
     }
 }
 
-/// Feeds the response body from the peer's stream to `tx`; `first` is what [`first_data`]
-/// already took from it (its data is in the body already).
+/// Moves the response body and trailers from h3 to the app, a few frames at a time; `first`
+/// is what [`first_data`] already took from the stream.
 async fn pump_response(mut stream: PooledRecv, tx: &BodySender, first: Option<Polled>) {
     use super::body::BodyError;
     use hyper::body::Frame;
@@ -808,7 +818,7 @@ async fn pump_response(mut stream: PooledRecv, tx: &BodySender, first: Option<Po
             return;
         }
         Some(Polled::End) => true,
-        Some(Polled::Data(_)) | None => false,
+        Some(Polled::Data(_) | Polled::DataTaken) | None => false,
     };
     if !data_done {
         loop {

@@ -175,9 +175,10 @@ impl Source {
     }
 }
 
-/// Finishes the stream if that completes at once (it does unless the stream is gone: a FIN
-/// needs no flow-control credit); true when it is done with, finished or reset. False leaves
-/// the stream as it was, for the task to try.
+/// Finishes the stream if that completes at once; true when it is done with, finished or
+/// reset. With grease frames off (the pool's setting) h3's `finish` is quinn's synchronous
+/// `finish`, so one poll always completes; `Pending` would mean a grease frame was half
+/// written, and the task's own `finish` would then fail the stream — hence the assertion.
 fn finish_now(send: &mut PooledSend) -> bool {
     use std::future::Future as _;
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
@@ -189,7 +190,10 @@ fn finish_now(send: &mut PooledSend) -> bool {
             send.stop_stream(Code::H3_REQUEST_CANCELLED);
             true
         }
-        std::task::Poll::Pending => false,
+        std::task::Poll::Pending => {
+            debug_assert!(false, "finishing an h3 stream without grease waited");
+            false
+        }
     }
 }
 
@@ -239,6 +243,11 @@ async fn write(send: &mut PooledSend, source: Source) -> Result<(), UploadError>
 }
 
 async fn data(send: &mut PooledSend, bytes: Bytes) -> Result<(), UploadError> {
+    // An empty DATA frame reads as the end of the data on h3's receiving side (0.0.8): a later
+    // frame would then fail the whole connection. Nothing to send anyway.
+    if bytes.is_empty() {
+        return Ok(());
+    }
     send.send_data(bytes).await.map_err(|_| UploadError::Peer)
 }
 
