@@ -33,7 +33,7 @@ use tokio::net::TcpStream;
 use crate::decide::capture::{Destination, EgressVia};
 use crate::decide::pick::Scope;
 use crate::decide::policy::{self, Decision, Peer};
-use crate::l4::outbound::{reset, Flags};
+use crate::l4::outbound::{reset, reset_on_close, Flags};
 use crate::outside::{connect, dial_out, DialError, Io, Out};
 use crate::state::{source_label, Shared};
 use crate::telemetry::flow::{End, FlowRecord};
@@ -133,7 +133,7 @@ async fn peek_host(tcp: &TcpStream) -> Option<String> {
 }
 
 /// A captured connection to `dest`, which no mesh Service claims.
-pub(crate) async fn captured(shared: Arc<Shared>, app: TcpStream, dest: SocketAddr) {
+pub(crate) async fn captured(shared: Arc<Shared>, mut app: TcpStream, dest: SocketAddr) {
     let host = peek_host(&app).await;
     let snap = shared.current();
     let Some(es) = snap
@@ -155,14 +155,16 @@ pub(crate) async fn captured(shared: Arc<Shared>, app: TcpStream, dest: SocketAd
     }
     let mut rec = shared.flow_record(Direction::Outbound, &shared.service, es.name.as_str());
     let (flags, sent, received) = match es.via {
-        Via::Direct => direct(&shared, app, &es, host.as_deref(), dest, &mut rec).await,
-        Via::Egress => via_gateway(&shared, app, &es, host.as_deref(), dest, &mut rec).await,
+        Via::Direct => direct(&shared, &mut app, &es, host.as_deref(), dest, &mut rec).await,
+        Via::Egress => via_gateway(&shared, &mut app, &es, host.as_deref(), dest, &mut rec).await,
     };
     rec.finish(End::Flow {
         flags: flags.as_str(),
         sent,
         received,
     });
+    // The app sees the end only now, with the flow recorded.
+    drop(app);
 }
 
 /// An `http` port of an ExternalService that goes `via: egress` is served per request (L7):
@@ -191,7 +193,7 @@ fn l7_via_gateway(
 /// Neither a mesh Service nor an ExternalService.
 async fn unregistered(
     shared: &Arc<Shared>,
-    app: TcpStream,
+    mut app: TcpStream,
     dest: SocketAddr,
     host: Option<&str>,
     mode: OutboundTrafficPolicy,
@@ -204,21 +206,21 @@ async fn unregistered(
         if first {
             tracing::warn!(destination = %label, "outbound flow to an unregistered destination refused (registry-only); register it as an ExternalService");
         }
-        reset(app);
-        return rec.finish(End::Flow {
+        rec.finish(End::Flow {
             flags: Flags::NoRoute.as_str(),
             sent: 0,
             received: 0,
         });
+        return reset(app);
     }
     let timeout = shared.config.file.failure.connect_timeout;
     let (flags, sent, received) = match connect(&[dest], timeout).await {
         Ok((out, addr)) => {
             rec.set_endpoint(addr);
-            splice_tcp(shared, app, out).await
+            splice_tcp(shared, &mut app, out).await
         }
         Err(_) => {
-            reset(app);
+            reset_on_close(&app);
             (Flags::UpstreamFailure, 0, 0)
         }
     };
@@ -227,6 +229,7 @@ async fn unregistered(
         sent,
         received,
     });
+    drop(app);
 }
 
 /// Notes a refused destination: whether it is refused for the first time (one log line per
@@ -252,7 +255,7 @@ fn note_refused(destination: &str) -> (bool, String) {
 /// Dials out from this sidecar.
 async fn direct(
     shared: &Arc<Shared>,
-    mut app: TcpStream,
+    app: &mut TcpStream,
     es: &ExternalService,
     host: Option<&str>,
     dest: SocketAddr,
@@ -275,7 +278,7 @@ async fn direct(
                 let _ = app.shutdown().await;
                 return (Flags::UpstreamFailure, 0, 0);
             }
-            reset(app);
+            reset_on_close(app);
             (Flags::UpstreamFailure, 0, 0)
         }
     }
@@ -284,7 +287,7 @@ async fn direct(
 /// Tunnels the flow to an egress gateway as a CONNECT to the external `host:port`.
 async fn via_gateway(
     shared: &Arc<Shared>,
-    mut app: TcpStream,
+    app: &mut TcpStream,
     es: &ExternalService,
     host: Option<&str>,
     dest: SocketAddr,
@@ -299,11 +302,11 @@ async fn via_gateway(
     let name = host.map_or_else(|| dest.ip().to_string(), str::to_owned);
     let (Some(gateway), Ok(target)) = (gateway, Target::new(&name, dest.port())) else {
         tracing::warn!(external = %es.name, "via egress, but MeshConfig names no egressGateway (or the host is no valid target)");
-        reset(app);
+        reset_on_close(app);
         return (Flags::NoHealthy, 0, 0);
     };
     let Ok(picked) = shared.pick_in(&snap, &gateway, &Scope::default(), &[], false) else {
-        reset(app);
+        reset_on_close(app);
         return (Flags::NoHealthy, 0, 0);
     };
     rec.picked(&picked.endpoint);
@@ -315,7 +318,7 @@ async fn via_gateway(
         Ok(t) => t,
         Err(e) => {
             tracing::info!(%gateway, error = %e, "egress gateway unreachable");
-            reset(app);
+            reset_on_close(app);
             return (Flags::UpstreamFailure, 0, 0);
         }
     };
@@ -329,7 +332,7 @@ async fn via_gateway(
         Err(e) => {
             let refused = e.kind() == std::io::ErrorKind::ConnectionRefused;
             tunnel.abort();
-            reset(app);
+            reset_on_close(app);
             (if refused { Flags::Denied } else { Flags::Reset }, 0, 0)
         }
     }
@@ -375,12 +378,12 @@ pub(crate) async fn serve_gateway(shared: &Arc<Shared>, req: TunnelRequest) {
             .metrics
             .denial(source_label(&services), es.name.as_str(), reason.as_str());
         tracing::info!(%peer, %target, reason = reason.as_str(), "egress denied by policy");
-        req.reject(StatusCode::FORBIDDEN).await;
-        return rec.finish(End::Flow {
+        rec.finish(End::Flow {
             flags: Flags::Denied.as_str(),
             sent: 0,
             received: 0,
         });
+        return req.reject(StatusCode::FORBIDDEN).await;
     }
     let timeout = shared.config.file.failure.connect_timeout;
     let named = ip.is_none().then_some(host.as_str());
@@ -427,26 +430,26 @@ fn bad_gateway(why: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-async fn splice_tcp(shared: &Shared, app: TcpStream, out: TcpStream) -> (Flags, u64, u64) {
+async fn splice_tcp(shared: &Shared, app: &mut TcpStream, out: TcpStream) -> (Flags, u64, u64) {
     splice_any(shared, app, Box::new(out)).await
 }
 
 /// Copies both ways until both sides finished, or the drain deadline passes.
 async fn splice_any(
     shared: &Shared,
-    mut app: TcpStream,
+    app: &mut TcpStream,
     mut out: Box<dyn Io>,
 ) -> (Flags, u64, u64) {
     tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut app, &mut out) => match r {
+        r = tokio::io::copy_bidirectional(app, &mut out) => match r {
             Ok((up, down)) => (Flags::Ok, up, down),
             Err(_) => {
-                reset(app);
+                reset_on_close(app);
                 (Flags::Reset, 0, 0)
             }
         },
         _ = shared.hard_stop.cancelled() => {
-            reset(app);
+            reset_on_close(app);
             (Flags::Reset, 0, 0)
         }
     }

@@ -110,8 +110,8 @@ impl Inbound {
             Err(refusal) => {
                 let (status, flags) = (refusal.status(), Flags::from(refusal.flag()));
                 tracing::info!(peer = %req.peer().id, target = %req.target(), %status, reason = %refusal, "tunnel refused");
-                req.reject(status).await;
-                return rec.finish(refused(flags));
+                rec.finish(refused(flags));
+                return req.reject(status).await;
             }
         };
         rec.set_endpoint(admitted.app);
@@ -120,12 +120,12 @@ impl Inbound {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(e)) => {
                 tracing::info!(app = %admitted.app, error = %e, "local app refused");
-                req.reject(StatusCode::BAD_GATEWAY).await;
-                return rec.finish(refused(Flags::UpstreamFailure));
+                rec.finish(refused(Flags::UpstreamFailure));
+                return req.reject(StatusCode::BAD_GATEWAY).await;
             }
             Err(_) => {
-                req.reject(StatusCode::GATEWAY_TIMEOUT).await;
-                return rec.finish(refused(Flags::UpstreamFailure));
+                rec.finish(refused(Flags::UpstreamFailure));
+                return req.reject(StatusCode::GATEWAY_TIMEOUT).await;
             }
         };
         let _ = app.set_nodelay(true);

@@ -68,12 +68,12 @@ pub(crate) async fn flow(shared: Arc<Shared>, mut app: TcpStream, dest: Destinat
     }
     let mut rec = shared.flow_record(Direction::Outbound, &shared.service, &dest.service);
     let Ok(_open) = shared.breaker(&dest.service, Threshold::Flows) else {
-        reset(app);
-        return rec.finish(End::Flow {
+        rec.finish(End::Flow {
             flags: Flags::Overflow.as_str(),
             sent: 0,
             received: 0,
         });
+        return reset(app);
     };
     let first = first_bytes(&app).freeze();
     let (flags, sent, received) = match connect(&shared, &dest, &first).await {
@@ -85,7 +85,7 @@ pub(crate) async fn flow(shared: Arc<Shared>, mut app: TcpStream, dest: Destinat
             (flags, up + first.len() as u64, down)
         }
         Err(flags) => {
-            reset(app);
+            reset_on_close(&app);
             (flags, 0, 0)
         }
     };
@@ -95,6 +95,9 @@ pub(crate) async fn flow(shared: Arc<Shared>, mut app: TcpStream, dest: Destinat
         sent,
         received,
     });
+    // The app sees the end only now: whoever reads the metrics or the access log once their
+    // connection closed finds this flow recorded.
+    drop(app);
 }
 
 /// Whether the destination port speaks HTTP (routed per request) rather than opaque TCP.

@@ -103,17 +103,24 @@ pub(crate) async fn serve(shared: &Arc<Shared>, apps: &AppClients, req: HttpRequ
         Err(refused) => {
             let (status, why) = (refused.status(), refused.to_string());
             tracing::info!(peer = %peer.id, uri = %request.uri(), %status, reason = %why, "request refused");
+            // Recorded before the caller can learn of the refusal.
+            if let Refused::Admission(Refusal::RateLimited(_)) = &refused {
+                rec.set_flag("RL");
+            }
+            rec.finish(End::Response {
+                status: status.as_u16(),
+                received: None,
+            });
             // `recv` lives until the answer is out: dropping it first would stop the caller's
             // request body, and the caller could fail before it reads the answer.
             match &refused {
                 Refused::Admission(Refusal::RateLimited(limited)) => {
-                    rec.set_flag("RL");
                     out.rate_limited(limited, is_grpc(request.headers())).await;
                 }
                 _ => out.local(status, &why).await,
             }
             drop(recv);
-            (status.as_u16(), None)
+            return;
         }
         Ok(admitted) => {
             rec.set_endpoint(admitted.app);

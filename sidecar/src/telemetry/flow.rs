@@ -5,6 +5,11 @@
 //! request, the drain deadline). Finishing alone feeds the metrics, the access log and the span,
 //! so no path records twice and none forgets to. While it lives, it counts as open in
 //! `halyard_active_flows`.
+//!
+//! A record is finished before the other side learns how the flow ended: an L4 flow's app
+//! connection closes (or resets) after its record, and a refusal is recorded before it is sent.
+//! Whoever reads the metrics once their connection closed or their refusal arrived finds it
+//! counted. (An L7 request served is recorded when its response body is out.)
 
 use std::net::SocketAddr;
 use std::time::Instant;
