@@ -4,7 +4,8 @@
 //! exit code; `halyard sidecar` runs `halyard_sidecar::run`.
 //!
 //! Public API: [`cli`] (the command line: [`cli::Cli`], [`cli::run`], [`cli::init_tracing`]) and
-//! [`promtext`] (the Prometheus text parser `top` and the demo read `/metrics` with).
+//! [`promtext`] (the Prometheus text parser `top` and the demo read `/metrics` with), and
+//! [`ports`] (ports for child processes to listen on, outside the kernel's ephemeral range).
 #![forbid(unsafe_code)]
 
 mod ca;
@@ -12,6 +13,7 @@ pub mod cli;
 mod ctl;
 mod demo;
 mod iptables;
+pub mod ports;
 pub mod promtext;
 mod sample_app;
 mod top;

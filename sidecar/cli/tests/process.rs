@@ -316,9 +316,10 @@ async fn wait_ready(admin: SocketAddr) {
     }
 }
 
+/// A port for the sidecar process to listen on, one the kernel will not hand to another socket
+/// before the process binds it.
 fn free_port() -> SocketAddr {
-    let spare = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    spare.local_addr().unwrap()
+    halyard_cli::ports::free(halyard_cli::ports::Proto::Tcp).unwrap()
 }
 
 /// Out of file descriptors: a sidecar process under `RLIMIT_NOFILE` 128 whose app opens 300

@@ -23,6 +23,7 @@ use halyard_registry::Key;
 
 use super::child::Children;
 use super::link::Link;
+use crate::ports::{self, Proto};
 use crate::sample_app;
 
 /// One workload: name, service, version, the services it calls.
@@ -604,14 +605,14 @@ fn pick_target_ports() -> anyhow::Result<BTreeMap<&'static str, u16>> {
         .collect()
 }
 
+/// A TCP port for a child to listen on (see [`ports`]).
 fn free_tcp() -> anyhow::Result<SocketAddr> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("picking a free TCP port")?;
-    Ok(l.local_addr()?)
+    ports::free(Proto::Tcp)
 }
 
+/// A UDP port for a child to listen on (see [`ports`]).
 fn free_udp() -> anyhow::Result<SocketAddr> {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").context("picking a free UDP port")?;
-    Ok(s.local_addr()?)
+    ports::free(Proto::Udp)
 }
 
 fn bootstrap_yaml(opts: &MeshOptions, targets: &BTreeMap<&str, u16>) -> String {
