@@ -60,23 +60,24 @@ pub fn main() -> anyhow::Result<()> {
     let lab = Lab::up("hb2", 2)?;
     let dma = DmaLatency::hold();
     let mut rows = Vec::new();
-    let only = std::env::var("HALYARD_BENCH_ROUTES").ok();
-    if let Some(names) = &only {
-        if let Some(bad) = names
-            .split(',')
-            .map(str::trim)
-            .find(|n| !ROUTES.iter().any(|r| r.name() == *n))
-        {
-            let valid: Vec<_> = ROUTES.iter().map(|r| r.name()).collect();
-            bail!(
-                "HALYARD_BENCH_ROUTES: unknown path {bad:?}; valid: {}",
-                valid.join(", ")
-            );
-        }
+    // The paths named in HALYARD_BENCH_ROUTES (all when unset); an unknown name is refused.
+    let only: Option<Vec<String>> = std::env::var("HALYARD_BENCH_ROUTES")
+        .ok()
+        .map(|names| names.split(',').map(|n| n.trim().to_owned()).collect());
+    if let Some(bad) = only
+        .iter()
+        .flatten()
+        .find(|n| !ROUTES.iter().any(|r| r.name() == n.as_str()))
+    {
+        let valid: Vec<_> = ROUTES.iter().map(|r| r.name()).collect();
+        bail!(
+            "HALYARD_BENCH_ROUTES: unknown path {bad:?}; valid: {}",
+            valid.join(", ")
+        );
     }
     let chosen = |r: &Route| {
-        only.as_deref()
-            .is_none_or(|o| o.split(',').any(|n| n.trim() == r.name()))
+        only.as_ref()
+            .is_none_or(|o| o.iter().any(|n| n == r.name()))
     };
     for rps in RATES {
         for route in ROUTES.iter().copied().filter(chosen) {

@@ -33,14 +33,19 @@ pub fn rss_bytes(pid: u32) -> u64 {
 /// A `kB` field of `/proc/PID/status` (`VmRSS:`, `RssAnon:`, `RssFile:`), bytes; 0 if the
 /// process is gone.
 pub fn status_bytes(pid: u32, field: &str) -> u64 {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-        return 0;
-    };
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| status_field(&status, field))
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// The number in a `/proc/.../status` line starting with `field` (`"VmRSS:"`), without its
+/// `kB` unit.
+fn status_field(status: &str, field: &str) -> Option<u64> {
     status
         .lines()
         .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
 }
 
 /// Voluntary context switches of a process, all its threads summed (`voluntary_ctxt_switches`
@@ -53,11 +58,7 @@ pub fn wakeups(pid: u32) -> u64 {
     tasks
         .flatten()
         .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
-        .filter_map(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        })
+        .filter_map(|s| status_field(&s, "voluntary_ctxt_switches:"))
         .sum()
 }
 

@@ -20,3 +20,13 @@ pub(crate) mod normalize;
 pub(crate) mod outbound;
 pub(crate) mod upgrade;
 pub(crate) mod upload;
+
+/// Polls once, without waiting: `poll` gets a context whose waker does nothing, so `Pending`
+/// leaves no wake-up behind and the caller goes on as if it had not asked (a task that waits
+/// takes over). Used where a result is usually ready at once and taking it inline saves a
+/// packet or a write (`upload::finish_now`, `outbound::first_data`).
+fn poll_now<T>(
+    poll: impl FnOnce(&mut std::task::Context<'_>) -> std::task::Poll<T>,
+) -> std::task::Poll<T> {
+    poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+}

@@ -521,14 +521,22 @@ impl Call<'_> {
         // now, hyper writes it to the app together with the head (one write and one wake-up of
         // the app instead of two); a response of known length is then complete.
         let mut recv = recv;
-        let (tx, body, first) = match first_data(&mut recv) {
+        let (tx, body, data_ended) = match first_data(&mut recv) {
             Some(Polled::Data(bytes)) => {
                 let (tx, body) = ChannelBody::channel_after(bytes);
-                (tx, body, Some(Polled::DataTaken))
+                (tx, body, None)
             }
-            other => {
+            Some(Polled::End) => {
                 let (tx, body) = ChannelBody::channel();
-                (tx, body, other)
+                (tx, body, Some(Ok(())))
+            }
+            Some(Polled::Failed(why)) => {
+                let (tx, body) = ChannelBody::channel();
+                (tx, body, Some(Err(why)))
+            }
+            None => {
+                let (tx, body) = ChannelBody::channel();
+                (tx, body, None)
             }
         };
         let shared = self.shared.clone();
@@ -542,7 +550,7 @@ impl Call<'_> {
                     // met by the first chunk), it still reads the stream's end instead of
                     // dropping it unread (a needless STOP_SENDING to the peer).
                     biased;
-                    _ = pump_response(recv, &tx, first) => {}
+                    _ = pump_response(recv, &tx, data_ended) => {}
                     _ = tx.closed() => {}
                 }
             };
@@ -788,8 +796,6 @@ async fn final_head(
 enum Polled {
     /// A DATA frame's content (handed to the body before the pump starts).
     Data(bytes::Bytes),
-    /// A DATA frame was read and its content is in the body already.
-    DataTaken,
     /// No more DATA: trailers or the end come next.
     End,
     /// The stream failed.
@@ -798,8 +804,7 @@ enum Polled {
 
 /// Polls `stream` once for DATA without waiting (the pump's task, spawned next, waits).
 fn first_data(stream: &mut PooledRecv) -> Option<Polled> {
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    match stream.poll_recv_data(&mut cx) {
+    match super::poll_now(|cx| stream.poll_recv_data(cx)) {
         std::task::Poll::Ready(Ok(Some(buf))) => Some(Polled::Data(to_bytes(buf))),
         std::task::Poll::Ready(Ok(None)) => Some(Polled::End),
         std::task::Poll::Ready(Err(e)) => Some(Polled::Failed(e.to_string())),
@@ -807,18 +812,23 @@ fn first_data(stream: &mut PooledRecv) -> Option<Polled> {
     }
 }
 
-/// Moves the response body and trailers from h3 to the app, a few frames at a time; `first`
-/// is what [`first_data`] already took from the stream.
-async fn pump_response(mut stream: PooledRecv, tx: &BodySender, first: Option<Polled>) {
+/// Moves the response body and trailers from h3 to the app, a few frames at a time.
+/// `data_ended` is set when [`first_data`] already met the end of the DATA frames: `Ok` at the
+/// end (trailers or the stream's end come next), `Err` with why the stream failed.
+async fn pump_response(
+    mut stream: PooledRecv,
+    tx: &BodySender,
+    data_ended: Option<Result<(), String>>,
+) {
     use super::body::BodyError;
     use hyper::body::Frame;
-    let data_done = match first {
-        Some(Polled::Failed(why)) => {
+    let data_done = match data_ended {
+        Some(Err(why)) => {
             let _ = tx.send(Err(BodyError(why))).await;
             return;
         }
-        Some(Polled::End) => true,
-        Some(Polled::Data(_) | Polled::DataTaken) | None => false,
+        Some(Ok(())) => true,
+        None => false,
     };
     if !data_done {
         loop {

@@ -181,8 +181,7 @@ impl Source {
 /// written, and the task's own `finish` would then fail the stream — hence the assertion.
 fn finish_now(send: &mut PooledSend) -> bool {
     use std::future::Future as _;
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    let finished = std::pin::pin!(send.finish()).poll(&mut cx);
+    let finished = super::poll_now(|cx| std::pin::pin!(send.finish()).poll(cx));
     match finished {
         std::task::Poll::Ready(Ok(())) => true,
         std::task::Poll::Ready(Err(_)) => {
