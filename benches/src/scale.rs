@@ -275,8 +275,11 @@ fn start_sidecar(
     Ok(Sidecar(p))
 }
 
+/// A port for a sidecar process's admin listener (see `halyard_registry::ports`).
 fn free_port() -> anyhow::Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+    Ok(halyard_registry::ports::free(
+        halyard_registry::ports::Proto::Tcp,
+    )?)
 }
 
 const ROUTE_KEY: &str = "/halyard/default/routes/target";

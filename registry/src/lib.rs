@@ -21,6 +21,8 @@
 //!   Build them from text with [`model::parse_documents`] (YAML or JSON, several per file) or
 //!   [`Object::from_stored`] (one stored value, checked against its key).
 //! - [`admin::Admin`]: list, apply (all or nothing, compare-and-swap) and delete, for `ctl`.
+//! - [`ports::free`]: a port for a child process to listen on, outside the kernel's ephemeral
+//!   range (the demo, etcd in tests).
 //! - Feature `test-util`: [`test_util::EtcdServer`], a real etcd per test.
 //!
 //! # Layout
@@ -49,6 +51,7 @@ mod etcd;
 pub mod key;
 pub mod model;
 mod persist;
+pub mod ports;
 mod registry;
 pub mod snapshot;
 mod store;

@@ -5,7 +5,7 @@
 //! [`EtcdServer::stop`] and [`EtcdServer::restart`] keep the ports and the data.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -93,8 +93,10 @@ impl TlsFiles {
     }
 }
 
+/// A port for etcd, outside the kernel's ephemeral range (see [`crate::ports`]), so a restart
+/// finds it still free.
 fn free_port() -> u16 {
-    match TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()) {
+    match crate::ports::free(crate::ports::Proto::Tcp) {
         Ok(a) => a.port(),
         Err(e) => panic!("cannot pick a free port: {e}"),
     }

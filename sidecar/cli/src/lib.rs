@@ -4,8 +4,7 @@
 //! exit code; `halyard sidecar` runs `halyard_sidecar::run`.
 //!
 //! Public API: [`cli`] (the command line: [`cli::Cli`], [`cli::run`], [`cli::init_tracing`]) and
-//! [`promtext`] (the Prometheus text parser `top` and the demo read `/metrics` with), and
-//! [`ports`] (ports for child processes to listen on, outside the kernel's ephemeral range).
+//! [`promtext`] (the Prometheus text parser `top` and the demo read `/metrics` with).
 #![forbid(unsafe_code)]
 
 mod ca;
@@ -13,7 +12,6 @@ pub mod cli;
 mod ctl;
 mod demo;
 mod iptables;
-pub mod ports;
 pub mod promtext;
 mod sample_app;
 mod top;

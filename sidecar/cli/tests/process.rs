@@ -49,9 +49,7 @@ impl Drop for Proc {
 
 /// A sidecar process from `spec` with its admin listener on a port chosen here.
 fn spawn_with_admin(mesh: &Mesh, spec: &Spec) -> (Proc, SocketAddr) {
-    let spare = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let admin = spare.local_addr().unwrap();
-    drop(spare);
+    let admin = free_port();
     let text = mesh.config_text(spec).replace(
         "[admin]\nlisten = \"127.0.0.1:0\"",
         &format!("[admin]\nlisten = \"{admin}\""),
@@ -230,9 +228,7 @@ async fn sigterm_stops_a_sidecar_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_config_is_refused_before_anything_is_bound() {
     let mesh = Mesh::with_dir().await;
-    let spare = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let admin = spare.local_addr().unwrap();
-    drop(spare);
+    let admin = free_port();
     let spec = Spec::new("reviews", "v1").upstream("ratings", 9080);
     let text = mesh
         .config_text(&spec)
@@ -319,7 +315,7 @@ async fn wait_ready(admin: SocketAddr) {
 /// A port for the sidecar process to listen on, one the kernel will not hand to another socket
 /// before the process binds it.
 fn free_port() -> SocketAddr {
-    halyard_cli::ports::free(halyard_cli::ports::Proto::Tcp).unwrap()
+    halyard_registry::ports::free(halyard_registry::ports::Proto::Tcp).unwrap()
 }
 
 /// Out of file descriptors: a sidecar process under `RLIMIT_NOFILE` 128 whose app opens 300

@@ -81,9 +81,8 @@ async fn a_sidecar_process_keeps_its_access_log_apart_from_its_logs() {
         echo.addr.port()
     ))
     .await;
-    let spare = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let admin = spare.local_addr().unwrap();
-    drop(spare);
+    // A port the kernel will not hand to another socket before the process binds it.
+    let admin = halyard_registry::ports::free(halyard_registry::ports::Proto::Tcp).unwrap();
     let mut spec = Spec::new("ratings", "v1").app_host(ip51);
     spec.extra = "[access_log]\nenabled = true\n".into();
     let text = mesh.config_text(&spec).replace(

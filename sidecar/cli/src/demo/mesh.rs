@@ -19,11 +19,11 @@ use halyard_certs::{MeshCa, SpiffeId, TrustDomain};
 use halyard_registry::admin::Admin;
 use halyard_registry::ca_store::CaStore;
 use halyard_registry::model::parse_documents;
+use halyard_registry::ports::{self, Proto};
 use halyard_registry::Key;
 
 use super::child::Children;
 use super::link::Link;
-use crate::ports::{self, Proto};
 use crate::sample_app;
 
 /// One workload: name, service, version, the services it calls.
@@ -607,12 +607,12 @@ fn pick_target_ports() -> anyhow::Result<BTreeMap<&'static str, u16>> {
 
 /// A TCP port for a child to listen on (see [`ports`]).
 fn free_tcp() -> anyhow::Result<SocketAddr> {
-    ports::free(Proto::Tcp)
+    Ok(ports::free(Proto::Tcp)?)
 }
 
 /// A UDP port for a child to listen on (see [`ports`]).
 fn free_udp() -> anyhow::Result<SocketAddr> {
-    ports::free(Proto::Udp)
+    Ok(ports::free(Proto::Udp)?)
 }
 
 fn bootstrap_yaml(opts: &MeshOptions, targets: &BTreeMap<&str, u16>) -> String {

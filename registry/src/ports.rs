@@ -1,5 +1,5 @@
-//! Ports a parent process hands to its children to listen on (the demo's sidecars, apps and CA;
-//! tests that run sidecar processes).
+//! Ports a parent process hands to its children to listen on: the demo's sidecars, apps and CA;
+//! etcd, sidecar processes and restarted servers in tests and benches.
 //!
 //! The parent picks a port, writes it into a child's config, and the child binds it later (a
 //! second or more, while the other children start). A port from `bind(":0")` is an *ephemeral*
@@ -13,8 +13,6 @@ use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::ops::Range;
 use std::sync::Mutex;
-
-use anyhow::bail;
 
 /// Where the ephemeral range is read.
 const PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
@@ -41,8 +39,8 @@ pub enum Proto {
 /// before by this process.
 ///
 /// # Errors
-/// When no such port is left (the range is scanned once from a random start).
-pub fn free(proto: Proto) -> anyhow::Result<SocketAddr> {
+/// `AddrInUse` when no such port is left (the range is scanned once from a random start).
+pub fn free(proto: Proto) -> std::io::Result<SocketAddr> {
     let range = usable(&ephemeral());
     let len = range.end - range.start;
     let start = rand::random::<u16>() % len;
@@ -57,11 +55,13 @@ pub fn free(proto: Proto) -> anyhow::Result<SocketAddr> {
         taken.insert(port);
         return Ok(addr);
     }
-    bail!(
-        "no free {proto:?} port left on 127.0.0.1 in {}..{}",
-        range.start,
-        range.end
-    )
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        format!(
+            "no free {proto:?} port left on 127.0.0.1 in {}..{}",
+            range.start, range.end
+        ),
+    ))
 }
 
 /// Whether `addr` can be bound for `proto` now (the socket is closed again at once).
