@@ -261,10 +261,12 @@ impl Mesh {
     pub async fn ca_server_with(&self, ca: &MeshCa, extra: &str) -> CaServer {
         let dir = self.dir.path().join(format!("ca-{}", rand_suffix()));
         ca.write(&dir, false).unwrap();
+        // An address of its own: a test that stops the CA and starts it again there finds it
+        // free (no other test's socket takes a port on it meanwhile).
         let listen = if extra.contains("listen") {
-            ""
+            String::new()
         } else {
-            "listen = \"127.0.0.1:0\"\n"
+            format!("listen = \"{}:0\"\n", loopback_ip())
         };
         let text = format!(
             "{listen}dir = {dir:?}\nregistry = {:?}\n{extra}",

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use halyard_sidecar::gateway::{serve, GatewayConfig, StartedGateway};
-use halyard_sidecar::test_util::{call, metric, tagged_echo, Echo, Mesh, Sidecar, Spec, TD};
+use halyard_sidecar::test_util::{
+    call, loopback_ip, metric, tagged_echo, Echo, Mesh, Sidecar, Spec, TD,
+};
 use halyard_transport::quic_lb::ServerId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -150,7 +152,10 @@ async fn clusters_configured(
             reviews.started.inbound
         }
     };
-    let gateway = Gateway::start_with(&b, "127.0.0.1:0".parse().unwrap(), extra.1).await;
+    // An address of its own: the restart tests start the gateway again there, and no other
+    // test's socket takes the port on it meanwhile.
+    let listen = SocketAddr::new(loopback_ip(), 0);
+    let gateway = Gateway::start_with(&b, listen, extra.1).await;
     // A knows reviews only as B's endpoint behind B's gateway.
     a.apply(&format!(
         "kind: Service\nname: reviews\nports:\n  - {{ name: tcp, port: 9080, protocol: tcp }}\n---\n\
