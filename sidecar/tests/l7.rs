@@ -171,9 +171,12 @@ async fn the_retry_budget_caps_retries_when_every_request_fails() {
     let route = "kind: Route\nservice: ratings\nrules:\n  - backends: [{ weight: 1 }]\n    retries: { attempts: 3, on: [5xx] }\n";
     mesh.apply(route).await;
     let rt = mesh.start(&Spec::new("ratings", "v9").app_host(ip12)).await;
-    let caller = mesh
-        .start(&Spec::new("details", "v1").upstream("ratings", 9080))
-        .await;
+    // The default floor and share over a window that holds the whole run however slow the
+    // machine (the default 10 s window would grant its floor again on a slow run).
+    let mut spec = Spec::new("details", "v1").upstream("ratings", 9080);
+    spec.extra =
+        "[failure.retry_budget]\npercent = 20\nmin_per_second = 1\nwindow = \"100s\"\n".into();
+    let caller = mesh.start(&spec).await;
     caller.wait_endpoints("ratings", 1).await;
     caller
         .wait_snapshot("the route", |s| s.route("ratings").is_some())
