@@ -1042,3 +1042,17 @@ pub mod h2_abuse {
         None
     }
 }
+
+/// An address where nothing listens, kept so for as long as the returned socket lives: a TCP
+/// socket bound to a port of a fresh loopback address ([`loopback_ip`]) that never listens.
+/// A connection to it is refused at once, and no other socket can take the port meanwhile (a
+/// port picked by binding and dropping a listener could be handed to another test's listener).
+pub fn refused_addr() -> (socket2::Socket, SocketAddr) {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket
+        .bind(&SocketAddr::new(loopback_ip(), 0).into())
+        .unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    (socket, addr)
+}

@@ -717,9 +717,7 @@ async fn a_bad_link_or_an_unreachable_registry_leaves_other_traffic_alone() {
     let l = linked("5m").await;
     // A link to a registry nobody answers, and a link whose value is bad (written as a file,
     // the way `etcdctl put` would bypass `ctl`).
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead_addr = dead.local_addr().unwrap();
-    drop(dead);
+    let (_held, dead_addr) = halyard_sidecar::test_util::refused_addr();
     l.a.apply(&format!(
         "kind: ClusterLink\ncluster: c\nregistry: etcd://{dead_addr}\ngateway: 192.0.2.1:15444\n"
     ))
@@ -822,9 +820,8 @@ async fn editing_a_link_keeps_its_endpoints_until_the_new_registry_answers() {
 
     // A registry nobody answers: the endpoints stay in the very snapshot that carries the edit,
     // calls keep working, the link is reported stale, and after keepStale they go.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead_url = format!("etcd://{}", dead.local_addr().unwrap());
-    drop(dead);
+    let (_held, dead) = halyard_sidecar::test_util::refused_addr();
+    let dead_url = format!("etcd://{dead}");
     l.a.apply(&link(&dead_url, "4s")).await;
     l.pp.wait_snapshot("the edited link", |s| {
         s.links.get("b").is_some_and(|k| k.registry == dead_url)

@@ -468,6 +468,21 @@ async fn closing_on_deny_rechecks_policy_and_never_the_rate_limit() {
     );
 
     deny(&mesh, &server).await;
+    // The re-check runs in the flow's own task once the snapshot changed; its closing denial
+    // is counted before the flow closes. Wait for it, so the half-close below cannot overtake it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(
+        &server.started.render_metrics(),
+        "halyard_policy_denials_total",
+        &[],
+    ) < 1.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the open flow was never re-checked"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let closed = finish(b).await;
     assert!(
         closed.as_ref().map_or(true, Vec::is_empty),

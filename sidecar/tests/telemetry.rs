@@ -451,9 +451,7 @@ async fn the_spans_of_a_request_form_one_trace() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn collector_down_costs_spans_not_requests() {
-    let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let collector = gone.local_addr().unwrap();
-    drop(gone);
+    let (_held, collector) = halyard_sidecar::test_util::refused_addr();
     spans_dropped_requests_served(collector).await;
 }
 

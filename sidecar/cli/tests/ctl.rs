@@ -180,16 +180,9 @@ fn validate_locates_every_error_without_a_registry() {
 
 #[test]
 fn unreachable_registry_is_a_quick_clear_error() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let (_held, dead) = halyard_sidecar::test_util::refused_addr();
     let t0 = Instant::now();
-    let e = err(&ctl(
-        Some(&format!("etcd://127.0.0.1:{port}")),
-        &["get", "services"],
-    ));
+    let e = err(&ctl(Some(&format!("etcd://{dead}")), &["get", "services"]));
     assert!(
         t0.elapsed() < Duration::from_secs(6),
         "took {:?}",
