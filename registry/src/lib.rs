@@ -22,7 +22,7 @@
 //!   [`Object::from_stored`] (one stored value, checked against its key).
 //! - [`admin::Admin`]: list, apply (all or nothing, compare-and-swap) and delete, for `ctl`.
 //! - [`ports::free`]: a port for a child process to listen on, outside the kernel's ephemeral
-//!   range (the demo, etcd in tests).
+//!   range (the demo; etcd, sidecar processes and the scale bench in tests and benches).
 //! - Feature `test-util`: [`test_util::EtcdServer`], a real etcd per test.
 //!
 //! # Layout

@@ -5,9 +5,10 @@
 //! second or more, while the other children start). A port from `bind(":0")` is an *ephemeral*
 //! port: in that gap the kernel hands the same number to anyone's `connect` (as its source port)
 //! or `bind(":0")` — the demo's own load generator makes thousands of such connections — and the
-//! child then fails with "address already in use". So the demo picks from the ports below the
+//! child then fails with "address already in use". So the ports come from outside the
 //! ephemeral range (`net.ipv4.ip_local_port_range`, RFC 6056 §2), which the kernel never hands
-//! out on its own, checks each is free, and never hands one out twice.
+//! out on its own; each is checked free and never handed out twice by one process (another
+//! process may still bind one in the gap, as any program may bind a fixed port).
 
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
@@ -43,11 +44,13 @@ pub enum Proto {
 pub fn free(proto: Proto) -> std::io::Result<SocketAddr> {
     let range = usable(&ephemeral());
     let len = range.end - range.start;
-    let start = rand::random::<u16>() % len;
+    let start = u32::from(rand::random::<u16>() % len);
     let mut taken = TAKEN.lock().unwrap_or_else(|p| p.into_inner());
     let taken = taken.get_or_insert_with(HashSet::new);
-    for i in 0..len {
-        let port = range.start + (start + i) % len;
+    for i in 0..u32::from(len) {
+        // Below `range.end` by construction (`len` = its width), so the sum fits.
+        let offset = u16::try_from((start + i) % u32::from(len)).unwrap_or(0);
+        let port = range.start + offset;
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         if taken.contains(&port) || !bindable(addr, proto) {
             continue;

@@ -252,7 +252,7 @@ impl Mesh {
         out
     }
 
-    /// Starts a CA server for this mesh's CA on `127.0.0.1:0` with `extra` config lines.
+    /// Starts a CA server for this mesh's CA on a fresh loopback address ([`loopback_ip`], port 0) with `extra` config lines.
     pub async fn ca_server(&self, extra: &str) -> CaServer {
         self.ca_server_with(&self.ca, extra).await
     }

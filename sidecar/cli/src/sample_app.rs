@@ -251,9 +251,7 @@ mod tests {
             latency: Duration::ZERO,
         })
         .await;
-        let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let dead_addr = dead.local_addr().unwrap();
-        drop(dead);
+        let (_held, dead_addr) = halyard_sidecar::test_util::refused_addr();
         let reviews = start(SampleAppArgs {
             service: "reviews".into(),
             version: "v2".into(),

@@ -154,9 +154,13 @@ pub(crate) async fn captured(shared: Arc<Shared>, mut app: TcpStream, dest: Sock
         return crate::l7::outbound::serve(shared, app, dest).await;
     }
     let mut rec = shared.flow_record(Direction::Outbound, &shared.service, es.name.as_str());
-    let (flags, sent, received) = match es.via {
+    let (flags, sent, received, reply) = match es.via {
         Via::Direct => direct(&shared, &mut app, &es, host.as_deref(), dest, &mut rec).await,
-        Via::Egress => via_gateway(&shared, &mut app, &es, host.as_deref(), dest, &mut rec).await,
+        Via::Egress => {
+            let (f, s, r) =
+                via_gateway(&shared, &mut app, &es, host.as_deref(), dest, &mut rec).await;
+            (f, s, r, None)
+        }
     };
     rec.finish(End::Flow {
         flags: flags.as_str(),
@@ -164,6 +168,10 @@ pub(crate) async fn captured(shared: Arc<Shared>, mut app: TcpStream, dest: Sock
         received,
     });
     // The app sees the end only now, with the flow recorded.
+    if let Some(reply) = reply {
+        let _ = app.write_all(&reply).await;
+        let _ = app.shutdown().await;
+    }
     drop(app);
 }
 
@@ -252,7 +260,9 @@ fn note_refused(destination: &str) -> (bool, String) {
     (true, destination.to_owned())
 }
 
-/// Dials out from this sidecar.
+/// Dials out from this sidecar. The last value is an answer for the app, to be written once
+/// the flow is recorded (a 502 naming why TLS origination failed, for an app that speaks
+/// plain HTTP on this port).
 async fn direct(
     shared: &Arc<Shared>,
     app: &mut TcpStream,
@@ -260,28 +270,28 @@ async fn direct(
     host: Option<&str>,
     dest: SocketAddr,
     rec: &mut FlowRecord,
-) -> (Flags, u64, u64) {
+) -> (Flags, u64, u64, Option<Vec<u8>>) {
     let timeout = shared.config.file.failure.connect_timeout;
-    match dial_out(es, host, Some(dest.ip()), dest.port(), timeout).await {
-        Ok(Out::Plain(out, addr)) => {
-            rec.set_endpoint(addr);
-            splice_tcp(shared, app, out).await
-        }
-        Ok(Out::Tls(out, addr)) => {
-            rec.set_endpoint(addr);
-            splice_any(shared, app, out).await
-        }
-        Err(e) => {
-            tracing::info!(external = %es.name, error = %e, "egress dial failed");
-            if let DialError::Tls(why) = &e {
-                let _ = app.write_all(&bad_gateway(why)).await;
-                let _ = app.shutdown().await;
-                return (Flags::UpstreamFailure, 0, 0);
+    let (flags, sent, received) =
+        match dial_out(es, host, Some(dest.ip()), dest.port(), timeout).await {
+            Ok(Out::Plain(out, addr)) => {
+                rec.set_endpoint(addr);
+                splice_tcp(shared, app, out).await
             }
-            reset_on_close(app);
-            (Flags::UpstreamFailure, 0, 0)
-        }
-    }
+            Ok(Out::Tls(out, addr)) => {
+                rec.set_endpoint(addr);
+                splice_any(shared, app, out).await
+            }
+            Err(e) => {
+                tracing::info!(external = %es.name, error = %e, "egress dial failed");
+                if let DialError::Tls(why) = &e {
+                    return (Flags::UpstreamFailure, 0, 0, Some(bad_gateway(why)));
+                }
+                reset_on_close(app);
+                (Flags::UpstreamFailure, 0, 0)
+            }
+        };
+    (flags, sent, received, None)
 }
 
 /// Tunnels the flow to an egress gateway as a CONNECT to the external `host:port`.
@@ -387,31 +397,37 @@ pub(crate) async fn serve_gateway(shared: &Arc<Shared>, req: TunnelRequest) {
     }
     let timeout = shared.config.file.failure.connect_timeout;
     let named = ip.is_none().then_some(host.as_str());
-    let (flags, sent, received) = match dial_out(&es, named, ip, target.port(), timeout).await {
-        Ok(out) => match req.accept().await {
-            Ok(tunnel) => {
-                let (addr, stream): (SocketAddr, Box<dyn Io>) = match out {
-                    Out::Plain(s, a) => (a, Box::new(s)),
-                    Out::Tls(s, a) => (a, s),
-                };
-                rec.set_endpoint(addr);
-                splice_tunnel(shared, tunnel, stream).await
-            }
-            Err(_) => (Flags::Reset, 0, 0),
-        },
-        Err(DialError::Tls(why)) => {
-            // The caller speaks HTTP on this port: it gets a 502 that says why.
-            if let Ok(mut tunnel) = req.accept().await {
-                let _ = tunnel.write_bytes(Bytes::from(bad_gateway(&why))).await;
-                let _ = tunnel.shutdown().await;
-            }
-            (Flags::UpstreamFailure, 0, 0)
-        }
+    let out = match dial_out(&es, named, ip, target.port(), timeout).await {
+        Ok(out) => out,
         Err(e) => {
             tracing::info!(external = %es.name, error = %e, "egress dial failed");
-            req.reject(StatusCode::BAD_GATEWAY).await;
-            (Flags::UpstreamFailure, 0, 0)
+            // Recorded before the caller hears of it.
+            rec.finish(End::Flow {
+                flags: Flags::UpstreamFailure.as_str(),
+                sent: 0,
+                received: 0,
+            });
+            if let DialError::Tls(why) = e {
+                // The caller speaks HTTP on this port: it gets a 502 that says why.
+                if let Ok(mut tunnel) = req.accept().await {
+                    let _ = tunnel.write_bytes(Bytes::from(bad_gateway(&why))).await;
+                    let _ = tunnel.shutdown().await;
+                }
+                return;
+            }
+            return req.reject(StatusCode::BAD_GATEWAY).await;
         }
+    };
+    let (flags, sent, received) = match req.accept().await {
+        Ok(tunnel) => {
+            let (addr, stream): (SocketAddr, Box<dyn Io>) = match out {
+                Out::Plain(s, a) => (a, Box::new(s)),
+                Out::Tls(s, a) => (a, s),
+            };
+            rec.set_endpoint(addr);
+            splice_tunnel(shared, tunnel, stream).await
+        }
+        Err(_) => (Flags::Reset, 0, 0),
     };
     rec.finish(End::Flow {
         flags: flags.as_str(),

@@ -116,7 +116,7 @@ impl Inbound {
         };
         rec.set_endpoint(admitted.app);
         let timeout = self.shared.config.file.failure.connect_timeout;
-        let app = match tokio::time::timeout(timeout, TcpStream::connect(admitted.app)).await {
+        let mut app = match tokio::time::timeout(timeout, TcpStream::connect(admitted.app)).await {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(e)) => {
                 tracing::info!(app = %admitted.app, error = %e, "local app refused");
@@ -129,10 +129,10 @@ impl Inbound {
             }
         };
         let _ = app.set_nodelay(true);
-        let Ok(tunnel) = req.accept().await else {
+        let Ok(mut tunnel) = req.accept().await else {
             return rec.finish(refused(Flags::Reset));
         };
-        let (flags, sent, received) = self.pipe(app, tunnel, &admitted).await;
+        let (flags, sent, received, cut) = self.pipe(&mut app, &mut tunnel, &admitted).await;
         tracing::debug!(peer = %admitted.peer, flags = flags.as_str(), sent, received, "inbound flow ended");
         // From the source's view: what it sent is what the app received here.
         rec.finish(End::Flow {
@@ -140,16 +140,23 @@ impl Inbound {
             sent: received,
             received: sent,
         });
+        // A flow cut here (drain deadline, policy) is reset on both sides once it is recorded.
+        if cut {
+            tunnel.abort();
+        }
+        drop((app, tunnel));
     }
 
-    /// Pipes until both sides finish; closes early on the drain deadline or, when configured,
-    /// when policy turns to deny for this peer.
+    /// Pipes until both sides finish: the flags and the bytes each way. Stops early on the
+    /// drain deadline or, when configured, when policy turns to deny for this peer: then the
+    /// last value is true, the app connection is set to reset when it closes, and the caller
+    /// aborts the tunnel once the flow is recorded.
     async fn pipe(
         &self,
-        mut app: TcpStream,
-        mut tunnel: ServerTunnel,
+        app: &mut TcpStream,
+        tunnel: &mut ServerTunnel,
         admitted: &Admitted,
-    ) -> (Flags, u64, u64) {
+    ) -> (Flags, u64, u64, bool) {
         let shared = &self.shared;
         let mut snap_rx = shared.snapshot.clone();
         let close_on_deny = shared.config.file.failure.close_flows_on_deny;
@@ -160,8 +167,8 @@ impl Inbound {
             loop {
                 tokio::select! {
                     r = &mut copy => return match r {
-                        Ok((to_peer, to_app)) => (Flags::Ok, to_peer, to_app),
-                        Err(_) => (Flags::Reset, 0, 0),
+                        Ok((to_peer, to_app)) => (Flags::Ok, to_peer, to_app, false),
+                        Err(_) => (Flags::Reset, 0, 0, false),
                     },
                     _ = shared.hard_stop.cancelled() => break,
                     changed = snap_rx.changed(), if close_on_deny => {
@@ -173,9 +180,8 @@ impl Inbound {
                 }
             }
         }
-        tunnel.abort();
-        crate::l4::outbound::reset_on_close(&app);
-        (Flags::Reset, 0, 0)
+        crate::l4::outbound::reset_on_close(app);
+        (Flags::Reset, 0, 0, true)
     }
 
     fn still_allowed(&self, admitted: &Admitted) -> bool {

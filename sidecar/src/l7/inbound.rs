@@ -204,16 +204,14 @@ async fn ask_outside(
     rec: &mut FlowRecord,
 ) -> (u16, Option<u64>) {
     let Ok(target) = Target::from_uri(request.uri()) else {
-        out.local(StatusCode::BAD_REQUEST, "bad authority").await;
-        return (400, None);
+        return refuse(out, rec, StatusCode::BAD_REQUEST, "bad authority").await;
     };
     let raw = request.uri().path_and_query().map_or("/", |p| p.as_str());
     let norm = match normalize(raw, shared.config.file.inbound.path_parameters) {
         Ok(n) => n,
         Err(e) => {
-            out.local(StatusCode::BAD_REQUEST, &format!("refused path: {e}"))
-                .await;
-            return (400, None);
+            let why = format!("refused path: {e}");
+            return refuse(out, rec, StatusCode::BAD_REQUEST, &why).await;
         }
     };
     let snap = shared.current();
@@ -238,12 +236,8 @@ async fn ask_outside(
         shared
             .metrics
             .denial(source_label(services), es.name.as_str(), reason.as_str());
-        out.local(
-            StatusCode::FORBIDDEN,
-            &format!("denied by policy ({})", reason.as_str()),
-        )
-        .await;
-        return (403, None);
+        let why = format!("denied by policy ({})", reason.as_str());
+        return refuse(out, rec, StatusCode::FORBIDDEN, &why).await;
     }
     let host = target.service().to_owned();
     let ip = host.parse().ok();
@@ -255,8 +249,7 @@ async fn ask_outside(
         Err(e) => {
             let why = e.to_string();
             tracing::info!(external = %es.name, error = %why, "egress request failed");
-            out.local(StatusCode::BAD_GATEWAY, &why).await;
-            return (502, None);
+            return refuse(out, rec, StatusCode::BAD_GATEWAY, &why).await;
         }
     };
     rec.set_endpoint(addr);
@@ -279,9 +272,7 @@ async fn ask_outside(
         parts.headers.insert(http::header::HOST, v);
     }
     let Ok(uri) = norm.target().parse::<http::Uri>() else {
-        out.local(StatusCode::BAD_REQUEST, "bad request target")
-            .await;
-        return (400, None);
+        return refuse(out, rec, StatusCode::BAD_REQUEST, "bad request target").await;
     };
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
@@ -298,9 +289,13 @@ async fn ask_outside(
     });
     let handshake = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await;
     let Ok((mut sender, conn)) = handshake else {
-        out.local(StatusCode::BAD_GATEWAY, "outside connection failed")
-            .await;
-        return (502, None);
+        return refuse(
+            out,
+            rec,
+            StatusCode::BAD_GATEWAY,
+            "outside connection failed",
+        )
+        .await;
     };
     shared.flows.spawn(async move {
         let _ = conn.await;
@@ -315,14 +310,27 @@ async fn ask_outside(
             (respond(out, resp).await, received)
         }
         Err(e) => {
-            out.local(
-                StatusCode::BAD_GATEWAY,
-                &format!("outside reset the request: {e}"),
-            )
-            .await;
-            (502, None)
+            let why = format!("outside reset the request: {e}");
+            refuse(out, rec, StatusCode::BAD_GATEWAY, &why).await
         }
     }
+}
+
+/// A local reply in place of an answer: recorded first, then sent (whoever reads the metrics
+/// once the caller has it finds it counted). Returns the status and no length, as the
+/// request's outcome.
+async fn refuse(
+    out: &mut Responder,
+    rec: &mut FlowRecord,
+    status: StatusCode,
+    why: &str,
+) -> (u16, Option<u64>) {
+    rec.finish_early(End::Response {
+        status: status.as_u16(),
+        received: None,
+    });
+    out.local(status, why).await;
+    (status.as_u16(), None)
 }
 
 /// Why a peer's request is refused before it reaches the app.
@@ -572,9 +580,7 @@ async fn forward(
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     app_headers(peer, &mut parts, rec);
     let Ok(uri) = format!("http://{}{}", admitted.app, admitted.target).parse() else {
-        out.local(StatusCode::BAD_REQUEST, "bad request target")
-            .await;
-        return (400, None);
+        return refuse(out, rec, StatusCode::BAD_REQUEST, "bad request target").await;
     };
     parts.uri = uri;
     parts.version = if admitted.grpc {
@@ -801,12 +807,8 @@ async fn switch(
         Ok(u) => u,
         Err(e) => {
             tracing::info!(error = %e, "local app did not switch protocols");
-            out.local(
-                StatusCode::BAD_GATEWAY,
-                "local app did not switch protocols",
-            )
-            .await;
-            return (502, None);
+            let why = "local app did not switch protocols";
+            return refuse(out, rec, StatusCode::BAD_GATEWAY, why).await;
         }
     };
     if !out.head(head).await {

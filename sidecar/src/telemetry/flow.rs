@@ -6,10 +6,14 @@
 //! so no path records twice and none forgets to. While it lives, it counts as open in
 //! `halyard_active_flows`.
 //!
-//! A record is finished before the other side learns how the flow ended: an L4 flow's app
-//! connection closes (or resets) after its record, and a refusal is recorded before it is sent.
-//! Whoever reads the metrics once their connection closed or their refusal arrived finds it
-//! counted. (An L7 request served is recorded when its response body is out.)
+//! A flow that does not complete is recorded before the other side learns of it: a refused,
+//! failed or cut L4 flow is reset (its app connection, and a cut flow's tunnel) after its
+//! record, and every local reply (a refusal, the sidecar's own 4xx/5xx) is recorded before it
+//! is sent ([`FlowRecord::finish_early`] where the reply is sent by a callee). Whoever reads
+//! the metrics once their connection was reset or their refusal arrived finds it counted. A
+//! flow that completes is recorded once both directions ended, just after its last FIN was
+//! passed on; an L7 request outbound when its response head is ready, before the app gets it;
+//! inbound, when the response is out.
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -170,6 +174,12 @@ impl FlowRecord {
 
     /// Finishes the record with how it ended.
     pub(crate) fn finish(mut self, end: End) {
+        self.record(end);
+    }
+
+    /// Finishes the record while the caller still holds it, so a local reply sent next is
+    /// counted before the other side sees it; a later `finish` (or the drop) does nothing.
+    pub(crate) fn finish_early(&mut self, end: End) {
         self.record(end);
     }
 
