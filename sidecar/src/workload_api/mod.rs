@@ -289,14 +289,17 @@ impl WorkloadApi {
                 if last.as_ref() == Some(&msg) {
                     continue;
                 }
-                let delivered = tokio::select! {
-                    r = tx.send(Ok(msg.clone())) => r.is_ok(),
-                    () = stop.cancelled() => false,
+                // A slot first, then the count, then the message: a client that has the
+                // message finds it counted.
+                let permit = tokio::select! {
+                    r = tx.reserve() => r.ok(),
+                    () = stop.cancelled() => None,
                 };
-                if !delivered {
+                let Some(permit) = permit else {
                     break;
-                }
+                };
                 sent.inc();
+                permit.send(Ok(msg.clone()));
                 last = Some(msg);
             }
             if stop.is_cancelled() {
