@@ -500,8 +500,10 @@ async fn an_etcd_user_with_read_permission_follows_the_mesh_through_token_expiry
     .await;
     assert_eq!(reg.staleness(), Duration::ZERO);
 
-    // Past the token's TTL: the watch created with it keeps delivering.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Past the token's TTL: the watch created with it keeps delivering. etcd sweeps expired
+    // simple tokens once a second (`simpleTokenTTLResolution`) and renews a token's TTL on
+    // each use, so a token is gone at most 3 s after its last use: 4 s leaves a second.
+    tokio::time::sleep(Duration::from_secs(4)).await;
     put(&etcd, "services/b", &service("b", 81));
     until(&mut rx, "a put after the token expired", |s| {
         s.services.contains_key("b")
