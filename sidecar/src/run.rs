@@ -176,6 +176,7 @@ pub struct Started {
     pub reloads: tokio::sync::watch::Receiver<u64>,
     /// The QUIC endpoint (tests move it to another socket: a client changing address).
     pub endpoint: halyard_transport::MeshEndpoint,
+    pool: Pool,
 }
 
 impl Started {
@@ -187,6 +188,12 @@ impl Started {
     /// How many flows and requests have finished (and been recorded) so far; changes with each.
     pub fn finished_flows(&self) -> tokio::sync::watch::Receiver<u64> {
         self.metrics.finished()
+    }
+
+    /// QUIC statistics of the connections this sidecar opened to its peers, one entry per
+    /// peer (see [`Pool::stats`]).
+    pub fn peer_stats(&self) -> Vec<halyard_transport::PeerStats> {
+        self.pool.stats()
     }
 }
 
@@ -290,6 +297,7 @@ pub async fn run_until(
         metrics: shared.metrics.clone(),
         identity: resolver.clone(),
         reloads: in_force.reloads(),
+        pool: shared.pool.clone(),
     };
     spawn_listeners(&tasks, &shared, bound, &listeners);
     drop(waiting_listeners);

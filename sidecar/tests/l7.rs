@@ -985,3 +985,119 @@ async fn a_drain_never_waits_forever_on_the_app() {
     );
     drop(client);
 }
+
+/// A request without a body leaves the caller's sidecar with its end in the same STREAM frame as
+/// its head (`upload::finish_now`), and a small response whose first DATA frame came with its
+/// head reaches the app in one write, head and body together (`outbound::first_data`). Each
+/// saves a packet or a segment and a wake-up of the other side per request; the former code
+/// sent about two frames and two segments per request.
+///
+/// One thread, as a sidecar runs by default (`workers = 1`: a current-thread runtime): on a
+/// multi-threaded runtime a task spawned by the running one is polled next (tokio's LIFO slot),
+/// before the connection's driver, which would hide a FIN sent from a task of its own.
+#[tokio::test]
+async fn a_bodiless_request_and_a_small_response_each_cross_in_one_piece() {
+    const N: u64 = 40;
+    let ip = loopback_ip();
+    let mesh = Mesh::with_dir().await;
+    let app = http_app(SocketAddr::new(ip, 0), "v1", AppBehavior::default()).await;
+    mesh.apply(&http_service("reviews", app.addr.port())).await;
+    let (_servers, pp) = reviews(&mesh, &[("v1", ip)]).await;
+    let mut tcp = tokio::net::TcpStream::connect(pp.upstream(0))
+        .await
+        .unwrap();
+    tcp.set_nodelay(true).unwrap();
+    // The first exchange opens the peer connection (its control stream is a STREAM frame too).
+    get_over(&mut tcp).await;
+    let frames_before = stream_frames_sent(&pp);
+    let segments_before = data_segments_in(&tcp);
+    for _ in 0..N {
+        get_over(&mut tcp).await;
+    }
+    let frames = stream_frames_sent(&pp) - frames_before;
+    let segments = u64::from(data_segments_in(&tcp) - segments_before);
+    // A retransmission on a loaded machine may add a frame; a second frame per request would
+    // double the count.
+    assert!(
+        (N..=N + N / 4).contains(&frames),
+        "{frames} STREAM frames from the caller's sidecar for {N} requests without a body"
+    );
+    // A response cut in two writes (head, then body) arrives as two segments.
+    assert!(
+        (N..=N + N / 4).contains(&segments),
+        "{segments} segments with data reached the app for {N} small responses"
+    );
+}
+
+/// STREAM frames the sidecar has sent on the connections it opened to its peers.
+fn stream_frames_sent(sidecar: &Sidecar) -> u64 {
+    sidecar
+        .started
+        .peer_stats()
+        .iter()
+        .flat_map(|p| &p.connections)
+        .map(|c| c.stream_frames_sent)
+        .sum()
+}
+
+/// `tcpi_data_segs_in` of a TCP socket: segments received that carried data.
+#[allow(unsafe_code)]
+fn data_segments_in(tcp: &tokio::net::TcpStream) -> u32 {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `info` is a plain-data struct the kernel fills up to `len` bytes; `len` is its
+    // size, and the descriptor is a live TCP socket borrowed for the call.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let r = unsafe {
+        libc::getsockopt(
+            tcp.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            std::ptr::addr_of_mut!(info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(r, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    info.tcpi_data_segs_in
+}
+
+/// One GET on a kept-alive connection; reads exactly the response (its head must give its
+/// length).
+async fn get_over(tcp: &mut tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tcp.write_all(b"GET / HTTP/1.1\r\nhost: reviews:9080\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Duration::from_secs(10);
+    let head_end = loop {
+        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = tokio::time::timeout(deadline, tcp.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "connection closed after {got:?}");
+        got.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&got[..head_end]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .unwrap_or_else(|| panic!("no content-length in {head}"))
+        .trim()
+        .parse()
+        .unwrap();
+    while got.len() < head_end + length {
+        let n = tokio::time::timeout(deadline, tcp.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "connection closed in the body");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(got.len(), head_end + length, "more than one response");
+}

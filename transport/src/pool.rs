@@ -104,6 +104,9 @@ pub struct ConnectionStats {
     pub sent_packets: u64,
     /// Congestion events since the connection opened.
     pub congestion_events: u64,
+    /// STREAM frames sent since the connection opened (RFC 9000 §19.8), retransmissions
+    /// included: a request whose head and end leave together costs one.
+    pub stream_frames_sent: u64,
     /// Tunnels and requests open on it now.
     pub open_streams: usize,
 }
@@ -626,6 +629,7 @@ fn stats_of(conn: &Pooled) -> ConnectionStats {
         lost_packets: s.path.lost_packets,
         sent_packets: s.path.sent_packets,
         congestion_events: s.path.congestion_events,
+        stream_frames_sent: s.frame_tx.stream,
         open_streams: conn.open_streams(),
     }
 }

@@ -698,6 +698,7 @@ mod tests {
             lost_packets: 1,
             sent_packets: 10,
             congestion_events: 0,
+            stream_frames_sent: 0,
             open_streams: 0,
         };
         PeerStats {
