@@ -2,6 +2,8 @@
 //! (service names, versions, fixed flag words), so cardinality stays bounded whatever peers send.
 //! Flows are recorded when they end, off the byte-copying path.
 
+use std::sync::Arc;
+
 use prometheus::{
     Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -39,9 +41,21 @@ pub(crate) struct Edge<'a> {
     pub(crate) version: &'a str,
 }
 
-/// Every metric family of the sidecar.
+/// Every metric family of the sidecar. Cheap to clone (one reference count): every flow and
+/// request record holds one.
 #[derive(Clone)]
-pub(crate) struct Metrics {
+pub(crate) struct Metrics(Arc<Families>);
+
+impl std::ops::Deref for Metrics {
+    type Target = Families;
+
+    fn deref(&self) -> &Families {
+        &self.0
+    }
+}
+
+/// The families behind [`Metrics`].
+pub(crate) struct Families {
     registry: Registry,
     tcp_connections: IntCounterVec,
     tcp_bytes: IntCounterVec,
@@ -205,7 +219,7 @@ impl Metrics {
                 &code_labels,
             )?,
         )?;
-        Ok(Metrics {
+        Ok(Metrics(Arc::new(Families {
             tcp_connections: counter(
                 &r,
                 "halyard_tcp_connections_total",
@@ -419,7 +433,7 @@ impl Metrics {
             )?,
             registry: r,
             finished: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
-        })
+        })))
     }
 
     /// Records a finished TCP flow.
