@@ -44,6 +44,28 @@ pub enum Route {
     HalyardL7,
 }
 
+/// The paths named in `HALYARD_BENCH_ROUTES` (comma-separated `Route::name`s) among `all`, in
+/// `all`'s order; `None` when unset (every path). An unknown name is refused with the valid ones.
+pub fn routes_asked(all: &[Route]) -> anyhow::Result<Option<Vec<Route>>> {
+    let Ok(names) = std::env::var("HALYARD_BENCH_ROUTES") else {
+        return Ok(None);
+    };
+    let names: Vec<&str> = names.split(',').map(str::trim).collect();
+    if let Some(bad) = names.iter().find(|n| !all.iter().any(|r| r.name() == **n)) {
+        let valid: Vec<_> = all.iter().map(|r| r.name()).collect();
+        anyhow::bail!(
+            "HALYARD_BENCH_ROUTES: unknown path {bad:?}; valid: {}",
+            valid.join(", ")
+        );
+    }
+    Ok(Some(
+        all.iter()
+            .copied()
+            .filter(|r| names.contains(&r.name()))
+            .collect(),
+    ))
+}
+
 impl Route {
     pub fn name(self) -> &'static str {
         match self {
@@ -113,7 +135,12 @@ impl Lab {
     fn up_on_with(pair: Pair, max_streams: u64) -> anyhow::Result<Lab> {
         let halyard = halyard_bin()?;
         crate::setup::check_stunnel()?;
-        let dir = tempfile::tempdir()?;
+        let mut dir = tempfile::tempdir()?;
+        if std::env::var_os("HALYARD_BENCH_LOG").is_some() {
+            // Logs asked for are kept for reading after the run.
+            dir.disable_cleanup(true);
+            eprintln!("bench: lab files and logs kept in {}", dir.path().display());
+        }
         issue_identities(&halyard, dir.path())?;
         let stop = CancellationToken::new();
         let apps = start_apps(&pair.b.name, stop.clone());
@@ -192,7 +219,7 @@ impl Lab {
         let ns = if ns_b { &self.pair.b } else { &self.pair.a };
         let mut cmd = ns.command(program);
         cmd.args(args)
-            .env("HALYARD_LOG", "warn")
+            .env("HALYARD_LOG", sidecar_log_filter())
             .stdout(self.log(name)?)
             .stderr(self.log(&format!("{name}.err"))?);
         self.procs.push((route, Proc::spawn(name, cmd)?));
@@ -488,6 +515,13 @@ impl Drop for Lab {
         self.stop.cancel();
         self.procs.clear();
     }
+}
+
+/// The `HALYARD_LOG` filter of the lab's Halyard processes: `HALYARD_BENCH_LOG` (e.g.
+/// `debug,quinn_proto=trace`, which also keeps the lab's directory and its `*.err` logs), else
+/// `warn`.
+fn sidecar_log_filter() -> String {
+    std::env::var("HALYARD_BENCH_LOG").unwrap_or_else(|_| "warn".to_owned())
 }
 
 const REGISTRY_OBJECTS: &str = "kind: MeshConfig\ndefaultPolicy: allow\ntrustDomain: mesh.local\n---\n\

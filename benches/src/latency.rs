@@ -61,26 +61,9 @@ pub fn main() -> anyhow::Result<()> {
     let dma = DmaLatency::hold();
     let mut rows = Vec::new();
     // The paths named in HALYARD_BENCH_ROUTES (all when unset); an unknown name is refused.
-    let only: Option<Vec<String>> = std::env::var("HALYARD_BENCH_ROUTES")
-        .ok()
-        .map(|names| names.split(',').map(|n| n.trim().to_owned()).collect());
-    if let Some(bad) = only
-        .iter()
-        .flatten()
-        .find(|n| !ROUTES.iter().any(|r| r.name() == n.as_str()))
-    {
-        let valid: Vec<_> = ROUTES.iter().map(|r| r.name()).collect();
-        bail!(
-            "HALYARD_BENCH_ROUTES: unknown path {bad:?}; valid: {}",
-            valid.join(", ")
-        );
-    }
-    let chosen = |r: &Route| {
-        only.as_ref()
-            .is_none_or(|o| o.iter().any(|n| n == r.name()))
-    };
+    let only = crate::lab::routes_asked(&ROUTES)?;
     for rps in RATES {
-        for route in ROUTES.iter().copied().filter(chosen) {
+        for route in only.clone().unwrap_or(ROUTES.to_vec()) {
             rows.push(run(&lab, route, rps)?);
         }
     }
