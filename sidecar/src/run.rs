@@ -69,6 +69,7 @@ async fn bind_all(
         file.inbound.listen,
         file.inbound.advertise,
         config.quic_lb.clone(),
+        &reset_key(config),
     )
     .with_context(|| format!("inbound.listen = {}: cannot listen", file.inbound.listen))?;
     let mut upstreams = Vec::new();
@@ -84,6 +85,29 @@ async fn bind_all(
         endpoint,
         upstreams,
         transparent,
+    })
+}
+
+/// The file under `state_dir` that keeps the key of the sidecar's QUIC stateless resets.
+pub const RESET_KEY_FILE: &str = "quic-reset-key";
+
+/// The key of this sidecar's stateless reset tokens: kept in `<state_dir>/quic-reset-key`
+/// (made on the first start), so that after a restart at the same address the callers still
+/// holding a connection to the previous process recognise its resets and reconnect at once
+/// (`halyard_transport::ResetKey`). Without `state_dir`, or when the file cannot be read or
+/// made (warned, naming it, as a snapshot that cannot be persisted is), one for this process
+/// only: callers then hold their connection to a killed predecessor until their idle timeout.
+fn reset_key(config: &Config) -> halyard_transport::ResetKey {
+    let Some(dir) = &config.file.state_dir else {
+        return halyard_transport::ResetKey::random();
+    };
+    halyard_transport::ResetKey::load_or_create(&dir.join(RESET_KEY_FILE)).unwrap_or_else(|e| {
+        tracing::warn!(
+            error = %e,
+            "cannot keep the QUIC stateless reset key under state_dir: using one for this \
+             process only (after a restart here, peers reconnect only at their idle timeout)"
+        );
+        halyard_transport::ResetKey::random()
     })
 }
 

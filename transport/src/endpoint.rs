@@ -119,13 +119,17 @@ impl MeshEndpoint {
             bind,
             None,
             crate::quic_lb::LbConfig::default(),
+            &crate::ResetKey::random(),
         )
     }
 
     /// As [`MeshEndpoint::new`], for an endpoint registered as `advertise` (default: the bound
     /// address): every connection ID it issues carries `ServerId::of(advertise)` under the
     /// QUIC-LB configuration `lb` (encrypted when it has a key; [`crate::quic_lb`]), which is
-    /// how an east-west gateway holding the same configuration routes to it.
+    /// how an east-west gateway holding the same configuration routes to it. Its stateless
+    /// reset tokens (RFC 9000 §10.3) are made with `reset_key`: the same key across restarts
+    /// ([`crate::ResetKey::load_or_create`]) lets peers recognise the resets a restarted process
+    /// sends for its predecessor's connections.
     pub fn new_advertised(
         resolver: Arc<CertResolver>,
         bundle: Arc<TrustBundle>,
@@ -133,6 +137,7 @@ impl MeshEndpoint {
         bind: SocketAddr,
         advertise: Option<SocketAddr>,
         lb: crate::quic_lb::LbConfig,
+        reset_key: &crate::ResetKey,
     ) -> Result<Self, EndpointError> {
         let transport = Arc::new(quinn_transport(&config));
         let server = server_config(&resolver, &bundle, transport.clone())?;
@@ -146,7 +151,7 @@ impl MeshEndpoint {
         let proxied = crate::initial_filter::Proxied::new(config.proxy_protocol_from());
         let socket = quinn::Runtime::wrap_udp_socket(&*runtime, socket)
             .map_err(|source| EndpointError::Socket { addr: bind, source })?;
-        let mut endpoint_config = quinn::EndpointConfig::default();
+        let mut endpoint_config = quinn::EndpointConfig::new(reset_key.hmac());
         endpoint_config
             .cid_generator(move || {
                 Box::new(crate::quic_lb::LbConnectionIdGenerator::new(

@@ -24,6 +24,22 @@ pub enum EndpointError {
     Crypto(String),
 }
 
+/// Whether h3's connection error is quinn's stateless reset (RFC 9000 §10.3), which h3-quinn
+/// passes up as an `Undefined` remote error holding the `quinn::ConnectionError`.
+fn stateless_reset(e: &h3::error::ConnectionError) -> bool {
+    use h3::quic::ConnectionErrorIncoming as Incoming;
+    match e {
+        h3::error::ConnectionError::Remote {
+            0: Incoming::Undefined(inner),
+            ..
+        } => matches!(
+            inner.downcast_ref::<quinn::ConnectionError>(),
+            Some(quinn::ConnectionError::Reset)
+        ),
+        _ => false,
+    }
+}
+
 /// Why a tunnel or an HTTP/3 request failed. [`TunnelError::before_any_byte`] tells whether no
 /// byte can have reached the target application, so that trying another endpoint is safe, and
 /// [`TunnelError::status`] gives the peer's HTTP status when there is one.
@@ -79,6 +95,10 @@ pub enum TunnelError {
         reason: String,
         /// Whether a 2xx response had been received before.
         established: bool,
+        /// The peer's endpoint ended the connection with a stateless reset (RFC 9000 §10.3): it
+        /// had no state for it, usually because it restarted at the same address. A new
+        /// connection reaches the new process.
+        peer_restarted: bool,
     },
     /// The request header section exceeds the peer's limit (RFC 9114 §4.2.2).
     #[error("header section of {size} bytes exceeds the limit of {max}")]
@@ -134,8 +154,10 @@ impl TunnelError {
         }
     }
 
-    /// Classifies an h3 stream error; `established` tells whether a 2xx was seen.
-    pub(crate) fn from_h3(e: &h3::error::StreamError, established: bool) -> TunnelError {
+    /// Classifies an h3 stream error (RFC 9114 §8: a stream reset, a lost connection — with
+    /// whether it ended in the peer's stateless reset, RFC 9000 §10.3 — a header section over
+    /// the limit, else a protocol error); `established` tells whether a 2xx was seen.
+    pub fn from_h3(e: &h3::error::StreamError, established: bool) -> TunnelError {
         use h3::error::StreamError as S;
         match e {
             S::RemoteTerminate { code, .. } => TunnelError::Reset {
@@ -145,10 +167,12 @@ impl TunnelError {
             S::ConnectionError { 0: c, .. } => TunnelError::ConnectionLost {
                 reason: format!("{c}"),
                 established,
+                peer_restarted: stateless_reset(c),
             },
             S::RemoteClosing { .. } => TunnelError::ConnectionLost {
                 reason: "peer is going away".into(),
                 established,
+                peer_restarted: false,
             },
             S::HeaderTooBig {
                 actual_size,

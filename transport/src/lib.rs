@@ -62,6 +62,7 @@ mod pool;
 pub mod proxy_v2;
 pub mod quic_lb;
 mod reset;
+mod reset_key;
 mod server;
 #[cfg(any(test, feature = "test-util"))]
 pub mod sim;
@@ -82,6 +83,7 @@ pub use pool::{
     PooledSend, RequestRecv, RequestSend,
 };
 pub use reset::ResetBudget;
+pub use reset_key::{ResetKey, ResetKeyError, RESET_KEY_LEN};
 pub use server::{
     serve, serve_until, Handler, HttpRequest, Peer, ServerRequestStream, TunnelRequest,
 };

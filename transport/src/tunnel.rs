@@ -469,9 +469,14 @@ fn relabel(e: io::Error, established: bool) -> io::Error {
         .cloned();
     match inner {
         Some(TunnelError::Reset { code, .. }) => TunnelError::Reset { code, established }.into_io(),
-        Some(TunnelError::ConnectionLost { reason, .. }) => TunnelError::ConnectionLost {
+        Some(TunnelError::ConnectionLost {
+            reason,
+            peer_restarted,
+            ..
+        }) => TunnelError::ConnectionLost {
             reason,
             established,
+            peer_restarted,
         }
         .into_io(),
         _ => e,

@@ -8,7 +8,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use halyard_registry::test_util::EtcdServer;
-use halyard_sidecar::test_util::{call, loopback_ip, metric, tagged_echo, Mesh, Spec};
+use halyard_sidecar::test_util::{
+    call, http_app, http_call, http_client, loopback_ip, metric, tagged_echo, AppBehavior, Mesh,
+    Spec,
+};
 
 fn spawn_sidecar(config: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_halyard"))
@@ -708,4 +711,104 @@ async fn app_floods_cost_the_sidecar_process_bounded_memory_and_cpu() {
     assert_eq!(status, 200);
     drop(pp);
     reviews.shutdown().await.unwrap();
+}
+
+/// A peer sidecar killed (SIGKILL: no CONNECTION_CLOSE) and started again at the same address,
+/// as a systemd restart, a VM or a pod on the host network does. Its callers still hold a QUIC
+/// connection to the dead process; the new process answers that connection's packets with a
+/// stateless reset (RFC 9000 §10.3), made with the key the first process kept in its
+/// `state_dir`. Every L4 flow and every GET after a restart succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_restarted_at_the_same_address_is_reached_at_once() {
+    let host = loopback_ip();
+    let mesh = Mesh::with_dir().await;
+    let echo = tagged_echo(SocketAddr::new(host, 0), "a").await;
+    let web = http_app(SocketAddr::new(host, 0), "a", AppBehavior::default()).await;
+    mesh.apply(&format!(
+        "kind: Service\nname: reviews\nports:\n  - {{ name: tcp, port: 9080, protocol: tcp, targetPort: {} }}\n  - {{ name: http, port: 9081, protocol: http, targetPort: {} }}\n",
+        echo.addr.port(),
+        web.addr.port()
+    ))
+    .await;
+    let quic = halyard_registry::ports::free(halyard_registry::ports::Proto::Udp).unwrap();
+    let mut spec = Spec::new("reviews", "v1").app_host(host);
+    spec.listen = Some(SocketAddr::new(host, quic.port()));
+    let (mut server, admin) = spawn_with_admin(&mesh, &spec);
+    let config = mesh
+        .dir
+        .path()
+        .join(format!("reviews-{}.toml", admin.port()));
+    wait_ready(admin).await;
+    // No keep-alive PING reaches a new process before the first call does.
+    let mut caller = Spec::new("productpage", "v1")
+        .upstream("reviews", 9080)
+        .upstream("reviews", 9081);
+    caller.extra = "[transport]\nkeep_alive_interval_ms = 60000\nidle_timeout_ms = 120000\n".into();
+    let pp = mesh.start(&caller).await;
+    pp.wait_endpoints("reviews", 1).await;
+    let client = http_client();
+    let gets = |n: usize| {
+        let client = client.clone();
+        let upstream = pp.upstream(1);
+        async move {
+            let mut ok = 0;
+            for _ in 0..n {
+                let (status, _, _) = http_call(&client, upstream, "GET", "/", &[]).await;
+                ok += usize::from(status == 200);
+            }
+            ok
+        }
+    };
+    let (a, _, failed) = tags(pp.upstream(0), 5).await;
+    assert_eq!((a, failed), (5, 0), "L4 before the restarts");
+    assert_eq!(gets(5).await, 5, "GETs before the restarts");
+
+    // The first call after each restart sends the first packet the new process gets on the old
+    // connection; its stateless reset ends that connection and the attempt fails as "peer
+    // restarted", then goes again on a new connection to the same (only) endpoint. With a key
+    // made per process the reset went unrecognised and every call waited out its connect
+    // timeout (20 of 20 L4 calls failed) until the caller's idle timeout ended the connection;
+    // with the key but no second try at the same endpoint, the first call failed.
+    for (round, l7_first) in [(1, true), (2, false)] {
+        // Room for the server's delayed ACK (25 ms at most) of the last call's packets: with
+        // nothing left in flight, the caller retransmits nothing to the new process.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        server.kill().unwrap();
+        server.wait().unwrap();
+        server = Proc(spawn_sidecar(&config));
+        wait_ready(admin).await;
+        let (ok_gets, (a, _, failed)) = if l7_first {
+            let g = gets(20).await;
+            (g, tags(pp.upstream(0), 20).await)
+        } else {
+            let t = tags(pp.upstream(0), 20).await;
+            (gets(20).await, t)
+        };
+        assert_eq!((a, failed), (20, 0), "L4 calls after restart {round}");
+        assert_eq!(ok_gets, 20, "GETs answered 200 after restart {round}");
+    }
+    let retries = metric(
+        &pp.started.render_metrics(),
+        "halyard_retries_total",
+        &[("destination_service", "reviews")],
+    );
+    assert!(
+        retries <= 2.0,
+        "{retries} retries: one at most per restart (the first call's)"
+    );
+    assert!(
+        std::fs::metadata(spec_state_dir(&config).join("quic-reset-key")).is_ok(),
+        "the key is kept in state_dir"
+    );
+    pp.shutdown().await.unwrap();
+}
+
+/// The `state_dir` a sidecar config file names.
+fn spec_state_dir(config: &Path) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(config).unwrap();
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("state_dir = "))
+        .unwrap();
+    std::path::PathBuf::from(line.trim_matches('"'))
 }

@@ -10,6 +10,7 @@
 //! | app unreached      | `connect-failure` | one strike            | 502       | `UF`    |
 //! | rejected unread    | `connect-failure` | no (it is draining)   | 503       | `UF`    |
 //! | connection lost    | `reset`           | one strike            | 502       | `UF`    |
+//! | peer restarted     | `reset`, same one | no (it is back)       | 502       | `UF`    |
 //! | stream reset       | `reset`           | one strike            | 502       | `UF`    |
 //! | per-try timeout    | `reset`           | one strike            | 504       | `UF`    |
 //! | refused 403        | never             | no (policy said no)   | 403       | `DENY`  |
@@ -31,6 +32,12 @@
 //! sidecar's registry snapshot about what it serves (one of the two is stale): another endpoint
 //! may serve the request. Local failures (the caller's request could not be sent: a target that
 //! forms no URI, an app body that broke) are never charged to an endpoint and never retried.
+//!
+//! A restarted peer is a lost connection whose end was the peer's stateless reset (RFC 9000
+//! §10.3): the endpoint answered, from a new process that has no state for the connection this
+//! sidecar still held. The endpoint is fine and a new connection reaches it, so it is not
+//! charged, and the retry may go back to it even where `revisit` forbids (L4): the caller
+//! removes it from the tried list once per flow or request.
 //!
 //! An unreached app means the peer sidecar could not connect to its app (refused, or not
 //! accepted in time): the request reached no app, so — like a connect failure — it is safe to
@@ -64,6 +71,9 @@ pub enum AttemptError {
     ConnectFailure,
     /// The QUIC connection under the attempt closed or timed out.
     ConnectionLost,
+    /// The QUIC connection under the attempt ended with the peer's stateless reset: a new
+    /// process answers at the endpoint's address.
+    PeerRestarted,
     /// The peer sidecar could not connect to its app (refused, or not accepted in time): the
     /// request reached no app.
     AppUnreached,
@@ -142,6 +152,10 @@ impl Failed {
             TunnelError::Connect { .. }
             | TunnelError::ConnectTimeout { .. }
             | TunnelError::Backoff { .. } => AttemptError::ConnectFailure,
+            TunnelError::ConnectionLost {
+                peer_restarted: true,
+                ..
+            } => AttemptError::PeerRestarted,
             TunnelError::ConnectionLost { .. } => AttemptError::ConnectionLost,
             TunnelError::Reset { .. } => AttemptError::Reset,
             TunnelError::Status { status } => AttemptError::Refused(*status),
@@ -182,6 +196,7 @@ impl AttemptError {
             | AttemptError::Rejected
             | AttemptError::Overflow => Some(RetryOn::ConnectFailure),
             AttemptError::ConnectionLost
+            | AttemptError::PeerRestarted
             | AttemptError::Reset
             | AttemptError::Timeout
             | AttemptError::Protocol => Some(RetryOn::Reset),
@@ -205,6 +220,7 @@ impl AttemptError {
             }
             AttemptError::Refused(_)
             | AttemptError::Rejected
+            | AttemptError::PeerRestarted
             | AttemptError::HeaderTooBig
             | AttemptError::Local
             | AttemptError::Overflow => None,
@@ -219,6 +235,7 @@ impl AttemptError {
             }
             AttemptError::AppUnreached
             | AttemptError::ConnectionLost
+            | AttemptError::PeerRestarted
             | AttemptError::Reset
             | AttemptError::Protocol => StatusCode::BAD_GATEWAY,
             AttemptError::Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -279,6 +296,9 @@ pub struct RetryPolicy<'a> {
 /// Retrying when nothing reached any app: only a connect failure's condition.
 const UNREACHED_ON: &[RetryOn] = &[RetryOn::ConnectFailure];
 
+/// Retrying after a restarted peer's stateless reset: the `reset` condition it falls under.
+const RESTARTED_ON: &[RetryOn] = &[RetryOn::Reset];
+
 /// The retry policy for one outcome of an L7 request.
 ///
 /// - `route`: the rule's `retries` (further attempts and conditions), if it sets any.
@@ -287,8 +307,12 @@ const UNREACHED_ON: &[RetryOn] = &[RetryOn::ConnectFailure];
 /// - `body_intact`: the whole body can still be sent (kept in memory, or never read).
 ///
 /// When the outcome shows that no app saw the request (a connect failure, an unreached app),
-/// the request may go again whatever its method, up to the larger of the two counts. Otherwise
-/// the route decides, and only for a method that may be repeated.
+/// the request may go again whatever its method, up to the larger of the two counts. When the
+/// peer restarted under the attempt (its stateless reset ended the connection), a request whose
+/// method may be repeated goes again up to the larger count too, as an HTTP client retries an
+/// idempotent request that met a stale kept-alive connection: whether the dead process had read
+/// it cannot be known, so other methods wait for the route's own conditions. Otherwise the
+/// route decides, and only for a method that may be repeated.
 pub fn for_request<'a>(
     route: Option<(u32, &'a [RetryOn])>,
     mesh_retries: u32,
@@ -305,8 +329,22 @@ pub fn for_request<'a>(
             before_any_byte: true,
         })
     );
+    let restarted = matches!(
+        outcome,
+        Outcome::Failed(Failed {
+            error: AttemptError::PeerRestarted,
+            before_any_byte: true,
+        })
+    );
     let (rule_retries, rule_on) = route.unwrap_or((0, &[]));
-    if unreached {
+    if restarted && method_ok {
+        RetryPolicy {
+            max_retries: rule_retries.max(mesh_retries),
+            on: RESTARTED_ON,
+            replayable: body_intact,
+            revisit: true,
+        }
+    } else if unreached {
         RetryPolicy {
             max_retries: rule_retries.max(mesh_retries),
             on: UNREACHED_ON,
@@ -452,6 +490,54 @@ mod tests {
     }
 
     const DENIED: AttemptError = AttemptError::Refused(StatusCode::FORBIDDEN);
+
+    #[test]
+    fn a_stateless_reset_is_a_restarted_peer_never_charged() {
+        let lost = |peer_restarted| TunnelError::ConnectionLost {
+            reason: "reset by peer".into(),
+            established: false,
+            peer_restarted,
+        };
+        let restarted = Failed::of(&lost(true));
+        assert_eq!(restarted.error, AttemptError::PeerRestarted);
+        assert!(restarted.before_any_byte);
+        assert_eq!(Failed::of(&lost(false)).error, AttemptError::ConnectionLost);
+        assert_eq!(AttemptError::PeerRestarted.charge(), None);
+        assert_eq!(
+            AttemptError::PeerRestarted.condition(),
+            Some(RetryOn::Reset)
+        );
+        assert_eq!(
+            AttemptError::PeerRestarted.status(),
+            StatusCode::BAD_GATEWAY
+        );
+    }
+
+    #[test]
+    fn a_request_that_met_a_restarted_peer_is_retried_when_its_method_allows() {
+        let outcome = failed(AttemptError::PeerRestarted);
+        // No route retries: the mesh-wide count, on the `reset` condition, for a repeatable
+        // method with its body intact.
+        let p = for_request(None, 2, true, true, &outcome);
+        assert_eq!((p.max_retries, p.on, p.replayable), (2, RESTARTED_ON, true));
+        assert_eq!(step(&p, 0, outcome), Step::Retry);
+        // A route whose own conditions leave `reset` out still gets this one.
+        let route = Some((1, &[RetryOn::GatewayError][..]));
+        assert_eq!(
+            step(&for_request(route, 2, true, true, &outcome), 0, outcome),
+            Step::Retry
+        );
+        // A method that may not be repeated: the route decides (here: no retries).
+        assert_eq!(
+            step(&for_request(None, 2, false, true, &outcome), 0, outcome),
+            Step::Fail
+        );
+        // A streamed body already sent cannot go again.
+        assert_eq!(
+            step(&for_request(None, 2, true, false, &outcome), 0, outcome),
+            Step::Fail
+        );
+    }
 
     #[test]
     fn a_policy_refusal_is_final() {

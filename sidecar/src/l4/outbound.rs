@@ -12,7 +12,7 @@ use halyard_transport::{Target, Tunnel, TunnelError};
 use tokio::net::TcpStream;
 
 use crate::decide::breaker::Threshold;
-use crate::decide::retry::{self, Failed, Flag, RetryPolicy, Step};
+use crate::decide::retry::{self, AttemptError, Failed, Flag, RetryPolicy, Step};
 use crate::state::{Picked, Shared};
 use crate::telemetry::flow::End;
 use crate::telemetry::metrics::Direction;
@@ -134,6 +134,7 @@ async fn connect(
     shared.budget_request(&dest.service);
     let (route, scope) = shared.l4_route(&dest.service);
     let mut tried = Vec::new();
+    let mut revisited = false;
     let mut last = Flags::NoHealthy;
     for retries_done in 0.. {
         // After a failure, no endpoint left to try ends the flow with that failure.
@@ -149,6 +150,12 @@ async fn connect(
         };
         let endpoint = &picked.endpoint.id;
         tracing::debug!(service = %dest.service, endpoint, error = ?failed.error, "tunnel attempt failed");
+        if failed.error == AttemptError::PeerRestarted && !revisited {
+            // The endpoint answered from a new process (its stateless reset ended the old
+            // connection): a fresh connection reaches it, so it may be tried once more.
+            revisited = true;
+            tried.retain(|id| id != endpoint);
+        }
         if !failed.error.is_local() {
             shared.outcome(&picked, failed.error.charge());
         }

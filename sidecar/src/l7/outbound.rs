@@ -691,6 +691,14 @@ impl AttemptFailure {
             let why = format!("upstream did not process the request (draining): {e}");
             return Self::of(AttemptError::Rejected, why);
         }
+        if let TunnelError::ConnectionLost {
+            peer_restarted: true,
+            ..
+        } = TunnelError::from_h3(&e, false)
+        {
+            let why = format!("upstream restarted (stateless reset): {e}");
+            return Self::of(AttemptError::PeerRestarted, why);
+        }
         Self::reset(&e.to_string())
     }
 
