@@ -151,8 +151,16 @@ impl MeshEndpoint {
         let proxied = crate::initial_filter::Proxied::new(config.proxy_protocol_from());
         let socket = quinn::Runtime::wrap_udp_socket(&*runtime, socket)
             .map_err(|source| EndpointError::Socket { addr: bind, source })?;
+        let reset_key = reset_key.for_endpoint(advertise.unwrap_or(bound));
         let mut endpoint_config = quinn::EndpointConfig::new(reset_key.hmac());
         endpoint_config
+            // quinn sends at most one stateless reset per interval across the endpoint (20 ms by
+            // default): after a restart, most callers' first packets would then go unanswered and
+            // wait for a retransmission. A reset goes only to a packet whose connection ID
+            // carries this endpoint's server ID (`LbConnectionIdGenerator::validate`), so a
+            // flood of garbage makes none, and a reset is never larger than what provoked it
+            // (RFC 9000 §10.3.3).
+            .min_reset_interval(std::time::Duration::from_millis(1))
             .cid_generator(move || {
                 Box::new(crate::quic_lb::LbConnectionIdGenerator::new(
                     server_id,

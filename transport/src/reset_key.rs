@@ -11,8 +11,11 @@
 //! fresh one.
 //!
 //! RFC 9000 §10.3.2 describes this design ("a static key ... used to generate tokens") and its
-//! conditions: the key is secret (a file of mode 0600 under the sidecar's state folder), and two
-//! endpoints never share it (each sidecar makes its own; the file is not copied between them).
+//! conditions: the key is secret (a regular file of mode 0600 under the sidecar's state folder;
+//! a file others may read, a symlink or anything but 32 bytes is refused), and two endpoints
+//! never share it: the key quinn gets is derived from the file's and the endpoint's advertised
+//! address ([`ResetKey::for_endpoint`]), so sidecars that share a state folder, or a cloned
+//! image that carries the file, still make different tokens.
 
 use std::io::Write as _;
 use std::path::Path;
@@ -35,6 +38,20 @@ impl std::fmt::Debug for ResetKey {
 /// Why a reset key file could not be read or made.
 #[derive(Debug, thiserror::Error)]
 pub enum ResetKeyError {
+    /// The path is not a regular file (a symlink, a folder, a device, a FIFO).
+    #[error("{path}: not a regular file; a stateless reset key file must be one")]
+    NotRegular {
+        /// The file.
+        path: String,
+    },
+    /// Others than the owner may read or write the file.
+    #[error("{path}: mode {mode:04o}; a stateless reset key must be readable by its owner only (chmod 600)")]
+    Permissions {
+        /// The file.
+        path: String,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// The file or its folder could not be read, created or written.
     #[error("{path}: {source}")]
     Io {
@@ -70,11 +87,34 @@ impl ResetKey {
     ///
     /// Errors: the folder or file cannot be created, read or written; the file's size is not
     /// [`RESET_KEY_LEN`] bytes.
+    /// Errors also: the path is not a regular file (a symlink is not followed), or its mode lets
+    /// others than the owner read or write it.
     pub fn load_or_create(path: &Path) -> Result<Self, ResetKeyError> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let shown = || path.display().to_string();
         let io = |source| ResetKeyError::Io {
-            path: path.display().to_string(),
+            path: shown(),
             source,
         };
+        // Checked before reading: a FIFO would block the start, a device would never end.
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if !meta.file_type().is_file() => {
+                return Err(ResetKeyError::NotRegular { path: shown() })
+            }
+            Ok(meta) if meta.len() != RESET_KEY_LEN as u64 => {
+                return Err(ResetKeyError::Length {
+                    path: shown(),
+                    len: usize::try_from(meta.len()).unwrap_or(usize::MAX),
+                })
+            }
+            Ok(meta) if meta.permissions().mode() & 0o077 != 0 => {
+                return Err(ResetKeyError::Permissions {
+                    path: shown(),
+                    mode: meta.permissions().mode() & 0o7777,
+                })
+            }
+            _ => {}
+        }
         match std::fs::read(path) {
             Ok(bytes) => {
                 let bytes = Zeroizing::new(bytes);
@@ -102,14 +142,15 @@ impl ResetKey {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
+        // A fresh name, created exclusively (O_EXCL: an existing file or symlink there fails
+        // the write instead of being followed or reused).
         let mut tmp = path.as_os_str().to_owned();
-        tmp.push(format!(".tmp-{}", std::process::id()));
+        tmp.push(format!(".tmp-{:016x}", rand::random::<u64>()));
         let tmp = std::path::PathBuf::from(tmp);
         let written = (|| {
             let mut file = std::fs::OpenOptions::new()
                 .write(true)
-                .create(true)
-                .truncate(true)
+                .create_new(true)
                 .mode(0o600)
                 .open(&tmp)?;
             file.write_all(&self.0[..])?;
@@ -120,6 +161,19 @@ impl ResetKey {
             let _ = std::fs::remove_file(&tmp);
         }
         written
+    }
+
+    /// The key of the endpoint advertised at `addr`: HMAC-SHA256(this key, a fixed label ‖
+    /// `addr`), so endpoints that were given the same key file still make different tokens
+    /// (RFC 9000 §10.3.2), while one endpoint gets the same key at every start.
+    pub fn for_endpoint(&self, addr: std::net::SocketAddr) -> ResetKey {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.0[..]);
+        let mut ctx = ring::hmac::Context::with_key(&key);
+        ctx.update(b"halyard quic stateless reset v1\0");
+        ctx.update(addr.to_string().as_bytes());
+        let mut out = Zeroizing::new([0u8; RESET_KEY_LEN]);
+        out.copy_from_slice(ctx.sign().as_ref());
+        ResetKey(out)
     }
 
     /// The HMAC-SHA256 key quinn's `EndpointConfig::new` takes.
@@ -154,6 +208,44 @@ mod tests {
             std::fs::read_dir(path.parent().unwrap()).unwrap().count(),
             1
         );
+    }
+
+    #[test]
+    fn endpoints_sharing_a_key_file_get_different_keys_each_the_same_at_every_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("quic-reset-key");
+        let (a, b): (std::net::SocketAddr, std::net::SocketAddr) = (
+            "10.0.0.1:15443".parse().unwrap(),
+            "10.0.0.2:15443".parse().unwrap(),
+        );
+        let first = ResetKey::load_or_create(&path).unwrap();
+        let again = ResetKey::load_or_create(&path).unwrap();
+        assert_eq!(first.for_endpoint(a).0[..], again.for_endpoint(a).0[..]);
+        assert_ne!(first.for_endpoint(a).0[..], first.for_endpoint(b).0[..]);
+        assert_ne!(first.for_endpoint(a).0[..], first.0[..]);
+    }
+
+    #[test]
+    fn a_key_file_others_may_read_a_symlink_or_a_fifo_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("quic-reset-key");
+        ResetKey::load_or_create(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = ResetKey::load_or_create(&path).unwrap_err().to_string();
+        assert!(e.contains("mode 0644") && e.contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        let e = ResetKey::load_or_create(&link).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        // A FIFO is refused before any read (which would block).
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        if made.is_ok_and(|s| s.success()) {
+            let e = ResetKey::load_or_create(&fifo).unwrap_err().to_string();
+            assert!(e.contains("not a regular file"), "{e}");
+        }
     }
 
     #[test]

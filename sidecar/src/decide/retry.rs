@@ -10,7 +10,7 @@
 //! | app unreached      | `connect-failure` | one strike            | 502       | `UF`    |
 //! | rejected unread    | `connect-failure` | no (it is draining)   | 503       | `UF`    |
 //! | connection lost    | `reset`           | one strike            | 502       | `UF`    |
-//! | peer restarted     | `reset`, same one | no (it is back)       | 502       | `UF`    |
+//! | peer restarted     | `reset`, same one | neither way           | 502       | `UF`    |
 //! | stream reset       | `reset`           | one strike            | 502       | `UF`    |
 //! | per-try timeout    | `reset`           | one strike            | 504       | `UF`    |
 //! | refused 403        | never             | no (policy said no)   | 403       | `DENY`  |
@@ -35,9 +35,13 @@
 //!
 //! A restarted peer is a lost connection whose end was the peer's stateless reset (RFC 9000
 //! §10.3): the endpoint answered, from a new process that has no state for the connection this
-//! sidecar still held. The endpoint is fine and a new connection reaches it, so it is not
-//! charged, and the retry may go back to it even where `revisit` forbids (L4): the caller
-//! removes it from the tried list once per flow or request.
+//! sidecar still held. A new connection reaches it, so its outlier record is neither charged
+//! nor credited (a peer that keeps crashing still gets ejected by what its new process does),
+//! and an L4 retry may go back to it even though L4 does not revisit otherwise: the flow takes
+//! it off its tried list, once (L7 revisits anyway). The reset does not prove that the dead
+//! process never read the request (it ends every stream of the connection, also one it was
+//! serving when it died), so an L7 request is retried only as a `reset` allows: by the route's
+//! retries, or, when the route sets none, for a method that may be repeated ([`for_request`]).
 //!
 //! An unreached app means the peer sidecar could not connect to its app (refused, or not
 //! accepted in time): the request reached no app, so — like a connect failure — it is safe to
@@ -179,6 +183,15 @@ impl Failed {
 }
 
 impl AttemptError {
+    /// Whether the attempt says anything about the endpoint's health, so its outlier record is
+    /// charged ([`AttemptError::charge`]) or credited with a success. Not for failures on this
+    /// side ([`AttemptError::is_local`]), nor for a restarted peer: it answered, from a process
+    /// that has yet to serve anything (crediting it would wipe the record of a peer that keeps
+    /// crashing).
+    pub fn judges_endpoint(self) -> bool {
+        !self.is_local() && self != AttemptError::PeerRestarted
+    }
+
     /// Whether the attempt failed on this side, before the endpoint saw anything: its outlier
     /// record is left alone (neither charged nor credited with a success).
     pub fn is_local(self) -> bool {
@@ -308,11 +321,11 @@ const RESTARTED_ON: &[RetryOn] = &[RetryOn::Reset];
 ///
 /// When the outcome shows that no app saw the request (a connect failure, an unreached app),
 /// the request may go again whatever its method, up to the larger of the two counts. When the
-/// peer restarted under the attempt (its stateless reset ended the connection), a request whose
-/// method may be repeated goes again up to the larger count too, as an HTTP client retries an
-/// idempotent request that met a stale kept-alive connection: whether the dead process had read
-/// it cannot be known, so other methods wait for the route's own conditions. Otherwise the
-/// route decides, and only for a method that may be repeated.
+/// peer restarted under the attempt (its stateless reset ended the connection) and the route
+/// sets no retries, a request whose method may be repeated goes again up to the mesh-wide
+/// count, as an HTTP client retries an idempotent request that met a stale kept-alive
+/// connection (whether the dead process had read it cannot be known, so other methods do not).
+/// Otherwise the route decides, and only for a method that may be repeated.
 pub fn for_request<'a>(
     route: Option<(u32, &'a [RetryOn])>,
     mesh_retries: u32,
@@ -337,11 +350,11 @@ pub fn for_request<'a>(
         })
     );
     let (rule_retries, rule_on) = route.unwrap_or((0, &[]));
-    if restarted && method_ok {
+    if restarted && route.is_none() {
         RetryPolicy {
-            max_retries: rule_retries.max(mesh_retries),
+            max_retries: mesh_retries,
             on: RESTARTED_ON,
-            replayable: body_intact,
+            replayable: method_ok && body_intact,
             revisit: true,
         }
     } else if unreached {
@@ -503,6 +516,9 @@ mod tests {
         assert!(restarted.before_any_byte);
         assert_eq!(Failed::of(&lost(false)).error, AttemptError::ConnectionLost);
         assert_eq!(AttemptError::PeerRestarted.charge(), None);
+        assert!(!AttemptError::PeerRestarted.judges_endpoint());
+        assert!(!AttemptError::PeerRestarted.is_local());
+        assert!(AttemptError::ConnectionLost.judges_endpoint());
         assert_eq!(
             AttemptError::PeerRestarted.condition(),
             Some(RetryOn::Reset)
@@ -521,8 +537,13 @@ mod tests {
         let p = for_request(None, 2, true, true, &outcome);
         assert_eq!((p.max_retries, p.on, p.replayable), (2, RESTARTED_ON, true));
         assert_eq!(step(&p, 0, outcome), Step::Retry);
-        // A route whose own conditions leave `reset` out still gets this one.
+        // A route with retries of its own decides: here its conditions leave `reset` out.
         let route = Some((1, &[RetryOn::GatewayError][..]));
+        assert_eq!(
+            step(&for_request(route, 2, true, true, &outcome), 0, outcome),
+            Step::Fail
+        );
+        let route = Some((1, &[RetryOn::Reset][..]));
         assert_eq!(
             step(&for_request(route, 2, true, true, &outcome), 0, outcome),
             Step::Retry

@@ -156,7 +156,7 @@ async fn connect(
             revisited = true;
             tried.retain(|id| id != endpoint);
         }
-        if !failed.error.is_local() {
+        if failed.error.judges_endpoint() {
             shared.outcome(&picked, failed.error.charge());
         }
         last = failed.error.flag().into();

@@ -388,7 +388,7 @@ impl Call<'_> {
                     retry::Outcome::Answered(x.head.status())
                 }
                 Err(fail) => {
-                    if !fail.failed.error.is_local() {
+                    if fail.failed.error.judges_endpoint() {
                         self.shared.outcome(&picked, fail.failed.error.charge());
                     }
                     retry::Outcome::Failed(fail.failed)
