@@ -85,10 +85,9 @@ impl ResetKey {
     /// The key in `path`, or a new random one written there first (the folder is created; the
     /// file has mode 0600 and appears whole: written beside it, synced, then renamed).
     ///
-    /// Errors: the folder or file cannot be created, read or written; the file's size is not
-    /// [`RESET_KEY_LEN`] bytes.
-    /// Errors also: the path is not a regular file (a symlink is not followed), or its mode lets
-    /// others than the owner read or write it.
+    /// Errors: the folder or file cannot be created, read or written; the path is not a regular
+    /// file (a symlink is not followed); its size is not [`RESET_KEY_LEN`] bytes; its mode lets
+    /// others than the owner read or write it. An existing file is never changed.
     pub fn load_or_create(path: &Path) -> Result<Self, ResetKeyError> {
         use std::os::unix::fs::PermissionsExt as _;
         let shown = || path.display().to_string();
