@@ -797,7 +797,8 @@ async fn a_peer_restarted_at_the_same_address_is_reached_at_once() {
         "{retries} retries: one at most per restart (the first call's)"
     );
     assert!(
-        std::fs::metadata(spec_state_dir(&config).join("quic-reset-key")).is_ok(),
+        std::fs::metadata(spec_state_dir(&config).join(halyard_sidecar::run::RESET_KEY_FILE))
+            .is_ok(),
         "the key is kept in state_dir"
     );
     pp.shutdown().await.unwrap();

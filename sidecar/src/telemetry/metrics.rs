@@ -126,7 +126,7 @@ pub(crate) struct Families {
     /// `halyard_trace_spans_exported_total`: spans the collector accepted.
     pub(crate) spans_exported: IntCounter,
     /// Flows recorded so far, for anyone who needs to wait for a flow's figures.
-    finished: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+    finished: tokio::sync::watch::Sender<u64>,
 }
 
 const EDGE: &[&str] = &[
@@ -432,7 +432,7 @@ impl Metrics {
                 "Trace spans accepted by the collector",
             )?,
             registry: r,
-            finished: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
+            finished: tokio::sync::watch::Sender::new(0),
         })))
     }
 
