@@ -35,6 +35,11 @@ struct Inner {
     bundle: std::sync::RwLock<Arc<TrustBundle>>,
     config: TransportConfig,
     transport: Arc<quinn::TransportConfig>,
+    /// `transport` for the connections this endpoint opens: the server of an HTTP/3 connection
+    /// never opens a bidirectional stream (RFC 9114 §6.1), so none is allowed. quinn sets up a
+    /// slot per stream a peer may open when a connection starts (`quinn_proto`'s
+    /// `StreamsState::new`): this is half a cold connection's slots, and memory per connection.
+    client_transport: Arc<quinn::TransportConfig>,
     /// Bounds on inbound handshakes and connections per peer (`admission`).
     gate: crate::admission::Gate,
     /// Clients reached through east-west gateways (`proxy_protocol_from`), kept across rebind.
@@ -140,6 +145,11 @@ impl MeshEndpoint {
         reset_key: &crate::ResetKey,
     ) -> Result<Self, EndpointError> {
         let transport = Arc::new(quinn_transport(&config));
+        let client_transport = {
+            let mut t = quinn_transport(&config);
+            t.max_concurrent_bidi_streams(VarInt::from_u32(0));
+            Arc::new(t)
+        };
         let server = server_config(&resolver, &bundle, transport.clone())?;
         let socket = bind_udp(bind, &config)?;
         let bound = socket
@@ -183,6 +193,7 @@ impl MeshEndpoint {
                 bundle: std::sync::RwLock::new(bundle),
                 config,
                 transport,
+                client_transport,
                 gate,
                 proxied,
                 gateways: std::sync::RwLock::new(Arc::new(GatewayRoutes::new())),
@@ -329,7 +340,7 @@ impl MeshEndpoint {
         let crypto =
             QuicClientConfig::try_from(tls).map_err(|e| EndpointError::Crypto(e.to_string()))?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-        client.transport_config(self.inner.transport.clone());
+        client.transport_config(self.inner.client_transport.clone());
         Ok(client)
     }
 }

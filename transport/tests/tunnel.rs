@@ -494,3 +494,42 @@ async fn a_drain_closes_the_connection_with_goaway_once_flows_end() {
     };
     assert_eq!(u64::from(close.error_code), 0x100);
 }
+
+/// The server of an HTTP/3 connection never opens a bidirectional stream (RFC 9114 §6.1): a
+/// connection a `MeshEndpoint` dials allows it none (so quinn sets up no slot for them when the
+/// connection starts), while the dialler may open as many as the server allows. Stream credit
+/// comes with the transport parameters, so an open with credit is ready on its first poll.
+#[tokio::test]
+async fn a_dialled_connection_gives_the_server_no_bidirectional_stream() {
+    use futures::FutureExt;
+    let pki = halyard_certs::test_util::TestPki::new("mesh.local");
+    let endpoint = |name: &str| {
+        halyard_transport::MeshEndpoint::new(
+            pki.resolver(name),
+            pki.bundle.clone(),
+            halyard_transport::TransportConfig::default(),
+            LOOPBACK.parse().unwrap(),
+        )
+        .unwrap()
+    };
+    let (server, client) = (endpoint("reviews"), endpoint("productpage"));
+    let accept = async { server.quinn().accept().await.unwrap().await.unwrap() };
+    let reviews = pki.id("reviews");
+    let (dialled, accepted) = tokio::join!(
+        client.connect(server.local_addr().unwrap(), &reviews),
+        accept
+    );
+    let dialled = dialled.unwrap();
+    assert!(
+        dialled.open_bi().now_or_never().is_some(),
+        "the dialler opens requests"
+    );
+    assert!(
+        accepted.open_uni().now_or_never().is_some(),
+        "the server opens its control stream"
+    );
+    assert!(
+        accepted.open_bi().now_or_never().is_none(),
+        "the server has no bidi credit"
+    );
+}
