@@ -37,6 +37,7 @@ fn main() -> anyhow::Result<()> {
         "flood" => flood::main(),
         "gateway" => gateway::main(),
         "propagation" => scale::propagation_main(),
+        "registry-rss" => scale::registry_rss_main(),
         "transport" => transport::main(),
         "bulk" => bulk::main(),
         "latency" => latency::main(),

@@ -90,6 +90,18 @@ pub fn main() -> anyhow::Result<()> {
     crate::stats::write_report("scale", &markdown(&report), &report)
 }
 
+/// `halyard-benches registry-rss`: only the registry-size rows of the scale scenario, printed
+/// (the report is not replaced).
+pub fn registry_rss_main() -> anyhow::Result<()> {
+    for r in registry_rss()? {
+        println!(
+            "{} endpoints: RSS {:.1} MiB (anonymous {:.1}, file-backed {:.1})",
+            r.endpoints, r.rss_mib, r.anon_mib, r.file_mib
+        );
+    }
+    Ok(())
+}
+
 fn mib(pids: &[u32]) -> Vec<f64> {
     pids.iter()
         .map(|&p| rss_bytes(p) as f64 / 1048576.0)
