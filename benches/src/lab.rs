@@ -404,6 +404,11 @@ impl Lab {
             "[transport]\nmax_concurrent_bidi_streams = {}\ncongestion = \"{}\"\n",
             self.max_streams, self.congestion
         );
+        // `[transport] initial_mtu` of both sidecars when a run asks for one (the product's
+        // default otherwise).
+        if let Ok(mtu) = std::env::var("HALYARD_BENCH_INITIAL_MTU") {
+            t += &format!("initial_mtu = {}\n", mtu.trim());
+        }
         if ns_b {
             // The east-west gateway of `restart_halyard_via_gateway` runs beside it.
             t += &format!("proxy_protocol_from = [\"{}\"]\n", self.pair.b_ip);

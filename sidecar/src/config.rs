@@ -1280,6 +1280,10 @@ listen = "127.0.0.1:19080"
                 "failure.connect_timeout",
             ),
             (
+                format!("{GOOD}\n[transport]\ninitial_mtu = 1500\n"),
+                "transport",
+            ),
+            (
                 format!("{GOOD}\n[tracing]\ncollector = \"https://x:4318\"\n"),
                 "tracing.collector",
             ),

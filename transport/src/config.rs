@@ -12,6 +12,11 @@ const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 /// Largest value a QUIC variable-length integer carries (RFC 9000 §16).
 const VARINT_MAX: u64 = (1 << 62) - 1;
+/// The smallest UDP payload every QUIC path must carry (RFC 9000 §14), bytes.
+pub const MIN_MTU: u16 = 1200;
+/// The largest `initial_mtu`: the UDP payload of a 1500-byte IPv4 packet (1500 − 20 − 8), which
+/// is also the most the endpoint accepts (quinn's `max_udp_payload_size`), bytes.
+pub const MAX_MTU: u16 = 1472;
 
 /// A rejected transport setting: names the field and says what would be valid.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -94,6 +99,13 @@ pub struct RawTransportConfig {
     pub max_field_section_size: u64,
     /// Congestion controller of every connection: `"bbr"` or `"cubic"` (default).
     pub congestion: Congestion,
+    /// UDP payload size, in bytes, of every packet from the first one on (quinn's
+    /// `initial_mtu`). 1200 (the default) is what every QUIC path must carry (RFC 9000 §14);
+    /// path MTU discovery (DPLPMTUD, RFC 8899 / RFC 9000 §14.3) then probes up to 1452 while
+    /// the connection's first flows run. On a network known to carry more (1472 is a 1500-byte
+    /// IPv4 path), starting there skips the probes: a too-large value is caught by black-hole
+    /// detection, which falls back to 1200 after losses. 1200 to 1472.
+    pub initial_mtu: u64,
     /// Requests and tunnels one verified peer may have in progress at once on this endpoint,
     /// over all its connections; past it a new one is reset with H3_REQUEST_REJECTED. 1 to
     /// 16,777,216; the default, 16,384, is twice what a pool opens at most by default
@@ -125,6 +137,7 @@ impl Default for RawTransportConfig {
             backoff_max_ms: 5_000,
             max_field_section_size: 96 * KIB,
             congestion: Congestion::default(),
+            initial_mtu: u64::from(MIN_MTU),
             max_streams_per_peer: 16_384,
             proxy_protocol_from: Vec::new(),
         }
@@ -289,6 +302,12 @@ fn check_sizes(raw: &RawTransportConfig) -> Result<(), ConfigError> {
         KIB,
         MIB,
     )?;
+    range(
+        "initial_mtu",
+        raw.initial_mtu,
+        u64::from(MIN_MTU),
+        u64::from(MAX_MTU),
+    )?;
     Ok(())
 }
 
@@ -417,6 +436,12 @@ impl TransportConfig {
         self.raw.max_field_section_size
     }
 
+    /// UDP payload size of the first packets, bytes (`initial_mtu`), within
+    /// [`MIN_MTU`]..=[`MAX_MTU`].
+    pub fn initial_mtu(&self) -> u16 {
+        u16::try_from(self.raw.initial_mtu).unwrap_or(MIN_MTU)
+    }
+
     /// The congestion controller.
     pub fn congestion(&self) -> Congestion {
         self.raw.congestion
@@ -520,6 +545,32 @@ mod tests {
         };
         let err = TransportConfig::try_from(raw).unwrap_err();
         assert!(err.to_string().contains("receive_window"), "{err}");
+    }
+
+    #[test]
+    fn initial_mtu_is_what_every_path_carries_unless_set_within_bounds() {
+        assert_eq!(TransportConfig::default().initial_mtu(), MIN_MTU);
+        let set: TransportConfig = serde_json::from_str(r#"{"initial_mtu": 1472}"#).unwrap();
+        assert_eq!(set.initial_mtu(), 1472);
+        for bad in [0, 1199, 1473, 9000, u64::MAX] {
+            let raw = RawTransportConfig {
+                initial_mtu: bad,
+                ..Default::default()
+            };
+            let err = TransportConfig::try_from(raw).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ConfigError::OutOfRange {
+                        field: "initial_mtu",
+                        min: 1200,
+                        max: 1472,
+                        ..
+                    }
+                ),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -107,6 +107,11 @@ pub struct ConnectionStats {
     /// STREAM frames sent since the connection opened (RFC 9000 §19.8), retransmissions
     /// included: a request whose head and end leave together costs one.
     pub stream_frames_sent: u64,
+    /// Largest UDP payload the connection sends now, bytes: `initial_mtu`, then what path MTU
+    /// discovery confirmed (RFC 9000 §14.3).
+    pub current_mtu: u16,
+    /// Path MTU probes sent since the connection opened (padded PING packets, RFC 9000 §14.4).
+    pub mtu_probes_sent: u64,
     /// Tunnels and requests open on it now.
     pub open_streams: usize,
 }
@@ -630,6 +635,8 @@ fn stats_of(conn: &Pooled) -> ConnectionStats {
         sent_packets: s.path.sent_packets,
         congestion_events: s.path.congestion_events,
         stream_frames_sent: s.frame_tx.stream,
+        current_mtu: s.path.current_mtu,
+        mtu_probes_sent: s.path.sent_plpmtud_probes,
         open_streams: conn.open_streams(),
     }
 }

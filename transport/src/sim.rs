@@ -41,6 +41,9 @@ pub struct LinkProfile {
     /// Blackhole windows `(start, length)`, measured from the start of the simulator: every
     /// packet in a window is lost.
     pub blackholes: Vec<(Duration, Duration)>,
+    /// Largest UDP payload the link carries, bytes (a path MTU less the IP and UDP headers);
+    /// larger datagrams are lost, as where a router may not fragment. `None`: no limit.
+    pub max_datagram: Option<usize>,
 }
 
 impl LinkProfile {
@@ -77,6 +80,8 @@ pub struct LinkCounters {
     pub reordered: AtomicU64,
     /// Extra copies sent.
     pub duplicated: AtomicU64,
+    /// Packets lost for being larger than `max_datagram`.
+    pub too_big: AtomicU64,
 }
 
 impl LinkCounters {
@@ -295,6 +300,10 @@ async fn receive(
             *client.lock().unwrap_or_else(|p| p.into_inner()) = Some(src);
         }
         let now = Instant::now();
+        if dir.profile.max_datagram.is_some_and(|max| n > max) {
+            LinkCounters::bump(&dir.counters.too_big);
+            continue;
+        }
         for at in fate(&dir, &mut rng, now, now - start) {
             seq += 1;
             if tx

@@ -282,3 +282,57 @@ async fn the_pool_reports_the_controller_of_each_connection() {
     assert_eq!((stats.delivery_rate, stats.phase), (None, None));
     assert!(stats.pacing_rate > 0);
 }
+
+/// `initial_mtu` on a path that carries it: full-size packets from the first one, and no path
+/// MTU probe (the default probes up to the same size while the first flows run).
+#[tokio::test]
+async fn a_known_path_mtu_is_used_from_the_first_packet_without_probes() {
+    let known = config(|c| c.initial_mtu = 1452);
+    let mesh = Mesh::with_configs(known.clone(), known).await;
+    let (sent, received) = sink_transfer(mesh.open("sink").await, MIB, async {}).await;
+    assert_eq!(sent, received);
+    let c = mesh.pool.stats()[0].connections[0].clone();
+    assert_eq!((c.current_mtu, c.mtu_probes_sent), (1452, 0), "{c:?}");
+
+    let mesh = Mesh::new().await;
+    let (sent, received) = sink_transfer(mesh.open("sink").await, MIB, async {}).await;
+    assert_eq!(sent, received);
+    let c = mesh.pool.stats()[0].connections[0].clone();
+    assert!(
+        c.mtu_probes_sent > 0,
+        "the default discovers the path: {c:?}"
+    );
+}
+
+/// An `initial_mtu` larger than the path carries (1,300-byte datagrams: a tunnel or an overlay
+/// network): the handshake and a whole transfer still get through, and the connection settles
+/// on what the path carries.
+async fn transfer_with_a_too_large_initial_mtu(congestion: Congestion) {
+    let cfg = config(|c| {
+        c.congestion = congestion;
+        c.initial_mtu = 1472;
+    });
+    let mesh = Mesh::with_configs(cfg.clone(), cfg).await;
+    let narrow = LinkProfile {
+        max_datagram: Some(1300),
+        ..LinkProfile::clean()
+    };
+    let sim = LinkSim::start(mesh.addr(), narrow.clone(), narrow, 11)
+        .await
+        .unwrap();
+    let tunnel = mesh.open_via(sim.addr(), "sink").await;
+    let (sent, received) = sink_transfer(tunnel, MIB, async {}).await;
+    assert_eq!(sent, received);
+    let c = mesh.pool.stats()[0].connections[0].clone();
+    assert!(c.current_mtu <= 1300, "{c:?}");
+    let too_big =
+        LinkCounters::get(&sim.forward().too_big) + LinkCounters::get(&sim.backward().too_big);
+    assert!(
+        too_big > 0,
+        "the link dropped nothing: the test proves nothing"
+    );
+}
+both!(
+    a_too_large_initial_mtu_falls_back_to_what_the_path_carries,
+    transfer_with_a_too_large_initial_mtu
+);

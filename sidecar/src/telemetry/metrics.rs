@@ -713,6 +713,8 @@ mod tests {
             sent_packets: 10,
             congestion_events: 0,
             stream_frames_sent: 0,
+            current_mtu: 1200,
+            mtu_probes_sent: 0,
             open_streams: 0,
         };
         PeerStats {
