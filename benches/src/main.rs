@@ -1,5 +1,5 @@
 //! Halyard benchmarks: `halyard-benches SCENARIO` writes `benches/results/SCENARIO.{md,json}`.
-//! Scenarios: transport, bulk, latency, lossy, lossy-coexistence, newflows, scale, propagation, flood, gateway, micro, all. The h2-tunnel
+//! Scenarios: transport, bulk, latency, lossy, lossy-coexistence, newflows, scale, propagation, registry-rss, flood, gateway, micro, all. The h2-tunnel
 //! baseline's two processes are this binary too (`h2-tunnel-server`, `h2-tunnel-client`), and so
 //! is the flood's attacker (`handshake-flood`).
 #![forbid(unsafe_code)]
@@ -21,7 +21,7 @@ mod stats;
 mod transport;
 
 const SCENARIOS: &str =
-    "transport, bulk, latency, lossy, lossy-coexistence, newflows, scale, propagation, flood, gateway, micro, all";
+    "transport, bulk, latency, lossy, lossy-coexistence, newflows, scale, propagation, registry-rss, flood, gateway, micro, all";
 
 type Scenario = fn() -> anyhow::Result<()>;
 

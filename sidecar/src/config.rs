@@ -1344,6 +1344,9 @@ listen = "127.0.0.1:19080"
             assert!(msg.starts_with("s.toml: field `"), "{msg}");
             assert!(msg.contains(&format!("`{want}`")), "want {want}: {msg}");
         }
+        let mtu = format!("{GOOD}\n[transport]\ninitial_mtu = 1500\n");
+        let err = Config::parse(&mtu, Path::new("s.toml")).unwrap_err();
+        assert!(err.to_string().contains("transport.initial_mtu"), "{err}");
         let syntax = Config::parse("registry = ", Path::new("s.toml")).unwrap_err();
         assert!(syntax.to_string().contains("not valid TOML"));
     }

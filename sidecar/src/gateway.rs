@@ -737,7 +737,8 @@ async fn follow(
 }
 
 /// Room per datagram in the receive buffers (bytes): QUIC datagrams stay under the path MTU
-/// (quinn's discovery stops at 1,452 bytes), plus a PROXY header on the way back; a GRO batch
+/// (at most 1,472 bytes: the sidecars' `max_udp_payload_size` and `initial_mtu` ceiling), plus
+/// a PROXY header on the way back; a GRO batch
 /// is `gro_segments` of them.
 const MAX_SEGMENT: usize = 2048;
 /// Largest datagram the kernel takes in one GSO send (a UDP length field's worth).

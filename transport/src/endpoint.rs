@@ -40,6 +40,9 @@ struct Inner {
     /// slot per stream a peer may open when a connection starts (`quinn_proto`'s
     /// `StreamsState::new`): this is half a cold connection's slots, and memory per connection.
     client_transport: Arc<quinn::TransportConfig>,
+    /// `client_transport` for connections dialled through an east-west gateway
+    /// ([`gateway_initial_mtu`]).
+    gateway_transport: Arc<quinn::TransportConfig>,
     /// Bounds on inbound handshakes and connections per peer (`admission`).
     gate: crate::admission::Gate,
     /// Clients reached through east-west gateways (`proxy_protocol_from`), kept across rebind.
@@ -113,6 +116,17 @@ fn quinn_transport(config: &TransportConfig) -> quinn::TransportConfig {
     t
 }
 
+/// The `initial_mtu` of a connection dialled through an east-west gateway, bytes: the gateway
+/// puts a PROXY protocol v2 header (up to [`crate::proxy_v2::MAX_LEN`] bytes) in front of every
+/// datagram it forwards, so a packet of the configured size would no longer fit the path the
+/// operator sized it for. Never below 1,200 (RFC 9000 §14); discovery still probes upwards.
+pub(crate) fn gateway_initial_mtu(initial_mtu: u16) -> u16 {
+    let header = u16::try_from(crate::proxy_v2::MAX_LEN).unwrap_or(u16::MAX);
+    initial_mtu
+        .saturating_sub(header)
+        .max(crate::config::MIN_MTU)
+}
+
 impl MeshEndpoint {
     /// Binds `bind` and serves the identity of `resolver` (hot-rotated by it), trusting `bundle`.
     /// Must be called inside a tokio runtime.
@@ -150,11 +164,14 @@ impl MeshEndpoint {
         reset_key: &crate::ResetKey,
     ) -> Result<Self, EndpointError> {
         let transport = Arc::new(quinn_transport(&config));
-        let client_transport = {
+        let dialling = |initial_mtu: u16| {
             let mut t = quinn_transport(&config);
-            t.max_concurrent_bidi_streams(VarInt::from_u32(0));
+            t.max_concurrent_bidi_streams(VarInt::from_u32(0))
+                .initial_mtu(initial_mtu);
             Arc::new(t)
         };
+        let client_transport = dialling(config.initial_mtu());
+        let gateway_transport = dialling(gateway_initial_mtu(config.initial_mtu()));
         let server = server_config(&resolver, &bundle, transport.clone())?;
         let socket = bind_udp(bind, &config)?;
         let bound = socket
@@ -199,6 +216,7 @@ impl MeshEndpoint {
                 config,
                 transport,
                 client_transport,
+                gateway_transport,
                 gate,
                 proxied,
                 gateways: std::sync::RwLock::new(Arc::new(GatewayRoutes::new())),
@@ -345,7 +363,11 @@ impl MeshEndpoint {
         let crypto =
             QuicClientConfig::try_from(tls).map_err(|e| EndpointError::Crypto(e.to_string()))?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-        client.transport_config(self.inner.client_transport.clone());
+        client.transport_config(if sni {
+            self.inner.gateway_transport.clone()
+        } else {
+            self.inner.client_transport.clone()
+        });
         Ok(client)
     }
 }
@@ -379,4 +401,19 @@ pub fn peer_leaf(conn: &quinn::Connection) -> Option<(SpiffeId, Vec<u8>)> {
     let id = halyard_certs::peer_id(Some(&certs)).ok()?;
     let serial = halyard_certs::svid::serial(certs.first()?).ok()?;
     Some((id, serial))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gateway_initial_mtu;
+
+    #[test]
+    fn a_connection_through_a_gateway_starts_below_the_proxy_header() {
+        // 1472 fits a 1500-byte IPv4 path; the gateway adds up to 52 bytes (PROXY v2, IPv6).
+        assert_eq!(gateway_initial_mtu(1472), 1420);
+        assert_eq!(gateway_initial_mtu(1300), 1248);
+        // Never below what every QUIC path carries.
+        assert_eq!(gateway_initial_mtu(1230), 1200);
+        assert_eq!(gateway_initial_mtu(1200), 1200);
+    }
 }

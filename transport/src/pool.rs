@@ -112,6 +112,9 @@ pub struct ConnectionStats {
     pub current_mtu: u16,
     /// Path MTU probes sent since the connection opened (padded PING packets, RFC 9000 §14.4).
     pub mtu_probes_sent: u64,
+    /// Times the connection judged its packets too large for the path and fell back to 1,200
+    /// bytes (quinn's black-hole detection).
+    pub mtu_black_holes: u64,
     /// Tunnels and requests open on it now.
     pub open_streams: usize,
 }
@@ -637,6 +640,7 @@ fn stats_of(conn: &Pooled) -> ConnectionStats {
         stream_frames_sent: s.frame_tx.stream,
         current_mtu: s.path.current_mtu,
         mtu_probes_sent: s.path.sent_plpmtud_probes,
+        mtu_black_holes: s.path.black_holes_detected,
         open_streams: conn.open_streams(),
     }
 }

@@ -80,7 +80,7 @@ pub struct LinkCounters {
     pub reordered: AtomicU64,
     /// Extra copies sent.
     pub duplicated: AtomicU64,
-    /// Packets lost for being larger than `max_datagram`.
+    /// Packets lost for being larger than `max_datagram` (not counted in `received`).
     pub too_big: AtomicU64,
 }
 

@@ -293,6 +293,7 @@ async fn a_known_path_mtu_is_used_from_the_first_packet_without_probes() {
     assert_eq!(sent, received);
     let c = mesh.pool.stats()[0].connections[0].clone();
     assert_eq!((c.current_mtu, c.mtu_probes_sent), (1452, 0), "{c:?}");
+    assert_eq!(c.mtu_black_holes, 0, "{c:?}");
 
     let mesh = Mesh::new().await;
     let (sent, received) = sink_transfer(mesh.open("sink").await, MIB, async {}).await;
@@ -325,6 +326,10 @@ async fn transfer_with_a_too_large_initial_mtu(congestion: Congestion) {
     assert_eq!(sent, received);
     let c = mesh.pool.stats()[0].connections[0].clone();
     assert!(c.current_mtu <= 1300, "{c:?}");
+    assert!(
+        c.mtu_black_holes >= 1,
+        "the fallback was not exercised: {c:?}"
+    );
     let too_big =
         LinkCounters::get(&sim.forward().too_big) + LinkCounters::get(&sim.backward().too_big);
     assert!(

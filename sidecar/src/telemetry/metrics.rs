@@ -715,6 +715,7 @@ mod tests {
             stream_frames_sent: 0,
             current_mtu: 1200,
             mtu_probes_sent: 0,
+            mtu_black_holes: 0,
             open_streams: 0,
         };
         PeerStats {
