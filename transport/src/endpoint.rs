@@ -127,6 +127,19 @@ pub(crate) fn gateway_initial_mtu(initial_mtu: u16) -> u16 {
         .max(crate::config::MIN_MTU)
 }
 
+/// The `initial_mtu` of the connections this endpoint accepts, bytes: with
+/// `proxy_protocol_from` set, some of them arrive through an east-west gateway, which takes a
+/// PROXY v2 header off every datagram the server sends back to it, so all start
+/// [`gateway_initial_mtu`] (quinn takes one server setting for every connection; discovery
+/// climbs from there on a direct path).
+fn server_initial_mtu(config: &TransportConfig) -> u16 {
+    if config.proxy_protocol_from().is_empty() {
+        config.initial_mtu()
+    } else {
+        gateway_initial_mtu(config.initial_mtu())
+    }
+}
+
 impl MeshEndpoint {
     /// Binds `bind` and serves the identity of `resolver` (hot-rotated by it), trusting `bundle`.
     /// Must be called inside a tokio runtime.
@@ -163,7 +176,11 @@ impl MeshEndpoint {
         lb: crate::quic_lb::LbConfig,
         reset_key: &crate::ResetKey,
     ) -> Result<Self, EndpointError> {
-        let transport = Arc::new(quinn_transport(&config));
+        let transport = {
+            let mut t = quinn_transport(&config);
+            t.initial_mtu(server_initial_mtu(&config));
+            Arc::new(t)
+        };
         let dialling = |initial_mtu: u16| {
             let mut t = quinn_transport(&config);
             t.max_concurrent_bidi_streams(VarInt::from_u32(0))
@@ -406,6 +423,18 @@ pub fn peer_leaf(conn: &quinn::Connection) -> Option<(SpiffeId, Vec<u8>)> {
 #[cfg(test)]
 mod tests {
     use super::gateway_initial_mtu;
+
+    #[test]
+    fn a_server_behind_a_gateway_starts_its_connections_below_the_proxy_header() {
+        let config = |proxied: &str| -> crate::TransportConfig {
+            serde_json::from_str(&format!(
+                r#"{{"initial_mtu": 1472, "proxy_protocol_from": [{proxied}]}}"#
+            ))
+            .unwrap()
+        };
+        assert_eq!(super::server_initial_mtu(&config("")), 1472);
+        assert_eq!(super::server_initial_mtu(&config(r#""10.1.0.0/16""#)), 1420);
+    }
 
     #[test]
     fn a_connection_through_a_gateway_starts_below_the_proxy_header() {
