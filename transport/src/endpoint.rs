@@ -130,8 +130,11 @@ pub(crate) fn gateway_initial_mtu(initial_mtu: u16) -> u16 {
 /// The `initial_mtu` of the connections this endpoint accepts, bytes: with
 /// `proxy_protocol_from` set, some of them arrive through an east-west gateway, which takes a
 /// PROXY v2 header off every datagram the server sends back to it, so all start
-/// [`gateway_initial_mtu`] (quinn takes one server setting for every connection; discovery
-/// climbs from there on a direct path).
+/// [`gateway_initial_mtu`]. The direct ones start there too and discovery climbs from there:
+/// one server configuration serves every accepted connection here. quinn could take another
+/// per connection (`Incoming::accept_with`), chosen by whether the client's first datagram came
+/// through a gateway; not done, and the cost is only a direct connection's first probes when
+/// `initial_mtu` is set above 1,200.
 fn server_initial_mtu(config: &TransportConfig) -> u16 {
     if config.proxy_protocol_from().is_empty() {
         config.initial_mtu()
