@@ -105,9 +105,9 @@ fn quinn_transport(config: &TransportConfig) -> quinn::TransportConfig {
         // starves every request stream on the same connection once it is congestion-limited
         // (measured: 50 request flows timed out behind one bulk flow on a 100 Mbit/s link).
         .send_fairness(true)
-        .congestion_controller_factory(config.congestion().factory())
-        .initial_mtu(config.initial_mtu());
-    // Probing goes on above a larger start (quinn's default ceiling is 1452).
+        .congestion_controller_factory(config.congestion().factory());
+    // The start (`initial_mtu`) is set per role by the caller: accepted, dialled, dialled
+    // through a gateway. Probing goes on above a larger start (quinn's default ceiling is 1452).
     let mut mtud = quinn::MtuDiscoveryConfig::default();
     mtud.upper_bound(config.initial_mtu().max(1452));
     t.mtu_discovery_config(Some(mtud));
