@@ -105,8 +105,9 @@ pub struct RawTransportConfig {
     /// the connection's first flows run. On a network known to carry more (1472 is a 1500-byte
     /// IPv4 path), starting there skips the probes: a too-large value is caught by black-hole
     /// detection, which falls back to 1200 after losses (and searches again after 60 s).
-    /// Connections through an east-west gateway start lower by the PROXY header it adds, and so
-    /// do all that an endpoint with `proxy_protocol_from` accepts. 1200 to 1472.
+    /// Connections through an east-west gateway start lower by the PROXY header it adds, on
+    /// both sides (the dialler's, and the accepting endpoint's with `proxy_protocol_from`).
+    /// 1200 to 1472.
     pub initial_mtu: u64,
     /// Requests and tunnels one verified peer may have in progress at once on this endpoint,
     /// over all its connections; past it a new one is reset with H3_REQUEST_REJECTED. 1 to

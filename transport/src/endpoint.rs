@@ -34,7 +34,15 @@ struct Inner {
     /// Replaced as a whole on CA rotation; read once per handshake.
     bundle: std::sync::RwLock<Arc<TrustBundle>>,
     config: TransportConfig,
+    /// Settings of the connections this endpoint accepts directly.
     transport: Arc<quinn::TransportConfig>,
+    /// `transport` for the connections an east-west gateway brings (`proxy_protocol_from`
+    /// set): the gateway takes a PROXY v2 header off every datagram the server sends back
+    /// through it, so they start [`gateway_initial_mtu`]. `None` when no gateway is trusted.
+    proxied_transport: Option<Arc<quinn::TransportConfig>>,
+    /// The server configuration made with `proxied_transport`, replaced with the endpoint's
+    /// own on [`MeshEndpoint::set_trust_bundle`].
+    proxied_server: std::sync::RwLock<Option<Arc<quinn::ServerConfig>>>,
     /// `transport` for the connections this endpoint opens: the server of an HTTP/3 connection
     /// never opens a bidirectional stream (RFC 9114 §6.1), so none is allowed. quinn sets up a
     /// slot per stream a peer may open when a connection starts (`quinn_proto`'s
@@ -127,22 +135,6 @@ pub(crate) fn gateway_initial_mtu(initial_mtu: u16) -> u16 {
         .max(crate::config::MIN_MTU)
 }
 
-/// The `initial_mtu` of the connections this endpoint accepts, bytes: with
-/// `proxy_protocol_from` set, some of them arrive through an east-west gateway, which takes a
-/// PROXY v2 header off every datagram the server sends back to it, so all start
-/// [`gateway_initial_mtu`]. The direct ones start there too and discovery climbs from there:
-/// one server configuration serves every accepted connection here. quinn could take another
-/// per connection (`Incoming::accept_with`), chosen by whether the client's first datagram came
-/// through a gateway; not done, and the cost is only a direct connection's first probes when
-/// `initial_mtu` is set above 1,200.
-fn server_initial_mtu(config: &TransportConfig) -> u16 {
-    if config.proxy_protocol_from().is_empty() {
-        config.initial_mtu()
-    } else {
-        gateway_initial_mtu(config.initial_mtu())
-    }
-}
-
 impl MeshEndpoint {
     /// Binds `bind` and serves the identity of `resolver` (hot-rotated by it), trusting `bundle`.
     /// Must be called inside a tokio runtime.
@@ -179,11 +171,14 @@ impl MeshEndpoint {
         lb: crate::quic_lb::LbConfig,
         reset_key: &crate::ResetKey,
     ) -> Result<Self, EndpointError> {
-        let transport = {
+        let accepting = |initial_mtu: u16| {
             let mut t = quinn_transport(&config);
-            t.initial_mtu(server_initial_mtu(&config));
+            t.initial_mtu(initial_mtu);
             Arc::new(t)
         };
+        let transport = accepting(config.initial_mtu());
+        let proxied_transport = (!config.proxy_protocol_from().is_empty())
+            .then(|| accepting(gateway_initial_mtu(config.initial_mtu())));
         let dialling = |initial_mtu: u16| {
             let mut t = quinn_transport(&config);
             t.max_concurrent_bidi_streams(VarInt::from_u32(0))
@@ -193,6 +188,10 @@ impl MeshEndpoint {
         let client_transport = dialling(config.initial_mtu());
         let gateway_transport = dialling(gateway_initial_mtu(config.initial_mtu()));
         let server = server_config(&resolver, &bundle, transport.clone())?;
+        let proxied_server = match &proxied_transport {
+            Some(t) => Some(Arc::new(server_config(&resolver, &bundle, t.clone())?)),
+            None => None,
+        };
         let socket = bind_udp(bind, &config)?;
         let bound = socket
             .local_addr()
@@ -235,6 +234,8 @@ impl MeshEndpoint {
                 bundle: std::sync::RwLock::new(bundle),
                 config,
                 transport,
+                proxied_transport,
+                proxied_server: std::sync::RwLock::new(proxied_server),
                 client_transport,
                 gateway_transport,
                 gate,
@@ -322,9 +323,52 @@ impl MeshEndpoint {
     /// connections keep the trust they were verified with.
     pub fn set_trust_bundle(&self, bundle: Arc<TrustBundle>) -> Result<(), EndpointError> {
         let server = server_config(&self.inner.resolver, &bundle, self.inner.transport.clone())?;
+        let proxied = match &self.inner.proxied_transport {
+            Some(t) => Some(Arc::new(server_config(
+                &self.inner.resolver,
+                &bundle,
+                t.clone(),
+            )?)),
+            None => None,
+        };
         *self.inner.bundle.write().unwrap_or_else(|p| p.into_inner()) = bundle;
         self.inner.quic.set_server_config(Some(server));
+        *self
+            .inner
+            .proxied_server
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = proxied;
         Ok(())
+    }
+
+    /// Accepts an inbound connection attempt (after the admission checks), with the settings
+    /// of its kind: a client whose Initial came through a trusted east-west gateway
+    /// (`proxy_protocol_from`) gets a connection that starts at [`gateway_initial_mtu`], so
+    /// the PROXY header on the way back fits; a direct client one that starts at
+    /// `initial_mtu` (quinn's `Incoming::accept_with`). Errors as quinn's `accept`: the
+    /// attempt was refused by the QUIC layer (for example a full connection table).
+    pub fn accept(
+        &self,
+        incoming: quinn::Incoming,
+    ) -> Result<quinn::Connecting, quinn::ConnectionError> {
+        let via_gateway = self
+            .inner
+            .proxied
+            .as_ref()
+            .is_some_and(|p| p.via(incoming.remote_address()).is_some());
+        let server = via_gateway
+            .then(|| {
+                self.inner
+                    .proxied_server
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+            })
+            .flatten();
+        match server {
+            Some(server) => incoming.accept_with(server),
+            None => incoming.accept(),
+        }
     }
 
     /// The transport settings.
@@ -426,18 +470,6 @@ pub fn peer_leaf(conn: &quinn::Connection) -> Option<(SpiffeId, Vec<u8>)> {
 #[cfg(test)]
 mod tests {
     use super::gateway_initial_mtu;
-
-    #[test]
-    fn a_server_behind_a_gateway_starts_its_connections_below_the_proxy_header() {
-        let config = |proxied: &str| -> crate::TransportConfig {
-            serde_json::from_str(&format!(
-                r#"{{"initial_mtu": 1472, "proxy_protocol_from": [{proxied}]}}"#
-            ))
-            .unwrap()
-        };
-        assert_eq!(super::server_initial_mtu(&config("")), 1472);
-        assert_eq!(super::server_initial_mtu(&config(r#""10.1.0.0/16""#)), 1420);
-    }
 
     #[test]
     fn a_connection_through_a_gateway_starts_below_the_proxy_header() {

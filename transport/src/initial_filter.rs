@@ -62,7 +62,7 @@ impl InitialFilter {
 
 /// Where answers to a client behind a gateway go.
 #[derive(Debug, Clone, Copy)]
-struct Via {
+pub(crate) struct Via {
     /// The gateway's address on this side (where its wrapped datagram came from).
     gateway: SocketAddr,
     /// The gateway's address the client sent to (the header's destination), put back as the
@@ -120,7 +120,7 @@ impl Proxied {
         );
     }
 
-    fn via(&self, client: SocketAddr) -> Option<Via> {
+    pub(crate) fn via(&self, client: SocketAddr) -> Option<Via> {
         let clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         if clients.is_empty() {
             return None;

@@ -9,6 +9,7 @@
 //! MeshEndpoint::new(Arc<CertResolver>, Arc<TrustBundle>, TransportConfig, SocketAddr)
 //!     -> Result<MeshEndpoint, EndpointError>
 //!   .local_addr() .rebind(std::net::UdpSocket) .set_trust_bundle(Arc<TrustBundle>) .close() .wait_idle().await
+//!   .accept(quinn::Incoming) -> Result<quinn::Connecting, quinn::ConnectionError>  // what serve() does
 //! bind_udp(SocketAddr, &TransportConfig) -> Result<std::net::UdpSocket, EndpointError>
 //!
 //! // inbound

@@ -248,7 +248,11 @@ async fn serve_connection<H: Handler>(
     draining: tokio::sync::watch::Receiver<bool>,
 ) {
     let remote = incoming.remote_address();
-    let conn = match tokio::time::timeout(endpoint.config().connect_timeout(), incoming).await {
+    let connecting = match endpoint.accept(incoming) {
+        Ok(connecting) => connecting,
+        Err(e) => return tracing::debug!(%remote, error = %e, "connection refused"),
+    };
+    let conn = match tokio::time::timeout(endpoint.config().connect_timeout(), connecting).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => return tracing::debug!(%remote, error = %e, "handshake failed"),
         Err(_) => return tracing::debug!(%remote, "handshake timed out"),

@@ -533,3 +533,114 @@ async fn a_dialled_connection_gives_the_server_no_bidirectional_stream() {
         "the server has no bidi credit"
     );
 }
+
+/// A stand-in for an east-west gateway in front of one server: datagrams from callers go to
+/// `server` behind a PROXY v2 header; the server's answers, behind a header naming the caller,
+/// go to that caller without it, unless the wrapped datagram is longer than `path_mtu` bytes
+/// (the path between server and gateway carries no more: dropped, as a router would).
+async fn proxy_relay(server: std::net::SocketAddr, path_mtu: usize) -> std::net::SocketAddr {
+    use halyard_transport::proxy_v2::{self, ProxyHeader};
+    let socket = tokio::net::UdpSocket::bind(LOOPBACK).await.unwrap();
+    let public = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            let Ok((n, from)) = socket.recv_from(&mut buf[proxy_v2::MAX_LEN..]).await else {
+                return;
+            };
+            let datagram = &buf[proxy_v2::MAX_LEN..proxy_v2::MAX_LEN + n];
+            if from == server {
+                let Ok((header, at)) = proxy_v2::decode(datagram) else {
+                    continue;
+                };
+                if n <= path_mtu {
+                    let _ = socket.send_to(&datagram[at..], header.destination).await;
+                }
+            } else {
+                let header = ProxyHeader {
+                    source: from,
+                    destination: public,
+                };
+                let len = proxy_v2::encoded_len(&header);
+                let start = proxy_v2::MAX_LEN - len;
+                proxy_v2::encode(&header, &mut buf[start..]).unwrap();
+                let _ = socket
+                    .send_to(&buf[start..proxy_v2::MAX_LEN + n], server)
+                    .await;
+            }
+        }
+    });
+    public
+}
+
+/// An endpoint that accepts callers through east-west gateways (`proxy_protocol_from`) gives
+/// their connections a start below the PROXY header its answers carry back through the gateway,
+/// and its direct callers the configured `initial_mtu` from the first packet, with no probe.
+#[tokio::test]
+async fn an_endpoint_behind_a_gateway_starts_only_the_connections_the_gateway_brings_lower() {
+    let pki = halyard_certs::test_util::TestPki::new("mesh.local");
+    let endpoint = |name: &str, proxied: &[&str]| {
+        let cfg = config(|c| {
+            c.initial_mtu = 1452;
+            c.proxy_protocol_from = proxied.iter().map(|p| p.to_string()).collect();
+        });
+        halyard_transport::MeshEndpoint::new(
+            pki.resolver(name),
+            pki.bundle.clone(),
+            cfg,
+            LOOPBACK.parse().unwrap(),
+        )
+        .unwrap()
+    };
+    let server = endpoint("reviews", &["127.0.0.0/8"]);
+    // Two callers: the server answers an address it has seen behind the gateway through it.
+    let (remote, local) = (endpoint("productpage", &[]), endpoint("productpage", &[]));
+    let reviews = pki.id("reviews");
+    // The path between the gateway and the server carries 1,452-byte datagrams, header included.
+    let gateway = proxy_relay(server.local_addr().unwrap(), 1452).await;
+    let exchange = |client: &halyard_transport::MeshEndpoint, via: std::net::SocketAddr| {
+        let (server, client, reviews) = (&server, client.clone(), &reviews);
+        async move {
+            let accept = async {
+                let incoming = server.quinn().accept().await.unwrap();
+                let conn = server.accept(incoming).unwrap().await.unwrap();
+                let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+                let asked = recv.read_to_end(1 << 20).await.unwrap();
+                send.write_all(&asked).await.unwrap();
+                send.finish().unwrap();
+                conn
+            };
+            let dial = async {
+                let conn = client.connect(via, reviews).await.unwrap();
+                let (mut send, mut recv) = conn.open_bi().await.unwrap();
+                send.write_all(&pattern(3, 256 * 1024)).await.unwrap();
+                send.finish().unwrap();
+                let back = recv.read_to_end(1 << 20).await.unwrap();
+                (conn, back)
+            };
+            let (accepted, (dialled, back)) = tokio::join!(accept, dial);
+            assert_eq!(back, pattern(3, 256 * 1024));
+            let stats = accepted.stats().path;
+            drop(dialled);
+            stats
+        }
+    };
+    let through = tokio::time::timeout(Duration::from_secs(20), exchange(&remote, gateway))
+        .await
+        .expect("the handshake and the exchange through the gateway fit its path");
+    assert!(
+        through.current_mtu <= 1452 - 28 && through.black_holes_detected == 0,
+        "{through:?}"
+    );
+    let direct = tokio::time::timeout(
+        Duration::from_secs(20),
+        exchange(&local, server.local_addr().unwrap()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (direct.current_mtu, direct.sent_plpmtud_probes),
+        (1452, 0),
+        "a direct caller starts at initial_mtu: {direct:?}"
+    );
+}
