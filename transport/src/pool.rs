@@ -10,7 +10,8 @@
 //!   new stream waits `stream_credit_wait_ms` on the least loaded, then fails with the local
 //!   error [`TunnelError::StreamLimit`] (never a connect failure: the peer is fine).
 //! - Closed connections (idle timeout, peer restart) are dropped and replaced on next use; a
-//!   request that races with a closing connection is retried once on a fresh one.
+//!   request that races with a closing connection is retried once on a fresh one. A stateless
+//!   reset (a restarted peer) drops every connection to that peer from the pool.
 //! - A failed connect puts the peer in jittered exponential backoff; callers then get
 //!   [`TunnelError::Backoff`] at once and can choose another endpoint.
 
@@ -205,6 +206,24 @@ pub enum Choice {
     /// None may have credit and no more may be opened: try the least loaded one; without credit
     /// in time, the stream fails with [`TunnelError::StreamLimit`].
     Last(usize),
+}
+
+/// Drops the closed connections of one peer. When one was ended by a stateless reset (RFC 9000
+/// §10.3), the peer holds no state for it, which after a process restart is true of every
+/// connection to that address: all of them leave the pool, so that the next stream opens a new
+/// connection rather than meeting the same reset on another dead one (with several
+/// connections per peer). Streams already open on them go on until they end.
+fn prune(conns: &mut Vec<Pooled>) {
+    if conns.iter().any(|c| stateless_reset(&c.quic)) {
+        conns.clear();
+    } else {
+        conns.retain(|c| c.quic.close_reason().is_none());
+    }
+}
+
+/// Whether `quic` was ended by the peer's stateless reset.
+fn stateless_reset(quic: &quinn::Connection) -> bool {
+    matches!(quic.close_reason(), Some(quinn::ConnectionError::Reset))
 }
 
 /// Chooses the connection for a new stream. Among the connections that may have stream credit,
@@ -435,6 +454,9 @@ impl Pool {
         let peer = self.peer(key);
         let mut conns = peer.conns.lock().unwrap_or_else(|p| p.into_inner());
         conns.retain(|c| c.quic.stable_id() != quic.stable_id());
+        if stateless_reset(quic) {
+            conns.clear();
+        }
     }
 
     /// A live connection to the peer, opened if needed, and whether it is the last resort
@@ -490,7 +512,7 @@ impl Pool {
             max: config.max_connections_per_peer(),
         };
         let mut conns = peer.conns.lock().unwrap_or_else(|p| p.into_inner());
-        conns.retain(|c| c.quic.close_reason().is_none());
+        prune(&mut conns);
         let loads: Vec<ConnLoad> = conns.iter().map(Pooled::load).collect();
         let (index, last) = match choose_connection(&loads, limits) {
             Choice::Use(i) => (i, false),

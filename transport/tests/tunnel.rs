@@ -644,3 +644,109 @@ async fn an_endpoint_behind_a_gateway_starts_only_the_connections_the_gateway_br
         "a direct caller starts at initial_mtu: {direct:?}"
     );
 }
+
+/// A UDP relay to `backend`, which the caller may switch: the first source that is not the
+/// backend is the client; what the current backend sends goes to the client, anything else
+/// is dropped (a former backend is cut off, as a crashed process falls silent).
+async fn switchable_relay(
+    backend: std::net::SocketAddr,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::watch::Sender<std::net::SocketAddr>,
+) {
+    let socket = tokio::net::UdpSocket::bind(LOOPBACK).await.unwrap();
+    let public = socket.local_addr().unwrap();
+    let (switch, current) = tokio::sync::watch::channel(backend);
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        let mut client = None;
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let backend = *current.borrow();
+            let to = if from == backend {
+                client
+            } else if client.is_none_or(|c| c == from) {
+                client = Some(from);
+                Some(backend)
+            } else {
+                None
+            };
+            if let Some(to) = to {
+                let _ = socket.send_to(&buf[..n], to).await;
+            }
+        }
+    });
+    (public, switch)
+}
+
+/// A peer restarted at the same address (a new endpoint there with the same reset key, as a
+/// sidecar keeps it in `state_dir`) while the pool holds two connections to the old one: the
+/// first flow after it meets the new process's stateless reset, and the next flow opens a new
+/// connection instead of trying the other dead one.
+#[tokio::test]
+async fn after_a_stateless_reset_no_other_connection_to_that_peer_is_used() {
+    let pki = halyard_certs::test_util::TestPki::new("mesh.local");
+    let key = halyard_transport::ResetKey::random();
+    // Both processes are registered at one address, so they make the same reset tokens
+    // (`ResetKey::for_endpoint`) and issue connection IDs of the same server ID.
+    let registered: std::net::SocketAddr = "192.0.2.1:4433".parse().unwrap();
+    let serve = || {
+        let endpoint = halyard_transport::MeshEndpoint::new_advertised(
+            pki.resolver("reviews"),
+            pki.bundle.clone(),
+            halyard_transport::TransportConfig::default(),
+            LOOPBACK.parse().unwrap(),
+            Some(registered),
+            halyard_transport::quic_lb::LbConfig::default(),
+            &key,
+        )
+        .unwrap();
+        let handler = std::sync::Arc::new(TestHandler::default());
+        let task = tokio::spawn(halyard_transport::serve(endpoint.clone(), handler));
+        (endpoint, task)
+    };
+    let (first, _first_task) = serve();
+    let (addr, switch) = switchable_relay(first.local_addr().unwrap()).await;
+    let client = halyard_transport::MeshEndpoint::new(
+        pki.resolver("productpage"),
+        pki.bundle.clone(),
+        config(|c| c.connections_per_peer = 2),
+        LOOPBACK.parse().unwrap(),
+    )
+    .unwrap();
+    let pool = halyard_transport::Pool::new(client);
+    let reviews = pki.id("reviews");
+    let target = Target::new("echo", 9000).unwrap();
+    let open = || pool.open_tcp(addr, &reviews, &target, HeaderMap::new());
+    // Two flows at once: the second finds the first connection busy and opens another.
+    let (a, b) = (open().await.unwrap(), open().await.unwrap());
+    let (a, b) = tokio::join!(exchange(a, b"a"), exchange(b, b"b"));
+    assert_eq!((a.unwrap(), b.unwrap()), (b"a".to_vec(), b"b".to_vec()));
+    assert_eq!(pool.connections(addr, &reviews).len(), 2);
+
+    // The first process falls silent (nothing of it reaches the caller any more, no
+    // CONNECTION_CLOSE) and a second one takes its place behind the same address.
+    let (second, _second_task) = serve();
+    switch.send_replace(second.local_addr().unwrap());
+    let lost = match open().await {
+        Ok(tunnel) => exchange(tunnel, b"c").await.unwrap_err(),
+        Err(e) => panic!("the pool opened no stream: {e}"),
+    };
+    let inner = lost.get_ref().and_then(|e| e.downcast_ref::<TunnelError>());
+    assert!(
+        matches!(
+            inner,
+            Some(TunnelError::ConnectionLost {
+                peer_restarted: true,
+                ..
+            })
+        ),
+        "{lost:?}"
+    );
+    let next = exchange(open().await.unwrap(), b"d").await;
+    assert_eq!(
+        next.unwrap(),
+        b"d",
+        "the next flow goes on a new connection"
+    );
+    assert_eq!(pool.connections(addr, &reviews).len(), 1);
+}
