@@ -40,9 +40,10 @@ struct Inner {
     /// set): the gateway takes a PROXY v2 header off every datagram the server sends back
     /// through it, so they start [`gateway_initial_mtu`]. `None` when no gateway is trusted.
     proxied_transport: Option<Arc<quinn::TransportConfig>>,
-    /// The server configuration made with `proxied_transport`, replaced with the endpoint's
-    /// own on [`MeshEndpoint::set_trust_bundle`].
-    proxied_server: std::sync::RwLock<Option<Arc<quinn::ServerConfig>>>,
+    /// The server configurations an attempt is accepted with: for direct clients (also the
+    /// quinn endpoint's own), and with `proxied_transport` for clients behind a gateway.
+    /// Replaced together on [`MeshEndpoint::set_trust_bundle`].
+    servers: std::sync::RwLock<ServerConfigs>,
     /// `transport` for the connections this endpoint opens: the server of an HTTP/3 connection
     /// never opens a bidirectional stream (RFC 9114 §6.1), so none is allowed. quinn sets up a
     /// slot per stream a peer may open when a connection starts (`quinn_proto`'s
@@ -59,6 +60,13 @@ struct Inner {
     gateways: std::sync::RwLock<Arc<GatewayRoutes>>,
     /// The server ID in every connection ID this endpoint issues.
     server_id: crate::quic_lb::ServerId,
+}
+
+/// The server configurations of one trust bundle.
+#[derive(Debug)]
+struct ServerConfigs {
+    direct: Arc<quinn::ServerConfig>,
+    proxied: Option<Arc<quinn::ServerConfig>>,
 }
 
 /// Which peer addresses are reached through an east-west gateway: peer (the workload's
@@ -187,11 +195,8 @@ impl MeshEndpoint {
         };
         let client_transport = dialling(config.initial_mtu());
         let gateway_transport = dialling(gateway_initial_mtu(config.initial_mtu()));
-        let server = server_config(&resolver, &bundle, transport.clone())?;
-        let proxied_server = match &proxied_transport {
-            Some(t) => Some(Arc::new(server_config(&resolver, &bundle, t.clone())?)),
-            None => None,
-        };
+        let servers = server_configs(&resolver, &bundle, &transport, proxied_transport.as_ref())?;
+        let server = (*servers.direct).clone();
         let socket = bind_udp(bind, &config)?;
         let bound = socket
             .local_addr()
@@ -235,7 +240,7 @@ impl MeshEndpoint {
                 config,
                 transport,
                 proxied_transport,
-                proxied_server: std::sync::RwLock::new(proxied_server),
+                servers: std::sync::RwLock::new(servers),
                 client_transport,
                 gateway_transport,
                 gate,
@@ -322,30 +327,29 @@ impl MeshEndpoint {
     /// alone once every leaf is reissued). New handshakes on both sides use it; established
     /// connections keep the trust they were verified with.
     pub fn set_trust_bundle(&self, bundle: Arc<TrustBundle>) -> Result<(), EndpointError> {
-        let server = server_config(&self.inner.resolver, &bundle, self.inner.transport.clone())?;
-        let proxied = match &self.inner.proxied_transport {
-            Some(t) => Some(Arc::new(server_config(
-                &self.inner.resolver,
-                &bundle,
-                t.clone(),
-            )?)),
-            None => None,
-        };
+        let servers = server_configs(
+            &self.inner.resolver,
+            &bundle,
+            &self.inner.transport,
+            self.inner.proxied_transport.as_ref(),
+        )?;
+        let server = (*servers.direct).clone();
         *self.inner.bundle.write().unwrap_or_else(|p| p.into_inner()) = bundle;
-        self.inner.quic.set_server_config(Some(server));
         *self
             .inner
-            .proxied_server
+            .servers
             .write()
-            .unwrap_or_else(|p| p.into_inner()) = proxied;
+            .unwrap_or_else(|p| p.into_inner()) = servers;
+        self.inner.quic.set_server_config(Some(server));
         Ok(())
     }
 
-    /// Accepts an inbound connection attempt (after the admission checks), with the settings
-    /// of its kind: a client whose Initial came through a trusted east-west gateway
-    /// (`proxy_protocol_from`) gets a connection that starts at [`gateway_initial_mtu`], so
-    /// the PROXY header on the way back fits; a direct client one that starts at
-    /// `initial_mtu` (quinn's `Incoming::accept_with`). Errors as quinn's `accept`: the
+    /// Accepts an inbound connection attempt (after the admission checks) with the settings
+    /// of its kind and the trust bundle in force now (quinn's `Incoming::accept_with`; its
+    /// `accept` would use the configuration of when the attempt arrived): a client whose
+    /// Initial came through a trusted east-west gateway (`proxy_protocol_from`) gets a
+    /// connection that starts at [`gateway_initial_mtu`], so the PROXY header on the way back
+    /// fits; a direct client one that starts at `initial_mtu`. Errors as quinn's `accept`: the
     /// attempt was refused by the QUIC layer (for example a full connection table).
     pub fn accept(
         &self,
@@ -356,19 +360,14 @@ impl MeshEndpoint {
             .proxied
             .as_ref()
             .is_some_and(|p| p.via(incoming.remote_address()).is_some());
-        let server = via_gateway
-            .then(|| {
-                self.inner
-                    .proxied_server
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone()
-            })
-            .flatten();
-        match server {
-            Some(server) => incoming.accept_with(server),
-            None => incoming.accept(),
-        }
+        let server = {
+            let servers = self.inner.servers.read().unwrap_or_else(|p| p.into_inner());
+            match &servers.proxied {
+                Some(proxied) if via_gateway => proxied.clone(),
+                _ => servers.direct.clone(),
+            }
+        };
+        incoming.accept_with(server)
     }
 
     /// The transport settings.
@@ -434,6 +433,22 @@ impl MeshEndpoint {
         });
         Ok(client)
     }
+}
+
+/// The server configurations for `bundle`: direct, and behind a gateway when `proxied` is set.
+fn server_configs(
+    resolver: &Arc<CertResolver>,
+    bundle: &Arc<TrustBundle>,
+    direct: &Arc<quinn::TransportConfig>,
+    proxied: Option<&Arc<quinn::TransportConfig>>,
+) -> Result<ServerConfigs, EndpointError> {
+    Ok(ServerConfigs {
+        direct: Arc::new(server_config(resolver, bundle, direct.clone())?),
+        proxied: match proxied {
+            Some(t) => Some(Arc::new(server_config(resolver, bundle, t.clone())?)),
+            None => None,
+        },
+    })
 }
 
 fn server_config(

@@ -209,10 +209,11 @@ pub enum Choice {
 }
 
 /// Drops the closed connections of one peer. When one was ended by a stateless reset (RFC 9000
-/// §10.3), the peer holds no state for it, which after a process restart is true of every
-/// connection to that address: all of them leave the pool, so that the next stream opens a new
-/// connection rather than meeting the same reset on another dead one (with several
-/// connections per peer). Streams already open on them go on until they end.
+/// §10.3), the peer holds no state for it. Usually its process restarted, and then that is true
+/// of every connection to that address: all of them leave the pool, so that the next stream
+/// opens a new connection rather than meeting the same reset on another dead one (with
+/// several connections per peer). A live peer that forgot one connection costs the others a
+/// new handshake; streams already open on them go on until they end.
 fn prune(conns: &mut Vec<Pooled>) {
     if conns.iter().any(|c| stateless_reset(&c.quic)) {
         conns.clear();
@@ -453,8 +454,11 @@ impl Pool {
     fn forget(&self, key: &PeerKey, quic: &quinn::Connection) {
         let peer = self.peer(key);
         let mut conns = peer.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let held = conns.len();
         conns.retain(|c| c.quic.stable_id() != quic.stable_id());
-        if stateless_reset(quic) {
+        // Only while the reset connection was still pooled: once it is gone, the others were
+        // cleared with it and what is pooled now was opened since.
+        if conns.len() < held && stateless_reset(quic) {
             conns.clear();
         }
     }

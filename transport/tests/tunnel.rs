@@ -727,8 +727,12 @@ async fn after_a_stateless_reset_no_other_connection_to_that_peer_is_used() {
     // CONNECTION_CLOSE) and a second one takes its place behind the same address.
     let (second, _second_task) = serve();
     switch.send_replace(second.local_addr().unwrap());
+    let within = |f| tokio::time::timeout(Duration::from_secs(10), f);
     let lost = match open().await {
-        Ok(tunnel) => exchange(tunnel, b"c").await.unwrap_err(),
+        Ok(tunnel) => within(exchange(tunnel, b"c"))
+            .await
+            .expect("the reset ends the stream")
+            .unwrap_err(),
         Err(e) => panic!("the pool opened no stream: {e}"),
     };
     let inner = lost.get_ref().and_then(|e| e.downcast_ref::<TunnelError>());
@@ -742,7 +746,7 @@ async fn after_a_stateless_reset_no_other_connection_to_that_peer_is_used() {
         ),
         "{lost:?}"
     );
-    let next = exchange(open().await.unwrap(), b"d").await;
+    let next = within(exchange(open().await.unwrap(), b"d")).await.unwrap();
     assert_eq!(
         next.unwrap(),
         b"d",
