@@ -68,8 +68,10 @@ pub struct TrustDomain(String);
 /// A validated SPIFFE id, e.g. `spiffe://mesh.local/ns/default/sa/reviews`.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SpiffeId {
-    /// The whole id as text; `td_end` marks where the trust domain ends.
-    text: String,
+    /// The whole id as text; `td_end` marks where the trust domain ends. Shared: an id is
+    /// cloned into pool keys, request records and peer descriptions on every request, and
+    /// a clone is then a reference count, not an allocation.
+    text: std::sync::Arc<str>,
     td_end: usize,
 }
 
@@ -163,7 +165,7 @@ impl SpiffeId {
         check_trust_domain(&rest[..td_len])?;
         check_path(&rest[td_len..])?;
         Ok(SpiffeId {
-            text: s.to_owned(),
+            text: s.into(),
             td_end: "spiffe://".len() + td_len,
         })
     }

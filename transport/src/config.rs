@@ -12,6 +12,8 @@ const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 /// Largest value a QUIC variable-length integer carries (RFC 9000 §16).
 const VARINT_MAX: u64 = (1 << 62) - 1;
+/// The bound of `connections_per_peer` and `max_connections_per_peer`.
+pub(crate) const MAX_CONNECTIONS_PER_PEER: u64 = 64;
 /// The smallest UDP payload every QUIC path must carry (RFC 9000 §14), bytes.
 pub const MIN_MTU: u16 = 1200;
 /// The largest `initial_mtu`: the UDP payload of a 1500-byte IPv4 packet (1500 − 20 − 8), which
@@ -255,13 +257,18 @@ impl TryFrom<RawTransportConfig> for TransportConfig {
             1,
             1 << 20,
         )?;
-        range("connections_per_peer", raw.connections_per_peer, 1, 64)?;
+        range(
+            "connections_per_peer",
+            raw.connections_per_peer,
+            1,
+            MAX_CONNECTIONS_PER_PEER,
+        )?;
         range("max_streams_per_peer", raw.max_streams_per_peer, 1, 1 << 24)?;
         range(
             "max_connections_per_peer",
             raw.max_connections_per_peer,
             raw.connections_per_peer,
-            64,
+            MAX_CONNECTIONS_PER_PEER,
         )?;
         if raw.proxy_protocol_from.len() > 64 {
             return Err(ConfigError::OutOfRange {

@@ -161,6 +161,9 @@ pub fn backoff_delay(failures: u32, initial: Duration, max: Duration, jitter: f6
     base.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
 }
 
+/// The most connections the pool keeps to one peer: `max_connections_per_peer`'s bound.
+const MAX_POOLED: usize = crate::config::MAX_CONNECTIONS_PER_PEER as usize;
+
 /// What the pool knows of one connection when it chooses where a new stream goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnLoad {
@@ -517,8 +520,17 @@ impl Pool {
         };
         let mut conns = peer.conns.lock().unwrap_or_else(|p| p.into_inner());
         prune(&mut conns);
-        let loads: Vec<ConnLoad> = conns.iter().map(Pooled::load).collect();
-        let (index, last) = match choose_connection(&loads, limits) {
+        // On the stack: this runs for every stream. The configuration allows at most
+        // `MAX_POOLED` connections per peer.
+        let mut loads = [ConnLoad {
+            open: 0,
+            starved_at: None,
+        }; MAX_POOLED];
+        for (slot, conn) in loads.iter_mut().zip(conns.iter()) {
+            *slot = conn.load();
+        }
+        let loads = &loads[..conns.len().min(MAX_POOLED)];
+        let (index, last) = match choose_connection(loads, limits) {
             Choice::Use(i) => (i, false),
             Choice::Last(i) => (i, true),
             Choice::Open => return None,
