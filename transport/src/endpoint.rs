@@ -44,6 +44,12 @@ struct Inner {
     /// quinn endpoint's own), and with `proxied_transport` for clients behind a gateway.
     /// Replaced together on [`MeshEndpoint::set_trust_bundle`].
     servers: std::sync::RwLock<ServerConfigs>,
+    /// The key of this endpoint's Retry tokens (RFC 9000 §8.1.2), kept across trust bundles.
+    /// A configuration made with a new key cannot read the token of a client that was sent a
+    /// Retry just before the bundle changed: its attempt counts as unvalidated, and under the
+    /// load that made the endpoint send Retry it gets a second one, which a client ignores
+    /// (§17.2.5.2), so its handshake times out.
+    token_key: TokenKey,
     /// `transport` for the connections this endpoint opens: the server of an HTTP/3 connection
     /// never opens a bidirectional stream (RFC 9114 §6.1), so none is allowed. quinn sets up a
     /// slot per stream a peer may open when a connection starts (`quinn_proto`'s
@@ -60,6 +66,16 @@ struct Inner {
     gateways: std::sync::RwLock<Arc<GatewayRoutes>>,
     /// The server ID in every connection ID this endpoint issues.
     server_id: crate::quic_lb::ServerId,
+}
+
+/// A Retry token key (quinn's `HandshakeTokenKey`), never printed.
+#[derive(Clone)]
+struct TokenKey(Arc<dyn quinn::crypto::HandshakeTokenKey>);
+
+impl std::fmt::Debug for TokenKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenKey(..)")
+    }
 }
 
 /// The server configurations of one trust bundle.
@@ -195,7 +211,12 @@ impl MeshEndpoint {
         };
         let client_transport = dialling(config.initial_mtu());
         let gateway_transport = dialling(gateway_initial_mtu(config.initial_mtu()));
-        let servers = server_configs(&resolver, &bundle, &transport, proxied_transport.as_ref())?;
+        let token_key = token_key()?;
+        let servers = server_configs(
+            (&resolver, &bundle, &token_key),
+            &transport,
+            proxied_transport.as_ref(),
+        )?;
         let server = (*servers.direct).clone();
         let socket = bind_udp(bind, &config)?;
         let bound = socket
@@ -241,6 +262,7 @@ impl MeshEndpoint {
                 transport,
                 proxied_transport,
                 servers: std::sync::RwLock::new(servers),
+                token_key,
                 client_transport,
                 gateway_transport,
                 gate,
@@ -328,8 +350,7 @@ impl MeshEndpoint {
     /// connections keep the trust they were verified with.
     pub fn set_trust_bundle(&self, bundle: Arc<TrustBundle>) -> Result<(), EndpointError> {
         let servers = server_configs(
-            &self.inner.resolver,
-            &bundle,
+            (&self.inner.resolver, &bundle, &self.inner.token_key),
             &self.inner.transport,
             self.inner.proxied_transport.as_ref(),
         )?;
@@ -435,32 +456,46 @@ impl MeshEndpoint {
     }
 }
 
-/// The server configurations for `bundle`: direct, and behind a gateway when `proxied` is set.
+/// A fresh key for Retry tokens: HKDF-SHA256 extracted from 64 random bytes, as quinn's own
+/// `ServerConfig::with_crypto` makes one.
+fn token_key() -> Result<TokenKey, EndpointError> {
+    use ring::rand::SecureRandom;
+    let mut secret = [0u8; 64];
+    ring::rand::SystemRandom::new()
+        .fill(&mut secret)
+        .map_err(|_| EndpointError::Crypto("no randomness for the token key".into()))?;
+    let key = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[]).extract(&secret);
+    Ok(TokenKey(Arc::new(key)))
+}
+
+/// What every server configuration of an endpoint is made from: its certificate resolver, the
+/// trust bundle in force and its Retry token key.
+type ServerBasis<'a> = (&'a Arc<CertResolver>, &'a Arc<TrustBundle>, &'a TokenKey);
+
+/// The server configurations for a bundle: direct, and behind a gateway when `proxied` is set.
 fn server_configs(
-    resolver: &Arc<CertResolver>,
-    bundle: &Arc<TrustBundle>,
+    basis: ServerBasis<'_>,
     direct: &Arc<quinn::TransportConfig>,
     proxied: Option<&Arc<quinn::TransportConfig>>,
 ) -> Result<ServerConfigs, EndpointError> {
     Ok(ServerConfigs {
-        direct: Arc::new(server_config(resolver, bundle, direct.clone())?),
+        direct: Arc::new(server_config(basis, direct.clone())?),
         proxied: match proxied {
-            Some(t) => Some(Arc::new(server_config(resolver, bundle, t.clone())?)),
+            Some(t) => Some(Arc::new(server_config(basis, t.clone())?)),
             None => None,
         },
     })
 }
 
 fn server_config(
-    resolver: &Arc<CertResolver>,
-    bundle: &Arc<TrustBundle>,
+    (resolver, bundle, token_key): ServerBasis<'_>,
     transport: Arc<quinn::TransportConfig>,
 ) -> Result<quinn::ServerConfig, EndpointError> {
     let mut tls = halyard_certs::server_config(resolver.clone(), bundle.clone())?;
     tls.alpn_protocols = vec![ALPN_H3.to_vec()];
     let crypto =
         QuicServerConfig::try_from(tls).map_err(|e| EndpointError::Crypto(e.to_string()))?;
-    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut server = quinn::ServerConfig::new(Arc::new(crypto), token_key.0.clone());
     server.transport_config(transport);
     Ok(server)
 }

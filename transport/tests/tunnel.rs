@@ -754,3 +754,47 @@ async fn after_a_stateless_reset_no_other_connection_to_that_peer_is_used() {
     );
     assert_eq!(pool.connections(addr, &reviews).len(), 1);
 }
+
+/// A client sent a Retry (RFC 9000 §8.1.2) just before the endpoint's trust bundle is replaced
+/// (a CA rotation) is still validated by its token: the token key outlives the bundle. With a
+/// key made per bundle the token was unreadable, so the attempt counted as unvalidated (under
+/// load: a second Retry, which a client ignores).
+#[tokio::test]
+async fn a_retry_token_issued_before_a_new_trust_bundle_is_still_accepted() {
+    let pki = halyard_certs::test_util::TestPki::new("mesh.local");
+    let endpoint = |name: &str| {
+        halyard_transport::MeshEndpoint::new(
+            pki.resolver(name),
+            pki.bundle.clone(),
+            halyard_transport::TransportConfig::default(),
+            LOOPBACK.parse().unwrap(),
+        )
+        .unwrap()
+    };
+    let (server, client) = (endpoint("reviews"), endpoint("productpage"));
+    let reviews = pki.id("reviews");
+    let accept = async {
+        let first = server.quinn().accept().await.unwrap();
+        assert!(!first.remote_address_validated());
+        first.retry().unwrap();
+        // Before the client's second Initial is read: this runtime has one thread, and nothing
+        // is awaited in between.
+        server.set_trust_bundle(pki.bundle.clone()).unwrap();
+        let second = server.quinn().accept().await.unwrap();
+        assert!(
+            second.remote_address_validated(),
+            "the Retry token was read"
+        );
+        server.accept(second).unwrap().await
+    };
+    let (dialled, accepted) = tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::join!(
+            client.connect(server.local_addr().unwrap(), &reviews),
+            accept
+        )
+    })
+    .await
+    .expect("the retried handshake completes");
+    dialled.unwrap();
+    accepted.unwrap();
+}
