@@ -495,6 +495,20 @@ async fn a_drain_closes_the_connection_with_goaway_once_flows_end() {
     assert_eq!(u64::from(close.error_code), 0x100);
 }
 
+/// An endpoint of `name` from `pki` with the default settings, on loopback.
+fn default_endpoint(
+    pki: &halyard_certs::test_util::TestPki,
+    name: &str,
+) -> halyard_transport::MeshEndpoint {
+    halyard_transport::MeshEndpoint::new(
+        pki.resolver(name),
+        pki.bundle.clone(),
+        halyard_transport::TransportConfig::default(),
+        LOOPBACK.parse().unwrap(),
+    )
+    .unwrap()
+}
+
 /// The server of an HTTP/3 connection never opens a bidirectional stream (RFC 9114 §6.1): a
 /// connection a `MeshEndpoint` dials allows it none (so quinn sets up no slot for them when the
 /// connection starts), while the dialler may open as many as the server allows. Stream credit
@@ -503,16 +517,10 @@ async fn a_drain_closes_the_connection_with_goaway_once_flows_end() {
 async fn a_dialled_connection_gives_the_server_no_bidirectional_stream() {
     use futures::FutureExt;
     let pki = halyard_certs::test_util::TestPki::new("mesh.local");
-    let endpoint = |name: &str| {
-        halyard_transport::MeshEndpoint::new(
-            pki.resolver(name),
-            pki.bundle.clone(),
-            halyard_transport::TransportConfig::default(),
-            LOOPBACK.parse().unwrap(),
-        )
-        .unwrap()
-    };
-    let (server, client) = (endpoint("reviews"), endpoint("productpage"));
+    let (server, client) = (
+        default_endpoint(&pki, "reviews"),
+        default_endpoint(&pki, "productpage"),
+    );
     let accept = async { server.quinn().accept().await.unwrap().await.unwrap() };
     let reviews = pki.id("reviews");
     let (dialled, accepted) = tokio::join!(
@@ -762,16 +770,10 @@ async fn after_a_stateless_reset_no_other_connection_to_that_peer_is_used() {
 #[tokio::test]
 async fn a_retry_token_issued_before_a_new_trust_bundle_is_still_accepted() {
     let pki = halyard_certs::test_util::TestPki::new("mesh.local");
-    let endpoint = |name: &str| {
-        halyard_transport::MeshEndpoint::new(
-            pki.resolver(name),
-            pki.bundle.clone(),
-            halyard_transport::TransportConfig::default(),
-            LOOPBACK.parse().unwrap(),
-        )
-        .unwrap()
-    };
-    let (server, client) = (endpoint("reviews"), endpoint("productpage"));
+    let (server, client) = (
+        default_endpoint(&pki, "reviews"),
+        default_endpoint(&pki, "productpage"),
+    );
     let reviews = pki.id("reviews");
     let accept = async {
         let first = server.quinn().accept().await.unwrap();
