@@ -6,7 +6,7 @@
 //! model `inflight_longterm` / `inflight_shortterm` (`inflight_hi` / `inflight_lo` in earlier
 //! drafts and in Linux); the code uses the older, shorter names.
 //!
-//! Three deliberate departures from the draft, all for the links Halyard runs on, and all
+//! Two deliberate departures from the draft, both for the links Halyard runs on, and both
 //! measured in `benches/` (see ARCHITECTURE.md, "Congestion control"):
 //!
 //! 1. **Loss counts as congestion only with a queue.** The draft treats a per-round loss rate
@@ -27,15 +27,6 @@
 //!    [`Bbr::window_rtt`] is `min_rtt` plus any standing queue this flow did not build
 //!    itself. The flow is then window-limited at the draft's pacing rate, and quinn's pacer
 //!    only smooths bursts.
-//! 3. **Beside a flow that does not yield, the flow competes.** When a queue has stood through
-//!    8 rounds in a row, the flow's own ProbeBW_DOWN included, another flow holds it (kernel
-//!    BBRv1, CUBIC). The draft's loss response would only hand that flow the link (0.17× of
-//!    kernel BBRv1's goodput on a 1-BDP buffer), so while that lasts loss bounds nothing, the
-//!    queue above a margin counts in [`Bbr::window_rtt`], and the flow probes every 8 rounds
-//!    as BBRv1 does ([`Bbr::competing`], after Copa's competitive mode). It ends with the
-//!    first round whose queue is under [`queue_threshold`]; a flow alone drains its queue
-//!    every cycle. Known cost: beside CUBIC on a 1-BDP buffer the flow keeps the queue CUBIC
-//!    gives up at each loss and takes about 4× its goodput (ARCHITECTURE.md).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -73,15 +64,6 @@ const PROBE_RTT_CWND_GAIN: f64 = 0.5;
 const EXTRA_ACKED_ROUNDS: usize = 10;
 /// Reno-coexistence bound on rounds between bandwidth probes (§5.3.3.5.3).
 const MAX_RENO_ROUNDS: u64 = 63;
-/// Departure 3: rounds in a row that end with a standing queue before the flow counts as
-/// competing with one that keeps it standing. Copa (Arun and Balakrishnan, NSDI 2018, §2.2)
-/// switches to its competitive mode when the queue has not emptied once in 5 RTTs; a ProbeBW
-/// cycle's own probe, UP and then DOWN, holds a queue for about 4 rounds.
-const COMPETING_ROUNDS: u32 = 8;
-/// Departure 3: rounds between bandwidth probes while competing, the length of kernel
-/// BBRv1's gain cycle (eight phases of one round each). Probing every 2–3 s, the flow's
-/// `max_bw` falls behind one that probes this often and its share shrinks cycle by cycle.
-const COMPETING_PROBE_ROUNDS: u64 = 8;
 /// Largest window this controller ever asks for (1 GiB): bounds every product of a bandwidth
 /// and an RTT, whatever a peer makes them.
 pub const MAX_WINDOW: u64 = 1 << 30;
@@ -256,8 +238,6 @@ pub struct Bbr {
     delivered_in_round: u64,
     round_min_rtt: Option<Duration>,
     prev_round_min_rtt: Option<Duration>,
-    /// Rounds in a row that ended with a queue another flow keeps standing (departure 3).
-    foreign_queue_rounds: u32,
 
     // State machine (§5.1, §2.13, §2.14).
     phase: Phase,
@@ -376,7 +356,6 @@ impl Bbr {
             delivered_in_round: 0,
             round_min_rtt: None,
             prev_round_min_rtt: None,
-            foreign_queue_rounds: 0,
             phase: Phase::Startup,
             pacing_gain: STARTUP_PACING_GAIN,
             cwnd_gain: CWND_GAIN,
@@ -454,14 +433,7 @@ impl Bbr {
         let Some(round) = self.prev_round_min_rtt else {
             return Some(min_rtt);
         };
-        // While competing (departure 3) the queue has stood through the flow's own
-        // ProbeBW_DOWN: none of it is the flow's own. `allowance / bw` would call most of it
-        // the flow's own exactly when its share (bw) is small.
-        let own = if self.competing() {
-            Duration::ZERO
-        } else {
-            duration_at(self.window_allowance(), self.bw)
-        };
+        let own = duration_at(self.window_allowance(), self.bw);
         let margin = (min_rtt / 8).min(Duration::from_millis(10));
         let foreign = round
             .saturating_sub(min_rtt)
@@ -734,7 +706,7 @@ impl Bbr {
         if !self.loss_round_start {
             return;
         }
-        if self.loss_in_round && self.queue_seen() && !self.competing() {
+        if self.loss_in_round && self.queue_seen() {
             self.adapt_lower_bounds_from_congestion();
         }
         self.loss_in_round = false;
@@ -781,20 +753,6 @@ impl Bbr {
     /// read it).
     fn end_round_signals(&mut self) {
         self.prev_round_min_rtt = self.round_min_rtt.take().or(self.prev_round_min_rtt);
-        let foreign = match (self.prev_round_min_rtt, self.min_rtt) {
-            (Some(round), Some(min)) => round.saturating_sub(min) > queue_threshold(min),
-            _ => false,
-        };
-        self.foreign_queue_rounds = if foreign {
-            self.foreign_queue_rounds.saturating_add(1)
-        } else {
-            0
-        };
-        if self.competing() {
-            // Departure 3: loss bounds nothing while competing.
-            self.inflight_hi = None;
-            self.reset_lower_bounds();
-        }
         self.loss_events_in_round = 0;
         self.lost_in_round = 0;
         self.delivered_in_round = 0;
@@ -983,21 +941,7 @@ impl Bbr {
     }
 
     fn is_inflight_too_high(&self, lost: u64, tx_in_flight: u64) -> bool {
-        !self.competing() && lost as f64 > tx_in_flight as f64 * LOSS_THRESH && self.queue_seen()
-    }
-
-    /// Departure 3: the round's smallest RTT sample has stood above `min_rtt` by
-    /// [`queue_threshold`] at the end of each of the last [`COMPETING_ROUNDS`] rounds,
-    /// through this flow's own ProbeBW_DOWN, so the queue is held by a flow that does not
-    /// yield: kernel BBRv1 keeps two BDPs in flight whatever it loses, CUBIC refills any
-    /// buffer. Yielding to its losses (the draft's `inflight_hi`, `inflight_lo`, `bw_lo`)
-    /// hands it the link without emptying the queue (0.17× of kernel BBRv1's goodput on the
-    /// `lossy` bench's 1-BDP buffer). While competing, loss bounds nothing (the three bounds
-    /// are cleared each round), [`Bbr::window_rtt`] takes the standing queue above its
-    /// margin, and the flow probes every [`COMPETING_PROBE_ROUNDS`] rounds, as BBRv1 does.
-    /// The first round that ends with the queue under the threshold ends it.
-    pub fn competing(&self) -> bool {
-        self.foreign_queue_rounds >= COMPETING_ROUNDS
+        lost as f64 > tx_in_flight as f64 * LOSS_THRESH && self.queue_seen()
     }
 
     fn check_inflight_too_high(&mut self, rs: &RateSample) -> bool {
@@ -1078,11 +1022,7 @@ impl Bbr {
         let elapsed = self
             .cycle_stamp
             .map_or(Duration::ZERO, |s| now.saturating_duration_since(s));
-        let reno_rounds = if self.competing() {
-            COMPETING_PROBE_ROUNDS
-        } else {
-            (self.target_inflight() / self.smss).min(MAX_RENO_ROUNDS)
-        };
+        let reno_rounds = (self.target_inflight() / self.smss).min(MAX_RENO_ROUNDS);
         if elapsed > self.bw_probe_wait || self.rounds_since_bw_probe >= reno_rounds {
             self.start_probe_bw_refill(now);
             return true;

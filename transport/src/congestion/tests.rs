@@ -31,11 +31,6 @@ struct Path {
     /// like kernel BBRv1's: the window keeps a standing queue, except for 200 ms every 10 s
     /// (its ProbeRTT) when it drops to 4 packets.
     cross_window: u64,
-    /// The competing flow is kernel BBRv1 itself, not a fixed window: paced at its bandwidth
-    /// estimate (the max delivery rate over 10 rounds) times the gain cycle 1.25, 0.75, then
-    /// six rounds at 1, with 2 × that estimate × the propagation RTT in flight; loss changes
-    /// nothing. It starts with the whole link (it ran alone before). `cross_window` unused.
-    cross_bbr1: bool,
     /// A receiver that stops acknowledging for `.1` at the start of every `.0` (a host whose
     /// scheduler runs other work: the ACKs of what arrived meanwhile leave in one burst).
     ack_stall: Option<(Duration, Duration)>,
@@ -52,7 +47,6 @@ impl Path {
             loss: 0.0,
             steps: Vec::new(),
             cross_window: 0,
-            cross_bbr1: false,
             ack_stall: None,
         }
     }
@@ -81,8 +75,6 @@ struct Trace {
     bw: Vec<(Duration, u64)>,
     /// Bytes the competing flow delivered per 100 ms.
     cross_delivered: Vec<u64>,
-    /// The 100 ms samples at which the controller was competing (departure 3).
-    competing: Vec<Duration>,
     lost: u64,
     sent: u64,
 }
@@ -153,15 +145,9 @@ fn run(path: &Path, secs: u64, seed: u64) -> (Bbr, Trace) {
     let mut pending_since = start;
     let mut bucket = vec![0u64; (secs * 10) as usize + 1];
     let mut cross_bucket = bucket.clone();
-    // The competing flow: for each packet in flight, when its ACK comes back, when it was sent
-    // and what the flow had delivered then; its bytes in flight; its BBRv1 model.
-    let mut cross_acks: VecDeque<(Instant, Instant, u64)> = VecDeque::new();
+    // The competing flow: when each of its packets' ACK comes back, and its bytes in flight.
+    let mut cross_acks: VecDeque<Instant> = VecDeque::new();
     let mut cross_inflight = 0u64;
-    let mut cross_total = 0u64;
-    let mut cross_samples: VecDeque<(Instant, u64)> = VecDeque::new();
-    let mut cross_bw = path.rate;
-    let mut cross_tokens = 0u64;
-    let mut cross_drops: VecDeque<Instant> = VecDeque::new();
     let end = start + Duration::from_secs(secs);
     let mut now = start;
     let mut next_sample = start;
@@ -234,59 +220,24 @@ fn run(path: &Path, secs: u64, seed: u64) -> (Bbr, Trace) {
             }
         }
         // The competing flow: ACKs (one way back after arrival), then refill its window.
-        while cross_acks.front().is_some_and(|(t, _, _)| *t <= now) {
-            let (_, sent, delivered) = cross_acks.pop_front().unwrap();
+        while cross_acks.front().is_some_and(|t| *t <= now) {
+            cross_acks.pop_front();
             cross_inflight -= MSS;
-            cross_total += MSS;
             cross_bucket[(elapsed.as_millis() / 100) as usize] += MSS;
-            let interval = (now - sent).as_nanos().max(1);
-            let rate = u128::from(cross_total - delivered) * 1_000_000_000 / interval;
-            cross_samples.push_back((now, rate as u64));
-        }
-        while cross_drops.front().is_some_and(|t| *t <= now) {
-            cross_drops.pop_front();
-            cross_inflight -= MSS;
-        }
-        // BBRv1's max filter: 10 rounds (a round is about two propagation RTTs here).
-        while cross_samples
-            .front()
-            .is_some_and(|(t, _)| now - *t > path.rtt * 20)
-        {
-            cross_samples.pop_front();
-        }
-        if let Some(max) = cross_samples.iter().map(|x| x.1).max() {
-            cross_bw = max;
         }
         let cross_probe_rtt = elapsed.as_millis() % 10_000 >= 9_800;
         let cross_window = if cross_probe_rtt {
             4 * MSS
-        } else if path.cross_bbr1 {
-            2 * bdp_of(cross_bw, path.rtt)
         } else {
             path.cross_window
         };
-        let paced = path.cross_bbr1;
-        if paced {
-            let phase = (elapsed.as_nanos() / path.rtt.as_nanos()) % 8;
-            let gain = [1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0][phase as usize];
-            cross_tokens += bdp_of((cross_bw as f64 * gain) as u64, STEP);
-            cross_tokens = cross_tokens.min(2 * MSS);
-        }
-        while cross_inflight + MSS <= cross_window && (!paced || cross_tokens >= MSS) {
+        while cross_inflight + MSS <= cross_window {
             let backlog = link_free.saturating_duration_since(now);
-            if paced {
-                cross_tokens -= MSS;
-                if bdp_of(rate, backlog) + MSS > path.queue {
-                    // Dropped at the full queue: its loss is known a round trip later.
-                    cross_drops.push_back(now + path.rtt);
-                    cross_inflight += MSS;
-                    continue;
-                }
-            } else if bdp_of(rate, backlog) + MSS > path.queue {
+            if bdp_of(rate, backlog) + MSS > path.queue {
                 break;
             }
             link_free = link_free.max(now) + Duration::from_nanos(MSS * 1_000_000_000 / rate);
-            cross_acks.push_back((link_free + path.rtt, now, cross_total));
+            cross_acks.push_back(link_free + path.rtt);
             cross_inflight += MSS;
         }
         // Pacing like quinn: refill at 1.25 × window / srtt, bursts of 10 packets.
@@ -328,9 +279,6 @@ fn run(path: &Path, secs: u64, seed: u64) -> (Bbr, Trace) {
         }
         if now >= next_sample {
             trace.bw.push((elapsed, bbr.bandwidth()));
-            if bbr.competing() {
-                trace.competing.push(elapsed);
-            }
             next_sample += Duration::from_millis(100);
         }
         now += STEP;
@@ -689,51 +637,4 @@ fn a_receiver_that_stalls_its_acks_keeps_the_link_busy() {
         path.rate,
         bbr.window()
     );
-}
-
-#[test]
-fn beside_kernel_bbrv1_the_flow_competes() {
-    // Kernel BBRv1 keeps 2 × its estimate × min_rtt in flight and ignores loss; the queue it
-    // holds stands through this flow's ProbeBW_DOWN, so the flow competes (departure 3).
-    // Shares of the BBRv1-shaped flow's goodput, yielding (the draft) → competing, 20 s runs:
-    // 1-BDP buffer 0.04× → 0.16×, 2 BDP 0.75× → 1.46×, 3 BDP 1.07× → 1.48×. This link's
-    // model is harsher on a 1-BDP buffer than the kernel: the `lossy` bench measures 0.17× →
-    // 0.95× beside kernel BBRv1 there.
-    for (queue_bdp, lowest) in [(1, 0.1), (3, 0.5)] {
-        let mut path = Path::new(100, 20);
-        path.queue = queue_bdp * path.bdp();
-        path.cross_bbr1 = true;
-        let (_, trace) = run(&path, 12, 13);
-        let ours = trace.goodput(4.0, 12.0) as f64;
-        let theirs = trace.cross_goodput(4.0, 12.0) as f64;
-        let share = ours / theirs;
-        assert!(
-            (lowest..=2.0).contains(&share),
-            "{queue_bdp}-BDP buffer: bbr {ours} B/s beside {theirs} B/s"
-        );
-        let competing = trace.competing.iter().filter(|t| t.as_secs() >= 4).count();
-        assert!(competing > 60, "competing in {competing} of 80 samples");
-    }
-}
-
-#[test]
-fn alone_the_flow_never_competes() {
-    // Alone, the flow drains its own queue every ProbeBW cycle (clean, lossy, shallow or
-    // deep buffer): departure 3 never starts, so no queue is held and loss keeps its meaning.
-    for (loss, queue_bdp, seed) in [
-        (0.0, 1.0, 31),
-        (0.02, 1.0, 32),
-        (0.0, 0.25, 33),
-        (0.0, 3.0, 34),
-    ] {
-        let mut path = Path::new(100, 20);
-        path.loss = loss;
-        path.queue = (path.bdp() as f64 * queue_bdp) as u64;
-        let (_, trace) = run(&path, 8, seed);
-        assert!(
-            trace.competing.is_empty(),
-            "loss {loss}, {queue_bdp}-BDP buffer: competing at {:?}",
-            &trace.competing[..trace.competing.len().min(5)]
-        );
-    }
 }
