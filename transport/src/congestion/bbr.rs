@@ -6,7 +6,7 @@
 //! model `inflight_longterm` / `inflight_shortterm` (`inflight_hi` / `inflight_lo` in earlier
 //! drafts and in Linux); the code uses the older, shorter names.
 //!
-//! Two deliberate departures from the draft, both for the links Halyard runs on, and both
+//! Three deliberate departures from the draft, all for the links Halyard runs on, and all
 //! measured in `benches/` (see ARCHITECTURE.md, "Congestion control"):
 //!
 //! 1. **Loss counts as congestion only with a queue.** The draft treats a per-round loss rate
@@ -27,6 +27,13 @@
 //!    [`Bbr::window_rtt`] is `min_rtt` plus any standing queue this flow did not build
 //!    itself. The flow is then window-limited at the draft's pacing rate, and quinn's pacer
 //!    only smooths bursts.
+//! 3. **Beside a flow that does not yield, the flow competes.** When a queue still stands at
+//!    the end of the flow's own ProbeRTT, after its inflight went down to half a BDP, another
+//!    flow holds it (kernel BBRv1, CUBIC): a flow alone cannot produce that evidence. The
+//!    draft's loss response would only hand that flow the link (0.17× of kernel BBRv1's
+//!    goodput on a 1-BDP buffer), so until the next ProbeRTT loss bounds nothing and the
+//!    queue above a margin counts in [`Bbr::window_rtt`] ([`Bbr::competing`], after Copa's
+//!    competitive mode).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -238,6 +245,12 @@ pub struct Bbr {
     delivered_in_round: u64,
     round_min_rtt: Option<Duration>,
     prev_round_min_rtt: Option<Duration>,
+    /// Departure 3: the last ProbeRTT found a queue another flow keeps standing.
+    competing: bool,
+    /// The smallest RTT sample since this ProbeRTT brought the flow's inflight down.
+    probe_rtt_drained_min: Option<Duration>,
+    /// `bw_latest` when this ProbeRTT began: the delivery rate the flow had just before.
+    bw_before_probe_rtt: u64,
 
     // State machine (§5.1, §2.13, §2.14).
     phase: Phase,
@@ -356,6 +369,9 @@ impl Bbr {
             delivered_in_round: 0,
             round_min_rtt: None,
             prev_round_min_rtt: None,
+            competing: false,
+            probe_rtt_drained_min: None,
+            bw_before_probe_rtt: 0,
             phase: Phase::Startup,
             pacing_gain: STARTUP_PACING_GAIN,
             cwnd_gain: CWND_GAIN,
@@ -433,7 +449,14 @@ impl Bbr {
         let Some(round) = self.prev_round_min_rtt else {
             return Some(min_rtt);
         };
-        let own = duration_at(self.window_allowance(), self.bw);
+        // While competing (departure 3) the queue stood through the flow's own ProbeRTT:
+        // `allowance / bw` divides by the flow's own rate and would call most of a foreign
+        // queue the flow's own exactly when its share (bw) is small.
+        let own = if self.competing {
+            Duration::ZERO
+        } else {
+            duration_at(self.window_allowance(), self.bw)
+        };
         let margin = (min_rtt / 8).min(Duration::from_millis(10));
         let foreign = round
             .saturating_sub(min_rtt)
@@ -706,7 +729,7 @@ impl Bbr {
         if !self.loss_round_start {
             return;
         }
-        if self.loss_in_round && self.queue_seen() {
+        if self.loss_in_round && self.queue_seen() && !self.competing {
             self.adapt_lower_bounds_from_congestion();
         }
         self.loss_in_round = false;
@@ -753,6 +776,11 @@ impl Bbr {
     /// read it).
     fn end_round_signals(&mut self) {
         self.prev_round_min_rtt = self.round_min_rtt.take().or(self.prev_round_min_rtt);
+        if self.competing {
+            // Departure 3: loss bounds nothing while competing.
+            self.inflight_hi = None;
+            self.reset_lower_bounds();
+        }
         self.loss_events_in_round = 0;
         self.lost_in_round = 0;
         self.delivered_in_round = 0;
@@ -941,7 +969,26 @@ impl Bbr {
     }
 
     fn is_inflight_too_high(&self, lost: u64, tx_in_flight: u64) -> bool {
-        lost as f64 > tx_in_flight as f64 * LOSS_THRESH && self.queue_seen()
+        !self.competing && lost as f64 > tx_in_flight as f64 * LOSS_THRESH && self.queue_seen()
+    }
+
+    /// Departure 3: whether the flow competes with one that does not yield. Decided at the
+    /// end of each ProbeRTT (§5.3.4), the one moment the flow's own queue is known to be
+    /// gone: its inflight went down to half a BDP for 200 ms and a round. If the smallest RTT
+    /// sample since then still stood above `min_rtt` by [`queue_threshold`], and the flow had
+    /// been delivering at least half its `max_bw` just before (else the queue may be its own
+    /// backlog after the link rate fell), another flow holds the queue: kernel BBRv1 keeps
+    /// two BDPs in flight whatever it loses, CUBIC refills any buffer. Yielding to their
+    /// losses (the draft's `inflight_hi`, `inflight_lo`, `bw_lo`) hands them the link without
+    /// emptying the queue (0.17× of kernel BBRv1's goodput on the `lossy` bench's 1-BDP
+    /// buffer). Until the next ProbeRTT (at most 5 s later, since no sample goes below the
+    /// standing queue) loss bounds nothing (the three bounds are cleared each round) and
+    /// [`Bbr::window_rtt`] takes the standing queue above its margin; the probing schedule
+    /// stays the draft's. A flow alone never sees a queue at that moment, so it never
+    /// competes. Known limit: a queue that never drains (CUBIC on a deep buffer) enters
+    /// `min_rtt` once the 10 s filter expires (§5.5.7), and the evidence is gone with it.
+    pub fn competing(&self) -> bool {
+        self.competing
     }
 
     fn check_inflight_too_high(&mut self, rs: &RateSample) -> bool {
@@ -1134,11 +1181,17 @@ impl Bbr {
         if self.phase != Phase::ProbeRtt && self.probe_rtt_due && !self.idle_restart {
             self.prior_cwnd = self.saved_cwnd();
             self.probe_rtt_done_stamp = None;
+            self.probe_rtt_drained_min = None;
+            self.bw_before_probe_rtt = self.bw_latest;
             self.ack_phase = AckPhase::ProbeStopping;
             self.start_round();
             self.set_phase(now, Phase::ProbeRtt, 1.0, PROBE_RTT_CWND_GAIN);
         }
         if self.phase == Phase::ProbeRtt {
+            if let (Some(_), Some(rtt)) = (self.probe_rtt_done_stamp, rs.rtt) {
+                let least = self.probe_rtt_drained_min.map_or(rtt, |m| m.min(rtt));
+                self.probe_rtt_drained_min = Some(least);
+            }
             self.handle_probe_rtt(now);
         }
         if rs.delivered > 0 {
@@ -1175,6 +1228,7 @@ impl Bbr {
     }
 
     fn exit_probe_rtt(&mut self, now: Instant) {
+        self.competing = self.foreign_queue_after_probe_rtt();
         self.reset_lower_bounds();
         if self.full_bw_reached {
             self.start_probe_bw_down(now);
@@ -1182,6 +1236,15 @@ impl Bbr {
         } else {
             self.set_phase(now, Phase::Startup, STARTUP_PACING_GAIN, CWND_GAIN);
         }
+    }
+
+    /// Departure 3's evidence (see [`Bbr::competing`]), read as ProbeRTT ends.
+    fn foreign_queue_after_probe_rtt(&self) -> bool {
+        let (Some(drained), Some(min_rtt)) = (self.probe_rtt_drained_min, self.min_rtt) else {
+            return false;
+        };
+        let queued = drained.saturating_sub(min_rtt) > queue_threshold(min_rtt);
+        queued && self.bw_before_probe_rtt >= self.max_bw.get() / 2
     }
 
     fn probe_rtt_cwnd(&self) -> u64 {
