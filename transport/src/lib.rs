@@ -30,7 +30,7 @@
 //!   .stats() -> Vec<PeerStats>   .congestion() -> Vec<PeerCongestion>
 //!   .connections(addr, &id)   .retain_peers(|&PeerKey| bool)
 //!   .close_refused(|&SpiffeId, serial: &[u8]| bool)   .close()
-//! CongestionStats::of(&quinn::Connection) -> CongestionStats { rtt, cwnd, pacing_rate, delivery_rate, phase }
+//! CongestionStats::of(&quinn::Connection) -> CongestionStats { rtt, cwnd, pacing_rate, delivery_rate, phase, competing }
 //! Tunnel / ServerTunnel: AsyncRead + AsyncWrite (Tunnel writable at once);
 //!   .splice(read_half, write_half).await -> io::Result<(sent, received)>   // the L4 proxy loop
 //!   .write_bytes(Bytes).await  .read_chunk().await -> io::Result<Option<Bytes>>  .abort()

@@ -103,6 +103,9 @@ pub(crate) struct Families {
     /// `halyard_quic_delivery_rate_bytes` by peer: the controller's delivery-rate estimate
     /// (bbr only; no sample with cubic).
     pub(crate) quic_delivery_rate: GaugeVec,
+    /// `halyard_quic_bbr_competing` by peer: 1 while `bbr` competes with a flow that does
+    /// not yield (loss then bounds nothing until its next ProbeRTT), else 0 (bbr only).
+    pub(crate) quic_bbr_competing: GaugeVec,
     /// `halyard_quic_connections`.
     pub(crate) quic_connections: IntGauge,
     /// `halyard_quic_admission_total` by decision: inbound handshakes not simply accepted.
@@ -367,6 +370,12 @@ impl Metrics {
                 "Delivery-rate estimate of the congestion controller per peer, bytes per second",
                 &["peer"],
             )?,
+            quic_bbr_competing: gauge_vec(
+                &r,
+                "halyard_quic_bbr_competing",
+                "1 while the bbr controller competes with a flow that does not yield, per peer",
+                &["peer"],
+            )?,
             quic_connections: int_gauge(&r, "halyard_quic_connections", "Pooled QUIC connections")?,
             quic_admission: counter(
                 &r,
@@ -595,6 +604,7 @@ impl Metrics {
     pub(crate) fn quic_congestion(&self, peers: &[halyard_transport::PeerCongestion]) {
         let mut live = std::collections::HashSet::new();
         let mut with_rate = std::collections::HashSet::new();
+        let mut with_bbr = std::collections::HashSet::new();
         for peer in peers {
             let Some(best) = peer.connections.iter().min_by_key(|c| c.rtt) else {
                 continue;
@@ -607,11 +617,16 @@ impl Metrics {
                 set(&self.quic_delivery_rate, rate);
                 with_rate.insert(label.clone());
             }
+            if let Some(competing) = best.competing {
+                set(&self.quic_bbr_competing, u64::from(competing));
+                with_bbr.insert(label.clone());
+            }
             live.insert(label);
         }
         remove_peers_but(&self.quic_cwnd_bytes, &live);
         remove_peers_but(&self.quic_pacing_rate, &live);
         remove_peers_but(&self.quic_delivery_rate, &with_rate);
+        remove_peers_but(&self.quic_bbr_competing, &with_bbr);
     }
 
     /// The Prometheus text exposition of every family.
@@ -735,6 +750,7 @@ mod tests {
             pacing_rate: 12_500_000,
             delivery_rate,
             phase: None,
+            competing: delivery_rate.map(|_| false),
         };
         halyard_transport::PeerCongestion {
             peer: peer(port, 0).peer,
@@ -743,7 +759,7 @@ mod tests {
     }
 
     #[test]
-    fn congestion_gauges_show_window_pacing_and_delivery_rate() {
+    fn congestion_gauges_show_window_pacing_delivery_rate_and_competing() {
         let m = Metrics::new().unwrap();
         m.quic_congestion(&[congestion(1, Some(10_000_000))]);
         let text = m.render();
@@ -753,6 +769,12 @@ mod tests {
         );
         assert!(text.contains("halyard_quic_pacing_rate_bytes{peer=\"127.0.0.1:1\"} 12500000"));
         assert!(text.contains("halyard_quic_delivery_rate_bytes{peer=\"127.0.0.1:1\"} 10000000"));
+        assert!(text.contains("halyard_quic_bbr_competing{peer=\"127.0.0.1:1\"} 0"));
+        let mut competing = congestion(1, Some(10_000_000));
+        competing.connections[0].competing = Some(true);
+        m.quic_congestion(&[competing]);
+        let text = m.render();
+        assert!(text.contains("halyard_quic_bbr_competing{peer=\"127.0.0.1:1\"} 1"));
     }
 
     #[test]
@@ -765,6 +787,7 @@ mod tests {
             !text.contains("halyard_quic_delivery_rate_bytes{"),
             "{text}"
         );
+        assert!(!text.contains("halyard_quic_bbr_competing{"), "{text}");
         assert!(text.contains("halyard_quic_pacing_rate_bytes{peer=\"127.0.0.1:1\"}"));
     }
 

@@ -191,6 +191,9 @@ pub struct CongestionStats {
     pub delivery_rate: Option<u64>,
     /// The BBR phase (`startup`, `drain`, `probe_bw_down`, …); `None` with `cubic`.
     pub phase: Option<&'static str>,
+    /// Whether `bbr` competes with a flow that does not yield (`halyard_quic_bbr_competing`,
+    /// [`Bbr::competing`]); `None` with `cubic`.
+    pub competing: Option<bool>,
 }
 
 impl CongestionStats {
@@ -206,6 +209,7 @@ impl CongestionStats {
                 pacing_rate: bbr.0.pacing_rate(),
                 delivery_rate: Some(bbr.0.bandwidth()),
                 phase: Some(bbr.0.phase().as_str()),
+                competing: Some(bbr.0.competing()),
             },
             Err(_) => CongestionStats {
                 rtt,
@@ -213,6 +217,7 @@ impl CongestionStats {
                 pacing_rate: quinn_pacer_rate(cwnd, rtt),
                 delivery_rate: None,
                 phase: None,
+                competing: None,
             },
         }
     }
