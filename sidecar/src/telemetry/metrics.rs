@@ -104,7 +104,8 @@ pub(crate) struct Families {
     /// (bbr only; no sample with cubic).
     pub(crate) quic_delivery_rate: GaugeVec,
     /// `halyard_quic_bbr_competing` by peer: 1 while `bbr` competes with a flow that does
-    /// not yield (loss then bounds nothing until its next ProbeRTT), else 0 (bbr only).
+    /// not yield on any of the peer's connections (loss then bounds nothing until its next
+    /// ProbeRTT), else 0 (bbr only).
     pub(crate) quic_bbr_competing: GaugeVec,
     /// `halyard_quic_connections`.
     pub(crate) quic_connections: IntGauge,
@@ -600,7 +601,8 @@ impl Metrics {
 
     /// Per-peer congestion-controller figures of the connection with the smallest RTT (the
     /// one `quic_peers` reports): window, pacing rate and, where the controller has one, its
-    /// delivery-rate estimate. Peers without a connection leave the families.
+    /// delivery-rate estimate; and with `bbr` whether any of the peer's connections competes
+    /// (a competing one sees the larger RTT). Peers without a connection leave the families.
     pub(crate) fn quic_congestion(&self, peers: &[halyard_transport::PeerCongestion]) {
         let mut live = std::collections::HashSet::new();
         let mut with_rate = std::collections::HashSet::new();
@@ -617,7 +619,8 @@ impl Metrics {
                 set(&self.quic_delivery_rate, rate);
                 with_rate.insert(label.clone());
             }
-            if let Some(competing) = best.competing {
+            let competing = peer.connections.iter().filter_map(|c| c.competing);
+            if let Some(competing) = competing.reduce(|a, b| a || b) {
                 set(&self.quic_bbr_competing, u64::from(competing));
                 with_bbr.insert(label.clone());
             }
@@ -770,8 +773,12 @@ mod tests {
         assert!(text.contains("halyard_quic_pacing_rate_bytes{peer=\"127.0.0.1:1\"} 12500000"));
         assert!(text.contains("halyard_quic_delivery_rate_bytes{peer=\"127.0.0.1:1\"} 10000000"));
         assert!(text.contains("halyard_quic_bbr_competing{peer=\"127.0.0.1:1\"} 0"));
+        // Two connections to the peer; the one competing sees the larger RTT.
         let mut competing = congestion(1, Some(10_000_000));
-        competing.connections[0].competing = Some(true);
+        let mut other = competing.connections[0].clone();
+        other.rtt = Duration::from_millis(9);
+        other.competing = Some(true);
+        competing.connections.push(other);
         m.quic_congestion(&[competing]);
         let text = m.render();
         assert!(text.contains("halyard_quic_bbr_competing{peer=\"127.0.0.1:1\"} 1"));

@@ -28,12 +28,12 @@
 //!    itself. The flow is then window-limited at the draft's pacing rate, and quinn's pacer
 //!    only smooths bursts.
 //! 3. **Beside a flow that does not yield, the flow competes.** When a queue still stands at
-//!    the end of the flow's own ProbeRTT, after its inflight went down to half a BDP, another
-//!    flow holds it (kernel BBRv1, CUBIC): a flow alone cannot produce that evidence. The
-//!    draft's loss response would only hand that flow the link (0.17× of kernel BBRv1's
-//!    goodput on a 1-BDP buffer), so until the next ProbeRTT loss bounds nothing and the
-//!    queue above a margin counts in [`Bbr::window_rtt`] ([`Bbr::competing`], after Copa's
-//!    competitive mode).
+//!    the end of the flow's own ProbeRTT, after its inflight went down to the ProbeRTT window
+//!    (half a BDP, at least 4 packets), more than that window can explain, another flow holds
+//!    it (kernel BBRv1, CUBIC). The draft's loss response would only hand that flow the link
+//!    (0.17× of kernel BBRv1's goodput on a 1-BDP buffer), so until the next ProbeRTT (16 s
+//!    later at most) loss bounds nothing and the queue above a margin counts in [`Bbr::window_rtt`]
+//!    ([`Bbr::competing`], after Copa's competitive mode).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -71,6 +71,12 @@ const PROBE_RTT_CWND_GAIN: f64 = 0.5;
 const EXTRA_ACKED_ROUNDS: usize = 10;
 /// Reno-coexistence bound on rounds between bandwidth probes (§5.3.3.5.3).
 const MAX_RENO_ROUNDS: u64 = 63;
+/// Departure 3: this long after the ProbeRTT that decided to compete, another ProbeRTT
+/// decides again, even if lower RTT samples have kept putting off the one due (5 s after the
+/// last lower sample, §5.3.4). A kernel BBRv1 competitor's own ProbeRTT, every 10 s, puts it
+/// off once, to 15 s at most; forced earlier, the check would read a `max_bw` inflated by
+/// the moment the competitor stepped aside, and the rate check would fail.
+const COMPETING_FOR: Duration = Duration::from_secs(16);
 /// Largest window this controller ever asks for (1 GiB): bounds every product of a bandwidth
 /// and an RTT, whatever a peer makes them.
 pub const MAX_WINDOW: u64 = 1 << 30;
@@ -193,7 +199,7 @@ impl MaxBwFilter {
     }
 }
 
-/// A BBRv3 sender (see the module documentation for the two departures from the draft).
+/// A BBRv3 sender (see the module documentation for the three departures from the draft).
 ///
 /// Units: bytes, bytes per second, [`Instant`]s passed in by the caller. Every arithmetic path
 /// saturates; the window stays within `[4 × SMSS, MAX_WINDOW]`.
@@ -245,9 +251,13 @@ pub struct Bbr {
     delivered_in_round: u64,
     round_min_rtt: Option<Duration>,
     prev_round_min_rtt: Option<Duration>,
-    /// Departure 3: the last ProbeRTT found a queue another flow keeps standing.
+    /// Departure 3: the last ProbeRTT found a queue another flow keeps standing; competing
+    /// until this instant at the latest.
     competing: bool,
-    /// The smallest RTT sample since this ProbeRTT brought the flow's inflight down.
+    competing_until: Option<Instant>,
+    /// When this ProbeRTT brought the flow's inflight down to its ProbeRTT window.
+    probe_rtt_drained_at: Option<Instant>,
+    /// The smallest RTT sample of a packet sent since then.
     probe_rtt_drained_min: Option<Duration>,
     /// `bw_latest` when this ProbeRTT began: the delivery rate the flow had just before.
     bw_before_probe_rtt: u64,
@@ -370,6 +380,8 @@ impl Bbr {
             round_min_rtt: None,
             prev_round_min_rtt: None,
             competing: false,
+            competing_until: None,
+            probe_rtt_drained_at: None,
             probe_rtt_drained_min: None,
             bw_before_probe_rtt: 0,
             phase: Phase::Startup,
@@ -443,7 +455,9 @@ impl Bbr {
     /// own queue stays under `allowance / bw` plus the margin, so the window is the one over
     /// `min_rtt`; a probe's queue (ProbeBW_UP) drains within a few rounds of ProbeBW_DOWN. The
     /// draft's cwnd (`2 × BDP + extra_acked`) still bounds the result. `None` before the
-    /// first RTT sample; `min_rtt` until a round has ended.
+    /// first RTT sample; `min_rtt` until a round has ended. While competing (departure 3,
+    /// [`Bbr::competing`]) the own-queue term is left out: the queue stood through the flow's
+    /// own ProbeRTT.
     pub fn window_rtt(&self) -> Option<Duration> {
         let min_rtt = self.min_rtt?;
         let Some(round) = self.prev_round_min_rtt else {
@@ -974,19 +988,25 @@ impl Bbr {
 
     /// Departure 3: whether the flow competes with one that does not yield. Decided at the
     /// end of each ProbeRTT (§5.3.4), the one moment the flow's own queue is known to be
-    /// gone: its inflight went down to half a BDP for 200 ms and a round. If the smallest RTT
-    /// sample since then still stood above `min_rtt` by [`queue_threshold`], and the flow had
-    /// been delivering at least half its `max_bw` just before (else the queue may be its own
-    /// backlog after the link rate fell), another flow holds the queue: kernel BBRv1 keeps
-    /// two BDPs in flight whatever it loses, CUBIC refills any buffer. Yielding to their
-    /// losses (the draft's `inflight_hi`, `inflight_lo`, `bw_lo`) hands them the link without
-    /// emptying the queue (0.17× of kernel BBRv1's goodput on the `lossy` bench's 1-BDP
-    /// buffer). Until the next ProbeRTT (at most 5 s later, since no sample goes below the
-    /// standing queue) loss bounds nothing (the three bounds are cleared each round) and
-    /// [`Bbr::window_rtt`] takes the standing queue above its margin; the probing schedule
-    /// stays the draft's. A flow alone never sees a queue at that moment, so it never
-    /// competes. Known limit: a queue that never drains (CUBIC on a deep buffer) enters
-    /// `min_rtt` once the 10 s filter expires (§5.5.7), and the evidence is gone with it.
+    /// gone: its inflight went down to the ProbeRTT window (half a BDP, at least 4 packets)
+    /// for 200 ms and a round. If the smallest RTT sample of a packet sent since then still
+    /// stood above `min_rtt` by [`queue_threshold`] plus whatever queue the window's floor
+    /// makes on its own (above one BDP), and the flow had been delivering at least half its
+    /// `max_bw` just before (else the queue may be its own backlog after the link rate fell),
+    /// another flow holds the queue: kernel BBRv1 keeps two BDPs in flight whatever it loses,
+    /// CUBIC refills any buffer. Yielding to their losses (the draft's `inflight_hi`,
+    /// `inflight_lo`, `bw_lo`) hands them the link without emptying the queue (0.17× of
+    /// kernel BBRv1's goodput on the `lossy` bench's 1-BDP buffer). Until the next ProbeRTT
+    /// (due 5 s after the last lower RTT sample, 16 s at the latest), loss bounds nothing (the
+    /// three bounds are cleared each round) and [`Bbr::window_rtt`] takes the standing queue
+    /// above its margin; the probing schedule stays the draft's. Going idle and persistent
+    /// congestion end it at once. Known limits: a queue that never drains (CUBIC on a deep
+    /// buffer) enters `min_rtt` once the 10 s filter expires (§5.5.7), and the evidence is
+    /// gone with it; a path whose base RTT rose by more than the threshold looks like a
+    /// standing queue until `min_rtt` expires, and so does a peer that delays its ACKs more
+    /// after a ProbeRTT than before (RTT samples are not corrected for ACK delay); and a rate
+    /// step down just before a ProbeRTT can pass the rate check. Each costs at most one such
+    /// interval of a window over the RTT the flow sees, with loss ignored.
     pub fn competing(&self) -> bool {
         self.competing
     }
@@ -1178,20 +1198,24 @@ impl Bbr {
     }
 
     fn check_probe_rtt(&mut self, now: Instant, rs: &RateSample) {
+        if self.competing_until.is_some_and(|until| now > until) {
+            self.probe_rtt_due = true;
+        }
         if self.phase != Phase::ProbeRtt && self.probe_rtt_due && !self.idle_restart {
             self.prior_cwnd = self.saved_cwnd();
             self.probe_rtt_done_stamp = None;
+            self.probe_rtt_drained_at = None;
             self.probe_rtt_drained_min = None;
-            self.bw_before_probe_rtt = self.bw_latest;
+            // `bw_latest` may have just been reset by a phase change on this ACK; the ACK's
+            // own sample stands in then.
+            let sample = if rs.valid { rs.delivery_rate } else { 0 };
+            self.bw_before_probe_rtt = self.bw_latest.max(sample);
             self.ack_phase = AckPhase::ProbeStopping;
             self.start_round();
             self.set_phase(now, Phase::ProbeRtt, 1.0, PROBE_RTT_CWND_GAIN);
         }
         if self.phase == Phase::ProbeRtt {
-            if let (Some(_), Some(rtt)) = (self.probe_rtt_done_stamp, rs.rtt) {
-                let least = self.probe_rtt_drained_min.map_or(rtt, |m| m.min(rtt));
-                self.probe_rtt_drained_min = Some(least);
-            }
+            self.note_drained_rtt(now, rs);
             self.handle_probe_rtt(now);
         }
         if rs.delivered > 0 {
@@ -1199,10 +1223,28 @@ impl Bbr {
         }
     }
 
+    /// Departure 3's evidence: the RTT of packets sent after the drain only (an earlier one
+    /// carries the flow's own queue).
+    fn note_drained_rtt(&mut self, now: Instant, rs: &RateSample) {
+        let (Some(drained_at), Some(rtt)) = (self.probe_rtt_drained_at, rs.rtt) else {
+            return;
+        };
+        if now.checked_sub(rtt).is_some_and(|sent| sent >= drained_at) {
+            let least = self.probe_rtt_drained_min.map_or(rtt, |m| m.min(rtt));
+            self.probe_rtt_drained_min = Some(least);
+        }
+    }
+
+    fn stop_competing(&mut self) {
+        self.competing = false;
+        self.competing_until = None;
+    }
+
     fn handle_probe_rtt(&mut self, now: Instant) {
         match self.probe_rtt_done_stamp {
             None if self.inflight <= self.probe_rtt_cwnd() => {
                 self.probe_rtt_done_stamp = Some(now + PROBE_RTT_DURATION);
+                self.probe_rtt_drained_at = Some(now);
                 self.probe_rtt_round_done = false;
                 self.start_round();
             }
@@ -1229,6 +1271,11 @@ impl Bbr {
 
     fn exit_probe_rtt(&mut self, now: Instant) {
         self.competing = self.foreign_queue_after_probe_rtt();
+        self.competing_until = self
+            .competing
+            .then(|| now.checked_add(COMPETING_FOR))
+            .flatten();
+        self.competing &= self.competing_until.is_some();
         self.reset_lower_bounds();
         if self.full_bw_reached {
             self.start_probe_bw_down(now);
@@ -1243,8 +1290,19 @@ impl Bbr {
         let (Some(drained), Some(min_rtt)) = (self.probe_rtt_drained_min, self.min_rtt) else {
             return false;
         };
-        let queued = drained.saturating_sub(min_rtt) > queue_threshold(min_rtt);
-        queued && self.bw_before_probe_rtt >= self.max_bw.get() / 2
+        if !self.probe_rtt_round_done {
+            // Left early (the flow went idle): no round of drained samples to judge by.
+            return false;
+        }
+        // Where the ProbeRTT window's floor of 4 packets is above the BDP (a slow or short
+        // path), the flow's own packets still queue during ProbeRTT: that part is its own.
+        let own = self
+            .probe_rtt_cwnd()
+            .saturating_sub(bdp_of(self.bw, min_rtt));
+        let own = duration_at(own, self.bw);
+        let standing = drained.saturating_sub(min_rtt).saturating_sub(own);
+        let max_bw = self.max_bw.get();
+        standing > queue_threshold(min_rtt) && max_bw > 0 && self.bw_before_probe_rtt >= max_bw / 2
     }
 
     fn probe_rtt_cwnd(&self) -> u64 {
@@ -1259,6 +1317,8 @@ impl Bbr {
         }
         self.idle_restart = true;
         self.extra_acked_interval_start = Some(now);
+        // Idle, the flow held no queue: what it saw before says nothing now (departure 3).
+        self.stop_competing();
         if self.phase == Phase::ProbeRtt {
             self.check_probe_rtt_done(now);
         }
@@ -1366,6 +1426,8 @@ impl Bbr {
         if self.recovery_start.is_none() {
             self.prior_cwnd = self.saved_cwnd();
         }
+        // Persistent congestion is no queue another flow holds: loss counts again.
+        self.stop_competing();
         self.recovery_start = Some(now);
         self.cwnd = self
             .inflight

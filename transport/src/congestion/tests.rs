@@ -671,7 +671,8 @@ fn a_flow_holding_a_standing_queue_does_not_starve_bbr() {
     // Beside a flow shaped like kernel BBRv1 (2 × BDP in flight, ProbeRTT every 10 s) on a
     // 3-BDP buffer, a window carried over min_rtt alone delivers window / (min_rtt + queue)
     // and its estimate shrinks every cycle (0.32× the other flow's goodput in this run);
-    // over window_rtt it keeps a share within 0.5–2×.
+    // over window_rtt it keeps a share within 0.5–2×. From its first ProbeRTT (about 5 s) the
+    // flow also competes (departure 3), so this guards the two departures together.
     let mut path = Path::new(100, 20);
     path.queue = 3 * path.bdp();
     path.cross_window = 2 * path.bdp();
@@ -752,8 +753,9 @@ fn alone_the_flow_never_competes() {
     // its meaning: short and long paths (where the flow's own allowance is a larger part of
     // the RTT), random loss, shallow and deep buffers, a receiver that stalls its ACKs, and a
     // link rate falling 100 → 20 Mbit/s before the ProbeRTT (the queue of the backlog then is
-    // the flow's own: the rate before ProbeRTT is under half of max_bw). Checked after every
-    // batch of ACKs, two ProbeRTTs each.
+    // the flow's own: the rate before ProbeRTT is under half of max_bw), also 0.1–0.3 s before
+    // the first one (at about 5 s), and paths so slow that the ProbeRTT window's floor queues
+    // on its own. Checked after every batch of ACKs, two ProbeRTTs each.
     let mut paths = Vec::new();
     for (mbit, rtt_ms, loss, queue_bdp) in [
         (20, 5, 0.0, 1.0),
@@ -763,6 +765,9 @@ fn alone_the_flow_never_competes() {
         (100, 20, 0.02, 1.0),
         (100, 20, 0.0, 0.25),
         (100, 20, 0.0, 3.0),
+        // The ProbeRTT window's floor of 4 packets is above the BDP here.
+        (1, 20, 0.0, 1.0),
+        (2, 5, 0.0, 4.0),
     ] {
         let mut path = Path::new(mbit, rtt_ms);
         path.loss = loss;
@@ -773,11 +778,11 @@ fn alone_the_flow_never_competes() {
     stalling.queue = 4 * stalling.bdp();
     stalling.ack_stall = Some((Duration::from_millis(5), Duration::from_millis(2)));
     paths.push(stalling);
-    for at in [3, 7, 9] {
+    for at_ms in [3_000, 4_700, 4_900, 7_000, 9_000] {
         let mut path = Path::new(100, 20);
         path.steps = vec![
-            (Duration::from_secs(at), 20 * MBIT),
-            (Duration::from_secs(at + 3), 100 * MBIT),
+            (Duration::from_millis(at_ms), 20 * MBIT),
+            (Duration::from_millis(at_ms + 3_000), 100 * MBIT),
         ];
         paths.push(path);
     }
