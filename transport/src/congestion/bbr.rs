@@ -32,8 +32,8 @@
 //!    (half a BDP, at least 4 packets), more than that window can explain, another flow holds
 //!    it (kernel BBRv1, CUBIC). The draft's loss response would only hand that flow the link
 //!    (0.17× of kernel BBRv1's goodput on a 1-BDP buffer), so until the next ProbeRTT (16 s
-//!    later at most) loss bounds nothing and the queue above a margin counts in [`Bbr::window_rtt`]
-//!    ([`Bbr::competing`], after Copa's competitive mode).
+//!    later at most) loss bounds nothing and the queue above a margin counts in
+//!    [`Bbr::window_rtt`] ([`Bbr::competing`], after Copa's competitive mode).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -251,9 +251,9 @@ pub struct Bbr {
     delivered_in_round: u64,
     round_min_rtt: Option<Duration>,
     prev_round_min_rtt: Option<Duration>,
-    /// Departure 3: the last ProbeRTT found a queue another flow keeps standing; competing
-    /// until this instant at the latest.
+    /// Departure 3: the last ProbeRTT found a queue another flow keeps standing.
     competing: bool,
+    /// While competing: when a ProbeRTT is forced to decide again ([`COMPETING_FOR`]).
     competing_until: Option<Instant>,
     /// When this ProbeRTT brought the flow's inflight down to its ProbeRTT window.
     probe_rtt_drained_at: Option<Instant>,
