@@ -251,13 +251,11 @@ pub struct Bbr {
     delivered_in_round: u64,
     round_min_rtt: Option<Duration>,
     prev_round_min_rtt: Option<Duration>,
-    /// Departure 3: the last ProbeRTT found a queue another flow keeps standing.
-    competing: bool,
-    /// While competing: when a ProbeRTT is forced to decide again ([`COMPETING_FOR`]).
+    /// Departure 3: set while the last ProbeRTT found a queue another flow keeps standing,
+    /// to when a ProbeRTT is forced to decide again ([`COMPETING_FOR`]).
     competing_until: Option<Instant>,
-    /// When this ProbeRTT brought the flow's inflight down to its ProbeRTT window.
-    probe_rtt_drained_at: Option<Instant>,
-    /// The smallest RTT sample of a packet sent since then.
+    /// The smallest RTT sample of a packet sent since this ProbeRTT brought the flow's inflight
+    /// down to its ProbeRTT window.
     probe_rtt_drained_min: Option<Duration>,
     /// `bw_latest` when this ProbeRTT began: the delivery rate the flow had just before.
     bw_before_probe_rtt: u64,
@@ -379,9 +377,7 @@ impl Bbr {
             delivered_in_round: 0,
             round_min_rtt: None,
             prev_round_min_rtt: None,
-            competing: false,
             competing_until: None,
-            probe_rtt_drained_at: None,
             probe_rtt_drained_min: None,
             bw_before_probe_rtt: 0,
             phase: Phase::Startup,
@@ -466,7 +462,7 @@ impl Bbr {
         // While competing (departure 3) the queue stood through the flow's own ProbeRTT:
         // `allowance / bw` divides by the flow's own rate and would call most of a foreign
         // queue the flow's own exactly when its share (bw) is small.
-        let own = if self.competing {
+        let own = if self.competing() {
             Duration::ZERO
         } else {
             duration_at(self.window_allowance(), self.bw)
@@ -743,7 +739,7 @@ impl Bbr {
         if !self.loss_round_start {
             return;
         }
-        if self.loss_in_round && self.queue_seen() && !self.competing {
+        if self.loss_in_round && self.queue_seen() && !self.competing() {
             self.adapt_lower_bounds_from_congestion();
         }
         self.loss_in_round = false;
@@ -790,7 +786,7 @@ impl Bbr {
     /// read it).
     fn end_round_signals(&mut self) {
         self.prev_round_min_rtt = self.round_min_rtt.take().or(self.prev_round_min_rtt);
-        if self.competing {
+        if self.competing() {
             // Departure 3: loss bounds nothing while competing.
             self.inflight_hi = None;
             self.reset_lower_bounds();
@@ -983,7 +979,7 @@ impl Bbr {
     }
 
     fn is_inflight_too_high(&self, lost: u64, tx_in_flight: u64) -> bool {
-        !self.competing && lost as f64 > tx_in_flight as f64 * LOSS_THRESH && self.queue_seen()
+        !self.competing() && lost as f64 > tx_in_flight as f64 * LOSS_THRESH && self.queue_seen()
     }
 
     /// Departure 3: whether the flow competes with one that does not yield. Decided at the
@@ -1008,7 +1004,7 @@ impl Bbr {
     /// step down just before a ProbeRTT can pass the rate check. Each costs at most one such
     /// interval of a window over the RTT the flow sees, with loss ignored.
     pub fn competing(&self) -> bool {
-        self.competing
+        self.competing_until.is_some()
     }
 
     fn check_inflight_too_high(&mut self, rs: &RateSample) -> bool {
@@ -1204,7 +1200,6 @@ impl Bbr {
         if self.phase != Phase::ProbeRtt && self.probe_rtt_due && !self.idle_restart {
             self.prior_cwnd = self.saved_cwnd();
             self.probe_rtt_done_stamp = None;
-            self.probe_rtt_drained_at = None;
             self.probe_rtt_drained_min = None;
             // `bw_latest` may have just been reset by a phase change on this ACK; the ACK's
             // own sample stands in then.
@@ -1226,7 +1221,11 @@ impl Bbr {
     /// Departure 3's evidence: the RTT of packets sent after the drain only (an earlier one
     /// carries the flow's own queue).
     fn note_drained_rtt(&mut self, now: Instant, rs: &RateSample) {
-        let (Some(drained_at), Some(rtt)) = (self.probe_rtt_drained_at, rs.rtt) else {
+        // The drain ended PROBE_RTT_DURATION before the stamp ProbeRTT then set.
+        let drained_at = self
+            .probe_rtt_done_stamp
+            .and_then(|done| done.checked_sub(PROBE_RTT_DURATION));
+        let (Some(drained_at), Some(rtt)) = (drained_at, rs.rtt) else {
             return;
         };
         if now.checked_sub(rtt).is_some_and(|sent| sent >= drained_at) {
@@ -1236,7 +1235,6 @@ impl Bbr {
     }
 
     fn stop_competing(&mut self) {
-        self.competing = false;
         self.competing_until = None;
     }
 
@@ -1244,7 +1242,6 @@ impl Bbr {
         match self.probe_rtt_done_stamp {
             None if self.inflight <= self.probe_rtt_cwnd() => {
                 self.probe_rtt_done_stamp = Some(now + PROBE_RTT_DURATION);
-                self.probe_rtt_drained_at = Some(now);
                 self.probe_rtt_round_done = false;
                 self.start_round();
             }
@@ -1270,12 +1267,11 @@ impl Bbr {
     }
 
     fn exit_probe_rtt(&mut self, now: Instant) {
-        self.competing = self.foreign_queue_after_probe_rtt();
-        self.competing_until = self
-            .competing
-            .then(|| now.checked_add(COMPETING_FOR))
-            .flatten();
-        self.competing &= self.competing_until.is_some();
+        self.competing_until = if self.foreign_queue_after_probe_rtt() {
+            now.checked_add(COMPETING_FOR)
+        } else {
+            None
+        };
         self.reset_lower_bounds();
         if self.full_bw_reached {
             self.start_probe_bw_down(now);

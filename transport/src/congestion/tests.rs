@@ -86,10 +86,10 @@ struct Trace {
     bw: Vec<(Duration, u64)>,
     /// Bytes the competing flow delivered per 100 ms.
     cross_delivered: Vec<u64>,
-    /// The 100 ms samples at which the controller was competing (departure 3).
-    competing: Vec<Duration>,
-    /// ACK batches after which the controller was competing.
+    /// ACK batches after which the controller was competing (departure 3), and the first
+    /// and last of them.
     competing_acks: u64,
+    competing_span: Option<(Duration, Duration)>,
     lost: u64,
     sent: u64,
 }
@@ -237,6 +237,8 @@ fn run(path: &Path, secs: u64, seed: u64) -> (Bbr, Trace) {
             bbr.on_end_acks(now, inflight, false);
             if bbr.competing() {
                 trace.competing_acks += 1;
+                let first = trace.competing_span.map_or(elapsed, |(first, _)| first);
+                trace.competing_span = Some((first, elapsed));
             }
             if largest.is_some() {
                 if let Err(e) = bbr.check_draft_bounds() {
@@ -355,9 +357,6 @@ fn run(path: &Path, secs: u64, seed: u64) -> (Bbr, Trace) {
         }
         if now >= next_sample {
             trace.bw.push((elapsed, bbr.bandwidth()));
-            if bbr.competing() {
-                trace.competing.push(elapsed);
-            }
             next_sample += Duration::from_millis(100);
         }
         now += STEP;
@@ -739,7 +738,7 @@ fn beside_kernel_bbrv1_the_flow_competes() {
             (lowest..=2.0).contains(&share),
             "{queue_bdp}-BDP buffer: bbr {ours} B/s beside {theirs} B/s"
         );
-        let first = trace.competing.first().copied();
+        let first = trace.competing_span.map(|(first, _)| first);
         assert!(
             first.is_some_and(|t| t < Duration::from_secs(6)),
             "{queue_bdp}-BDP buffer: first competing at {first:?}"
@@ -812,10 +811,14 @@ fn when_the_other_flow_ends_the_flow_stops_competing_at_its_next_probe_rtt() {
     path.cross_until = Some(Duration::from_secs(10));
     let (bbr, trace) = run(&path, 22, 15);
     assert!(
-        trace.competing.iter().any(|t| *t < Duration::from_secs(10)),
+        trace
+            .competing_span
+            .is_some_and(|(first, _)| first < Duration::from_secs(10)),
         "never competed beside the other flow"
     );
-    let last = trace.competing.last().copied().unwrap_or_default();
+    let last = trace
+        .competing_span
+        .map_or(Duration::ZERO, |(_, last)| last);
     assert!(
         last < Duration::from_secs(16),
         "still competing at {last:?}, 6 s after the other flow ended"
