@@ -6,7 +6,7 @@
 //! model `inflight_longterm` / `inflight_shortterm` (`inflight_hi` / `inflight_lo` in earlier
 //! drafts and in Linux); the code uses the older, shorter names.
 //!
-//! Three deliberate departures from the draft, all for the links Halyard runs on, and all
+//! Four deliberate departures from the draft, all for the links Halyard runs on, and all
 //! measured in `benches/` (see ARCHITECTURE.md, "Congestion control"):
 //!
 //! 1. **Loss counts as congestion only with a queue.** The draft treats a per-round loss rate
@@ -34,6 +34,10 @@
 //!    (0.17× of kernel BBRv1's goodput on a 1-BDP buffer), so until the next ProbeRTT (16 s
 //!    later at most) loss bounds nothing and the queue above a margin counts in
 //!    [`Bbr::window_rtt`] ([`Bbr::competing`], after Copa's competitive mode).
+//! 4. **A BDP spans at least a millisecond.** Two user-space QUIC stacks on one host or a
+//!    veth pair see a `min_rtt` of microseconds, but acknowledge and pace at the granularity
+//!    of their hosts' schedulers and timers. Every BDP except ProbeRTT's is computed over
+//!    `max(min_rtt, 1 ms)` (`BDP_RTT_FLOOR`); paths of 1 ms or more are untouched.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -77,6 +81,12 @@ const MAX_RENO_ROUNDS: u64 = 63;
 /// off once, to 15 s at most; forced earlier, the check would read a `max_bw` inflated by
 /// the moment the competitor stepped aside, and the rate check would fail.
 const COMPETING_FOR: Duration = Duration::from_secs(16);
+/// Departure 4: the shortest RTT a BDP is computed over. A QUIC receiver acknowledges from
+/// user space and its sender paces on a timer, both at the granularity of the hosts'
+/// schedulers and timers (tokio's timer wheel ticks in milliseconds), so on a path whose
+/// `min_rtt` is microseconds a window of `2 × bw × min_rtt` empties long before the next ACK
+/// batch or pacing tick. Paths of 1 ms or more are untouched.
+const BDP_RTT_FLOOR: Duration = Duration::from_millis(1);
 /// Largest window this controller ever asks for (1 GiB): bounds every product of a bandwidth
 /// and an RTT, whatever a peer makes them.
 pub const MAX_WINDOW: u64 = 1 << 30;
@@ -199,7 +209,7 @@ impl MaxBwFilter {
     }
 }
 
-/// A BBRv3 sender (see the module documentation for the three departures from the draft).
+/// A BBRv3 sender (see the module documentation for the four departures from the draft).
 ///
 /// Units: bytes, bytes per second, [`Instant`]s passed in by the caller. Every arithmetic path
 /// saturates; the window stays within `[4 × SMSS, MAX_WINDOW]`.
@@ -420,7 +430,7 @@ impl Bbr {
             return self.cwnd.clamp(min_pipe, MAX_WINDOW);
         };
         let allowance = self.window_allowance();
-        let rtt = self.window_rtt().unwrap_or(min_rtt);
+        let rtt = self.window_rtt().unwrap_or(min_rtt).max(BDP_RTT_FLOOR);
         let paced = bdp_of(self.pacing_rate, rtt).saturating_add(allowance);
         self.cwnd.min(paced).clamp(min_pipe, MAX_WINDOW)
     }
@@ -1301,9 +1311,14 @@ impl Bbr {
         standing > queue_threshold(min_rtt) && max_bw > 0 && self.bw_before_probe_rtt >= max_bw / 2
     }
 
+    /// §5.6.4.5: half a BDP over the measured `min_rtt` (not departure 4's floor: ProbeRTT
+    /// exists to drain the flow's own queue), at least 4 packets.
     fn probe_rtt_cwnd(&self) -> u64 {
-        self.bdp_multiple(self.bw, PROBE_RTT_CWND_GAIN)
-            .max(self.min_pipe_cwnd())
+        let half_bdp = match self.min_rtt {
+            None => self.initial_cwnd,
+            Some(rtt) => scale(bdp_of(self.bw, rtt), PROBE_RTT_CWND_GAIN),
+        };
+        half_bdp.max(self.min_pipe_cwnd())
     }
 
     /// §5.4: on restarting after idle, pace at the estimate rather than any probing gain.
@@ -1322,11 +1337,12 @@ impl Bbr {
 
     // ----- control parameters (§5.6) ------------------------------------------------------
 
-    /// `gain × bw × min_rtt` (§5.6.4.2 "BBRBDPMultiple"); the initial window before any RTT.
+    /// `gain × bw × max(min_rtt, BDP_RTT_FLOOR)` (§5.6.4.2 "BBRBDPMultiple", with the
+    /// floor of departure 4); the initial window before any RTT.
     fn bdp_multiple(&self, bw: u64, gain: f64) -> u64 {
         match self.min_rtt {
             None => self.initial_cwnd,
-            Some(rtt) => scale(bdp_of(bw, rtt), gain).min(MAX_WINDOW),
+            Some(rtt) => scale(bdp_of(bw, rtt.max(BDP_RTT_FLOOR)), gain).min(MAX_WINDOW),
         }
     }
 

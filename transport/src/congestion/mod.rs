@@ -25,7 +25,7 @@ pub use bbr::{queue_threshold, Bbr, Phase, MAX_WINDOW};
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Congestion {
-    /// BBRv3 (draft-ietf-ccwg-bbr) with Halyard's two adaptations ([`Bbr`]): full rate
+    /// BBRv3 (draft-ietf-ccwg-bbr) with Halyard's four departures ([`Bbr`]): full rate
     /// through random loss, a small queue.
     Bbr,
     /// quinn's CUBIC (RFC 9438): loss-based; halves its rate on random loss and fills
