@@ -182,7 +182,9 @@ struct RateSample {
 #[derive(Debug, Clone, Copy, Default)]
 struct AckBatch {
     newly_acked: u64,
-    newest: Option<SendRecord>,
+    /// When the newest packet of the batch was sent: its send record is looked up once, at
+    /// the end of the batch (the newest record at or before a time only grows with it).
+    newest_sent: Option<Instant>,
     app_limited: bool,
 }
 
@@ -301,6 +303,9 @@ pub struct Bbr {
     cwnd: u64,
     pacing_rate: u64,
     send_quantum: u64,
+    /// [`Bbr::window`], recomputed whenever an input changes the state it is built from:
+    /// quinn reads it for every packet it sends.
+    window: u64,
 }
 
 /// How far the round's smallest RTT must exceed `min_rtt` for a loss to count as congestion:
@@ -349,7 +354,7 @@ impl Bbr {
     pub fn new(smss: u16, initial_cwnd: u64, seed: u64) -> Self {
         let smss = u64::from(smss.max(1200));
         let initial_cwnd = initial_cwnd.clamp(4 * smss, MAX_WINDOW);
-        Bbr {
+        let mut bbr = Bbr {
             smss,
             initial_cwnd,
             rng: seed | 1,
@@ -415,7 +420,10 @@ impl Bbr {
             cwnd: initial_cwnd,
             pacing_rate: 0,
             send_quantum: 2 * smss,
-        }
+            window: 0,
+        };
+        bbr.window = bbr.compute_window();
+        bbr
     }
 
     // ----- outputs -------------------------------------------------------------------------
@@ -425,6 +433,10 @@ impl Bbr {
     /// plus an allowance for ACK aggregation and one send quantum (departure 2 in the module
     /// docs). Always within `[4 × SMSS, MAX_WINDOW]`.
     pub fn window(&self) -> u64 {
+        self.window
+    }
+
+    fn compute_window(&self) -> u64 {
         let min_pipe = self.min_pipe_cwnd();
         let Some(min_rtt) = self.min_rtt.filter(|_| self.bw > 0) else {
             return self.cwnd.clamp(min_pipe, MAX_WINDOW);
@@ -545,6 +557,7 @@ impl Bbr {
     /// A new path MTU (bytes): the segment size all per-packet quantities use.
     pub fn set_mtu(&mut self, mtu: u16) {
         self.smss = u64::from(mtu.max(1200));
+        self.window = self.compute_window();
     }
 
     fn min_pipe_cwnd(&self) -> u64 {
@@ -563,6 +576,7 @@ impl Bbr {
             self.first_send_time = Some(now);
             self.delivered_time = Some(now);
             self.handle_restart_from_idle(now);
+            self.window = self.compute_window();
         }
         self.inflight = self.inflight.saturating_add(bytes);
         let app_limited = self.app_limited || self.phase == Phase::ProbeRtt;
@@ -598,14 +612,9 @@ impl Bbr {
         self.batch.app_limited |= app_limited;
         if self.recovery_start.is_some_and(|start| sent > start) {
             self.exit_recovery();
+            self.window = self.compute_window();
         }
-        let Some(record) = self.record_at(sent) else {
-            return;
-        };
-        if self.batch.newest.is_none_or(|n| record.time > n.time) {
-            self.batch.newest = Some(record);
-            self.first_send_time = Some(record.time);
-        }
+        self.batch.newest_sent = self.batch.newest_sent.max(Some(sent));
     }
 
     /// The end of a batch of acknowledgements: quinn's bytes in flight now, and whether the
@@ -614,13 +623,18 @@ impl Bbr {
         self.inflight = in_flight;
         self.app_limited = app_limited;
         let batch = std::mem::take(&mut self.batch);
+        let newest = batch.newest_sent.and_then(|sent| self.record_at(sent));
+        if let Some(record) = newest {
+            self.first_send_time = Some(record.time);
+        }
         if batch.newly_acked == 0 {
             return;
         }
-        let rs = self.rate_sample(now, &batch);
+        let rs = self.rate_sample(now, newest, &batch);
         self.update_model_and_state(now, &rs);
         self.update_control_parameters(&rs);
         self.prune_records(now);
+        self.window = self.compute_window();
     }
 
     /// Packets of `lost_bytes` in total were declared lost at `now`, the newest of them sent at
@@ -638,6 +652,7 @@ impl Bbr {
         if let Some(record) = self.record_at(sent) {
             self.handle_lost_packet(record, lost_bytes);
         }
+        self.window = self.compute_window();
     }
 
     // ----- delivery-rate sampling (§4.1) --------------------------------------------------
@@ -649,12 +664,17 @@ impl Bbr {
         self.sends.get(index).copied()
     }
 
-    fn rate_sample(&mut self, now: Instant, batch: &AckBatch) -> RateSample {
+    fn rate_sample(
+        &mut self,
+        now: Instant,
+        newest: Option<SendRecord>,
+        batch: &AckBatch,
+    ) -> RateSample {
         let mut rs = RateSample {
             newly_acked: batch.newly_acked,
             ..RateSample::default()
         };
-        let Some(p) = batch.newest else {
+        let Some(p) = newest else {
             return rs;
         };
         let rtt = now
@@ -1474,6 +1494,7 @@ impl Bbr {
             "window outside [4 SMSS, MAX_WINDOW]",
         )?;
         check(window <= self.cwnd.max(min_pipe), "window above cwnd")?;
+        check(window == self.compute_window(), "window not recomputed")?;
         if self.full_bw_reached && self.recovery_start.is_none() {
             let inflight = self
                 .bdp_multiple(self.bw, self.cwnd_gain)
