@@ -727,16 +727,19 @@ fn on_a_sub_millisecond_path_the_window_covers_a_millisecond() {
     // schedulers and timers, about a millisecond, so a window of `2 × bw × min_rtt` plus the
     // quantization budget (≈ 170 kB here, 0.3 ms at the link rate) empties at any pause of
     // either host that the aggregation estimate has not seen in its last 10 rounds. Departure
-    // 4 computes a BDP over at least 1 ms. This link's regular ACK stalls are covered by
+    // 4 computes every BDP over at least 1 ms. This link's regular ACK stalls are covered by
     // `extra_acked` with or without the floor; what the floor bought on real hosts is measured
     // by the `bulk` bench (veth, min_rtt ≈ 10 µs): `bbr` went from ≈ 0.8× to ≈ 0.9× of
     // `cubic`'s 8-flow goodput and to ≈ 1× of its 1-flow goodput. Here: the window covers a
-    // millisecond at the pacing rate, and the flow's own queue stays within that.
+    // millisecond at the pacing rate, ProbeRTT (at about 5 s: the flow's own queue keeps
+    // `min_rtt` from being seen again) leaves the link busy (half a BDP over 1 ms is still 5
+    // of these BDPs; over `min_rtt` it was the 4-packet floor, 0.5 of the link's rate), and the
+    // flow's own queue stays within that millisecond.
     let mut path = Path::new(4000, 1);
     path.rtt = Duration::from_micros(100);
     path.queue = 2 * bdp_of(path.rate, Duration::from_millis(1));
-    let (bbr, trace) = run(&path, 2, 5);
-    let goodput = trace.goodput(1.0, 2.0);
+    let (bbr, trace) = run(&path, 7, 5);
+    let goodput = trace.goodput(1.0, 7.0);
     assert!(
         goodput * 10 >= path.rate * 9,
         "goodput {goodput} B/s of {}",
@@ -747,6 +750,21 @@ fn on_a_sub_millisecond_path_the_window_covers_a_millisecond() {
         bbr.window() >= covered,
         "window {} below a millisecond at the pacing rate ({covered} B): {bbr:?}",
         bbr.window()
+    );
+    assert!(
+        trace.phases.contains(&Phase::ProbeRtt),
+        "{:?}",
+        trace.phases
+    );
+    let slowest = (10..70)
+        .map(|tenth| trace.goodput(tenth as f64 / 10.0, (tenth + 1) as f64 / 10.0))
+        .min()
+        .unwrap_or(0);
+    assert!(
+        slowest * 10 >= path.rate * 8,
+        "a 100 ms stretch at {slowest} B/s of {} (phases {:?})",
+        path.rate,
+        trace.phases
     );
     // The flow's own queue stays within that millisecond and the allowance.
     let p99 = trace.queue_p(Duration::from_secs(1), 99);
