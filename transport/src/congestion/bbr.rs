@@ -23,8 +23,9 @@
 //!    standing queue of one BDP forms (quinn's own BBRv1 does exactly that). [`Bbr::window`]
 //!    is the draft's cwnd further bounded by the volume the draft's pacing rate would put in
 //!    flight in one round trip, plus the aggregation allowance (`extra_acked`) and a send
-//!    quantum: `min(cwnd, pacing_gain × bw × window_rtt + extra_acked + quantum)`, where
-//!    [`Bbr::window_rtt`] is `min_rtt` plus any standing queue this flow did not build
+//!    quantum, and never below the draft's offload budget of 3 quanta:
+//!    `min(cwnd, max(pacing_gain × bw × window_rtt + extra_acked + quantum, 3 × quantum))`,
+//!    where [`Bbr::window_rtt`] is `min_rtt` plus any standing queue this flow did not build
 //!    itself. The flow is then window-limited at the draft's pacing rate, and quinn's pacer
 //!    only smooths bursts.
 //! 3. **Beside a flow that does not yield, the flow competes.** When a queue still stands at
@@ -431,7 +432,8 @@ impl Bbr {
     /// The window quinn enforces, in bytes: the draft's cwnd (§5.6.4, with every bound of
     /// §5.6.4.4–§5.6.4.7) further bounded by the draft's pacing rate over [`Bbr::window_rtt`]
     /// plus an allowance for ACK aggregation and one send quantum (departure 2 in the module
-    /// docs). Always within `[4 × SMSS, MAX_WINDOW]`.
+    /// docs), but never below the offload budget the draft's cwnd keeps (3 send quanta,
+    /// §5.6.4.2) where cwnd allows it. Always within `[4 × SMSS, MAX_WINDOW]`.
     pub fn window(&self) -> u64 {
         self.window
     }
@@ -444,7 +446,10 @@ impl Bbr {
         let allowance = self.window_allowance();
         let rtt = self.window_rtt().unwrap_or(min_rtt).max(BDP_RTT_FLOOR);
         let paced = bdp_of(self.pacing_rate, rtt).saturating_add(allowance);
-        self.cwnd.min(paced).clamp(min_pipe, MAX_WINDOW)
+        let offload = self.send_quantum.saturating_mul(3);
+        self.cwnd
+            .min(paced.max(offload))
+            .clamp(min_pipe, MAX_WINDOW)
     }
 
     /// What the window adds to `pacing_rate × window_rtt`: `extra_acked` in full, as the
@@ -1493,6 +1498,10 @@ impl Bbr {
         )?;
         check(window <= self.cwnd.max(min_pipe), "window above cwnd")?;
         check(window == self.compute_window(), "window not recomputed")?;
+        check(
+            window >= self.cwnd.min(self.send_quantum.saturating_mul(3)),
+            "window below the offload budget the cwnd allows",
+        )?;
         if self.full_bw_reached && self.recovery_start.is_none() {
             let inflight = self
                 .bdp_multiple(self.bw, self.cwnd_gain)
