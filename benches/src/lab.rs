@@ -151,8 +151,11 @@ impl Lab {
             procs: Vec::new(),
             // The product's default unless a run asks for another (HALYARD_BENCH_CONGESTION);
             // the scenarios that compare both restart the sidecars with each.
-            congestion: std::env::var("HALYARD_BENCH_CONGESTION")
-                .unwrap_or_else(|_| "cubic".to_owned()),
+            congestion: std::env::var("HALYARD_BENCH_CONGESTION").unwrap_or_else(|_| {
+                halyard_transport::congestion::Congestion::default()
+                    .as_str()
+                    .to_owned()
+            }),
             workers: 1,
             max_streams,
             via_gateway: false,

@@ -98,7 +98,7 @@ async fn metrics_count_every_exchange_under_its_labels() {
         m.contains(&format!("halyard_quic_rtt_seconds{{peer=\"{peer}\"}}")),
         "{m}"
     );
-    // The congestion controller's view of the same peer (cubic: window and pacing rate).
+    // The congestion controller's view of the same peer (window and pacing rate).
     assert!(
         metric(&m, "halyard_quic_cwnd_bytes", &[("peer", &peer)]) > 0.0,
         "{m}"

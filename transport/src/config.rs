@@ -99,7 +99,7 @@ pub struct RawTransportConfig {
     /// SETTINGS_MAX_FIELD_SECTION_SIZE. A request over it is refused before it is sent (431);
     /// a response over the peer's advertised value is replaced by a 502. 1 KiB to 1 MiB.
     pub max_field_section_size: u64,
-    /// Congestion controller of every connection: `"bbr"` or `"cubic"` (default).
+    /// Congestion controller of every connection: `"bbr"` (default) or `"cubic"`.
     pub congestion: Congestion,
     /// UDP payload size, in bytes, of every packet from the first one on (quinn's
     /// `initial_mtu`). 1200 (the default) is what every QUIC path must carry (RFC 9000 §14);
@@ -584,8 +584,8 @@ mod tests {
     }
 
     #[test]
-    fn congestion_defaults_to_cubic() {
-        assert_eq!(TransportConfig::default().congestion(), Congestion::Cubic);
+    fn congestion_defaults_to_bbr() {
+        assert_eq!(TransportConfig::default().congestion(), Congestion::Bbr);
     }
 
     #[test]

@@ -26,12 +26,13 @@ pub use bbr::{queue_threshold, Bbr, Phase, MAX_WINDOW};
 #[serde(rename_all = "lowercase")]
 pub enum Congestion {
     /// BBRv3 (draft-ietf-ccwg-bbr) with Halyard's four departures ([`Bbr`]): full rate
-    /// through random loss, a small queue.
+    /// through random loss, a small queue. The default: the `lossy`, `bulk` and `latency`
+    /// benches find it no worse than `cubic` on a clean link and far better on a lossy one
+    /// (ARCHITECTURE.md, "Congestion control").
+    #[default]
     Bbr,
     /// quinn's CUBIC (RFC 9438): loss-based; halves its rate on random loss and fills
-    /// drop-tail queues. The default until the `bulk` bench shows `bbr` no worse on a clean,
-    /// CPU-bound link on a quiet machine (ARCHITECTURE.md, "Congestion control").
-    #[default]
+    /// drop-tail queues.
     Cubic,
 }
 
