@@ -1,9 +1,10 @@
 //! Scenario 1, bulk: 1 and 8 flows for a fixed time, Gbit/s delivered to the server app and
 //! CPU-seconds per GB of the two proxy processes; then 1-byte and 100-byte ping-pong over one
 //! connection (p50/p99 round trip), with /dev/cpu_dma_latency held at 0. Halyard runs once with
-//! each congestion controller (`bbr`, then `cubic`), so the two compare on a clean link in one run,
-//! then with `workers` = 2, 4, … up to the cores of the machine (8 flows and the 1-byte
-//! ping-pong, `cubic`), beside `workers = 1`.
+//! each congestion controller (the lab's, the product default unless `HALYARD_BENCH_CONGESTION`
+//! says otherwise, then the other), so the two compare on a clean link in one run, then with
+//! `workers` = 2, 4, … up to the cores of the machine (8 flows and the 1-byte ping-pong, the
+//! product's default controller), beside `workers = 1`.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -107,6 +108,11 @@ fn label(route: Route, congestion: &Option<String>, workers: Option<usize>) -> S
     }
 }
 
+/// The congestion controller of the `workers` comparison: the product's default.
+fn workers_congestion() -> &'static str {
+    halyard_transport::Congestion::default().as_str()
+}
+
 /// The `workers` settings compared with 1: 2, 4, … while the machine has that many cores, and
 /// 2 on any machine.
 fn worker_counts() -> Vec<usize> {
@@ -132,7 +138,7 @@ pub fn main() -> anyhow::Result<()> {
     lab.restart_halyard(other)?;
     run_paths(&lab, &[Route::HalyardL4], all, &mut bulk, &mut ping)?;
     for workers in worker_counts() {
-        lab.restart_halyard_with("cubic", workers)?;
+        lab.restart_halyard_with(workers_congestion(), workers)?;
         let some = (&[8][..], &[1][..]);
         run_paths(&lab, &[Route::HalyardL4], some, &mut bulk, &mut ping)?;
     }
@@ -288,18 +294,22 @@ fn markdown(r: &Report) -> String {
             c(h)
         );
     }
-    let cubic_8 = |w: usize| {
-        r.bulk.iter().find(|b| {
-            b.flows == 8 && b.workers == Some(w) && b.congestion.as_deref() == Some("cubic")
-        })
+    let workers_congestion = workers_congestion();
+    let same = |c: &Option<String>| c.as_deref() == Some(workers_congestion);
+    let bulk_8 = |w: usize| {
+        r.bulk
+            .iter()
+            .find(|b| b.flows == 8 && b.workers == Some(w) && same(&b.congestion))
     };
-    let cubic_1b = |w: usize| {
-        r.ping.iter().find(|p| {
-            p.bytes == 1 && p.workers == Some(w) && p.congestion.as_deref() == Some("cubic")
-        })
+    let ping_1b = |w: usize| {
+        r.ping
+            .iter()
+            .find(|p| p.bytes == 1 && p.workers == Some(w) && same(&p.congestion))
     };
-    if let (Some(one), Some(one_ping)) = (cubic_8(1), cubic_1b(1)) {
-        md += "\n`workers` (halyard-l4, cubic) against `workers = 1` in the same run: ";
+    if let (Some(one), Some(one_ping)) = (bulk_8(1), ping_1b(1)) {
+        md += &format!(
+            "\n`workers` (halyard-l4, {workers_congestion}) against `workers = 1` in the same run: "
+        );
         let mut parts = Vec::new();
         for b in r
             .bulk
@@ -307,7 +317,7 @@ fn markdown(r: &Report) -> String {
             .filter(|b| b.flows == 8 && b.workers.is_some_and(|w| w > 1))
         {
             let w = b.workers.unwrap_or(1);
-            let ping = cubic_1b(w).map_or("–".to_owned(), |p| {
+            let ping = ping_1b(w).map_or("–".to_owned(), |p| {
                 ratio(p.rtt.p50_us, one_ping.rtt.p50_us)
             });
             parts.push(format!(

@@ -168,7 +168,7 @@ impl Default for RawTransportConfig {
 /// | stream credit wait | 100 ms | a round of MAX_STREAMS credit on a LAN takes far less; short beside the connect timeout (2 s), so a flow out of credit moves on, or fails as a local limit, before its connect attempt would time out |
 /// | reconnect backoff | 100 ms doubling to 5 s, jittered | |
 /// | max field section size | 96 KiB | bounds decoded header memory per request; real cookies reach 60 KiB (nginx and Envoy users meet such headers), so 16 KiB refused real traffic |
-/// | congestion | `cubic` | `bbr` keeps near full rate through random loss without filling queues; the default stays until a run of the `bulk` bench on a quiet machine confirms `bbr` no worse on a clean, CPU-bound link (ARCHITECTURE.md, "Congestion control") |
+/// | congestion | `bbr` | keeps near full rate through random loss without filling queues; on a clean, CPU-bound link the `bulk` and `latency` benches find it no worse than `cubic` (ARCHITECTURE.md, "Congestion control") |
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "RawTransportConfig", into = "RawTransportConfig")]
 pub struct TransportConfig {

@@ -23,11 +23,11 @@
 //!    standing queue of one BDP forms (quinn's own BBRv1 does exactly that). [`Bbr::window`]
 //!    is the draft's cwnd further bounded by the volume the draft's pacing rate would put in
 //!    flight in one round trip, plus the aggregation allowance (`extra_acked`) and a send
-//!    quantum, and never below the draft's offload budget of 3 quanta:
-//!    `min(cwnd, max(pacing_gain × bw × window_rtt + extra_acked + quantum, 3 × quantum))`,
-//!    where [`Bbr::window_rtt`] is `min_rtt` plus any standing queue this flow did not build
-//!    itself. The flow is then window-limited at the draft's pacing rate, and quinn's pacer
-//!    only smooths bursts.
+//!    quantum and one segment (while app-limited, never below the draft's offload budget of
+//!    3 quanta): `min(cwnd, pacing_gain × bw × max(window_rtt, 1 ms) + extra_acked +
+//!    quantum + SMSS)`, where [`Bbr::window_rtt`] is `min_rtt` plus any standing queue this
+//!    flow did not build itself (the 1 ms is departure 4's). The flow is then window-limited
+//!    at the draft's pacing rate, and quinn's pacer only smooths bursts.
 //! 3. **Beside a flow that does not yield, the flow competes.** When a queue still stands at
 //!    the end of the flow's own ProbeRTT, after its inflight went down to the ProbeRTT window
 //!    (half a BDP, at least 4 packets), more than that window can explain, another flow holds
@@ -432,8 +432,9 @@ impl Bbr {
     /// The window quinn enforces, in bytes: the draft's cwnd (§5.6.4, with every bound of
     /// §5.6.4.4–§5.6.4.7) further bounded by the draft's pacing rate over [`Bbr::window_rtt`]
     /// plus an allowance for ACK aggregation and one send quantum (departure 2 in the module
-    /// docs), but never below the offload budget the draft's cwnd keeps (3 send quanta,
-    /// §5.6.4.2) where cwnd allows it. Always within `[4 × SMSS, MAX_WINDOW]`.
+    /// docs); while the sender is app-limited, never below the offload budget the draft's
+    /// cwnd keeps (3 send quanta, §5.6.4.2) where cwnd allows it. Always within
+    /// `[4 × SMSS, MAX_WINDOW]`.
     pub fn window(&self) -> u64 {
         self.window
     }
@@ -446,7 +447,14 @@ impl Bbr {
         let allowance = self.window_allowance();
         let rtt = self.window_rtt().unwrap_or(min_rtt).max(BDP_RTT_FLOOR);
         let paced = bdp_of(self.pacing_rate, rtt).saturating_add(allowance);
-        let offload = self.send_quantum.saturating_mul(3);
+        // An app-limited flow keeps the draft's offload budget: with nothing more to send it
+        // builds no queue with it. A flow with a backlog does not: quinn would put the whole
+        // window in flight, three milliseconds of its own queue on a short path.
+        let offload = if self.app_limited {
+            self.send_quantum.saturating_mul(3)
+        } else {
+            0
+        };
         self.cwnd
             .min(paced.max(offload))
             .clamp(min_pipe, MAX_WINDOW)
@@ -632,13 +640,12 @@ impl Bbr {
         if let Some(record) = newest {
             self.first_send_time = Some(record.time);
         }
-        if batch.newly_acked == 0 {
-            return;
+        if batch.newly_acked > 0 {
+            let rs = self.rate_sample(now, newest, &batch);
+            self.update_model_and_state(now, &rs);
+            self.update_control_parameters(&rs);
+            self.prune_records(now);
         }
-        let rs = self.rate_sample(now, newest, &batch);
-        self.update_model_and_state(now, &rs);
-        self.update_control_parameters(&rs);
-        self.prune_records(now);
         self.window = self.compute_window();
     }
 
@@ -1325,8 +1332,9 @@ impl Bbr {
             // Left early (the flow went idle): no round of drained samples to judge by.
             return false;
         }
-        // Where the ProbeRTT window's floor of 4 packets is above the BDP (a slow or short
-        // path), the flow's own packets still queue during ProbeRTT: that part is its own.
+        // Where the ProbeRTT window is above the BDP over `min_rtt` (its floor of 4 packets on
+        // a slow path, half a BDP over departure 4's 1 ms on a sub-millisecond one), the
+        // flow's own packets still queue during ProbeRTT: that part is its own.
         let own = self
             .probe_rtt_cwnd()
             .saturating_sub(bdp_of(self.bw, min_rtt));
@@ -1481,6 +1489,13 @@ impl Bbr {
     /// the model's bounds (§5.6.4.7 "BBRBoundCwndForModel") and ProbeRTT's (§5.6.4.5);
     /// `bw = min(max_bw, bw_lo)` (§2.9.1); the pacing rate at most
     /// `pacing_gain × bw` (§5.6.2) once the pipe is full.
+    /// Whether the cached window is the one the model gives now (for tests to check after
+    /// every input, not only after a batch of ACKs).
+    #[cfg(test)]
+    pub(crate) fn window_is_current(&self) -> bool {
+        self.window == self.compute_window()
+    }
+
     #[cfg(test)]
     pub(crate) fn check_draft_bounds(&self) -> Result<(), String> {
         let min_pipe = self.min_pipe_cwnd();
@@ -1498,10 +1513,12 @@ impl Bbr {
         )?;
         check(window <= self.cwnd.max(min_pipe), "window above cwnd")?;
         check(window == self.compute_window(), "window not recomputed")?;
-        check(
-            window >= self.cwnd.min(self.send_quantum.saturating_mul(3)),
-            "window below the offload budget the cwnd allows",
-        )?;
+        if self.app_limited {
+            check(
+                window >= self.cwnd.min(self.send_quantum.saturating_mul(3)),
+                "app-limited window below the offload budget the cwnd allows",
+            )?;
+        }
         if self.full_bw_reached && self.recovery_start.is_none() {
             let inflight = self
                 .bdp_multiple(self.bw, self.cwnd_gain)
