@@ -677,7 +677,7 @@ impl Bbr {
     }
 
     fn rate_sample(
-        &mut self,
+        &self,
         now: Instant,
         newest: Option<SendRecord>,
         batch: &AckBatch,
@@ -1512,7 +1512,7 @@ impl Bbr {
             "window outside [4 SMSS, MAX_WINDOW]",
         )?;
         check(window <= self.cwnd.max(min_pipe), "window above cwnd")?;
-        check(window == self.compute_window(), "window not recomputed")?;
+        check(self.window_is_current(), "window not recomputed")?;
         if self.app_limited {
             check(
                 window >= self.cwnd.min(self.send_quantum.saturating_mul(3)),
