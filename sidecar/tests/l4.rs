@@ -254,6 +254,97 @@ async fn a_flow_of_a_rule_with_fallback_service_is_retried_on_the_service() {
     }
 }
 
+/// A listener whose accept queue is full: a SYN to it is dropped, so a connection waits until
+/// its connect timeout (a host that stopped answering). Lives as long as the returned sockets.
+fn stalled_listener(addr: SocketAddr) -> (socket2::Socket, std::net::TcpStream) {
+    use socket2::{Domain, Socket, Type};
+    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    listener.bind(&addr.into()).unwrap();
+    // A backlog of 0 holds one finished handshake; the filler takes it.
+    listener.listen(0).unwrap();
+    let filler = std::net::TcpStream::connect(addr).unwrap();
+    (listener, filler)
+}
+
+/// What the app sends while its tunnel waits for the peer's answer goes out at once and is
+/// kept: when the first endpoint never answers (its app host stopped answering) and the flow is
+/// retried on another, that endpoint's app gets every byte, once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_sent_while_the_tunnel_opens_are_replayed_on_a_retry() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (ip_v1, ip_v2) = (loopback_ip(), loopback_ip());
+    let mesh = Mesh::with_dir().await;
+    let a2 = tagged_echo(SocketAddr::new(ip_v2, 0), "v2").await;
+    let _stalled = stalled_listener(SocketAddr::new(ip_v1, a2.addr.port()));
+    let route = format!(
+        "kind: Route\nservice: reviews\nrules:\n  - backends: [{{ subset: {{ version: v1 }}, weight: 100 }}]\n{FALLBACK_SERVICE}"
+    );
+    mesh.apply(&format!(
+        "{}---\n{route}",
+        service_yaml("reviews", 9080, a2.addr.port())
+    ))
+    .await;
+    let v1 = mesh
+        .start(
+            &Spec::new("reviews", "v1")
+                .app_host(ip_v1)
+                .connect_timeout("500ms"),
+        )
+        .await;
+    let v2 = mesh
+        .start(&Spec::new("reviews", "v2").app_host(ip_v2))
+        .await;
+    let pp = mesh
+        .start(
+            &Spec::new("productpage", "v1")
+                .upstream("reviews", 9080)
+                .connect_timeout("2s"),
+        )
+        .await;
+    pp.wait_endpoints("reviews", 2).await;
+    pp.wait_snapshot("the route", |s| s.route("reviews").is_some())
+        .await;
+
+    let mut app = tokio::net::TcpStream::connect(pp.upstream(0))
+        .await
+        .unwrap();
+    app.write_all(b"first,").await.unwrap();
+    // v1's sidecar is still connecting to its app (500 ms): these go out behind the CONNECT.
+    for part in [&b"second,"[..], b"third"] {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        app.write_all(part).await.unwrap();
+    }
+    app.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        app.read_to_end(&mut out),
+    )
+    .await
+    .expect("the flow never ended")
+    .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out), "v2:first,second,third");
+
+    // It was v1 that failed: its sidecar gave up on its app and the flow was retried.
+    let m = pp.started.render_metrics();
+    let retries = metric(
+        &m,
+        "halyard_retries_total",
+        &[("destination_service", "reviews")],
+    );
+    assert_eq!(retries, 1.0);
+    pp.wait_flows(1).await;
+    let sent = metric(
+        &pp.started.render_metrics(),
+        "halyard_tcp_bytes_total",
+        &[("direction", "outbound"), ("stream", "sent")],
+    );
+    assert_eq!(sent, 18.0, "bytes counted once");
+    for s in [pp, v1, v2] {
+        s.shutdown().await.unwrap();
+    }
+}
+
 /// ratings behind a policy that denies productpage, with productpage calling ratings; one
 /// call went through before the policy was applied.
 async fn ratings_denied_to_productpage() -> (Mesh, Echo, Sidecar, Sidecar) {

@@ -3,6 +3,12 @@
 //! A flow may be retried on another endpoint while nothing has come back to the app yet: the
 //! bytes the app sent first are kept and replayed. Once the peer answered 200, the flow is
 //! committed to that endpoint.
+//!
+//! What the app sends while the tunnel opens goes out at once, behind the CONNECT, instead of
+//! after the peer's 200 (up to [`FIRST_BYTES`], kept for a replay): a client-speaks-first
+//! protocol's first request reaches the server one round trip earlier than in a tunnel that
+//! waits for the answer (HBONE's CONNECT, RFC 9110 §9.3.6). The peer reads it only once its
+//! app connection is up and policy allowed the flow.
 
 use std::sync::Arc;
 
@@ -17,7 +23,8 @@ use crate::state::{Picked, Shared};
 use crate::telemetry::flow::End;
 use crate::telemetry::metrics::Direction;
 
-/// How many bytes the app may have sent before the tunnel opens that are carried with it.
+/// How many bytes the app may send before the tunnel is answered: they go out at once and are
+/// kept for a replay on another endpoint; past them the app waits for the answer.
 const FIRST_BYTES: usize = 16 * 1024;
 
 pub(crate) use crate::decide::capture::Destination;
@@ -75,14 +82,18 @@ pub(crate) async fn flow(shared: Arc<Shared>, mut app: TcpStream, dest: Destinat
         });
         return reset(app);
     };
-    let first = first_bytes(&app).freeze();
-    let (flags, sent, received) = match connect(&shared, &dest, &first).await {
+    let mut first = Early::default();
+    first.read_ready(&app);
+    let (flags, sent, received) = match connect(&shared, &dest, &app, &mut first).await {
         Ok((picked, mut tunnel)) => {
+            // Only a retry needs the early bytes: an idle flow does not hold them.
+            let early = first.len;
+            drop(first);
             rec.picked(&picked.endpoint);
             rec.set_route(picked.route);
             let (flags, up, down) = pipe(&shared, &mut app, &mut tunnel).await;
             shared.outcome(&picked, None);
-            (flags, up + first.len() as u64, down)
+            (flags, up + early, down)
         }
         Err(flags) => {
             reset_on_close(&app);
@@ -110,11 +121,49 @@ fn is_http(shared: &Shared, dest: &Destination) -> bool {
         .unwrap_or(false)
 }
 
-/// Whatever the app already sent, without waiting (server-speaks-first protocols send nothing).
-fn first_bytes(app: &TcpStream) -> BytesMut {
-    let mut buf = BytesMut::with_capacity(FIRST_BYTES);
-    let _ = app.try_read_buf(&mut buf);
-    buf
+/// What the app sent before its tunnel was answered: sent on every attempt, in order.
+#[derive(Debug, Default)]
+struct Early {
+    /// The chunks as read (each one `Bytes`, so a replay copies nothing).
+    chunks: Vec<Bytes>,
+    /// Their total length in bytes, at most [`FIRST_BYTES`].
+    len: u64,
+    /// The app's read side ended (EOF or error): the splice that follows reads it again and
+    /// passes the end on.
+    ended: bool,
+}
+
+impl Early {
+    /// Whether more of the app's bytes may be read before the answer.
+    fn open(&self) -> bool {
+        !self.ended && (self.len as usize) < FIRST_BYTES
+    }
+
+    /// Reads what the app has already sent, without waiting (a server-speaks-first app sends
+    /// nothing); returns the new chunk, if any.
+    fn read_ready(&mut self, app: &TcpStream) -> Option<Bytes> {
+        if !self.open() {
+            return None;
+        }
+        let mut buf = BytesMut::with_capacity(FIRST_BYTES - self.len as usize);
+        match app.try_read_buf(&mut buf) {
+            Ok(0) => {
+                self.ended = true;
+                None
+            }
+            Ok(n) => {
+                let chunk = buf.freeze();
+                self.chunks.push(chunk.clone());
+                self.len += n as u64;
+                Some(chunk)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+            Err(_) => {
+                self.ended = true;
+                None
+            }
+        }
+    }
 }
 
 /// Opens a tunnel, trying further endpoints as the retry policy allows: every failure before
@@ -123,7 +172,8 @@ fn first_bytes(app: &TcpStream) -> BytesMut {
 async fn connect(
     shared: &Arc<Shared>,
     dest: &Destination,
-    first: &Bytes,
+    app: &TcpStream,
+    first: &mut Early,
 ) -> Result<(Picked, Tunnel), Flags> {
     let policy = RetryPolicy {
         max_retries: shared.config.file.failure.retries,
@@ -144,7 +194,7 @@ async fn connect(
             .map_err(|_| last)?;
         picked.route = route;
         tried.push(picked.endpoint.id.clone());
-        let failed = match attempt_once(shared, &picked, dest, first).await {
+        let failed = match attempt_once(shared, &picked, dest, app, first).await {
             Ok(tunnel) => return Ok((picked, tunnel)),
             Err(failed) => failed,
         };
@@ -184,11 +234,14 @@ const L4_RETRY_ON: [RetryOn; 4] = [
     RetryOn::GatewayError,
 ];
 
+/// One tunnel to `picked`: the CONNECT, the app's early bytes replayed, then, until the peer
+/// answers, whatever more the app sends (see the module notes).
 async fn attempt_once(
     shared: &Shared,
     picked: &Picked,
     dest: &Destination,
-    first: &Bytes,
+    app: &TcpStream,
+    first: &mut Early,
 ) -> Result<Tunnel, Failed> {
     let Ok(target) = Target::new(&dest.service, dest.port) else {
         return Err(Failed::local());
@@ -200,13 +253,28 @@ async fn attempt_once(
             .pool
             .open_tcp(ep.address, &ep.identity, &target, http::HeaderMap::new())
             .await?;
-        if !first.is_empty() {
+        for chunk in &first.chunks {
             tunnel
-                .write_bytes(first.clone())
+                .write_bytes(chunk.clone())
                 .await
                 .map_err(tunnel_error)?;
         }
-        tunnel.status().await?;
+        loop {
+            tokio::select! {
+                biased;
+                status = tunnel.status() => {
+                    status?;
+                    break;
+                }
+                ready = app.readable(), if first.open() => {
+                    if ready.is_err() {
+                        first.ended = true;
+                    } else if let Some(chunk) = first.read_ready(app) {
+                        tunnel.write_bytes(chunk).await.map_err(tunnel_error)?;
+                    }
+                }
+            }
+        }
         Ok::<_, TunnelError>(tunnel)
     };
     match tokio::time::timeout(timeout, open).await {
