@@ -464,10 +464,7 @@ fn coexist_run(
 async fn mixed(sink: SocketAddr, echo: SocketAddr) -> anyhow::Result<(Vec<u64>, usize, u64, f64)> {
     let mut conns = Vec::new();
     for _ in 0..REQ_FLOWS {
-        let mut s = TcpStream::connect(echo).await?;
-        s.set_nodelay(true)?;
-        round_trip(&mut s).await?;
-        conns.push(s);
+        conns.push(request_flow(echo).await?);
     }
     let start = Instant::now();
     let bulk = tokio::spawn(bulk(sink, start + RAMP + RUN));
@@ -499,6 +496,31 @@ async fn bulk(addr: SocketAddr, until: Instant) -> anyhow::Result<(u64, f64)> {
     // What the proxies still buffer drains at the link's rate: minutes on a slow, lossy path.
     let n = tokio::time::timeout(Duration::from_secs(120), s.read_u64()).await??;
     Ok((n, start.elapsed().as_secs_f64()))
+}
+
+/// A request flow proven by one round trip. Its set-up is tried up to `SETUP_TRIES` times: the
+/// first flow after a restart waits for a new peer connection, whose handshake a lossy profile
+/// can delay past the proxy's connect timeout (Initials lost in a burst are resent after 1 s,
+/// then 2 s), and that flow is reset. Each failure is printed.
+async fn request_flow(echo: SocketAddr) -> anyhow::Result<TcpStream> {
+    const SETUP_TRIES: usize = 3;
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let attempt = async {
+            let mut s = TcpStream::connect(echo).await?;
+            s.set_nodelay(true)?;
+            round_trip(&mut s).await?;
+            anyhow::Ok(s)
+        };
+        match attempt.await {
+            Ok(s) => return Ok(s),
+            Err(e) if tries < SETUP_TRIES => {
+                eprintln!("bench: request flow set-up failed ({e:#}); trying again");
+            }
+            Err(e) => return Err(e.context(format!("request flow set-up, {tries} tries"))),
+        }
+    }
 }
 
 async fn round_trip(s: &mut TcpStream) -> anyhow::Result<()> {
