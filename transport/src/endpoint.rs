@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use halyard_certs::{CertResolver, ExpectedServer, SpiffeId, TrustBundle};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
@@ -123,6 +124,44 @@ pub fn bind_udp(
     Ok(socket.into())
 }
 
+/// The settings of a connection this endpoint dials (`via_gateway`: through an east-west
+/// gateway), starting from `initial_rtt` instead of quinn's 333 ms when given.
+fn dialling_transport(
+    config: &TransportConfig,
+    via_gateway: bool,
+    initial_rtt: Option<Duration>,
+) -> quinn::TransportConfig {
+    let mut t = quinn_transport(config);
+    let initial_mtu = if via_gateway {
+        gateway_initial_mtu(config.initial_mtu())
+    } else {
+        config.initial_mtu()
+    };
+    t.max_concurrent_bidi_streams(VarInt::from_u32(0))
+        .initial_mtu(initial_mtu);
+    if let Some(rtt) = initial_rtt {
+        t.initial_rtt(rtt);
+    }
+    t
+}
+
+/// Bounds of the initial RTT a new connection takes from an earlier one to the same peer
+/// (RFC 9002 §6.2.2 allows a previous connection's smoothed RTT): at least 10 ms, so a
+/// handshake slowed by the server's CPU (a key exchange and a signature, about a millisecond
+/// on a busy host) is not answered with a resent Initial; at most 333 ms, the RFC's default, so
+/// a slow path seen once never makes recovery slower than without history.
+pub(crate) const INITIAL_RTT_FROM_HISTORY: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(10)..=Duration::from_millis(333);
+
+/// The initial RTT for a new connection to a peer whose last connection measured `previous`
+/// (smoothed RTT), clamped to [`INITIAL_RTT_FROM_HISTORY`].
+pub(crate) fn initial_rtt_from(previous: Duration) -> Duration {
+    previous.clamp(
+        *INITIAL_RTT_FROM_HISTORY.start(),
+        *INITIAL_RTT_FROM_HISTORY.end(),
+    )
+}
+
 /// quinn transport settings derived from ours.
 fn quinn_transport(config: &TransportConfig) -> quinn::TransportConfig {
     let var = |v: u64| VarInt::from_u64(v).unwrap_or(VarInt::MAX);
@@ -203,14 +242,8 @@ impl MeshEndpoint {
         let transport = accepting(config.initial_mtu());
         let proxied_transport = (!config.proxy_protocol_from().is_empty())
             .then(|| accepting(gateway_initial_mtu(config.initial_mtu())));
-        let dialling = |initial_mtu: u16| {
-            let mut t = quinn_transport(&config);
-            t.max_concurrent_bidi_streams(VarInt::from_u32(0))
-                .initial_mtu(initial_mtu);
-            Arc::new(t)
-        };
-        let client_transport = dialling(config.initial_mtu());
-        let gateway_transport = dialling(gateway_initial_mtu(config.initial_mtu()));
+        let client_transport = Arc::new(dialling_transport(&config, false, None));
+        let gateway_transport = Arc::new(dialling_transport(&config, true, None));
         let token_key = token_key()?;
         let servers = server_configs(
             (&resolver, &bundle, &token_key),
@@ -410,13 +443,26 @@ impl MeshEndpoint {
         peer: SocketAddr,
         expected: &SpiffeId,
     ) -> Result<quinn::Connection, TunnelError> {
+        self.connect_after(peer, expected, None).await
+    }
+
+    /// [`MeshEndpoint::connect`] to a peer an earlier connection measured `previous_rtt` to
+    /// (its smoothed RTT): the handshake starts from that RTT ([`initial_rtt_from`]) instead of
+    /// quinn's 333 ms, so a lost Initial or Handshake packet is resent after about three RTTs
+    /// rather than after a second (RFC 9002 §6.2.2, §6.2.1).
+    pub async fn connect_after(
+        &self,
+        peer: SocketAddr,
+        expected: &SpiffeId,
+        previous_rtt: Option<Duration>,
+    ) -> Result<quinn::Connection, TunnelError> {
         let fail = |reason: String| TunnelError::Connect { peer, reason };
         let (dial, name) = match self.gateway_for(peer) {
             Some(gateway) => (gateway, Some(gateway_server_name(peer))),
             None => (peer, None),
         };
         let client = self
-            .client_config(expected, name.is_some())
+            .client_config(expected, name.is_some(), previous_rtt.map(initial_rtt_from))
             .map_err(|e| fail(e.to_string()))?;
         let connecting = self
             .inner
@@ -435,6 +481,7 @@ impl MeshEndpoint {
         &self,
         expected: &SpiffeId,
         sni: bool,
+        initial_rtt: Option<Duration>,
     ) -> Result<quinn::ClientConfig, EndpointError> {
         let mut tls = halyard_certs::client_config(
             self.inner.resolver.clone(),
@@ -447,10 +494,11 @@ impl MeshEndpoint {
         let crypto =
             QuicClientConfig::try_from(tls).map_err(|e| EndpointError::Crypto(e.to_string()))?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-        client.transport_config(if sni {
-            self.inner.gateway_transport.clone()
-        } else {
-            self.inner.client_transport.clone()
+        client.transport_config(match (initial_rtt, sni) {
+            // Once per connection to a peer seen before: quinn's settings are not `Clone`.
+            (Some(rtt), _) => Arc::new(dialling_transport(&self.inner.config, sni, Some(rtt))),
+            (None, true) => self.inner.gateway_transport.clone(),
+            (None, false) => self.inner.client_transport.clone(),
         });
         Ok(client)
     }
@@ -520,6 +568,18 @@ pub fn peer_leaf(conn: &quinn::Connection) -> Option<(SpiffeId, Vec<u8>)> {
 #[cfg(test)]
 mod tests {
     use super::gateway_initial_mtu;
+    use super::initial_rtt_from;
+    use std::time::Duration;
+
+    #[test]
+    fn the_initial_rtt_from_history_is_bounded() {
+        let ms = Duration::from_millis;
+        // A loopback peer's 40 µs does not make a busy server's handshake look lost.
+        assert_eq!(initial_rtt_from(Duration::from_micros(40)), ms(10));
+        assert_eq!(initial_rtt_from(ms(20)), ms(20));
+        // Never slower to recover than quinn's default (RFC 9002 §6.2.2: 333 ms).
+        assert_eq!(initial_rtt_from(ms(900)), ms(333));
+    }
 
     #[test]
     fn a_connection_through_a_gateway_starts_below_the_proxy_header() {

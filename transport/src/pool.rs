@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -90,6 +90,28 @@ struct Backoff {
 struct Peer {
     conns: Mutex<Vec<Pooled>>,
     connecting: tokio::sync::Mutex<Backoff>,
+    /// The smoothed RTT of the last connection that left the pool, µs (0: none yet): where
+    /// the next handshake to this peer starts (`MeshEndpoint::connect_after`).
+    last_rtt_us: AtomicU64,
+}
+
+impl Peer {
+    /// Notes the RTT of a connection leaving the pool.
+    fn note_rtt(&self, quic: &quinn::Connection) {
+        let us = u64::try_from(quic.rtt().as_micros()).unwrap_or(u64::MAX);
+        self.last_rtt_us.store(us.max(1), Ordering::Relaxed);
+    }
+
+    /// The RTT to start a new connection from: a pooled connection's, else the last one's.
+    fn previous_rtt(&self, conns: &[Pooled]) -> Option<Duration> {
+        if let Some(live) = conns.first() {
+            return Some(live.quic.rtt());
+        }
+        match self.last_rtt_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
 }
 
 /// Statistics of one pooled connection, from quinn.
@@ -217,11 +239,20 @@ pub enum Choice {
 /// opens a new connection rather than meeting the same reset on another dead one (with
 /// several connections per peer). A live peer that forgot one connection costs the others a
 /// new handshake; streams already open on them go on until they end.
-fn prune(conns: &mut Vec<Pooled>) {
+fn prune(conns: &mut Vec<Pooled>, peer: &Peer) {
     if conns.iter().any(|c| stateless_reset(&c.quic)) {
+        if let Some(c) = conns.first() {
+            peer.note_rtt(&c.quic);
+        }
         conns.clear();
     } else {
-        conns.retain(|c| c.quic.close_reason().is_none());
+        conns.retain(|c| {
+            let open = c.quic.close_reason().is_none();
+            if !open {
+                peer.note_rtt(&c.quic);
+            }
+            open
+        });
     }
 }
 
@@ -459,6 +490,9 @@ impl Pool {
         let mut conns = peer.conns.lock().unwrap_or_else(|p| p.into_inner());
         let held = conns.len();
         conns.retain(|c| c.quic.stable_id() != quic.stable_id());
+        if conns.len() < held {
+            peer.note_rtt(quic);
+        }
         // Only while the reset connection was still pooled: once it is gone, the others were
         // cleared with it and what is pooled now was opened since.
         if conns.len() < held && stateless_reset(quic) {
@@ -486,7 +520,11 @@ impl Pool {
                 last: backoff.last.clone(),
             });
         }
-        match self.open(key).await {
+        let previous_rtt = {
+            let conns = peer.conns.lock().unwrap_or_else(|p| p.into_inner());
+            peer.previous_rtt(&conns)
+        };
+        match self.open(key, previous_rtt).await {
             Ok(conn) => {
                 *backoff = Backoff::default();
                 let mut conns = peer.conns.lock().unwrap_or_else(|p| p.into_inner());
@@ -519,7 +557,7 @@ impl Pool {
             max: config.max_connections_per_peer(),
         };
         let mut conns = peer.conns.lock().unwrap_or_else(|p| p.into_inner());
-        prune(&mut conns);
+        prune(&mut conns, peer);
         // On the stack: this runs for every stream. The configuration allows at most
         // `MAX_POOLED` connections per peer.
         let mut loads = [ConnLoad {
@@ -538,9 +576,17 @@ impl Pool {
         Some((conns.get(index)?.clone(), last))
     }
 
-    /// Opens a QUIC connection and starts HTTP/3 on it.
-    async fn open(&self, key: &PeerKey) -> Result<Pooled, TunnelError> {
-        let quic = self.endpoint.connect(key.addr, &key.id).await?;
+    /// Opens a QUIC connection (its handshake starting from `previous_rtt` when a connection to
+    /// the peer measured one) and starts HTTP/3 on it.
+    async fn open(
+        &self,
+        key: &PeerKey,
+        previous_rtt: Option<Duration>,
+    ) -> Result<Pooled, TunnelError> {
+        let quic = self
+            .endpoint
+            .connect_after(key.addr, &key.id, previous_rtt)
+            .await?;
         let config = self.endpoint.config();
         let conn = crate::credit::Connection::new(quic.clone(), config.stream_credit_wait());
         let built = h3::client::builder()

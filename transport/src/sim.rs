@@ -101,6 +101,9 @@ struct Direction {
     profile: LinkProfile,
     counters: LinkCounters,
     blackhole: AtomicBool,
+    /// How many of the next datagrams that begin with a QUIC v1 Initial packet to lose
+    /// (counted as blackholed).
+    drop_initials: AtomicU64,
 }
 
 impl Direction {
@@ -109,6 +112,7 @@ impl Direction {
             profile,
             counters: LinkCounters::default(),
             blackhole: AtomicBool::new(false),
+            drop_initials: AtomicU64::new(0),
         })
     }
 }
@@ -257,6 +261,13 @@ impl LinkSim {
         self.backward.blackhole.store(on, Ordering::Relaxed);
     }
 
+    /// Loses the next `n` client→server datagrams that begin with a QUIC v1 Initial packet
+    /// (RFC 9000 §17.2.2: long header, type 0), whenever they come, counted as blackholed: a
+    /// loss placed on a handshake, not on a time.
+    pub fn drop_next_initials(&self, n: u64) {
+        self.forward.drop_initials.store(n, Ordering::Relaxed);
+    }
+
     /// Client→server counters.
     pub fn forward(&self) -> &LinkCounters {
         &self.forward.counters
@@ -304,7 +315,8 @@ async fn receive(
             LinkCounters::bump(&dir.counters.too_big);
             continue;
         }
-        for at in fate(&dir, &mut rng, now, now - start) {
+        let initial = buf.get(..n).is_some_and(is_initial);
+        for at in fate(&dir, &mut rng, now, now - start, initial) {
             seq += 1;
             if tx
                 .send(Queued {
@@ -321,7 +333,19 @@ async fn receive(
 }
 
 /// Decides what happens to one packet: the delivery times of its copies (none if lost).
-fn fate(dir: &Direction, rng: &mut StdRng, now: Instant, elapsed: Duration) -> Vec<Instant> {
+/// Whether a datagram begins with a QUIC v1 Initial packet: long header with the fixed bit set,
+/// type 0, version 1 (RFC 9000 §17.2, §17.2.2).
+fn is_initial(datagram: &[u8]) -> bool {
+    matches!(datagram, [first, 0, 0, 0, 1, ..] if first & 0xf0 == 0xc0)
+}
+
+fn fate(
+    dir: &Direction,
+    rng: &mut StdRng,
+    now: Instant,
+    elapsed: Duration,
+    initial: bool,
+) -> Vec<Instant> {
     let p = &dir.profile;
     let c = &dir.counters;
     LinkCounters::bump(&c.received);
@@ -329,7 +353,12 @@ fn fate(dir: &Direction, rng: &mut StdRng, now: Instant, elapsed: Duration) -> V
         .blackholes
         .iter()
         .any(|(s, len)| elapsed >= *s && elapsed < *s + *len);
-    if scheduled || dir.blackhole.load(Ordering::Relaxed) {
+    let marked = initial
+        && dir
+            .drop_initials
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+    if scheduled || marked || dir.blackhole.load(Ordering::Relaxed) {
         LinkCounters::bump(&c.blackholed);
         return Vec::new();
     }

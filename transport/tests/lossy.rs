@@ -173,3 +173,51 @@ async fn first_bytes_ride_with_the_connect_headers_on_a_warm_connection() {
         "took {elapsed:?}: an extra round trip?"
     );
 }
+
+/// A new connection to a peer an earlier connection measured starts its handshake from that RTT
+/// (RFC 9002 §6.2.2): when its first Initial is lost, the Initial is sent again after about
+/// three round trips (the probe timeout, §6.2.1), not after the second that quinn's default
+/// initial RTT of 333 ms gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_to_a_known_peer_resends_a_lost_initial_within_a_few_round_trips() {
+    let mesh = Mesh::new().await;
+    let profile = LinkProfile {
+        delay: Duration::from_millis(10),
+        ..LinkProfile::clean()
+    };
+    let sim = LinkSim::start(mesh.addr(), profile.clone(), profile, 11)
+        .await
+        .unwrap();
+    let via = sim.addr();
+    assert_eq!(
+        exchange(mesh.open_via(via, "echo").await, b"one")
+            .await
+            .unwrap(),
+        b"one"
+    );
+    let first = mesh.pool.connections(via, &mesh.server_id);
+    assert_eq!(first.len(), 1);
+    let rtt = first[0].rtt();
+    assert!(rtt >= Duration::from_millis(20), "measured {rtt:?}");
+    first[0].close(0u32.into(), b"closed by the test");
+    first[0].closed().await;
+
+    // The new connection's first Initial is lost.
+    sim.drop_next_initials(1);
+    let started = std::time::Instant::now();
+    let reply = exchange(mesh.open_via(via, "echo").await, b"two")
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(reply, b"two");
+    assert_eq!(LinkCounters::get(&sim.forward().blackholed), 1);
+    let second = mesh.pool.connections(via, &mesh.server_id);
+    assert_eq!(second.len(), 1);
+    assert_ne!(second[0].stable_id(), first[0].stable_id());
+    // From quinn's default, the lost Initial alone costs a second (3 × 333 ms); from the RTT
+    // measured, about 3 × 20 ms, and the flow itself two round trips more.
+    assert!(
+        took < Duration::from_millis(600),
+        "the flow took {took:?}: the lost Initial waited for the default probe timeout"
+    );
+}
