@@ -266,16 +266,26 @@ fn stalled_listener(addr: SocketAddr) -> (socket2::Socket, std::net::TcpStream) 
     (listener, filler)
 }
 
-/// What the app sends while its tunnel waits for the peer's answer goes out at once and is
-/// kept: when the first endpoint never answers (its app host stopped answering) and the flow is
+/// What the app sends while its tunnel waits for the peer's answer is kept for a retry (it also
+/// goes out at once; the `newflows` bench's wide-area rows show the round trip that saves):
+/// when the first endpoint never answers (its app host stopped answering) and the flow is
 /// retried on another, that endpoint's app gets every byte, once, in order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bytes_sent_while_the_tunnel_opens_are_replayed_on_a_retry() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// reviews v1, whose app host takes no connection (its sidecar waits out a 500 ms connect
+/// timeout), and v2 (an echo tagged `v2`), behind a rule sending every flow to v1 that may fall
+/// back to the service, with productpage calling it.
+struct StalledFirst {
+    _mesh: Mesh,
+    a2: Echo,
+    _stalled: (socket2::Socket, std::net::TcpStream),
+    servers: [Sidecar; 2],
+    pp: Sidecar,
+}
+
+async fn stalled_first() -> StalledFirst {
     let (ip_v1, ip_v2) = (loopback_ip(), loopback_ip());
     let mesh = Mesh::with_dir().await;
     let a2 = tagged_echo(SocketAddr::new(ip_v2, 0), "v2").await;
-    let _stalled = stalled_listener(SocketAddr::new(ip_v1, a2.addr.port()));
+    let stalled = stalled_listener(SocketAddr::new(ip_v1, a2.addr.port()));
     let route = format!(
         "kind: Route\nservice: reviews\nrules:\n  - backends: [{{ subset: {{ version: v1 }}, weight: 100 }}]\n{FALLBACK_SERVICE}"
     );
@@ -304,12 +314,33 @@ async fn bytes_sent_while_the_tunnel_opens_are_replayed_on_a_retry() {
     pp.wait_endpoints("reviews", 2).await;
     pp.wait_snapshot("the route", |s| s.route("reviews").is_some())
         .await;
+    StalledFirst {
+        _mesh: mesh,
+        a2,
+        _stalled: stalled,
+        servers: [v1, v2],
+        pp,
+    }
+}
 
-    let mut app = tokio::net::TcpStream::connect(pp.upstream(0))
+impl StalledFirst {
+    async fn shutdown(self) {
+        let [v1, v2] = self.servers;
+        for s in [self.pp, v1, v2] {
+            s.shutdown().await.unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_sent_while_the_tunnel_opens_are_replayed_on_a_retry() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = stalled_first().await;
+    let mut app = tokio::net::TcpStream::connect(t.pp.upstream(0))
         .await
         .unwrap();
     app.write_all(b"first,").await.unwrap();
-    // v1's sidecar is still connecting to its app (500 ms): these go out behind the CONNECT.
+    // The app writes while v1's sidecar is still connecting to its app (500 ms).
     for part in [&b"second,"[..], b"third"] {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         app.write_all(part).await.unwrap();
@@ -326,23 +357,50 @@ async fn bytes_sent_while_the_tunnel_opens_are_replayed_on_a_retry() {
     assert_eq!(String::from_utf8_lossy(&out), "v2:first,second,third");
 
     // It was v1 that failed: its sidecar gave up on its app and the flow was retried.
-    let m = pp.started.render_metrics();
+    let m = t.pp.started.render_metrics();
     let retries = metric(
         &m,
         "halyard_retries_total",
         &[("destination_service", "reviews")],
     );
     assert_eq!(retries, 1.0);
-    pp.wait_flows(1).await;
+    t.pp.wait_flows(1).await;
     let sent = metric(
-        &pp.started.render_metrics(),
+        &t.pp.started.render_metrics(),
         "halyard_tcp_bytes_total",
         &[("direction", "outbound"), ("stream", "sent")],
     );
     assert_eq!(sent, 18.0, "bytes counted once");
-    for s in [pp, v1, v2] {
-        s.shutdown().await.unwrap();
-    }
+    t.shutdown().await;
+}
+
+/// An app that resets its connection while its tunnel waits for the answer ends the flow as a
+/// reset: it is not retried elsewhere, and no endpoint gets a stream that ends cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_reset_while_the_tunnel_opens_ends_the_flow_as_a_reset() {
+    use tokio::io::AsyncWriteExt;
+    let mut t = stalled_first().await;
+    let mut app = tokio::net::TcpStream::connect(t.pp.upstream(0))
+        .await
+        .unwrap();
+    app.write_all(b"half a request").await.unwrap();
+    // A reset, not a close: SO_LINGER 0.
+    socket2::SockRef::from(&app)
+        .set_linger(Some(std::time::Duration::ZERO))
+        .unwrap();
+    drop(app);
+    t.pp.wait_flows(1).await;
+    let m = t.pp.started.render_metrics();
+    let reset = [("direction", "outbound"), ("response_flags", "RESET")];
+    assert_eq!(metric(&m, "halyard_tcp_connections_total", &reset), 1.0);
+    let retries = metric(
+        &m,
+        "halyard_retries_total",
+        &[("destination_service", "reviews")],
+    );
+    assert_eq!(retries, 0.0, "a flow whose app is gone was retried");
+    assert!(t.a2.accepted.try_recv().is_err(), "v2 got the flow");
+    t.shutdown().await;
 }
 
 /// ratings behind a policy that denies productpage, with productpage calling ratings; one

@@ -681,6 +681,7 @@ impl Pool {
                 let refused = crate::endpoint::peer_leaf(&conn.quic)
                     .is_some_and(|(id, serial)| refuses(&id, &serial));
                 if refused {
+                    peer.note_rtt(&conn.quic);
                     // RFC 9114 §8.1: H3_NO_ERROR (0x100) for a deliberate close.
                     conn.quic
                         .close(quinn::VarInt::from_u32(0x100), b"peer certificate revoked");

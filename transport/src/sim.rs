@@ -315,7 +315,9 @@ async fn receive(
             LinkCounters::bump(&dir.counters.too_big);
             continue;
         }
-        let initial = buf.get(..n).is_some_and(is_initial);
+        let initial = buf
+            .get(..n)
+            .is_some_and(crate::initial_filter::is_v1_initial);
         for at in fate(&dir, &mut rng, now, now - start, initial) {
             seq += 1;
             if tx
@@ -333,12 +335,7 @@ async fn receive(
 }
 
 /// Decides what happens to one packet: the delivery times of its copies (none if lost).
-/// Whether a datagram begins with a QUIC v1 Initial packet: long header with the fixed bit set,
-/// type 0, version 1 (RFC 9000 §17.2, §17.2.2).
-fn is_initial(datagram: &[u8]) -> bool {
-    matches!(datagram, [first, 0, 0, 0, 1, ..] if first & 0xf0 == 0xc0)
-}
-
+/// `initial`: the datagram begins with a QUIC v1 Initial packet.
 fn fate(
     dir: &Direction,
     rng: &mut StdRng,
@@ -353,12 +350,15 @@ fn fate(
         .blackholes
         .iter()
         .any(|(s, len)| elapsed >= *s && elapsed < *s + *len);
-    let marked = initial
+    // An Initial lost anyway does not use up the count.
+    let lost = scheduled || dir.blackhole.load(Ordering::Relaxed);
+    let marked = !lost
+        && initial
         && dir
             .drop_initials
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
             .is_ok();
-    if scheduled || marked || dir.blackhole.load(Ordering::Relaxed) {
+    if lost || marked {
         LinkCounters::bump(&c.blackholed);
         return Vec::new();
     }

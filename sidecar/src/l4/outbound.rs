@@ -42,7 +42,8 @@ pub(crate) enum Flags {
     Denied,
     /// The destination is not a known service.
     NoRoute,
-    /// Reset after the tunnel was up.
+    /// Reset after the tunnel was up, or the app reset its connection before the peer
+    /// answered.
     Reset,
     /// Refused by a rate limit at the destination.
     RateLimited,
@@ -124,19 +125,37 @@ fn is_http(shared: &Shared, dest: &Destination) -> bool {
 /// What the app sent before its tunnel was answered: sent on every attempt, in order.
 #[derive(Debug, Default)]
 struct Early {
-    /// The chunks as read (each one `Bytes`, so a replay copies nothing).
+    /// The chunks as read (each one `Bytes`, so a replay copies nothing), all views of `buf`'s
+    /// one allocation.
     chunks: Vec<Bytes>,
+    /// Where the next chunk is read: [`FIRST_BYTES`] allocated at the first read, split off
+    /// as chunks are read, so the chunks together never hold more.
+    buf: BytesMut,
     /// Their total length in bytes, at most [`FIRST_BYTES`].
     len: u64,
-    /// The app's read side ended (EOF or error): the splice that follows reads it again and
-    /// passes the end on.
-    ended: bool,
+    /// How the app's read side ended, if it did before the answer.
+    ended: Option<AppEnd>,
+}
+
+/// How an app's read side ended while its tunnel opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AppEnd {
+    /// EOF: the splice that follows reads it again and passes it on as a half-close.
+    Eof,
+    /// A reset or another error: a read reports it once, so it is kept here, and the flow ends
+    /// as a reset (the peer must not see a truncated stream end cleanly).
+    Reset,
 }
 
 impl Early {
     /// Whether more of the app's bytes may be read before the answer.
     fn open(&self) -> bool {
-        !self.ended && (self.len as usize) < FIRST_BYTES
+        self.ended.is_none() && (self.len as usize) < FIRST_BYTES
+    }
+
+    /// Whether the app reset its connection before the answer.
+    fn app_reset(&self) -> bool {
+        self.ended == Some(AppEnd::Reset)
     }
 
     /// Reads what the app has already sent, without waiting (a server-speaks-first app sends
@@ -145,24 +164,42 @@ impl Early {
         if !self.open() {
             return None;
         }
-        let mut buf = BytesMut::with_capacity(FIRST_BYTES - self.len as usize);
-        match app.try_read_buf(&mut buf) {
+        if self.buf.capacity() == 0 {
+            self.buf.reserve(FIRST_BYTES - self.len as usize);
+        }
+        match app.try_read_buf(&mut self.buf) {
             Ok(0) => {
-                self.ended = true;
+                self.ended = Some(AppEnd::Eof);
                 None
             }
             Ok(n) => {
-                let chunk = buf.freeze();
+                let chunk = self.buf.split().freeze();
                 self.chunks.push(chunk.clone());
                 self.len += n as u64;
                 Some(chunk)
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
             Err(_) => {
-                self.ended = true;
+                self.ended = Some(AppEnd::Reset);
                 None
             }
         }
+    }
+}
+
+/// How long a failed send of early bytes waits for the peer's answer, the better reason: a
+/// refusal (403, 502) is an answer followed by STOP_SENDING, which can fail the send first.
+const ANSWER_AFTER_SEND_FAILURE: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Sends one chunk of early bytes; when that fails, the peer's answer if it comes within
+/// [`ANSWER_AFTER_SEND_FAILURE`], else the send's error.
+async fn send_early(tunnel: &mut Tunnel, chunk: Bytes) -> Result<(), TunnelError> {
+    let Err(e) = tunnel.write_bytes(chunk).await else {
+        return Ok(());
+    };
+    match tokio::time::timeout(ANSWER_AFTER_SEND_FAILURE, tunnel.status()).await {
+        Ok(Err(answer)) => Err(answer),
+        _ => Err(tunnel_error(e)),
     }
 }
 
@@ -194,8 +231,13 @@ async fn connect(
             .map_err(|_| last)?;
         picked.route = route;
         tried.push(picked.endpoint.id.clone());
+        if first.app_reset() {
+            // The app is gone: nothing to retry for, and no endpoint to blame.
+            return Err(Flags::Reset);
+        }
         let failed = match attempt_once(shared, &picked, dest, app, first).await {
             Ok(tunnel) => return Ok((picked, tunnel)),
+            Err(_) if first.app_reset() => return Err(Flags::Reset),
             Err(failed) => failed,
         };
         let endpoint = &picked.endpoint.id;
@@ -254,10 +296,7 @@ async fn attempt_once(
             .open_tcp(ep.address, &ep.identity, &target, http::HeaderMap::new())
             .await?;
         for chunk in &first.chunks {
-            tunnel
-                .write_bytes(chunk.clone())
-                .await
-                .map_err(tunnel_error)?;
+            send_early(&mut tunnel, chunk.clone()).await?;
         }
         loop {
             tokio::select! {
@@ -268,9 +307,13 @@ async fn attempt_once(
                 }
                 ready = app.readable(), if first.open() => {
                     if ready.is_err() {
-                        first.ended = true;
+                        first.ended = Some(AppEnd::Reset);
                     } else if let Some(chunk) = first.read_ready(app) {
-                        tunnel.write_bytes(chunk).await.map_err(tunnel_error)?;
+                        send_early(&mut tunnel, chunk).await?;
+                    }
+                    if first.app_reset() {
+                        tunnel.abort();
+                        return Err(TunnelError::Closed);
                     }
                 }
             }
