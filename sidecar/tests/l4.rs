@@ -188,14 +188,32 @@ async fn a_weight_change_applies_without_failing_a_flow() {
 struct DeadSubset {
     _mesh: Mesh,
     a2: Echo,
-    _servers: [Sidecar; 2],
+    /// With [`V1App::Stalled`]: the listener and its filler.
+    _stalled: Option<(socket2::Socket, std::net::TcpStream)>,
+    servers: [Sidecar; 2],
     pp: Sidecar,
 }
 
+/// How v1's app host fails.
+#[derive(Clone, Copy, PartialEq)]
+enum V1App {
+    /// Nothing listens: v1's sidecar is refused at once.
+    Refusing,
+    /// A listener that takes no connection ([`stalled_listener`]): v1's sidecar waits out its
+    /// connect timeout, 500 ms (productpage's is 2 s, so v1 answers first).
+    Stalled,
+}
+
 async fn dead_subset(rule_extra: &str) -> DeadSubset {
+    dead_subset_with(rule_extra, V1App::Refusing).await
+}
+
+async fn dead_subset_with(rule_extra: &str, v1_app: V1App) -> DeadSubset {
     let (ip_v1, ip_v2) = (loopback_ip(), loopback_ip());
     let mesh = Mesh::with_dir().await;
     let a2 = tagged_echo(SocketAddr::new(ip_v2, 0), "v2").await;
+    let stalled = (v1_app == V1App::Stalled)
+        .then(|| stalled_listener(SocketAddr::new(ip_v1, a2.addr.port())));
     let route = format!(
         "kind: Route\nservice: reviews\nrules:\n  - backends: [{{ subset: {{ version: v1 }}, weight: 100 }}]\n{rule_extra}"
     );
@@ -204,23 +222,37 @@ async fn dead_subset(rule_extra: &str) -> DeadSubset {
         service_yaml("reviews", 9080, a2.addr.port())
     ))
     .await;
-    let v1 = mesh
-        .start(&Spec::new("reviews", "v1").app_host(ip_v1))
-        .await;
+    let (mut v1_spec, mut pp_spec) = (
+        Spec::new("reviews", "v1").app_host(ip_v1),
+        Spec::new("productpage", "v1").upstream("reviews", 9080),
+    );
+    if stalled.is_some() {
+        v1_spec = v1_spec.connect_timeout("500ms");
+        pp_spec = pp_spec.connect_timeout("2s");
+    }
+    let v1 = mesh.start(&v1_spec).await;
     let v2 = mesh
         .start(&Spec::new("reviews", "v2").app_host(ip_v2))
         .await;
-    let pp = mesh
-        .start(&Spec::new("productpage", "v1").upstream("reviews", 9080))
-        .await;
+    let pp = mesh.start(&pp_spec).await;
     pp.wait_endpoints("reviews", 2).await;
     pp.wait_snapshot("the route", |s| s.route("reviews").is_some())
         .await;
     DeadSubset {
         _mesh: mesh,
         a2,
-        _servers: [v1, v2],
+        _stalled: stalled,
+        servers: [v1, v2],
         pp,
+    }
+}
+
+impl DeadSubset {
+    async fn shutdown(self) {
+        let [v1, v2] = self.servers;
+        for s in [self.pp, v1, v2] {
+            s.shutdown().await.unwrap();
+        }
     }
 }
 
@@ -270,72 +302,10 @@ fn stalled_listener(addr: SocketAddr) -> (socket2::Socket, std::net::TcpStream) 
 /// goes out at once; the `newflows` bench's wide-area rows show the round trip that saves):
 /// when the first endpoint never answers (its app host stopped answering) and the flow is
 /// retried on another, that endpoint's app gets every byte, once, in order.
-/// reviews v1, whose app host takes no connection (its sidecar waits out a 500 ms connect
-/// timeout), and v2 (an echo tagged `v2`), behind a rule sending every flow to v1 that may fall
-/// back to the service, with productpage calling it.
-struct StalledFirst {
-    _mesh: Mesh,
-    a2: Echo,
-    _stalled: (socket2::Socket, std::net::TcpStream),
-    servers: [Sidecar; 2],
-    pp: Sidecar,
-}
-
-async fn stalled_first() -> StalledFirst {
-    let (ip_v1, ip_v2) = (loopback_ip(), loopback_ip());
-    let mesh = Mesh::with_dir().await;
-    let a2 = tagged_echo(SocketAddr::new(ip_v2, 0), "v2").await;
-    let stalled = stalled_listener(SocketAddr::new(ip_v1, a2.addr.port()));
-    let route = format!(
-        "kind: Route\nservice: reviews\nrules:\n  - backends: [{{ subset: {{ version: v1 }}, weight: 100 }}]\n{FALLBACK_SERVICE}"
-    );
-    mesh.apply(&format!(
-        "{}---\n{route}",
-        service_yaml("reviews", 9080, a2.addr.port())
-    ))
-    .await;
-    let v1 = mesh
-        .start(
-            &Spec::new("reviews", "v1")
-                .app_host(ip_v1)
-                .connect_timeout("500ms"),
-        )
-        .await;
-    let v2 = mesh
-        .start(&Spec::new("reviews", "v2").app_host(ip_v2))
-        .await;
-    let pp = mesh
-        .start(
-            &Spec::new("productpage", "v1")
-                .upstream("reviews", 9080)
-                .connect_timeout("2s"),
-        )
-        .await;
-    pp.wait_endpoints("reviews", 2).await;
-    pp.wait_snapshot("the route", |s| s.route("reviews").is_some())
-        .await;
-    StalledFirst {
-        _mesh: mesh,
-        a2,
-        _stalled: stalled,
-        servers: [v1, v2],
-        pp,
-    }
-}
-
-impl StalledFirst {
-    async fn shutdown(self) {
-        let [v1, v2] = self.servers;
-        for s in [self.pp, v1, v2] {
-            s.shutdown().await.unwrap();
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_sent_while_the_tunnel_opens_are_replayed_on_a_retry() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let t = stalled_first().await;
+    let t = dead_subset_with(FALLBACK_SERVICE, V1App::Stalled).await;
     let mut app = tokio::net::TcpStream::connect(t.pp.upstream(0))
         .await
         .unwrap();
@@ -379,7 +349,7 @@ async fn bytes_sent_while_the_tunnel_opens_are_replayed_on_a_retry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_app_reset_while_the_tunnel_opens_ends_the_flow_as_a_reset() {
     use tokio::io::AsyncWriteExt;
-    let mut t = stalled_first().await;
+    let mut t = dead_subset_with(FALLBACK_SERVICE, V1App::Stalled).await;
     let mut app = tokio::net::TcpStream::connect(t.pp.upstream(0))
         .await
         .unwrap();
