@@ -16,9 +16,12 @@ CARGO ?= cargo
 #   python3-grpcio           a real gRPC client and server (bidirectional streaming tests)
 #   python3-websockets       a real WebSocket client and server (upgrade tests)
 #   python3-venv             the virtual environment below
+#   clang libbpf-dev         the east-west gateway's XDP program (sidecar/bpf/), built by
+#                            sidecar/build.rs for the BPF target
+#   ethtool                  GRO on a veth peer, so it takes frames the XDP program redirects (tests)
 APT_PACKAGES := gcc libc6-dev ca-certificates protobuf-compiler libprotobuf-dev etcd-server \
 	etcd-client iptables iproute2 openssl stunnel4 curl python3-grpcio python3-websockets \
-	python3-venv
+	python3-venv clang libbpf-dev ethtool
 # Python client libraries Debian 12 lacks in a usable version (PyPI's `spiffe`, the SPIFFE
 # Workload API client): pinned wheels in a virtual environment of /usr/bin/python3.
 PY_VENV := .venv

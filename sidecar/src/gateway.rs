@@ -47,6 +47,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ConfigError;
 
+mod xdp;
+pub use xdp::XdpConfig;
+
 /// The gateway's default UDP port (next to the sidecars' 15443).
 pub const DEFAULT_GATEWAY_PORT: u16 = 15444;
 
@@ -90,6 +93,10 @@ pub struct GatewayConfig {
     /// The configurations of `quic_lb`, keys read (built by [`GatewayConfig::parse`]).
     #[serde(skip)]
     pub lb: LbConfigs,
+    /// `[xdp]`: forward established connections' packets in the kernel with an XDP program
+    /// attached to these interfaces ([`xdp`]); none: every datagram passes through user space.
+    #[serde(default)]
+    pub xdp: Option<XdpConfig>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -136,6 +143,9 @@ impl GatewayConfig {
                 .map(|(i, q)| q.load().map_err(|m| field(&format!("quic_lb[{i}]"), m)))
                 .collect::<Result<Vec<_>, _>>()?;
             config.lb = LbConfigs::new(configs).map_err(|e| field("quic_lb", e.to_string()))?;
+        }
+        if let Some(xdp) = &config.xdp {
+            xdp.check().map_err(|m| field("xdp", m))?;
         }
         if !(64 << 10..=256 << 20).contains(&config.udp_buffer) {
             return Err(field(
@@ -545,6 +555,15 @@ struct GatewayMetrics {
     endpoints: IntGauge,
     revision: IntGauge,
     stale: prometheus::Gauge,
+    /// Datagrams the XDP program forwarded (also in `forwarded`).
+    xdp_forwarded: IntCounter,
+    /// Datagrams the XDP program returned (also in `returned`).
+    xdp_returned: IntCounter,
+    /// Routable datagrams the XDP program passed to user space: the kernel's route lookup did
+    /// not give a next hop (neighbour not resolved yet, over the egress MTU, no route).
+    xdp_unrouted: IntCounter,
+    /// Routes in the XDP program's map.
+    xdp_routes: IntGauge,
 }
 
 impl GatewayMetrics {
@@ -573,6 +592,19 @@ impl GatewayMetrics {
             "halyard_registry_stale_seconds",
             "Seconds since the registry was last in contact; 0 while in contact",
         )?;
+        let xdp = IntCounterVec::new(
+            Opts::new(
+                "halyard_gateway_xdp_datagrams_total",
+                "Datagrams of the kernel path (XDP) by decision: forwarded and returned (also counted in halyard_gateway_datagrams_total), or unrouted (passed to user space: no next hop from the kernel's route lookup)",
+            ),
+            &["decision"],
+        )?;
+        let xdp_routes = IntGauge::new(
+            "halyard_gateway_xdp_routes",
+            "Routes (server ID under an unencrypted QUIC-LB configuration) in the XDP program's map",
+        )?;
+        registry.register(Box::new(xdp.clone()))?;
+        registry.register(Box::new(xdp_routes.clone()))?;
         registry.register(Box::new(datagrams.clone()))?;
         registry.register(Box::new(bytes.clone()))?;
         registry.register(Box::new(endpoints.clone()))?;
@@ -599,6 +631,10 @@ impl GatewayMetrics {
             endpoints,
             revision,
             stale,
+            xdp_forwarded: xdp.with_label_values(&["forwarded"]),
+            xdp_returned: xdp.with_label_values(&["returned"]),
+            xdp_unrouted: xdp.with_label_values(&["unrouted"]),
+            xdp_routes,
             registry,
         })
     }
@@ -636,6 +672,10 @@ pub async fn serve(
     let socket =
         bind(&config).with_context(|| format!("listen = {}: cannot bind", config.listen))?;
     let bound = socket.local_addr()?;
+    let xdp_path = match &config.xdp {
+        Some(x) => Some(xdp::XdpPath::attach(x, bound.port())?),
+        None => None,
+    };
     let mut opts = halyard_registry::Options::new(&config.mesh);
     opts.state_dir = config.state_dir.clone();
     opts.access = crate::config::registry_access(
@@ -664,6 +704,14 @@ pub async fn serve(
         state.clone(),
         stop.clone(),
     ));
+    if let Some(path) = xdp_path {
+        tasks.spawn(xdp::run(
+            path,
+            state.table.clone(),
+            state.clone(),
+            stop.clone(),
+        ));
+    }
     let admin = match state.config.admin {
         Some(addr) => {
             let listener = TcpListener::bind(addr)

@@ -255,3 +255,243 @@ fn a_service_only_in_cluster_b_is_reached_from_cluster_a_through_bs_gateway() {
         .unwrap_or(0.0);
     assert!(forwarded > 10.0, "gateway forwarded {forwarded}:\n{gw}");
 }
+
+/// A veth pair `x`–`y` with `x` (address `ip_x`) in `nx` and `y` (`ip_y`) in `ny`, up, /24.
+fn veth(nx: &NetNs, x: &str, ip_x: &str, ny: &NetNs, y: &str, ip_y: &str) {
+    common::run(&["ip", "link", "add", x, "type", "veth", "peer", "name", y]);
+    for (ns, dev, ip) in [(nx, x, ip_x), (ny, y, ip_y)] {
+        common::run(&["ip", "link", "set", dev, "netns", &ns.0]);
+        ns.exec(&["ip", "addr", "add", &format!("{ip}/24"), "dev", dev]);
+        ns.exec(&["ip", "link", "set", dev, "up"]);
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+    }
+}
+
+/// `name{labels} value` read from a Prometheus text page; 0 when absent.
+fn sample(page: &str, name_and_labels: &str) -> f64 {
+    page.lines()
+        .find(|l| l.starts_with(name_and_labels))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The gateway in a namespace of its own (G) between the caller's (A) and the endpoint's (B),
+/// with `[xdp]` on both of its interfaces: established connections' packets cross it in the
+/// kernel, both ways, and only the handshake reaches its user-space relay.
+#[test]
+fn established_connections_cross_the_gateway_in_the_kernel_with_xdp() {
+    if !can_run(
+        &["ip", "curl", "ethtool", "iptables"],
+        "the XDP gateway test",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (a, g, b) = (
+        NetNs::named("hxa"),
+        NetNs::named("hxg"),
+        NetNs::named("hxb"),
+    );
+    let net = 1 + halyard_sidecar::test_util::rand_suffix() % 250;
+    let (ip_a, ip_ga) = (format!("10.235.{net}.1"), format!("10.235.{net}.2"));
+    let (ip_gb, ip_b) = (format!("10.236.{net}.1"), format!("10.236.{net}.2"));
+    let (va, ga, gb, vb) = (
+        format!("xa{net}"),
+        format!("xga{net}"),
+        format!("xgb{net}"),
+        format!("xb{net}"),
+    );
+    veth(&a, &va, &ip_a, &g, &ga, &ip_ga);
+    veth(&g, &gb, &ip_gb, &b, &vb, &ip_b);
+    // A frame the program redirects to a veth is taken by its peer only when the peer runs
+    // NAPI (GRO on, or an XDP program of its own).
+    a.exec(&["ethtool", "-K", &va, "gro", "on"]);
+    b.exec(&["ethtool", "-K", &vb, "gro", "on"]);
+    let gw_toml = d.join("gateway.toml");
+    let (reg_a, reg_b) = (d.join("registry-a"), d.join("registry-b"));
+    std::fs::create_dir(&reg_a).unwrap();
+    std::fs::create_dir(&reg_b).unwrap();
+    let (url_a, url_b) = (
+        format!("file://{}", reg_a.display()),
+        format!("file://{}", reg_b.display()),
+    );
+    std::fs::write(
+        &gw_toml,
+        format!(
+            "registry = \"{url_b}\"\nadmin = \"127.0.0.1:15020\"\n[xdp]\ninterfaces = [\"{ga}\", \"{gb}\"]\n"
+        ),
+    )
+    .unwrap();
+    // The kernel's route lookup for XDP (bpf_fib_lookup) answers only on interfaces that
+    // forward: a gateway started without it refuses to start, naming the interface.
+    let refused = Command::new("ip")
+        .args(["netns", "exec", &g.0, env!("CARGO_BIN_EXE_halyard")])
+        .args(["gateway", "--config", gw_toml.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && said.contains(&format!("{ga:?} does not forward IPv4")),
+        "{refused:?}"
+    );
+    // G forwards nothing else (its FORWARD chain drops).
+    for dev in [&ga, &gb] {
+        g.exec(&[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.conf.{dev}.forwarding=1"),
+        ]);
+    }
+    g.exec(&["iptables", "-P", "FORWARD", "DROP"]);
+    let ca = MeshCa::create(&TrustDomain::new("mesh.local").unwrap()).unwrap();
+
+    // Cluster B: reviews (exported) and its sidecar, trusting the gateway's address.
+    apply_in(
+        &b,
+        &url_b,
+        &d.join("b.yaml"),
+        "kind: Service\nname: reviews\nexported: true\nports:\n  - { name: http, port: 9082, protocol: http, targetPort: 19082 }\n",
+    );
+    let _app = halyard_in(
+        &b,
+        d,
+        "reviews-app",
+        &[
+            "sample-app",
+            "--service",
+            "reviews",
+            "--version",
+            "v9",
+            "--listen",
+            "127.0.0.1:19082",
+        ],
+    );
+    let id_b = identity(&ca, d, "reviews");
+    let reviews_toml = d.join("reviews.toml");
+    std::fs::write(
+        &reviews_toml,
+        format!(
+            "registry = \"{url_b}\"\n[identity]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n\
+             [service]\nname = \"reviews\"\nversion = \"v9\"\ncluster = \"b\"\n\
+             [inbound]\nlisten = \"{ip_b}:15443\"\napp_host = \"127.0.0.1\"\n\
+             [admin]\nlisten = \"127.0.0.1:15000\"\n\
+             [transport]\nproxy_protocol_from = [\"{ip_gb}\"]\n",
+            id_b.join("cert.pem"),
+            id_b.join("key.pem"),
+            id_b.join("bundle.pem"),
+        ),
+    )
+    .unwrap();
+    let _reviews = halyard_in(
+        &b,
+        d,
+        "reviews-sidecar",
+        &["sidecar", "--config", reviews_toml.to_str().unwrap()],
+    );
+    let _gateway = halyard_in(
+        &g,
+        d,
+        "gateway",
+        &["gateway", "--config", gw_toml.to_str().unwrap()],
+    );
+
+    // Cluster A: reviews known as B's endpoint behind B's gateway; productpage's sidecar.
+    let id_a = identity(&ca, d, "productpage");
+    apply_in(
+        &a,
+        &url_a,
+        &d.join("a.yaml"),
+        &format!(
+            "kind: Service\nname: reviews\nports:\n  - {{ name: http, port: 9082, protocol: http }}\n---\n\
+             kind: Endpoint\nid: b-reviews\nservice: reviews\naddress: \"{ip_b}:15443\"\n\
+             identity: spiffe://mesh.local/ns/default/sa/reviews\ncluster: b\ngateway: \"{ip_ga}:15444\"\n"
+        ),
+    );
+    let pp_toml = d.join("productpage.toml");
+    std::fs::write(
+        &pp_toml,
+        format!(
+            "registry = \"{url_a}\"\n[identity]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n\
+             [service]\nname = \"productpage\"\ncluster = \"a\"\n\
+             [inbound]\nlisten = \"{ip_a}:15443\"\napp_host = \"127.0.0.1\"\n\
+             [[outbound.upstreams]]\nservice = \"reviews\"\nport = 9082\nlisten = \"127.0.0.1:19080\"\n\
+             [admin]\nlisten = \"127.0.0.1:15000\"\n",
+            id_a.join("cert.pem"),
+            id_a.join("key.pem"),
+            id_a.join("bundle.pem"),
+        ),
+    )
+    .unwrap();
+    let _pp = halyard_in(
+        &a,
+        d,
+        "productpage-sidecar",
+        &["sidecar", "--config", pp_toml.to_str().unwrap()],
+    );
+
+    // Processes in other namespaces: poll (there is no event to await across them).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if curl_in(&a, "http://127.0.0.1:19080/reviews/1").is_some() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no answer through the gateway in 30 s; logs in {}",
+            dir.keep().display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for i in 0..20 {
+        let body = curl_in(&a, &format!("http://127.0.0.1:19080/reviews/{i}"))
+            .expect("a call through the gateway failed");
+        assert!(body.contains("v9"), "not B's reviews: {body}");
+    }
+    // The program's counters reach the metrics once a second.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (page, kernel_fwd, kernel_ret) = loop {
+        let page = curl_in(&g, "http://127.0.0.1:15020/metrics").unwrap();
+        let fwd = sample(
+            &page,
+            "halyard_gateway_xdp_datagrams_total{decision=\"forwarded\"}",
+        );
+        let ret = sample(
+            &page,
+            "halyard_gateway_xdp_datagrams_total{decision=\"returned\"}",
+        );
+        if fwd >= 20.0 && ret >= 20.0 || Instant::now() > deadline {
+            break (page, fwd, ret);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let all_fwd = sample(
+        &page,
+        "halyard_gateway_datagrams_total{decision=\"forwarded\"}",
+    );
+    let all_ret = sample(
+        &page,
+        "halyard_gateway_datagrams_total{decision=\"returned\"}",
+    );
+    let xdp: Vec<&str> = page.lines().filter(|l| l.contains("gateway")).collect();
+    // 21 requests each way crossed in the kernel; the user-space relay saw the handshake.
+    assert!(
+        kernel_fwd >= 20.0 && kernel_ret >= 20.0,
+        "the kernel path forwarded {kernel_fwd} and returned {kernel_ret}:\n{}",
+        xdp.join("\n")
+    );
+    assert!(
+        all_fwd - kernel_fwd <= 10.0 && all_ret - kernel_ret <= 10.0,
+        "user space relayed {} forwarded and {} returned datagrams, more than a handshake's:\n{}",
+        all_fwd - kernel_fwd,
+        all_ret - kernel_ret,
+        xdp.join("\n")
+    );
+    assert_eq!(
+        sample(&page, "halyard_gateway_xdp_routes "),
+        1.0,
+        "{}",
+        xdp.join("\n")
+    );
+}

@@ -1,0 +1,367 @@
+//! The gateway's forwarding path in the kernel (`[xdp]` in its config): the XDP program
+//! `sidecar/bpf/gateway_xdp.c`, attached to the interfaces the config names, forwards the
+//! short-header packets of established connections and their answers without a copy to user
+//! space; everything else (Initials and Handshake packets, encrypted QUIC-LB connection IDs,
+//! IPv6, endpoints on the gateway's own host, an unresolved next hop) reaches the user-space
+//! relay as before. The program routes by the same table: this module writes the table's
+//! routes and backends into the program's maps at every snapshot, and adds the program's
+//! per-CPU counters to the gateway's metrics once a second.
+//!
+//! Requirements, from the kernel: native XDP on each interface (Linux ≥ 6.7 for the route
+//! lookup's source address, `BPF_FIB_LOOKUP_SRC`); IPv4 forwarding on each interface
+//! (`net.ipv4.conf.<name>.forwarding = 1`, which the route lookup insists on; checked at start;
+//! a `DROP` policy on the FORWARD chain keeps the host from routing anything else, since XDP's
+//! redirects do not pass through netfilter); and for a veth, the peer able to take
+//! redirected frames (an XDP program attached to it, or GRO enabled:
+//! `ethtool -K <peer> gro on`), since the kernel drops a frame redirected to a veth whose peer
+//! has neither. Attaching native XDP to a veth turns off segmentation offload (GSO) on its
+//! peer, so the program sees one datagram per frame.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
+use aya::programs::xdp::XdpMode;
+use aya::programs::Xdp;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::{GatewayMetrics, State, Table};
+
+/// The program, compiled by `sidecar/build.rs` (clang, BPF target).
+static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway_xdp.o"));
+
+/// `[xdp]` in the gateway's config.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct XdpConfig {
+    /// Interfaces to attach the program to (Linux names, at most 15 bytes): those callers'
+    /// packets arrive on and those endpoints' answers arrive on, often the same one.
+    pub interfaces: Vec<String>,
+}
+
+impl XdpConfig {
+    /// Checks the interface names (the kernel's rules for a name: 1 to 15 bytes, no `/`, no
+    /// whitespace, not `.` or `..`), each named once.
+    ///
+    /// # Errors
+    /// A message naming the offending entry.
+    pub fn check(&self) -> Result<(), String> {
+        if self.interfaces.is_empty() {
+            return Err("interfaces is empty; name at least one interface".into());
+        }
+        for (i, name) in self.interfaces.iter().enumerate() {
+            let bad = name.is_empty()
+                || name.len() > 15
+                || name == "."
+                || name == ".."
+                || name
+                    .chars()
+                    .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control());
+            if bad {
+                return Err(format!(
+                    "interfaces[{i}] = {name:?} is not an interface name (1 to 15 bytes, no '/', ':' or whitespace)"
+                ));
+            }
+            if self.interfaces[..i].contains(name) {
+                return Err(format!("interfaces[{i}] = {name:?} is named twice"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Counters of the program, by index in its `STATS` map.
+const STAT_FORWARDED: usize = 0;
+const STAT_FORWARDED_BYTES: usize = 1;
+const STAT_RETURNED: usize = 2;
+const STAT_RETURNED_BYTES: usize = 3;
+const STAT_UNROUTED: usize = 4;
+const STAT_COUNT: u32 = 5;
+
+/// A route key: the first 7 octets of a connection ID (first octet, server ID) and a zero.
+type RouteKey = [u8; 8];
+/// An endpoint: IPv4 address and UDP port in network byte order, two zeros.
+type Endpoint = [u8; 8];
+
+fn endpoint(addr: SocketAddr) -> Option<Endpoint> {
+    let IpAddr::V4(ip) = addr.ip() else {
+        return None;
+    };
+    let mut e = [0u8; 8];
+    e[..4].copy_from_slice(&ip.octets());
+    e[4..6].copy_from_slice(&addr.port().to_be_bytes());
+    Some(e)
+}
+
+/// The program's routes and backends for `table`: every IPv4 endpoint under every unencrypted
+/// QUIC-LB configuration the gateway holds (encrypted connection IDs need AES, which the
+/// program does not do; their packets go to user space).
+pub(super) fn maps_of(table: &Table) -> (HashMap<RouteKey, Endpoint>, Vec<Endpoint>) {
+    let mut routes = HashMap::new();
+    let mut backends = Vec::new();
+    for (sid, target) in &table.by_server {
+        let Some(to) = endpoint(target.address) else {
+            continue;
+        };
+        backends.push(to);
+        for config in table.lb.iter().filter(|c| !c.encrypted()) {
+            let cid = config.connection_id(*sid, [0; halyard_transport::quic_lb::NONCE_LEN]);
+            let mut key = [0u8; 8];
+            key[..7].copy_from_slice(&cid[..7]);
+            routes.insert(key, to);
+        }
+    }
+    (routes, backends)
+}
+
+/// Fails unless interface `name` exists and forwards IPv4: the kernel's route lookup for XDP
+/// (`bpf_fib_lookup`) answers nothing on an interface that does not, so every packet would
+/// silently take the user-space path.
+fn check_forwarding(name: &str) -> anyhow::Result<()> {
+    let path = format!("/proc/sys/net/ipv4/conf/{name}/forwarding");
+    let value = std::fs::read_to_string(&path)
+        .with_context(|| format!("xdp: no IPv4 interface named {name:?} here ({path})"))?;
+    if value.trim() != "1" {
+        anyhow::bail!(
+            "xdp: interface {name:?} does not forward IPv4 (net.ipv4.conf.{name}.forwarding = {}); the kernel's route lookup for XDP needs it: set it to 1 (and drop routed traffic with the FORWARD chain's policy, which XDP's forwarding does not pass through)",
+            value.trim()
+        );
+    }
+    Ok(())
+}
+
+/// The attached program and its maps. Dropping it detaches the program.
+pub(super) struct XdpPath {
+    /// Keeps the program loaded and attached.
+    _ebpf: aya::Ebpf,
+    routes: BpfHashMap<MapData, RouteKey, Endpoint>,
+    backends: BpfHashMap<MapData, Endpoint, u8>,
+    stats: PerCpuArray<MapData, u64>,
+    /// What the maps hold.
+    held_routes: HashMap<RouteKey, Endpoint>,
+    held_backends: Vec<Endpoint>,
+    /// Counters already added to the metrics.
+    counted: [u64; STAT_COUNT as usize],
+}
+
+impl XdpPath {
+    /// Loads the program for a gateway on UDP `port` and attaches it to every interface of
+    /// `config` (native mode).
+    ///
+    /// # Errors
+    /// The kernel's refusal, naming the step and the interface: no BPF permission
+    /// (`CAP_BPF` and `CAP_NET_ADMIN` are needed), an unknown interface, a driver without
+    /// native XDP, a program already attached there.
+    pub(super) fn attach(config: &XdpConfig, port: u16) -> anyhow::Result<XdpPath> {
+        let mut ebpf = aya::Ebpf::load(PROGRAM)
+            .context("xdp: cannot load the gateway's XDP program (BPF permission: CAP_BPF and CAP_NET_ADMIN, or root)")?;
+        let mut settings: Array<MapData, [u8; 4]> = Array::try_from(
+            ebpf.take_map("SETTINGS")
+                .context("xdp: the program has no SETTINGS map")?,
+        )?;
+        let p = port.to_be_bytes();
+        settings.set(0, [p[0], p[1], 0, 0], 0)?;
+        let routes = BpfHashMap::try_from(
+            ebpf.take_map("ROUTES")
+                .context("xdp: the program has no ROUTES map")?,
+        )?;
+        let backends = BpfHashMap::try_from(
+            ebpf.take_map("BACKENDS")
+                .context("xdp: the program has no BACKENDS map")?,
+        )?;
+        let stats = PerCpuArray::try_from(
+            ebpf.take_map("STATS")
+                .context("xdp: the program has no STATS map")?,
+        )?;
+        let program: &mut Xdp = ebpf
+            .program_mut("halyard_gateway")
+            .context("xdp: the object has no halyard_gateway program")?
+            .try_into()?;
+        program
+            .load()
+            .context("xdp: the kernel refused the gateway's XDP program")?;
+        for name in &config.interfaces {
+            check_forwarding(name)?;
+            program.attach(name, XdpMode::Driver).with_context(|| {
+                format!("xdp: cannot attach to interface {name:?} in native mode (does it exist, does its driver support XDP, is another program attached?)")
+            })?;
+        }
+        tracing::info!(interfaces = ?config.interfaces, port, "XDP forwarding attached");
+        Ok(XdpPath {
+            _ebpf: ebpf,
+            routes,
+            backends,
+            stats,
+            held_routes: HashMap::new(),
+            held_backends: Vec::new(),
+            counted: [0; STAT_COUNT as usize],
+        })
+    }
+
+    /// Makes the maps hold `table`'s routes and backends: new and changed entries written
+    /// before stale ones are removed. Returns the number of routes.
+    ///
+    /// # Errors
+    /// A map update the kernel refused (the maps hold 65,536 entries each).
+    pub(super) fn sync(&mut self, table: &Table) -> anyhow::Result<usize> {
+        let (routes, backends) = maps_of(table);
+        for b in &backends {
+            if !self.held_backends.contains(b) {
+                self.backends
+                    .insert(b, 1, 0)
+                    .context("xdp: BACKENDS update")?;
+            }
+        }
+        for (k, v) in &routes {
+            if self.held_routes.get(k) != Some(v) {
+                self.routes.insert(k, v, 0).context("xdp: ROUTES update")?;
+            }
+        }
+        for k in self.held_routes.keys() {
+            if !routes.contains_key(k) {
+                let _ = self.routes.remove(k);
+            }
+        }
+        for b in &self.held_backends {
+            if !backends.contains(b) {
+                let _ = self.backends.remove(b);
+            }
+        }
+        let n = routes.len();
+        self.held_routes = routes;
+        self.held_backends = backends;
+        Ok(n)
+    }
+
+    /// The program's counters, summed over CPUs: forwarded, forwarded bytes, returned,
+    /// returned bytes, passed to user space for want of a route.
+    fn totals(&self) -> [u64; STAT_COUNT as usize] {
+        let mut t = [0u64; STAT_COUNT as usize];
+        for (i, slot) in t.iter_mut().enumerate() {
+            if let Ok(values) = self.stats.get(&(i as u32), 0) {
+                *slot = values.iter().copied().fold(0u64, u64::wrapping_add);
+            }
+        }
+        t
+    }
+
+    /// Adds what the program counted since the last call to `m`.
+    fn count_into(&mut self, m: &GatewayMetrics) {
+        let now = self.totals();
+        let d = |i: usize| now[i].saturating_sub(self.counted[i]);
+        m.forwarded.inc_by(d(STAT_FORWARDED));
+        m.xdp_forwarded.inc_by(d(STAT_FORWARDED));
+        m.bytes_forwarded.inc_by(d(STAT_FORWARDED_BYTES));
+        m.returned.inc_by(d(STAT_RETURNED));
+        m.xdp_returned.inc_by(d(STAT_RETURNED));
+        m.bytes_returned.inc_by(d(STAT_RETURNED_BYTES));
+        m.xdp_unrouted.inc_by(d(STAT_UNROUTED));
+        self.counted = now;
+    }
+}
+
+/// Keeps `path`'s maps on the current table and its counters in the metrics until `stop`
+/// (then detaches the program by dropping it).
+pub(super) async fn run(
+    mut path: XdpPath,
+    mut tables: tokio::sync::watch::Receiver<Arc<Table>>,
+    state: Arc<State>,
+    stop: CancellationToken,
+) {
+    let metrics = &state.metrics;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut dirty = true;
+    loop {
+        if dirty {
+            let table = tables.borrow_and_update().clone();
+            match path.sync(&table) {
+                Ok(n) => metrics.xdp_routes.set(n as i64),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "XDP maps not updated; their packets keep the previous routes")
+                }
+            }
+            dirty = false;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            r = tables.changed() => match r {
+                Ok(()) => dirty = true,
+                Err(_) => break,
+            },
+            _ = tick.tick() => path.count_into(metrics),
+        }
+    }
+    path.count_into(metrics);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use halyard_transport::quic_lb::{LbConfig, LbConfigs, LbKey, ServerId};
+
+    #[test]
+    fn routes_are_keyed_by_the_connection_ids_the_sidecars_issue() {
+        let v4: SocketAddr = "10.1.2.3:15443".parse().unwrap();
+        let v6: SocketAddr = "[fd00::3]:15443".parse().unwrap();
+        let mut table = Table {
+            lb: LbConfigs::new(vec![
+                LbConfig::new(0, None).unwrap(),
+                LbConfig::new(1, Some(&LbKey::new([7; 16]))).unwrap(),
+                LbConfig::new(4, None).unwrap(),
+            ])
+            .unwrap(),
+            ..Table::default()
+        };
+        for addr in [v4, v6] {
+            let target = crate::gateway::Target {
+                address: addr,
+                service: "reviews".into(),
+                id: addr.to_string(),
+            };
+            table.by_server.insert(ServerId::of(addr), target);
+        }
+        let (routes, backends) = maps_of(&table);
+        assert_eq!(
+            backends,
+            vec![endpoint(v4).unwrap()],
+            "IPv6 is left to user space"
+        );
+        assert_eq!(endpoint(v4).unwrap(), [10, 1, 2, 3, 0x3c, 0x53, 0, 0]);
+        // One route per unencrypted configuration, keyed as the program reads a packet: the
+        // first 7 octets of its destination connection ID (any nonce).
+        assert_eq!(routes.len(), 2);
+        for config in table.lb.iter() {
+            let nonce: [u8; 10] = rand::random();
+            let cid = config.connection_id(ServerId::of(v4), nonce);
+            let mut key = [0u8; 8];
+            key[..7].copy_from_slice(&cid[..7]);
+            assert_eq!(
+                routes.get(&key).copied(),
+                (!config.encrypted()).then(|| endpoint(v4).unwrap()),
+                "config {}",
+                config.id()
+            );
+        }
+    }
+
+    #[test]
+    fn interface_names_are_checked() {
+        let c = |names: &[&str]| XdpConfig {
+            interfaces: names.iter().map(|s| s.to_string()).collect(),
+        };
+        assert!(c(&["eth0", "veth-g1"]).check().is_ok());
+        let e = c(&[]).check().unwrap_err();
+        assert!(e.contains("empty"), "{e}");
+        for bad in ["", "a/b", "sixteen-bytes-xx", "a b", "..", "a\0b", "eth0:1"] {
+            let e = c(&["eth0", bad]).check().unwrap_err();
+            assert!(e.contains("interfaces[1]"), "{bad:?}: {e}");
+        }
+        let e = c(&["eth0", "eth0"]).check().unwrap_err();
+        assert!(e.contains("twice"), "{e}");
+    }
+}
