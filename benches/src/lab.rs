@@ -93,6 +93,92 @@ const DEFAULT_MAX_STREAMS: u64 = 1024;
 /// HTTP response the server app sends: 100-byte body.
 pub const HTTP_RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ncontent-type: text/plain\r\n\r\n0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789";
 
+/// How the client sidecar reaches the server sidecar: directly, or through an east-west
+/// gateway (its own registry names the server's endpoint with `gateway`, as a ClusterLink
+/// would, so every packet crosses the gateway, as from another cluster).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reach {
+    Direct,
+    /// `halyard gateway` in namespace b, beside the server.
+    GatewayInB,
+    /// `halyard gateway` in namespace g, joined to a and b by veth pairs of its own
+    /// (10.78.<net>.0/24 and 10.79.<net>.0/24), with its `[xdp]` forwarding when `xdp`.
+    GatewayOwnNs {
+        xdp: bool,
+    },
+}
+
+impl Reach {
+    pub fn name(self) -> &'static str {
+        match self {
+            Reach::Direct => "direct",
+            Reach::GatewayInB => "gateway in b",
+            Reach::GatewayOwnNs { xdp: false } => "gateway, user space",
+            Reach::GatewayOwnNs { xdp: true } => "gateway, XDP",
+        }
+    }
+}
+
+/// The gateway's own namespace: `g`, with `a_side` (10.78.<net>.2, facing a) and `b_side`
+/// (10.79.<net>.1, facing b) interfaces; the sidecars' addresses (10.77.<net>.1 and .2)
+/// routed through a and b.
+pub struct GatewayNs {
+    pub ns: crate::netns::Netns,
+    pub a_side_ip: String,
+    pub b_side_ip: String,
+    pub interfaces: [String; 2],
+}
+
+impl GatewayNs {
+    fn create(pair: &Pair) -> anyhow::Result<GatewayNs> {
+        let prefix = pair.a.name.trim_end_matches("-a").to_owned();
+        let net = pair.b_ip.split('.').nth(2).unwrap_or("0").to_owned();
+        let ns = crate::netns::Netns::create(&format!("{prefix}-g"))?;
+        let (ga, gb) = (format!("{prefix}ga"), format!("{prefix}gb"));
+        let (ag, bg) = (format!("{prefix}ag"), format!("{prefix}bg"));
+        let a_side_ip = format!("10.78.{net}.2");
+        let b_side_ip = format!("10.79.{net}.1");
+        for (peer_ns, peer, peer_ip, own, own_ip) in [
+            (&pair.a, &ag, format!("10.78.{net}.1"), &ga, &a_side_ip),
+            (&pair.b, &bg, format!("10.79.{net}.2"), &gb, &b_side_ip),
+        ] {
+            ns.exec(&[
+                "ip", "link", "add", own, "type", "veth", "peer", "name", peer,
+            ])?;
+            ns.exec(&["ip", "link", "set", peer, "netns", &peer_ns.name])?;
+            for (n, dev, ip) in [(&ns, own, own_ip), (peer_ns, peer, &peer_ip)] {
+                n.exec(&["ip", "link", "set", dev, "mtu", "1500"])?;
+                n.exec(&["ip", "addr", "add", &format!("{ip}/24"), "dev", dev])?;
+                n.exec(&["ip", "link", "set", dev, "up"])?;
+            }
+            // The peers take frames an XDP program redirects to them only with NAPI (GRO on).
+            peer_ns.exec(&["ethtool", "-K", peer, "gro", "on"])?;
+            // bpf_fib_lookup answers only on forwarding interfaces; nothing else is routed.
+            ns.exec(&[
+                "sysctl",
+                "-qw",
+                &format!("net.ipv4.conf.{own}.forwarding=1"),
+            ])?;
+        }
+        ns.exec(&["iptables", "-P", "FORWARD", "DROP"])?;
+        // The sidecars' QUIC sockets are bound to their a–b addresses: g reaches each of them
+        // through its own veth.
+        for (ip, via) in [
+            (&pair.b_ip, format!("10.79.{net}.2")),
+            (&pair.a_ip, format!("10.78.{net}.1")),
+        ] {
+            ns.exec(&["ip", "route", "add", &format!("{ip}/32"), "via", &via])?;
+        }
+        Ok(GatewayNs {
+            ns,
+            a_side_ip,
+            b_side_ip,
+            interfaces: [ga, gb],
+        })
+    }
+}
+
 pub struct Lab {
     pub pair: Pair,
     pub dir: tempfile::TempDir,
@@ -105,9 +191,10 @@ pub struct Lab {
     /// `[transport] max_concurrent_bidi_streams` of both Halyard sidecars: the product's
     /// default, except where a scenario holds more flows on one connection (scale).
     max_streams: u64,
-    /// The client sidecar reaches the server through an east-west gateway in namespace b
-    /// (its own registry names the server's endpoint with `gateway`), as from another cluster.
-    via_gateway: bool,
+    /// How the client sidecar reaches the server sidecar.
+    reach: Reach,
+    /// Namespace `g` between `a` and `b`, made on first use ([`Reach::GatewayOwnNs`]).
+    gateway_ns: Option<GatewayNs>,
     stop: CancellationToken,
     _apps: std::thread::JoinHandle<()>,
 }
@@ -158,7 +245,8 @@ impl Lab {
             }),
             workers: 1,
             max_streams,
-            via_gateway: false,
+            reach: Reach::Direct,
+            gateway_ns: None,
             stop,
             _apps: apps,
         };
@@ -220,7 +308,21 @@ impl Lab {
         args: &[String],
     ) -> anyhow::Result<()> {
         let ns = if ns_b { &self.pair.b } else { &self.pair.a };
-        let mut cmd = ns.command(program);
+        let ns = ns.name.clone();
+        self.spawn_in(route, &ns, name, program, args)
+    }
+
+    /// [`Lab::spawn`] in the namespace named `ns`.
+    fn spawn_in(
+        &mut self,
+        route: Route,
+        ns: &str,
+        name: &str,
+        program: &Path,
+        args: &[String],
+    ) -> anyhow::Result<()> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns]).arg(program);
         cmd.args(args)
             .env("HALYARD_LOG", sidecar_log_filter())
             .stdout(self.log(name)?)
@@ -251,17 +353,37 @@ impl Lab {
         self.wait_ready()
     }
 
-    /// Restarts the Halyard sidecars with the client reaching the server through an east-west
-    /// gateway (`halyard gateway` in namespace b, at `<b>:15444`) when `on`, directly otherwise.
-    pub fn restart_halyard_via_gateway(&mut self, on: bool) -> anyhow::Result<()> {
+    /// Restarts the Halyard sidecars (and the gateway) with the client reaching the server as
+    /// `reach` says, and waits until every path answers again.
+    pub fn restart_halyard_reaching(&mut self, reach: Reach) -> anyhow::Result<()> {
         self.procs.retain(|(route, _)| *route != Route::HalyardL4);
-        self.via_gateway = on;
-        if on {
+        self.reach = reach;
+        let gateway_ns = match reach {
+            Reach::Direct => None,
+            Reach::GatewayInB => Some(self.pair.b.name.clone()),
+            Reach::GatewayOwnNs { .. } => {
+                if self.gateway_ns.is_none() {
+                    self.gateway_ns = Some(GatewayNs::create(&self.pair)?);
+                }
+                self.gateway_ns.as_ref().map(|g| g.ns.name.clone())
+            }
+        };
+        if let Some(ns) = gateway_ns {
+            // In g the gateway listens on every address: it answers callers from the a side
+            // and reaches the server from the b side.
+            let (dial, listen, xdp) = match (reach, &self.gateway_ns) {
+                (Reach::GatewayOwnNs { xdp }, Some(g)) => (
+                    g.a_side_ip.clone(),
+                    "0.0.0.0".to_owned(),
+                    xdp.then(|| g.interfaces.clone()),
+                ),
+                _ => (self.pair.b_ip.clone(), self.pair.b_ip.clone(), None),
+            };
             let reg = self.dir.path().join("registry-a");
             std::fs::create_dir_all(reg.join("default"))?;
             let endpoint = format!(
                 "---\nkind: Endpoint\nid: server-b\nservice: server\naddress: \"{b}:15443\"\n\
-                 identity: spiffe://mesh.local/ns/default/sa/server\ncluster: b\ngateway: \"{b}:15444\"\n",
+                 identity: spiffe://mesh.local/ns/default/sa/server\ncluster: b\ngateway: \"{dial}:15444\"\n",
                 b = self.pair.b_ip
             );
             apply(
@@ -270,24 +392,34 @@ impl Lab {
                 &format!("{REGISTRY_OBJECTS}{endpoint}"),
             )?;
             let gw = self.dir.path().join("gateway.toml");
-            std::fs::write(
-                &gw,
-                format!(
-                    "registry = \"file://{}\"\nlisten = \"{}:15444\"\nadmin = \"127.0.0.1:15020\"\n",
-                    self.dir.path().join("registry").display(),
-                    self.pair.b_ip
-                ),
-            )?;
+            let mut config = format!(
+                "registry = \"file://{}\"\nlisten = \"{listen}:15444\"\nadmin = \"127.0.0.1:15020\"\n",
+                self.dir.path().join("registry").display(),
+            );
+            if let Some([ga, gb]) = xdp {
+                config +=
+                    &format!("[xdp]\ninterfaces = [\"{ga}\", \"{gb}\"]\nrun_time_stats = true\n");
+            }
+            std::fs::write(&gw, config)?;
             let halyard = self.halyard.clone();
             let args = [
                 "gateway".into(),
                 "--config".into(),
                 gw.display().to_string(),
             ];
-            self.spawn(Route::HalyardL4, true, "gateway", &halyard, &args)?;
+            self.spawn_in(Route::HalyardL4, &ns, "gateway", &halyard, &args)?;
         }
         self.spawn_sidecars()?;
         self.wait_ready()
+    }
+
+    /// The namespace the gateway runs in, if the client reaches the server through one.
+    pub fn gateway_ns(&self) -> Option<&str> {
+        match self.reach {
+            Reach::Direct => None,
+            Reach::GatewayInB => Some(&self.pair.b.name),
+            Reach::GatewayOwnNs { .. } => self.gateway_ns.as_ref().map(|g| g.ns.name.as_str()),
+        }
     }
 
     /// The pid of the process named `name` (`sidecar-client`, `sidecar-server`, `gateway`, ...).
@@ -382,7 +514,7 @@ impl Lab {
             reg = self
                 .dir
                 .path()
-                .join(if self.via_gateway && !ns_b {
+                .join(if self.reach != Reach::Direct && !ns_b {
                     "registry-a"
                 } else {
                     "registry"
@@ -413,8 +545,12 @@ impl Lab {
             t += &format!("initial_mtu = {}\n", mtu.trim());
         }
         if ns_b {
-            // The east-west gateway of `restart_halyard_via_gateway` runs beside it.
-            t += &format!("proxy_protocol_from = [\"{}\"]\n", self.pair.b_ip);
+            // The east-west gateway of `restart_halyard_reaching` runs beside it or in g.
+            t += &format!("proxy_protocol_from = [\"{}\"", self.pair.b_ip);
+            if let Some(g) = &self.gateway_ns {
+                t += &format!(", \"{}\"", g.b_side_ip);
+            }
+            t += "]\n";
         }
         t
     }

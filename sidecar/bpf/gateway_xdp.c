@@ -19,9 +19,8 @@
 // Only IPv4 without options or fragments. Long-header packets (Initials, Handshake), encrypted
 // connection IDs, IPv6, endpoints this host delivers to itself (the kernel drops a packet whose
 // source is a local address), next hops whose neighbour entry is not resolved and packets
-// over the egress MTU all go to user space. The UDP checksum of a rewritten packet is zero
-// (RFC 768: no checksum, allowed for IPv4): the sender's may still be a partial, offloaded
-// one at this point, and the QUIC payload is authenticated end to end by its AEAD.
+// over the egress MTU all go to user space. The UDP checksum of a rewritten packet is computed
+// in full (the sender's may still be a partial, offloaded one at this point).
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -60,11 +59,12 @@ struct endpoint {
 	__u16 pad;
 };
 
-// The gateway's settings, written by user space before attaching: its UDP port (network byte
-// order).
+// The gateway's settings, written by user space before attaching: its UDP port and the IPv4
+// address its socket is bound to (network byte order; 0 when bound to the unspecified address).
 struct settings {
 	__u16 port;
 	__u16 pad;
+	__u32 addr;
 };
 
 // Counters, per CPU: packets and payload bytes (excluding the PROXY header) forwarded to
@@ -117,6 +117,8 @@ static __always_inline void count(__u32 which, __u64 by)
 		*c += by;
 }
 
+static __always_inline __u16 csum_fold(__u32 sum);
+
 // Whether `p` (12 readable bytes) starts with the PROXY v2 signature (no memcmp in BPF).
 static __always_inline int has_signature(const __u8 *p)
 {
@@ -135,9 +137,82 @@ static __always_inline __u16 ipv4_checksum(struct iphdr *ip)
 #pragma unroll
 	for (int i = 0; i < (int)(sizeof(struct iphdr) / 2); i++)
 		sum += words[i];
+	return csum_fold(sum);
+}
+
+// The one's complement sum (RFC 1071) of the `len` bytes at `p` (`p + len <= data_end`, len at
+// most MAX_IP_LEN), added to `sum`: whole 512-byte chunks, then 256, 128, ..., 4 bytes, then
+// the last 2 and 1, each a constant size the verifier can check against `data_end`. Sums are in
+// memory order, as the kernel's csum_partial (what bpf_csum_diff returns) keeps them.
+static __always_inline __u32 csum_add_bytes(__u8 *p, void *data_end, __u32 len, __u32 sum)
+{
+#pragma unroll
+	for (int i = 0; i < MAX_IP_LEN / 512; i++) {
+		if (len < 512)
+			break;
+		if ((void *)(p + 512) > data_end)
+			return sum;
+		sum = bpf_csum_diff(0, 0, (__be32 *)p, 512, sum);
+		p += 512;
+		len -= 512;
+	}
+#define CSUM_STEP(n)                                                                   \
+	if (len & (n)) {                                                               \
+		if ((void *)(p + (n)) > data_end)                                       \
+			return sum;                                                    \
+		sum = bpf_csum_diff(0, 0, (__be32 *)p, (n), sum);                      \
+		p += (n);                                                              \
+	}
+	CSUM_STEP(256)
+	CSUM_STEP(128)
+	CSUM_STEP(64)
+	CSUM_STEP(32)
+	CSUM_STEP(16)
+	CSUM_STEP(8)
+	CSUM_STEP(4)
+#undef CSUM_STEP
+	__u8 tail[4] = {};
+	if (len & 2) {
+		if ((void *)(p + 2) > data_end)
+			return sum;
+		tail[0] = p[0];
+		tail[1] = p[1];
+		p += 2;
+	}
+	if (len & 1) {
+		if ((void *)(p + 1) > data_end)
+			return sum;
+		if (len & 2)
+			tail[2] = p[0];
+		else
+			tail[0] = p[0];
+	}
+	if (len & 3)
+		sum = bpf_csum_diff(0, 0, (__be32 *)tail, 4, sum);
+	return sum;
+}
+
+static __always_inline __u16 csum_fold(__u32 sum)
+{
 	sum = (sum & 0xffff) + (sum >> 16);
 	sum = (sum & 0xffff) + (sum >> 16);
 	return (__u16)~sum;
+}
+
+// The UDP checksum of the datagram at `udp` (header written, check zero) from `saddr` to
+// `daddr` (RFC 768: pseudo-header of addresses, protocol and UDP length, then the datagram);
+// a computed zero is sent as all ones.
+static __always_inline __u16 udp_checksum(struct udphdr *udp, void *data_end, __u32 saddr,
+					  __u32 daddr)
+{
+	__u32 pseudo[3] = {saddr, daddr, 0};
+	__u16 *words = (__u16 *)&pseudo[2];
+	words[0] = bpf_htons(IPPROTO_UDP);
+	words[1] = udp->len;
+	__u32 sum = bpf_csum_diff(0, 0, pseudo, sizeof(pseudo), 0);
+	sum = csum_add_bytes((__u8 *)udp, data_end, bpf_ntohs(udp->len), sum);
+	__u16 check = csum_fold(sum);
+	return check ? check : 0xffff;
 }
 
 // The route to `daddr` from this host: next hop MACs, egress interface and the source address
@@ -176,6 +251,9 @@ static __always_inline int send(void *data, void *data_end, struct bpf_fib_looku
 	udp->dest = dport;
 	udp->len = bpf_htons(sizeof(struct udphdr) + payload);
 	udp->check = 0;
+	// A full checksum, not an update of the sender's: on a veth that one may still be the
+	// partial (offloaded) sum. The receiver's UDP GRO also needs it non-zero to batch.
+	udp->check = udp_checksum(udp, data_end, saddr, daddr);
 	if (fib->ifindex == ingress)
 		return XDP_TX;
 	return bpf_redirect(fib->ifindex, 0);
@@ -249,7 +327,10 @@ int halyard_gateway(struct xdp_md *ctx)
 		__builtin_memcpy(proxy + 26, &gateway_port, 2);
 		count(STAT_FORWARDED, 1);
 		count(STAT_FORWARDED_BYTES, len);
-		return send(data, data_end, &fib, fib.ipv4_src, gateway_port, to_addr, to_port,
+		// From the address the user-space relay sends from: its bound one, else the one
+		// the kernel chooses for the route.
+		__u32 from = s->addr ? s->addr : fib.ipv4_src;
+		return send(data, data_end, &fib, from, gateway_port, to_addr, to_port,
 			    len + PROXY_V4_LEN, ctx->ingress_ifindex);
 	}
 

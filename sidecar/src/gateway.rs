@@ -564,6 +564,8 @@ struct GatewayMetrics {
     xdp_unrouted: IntCounter,
     /// Routes in the XDP program's map.
     xdp_routes: IntGauge,
+    /// CPU time the XDP program ran, while the kernel's BPF run-time statistics are on.
+    xdp_run_seconds: prometheus::Counter,
 }
 
 impl GatewayMetrics {
@@ -603,6 +605,11 @@ impl GatewayMetrics {
             "halyard_gateway_xdp_routes",
             "Routes (server ID under an unencrypted QUIC-LB configuration) in the XDP program's map",
         )?;
+        let xdp_run_seconds = prometheus::Counter::new(
+            "halyard_gateway_xdp_run_seconds_total",
+            "CPU seconds the XDP program ran (counted while the kernel's BPF run-time statistics are on: [xdp] run_time_stats, or sysctl kernel.bpf_stats_enabled=1)",
+        )?;
+        registry.register(Box::new(xdp_run_seconds.clone()))?;
         registry.register(Box::new(xdp.clone()))?;
         registry.register(Box::new(xdp_routes.clone()))?;
         registry.register(Box::new(datagrams.clone()))?;
@@ -635,6 +642,7 @@ impl GatewayMetrics {
             xdp_returned: xdp.with_label_values(&["returned"]),
             xdp_unrouted: xdp.with_label_values(&["unrouted"]),
             xdp_routes,
+            xdp_run_seconds,
             registry,
         })
     }
@@ -673,7 +681,7 @@ pub async fn serve(
         bind(&config).with_context(|| format!("listen = {}: cannot bind", config.listen))?;
     let bound = socket.local_addr()?;
     let xdp_path = match &config.xdp {
-        Some(x) => Some(xdp::XdpPath::attach(x, bound.port())?),
+        Some(x) => Some(xdp::XdpPath::attach(x, bound)?),
         None => None,
     };
     let mut opts = halyard_registry::Options::new(&config.mesh);

@@ -488,6 +488,22 @@ fn established_connections_cross_the_gateway_in_the_kernel_with_xdp() {
         all_ret - kernel_ret,
         xdp.join("\n")
     );
+    // The program rewrites the UDP checksum: no receiver found one wrong.
+    for ns in [&a, &b] {
+        let snmp = ns.exec(&["cat", "/proc/net/snmp"]);
+        let udp: Vec<&str> = snmp.lines().filter(|l| l.starts_with("Udp:")).collect();
+        let (names, values) = (udp[0].split_whitespace(), udp[1].split_whitespace());
+        let errors = names
+            .zip(values)
+            .find(|(n, _)| *n == "InCsumErrors")
+            .map(|(_, v)| v.to_owned());
+        assert_eq!(
+            errors.as_deref(),
+            Some("0"),
+            "UDP checksum errors in {}",
+            ns.0
+        );
+    }
     assert_eq!(
         sample(&page, "halyard_gateway_xdp_routes "),
         1.0,

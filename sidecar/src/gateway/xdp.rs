@@ -41,6 +41,13 @@ pub struct XdpConfig {
     /// Interfaces to attach the program to (Linux names, at most 15 bytes): those callers'
     /// packets arrive on and those endpoints' answers arrive on, often the same one.
     pub interfaces: Vec<String>,
+    /// Turn on the kernel's BPF run-time statistics (`BPF_ENABLE_STATS`, Linux 5.8+) while
+    /// the gateway runs, so `halyard_gateway_xdp_run_seconds_total` counts the program's CPU
+    /// time. They are host-wide: every BPF program on the host pays two clock reads per run.
+    /// Off (the default), the metric counts only while something else has them on
+    /// (`sysctl kernel.bpf_stats_enabled=1`).
+    #[serde(default)]
+    pub run_time_stats: bool,
 }
 
 impl XdpConfig {
@@ -137,7 +144,11 @@ fn check_forwarding(name: &str) -> anyhow::Result<()> {
 /// The attached program and its maps. Dropping it detaches the program.
 pub(super) struct XdpPath {
     /// Keeps the program loaded and attached.
-    _ebpf: aya::Ebpf,
+    ebpf: aya::Ebpf,
+    /// Keeps the kernel's run-time statistics on (`run_time_stats`).
+    _stats_on: Option<std::os::fd::OwnedFd>,
+    /// Program run time already added to the metrics.
+    run_time_counted: Duration,
     routes: BpfHashMap<MapData, RouteKey, Endpoint>,
     backends: BpfHashMap<MapData, Endpoint, u8>,
     stats: PerCpuArray<MapData, u64>,
@@ -149,22 +160,27 @@ pub(super) struct XdpPath {
 }
 
 impl XdpPath {
-    /// Loads the program for a gateway on UDP `port` and attaches it to every interface of
-    /// `config` (native mode).
+    /// Loads the program for a gateway whose socket is bound to `bound` and attaches it to
+    /// every interface of `config` (native mode).
     ///
     /// # Errors
     /// The kernel's refusal, naming the step and the interface: no BPF permission
-    /// (`CAP_BPF` and `CAP_NET_ADMIN` are needed), an unknown interface, a driver without
+    /// (root, or `CAP_BPF`, `CAP_NET_ADMIN` and `CAP_PERFMON`; `CAP_SYS_ADMIN` for
+    /// `run_time_stats`), an unknown interface, a driver without
     /// native XDP, a program already attached there.
-    pub(super) fn attach(config: &XdpConfig, port: u16) -> anyhow::Result<XdpPath> {
+    pub(super) fn attach(config: &XdpConfig, bound: SocketAddr) -> anyhow::Result<XdpPath> {
         let mut ebpf = aya::Ebpf::load(PROGRAM)
-            .context("xdp: cannot load the gateway's XDP program (BPF permission: CAP_BPF and CAP_NET_ADMIN, or root)")?;
-        let mut settings: Array<MapData, [u8; 4]> = Array::try_from(
+            .context("xdp: cannot load the gateway's XDP program (BPF permission: root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)")?;
+        let mut settings: Array<MapData, [u8; 8]> = Array::try_from(
             ebpf.take_map("SETTINGS")
                 .context("xdp: the program has no SETTINGS map")?,
         )?;
-        let p = port.to_be_bytes();
-        settings.set(0, [p[0], p[1], 0, 0], 0)?;
+        let p = bound.port().to_be_bytes();
+        let ip = match bound.ip() {
+            IpAddr::V4(ip) => ip.octets(),
+            IpAddr::V6(_) => [0; 4],
+        };
+        settings.set(0, [p[0], p[1], 0, 0, ip[0], ip[1], ip[2], ip[3]], 0)?;
         let routes = BpfHashMap::try_from(
             ebpf.take_map("ROUTES")
                 .context("xdp: the program has no ROUTES map")?,
@@ -183,16 +199,25 @@ impl XdpPath {
             .try_into()?;
         program
             .load()
-            .context("xdp: the kernel refused the gateway's XDP program")?;
+            .context("xdp: the kernel refused the gateway's XDP program (without CAP_PERFMON its verifier refuses the packet-pointer arithmetic)")?;
         for name in &config.interfaces {
             check_forwarding(name)?;
             program.attach(name, XdpMode::Driver).with_context(|| {
                 format!("xdp: cannot attach to interface {name:?} in native mode (does it exist, does its driver support XDP, is another program attached?)")
             })?;
         }
-        tracing::info!(interfaces = ?config.interfaces, port, "XDP forwarding attached");
+        let stats_on = if config.run_time_stats {
+            Some(aya::sys::enable_stats(aya::sys::Stats::RunTime).context(
+                "xdp: cannot turn on BPF run-time statistics (run_time_stats needs CAP_SYS_ADMIN)",
+            )?)
+        } else {
+            None
+        };
+        tracing::info!(interfaces = ?config.interfaces, %bound, "XDP forwarding attached");
         Ok(XdpPath {
-            _ebpf: ebpf,
+            ebpf,
+            _stats_on: stats_on,
+            run_time_counted: Duration::ZERO,
             routes,
             backends,
             stats,
@@ -261,6 +286,16 @@ impl XdpPath {
         m.bytes_returned.inc_by(d(STAT_RETURNED_BYTES));
         m.xdp_unrouted.inc_by(d(STAT_UNROUTED));
         self.counted = now;
+        let run_time = self
+            .ebpf
+            .program("halyard_gateway")
+            .and_then(|p| p.info().ok())
+            .map(|info| info.run_time());
+        if let Some(t) = run_time {
+            m.xdp_run_seconds
+                .inc_by(t.saturating_sub(self.run_time_counted).as_secs_f64());
+            self.run_time_counted = self.run_time_counted.max(t);
+        }
     }
 }
 
@@ -353,6 +388,7 @@ mod tests {
     fn interface_names_are_checked() {
         let c = |names: &[&str]| XdpConfig {
             interfaces: names.iter().map(|s| s.to_string()).collect(),
+            run_time_stats: false,
         };
         assert!(c(&["eth0", "veth-g1"]).check().is_ok());
         let e = c(&[]).check().unwrap_err();
