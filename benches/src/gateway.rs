@@ -20,8 +20,9 @@ use crate::stats::{cpu_of, Machine, Percentiles};
 const RUNS: usize = 3;
 
 /// The paths measured, in each round's order.
-const PATHS: [Reach; 4] = [
+const PATHS: [Reach; 5] = [
     Reach::Direct,
+    Reach::DirectNoGso,
     Reach::GatewayInB,
     Reach::GatewayOwnNs { xdp: false },
     Reach::GatewayOwnNs { xdp: true },
@@ -81,18 +82,18 @@ fn machine_busy_s() -> f64 {
     busy as f64 / 100.0
 }
 
-/// `halyard_gateway_xdp_run_seconds_total` of the gateway running in `ns`; 0 when absent.
-fn xdp_run_seconds(ns: Option<&str>) -> f64 {
-    let Some(ns) = ns else { return 0.0 };
-    crate::lab::http_get(ns, "127.0.0.1:15020", "/metrics")
-        .ok()
-        .and_then(|page| {
-            page.lines()
-                .find(|l| l.starts_with("halyard_gateway_xdp_run_seconds_total "))
-                .and_then(|l| l.rsplit(' ').next())
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0.0)
+/// Seconds every loaded BPF program named `halyard_gateway` (the gateway's XDP program) has
+/// run, from the kernel's BPF run-time statistics (on while a gateway with
+/// `[xdp] run_time_stats` runs); read from the kernel at once, not from the gateway's metrics,
+/// which it updates once a second: waiting for them would leave the machine idle before the
+/// next measurement on one path only (and a second of idle slows the round trips that follow on
+/// every path of this machine).
+fn xdp_run_seconds() -> f64 {
+    aya::programs::loaded_programs()
+        .flatten()
+        .filter(|p| p.name_as_str() == Some("halyard_gateway"))
+        .map(|p| p.run_time().as_secs_f64())
+        .sum()
 }
 
 fn measure(
@@ -102,7 +103,7 @@ fn measure(
     ping: &mut Vec<Ping>,
 ) -> anyhow::Result<()> {
     let route = Route::HalyardL4;
-    let via = path != Reach::Direct;
+    let via = path.via_gateway();
     let pid = |name: &str| lab.pid_of(name).map(|p| vec![p]).unwrap_or_default();
     let (client, server, gateway) = (pid("sidecar-client"), pid("sidecar-server"), pid("gateway"));
     for flows in [1, 8] {
@@ -111,7 +112,7 @@ fn measure(
         for _ in 0..RUNS {
             let before = (cpu_of(&client), cpu_of(&server), cpu_of(&gateway));
             let machine = machine_busy_s();
-            let program = xdp_run_seconds(lab.gateway_ns());
+            let program = xdp_run_seconds();
             let (bytes, secs) = block_in(&lab.pair.a.name, move || {
                 crate::bulk::bulk_flows(addr, flows)
             })?;
@@ -124,11 +125,8 @@ fn measure(
                 server_cpu_s_per_gb: (cpu_of(&server) - before.1) / gb,
                 gateway_cpu_s_per_gb: via.then(|| (cpu_of(&gateway) - before.2) / gb),
                 machine_cpu_s_per_gb: (machine_busy_s() - machine) / gb,
-                // The gateway adds its counters to the metrics once a second.
-                xdp_program_cpu_s_per_gb: (path == Reach::GatewayOwnNs { xdp: true }).then(|| {
-                    std::thread::sleep(Duration::from_millis(1100));
-                    (xdp_run_seconds(lab.gateway_ns()) - program) / gb
-                }),
+                xdp_program_cpu_s_per_gb: (path == Reach::GatewayOwnNs { xdp: true })
+                    .then(|| (xdp_run_seconds() - program) / gb),
             });
         }
         runs.sort_by(|x, y| x.gbit_s.total_cmp(&y.gbit_s));
@@ -218,13 +216,17 @@ fn markdown(r: &Report) -> String {
            each, relaying every datagram in user space, or with `[xdp]` on both of its interfaces (the \
            kernel forwards established connections; Initials and Handshake packets still cross user \
            space). Each figure is the mean of two rounds (every path in turn); bulk is the median of 3 \
-           runs of 3 s per round. CPU-s/GB: utime+stime of each process per GB delivered; machine: busy \
-           time of both vCPUs (`/proc/stat`, every process and the kernel's softirq work, where XDP runs) \
-           per GB. The XDP program's CPU time is the kernel's BPF run-time statistics \
-           (`[xdp] run_time_stats`): the program alone, not the redirect's transmit that follows it. \"added ÷ server sidecar\": what the machine spends per GB beyond the direct path, \
-           over the server sidecar's own CPU-s/GB on the direct path — the gateway's whole cost, its \
-           extra veth hop included, and the only fair figure for XDP, whose work no process is charged \
-           for.\n\n";
+           runs of 3 s per round. CPU-s/GB: utime+stime of each process per GB delivered; for the XDP \
+           gateway, plus its program's run time (the kernel's BPF run-time statistics, `[xdp] \
+           run_time_stats`: the program alone, not the redirect's transmit that follows it). Machine: \
+           busy time of both vCPUs (`/proc/stat`: every process and the kernel's softirq work) per GB; \
+           \"added ÷ server sidecar\": the machine's CPU-s/GB beyond the direct path's, over the direct \
+           server sidecar's. On a veth that figure charges the XDP gateway for its senders too: \
+           attaching native XDP to a veth turns off UDP segmentation offload (GSO) on its peer, so both \
+           sidecars segment their datagrams towards the gateway in software (their CPU-s/GB columns), \
+           which a gateway on another host would not cause. \"direct, no GSO\": the direct path with \
+           UDP segmentation offload off on its veth pair, so the sidecars send as they do into the XDP \
+           gateway; its \"vs direct\" and \"added\" are against the direct path with GSO.\n\n";
     md += "| flows | path | Gbit/s | vs direct | client sidecar CPU-s/GB | server sidecar CPU-s/GB | gateway CPU-s/GB (process + XDP program) | gateway ÷ server sidecar | machine CPU-s/GB | added ÷ server sidecar |\n|---|---|---|---|---|---|---|---|---|---|\n";
     for flows in [1, 8] {
         let of = |path: Reach| -> Vec<&Bulk> {
@@ -239,7 +241,7 @@ fn markdown(r: &Report) -> String {
         let direct_server = mean(&d, |b| b.server_cpu_s_per_gb);
         for path in PATHS {
             let rows = of(path);
-            let via = path != Reach::Direct;
+            let via = path.via_gateway();
             let gbit = mean(&rows, |b| b.gbit_s);
             let server = mean(&rows, |b| b.server_cpu_s_per_gb);
             let gw = mean(&rows, |b| {
@@ -250,17 +252,40 @@ fn markdown(r: &Report) -> String {
             md += &format!(
                 "| {flows} | {} | {gbit:.2} | {} | {:.2} | {server:.2} | {} | {} | {machine:.2} | {} |\n",
                 path.name(),
-                if via { ratio(gbit, direct) } else { dash() },
+                if path != Reach::Direct { ratio(gbit, direct) } else { dash() },
                 mean(&rows, |b| b.client_cpu_s_per_gb),
                 if via { format!("{gw:.3}") } else { dash() },
                 if via { ratio(gw, server) } else { dash() },
-                if via {
+                if path != Reach::Direct {
                     ratio(machine - direct_machine, direct_server)
                 } else {
                     dash()
                 },
             );
         }
+    }
+    md += "\nThe XDP gateway against the direct path with the same offloads (\"direct, no GSO\": the \
+           sidecars segment in software on both): what the gateway itself costs, without what a veth \
+           does to its senders.\n\n| flows | Gbit/s ÷ direct, no GSO | machine CPU-s/GB added ÷ server sidecar (direct, no GSO) |\n|---|---|---|\n";
+    for flows in [1, 8] {
+        let of = |path: Reach| -> Vec<&Bulk> {
+            r.bulk
+                .iter()
+                .filter(|b| b.flows == flows && b.path == path)
+                .collect()
+        };
+        let (base, xdp) = (
+            of(Reach::DirectNoGso),
+            of(Reach::GatewayOwnNs { xdp: true }),
+        );
+        md += &format!(
+            "| {flows} | {} | {} |\n",
+            ratio(mean(&xdp, |b| b.gbit_s), mean(&base, |b| b.gbit_s)),
+            ratio(
+                mean(&xdp, |b| b.machine_cpu_s_per_gb) - mean(&base, |b| b.machine_cpu_s_per_gb),
+                mean(&base, |b| b.server_cpu_s_per_gb)
+            ),
+        );
     }
     md += &format!(
         "\nPing-pong over one flow ({}):\n\n| bytes | path | p50 µs | p99 µs | added p50 µs | added p99 µs |\n|---|---|---|---|---|---|\n",

@@ -100,6 +100,9 @@ pub const HTTP_RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ncon
 #[serde(rename_all = "kebab-case")]
 pub enum Reach {
     Direct,
+    /// Directly, with UDP segmentation offload off on the a–b veth pair: the sidecars send
+    /// as they do into an XDP gateway on a veth (see `GatewayOwnNs`).
+    DirectNoGso,
     /// `halyard gateway` in namespace b, beside the server.
     GatewayInB,
     /// `halyard gateway` in namespace g, joined to a and b by veth pairs of its own
@@ -110,9 +113,15 @@ pub enum Reach {
 }
 
 impl Reach {
+    /// Whether the client reaches the server through a gateway.
+    pub fn via_gateway(self) -> bool {
+        !matches!(self, Reach::Direct | Reach::DirectNoGso)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Reach::Direct => "direct",
+            Reach::DirectNoGso => "direct, no GSO",
             Reach::GatewayInB => "gateway in b",
             Reach::GatewayOwnNs { xdp: false } => "gateway, user space",
             Reach::GatewayOwnNs { xdp: true } => "gateway, XDP",
@@ -358,8 +367,18 @@ impl Lab {
     pub fn restart_halyard_reaching(&mut self, reach: Reach) -> anyhow::Result<()> {
         self.procs.retain(|(route, _)| *route != Route::HalyardL4);
         self.reach = reach;
+        let prefix = self.pair.a.name.trim_end_matches("-a").to_owned();
+        let gso = if reach == Reach::DirectNoGso {
+            "off"
+        } else {
+            "on"
+        };
+        for (ns, dev) in [(&self.pair.a, "va"), (&self.pair.b, "vb")] {
+            let dev = format!("{prefix}{dev}");
+            ns.exec(&["ethtool", "-K", &dev, "tx-udp-segmentation", gso])?;
+        }
         let gateway_ns = match reach {
-            Reach::Direct => None,
+            Reach::Direct | Reach::DirectNoGso => None,
             Reach::GatewayInB => Some(self.pair.b.name.clone()),
             Reach::GatewayOwnNs { .. } => {
                 if self.gateway_ns.is_none() {
@@ -411,15 +430,6 @@ impl Lab {
         }
         self.spawn_sidecars()?;
         self.wait_ready()
-    }
-
-    /// The namespace the gateway runs in, if the client reaches the server through one.
-    pub fn gateway_ns(&self) -> Option<&str> {
-        match self.reach {
-            Reach::Direct => None,
-            Reach::GatewayInB => Some(&self.pair.b.name),
-            Reach::GatewayOwnNs { .. } => self.gateway_ns.as_ref().map(|g| g.ns.name.as_str()),
-        }
     }
 
     /// The pid of the process named `name` (`sidecar-client`, `sidecar-server`, `gateway`, ...).
@@ -514,7 +524,7 @@ impl Lab {
             reg = self
                 .dir
                 .path()
-                .join(if self.reach != Reach::Direct && !ns_b {
+                .join(if self.reach.via_gateway() && !ns_b {
                     "registry-a"
                 } else {
                     "registry"

@@ -100,6 +100,15 @@ struct {
 	__type(value, struct settings);
 } SETTINGS SEC(".maps");
 
+// The interfaces the program is attached to, by index: the only ones it sends out of (a frame
+// redirected to an interface that cannot take XDP frames would be dropped without a trace).
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64);
+	__type(key, __u32);
+	__type(value, __u8);
+} EGRESS SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, STAT_COUNT);
@@ -215,8 +224,25 @@ static __always_inline __u16 udp_checksum(struct udphdr *udp, void *data_end, __
 	return check ? check : 0xffff;
 }
 
+// Whether the stack would deliver a packet for `daddr` arriving on the ingress interface to
+// this host (a local address: the route lookup's "not forwarded"), as the user-space relay's
+// socket would receive it. Packets for other hosts that happen to use the gateway's port are
+// left to the stack, which routes or drops them as it would without the program.
+static __always_inline int is_local(struct xdp_md *ctx, __u32 daddr)
+{
+	struct bpf_fib_lookup fib;
+	__builtin_memset(&fib, 0, sizeof(fib));
+	fib.family = AF_INET;
+	fib.l4_protocol = IPPROTO_UDP;
+	fib.ipv4_dst = daddr;
+	fib.ifindex = ctx->ingress_ifindex;
+	return bpf_fib_lookup(ctx, &fib, sizeof(fib), BPF_FIB_LOOKUP_SKIP_NEIGH) ==
+	       BPF_FIB_LKUP_RET_NOT_FWDED;
+}
+
 // The route to `daddr` from this host: next hop MACs, egress interface and the source address
-// the kernel would choose (BPF_FIB_LOOKUP_SRC, Linux 6.7+). Zero on success.
+// the kernel would choose (BPF_FIB_LOOKUP_SRC, Linux 6.7+). Zero on success: a next hop out of
+// an interface in EGRESS.
 static __always_inline int route_to(struct xdp_md *ctx, __u32 daddr, __u16 tot_len,
 				    struct bpf_fib_lookup *fib)
 {
@@ -226,7 +252,11 @@ static __always_inline int route_to(struct xdp_md *ctx, __u32 daddr, __u16 tot_l
 	fib->tot_len = tot_len;
 	fib->ipv4_dst = daddr;
 	fib->ifindex = ctx->ingress_ifindex;
-	return bpf_fib_lookup(ctx, fib, sizeof(*fib), BPF_FIB_LOOKUP_SRC);
+	if (bpf_fib_lookup(ctx, fib, sizeof(*fib), BPF_FIB_LOOKUP_SRC) != BPF_FIB_LKUP_RET_SUCCESS)
+		return -1;
+	// Out of an interface the program is attached to only.
+	__u32 out = fib->ifindex;
+	return bpf_map_lookup_elem(&EGRESS, &out) ? 0 : -1;
 }
 
 // Rewrites the headers at `data` (after the move) for a packet from `saddr:sport` to
@@ -279,6 +309,10 @@ int halyard_gateway(struct xdp_md *ctx)
 	struct settings *s = bpf_map_lookup_elem(&SETTINGS, &zero);
 	if (!s || udp->dest != s->port)
 		return XDP_PASS;
+	// Only datagrams the gateway's own socket would receive: to its bound address, or with
+	// none, to an address of this host.
+	if (s->addr ? ip->daddr != s->addr : !is_local(ctx, ip->daddr))
+		return XDP_PASS;
 	__u16 ip_len = bpf_ntohs(ip->tot_len);
 	if (ip_len > MAX_IP_LEN || (void *)eth + sizeof(*eth) + ip_len != data_end)
 		return XDP_PASS;
@@ -295,7 +329,7 @@ int halyard_gateway(struct xdp_md *ctx)
 		if (!to)
 			return XDP_PASS;
 		__u16 out_len = ip_len + PROXY_V4_LEN;
-		if (route_to(ctx, to->addr, out_len, &fib) != BPF_FIB_LKUP_RET_SUCCESS) {
+		if (route_to(ctx, to->addr, out_len, &fib)) {
 			count(STAT_UNROUTED, 1);
 			return XDP_PASS;
 		}
@@ -339,27 +373,29 @@ int halyard_gateway(struct xdp_md *ctx)
 		struct endpoint from = {.addr = ip->saddr, .port = udp->source};
 		if (!bpf_map_lookup_elem(&BACKENDS, &from))
 			return XDP_PASS;
+		// The endpoint's address is believed only on the interface the route to it leaves
+		// by (a reverse-path check: XDP runs before the stack's rp_filter).
+		struct bpf_fib_lookup back;
+		if (route_to(ctx, ip->saddr, ip_len, &back) || back.ifindex != ctx->ingress_ifindex)
+			return XDP_PASS;
 		if (!has_signature(payload) ||
 		    payload[12] != 0x21 || payload[13] != 0x12 || payload[14] != 0 ||
 		    payload[15] != 12 || len < PROXY_V4_LEN)
 			return XDP_PASS;
-		__u32 public_addr, caller;
-		__u16 public_port, caller_port;
-		__builtin_memcpy(&public_addr, payload + 16, 4);
+		// The header's source (the address the caller dialled) is not used: the answer
+		// leaves from where the user-space relay's socket would send it, so an endpoint
+		// cannot choose the gateway's source address or port.
+		__u32 caller;
+		__u16 caller_port;
 		__builtin_memcpy(&caller, payload + 20, 4);
-		__builtin_memcpy(&public_port, payload + 24, 2);
 		__builtin_memcpy(&caller_port, payload + 26, 2);
 		__u16 out_len = ip_len - PROXY_V4_LEN;
-		if (route_to(ctx, caller, out_len, &fib) != BPF_FIB_LKUP_RET_SUCCESS) {
+		if (route_to(ctx, caller, out_len, &fib)) {
 			count(STAT_UNROUTED, 1);
 			return XDP_PASS;
 		}
-		// The address the caller dialled; a gateway bound to the unspecified address names
-		// none, and then the one the kernel would send from is used.
-		if (public_addr == 0)
-			public_addr = fib.ipv4_src;
-		if (public_port == 0)
-			public_port = s->port;
+		__u32 public_addr = s->addr ? s->addr : fib.ipv4_src;
+		__u16 public_port = s->port;
 		__u8 saved[HEADERS_LEN];
 		__builtin_memcpy(saved, data, HEADERS_LEN);
 		if (bpf_xdp_adjust_head(ctx, PROXY_V4_LEN))

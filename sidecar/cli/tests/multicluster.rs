@@ -504,6 +504,51 @@ fn established_connections_cross_the_gateway_in_the_kernel_with_xdp() {
             ns.0
         );
     }
+    // A datagram to another host's port 15444 that crosses G is not the gateway's, even with a
+    // routable connection ID: the program leaves it to the stack, whose FORWARD chain drops it.
+    let dump: serde_json::Value =
+        serde_json::from_str(&curl_in(&g, "http://127.0.0.1:15020/config_dump").unwrap()).unwrap();
+    let sid = dump["routes"]
+        .as_object()
+        .and_then(|r| r.keys().next().cloned())
+        .expect("a route by server ID");
+    let mut packet = vec![0x40, 0x0e];
+    for i in 0..6 {
+        packet.push(u8::from_str_radix(&sid[2 * i..2 * i + 2], 16).unwrap());
+    }
+    packet.resize(100, 0xab);
+    a.exec(&[
+        "ip",
+        "route",
+        "add",
+        &format!("10.236.{net}.0/24"),
+        "via",
+        &ip_ga,
+    ]);
+    let before = sample(
+        &page,
+        "halyard_gateway_xdp_datagrams_total{decision=\"forwarded\"}",
+    );
+    let packet_hex: String = packet.iter().map(|b| format!("{b:02x}")).collect();
+    a.exec(&[
+        "python3",
+        "-c",
+        &format!(
+            "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+             for _ in range(50): s.sendto(bytes.fromhex('{packet_hex}'), ('{ip_b}', 15444))\n"
+        ),
+    ]);
+    // The program's counters reach the metrics within a second.
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = sample(
+        &curl_in(&g, "http://127.0.0.1:15020/metrics").unwrap(),
+        "halyard_gateway_xdp_datagrams_total{decision=\"forwarded\"}",
+    );
+    assert!(
+        after - before < 50.0,
+        "the program forwarded {} datagrams addressed to another host",
+        after - before
+    );
     assert_eq!(
         sample(&page, "halyard_gateway_xdp_routes "),
         1.0,

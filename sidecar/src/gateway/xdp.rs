@@ -17,7 +17,7 @@
 //! has neither. Attaching native XDP to a veth turns off segmentation offload (GSO) on its
 //! peer, so the program sees one datagram per frame.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -107,14 +107,14 @@ fn endpoint(addr: SocketAddr) -> Option<Endpoint> {
 /// The program's routes and backends for `table`: every IPv4 endpoint under every unencrypted
 /// QUIC-LB configuration the gateway holds (encrypted connection IDs need AES, which the
 /// program does not do; their packets go to user space).
-pub(super) fn maps_of(table: &Table) -> (HashMap<RouteKey, Endpoint>, Vec<Endpoint>) {
+pub(super) fn maps_of(table: &Table) -> (HashMap<RouteKey, Endpoint>, HashSet<Endpoint>) {
     let mut routes = HashMap::new();
-    let mut backends = Vec::new();
+    let mut backends = HashSet::new();
     for (sid, target) in &table.by_server {
         let Some(to) = endpoint(target.address) else {
             continue;
         };
-        backends.push(to);
+        backends.insert(to);
         for config in table.lb.iter().filter(|c| !c.encrypted()) {
             let cid = config.connection_id(*sid, [0; halyard_transport::quic_lb::NONCE_LEN]);
             let mut key = [0u8; 8];
@@ -123,6 +123,31 @@ pub(super) fn maps_of(table: &Table) -> (HashMap<RouteKey, Endpoint>, Vec<Endpoi
         }
     }
     (routes, backends)
+}
+
+/// Fails unless `release` (`/proc/sys/kernel/osrelease`) is Linux 6.7 or later: the route
+/// lookup's source address (`BPF_FIB_LOOKUP_SRC`) is refused by older kernels, and every
+/// packet would silently take the user-space path.
+fn check_kernel(release: &str) -> anyhow::Result<()> {
+    let mut parts = release.trim().split(['.', '-']);
+    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    if (major, minor) < (6, 7) {
+        anyhow::bail!(
+            "xdp: needs Linux 6.7 or later (the route lookup's source address); this kernel is {:?}",
+            release.trim()
+        );
+    }
+    Ok(())
+}
+
+/// The index of interface `name` (`/sys/class/net/<name>/ifindex`).
+fn interface_index(name: &str) -> anyhow::Result<u32> {
+    let path = format!("/sys/class/net/{name}/ifindex");
+    std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .with_context(|| format!("xdp: no interface named {name:?} here ({path})"))
 }
 
 /// Fails unless interface `name` exists and forwards IPv4: the kernel's route lookup for XDP
@@ -154,7 +179,7 @@ pub(super) struct XdpPath {
     stats: PerCpuArray<MapData, u64>,
     /// What the maps hold.
     held_routes: HashMap<RouteKey, Endpoint>,
-    held_backends: Vec<Endpoint>,
+    held_backends: HashSet<Endpoint>,
     /// Counters already added to the metrics.
     counted: [u64; STAT_COUNT as usize],
 }
@@ -169,6 +194,19 @@ impl XdpPath {
     /// `run_time_stats`), an unknown interface, a driver without
     /// native XDP, a program already attached there.
     pub(super) fn attach(config: &XdpConfig, bound: SocketAddr) -> anyhow::Result<XdpPath> {
+        check_kernel(&std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default())?;
+        let ip = match bound.ip() {
+            IpAddr::V4(ip) => ip.octets(),
+            IpAddr::V6(ip) if ip.is_unspecified() => [0; 4],
+            IpAddr::V6(ip) => anyhow::bail!(
+                "xdp: the kernel path forwards IPv4 only, and listen = {ip} takes IPv6 alone; listen on an IPv4 address, 0.0.0.0 or [::]"
+            ),
+        };
+        let mut egress_indexes = Vec::new();
+        for name in &config.interfaces {
+            check_forwarding(name)?;
+            egress_indexes.push(interface_index(name)?);
+        }
         let mut ebpf = aya::Ebpf::load(PROGRAM)
             .context("xdp: cannot load the gateway's XDP program (BPF permission: root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)")?;
         let mut settings: Array<MapData, [u8; 8]> = Array::try_from(
@@ -176,11 +214,14 @@ impl XdpPath {
                 .context("xdp: the program has no SETTINGS map")?,
         )?;
         let p = bound.port().to_be_bytes();
-        let ip = match bound.ip() {
-            IpAddr::V4(ip) => ip.octets(),
-            IpAddr::V6(_) => [0; 4],
-        };
         settings.set(0, [p[0], p[1], 0, 0, ip[0], ip[1], ip[2], ip[3]], 0)?;
+        let mut egress: BpfHashMap<MapData, u32, u8> = BpfHashMap::try_from(
+            ebpf.take_map("EGRESS")
+                .context("xdp: the program has no EGRESS map")?,
+        )?;
+        for index in &egress_indexes {
+            egress.insert(index, 1, 0)?;
+        }
         let routes = BpfHashMap::try_from(
             ebpf.take_map("ROUTES")
                 .context("xdp: the program has no ROUTES map")?,
@@ -201,7 +242,6 @@ impl XdpPath {
             .load()
             .context("xdp: the kernel refused the gateway's XDP program (without CAP_PERFMON its verifier refuses the packet-pointer arithmetic)")?;
         for name in &config.interfaces {
-            check_forwarding(name)?;
             program.attach(name, XdpMode::Driver).with_context(|| {
                 format!("xdp: cannot attach to interface {name:?} in native mode (does it exist, does its driver support XDP, is another program attached?)")
             })?;
@@ -222,50 +262,82 @@ impl XdpPath {
             backends,
             stats,
             held_routes: HashMap::new(),
-            held_backends: Vec::new(),
+            held_backends: HashSet::new(),
             counted: [0; STAT_COUNT as usize],
         })
     }
 
-    /// Makes the maps hold `table`'s routes and backends: new and changed entries written
-    /// before stale ones are removed. Returns the number of routes.
+    /// Makes the maps hold `table`'s routes and backends: stale entries removed first (room
+    /// for the new ones), then new and changed entries written; what the maps hold is tracked
+    /// entry by entry, so a refused write is tried again at the next sync and nothing written
+    /// is forgotten. Returns the number of routes.
     ///
     /// # Errors
-    /// A map update the kernel refused (the maps hold 65,536 entries each).
+    /// The first map update the kernel refused (the maps hold 65,536 entries each); the other
+    /// updates are still made.
     pub(super) fn sync(&mut self, table: &Table) -> anyhow::Result<usize> {
         let (routes, backends) = maps_of(table);
+        let mut first_error = None;
+        let mut note = |e: aya::maps::MapError, what: &str| {
+            if first_error.is_none() {
+                first_error = Some(anyhow::Error::new(e).context(format!("xdp: {what} update")));
+            }
+        };
+        let stale: Vec<RouteKey> = self
+            .held_routes
+            .keys()
+            .filter(|k| !routes.contains_key(*k))
+            .copied()
+            .collect();
+        for k in stale {
+            match self.routes.remove(&k) {
+                Ok(()) => {
+                    self.held_routes.remove(&k);
+                }
+                Err(e) => note(e, "ROUTES"),
+            }
+        }
+        let stale: Vec<Endpoint> = self.held_backends.difference(&backends).copied().collect();
+        for b in stale {
+            match self.backends.remove(&b) {
+                Ok(()) => {
+                    self.held_backends.remove(&b);
+                }
+                Err(e) => note(e, "BACKENDS"),
+            }
+        }
         for b in &backends {
             if !self.held_backends.contains(b) {
-                self.backends
-                    .insert(b, 1, 0)
-                    .context("xdp: BACKENDS update")?;
+                match self.backends.insert(b, 1, 0) {
+                    Ok(()) => {
+                        self.held_backends.insert(*b);
+                    }
+                    Err(e) => note(e, "BACKENDS"),
+                }
             }
         }
         for (k, v) in &routes {
             if self.held_routes.get(k) != Some(v) {
-                self.routes.insert(k, v, 0).context("xdp: ROUTES update")?;
+                match self.routes.insert(k, v, 0) {
+                    Ok(()) => {
+                        self.held_routes.insert(*k, *v);
+                    }
+                    Err(e) => note(e, "ROUTES"),
+                }
             }
         }
-        for k in self.held_routes.keys() {
-            if !routes.contains_key(k) {
-                let _ = self.routes.remove(k);
-            }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(self.held_routes.len()),
         }
-        for b in &self.held_backends {
-            if !backends.contains(b) {
-                let _ = self.backends.remove(b);
-            }
-        }
-        let n = routes.len();
-        self.held_routes = routes;
-        self.held_backends = backends;
-        Ok(n)
     }
 
     /// The program's counters, summed over CPUs: forwarded, forwarded bytes, returned,
-    /// returned bytes, passed to user space for want of a route.
+    /// returned bytes, passed to user space for want of a usable next hop.
     fn totals(&self) -> [u64; STAT_COUNT as usize] {
-        let mut t = [0u64; STAT_COUNT as usize];
+        // A counter that cannot be read keeps its last value (not 0, which would count it
+        // all again at the next read).
+        let mut t = self.counted;
         for (i, slot) in t.iter_mut().enumerate() {
             if let Ok(values) = self.stats.get(&(i as u32), 0) {
                 *slot = values.iter().copied().fold(0u64, u64::wrapping_add);
@@ -363,7 +435,7 @@ mod tests {
         let (routes, backends) = maps_of(&table);
         assert_eq!(
             backends,
-            vec![endpoint(v4).unwrap()],
+            HashSet::from([endpoint(v4).unwrap()]),
             "IPv6 is left to user space"
         );
         assert_eq!(endpoint(v4).unwrap(), [10, 1, 2, 3, 0x3c, 0x53, 0, 0]);
@@ -381,6 +453,17 @@ mod tests {
                 "config {}",
                 config.id()
             );
+        }
+    }
+
+    #[test]
+    fn kernels_before_6_7_are_refused() {
+        for ok in ["6.7.0", "6.18.44-fc-v1045", "7.0.1\n", "10.1"] {
+            assert!(check_kernel(ok).is_ok(), "{ok}");
+        }
+        for old in ["6.6.12-amd64", "5.15.0", "", "garbage"] {
+            let e = check_kernel(old).unwrap_err().to_string();
+            assert!(e.contains("6.7"), "{old}: {e}");
         }
     }
 
