@@ -194,6 +194,14 @@ fn mean<T>(xs: &[&T], f: impl Fn(&T) -> f64) -> f64 {
     xs.iter().map(|x| f(x)).sum::<f64>() / xs.len() as f64
 }
 
+/// The bulk rows of `flows` flows on `path`.
+fn bulk_of(r: &Report, flows: usize, path: Reach) -> Vec<&Bulk> {
+    r.bulk
+        .iter()
+        .filter(|b| b.flows == flows && b.path == path)
+        .collect()
+}
+
 fn ratio(x: f64, of: f64) -> String {
     if of > 0.0 {
         format!("{:.2}×", x / of)
@@ -229,12 +237,7 @@ fn markdown(r: &Report) -> String {
            gateway; its \"vs direct\" and \"added\" are against the direct path with GSO.\n\n";
     md += "| flows | path | Gbit/s | vs direct | client sidecar CPU-s/GB | server sidecar CPU-s/GB | gateway CPU-s/GB (process + XDP program) | gateway ÷ server sidecar | machine CPU-s/GB | added ÷ server sidecar |\n|---|---|---|---|---|---|---|---|---|---|\n";
     for flows in [1, 8] {
-        let of = |path: Reach| -> Vec<&Bulk> {
-            r.bulk
-                .iter()
-                .filter(|b| b.flows == flows && b.path == path)
-                .collect()
-        };
+        let of = |path: Reach| bulk_of(r, flows, path);
         let d = of(Reach::Direct);
         let direct = mean(&d, |b| b.gbit_s);
         let direct_machine = mean(&d, |b| b.machine_cpu_s_per_gb);
@@ -268,12 +271,7 @@ fn markdown(r: &Report) -> String {
            sidecars segment in software on both): what the gateway itself costs, without what a veth \
            does to its senders.\n\n| flows | Gbit/s ÷ direct, no GSO | machine CPU-s/GB added ÷ server sidecar (direct, no GSO) |\n|---|---|---|\n";
     for flows in [1, 8] {
-        let of = |path: Reach| -> Vec<&Bulk> {
-            r.bulk
-                .iter()
-                .filter(|b| b.flows == flows && b.path == path)
-                .collect()
-        };
+        let of = |path: Reach| bulk_of(r, flows, path);
         let (base, xdp) = (
             of(Reach::DirectNoGso),
             of(Reach::GatewayOwnNs { xdp: true }),

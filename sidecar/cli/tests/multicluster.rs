@@ -93,6 +93,103 @@ fn curl_in(ns: &NetNs, url: &str) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Cluster B's side: the exported reviews Service in `registry`, its sample app and its sidecar
+/// on `ip_b:15443`, taking PROXY-wrapped datagrams from `gateway_from`. Both processes.
+fn reviews_in_b(
+    (b, d, ca): (&NetNs, &Path, &MeshCa),
+    registry: &str,
+    ip_b: &str,
+    gateway_from: &str,
+) -> (Proc, Proc) {
+    apply_in(
+        b,
+        registry,
+        &d.join("b.yaml"),
+        "kind: Service\nname: reviews\nexported: true\nports:\n  - { name: http, port: 9082, protocol: http, targetPort: 19082 }\n",
+    );
+    let app = halyard_in(
+        b,
+        d,
+        "reviews-app",
+        &[
+            "sample-app",
+            "--service",
+            "reviews",
+            "--version",
+            "v9",
+            "--listen",
+            "127.0.0.1:19082",
+        ],
+    );
+    let id_b = identity(ca, d, "reviews");
+    let reviews_toml = d.join("reviews.toml");
+    std::fs::write(
+        &reviews_toml,
+        format!(
+            "registry = \"{registry}\"\nstate_dir = {:?}\n[identity]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n\
+             [service]\nname = \"reviews\"\nversion = \"v9\"\ncluster = \"b\"\n\
+             [inbound]\nlisten = \"{ip_b}:15443\"\napp_host = \"127.0.0.1\"\n\
+             [admin]\nlisten = \"127.0.0.1:15000\"\n\
+             [transport]\nproxy_protocol_from = [\"{gateway_from}\"]\n",
+            d.join("state-b"),
+            id_b.join("cert.pem"),
+            id_b.join("key.pem"),
+            id_b.join("bundle.pem"),
+        ),
+    )
+    .unwrap();
+    let sidecar = halyard_in(
+        b,
+        d,
+        "reviews-sidecar",
+        &["sidecar", "--config", reviews_toml.to_str().unwrap()],
+    );
+    (app, sidecar)
+}
+
+/// Cluster A's productpage sidecar on `ip_a:15443` reading `registry`, with reviews:9082 as
+/// an upstream on 127.0.0.1:19080.
+fn productpage_in_a((a, d, ca): (&NetNs, &Path, &MeshCa), registry: &str, ip_a: &str) -> Proc {
+    let id_a = identity(ca, d, "productpage");
+    let pp_toml = d.join("productpage.toml");
+    std::fs::write(
+        &pp_toml,
+        format!(
+            "registry = \"{registry}\"\nstate_dir = {:?}\n[identity]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n\
+             [service]\nname = \"productpage\"\ncluster = \"a\"\n\
+             [inbound]\nlisten = \"{ip_a}:15443\"\napp_host = \"127.0.0.1\"\n\
+             [[outbound.upstreams]]\nservice = \"reviews\"\nport = 9082\nlisten = \"127.0.0.1:19080\"\n\
+             [admin]\nlisten = \"127.0.0.1:15000\"\n",
+            d.join("state-a"),
+            id_a.join("cert.pem"),
+            id_a.join("key.pem"),
+            id_a.join("bundle.pem"),
+        ),
+    )
+    .unwrap();
+    halyard_in(
+        a,
+        d,
+        "productpage-sidecar",
+        &["sidecar", "--config", pp_toml.to_str().unwrap()],
+    )
+}
+
+/// The first answer to `url` from inside `a`, polled for 30 s (processes in other namespaces:
+/// there is no event to await across them); `None` when none comes.
+fn first_answer(a: &NetNs, url: &str) -> Option<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(body) = curl_in(a, url) {
+            return Some(body);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 #[test]
 fn a_service_only_in_cluster_b_is_reached_from_cluster_a_through_bs_gateway() {
     if !can_run(
@@ -106,66 +203,20 @@ fn a_service_only_in_cluster_b_is_reached_from_cluster_a_through_bs_gateway() {
     let (a, b) = (NetNs::named("hmca"), NetNs::named("hmcb"));
     let net = 1 + halyard_sidecar::test_util::rand_suffix() % 250;
     let (ip_a, ip_b) = (format!("10.234.{net}.1"), format!("10.234.{net}.2"));
-    let (va, vb) = (format!("va{net}"), format!("vb{net}"));
-    common::run(&[
-        "ip", "link", "add", &va, "type", "veth", "peer", "name", &vb,
-    ]);
-    common::run(&["ip", "link", "set", &va, "netns", &a.0]);
-    common::run(&["ip", "link", "set", &vb, "netns", &b.0]);
-    for (ns, dev, ip) in [(&a, &va, &ip_a), (&b, &vb, &ip_b)] {
-        ns.exec(&["ip", "addr", "add", &format!("{ip}/24"), "dev", dev]);
-        ns.exec(&["ip", "link", "set", dev, "up"]);
-        ns.exec(&["ip", "link", "set", "lo", "up"]);
-    }
+    veth(
+        &a,
+        &format!("va{net}"),
+        &ip_a,
+        &b,
+        &format!("vb{net}"),
+        &ip_b,
+    );
     let etcd_a = etcd_in(&a, ip_a.parse().unwrap());
     let etcd_b = etcd_in(&b, ip_b.parse().unwrap());
     let ca = MeshCa::create(&TrustDomain::new("mesh.local").unwrap()).unwrap();
 
     // Cluster B: reviews (exported), its sidecar behind the gateway, the gateway.
-    apply_in(
-        &b,
-        &etcd_b.url(),
-        &d.join("b.yaml"),
-        "kind: Service\nname: reviews\nexported: true\nports:\n  - { name: http, port: 9082, protocol: http, targetPort: 19082 }\n",
-    );
-    let _app = halyard_in(
-        &b,
-        d,
-        "reviews-app",
-        &[
-            "sample-app",
-            "--service",
-            "reviews",
-            "--version",
-            "v9",
-            "--listen",
-            "127.0.0.1:19082",
-        ],
-    );
-    let id_b = identity(&ca, d, "reviews");
-    let reviews_toml = d.join("reviews.toml");
-    std::fs::write(
-        &reviews_toml,
-        format!(
-            "registry = \"{}\"\nstate_dir = {:?}\n[identity]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n\
-             [service]\nname = \"reviews\"\nversion = \"v9\"\ncluster = \"b\"\n\
-             [inbound]\nlisten = \"{ip_b}:15443\"\napp_host = \"127.0.0.1\"\n\
-             [admin]\nlisten = \"127.0.0.1:15000\"\n\
-             [transport]\nproxy_protocol_from = [\"{ip_b}\"]\n",
-            etcd_b.url(),
-            d.join("state-b"),
-            id_b.join("cert.pem"),
-            id_b.join("key.pem"),
-            id_b.join("bundle.pem"),
-        ),
-    )
-    .unwrap();
-    let _reviews = halyard_in(
-        &b,
-        d,
-        "reviews-sidecar",
-        &["sidecar", "--config", reviews_toml.to_str().unwrap()],
-    );
+    let _reviews = reviews_in_b((&b, d, &ca), &etcd_b.url(), &ip_b, &ip_b);
     let gw_toml = d.join("gateway.toml");
     std::fs::write(
         &gw_toml,
@@ -192,43 +243,13 @@ fn a_service_only_in_cluster_b_is_reached_from_cluster_a_through_bs_gateway() {
             etcd_b.url()
         ),
     );
-    let id_a = identity(&ca, d, "productpage");
-    let pp_toml = d.join("productpage.toml");
-    std::fs::write(
-        &pp_toml,
-        format!(
-            "registry = \"{}\"\nstate_dir = {:?}\n[identity]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n\
-             [service]\nname = \"productpage\"\ncluster = \"a\"\n\
-             [inbound]\nlisten = \"{ip_a}:15443\"\napp_host = \"127.0.0.1\"\n\
-             [[outbound.upstreams]]\nservice = \"reviews\"\nport = 9082\nlisten = \"127.0.0.1:19080\"\n\
-             [admin]\nlisten = \"127.0.0.1:15000\"\n",
-            etcd_a.url(),
-            d.join("state-a"),
-            id_a.join("cert.pem"),
-            id_a.join("key.pem"),
-            id_a.join("bundle.pem"),
-        ),
-    )
-    .unwrap();
-    let _pp = halyard_in(
-        &a,
-        d,
-        "productpage-sidecar",
-        &["sidecar", "--config", pp_toml.to_str().unwrap()],
-    );
+    let _pp = productpage_in_a((&a, d, &ca), &etcd_a.url(), &ip_a);
 
-    // Processes in other namespaces: poll (there is no event to await across them).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let body = loop {
-        if let Some(body) = curl_in(&a, "http://127.0.0.1:19080/reviews/1") {
-            break body;
-        }
-        assert!(
-            Instant::now() < deadline,
+    let Some(body) = first_answer(&a, "http://127.0.0.1:19080/reviews/1") else {
+        panic!(
             "no answer through the gateway in 30 s; logs in {}",
             dir.keep().display()
-        );
-        std::thread::sleep(Duration::from_millis(200));
+        )
     };
     assert!(body.contains("v9"), "not B's reviews: {body}");
     for _ in 0..10 {
@@ -348,48 +369,7 @@ fn established_connections_cross_the_gateway_in_the_kernel_with_xdp() {
     let ca = MeshCa::create(&TrustDomain::new("mesh.local").unwrap()).unwrap();
 
     // Cluster B: reviews (exported) and its sidecar, trusting the gateway's address.
-    apply_in(
-        &b,
-        &url_b,
-        &d.join("b.yaml"),
-        "kind: Service\nname: reviews\nexported: true\nports:\n  - { name: http, port: 9082, protocol: http, targetPort: 19082 }\n",
-    );
-    let _app = halyard_in(
-        &b,
-        d,
-        "reviews-app",
-        &[
-            "sample-app",
-            "--service",
-            "reviews",
-            "--version",
-            "v9",
-            "--listen",
-            "127.0.0.1:19082",
-        ],
-    );
-    let id_b = identity(&ca, d, "reviews");
-    let reviews_toml = d.join("reviews.toml");
-    std::fs::write(
-        &reviews_toml,
-        format!(
-            "registry = \"{url_b}\"\n[identity]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n\
-             [service]\nname = \"reviews\"\nversion = \"v9\"\ncluster = \"b\"\n\
-             [inbound]\nlisten = \"{ip_b}:15443\"\napp_host = \"127.0.0.1\"\n\
-             [admin]\nlisten = \"127.0.0.1:15000\"\n\
-             [transport]\nproxy_protocol_from = [\"{ip_gb}\"]\n",
-            id_b.join("cert.pem"),
-            id_b.join("key.pem"),
-            id_b.join("bundle.pem"),
-        ),
-    )
-    .unwrap();
-    let _reviews = halyard_in(
-        &b,
-        d,
-        "reviews-sidecar",
-        &["sidecar", "--config", reviews_toml.to_str().unwrap()],
-    );
+    let _reviews = reviews_in_b((&b, d, &ca), &url_b, &ip_b, &ip_gb);
     let _gateway = halyard_in(
         &g,
         d,
@@ -398,7 +378,6 @@ fn established_connections_cross_the_gateway_in_the_kernel_with_xdp() {
     );
 
     // Cluster A: reviews known as B's endpoint behind B's gateway; productpage's sidecar.
-    let id_a = identity(&ca, d, "productpage");
     apply_in(
         &a,
         &url_a,
@@ -409,40 +388,13 @@ fn established_connections_cross_the_gateway_in_the_kernel_with_xdp() {
              identity: spiffe://mesh.local/ns/default/sa/reviews\ncluster: b\ngateway: \"{ip_ga}:15444\"\n"
         ),
     );
-    let pp_toml = d.join("productpage.toml");
-    std::fs::write(
-        &pp_toml,
-        format!(
-            "registry = \"{url_a}\"\n[identity]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n\
-             [service]\nname = \"productpage\"\ncluster = \"a\"\n\
-             [inbound]\nlisten = \"{ip_a}:15443\"\napp_host = \"127.0.0.1\"\n\
-             [[outbound.upstreams]]\nservice = \"reviews\"\nport = 9082\nlisten = \"127.0.0.1:19080\"\n\
-             [admin]\nlisten = \"127.0.0.1:15000\"\n",
-            id_a.join("cert.pem"),
-            id_a.join("key.pem"),
-            id_a.join("bundle.pem"),
-        ),
-    )
-    .unwrap();
-    let _pp = halyard_in(
-        &a,
-        d,
-        "productpage-sidecar",
-        &["sidecar", "--config", pp_toml.to_str().unwrap()],
-    );
+    let _pp = productpage_in_a((&a, d, &ca), &url_a, &ip_a);
 
-    // Processes in other namespaces: poll (there is no event to await across them).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if curl_in(&a, "http://127.0.0.1:19080/reviews/1").is_some() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
+    if first_answer(&a, "http://127.0.0.1:19080/reviews/1").is_none() {
+        panic!(
             "no answer through the gateway in 30 s; logs in {}",
             dir.keep().display()
         );
-        std::thread::sleep(Duration::from_millis(200));
     }
     for i in 0..20 {
         let body = curl_in(&a, &format!("http://127.0.0.1:19080/reviews/{i}"))
