@@ -5,7 +5,7 @@
 //! forwarding established connections in the kernel (`[xdp]`). Bulk throughput (1 and 8
 //! flows), ping-pong round trips (1 and 100 bytes), the CPU of each process per GB delivered,
 //! and the whole machine's (`/proc/stat`: XDP runs in softirq context, charged to whichever
-//! task the CPU was running, so a per-process figure cannot show it). The targets:
+//! task the CPU was running, so a per-process figure cannot show it). The targets:
 //! ≤ 50 µs added p50 per round trip, ≤ 10 % less throughput, gateway CPU per GB ≤ 0.3× a
 //! sidecar's.
 

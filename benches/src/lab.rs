@@ -165,9 +165,9 @@ impl GatewayNs {
             peer_ns.exec(&["ethtool", "-K", peer, "gro", "on"])?;
             // bpf_fib_lookup answers only on forwarding interfaces; nothing else is routed.
             ns.exec(&[
-                "sysctl",
-                "-qw",
-                &format!("net.ipv4.conf.{own}.forwarding=1"),
+                "sh",
+                "-c",
+                &format!("echo 1 > /proc/sys/net/ipv4/conf/{own}/forwarding"),
             ])?;
         }
         ns.exec(&["iptables", "-P", "FORWARD", "DROP"])?;

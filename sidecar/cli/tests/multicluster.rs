@@ -360,9 +360,9 @@ fn established_connections_cross_the_gateway_in_the_kernel_with_xdp() {
     // G forwards nothing else (its FORWARD chain drops).
     for dev in [&ga, &gb] {
         g.exec(&[
-            "sysctl",
-            "-qw",
-            &format!("net.ipv4.conf.{dev}.forwarding=1"),
+            "sh",
+            "-c",
+            &format!("echo 1 > /proc/sys/net/ipv4/conf/{dev}/forwarding"),
         ]);
     }
     g.exec(&["iptables", "-P", "FORWARD", "DROP"]);
